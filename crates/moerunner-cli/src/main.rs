@@ -1,0 +1,48 @@
+//! The `moerunner` command-line tool. Each subcommand lives in `commands/<name>.rs` with its own
+//! clap `Args` and a `run` function; this file only dispatches and prints errors with their chain.
+
+mod commands;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "moerunner", version, about = "Fused Mixture-of-Experts layer runtime: run, check and benchmark MoE layers")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run one MoE layer on an input file (spec/layer-file.md) and write the output file.
+    Run(commands::run::Args),
+    /// Write a random layer file for a preset or an explicit shape, in any format.
+    MakeLayer(commands::make_layer::Args),
+    /// Write a random input file for a layer.
+    MakeInput(commands::make_input::Args),
+    /// Benchmark presets × formats × token counts against the roofline.
+    Bench(commands::bench::Args),
+    /// Check random cases across formats, routing and activations against the float64 reference.
+    Check(commands::check::Args),
+    /// Version, backends, devices and what each backend supports.
+    Info(commands::info::Args),
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run(a) => commands::run::run(a),
+        Command::MakeLayer(a) => commands::make_layer::run(a),
+        Command::MakeInput(a) => commands::make_input::run(a),
+        Command::Bench(a) => commands::bench::run(a),
+        Command::Check(a) => commands::check::run(a),
+        Command::Info(a) => commands::info::run(a),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,43 @@
+//! Backends: each one file (or folder) behind the [`Backend`] trait, declaring what it supports.
+//! The runner only ever talks to this trait (it never names a concrete backend's type).
+
+pub mod cpu;
+pub mod cuda;
+pub mod reference;
+
+use std::sync::Arc;
+
+use crate::config::LayerConfig;
+use crate::error::Result;
+use crate::forward::{ForwardInput, ForwardOutput};
+use crate::weights::MoeLayer;
+
+/// What `moerunner info` prints about a backend.
+#[derive(Clone, Debug)]
+pub struct BackendInfo {
+    pub name: &'static str,
+    /// Devices the backend runs on, in words (e.g. "2 CPU threads", "NVIDIA H100 80GB (sm_90a)").
+    pub devices: Vec<String>,
+    /// Supported weight × activation pairs and features, in words.
+    pub supports: Vec<String>,
+}
+
+pub trait Backend: Send + Sync {
+    fn name(&self) -> &'static str;
+    fn info(&self) -> BackendInfo;
+    /// Ok when this backend can run `config`; otherwise the reason, in words, for the user.
+    fn supports(&self, config: &LayerConfig) -> std::result::Result<(), String>;
+    /// Whether automatic choice may pick this backend (the slow float64 reference may not).
+    fn auto_eligible(&self) -> bool {
+        true
+    }
+    /// Prepares a layer (weight layout, workspaces) once; the result runs many forward calls.
+    fn load(&self, layer: Arc<MoeLayer>) -> Result<Box<dyn LoadedLayer>>;
+}
+
+/// A layer prepared by one backend.
+pub trait LoadedLayer: Send + Sync {
+    fn backend(&self) -> &'static str;
+    fn layer(&self) -> &MoeLayer;
+    fn forward(&self, input: &ForwardInput<'_>) -> Result<ForwardOutput>;
+}

@@ -1,0 +1,30 @@
+//! moerunner: a fused Mixture-of-Experts layer runtime.
+//!
+//! Dependencies run one way: core types (`config`, `tensor`, `weights`, `error`) ← number formats,
+//! routing, activations ← the float64 `reference` ← `backend`s ← `runner`. See ARCHITECTURE.md.
+
+pub mod activation;
+pub mod backend;
+pub mod config;
+pub mod error;
+pub mod formats;
+pub mod forward;
+pub mod layer_file;
+pub mod presets;
+pub mod reference;
+pub mod rng;
+pub mod routing;
+pub mod runner;
+pub mod shard;
+pub mod synth;
+pub mod tensor;
+pub mod validate;
+pub mod weights;
+
+pub use config::{Activation, ActivationFormat, LayerConfig, Parallelism, RoutingConfig, RoutingMethod, W13Order, WeightFormat};
+pub use error::{MoeError, Result};
+pub use forward::{ForwardInput, ForwardOutput};
+pub use routing::{Routes, RoutingInput};
+pub use runner::{BackendChoice, Runner};
+pub use tensor::{DType, HostTensor};
+pub use weights::{BlockScales, LayerWeights, MoeLayer, QuantizedTensor};

@@ -1,0 +1,111 @@
+//! The one entry point: a registry of backends, automatic choice, and a clear error listing every
+//! backend's reason when none fits. The runner never names a concrete backend type beyond the
+//! registry's constructor list.
+
+use std::sync::Arc;
+
+use crate::backend::{self, Backend, LoadedLayer};
+use crate::error::{MoeError, Result};
+use crate::forward::{ForwardInput, ForwardOutput};
+use crate::weights::MoeLayer;
+
+/// Which backend to use.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum BackendChoice {
+    /// The first registered, auto-eligible backend that supports the layer (CUDA before CPU).
+    Auto,
+    /// A backend by name (`cpu`, `cuda`, `reference`).
+    Named(String),
+}
+
+impl std::str::FromStr for BackendChoice {
+    type Err = MoeError;
+    fn from_str(s: &str) -> Result<Self> {
+        Ok(if s == "auto" { BackendChoice::Auto } else { BackendChoice::Named(s.to_string()) })
+    }
+}
+
+/// A registered backend, or why it could not be created on this machine/build.
+pub enum Registered {
+    Ready(Box<dyn Backend>),
+    Unavailable { name: &'static str, reason: String },
+}
+
+impl Registered {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Registered::Ready(b) => b.name(),
+            Registered::Unavailable { name, .. } => name,
+        }
+    }
+}
+
+pub struct Runner {
+    backends: Vec<Registered>,
+}
+
+impl Runner {
+    /// Every backend this build knows, in order of preference.
+    pub fn new() -> Self {
+        let cuda = match backend::cuda::create() {
+            Ok(b) => Registered::Ready(b),
+            Err(e) => Registered::Unavailable { name: "cuda", reason: e.to_string() },
+        };
+        Runner {
+            backends: vec![
+                cuda,
+                Registered::Ready(Box::new(backend::cpu::CpuBackend)),
+                Registered::Ready(Box::new(backend::reference::ReferenceBackend)),
+            ],
+        }
+    }
+
+    pub fn backends(&self) -> &[Registered] {
+        &self.backends
+    }
+
+    /// Loads `layer` on the chosen backend.
+    pub fn load(&self, layer: MoeLayer, choice: &BackendChoice) -> Result<Box<dyn LoadedLayer>> {
+        let layer = Arc::new(layer);
+        let mut reasons = Vec::new();
+        for reg in &self.backends {
+            let wanted = match choice {
+                BackendChoice::Auto => true,
+                BackendChoice::Named(n) => n == reg.name(),
+            };
+            if !wanted {
+                continue;
+            }
+            match reg {
+                Registered::Unavailable { name, reason } => reasons.push((name.to_string(), reason.clone())),
+                Registered::Ready(b) => {
+                    if *choice == BackendChoice::Auto && !b.auto_eligible() {
+                        reasons.push((b.name().to_string(), "not chosen automatically (ask for it by name)".into()));
+                        continue;
+                    }
+                    match b.supports(layer.config()) {
+                        Ok(()) => return b.load(layer),
+                        Err(why) => reasons.push((b.name().to_string(), why)),
+                    }
+                }
+            }
+        }
+        if reasons.is_empty() {
+            let names: Vec<&str> = self.backends.iter().map(|r| r.name()).collect();
+            return Err(MoeError::invalid("backend", format!(
+                "unknown backend {choice:?}; known: auto, {}", names.join(", "))));
+        }
+        Err(MoeError::NoBackend { reasons })
+    }
+}
+
+impl Default for Runner {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Convenience: load on `choice` and run one forward call.
+pub fn run_once(layer: MoeLayer, choice: &BackendChoice, input: &ForwardInput<'_>) -> Result<ForwardOutput> {
+    Runner::new().load(layer, choice)?.forward(input)
+}
