@@ -329,3 +329,13 @@ impl fmt::Display for LayerConfig {
         Ok(())
     }
 }
+
+/// The largest relative error (‖out − ref‖₂ / ‖ref‖₂) allowed against the float64 reference
+/// (`spec/formats.md`, "Tolerances").
+pub fn tolerance(weight: WeightFormat, activation: ActivationFormat) -> f64 {
+    match (weight, activation) {
+        (WeightFormat::Bf16, _) | (WeightFormat::Mxfp4, ActivationFormat::Bf16) => 1e-2,
+        (WeightFormat::Nvfp4, _) => 5e-2,
+        _ => 2e-2,
+    }
+}

@@ -5,6 +5,8 @@
 
 pub mod activation;
 pub mod backend;
+pub mod bench;
+pub mod check;
 pub mod config;
 pub mod error;
 pub mod formats;

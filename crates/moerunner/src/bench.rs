@@ -1,0 +1,1 @@
+//! Benchmark counting (`spec/performance.md`): bytes, FLOPs, floors, roofline fractions, ceilings.
