@@ -1,0 +1,898 @@
+//! Weight decoding and small-token dot-product tiles: the CPU backend's only `unsafe` code.
+//!
+//! Design decision: weights are decoded *in registers* and never materialized for small token
+//! counts. Each codec turns 16 elements (one `CHUNK`) into two vectors of 8 f32 "raw" values; a
+//! per-group factor (block scale, folded constants) multiplies them; FMAs dot them with up to four
+//! activation rows at once. E2M1 yields the 16 elements as evens-then-odds, so activation rows are
+//! permuted into the same *codec order* once per row ([`Codec::to_codec_order`]) instead of
+//! shuffling weights in the hot loop. Every kernel exists twice: AVX2+FMA (chosen at run time with
+//! `is_x86_feature_detected!`) and a portable scalar twin with the same semantics that tests hold
+//! the AVX2 path against.
+
+/// Elements every codec decodes per step (two 8-lane vectors).
+pub const CHUNK: usize = 16;
+
+/// Most activation rows one tile multiplies against the same decoded weights.
+pub const MAX_TILE_TOKENS: usize = 4;
+
+/// 2^120: E4M3's 7 magnitude bits shifted left by 20 read as an f32 of value · 2^-120 (exponent
+/// bias 127 instead of 7, subnormals included), so factors of E4M3 rows carry this multiplier.
+pub const E4M3_RAW_FACTOR: f32 = f32::from_bits((127 + 120) << 23);
+
+/// E2M1 magnitudes by code (`spec/formats.md`).
+const E2M1_VALUES: [f32; 8] = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0];
+
+/// Which kernels run: chosen once per loaded layer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Isa {
+    /// Portable code for any CPU (the semantics the AVX2 path is tested against).
+    Scalar,
+    /// x86-64 AVX2 + FMA.
+    Avx2Fma,
+}
+
+impl Isa {
+    /// The best kernels this CPU runs.
+    pub fn detect() -> Isa {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                return Isa::Avx2Fma;
+            }
+        }
+        Isa::Scalar
+    }
+    /// Whether this CPU can run `self` (tests ask before forcing a path).
+    pub fn available(self) -> bool {
+        self == Isa::Scalar || Isa::detect() == Isa::Avx2Fma
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Scalar => "scalar",
+            Isa::Avx2Fma => "avx2+fma",
+        }
+    }
+}
+
+/// How a weight row's bytes become f32 "raw" values (the factor of their group does the rest).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Codec {
+    /// Little-endian f32 (rows decoded elsewhere, e.g. formats with out-of-range scales).
+    F32,
+    /// bf16 bits: exact in f32, no factor.
+    Bf16,
+    /// E4M3 bytes: raw = value · 2^-120 (see [`E4M3_RAW_FACTOR`]); always scaled.
+    E4m3,
+    /// Two E2M1 nibbles a byte, element 2i low: raw = value; always scaled; codec order.
+    E2m1,
+}
+
+impl Codec {
+    /// Bytes of `elems` elements (`elems` even for E2M1).
+    pub fn bytes(self, elems: usize) -> usize {
+        match self {
+            Codec::F32 => 4 * elems,
+            Codec::Bf16 => 2 * elems,
+            Codec::E4m3 => elems,
+            Codec::E2m1 => elems / 2,
+        }
+    }
+    /// Whether raw values are multiplied by a per-group factor.
+    pub fn scaled(self) -> bool {
+        matches!(self, Codec::E4m3 | Codec::E2m1)
+    }
+    /// Position of natural element `c` in the codec's order. E2M1 splits every 16 elements into
+    /// the 8 low nibbles (even elements) then the 8 high nibbles (odd elements).
+    #[inline]
+    pub fn order_index(self, c: usize) -> usize {
+        match self {
+            Codec::E2m1 => (c & !15) | ((c & 1) << 3) | ((c & 15) >> 1),
+            _ => c,
+        }
+    }
+    /// Raw value of the element at codec-order position `pos` of a row.
+    #[inline]
+    fn raw(self, row: &[u8], pos: usize) -> f32 {
+        match self {
+            Codec::F32 => f32::from_le_bytes([
+                row[4 * pos],
+                row[4 * pos + 1],
+                row[4 * pos + 2],
+                row[4 * pos + 3],
+            ]),
+            Codec::Bf16 => f32::from_bits(
+                u32::from(u16::from_le_bytes([row[2 * pos], row[2 * pos + 1]])) << 16,
+            ),
+            Codec::E4m3 => e4m3_raw(row[pos]),
+            Codec::E2m1 => {
+                // Codec order: position p of a chunk is byte p % 8, low nibble for p < 8.
+                let (base, within) = (pos & !15, pos & 15);
+                let byte = row[(base >> 1) + (within & 7)];
+                e2m1_value(if within < 8 { byte & 15 } else { byte >> 4 })
+            }
+        }
+    }
+}
+
+/// E4M3 byte → value · 2^-120 (exact, the same bits the AVX2 decoder builds).
+#[inline]
+pub fn e4m3_raw(b: u8) -> f32 {
+    f32::from_bits((u32::from(b & 0x7F) << 20) | (u32::from(b & 0x80) << 24))
+}
+
+/// E2M1 nibble → value (exact).
+#[inline]
+pub fn e2m1_value(nibble: u8) -> f32 {
+    let v = E2M1_VALUES[usize::from(nibble & 7)];
+    if nibble & 8 != 0 {
+        -v
+    } else {
+        v
+    }
+}
+
+/// The shape of the rows a kernel reads: codec, length K and the elements per factor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RowFormat {
+    pub codec: Codec,
+    /// Elements per row.
+    pub k: usize,
+    /// Elements sharing one factor (scaled codecs): a multiple of [`CHUNK`] or `k` itself.
+    pub group: usize,
+}
+
+impl RowFormat {
+    pub fn new(codec: Codec, k: usize, group: usize) -> RowFormat {
+        RowFormat {
+            codec,
+            k,
+            group: group.clamp(1, k.max(1)),
+        }
+    }
+    /// Factors per row (0 for unscaled codecs).
+    pub fn groups(&self) -> usize {
+        if self.codec.scaled() {
+            self.k.div_ceil(self.group)
+        } else {
+            0
+        }
+    }
+    pub fn row_bytes(&self) -> usize {
+        self.codec.bytes(self.k)
+    }
+    /// Whether the vector loop can step group by group (a group that is not a whole number of
+    /// chunks may only be the last one, ending the row).
+    fn chunk_aligned(&self) -> bool {
+        !self.codec.scaled() || self.group % CHUNK == 0 || self.group >= self.k
+    }
+    fn check(&self, rows: &[&[u8]], factors: &[&[f32]]) {
+        // These are internal invariants (callers derive everything from a validated layer); they
+        // guard the raw-pointer reads below, so they stay on in release builds.
+        assert!(
+            self.chunk_aligned() && (self.codec != Codec::E2m1 || self.k % CHUNK == 0),
+            "bad row format {self:?}"
+        );
+        assert!(
+            rows.iter().all(|r| r.len() >= self.row_bytes()),
+            "weight row shorter than {self:?}"
+        );
+        if self.codec.scaled() {
+            assert_eq!(rows.len(), factors.len(), "one factor slice per row");
+            assert!(
+                factors.iter().all(|f| f.len() >= self.groups()),
+                "too few factors for {self:?}"
+            );
+        }
+    }
+}
+
+/// `out[r * xs.len() + t] = Σ_c W[r][c] · xs[t][c]` for up to 4 rows and [`MAX_TILE_TOKENS`]
+/// activation rows (in codec order), decoding each weight element once per call.
+pub fn dot_tile(
+    isa: Isa,
+    fmt: RowFormat,
+    rows: &[&[u8]],
+    factors: &[&[f32]],
+    xs: &[&[f32]],
+    out: &mut [f32],
+) {
+    fmt.check(rows, factors);
+    let (nr, nt) = (rows.len(), xs.len());
+    assert!(
+        (1..=4).contains(&nr) && (1..=MAX_TILE_TOKENS).contains(&nt) && out.len() == nr * nt,
+        "tile shape"
+    );
+    assert!(
+        xs.iter().all(|x| x.len() >= fmt.k),
+        "activation row shorter than K"
+    );
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2Fma if Isa::detect() == Isa::Avx2Fma => {
+            // SAFETY: AVX2 and FMA were detected on this CPU; `check` and the asserts above make
+            // every row, factor slice and activation row at least as long as the kernel reads.
+            unsafe { avx2::dot_tile(fmt, rows, factors, xs, out) }
+        }
+        _ => scalar_dot_tile(fmt, rows, factors, xs, out),
+    }
+}
+
+/// Decodes rows to f32 values (raw × factor) in codec order: `out[r * k + p]`.
+pub fn decode_rows(isa: Isa, fmt: RowFormat, rows: &[&[u8]], factors: &[&[f32]], out: &mut [f32]) {
+    fmt.check(rows, factors);
+    assert!(out.len() >= rows.len() * fmt.k, "decode buffer too small");
+    for (r, row) in rows.iter().enumerate() {
+        let f: &[f32] = if fmt.codec.scaled() { factors[r] } else { &[] };
+        let dst = &mut out[r * fmt.k..(r + 1) * fmt.k];
+        match isa {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2Fma if Isa::detect() == Isa::Avx2Fma => {
+                // SAFETY: AVX2 detected; `check` sized the row and factors, `dst` is k long.
+                unsafe { avx2::decode_row(fmt, row, f, dst) }
+            }
+            _ => scalar_decode_row(fmt, row, f, dst),
+        }
+    }
+}
+
+/// The bytes of an f32 slice (rows decoded elsewhere, read by kernels as [`Codec::F32`]).
+pub fn f32_bytes(v: &[f32]) -> &[u8] {
+    // SAFETY: u8 has no alignment or validity requirements and the length covers the same
+    // memory; the borrow keeps `v` alive and immutable.
+    unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, std::mem::size_of_val(v)) }
+}
+
+/// `out[i * ldo + j] = Σ_c a[i * k + c] · b[j * k + c]` for i < m, j < n (C = A·Bᵀ, both stored
+/// row-major), through `matrixmultiply::sgemm` (its own runtime-detected FMA micro-kernel;
+/// deterministic: one thread, a fixed blocking for given sizes).
+pub fn sgemm_abt(m: usize, n: usize, k: usize, a: &[f32], b: &[f32], out: &mut [f32], ldo: usize) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(
+        a.len() >= m * k && b.len() >= n * k && n <= ldo && out.len() >= (m - 1) * ldo + n,
+        "sgemm operand sizes"
+    );
+    // SAFETY: the assert bounds every index sgemm reads in `a` ([m, k] row-major) and `b`
+    // ([n, k] row-major, read as k×n with strides 1, k) and writes in `out` ([m, ldo]); out does
+    // not alias the inputs (it is borrowed mutably). With beta = 0 `out` need not be initialized.
+    unsafe {
+        matrixmultiply::sgemm(
+            m,
+            k,
+            n,
+            1.0,
+            a.as_ptr(),
+            k as isize,
+            1,
+            b.as_ptr(),
+            1,
+            k as isize,
+            0.0,
+            out.as_mut_ptr(),
+            ldo as isize,
+            1,
+        );
+    }
+}
+
+/// The factor groups of a row as `(group index, start, end)` (one group for unscaled codecs).
+#[inline(always)]
+fn groups(fmt: &RowFormat) -> impl Iterator<Item = (usize, usize, usize)> {
+    let group = if fmt.codec.scaled() {
+        fmt.group
+    } else {
+        fmt.k.max(1)
+    };
+    let k = fmt.k;
+    (0..k.div_ceil(group)).map(move |g| (g, g * group, ((g + 1) * group).min(k)))
+}
+
+fn scalar_decode_row(fmt: RowFormat, row: &[u8], factors: &[f32], out: &mut [f32]) {
+    for (g, start, end) in groups(&fmt) {
+        let f = if fmt.codec.scaled() { factors[g] } else { 1.0 };
+        for (p, o) in (start..end).zip(&mut out[start..end]) {
+            let raw = fmt.codec.raw(row, p);
+            *o = if fmt.codec.scaled() { raw * f } else { raw };
+        }
+    }
+}
+
+/// The scalar twin of the AVX2 tile: 8 lanes of partial sums per (row, token), chunk elements p
+/// and p + 8 into lane p (as the two vectors of a chunk), tails into a separate sum.
+fn scalar_dot_tile(
+    fmt: RowFormat,
+    rows: &[&[u8]],
+    factors: &[&[f32]],
+    xs: &[&[f32]],
+    out: &mut [f32],
+) {
+    let nt = xs.len();
+    let vec_end = fmt.k - fmt.k % CHUNK;
+    let mut w = [0f32; CHUNK];
+    for (r, row) in rows.iter().enumerate() {
+        let mut lanes = [[0f32; 8]; MAX_TILE_TOKENS];
+        let mut tail = [0f32; MAX_TILE_TOKENS];
+        for (g, start, end) in groups(&fmt) {
+            let f = if fmt.codec.scaled() {
+                factors[r][g]
+            } else {
+                1.0
+            };
+            let mut c = start;
+            while c < end.min(vec_end) {
+                for (p, wp) in w.iter_mut().enumerate() {
+                    let raw = fmt.codec.raw(row, c + p);
+                    *wp = if fmt.codec.scaled() { raw * f } else { raw };
+                }
+                for (t, x) in xs.iter().enumerate() {
+                    let x = &x[c..c + CHUNK];
+                    for l in 0..8 {
+                        lanes[t][l] += w[l] * x[l];
+                        lanes[t][l] += w[l + 8] * x[l + 8];
+                    }
+                }
+                c += CHUNK;
+            }
+            for p in c..end {
+                let raw = fmt.codec.raw(row, p);
+                let wp = if fmt.codec.scaled() { raw * f } else { raw };
+                for (t, x) in xs.iter().enumerate() {
+                    tail[t] += wp * x[p];
+                }
+            }
+        }
+        for t in 0..nt {
+            let l = &lanes[t];
+            // Same pairing as the AVX2 horizontal sum: halves, then pairs, then the last two.
+            let q = [l[0] + l[4], l[1] + l[5], l[2] + l[6], l[3] + l[7]];
+            let d = [q[0] + q[2], q[1] + q[3]];
+            out[r * nt + t] = (d[0] + d[1]) + tail[t];
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    use super::{groups, Codec, RowFormat, CHUNK, E2M1_VALUES, MAX_TILE_TOKENS};
+
+    /// One codec's in-register decoder: 16 elements at a row's element offset `c` into two
+    /// vectors of raw values (codec order).
+    trait Decode {
+        const CODEC: Codec;
+        /// # Safety
+        /// `row` must be readable for `Self::CODEC.bytes(c + 16)` bytes; AVX2 must be available.
+        unsafe fn load(row: *const u8, c: usize) -> (__m256, __m256);
+    }
+
+    struct F32;
+    struct Bf16;
+    struct E4m3;
+    struct E2m1;
+
+    impl Decode for F32 {
+        const CODEC: Codec = Codec::F32;
+        #[inline(always)]
+        unsafe fn load(row: *const u8, c: usize) -> (__m256, __m256) {
+            // SAFETY: the caller guarantees 16 f32 at element c ([16] f32, unaligned).
+            unsafe {
+                let p = row.add(4 * c) as *const f32;
+                (_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8)))
+            }
+        }
+    }
+
+    impl Decode for Bf16 {
+        const CODEC: Codec = Codec::Bf16;
+        #[inline(always)]
+        unsafe fn load(row: *const u8, c: usize) -> (__m256, __m256) {
+            // SAFETY: the caller guarantees 32 bytes ([16] bf16) at element c.
+            unsafe {
+                let p = row.add(2 * c) as *const __m128i;
+                // bf16 is the top half of an f32: zero-extend to 32 bits and shift left 16.
+                let a = _mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(_mm_loadu_si128(p)));
+                let b = _mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(_mm_loadu_si128(p.add(1))));
+                (_mm256_castsi256_ps(a), _mm256_castsi256_ps(b))
+            }
+        }
+    }
+
+    impl Decode for E4m3 {
+        const CODEC: Codec = Codec::E4m3;
+        #[inline(always)]
+        unsafe fn load(row: *const u8, c: usize) -> (__m256, __m256) {
+            // SAFETY: the caller guarantees 16 bytes ([16] E4M3) at element c.
+            unsafe {
+                let bytes = _mm_loadu_si128(row.add(c) as *const __m128i);
+                // Sign-extend each byte: bit 11 of the lane is then the sign, so one shift by 20
+                // puts the sign at bit 31 and the 7 magnitude bits at 20..27; the mask keeps them.
+                let mask = _mm256_set1_epi32(0x87F0_0000_u32 as i32);
+                let lo = _mm256_cvtepi8_epi32(bytes);
+                let hi = _mm256_cvtepi8_epi32(_mm_unpackhi_epi64(bytes, bytes));
+                let lo = _mm256_and_si256(_mm256_slli_epi32::<20>(lo), mask);
+                let hi = _mm256_and_si256(_mm256_slli_epi32::<20>(hi), mask);
+                (_mm256_castsi256_ps(lo), _mm256_castsi256_ps(hi))
+            }
+        }
+    }
+
+    impl Decode for E2m1 {
+        const CODEC: Codec = Codec::E2m1;
+        #[inline(always)]
+        unsafe fn load(row: *const u8, c: usize) -> (__m256, __m256) {
+            // SAFETY: the caller guarantees 8 bytes ([8] pairs of E2M1, low nibble first) at
+            // element c (c even).
+            unsafe {
+                // Table entry i holds value(i) with bits 28..30 pre-xored with i, so xoring the
+                // looked-up bits with (nibble << 28) restores them and sets the sign from bit 3.
+                let t = |i: usize| (E2M1_VALUES[i].to_bits() ^ ((i as u32) << 28)) as i32;
+                let lut = _mm256_castsi256_ps(_mm256_setr_epi32(
+                    t(0),
+                    t(1),
+                    t(2),
+                    t(3),
+                    t(4),
+                    t(5),
+                    t(6),
+                    t(7),
+                ));
+                let bytes = _mm256_cvtepu8_epi32(_mm_loadl_epi64(row.add(c / 2) as *const __m128i));
+                let high = _mm256_srli_epi32::<4>(bytes);
+                // vpermps reads the low 3 bits of each index; the byte's bit 3 lands on bit 31.
+                let even = _mm256_xor_ps(
+                    _mm256_permutevar8x32_ps(lut, bytes),
+                    _mm256_castsi256_ps(_mm256_slli_epi32::<28>(bytes)),
+                );
+                let odd = _mm256_xor_ps(
+                    _mm256_permutevar8x32_ps(lut, high),
+                    _mm256_castsi256_ps(_mm256_slli_epi32::<28>(high)),
+                );
+                (even, odd)
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    fn hsum(v: __m256) -> f32 {
+        // Pairing: lanes l and l + 4, then l and l + 2, then the last two (the scalar twin's order).
+        let q = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+        let d = _mm_add_ps(q, _mm_movehl_ps(q, q));
+        let s = _mm_add_ss(d, _mm_shuffle_ps::<0b01>(d, d));
+        _mm_cvtss_f32(s)
+    }
+
+    /// Scalar raw value at codec position `p` (the tails of rows whose K is not a multiple of 16).
+    #[inline(always)]
+    fn raw_at(codec: Codec, row: &[u8], p: usize) -> f32 {
+        codec.raw(row, p)
+    }
+
+    /// The tile: `R` weight rows × `N` activation rows, accumulators in registers.
+    ///
+    /// # Safety
+    /// AVX2+FMA available; `rows[r]` holds `fmt.row_bytes()` bytes, `factors[r]` `fmt.groups()`
+    /// f32 (scaled codecs), `xs[t]` `fmt.k` f32.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn tile<D: Decode, const R: usize, const N: usize>(
+        fmt: RowFormat,
+        rows: [&[u8]; R],
+        factors: [&[f32]; R],
+        xs: [&[f32]; N],
+    ) -> [[f32; N]; R] {
+        let scaled = D::CODEC.scaled();
+        let vec_end = fmt.k - fmt.k % CHUNK;
+        let mut acc = [[_mm256_setzero_ps(); N]; R];
+        let mut tail = [[0f32; N]; R];
+        for (g, start, end) in groups(&fmt) {
+            let mut f = [_mm256_set1_ps(1.0); R];
+            if scaled {
+                for r in 0..R {
+                    f[r] = _mm256_set1_ps(factors[r][g]);
+                }
+            }
+            let mut c = start;
+            while c < end.min(vec_end) {
+                let mut w = [(_mm256_setzero_ps(), _mm256_setzero_ps()); R];
+                for r in 0..R {
+                    // SAFETY: c + 16 ≤ vec_end ≤ k, and the row holds k elements.
+                    let (a, b) = unsafe { D::load(rows[r].as_ptr(), c) };
+                    w[r] = if scaled {
+                        (_mm256_mul_ps(a, f[r]), _mm256_mul_ps(b, f[r]))
+                    } else {
+                        (a, b)
+                    };
+                }
+                for t in 0..N {
+                    // SAFETY: xs[t] holds k ≥ c + 16 f32.
+                    let (x0, x1) = unsafe {
+                        (
+                            _mm256_loadu_ps(xs[t].as_ptr().add(c)),
+                            _mm256_loadu_ps(xs[t].as_ptr().add(c + 8)),
+                        )
+                    };
+                    for r in 0..R {
+                        acc[r][t] = _mm256_fmadd_ps(w[r].0, x0, acc[r][t]);
+                        acc[r][t] = _mm256_fmadd_ps(w[r].1, x1, acc[r][t]);
+                    }
+                }
+                c += CHUNK;
+            }
+            for p in c..end {
+                for r in 0..R {
+                    let raw = raw_at(D::CODEC, rows[r], p);
+                    let wp = if scaled { raw * factors[r][g] } else { raw };
+                    for t in 0..N {
+                        tail[r][t] += wp * xs[t][p];
+                    }
+                }
+            }
+        }
+        let mut out = [[0f32; N]; R];
+        for r in 0..R {
+            for t in 0..N {
+                out[r][t] = hsum(acc[r][t]) + tail[r][t];
+            }
+        }
+        out
+    }
+
+    /// Runs one `R × N` tile and writes it row-major into `out` (`rows.len()` ≤ R rows are real;
+    /// the others repeat row 0 and are dropped).
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn run<D: Decode, const R: usize, const N: usize>(
+        fmt: RowFormat,
+        rows: &[&[u8]],
+        factors: &[&[f32]],
+        xs: &[&[f32]],
+        out: &mut [f32],
+    ) {
+        let nr = rows.len();
+        let rows_arr: [&[u8]; R] = std::array::from_fn(|r| rows[if r < nr { r } else { 0 }]);
+        let empty: &[f32] = &[];
+        let fac_arr: [&[f32]; R] = std::array::from_fn(|r| {
+            if D::CODEC.scaled() {
+                factors[if r < nr { r } else { 0 }]
+            } else {
+                empty
+            }
+        });
+        let xs_arr: [&[f32]; N] = std::array::from_fn(|t| xs[t]);
+        // SAFETY: forwarded from the caller (checked by `dot_tile`).
+        let res = unsafe { tile::<D, R, N>(fmt, rows_arr, fac_arr, xs_arr) };
+        for r in 0..nr {
+            out[r * N..(r + 1) * N].copy_from_slice(&res[r]);
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn dispatch_shape<D: Decode>(
+        fmt: RowFormat,
+        rows: &[&[u8]],
+        factors: &[&[f32]],
+        xs: &[&[f32]],
+        out: &mut [f32],
+    ) {
+        debug_assert!(xs.len() <= MAX_TILE_TOKENS);
+        // SAFETY: forwarded from the caller. One token gets 4 rows (4 independent FMA chains);
+        // more tokens get 2 rows so accumulators, weights and activations fit 16 registers.
+        unsafe {
+            match (rows.len(), xs.len()) {
+                (3..=4, 1) => run::<D, 4, 1>(fmt, rows, factors, xs, out),
+                (_, 1) => run::<D, 2, 1>(fmt, rows, factors, xs, out),
+                (_, 2) => two_rows::<D, 2>(fmt, rows, factors, xs, out),
+                (_, 3) => two_rows::<D, 3>(fmt, rows, factors, xs, out),
+                _ => two_rows::<D, 4>(fmt, rows, factors, xs, out),
+            }
+        }
+    }
+
+    /// Splits up to 4 rows into tiles of 2 rows for `N` > 1 tokens.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn two_rows<D: Decode, const N: usize>(
+        fmt: RowFormat,
+        rows: &[&[u8]],
+        factors: &[&[f32]],
+        xs: &[&[f32]],
+        out: &mut [f32],
+    ) {
+        let mut r = 0;
+        while r < rows.len() {
+            let end = (r + 2).min(rows.len());
+            let fac = if D::CODEC.scaled() {
+                &factors[r..end]
+            } else {
+                factors
+            };
+            // SAFETY: forwarded from the caller; sub-slices keep their lengths.
+            unsafe { run::<D, 2, N>(fmt, &rows[r..end], fac, xs, &mut out[r * N..end * N]) };
+            r = end;
+        }
+    }
+
+    /// # Safety
+    /// AVX2+FMA available and the lengths `dot_tile` checks.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dot_tile(
+        fmt: RowFormat,
+        rows: &[&[u8]],
+        factors: &[&[f32]],
+        xs: &[&[f32]],
+        out: &mut [f32],
+    ) {
+        // SAFETY: forwarded from the caller.
+        unsafe {
+            match fmt.codec {
+                Codec::F32 => dispatch_shape::<F32>(fmt, rows, factors, xs, out),
+                Codec::Bf16 => dispatch_shape::<Bf16>(fmt, rows, factors, xs, out),
+                Codec::E4m3 => dispatch_shape::<E4m3>(fmt, rows, factors, xs, out),
+                Codec::E2m1 => dispatch_shape::<E2m1>(fmt, rows, factors, xs, out),
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn decode_with<D: Decode>(fmt: RowFormat, row: &[u8], factors: &[f32], out: &mut [f32]) {
+        let scaled = D::CODEC.scaled();
+        let vec_end = fmt.k - fmt.k % CHUNK;
+        for (g, start, end) in groups(&fmt) {
+            let f = if scaled { factors[g] } else { 1.0 };
+            let fv = _mm256_set1_ps(f);
+            let mut c = start;
+            while c < end.min(vec_end) {
+                // SAFETY: c + 16 ≤ k: the row holds the bytes and `out` the 16 f32.
+                unsafe {
+                    let (a, b) = D::load(row.as_ptr(), c);
+                    let (a, b) = if scaled {
+                        (_mm256_mul_ps(a, fv), _mm256_mul_ps(b, fv))
+                    } else {
+                        (a, b)
+                    };
+                    _mm256_storeu_ps(out.as_mut_ptr().add(c), a);
+                    _mm256_storeu_ps(out.as_mut_ptr().add(c + 8), b);
+                }
+                c += CHUNK;
+            }
+            for p in c..end {
+                let raw = raw_at(D::CODEC, row, p);
+                out[p] = if scaled { raw * f } else { raw };
+            }
+        }
+    }
+
+    /// # Safety
+    /// AVX2+FMA available; `row` holds `fmt.row_bytes()`, `factors` `fmt.groups()`, `out` `fmt.k`.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn decode_row(fmt: RowFormat, row: &[u8], factors: &[f32], out: &mut [f32]) {
+        // SAFETY: forwarded from the caller.
+        unsafe {
+            match fmt.codec {
+                Codec::F32 => decode_with::<F32>(fmt, row, factors, out),
+                Codec::Bf16 => decode_with::<Bf16>(fmt, row, factors, out),
+                Codec::E4m3 => decode_with::<E4m3>(fmt, row, factors, out),
+                Codec::E2m1 => decode_with::<E2m1>(fmt, row, factors, out),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::SeededRng;
+
+    fn random_case(
+        codec: Codec,
+        k: usize,
+        group: usize,
+        rows: usize,
+        seed: u64,
+    ) -> (RowFormat, Vec<Vec<u8>>, Vec<Vec<f32>>) {
+        let fmt = RowFormat::new(codec, k, group);
+        let mut rng = SeededRng::new(seed);
+        let data = (0..rows)
+            .map(|_| match codec {
+                // Random finite f32 / bf16 values (not random bits: NaN would poison the check).
+                Codec::F32 => (0..k)
+                    .flat_map(|_| rng.uniform(-1.0, 1.0).to_le_bytes())
+                    .collect(),
+                Codec::Bf16 => (0..k)
+                    .flat_map(|_| ((rng.uniform(-1.0, 1.0).to_bits() >> 16) as u16).to_le_bytes())
+                    .collect(),
+                // Every E4M3 code but the NaNs (0x7F, 0xFF).
+                Codec::E4m3 => (0..k)
+                    .map(|_| {
+                        (rng.below(254) as u8) & !0x80 | if rng.below(2) == 1 { 0x80 } else { 0 }
+                    })
+                    .map(|b| {
+                        if b & 0x7F == 0x7F {
+                            0x7E | (b & 0x80)
+                        } else {
+                            b
+                        }
+                    })
+                    .collect(),
+                Codec::E2m1 => (0..k / 2).map(|_| rng.below(256) as u8).collect(),
+            })
+            .collect();
+        let factors = (0..rows)
+            .map(|_| {
+                (0..fmt.groups())
+                    .map(|_| {
+                        rng.uniform(0.5, 2.0)
+                            * if codec == Codec::E4m3 {
+                                E4M3_RAW_FACTOR
+                            } else {
+                                1.0
+                            }
+                    })
+                    .collect()
+            })
+            .collect();
+        (fmt, data, factors)
+    }
+
+    fn xs(k: usize, n: usize, seed: u64) -> Vec<Vec<f32>> {
+        let mut rng = SeededRng::new(seed);
+        (0..n)
+            .map(|_| (0..k).map(|_| rng.uniform(-2.0, 2.0)).collect())
+            .collect()
+    }
+
+    #[test]
+    fn order_index_is_a_permutation_of_each_chunk() {
+        let mut seen = [false; 32];
+        for c in 0..32 {
+            let p = Codec::E2m1.order_index(c);
+            assert!(p / 16 == c / 16 && !seen[p]);
+            seen[p] = true;
+        }
+        assert_eq!(Codec::E2m1.order_index(1), 8);
+        assert_eq!(Codec::E2m1.order_index(2), 1);
+    }
+
+    #[test]
+    fn e4m3_raw_times_2_pow_120_is_the_code_value() {
+        assert_eq!(e4m3_raw(0x7E) * E4M3_RAW_FACTOR, 448.0);
+        assert_eq!(e4m3_raw(0x01) * E4M3_RAW_FACTOR, 2f32.powi(-9));
+        assert_eq!(e4m3_raw(0x38) * E4M3_RAW_FACTOR, 1.0);
+        assert_eq!(e4m3_raw(0xB8) * E4M3_RAW_FACTOR, -1.0);
+        assert_eq!(e2m1_value(0xF), -6.0);
+    }
+
+    /// Decoding and tiles of both ISAs agree: decode bit for bit, tiles to f32 rounding.
+    #[test]
+    fn avx2_matches_scalar() {
+        if !Isa::Avx2Fma.available() {
+            eprintln!("skipped: this CPU has no AVX2+FMA");
+            return;
+        }
+        let cases = [
+            (Codec::F32, 100, 100),
+            (Codec::Bf16, 256, 256),
+            (Codec::Bf16, 72, 72),
+            (Codec::E4m3, 300, 128),
+            (Codec::E4m3, 64, 64),
+            (Codec::E4m3, 96, 32),
+            (Codec::E2m1, 256, 32),
+            (Codec::E2m1, 80, 16),
+        ];
+        for (seed, &(codec, k, group)) in cases.iter().enumerate() {
+            let (fmt, data, factors) = random_case(codec, k, group, 4, seed as u64);
+            let rows: Vec<&[u8]> = data.iter().map(|r| r.as_slice()).collect();
+            let facs: Vec<&[f32]> = factors.iter().map(|f| f.as_slice()).collect();
+            let mut a = vec![0f32; 4 * k];
+            let mut b = vec![1f32; 4 * k];
+            decode_rows(Isa::Scalar, fmt, &rows, &facs, &mut a);
+            decode_rows(Isa::Avx2Fma, fmt, &rows, &facs, &mut b);
+            assert!(
+                a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()),
+                "{fmt:?}: decode differs"
+            );
+            let x = xs(k, 4, 100 + seed as u64);
+            for nr in 1..=4 {
+                for nt in 1..=4 {
+                    let xr: Vec<&[f32]> = x[..nt].iter().map(|v| v.as_slice()).collect();
+                    let mut s = vec![f32::NAN; nr * nt];
+                    let mut v = vec![f32::NAN; nr * nt];
+                    dot_tile(Isa::Scalar, fmt, &rows[..nr], &facs[..nr], &xr, &mut s);
+                    dot_tile(Isa::Avx2Fma, fmt, &rows[..nr], &facs[..nr], &xr, &mut v);
+                    for (i, (&p, &q)) in s.iter().zip(&v).enumerate() {
+                        // The exact dot product from the decoded values, in f64.
+                        let (r, t) = (i / nt, i % nt);
+                        let exact: f64 = (0..k).map(|c| a[r * k + c] as f64 * x[t][c] as f64).sum();
+                        let mag: f64 = (0..k)
+                            .map(|c| (a[r * k + c] as f64 * x[t][c] as f64).abs())
+                            .sum();
+                        assert!((p as f64 - exact).abs() <= 1e-5 * mag && (q as f64 - exact).abs() <= 1e-5 * mag,
+                            "{fmt:?} rows {nr} tokens {nt} [{r},{t}]: scalar {p} avx2 {q} exact {exact}");
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod probe {
+    use super::*;
+    use rayon::prelude::*;
+
+    #[test]
+    #[ignore]
+    fn probe_tiles() {
+        let k = 2048;
+        let total: usize = std::env::var("PROBE_BYTES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(512 << 20);
+        let reps: usize = std::env::var("PROBE_REPS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(1);
+        let data: Vec<u8> = (0..total).map(|i| (i * 7919 % 251) as u8 & 0x77).collect();
+        let x: Vec<Vec<f32>> = (0..4)
+            .map(|t| (0..k).map(|c| ((c + t) % 13) as f32 * 0.1).collect())
+            .collect();
+        let read = || {
+            let t0 = std::time::Instant::now();
+            let s: u64 = data
+                .par_chunks(1 << 20)
+                .map(|c| {
+                    c.chunks_exact(8)
+                        .map(|w| u64::from_le_bytes(w.try_into().unwrap()))
+                        .fold(0u64, |a, b| a ^ b)
+                })
+                .reduce(|| 0, |a, b| a ^ b);
+            let dt = t0.elapsed().as_secs_f64();
+            (s, total as f64 / dt / 1e9)
+        };
+        for _ in 0..2 {
+            println!("read {:?}", read());
+        }
+        for (codec, group) in [
+            (Codec::Bf16, k),
+            (Codec::E4m3, 128),
+            (Codec::E2m1, 32),
+            (Codec::E2m1, 16),
+        ] {
+            let fmt = RowFormat::new(codec, k, group);
+            let rb = fmt.row_bytes();
+            let facs = vec![1.0f32; fmt.groups().max(1) * 4];
+            for nt in [1usize, 2, 4] {
+                let xs: Vec<&[f32]> = x[..nt].iter().map(|v| v.as_slice()).collect();
+                let mut best = 0f64;
+                for _ in 0..3 {
+                    let t0 = std::time::Instant::now();
+                    let s: f32 = (0..reps)
+                        .into_par_iter()
+                        .flat_map(|_| data.par_chunks(rb * 64))
+                        .map(|blk| {
+                            let mut acc = 0f32;
+                            for quad in blk.chunks_exact(rb * 4) {
+                                let rows: Vec<&[u8]> = quad.chunks_exact(rb).collect();
+                                let f: Vec<&[f32]> = if codec.scaled() {
+                                    facs.chunks(fmt.groups()).take(4).collect()
+                                } else {
+                                    vec![]
+                                };
+                                let mut out = [0f32; 16];
+                                dot_tile(Isa::Avx2Fma, fmt, &rows, &f, &xs, &mut out[..4 * nt]);
+                                acc += out[0];
+                            }
+                            acc
+                        })
+                        .sum();
+                    let dt = t0.elapsed().as_secs_f64();
+                    best = best.max((total * reps) as f64 / dt / 1e9);
+                    std::hint::black_box(s);
+                }
+                println!(
+                    "{codec:?} g{group} tokens {nt}: {best:.1} GB/s, {:.2} Gelem/s",
+                    best * k as f64 / rb as f64
+                );
+            }
+        }
+    }
+}
