@@ -1082,8 +1082,8 @@ fn seeded_random_properties() {
                 let weakest = keys[*ids.last().unwrap() as usize];
                 let gsize = e / c.n_group;
                 let kept_groups: Vec<usize> = ids.iter().map(|&i| i as usize / gsize).collect();
+                let grouped = c.method == M::DeepseekV3;
                 for i in 0..e as i32 {
-                    let grouped = c.method == M::DeepseekV3;
                     if ids.contains(&i) || (grouped && !kept_groups.contains(&(i as usize / gsize)))
                     {
                         continue;
@@ -1101,24 +1101,25 @@ fn seeded_random_properties() {
 #[test]
 fn deepseek_v3_kept_groups_have_the_best_top_two_sums() {
     for seed in 200..210u64 {
-        let (t, e, g, tg) = (50, 64, 8, 3);
+        let (t, e, g, tg, k) = (50, 64, 8, 3, 6);
+        let gs = e / g;
         println!("seed {seed}");
         let logits = random_logits(seed, t, e);
-        let c = ds(6, g, tg, 1.0);
+        let c = ds(k, g, tg, 1.0);
         let r = route_logits(&c, &logits, t, e, None).unwrap();
         for tok in 0..t {
             let row = &logits[tok * e..(tok + 1) * e];
             let score = |grp: usize| {
-                let mut k: Vec<f64> = row[grp * 8..grp * 8 + 8]
+                let mut k: Vec<f64> = row[grp * gs..(grp + 1) * gs]
                     .iter()
                     .map(|&x| sig(x as f64))
                     .collect();
                 k.sort_by(|a, b| b.total_cmp(a));
                 k[0] + k[1]
             };
-            let used: BTreeSet<usize> = r.ids[tok * 6..tok * 6 + 6]
+            let used: BTreeSet<usize> = r.ids[tok * k..(tok + 1) * k]
                 .iter()
-                .map(|&i| i as usize / 8)
+                .map(|&i| i as usize / gs)
                 .collect();
             assert!(
                 used.len() <= tg,
