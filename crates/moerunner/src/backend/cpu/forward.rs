@@ -358,7 +358,7 @@ fn quantize_into(
         let scales = &q.scales[r * bpr..(r + 1) * bpr];
         let d = &mut dst[r * cols..(r + 1) * cols];
         for (c, &v) in vals.iter().enumerate() {
-            d[codec.order_index(c)] = v * scales[c / q.block];
+            d[codec.order_index(c, cols)] = v * scales[c / q.block];
         }
     }
     Ok(())

@@ -20,8 +20,11 @@ pub const TILE_PATH_MAX_TOKENS: usize = 8;
 /// token rows while sgemm sweeps it).
 const DECODED_BLOCK_ELEMS: usize = 32 * 1024;
 
-/// Rows per tile of the in-register path.
-const TILE_ROWS: usize = 4;
+/// Rows per call of the in-register path (their factors are computed together).
+const TILE_BLOCK_ROWS: usize = 32;
+
+/// Row blocks of the sgemm path are a multiple of this (sgemm's register tile is 8 wide).
+const BLOCK_ROW_MULTIPLE: usize = 8;
 
 /// The activation rows of a product: row `i < n` is `base[index[i] * k..]` (gathered tokens) or
 /// `base[i * k..]` (already contiguous).
@@ -158,7 +161,8 @@ pub fn project(
 /// Calls `f(first local row, global rows)` for blocks of at most `DECODED_BLOCK_ELEMS / k` rows
 /// (a multiple of the tile height) that never straddle two ranges.
 fn for_row_blocks(ranges: &[Range<usize>], k: usize, mut f: impl FnMut(usize, Range<usize>)) {
-    let per = (DECODED_BLOCK_ELEMS / k.max(1) / TILE_ROWS * TILE_ROWS).max(TILE_ROWS);
+    let per = (DECODED_BLOCK_ELEMS / k.max(1) / BLOCK_ROW_MULTIPLE * BLOCK_ROW_MULTIPLE)
+        .max(BLOCK_ROW_MULTIPLE);
     let mut j0 = 0;
     for r in ranges {
         let mut s = r.start;
@@ -171,7 +175,8 @@ fn for_row_blocks(ranges: &[Range<usize>], k: usize, mut f: impl FnMut(usize, Ra
     }
 }
 
-/// The in-register path over the stored bytes: tiles of 4 rows, factors computed per row.
+/// The in-register path over the stored bytes: blocks of rows with their factors, each block
+/// against all tokens 4 at a time (the block's bytes stay in L1/L2 between token tiles).
 #[allow(clippy::too_many_arguments)]
 fn tiles_native(
     isa: Isa,
@@ -186,11 +191,11 @@ fn tiles_native(
     scratch: &mut Scratch,
 ) {
     let groups = plan.fmt.groups();
-    let facs = grow(&mut scratch.factors, TILE_ROWS * groups.max(1));
+    let facs = grow(&mut scratch.factors, TILE_BLOCK_ROWS * groups.max(1));
     let mut j0 = 0;
     while j0 < m {
-        let nr = TILE_ROWS.min(m - j0);
-        let mut rows: [&[u8]; TILE_ROWS] = [&[]; TILE_ROWS];
+        let nr = TILE_BLOCK_ROWS.min(m - j0);
+        let mut rows: [&[u8]; TILE_BLOCK_ROWS] = [&[]; TILE_BLOCK_ROWS];
         for (i, row) in rows.iter_mut().enumerate().take(nr) {
             let r = global_row(ranges, j0 + i);
             *row = plan.row(t, e, r);
@@ -198,7 +203,7 @@ fn tiles_native(
                 plan.factors(t, e, r, &mut facs[i * groups..]);
             }
         }
-        let mut fac: [&[f32]; TILE_ROWS] = [&[]; TILE_ROWS];
+        let mut fac: [&[f32]; TILE_BLOCK_ROWS] = [&[]; TILE_BLOCK_ROWS];
         if groups > 0 {
             for (i, f) in fac.iter_mut().enumerate().take(nr) {
                 *f = &facs[i * groups..(i + 1) * groups];
@@ -210,7 +215,7 @@ fn tiles_native(
     }
 }
 
-/// Tiles `rows` (≤ 4 at a time; local rows from `j0`) against all token rows, 4 tokens a tile.
+/// `rows` (local rows from `j0`) against all token rows, [`MAX_TILE_TOKENS`] at a time.
 #[allow(clippy::too_many_arguments)]
 fn tile_rows(
     isa: Isa,
@@ -222,37 +227,38 @@ fn tile_rows(
     y: &mut [f32],
     ldy: usize,
 ) {
-    let mut r0 = 0;
-    while r0 < rows.len() {
-        let nr = TILE_ROWS.min(rows.len() - r0);
-        let fac = if factors.is_empty() {
-            factors
-        } else {
-            &factors[r0..r0 + nr]
-        };
-        let mut t0 = 0;
-        while t0 < xs.n {
-            let nt = MAX_TILE_TOKENS.min(xs.n - t0);
-            let mut x: [&[f32]; MAX_TILE_TOKENS] = [&[]; MAX_TILE_TOKENS];
-            for (i, xi) in x.iter_mut().enumerate().take(nt) {
-                *xi = xs.row(t0 + i);
-            }
-            let mut out = [0f32; TILE_ROWS * MAX_TILE_TOKENS];
-            simd::dot_tile(
+    let nr = rows.len();
+    let mut out = [0f32; TILE_BLOCK_ROWS * MAX_TILE_TOKENS];
+    let mut t0 = 0;
+    while t0 < xs.n {
+        let nt = MAX_TILE_TOKENS.min(xs.n - t0);
+        let mut x: [&[f32]; MAX_TILE_TOKENS] = [&[]; MAX_TILE_TOKENS];
+        for (i, xi) in x.iter_mut().enumerate().take(nt) {
+            *xi = xs.row(t0 + i);
+        }
+        let mut r0 = 0;
+        while r0 < nr {
+            let rn = TILE_BLOCK_ROWS.min(nr - r0);
+            let fac = if factors.is_empty() {
+                factors
+            } else {
+                &factors[r0..r0 + rn]
+            };
+            simd::dot_rows(
                 isa,
                 fmt,
-                &rows[r0..r0 + nr],
+                &rows[r0..r0 + rn],
                 fac,
                 &x[..nt],
-                &mut out[..nr * nt],
+                &mut out[..rn * nt],
             );
-            for r in 0..nr {
+            for r in 0..rn {
                 for ti in 0..nt {
                     y[(t0 + ti) * ldy + j0 + r0 + r] = out[r * nt + ti];
                 }
             }
-            t0 += nt;
+            r0 += rn;
         }
-        r0 += nr;
+        t0 += nt;
     }
 }

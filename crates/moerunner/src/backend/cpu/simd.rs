@@ -59,7 +59,7 @@ impl Isa {
 pub enum Codec {
     /// Little-endian f32 (rows decoded elsewhere, e.g. formats with out-of-range scales).
     F32,
-    /// bf16 bits: exact in f32, no factor.
+    /// bf16 bits: exact in f32, no factor; codec order (pairs split like E2M1).
     Bf16,
     /// E4M3 bytes: raw = value · 2^-120 (see [`E4M3_RAW_FACTOR`]); always scaled.
     E4m3,
@@ -81,18 +81,34 @@ impl Codec {
     pub fn scaled(self) -> bool {
         matches!(self, Codec::E4m3 | Codec::E2m1)
     }
-    /// Position of natural element `c` in the codec's order. E2M1 splits every 16 elements into
-    /// the 8 low nibbles (even elements) then the 8 high nibbles (odd elements).
+    /// Whether whole chunks are stored as 8 (even, odd) pairs that decode to the 8 evens then the
+    /// 8 odds: E2M1 nibbles of a byte, bf16 halves of a 32-bit word (a shift and a mask, no
+    /// cross-lane shuffle).
+    fn splits_pairs(self) -> bool {
+        matches!(self, Codec::Bf16 | Codec::E2m1)
+    }
+    /// Position of natural element `c` of a `k`-long row in the codec's order: inside each whole
+    /// chunk of 16, pair-split codecs put the even elements first; the tail past the last whole
+    /// chunk keeps its natural order.
     #[inline]
-    pub fn order_index(self, c: usize) -> usize {
-        match self {
-            Codec::E2m1 => (c & !15) | ((c & 1) << 3) | ((c & 15) >> 1),
-            _ => c,
+    pub fn order_index(self, c: usize, k: usize) -> usize {
+        if self.splits_pairs() && c < k - k % CHUNK {
+            (c & !15) | ((c & 1) << 3) | ((c & 15) >> 1)
+        } else {
+            c
         }
     }
-    /// Raw value of the element at codec-order position `pos` of a row.
+    /// Raw value of the element at codec-order position `pos` of a `k`-long row.
     #[inline]
-    fn raw(self, row: &[u8], pos: usize) -> f32 {
+    fn raw(self, row: &[u8], pos: usize, k: usize) -> f32 {
+        // The natural index of codec position `pos` (the inverse of `order_index`).
+        let nat = if self.splits_pairs() && pos < k - k % CHUNK {
+            let within = pos & 15;
+            (pos & !15) | ((within & 7) << 1) | (within >> 3)
+        } else {
+            pos
+        };
+        let pos = nat;
         match self {
             Codec::F32 => f32::from_le_bytes([
                 row[4 * pos],
@@ -105,10 +121,8 @@ impl Codec {
             ),
             Codec::E4m3 => e4m3_raw(row[pos]),
             Codec::E2m1 => {
-                // Codec order: position p of a chunk is byte p % 8, low nibble for p < 8.
-                let (base, within) = (pos & !15, pos & 15);
-                let byte = row[(base >> 1) + (within & 7)];
-                e2m1_value(if within < 8 { byte & 15 } else { byte >> 4 })
+                let byte = row[pos / 2];
+                e2m1_value(if pos % 2 == 0 { byte & 15 } else { byte >> 4 })
             }
         }
     }
@@ -186,9 +200,10 @@ impl RowFormat {
     }
 }
 
-/// `out[r * xs.len() + t] = Σ_c W[r][c] · xs[t][c]` for up to 4 rows and [`MAX_TILE_TOKENS`]
-/// activation rows (in codec order), decoding each weight element once per call.
-pub fn dot_tile(
+/// `out[r * xs.len() + t] = Σ_c W[r][c] · xs[t][c]` for any number of rows and up to
+/// [`MAX_TILE_TOKENS`] activation rows (in codec order), decoding each weight element once per
+/// call: the rows go 4 (one token) or 2 (more tokens) at a time through register tiles.
+pub fn dot_rows(
     isa: Isa,
     fmt: RowFormat,
     rows: &[&[u8]],
@@ -199,7 +214,7 @@ pub fn dot_tile(
     fmt.check(rows, factors);
     let (nr, nt) = (rows.len(), xs.len());
     assert!(
-        (1..=4).contains(&nr) && (1..=MAX_TILE_TOKENS).contains(&nt) && out.len() == nr * nt,
+        (1..=MAX_TILE_TOKENS).contains(&nt) && out.len() == nr * nt,
         "tile shape"
     );
     assert!(
@@ -211,9 +226,9 @@ pub fn dot_tile(
         Isa::Avx2Fma if Isa::detect() == Isa::Avx2Fma => {
             // SAFETY: AVX2 and FMA were detected on this CPU; `check` and the asserts above make
             // every row, factor slice and activation row at least as long as the kernel reads.
-            unsafe { avx2::dot_tile(fmt, rows, factors, xs, out) }
+            unsafe { avx2::dot_rows(fmt, rows, factors, xs, out) }
         }
-        _ => scalar_dot_tile(fmt, rows, factors, xs, out),
+        _ => scalar_dot_rows(fmt, rows, factors, xs, out),
     }
 }
 
@@ -292,15 +307,15 @@ fn scalar_decode_row(fmt: RowFormat, row: &[u8], factors: &[f32], out: &mut [f32
     for (g, start, end) in groups(&fmt) {
         let f = if fmt.codec.scaled() { factors[g] } else { 1.0 };
         for (p, o) in (start..end).zip(&mut out[start..end]) {
-            let raw = fmt.codec.raw(row, p);
+            let raw = fmt.codec.raw(row, p, fmt.k);
             *o = if fmt.codec.scaled() { raw * f } else { raw };
         }
     }
 }
 
-/// The scalar twin of the AVX2 tile: 8 lanes of partial sums per (row, token), chunk elements p
+/// The scalar twin of the AVX2 tiles: 8 lanes of partial sums per (row, token), chunk elements p
 /// and p + 8 into lane p (as the two vectors of a chunk), tails into a separate sum.
-fn scalar_dot_tile(
+fn scalar_dot_rows(
     fmt: RowFormat,
     rows: &[&[u8]],
     factors: &[&[f32]],
@@ -322,7 +337,7 @@ fn scalar_dot_tile(
             let mut c = start;
             while c < end.min(vec_end) {
                 for (p, wp) in w.iter_mut().enumerate() {
-                    let raw = fmt.codec.raw(row, c + p);
+                    let raw = fmt.codec.raw(row, c + p, fmt.k);
                     *wp = if fmt.codec.scaled() { raw * f } else { raw };
                 }
                 for (t, x) in xs.iter().enumerate() {
@@ -335,7 +350,7 @@ fn scalar_dot_tile(
                 c += CHUNK;
             }
             for p in c..end {
-                let raw = fmt.codec.raw(row, p);
+                let raw = fmt.codec.raw(row, p, fmt.k);
                 let wp = if fmt.codec.scaled() { raw * f } else { raw };
                 for (t, x) in xs.iter().enumerate() {
                     tail[t] += wp * x[p];
@@ -362,6 +377,9 @@ mod avx2 {
     /// vectors of raw values (codec order).
     trait Decode {
         const CODEC: Codec;
+        /// Raw values are the exact element values (not tiny): a group's products may be summed
+        /// before its factor is applied without underflow.
+        const EXACT_RAW: bool;
         /// # Safety
         /// `row` must be readable for `Self::CODEC.bytes(c + 16)` bytes; AVX2 must be available.
         unsafe fn load(row: *const u8, c: usize) -> (__m256, __m256);
@@ -374,6 +392,7 @@ mod avx2 {
 
     impl Decode for F32 {
         const CODEC: Codec = Codec::F32;
+        const EXACT_RAW: bool = true;
         #[inline(always)]
         unsafe fn load(row: *const u8, c: usize) -> (__m256, __m256) {
             // SAFETY: the caller guarantees 16 f32 at element c ([16] f32, unaligned).
@@ -386,21 +405,24 @@ mod avx2 {
 
     impl Decode for Bf16 {
         const CODEC: Codec = Codec::Bf16;
+        const EXACT_RAW: bool = true;
         #[inline(always)]
         unsafe fn load(row: *const u8, c: usize) -> (__m256, __m256) {
             // SAFETY: the caller guarantees 32 bytes ([16] bf16) at element c.
             unsafe {
-                let p = row.add(2 * c) as *const __m128i;
-                // bf16 is the top half of an f32: zero-extend to 32 bits and shift left 16.
-                let a = _mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(_mm_loadu_si128(p)));
-                let b = _mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(_mm_loadu_si128(p.add(1))));
-                (_mm256_castsi256_ps(a), _mm256_castsi256_ps(b))
+                // Each 32-bit word holds elements 2i (low half) and 2i + 1 (high half); bf16 is
+                // the top half of an f32, so a shift gives the evens and a mask the odds.
+                let v = _mm256_loadu_si256(row.add(2 * c) as *const __m256i);
+                let even = _mm256_slli_epi32::<16>(v);
+                let odd = _mm256_and_si256(v, _mm256_set1_epi32(0xFFFF_0000_u32 as i32));
+                (_mm256_castsi256_ps(even), _mm256_castsi256_ps(odd))
             }
         }
     }
 
     impl Decode for E4m3 {
         const CODEC: Codec = Codec::E4m3;
+        const EXACT_RAW: bool = false;
         #[inline(always)]
         unsafe fn load(row: *const u8, c: usize) -> (__m256, __m256) {
             // SAFETY: the caller guarantees 16 bytes ([16] E4M3) at element c.
@@ -420,6 +442,7 @@ mod avx2 {
 
     impl Decode for E2m1 {
         const CODEC: Codec = Codec::E2m1;
+        const EXACT_RAW: bool = true;
         #[inline(always)]
         unsafe fn load(row: *const u8, c: usize) -> (__m256, __m256) {
             // SAFETY: the caller guarantees 8 bytes ([8] pairs of E2M1, low nibble first) at
@@ -440,7 +463,7 @@ mod avx2 {
                 ));
                 let bytes = _mm256_cvtepu8_epi32(_mm_loadl_epi64(row.add(c / 2) as *const __m128i));
                 let high = _mm256_srli_epi32::<4>(bytes);
-                // vpermps reads the low 3 bits of each index; the byte's bit 3 lands on bit 31.
+                // vpermps reads the low 3 bits of each index; the nibble's bit 3 lands on bit 31.
                 let even = _mm256_xor_ps(
                     _mm256_permutevar8x32_ps(lut, bytes),
                     _mm256_castsi256_ps(_mm256_slli_epi32::<28>(bytes)),
@@ -465,109 +488,173 @@ mod avx2 {
 
     /// Scalar raw value at codec position `p` (the tails of rows whose K is not a multiple of 16).
     #[inline(always)]
-    fn raw_at(codec: Codec, row: &[u8], p: usize) -> f32 {
-        codec.raw(row, p)
+    fn raw_at(codec: Codec, row: &[u8], p: usize, k: usize) -> f32 {
+        codec.raw(row, p, k)
     }
 
     /// The tile: `R` weight rows × `N` activation rows, accumulators in registers.
     ///
+    /// Register budget (16 ymm) decides the variants: one token of an unscaled codec gets two
+    /// FMA chains per row (the decode is cheap, FMA latency would bind); for scaled codecs with
+    /// exact raw values and one token, a group's products are summed first and its factor
+    /// applied by one FMA per group instead of a multiply per vector; otherwise each decoded
+    /// vector is multiplied by its factor and shared by all tokens.
+    ///
     /// # Safety
-    /// AVX2+FMA available; `rows[r]` holds `fmt.row_bytes()` bytes, `factors[r]` `fmt.groups()`
-    /// f32 (scaled codecs), `xs[t]` `fmt.k` f32.
+    /// AVX2+FMA available; `rows[r]` points at `fmt.row_bytes()` bytes, `factors[r]` at
+    /// `fmt.groups()` f32 (scaled codecs), `xs[t]` at `fmt.k` f32.
     #[target_feature(enable = "avx2,fma")]
     unsafe fn tile<D: Decode, const R: usize, const N: usize>(
         fmt: RowFormat,
-        rows: [&[u8]; R],
-        factors: [&[f32]; R],
-        xs: [&[f32]; N],
+        rows: [*const u8; R],
+        factors: [*const f32; R],
+        xs: [*const f32; N],
     ) -> [[f32; N]; R] {
         let scaled = D::CODEC.scaled();
-        let vec_end = fmt.k - fmt.k % CHUNK;
-        let mut acc = [[_mm256_setzero_ps(); N]; R];
-        let mut tail = [[0f32; N]; R];
-        for (g, start, end) in groups(&fmt) {
-            let mut f = [_mm256_set1_ps(1.0); R];
-            if scaled {
-                for r in 0..R {
-                    f[r] = _mm256_set1_ps(factors[r][g]);
-                }
-            }
-            let mut c = start;
-            while c < end.min(vec_end) {
-                let mut w = [(_mm256_setzero_ps(), _mm256_setzero_ps()); R];
-                for r in 0..R {
-                    // SAFETY: c + 16 ≤ vec_end ≤ k, and the row holds k elements.
-                    let (a, b) = unsafe { D::load(rows[r].as_ptr(), c) };
-                    w[r] = if scaled {
-                        (_mm256_mul_ps(a, f[r]), _mm256_mul_ps(b, f[r]))
-                    } else {
-                        (a, b)
-                    };
-                }
-                for t in 0..N {
-                    // SAFETY: xs[t] holds k ≥ c + 16 f32.
+        let block_sum = scaled && D::EXACT_RAW && N == 1;
+        let two_chains = !scaled && N == 1;
+        let k = fmt.k;
+        let group = if scaled { fmt.group } else { k };
+        let vec_end = k - k % CHUNK;
+        let zero = _mm256_setzero_ps();
+        let mut acc = [[zero; N]; R];
+        let mut acc2 = [[zero; N]; R];
+        let mut start = 0;
+        let mut g = 0;
+        while start < vec_end {
+            let end = (start + group).min(vec_end);
+            if block_sum {
+                let mut blk = [zero; R];
+                let mut c = start;
+                while c < end {
+                    // SAFETY: c + 16 ≤ vec_end ≤ k: inside the row and the activation row.
                     let (x0, x1) = unsafe {
                         (
-                            _mm256_loadu_ps(xs[t].as_ptr().add(c)),
-                            _mm256_loadu_ps(xs[t].as_ptr().add(c + 8)),
+                            _mm256_loadu_ps(xs[0].add(c)),
+                            _mm256_loadu_ps(xs[0].add(c + 8)),
                         )
                     };
                     for r in 0..R {
-                        acc[r][t] = _mm256_fmadd_ps(w[r].0, x0, acc[r][t]);
-                        acc[r][t] = _mm256_fmadd_ps(w[r].1, x1, acc[r][t]);
+                        // SAFETY: as above.
+                        let (a, b) = unsafe { D::load(rows[r], c) };
+                        blk[r] = _mm256_fmadd_ps(b, x1, _mm256_fmadd_ps(a, x0, blk[r]));
                     }
+                    c += CHUNK;
                 }
-                c += CHUNK;
-            }
-            for p in c..end {
                 for r in 0..R {
-                    let raw = raw_at(D::CODEC, rows[r], p);
-                    let wp = if scaled { raw * factors[r][g] } else { raw };
-                    for t in 0..N {
-                        tail[r][t] += wp * xs[t][p];
+                    // SAFETY: g < groups (start < k), the factor slice holds every group.
+                    let f = unsafe { _mm256_broadcast_ss(&*factors[r].add(g)) };
+                    acc[r][0] = _mm256_fmadd_ps(blk[r], f, acc[r][0]);
+                }
+            } else {
+                let mut f = [zero; R];
+                if scaled {
+                    for r in 0..R {
+                        // SAFETY: g < groups, as above.
+                        f[r] = unsafe { _mm256_broadcast_ss(&*factors[r].add(g)) };
                     }
                 }
+                let mut c = start;
+                while c < end {
+                    let mut w = [(zero, zero); R];
+                    for r in 0..R {
+                        // SAFETY: c + 16 ≤ vec_end ≤ k.
+                        let (a, b) = unsafe { D::load(rows[r], c) };
+                        w[r] = if scaled {
+                            (_mm256_mul_ps(a, f[r]), _mm256_mul_ps(b, f[r]))
+                        } else {
+                            (a, b)
+                        };
+                    }
+                    for t in 0..N {
+                        // SAFETY: xs[t] holds k ≥ c + 16 f32.
+                        let (x0, x1) = unsafe {
+                            (
+                                _mm256_loadu_ps(xs[t].add(c)),
+                                _mm256_loadu_ps(xs[t].add(c + 8)),
+                            )
+                        };
+                        for r in 0..R {
+                            acc[r][t] = _mm256_fmadd_ps(w[r].0, x0, acc[r][t]);
+                            if two_chains {
+                                acc2[r][t] = _mm256_fmadd_ps(w[r].1, x1, acc2[r][t]);
+                            } else {
+                                acc[r][t] = _mm256_fmadd_ps(w[r].1, x1, acc[r][t]);
+                            }
+                        }
+                    }
+                    c += CHUNK;
+                }
             }
+            start = end;
+            g += 1;
         }
         let mut out = [[0f32; N]; R];
         for r in 0..R {
             for t in 0..N {
-                out[r][t] = hsum(acc[r][t]) + tail[r][t];
+                let v = if two_chains {
+                    _mm256_add_ps(acc[r][t], acc2[r][t])
+                } else {
+                    acc[r][t]
+                };
+                out[r][t] = hsum(v);
+            }
+        }
+        // The tail past the last whole chunk (K % 16 elements; never for E2M1), in natural order.
+        for p in vec_end..k {
+            for r in 0..R {
+                // SAFETY: p < k; the row holds `fmt.row_bytes()` bytes; p / group < groups.
+                let row = unsafe { std::slice::from_raw_parts(rows[r], fmt.row_bytes()) };
+                let raw = raw_at(D::CODEC, row, p, k);
+                let wp = if scaled {
+                    raw * unsafe { *factors[r].add(p / group) }
+                } else {
+                    raw
+                };
+                for t in 0..N {
+                    // SAFETY: p < k.
+                    out[r][t] += wp * unsafe { *xs[t].add(p) };
+                }
             }
         }
         out
     }
 
-    /// Runs one `R × N` tile and writes it row-major into `out` (`rows.len()` ≤ R rows are real;
-    /// the others repeat row 0 and are dropped).
+    /// Runs `R × N` tiles over all `rows` (a last partial tile repeats its first row and drops
+    /// the extra results) and writes `out[r * N + t]`.
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn run<D: Decode, const R: usize, const N: usize>(
+    unsafe fn tiles<D: Decode, const R: usize, const N: usize>(
         fmt: RowFormat,
         rows: &[&[u8]],
         factors: &[&[f32]],
         xs: &[&[f32]],
         out: &mut [f32],
     ) {
-        let nr = rows.len();
-        let rows_arr: [&[u8]; R] = std::array::from_fn(|r| rows[if r < nr { r } else { 0 }]);
-        let empty: &[f32] = &[];
-        let fac_arr: [&[f32]; R] = std::array::from_fn(|r| {
-            if D::CODEC.scaled() {
-                factors[if r < nr { r } else { 0 }]
-            } else {
-                empty
+        let xs_arr: [*const f32; N] = std::array::from_fn(|t| xs[t].as_ptr());
+        let mut r0 = 0;
+        while r0 < rows.len() {
+            let nr = R.min(rows.len() - r0);
+            let pick = |r: usize| r0 + if r < nr { r } else { 0 };
+            let rows_arr: [*const u8; R] = std::array::from_fn(|r| rows[pick(r)].as_ptr());
+            let fac_arr: [*const f32; R] = std::array::from_fn(|r| {
+                if D::CODEC.scaled() {
+                    factors[pick(r)].as_ptr()
+                } else {
+                    std::ptr::null()
+                }
+            });
+            // SAFETY: forwarded from the caller (lengths checked by `dot_rows`); null factor
+            // pointers are never read (unscaled codecs).
+            let res = unsafe { tile::<D, R, N>(fmt, rows_arr, fac_arr, xs_arr) };
+            for r in 0..nr {
+                out[(r0 + r) * N..(r0 + r + 1) * N].copy_from_slice(&res[r]);
             }
-        });
-        let xs_arr: [&[f32]; N] = std::array::from_fn(|t| xs[t]);
-        // SAFETY: forwarded from the caller (checked by `dot_tile`).
-        let res = unsafe { tile::<D, R, N>(fmt, rows_arr, fac_arr, xs_arr) };
-        for r in 0..nr {
-            out[r * N..(r + 1) * N].copy_from_slice(&res[r]);
+            r0 += nr;
         }
     }
 
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn dispatch_shape<D: Decode>(
+    unsafe fn for_codec<D: Decode>(
         fmt: RowFormat,
         rows: &[&[u8]],
         factors: &[&[f32]],
@@ -575,46 +662,22 @@ mod avx2 {
         out: &mut [f32],
     ) {
         debug_assert!(xs.len() <= MAX_TILE_TOKENS);
-        // SAFETY: forwarded from the caller. One token gets 4 rows (4 independent FMA chains);
-        // more tokens get 2 rows so accumulators, weights and activations fit 16 registers.
+        // SAFETY: forwarded from the caller. One token gets 4 rows (8 FMA chains); more tokens
+        // get 2 rows so accumulators, decoded weights and activations fit 16 registers.
         unsafe {
-            match (rows.len(), xs.len()) {
-                (3..=4, 1) => run::<D, 4, 1>(fmt, rows, factors, xs, out),
-                (_, 1) => run::<D, 2, 1>(fmt, rows, factors, xs, out),
-                (_, 2) => two_rows::<D, 2>(fmt, rows, factors, xs, out),
-                (_, 3) => two_rows::<D, 3>(fmt, rows, factors, xs, out),
-                _ => two_rows::<D, 4>(fmt, rows, factors, xs, out),
+            match xs.len() {
+                1 => tiles::<D, 4, 1>(fmt, rows, factors, xs, out),
+                2 => tiles::<D, 2, 2>(fmt, rows, factors, xs, out),
+                3 => tiles::<D, 2, 3>(fmt, rows, factors, xs, out),
+                _ => tiles::<D, 2, 4>(fmt, rows, factors, xs, out),
             }
         }
     }
 
-    /// Splits up to 4 rows into tiles of 2 rows for `N` > 1 tokens.
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn two_rows<D: Decode, const N: usize>(
-        fmt: RowFormat,
-        rows: &[&[u8]],
-        factors: &[&[f32]],
-        xs: &[&[f32]],
-        out: &mut [f32],
-    ) {
-        let mut r = 0;
-        while r < rows.len() {
-            let end = (r + 2).min(rows.len());
-            let fac = if D::CODEC.scaled() {
-                &factors[r..end]
-            } else {
-                factors
-            };
-            // SAFETY: forwarded from the caller; sub-slices keep their lengths.
-            unsafe { run::<D, 2, N>(fmt, &rows[r..end], fac, xs, &mut out[r * N..end * N]) };
-            r = end;
-        }
-    }
-
     /// # Safety
-    /// AVX2+FMA available and the lengths `dot_tile` checks.
+    /// AVX2+FMA available and the lengths `dot_rows` checks.
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn dot_tile(
+    pub unsafe fn dot_rows(
         fmt: RowFormat,
         rows: &[&[u8]],
         factors: &[&[f32]],
@@ -624,10 +687,10 @@ mod avx2 {
         // SAFETY: forwarded from the caller.
         unsafe {
             match fmt.codec {
-                Codec::F32 => dispatch_shape::<F32>(fmt, rows, factors, xs, out),
-                Codec::Bf16 => dispatch_shape::<Bf16>(fmt, rows, factors, xs, out),
-                Codec::E4m3 => dispatch_shape::<E4m3>(fmt, rows, factors, xs, out),
-                Codec::E2m1 => dispatch_shape::<E2m1>(fmt, rows, factors, xs, out),
+                Codec::F32 => for_codec::<F32>(fmt, rows, factors, xs, out),
+                Codec::Bf16 => for_codec::<Bf16>(fmt, rows, factors, xs, out),
+                Codec::E4m3 => for_codec::<E4m3>(fmt, rows, factors, xs, out),
+                Codec::E2m1 => for_codec::<E2m1>(fmt, rows, factors, xs, out),
             }
         }
     }
@@ -655,7 +718,7 @@ mod avx2 {
                 c += CHUNK;
             }
             for p in c..end {
-                let raw = raw_at(D::CODEC, row, p);
+                let raw = raw_at(D::CODEC, row, p, fmt.k);
                 out[p] = if scaled { raw * f } else { raw };
             }
         }
@@ -742,14 +805,18 @@ mod tests {
 
     #[test]
     fn order_index_is_a_permutation_of_each_chunk() {
-        let mut seen = [false; 32];
-        for c in 0..32 {
-            let p = Codec::E2m1.order_index(c);
-            assert!(p / 16 == c / 16 && !seen[p]);
-            seen[p] = true;
+        for codec in [Codec::E2m1, Codec::Bf16] {
+            let mut seen = [false; 40];
+            for c in 0..40 {
+                let p = codec.order_index(c, 40);
+                assert!(p / 16 == c / 16 && !seen[p]);
+                seen[p] = true;
+            }
+            assert_eq!(codec.order_index(1, 40), 8);
+            assert_eq!(codec.order_index(2, 40), 1);
+            assert_eq!(codec.order_index(33, 40), 33, "the tail keeps its order");
         }
-        assert_eq!(Codec::E2m1.order_index(1), 8);
-        assert_eq!(Codec::E2m1.order_index(2), 1);
+        assert_eq!(Codec::E4m3.order_index(1, 40), 1);
     }
 
     #[test]
@@ -772,6 +839,7 @@ mod tests {
             (Codec::F32, 100, 100),
             (Codec::Bf16, 256, 256),
             (Codec::Bf16, 72, 72),
+            (Codec::F32, 7, 7),
             (Codec::E4m3, 300, 128),
             (Codec::E4m3, 64, 64),
             (Codec::E4m3, 96, 32),
@@ -779,11 +847,11 @@ mod tests {
             (Codec::E2m1, 80, 16),
         ];
         for (seed, &(codec, k, group)) in cases.iter().enumerate() {
-            let (fmt, data, factors) = random_case(codec, k, group, 4, seed as u64);
+            let (fmt, data, factors) = random_case(codec, k, group, 6, seed as u64);
             let rows: Vec<&[u8]> = data.iter().map(|r| r.as_slice()).collect();
             let facs: Vec<&[f32]> = factors.iter().map(|f| f.as_slice()).collect();
-            let mut a = vec![0f32; 4 * k];
-            let mut b = vec![1f32; 4 * k];
+            let mut a = vec![0f32; 6 * k];
+            let mut b = vec![1f32; 6 * k];
             decode_rows(Isa::Scalar, fmt, &rows, &facs, &mut a);
             decode_rows(Isa::Avx2Fma, fmt, &rows, &facs, &mut b);
             assert!(
@@ -791,13 +859,13 @@ mod tests {
                 "{fmt:?}: decode differs"
             );
             let x = xs(k, 4, 100 + seed as u64);
-            for nr in 1..=4 {
+            for nr in 1..=6 {
                 for nt in 1..=4 {
                     let xr: Vec<&[f32]> = x[..nt].iter().map(|v| v.as_slice()).collect();
                     let mut s = vec![f32::NAN; nr * nt];
                     let mut v = vec![f32::NAN; nr * nt];
-                    dot_tile(Isa::Scalar, fmt, &rows[..nr], &facs[..nr], &xr, &mut s);
-                    dot_tile(Isa::Avx2Fma, fmt, &rows[..nr], &facs[..nr], &xr, &mut v);
+                    dot_rows(Isa::Scalar, fmt, &rows[..nr], &facs[..nr], &xr, &mut s);
+                    dot_rows(Isa::Avx2Fma, fmt, &rows[..nr], &facs[..nr], &xr, &mut v);
                     for (i, (&p, &q)) in s.iter().zip(&v).enumerate() {
                         // The exact dot product from the decoded values, in f64.
                         let (r, t) = (i / nt, i % nt);
@@ -835,22 +903,6 @@ mod probe {
         let x: Vec<Vec<f32>> = (0..4)
             .map(|t| (0..k).map(|c| ((c + t) % 13) as f32 * 0.1).collect())
             .collect();
-        let read = || {
-            let t0 = std::time::Instant::now();
-            let s: u64 = data
-                .par_chunks(1 << 20)
-                .map(|c| {
-                    c.chunks_exact(8)
-                        .map(|w| u64::from_le_bytes(w.try_into().unwrap()))
-                        .fold(0u64, |a, b| a ^ b)
-                })
-                .reduce(|| 0, |a, b| a ^ b);
-            let dt = t0.elapsed().as_secs_f64();
-            (s, total as f64 / dt / 1e9)
-        };
-        for _ in 0..2 {
-            println!("read {:?}", read());
-        }
         for (codec, group) in [
             (Codec::Bf16, k),
             (Codec::E4m3, 128),
@@ -859,7 +911,8 @@ mod probe {
         ] {
             let fmt = RowFormat::new(codec, k, group);
             let rb = fmt.row_bytes();
-            let facs = vec![1.0f32; fmt.groups().max(1) * 4];
+            let g = fmt.groups();
+            let facs = vec![1.0f32; g.max(1) * 32];
             for nt in [1usize, 2, 4] {
                 let xs: Vec<&[f32]> = x[..nt].iter().map(|v| v.as_slice()).collect();
                 let mut best = 0f64;
@@ -867,21 +920,24 @@ mod probe {
                     let t0 = std::time::Instant::now();
                     let s: f32 = (0..reps)
                         .into_par_iter()
-                        .flat_map(|_| data.par_chunks(rb * 64))
+                        .flat_map(|_| data.par_chunks(rb * 32))
                         .map(|blk| {
-                            let mut acc = 0f32;
-                            for quad in blk.chunks_exact(rb * 4) {
-                                let rows: Vec<&[u8]> = quad.chunks_exact(rb).collect();
-                                let f: Vec<&[f32]> = if codec.scaled() {
-                                    facs.chunks(fmt.groups()).take(4).collect()
-                                } else {
-                                    vec![]
-                                };
-                                let mut out = [0f32; 16];
-                                dot_tile(Isa::Avx2Fma, fmt, &rows, &f, &xs, &mut out[..4 * nt]);
-                                acc += out[0];
-                            }
-                            acc
+                            let rows: Vec<&[u8]> = blk.chunks_exact(rb).collect();
+                            let f: Vec<&[f32]> = if codec.scaled() {
+                                facs.chunks(g).take(rows.len()).collect()
+                            } else {
+                                vec![]
+                            };
+                            let mut out = [0f32; 32 * 4];
+                            dot_rows(
+                                Isa::Avx2Fma,
+                                fmt,
+                                &rows,
+                                &f,
+                                &xs,
+                                &mut out[..rows.len() * nt],
+                            );
+                            out[0]
                         })
                         .sum();
                     let dt = t0.elapsed().as_secs_f64();
