@@ -53,7 +53,7 @@ pub fn run(cpu: &CpuLayer, input: &ForwardInput<'_>) -> Result<ForwardOutput> {
 fn feature_blocks(cpu: &CpuLayer) -> Vec<Range<usize>> {
     let cfg = cpu.layer.config();
     let gated = cfg.activation.is_gated();
-    let rows = plan::rows_per_item(cpu.w13.fmt.row_bytes(), cfg.w13_rows());
+    let rows = plan::rows_per_item(cpu.w13.row_bytes(), cfg.w13_rows());
     plan::blocks(
         cfg.intermediate,
         if gated { (rows / 2).max(1) } else { rows },
@@ -65,7 +65,7 @@ fn hidden_blocks(cpu: &CpuLayer) -> Vec<Range<usize>> {
     let cfg = cpu.layer.config();
     plan::blocks(
         cfg.hidden,
-        plan::rows_per_item(cpu.w2.fmt.row_bytes(), cfg.hidden),
+        plan::rows_per_item(cpu.w2.row_bytes(), cfg.hidden),
     )
 }
 
@@ -123,7 +123,7 @@ fn run_chunk(
         &x[tokens.start * h..tokens.end * h],
         h,
         w.w13_input_scale,
-        cpu.w13.fmt.codec,
+        cpu.w13.codec(),
         &mut xq,
     )?;
 
@@ -159,7 +159,7 @@ fn run_chunk(
                     raw,
                     inter,
                     w.w2_input_scale,
-                    cpu.w2.fmt.codec,
+                    cpu.w2.codec(),
                     dst,
                 )
             })

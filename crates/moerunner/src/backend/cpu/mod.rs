@@ -21,6 +21,12 @@ use crate::weights::MoeLayer;
 
 pub use simd::Isa;
 
+/// `out[i * n + j] = Σ_c a[i * k + c] · b[j * k + c]`: the dense f32 GEMM the CPU path uses for
+/// many tokens, exposed so `bench` measures the matrix-rate ceiling with the same kernel.
+pub fn dense_sgemm(m: usize, n: usize, k: usize, a: &[f32], b: &[f32], out: &mut [f32]) {
+    simd::sgemm_abt(m, n, k, a, b, out, n);
+}
+
 pub struct CpuBackend;
 
 impl Backend for CpuBackend {

@@ -5,7 +5,7 @@
 //! 256 entries for the byte-coded scales), never expanded to an f32 copy, so the bytes streamed
 //! per weight stay what `spec/performance.md` counts.
 
-use super::simd::{e4m3_raw, Codec, RowFormat, E4M3_RAW_FACTOR};
+use super::simd::{self, e4m3_raw, Codec, RowFormat, Scale, E4M3_RAW_FACTOR};
 use crate::config::WeightFormat;
 use crate::weights::{BlockScales, QuantizedTensor};
 
@@ -23,9 +23,10 @@ pub enum Source {
 #[derive(Clone, Debug)]
 pub struct ProjectionPlan {
     pub source: Source,
-    /// The format kernels see (F32 for [`Source::Decoded`]).
-    pub fmt: RowFormat,
-    /// Byte scale code → factor (UE8M0 or E4M3 scales).
+    codec: Codec,
+    k: usize,
+    group: usize,
+    /// Byte scale code → factor, constants folded in (UE8M0 and E4M3 scales).
     table: Box<[f32; 256]>,
 }
 
@@ -44,44 +45,63 @@ impl ProjectionPlan {
             // 2^(b − 127), times 2^120 for E4M3 raw values (infinite past b = 134: not foldable).
             WeightFormat::Mxfp8 => (2f64.powi(b as i32 - 127) * E4M3_RAW_FACTOR as f64) as f32,
             WeightFormat::Mxfp4 => 2f64.powi(b as i32 - 127) as f32,
+            // The E4M3 block scale's value; the expert's global scale multiplies the dot product.
             WeightFormat::Nvfp4 => e4m3_raw(b as u8) * E4M3_RAW_FACTOR,
             _ => 1.0,
         }));
         let mut plan = ProjectionPlan {
             source: Source::Native,
-            fmt: RowFormat::new(codec, k, group),
+            codec,
+            k,
+            group,
             table,
         };
         if !plan.factors_fold(t) {
             plan.source = Source::Decoded;
-            plan.fmt = RowFormat::new(Codec::F32, k, k);
         }
         plan
     }
 
     /// Whether every factor of every row is a finite f32 (checked once at load).
     fn factors_fold(&self, t: &QuantizedTensor) -> bool {
-        let finite = |v: f64| v.is_finite() && v.abs() <= f32::MAX as f64;
         let raw = E4M3_RAW_FACTOR as f64;
         match &t.scales {
-            BlockScales::None => true,
+            BlockScales::None | BlockScales::E4m3(_) => true,
             BlockScales::PerExpert(s) | BlockScales::Block128(s) => {
-                s.iter().all(|&v| finite(v as f64 * raw))
+                s.iter().all(|&v| (v as f64 * raw).abs() <= f32::MAX as f64)
             }
             BlockScales::Ue8m0(s) => s.iter().all(|&b| self.table[usize::from(b)].is_finite()),
-            BlockScales::E4m3(s) => {
-                let max_scale = s
-                    .iter()
-                    .map(|&b| self.table[usize::from(b)].abs() as f64)
-                    .fold(0.0, f64::max);
-                let max_global = t
-                    .global_scales
-                    .iter()
-                    .map(|g| g.abs() as f64)
-                    .fold(0.0, f64::max);
-                finite(max_scale * max_global)
-            }
         }
+    }
+
+    /// The format kernels read expert `e`'s rows in.
+    pub fn fmt_for(&self, t: &QuantizedTensor, e: usize) -> RowFormat<'_> {
+        if self.source == Source::Decoded {
+            return RowFormat::f32(self.k);
+        }
+        let scale = match &t.scales {
+            BlockScales::None => Scale::None,
+            BlockScales::PerExpert(_) | BlockScales::Block128(_) => Scale::F32 {
+                mul: E4M3_RAW_FACTOR,
+            },
+            BlockScales::Ue8m0(_) | BlockScales::E4m3(_) => Scale::Table(&self.table),
+        };
+        let out_mul = t.global_scales.get(e).copied().unwrap_or(1.0);
+        RowFormat::new(self.codec, self.k, self.group, scale, out_mul)
+    }
+
+    /// The codec activation rows must be ordered for.
+    pub fn codec(&self) -> Codec {
+        if self.source == Source::Decoded {
+            Codec::F32
+        } else {
+            self.codec
+        }
+    }
+
+    /// Bytes of one row as the kernels read it.
+    pub fn row_bytes(&self) -> usize {
+        self.codec().bytes(self.k)
     }
 
     /// The bytes of row `r` of local expert `e` (native source).
@@ -92,33 +112,21 @@ impl ProjectionPlan {
         &t.data[base..base + rb]
     }
 
-    /// Writes the factors of row `r` of expert `e` into `out[..fmt.groups()]` (native source).
-    pub fn factors(&self, t: &QuantizedTensor, e: usize, r: usize, out: &mut [f32]) {
-        let groups = self.fmt.groups();
-        let out = &mut out[..groups];
-        let raw = E4M3_RAW_FACTOR;
+    /// The scale bytes of row `r` of local expert `e` (native source; empty when unscaled).
+    #[inline]
+    pub fn scales<'a>(&self, t: &'a QuantizedTensor, e: usize, r: usize) -> &'a [u8] {
         match &t.scales {
-            BlockScales::None => {}
-            BlockScales::PerExpert(s) => out.fill(s[e] * raw),
+            BlockScales::None => &[],
+            BlockScales::PerExpert(s) => simd::f32_bytes(&s[e..e + 1]),
             BlockScales::Block128(s) => {
                 let (row_blocks, col_blocks) = (t.rows.div_ceil(128), t.cols.div_ceil(128));
                 let base = (e * row_blocks + r / 128) * col_blocks;
-                for (o, &v) in out.iter_mut().zip(&s[base..base + col_blocks]) {
-                    *o = v * raw;
-                }
+                simd::f32_bytes(&s[base..base + col_blocks])
             }
-            BlockScales::Ue8m0(s) => {
+            BlockScales::Ue8m0(s) | BlockScales::E4m3(s) => {
+                let groups = t.cols / self.group;
                 let base = (e * t.rows + r) * groups;
-                for (o, &b) in out.iter_mut().zip(&s[base..base + groups]) {
-                    *o = self.table[usize::from(b)];
-                }
-            }
-            BlockScales::E4m3(s) => {
-                let base = (e * t.rows + r) * groups;
-                let g = t.global_scales[e];
-                for (o, &b) in out.iter_mut().zip(&s[base..base + groups]) {
-                    *o = self.table[usize::from(b)] * g;
-                }
+                &s[base..base + groups]
             }
         }
     }

@@ -1,13 +1,14 @@
-//! Weight decoding and small-token dot-product tiles: the CPU backend's only `unsafe` code.
+//! Weight decoding and dot-product tiles: the CPU backend's only `unsafe` code.
 //!
-//! Design decision: weights are decoded *in registers* and never materialized for small token
-//! counts. Each codec turns 16 elements (one `CHUNK`) into two vectors of 8 f32 "raw" values; a
-//! per-group factor (block scale, folded constants) multiplies them; FMAs dot them with up to four
-//! activation rows at once. E2M1 yields the 16 elements as evens-then-odds, so activation rows are
-//! permuted into the same *codec order* once per row ([`Codec::to_codec_order`]) instead of
-//! shuffling weights in the hot loop. Every kernel exists twice: AVX2+FMA (chosen at run time with
-//! `is_x86_feature_detected!`) and a portable scalar twin with the same semantics that tests hold
-//! the AVX2 path against.
+//! Design decision: weights are decoded *in registers*. Each codec turns 16 elements (one
+//! [`CHUNK`]) into two vectors of 8 f32 "raw" values; the factor of their group (block scale with
+//! constants folded in, read straight from the stored scale bytes) multiplies them; FMAs dot them
+//! with up to four activation rows at once, and a horizontal sum per (row, token) ends the tile.
+//! Codecs whose stored layout pairs elements (E2M1 nibbles, bf16 halves of a 32-bit word) yield a
+//! chunk as its 8 even elements then its 8 odd ones, so activation rows are permuted into the same
+//! *codec order* once ([`Codec::order_index`]) instead of shuffling weights in the hot loop.
+//! Every kernel exists twice: AVX2+FMA (chosen at run time with `is_x86_feature_detected!`) and a
+//! portable scalar twin with the same semantics that tests hold the AVX2 path against.
 
 /// Elements every codec decodes per step (two 8-lane vectors).
 pub const CHUNK: usize = 16;
@@ -57,13 +58,13 @@ impl Isa {
 /// How a weight row's bytes become f32 "raw" values (the factor of their group does the rest).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Codec {
-    /// Little-endian f32 (rows decoded elsewhere, e.g. formats with out-of-range scales).
+    /// Little-endian f32 (rows decoded elsewhere).
     F32,
-    /// bf16 bits: exact in f32, no factor; codec order (pairs split like E2M1).
+    /// bf16 bits: exact in f32, no factor; pair-split codec order.
     Bf16,
     /// E4M3 bytes: raw = value · 2^-120 (see [`E4M3_RAW_FACTOR`]); always scaled.
     E4m3,
-    /// Two E2M1 nibbles a byte, element 2i low: raw = value; always scaled; codec order.
+    /// Two E2M1 nibbles a byte, element 2i low: raw = value; always scaled; pair-split order.
     E2m1,
 }
 
@@ -102,27 +103,23 @@ impl Codec {
     #[inline]
     fn raw(self, row: &[u8], pos: usize, k: usize) -> f32 {
         // The natural index of codec position `pos` (the inverse of `order_index`).
-        let nat = if self.splits_pairs() && pos < k - k % CHUNK {
+        let c = if self.splits_pairs() && pos < k - k % CHUNK {
             let within = pos & 15;
             (pos & !15) | ((within & 7) << 1) | (within >> 3)
         } else {
             pos
         };
-        let pos = nat;
         match self {
-            Codec::F32 => f32::from_le_bytes([
-                row[4 * pos],
-                row[4 * pos + 1],
-                row[4 * pos + 2],
-                row[4 * pos + 3],
-            ]),
-            Codec::Bf16 => f32::from_bits(
-                u32::from(u16::from_le_bytes([row[2 * pos], row[2 * pos + 1]])) << 16,
-            ),
-            Codec::E4m3 => e4m3_raw(row[pos]),
+            Codec::F32 => {
+                f32::from_le_bytes([row[4 * c], row[4 * c + 1], row[4 * c + 2], row[4 * c + 3]])
+            }
+            Codec::Bf16 => {
+                f32::from_bits(u32::from(u16::from_le_bytes([row[2 * c], row[2 * c + 1]])) << 16)
+            }
+            Codec::E4m3 => e4m3_raw(row[c]),
             Codec::E2m1 => {
-                let byte = row[pos / 2];
-                e2m1_value(if pos % 2 == 0 { byte & 15 } else { byte >> 4 })
+                let byte = row[c / 2];
+                e2m1_value(if c % 2 == 0 { byte & 15 } else { byte >> 4 })
             }
         }
     }
@@ -145,23 +142,51 @@ pub fn e2m1_value(nibble: u8) -> f32 {
     }
 }
 
-/// The shape of the rows a kernel reads: codec, length K and the elements per factor.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct RowFormat {
+/// Where the per-group factors of a row come from: the row's *scale bytes* as stored.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Scale<'a> {
+    /// Unscaled codecs (F32, Bf16).
+    None,
+    /// One little-endian f32 per group, times `mul` (fp8 per-tensor as one group a row with
+    /// the expert's scale, fp8_block; `mul` carries E4M3's 2^120).
+    F32 { mul: f32 },
+    /// One byte per group, looked up in the table (UE8M0 or E4M3 scale codes with constants
+    /// folded in: 256 entries, L1-resident).
+    Table(&'a [f32; 256]),
+}
+
+/// The shape of the rows a kernel reads.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RowFormat<'a> {
     pub codec: Codec,
     /// Elements per row.
     pub k: usize,
-    /// Elements sharing one factor (scaled codecs): a multiple of [`CHUNK`] or `k` itself.
+    /// Elements sharing one factor: a multiple of [`CHUNK`], or `k` (one group a row).
     pub group: usize,
+    pub scale: Scale<'a>,
+    /// Multiplies every dot product (nvfp4's per-expert global scale; 1 otherwise).
+    pub out_mul: f32,
 }
 
-impl RowFormat {
-    pub fn new(codec: Codec, k: usize, group: usize) -> RowFormat {
+impl<'a> RowFormat<'a> {
+    pub fn new(
+        codec: Codec,
+        k: usize,
+        group: usize,
+        scale: Scale<'a>,
+        out_mul: f32,
+    ) -> RowFormat<'a> {
         RowFormat {
             codec,
             k,
             group: group.clamp(1, k.max(1)),
+            scale,
+            out_mul,
         }
+    }
+    /// Plain f32 rows.
+    pub fn f32(k: usize) -> RowFormat<'static> {
+        RowFormat::new(Codec::F32, k, k, Scale::None, 1.0)
     }
     /// Factors per row (0 for unscaled codecs).
     pub fn groups(&self) -> usize {
@@ -174,44 +199,63 @@ impl RowFormat {
     pub fn row_bytes(&self) -> usize {
         self.codec.bytes(self.k)
     }
-    /// Whether the vector loop can step group by group (a group that is not a whole number of
-    /// chunks may only be the last one, ending the row).
-    fn chunk_aligned(&self) -> bool {
-        !self.codec.scaled() || self.group % CHUNK == 0 || self.group >= self.k
+    /// Bytes of one row's scales.
+    pub fn scale_bytes(&self) -> usize {
+        match self.scale {
+            Scale::None => 0,
+            Scale::F32 { .. } => 4 * self.groups(),
+            Scale::Table(_) => self.groups(),
+        }
     }
-    fn check(&self, rows: &[&[u8]], factors: &[&[f32]]) {
-        // These are internal invariants (callers derive everything from a validated layer); they
-        // guard the raw-pointer reads below, so they stay on in release builds.
-        assert!(
-            self.chunk_aligned() && (self.codec != Codec::E2m1 || self.k % CHUNK == 0),
-            "bad row format {self:?}"
-        );
+    /// The factor of group `g` of a row with scale bytes `scales`.
+    #[inline]
+    fn factor(&self, scales: &[u8], g: usize) -> f32 {
+        match self.scale {
+            Scale::None => 1.0,
+            Scale::F32 { mul } => {
+                f32::from_le_bytes([
+                    scales[4 * g],
+                    scales[4 * g + 1],
+                    scales[4 * g + 2],
+                    scales[4 * g + 3],
+                ]) * mul
+            }
+            Scale::Table(t) => t[usize::from(scales[g])],
+        }
+    }
+    fn check(&self, rows: &[&[u8]], scales: &[&[u8]]) {
+        // Internal invariants (callers derive everything from a validated layer); they guard the
+        // raw-pointer reads below, so they stay on in release builds.
+        let aligned = !self.codec.scaled() || self.group % CHUNK == 0 || self.group >= self.k;
+        let paired = self.codec != Codec::E2m1 || self.k % CHUNK == 0;
+        let scale_ok = self.codec.scaled() != (self.scale == Scale::None);
+        assert!(aligned && paired && scale_ok, "bad row format {self:?}");
         assert!(
             rows.iter().all(|r| r.len() >= self.row_bytes()),
             "weight row shorter than {self:?}"
         );
         if self.codec.scaled() {
-            assert_eq!(rows.len(), factors.len(), "one factor slice per row");
+            assert_eq!(rows.len(), scales.len(), "one scale slice per row");
             assert!(
-                factors.iter().all(|f| f.len() >= self.groups()),
-                "too few factors for {self:?}"
+                scales.iter().all(|s| s.len() >= self.scale_bytes()),
+                "too few scale bytes for {self:?}"
             );
         }
     }
 }
 
-/// `out[r * xs.len() + t] = Σ_c W[r][c] · xs[t][c]` for any number of rows and up to
+/// `out[r * xs.len() + t] = out_mul · Σ_c W[r][c] · xs[t][c]` for any number of rows and up to
 /// [`MAX_TILE_TOKENS`] activation rows (in codec order), decoding each weight element once per
 /// call: the rows go 4 (one token) or 2 (more tokens) at a time through register tiles.
 pub fn dot_rows(
     isa: Isa,
-    fmt: RowFormat,
+    fmt: RowFormat<'_>,
     rows: &[&[u8]],
-    factors: &[&[f32]],
+    scales: &[&[u8]],
     xs: &[&[f32]],
     out: &mut [f32],
 ) {
-    fmt.check(rows, factors);
+    fmt.check(rows, scales);
     let (nr, nt) = (rows.len(), xs.len());
     assert!(
         (1..=MAX_TILE_TOKENS).contains(&nt) && out.len() == nr * nt,
@@ -225,32 +269,38 @@ pub fn dot_rows(
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2Fma if Isa::detect() == Isa::Avx2Fma => {
             // SAFETY: AVX2 and FMA were detected on this CPU; `check` and the asserts above make
-            // every row, factor slice and activation row at least as long as the kernel reads.
-            unsafe { avx2::dot_rows(fmt, rows, factors, xs, out) }
+            // every row, scale slice and activation row at least as long as the kernel reads.
+            unsafe { avx2::dot_rows(fmt, rows, scales, xs, out) }
         }
-        _ => scalar_dot_rows(fmt, rows, factors, xs, out),
+        _ => scalar_dot_rows(fmt, rows, scales, xs, out),
     }
 }
 
-/// Decodes rows to f32 values (raw × factor) in codec order: `out[r * k + p]`.
-pub fn decode_rows(isa: Isa, fmt: RowFormat, rows: &[&[u8]], factors: &[&[f32]], out: &mut [f32]) {
-    fmt.check(rows, factors);
+/// Decodes rows to f32 weights (raw × factor, without `out_mul`) in codec order: `out[r * k + p]`.
+pub fn decode_rows(
+    isa: Isa,
+    fmt: RowFormat<'_>,
+    rows: &[&[u8]],
+    scales: &[&[u8]],
+    out: &mut [f32],
+) {
+    fmt.check(rows, scales);
     assert!(out.len() >= rows.len() * fmt.k, "decode buffer too small");
     for (r, row) in rows.iter().enumerate() {
-        let f: &[f32] = if fmt.codec.scaled() { factors[r] } else { &[] };
+        let s: &[u8] = if fmt.codec.scaled() { scales[r] } else { &[] };
         let dst = &mut out[r * fmt.k..(r + 1) * fmt.k];
         match isa {
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2Fma if Isa::detect() == Isa::Avx2Fma => {
-                // SAFETY: AVX2 detected; `check` sized the row and factors, `dst` is k long.
-                unsafe { avx2::decode_row(fmt, row, f, dst) }
+                // SAFETY: AVX2 detected; `check` sized the row and scales, `dst` is k long.
+                unsafe { avx2::decode_row(fmt, row, s, dst) }
             }
-            _ => scalar_decode_row(fmt, row, f, dst),
+            _ => scalar_decode_row(fmt, row, s, dst),
         }
     }
 }
 
-/// The bytes of an f32 slice (rows decoded elsewhere, read by kernels as [`Codec::F32`]).
+/// The bytes of an f32 slice (scales and decoded rows, read by kernels as bytes).
 pub fn f32_bytes(v: &[f32]) -> &[u8] {
     // SAFETY: u8 has no alignment or validity requirements and the length covers the same
     // memory; the borrow keeps `v` alive and immutable.
@@ -258,8 +308,8 @@ pub fn f32_bytes(v: &[f32]) -> &[u8] {
 }
 
 /// `out[i * ldo + j] = Σ_c a[i * k + c] · b[j * k + c]` for i < m, j < n (C = A·Bᵀ, both stored
-/// row-major), through `matrixmultiply::sgemm` (its own runtime-detected FMA micro-kernel;
-/// deterministic: one thread, a fixed blocking for given sizes).
+/// row-major), through `matrixmultiply::sgemm`: the dense f32 GEMM whose rate is the CPU's matrix
+/// ceiling in `bench`.
 pub fn sgemm_abt(m: usize, n: usize, k: usize, a: &[f32], b: &[f32], out: &mut [f32], ldo: usize) {
     if m == 0 || n == 0 {
         return;
@@ -293,7 +343,7 @@ pub fn sgemm_abt(m: usize, n: usize, k: usize, a: &[f32], b: &[f32], out: &mut [
 
 /// The factor groups of a row as `(group index, start, end)` (one group for unscaled codecs).
 #[inline(always)]
-fn groups(fmt: &RowFormat) -> impl Iterator<Item = (usize, usize, usize)> {
+fn groups(fmt: &RowFormat<'_>) -> impl Iterator<Item = (usize, usize, usize)> {
     let group = if fmt.codec.scaled() {
         fmt.group
     } else {
@@ -303,9 +353,9 @@ fn groups(fmt: &RowFormat) -> impl Iterator<Item = (usize, usize, usize)> {
     (0..k.div_ceil(group)).map(move |g| (g, g * group, ((g + 1) * group).min(k)))
 }
 
-fn scalar_decode_row(fmt: RowFormat, row: &[u8], factors: &[f32], out: &mut [f32]) {
+fn scalar_decode_row(fmt: RowFormat<'_>, row: &[u8], scales: &[u8], out: &mut [f32]) {
     for (g, start, end) in groups(&fmt) {
-        let f = if fmt.codec.scaled() { factors[g] } else { 1.0 };
+        let f = fmt.factor(scales, g);
         for (p, o) in (start..end).zip(&mut out[start..end]) {
             let raw = fmt.codec.raw(row, p, fmt.k);
             *o = if fmt.codec.scaled() { raw * f } else { raw };
@@ -316,9 +366,9 @@ fn scalar_decode_row(fmt: RowFormat, row: &[u8], factors: &[f32], out: &mut [f32
 /// The scalar twin of the AVX2 tiles: 8 lanes of partial sums per (row, token), chunk elements p
 /// and p + 8 into lane p (as the two vectors of a chunk), tails into a separate sum.
 fn scalar_dot_rows(
-    fmt: RowFormat,
+    fmt: RowFormat<'_>,
     rows: &[&[u8]],
-    factors: &[&[f32]],
+    scales: &[&[u8]],
     xs: &[&[f32]],
     out: &mut [f32],
 ) {
@@ -326,14 +376,11 @@ fn scalar_dot_rows(
     let vec_end = fmt.k - fmt.k % CHUNK;
     let mut w = [0f32; CHUNK];
     for (r, row) in rows.iter().enumerate() {
+        let s: &[u8] = if fmt.codec.scaled() { scales[r] } else { &[] };
         let mut lanes = [[0f32; 8]; MAX_TILE_TOKENS];
         let mut tail = [0f32; MAX_TILE_TOKENS];
         for (g, start, end) in groups(&fmt) {
-            let f = if fmt.codec.scaled() {
-                factors[r][g]
-            } else {
-                1.0
-            };
+            let f = fmt.factor(s, g);
             let mut c = start;
             while c < end.min(vec_end) {
                 for (p, wp) in w.iter_mut().enumerate() {
@@ -362,7 +409,7 @@ fn scalar_dot_rows(
             // Same pairing as the AVX2 horizontal sum: halves, then pairs, then the last two.
             let q = [l[0] + l[4], l[1] + l[5], l[2] + l[6], l[3] + l[7]];
             let d = [q[0] + q[2], q[1] + q[3]];
-            out[r * nt + t] = (d[0] + d[1]) + tail[t];
+            out[r * nt + t] = ((d[0] + d[1]) + tail[t]) * fmt.out_mul;
         }
     }
 }
@@ -371,14 +418,14 @@ fn scalar_dot_rows(
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::{groups, Codec, RowFormat, CHUNK, E2M1_VALUES, MAX_TILE_TOKENS};
+    use super::{Codec, RowFormat, Scale, CHUNK, E2M1_VALUES, MAX_TILE_TOKENS};
 
     /// One codec's in-register decoder: 16 elements at a row's element offset `c` into two
     /// vectors of raw values (codec order).
     trait Decode {
         const CODEC: Codec;
-        /// Raw values are the exact element values (not tiny): a group's products may be summed
-        /// before its factor is applied without underflow.
+        /// Raw values are the element values themselves (not tiny): a group's products may be
+        /// summed before its factor is applied without underflow.
         const EXACT_RAW: bool;
         /// # Safety
         /// `row` must be readable for `Self::CODEC.bytes(c + 16)` bytes; AVX2 must be available.
@@ -477,6 +524,57 @@ mod avx2 {
         }
     }
 
+    /// Scale kinds as const parameters (the `Scale` variant, data hoisted out of the loops).
+    const NO_SCALE: u8 = 0;
+    const F32_SCALE: u8 = 1;
+    const TABLE_SCALE: u8 = 2;
+
+    /// What the loops need of a `Scale`: the multiplier of f32 scales, or the table.
+    #[derive(Clone, Copy)]
+    struct ScaleArgs {
+        mul: f32,
+        table: *const f32,
+    }
+
+    impl ScaleArgs {
+        fn of(scale: Scale<'_>) -> ScaleArgs {
+            match scale {
+                Scale::None => ScaleArgs {
+                    mul: 1.0,
+                    table: std::ptr::null(),
+                },
+                Scale::F32 { mul } => ScaleArgs {
+                    mul,
+                    table: std::ptr::null(),
+                },
+                Scale::Table(t) => ScaleArgs {
+                    mul: 1.0,
+                    table: t.as_ptr(),
+                },
+            }
+        }
+        /// The factor of group `g` of a row whose scale bytes start at `scales`, broadcast.
+        ///
+        /// # Safety
+        /// `scales` holds the row's scale bytes and `g` is one of its groups; for tables, the
+        /// table holds 256 entries.
+        #[inline(always)]
+        unsafe fn factor<const S: u8>(self, scales: *const u8, g: usize) -> __m256 {
+            // SAFETY: per the contract; f32 scales are read unaligned.
+            unsafe {
+                match S {
+                    F32_SCALE => _mm256_set1_ps(
+                        (scales.add(4 * g) as *const f32).read_unaligned() * self.mul,
+                    ),
+                    TABLE_SCALE => {
+                        _mm256_broadcast_ss(&*self.table.add(usize::from(*scales.add(g))))
+                    }
+                    _ => _mm256_set1_ps(1.0),
+                }
+            }
+        }
+    }
+
     #[target_feature(enable = "avx2,fma")]
     fn hsum(v: __m256) -> f32 {
         // Pairing: lanes l and l + 4, then l and l + 2, then the last two (the scalar twin's order).
@@ -484,12 +582,6 @@ mod avx2 {
         let d = _mm_add_ps(q, _mm_movehl_ps(q, q));
         let s = _mm_add_ss(d, _mm_shuffle_ps::<0b01>(d, d));
         _mm_cvtss_f32(s)
-    }
-
-    /// Scalar raw value at codec position `p` (the tails of rows whose K is not a multiple of 16).
-    #[inline(always)]
-    fn raw_at(codec: Codec, row: &[u8], p: usize, k: usize) -> f32 {
-        codec.raw(row, p, k)
     }
 
     /// The tile: `R` weight rows × `N` activation rows, accumulators in registers.
@@ -501,16 +593,17 @@ mod avx2 {
     /// vector is multiplied by its factor and shared by all tokens.
     ///
     /// # Safety
-    /// AVX2+FMA available; `rows[r]` points at `fmt.row_bytes()` bytes, `factors[r]` at
-    /// `fmt.groups()` f32 (scaled codecs), `xs[t]` at `fmt.k` f32.
+    /// AVX2+FMA available; `rows[r]` points at `fmt.row_bytes()` bytes, `scales[r]` at
+    /// `fmt.scale_bytes()` (scaled codecs), `xs[t]` at `fmt.k` f32.
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn tile<D: Decode, const R: usize, const N: usize>(
-        fmt: RowFormat,
+    unsafe fn tile<D: Decode, const S: u8, const R: usize, const N: usize>(
+        fmt: &RowFormat<'_>,
         rows: [*const u8; R],
-        factors: [*const f32; R],
+        scales: [*const u8; R],
         xs: [*const f32; N],
     ) -> [[f32; N]; R] {
-        let scaled = D::CODEC.scaled();
+        let scaled = S != NO_SCALE;
+        let sa = ScaleArgs::of(fmt.scale);
         let block_sum = scaled && D::EXACT_RAW && N == 1;
         let two_chains = !scaled && N == 1;
         let k = fmt.k;
@@ -542,16 +635,16 @@ mod avx2 {
                     c += CHUNK;
                 }
                 for r in 0..R {
-                    // SAFETY: g < groups (start < k), the factor slice holds every group.
-                    let f = unsafe { _mm256_broadcast_ss(&*factors[r].add(g)) };
+                    // SAFETY: g is a group of the row (start < k).
+                    let f = unsafe { sa.factor::<S>(scales[r], g) };
                     acc[r][0] = _mm256_fmadd_ps(blk[r], f, acc[r][0]);
                 }
             } else {
                 let mut f = [zero; R];
                 if scaled {
                     for r in 0..R {
-                        // SAFETY: g < groups, as above.
-                        f[r] = unsafe { _mm256_broadcast_ss(&*factors[r].add(g)) };
+                        // SAFETY: g is a group of the row.
+                        f[r] = unsafe { sa.factor::<S>(scales[r], g) };
                     }
                 }
                 let mut c = start;
@@ -603,11 +696,17 @@ mod avx2 {
         // The tail past the last whole chunk (K % 16 elements; never for E2M1), in natural order.
         for p in vec_end..k {
             for r in 0..R {
-                // SAFETY: p < k; the row holds `fmt.row_bytes()` bytes; p / group < groups.
-                let row = unsafe { std::slice::from_raw_parts(rows[r], fmt.row_bytes()) };
-                let raw = raw_at(D::CODEC, row, p, k);
+                // SAFETY: p < k; the row holds `fmt.row_bytes()` bytes and its scale bytes
+                // cover group p / group.
+                let (row, s) = unsafe {
+                    (
+                        std::slice::from_raw_parts(rows[r], fmt.row_bytes()),
+                        std::slice::from_raw_parts(scales[r], fmt.scale_bytes()),
+                    )
+                };
+                let raw = D::CODEC.raw(row, p, k);
                 let wp = if scaled {
-                    raw * unsafe { *factors[r].add(p / group) }
+                    raw * fmt.factor(s, p / group)
                 } else {
                     raw
                 };
@@ -617,16 +716,21 @@ mod avx2 {
                 }
             }
         }
+        if fmt.out_mul != 1.0 {
+            for o in out.iter_mut().flatten() {
+                *o *= fmt.out_mul;
+            }
+        }
         out
     }
 
     /// Runs `R × N` tiles over all `rows` (a last partial tile repeats its first row and drops
     /// the extra results) and writes `out[r * N + t]`.
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn tiles<D: Decode, const R: usize, const N: usize>(
-        fmt: RowFormat,
+    unsafe fn tiles<D: Decode, const S: u8, const R: usize, const N: usize>(
+        fmt: &RowFormat<'_>,
         rows: &[&[u8]],
-        factors: &[&[f32]],
+        scales: &[&[u8]],
         xs: &[&[f32]],
         out: &mut [f32],
     ) {
@@ -636,16 +740,16 @@ mod avx2 {
             let nr = R.min(rows.len() - r0);
             let pick = |r: usize| r0 + if r < nr { r } else { 0 };
             let rows_arr: [*const u8; R] = std::array::from_fn(|r| rows[pick(r)].as_ptr());
-            let fac_arr: [*const f32; R] = std::array::from_fn(|r| {
-                if D::CODEC.scaled() {
-                    factors[pick(r)].as_ptr()
+            let scale_arr: [*const u8; R] = std::array::from_fn(|r| {
+                if S != NO_SCALE {
+                    scales[pick(r)].as_ptr()
                 } else {
-                    std::ptr::null()
+                    [].as_ptr()
                 }
             });
-            // SAFETY: forwarded from the caller (lengths checked by `dot_rows`); null factor
-            // pointers are never read (unscaled codecs).
-            let res = unsafe { tile::<D, R, N>(fmt, rows_arr, fac_arr, xs_arr) };
+            // SAFETY: forwarded from the caller (lengths checked by `dot_rows`); unscaled codecs
+            // never read their (empty) scale pointers.
+            let res = unsafe { tile::<D, S, R, N>(fmt, rows_arr, scale_arr, xs_arr) };
             for r in 0..nr {
                 out[(r0 + r) * N..(r0 + r + 1) * N].copy_from_slice(&res[r]);
             }
@@ -654,22 +758,22 @@ mod avx2 {
     }
 
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn for_codec<D: Decode>(
-        fmt: RowFormat,
+    unsafe fn for_shape<D: Decode, const S: u8>(
+        fmt: &RowFormat<'_>,
         rows: &[&[u8]],
-        factors: &[&[f32]],
+        scales: &[&[u8]],
         xs: &[&[f32]],
         out: &mut [f32],
     ) {
         debug_assert!(xs.len() <= MAX_TILE_TOKENS);
-        // SAFETY: forwarded from the caller. One token gets 4 rows (8 FMA chains); more tokens
+        // SAFETY: forwarded from the caller. One token gets 4 rows (4-8 FMA chains); more tokens
         // get 2 rows so accumulators, decoded weights and activations fit 16 registers.
         unsafe {
             match xs.len() {
-                1 => tiles::<D, 4, 1>(fmt, rows, factors, xs, out),
-                2 => tiles::<D, 2, 2>(fmt, rows, factors, xs, out),
-                3 => tiles::<D, 2, 3>(fmt, rows, factors, xs, out),
-                _ => tiles::<D, 2, 4>(fmt, rows, factors, xs, out),
+                1 => tiles::<D, S, 4, 1>(fmt, rows, scales, xs, out),
+                2 => tiles::<D, S, 2, 2>(fmt, rows, scales, xs, out),
+                3 => tiles::<D, S, 2, 3>(fmt, rows, scales, xs, out),
+                _ => tiles::<D, S, 2, 4>(fmt, rows, scales, xs, out),
             }
         }
     }
@@ -678,37 +782,59 @@ mod avx2 {
     /// AVX2+FMA available and the lengths `dot_rows` checks.
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn dot_rows(
-        fmt: RowFormat,
+        fmt: RowFormat<'_>,
         rows: &[&[u8]],
-        factors: &[&[f32]],
+        scales: &[&[u8]],
         xs: &[&[f32]],
         out: &mut [f32],
     ) {
-        // SAFETY: forwarded from the caller.
+        let f = &fmt;
+        // SAFETY: forwarded from the caller; `check` paired scaled codecs with a scale kind.
         unsafe {
-            match fmt.codec {
-                Codec::F32 => for_codec::<F32>(fmt, rows, factors, xs, out),
-                Codec::Bf16 => for_codec::<Bf16>(fmt, rows, factors, xs, out),
-                Codec::E4m3 => for_codec::<E4m3>(fmt, rows, factors, xs, out),
-                Codec::E2m1 => for_codec::<E2m1>(fmt, rows, factors, xs, out),
+            match (fmt.codec, fmt.scale) {
+                (Codec::F32, _) => for_shape::<F32, NO_SCALE>(f, rows, scales, xs, out),
+                (Codec::Bf16, _) => for_shape::<Bf16, NO_SCALE>(f, rows, scales, xs, out),
+                (Codec::E4m3, Scale::F32 { .. }) => {
+                    for_shape::<E4m3, F32_SCALE>(f, rows, scales, xs, out)
+                }
+                (Codec::E4m3, _) => for_shape::<E4m3, TABLE_SCALE>(f, rows, scales, xs, out),
+                (Codec::E2m1, Scale::F32 { .. }) => {
+                    for_shape::<E2m1, F32_SCALE>(f, rows, scales, xs, out)
+                }
+                (Codec::E2m1, _) => for_shape::<E2m1, TABLE_SCALE>(f, rows, scales, xs, out),
             }
         }
     }
 
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn decode_with<D: Decode>(fmt: RowFormat, row: &[u8], factors: &[f32], out: &mut [f32]) {
-        let scaled = D::CODEC.scaled();
-        let vec_end = fmt.k - fmt.k % CHUNK;
-        for (g, start, end) in groups(&fmt) {
-            let f = if scaled { factors[g] } else { 1.0 };
-            let fv = _mm256_set1_ps(f);
+    unsafe fn decode_with<D: Decode, const S: u8>(
+        fmt: &RowFormat<'_>,
+        row: &[u8],
+        scales: &[u8],
+        out: &mut [f32],
+    ) {
+        let scaled = S != NO_SCALE;
+        let sa = ScaleArgs::of(fmt.scale);
+        let k = fmt.k;
+        let group = if scaled { fmt.group } else { k };
+        let vec_end = k - k % CHUNK;
+        let mut start = 0;
+        let mut g = 0;
+        while start < vec_end {
+            let end = (start + group).min(vec_end);
+            // SAFETY: g is a group of the row; its scale bytes are in `scales`.
+            let f = if scaled {
+                unsafe { sa.factor::<S>(scales.as_ptr(), g) }
+            } else {
+                _mm256_set1_ps(1.0)
+            };
             let mut c = start;
-            while c < end.min(vec_end) {
+            while c < end {
                 // SAFETY: c + 16 ≤ k: the row holds the bytes and `out` the 16 f32.
                 unsafe {
                     let (a, b) = D::load(row.as_ptr(), c);
                     let (a, b) = if scaled {
-                        (_mm256_mul_ps(a, fv), _mm256_mul_ps(b, fv))
+                        (_mm256_mul_ps(a, f), _mm256_mul_ps(b, f))
                     } else {
                         (a, b)
                     };
@@ -717,24 +843,38 @@ mod avx2 {
                 }
                 c += CHUNK;
             }
-            for p in c..end {
-                let raw = raw_at(D::CODEC, row, p, fmt.k);
-                out[p] = if scaled { raw * f } else { raw };
-            }
+            start = end;
+            g += 1;
+        }
+        for p in vec_end..k {
+            let raw = D::CODEC.raw(row, p, k);
+            out[p] = if scaled {
+                raw * fmt.factor(scales, p / group)
+            } else {
+                raw
+            };
         }
     }
 
     /// # Safety
-    /// AVX2+FMA available; `row` holds `fmt.row_bytes()`, `factors` `fmt.groups()`, `out` `fmt.k`.
+    /// AVX2+FMA available; `row` holds `fmt.row_bytes()`, `scales` `fmt.scale_bytes()`, `out`
+    /// `fmt.k`.
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn decode_row(fmt: RowFormat, row: &[u8], factors: &[f32], out: &mut [f32]) {
+    pub unsafe fn decode_row(fmt: RowFormat<'_>, row: &[u8], scales: &[u8], out: &mut [f32]) {
+        let f = &fmt;
         // SAFETY: forwarded from the caller.
         unsafe {
-            match fmt.codec {
-                Codec::F32 => decode_with::<F32>(fmt, row, factors, out),
-                Codec::Bf16 => decode_with::<Bf16>(fmt, row, factors, out),
-                Codec::E4m3 => decode_with::<E4m3>(fmt, row, factors, out),
-                Codec::E2m1 => decode_with::<E2m1>(fmt, row, factors, out),
+            match (fmt.codec, fmt.scale) {
+                (Codec::F32, _) => decode_with::<F32, NO_SCALE>(f, row, scales, out),
+                (Codec::Bf16, _) => decode_with::<Bf16, NO_SCALE>(f, row, scales, out),
+                (Codec::E4m3, Scale::F32 { .. }) => {
+                    decode_with::<E4m3, F32_SCALE>(f, row, scales, out)
+                }
+                (Codec::E4m3, _) => decode_with::<E4m3, TABLE_SCALE>(f, row, scales, out),
+                (Codec::E2m1, Scale::F32 { .. }) => {
+                    decode_with::<E2m1, F32_SCALE>(f, row, scales, out)
+                }
+                (Codec::E2m1, _) => decode_with::<E2m1, TABLE_SCALE>(f, row, scales, out),
             }
         }
     }
@@ -745,14 +885,22 @@ mod tests {
     use super::*;
     use crate::rng::SeededRng;
 
-    fn random_case(
+    /// A random row set: `rows` rows of `codec` with scales of kind `kind` (0 none, 1 f32,
+    /// 2 table).
+    struct RandomRows {
+        data: Vec<Vec<u8>>,
+        scales: Vec<Vec<u8>>,
+        table: Box<[f32; 256]>,
+    }
+
+    fn random_rows(
         codec: Codec,
         k: usize,
         group: usize,
+        kind: u8,
         rows: usize,
         seed: u64,
-    ) -> (RowFormat, Vec<Vec<u8>>, Vec<Vec<f32>>) {
-        let fmt = RowFormat::new(codec, k, group);
+    ) -> RandomRows {
         let mut rng = SeededRng::new(seed);
         let data = (0..rows)
             .map(|_| match codec {
@@ -765,35 +913,34 @@ mod tests {
                     .collect(),
                 // Every E4M3 code but the NaNs (0x7F, 0xFF).
                 Codec::E4m3 => (0..k)
-                    .map(|_| {
-                        (rng.below(254) as u8) & !0x80 | if rng.below(2) == 1 { 0x80 } else { 0 }
-                    })
-                    .map(|b| {
-                        if b & 0x7F == 0x7F {
-                            0x7E | (b & 0x80)
-                        } else {
-                            b
-                        }
-                    })
+                    .map(|_| rng.below(256) as u8)
+                    .map(|b| if b & 0x7F == 0x7F { b - 1 } else { b })
                     .collect(),
                 Codec::E2m1 => (0..k / 2).map(|_| rng.below(256) as u8).collect(),
             })
             .collect();
-        let factors = (0..rows)
-            .map(|_| {
-                (0..fmt.groups())
-                    .map(|_| {
-                        rng.uniform(0.5, 2.0)
-                            * if codec == Codec::E4m3 {
-                                E4M3_RAW_FACTOR
-                            } else {
-                                1.0
-                            }
-                    })
-                    .collect()
+        let groups = k.div_ceil(group);
+        let raw = if codec == Codec::E4m3 {
+            E4M3_RAW_FACTOR
+        } else {
+            1.0
+        };
+        let table: Box<[f32; 256]> =
+            Box::new(std::array::from_fn(|b| 2f32.powi(b as i32 % 7 - 3) * raw));
+        let scales = (0..rows)
+            .map(|_| match kind {
+                1 => (0..groups)
+                    .flat_map(|_| rng.uniform(0.5, 2.0).to_le_bytes())
+                    .collect(),
+                2 => (0..groups).map(|_| rng.below(256) as u8).collect(),
+                _ => Vec::new(),
             })
             .collect();
-        (fmt, data, factors)
+        RandomRows {
+            data,
+            scales,
+            table,
+        }
     }
 
     fn xs(k: usize, n: usize, seed: u64) -> Vec<Vec<f32>> {
@@ -826,128 +973,85 @@ mod tests {
         assert_eq!(e4m3_raw(0x38) * E4M3_RAW_FACTOR, 1.0);
         assert_eq!(e4m3_raw(0xB8) * E4M3_RAW_FACTOR, -1.0);
         assert_eq!(e2m1_value(0xF), -6.0);
+        assert_eq!(e2m1_value(0x9), -0.5);
     }
 
-    /// Decoding and tiles of both ISAs agree: decode bit for bit, tiles to f32 rounding.
+    /// Decoding and tiles of both ISAs agree: decode bit for bit, tiles to f32 rounding of the
+    /// exact dot product of the decoded values.
     #[test]
     fn avx2_matches_scalar() {
         if !Isa::Avx2Fma.available() {
             eprintln!("skipped: this CPU has no AVX2+FMA");
             return;
         }
+        // (codec, k, group, scale kind, out_mul)
         let cases = [
-            (Codec::F32, 100, 100),
-            (Codec::Bf16, 256, 256),
-            (Codec::Bf16, 72, 72),
-            (Codec::F32, 7, 7),
-            (Codec::E4m3, 300, 128),
-            (Codec::E4m3, 64, 64),
-            (Codec::E4m3, 96, 32),
-            (Codec::E2m1, 256, 32),
-            (Codec::E2m1, 80, 16),
+            (Codec::F32, 100, 100, 0, 1.0),
+            (Codec::F32, 7, 7, 0, 1.0),
+            (Codec::Bf16, 256, 256, 0, 1.0),
+            (Codec::Bf16, 72, 72, 0, 1.0),
+            (Codec::E4m3, 300, 128, 1, 1.0),
+            (Codec::E4m3, 100, 100, 1, 1.0),
+            (Codec::E4m3, 96, 32, 2, 1.0),
+            (Codec::E2m1, 256, 32, 2, 1.0),
+            (Codec::E2m1, 80, 16, 2, 0.375),
         ];
-        for (seed, &(codec, k, group)) in cases.iter().enumerate() {
-            let (fmt, data, factors) = random_case(codec, k, group, 6, seed as u64);
-            let rows: Vec<&[u8]> = data.iter().map(|r| r.as_slice()).collect();
-            let facs: Vec<&[f32]> = factors.iter().map(|f| f.as_slice()).collect();
+        for (seed, &(codec, k, group, kind, out_mul)) in cases.iter().enumerate() {
+            let rr = random_rows(codec, k, group, kind, 6, seed as u64);
+            let scale = match kind {
+                1 => Scale::F32 {
+                    mul: if codec == Codec::E4m3 {
+                        E4M3_RAW_FACTOR
+                    } else {
+                        1.0
+                    },
+                },
+                2 => Scale::Table(&rr.table),
+                _ => Scale::None,
+            };
+            let fmt = RowFormat::new(codec, k, group, scale, out_mul);
+            let rows: Vec<&[u8]> = rr.data.iter().map(|r| r.as_slice()).collect();
+            let scales: Vec<&[u8]> = rr.scales.iter().map(|s| s.as_slice()).collect();
             let mut a = vec![0f32; 6 * k];
             let mut b = vec![1f32; 6 * k];
-            decode_rows(Isa::Scalar, fmt, &rows, &facs, &mut a);
-            decode_rows(Isa::Avx2Fma, fmt, &rows, &facs, &mut b);
-            assert!(
-                a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()),
-                "{fmt:?}: decode differs"
-            );
+            decode_rows(Isa::Scalar, fmt, &rows, &scales, &mut a);
+            decode_rows(Isa::Avx2Fma, fmt, &rows, &scales, &mut b);
+            if let Some(i) = a
+                .iter()
+                .zip(&b)
+                .position(|(x, y)| x.to_bits() != y.to_bits())
+            {
+                panic!(
+                    "{fmt:?}: decode differs at row {} position {}: {} vs {}",
+                    i / k,
+                    i % k,
+                    a[i],
+                    b[i]
+                );
+            }
             let x = xs(k, 4, 100 + seed as u64);
             for nr in 1..=6 {
                 for nt in 1..=4 {
                     let xr: Vec<&[f32]> = x[..nt].iter().map(|v| v.as_slice()).collect();
                     let mut s = vec![f32::NAN; nr * nt];
                     let mut v = vec![f32::NAN; nr * nt];
-                    dot_rows(Isa::Scalar, fmt, &rows[..nr], &facs[..nr], &xr, &mut s);
-                    dot_rows(Isa::Avx2Fma, fmt, &rows[..nr], &facs[..nr], &xr, &mut v);
+                    dot_rows(Isa::Scalar, fmt, &rows[..nr], &scales[..nr], &xr, &mut s);
+                    dot_rows(Isa::Avx2Fma, fmt, &rows[..nr], &scales[..nr], &xr, &mut v);
                     for (i, (&p, &q)) in s.iter().zip(&v).enumerate() {
-                        // The exact dot product from the decoded values, in f64.
+                        // The exact dot product of the decoded values, in f64.
                         let (r, t) = (i / nt, i % nt);
-                        let exact: f64 = (0..k).map(|c| a[r * k + c] as f64 * x[t][c] as f64).sum();
+                        let m = out_mul as f64;
+                        let exact: f64 = (0..k)
+                            .map(|c| a[r * k + c] as f64 * x[t][c] as f64)
+                            .sum::<f64>()
+                            * m;
                         let mag: f64 = (0..k)
                             .map(|c| (a[r * k + c] as f64 * x[t][c] as f64).abs())
-                            .sum();
-                        assert!((p as f64 - exact).abs() <= 1e-5 * mag && (q as f64 - exact).abs() <= 1e-5 * mag,
-                            "{fmt:?} rows {nr} tokens {nt} [{r},{t}]: scalar {p} avx2 {q} exact {exact}");
+                            .sum::<f64>()
+                            * m;
+                        assert!((p as f64 - exact).abs() <= 1e-5 * mag && (q as f64 - exact).abs() <= 1e-5 * mag, "{fmt:?} rows {nr} tokens {nt} [{r},{t}]: scalar {p} avx2 {q} exact {exact}");
                     }
                 }
-            }
-        }
-    }
-}
-
-#[cfg(test)]
-mod probe {
-    use super::*;
-    use rayon::prelude::*;
-
-    #[test]
-    #[ignore]
-    fn probe_tiles() {
-        let k = 2048;
-        let total: usize = std::env::var("PROBE_BYTES")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(512 << 20);
-        let reps: usize = std::env::var("PROBE_REPS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(1);
-        let data: Vec<u8> = (0..total).map(|i| (i * 7919 % 251) as u8 & 0x77).collect();
-        let x: Vec<Vec<f32>> = (0..4)
-            .map(|t| (0..k).map(|c| ((c + t) % 13) as f32 * 0.1).collect())
-            .collect();
-        for (codec, group) in [
-            (Codec::Bf16, k),
-            (Codec::E4m3, 128),
-            (Codec::E2m1, 32),
-            (Codec::E2m1, 16),
-        ] {
-            let fmt = RowFormat::new(codec, k, group);
-            let rb = fmt.row_bytes();
-            let g = fmt.groups();
-            let facs = vec![1.0f32; g.max(1) * 32];
-            for nt in [1usize, 2, 4] {
-                let xs: Vec<&[f32]> = x[..nt].iter().map(|v| v.as_slice()).collect();
-                let mut best = 0f64;
-                for _ in 0..3 {
-                    let t0 = std::time::Instant::now();
-                    let s: f32 = (0..reps)
-                        .into_par_iter()
-                        .flat_map(|_| data.par_chunks(rb * 32))
-                        .map(|blk| {
-                            let rows: Vec<&[u8]> = blk.chunks_exact(rb).collect();
-                            let f: Vec<&[f32]> = if codec.scaled() {
-                                facs.chunks(g).take(rows.len()).collect()
-                            } else {
-                                vec![]
-                            };
-                            let mut out = [0f32; 32 * 4];
-                            dot_rows(
-                                Isa::Avx2Fma,
-                                fmt,
-                                &rows,
-                                &f,
-                                &xs,
-                                &mut out[..rows.len() * nt],
-                            );
-                            out[0]
-                        })
-                        .sum();
-                    let dt = t0.elapsed().as_secs_f64();
-                    best = best.max((total * reps) as f64 / dt / 1e9);
-                    std::hint::black_box(s);
-                }
-                println!(
-                    "{codec:?} g{group} tokens {nt}: {best:.1} GB/s, {:.2} Gelem/s",
-                    best * k as f64 / rb as f64
-                );
             }
         }
     }
