@@ -82,33 +82,57 @@ impl Codec {
     pub fn scaled(self) -> bool {
         matches!(self, Codec::E4m3 | Codec::E2m1)
     }
-    /// Whether whole chunks are stored as 8 (even, odd) pairs that decode to the 8 evens then the
-    /// 8 odds: E2M1 nibbles of a byte, bf16 halves of a 32-bit word (a shift and a mask, no
-    /// cross-lane shuffle).
-    fn splits_pairs(self) -> bool {
-        matches!(self, Codec::Bf16 | Codec::E2m1)
+    /// Elements of a whole chunk of the codec's order: E2M1 is decoded 32 at a time (16 bytes,
+    /// one 128-bit lane), the others 16 at a time.
+    fn chunk(self) -> usize {
+        if self == Codec::E2m1 {
+            32
+        } else {
+            CHUNK
+        }
     }
-    /// Position of natural element `c` of a `k`-long row in the codec's order: inside each whole
-    /// chunk of 16, pair-split codecs put the even elements first; the tail past the last whole
-    /// chunk keeps its natural order.
+    /// Position of natural element `c` of a `k`-long row in the codec's order. Inside each whole
+    /// chunk: bf16 puts the 8 even elements first (halves of 32-bit words); E2M1 follows its
+    /// byte-shuffle decoder (`avx2::e2m1`): position 4q + i holds element
+    /// 16·(q/2 mod 2) + 4i + 2·(q mod 2) + q/4. The tail past the last whole chunk keeps its order.
     #[inline]
     pub fn order_index(self, c: usize, k: usize) -> usize {
-        if self.splits_pairs() && c < k - k % CHUNK {
-            (c & !15) | ((c & 1) << 3) | ((c & 15) >> 1)
-        } else {
-            c
+        if c >= k - k % self.chunk() {
+            return c;
+        }
+        match self {
+            Codec::Bf16 => (c & !15) | ((c & 1) << 3) | ((c & 15) >> 1),
+            Codec::E2m1 => {
+                let w = c & 31;
+                let (half, i, rem) = (w >> 4, (w & 15) >> 2, w & 3);
+                let q = ((rem & 1) << 2) | (half << 1) | (rem >> 1);
+                (c & !31) | (q << 2) | i
+            }
+            _ => c,
+        }
+    }
+    /// The natural element at codec-order position `pos` (the inverse of `order_index`).
+    #[inline]
+    fn natural(self, pos: usize, k: usize) -> usize {
+        if pos >= k - k % self.chunk() {
+            return pos;
+        }
+        match self {
+            Codec::Bf16 => {
+                let w = pos & 15;
+                (pos & !15) | ((w & 7) << 1) | (w >> 3)
+            }
+            Codec::E2m1 => {
+                let (q, i) = ((pos & 31) >> 2, pos & 3);
+                (pos & !31) | (((q >> 1) & 1) << 4) | (i << 2) | ((q & 1) << 1) | (q >> 2)
+            }
+            _ => pos,
         }
     }
     /// Raw value of the element at codec-order position `pos` of a `k`-long row.
     #[inline]
     fn raw(self, row: &[u8], pos: usize, k: usize) -> f32 {
-        // The natural index of codec position `pos` (the inverse of `order_index`).
-        let c = if self.splits_pairs() && pos < k - k % CHUNK {
-            let within = pos & 15;
-            (pos & !15) | ((within & 7) << 1) | (within >> 3)
-        } else {
-            pos
-        };
+        let c = self.natural(pos, k);
         match self {
             Codec::F32 => {
                 f32::from_le_bytes([row[4 * c], row[4 * c + 1], row[4 * c + 2], row[4 * c + 3]])
@@ -227,7 +251,9 @@ impl<'a> RowFormat<'a> {
         // Internal invariants (callers derive everything from a validated layer); they guard the
         // raw-pointer reads below, so they stay on in release builds.
         let aligned = !self.codec.scaled() || self.group % CHUNK == 0 || self.group >= self.k;
-        let paired = self.codec != Codec::E2m1 || self.k % CHUNK == 0;
+        // E2M1 (mxfp4, nvfp4): whole bytes, 16- or 32-element groups.
+        let paired =
+            self.codec != Codec::E2m1 || (self.k % CHUNK == 0 && matches!(self.group, 16 | 32));
         let scale_ok = self.codec.scaled() != (self.scale == Scale::None);
         assert!(aligned && paired && scale_ok, "bad row format {self:?}");
         assert!(
@@ -286,17 +312,23 @@ pub fn decode_rows(
 ) {
     fmt.check(rows, scales);
     assert!(out.len() >= rows.len() * fmt.k, "decode buffer too small");
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx2Fma && Isa::detect() == Isa::Avx2Fma {
+        if fmt.codec == Codec::E2m1 {
+            // SAFETY: AVX2 detected; `check` sized rows and scales, `out` holds every row.
+            unsafe { avx2_e2m1::decode_rows(&fmt, rows, scales, out) };
+            return;
+        }
+        for (r, row) in rows.iter().enumerate() {
+            let s: &[u8] = if fmt.codec.scaled() { scales[r] } else { &[] };
+            // SAFETY: AVX2 detected; `check` sized the row and scales, the slice is k long.
+            unsafe { avx2::decode_row(fmt, row, s, &mut out[r * fmt.k..(r + 1) * fmt.k]) };
+        }
+        return;
+    }
     for (r, row) in rows.iter().enumerate() {
         let s: &[u8] = if fmt.codec.scaled() { scales[r] } else { &[] };
-        let dst = &mut out[r * fmt.k..(r + 1) * fmt.k];
-        match isa {
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx2Fma if Isa::detect() == Isa::Avx2Fma => {
-                // SAFETY: AVX2 detected; `check` sized the row and scales, `dst` is k long.
-                unsafe { avx2::decode_row(fmt, row, s, dst) }
-            }
-            _ => scalar_decode_row(fmt, row, s, dst),
-        }
+        scalar_decode_row(fmt, row, s, &mut out[r * fmt.k..(r + 1) * fmt.k]);
     }
 }
 
@@ -341,30 +373,25 @@ pub fn sgemm_abt(m: usize, n: usize, k: usize, a: &[f32], b: &[f32], out: &mut [
     }
 }
 
-/// The factor groups of a row as `(group index, start, end)` (one group for unscaled codecs).
-#[inline(always)]
-fn groups(fmt: &RowFormat<'_>) -> impl Iterator<Item = (usize, usize, usize)> {
-    let group = if fmt.codec.scaled() {
-        fmt.group
+/// The weight at codec-order position `p` of a row: raw value × the factor of its element's group.
+#[inline]
+fn weight(fmt: &RowFormat<'_>, row: &[u8], scales: &[u8], p: usize) -> f32 {
+    let raw = fmt.codec.raw(row, p, fmt.k);
+    if fmt.codec.scaled() {
+        raw * fmt.factor(scales, fmt.codec.natural(p, fmt.k) / fmt.group)
     } else {
-        fmt.k.max(1)
-    };
-    let k = fmt.k;
-    (0..k.div_ceil(group)).map(move |g| (g, g * group, ((g + 1) * group).min(k)))
-}
-
-fn scalar_decode_row(fmt: RowFormat<'_>, row: &[u8], scales: &[u8], out: &mut [f32]) {
-    for (g, start, end) in groups(&fmt) {
-        let f = fmt.factor(scales, g);
-        for (p, o) in (start..end).zip(&mut out[start..end]) {
-            let raw = fmt.codec.raw(row, p, fmt.k);
-            *o = if fmt.codec.scaled() { raw * f } else { raw };
-        }
+        raw
     }
 }
 
-/// The scalar twin of the AVX2 tiles: 8 lanes of partial sums per (row, token), chunk elements p
-/// and p + 8 into lane p (as the two vectors of a chunk), tails into a separate sum.
+fn scalar_decode_row(fmt: RowFormat<'_>, row: &[u8], scales: &[u8], out: &mut [f32]) {
+    for (p, o) in out[..fmt.k].iter_mut().enumerate() {
+        *o = weight(&fmt, row, scales, p);
+    }
+}
+
+/// The scalar twin of the AVX2 tiles: 8 lanes of partial sums per (row, token), chunk positions
+/// p and p + 8 into lane p, the tail past the last whole chunk into a separate sum.
 fn scalar_dot_rows(
     fmt: RowFormat<'_>,
     rows: &[&[u8]],
@@ -379,29 +406,22 @@ fn scalar_dot_rows(
         let s: &[u8] = if fmt.codec.scaled() { scales[r] } else { &[] };
         let mut lanes = [[0f32; 8]; MAX_TILE_TOKENS];
         let mut tail = [0f32; MAX_TILE_TOKENS];
-        for (g, start, end) in groups(&fmt) {
-            let f = fmt.factor(s, g);
-            let mut c = start;
-            while c < end.min(vec_end) {
-                for (p, wp) in w.iter_mut().enumerate() {
-                    let raw = fmt.codec.raw(row, c + p, fmt.k);
-                    *wp = if fmt.codec.scaled() { raw * f } else { raw };
-                }
-                for (t, x) in xs.iter().enumerate() {
-                    let x = &x[c..c + CHUNK];
-                    for l in 0..8 {
-                        lanes[t][l] += w[l] * x[l];
-                        lanes[t][l] += w[l + 8] * x[l + 8];
-                    }
-                }
-                c += CHUNK;
+        for c in (0..vec_end).step_by(CHUNK) {
+            for (p, wp) in w.iter_mut().enumerate() {
+                *wp = weight(&fmt, row, s, c + p);
             }
-            for p in c..end {
-                let raw = fmt.codec.raw(row, p, fmt.k);
-                let wp = if fmt.codec.scaled() { raw * f } else { raw };
-                for (t, x) in xs.iter().enumerate() {
-                    tail[t] += wp * x[p];
+            for (t, x) in xs.iter().enumerate() {
+                let x = &x[c..c + CHUNK];
+                for l in 0..8 {
+                    lanes[t][l] += w[l] * x[l];
+                    lanes[t][l] += w[l + 8] * x[l + 8];
                 }
+            }
+        }
+        for p in vec_end..fmt.k {
+            let wp = weight(&fmt, row, s, p);
+            for (t, x) in xs.iter().enumerate() {
+                tail[t] += wp * x[p];
             }
         }
         for t in 0..nt {
@@ -415,470 +435,9 @@ fn scalar_dot_rows(
 }
 
 #[cfg(target_arch = "x86_64")]
-mod avx2 {
-    use std::arch::x86_64::*;
-
-    use super::{Codec, RowFormat, Scale, CHUNK, E2M1_VALUES, MAX_TILE_TOKENS};
-
-    /// One codec's in-register decoder: 16 elements at a row's element offset `c` into two
-    /// vectors of raw values (codec order).
-    trait Decode {
-        const CODEC: Codec;
-        /// Raw values are the element values themselves (not tiny): a group's products may be
-        /// summed before its factor is applied without underflow.
-        const EXACT_RAW: bool;
-        /// # Safety
-        /// `row` must be readable for `Self::CODEC.bytes(c + 16)` bytes; AVX2 must be available.
-        unsafe fn load(row: *const u8, c: usize) -> (__m256, __m256);
-    }
-
-    struct F32;
-    struct Bf16;
-    struct E4m3;
-    struct E2m1;
-
-    impl Decode for F32 {
-        const CODEC: Codec = Codec::F32;
-        const EXACT_RAW: bool = true;
-        #[inline(always)]
-        unsafe fn load(row: *const u8, c: usize) -> (__m256, __m256) {
-            // SAFETY: the caller guarantees 16 f32 at element c ([16] f32, unaligned).
-            unsafe {
-                let p = row.add(4 * c) as *const f32;
-                (_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8)))
-            }
-        }
-    }
-
-    impl Decode for Bf16 {
-        const CODEC: Codec = Codec::Bf16;
-        const EXACT_RAW: bool = true;
-        #[inline(always)]
-        unsafe fn load(row: *const u8, c: usize) -> (__m256, __m256) {
-            // SAFETY: the caller guarantees 32 bytes ([16] bf16) at element c.
-            unsafe {
-                // Each 32-bit word holds elements 2i (low half) and 2i + 1 (high half); bf16 is
-                // the top half of an f32, so a shift gives the evens and a mask the odds.
-                let v = _mm256_loadu_si256(row.add(2 * c) as *const __m256i);
-                let even = _mm256_slli_epi32::<16>(v);
-                let odd = _mm256_and_si256(v, _mm256_set1_epi32(0xFFFF_0000_u32 as i32));
-                (_mm256_castsi256_ps(even), _mm256_castsi256_ps(odd))
-            }
-        }
-    }
-
-    impl Decode for E4m3 {
-        const CODEC: Codec = Codec::E4m3;
-        const EXACT_RAW: bool = false;
-        #[inline(always)]
-        unsafe fn load(row: *const u8, c: usize) -> (__m256, __m256) {
-            // SAFETY: the caller guarantees 16 bytes ([16] E4M3) at element c.
-            unsafe {
-                let bytes = _mm_loadu_si128(row.add(c) as *const __m128i);
-                // Sign-extend each byte: bit 11 of the lane is then the sign, so one shift by 20
-                // puts the sign at bit 31 and the 7 magnitude bits at 20..27; the mask keeps them.
-                let mask = _mm256_set1_epi32(0x87F0_0000_u32 as i32);
-                let lo = _mm256_cvtepi8_epi32(bytes);
-                let hi = _mm256_cvtepi8_epi32(_mm_unpackhi_epi64(bytes, bytes));
-                let lo = _mm256_and_si256(_mm256_slli_epi32::<20>(lo), mask);
-                let hi = _mm256_and_si256(_mm256_slli_epi32::<20>(hi), mask);
-                (_mm256_castsi256_ps(lo), _mm256_castsi256_ps(hi))
-            }
-        }
-    }
-
-    impl Decode for E2m1 {
-        const CODEC: Codec = Codec::E2m1;
-        const EXACT_RAW: bool = true;
-        #[inline(always)]
-        unsafe fn load(row: *const u8, c: usize) -> (__m256, __m256) {
-            // SAFETY: the caller guarantees 8 bytes ([8] pairs of E2M1, low nibble first) at
-            // element c (c even).
-            unsafe {
-                // Table entry i holds value(i) with bits 28..30 pre-xored with i, so xoring the
-                // looked-up bits with (nibble << 28) restores them and sets the sign from bit 3.
-                let t = |i: usize| (E2M1_VALUES[i].to_bits() ^ ((i as u32) << 28)) as i32;
-                let lut = _mm256_castsi256_ps(_mm256_setr_epi32(
-                    t(0),
-                    t(1),
-                    t(2),
-                    t(3),
-                    t(4),
-                    t(5),
-                    t(6),
-                    t(7),
-                ));
-                let bytes = _mm256_cvtepu8_epi32(_mm_loadl_epi64(row.add(c / 2) as *const __m128i));
-                let high = _mm256_srli_epi32::<4>(bytes);
-                // vpermps reads the low 3 bits of each index; the nibble's bit 3 lands on bit 31.
-                let even = _mm256_xor_ps(
-                    _mm256_permutevar8x32_ps(lut, bytes),
-                    _mm256_castsi256_ps(_mm256_slli_epi32::<28>(bytes)),
-                );
-                let odd = _mm256_xor_ps(
-                    _mm256_permutevar8x32_ps(lut, high),
-                    _mm256_castsi256_ps(_mm256_slli_epi32::<28>(high)),
-                );
-                (even, odd)
-            }
-        }
-    }
-
-    /// Scale kinds as const parameters (the `Scale` variant, data hoisted out of the loops).
-    const NO_SCALE: u8 = 0;
-    const F32_SCALE: u8 = 1;
-    const TABLE_SCALE: u8 = 2;
-
-    /// What the loops need of a `Scale`: the multiplier of f32 scales, or the table.
-    #[derive(Clone, Copy)]
-    struct ScaleArgs {
-        mul: f32,
-        table: *const f32,
-    }
-
-    impl ScaleArgs {
-        fn of(scale: Scale<'_>) -> ScaleArgs {
-            match scale {
-                Scale::None => ScaleArgs {
-                    mul: 1.0,
-                    table: std::ptr::null(),
-                },
-                Scale::F32 { mul } => ScaleArgs {
-                    mul,
-                    table: std::ptr::null(),
-                },
-                Scale::Table(t) => ScaleArgs {
-                    mul: 1.0,
-                    table: t.as_ptr(),
-                },
-            }
-        }
-        /// The factor of group `g` of a row whose scale bytes start at `scales`, broadcast.
-        ///
-        /// # Safety
-        /// `scales` holds the row's scale bytes and `g` is one of its groups; for tables, the
-        /// table holds 256 entries.
-        #[inline(always)]
-        unsafe fn factor<const S: u8>(self, scales: *const u8, g: usize) -> __m256 {
-            // SAFETY: per the contract; f32 scales are read unaligned.
-            unsafe {
-                match S {
-                    F32_SCALE => _mm256_set1_ps(
-                        (scales.add(4 * g) as *const f32).read_unaligned() * self.mul,
-                    ),
-                    TABLE_SCALE => {
-                        _mm256_broadcast_ss(&*self.table.add(usize::from(*scales.add(g))))
-                    }
-                    _ => _mm256_set1_ps(1.0),
-                }
-            }
-        }
-    }
-
-    #[target_feature(enable = "avx2,fma")]
-    fn hsum(v: __m256) -> f32 {
-        // Pairing: lanes l and l + 4, then l and l + 2, then the last two (the scalar twin's order).
-        let q = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
-        let d = _mm_add_ps(q, _mm_movehl_ps(q, q));
-        let s = _mm_add_ss(d, _mm_shuffle_ps::<0b01>(d, d));
-        _mm_cvtss_f32(s)
-    }
-
-    /// The tile: `R` weight rows × `N` activation rows, accumulators in registers.
-    ///
-    /// Register budget (16 ymm) decides the variants: one token of an unscaled codec gets two
-    /// FMA chains per row (the decode is cheap, FMA latency would bind); for scaled codecs with
-    /// exact raw values and one token, a group's products are summed first and its factor
-    /// applied by one FMA per group instead of a multiply per vector; otherwise each decoded
-    /// vector is multiplied by its factor and shared by all tokens.
-    ///
-    /// # Safety
-    /// AVX2+FMA available; `rows[r]` points at `fmt.row_bytes()` bytes, `scales[r]` at
-    /// `fmt.scale_bytes()` (scaled codecs), `xs[t]` at `fmt.k` f32.
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn tile<D: Decode, const S: u8, const R: usize, const N: usize>(
-        fmt: &RowFormat<'_>,
-        rows: [*const u8; R],
-        scales: [*const u8; R],
-        xs: [*const f32; N],
-    ) -> [[f32; N]; R] {
-        let scaled = S != NO_SCALE;
-        let sa = ScaleArgs::of(fmt.scale);
-        let block_sum = scaled && D::EXACT_RAW && N == 1;
-        let two_chains = !scaled && N == 1;
-        let k = fmt.k;
-        let group = if scaled { fmt.group } else { k };
-        let vec_end = k - k % CHUNK;
-        let zero = _mm256_setzero_ps();
-        let mut acc = [[zero; N]; R];
-        let mut acc2 = [[zero; N]; R];
-        let mut start = 0;
-        let mut g = 0;
-        while start < vec_end {
-            let end = (start + group).min(vec_end);
-            if block_sum {
-                let mut blk = [zero; R];
-                let mut c = start;
-                while c < end {
-                    // SAFETY: c + 16 ≤ vec_end ≤ k: inside the row and the activation row.
-                    let (x0, x1) = unsafe {
-                        (
-                            _mm256_loadu_ps(xs[0].add(c)),
-                            _mm256_loadu_ps(xs[0].add(c + 8)),
-                        )
-                    };
-                    for r in 0..R {
-                        // SAFETY: as above.
-                        let (a, b) = unsafe { D::load(rows[r], c) };
-                        blk[r] = _mm256_fmadd_ps(b, x1, _mm256_fmadd_ps(a, x0, blk[r]));
-                    }
-                    c += CHUNK;
-                }
-                for r in 0..R {
-                    // SAFETY: g is a group of the row (start < k).
-                    let f = unsafe { sa.factor::<S>(scales[r], g) };
-                    acc[r][0] = _mm256_fmadd_ps(blk[r], f, acc[r][0]);
-                }
-            } else {
-                let mut f = [zero; R];
-                if scaled {
-                    for r in 0..R {
-                        // SAFETY: g is a group of the row.
-                        f[r] = unsafe { sa.factor::<S>(scales[r], g) };
-                    }
-                }
-                let mut c = start;
-                while c < end {
-                    let mut w = [(zero, zero); R];
-                    for r in 0..R {
-                        // SAFETY: c + 16 ≤ vec_end ≤ k.
-                        let (a, b) = unsafe { D::load(rows[r], c) };
-                        w[r] = if scaled {
-                            (_mm256_mul_ps(a, f[r]), _mm256_mul_ps(b, f[r]))
-                        } else {
-                            (a, b)
-                        };
-                    }
-                    for t in 0..N {
-                        // SAFETY: xs[t] holds k ≥ c + 16 f32.
-                        let (x0, x1) = unsafe {
-                            (
-                                _mm256_loadu_ps(xs[t].add(c)),
-                                _mm256_loadu_ps(xs[t].add(c + 8)),
-                            )
-                        };
-                        for r in 0..R {
-                            acc[r][t] = _mm256_fmadd_ps(w[r].0, x0, acc[r][t]);
-                            if two_chains {
-                                acc2[r][t] = _mm256_fmadd_ps(w[r].1, x1, acc2[r][t]);
-                            } else {
-                                acc[r][t] = _mm256_fmadd_ps(w[r].1, x1, acc[r][t]);
-                            }
-                        }
-                    }
-                    c += CHUNK;
-                }
-            }
-            start = end;
-            g += 1;
-        }
-        let mut out = [[0f32; N]; R];
-        for r in 0..R {
-            for t in 0..N {
-                let v = if two_chains {
-                    _mm256_add_ps(acc[r][t], acc2[r][t])
-                } else {
-                    acc[r][t]
-                };
-                out[r][t] = hsum(v);
-            }
-        }
-        // The tail past the last whole chunk (K % 16 elements; never for E2M1), in natural order.
-        for p in vec_end..k {
-            for r in 0..R {
-                // SAFETY: p < k; the row holds `fmt.row_bytes()` bytes and its scale bytes
-                // cover group p / group.
-                let (row, s) = unsafe {
-                    (
-                        std::slice::from_raw_parts(rows[r], fmt.row_bytes()),
-                        std::slice::from_raw_parts(scales[r], fmt.scale_bytes()),
-                    )
-                };
-                let raw = D::CODEC.raw(row, p, k);
-                let wp = if scaled {
-                    raw * fmt.factor(s, p / group)
-                } else {
-                    raw
-                };
-                for t in 0..N {
-                    // SAFETY: p < k.
-                    out[r][t] += wp * unsafe { *xs[t].add(p) };
-                }
-            }
-        }
-        if fmt.out_mul != 1.0 {
-            for o in out.iter_mut().flatten() {
-                *o *= fmt.out_mul;
-            }
-        }
-        out
-    }
-
-    /// Runs `R × N` tiles over all `rows` (a last partial tile repeats its first row and drops
-    /// the extra results) and writes `out[r * N + t]`.
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn tiles<D: Decode, const S: u8, const R: usize, const N: usize>(
-        fmt: &RowFormat<'_>,
-        rows: &[&[u8]],
-        scales: &[&[u8]],
-        xs: &[&[f32]],
-        out: &mut [f32],
-    ) {
-        let xs_arr: [*const f32; N] = std::array::from_fn(|t| xs[t].as_ptr());
-        let mut r0 = 0;
-        while r0 < rows.len() {
-            let nr = R.min(rows.len() - r0);
-            let pick = |r: usize| r0 + if r < nr { r } else { 0 };
-            let rows_arr: [*const u8; R] = std::array::from_fn(|r| rows[pick(r)].as_ptr());
-            let scale_arr: [*const u8; R] = std::array::from_fn(|r| {
-                if S != NO_SCALE {
-                    scales[pick(r)].as_ptr()
-                } else {
-                    [].as_ptr()
-                }
-            });
-            // SAFETY: forwarded from the caller (lengths checked by `dot_rows`); unscaled codecs
-            // never read their (empty) scale pointers.
-            let res = unsafe { tile::<D, S, R, N>(fmt, rows_arr, scale_arr, xs_arr) };
-            for r in 0..nr {
-                out[(r0 + r) * N..(r0 + r + 1) * N].copy_from_slice(&res[r]);
-            }
-            r0 += nr;
-        }
-    }
-
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn for_shape<D: Decode, const S: u8>(
-        fmt: &RowFormat<'_>,
-        rows: &[&[u8]],
-        scales: &[&[u8]],
-        xs: &[&[f32]],
-        out: &mut [f32],
-    ) {
-        debug_assert!(xs.len() <= MAX_TILE_TOKENS);
-        // SAFETY: forwarded from the caller. One token gets 4 rows (4-8 FMA chains); more tokens
-        // get 2 rows so accumulators, decoded weights and activations fit 16 registers.
-        unsafe {
-            match xs.len() {
-                1 => tiles::<D, S, 4, 1>(fmt, rows, scales, xs, out),
-                2 => tiles::<D, S, 2, 2>(fmt, rows, scales, xs, out),
-                3 => tiles::<D, S, 2, 3>(fmt, rows, scales, xs, out),
-                _ => tiles::<D, S, 2, 4>(fmt, rows, scales, xs, out),
-            }
-        }
-    }
-
-    /// # Safety
-    /// AVX2+FMA available and the lengths `dot_rows` checks.
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn dot_rows(
-        fmt: RowFormat<'_>,
-        rows: &[&[u8]],
-        scales: &[&[u8]],
-        xs: &[&[f32]],
-        out: &mut [f32],
-    ) {
-        let f = &fmt;
-        // SAFETY: forwarded from the caller; `check` paired scaled codecs with a scale kind.
-        unsafe {
-            match (fmt.codec, fmt.scale) {
-                (Codec::F32, _) => for_shape::<F32, NO_SCALE>(f, rows, scales, xs, out),
-                (Codec::Bf16, _) => for_shape::<Bf16, NO_SCALE>(f, rows, scales, xs, out),
-                (Codec::E4m3, Scale::F32 { .. }) => {
-                    for_shape::<E4m3, F32_SCALE>(f, rows, scales, xs, out)
-                }
-                (Codec::E4m3, _) => for_shape::<E4m3, TABLE_SCALE>(f, rows, scales, xs, out),
-                (Codec::E2m1, Scale::F32 { .. }) => {
-                    for_shape::<E2m1, F32_SCALE>(f, rows, scales, xs, out)
-                }
-                (Codec::E2m1, _) => for_shape::<E2m1, TABLE_SCALE>(f, rows, scales, xs, out),
-            }
-        }
-    }
-
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn decode_with<D: Decode, const S: u8>(
-        fmt: &RowFormat<'_>,
-        row: &[u8],
-        scales: &[u8],
-        out: &mut [f32],
-    ) {
-        let scaled = S != NO_SCALE;
-        let sa = ScaleArgs::of(fmt.scale);
-        let k = fmt.k;
-        let group = if scaled { fmt.group } else { k };
-        let vec_end = k - k % CHUNK;
-        let mut start = 0;
-        let mut g = 0;
-        while start < vec_end {
-            let end = (start + group).min(vec_end);
-            // SAFETY: g is a group of the row; its scale bytes are in `scales`.
-            let f = if scaled {
-                unsafe { sa.factor::<S>(scales.as_ptr(), g) }
-            } else {
-                _mm256_set1_ps(1.0)
-            };
-            let mut c = start;
-            while c < end {
-                // SAFETY: c + 16 ≤ k: the row holds the bytes and `out` the 16 f32.
-                unsafe {
-                    let (a, b) = D::load(row.as_ptr(), c);
-                    let (a, b) = if scaled {
-                        (_mm256_mul_ps(a, f), _mm256_mul_ps(b, f))
-                    } else {
-                        (a, b)
-                    };
-                    _mm256_storeu_ps(out.as_mut_ptr().add(c), a);
-                    _mm256_storeu_ps(out.as_mut_ptr().add(c + 8), b);
-                }
-                c += CHUNK;
-            }
-            start = end;
-            g += 1;
-        }
-        for p in vec_end..k {
-            let raw = D::CODEC.raw(row, p, k);
-            out[p] = if scaled {
-                raw * fmt.factor(scales, p / group)
-            } else {
-                raw
-            };
-        }
-    }
-
-    /// # Safety
-    /// AVX2+FMA available; `row` holds `fmt.row_bytes()`, `scales` `fmt.scale_bytes()`, `out`
-    /// `fmt.k`.
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn decode_row(fmt: RowFormat<'_>, row: &[u8], scales: &[u8], out: &mut [f32]) {
-        let f = &fmt;
-        // SAFETY: forwarded from the caller.
-        unsafe {
-            match (fmt.codec, fmt.scale) {
-                (Codec::F32, _) => decode_with::<F32, NO_SCALE>(f, row, scales, out),
-                (Codec::Bf16, _) => decode_with::<Bf16, NO_SCALE>(f, row, scales, out),
-                (Codec::E4m3, Scale::F32 { .. }) => {
-                    decode_with::<E4m3, F32_SCALE>(f, row, scales, out)
-                }
-                (Codec::E4m3, _) => decode_with::<E4m3, TABLE_SCALE>(f, row, scales, out),
-                (Codec::E2m1, Scale::F32 { .. }) => {
-                    decode_with::<E2m1, F32_SCALE>(f, row, scales, out)
-                }
-                (Codec::E2m1, _) => decode_with::<E2m1, TABLE_SCALE>(f, row, scales, out),
-            }
-        }
-    }
-}
+mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod avx2_e2m1;
 
 #[cfg(test)]
 mod tests {
@@ -952,18 +511,39 @@ mod tests {
 
     #[test]
     fn order_index_is_a_permutation_of_each_chunk() {
-        for codec in [Codec::E2m1, Codec::Bf16] {
-            let mut seen = [false; 40];
-            for c in 0..40 {
-                let p = codec.order_index(c, 40);
-                assert!(p / 16 == c / 16 && !seen[p]);
+        // k = 80: two whole E2M1 chunks (32) and a 16-element tail; five bf16 chunks.
+        for codec in [Codec::F32, Codec::Bf16, Codec::E4m3, Codec::E2m1] {
+            let k = 80;
+            let mut seen = [false; 80];
+            for c in 0..k {
+                let p = codec.order_index(c, k);
+                assert!(
+                    p / codec.chunk() == c / codec.chunk() && !seen[p],
+                    "{codec:?} {c}"
+                );
+                assert_eq!(
+                    codec.natural(p, k),
+                    c,
+                    "{codec:?}: natural inverts order_index"
+                );
                 seen[p] = true;
             }
-            assert_eq!(codec.order_index(1, 40), 8);
-            assert_eq!(codec.order_index(2, 40), 1);
-            assert_eq!(codec.order_index(33, 40), 33, "the tail keeps its order");
         }
-        assert_eq!(Codec::E4m3.order_index(1, 40), 1);
+        assert_eq!(
+            Codec::E2m1.order_index(70, 80),
+            70,
+            "the tail keeps its order"
+        );
+        assert_eq!(
+            Codec::Bf16.order_index(81, 88),
+            81,
+            "the tail keeps its order"
+        );
+        assert_eq!(Codec::Bf16.order_index(1, 32), 8);
+        // E2M1: position 4q + i, vector q = 0 holds elements 0, 4, 8, 12; q = 4 holds 1, 5, 9, 13.
+        assert_eq!(Codec::E2m1.order_index(4, 32), 1);
+        assert_eq!(Codec::E2m1.order_index(1, 32), 16);
+        assert_eq!(Codec::E2m1.order_index(18, 32), 12);
     }
 
     #[test]
@@ -1022,7 +602,7 @@ mod tests {
                 .position(|(x, y)| x.to_bits() != y.to_bits())
             {
                 panic!(
-                    "{fmt:?}: decode differs at row {} position {}: {} vs {}",
+                    "{codec:?} k {k} group {group}: decode differs at row {} position {}: {} vs {}",
                     i / k,
                     i % k,
                     a[i],
@@ -1049,7 +629,7 @@ mod tests {
                             .map(|c| (a[r * k + c] as f64 * x[t][c] as f64).abs())
                             .sum::<f64>()
                             * m;
-                        assert!((p as f64 - exact).abs() <= 1e-5 * mag && (q as f64 - exact).abs() <= 1e-5 * mag, "{fmt:?} rows {nr} tokens {nt} [{r},{t}]: scalar {p} avx2 {q} exact {exact}");
+                        assert!((p as f64 - exact).abs() <= 1e-5 * mag && (q as f64 - exact).abs() <= 1e-5 * mag, "{codec:?} k {k} group {group} rows {nr} tokens {nt} [{r},{t}]: scalar {p} avx2 {q} exact {exact}");
                     }
                 }
             }
