@@ -164,9 +164,10 @@ unsafe fn tile<D: Decode, const S: u8, const R: usize, const N: usize>(
             }
             let mut c = start;
             while c < end {
-                if N == 1 {
-                    // One token streams weights from memory: hint the rows of the tile after the
-                    // next (the next 2R rows when, as usual, they are consecutive) at this column.
+                if D::CODEC != Codec::F32 {
+                    // Stored weights stream from memory: hint the rows of the tile after the next
+                    // (the next 2R rows when, as usual, they are consecutive) at this column. A
+                    // hint is never dereferenced, so an address past the tensor is harmless.
                     let ahead = 2 * R * fmt.row_bytes() + D::CODEC.bytes(c);
                     for row in rows {
                         _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(ahead) as *const i8);

@@ -16,7 +16,8 @@ use super::{RowFormat, Scale, MAX_TILE_TOKENS};
 
 /// Elements per chunk (16 bytes of one row).
 const CHUNK32: usize = 32;
-const PREFETCH: bool = true;
+/// Tiles ahead that software prefetch reaches (hardware prefetch alone leaves the one-token
+/// kernel waiting on memory).
 const PREFETCH_TILES: usize = 2;
 
 /// The two byte tables (high, low byte of the bf16 pattern of each E2M1 code), in both lanes.
@@ -153,10 +154,12 @@ unsafe fn tile<const P: usize, const N: usize>(
     let vec_end = k - k % CHUNK32;
     let zero = _mm256_setzero_ps();
     let mut acc = [[zero; N]; P];
+    // Groups per chunk (1 for mxfp4, 2 for nvfp4), stepped instead of divided per chunk.
+    let groups_per_chunk = CHUNK32 / fmt.group;
     let mut c = 0;
+    let mut g = 0;
     while c < vec_end {
-        // Group of the chunk's first half (and of its second half when groups are 16).
-        let g = c / fmt.group;
+        // `g`: the group of the chunk's first half (the second half's is g + 1 when halves).
         for p in 0..P {
             // SAFETY: c + 32 ≤ k, and every row and scale slice covers its row.
             let w = unsafe { words(t, rows[p][0], rows[p][1], c) };
@@ -166,14 +169,12 @@ unsafe fn tile<const P: usize, const N: usize>(
             } else {
                 fa
             };
+            // Weights stream from memory: hint the rows of the tile after the next (the next rows
+            // when, as usual, they are consecutive) at this column; a hint is never dereferenced.
+            let ahead = PREFETCH_TILES * 2 * P * fmt.row_bytes() + c / 2;
+            _mm_prefetch::<_MM_HINT_T0>(rows[p][0].wrapping_add(ahead) as *const i8);
+            _mm_prefetch::<_MM_HINT_T0>(rows[p][1].wrapping_add(ahead) as *const i8);
             if N == 1 {
-                if PREFETCH {
-                    // The rows of the next tile (the next 4 rows when, as usual, they are
-                    // consecutive) at this column: a hint, never dereferenced.
-                    let ahead = PREFETCH_TILES * 2 * P * fmt.row_bytes() + c / 2;
-                    _mm_prefetch::<_MM_HINT_T0>(rows[p][0].wrapping_add(ahead) as *const i8);
-                    _mm_prefetch::<_MM_HINT_T0>(rows[p][1].wrapping_add(ahead) as *const i8);
-                }
                 let (mut sa, mut sb) = (zero, zero);
                 for q in 0..8 {
                     // SAFETY: c + 4q + 4 ≤ k.
@@ -204,6 +205,7 @@ unsafe fn tile<const P: usize, const N: usize>(
             }
         }
         c += CHUNK32;
+        g += groups_per_chunk;
     }
     let mut out = [[[0f32; N]; 2]; P];
     for p in 0..P {
@@ -312,9 +314,10 @@ pub unsafe fn decode_rows(fmt: &RowFormat<'_>, rows: &[&[u8]], scales: &[&[u8]],
     let mut r = 0;
     while r < rows.len() {
         let r1 = (r + 1).min(rows.len() - 1);
+        let groups_per_chunk = CHUNK32 / fmt.group;
         let mut c = 0;
+        let mut g = 0;
         while c < vec_end {
-            let g = c / fmt.group;
             // SAFETY: c + 32 ≤ k; rows r and r1 and their scales cover the chunk and group(s).
             unsafe {
                 let w = words(t, rows[r].as_ptr(), rows[r1].as_ptr(), c);
@@ -339,6 +342,7 @@ pub unsafe fn decode_rows(fmt: &RowFormat<'_>, rows: &[&[u8]], scales: &[&[u8]],
                 }
             }
             c += CHUNK32;
+            g += groups_per_chunk;
         }
         for row in [r, r1] {
             for pos in vec_end..k {
