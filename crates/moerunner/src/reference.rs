@@ -27,7 +27,12 @@ pub fn forward(layer: &MoeLayer, x: &[f32], routes: &Routes) -> Result<Vec<f64>>
 /// Like [`forward`], but computes only the tokens listed in `tokens` (indices into `x`'s rows);
 /// returns `[tokens.len(), H]`, row `i` belonging to token `tokens[i]`. Every activation format
 /// quantizes per row, so a token's result does not depend on which other tokens are computed.
-pub fn forward_tokens(layer: &MoeLayer, x: &[f32], routes: &Routes, tokens: &[usize]) -> Result<Vec<f64>> {
+pub fn forward_tokens(
+    layer: &MoeLayer,
+    x: &[f32],
+    routes: &Routes,
+    tokens: &[usize],
+) -> Result<Vec<f64>> {
     let cfg = layer.config();
     let h = cfg.hidden;
     check_inputs(cfg, x, routes, tokens)?;
@@ -43,7 +48,13 @@ pub fn forward_tokens(layer: &MoeLayer, x: &[f32], routes: &Routes, tokens: &[us
         xs.extend_from_slice(&x[t * h..(t + 1) * h]);
     }
     let w = layer.weights();
-    let xq = dequantize(&quantize_rows(cfg.activation_format, &xs, n, h, input_scale(cfg, w.w13_input_scale, "w13_input_scale")?)?);
+    let xq = dequantize(&quantize_rows(
+        cfg.activation_format,
+        &xs,
+        n,
+        h,
+        input_scale(cfg, w.w13_input_scale, "w13_input_scale")?,
+    )?);
 
     // Step 1 (already resolved): group (row in `tokens`, routing weight) pairs by local expert.
     // Pairs within an expert stay in token-then-slot order; combine sums in f64, so the order
@@ -64,14 +75,28 @@ pub fn forward_tokens(layer: &MoeLayer, x: &[f32], routes: &Routes, tokens: &[us
 
     for (e, expert_pairs) in pairs.iter().enumerate() {
         if !expert_pairs.is_empty() {
-            expert_forward(layer, e, expert_pairs, &xq, routes.weight_on_input, &mut out)?;
+            expert_forward(
+                layer,
+                e,
+                expert_pairs,
+                &xq,
+                routes.weight_on_input,
+                &mut out,
+            )?;
         }
     }
     Ok(out)
 }
 
 /// Steps 3–7 for local expert `e` and its pairs `(row of xq/out, routing weight)`.
-fn expert_forward(layer: &MoeLayer, e: usize, pairs: &[(usize, f64)], xq: &[f64], weight_on_input: bool, out: &mut [f64]) -> Result<()> {
+fn expert_forward(
+    layer: &MoeLayer,
+    e: usize,
+    pairs: &[(usize, f64)],
+    xq: &[f64],
+    weight_on_input: bool,
+    out: &mut [f64],
+) -> Result<()> {
     let cfg = layer.config();
     let w = layer.weights();
     let (h, inter, m) = (cfg.hidden, cfg.intermediate, cfg.w13_rows());
@@ -80,7 +105,13 @@ fn expert_forward(layer: &MoeLayer, e: usize, pairs: &[(usize, f64)], xq: &[f64]
     // Step 3: GEMM1, y[p, M] = W13[e] · xq[t]; Llama-4 scales the product by the routing weight
     // before the bias (`spec/layer.md` step 7).
     let mut y = vec![0f64; p * m];
-    gemm_rows(&w.w13, e, |pi| &xq[pairs[pi].0 * h..(pairs[pi].0 + 1) * h], p, &mut y);
+    gemm_rows(
+        &w.w13,
+        e,
+        |pi| &xq[pairs[pi].0 * h..(pairs[pi].0 + 1) * h],
+        p,
+        &mut y,
+    );
     for (pi, &(_, weight)) in pairs.iter().enumerate() {
         let row = &mut y[pi * m..(pi + 1) * m];
         if weight_on_input {
@@ -98,11 +129,22 @@ fn expert_forward(layer: &MoeLayer, e: usize, pairs: &[(usize, f64)], xq: &[f64]
     let mut a = vec![0f64; inter];
     let mut a32 = Vec::with_capacity(p * inter);
     for pi in 0..p {
-        crate::activation::apply_row_f64(&cfg.activation, cfg.w13_order, &y[pi * m..(pi + 1) * m], &mut a);
+        crate::activation::apply_row_f64(
+            &cfg.activation,
+            cfg.w13_order,
+            &y[pi * m..(pi + 1) * m],
+            &mut a,
+        );
         a32.extend(a.iter().map(|&v| v as f32));
     }
     let scale = input_scale(cfg, w.w2_input_scale, "w2_input_scale")?;
-    let aq = dequantize(&quantize_rows(cfg.activation_format, &a32, p, inter, scale)?);
+    let aq = dequantize(&quantize_rows(
+        cfg.activation_format,
+        &a32,
+        p,
+        inter,
+        scale,
+    )?);
 
     // Step 6: GEMM2, z[p, H] = W2[e] · aq (+ b2).
     let mut z = vec![0f64; p * h];
@@ -122,7 +164,13 @@ fn expert_forward(layer: &MoeLayer, e: usize, pairs: &[(usize, f64)], xq: &[f64]
 
 /// `result[pi, r] = Σ_c W[e][r, c] · input(pi)[c]` for every pair `pi < pairs` and every row `r`
 /// of `weight`, in f64; the weight is decoded [`DECODE_ROWS`] rows at a time, each row once.
-fn gemm_rows<'a>(weight: &QuantizedTensor, e: usize, input: impl Fn(usize) -> &'a [f64], pairs: usize, result: &mut [f64]) {
+fn gemm_rows<'a>(
+    weight: &QuantizedTensor,
+    e: usize,
+    input: impl Fn(usize) -> &'a [f64],
+    pairs: usize,
+    result: &mut [f64],
+) {
     let (rows, cols) = (weight.rows, weight.cols);
     let mut block = vec![0f64; DECODE_ROWS.min(rows) * cols];
     let mut start = 0;
@@ -164,7 +212,10 @@ fn input_scale(cfg: &LayerConfig, scale: Option<f32>, name: &str) -> Result<Opti
     }
     match scale {
         Some(s) => Ok(Some(s)),
-        None => Err(MoeError::missing(format!("tensor `{name}` (required by activation format `{}`)", cfg.activation_format))),
+        None => Err(MoeError::missing(format!(
+            "tensor `{name}` (required by activation format `{}`)",
+            cfg.activation_format
+        ))),
     }
 }
 
@@ -172,14 +223,27 @@ fn input_scale(cfg: &LayerConfig, scale: Option<f32>, name: &str) -> Result<Opti
 fn check_inputs(cfg: &LayerConfig, x: &[f32], routes: &Routes, tokens: &[usize]) -> Result<()> {
     let (t, h, k) = (routes.tokens, cfg.hidden, routes.top_k);
     if x.len() != t * h {
-        return Err(MoeError::shape("hidden_states", format!("[{t}, {h}] ({} values)", t * h), &[x.len()]));
+        return Err(MoeError::shape(
+            "hidden_states",
+            format!("[{t}, {h}] ({} values)", t * h),
+            &[x.len()],
+        ));
     }
     if routes.ids.len() != t * k || routes.weights.len() != t * k {
-        return Err(MoeError::invalid("routes", format!(
-            "{} ids and {} weights do not match T = {t}, k = {k}", routes.ids.len(), routes.weights.len())));
+        return Err(MoeError::invalid(
+            "routes",
+            format!(
+                "{} ids and {} weights do not match T = {t}, k = {k}",
+                routes.ids.len(),
+                routes.weights.len()
+            ),
+        ));
     }
     if let Some(&bad) = tokens.iter().find(|&&i| i >= t) {
-        return Err(MoeError::invalid("tokens", format!("token index {bad} is out of range for T = {t}")));
+        return Err(MoeError::invalid(
+            "tokens",
+            format!("token index {bad} is out of range for T = {t}"),
+        ));
     }
     Ok(())
 }

@@ -26,17 +26,32 @@ pub fn shard(layer: &MoeLayer, par: Parallelism) -> Result<MoeLayer> {
     let cfg = layer.config();
     let w = layer.weights();
     if cfg.local_experts != (0..cfg.num_experts) || !cfg.parallelism.is_single() {
-        return Err(MoeError::invalid("shard", format!(
-            "the layer is already a shard (experts {:?} of {}, {:?}); shard a whole layer",
-            cfg.local_experts, cfg.num_experts, cfg.parallelism)));
+        return Err(MoeError::invalid(
+            "shard",
+            format!(
+                "the layer is already a shard (experts {:?} of {}, {:?}); shard a whole layer",
+                cfg.local_experts, cfg.num_experts, cfg.parallelism
+            ),
+        ));
     }
     let (e, inter) = (cfg.num_experts, cfg.intermediate);
     if e % par.ep_size != 0 {
-        return Err(MoeError::invalid("ep_size", format!("E = {e} experts cannot be split evenly over {} ranks", par.ep_size)));
+        return Err(MoeError::invalid(
+            "ep_size",
+            format!(
+                "E = {e} experts cannot be split evenly over {} ranks",
+                par.ep_size
+            ),
+        ));
     }
     if inter % par.tp_size != 0 {
-        return Err(MoeError::invalid("tp_size", format!(
-            "I = {inter} cannot be split evenly over {} ranks", par.tp_size)));
+        return Err(MoeError::invalid(
+            "tp_size",
+            format!(
+                "I = {inter} cannot be split evenly over {} ranks",
+                par.tp_size
+            ),
+        ));
     }
     let per_rank = e / par.ep_size;
     let experts = par.ep_rank * per_rank..(par.ep_rank + 1) * per_rank;
@@ -46,7 +61,7 @@ pub fn shard(layer: &MoeLayer, par: Parallelism) -> Result<MoeLayer> {
     // Whole-element blocks along K of W2 are a format rule (`K % 32 = 0` for MX, 16 for NVFP4);
     // say so in terms of the slice before the generic block check below.
     if let Some(block) = w.w2.format.k_block().filter(|&b| b < FP8_BLOCK) {
-        if par.tp_size > 1 && local_i % block != 0 {
+        if par.tp_size > 1 && !local_i.is_multiple_of(block) {
             return Err(MoeError::invalid("tp_size", format!(
                 "I/R = {inter}/{} = {local_i} is not a multiple of the {block}-column scale blocks of {} W2",
                 par.tp_size, w.w2.format)));
@@ -62,13 +77,27 @@ pub fn shard(layer: &MoeLayer, par: Parallelism) -> Result<MoeLayer> {
     let w2 = gather(&w.w2, "w2", &experts, &w2_rows, &w2_cols)?;
     let m_full = cfg.w13_rows();
     let w13_bias = w.w13_bias.as_ref().map(|b| {
-        experts.clone().flat_map(|x| w13_rows.iter().map(move |&r| b[x * m_full + r])).collect::<Vec<f32>>()
+        experts
+            .clone()
+            .flat_map(|x| w13_rows.iter().map(move |&r| b[x * m_full + r]))
+            .collect::<Vec<f32>>()
     });
     // The GEMM2 bias is added once over the TP group: by rank 0.
     let h = cfg.hidden;
-    let w2_bias = if par.tp_rank == 0 { w.w2_bias.as_ref().map(|b| b[experts.start * h..experts.end * h].to_vec()) } else { None };
+    let w2_bias = if par.tp_rank == 0 {
+        w.w2_bias
+            .as_ref()
+            .map(|b| b[experts.start * h..experts.end * h].to_vec())
+    } else {
+        None
+    };
 
-    let config = LayerConfig { intermediate: local_i, local_experts: experts, parallelism: par, ..cfg.clone() };
+    let config = LayerConfig {
+        intermediate: local_i,
+        local_experts: experts,
+        parallelism: par,
+        ..cfg.clone()
+    };
     let weights = LayerWeights {
         w13,
         w2,
@@ -100,7 +129,13 @@ fn w13_row_map(cfg: &LayerConfig, features: &Range<usize>) -> Vec<usize> {
 
 /// Copies experts `experts`, rows `rows` (new → old) and columns `cols` (new → old) of `t`,
 /// with the scales that belong to them, into an owned tensor.
-fn gather(t: &QuantizedTensor, name: &str, experts: &Range<usize>, rows: &[usize], cols: &[usize]) -> Result<QuantizedTensor> {
+fn gather(
+    t: &QuantizedTensor,
+    name: &str,
+    experts: &Range<usize>,
+    rows: &[usize],
+    cols: &[usize],
+) -> Result<QuantizedTensor> {
     let data = gather_elements(t, name, experts, rows, cols)?;
     let scales = match &t.scales {
         BlockScales::None => BlockScales::None,
@@ -112,15 +147,27 @@ fn gather(t: &QuantizedTensor, name: &str, experts: &Range<usize>, rows: &[usize
             let mut out = Vec::with_capacity(experts.len() * row_blocks.len() * col_blocks.len());
             for x in experts.clone() {
                 for &rb in &row_blocks {
-                    out.extend(col_blocks.iter().map(|&cb| s[(x * old_rb + rb) * old_cb + cb]));
+                    out.extend(
+                        col_blocks
+                            .iter()
+                            .map(|&cb| s[(x * old_rb + rb) * old_cb + cb]),
+                    );
                 }
             }
             BlockScales::Block128(out)
         }
-        BlockScales::Ue8m0(s) => BlockScales::Ue8m0(gather_row_scales(t, s, name, experts, rows, cols)?),
-        BlockScales::E4m3(s) => BlockScales::E4m3(gather_row_scales(t, s, name, experts, rows, cols)?),
+        BlockScales::Ue8m0(s) => {
+            BlockScales::Ue8m0(gather_row_scales(t, s, name, experts, rows, cols)?)
+        }
+        BlockScales::E4m3(s) => {
+            BlockScales::E4m3(gather_row_scales(t, s, name, experts, rows, cols)?)
+        }
     };
-    let global_scales = if t.global_scales.is_empty() { Vec::new() } else { t.global_scales[experts.clone()].to_vec() };
+    let global_scales = if t.global_scales.is_empty() {
+        Vec::new()
+    } else {
+        t.global_scales[experts.clone()].to_vec()
+    };
     Ok(QuantizedTensor {
         format: t.format,
         experts: experts.len(),
@@ -135,17 +182,31 @@ fn gather(t: &QuantizedTensor, name: &str, experts: &Range<usize>, rows: &[usize
 /// Element bytes of the slice. Columns of the slices made by [`shard`] are contiguous, so each
 /// row is one copied byte range (4-bit formats: two elements per byte, so the range must start
 /// and end on even columns).
-fn gather_elements(t: &QuantizedTensor, name: &str, experts: &Range<usize>, rows: &[usize], cols: &[usize]) -> Result<Vec<u8>> {
+fn gather_elements(
+    t: &QuantizedTensor,
+    name: &str,
+    experts: &Range<usize>,
+    rows: &[usize],
+    cols: &[usize],
+) -> Result<Vec<u8>> {
     let first = cols.first().copied().unwrap_or(0);
     if cols.iter().enumerate().any(|(i, &c)| c != first + i) {
-        return Err(MoeError::invalid(format!("tensor `{name}`"), "shard columns must be one contiguous range"));
+        return Err(MoeError::invalid(
+            format!("tensor `{name}`"),
+            "shard columns must be one contiguous range",
+        ));
     }
     let (start, len) = match t.format {
         WeightFormat::Bf16 => (first * 2, cols.len() * 2),
         WeightFormat::Mxfp4 | WeightFormat::Nvfp4 => {
-            if first % 2 != 0 || cols.len() % 2 != 0 {
-                return Err(MoeError::invalid(format!("tensor `{name}`"), format!(
-                    "the column slice {first}..{} splits a byte of packed 4-bit elements", first + cols.len())));
+            if !first.is_multiple_of(2) || !cols.len().is_multiple_of(2) {
+                return Err(MoeError::invalid(
+                    format!("tensor `{name}`"),
+                    format!(
+                        "the column slice {first}..{} splits a byte of packed 4-bit elements",
+                        first + cols.len()
+                    ),
+                ));
             }
             (first / 2, cols.len() / 2)
         }
@@ -163,14 +224,25 @@ fn gather_elements(t: &QuantizedTensor, name: &str, experts: &Range<usize>, rows
 }
 
 /// Per-row block scales `[E, rows, cols/block]` (MX: UE8M0 per 32, NVFP4: E4M3 per 16) of the slice.
-fn gather_row_scales(t: &QuantizedTensor, s: &[u8], name: &str, experts: &Range<usize>, rows: &[usize], cols: &[usize]) -> Result<Vec<u8>> {
+fn gather_row_scales(
+    t: &QuantizedTensor,
+    s: &[u8],
+    name: &str,
+    experts: &Range<usize>,
+    rows: &[usize],
+    cols: &[usize],
+) -> Result<Vec<u8>> {
     let block = t.format.k_block().unwrap_or(t.cols.max(1));
     let col_blocks = block_map(cols, block, name, "column")?;
     let old_nb = t.cols.div_ceil(block);
     let mut out = Vec::with_capacity(experts.len() * rows.len() * col_blocks.len());
     for x in experts.clone() {
         for &r in rows {
-            out.extend(col_blocks.iter().map(|&cb| s[(x * t.rows + r) * old_nb + cb]));
+            out.extend(
+                col_blocks
+                    .iter()
+                    .map(|&cb| s[(x * t.rows + r) * old_nb + cb]),
+            );
         }
     }
     Ok(out)

@@ -34,8 +34,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 
     let bar = ProgressBar::new(args.cases);
     bar.set_style(
-        ProgressStyle::with_template("{bar:40} {pos}/{len} cases, {elapsed} elapsed, eta {eta} {msg}")
-            .context("progress bar template")?,
+        ProgressStyle::with_template(
+            "{bar:40} {pos}/{len} cases, {elapsed} elapsed, eta {eta} {msg}",
+        )
+        .context("progress bar template")?,
     );
     let results: Vec<CaseResult> = (0..args.cases)
         .into_par_iter()
@@ -53,15 +55,28 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     print_table(&results);
     let failed: Vec<&CaseResult> = results.iter().filter(|r| !r.passed).collect();
     for r in &failed {
-        println!("FAIL seed={} rel_err={:.3e} tol={:.0e}  {}", r.seed, r.rel_err, r.tolerance, r.description);
+        println!(
+            "FAIL seed={} rel_err={:.3e} tol={:.0e}  {}",
+            r.seed, r.rel_err, r.tolerance, r.description
+        );
         if let Some(e) = &r.error {
             println!("     error: {e}");
         }
     }
     if !failed.is_empty() {
-        bail!("{} of {} cases failed (rerun one with `moerunner check --case SEED --backend {}`)", failed.len(), results.len(), args.backend);
+        bail!(
+            "{} of {} cases failed (rerun one with `moerunner check --case SEED --backend {}`)",
+            failed.len(),
+            results.len(),
+            args.backend
+        );
     }
-    println!("all {} cases passed (backend {}, seed {})", results.len(), args.backend, args.seed);
+    println!(
+        "all {} cases passed (backend {}, seed {})",
+        results.len(),
+        args.backend,
+        args.seed
+    );
     Ok(())
 }
 
@@ -71,7 +86,12 @@ fn run_one(runner: &Runner, seed: u64, backend: &BackendChoice) -> anyhow::Resul
     let r = run_case_on(runner, seed, backend);
     match &r.error {
         Some(e) => println!("error: {e}"),
-        None => println!("rel_err {:.3e} (tolerance {:.0e}): {}", r.rel_err, r.tolerance, if r.passed { "pass" } else { "FAIL" }),
+        None => println!(
+            "rel_err {:.3e} (tolerance {:.0e}): {}",
+            r.rel_err,
+            r.tolerance,
+            if r.passed { "pass" } else { "FAIL" }
+        ),
     }
     if !r.passed {
         bail!("case {seed} failed");
@@ -92,16 +112,35 @@ fn print_table(results: &[CaseResult]) {
     for r in results {
         // Order rows like the spec's tables (enum order), not alphabetically.
         let key = (r.weight_format as usize, r.activation_format as usize);
-        let (_, row) = rows.entry(key).or_insert_with(|| (format!("{} x {}", r.weight_format, r.activation_format), Row::default()));
+        let (_, row) = rows.entry(key).or_insert_with(|| {
+            (
+                format!("{} x {}", r.weight_format, r.activation_format),
+                Row::default(),
+            )
+        });
         row.cases += 1;
         row.passed += r.passed as usize;
         row.tol = r.tolerance;
         // An error counts as ∞ and a NaN sticks, so a row with either cannot look clean.
-        let err = if r.error.is_some() { f64::INFINITY } else { r.rel_err };
-        row.worst = if err.is_nan() || row.worst.is_nan() { f64::NAN } else { row.worst.max(err) };
+        let err = if r.error.is_some() {
+            f64::INFINITY
+        } else {
+            r.rel_err
+        };
+        row.worst = if err.is_nan() || row.worst.is_nan() {
+            f64::NAN
+        } else {
+            row.worst.max(err)
+        };
     }
-    println!("{:<28} {:>6} {:>6} {:>12} {:>10}", "weight x activation", "cases", "passed", "worst err", "tolerance");
+    println!(
+        "{:<28} {:>6} {:>6} {:>12} {:>10}",
+        "weight x activation", "cases", "passed", "worst err", "tolerance"
+    );
     for (name, row) in rows.values() {
-        println!("{name:<28} {:>6} {:>6} {:>12.3e} {:>10.0e}", row.cases, row.passed, row.worst, row.tol);
+        println!(
+            "{name:<28} {:>6} {:>6} {:>12.3e} {:>10.0e}",
+            row.cases, row.passed, row.worst, row.tol
+        );
     }
 }
