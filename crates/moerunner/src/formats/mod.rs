@@ -9,5 +9,5 @@ pub mod scale_layout;
 pub mod ue8m0;
 pub mod weight_quant;
 
-pub use act_quant::{quantize_rows, QuantizedRows};
+pub use act_quant::{quantize_rows, quantize_rows_into, QuantizedRows};
 pub use weight_quant::quantize_weights;
