@@ -117,8 +117,13 @@ impl Case {
         let (hidden, intermediate) = shapes(&mut rng, weight_format, tp_size);
         // Synthesizing and quantizing the weights dominates a case's time: big experts come in
         // small numbers so that the default 2000 cases stay fast.
-        let max_experts = if hidden * intermediate > 200 * 200 { 12 } else { 32 };
-        let num_experts = between(&mut rng, 4usize.div_ceil(ep_size), max_experts / ep_size) * ep_size;
+        let max_experts = if hidden * intermediate > 200 * 200 {
+            12
+        } else {
+            32
+        };
+        let num_experts =
+            between(&mut rng, 4usize.div_ceil(ep_size), max_experts / ep_size) * ep_size;
 
         let method = pick(&mut rng, RoutingMethod::ALL);
         let mut routing = RoutingConfig::new(method, 1);
