@@ -1,8 +1,146 @@
-//! `moerunner check`.
+//! `moerunner check`: random cases over the whole support matrix against the float64 reference,
+//! run in parallel, summarised per weight × activation format; every failure prints its seed.
+
+use std::collections::BTreeMap;
+
+use anyhow::{bail, Context};
+use indicatif::{ProgressBar, ProgressStyle};
+use moerunner::check::{case_seed, run_case_on, Case, CaseResult};
+use moerunner::{BackendChoice, Runner};
+use rayon::prelude::*;
 
 #[derive(clap::Args)]
-pub struct Args {}
+pub struct Args {
+    /// Number of random cases.
+    #[arg(long, default_value_t = 2000)]
+    cases: u64,
+    /// Base seed of the run (case i gets its own seed derived from it).
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Backend under test: auto, cpu, cuda or reference.
+    #[arg(long, default_value = "auto")]
+    backend: String,
+    /// Run the single case with this seed (as printed by a failing run) and show its details.
+    #[arg(long, value_name = "SEED")]
+    case: Option<u64>,
+}
 
-pub fn run(_args: Args) -> anyhow::Result<()> {
-    anyhow::bail!("`check` is not implemented yet")
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let backend: BackendChoice = args.backend.parse().context("--backend")?;
+    let runner = Runner::new();
+    if let Some(seed) = args.case {
+        return run_one(&runner, seed, &backend);
+    }
+
+    let bar = ProgressBar::new(args.cases);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{bar:40} {pos}/{len} cases, {elapsed} elapsed, eta {eta} {msg}",
+        )
+        .context("progress bar template")?,
+    );
+    let results: Vec<CaseResult> = (0..args.cases)
+        .into_par_iter()
+        .map(|i| {
+            let r = run_case_on(&runner, case_seed(args.seed, i), &backend);
+            if !r.passed {
+                bar.set_message("(failures)");
+            }
+            bar.inc(1);
+            r
+        })
+        .collect();
+    bar.finish_and_clear();
+
+    print_table(&results);
+    let failed: Vec<&CaseResult> = results.iter().filter(|r| !r.passed).collect();
+    for r in &failed {
+        println!(
+            "FAIL seed={} rel_err={:.3e} tol={:.0e}  {}",
+            r.seed, r.rel_err, r.tolerance, r.description
+        );
+        if let Some(e) = &r.error {
+            println!("     error: {e}");
+        }
+    }
+    if !failed.is_empty() {
+        bail!(
+            "{} of {} cases failed (rerun one with `moerunner check --case SEED --backend {}`)",
+            failed.len(),
+            results.len(),
+            args.backend
+        );
+    }
+    println!(
+        "all {} cases passed (backend {}, seed {})",
+        results.len(),
+        args.backend,
+        args.seed
+    );
+    Ok(())
+}
+
+fn run_one(runner: &Runner, seed: u64, backend: &BackendChoice) -> anyhow::Result<()> {
+    let case = Case::generate(seed);
+    println!("case {seed}: {case}");
+    let r = run_case_on(runner, seed, backend);
+    match &r.error {
+        Some(e) => println!("error: {e}"),
+        None => println!(
+            "rel_err {:.3e} (tolerance {:.0e}): {}",
+            r.rel_err,
+            r.tolerance,
+            if r.passed { "pass" } else { "FAIL" }
+        ),
+    }
+    if !r.passed {
+        bail!("case {seed} failed");
+    }
+    Ok(())
+}
+
+/// Per weight × activation format: cases, passed, worst relative error, tolerance.
+fn print_table(results: &[CaseResult]) {
+    #[derive(Default)]
+    struct Row {
+        cases: usize,
+        passed: usize,
+        worst: f64,
+        tol: f64,
+    }
+    let mut rows: BTreeMap<(usize, usize), (String, Row)> = BTreeMap::new();
+    for r in results {
+        // Order rows like the spec's tables (enum order), not alphabetically.
+        let key = (r.weight_format as usize, r.activation_format as usize);
+        let (_, row) = rows.entry(key).or_insert_with(|| {
+            (
+                format!("{} x {}", r.weight_format, r.activation_format),
+                Row::default(),
+            )
+        });
+        row.cases += 1;
+        row.passed += r.passed as usize;
+        row.tol = r.tolerance;
+        // An error counts as ∞ and a NaN sticks, so a row with either cannot look clean.
+        let err = if r.error.is_some() {
+            f64::INFINITY
+        } else {
+            r.rel_err
+        };
+        row.worst = if err.is_nan() || row.worst.is_nan() {
+            f64::NAN
+        } else {
+            row.worst.max(err)
+        };
+    }
+    println!(
+        "{:<28} {:>6} {:>6} {:>12} {:>10}",
+        "weight x activation", "cases", "passed", "worst err", "tolerance"
+    );
+    for (name, row) in rows.values() {
+        println!(
+            "{name:<28} {:>6} {:>6} {:>12.3e} {:>10.0e}",
+            row.cases, row.passed, row.worst, row.tol
+        );
+    }
 }

@@ -1,8 +1,116 @@
-//! `moerunner make-layer`.
+//! `moerunner make-layer`: a random layer file for a preset or an explicit shape, in any format,
+//! deterministic from `--seed`.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use indicatif::{ProgressBar, ProgressStyle};
+use moerunner::config::ActivationKind;
+use moerunner::presets::preset;
+use moerunner::{Activation, ActivationFormat, LayerConfig, Parallelism, RoutingConfig, RoutingMethod, W13Order, WeightFormat};
 
 #[derive(clap::Args)]
-pub struct Args {}
+pub struct Args {
+    /// Where to write the layer file.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// A model preset (spec/models.md): qwen3-30b-a3b, deepseek-v3, gpt-oss-120b, mixtral-8x7b, …
+    #[arg(long)]
+    pub preset: Option<String>,
+    #[arg(long)]
+    pub experts: Option<usize>,
+    #[arg(long)]
+    pub hidden: Option<usize>,
+    #[arg(long)]
+    pub intermediate: Option<usize>,
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    /// swiglu, geglu, swiglu_oai, relu2 (explicit shapes; default swiglu).
+    #[arg(long)]
+    pub activation: Option<ActivationKind>,
+    /// Routing method (explicit shapes; default renormalize).
+    #[arg(long)]
+    pub routing: Option<RoutingMethod>,
+    #[arg(long)]
+    pub n_group: Option<usize>,
+    #[arg(long)]
+    pub topk_group: Option<usize>,
+    #[arg(long)]
+    pub routed_scaling_factor: Option<f32>,
+    /// Default: the preset's shipped format, else bf16.
+    #[arg(long)]
+    pub weight_format: Option<WeightFormat>,
+    /// Default: the weight format's natural pairing.
+    #[arg(long)]
+    pub activation_format: Option<ActivationFormat>,
+    #[arg(long)]
+    pub w13_order: Option<W13Order>,
+    /// Add random W13/W2 biases (presets that ship them always have them).
+    #[arg(long)]
+    pub biases: bool,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
 
-pub fn run(_args: Args) -> anyhow::Result<()> {
-    anyhow::bail!("`make-layer` is not implemented yet")
+/// The layer config the arguments describe.
+pub fn config_from(args: &Args) -> anyhow::Result<(LayerConfig, bool)> {
+    let mut biases = args.biases;
+    let mut config = match &args.preset {
+        Some(name) => {
+            let p = preset(name)?;
+            biases |= p.biases;
+            p.config(args.weight_format.unwrap_or(p.shipped), args.activation_format)
+        }
+        None => {
+            let (Some(e), Some(h), Some(i), Some(k)) = (args.experts, args.hidden, args.intermediate, args.top_k) else {
+                bail!("give --preset NAME, or all of --experts, --hidden, --intermediate and --top-k");
+            };
+            let activation = match args.activation.unwrap_or(ActivationKind::Swiglu) {
+                ActivationKind::Swiglu => Activation::Swiglu,
+                ActivationKind::Geglu => Activation::Geglu,
+                ActivationKind::SwigluOai => Activation::OAI_DEFAULT,
+                ActivationKind::Relu2 => Activation::Relu2,
+            };
+            let wf = args.weight_format.unwrap_or(WeightFormat::Bf16);
+            LayerConfig {
+                num_experts: e,
+                hidden: h,
+                intermediate: i,
+                weight_format: wf,
+                activation_format: args.activation_format.unwrap_or(wf.default_activation_format()),
+                activation,
+                w13_order: W13Order::GateUp,
+                routing: RoutingConfig::new(args.routing.unwrap_or(RoutingMethod::Renormalize), k),
+                local_experts: 0..e,
+                parallelism: Parallelism::default(),
+            }
+        }
+    };
+    if let Some(o) = args.w13_order {
+        config.w13_order = o;
+    }
+    if let Some(g) = args.n_group {
+        config.routing.n_group = g;
+    }
+    if let Some(g) = args.topk_group {
+        config.routing.topk_group = g;
+    }
+    if let Some(r) = args.routed_scaling_factor {
+        config.routing.routed_scaling_factor = r;
+    }
+    config.validate()?;
+    Ok((config, biases))
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let (config, biases) = config_from(&args)?;
+    let bar = ProgressBar::new_spinner().with_style(ProgressStyle::with_template("{spinner} {msg} [{elapsed}]")?);
+    bar.set_message(format!("generating {config}"));
+    bar.enable_steady_tick(std::time::Duration::from_millis(120));
+    let layer = moerunner::synth::random_layer(&config, args.seed, biases)?;
+    bar.set_message(format!("writing {}", args.out.display()));
+    moerunner::layer_file::write_layer(&args.out, &layer).with_context(|| format!("writing {}", args.out.display()))?;
+    bar.finish_and_clear();
+    eprintln!("wrote {} ({config}, seed {})", args.out.display(), args.seed);
+    Ok(())
 }
