@@ -19,7 +19,7 @@ use super::CpuLayer;
 use crate::activation::apply_row_f32;
 use crate::config::ActivationFormat;
 use crate::error::{MoeError, Result};
-use crate::formats::quantize_rows;
+use crate::formats::{quantize_rows_into, QuantizedRows};
 use crate::forward::{self, ForwardInput, ForwardOutput};
 use crate::routing::Routes;
 
@@ -38,7 +38,7 @@ pub fn run(cpu: &CpuLayer, input: &ForwardInput<'_>) -> Result<ForwardOutput> {
     // NaN until written: a row the phases forget shows up as NaN, never as a plausible zero.
     let mut out = vec![f32::NAN; tokens * h];
     let per_token = (routes.top_k * (h + 2 * cfg.intermediate) + h) * 4;
-    let chunk = (CHUNK_BUFFER_BYTES / per_token.max(1)).max(1);
+    let chunk = (CHUNK_BUFFER_BYTES / per_token.max(1)).clamp(1, cpu.max_chunk_tokens.max(1));
     let mut start = 0;
     while start < tokens {
         let end = (start + chunk).min(tokens);
@@ -118,7 +118,7 @@ fn run_chunk(
 
     // GEMM1's input: every token quantized once, dequantized into W13's codec order.
     let mut xq = vec![f32::NAN; n_tok * h];
-    quantize_into(
+    quantize_rows_par(
         cfg.activation_format,
         &x[tokens.start * h..tokens.end * h],
         h,
@@ -144,7 +144,8 @@ fn run_chunk(
             let first = task * QUANT_ROWS_PER_TASK;
             let rows = dst.len() / inter;
             gemm::with_scratch(|s| {
-                let raw = grow_scratch(&mut s.y, rows * inter);
+                let gemm::Scratch { y, quant, .. } = s;
+                let raw = grow_scratch(y, rows * inter);
                 for (i, row) in raw.chunks_exact_mut(inter).enumerate() {
                     let p = first + i;
                     let e = plan.pair_expert[p] as usize;
@@ -154,13 +155,14 @@ fn run_chunk(
                         row[b.clone()].copy_from_slice(&act[o..o + b.len()]);
                     }
                 }
-                quantize_into(
+                quantize_chunk(
                     cfg.activation_format,
                     raw,
                     inter,
                     w.w2_input_scale,
                     cpu.w2.codec(),
                     dst,
+                    quant,
                 )
             })
         })?;
@@ -223,12 +225,14 @@ fn gemm1_item(
     // The rows of these features, as W13Order lays them out, concatenated in an order such that
     // the local row layout is itself `w13_order` over `fl` features (apply_row_f32 then works on
     // it unchanged).
-    let ranges: Vec<Range<usize>> = if !cfg.activation.is_gated() {
-        vec![feats.clone()]
+    let both = [feats.clone(), inter + feats.start..inter + feats.end];
+    let interleaved = 2 * feats.start..2 * feats.end;
+    let ranges: &[Range<usize>] = if !cfg.activation.is_gated() {
+        &both[..1]
     } else {
         match cfg.w13_order {
-            crate::config::W13Order::Interleaved => vec![2 * feats.start..2 * feats.end],
-            _ => vec![feats.clone(), inter + feats.start..inter + feats.end],
+            crate::config::W13Order::Interleaved => std::slice::from_ref(&interleaved),
+            _ => &both,
         }
     };
     let m: usize = ranges.iter().map(|r| r.len()).sum();
@@ -241,7 +245,7 @@ fn gemm1_item(
     gemm::with_scratch(|s| {
         let mut y = std::mem::take(&mut s.y);
         let yb = grow_scratch(&mut y, n * m);
-        gemm::project(cpu.isa, &cpu.w13, &w.w13, e, &ranges, &rows, yb, m, s);
+        gemm::project(cpu.isa, &cpu.w13, &w.w13, e, ranges, &rows, yb, m, s);
         for (i, yrow) in yb.chunks_exact_mut(m).enumerate() {
             if weight_on_input {
                 let wt = plan.pair_weight[pairs.start + i];
@@ -250,7 +254,7 @@ fn gemm1_item(
             if let Some(b13) = &w.w13_bias {
                 let bias = &b13[e * m_all..(e + 1) * m_all];
                 let mut j = 0;
-                for r in &ranges {
+                for r in ranges {
                     for (v, &b) in yrow[j..j + r.len()].iter_mut().zip(&bias[r.clone()]) {
                         *v += b;
                     }
@@ -321,8 +325,10 @@ fn grow_scratch(v: &mut Vec<f32>, len: usize) -> &mut [f32] {
 }
 
 /// Quantizes rows of `cols` values (`src`, natural order) with `format` and writes their
-/// dequantized values in `codec` order into `dst`.
-fn quantize_into(
+/// dequantized values in `codec` order into `dst`, a task per [`QUANT_ROWS_PER_TASK`] rows, each
+/// with its thread's reusable quantizer buffers. Quantizers work per row, so the split changes no
+/// bit.
+fn quantize_rows_par(
     format: ActivationFormat,
     src: &[f32],
     cols: usize,
@@ -333,17 +339,30 @@ fn quantize_into(
     if cols == 0 || src.is_empty() {
         return Ok(());
     }
-    let rows = src.len() / cols;
-    if rows > QUANT_ROWS_PER_TASK {
-        // Split across threads; each task quantizes whole rows, so the split changes no bit.
-        return src
-            .par_chunks(QUANT_ROWS_PER_TASK * cols)
-            .zip(dst.par_chunks_mut(QUANT_ROWS_PER_TASK * cols))
-            .try_for_each(|(s, d)| quantize_into(format, s, cols, scale, codec, d));
-    }
-    let q = quantize_rows(format, src, rows, cols, scale)?;
-    let bpr = cols.div_ceil(q.block.max(1));
-    if q.values.len() != rows * cols || q.scales.len() < rows * bpr {
+    src.par_chunks(QUANT_ROWS_PER_TASK * cols)
+        .zip(dst.par_chunks_mut(QUANT_ROWS_PER_TASK * cols))
+        .try_for_each(|(s, d)| {
+            gemm::with_scratch(|sc| quantize_chunk(format, s, cols, scale, codec, d, &mut sc.quant))
+        })
+}
+
+/// [`quantize_rows_par`] for one task's rows, through the reusable `q`.
+fn quantize_chunk(
+    format: ActivationFormat,
+    src: &[f32],
+    cols: usize,
+    scale: Option<f32>,
+    codec: Codec,
+    dst: &mut [f32],
+    q: &mut QuantizedRows,
+) -> Result<()> {
+    let rows = src.len() / cols.max(1);
+    q.format = format;
+    q.rows = rows;
+    q.cols = cols;
+    quantize_rows_into(src, scale, q)?;
+    let (block, bpr) = (q.block.max(1), q.blocks_per_row());
+    if q.values.len() < rows * cols || q.scales.len() < rows * bpr {
         return Err(MoeError::invalid(
             "activation quantizer",
             format!(
@@ -358,7 +377,7 @@ fn quantize_into(
         let scales = &q.scales[r * bpr..(r + 1) * bpr];
         let d = &mut dst[r * cols..(r + 1) * cols];
         for (c, &v) in vals.iter().enumerate() {
-            d[codec.order_index(c, cols)] = v * scales[c / q.block];
+            d[codec.order_index(c, cols)] = v * scales[c / block];
         }
     }
     Ok(())

@@ -12,6 +12,8 @@ use std::ops::Range;
 
 use super::rows::{ProjectionPlan, Source};
 use super::simd::{self, Isa, RowFormat, MAX_TILE_TOKENS};
+use crate::config::ActivationFormat;
+use crate::formats::QuantizedRows;
 use crate::weights::QuantizedTensor;
 
 /// f32 elements of a decoded row block (~128 KiB: stays in L2 while every token tile sweeps it).
@@ -39,11 +41,30 @@ impl TokenRows<'_> {
 
 /// Per-thread buffers reused across work items and calls (no allocation per token or item once
 /// they have grown).
-#[derive(Default)]
 pub struct Scratch {
     decoded: Vec<f32>,
     /// The item's product before its epilogue (bias, activation); used by `forward`.
     pub y: Vec<f32>,
+    /// The activation quantizer's output, reused (`formats::quantize_rows_into`).
+    pub quant: QuantizedRows,
+}
+
+impl Default for Scratch {
+    fn default() -> Self {
+        let quant = QuantizedRows {
+            format: ActivationFormat::Bf16,
+            rows: 0,
+            cols: 0,
+            block: 1,
+            values: Vec::new(),
+            scales: Vec::new(),
+        };
+        Scratch {
+            decoded: Vec::new(),
+            y: Vec::new(),
+            quant,
+        }
+    }
 }
 
 thread_local! {

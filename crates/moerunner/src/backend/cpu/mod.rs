@@ -59,6 +59,7 @@ pub struct CpuLayer {
     isa: Isa,
     w13: rows::ProjectionPlan,
     w2: rows::ProjectionPlan,
+    max_chunk_tokens: usize,
 }
 
 impl CpuLayer {
@@ -72,7 +73,14 @@ impl CpuLayer {
             isa,
             w13,
             w2,
+            max_chunk_tokens: usize::MAX,
         }
+    }
+    /// Caps the tokens one pass holds intermediates for (by default only a memory budget of
+    /// 256 MiB does); each pass re-reads the routed experts' weights.
+    pub fn with_max_chunk_tokens(mut self, tokens: usize) -> CpuLayer {
+        self.max_chunk_tokens = tokens.max(1);
+        self
     }
     /// The kernels this layer runs.
     pub fn isa(&self) -> Isa {

@@ -143,7 +143,11 @@ impl Codec {
             Codec::E4m3 => e4m3_raw(row[c]),
             Codec::E2m1 => {
                 let byte = row[c / 2];
-                e2m1_value(if c % 2 == 0 { byte & 15 } else { byte >> 4 })
+                e2m1_value(if c.is_multiple_of(2) {
+                    byte & 15
+                } else {
+                    byte >> 4
+                })
             }
         }
     }
@@ -250,10 +254,11 @@ impl<'a> RowFormat<'a> {
     fn check(&self, rows: &[&[u8]], scales: &[&[u8]]) {
         // Internal invariants (callers derive everything from a validated layer); they guard the
         // raw-pointer reads below, so they stay on in release builds.
-        let aligned = !self.codec.scaled() || self.group % CHUNK == 0 || self.group >= self.k;
+        let aligned =
+            !self.codec.scaled() || self.group.is_multiple_of(CHUNK) || self.group >= self.k;
         // E2M1 (mxfp4, nvfp4): whole bytes, 16- or 32-element groups.
-        let paired =
-            self.codec != Codec::E2m1 || (self.k % CHUNK == 0 && matches!(self.group, 16 | 32));
+        let paired = self.codec != Codec::E2m1
+            || (self.k.is_multiple_of(CHUNK) && matches!(self.group, 16 | 32));
         let scale_ok = self.codec.scaled() != (self.scale == Scale::None);
         assert!(aligned && paired && scale_ok, "bad row format {self:?}");
         assert!(

@@ -367,9 +367,9 @@ unsafe fn decode_with<D: Decode, const S: u8>(
         start = end;
         g += 1;
     }
-    for p in vec_end..k {
+    for (p, o) in out.iter_mut().enumerate().take(k).skip(vec_end) {
         let raw = D::CODEC.raw(row, p, k);
-        out[p] = if scaled {
+        *o = if scaled {
             raw * fmt.factor(scales, p / group)
         } else {
             raw
