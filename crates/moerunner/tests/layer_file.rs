@@ -209,6 +209,15 @@ fn every_config_field_round_trips_and_only_applicable_keys_are_written() {
 }
 
 #[test]
+fn the_same_layer_gives_the_same_bytes() {
+    let l = layer(WeightFormat::Nvfp4);
+    let (a, b) = (tmp("same-a"), tmp("same-b"));
+    layer_file::write_layer(&a, &l).unwrap();
+    layer_file::write_layer(&b, &l).unwrap();
+    assert!(std::fs::read(a).unwrap() == std::fs::read(b).unwrap());
+}
+
+#[test]
 fn absent_optional_keys_take_the_spec_defaults() {
     let mut cfg = small(WeightFormat::Bf16, ActivationFormat::Bf16);
     cfg.activation = Activation::OAI_DEFAULT;

@@ -186,6 +186,11 @@ pub fn write_tensors(
     let invalid = |why: String| MoeError::invalid(format!("writing {}", path.display()), why);
     let mut seen = HashSet::new();
     for (name, t) in tensors {
+        if name == "__metadata__" {
+            return Err(invalid(
+                "`__metadata__` is reserved by safetensors, not a tensor name".into(),
+            ));
+        }
         if !seen.insert(name.as_str()) {
             return Err(invalid(format!("tensor `{name}` given twice")));
         }
@@ -217,9 +222,23 @@ pub fn write_tensors(
         ));
         offset += n;
     }
-    let meta = Metadata::new((!metadata.is_empty()).then_some(metadata), infos)
-        .map_err(|e| invalid(e.to_string()))?;
-    let mut header = serde_json::to_vec(&meta).map_err(|e| invalid(e.to_string()))?;
+    // The header is built as a sorted JSON map (serde_json's default `Map` is a BTreeMap), not
+    // serialized from `Metadata`, whose HashMaps iterate in a random order: the same layer must
+    // give the same bytes. `Metadata::new` still checks offsets and sizes as every reader will.
+    let mut header = serde_json::Map::new();
+    if !metadata.is_empty() {
+        let meta: serde_json::Map<String, serde_json::Value> =
+            metadata.into_iter().map(|(k, v)| (k, v.into())).collect();
+        header.insert("__metadata__".into(), meta.into());
+    }
+    for (name, info) in &infos {
+        header.insert(
+            name.clone(),
+            serde_json::to_value(info).map_err(|e| invalid(e.to_string()))?,
+        );
+    }
+    Metadata::new(None, infos).map_err(|e| invalid(e.to_string()))?;
+    let mut header = serde_json::to_vec(&header).map_err(|e| invalid(e.to_string()))?;
     header.resize(header.len().next_multiple_of(8), b' ');
 
     let tmp = temp_path(path);
