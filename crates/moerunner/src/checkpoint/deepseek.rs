@@ -17,15 +17,22 @@ pub(super) fn plan(cfg: &HfConfig, layer: usize) -> Result<Plan> {
             "layer {layer} is a dense MLP layer (the first {dense} layers are dense); MoE layers start at {dense}")));
     }
     let freq = cfg.usize_or("moe_layer_freq", 1)?;
-    if freq == 0 || layer % freq != 0 {
-        return Err(cfg.unsupported("moe_layer_freq", format!("layer {layer} is a dense MLP layer (MoE every {freq} layers)")));
+    if freq == 0 || !layer.is_multiple_of(freq) {
+        return Err(cfg.unsupported(
+            "moe_layer_freq",
+            format!("layer {layer} is a dense MLP layer (MoE every {freq} layers)"),
+        ));
     }
     cfg.expect_str("scoring_func", &["sigmoid"])?;
     cfg.expect_str("topk_method", &["noaux_tc"])?;
     if !cfg.bool_or("norm_topk_prob", true)? {
-        return Err(cfg.unsupported("norm_topk_prob", "false is not supported: deepseek_v3 routing renormalizes the selected weights"));
+        return Err(cfg.unsupported(
+            "norm_topk_prob",
+            "false is not supported: deepseek_v3 routing renormalizes the selected weights",
+        ));
     }
-    let mut routing = RoutingConfig::new(RoutingMethod::DeepseekV3, cfg.usize("num_experts_per_tok")?);
+    let mut routing =
+        RoutingConfig::new(RoutingMethod::DeepseekV3, cfg.usize("num_experts_per_tok")?);
     routing.n_group = cfg.usize("n_group")?;
     routing.topk_group = cfg.usize("topk_group")?;
     routing.routed_scaling_factor = cfg.f32("routed_scaling_factor")?;
@@ -37,7 +44,12 @@ pub(super) fn plan(cfg: &HfConfig, layer: usize) -> Result<Plan> {
         intermediate: cfg.usize("moe_intermediate_size")?,
         routing,
         activation: swiglu(cfg)?,
-        experts: ExpertLayout::PerExpert { prefix: format!("{p}experts."), gate: Some("gate_proj"), up: "up_proj", down: "down_proj" },
+        experts: ExpertLayout::PerExpert {
+            prefix: format!("{p}experts."),
+            gate: Some("gate_proj"),
+            up: "up_proj",
+            down: "down_proj",
+        },
         router_weight: format!("{p}gate.weight"),
         router_linear_bias: None,
         correction_bias: Some(format!("{p}gate.e_score_correction_bias")),

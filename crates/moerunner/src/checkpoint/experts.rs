@@ -17,8 +17,17 @@ const FP8_BLOCK: usize = 128;
 const NV_BLOCK: usize = 16;
 
 pub(super) fn load(sh: &Shards, plan: &Plan, s: &Slice) -> Result<LoadedExperts> {
-    let ExpertLayout::PerExpert { prefix, gate, up, down } = &plan.experts else {
-        return Err(MoeError::invalid("checkpoint", "per-expert loader called on another layout"));
+    let ExpertLayout::PerExpert {
+        prefix,
+        gate,
+        up,
+        down,
+    } = &plan.experts
+    else {
+        return Err(MoeError::invalid(
+            "checkpoint",
+            "per-expert loader called on another layout",
+        ));
     };
     let (h, inter) = (plan.hidden, plan.intermediate);
     let name = |e: usize, proj: &str, what: &str| format!("{prefix}{e}.{proj}.{what}");
@@ -38,7 +47,12 @@ pub(super) fn load(sh: &Shards, plan: &Plan, s: &Slice) -> Result<LoadedExperts>
     let local = s.features.len();
     let (f0, f1) = (s.features.start, s.features.end);
     let projs13: Vec<&str> = gate.iter().copied().chain([*up]).collect();
-    check_alignment(format, local, gate.is_some() || local != inter, &name(0, up, "weight"))?;
+    check_alignment(
+        format,
+        local,
+        gate.is_some() || local != inter,
+        &name(0, up, "weight"),
+    )?;
 
     let mut w13 = Vec::new();
     let mut w2 = Vec::new();
@@ -50,12 +64,12 @@ pub(super) fn load(sh: &Shards, plan: &Plan, s: &Slice) -> Result<LoadedExperts>
         for p in &projs13 {
             let n = name(e, p, "weight");
             let (row_bytes, dims) = elem_dims(format, inter, h);
-            sh.expect(&n, &[dtype], &dims)?;
+            sh.check_tensor(&n, &[dtype], &dims)?;
             w13.extend(sh.read_box(&n, [1, inter, row_bytes], 0..1, f0..f1, 0..row_bytes)?);
         }
         let n = name(e, down, "weight");
         let (row_bytes, dims) = elem_dims(format, h, inter);
-        sh.expect(&n, &[dtype], &dims)?;
+        sh.check_tensor(&n, &[dtype], &dims)?;
         let cols = match format {
             WeightFormat::Bf16 => f0 * 2..f1 * 2,
             WeightFormat::Nvfp4 => f0 / 2..f1 / 2,
@@ -70,21 +84,30 @@ pub(super) fn load(sh: &Shards, plan: &Plan, s: &Slice) -> Result<LoadedExperts>
                 let rows = f0 / FP8_BLOCK..f1.div_ceil(FP8_BLOCK);
                 for p in &projs13 {
                     let n = name(e, p, "weight_scale_inv");
-                    sh.expect(&n, &[DType::F32], &[ib, hb])?;
+                    sh.check_tensor(&n, &[DType::F32], &[ib, hb])?;
                     s13.extend(sh.read_box(&n, [1, ib, hb * 4], 0..1, rows.clone(), 0..hb * 4)?);
                 }
                 let n = name(e, down, "weight_scale_inv");
-                sh.expect(&n, &[DType::F32], &[hb, ib])?;
-                s2.extend(sh.read_box(&n, [1, hb, ib * 4], 0..1, 0..hb, rows.start * 4..rows.end * 4)?);
+                sh.check_tensor(&n, &[DType::F32], &[hb, ib])?;
+                s2.extend(sh.read_box(
+                    &n,
+                    [1, hb, ib * 4],
+                    0..1,
+                    0..hb,
+                    rows.start * 4..rows.end * 4,
+                )?);
             }
             WeightFormat::Nvfp4 => {
                 let (ib, hb) = (inter / NV_BLOCK, h / NV_BLOCK);
                 let mut globals = Vec::new();
                 for p in &projs13 {
                     let n = name(e, p, "weight_scale");
-                    sh.expect(&n, &[DType::F8E4M3], &[inter, hb])?;
+                    sh.check_tensor(&n, &[DType::F8E4M3], &[inter, hb])?;
                     s13.extend(sh.read_box(&n, [1, inter, hb], 0..1, f0..f1, 0..hb)?);
-                    globals.push((name(e, p, "weight_scale_2"), sh.read_scalar(&name(e, p, "weight_scale_2"))?));
+                    globals.push((
+                        name(e, p, "weight_scale_2"),
+                        sh.read_scalar(&name(e, p, "weight_scale_2"))?,
+                    ));
                 }
                 // W13 has one global scale per expert, so a gated expert's gate and up must share it.
                 if let [(gn, g), (un, u)] = globals.as_slice() {
@@ -96,7 +119,7 @@ pub(super) fn load(sh: &Shards, plan: &Plan, s: &Slice) -> Result<LoadedExperts>
                 }
                 g13.push(globals.last().map_or(1.0, |x| x.1));
                 let n = name(e, down, "weight_scale");
-                sh.expect(&n, &[DType::F8E4M3], &[h, ib])?;
+                sh.check_tensor(&n, &[DType::F8E4M3], &[h, ib])?;
                 s2.extend(sh.read_box(&n, [1, h, ib], 0..1, 0..h, f0 / NV_BLOCK..f1 / NV_BLOCK)?);
                 g2.push(sh.read_scalar(&name(e, down, "weight_scale_2"))?);
             }
@@ -120,15 +143,46 @@ pub(super) fn load(sh: &Shards, plan: &Plan, s: &Slice) -> Result<LoadedExperts>
 
     let n_exp = s.experts.len();
     let m = projs13.len() * local;
-    let f32s = |b: Vec<u8>| b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect::<Vec<f32>>();
+    let f32s = |b: Vec<u8>| {
+        b.chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect::<Vec<f32>>()
+    };
     let (sc13, sc2) = match format {
-        WeightFormat::Fp8Block => (BlockScales::Block128(f32s(s13)), BlockScales::Block128(f32s(s2))),
+        WeightFormat::Fp8Block => (
+            BlockScales::Block128(f32s(s13)),
+            BlockScales::Block128(f32s(s2)),
+        ),
         WeightFormat::Nvfp4 => (BlockScales::E4m3(s13), BlockScales::E4m3(s2)),
         _ => (BlockScales::None, BlockScales::None),
     };
-    let w13 = QuantizedTensor { format, experts: n_exp, rows: m, cols: h, data: w13.into(), scales: sc13, global_scales: g13 };
-    let w2 = QuantizedTensor { format, experts: n_exp, rows: h, cols: local, data: w2.into(), scales: sc2, global_scales: g2 };
-    Ok(LoadedExperts { w13, w2, w13_order: W13Order::GateUp, w13_bias: None, w2_bias: None, w13_input_scale: in13, w2_input_scale: in2 })
+    let w13 = QuantizedTensor {
+        format,
+        experts: n_exp,
+        rows: m,
+        cols: h,
+        data: w13.into(),
+        scales: sc13,
+        global_scales: g13,
+    };
+    let w2 = QuantizedTensor {
+        format,
+        experts: n_exp,
+        rows: h,
+        cols: local,
+        data: w2.into(),
+        scales: sc2,
+        global_scales: g2,
+    };
+    Ok(LoadedExperts {
+        w13,
+        w2,
+        w13_order: W13Order::GateUp,
+        w13_bias: None,
+        w2_bias: None,
+        w13_input_scale: in13,
+        w2_input_scale: in2,
+    })
 }
 
 /// Bytes per row and the file shape of a `[rows, cols]` weight in `format`.
@@ -141,7 +195,12 @@ fn elem_dims(format: WeightFormat, rows: usize, cols: usize) -> (usize, Vec<usiz
 }
 
 /// Scale blocks must not straddle the slice or the gate/up seam of W13.
-fn check_alignment(format: WeightFormat, local: usize, gated_or_sliced: bool, tensor: &str) -> Result<()> {
+fn check_alignment(
+    format: WeightFormat,
+    local: usize,
+    gated_or_sliced: bool,
+    tensor: &str,
+) -> Result<()> {
     let block = match format {
         WeightFormat::Fp8Block => FP8_BLOCK,
         WeightFormat::Nvfp4 => NV_BLOCK,
@@ -152,7 +211,7 @@ fn check_alignment(format: WeightFormat, local: usize, gated_or_sliced: bool, te
         WeightFormat::Nvfp4 => true,
         _ => gated_or_sliced,
     };
-    if needs && local % block != 0 {
+    if needs && !local.is_multiple_of(block) {
         return Err(MoeError::invalid(format!("tensor `{tensor}`"), format!(
             "the rank's I = {local} is not a multiple of the {block}-element scale blocks of {format}: \
              its blocks would straddle the gate/up seam or the tensor-parallel slice"

@@ -28,8 +28,14 @@ pub(super) fn plan(cfg: &HfConfig, layer: usize) -> Result<Plan> {
         hidden: cfg.usize("hidden_size")?,
         intermediate: cfg.usize("intermediate_size")?,
         routing: RoutingConfig::new(RoutingMethod::Renormalize, k),
-        activation: Activation::SwigluOai { alpha: 1.702, beta: 1.0, limit },
-        experts: ExpertLayout::GptOss { prefix: format!("{p}experts.") },
+        activation: Activation::SwigluOai {
+            alpha: 1.702,
+            beta: 1.0,
+            limit,
+        },
+        experts: ExpertLayout::GptOss {
+            prefix: format!("{p}experts."),
+        },
         router_weight: format!("{p}router.weight"),
         router_linear_bias: Some(format!("{p}router.bias")),
         correction_bias: None,
@@ -42,44 +48,111 @@ pub(super) fn load(sh: &Shards, plan: &Plan, prefix: &str, s: &Slice) -> Result<
     let (f0, f1) = (s.features.start, s.features.end);
     let gu_blocks = format!("{prefix}gate_up_proj_blocks");
     let down_blocks = format!("{prefix}down_proj_blocks");
-    if h % MX_BLOCK != 0 || local % MX_BLOCK != 0 {
-        return Err(MoeError::invalid(format!("tensor `{down_blocks}`"), format!(
-            "H = {h} and the rank's I = {local} must be multiples of the 32-element MXFP4 blocks")));
+    if !h.is_multiple_of(MX_BLOCK) || !local.is_multiple_of(MX_BLOCK) {
+        return Err(MoeError::invalid(
+            format!("tensor `{down_blocks}`"),
+            format!(
+            "H = {h} and the rank's I = {local} must be multiples of the 32-element MXFP4 blocks"),
+        ));
     }
     let (hb, ib) = (h / MX_BLOCK, inter / MX_BLOCK);
-    sh.expect(&gu_blocks, &[DType::U8], &[e, 2 * inter, hb, 16])?;
+    sh.check_tensor(&gu_blocks, &[DType::U8], &[e, 2 * inter, hb, 16])?;
     let gu_scales = format!("{prefix}gate_up_proj_scales");
-    sh.expect(&gu_scales, &[DType::U8], &[e, 2 * inter, hb])?;
-    sh.expect(&down_blocks, &[DType::U8], &[e, h, ib, 16])?;
+    sh.check_tensor(&gu_scales, &[DType::U8], &[e, 2 * inter, hb])?;
+    sh.check_tensor(&down_blocks, &[DType::U8], &[e, h, ib, 16])?;
     let down_scales = format!("{prefix}down_proj_scales");
-    sh.expect(&down_scales, &[DType::U8], &[e, h, ib])?;
+    sh.check_tensor(&down_scales, &[DType::U8], &[e, h, ib])?;
     let gu_bias = format!("{prefix}gate_up_proj_bias");
-    sh.expect(&gu_bias, &[DType::BF16, DType::F32], &[e, 2 * inter])?;
+    sh.check_tensor(&gu_bias, &[DType::BF16, DType::F32], &[e, 2 * inter])?;
     let down_bias = format!("{prefix}down_proj_bias");
-    let bias_dtype = sh.expect(&down_bias, &[DType::BF16, DType::F32], &[e, h])?;
+    let bias_dtype = sh.check_tensor(&down_bias, &[DType::BF16, DType::F32], &[e, h])?;
 
     // Interleaving keeps a feature's gate and up rows adjacent, so features f0..f1 are the one
     // contiguous row range 2·f0..2·f1 (and stay interleaved).
     let ex = s.experts.clone();
     let rows = 2 * f0..2 * f1;
-    let w13 = sh.read_box(&gu_blocks, [e, 2 * inter, hb * 16], ex.clone(), rows.clone(), 0..hb * 16)?;
-    let s13 = sh.read_box(&gu_scales, [e, 2 * inter, hb], ex.clone(), rows.clone(), 0..hb)?;
-    let w2 = sh.read_box(&down_blocks, [e, h, ib * 16], ex.clone(), 0..h, f0 / 2..f1 / 2)?;
-    let s2 = sh.read_box(&down_scales, [e, h, ib], ex.clone(), 0..h, f0 / MX_BLOCK..f1 / MX_BLOCK)?;
+    let w13 = sh.read_box(
+        &gu_blocks,
+        [e, 2 * inter, hb * 16],
+        ex.clone(),
+        rows.clone(),
+        0..hb * 16,
+    )?;
+    let s13 = sh.read_box(
+        &gu_scales,
+        [e, 2 * inter, hb],
+        ex.clone(),
+        rows.clone(),
+        0..hb,
+    )?;
+    let w2 = sh.read_box(
+        &down_blocks,
+        [e, h, ib * 16],
+        ex.clone(),
+        0..h,
+        f0 / 2..f1 / 2,
+    )?;
+    let s2 = sh.read_box(
+        &down_scales,
+        [e, h, ib],
+        ex.clone(),
+        0..h,
+        f0 / MX_BLOCK..f1 / MX_BLOCK,
+    )?;
     let bsz = bias_dtype.size();
-    let b13 = decode(sh.read_box(&gu_bias, [e, 2 * inter, bsz], ex.clone(), rows, 0..bsz)?, bias_dtype);
+    let b13 = decode(
+        sh.read_box(&gu_bias, [e, 2 * inter, bsz], ex.clone(), rows, 0..bsz)?,
+        bias_dtype,
+    );
     // The GEMM2 bias is added once over the TP group: by rank 0, and only rank 0 reads it.
-    let b2 = if s.tp_rank == 0 { Some(decode(sh.read_box(&down_bias, [e, h, bsz], ex.clone(), 0..h, 0..bsz)?, bias_dtype)) } else { None };
+    let b2 = if s.tp_rank == 0 {
+        Some(decode(
+            sh.read_box(&down_bias, [e, h, bsz], ex.clone(), 0..h, 0..bsz)?,
+            bias_dtype,
+        ))
+    } else {
+        None
+    };
 
     let n = ex.len();
-    let w13 = QuantizedTensor { format: WeightFormat::Mxfp4, experts: n, rows: 2 * local, cols: h, data: w13.into(), scales: BlockScales::Ue8m0(s13), global_scales: Vec::new() };
-    let w2 = QuantizedTensor { format: WeightFormat::Mxfp4, experts: n, rows: h, cols: local, data: w2.into(), scales: BlockScales::Ue8m0(s2), global_scales: Vec::new() };
-    Ok(LoadedExperts { w13, w2, w13_order: W13Order::Interleaved, w13_bias: Some(b13), w2_bias: b2, w13_input_scale: None, w2_input_scale: None })
+    let w13 = QuantizedTensor {
+        format: WeightFormat::Mxfp4,
+        experts: n,
+        rows: 2 * local,
+        cols: h,
+        data: w13.into(),
+        scales: BlockScales::Ue8m0(s13),
+        global_scales: Vec::new(),
+    };
+    let w2 = QuantizedTensor {
+        format: WeightFormat::Mxfp4,
+        experts: n,
+        rows: h,
+        cols: local,
+        data: w2.into(),
+        scales: BlockScales::Ue8m0(s2),
+        global_scales: Vec::new(),
+    };
+    Ok(LoadedExperts {
+        w13,
+        w2,
+        w13_order: W13Order::Interleaved,
+        w13_bias: Some(b13),
+        w2_bias: b2,
+        w13_input_scale: None,
+        w2_input_scale: None,
+    })
 }
 
 fn decode(bytes: Vec<u8>, dtype: DType) -> Vec<f32> {
     match dtype {
-        DType::F32 => bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
-        _ => bytes.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+        DType::F32 => bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+        _ => bytes
+            .chunks_exact(2)
+            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
     }
 }

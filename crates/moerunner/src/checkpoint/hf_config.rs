@@ -16,11 +16,19 @@ pub struct HfConfig {
 impl HfConfig {
     pub fn open(dir: &Path) -> Result<Self> {
         let path = dir.join("config.json");
-        let text = std::fs::read_to_string(&path).map_err(|source| MoeError::Io { path: path.display().to_string(), source })?;
-        let json: Value = serde_json::from_str(&text)
-            .map_err(|e| MoeError::Format { path: path.display().to_string(), why: format!("not valid JSON: {e}") })?;
+        let text = std::fs::read_to_string(&path).map_err(|source| MoeError::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
+        let json: Value = serde_json::from_str(&text).map_err(|e| MoeError::Format {
+            path: path.display().to_string(),
+            why: format!("not valid JSON: {e}"),
+        })?;
         if !json.is_object() {
-            return Err(MoeError::Format { path: path.display().to_string(), why: "not a JSON object".into() });
+            return Err(MoeError::Format {
+                path: path.display().to_string(),
+                why: "not a JSON object".into(),
+            });
         }
         Ok(HfConfig { path, json })
     }
@@ -34,46 +42,69 @@ impl HfConfig {
     }
 
     fn require(&self, key: &str) -> Result<&Value> {
-        self.get(key).ok_or_else(|| MoeError::missing(format!("key `{key}` in {}", self.path.display())))
+        self.get(key)
+            .ok_or_else(|| MoeError::missing(format!("key `{key}` in {}", self.path.display())))
     }
 
     pub fn usize(&self, key: &str) -> Result<usize> {
         let v = self.require(key)?;
-        v.as_u64().map(|x| x as usize).ok_or_else(|| MoeError::invalid(self.what(key), format!("must be a non-negative integer, got {v}")))
+        v.as_u64().map(|x| x as usize).ok_or_else(|| {
+            MoeError::invalid(
+                self.what(key),
+                format!("must be a non-negative integer, got {v}"),
+            )
+        })
     }
 
     /// The first of `keys` that is present (configs spell some keys two ways).
     pub fn usize_any(&self, keys: &[&str]) -> Result<usize> {
         match keys.iter().find(|k| self.get(k).is_some()) {
             Some(k) => self.usize(k),
-            None => Err(MoeError::missing(format!("key `{}` in {}", keys.join("` or `"), self.path.display()))),
+            None => Err(MoeError::missing(format!(
+                "key `{}` in {}",
+                keys.join("` or `"),
+                self.path.display()
+            ))),
         }
     }
 
     pub fn usize_or(&self, key: &str, default: usize) -> Result<usize> {
-        if self.get(key).is_some() { self.usize(key) } else { Ok(default) }
+        if self.get(key).is_some() {
+            self.usize(key)
+        } else {
+            Ok(default)
+        }
     }
 
     pub fn f32(&self, key: &str) -> Result<f32> {
         let v = self.require(key)?;
-        v.as_f64().map(|x| x as f32).ok_or_else(|| MoeError::invalid(self.what(key), format!("must be a number, got {v}")))
+        v.as_f64()
+            .map(|x| x as f32)
+            .ok_or_else(|| MoeError::invalid(self.what(key), format!("must be a number, got {v}")))
     }
 
     /// Keys with a default documented by the model's `transformers` config class.
     pub fn f32_or(&self, key: &str, default: f32) -> Result<f32> {
-        if self.get(key).is_some() { self.f32(key) } else { Ok(default) }
+        if self.get(key).is_some() {
+            self.f32(key)
+        } else {
+            Ok(default)
+        }
     }
 
     pub fn bool_or(&self, key: &str, default: bool) -> Result<bool> {
         match self.get(key) {
             None => Ok(default),
-            Some(v) => v.as_bool().ok_or_else(|| MoeError::invalid(self.what(key), format!("must be true or false, got {v}"))),
+            Some(v) => v.as_bool().ok_or_else(|| {
+                MoeError::invalid(self.what(key), format!("must be true or false, got {v}"))
+            }),
         }
     }
 
     pub fn str(&self, key: &str) -> Result<&str> {
         let v = self.require(key)?;
-        v.as_str().ok_or_else(|| MoeError::invalid(self.what(key), format!("must be a string, got {v}")))
+        v.as_str()
+            .ok_or_else(|| MoeError::invalid(self.what(key), format!("must be a string, got {v}")))
     }
 
     /// Requires `key`, when present, to equal one of `allowed` (absent: the family's default).
@@ -85,7 +116,13 @@ impl HfConfig {
         if allowed.contains(&s) {
             return Ok(());
         }
-        Err(self.unsupported(key, format!("`{s}` is not supported here; expected {}", allowed.join(" or "))))
+        Err(self.unsupported(
+            key,
+            format!(
+                "`{s}` is not supported here; expected {}",
+                allowed.join(" or ")
+            ),
+        ))
     }
 
     pub fn usize_list_or_empty(&self, key: &str) -> Result<Vec<usize>> {
@@ -93,9 +130,16 @@ impl HfConfig {
             None => Ok(Vec::new()),
             Some(Value::Array(a)) => a
                 .iter()
-                .map(|v| v.as_u64().map(|x| x as usize).ok_or_else(|| MoeError::invalid(self.what(key), format!("must list integers, got {v}"))))
+                .map(|v| {
+                    v.as_u64().map(|x| x as usize).ok_or_else(|| {
+                        MoeError::invalid(self.what(key), format!("must list integers, got {v}"))
+                    })
+                })
                 .collect(),
-            Some(v) => Err(MoeError::invalid(self.what(key), format!("must be a list of integers, got {v}"))),
+            Some(v) => Err(MoeError::invalid(
+                self.what(key),
+                format!("must be a list of integers, got {v}"),
+            )),
         }
     }
 
@@ -110,4 +154,12 @@ impl HfConfig {
 }
 
 /// The model families this loader maps, by `config.json`'s `model_type`.
-pub const MODEL_TYPES: &[&str] = &["qwen3_moe", "qwen2_moe", "mixtral", "deepseek_v3", "gpt_oss", "nemotron_h", "minimax_m2"];
+pub const MODEL_TYPES: &[&str] = &[
+    "qwen3_moe",
+    "qwen2_moe",
+    "mixtral",
+    "deepseek_v3",
+    "gpt_oss",
+    "nemotron_h",
+    "minimax_m2",
+];

@@ -12,9 +12,13 @@ pub(super) fn plan(cfg: &HfConfig, layer: usize) -> Result<Plan> {
     check_layer_index(cfg, layer)?;
     cfg.expect_str("scoring_func", &["sigmoid"])?;
     if !cfg.bool_or("use_routing_bias", true)? {
-        return Err(cfg.unsupported("use_routing_bias", "false is not supported: minimax2 routing selects with the bias"));
+        return Err(cfg.unsupported(
+            "use_routing_bias",
+            "false is not supported: minimax2 routing selects with the bias",
+        ));
     }
-    let mut routing = RoutingConfig::new(RoutingMethod::Minimax2, cfg.usize("num_experts_per_tok")?);
+    let mut routing =
+        RoutingConfig::new(RoutingMethod::Minimax2, cfg.usize("num_experts_per_tok")?);
     // Absent in the shipped config: the routed weights are then used unscaled.
     routing.routed_scaling_factor = cfg.f32_or("routed_scaling_factor", 1.0)?;
     let p = format!("model.layers.{layer}.block_sparse_moe.");
@@ -25,7 +29,12 @@ pub(super) fn plan(cfg: &HfConfig, layer: usize) -> Result<Plan> {
         intermediate: cfg.usize("intermediate_size")?,
         routing,
         activation: swiglu(cfg)?,
-        experts: ExpertLayout::PerExpert { prefix: format!("{p}experts."), gate: Some("w1"), up: "w3", down: "w2" },
+        experts: ExpertLayout::PerExpert {
+            prefix: format!("{p}experts."),
+            gate: Some("w1"),
+            up: "w3",
+            down: "w2",
+        },
         router_weight: format!("{p}gate.weight"),
         router_linear_bias: None,
         correction_bias: Some(format!("{p}e_score_correction_bias")),

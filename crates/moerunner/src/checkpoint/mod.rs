@@ -21,7 +21,9 @@ pub mod shards;
 use std::ops::Range;
 use std::path::Path;
 
-use crate::config::{Activation, ActivationFormat, LayerConfig, Parallelism, RoutingConfig, W13Order, WeightFormat};
+use crate::config::{
+    Activation, ActivationFormat, LayerConfig, Parallelism, RoutingConfig, W13Order, WeightFormat,
+};
 use crate::error::{MoeError, Result};
 use crate::formats::quantize_weights;
 use crate::tensor::{DType, HostTensor};
@@ -57,10 +59,17 @@ pub struct CheckpointLayer {
 impl CheckpointLayer {
     /// Router logits `[T, E]` f32 = hidden · router_weightᵀ (+ router bias), accumulated in f32.
     pub fn router_logits(&self, hidden: &HostTensor) -> Result<HostTensor> {
-        let w = self.router_weight.as_ref().ok_or_else(|| MoeError::missing("router weight (the checkpoint layer has none)"))?;
+        let w = self
+            .router_weight
+            .as_ref()
+            .ok_or_else(|| MoeError::missing("router weight (the checkpoint layer has none)"))?;
         let (e, h) = (self.layer.config().num_experts, self.layer.config().hidden);
         if hidden.shape.len() != 2 || hidden.shape[1] != h {
-            return Err(MoeError::shape("hidden_states", format!("[T, {h}]"), &hidden.shape));
+            return Err(MoeError::shape(
+                "hidden_states",
+                format!("[T, {h}]"),
+                &hidden.shape,
+            ));
         }
         let x = hidden.to_f32_vec("hidden_states")?;
         let wv = w.to_f32_vec("router weight")?;
@@ -68,7 +77,11 @@ impl CheckpointLayer {
         let mut out = vec![0f32; t * e];
         for (row, o) in x.chunks_exact(h).zip(out.chunks_exact_mut(e)) {
             for (j, oj) in o.iter_mut().enumerate() {
-                let dot: f32 = row.iter().zip(&wv[j * h..(j + 1) * h]).map(|(a, b)| a * b).sum();
+                let dot: f32 = row
+                    .iter()
+                    .zip(&wv[j * h..(j + 1) * h])
+                    .map(|(a, b)| a * b)
+                    .sum();
                 *oj = dot + self.router_bias.as_ref().map_or(0.0, |b| b[j]);
             }
         }
@@ -97,7 +110,12 @@ pub(crate) struct Plan {
 pub(crate) enum ExpertLayout {
     /// One tensor per expert and projection: `{prefix}{e}.{name}.weight` (+ scale tensors).
     /// `gate` is None for non-gated activations.
-    PerExpert { prefix: String, gate: Option<&'static str>, up: &'static str, down: &'static str },
+    PerExpert {
+        prefix: String,
+        gate: Option<&'static str>,
+        up: &'static str,
+        down: &'static str,
+    },
     /// GPT-OSS: all experts stacked, MXFP4 blocks and scales, gate/up rows interleaved, biases.
     GptOss { prefix: String },
 }
@@ -132,7 +150,10 @@ fn plan(cfg: &HfConfig, layer: usize) -> Result<Plan> {
         "minimax_m2" => minimax::plan(cfg, layer),
         other => Err(cfg.unsupported(
             "model_type",
-            format!("`{other}` is not a model family this loader maps; known: {}", hf_config::MODEL_TYPES.join(", ")),
+            format!(
+                "`{other}` is not a model family this loader maps; known: {}",
+                hf_config::MODEL_TYPES.join(", ")
+            ),
         )),
     }
 }
@@ -141,7 +162,10 @@ fn plan(cfg: &HfConfig, layer: usize) -> Result<Plan> {
 pub(crate) fn check_layer_index(cfg: &HfConfig, layer: usize) -> Result<()> {
     let n = cfg.usize("num_hidden_layers")?;
     if layer >= n {
-        return Err(cfg.unsupported("num_hidden_layers", format!("layer {layer} does not exist: the model has {n} layers")));
+        return Err(cfg.unsupported(
+            "num_hidden_layers",
+            format!("layer {layer} does not exist: the model has {n} layers"),
+        ));
     }
     Ok(())
 }
@@ -154,10 +178,22 @@ pub fn load_layer(dir: &Path, layer_index: usize, opts: &LoadOptions) -> Result<
     par.validate()?;
     let (e, inter) = (plan.num_experts, plan.intermediate);
     if e % par.ep_size != 0 {
-        return Err(MoeError::invalid("ep_size", format!("E = {e} experts cannot be split evenly over {} ranks", par.ep_size)));
+        return Err(MoeError::invalid(
+            "ep_size",
+            format!(
+                "E = {e} experts cannot be split evenly over {} ranks",
+                par.ep_size
+            ),
+        ));
     }
     if inter % par.tp_size != 0 {
-        return Err(MoeError::invalid("tp_size", format!("I = {inter} cannot be split evenly over {} ranks", par.tp_size)));
+        return Err(MoeError::invalid(
+            "tp_size",
+            format!(
+                "I = {inter} cannot be split evenly over {} ranks",
+                par.tp_size
+            ),
+        ));
     }
     let (per_rank, local_i) = (e / par.ep_size, inter / par.tp_size);
     let slice = Slice {
@@ -172,7 +208,8 @@ pub fn load_layer(dir: &Path, layer_index: usize, opts: &LoadOptions) -> Result<
     };
 
     // The router is global: every rank routes over all E experts.
-    let router_weight = shards.read_all(&plan.router_weight, &[DType::BF16, DType::F32, DType::F16])?;
+    let router_weight =
+        shards.read_all(&plan.router_weight, &[DType::BF16, DType::F32, DType::F16])?;
     router_weight.expect_shape(&plan.router_weight, &[e, plan.hidden])?;
     let router_bias = read_vector(&shards, plan.router_linear_bias.as_deref(), e)?;
     let correction = read_vector(&shards, plan.correction_bias.as_deref(), e)?;
@@ -185,7 +222,9 @@ pub fn load_layer(dir: &Path, layer_index: usize, opts: &LoadOptions) -> Result<
     let activation_format = match opts.activation_format {
         Some(a) => a,
         // Without calibrated input scales, NVFP4 activations are quantized per token.
-        None if weight_format == WeightFormat::Nvfp4 && loaded.w13_input_scale.is_none() => ActivationFormat::Nvfp4PerToken,
+        None if weight_format == WeightFormat::Nvfp4 && loaded.w13_input_scale.is_none() => {
+            ActivationFormat::Nvfp4PerToken
+        }
         None => weight_format.default_activation_format(),
     };
     let config = LayerConfig {
@@ -210,7 +249,13 @@ pub fn load_layer(dir: &Path, layer_index: usize, opts: &LoadOptions) -> Result<
         router_bias: correction,
     };
     let layer = MoeLayer::new(config, weights)?;
-    Ok(CheckpointLayer { layer, router_weight: Some(router_weight), router_bias, family: plan.family, bytes_read: shards.bytes_read() })
+    Ok(CheckpointLayer {
+        layer,
+        router_weight: Some(router_weight),
+        router_bias,
+        family: plan.family,
+        bytes_read: shards.bytes_read(),
+    })
 }
 
 fn read_vector(shards: &Shards, name: Option<&str>, len: usize) -> Result<Option<Vec<f32>>> {
@@ -240,7 +285,13 @@ fn requantize(l: LoadedExperts, f: WeightFormat) -> Result<LoadedExperts> {
         }
         quantize_weights(f, t.experts, t.rows, t.cols, &values, None)
     };
-    Ok(LoadedExperts { w13: convert(&l.w13)?, w2: convert(&l.w2)?, w13_input_scale: None, w2_input_scale: None, ..l })
+    Ok(LoadedExperts {
+        w13: convert(&l.w13)?,
+        w2: convert(&l.w2)?,
+        w13_input_scale: None,
+        w2_input_scale: None,
+        ..l
+    })
 }
 
 /// SwiGLU experts: `hidden_act` must be SiLU (absent: the families' default, silu).

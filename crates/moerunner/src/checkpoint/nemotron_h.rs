@@ -17,20 +17,40 @@ pub(super) fn plan(cfg: &HfConfig, layer: usize) -> Result<Plan> {
     match pattern.chars().nth(layer) {
         Some('E') => {}
         Some(c) => {
-            return Err(cfg.unsupported("hybrid_override_pattern", format!(
-                "layer {layer} is `{c}`, not a MoE layer (`E`); MoE layers: {:?}",
-                pattern.char_indices().filter(|(_, c)| *c == 'E').map(|(i, _)| i).collect::<Vec<_>>())))
+            return Err(cfg.unsupported(
+                "hybrid_override_pattern",
+                format!(
+                    "layer {layer} is `{c}`, not a MoE layer (`E`); MoE layers: {:?}",
+                    pattern
+                        .char_indices()
+                        .filter(|(_, c)| *c == 'E')
+                        .map(|(i, _)| i)
+                        .collect::<Vec<_>>()
+                ),
+            ))
         }
-        None => return Err(cfg.unsupported("hybrid_override_pattern", format!("has no entry for layer {layer}"))),
+        None => {
+            return Err(cfg.unsupported(
+                "hybrid_override_pattern",
+                format!("has no entry for layer {layer}"),
+            ))
+        }
     }
     if cfg.get("moe_latent_size").is_some() {
-        return Err(cfg.unsupported("moe_latent_size", "latent MoE (experts on a projected hidden size) is not supported"));
+        return Err(cfg.unsupported(
+            "moe_latent_size",
+            "latent MoE (experts on a projected hidden size) is not supported",
+        ));
     }
     cfg.expect_str("mlp_hidden_act", &["relu2"])?;
     if !cfg.bool_or("norm_topk_prob", true)? {
-        return Err(cfg.unsupported("norm_topk_prob", "false is not supported: deepseek_v3 routing renormalizes the selected weights"));
+        return Err(cfg.unsupported(
+            "norm_topk_prob",
+            "false is not supported: deepseek_v3 routing renormalizes the selected weights",
+        ));
     }
-    let mut routing = RoutingConfig::new(RoutingMethod::DeepseekV3, cfg.usize("num_experts_per_tok")?);
+    let mut routing =
+        RoutingConfig::new(RoutingMethod::DeepseekV3, cfg.usize("num_experts_per_tok")?);
     routing.n_group = cfg.usize("n_group")?;
     routing.topk_group = cfg.usize("topk_group")?;
     routing.routed_scaling_factor = cfg.f32("routed_scaling_factor")?;
@@ -42,7 +62,12 @@ pub(super) fn plan(cfg: &HfConfig, layer: usize) -> Result<Plan> {
         intermediate: cfg.usize("moe_intermediate_size")?,
         routing,
         activation: Activation::Relu2,
-        experts: ExpertLayout::PerExpert { prefix: format!("{p}experts."), gate: None, up: "up_proj", down: "down_proj" },
+        experts: ExpertLayout::PerExpert {
+            prefix: format!("{p}experts."),
+            gate: None,
+            up: "up_proj",
+            down: "down_proj",
+        },
         router_weight: format!("{p}gate.weight"),
         router_linear_bias: None,
         correction_bias: Some(format!("{p}gate.e_score_correction_bias")),

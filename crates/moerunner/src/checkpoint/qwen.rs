@@ -12,11 +12,17 @@ use crate::error::Result;
 pub(super) fn plan(cfg: &HfConfig, layer: usize, qwen2: bool) -> Result<Plan> {
     check_layer_index(cfg, layer)?;
     if cfg.usize_list_or_empty("mlp_only_layers")?.contains(&layer) {
-        return Err(cfg.unsupported("mlp_only_layers", format!("layer {layer} is a dense MLP layer, not a MoE layer")));
+        return Err(cfg.unsupported(
+            "mlp_only_layers",
+            format!("layer {layer} is a dense MLP layer, not a MoE layer"),
+        ));
     }
     let step = cfg.usize_or("decoder_sparse_step", 1)?;
-    if step == 0 || (layer + 1) % step != 0 {
-        return Err(cfg.unsupported("decoder_sparse_step", format!("layer {layer} is a dense MLP layer (MoE every {step} layers)")));
+    if step == 0 || !(layer + 1).is_multiple_of(step) {
+        return Err(cfg.unsupported(
+            "decoder_sparse_step",
+            format!("layer {layer} is a dense MLP layer (MoE every {step} layers)"),
+        ));
     }
     // transformers' default for both configs is False; shipped Qwen3 configs set it to true.
     let renorm = cfg.bool_or("norm_topk_prob", false)?;
@@ -33,7 +39,12 @@ pub(super) fn plan(cfg: &HfConfig, layer: usize, qwen2: bool) -> Result<Plan> {
         intermediate: cfg.usize("moe_intermediate_size")?,
         routing: RoutingConfig::new(method, cfg.usize("num_experts_per_tok")?),
         activation: swiglu(cfg)?,
-        experts: ExpertLayout::PerExpert { prefix: format!("{p}experts."), gate: Some("gate_proj"), up: "up_proj", down: "down_proj" },
+        experts: ExpertLayout::PerExpert {
+            prefix: format!("{p}experts."),
+            gate: Some("gate_proj"),
+            up: "up_proj",
+            down: "down_proj",
+        },
         router_weight: format!("{p}gate.weight"),
         router_linear_bias: None,
         correction_bias: None,

@@ -32,28 +32,52 @@ impl Shards {
     pub fn open(dir: &Path) -> Result<Self> {
         let index = dir.join(INDEX_FILE);
         let weight_map = if index.exists() {
-            let text = std::fs::read_to_string(&index).map_err(|source| MoeError::Io { path: index.display().to_string(), source })?;
-            let json: serde_json::Value = serde_json::from_str(&text)
-                .map_err(|e| MoeError::Format { path: index.display().to_string(), why: format!("not valid JSON: {e}") })?;
+            let text = std::fs::read_to_string(&index).map_err(|source| MoeError::Io {
+                path: index.display().to_string(),
+                source,
+            })?;
+            let json: serde_json::Value =
+                serde_json::from_str(&text).map_err(|e| MoeError::Format {
+                    path: index.display().to_string(),
+                    why: format!("not valid JSON: {e}"),
+                })?;
             let map = json
                 .get("weight_map")
                 .and_then(|m| m.as_object())
-                .ok_or_else(|| MoeError::missing(format!("key `weight_map` (an object) in {}", index.display())))?;
+                .ok_or_else(|| {
+                    MoeError::missing(format!(
+                        "key `weight_map` (an object) in {}",
+                        index.display()
+                    ))
+                })?;
             let mut out = HashMap::with_capacity(map.len());
             for (name, file) in map {
                 let file = file.as_str().ok_or_else(|| {
-                    MoeError::invalid(format!("{} key `weight_map.{name}`", index.display()), "must be a shard file name (a string)")
+                    MoeError::invalid(
+                        format!("{} key `weight_map.{name}`", index.display()),
+                        "must be a shard file name (a string)",
+                    )
                 })?;
                 out.insert(name.clone(), file.to_string());
             }
             out
         } else if dir.join(SINGLE_FILE).exists() {
             let file = MappedFile::open(&dir.join(SINGLE_FILE))?;
-            file.names().map(|n| (n.to_string(), SINGLE_FILE.to_string())).collect()
+            file.names()
+                .map(|n| (n.to_string(), SINGLE_FILE.to_string()))
+                .collect()
         } else {
-            return Err(MoeError::missing(format!("{INDEX_FILE} (or {SINGLE_FILE}) in {}", dir.display())));
+            return Err(MoeError::missing(format!(
+                "{INDEX_FILE} (or {SINGLE_FILE}) in {}",
+                dir.display()
+            )));
         };
-        Ok(Shards { dir: dir.to_path_buf(), weight_map, open: Default::default(), bytes_read: Cell::new(0) })
+        Ok(Shards {
+            dir: dir.to_path_buf(),
+            weight_map,
+            open: Default::default(),
+            bytes_read: Cell::new(0),
+        })
     }
 
     pub fn has(&self, name: &str) -> bool {
@@ -67,10 +91,12 @@ impl Shards {
 
     /// The tensor `name` as a borrowed window of its shard (nothing is read yet).
     fn tensor(&self, name: &str) -> Result<HostTensor> {
-        let file = self
-            .weight_map
-            .get(name)
-            .ok_or_else(|| MoeError::missing(format!("tensor `{name}` (not in the index of {})", self.dir.display())))?;
+        let file = self.weight_map.get(name).ok_or_else(|| {
+            MoeError::missing(format!(
+                "tensor `{name}` (not in the index of {})",
+                self.dir.display()
+            ))
+        })?;
         let mut open = self.open.borrow_mut();
         let shard = match open.get(file) {
             Some(s) => s.clone(),
@@ -81,7 +107,10 @@ impl Shards {
             }
         };
         shard.get(name).ok_or_else(|| {
-            MoeError::missing(format!("tensor `{name}` in shard {} (the index names that shard)", shard.path().display()))
+            MoeError::missing(format!(
+                "tensor `{name}` in shard {} (the index names that shard)",
+                shard.path().display()
+            ))
         })
     }
 
@@ -93,7 +122,7 @@ impl Shards {
     }
 
     /// Checks `name` has dtype in `allowed` and exactly `shape`; returns its dtype.
-    pub fn expect(&self, name: &str, allowed: &[DType], shape: &[usize]) -> Result<DType> {
+    pub fn check_tensor(&self, name: &str, allowed: &[DType], shape: &[usize]) -> Result<DType> {
         let (dtype, got) = self.meta(name, allowed)?;
         if got != shape {
             return Err(MoeError::shape(name, format!("{shape:?}"), &got));
@@ -105,11 +134,29 @@ impl Shards {
     /// for every outer index in `outer` and row in `rows`, the bytes `cols` of that row. Rows of a
     /// row-major tensor are contiguous, so a row slice costs exactly its bytes; a column slice costs
     /// one short run per row. Only the copied bytes are counted (and paged in).
-    pub fn read_box(&self, name: &str, dims: [usize; 3], outer: Range<usize>, rows: Range<usize>, cols: Range<usize>) -> Result<Vec<u8>> {
+    pub fn read_box(
+        &self,
+        name: &str,
+        dims: [usize; 3],
+        outer: Range<usize>,
+        rows: Range<usize>,
+        cols: Range<usize>,
+    ) -> Result<Vec<u8>> {
         let t = self.tensor(name)?;
         let [o, r, c] = dims;
-        if o * r * c != t.bytes.len() || outer.end > o || rows.end > r || cols.end > c || outer.start > outer.end || rows.start > rows.end || cols.start > cols.end {
-            return Err(MoeError::shape(name, format!("a tensor of {o}×{r}×{c} bytes covering {outer:?}×{rows:?}×{cols:?}"), &t.shape));
+        if o * r * c != t.bytes.len()
+            || outer.end > o
+            || rows.end > r
+            || cols.end > c
+            || outer.start > outer.end
+            || rows.start > rows.end
+            || cols.start > cols.end
+        {
+            return Err(MoeError::shape(
+                name,
+                format!("a tensor of {o}×{r}×{c} bytes covering {outer:?}×{rows:?}×{cols:?}"),
+                &t.shape,
+            ));
         }
         let bytes = &t.bytes[..];
         let mut out = Vec::with_capacity(outer.len() * rows.len() * cols.len());
@@ -119,7 +166,8 @@ impl Shards {
                 out.extend_from_slice(&bytes[start + cols.start..start + cols.end]);
             }
         }
-        self.bytes_read.set(self.bytes_read.get() + out.len() as u64);
+        self.bytes_read
+            .set(self.bytes_read.get() + out.len() as u64);
         Ok(out)
     }
 
