@@ -28,22 +28,38 @@ pub struct Args {
     pub activation_format: Option<String>,
 }
 
-fn options(par: Parallelism, quantize: Option<&str>, activation: Option<&str>) -> anyhow::Result<LoadOptions> {
+fn options(
+    par: Parallelism,
+    quantize: Option<&str>,
+    activation: Option<&str>,
+) -> anyhow::Result<LoadOptions> {
     let quantize = quantize.map(|q| q.parse::<WeightFormat>()).transpose()?;
-    let activation_format = activation.map(|a| a.parse::<ActivationFormat>()).transpose()?;
-    Ok(LoadOptions { parallelism: par, quantize, activation_format })
+    let activation_format = activation
+        .map(|a| a.parse::<ActivationFormat>())
+        .transpose()?;
+    Ok(LoadOptions {
+        parallelism: par,
+        quantize,
+        activation_format,
+    })
 }
 
 fn load(dir: &Path, layer: usize, opts: &LoadOptions) -> anyhow::Result<CheckpointLayer> {
-    load_layer(dir, layer, opts).with_context(|| format!("loading layer {layer} of checkpoint {}", dir.display()))
+    load_layer(dir, layer, opts)
+        .with_context(|| format!("loading layer {layer} of checkpoint {}", dir.display()))
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     // A layer file holds a whole layer (`run --tp-size/--ep-size` slices it, or slices the
     // checkpoint itself with `run --checkpoint`).
-    let opts = options(Parallelism::default(), args.quantize.as_deref(), args.activation_format.as_deref())?;
+    let opts = options(
+        Parallelism::default(),
+        args.quantize.as_deref(),
+        args.activation_format.as_deref(),
+    )?;
     let loaded = load(&args.checkpoint, args.layer, &opts)?;
-    layer_file::write_layer(&args.out, &loaded.layer).with_context(|| format!("writing layer file {}", args.out.display()))?;
+    layer_file::write_layer(&args.out, &loaded.layer)
+        .with_context(|| format!("writing layer file {}", args.out.display()))?;
     eprintln!(
         "converted {} layer {} ({}; read {} bytes) → {}",
         loaded.family,
@@ -64,17 +80,26 @@ pub fn load_checkpoint_run(
     quantize: Option<&str>,
     input: &Path,
 ) -> anyhow::Result<(MoeLayer, InputFile)> {
-    let index: usize = layer.parse().with_context(|| format!("--layer `{layer}` must be a layer index with --checkpoint"))?;
+    let index: usize = layer
+        .parse()
+        .with_context(|| format!("--layer `{layer}` must be a layer index with --checkpoint"))?;
     let loaded = load(dir, index, &options(par, quantize, None)?)?;
-    let file = MappedFile::open(input).with_context(|| format!("reading input {}", input.display()))?;
+    let file =
+        MappedFile::open(input).with_context(|| format!("reading input {}", input.display()))?;
     let only_hidden = file.names().all(|n| n == "hidden_states");
     let input_file = if only_hidden {
         let hidden = file.require("hidden_states")?;
         hidden.expect_dtype("hidden_states", &[DType::BF16, DType::F16, DType::F32])?;
-        let logits = loaded.router_logits(&hidden).context("computing router logits from the checkpoint's router")?;
-        InputFile { hidden, routing: RoutingTensors::Logits(logits) }
+        let logits = loaded
+            .router_logits(&hidden)
+            .context("computing router logits from the checkpoint's router")?;
+        InputFile {
+            hidden,
+            routing: RoutingTensors::Logits(logits),
+        }
     } else {
-        layer_file::read_input(input).with_context(|| format!("reading input {}", input.display()))?
+        layer_file::read_input(input)
+            .with_context(|| format!("reading input {}", input.display()))?
     };
     Ok((loaded.layer, input_file))
 }
