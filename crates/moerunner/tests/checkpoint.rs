@@ -6,6 +6,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use moerunner::checkpoint::{load_layer, CheckpointLayer, LoadOptions};
 use moerunner::config::ActivationFormat;
@@ -73,8 +74,11 @@ impl Mini {
     }
     /// Writes `config.json`, `shards` shard files named as transformers names them, and the index.
     fn write(&self, name: &str, config: serde_json::Value, shards: usize) -> PathBuf {
-        let dir =
-            std::env::temp_dir().join(format!("moerunner-ckpt-{}-{name}", std::process::id()));
+        // Tests run in parallel and several write the same family: one folder per call.
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let pid = std::process::id();
+        let dir = std::env::temp_dir().join(format!("moerunner-ckpt-{pid}-{n}-{name}"));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(
