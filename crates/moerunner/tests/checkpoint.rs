@@ -61,6 +61,20 @@ fn f32_bytes(v: &[f32]) -> Vec<u8> {
     v.iter().flat_map(|x| x.to_le_bytes()).collect()
 }
 
+/// A miniature's folder, removed when the test is done with it.
+struct TempDir(PathBuf);
+impl std::ops::Deref for TempDir {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// Tensors of a checkpoint in the order they are written; split over shards in that order.
 #[derive(Default)]
 struct Mini {
@@ -73,7 +87,7 @@ impl Mini {
             .push((name.into(), dtype, shape.to_vec(), bytes));
     }
     /// Writes `config.json`, `shards` shard files named as transformers names them, and the index.
-    fn write(&self, name: &str, config: serde_json::Value, shards: usize) -> PathBuf {
+    fn write(&self, name: &str, config: serde_json::Value, shards: usize) -> TempDir {
         // Tests run in parallel and several write the same family: one folder per call.
         static NEXT: AtomicUsize = AtomicUsize::new(0);
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
@@ -107,7 +121,7 @@ impl Mini {
             serde_json::to_string_pretty(&index).unwrap(),
         )
         .unwrap();
-        dir
+        TempDir(dir)
     }
 }
 
@@ -413,7 +427,7 @@ fn distractor(m: &mut Mini, name: &str) {
 
 const LAYER: usize = 1;
 
-fn qwen3(name: &str, format: WeightFormat, e: usize, h: usize, i: usize) -> (PathBuf, MoeLayer) {
+fn qwen3(name: &str, format: WeightFormat, e: usize, h: usize, i: usize) -> (TempDir, MoeLayer) {
     let mut rng = Rng(1);
     let mut m = Mini::default();
     distractor(&mut m, "model.layers.0.self_attn.q_proj.weight");
@@ -595,7 +609,7 @@ fn mixtral_bf16_w1_gate_w3_up_w2_down() {
     check_slices(&dir, LAYER, &l, &[(2, 2)]);
 }
 
-fn deepseek() -> (PathBuf, MoeLayer, usize) {
+fn deepseek() -> (TempDir, MoeLayer, usize) {
     let mut rng = Rng(4);
     let mut m = Mini::default();
     let (e, h, i) = (8, 192, 256);
@@ -687,7 +701,7 @@ fn deepseek_v3_dense_layer_is_refused() {
     );
 }
 
-fn minimax() -> (PathBuf, MoeLayer) {
+fn minimax() -> (TempDir, MoeLayer) {
     let mut rng = Rng(5);
     let mut m = Mini::default();
     let (e, h, i) = (4, 128, 128);
@@ -760,7 +774,7 @@ fn fp8_block_tp_slice_not_aligned_to_128_is_an_error() {
     );
 }
 
-fn nemotron() -> (PathBuf, MoeLayer) {
+fn nemotron() -> (TempDir, MoeLayer) {
     let mut rng = Rng(6);
     let mut m = Mini::default();
     let (e, h, i) = (4, 64, 64);
@@ -838,7 +852,7 @@ fn nemotron_h_non_moe_layer_names_the_pattern() {
     );
 }
 
-fn gpt_oss() -> (PathBuf, MoeLayer) {
+fn gpt_oss() -> (TempDir, MoeLayer) {
     let mut rng = Rng(7);
     let mut m = Mini::default();
     let (e, h, i) = (4, 64, 64);
@@ -1006,7 +1020,7 @@ fn online_quantization_of_a_bf16_checkpoint() {
 // ---------------------------------------------------------------------------------------------
 // Errors name the key or the tensor
 
-fn small_qwen(name: &str, edit: impl FnOnce(&mut serde_json::Value, &mut Mini)) -> PathBuf {
+fn small_qwen(name: &str, edit: impl FnOnce(&mut serde_json::Value, &mut Mini)) -> TempDir {
     let mut rng = Rng(8);
     let mut m = Mini::default();
     let (e, h, i) = (2, 32, 32);
