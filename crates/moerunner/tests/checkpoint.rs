@@ -774,7 +774,7 @@ fn fp8_block_tp_slice_not_aligned_to_128_is_an_error() {
     );
 }
 
-fn nemotron() -> (TempDir, MoeLayer) {
+fn nemotron(format: WeightFormat) -> (TempDir, MoeLayer) {
     let mut rng = Rng(6);
     let mut m = Mini::default();
     let (e, h, i) = (4, 64, 64);
@@ -787,7 +787,7 @@ fn nemotron() -> (TempDir, MoeLayer) {
             e,
             h,
             i,
-            format: WeightFormat::Nvfp4,
+            format,
             prefix: &format!("{p}experts."),
             gate: None,
             up: "up_proj",
@@ -808,31 +808,33 @@ fn nemotron() -> (TempDir, MoeLayer) {
         &[i, h],
         rng.bf16_bytes(i * h),
     );
-    let cfg = merge(
+    let mut cfg = merge(
         base_config("nemotron_h", 4),
         json!({ "n_routed_experts": e, "num_experts_per_tok": 2, "moe_intermediate_size": i,
         "moe_shared_expert_intermediate_size": i, "hidden_size": h, "hybrid_override_pattern": "M*ME", "mlp_hidden_act": "relu2",
         "n_group": 1, "topk_group": 1, "routed_scaling_factor": 2.5, "norm_topk_prob": true,
         "quantization_config": { "quant_method": "modelopt", "quant_algo": "NVFP4", "group_size": 16 } }),
     );
+    if format == WeightFormat::Bf16 {
+        // The BF16 release, with the layer kinds spelled as newer configs spell them.
+        let c = cfg.as_object_mut().unwrap();
+        c.remove("quantization_config");
+        c.remove("hybrid_override_pattern");
+        c.insert(
+            "layers_block_type".into(),
+            json!(["mamba", "attention", "mamba", "moe"]),
+        );
+    }
     let dir = m.write("nemotron", cfg, 3);
     let mut r = RoutingConfig::new(RoutingMethod::DeepseekV3, 2);
     r.routed_scaling_factor = 2.5;
-    let c = config(
-        e,
-        h,
-        i,
-        WeightFormat::Nvfp4,
-        Activation::Relu2,
-        W13Order::GateUp,
-        r,
-    );
+    let c = config(e, h, i, format, Activation::Relu2, W13Order::GateUp, r);
     (dir, assemble(c, x, None, None, Some(bias)))
 }
 
 #[test]
 fn nemotron_h_nvfp4_relu2_with_static_input_scales() {
-    let (dir, expected) = nemotron();
+    let (dir, expected) = nemotron(WeightFormat::Nvfp4);
     let l = load_layer(&dir, 3, &LoadOptions::default()).unwrap();
     assert_eq!(l.family, "nemotron_h");
     assert_eq!(l.layer.config().activation_format, ActivationFormat::Nvfp4);
@@ -842,12 +844,27 @@ fn nemotron_h_nvfp4_relu2_with_static_input_scales() {
 
 #[test]
 fn nemotron_h_non_moe_layer_names_the_pattern() {
-    let (dir, _) = nemotron();
+    let (dir, _) = nemotron(WeightFormat::Nvfp4);
     let err = load_layer(&dir, 1, &LoadOptions::default())
         .unwrap_err()
         .to_string();
     assert!(
         err.contains("hybrid_override_pattern") && err.contains("`*`"),
+        "{err}"
+    );
+}
+
+#[test]
+fn nemotron_h_bf16_with_layers_block_type() {
+    let (dir, expected) = nemotron(WeightFormat::Bf16);
+    let l = load_layer(&dir, 3, &LoadOptions::default()).unwrap();
+    check_equal(&l, &expected);
+    check_slices(&dir, 3, &l, &[(2, 2)]);
+    let err = load_layer(&dir, 2, &LoadOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("layers_block_type") && err.contains("`mamba`"),
         "{err}"
     );
 }
