@@ -839,7 +839,19 @@ fn nemotron_h_nvfp4_relu2_with_static_input_scales() {
     assert_eq!(l.family, "nemotron_h");
     assert_eq!(l.layer.config().activation_format, ActivationFormat::Nvfp4);
     check_equal(&l, &expected);
-    check_slices(&dir, 3, &l, &[(2, 2), (1, 4)]);
+    let bytes = check_slices(&dir, 3, &l, &[(2, 2), (1, 4)]);
+    // Per expert and projection: L rows (up) or columns (down) of H/2 packed bytes, their E4M3
+    // scales (one per 16), and the 4-byte weight_scale_2; plus every expert's two input_scales
+    // (the layer's static scale is their max), the router [E, H] BF16 and the bias [E] F32.
+    let (e, h, i) = (4, 64, 64);
+    let want = |ep: usize, tp: usize| {
+        let l = i / tp;
+        (e / ep) * 2 * (l * h / 2 + l * h / 16 + 4) + e * 2 * 4 + e * h * 2 + e * 4
+    };
+    assert_eq!(l.bytes_read, want(1, 1) as u64);
+    for ((ep, _, tp, _), got) in bytes {
+        assert_eq!(got, want(ep, tp) as u64, "ep {ep} tp {tp}");
+    }
 }
 
 #[test]
@@ -967,6 +979,19 @@ fn gpt_oss_mxfp4_interleaved_with_biases() {
     assert!(l.router_bias.is_some());
     check_equal(&l, &expected);
     let bytes = check_slices(&dir, LAYER, &l, &[(2, 2), (1, 2)]);
+    // Per expert: 2L rows of H/2 packed bytes + H/32 scales + a BF16 bias each, H rows of L/2
+    // bytes + L/32 scales, and (TP rank 0 only) the H BF16 GEMM2 bias; plus the router and its bias.
+    let (e, h, i) = (4, 64, 64);
+    for ((ep, _, tp, tr), got) in &bytes {
+        let l = i / tp;
+        let b2 = if *tr == 0 { h * 2 } else { 0 };
+        let per = 2 * l * (h / 2 + h / 32 + 2) + h * (l / 2 + l / 32) + b2;
+        assert_eq!(
+            *got,
+            ((e / ep) * per + e * h * 2 + e * 2) as u64,
+            "ep {ep} tp {tp}"
+        );
+    }
     // TP rank 1 does not read the GEMM2 bias (e/ep × H BF16 values).
     for ep in [1, 2] {
         let (r0, r1) = (bytes[&(ep, 0, 2, 0)], bytes[&(ep, 0, 2, 1)]);
