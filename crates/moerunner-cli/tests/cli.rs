@@ -107,7 +107,7 @@ fn run(layer: &str, input: &str, output: &str, extra: &[&str]) -> (HostTensor, S
     args.extend_from_slice(extra);
     let summary = ok(&args);
     (
-        layer_file::read_output(Path::new(output)).unwrap().output,
+        layer_file::read_output(Path::new(output)).unwrap().0,
         summary,
     )
 }
@@ -132,16 +132,27 @@ fn rel_err(a: &[f64], b: &[f64]) -> f64 {
 fn make_layer_input_run_for_t_0_1_and_4096() {
     let dir = TempDir::new("t-0-1-4096");
     let layer = make_layer(&dir, "layer.safetensors", &["--seed", "7"]);
-    for tokens in [0, 1, 4096] {
+    let fp8_block = make_layer(
+        &dir,
+        "fp8-block.safetensors",
+        &["--weight-format", "fp8_block"],
+    );
+    for (layer, tokens) in [
+        (&layer, 0),
+        (&layer, 1),
+        (&layer, 4096),
+        (&fp8_block, 0),
+        (&fp8_block, 4096),
+    ] {
         let input = make_input(
             &dir,
-            &layer,
+            layer,
             &format!("in-{tokens}.safetensors"),
             tokens,
             &["--seed", "3"],
         );
         let (out, summary) = run(
-            &layer,
+            layer,
             &input,
             &dir.path(&format!("out-{tokens}.safetensors")),
             &[],
@@ -269,8 +280,8 @@ fn save_routing_writes_the_routes_the_layer_used() {
         &out,
         "--save-routing",
     ]);
-    let file = layer_file::read_output(Path::new(&out)).unwrap();
-    let (ids, w) = (file.topk_ids.unwrap(), file.topk_weights.unwrap());
+    let (_, saved) = layer_file::read_output(Path::new(&out)).unwrap();
+    let (ids, w) = saved.expect("--save-routing writes topk_ids and topk_weights");
     assert_eq!(
         (ids.dtype, ids.shape.clone(), w.dtype, w.shape.clone()),
         (DType::I32, vec![5, 2], DType::F32, vec![5, 2])
@@ -312,10 +323,7 @@ fn save_routing_writes_the_routes_the_layer_used() {
     let layer_file::RoutingTensors::TopK { ids: given_ids, .. } = &given.routing else {
         panic!("not top-k")
     };
-    let saved = layer_file::read_output(Path::new(&out))
-        .unwrap()
-        .topk_ids
-        .unwrap();
+    let (saved, _) = layer_file::read_output(Path::new(&out)).unwrap().1.unwrap();
     assert_eq!(
         saved.to_i32_vec("ids").unwrap(),
         given_ids.to_i32_vec("ids").unwrap()
@@ -325,17 +333,40 @@ fn save_routing_writes_the_routes_the_layer_used() {
     ]);
     assert!(layer_file::read_output(Path::new(&out))
         .unwrap()
-        .topk_ids
+        .1
         .is_none());
 }
 
 #[test]
 fn expert_and_tensor_parallel_ranks_sum_to_the_whole() {
     let dir = TempDir::new("ranks");
-    let layer = make_layer(&dir, "layer.safetensors", &["--seed", "2"]);
-    let input = make_input(&dir, &layer, "in.safetensors", 32, &["--dtype", "f32"]);
+    let bf16 = make_layer(&dir, "bf16.safetensors", &["--seed", "2"]);
+    // W2 biases must be added by TP rank 0 only; packed routing exercises the routed path.
+    let oai = [
+        "--weight-format",
+        "mxfp4",
+        "--activation",
+        "swiglu_oai",
+        "--w13-order",
+        "interleaved",
+        "--biases",
+    ];
+    let mxfp4 = make_layer(&dir, "mxfp4.safetensors", &oai);
+    for (layer, routing) in [(&bf16, "logits"), (&mxfp4, "packed")] {
+        check_ranks(&dir, layer, routing);
+    }
+}
+
+fn check_ranks(dir: &TempDir, layer: &str, routing: &str) {
+    let input = make_input(
+        dir,
+        layer,
+        &format!("in-{routing}.safetensors"),
+        32,
+        &["--dtype", "f32", "--routing", routing],
+    );
     let (whole, _) = run(
-        &layer,
+        layer,
         &input,
         &dir.path("whole.safetensors"),
         &["--backend", "cpu"],
@@ -347,7 +378,7 @@ fn expert_and_tensor_parallel_ranks_sum_to_the_whole() {
             let (size, rank_s) = (format!("--{axis}-size"), format!("--{axis}-rank"));
             let r = rank.to_string();
             let (part, summary) = run(
-                &layer,
+                layer,
                 &input,
                 &dir.path(&format!("{axis}{rank}.safetensors")),
                 &["--backend", "cpu", &size, "2", &rank_s, &r],
@@ -360,7 +391,7 @@ fn expert_and_tensor_parallel_ranks_sum_to_the_whole() {
         let err = rel_err(&sum, &whole);
         assert!(
             err <= 1e-5,
-            "{axis}: ranks sum to the whole within f32 rounding, rel err {err}"
+            "{layer} {axis}: ranks sum to the whole within f32 rounding, rel err {err}"
         );
     }
 }
@@ -520,6 +551,17 @@ fn make_layer_is_deterministic_and_checks_its_arguments() {
     );
     let err = make_layer_fails(&dir, &["--routing", "llama4"]);
     assert!(err.contains("top_k"), "{err}");
+    let err = fails(&[
+        "make-layer",
+        "--out",
+        &dir.path("x.safetensors"),
+        "--preset",
+        "gpt-5",
+    ]);
+    assert!(
+        err.contains("unknown preset") && err.contains("qwen3-30b-a3b"),
+        "{err}"
+    );
     let err = fails(&[
         "make-input",
         "--out",

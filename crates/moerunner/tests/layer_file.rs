@@ -857,16 +857,12 @@ fn output_files_with_and_without_routes() {
     };
     let p = tmp("output");
     layer_file::write_output(&p, &out, Some(&routes)).unwrap();
-    let back = layer_file::read_output(&p).unwrap();
+    let (back, saved) = layer_file::read_output(&p).unwrap();
     assert_eq!(
-        (
-            back.output.dtype,
-            &back.output.shape,
-            &back.output.bytes[..]
-        ),
+        (back.dtype, &back.shape, &back.bytes[..]),
         (DType::BF16, &vec![2, 3], &out.bytes[..])
     );
-    let (ids, w) = (back.topk_ids.unwrap(), back.topk_weights.unwrap());
+    let (ids, w) = saved.unwrap();
     assert_eq!(
         (ids.dtype, &ids.shape, ids.to_i32_vec("ids").unwrap()),
         (DType::I32, &vec![2, 2], routes.ids.clone())
@@ -877,7 +873,7 @@ fn output_files_with_and_without_routes() {
     );
     let empty = HostTensor::from_f32(vec![0, 3], &[]);
     layer_file::write_output(&p, &empty, None).unwrap();
-    let back = layer_file::read_output(&p).unwrap();
-    assert_eq!(back.output.shape, vec![0, 3]);
-    assert!(back.topk_ids.is_none() && back.topk_weights.is_none());
+    let (back, saved) = layer_file::read_output(&p).unwrap();
+    assert_eq!(back.shape, vec![0, 3]);
+    assert!(saved.is_none());
 }

@@ -10,9 +10,16 @@ use moerunner::{BackendChoice, ForwardInput, Parallelism, Runner};
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// The layer file (`.safetensors`, spec/layer-file.md).
+    /// The layer file (`.safetensors`, spec/layer-file.md); with `--checkpoint`, the layer index.
     #[arg(long)]
-    pub layer: PathBuf,
+    pub layer: String,
+    /// A Hugging Face model folder (config.json, shards, index); `--layer` is then the layer index
+    /// and the input may carry only `hidden_states` (logits come from the checkpoint's router).
+    #[arg(long)]
+    pub checkpoint: Option<PathBuf>,
+    /// With `--checkpoint`: quantize the experts into this format at load (e.g. mxfp8, nvfp4).
+    #[arg(long)]
+    pub quantize: Option<String>,
     /// The input file: `hidden_states` and one routing source.
     #[arg(long)]
     pub input: PathBuf,
@@ -40,42 +47,52 @@ pub struct Args {
     pub save_routing: bool,
 }
 
-/// A spinner on stderr for work of unknown length (hidden when stderr is not a terminal).
-fn spinner(msg: String) -> anyhow::Result<ProgressBar> {
-    let bar = ProgressBar::new_spinner()
-        .with_style(ProgressStyle::with_template("{spinner} {msg} [{elapsed}]")?);
-    bar.set_message(msg);
-    bar.enable_steady_tick(std::time::Duration::from_millis(120));
-    Ok(bar)
-}
-
 pub fn run(args: Args) -> anyhow::Result<()> {
     let choice = if args.reference {
         BackendChoice::Named("reference".into())
     } else {
         args.backend.clone()
     };
-    let mut layer = layer_file::read_layer(&args.layer)
-        .with_context(|| format!("reading layer {}", args.layer.display()))?;
-    // Input errors (wrong H, E or k) surface before the backend spends time preparing weights.
-    let input = layer_file::read_input(&args.input)
-        .with_context(|| format!("reading input {}", args.input.display()))?;
-    input.check_against(layer.config()).with_context(|| {
-        format!(
-            "input {} does not fit layer {}",
-            args.input.display(),
-            args.layer.display()
-        )
-    })?;
     let par = Parallelism {
         ep_size: args.ep_size,
         ep_rank: args.ep_rank,
         tp_size: args.tp_size,
         tp_rank: args.tp_rank,
     };
-    if !par.is_single() {
-        layer = moerunner::shard::shard(&layer, par).context("slicing the layer for this rank")?;
-    }
+    let (layer, input) = match &args.checkpoint {
+        Some(dir) => super::convert::load_checkpoint_run(
+            dir,
+            &args.layer,
+            par,
+            args.quantize.as_deref(),
+            &args.input,
+        )?,
+        None => {
+            if args.quantize.is_some() {
+                anyhow::bail!(
+                    "--quantize needs --checkpoint (a layer file is run in its own format)"
+                );
+            }
+            let path = PathBuf::from(&args.layer);
+            let mut layer = layer_file::read_layer(&path)
+                .with_context(|| format!("reading layer {}", path.display()))?;
+            let input = layer_file::read_input(&args.input)
+                .with_context(|| format!("reading input {}", args.input.display()))?;
+            if !par.is_single() {
+                layer = moerunner::shard::shard(&layer, par)
+                    .context("slicing the layer for this rank")?;
+            }
+            (layer, input)
+        }
+    };
+    // Input errors (wrong H, E or k) surface before the backend spends time preparing weights.
+    input.check_against(layer.config()).with_context(|| {
+        format!(
+            "input {} does not fit layer {}",
+            args.input.display(),
+            args.layer
+        )
+    })?;
     let bar = spinner(format!("loading {}", layer.config()))?;
     let loaded = Runner::new().load(layer, &choice)?;
     bar.set_message(format!(
@@ -114,4 +131,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         args.output.display(),
     );
     Ok(())
+}
+
+/// A spinner on stderr for work of unknown length (hidden when stderr is not a terminal).
+fn spinner(msg: String) -> anyhow::Result<ProgressBar> {
+    let bar = ProgressBar::new_spinner()
+        .with_style(ProgressStyle::with_template("{spinner} {msg} [{elapsed}]")?);
+    bar.set_message(msg);
+    bar.enable_steady_tick(std::time::Duration::from_millis(120));
+    Ok(bar)
 }

@@ -237,24 +237,26 @@ pub fn write_output(path: &Path, output: &HostTensor, routes: Option<&Routes>) -
     write_tensors(path, &tensors, HashMap::new())
 }
 
-/// An output file's tensors.
-#[derive(Clone, Debug)]
-pub struct OutputFile {
-    /// `[T, H]`.
-    pub output: HostTensor,
-    /// I32 `[T, k]`, present when the run saved its routing.
-    pub topk_ids: Option<HostTensor>,
-    /// F32 `[T, k]`, present when the run saved its routing.
-    pub topk_weights: Option<HostTensor>,
-}
-
-/// Reads an output file (for tests and tools).
-pub fn read_output(path: &Path) -> Result<OutputFile> {
+/// Reads an output file (for tests and tools): `output` and, when the run saved them,
+/// (`topk_ids`, `topk_weights`).
+pub fn read_output(path: &Path) -> Result<(HostTensor, Option<(HostTensor, HostTensor)>)> {
     let file = MappedFile::open(path)?;
     file.expect_only(&["output", "topk_ids", "topk_weights"], "an output file")?;
-    Ok(OutputFile {
-        output: file.require("output")?,
-        topk_ids: file.get("topk_ids"),
-        topk_weights: file.get("topk_weights"),
-    })
+    let routes = match (file.get("topk_ids"), file.get("topk_weights")) {
+        (Some(ids), Some(weights)) => Some((ids, weights)),
+        (None, None) => None,
+        (Some(_), None) => {
+            return Err(MoeError::missing(format!(
+                "tensor `topk_weights` in {} (it has `topk_ids`)",
+                path.display()
+            )))
+        }
+        (None, Some(_)) => {
+            return Err(MoeError::missing(format!(
+                "tensor `topk_ids` in {} (it has `topk_weights`)",
+                path.display()
+            )))
+        }
+    };
+    Ok((file.require("output")?, routes))
 }

@@ -24,9 +24,7 @@ use safetensors::{Dtype, SafeTensors};
 use crate::error::{MoeError, Result};
 use crate::tensor::{Bytes, DType, HostTensor};
 
-pub use io::{
-    read_input, read_output, write_input, write_output, InputFile, OutputFile, RoutingTensors,
-};
+pub use io::{read_input, read_output, write_input, write_output, InputFile, RoutingTensors};
 pub use layer::{
     layer_metadata, read_layer, read_layer_config, read_layer_header, write_layer, METADATA_KEYS,
 };
