@@ -7,6 +7,7 @@ pub mod activation;
 pub mod backend;
 pub mod bench;
 pub mod check;
+pub mod checkpoint;
 pub mod config;
 pub mod error;
 pub mod formats;
