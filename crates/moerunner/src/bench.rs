@@ -1,1 +1,422 @@
 //! Benchmark counting (`spec/performance.md`): bytes, FLOPs, floors, roofline fractions, ceilings.
+//!
+//! Design decision: ceilings are measured in the same run as the cases (memory read bandwidth and a
+//! dense GEMM on the same cores), and bytes are counted from the benchmark input's real routing, so
+//! a row's roofline fraction compares like with like. On the CPU every weight format is computed in
+//! f32 after decoding, so the "bf16" matrix rate is the dense f32 GEMM rate and there is no fp8
+//! rate (`fp8_tflops` is null); every format's floor uses the f32 rate.
+
+use std::time::Instant;
+
+use rayon::prelude::*;
+use serde::Serialize;
+
+use crate::config::{ActivationFormat, LayerConfig, WeightFormat};
+use crate::error::{MoeError, Result};
+use crate::forward::ForwardInput;
+use crate::presets::Preset;
+use crate::runner::{BackendChoice, Runner};
+use crate::synth::{self, RoutingMode};
+use crate::tensor::DType;
+
+/// Measured device limits (`performance.md`, "Floor").
+#[derive(Clone, Debug, Serialize)]
+pub struct Ceilings {
+    /// Sustained read bandwidth, GB/s (10^9 bytes).
+    pub read_gbps: f64,
+    /// Matrix rate used for bf16 and W4A16 (on the CPU: the dense f32 GEMM rate), TFLOP/s.
+    pub bf16_tflops: f64,
+    /// Matrix rate used for fp8 activations; null where the device has none (the CPU).
+    pub fp8_tflops: Option<f64>,
+    /// Dense f32 GEMM rate, TFLOP/s.
+    pub f32_tflops: Option<f64>,
+}
+
+impl Ceilings {
+    /// The matrix rate (FLOP/s) the floor of an activation format uses.
+    pub fn matrix_flops(&self, activation: ActivationFormat) -> f64 {
+        let tflops = match activation {
+            ActivationFormat::Bf16 => self.bf16_tflops,
+            _ => self.fp8_tflops.unwrap_or(self.bf16_tflops),
+        };
+        tflops * 1e12
+    }
+}
+
+/// One benchmark row, exactly the JSON schema of `bench --json`.
+#[derive(Clone, Debug, Serialize)]
+pub struct BenchRow {
+    pub preset: String,
+    pub weight_format: String,
+    pub activation_format: String,
+    pub tokens: usize,
+    /// Distinct experts the input routes to (counted from its real routing).
+    pub active_experts: usize,
+    /// Median of the timed runs, µs.
+    pub time_us: f64,
+    pub bytes: u64,
+    pub flops: u64,
+    pub floor_us: f64,
+    /// floor / time.
+    pub roofline: f64,
+    /// ‖out − ref‖₂ / ‖ref‖₂ over the sampled tokens, against the float64 reference.
+    pub rel_err: f64,
+}
+
+impl BenchRow {
+    pub fn achieved_gbps(&self) -> f64 {
+        self.bytes as f64 / self.time_us / 1e3
+    }
+    pub fn achieved_tflops(&self) -> f64 {
+        self.flops as f64 / self.time_us / 1e6
+    }
+}
+
+/// A whole run: what `bench --json` writes.
+#[derive(Clone, Debug, Serialize)]
+pub struct BenchReport {
+    pub device: String,
+    pub backend: String,
+    pub date: String,
+    pub ceilings: Ceilings,
+    pub rows: Vec<BenchRow>,
+}
+
+/// What to run.
+#[derive(Clone, Debug)]
+pub struct BenchPlan {
+    pub presets: Vec<&'static Preset>,
+    pub weight_formats: Vec<WeightFormat>,
+    pub tokens: Vec<usize>,
+    /// Timed runs per case (after one warm-up run); the median is reported.
+    pub iters: usize,
+    pub backend: BackendChoice,
+    pub seed: u64,
+}
+
+/// Progress events for a front end (a progress bar).
+#[derive(Debug)]
+pub enum Progress<'a> {
+    /// Total steps: one per ceiling, one per layer generated, one per case.
+    Start {
+        steps: usize,
+    },
+    Step {
+        what: String,
+    },
+    Row(&'a BenchRow),
+}
+
+/// Sampled tokens for the accuracy check (the reference is slow; a few rows suffice).
+const SAMPLED_TOKENS: usize = 4;
+
+/// Bytes streamed between timed runs so that no case reads weights a previous run left in the
+/// last-level cache (several times any L3 we expect).
+const CACHE_FLUSH_BYTES: usize = 128 << 20;
+
+/// Bytes of a forward call (`performance.md`): the routed experts' weights plus hidden states in
+/// and the output out (both in `act_dtype`).
+pub fn count_bytes(
+    config: &LayerConfig,
+    active_experts: usize,
+    tokens: usize,
+    act_dtype: DType,
+) -> u64 {
+    let weights = active_experts as f64
+        * config.params_per_expert() as f64
+        * config.weight_format.bytes_per_param();
+    let activations = 2 * tokens * config.hidden * act_dtype.size();
+    weights.round() as u64 + activations as u64
+}
+
+/// FLOPs of a forward call: 2·P·k·T.
+pub fn count_flops(config: &LayerConfig, tokens: usize) -> u64 {
+    2 * config.params_per_expert() as u64 * config.routing.top_k as u64 * tokens as u64
+}
+
+/// Runs the plan: ceilings first, then each preset × format (one layer generated each) × token
+/// count.
+pub fn run(plan: &BenchPlan, progress: &mut dyn FnMut(Progress<'_>)) -> Result<BenchReport> {
+    if plan.iters == 0 {
+        return Err(MoeError::invalid("iters", "must be at least 1"));
+    }
+    let runner = Runner::new();
+    let layers = plan.presets.len() * plan.weight_formats.len();
+    progress(Progress::Start {
+        steps: 2 + layers * (1 + plan.tokens.len()),
+    });
+
+    progress(Progress::Step {
+        what: "measuring read bandwidth".into(),
+    });
+    let read_gbps = measure_read_gbps();
+    progress(Progress::Step {
+        what: "measuring dense f32 GEMM rate".into(),
+    });
+    let f32_tflops = measure_sgemm_tflops();
+    let ceilings = Ceilings {
+        read_gbps,
+        bf16_tflops: f32_tflops,
+        fp8_tflops: None,
+        f32_tflops: Some(f32_tflops),
+    };
+
+    let mut rows = Vec::new();
+    let mut backend_name = String::new();
+    let mut device = String::new();
+    let mut flush = vec![0u64; CACHE_FLUSH_BYTES / 8];
+    for preset in &plan.presets {
+        for &wf in &plan.weight_formats {
+            let config = preset.config(wf, None);
+            progress(Progress::Step {
+                what: format!("generating {} {}", preset.name, wf),
+            });
+            let layer = synth::random_layer(&config, plan.seed, preset.biases)?;
+            let loaded = runner.load(layer, &plan.backend)?;
+            if backend_name.is_empty() {
+                backend_name = loaded.backend().to_string();
+                device = device_name(&runner, &backend_name);
+            }
+            for &tokens in &plan.tokens {
+                progress(Progress::Step {
+                    what: format!("{} {} T={tokens}", preset.name, wf),
+                });
+                let input = synth::random_input(
+                    &config,
+                    tokens,
+                    RoutingMode::Logits,
+                    DType::BF16,
+                    plan.seed ^ tokens as u64,
+                )?;
+                let fwd = ForwardInput {
+                    hidden: &input.hidden,
+                    routing: input.routing_input(),
+                };
+                let first = loaded.forward(&fwd)?; // warm-up (thread pool, scratch, page faults)
+                let mut times = Vec::with_capacity(plan.iters);
+                for _ in 0..plan.iters {
+                    stream_through(&mut flush);
+                    let t0 = Instant::now();
+                    let out = loaded.forward(&fwd)?;
+                    times.push(t0.elapsed().as_secs_f64());
+                    drop(out);
+                }
+                times.sort_by(f64::total_cmp);
+                let time_s = times[times.len() / 2];
+
+                let routes = &first.routes;
+                let active = routes.distinct_experts(config.local_experts.clone());
+                let bytes = count_bytes(&config, active, tokens, input.hidden.dtype);
+                let flops = count_flops(&config, tokens);
+                let floor_s = (bytes as f64 / (ceilings.read_gbps * 1e9))
+                    .max(flops as f64 / ceilings.matrix_flops(config.activation_format));
+                let rel_err =
+                    sampled_rel_err(loaded.layer(), &input.hidden, routes, &first.output)?;
+                let row = BenchRow {
+                    preset: preset.name.to_string(),
+                    weight_format: wf.name().to_string(),
+                    activation_format: config.activation_format.name().to_string(),
+                    tokens,
+                    active_experts: active,
+                    time_us: time_s * 1e6,
+                    bytes,
+                    flops,
+                    floor_us: floor_s * 1e6,
+                    roofline: floor_s / time_s,
+                    rel_err,
+                };
+                progress(Progress::Row(&row));
+                rows.push(row);
+            }
+        }
+    }
+    if backend_name.is_empty() {
+        // Nothing ran (an empty plan): still name the backend the choice would take.
+        backend_name = match &plan.backend {
+            BackendChoice::Named(n) => n.clone(),
+            BackendChoice::Auto => "auto".into(),
+        };
+        device = device_name(&runner, &backend_name);
+    }
+    Ok(BenchReport {
+        device,
+        backend: backend_name,
+        date: today_utc(),
+        ceilings,
+        rows,
+    })
+}
+
+/// Relative error of `output` against the float64 reference over a few evenly spaced tokens.
+fn sampled_rel_err(
+    layer: &crate::weights::MoeLayer,
+    hidden: &crate::tensor::HostTensor,
+    routes: &crate::routing::Routes,
+    output: &crate::tensor::HostTensor,
+) -> Result<f64> {
+    let t = routes.tokens;
+    if t == 0 {
+        return Ok(0.0);
+    }
+    let h = layer.config().hidden;
+    let mut sampled: Vec<usize> = (0..SAMPLED_TOKENS.min(t))
+        .map(|i| i * t / SAMPLED_TOKENS.min(t))
+        .collect();
+    sampled.dedup();
+    let x = hidden.to_f32_vec("hidden_states")?;
+    let reference = crate::reference::forward_tokens(layer, &x, routes, &sampled)?;
+    let out = output.to_f32_vec("output")?;
+    let (mut diff, mut norm) = (0f64, 0f64);
+    for (i, &tok) in sampled.iter().enumerate() {
+        for c in 0..h {
+            let r = reference[i * h + c];
+            let d = out[tok * h + c] as f64 - r;
+            diff += d * d;
+            norm += r * r;
+        }
+    }
+    Ok(if norm > 0.0 {
+        (diff / norm).sqrt()
+    } else {
+        diff.sqrt()
+    })
+}
+
+/// Reads `buf` once on all threads (evicts the last-level cache).
+fn stream_through(buf: &mut [u64]) {
+    let s: u64 = buf
+        .par_chunks_mut(1 << 16)
+        .map(|c| {
+            c[0] = c[0].wrapping_add(1);
+            c.iter().fold(0u64, |a, &v| a.wrapping_add(v))
+        })
+        .sum();
+    std::hint::black_box(s);
+}
+
+/// Best of several multi-threaded streaming sums over a buffer far larger than any cache, GB/s.
+pub fn measure_read_gbps() -> f64 {
+    const BYTES: usize = 512 << 20;
+    let buf: Vec<u64> = (0..BYTES / 8).into_par_iter().map(|i| i as u64).collect();
+    let threads = rayon::current_num_threads().max(1);
+    let per = buf.len().div_ceil(threads);
+    let mut best = 0f64;
+    for _ in 0..5 {
+        let t0 = Instant::now();
+        // One contiguous stream per thread; four running sums so the adds vectorize and never
+        // bind the loop.
+        let s: u64 = buf
+            .par_chunks(per)
+            .map(|chunk| {
+                let mut acc = [0u64; 4];
+                for q in chunk.chunks_exact(4) {
+                    for i in 0..4 {
+                        acc[i] = acc[i].wrapping_add(q[i]);
+                    }
+                }
+                acc.iter().fold(0u64, |a, &v| a.wrapping_add(v))
+            })
+            .sum();
+        let dt = t0.elapsed().as_secs_f64();
+        std::hint::black_box(s);
+        best = best.max(BYTES as f64 / dt / 1e9);
+    }
+    best
+}
+
+/// Best of several dense f32 GEMMs (matrixmultiply's sgemm, 1024³, one per thread at once),
+/// TFLOP/s over all threads.
+pub fn measure_sgemm_tflops() -> f64 {
+    const N: usize = 1024;
+    let threads = rayon::current_num_threads().max(1);
+    let a: Vec<f32> = (0..N * N).map(|i| ((i % 17) as f32 - 8.0) * 0.01).collect();
+    let b: Vec<f32> = (0..N * N).map(|i| ((i % 13) as f32 - 6.0) * 0.01).collect();
+    let mut outs = vec![vec![0f32; N * N]; threads];
+    let mut best = 0f64;
+    for _ in 0..4 {
+        let t0 = Instant::now();
+        outs.par_iter_mut()
+            .for_each(|c| crate::backend::cpu::dense_sgemm(N, N, N, &a, &b, c));
+        let dt = t0.elapsed().as_secs_f64();
+        best = best.max(threads as f64 * 2.0 * (N * N * N) as f64 / dt / 1e12);
+    }
+    std::hint::black_box(&outs);
+    best
+}
+
+/// The device in words: the CPU model and thread count for the CPU backends, else the backend's
+/// own description.
+fn device_name(runner: &Runner, backend: &str) -> String {
+    if backend == "cpu" || backend == "reference" {
+        let model = std::fs::read_to_string("/proc/cpuinfo")
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("model name"))
+                    .and_then(|l| l.split(':').nth(1))
+                    .map(|m| m.trim().to_string())
+            })
+            .unwrap_or_else(|| std::env::consts::ARCH.to_string());
+        return format!("{model} ({} threads)", rayon::current_num_threads());
+    }
+    runner
+        .backends()
+        .iter()
+        .find_map(|r| match r {
+            crate::runner::Registered::Ready(b) if b.name() == backend => {
+                b.info().devices.first().cloned()
+            }
+            _ => None,
+        })
+        .unwrap_or_else(|| backend.to_string())
+}
+
+/// Today's date (UTC) as YYYY-MM-DD.
+pub fn today_utc() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let days = (secs / 86_400) as i64;
+    // Civil-from-days (Howard Hinnant's algorithm), proleptic Gregorian.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::presets;
+
+    #[test]
+    fn counts_follow_the_spec() {
+        let p = presets::preset("qwen3-30b-a3b").unwrap();
+        let cfg = p.config(WeightFormat::Bf16, None);
+        assert_eq!(cfg.params_per_expert(), 3 * 768 * 2048);
+        assert_eq!(count_flops(&cfg, 1), 2 * 3 * 768 * 2048 * 8);
+        assert_eq!(
+            count_bytes(&cfg, 8, 1, DType::BF16),
+            8 * 3 * 768 * 2048 * 2 + 2 * 2048 * 2
+        );
+        let mx = p.config(WeightFormat::Mxfp4, None);
+        assert_eq!(
+            count_bytes(&mx, 1, 0, DType::BF16),
+            (3.0 * 768.0 * 2048.0 * (0.5 + 1.0 / 32.0)) as u64
+        );
+    }
+
+    #[test]
+    fn date_is_iso() {
+        let d = today_utc();
+        assert_eq!(d.len(), 10);
+        assert_eq!(&d[4..5], "-");
+        assert!(d.as_str() >= "2024-01-01");
+    }
+}

@@ -1,0 +1,643 @@
+//! Weight decoding and dot-product tiles: the CPU backend's only `unsafe` code.
+//!
+//! Design decision: weights are decoded *in registers*. Each codec turns 16 elements (one
+//! [`CHUNK`]) into two vectors of 8 f32 "raw" values; the factor of their group (block scale with
+//! constants folded in, read straight from the stored scale bytes) multiplies them; FMAs dot them
+//! with up to four activation rows at once, and a horizontal sum per (row, token) ends the tile.
+//! Codecs whose stored layout pairs elements (E2M1 nibbles, bf16 halves of a 32-bit word) yield a
+//! chunk as its 8 even elements then its 8 odd ones, so activation rows are permuted into the same
+//! *codec order* once ([`Codec::order_index`]) instead of shuffling weights in the hot loop.
+//! Every kernel exists twice: AVX2+FMA (chosen at run time with `is_x86_feature_detected!`) and a
+//! portable scalar twin with the same semantics that tests hold the AVX2 path against.
+
+/// Elements every codec decodes per step (two 8-lane vectors).
+pub const CHUNK: usize = 16;
+
+/// Most activation rows one tile multiplies against the same decoded weights.
+pub const MAX_TILE_TOKENS: usize = 4;
+
+/// 2^120: E4M3's 7 magnitude bits shifted left by 20 read as an f32 of value · 2^-120 (exponent
+/// bias 127 instead of 7, subnormals included), so factors of E4M3 rows carry this multiplier.
+pub const E4M3_RAW_FACTOR: f32 = f32::from_bits((127 + 120) << 23);
+
+/// E2M1 magnitudes by code (`spec/formats.md`).
+const E2M1_VALUES: [f32; 8] = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0];
+
+/// Which kernels run: chosen once per loaded layer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Isa {
+    /// Portable code for any CPU (the semantics the AVX2 path is tested against).
+    Scalar,
+    /// x86-64 AVX2 + FMA.
+    Avx2Fma,
+}
+
+impl Isa {
+    /// The best kernels this CPU runs.
+    pub fn detect() -> Isa {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                return Isa::Avx2Fma;
+            }
+        }
+        Isa::Scalar
+    }
+    /// Whether this CPU can run `self` (tests ask before forcing a path).
+    pub fn available(self) -> bool {
+        self == Isa::Scalar || Isa::detect() == Isa::Avx2Fma
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Scalar => "scalar",
+            Isa::Avx2Fma => "avx2+fma",
+        }
+    }
+}
+
+/// How a weight row's bytes become f32 "raw" values (the factor of their group does the rest).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Codec {
+    /// Little-endian f32 (rows decoded elsewhere).
+    F32,
+    /// bf16 bits: exact in f32, no factor; pair-split codec order.
+    Bf16,
+    /// E4M3 bytes: raw = value · 2^-120 (see [`E4M3_RAW_FACTOR`]); always scaled.
+    E4m3,
+    /// Two E2M1 nibbles a byte, element 2i low: raw = value; always scaled; pair-split order.
+    E2m1,
+}
+
+impl Codec {
+    /// Bytes of `elems` elements (`elems` even for E2M1).
+    pub fn bytes(self, elems: usize) -> usize {
+        match self {
+            Codec::F32 => 4 * elems,
+            Codec::Bf16 => 2 * elems,
+            Codec::E4m3 => elems,
+            Codec::E2m1 => elems / 2,
+        }
+    }
+    /// Whether raw values are multiplied by a per-group factor.
+    pub fn scaled(self) -> bool {
+        matches!(self, Codec::E4m3 | Codec::E2m1)
+    }
+    /// Elements of a whole chunk of the codec's order: E2M1 is decoded 32 at a time (16 bytes,
+    /// one 128-bit lane), the others 16 at a time.
+    fn chunk(self) -> usize {
+        if self == Codec::E2m1 {
+            32
+        } else {
+            CHUNK
+        }
+    }
+    /// Position of natural element `c` of a `k`-long row in the codec's order. Inside each whole
+    /// chunk: bf16 puts the 8 even elements first (halves of 32-bit words); E2M1 follows its
+    /// byte-shuffle decoder (`avx2::e2m1`): position 4q + i holds element
+    /// 16·(q/2 mod 2) + 4i + 2·(q mod 2) + q/4. The tail past the last whole chunk keeps its order.
+    #[inline]
+    pub fn order_index(self, c: usize, k: usize) -> usize {
+        if c >= k - k % self.chunk() {
+            return c;
+        }
+        match self {
+            Codec::Bf16 => (c & !15) | ((c & 1) << 3) | ((c & 15) >> 1),
+            Codec::E2m1 => {
+                let w = c & 31;
+                let (half, i, rem) = (w >> 4, (w & 15) >> 2, w & 3);
+                let q = ((rem & 1) << 2) | (half << 1) | (rem >> 1);
+                (c & !31) | (q << 2) | i
+            }
+            _ => c,
+        }
+    }
+    /// The natural element at codec-order position `pos` (the inverse of `order_index`).
+    #[inline]
+    fn natural(self, pos: usize, k: usize) -> usize {
+        if pos >= k - k % self.chunk() {
+            return pos;
+        }
+        match self {
+            Codec::Bf16 => {
+                let w = pos & 15;
+                (pos & !15) | ((w & 7) << 1) | (w >> 3)
+            }
+            Codec::E2m1 => {
+                let (q, i) = ((pos & 31) >> 2, pos & 3);
+                (pos & !31) | (((q >> 1) & 1) << 4) | (i << 2) | ((q & 1) << 1) | (q >> 2)
+            }
+            _ => pos,
+        }
+    }
+    /// Raw value of the element at codec-order position `pos` of a `k`-long row.
+    #[inline]
+    fn raw(self, row: &[u8], pos: usize, k: usize) -> f32 {
+        let c = self.natural(pos, k);
+        match self {
+            Codec::F32 => {
+                f32::from_le_bytes([row[4 * c], row[4 * c + 1], row[4 * c + 2], row[4 * c + 3]])
+            }
+            Codec::Bf16 => {
+                f32::from_bits(u32::from(u16::from_le_bytes([row[2 * c], row[2 * c + 1]])) << 16)
+            }
+            Codec::E4m3 => e4m3_raw(row[c]),
+            Codec::E2m1 => {
+                let byte = row[c / 2];
+                e2m1_value(if c.is_multiple_of(2) {
+                    byte & 15
+                } else {
+                    byte >> 4
+                })
+            }
+        }
+    }
+}
+
+/// E4M3 byte → value · 2^-120 (exact, the same bits the AVX2 decoder builds).
+#[inline]
+pub fn e4m3_raw(b: u8) -> f32 {
+    f32::from_bits((u32::from(b & 0x7F) << 20) | (u32::from(b & 0x80) << 24))
+}
+
+/// E2M1 nibble → value (exact).
+#[inline]
+pub fn e2m1_value(nibble: u8) -> f32 {
+    let v = E2M1_VALUES[usize::from(nibble & 7)];
+    if nibble & 8 != 0 {
+        -v
+    } else {
+        v
+    }
+}
+
+/// Where the per-group factors of a row come from: the row's *scale bytes* as stored.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Scale<'a> {
+    /// Unscaled codecs (F32, Bf16).
+    None,
+    /// One little-endian f32 per group, times `mul` (fp8 per-tensor as one group a row with
+    /// the expert's scale, fp8_block; `mul` carries E4M3's 2^120).
+    F32 { mul: f32 },
+    /// One byte per group, looked up in the table (UE8M0 or E4M3 scale codes with constants
+    /// folded in: 256 entries, L1-resident).
+    Table(&'a [f32; 256]),
+}
+
+/// The shape of the rows a kernel reads.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RowFormat<'a> {
+    pub codec: Codec,
+    /// Elements per row.
+    pub k: usize,
+    /// Elements sharing one factor: a multiple of [`CHUNK`], or `k` (one group a row).
+    pub group: usize,
+    pub scale: Scale<'a>,
+    /// Multiplies every dot product (nvfp4's per-expert global scale; 1 otherwise).
+    pub out_mul: f32,
+}
+
+impl<'a> RowFormat<'a> {
+    pub fn new(
+        codec: Codec,
+        k: usize,
+        group: usize,
+        scale: Scale<'a>,
+        out_mul: f32,
+    ) -> RowFormat<'a> {
+        RowFormat {
+            codec,
+            k,
+            group: group.clamp(1, k.max(1)),
+            scale,
+            out_mul,
+        }
+    }
+    /// Plain f32 rows.
+    pub fn f32(k: usize) -> RowFormat<'static> {
+        RowFormat::new(Codec::F32, k, k, Scale::None, 1.0)
+    }
+    /// Factors per row (0 for unscaled codecs).
+    pub fn groups(&self) -> usize {
+        if self.codec.scaled() {
+            self.k.div_ceil(self.group)
+        } else {
+            0
+        }
+    }
+    pub fn row_bytes(&self) -> usize {
+        self.codec.bytes(self.k)
+    }
+    /// Bytes of one row's scales.
+    pub fn scale_bytes(&self) -> usize {
+        match self.scale {
+            Scale::None => 0,
+            Scale::F32 { .. } => 4 * self.groups(),
+            Scale::Table(_) => self.groups(),
+        }
+    }
+    /// The factor of group `g` of a row with scale bytes `scales`.
+    #[inline]
+    fn factor(&self, scales: &[u8], g: usize) -> f32 {
+        match self.scale {
+            Scale::None => 1.0,
+            Scale::F32 { mul } => {
+                f32::from_le_bytes([
+                    scales[4 * g],
+                    scales[4 * g + 1],
+                    scales[4 * g + 2],
+                    scales[4 * g + 3],
+                ]) * mul
+            }
+            Scale::Table(t) => t[usize::from(scales[g])],
+        }
+    }
+    fn check(&self, rows: &[&[u8]], scales: &[&[u8]]) {
+        // Internal invariants (callers derive everything from a validated layer); they guard the
+        // raw-pointer reads below, so they stay on in release builds.
+        let aligned =
+            !self.codec.scaled() || self.group.is_multiple_of(CHUNK) || self.group >= self.k;
+        // E2M1 (mxfp4, nvfp4): whole bytes, 16- or 32-element groups.
+        let paired = self.codec != Codec::E2m1
+            || (self.k.is_multiple_of(CHUNK) && matches!(self.group, 16 | 32));
+        let scale_ok = self.codec.scaled() != (self.scale == Scale::None);
+        assert!(aligned && paired && scale_ok, "bad row format {self:?}");
+        assert!(
+            rows.iter().all(|r| r.len() >= self.row_bytes()),
+            "weight row shorter than {self:?}"
+        );
+        if self.codec.scaled() {
+            assert_eq!(rows.len(), scales.len(), "one scale slice per row");
+            assert!(
+                scales.iter().all(|s| s.len() >= self.scale_bytes()),
+                "too few scale bytes for {self:?}"
+            );
+        }
+    }
+}
+
+/// `out[r * xs.len() + t] = out_mul · Σ_c W[r][c] · xs[t][c]` for any number of rows and up to
+/// [`MAX_TILE_TOKENS`] activation rows (in codec order), decoding each weight element once per
+/// call: the rows go 4 (one token) or 2 (more tokens) at a time through register tiles.
+pub fn dot_rows(
+    isa: Isa,
+    fmt: RowFormat<'_>,
+    rows: &[&[u8]],
+    scales: &[&[u8]],
+    xs: &[&[f32]],
+    out: &mut [f32],
+) {
+    fmt.check(rows, scales);
+    let (nr, nt) = (rows.len(), xs.len());
+    assert!(
+        (1..=MAX_TILE_TOKENS).contains(&nt) && out.len() == nr * nt,
+        "tile shape"
+    );
+    assert!(
+        xs.iter().all(|x| x.len() >= fmt.k),
+        "activation row shorter than K"
+    );
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2Fma if Isa::detect() == Isa::Avx2Fma => {
+            // SAFETY: AVX2 and FMA were detected on this CPU; `check` and the asserts above make
+            // every row, scale slice and activation row at least as long as the kernel reads.
+            unsafe { avx2::dot_rows(fmt, rows, scales, xs, out) }
+        }
+        _ => scalar_dot_rows(fmt, rows, scales, xs, out),
+    }
+}
+
+/// Decodes rows to f32 weights (raw × factor, without `out_mul`) in codec order: `out[r * k + p]`.
+pub fn decode_rows(
+    isa: Isa,
+    fmt: RowFormat<'_>,
+    rows: &[&[u8]],
+    scales: &[&[u8]],
+    out: &mut [f32],
+) {
+    fmt.check(rows, scales);
+    assert!(out.len() >= rows.len() * fmt.k, "decode buffer too small");
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx2Fma && Isa::detect() == Isa::Avx2Fma {
+        if fmt.codec == Codec::E2m1 {
+            // SAFETY: AVX2 detected; `check` sized rows and scales, `out` holds every row.
+            unsafe { avx2_e2m1::decode_rows(&fmt, rows, scales, out) };
+            return;
+        }
+        for (r, row) in rows.iter().enumerate() {
+            let s: &[u8] = if fmt.codec.scaled() { scales[r] } else { &[] };
+            // SAFETY: AVX2 detected; `check` sized the row and scales, the slice is k long.
+            unsafe { avx2::decode_row(fmt, row, s, &mut out[r * fmt.k..(r + 1) * fmt.k]) };
+        }
+        return;
+    }
+    for (r, row) in rows.iter().enumerate() {
+        let s: &[u8] = if fmt.codec.scaled() { scales[r] } else { &[] };
+        scalar_decode_row(fmt, row, s, &mut out[r * fmt.k..(r + 1) * fmt.k]);
+    }
+}
+
+/// The bytes of an f32 slice (scales and decoded rows, read by kernels as bytes).
+pub fn f32_bytes(v: &[f32]) -> &[u8] {
+    // SAFETY: u8 has no alignment or validity requirements and the length covers the same
+    // memory; the borrow keeps `v` alive and immutable.
+    unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, std::mem::size_of_val(v)) }
+}
+
+/// `out[i * ldo + j] = Σ_c a[i * k + c] · b[j * k + c]` for i < m, j < n (C = A·Bᵀ, both stored
+/// row-major), through `matrixmultiply::sgemm`: the dense f32 GEMM whose rate is the CPU's matrix
+/// ceiling in `bench`.
+pub fn sgemm_abt(m: usize, n: usize, k: usize, a: &[f32], b: &[f32], out: &mut [f32], ldo: usize) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(
+        a.len() >= m * k && b.len() >= n * k && n <= ldo && out.len() >= (m - 1) * ldo + n,
+        "sgemm operand sizes"
+    );
+    // SAFETY: the assert bounds every index sgemm reads in `a` ([m, k] row-major) and `b`
+    // ([n, k] row-major, read as k×n with strides 1, k) and writes in `out` ([m, ldo]); out does
+    // not alias the inputs (it is borrowed mutably). With beta = 0 `out` need not be initialized.
+    unsafe {
+        matrixmultiply::sgemm(
+            m,
+            k,
+            n,
+            1.0,
+            a.as_ptr(),
+            k as isize,
+            1,
+            b.as_ptr(),
+            1,
+            k as isize,
+            0.0,
+            out.as_mut_ptr(),
+            ldo as isize,
+            1,
+        );
+    }
+}
+
+/// The weight at codec-order position `p` of a row: raw value × the factor of its element's group.
+#[inline]
+fn weight(fmt: &RowFormat<'_>, row: &[u8], scales: &[u8], p: usize) -> f32 {
+    let raw = fmt.codec.raw(row, p, fmt.k);
+    if fmt.codec.scaled() {
+        raw * fmt.factor(scales, fmt.codec.natural(p, fmt.k) / fmt.group)
+    } else {
+        raw
+    }
+}
+
+fn scalar_decode_row(fmt: RowFormat<'_>, row: &[u8], scales: &[u8], out: &mut [f32]) {
+    for (p, o) in out[..fmt.k].iter_mut().enumerate() {
+        *o = weight(&fmt, row, scales, p);
+    }
+}
+
+/// The scalar twin of the AVX2 tiles: 8 lanes of partial sums per (row, token), chunk positions
+/// p and p + 8 into lane p, the tail past the last whole chunk into a separate sum.
+fn scalar_dot_rows(
+    fmt: RowFormat<'_>,
+    rows: &[&[u8]],
+    scales: &[&[u8]],
+    xs: &[&[f32]],
+    out: &mut [f32],
+) {
+    let nt = xs.len();
+    let vec_end = fmt.k - fmt.k % CHUNK;
+    let mut w = [0f32; CHUNK];
+    for (r, row) in rows.iter().enumerate() {
+        let s: &[u8] = if fmt.codec.scaled() { scales[r] } else { &[] };
+        let mut lanes = [[0f32; 8]; MAX_TILE_TOKENS];
+        let mut tail = [0f32; MAX_TILE_TOKENS];
+        for c in (0..vec_end).step_by(CHUNK) {
+            for (p, wp) in w.iter_mut().enumerate() {
+                *wp = weight(&fmt, row, s, c + p);
+            }
+            for (t, x) in xs.iter().enumerate() {
+                let x = &x[c..c + CHUNK];
+                for l in 0..8 {
+                    lanes[t][l] += w[l] * x[l];
+                    lanes[t][l] += w[l + 8] * x[l + 8];
+                }
+            }
+        }
+        for p in vec_end..fmt.k {
+            let wp = weight(&fmt, row, s, p);
+            for (t, x) in xs.iter().enumerate() {
+                tail[t] += wp * x[p];
+            }
+        }
+        for t in 0..nt {
+            let l = &lanes[t];
+            // Same pairing as the AVX2 horizontal sum: halves, then pairs, then the last two.
+            let q = [l[0] + l[4], l[1] + l[5], l[2] + l[6], l[3] + l[7]];
+            let d = [q[0] + q[2], q[1] + q[3]];
+            out[r * nt + t] = ((d[0] + d[1]) + tail[t]) * fmt.out_mul;
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod avx2_e2m1;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::SeededRng;
+
+    /// A random row set: `rows` rows of `codec` with scales of kind `kind` (0 none, 1 f32,
+    /// 2 table).
+    struct RandomRows {
+        data: Vec<Vec<u8>>,
+        scales: Vec<Vec<u8>>,
+        table: Box<[f32; 256]>,
+    }
+
+    fn random_rows(
+        codec: Codec,
+        k: usize,
+        group: usize,
+        kind: u8,
+        rows: usize,
+        seed: u64,
+    ) -> RandomRows {
+        let mut rng = SeededRng::new(seed);
+        let data = (0..rows)
+            .map(|_| match codec {
+                // Random finite f32 / bf16 values (not random bits: NaN would poison the check).
+                Codec::F32 => (0..k)
+                    .flat_map(|_| rng.uniform(-1.0, 1.0).to_le_bytes())
+                    .collect(),
+                Codec::Bf16 => (0..k)
+                    .flat_map(|_| ((rng.uniform(-1.0, 1.0).to_bits() >> 16) as u16).to_le_bytes())
+                    .collect(),
+                // Every E4M3 code but the NaNs (0x7F, 0xFF).
+                Codec::E4m3 => (0..k)
+                    .map(|_| rng.below(256) as u8)
+                    .map(|b| if b & 0x7F == 0x7F { b - 1 } else { b })
+                    .collect(),
+                Codec::E2m1 => (0..k / 2).map(|_| rng.below(256) as u8).collect(),
+            })
+            .collect();
+        let groups = k.div_ceil(group);
+        let raw = if codec == Codec::E4m3 {
+            E4M3_RAW_FACTOR
+        } else {
+            1.0
+        };
+        let table: Box<[f32; 256]> =
+            Box::new(std::array::from_fn(|b| 2f32.powi(b as i32 % 7 - 3) * raw));
+        let scales = (0..rows)
+            .map(|_| match kind {
+                1 => (0..groups)
+                    .flat_map(|_| rng.uniform(0.5, 2.0).to_le_bytes())
+                    .collect(),
+                2 => (0..groups).map(|_| rng.below(256) as u8).collect(),
+                _ => Vec::new(),
+            })
+            .collect();
+        RandomRows {
+            data,
+            scales,
+            table,
+        }
+    }
+
+    fn xs(k: usize, n: usize, seed: u64) -> Vec<Vec<f32>> {
+        let mut rng = SeededRng::new(seed);
+        (0..n)
+            .map(|_| (0..k).map(|_| rng.uniform(-2.0, 2.0)).collect())
+            .collect()
+    }
+
+    #[test]
+    fn order_index_is_a_permutation_of_each_chunk() {
+        // k = 80: two whole E2M1 chunks (32) and a 16-element tail; five bf16 chunks.
+        for codec in [Codec::F32, Codec::Bf16, Codec::E4m3, Codec::E2m1] {
+            let k = 80;
+            let mut seen = [false; 80];
+            for c in 0..k {
+                let p = codec.order_index(c, k);
+                assert!(
+                    p / codec.chunk() == c / codec.chunk() && !seen[p],
+                    "{codec:?} {c}"
+                );
+                assert_eq!(
+                    codec.natural(p, k),
+                    c,
+                    "{codec:?}: natural inverts order_index"
+                );
+                seen[p] = true;
+            }
+        }
+        assert_eq!(
+            Codec::E2m1.order_index(70, 80),
+            70,
+            "the tail keeps its order"
+        );
+        assert_eq!(
+            Codec::Bf16.order_index(81, 88),
+            81,
+            "the tail keeps its order"
+        );
+        assert_eq!(Codec::Bf16.order_index(1, 32), 8);
+        // E2M1: position 4q + i, vector q = 0 holds elements 0, 4, 8, 12; q = 4 holds 1, 5, 9, 13.
+        assert_eq!(Codec::E2m1.order_index(4, 32), 1);
+        assert_eq!(Codec::E2m1.order_index(1, 32), 16);
+        assert_eq!(Codec::E2m1.order_index(18, 32), 12);
+    }
+
+    #[test]
+    fn e4m3_raw_times_2_pow_120_is_the_code_value() {
+        assert_eq!(e4m3_raw(0x7E) * E4M3_RAW_FACTOR, 448.0);
+        assert_eq!(e4m3_raw(0x01) * E4M3_RAW_FACTOR, 2f32.powi(-9));
+        assert_eq!(e4m3_raw(0x38) * E4M3_RAW_FACTOR, 1.0);
+        assert_eq!(e4m3_raw(0xB8) * E4M3_RAW_FACTOR, -1.0);
+        assert_eq!(e2m1_value(0xF), -6.0);
+        assert_eq!(e2m1_value(0x9), -0.5);
+    }
+
+    /// Decoding and tiles of both ISAs agree: decode bit for bit, tiles to f32 rounding of the
+    /// exact dot product of the decoded values.
+    #[test]
+    fn avx2_matches_scalar() {
+        if !Isa::Avx2Fma.available() {
+            eprintln!("skipped: this CPU has no AVX2+FMA");
+            return;
+        }
+        // (codec, k, group, scale kind, out_mul)
+        let cases = [
+            (Codec::F32, 100, 100, 0, 1.0),
+            (Codec::F32, 7, 7, 0, 1.0),
+            (Codec::Bf16, 256, 256, 0, 1.0),
+            (Codec::Bf16, 72, 72, 0, 1.0),
+            (Codec::E4m3, 300, 128, 1, 1.0),
+            (Codec::E4m3, 100, 100, 1, 1.0),
+            (Codec::E4m3, 96, 32, 2, 1.0),
+            (Codec::E2m1, 256, 32, 2, 1.0),
+            (Codec::E2m1, 80, 16, 2, 0.375),
+        ];
+        for (seed, &(codec, k, group, kind, out_mul)) in cases.iter().enumerate() {
+            let rr = random_rows(codec, k, group, kind, 6, seed as u64);
+            let scale = match kind {
+                1 => Scale::F32 {
+                    mul: if codec == Codec::E4m3 {
+                        E4M3_RAW_FACTOR
+                    } else {
+                        1.0
+                    },
+                },
+                2 => Scale::Table(&rr.table),
+                _ => Scale::None,
+            };
+            let fmt = RowFormat::new(codec, k, group, scale, out_mul);
+            let rows: Vec<&[u8]> = rr.data.iter().map(|r| r.as_slice()).collect();
+            let scales: Vec<&[u8]> = rr.scales.iter().map(|s| s.as_slice()).collect();
+            let mut a = vec![0f32; 6 * k];
+            let mut b = vec![1f32; 6 * k];
+            decode_rows(Isa::Scalar, fmt, &rows, &scales, &mut a);
+            decode_rows(Isa::Avx2Fma, fmt, &rows, &scales, &mut b);
+            if let Some(i) = a
+                .iter()
+                .zip(&b)
+                .position(|(x, y)| x.to_bits() != y.to_bits())
+            {
+                panic!(
+                    "{codec:?} k {k} group {group}: decode differs at row {} position {}: {} vs {}",
+                    i / k,
+                    i % k,
+                    a[i],
+                    b[i]
+                );
+            }
+            let x = xs(k, 4, 100 + seed as u64);
+            for nr in 1..=6 {
+                for nt in 1..=4 {
+                    let xr: Vec<&[f32]> = x[..nt].iter().map(|v| v.as_slice()).collect();
+                    let mut s = vec![f32::NAN; nr * nt];
+                    let mut v = vec![f32::NAN; nr * nt];
+                    dot_rows(Isa::Scalar, fmt, &rows[..nr], &scales[..nr], &xr, &mut s);
+                    dot_rows(Isa::Avx2Fma, fmt, &rows[..nr], &scales[..nr], &xr, &mut v);
+                    for (i, (&p, &q)) in s.iter().zip(&v).enumerate() {
+                        // The exact dot product of the decoded values, in f64.
+                        let (r, t) = (i / nt, i % nt);
+                        let m = out_mul as f64;
+                        let exact: f64 = (0..k)
+                            .map(|c| a[r * k + c] as f64 * x[t][c] as f64)
+                            .sum::<f64>()
+                            * m;
+                        let mag: f64 = (0..k)
+                            .map(|c| (a[r * k + c] as f64 * x[t][c] as f64).abs())
+                            .sum::<f64>()
+                            * m;
+                        assert!((p as f64 - exact).abs() <= 1e-5 * mag && (q as f64 - exact).abs() <= 1e-5 * mag, "{codec:?} k {k} group {group} rows {nr} tokens {nt} [{r},{t}]: scalar {p} avx2 {q} exact {exact}");
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,355 @@
+//! AVX2 kernels for E2M1 (mxfp4, nvfp4) weights: two rows per register.
+//!
+//! Design decision: 16 bytes of a row (32 elements, one mxfp4 block or two nvfp4 blocks) fill one
+//! 128-bit lane, the same 16 bytes of the next row the other lane. `vpshufb` looks the 32 nibbles
+//! up in two 16-entry tables (high and low byte of each value's bf16 pattern), byte unpacks pair
+//! them into bf16 words, and a shift or a mask widens those to f32: ~20 simple ops per 64 weights,
+//! no cross-lane shuffle. Both lanes hold the same columns, so activations are 128-bit broadcasts
+//! (pure loads); the lane order this produces is the E2M1 codec order of `Codec::order_index`.
+//!
+//! Each 32-element chunk yields 8 vectors; vector q holds positions 4q..4q+4 of each row's chunk,
+//! elements 0..16 (the first nvfp4 block) for q in {0, 1, 4, 5}, 16..32 for q in {2, 3, 6, 7}.
+
+use std::arch::x86_64::*;
+
+use super::{RowFormat, Scale, MAX_TILE_TOKENS};
+
+/// Elements per chunk (16 bytes of one row).
+const CHUNK32: usize = 32;
+/// Tiles ahead that software prefetch reaches (hardware prefetch alone leaves the one-token
+/// kernel waiting on memory).
+const PREFETCH_TILES: usize = 2;
+
+/// The two byte tables (high, low byte of the bf16 pattern of each E2M1 code), in both lanes.
+#[derive(Clone, Copy)]
+struct Tables {
+    high: __m256i,
+    low: __m256i,
+}
+
+#[target_feature(enable = "avx2,fma")]
+fn tables() -> Tables {
+    let mut high = [0u8; 16];
+    let mut low = [0u8; 16];
+    for code in 0..16u8 {
+        let bits = (super::e2m1_value(code).to_bits() >> 16) as u16;
+        high[usize::from(code)] = (bits >> 8) as u8;
+        low[usize::from(code)] = bits as u8;
+    }
+    let lane = |t: [u8; 16]| {
+        _mm256_broadcastsi128_si256(_mm_set_epi64x(
+            i64::from_le_bytes(t[8..].try_into().unwrap_or_default()),
+            i64::from_le_bytes(t[..8].try_into().unwrap_or_default()),
+        ))
+    };
+    Tables {
+        high: lane(high),
+        low: lane(low),
+    }
+}
+
+/// The bf16 words of a chunk of two rows: `[lo nibbles 0..8, lo 8..16, hi 0..8, hi 8..16]` of
+/// each lane's bytes.
+///
+/// # Safety
+/// `r0` and `r1` readable for `c / 2 + 16` bytes; AVX2 available.
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn words(t: Tables, r0: *const u8, r1: *const u8, c: usize) -> [__m256i; 4] {
+    // SAFETY: per the contract ([16] bytes of packed E2M1 pairs per row at element c).
+    let v = unsafe {
+        _mm256_inserti128_si256::<1>(
+            _mm256_castsi128_si256(_mm_loadu_si128(r0.add(c / 2) as *const __m128i)),
+            _mm_loadu_si128(r1.add(c / 2) as *const __m128i),
+        )
+    };
+    let nib = _mm256_set1_epi8(0x0F);
+    let lo = _mm256_and_si256(v, nib);
+    let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(v), nib);
+    let (hl, ll) = (
+        _mm256_shuffle_epi8(t.high, lo),
+        _mm256_shuffle_epi8(t.low, lo),
+    );
+    let (hh, lh) = (
+        _mm256_shuffle_epi8(t.high, hi),
+        _mm256_shuffle_epi8(t.low, hi),
+    );
+    [
+        _mm256_unpacklo_epi8(ll, hl),
+        _mm256_unpackhi_epi8(ll, hl),
+        _mm256_unpacklo_epi8(lh, hh),
+        _mm256_unpackhi_epi8(lh, hh),
+    ]
+}
+
+/// Vector q (0..8) of a chunk from its words: even words by a shift, odd words by a mask.
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+fn vector(w: &[__m256i; 4], q: usize) -> __m256 {
+    let word = w[q >> 1];
+    let v = if q & 1 == 0 {
+        _mm256_slli_epi32::<16>(word)
+    } else {
+        _mm256_and_si256(word, _mm256_set1_epi32(0xFFFF_0000_u32 as i32))
+    };
+    _mm256_castsi256_ps(v)
+}
+
+/// Whether vector q holds the chunk's second 16 elements.
+#[inline(always)]
+fn second_half(q: usize) -> bool {
+    (q >> 1) & 1 == 1
+}
+
+/// The factors of group `g` of two rows, one per lane.
+///
+/// # Safety
+/// `s0`, `s1` hold the rows' scale bytes (group `g` included); `table` has 256 entries.
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn lane_factors(table: *const f32, s0: *const u8, s1: *const u8, g: usize) -> __m256 {
+    // SAFETY: per the contract.
+    unsafe {
+        _mm256_set_m128(
+            _mm_broadcast_ss(&*table.add(usize::from(*s1.add(g)))),
+            _mm_broadcast_ss(&*table.add(usize::from(*s0.add(g)))),
+        )
+    }
+}
+
+/// The sums of the 4 lanes of each 128-bit half: (row of lane 0, row of lane 1).
+#[target_feature(enable = "avx2,fma")]
+fn hsum_halves(v: __m256) -> (f32, f32) {
+    let half = |h: __m128| {
+        let d = _mm_add_ps(h, _mm_movehl_ps(h, h));
+        _mm_cvtss_f32(_mm_add_ss(d, _mm_shuffle_ps::<0b01>(d, d)))
+    };
+    (
+        half(_mm256_castps256_ps128(v)),
+        half(_mm256_extractf128_ps::<1>(v)),
+    )
+}
+
+/// `P` pairs of rows × `N` tokens. One token sums each group's products before its factor (one
+/// FMA per group); more tokens multiply each decoded vector by its factor and share it.
+///
+/// # Safety
+/// AVX2+FMA; rows hold `fmt.row_bytes()`, scales `fmt.scale_bytes()`, xs `fmt.k` f32; the
+/// format is E2M1 with a table scale and 16- or 32-element groups.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn tile<const P: usize, const N: usize>(
+    fmt: &RowFormat<'_>,
+    rows: [[*const u8; 2]; P],
+    scales: [[*const u8; 2]; P],
+    xs: [*const f32; N],
+) -> [[[f32; N]; 2]; P] {
+    let table = match fmt.scale {
+        Scale::Table(t) => t.as_ptr(),
+        // `check` pairs E2M1 with a table; a null table is never read when no group runs.
+        _ => std::ptr::null(),
+    };
+    let t = tables();
+    let k = fmt.k;
+    let halves = fmt.group == 16;
+    let vec_end = k - k % CHUNK32;
+    let zero = _mm256_setzero_ps();
+    let mut acc = [[zero; N]; P];
+    // Groups per chunk (1 for mxfp4, 2 for nvfp4), stepped instead of divided per chunk.
+    let groups_per_chunk = CHUNK32 / fmt.group;
+    let mut c = 0;
+    let mut g = 0;
+    while c < vec_end {
+        // `g`: the group of the chunk's first half (the second half's is g + 1 when halves).
+        for p in 0..P {
+            // SAFETY: c + 32 ≤ k, and every row and scale slice covers its row.
+            let w = unsafe { words(t, rows[p][0], rows[p][1], c) };
+            let fa = unsafe { lane_factors(table, scales[p][0], scales[p][1], g) };
+            let fb = if halves {
+                unsafe { lane_factors(table, scales[p][0], scales[p][1], g + 1) }
+            } else {
+                fa
+            };
+            // Weights stream from memory: hint the rows of the tile after the next (the next rows
+            // when, as usual, they are consecutive) at this column; a hint is never dereferenced.
+            let ahead = PREFETCH_TILES * 2 * P * fmt.row_bytes() + c / 2;
+            _mm_prefetch::<_MM_HINT_T0>(rows[p][0].wrapping_add(ahead) as *const i8);
+            _mm_prefetch::<_MM_HINT_T0>(rows[p][1].wrapping_add(ahead) as *const i8);
+            if N == 1 {
+                let (mut sa, mut sb) = (zero, zero);
+                for q in 0..8 {
+                    // SAFETY: c + 4q + 4 ≤ k.
+                    let x =
+                        unsafe { _mm256_broadcast_ps(&*(xs[0].add(c + 4 * q) as *const __m128)) };
+                    if second_half(q) {
+                        sb = _mm256_fmadd_ps(vector(&w, q), x, sb);
+                    } else {
+                        sa = _mm256_fmadd_ps(vector(&w, q), x, sa);
+                    }
+                }
+                if halves {
+                    acc[p][0] = _mm256_fmadd_ps(sb, fb, _mm256_fmadd_ps(sa, fa, acc[p][0]));
+                } else {
+                    acc[p][0] = _mm256_fmadd_ps(_mm256_add_ps(sa, sb), fa, acc[p][0]);
+                }
+            } else {
+                for q in 0..8 {
+                    let wv = _mm256_mul_ps(vector(&w, q), if second_half(q) { fb } else { fa });
+                    for tk in 0..N {
+                        // SAFETY: c + 4q + 4 ≤ k.
+                        let x = unsafe {
+                            _mm256_broadcast_ps(&*(xs[tk].add(c + 4 * q) as *const __m128))
+                        };
+                        acc[p][tk] = _mm256_fmadd_ps(wv, x, acc[p][tk]);
+                    }
+                }
+            }
+        }
+        c += CHUNK32;
+        g += groups_per_chunk;
+    }
+    let mut out = [[[0f32; N]; 2]; P];
+    for p in 0..P {
+        for tk in 0..N {
+            let (a, b) = hsum_halves(acc[p][tk]);
+            out[p][0][tk] = a;
+            out[p][1][tk] = b;
+        }
+    }
+    // A last half chunk (nvfp4 rows of 16·odd elements), natural order, scalar.
+    for pos in vec_end..k {
+        for p in 0..P {
+            for (l, o) in out[p].iter_mut().enumerate() {
+                // SAFETY: the row holds k / 2 bytes and its scale bytes cover group pos / group.
+                let (row, s) = unsafe {
+                    (
+                        std::slice::from_raw_parts(rows[p][l], fmt.row_bytes()),
+                        std::slice::from_raw_parts(scales[p][l], fmt.scale_bytes()),
+                    )
+                };
+                let wp = fmt.codec.raw(row, pos, k) * fmt.factor(s, pos / fmt.group);
+                for (tk, v) in o.iter_mut().enumerate() {
+                    // SAFETY: pos < k.
+                    *v += wp * unsafe { *xs[tk].add(pos) };
+                }
+            }
+        }
+    }
+    if fmt.out_mul != 1.0 {
+        for v in out.iter_mut().flatten().flatten() {
+            *v *= fmt.out_mul;
+        }
+    }
+    out
+}
+
+/// Runs pair tiles over all rows (an odd last row is paired with itself and its copy dropped).
+#[target_feature(enable = "avx2,fma")]
+unsafe fn tiles<const P: usize, const N: usize>(
+    fmt: &RowFormat<'_>,
+    rows: &[&[u8]],
+    scales: &[&[u8]],
+    xs: &[&[f32]],
+    out: &mut [f32],
+) {
+    let xs_arr: [*const f32; N] = std::array::from_fn(|t| xs[t].as_ptr());
+    let step = 2 * P;
+    let mut r0 = 0;
+    while r0 < rows.len() {
+        let nr = step.min(rows.len() - r0);
+        let pick = |i: usize| r0 + if i < nr { i } else { nr - 1 };
+        let rows_arr: [[*const u8; 2]; P] =
+            std::array::from_fn(|p| [rows[pick(2 * p)].as_ptr(), rows[pick(2 * p + 1)].as_ptr()]);
+        let scale_arr: [[*const u8; 2]; P] = std::array::from_fn(|p| {
+            [
+                scales[pick(2 * p)].as_ptr(),
+                scales[pick(2 * p + 1)].as_ptr(),
+            ]
+        });
+        // SAFETY: forwarded from the caller (lengths checked by `dot_rows`).
+        let res = unsafe { tile::<P, N>(fmt, rows_arr, scale_arr, xs_arr) };
+        for i in 0..nr {
+            out[(r0 + i) * N..(r0 + i + 1) * N].copy_from_slice(&res[i / 2][i % 2]);
+        }
+        r0 += nr;
+    }
+}
+
+/// # Safety
+/// AVX2+FMA available and the lengths `super::dot_rows` checks; E2M1 format.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn dot_rows(
+    fmt: &RowFormat<'_>,
+    rows: &[&[u8]],
+    scales: &[&[u8]],
+    xs: &[&[f32]],
+    out: &mut [f32],
+) {
+    debug_assert!(xs.len() <= MAX_TILE_TOKENS);
+    // SAFETY: forwarded. One token: 2 pairs (4 rows) share each activation load; more tokens:
+    // 1 pair, so N accumulators, 4 word vectors and 2 factor vectors fit 16 registers.
+    unsafe {
+        match xs.len() {
+            1 => tiles::<2, 1>(fmt, rows, scales, xs, out),
+            2 => tiles::<1, 2>(fmt, rows, scales, xs, out),
+            3 => tiles::<1, 3>(fmt, rows, scales, xs, out),
+            _ => tiles::<1, 4>(fmt, rows, scales, xs, out),
+        }
+    }
+}
+
+/// Decodes rows (weights = value × factor, codec order) into `out[r * k..]`, two at a time.
+///
+/// # Safety
+/// AVX2+FMA; rows hold `fmt.row_bytes()`, scales `fmt.scale_bytes()`, `out` `rows.len() * k`.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn decode_rows(fmt: &RowFormat<'_>, rows: &[&[u8]], scales: &[&[u8]], out: &mut [f32]) {
+    let table = match fmt.scale {
+        Scale::Table(t) => t.as_ptr(),
+        _ => std::ptr::null(),
+    };
+    let t = tables();
+    let k = fmt.k;
+    let halves = fmt.group == 16;
+    let vec_end = k - k % CHUNK32;
+    let mut r = 0;
+    while r < rows.len() {
+        let r1 = (r + 1).min(rows.len() - 1);
+        let groups_per_chunk = CHUNK32 / fmt.group;
+        let mut c = 0;
+        let mut g = 0;
+        while c < vec_end {
+            // SAFETY: c + 32 ≤ k; rows r and r1 and their scales cover the chunk and group(s).
+            unsafe {
+                let w = words(t, rows[r].as_ptr(), rows[r1].as_ptr(), c);
+                let fa = lane_factors(table, scales[r].as_ptr(), scales[r1].as_ptr(), g);
+                let fb = if halves {
+                    lane_factors(table, scales[r].as_ptr(), scales[r1].as_ptr(), g + 1)
+                } else {
+                    fa
+                };
+                for q in 0..8 {
+                    let v = _mm256_mul_ps(vector(&w, q), if second_half(q) { fb } else { fa });
+                    _mm_storeu_ps(
+                        out.as_mut_ptr().add(r * k + c + 4 * q),
+                        _mm256_castps256_ps128(v),
+                    );
+                    if r1 != r {
+                        _mm_storeu_ps(
+                            out.as_mut_ptr().add(r1 * k + c + 4 * q),
+                            _mm256_extractf128_ps::<1>(v),
+                        );
+                    }
+                }
+            }
+            c += CHUNK32;
+            g += groups_per_chunk;
+        }
+        for row in [r, r1] {
+            for pos in vec_end..k {
+                out[row * k + pos] =
+                    fmt.codec.raw(rows[row], pos, k) * fmt.factor(scales[row], pos / fmt.group);
+            }
+        }
+        r += 2;
+    }
+}
