@@ -26,6 +26,8 @@ enum Command {
     Check(commands::check::Args),
     /// Version, backends, devices and what each backend supports.
     Info(commands::info::Args),
+    /// Convert one MoE layer of a Hugging Face model folder into a layer file.
+    Convert(commands::convert::Args),
 }
 
 fn main() -> std::process::ExitCode {
@@ -37,6 +39,7 @@ fn main() -> std::process::ExitCode {
         Command::Bench(a) => commands::bench::run(a),
         Command::Check(a) => commands::check::run(a),
         Command::Info(a) => commands::info::run(a),
+        Command::Convert(a) => commands::convert::run(a),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

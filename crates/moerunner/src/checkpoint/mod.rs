@@ -279,7 +279,7 @@ pub fn load_layer_from(sh: &Shards, layer: usize, opts: &LoadOptions) -> Result<
     }
     if activation_format.needs_input_scale() && w13_input_scale.is_none() {
         return Err(MoeError::missing(format!(
-            "input_scales: activation format `{activation_format}` needs static input scales and the checkpoint has none (pass --input-scales W13,W2)")));
+            "input_scales: activation format `{activation_format}` needs static input scales and the checkpoint has none (give them: `moerunner convert --input-scales W13,W2`, or `LoadOptions::input_scales`)")));
     }
     let config = LayerConfig {
         num_experts: e,
@@ -312,4 +312,19 @@ pub fn load_layer_from(sh: &Shards, layer: usize, opts: &LoadOptions) -> Result<
         router_linear_bias,
         bytes_read: sh.bytes_read(),
     })
+}
+
+/// Reads an input file for a checkpoint layer. A file that carries only `hidden_states` gets
+/// `router_logits` = hidden · routerᵀ (+ router bias) computed in f32 from the checkpoint's
+/// router; a file with a routing source is read as `layer_file::read_input` reads it.
+pub fn read_input(path: &Path, layer: &CheckpointLayer) -> Result<crate::layer_file::InputFile> {
+    use crate::layer_file::{InputFile, MappedFile, RoutingTensors};
+    let file = MappedFile::open(path)?;
+    let has_routing = ["router_logits", "topk_ids", "topk_weights", "topk_packed"].iter().any(|n| file.has(n));
+    if has_routing {
+        return crate::layer_file::read_input(path);
+    }
+    let hidden = file.require("hidden_states")?;
+    let logits = layer.router_logits_tensor(&hidden)?;
+    Ok(InputFile { hidden, routing: RoutingTensors::Logits(logits) })
 }
