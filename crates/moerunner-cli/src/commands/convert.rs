@@ -33,7 +33,11 @@ pub struct Args {
 /// Parses `A,B` into two positive finite scales.
 pub fn parse_input_scales(s: &str) -> Result<(f32, f32), String> {
     let parts: Vec<&str> = s.split(',').map(str::trim).collect();
-    let nums: Vec<f32> = parts.iter().filter_map(|p| p.parse().ok()).filter(|v: &f32| v.is_finite() && *v > 0.0).collect();
+    let nums: Vec<f32> = parts
+        .iter()
+        .filter_map(|p| p.parse().ok())
+        .filter(|v: &f32| v.is_finite() && *v > 0.0)
+        .collect();
     match nums[..] {
         [a, b] if parts.len() == 2 => Ok((a, b)),
         _ => Err(format!("`{s}` is not two positive numbers `W13,W2`")),
@@ -41,10 +45,22 @@ pub fn parse_input_scales(s: &str) -> Result<(f32, f32), String> {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let opts = LoadOptions { quantize: args.quantize, activation_format: args.activation_format, input_scales: args.input_scales, ..Default::default() };
-    let loaded = checkpoint::load_layer(&args.checkpoint, args.layer, &opts)
-        .with_context(|| format!("loading layer {} of {}", args.layer, args.checkpoint.display()))?;
-    moerunner::layer_file::write_layer(&args.out, &loaded.layer).with_context(|| format!("writing {}", args.out.display()))?;
+    let opts = LoadOptions {
+        quantize: args.quantize,
+        activation_format: args.activation_format,
+        input_scales: args.input_scales,
+        ..Default::default()
+    };
+    let loaded =
+        checkpoint::load_layer(&args.checkpoint, args.layer, &opts).with_context(|| {
+            format!(
+                "loading layer {} of {}",
+                args.layer,
+                args.checkpoint.display()
+            )
+        })?;
+    moerunner::layer_file::write_layer(&args.out, &loaded.layer)
+        .with_context(|| format!("writing {}", args.out.display()))?;
     eprintln!(
         "{} layer {} (shipped {}, read {:.1} MB) → {}: {}",
         loaded.family,

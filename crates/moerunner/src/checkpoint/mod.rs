@@ -320,11 +320,16 @@ pub fn load_layer_from(sh: &Shards, layer: usize, opts: &LoadOptions) -> Result<
 pub fn read_input(path: &Path, layer: &CheckpointLayer) -> Result<crate::layer_file::InputFile> {
     use crate::layer_file::{InputFile, MappedFile, RoutingTensors};
     let file = MappedFile::open(path)?;
-    let has_routing = ["router_logits", "topk_ids", "topk_weights", "topk_packed"].iter().any(|n| file.has(n));
+    let has_routing = ["router_logits", "topk_ids", "topk_weights", "topk_packed"]
+        .iter()
+        .any(|n| file.has(n));
     if has_routing {
         return crate::layer_file::read_input(path);
     }
     let hidden = file.require("hidden_states")?;
     let logits = layer.router_logits_tensor(&hidden)?;
-    Ok(InputFile { hidden, routing: RoutingTensors::Logits(logits) })
+    Ok(InputFile {
+        hidden,
+        routing: RoutingTensors::Logits(logits),
+    })
 }
