@@ -5,9 +5,9 @@
 
 pub mod activation;
 pub mod backend;
+pub mod checkpoint;
 pub mod bench;
 pub mod check;
-pub mod checkpoint;
 pub mod config;
 pub mod error;
 pub mod formats;

@@ -1,341 +1,221 @@
-//! Experts stored the Hugging Face way, one module per expert: `{prefix}{e}.{proj}.weight` with its
-//! scales beside it (`weight_scale_inv`, `weight_scale`, `weight_scale_2`, `input_scale`). Used by
-//! Qwen-MoE, Mixtral, DeepSeek-V3, MiniMax-M2 (gated: gate then up) and Nemotron-H (`up_proj` only).
+//! Loader of per-expert tensors (`{prefix}{e}.{gate,up,down}.weight` and their scales), the
+//! layout of Qwen-MoE, Mixtral, DeepSeek-V3, MiniMax-M2 and Nemotron-H. The shipped format is
+//! read off the dtype of the first expert's up weight: BF16 → bf16; F8_E4M3 with
+//! `weight_scale_inv` → fp8_block (128×128); U8 with `weight_scale` → ModelOpt nvfp4.
 //!
-//! The shipped format is read off the tensors themselves (dtype and which scales exist), not off
-//! `quantization_config`: mixed-precision exports keep some layers in BF16, and the tensors are the
-//! ground truth. Each rank reads, per expert, its rows of every W13 part and its columns of W2, and
-//! the scale blocks that cover exactly those.
-
-use std::ops::Range;
-
-use safetensors::Dtype;
+//! W13 is built as [gate rows; up rows] (`gate_up`) of the rank's features; W2 takes the same
+//! columns. Rows are contiguous in the file, columns are short runs per row.
 
 use super::shards::Shards;
-use super::{ExpertSlice, LoadedExperts};
-use crate::config::WeightFormat;
+use super::{ExpertLayout, LoadedExperts, Plan, Slice};
+use crate::config::{W13Order, WeightFormat};
 use crate::error::{MoeError, Result};
-use crate::formats::e4m3;
+use crate::tensor::DType;
 use crate::weights::{BlockScales, QuantizedTensor};
 
-/// The weight layout of one model's per-expert modules.
-#[derive(Clone, Debug)]
-pub struct PerExpertNames {
-    /// e.g. `model.layers.3.mlp.experts.`; the expert id and `.{proj}.weight` follow.
-    pub prefix: String,
-    /// W13's parts in row order: `[gate, up]` for gated models, `[up]` for non-gated ones.
-    pub w13_parts: Vec<&'static str>,
-    /// W2's projection (`down_proj` or `w2`).
-    pub down: &'static str,
-}
+const FP8_BLOCK: usize = 128;
+const NV_BLOCK: usize = 16;
 
-impl PerExpertNames {
-    fn base(&self, e: usize, proj: &str) -> String {
-        format!("{}{e}.{proj}", self.prefix)
-    }
-}
-
-/// How a checkpoint stores its expert weights.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Source {
-    /// `weight` BF16.
-    Bf16,
-    /// `weight` F8_E4M3 + `weight_scale_inv` F32 per 128×128 block (DeepSeek / Qwen FP8).
-    Fp8Block,
-    /// `weight` F8_E4M3 + `weight_scale` F32 scalar + `input_scale` F32 scalar (static FP8).
-    Fp8Tensor,
-    /// ModelOpt NVFP4: `weight` U8 [rows, K/2], `weight_scale` F8_E4M3 [rows, K/16],
-    /// `weight_scale_2` F32 scalar, `input_scale` F32 scalar.
-    Nvfp4,
-}
-
-impl Source {
-    pub fn weight_format(self) -> WeightFormat {
-        match self {
-            Source::Bf16 => WeightFormat::Bf16,
-            Source::Fp8Block => WeightFormat::Fp8Block,
-            Source::Fp8Tensor => WeightFormat::Fp8,
-            Source::Nvfp4 => WeightFormat::Nvfp4,
-        }
-    }
-}
-
-/// Reads the format of the module `base` (`...experts.0.gate_proj`) off its tensors.
-pub fn detect(sh: &Shards, base: &str) -> Result<Source> {
-    let w = sh.info(&format!("{base}.weight"))?;
-    let has = |s: &str| sh.has(&format!("{base}.{s}"));
-    match w.dtype {
-        Dtype::BF16 => Ok(Source::Bf16),
-        Dtype::F8_E4M3 if has("weight_scale_inv") => Ok(Source::Fp8Block),
-        Dtype::F8_E4M3 if has("weight_scale") => Ok(Source::Fp8Tensor),
-        Dtype::F8_E4M3 => Err(MoeError::missing(format!("tensor `{base}.weight_scale_inv` (128×128 block scales) or `{base}.weight_scale` (per-tensor scale) beside the FP8 weight"))),
-        Dtype::U8 if has("weight_scale") && has("weight_scale_2") => Ok(Source::Nvfp4),
-        Dtype::U8 => Err(MoeError::missing(format!("tensor `{base}.weight_scale` and `{base}.weight_scale_2` beside the packed NVFP4 weight"))),
-        other => Err(MoeError::dtype(format!("{base}.weight"), "BF16, F8_E4M3 (FP8) or U8 (NVFP4)", format!("{other:?}"))),
-    }
-}
-
-/// One expert's rows × columns of one projection, with the scales that cover them.
-struct Part {
-    data: Vec<u8>,
-    block128: Vec<f32>,
-    block_bytes: Vec<u8>,
-    /// Fp8Tensor: `weight_scale`; Nvfp4: `weight_scale_2`.
-    scalar: Option<f32>,
-}
-
-/// Rows (or columns) `r` of a dimension of `n` that splits into `block`-sized scale blocks must
-/// start on a block and end on one (or at `n`); returns the block range.
-fn block_range(
-    name: &str,
-    axis: &str,
-    r: &Range<usize>,
-    n: usize,
-    block: usize,
-) -> Result<Range<usize>> {
-    if !r.start.is_multiple_of(block) || (!r.end.is_multiple_of(block) && r.end != n) {
-        return Err(MoeError::invalid(format!("tensor `{name}`"), format!(
-            "the tensor-parallel slice {axis}s {}..{} of {n} do not fall on its {block}-{axis} scale blocks; \
-             choose a tp size R with (I / R) a multiple of {block}", r.start, r.end)));
-    }
-    Ok(r.start / block..r.end.div_ceil(block))
-}
-
-/// Reads `rows` × `cols` of the module `base` of logical shape `[full_rows, full_cols]`.
-fn read_part(
-    sh: &Shards,
-    base: &str,
-    src: Source,
-    full: [usize; 2],
-    rows: Range<usize>,
-    cols: Range<usize>,
-) -> Result<Part> {
-    let [fr, fc] = full;
-    let w = sh.info(&format!("{base}.weight"))?;
-    let mut part = Part {
-        data: Vec::new(),
-        block128: Vec::new(),
-        block_bytes: Vec::new(),
-        scalar: None,
+pub(super) fn load(sh: &Shards, plan: &Plan, s: &Slice) -> Result<LoadedExperts> {
+    let ExpertLayout::PerExpert {
+        prefix,
+        gate,
+        up,
+        down,
+    } = &plan.experts
+    else {
+        return Err(MoeError::invalid(
+            "checkpoint",
+            "per-expert loader called on another layout",
+        ));
     };
-    match src {
-        Source::Bf16 | Source::Fp8Block | Source::Fp8Tensor => {
-            w.expect_dtype(&[if src == Source::Bf16 {
-                Dtype::BF16
-            } else {
-                Dtype::F8_E4M3
-            }])?;
-            w.expect_shape(&[fr, fc])?;
-            part.data = sh.read_box(&w, &[rows.clone(), cols.clone()])?.to_vec();
+    let (h, inter) = (plan.hidden, plan.intermediate);
+    let name = |e: usize, proj: &str, what: &str| format!("{prefix}{e}.{proj}.{what}");
+    let probe = name(0, up, "weight");
+    let (dtype, _) = sh.meta(&probe, &[DType::BF16, DType::F8E4M3, DType::U8])?;
+    let format = match dtype {
+        DType::BF16 => WeightFormat::Bf16,
+        DType::F8E4M3 if sh.has(&name(0, up, "weight_scale_inv")) => WeightFormat::Fp8Block,
+        DType::U8 if sh.has(&name(0, up, "weight_scale")) => WeightFormat::Nvfp4,
+        _ => {
+            return Err(MoeError::Unsupported(format!(
+                "tensor `{probe}` is {dtype} without the scale tensor of a known layout \
+                 (`weight_scale_inv` for FP8 128×128 blocks, `weight_scale` for ModelOpt NVFP4)"
+            )))
         }
-        Source::Nvfp4 => {
-            w.expect_dtype(&[Dtype::U8])?;
-            w.expect_shape(&[fr, fc / 2])?;
-            // Whole 16-element blocks keep both the packed bytes and the block scales intact.
-            let cb = block_range(&w.name, "column", &cols, fc, 16)?;
-            part.data = sh
-                .read_box(&w, &[rows.clone(), cols.start / 2..cols.end / 2])?
-                .to_vec();
-            let s = sh.info(&format!("{base}.weight_scale"))?;
-            s.expect_dtype(&[Dtype::F8_E4M3])?;
-            s.expect_shape(&[fr, fc / 16])?;
-            part.block_bytes = sh.read_box(&s, &[rows.clone(), cb])?.to_vec();
-            let g = sh.info(&format!("{base}.weight_scale_2"))?;
-            part.scalar = Some(sh.read_scalar_f32(&g)?);
-        }
-    }
-    match src {
-        Source::Fp8Block => {
-            let s = sh.info(&format!("{base}.weight_scale_inv"))?;
-            s.expect_dtype(&[Dtype::F32, Dtype::BF16])?;
-            s.expect_shape(&[fr.div_ceil(128), fc.div_ceil(128)])?;
-            let rb = block_range(&w.name, "row", &rows, fr, 128)?;
-            let cb = block_range(&w.name, "column", &cols, fc, 128)?;
-            let dtype = s.our_dtype()?;
-            let shape = vec![rb.len(), cb.len()];
-            let bytes = sh.read_box(&s, &[rb, cb])?;
-            part.block128 = crate::tensor::HostTensor::new(&s.name, dtype, shape, bytes)?
-                .to_f32_vec(&s.name)?;
-        }
-        Source::Fp8Tensor => {
-            let s = sh.info(&format!("{base}.weight_scale"))?;
-            part.scalar = Some(sh.read_scalar_f32(&s)?);
-        }
-        _ => {}
-    }
-    Ok(part)
-}
-
-/// Joins the parts of one expert's projection (W13: gate then up) into a one-expert tensor.
-fn join(
-    name: &str,
-    src: Source,
-    parts: Vec<Part>,
-    rows_per_part: usize,
-    cols: usize,
-) -> Result<QuantizedTensor> {
-    let rows = rows_per_part * parts.len();
-    let format = src.weight_format();
-    let mut t = QuantizedTensor {
+    };
+    let local = s.features.len();
+    let (f0, f1) = (s.features.start, s.features.end);
+    let projs13: Vec<&str> = gate.iter().copied().chain([*up]).collect();
+    check_alignment(
         format,
-        experts: 1,
-        rows,
-        cols,
-        data: Vec::new().into(),
-        scales: BlockScales::None,
-        global_scales: Vec::new(),
-    };
-    let mut data = Vec::with_capacity(parts.iter().map(|p| p.data.len()).sum());
-    match src {
-        Source::Bf16 => parts.iter().for_each(|p| data.extend_from_slice(&p.data)),
-        Source::Fp8Block => {
-            // Each part's row blocks stack under the previous part's only when the part ends on a
-            // block boundary; otherwise one 128-row block of W13 would straddle gate and up.
-            if parts.len() > 1 && !rows_per_part.is_multiple_of(128) {
-                return Err(MoeError::invalid(format!("tensor `{name}`"), format!(
-                    "the gate and up halves ({rows_per_part} rows each on this rank) are not multiples of the 128-row scale blocks, \
-                     so they cannot share one fp8_block W13; convert with --quantize to another format")));
-            }
-            let mut s = Vec::new();
-            for p in &parts {
-                data.extend_from_slice(&p.data);
-                s.extend_from_slice(&p.block128);
-            }
-            t.scales = BlockScales::Block128(s);
+        local,
+        gate.is_some() || local != inter,
+        &name(0, up, "weight"),
+    )?;
+
+    let mut w13 = Vec::new();
+    let mut w2 = Vec::new();
+    let mut s13: Vec<u8> = Vec::new();
+    let mut s2: Vec<u8> = Vec::new();
+    let mut g13 = Vec::new();
+    let mut g2 = Vec::new();
+    for e in s.experts.clone() {
+        for p in &projs13 {
+            let n = name(e, p, "weight");
+            let (row_bytes, dims) = elem_dims(format, inter, h);
+            sh.check_tensor(&n, &[dtype], &dims)?;
+            w13.extend(sh.read_box(&n, [1, inter, row_bytes], 0..1, f0..f1, 0..row_bytes)?);
         }
-        Source::Fp8Tensor => {
-            // One scale per expert and GEMM: parts with a smaller scale are requantized onto the
-            // largest (SGLang does the same), which is exact for the part that already has it.
-            let scales: Vec<f32> = parts.iter().map(|p| p.scalar.unwrap_or(1.0)).collect();
-            let s_max = scales.iter().fold(0f32, |m, &v| m.max(v));
-            if !(s_max.is_finite() && s_max > 0.0) {
-                return Err(MoeError::invalid(
-                    format!("tensor `{name}.weight_scale`"),
-                    format!("must be finite and positive, got {s_max}"),
-                ));
-            }
-            for (p, &s) in parts.iter().zip(&scales) {
-                if s == s_max {
-                    data.extend_from_slice(&p.data);
-                } else {
-                    data.extend(
-                        p.data
-                            .iter()
-                            .map(|&b| e4m3::encode(e4m3::decode(b) * (s / s_max))),
-                    );
+        let n = name(e, down, "weight");
+        let (row_bytes, dims) = elem_dims(format, h, inter);
+        sh.check_tensor(&n, &[dtype], &dims)?;
+        let cols = match format {
+            WeightFormat::Bf16 => f0 * 2..f1 * 2,
+            WeightFormat::Nvfp4 => f0 / 2..f1 / 2,
+            _ => f0..f1,
+        };
+        w2.extend(sh.read_box(&n, [1, h, row_bytes], 0..1, 0..h, cols)?);
+
+        match format {
+            WeightFormat::Bf16 => {}
+            WeightFormat::Fp8Block => {
+                let (ib, hb) = (inter.div_ceil(FP8_BLOCK), h.div_ceil(FP8_BLOCK));
+                let rows = f0 / FP8_BLOCK..f1.div_ceil(FP8_BLOCK);
+                for p in &projs13 {
+                    let n = name(e, p, "weight_scale_inv");
+                    sh.check_tensor(&n, &[DType::F32], &[ib, hb])?;
+                    s13.extend(sh.read_box(&n, [1, ib, hb * 4], 0..1, rows.clone(), 0..hb * 4)?);
                 }
+                let n = name(e, down, "weight_scale_inv");
+                sh.check_tensor(&n, &[DType::F32], &[hb, ib])?;
+                s2.extend(sh.read_box(
+                    &n,
+                    [1, hb, ib * 4],
+                    0..1,
+                    0..hb,
+                    rows.start * 4..rows.end * 4,
+                )?);
             }
-            t.scales = BlockScales::PerExpert(vec![s_max]);
-        }
-        Source::Nvfp4 => {
-            let g = parts[0].scalar.unwrap_or(1.0);
-            if parts.iter().any(|p| p.scalar != Some(g)) {
-                return Err(MoeError::invalid(format!("tensor `{name}.weight_scale_2`"), format!(
-                    "the gate and up halves have different global scales ({:?}); nvfp4 W13 shares one global scale per expert",
-                    parts.iter().map(|p| p.scalar.unwrap_or(0.0)).collect::<Vec<_>>())));
+            WeightFormat::Nvfp4 => {
+                let (ib, hb) = (inter / NV_BLOCK, h / NV_BLOCK);
+                let mut globals = Vec::new();
+                for p in &projs13 {
+                    let n = name(e, p, "weight_scale");
+                    sh.check_tensor(&n, &[DType::F8E4M3], &[inter, hb])?;
+                    s13.extend(sh.read_box(&n, [1, inter, hb], 0..1, f0..f1, 0..hb)?);
+                    globals.push((
+                        name(e, p, "weight_scale_2"),
+                        sh.read_scalar(&name(e, p, "weight_scale_2"))?,
+                    ));
+                }
+                // W13 has one global scale per expert, so a gated expert's gate and up must share it.
+                if let [(gn, g), (un, u)] = globals.as_slice() {
+                    if g != u {
+                        return Err(MoeError::Unsupported(format!(
+                            "`{gn}` = {g} differs from `{un}` = {u}; the fused W13 holds one global scale per expert"
+                        )));
+                    }
+                }
+                g13.push(globals.last().map_or(1.0, |x| x.1));
+                let n = name(e, down, "weight_scale");
+                sh.check_tensor(&n, &[DType::F8E4M3], &[h, ib])?;
+                s2.extend(sh.read_box(&n, [1, h, ib], 0..1, 0..h, f0 / NV_BLOCK..f1 / NV_BLOCK)?);
+                g2.push(sh.read_scalar(&name(e, down, "weight_scale_2"))?);
             }
-            let mut s = Vec::new();
-            for p in &parts {
-                data.extend_from_slice(&p.data);
-                s.extend_from_slice(&p.block_bytes);
-            }
-            t.scales = BlockScales::E4m3(s);
-            t.global_scales = vec![g];
+            other => return Err(MoeError::Unsupported(format!("shipped format {other}"))),
         }
     }
-    t.data = data.into();
-    Ok(t)
-}
 
-/// The largest `input_scale` over all experts (not just this rank's) of the modules `bases`: one
-/// static activation scale per GEMM for the whole layer, so every rank quantizes alike.
-fn max_input_scale(sh: &Shards, bases: impl Iterator<Item = String>) -> Result<f32> {
-    let mut m = 0f32;
-    for b in bases {
-        let t = sh.info(&format!("{b}.input_scale"))?;
-        let v = sh.read_scalar_f32(&t)?;
-        if !(v.is_finite() && v > 0.0) {
-            return Err(MoeError::invalid(
-                format!("tensor `{}`", t.name),
-                format!("must be finite and positive, got {v}"),
-            ));
-        }
-        m = m.max(v);
-    }
-    Ok(m)
-}
-
-/// Loads this rank's experts of a per-expert layout: `[I, H]` W13 parts and `[H, I]` W2.
-pub(crate) fn load(
-    sh: &Shards,
-    names: &PerExpertNames,
-    num_experts: usize,
-    hidden: usize,
-    inter: usize,
-    slice: &ExpertSlice,
-) -> Result<LoadedExperts> {
-    let first = slice.experts.start;
-    let src = detect(sh, &names.base(first, names.w13_parts[0]))?;
-    let local_i = slice.features.len();
-    let mut w13 = Vec::with_capacity(slice.experts.len());
-    let mut w2 = Vec::with_capacity(slice.experts.len());
-    for e in slice.experts.clone() {
-        let mut parts = Vec::with_capacity(names.w13_parts.len());
-        for proj in &names.w13_parts {
-            let base = names.base(e, proj);
-            let got = detect(sh, &base)?;
-            if got != src {
-                return Err(MoeError::invalid(
-                    format!("tensor `{base}.weight`"),
-                    format!("is stored as {got:?} but expert {first} as {src:?}"),
-                ));
+    // Static activation scales are per GEMM in our layer, per expert in ModelOpt's: take the max
+    // over *all* experts (not just local ones) so every EP rank quantizes activations alike.
+    let (mut in13, mut in2) = (None, None);
+    if format == WeightFormat::Nvfp4 && sh.has(&name(0, up, "input_scale")) {
+        let (mut a, mut b) = (0f32, 0f32);
+        for e in 0..plan.num_experts {
+            for p in &projs13 {
+                a = a.max(sh.read_scalar(&name(e, p, "input_scale"))?);
             }
-            parts.push(read_part(
-                sh,
-                &base,
-                src,
-                [inter, hidden],
-                slice.features.clone(),
-                0..hidden,
-            )?);
+            b = b.max(sh.read_scalar(&name(e, down, "input_scale"))?);
         }
-        let w13_name = names.base(e, names.w13_parts[0]);
-        w13.push(slice.finish(join(&w13_name, src, parts, local_i, hidden)?)?);
-        let base = names.base(e, names.down);
-        if detect(sh, &base)? != src {
-            return Err(MoeError::invalid(
-                format!("tensor `{base}.weight`"),
-                format!("is not stored as {src:?} like the other experts"),
-            ));
-        }
-        let part = read_part(
-            sh,
-            &base,
-            src,
-            [hidden, inter],
-            0..hidden,
-            slice.features.clone(),
-        )?;
-        w2.push(slice.finish(join(&base, src, vec![part], hidden, local_i)?)?);
+        (in13, in2) = (Some(a), Some(b));
     }
-    let (w13_input_scale, w2_input_scale) = if matches!(src, Source::Fp8Tensor | Source::Nvfp4) {
-        let w13_bases =
-            (0..num_experts).flat_map(|e| names.w13_parts.iter().map(move |p| names.base(e, p)));
-        let w2_bases = (0..num_experts).map(|e| names.base(e, names.down));
-        (
-            Some(max_input_scale(sh, w13_bases)?),
-            Some(max_input_scale(sh, w2_bases)?),
-        )
-    } else {
-        (None, None)
+
+    let n_exp = s.experts.len();
+    let m = projs13.len() * local;
+    let f32s = |b: Vec<u8>| {
+        b.chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect::<Vec<f32>>()
+    };
+    let (sc13, sc2) = match format {
+        WeightFormat::Fp8Block => (
+            BlockScales::Block128(f32s(s13)),
+            BlockScales::Block128(f32s(s2)),
+        ),
+        WeightFormat::Nvfp4 => (BlockScales::E4m3(s13), BlockScales::E4m3(s2)),
+        _ => (BlockScales::None, BlockScales::None),
+    };
+    let w13 = QuantizedTensor {
+        format,
+        experts: n_exp,
+        rows: m,
+        cols: h,
+        data: w13.into(),
+        scales: sc13,
+        global_scales: g13,
+    };
+    let w2 = QuantizedTensor {
+        format,
+        experts: n_exp,
+        rows: h,
+        cols: local,
+        data: w2.into(),
+        scales: sc2,
+        global_scales: g2,
     };
     Ok(LoadedExperts {
-        shipped: src.weight_format(),
-        w13: crate::synth::concat_experts(w13)?,
-        w2: crate::synth::concat_experts(w2)?,
+        w13,
+        w2,
+        w13_order: W13Order::GateUp,
         w13_bias: None,
         w2_bias: None,
-        w13_input_scale,
-        w2_input_scale,
+        w13_input_scale: in13,
+        w2_input_scale: in2,
     })
+}
+
+/// Bytes per row and the file shape of a `[rows, cols]` weight in `format`.
+fn elem_dims(format: WeightFormat, rows: usize, cols: usize) -> (usize, Vec<usize>) {
+    match format {
+        WeightFormat::Bf16 => (cols * 2, vec![rows, cols]),
+        WeightFormat::Nvfp4 => (cols / 2, vec![rows, cols / 2]),
+        _ => (cols, vec![rows, cols]),
+    }
+}
+
+/// Scale blocks must not straddle the slice or the gate/up seam of W13.
+fn check_alignment(
+    format: WeightFormat,
+    local: usize,
+    gated_or_sliced: bool,
+    tensor: &str,
+) -> Result<()> {
+    let block = match format {
+        WeightFormat::Fp8Block => FP8_BLOCK,
+        WeightFormat::Nvfp4 => NV_BLOCK,
+        _ => return Ok(()),
+    };
+    // NVFP4 blocks run along K only: rows never straddle; W2's column slice must hold whole blocks.
+    let needs = match format {
+        WeightFormat::Nvfp4 => true,
+        _ => gated_or_sliced,
+    };
+    if needs && !local.is_multiple_of(block) {
+        return Err(MoeError::invalid(format!("tensor `{tensor}`"), format!(
+            "the rank's I = {local} is not a multiple of the {block}-element scale blocks of {format}: \
+             its blocks would straddle the gate/up seam or the tensor-parallel slice"
+        )));
+    }
+    Ok(())
 }

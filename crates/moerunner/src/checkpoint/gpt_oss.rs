@@ -1,193 +1,158 @@
-//! GPT-OSS (`gpt_oss`): all experts of a layer in fused MXFP4 tensors under
-//! `model.layers.{N}.mlp.experts.`: `gate_up_proj_blocks` U8 [E, 2I, H/32, 16] (two E2M1 a byte,
-//! low nibble first; gate and up rows interleaved: even rows gate, odd rows up),
-//! `gate_up_proj_scales` U8 [E, 2I, H/32] (UE8M0), `gate_up_proj_bias` BF16 [E, 2I], and
-//! `down_proj_blocks` [E, H, I/32, 16], `down_proj_scales` [E, H, I/32], `down_proj_bias` [E, H].
-//! Router `mlp.router.weight` [E, H] with a linear `mlp.router.bias` [E]. Keys:
-//! `num_local_experts`, `num_experts_per_tok` (or `experts_per_token`), `intermediate_size`,
-//! `swiglu_limit`, optional `swiglu_alpha` (default 1.702).
-//!
-//! The blocks flatten to our `[E, rows, K/2]` and the scales are already our linear layout, so a
-//! rank's rows (interleaved: contiguous) are read straight from the map.
+//! GPT-OSS (`model_type: gpt_oss`): MXFP4 experts stacked over E in
+//! `model.layers.{N}.mlp.experts.{gate_up_proj,down_proj}_{blocks,scales,bias}`.
+//! `gate_up_proj_blocks` U8 `[E, 2I, H/32, 16]` (two E2M1 per byte, low nibble first) has gate and
+//! up rows interleaved (row 2i gate, 2i+1 up) — our `interleaved` order; `_scales` U8
+//! `[E, 2I, H/32]` are UE8M0 exponents; biases BF16 `[E, 2I]` / `[E, H]`. Router
+//! `mlp.router.weight` `[E, H]` with a linear `mlp.router.bias` `[E]`; softmax over the top k
+//! (`renormalize`); activation swiglu_oai with α = 1.702, β = 1 and `swiglu_limit`.
 
-use safetensors::Dtype;
-
-use super::config::HfConfig;
+use super::hf_config::HfConfig;
 use super::shards::Shards;
-use super::{ExpertSlice, Layout, LoadedExperts, Plan};
+use super::{check_layer_index, ExpertLayout, LoadedExperts, Plan, Slice};
 use crate::config::{Activation, RoutingConfig, RoutingMethod, W13Order, WeightFormat};
 use crate::error::{MoeError, Result};
+use crate::tensor::DType;
 use crate::weights::{BlockScales, QuantizedTensor};
 
-pub(crate) fn plan(cfg: &HfConfig, layer: usize) -> Result<Plan> {
-    cfg.check_layer_index(layer, None)?;
-    let top_k = if cfg.get("num_experts_per_tok").is_some() {
-        cfg.usize("num_experts_per_tok")?
-    } else {
-        cfg.usize("experts_per_token")?
-    };
+const MX_BLOCK: usize = 32;
+
+pub(super) fn plan(cfg: &HfConfig, layer: usize) -> Result<Plan> {
+    check_layer_index(cfg, layer)?;
+    let e = cfg.usize("num_local_experts")?;
+    let k = cfg.usize_any(&["num_experts_per_tok", "experts_per_token"])?;
     let limit = cfg.f32("swiglu_limit")?;
-    if limit <= 0.0 {
-        return Err(MoeError::invalid(
-            cfg.key_name("swiglu_limit"),
-            format!("must be positive, got {limit}"),
-        ));
-    }
-    let alpha = cfg.f32_or("swiglu_alpha", 1.702)?;
     let p = format!("model.layers.{layer}.mlp.");
     Ok(Plan {
-        num_experts: cfg.usize("num_local_experts")?,
+        family: "gpt_oss",
+        num_experts: e,
         hidden: cfg.usize("hidden_size")?,
         intermediate: cfg.usize("intermediate_size")?,
-        // GPT-OSS computes (up + 1) · clamp-SwiGLU(gate): β = 1.
+        routing: RoutingConfig::new(RoutingMethod::Renormalize, k),
         activation: Activation::SwigluOai {
-            alpha,
+            alpha: 1.702,
             beta: 1.0,
             limit,
         },
-        w13_order: W13Order::Interleaved,
-        // Top-k over the logits, softmax over the selected ones.
-        routing: RoutingConfig::new(RoutingMethod::Renormalize, top_k),
-        router_weight: format!("{p}router.weight"),
-        router_linear_bias: Some(format!("{p}router.bias")),
-        selection_bias: None,
-        layout: Layout::GptOss {
+        experts: ExpertLayout::GptOss {
             prefix: format!("{p}experts."),
         },
+        router_weight: format!("{p}router.weight"),
+        router_linear_bias: Some(format!("{p}router.bias")),
+        correction_bias: None,
     })
 }
 
-/// Reads experts `slice.experts`, rows `rows`, K-blocks `kb` of the fused projection `base`
-/// (`{base}_blocks`, `{base}_scales`) of logical shape `[e, rows_full, k]`.
-fn projection(
-    sh: &Shards,
-    base: &str,
-    e: usize,
-    [rows_full, k]: [usize; 2],
-    slice: &ExpertSlice,
-    rows: std::ops::Range<usize>,
-    kb: std::ops::Range<usize>,
-) -> Result<QuantizedTensor> {
-    let blocks = sh.info(&format!("{base}_blocks"))?;
-    blocks.expect_dtype(&[Dtype::U8])?;
-    blocks.expect_shape(&[e, rows_full, k / 32, 16])?;
-    let scales = sh.info(&format!("{base}_scales"))?;
-    scales.expect_dtype(&[Dtype::U8])?;
-    scales.expect_shape(&[e, rows_full, k / 32])?;
-    let data = sh.read_box(
-        &blocks,
-        &[slice.experts.clone(), rows.clone(), kb.clone(), 0..16],
-    )?;
-    let s = sh
-        .read_box(&scales, &[slice.experts.clone(), rows.clone(), kb.clone()])?
-        .to_vec();
-    if let Some(i) = s.iter().position(|&b| b == 255) {
-        let nb = kb.len();
+pub(super) fn load(sh: &Shards, plan: &Plan, prefix: &str, s: &Slice) -> Result<LoadedExperts> {
+    let (e, h, inter) = (plan.num_experts, plan.hidden, plan.intermediate);
+    let local = s.features.len();
+    let (f0, f1) = (s.features.start, s.features.end);
+    let gu_blocks = format!("{prefix}gate_up_proj_blocks");
+    let down_blocks = format!("{prefix}down_proj_blocks");
+    if !h.is_multiple_of(MX_BLOCK) || !local.is_multiple_of(MX_BLOCK) {
         return Err(MoeError::invalid(
-            format!("tensor `{}`", scales.name),
+            format!("tensor `{down_blocks}`"),
             format!(
-                "UE8M0 byte 255 (NaN) at [{}, {}, {}]",
-                slice.experts.start + i / (rows.len() * nb),
-                rows.start + (i / nb) % rows.len(),
-                kb.start + i % nb
-            ),
+            "H = {h} and the rank's I = {local} must be multiples of the 32-element MXFP4 blocks"),
         ));
     }
-    Ok(QuantizedTensor {
-        format: WeightFormat::Mxfp4,
-        experts: slice.experts.len(),
-        rows: rows.len(),
-        cols: kb.len() * 32,
-        data,
-        scales: BlockScales::Ue8m0(s),
-        global_scales: Vec::new(),
-    })
-}
+    let (hb, ib) = (h / MX_BLOCK, inter / MX_BLOCK);
+    sh.check_tensor(&gu_blocks, &[DType::U8], &[e, 2 * inter, hb, 16])?;
+    let gu_scales = format!("{prefix}gate_up_proj_scales");
+    sh.check_tensor(&gu_scales, &[DType::U8], &[e, 2 * inter, hb])?;
+    sh.check_tensor(&down_blocks, &[DType::U8], &[e, h, ib, 16])?;
+    let down_scales = format!("{prefix}down_proj_scales");
+    sh.check_tensor(&down_scales, &[DType::U8], &[e, h, ib])?;
+    let gu_bias = format!("{prefix}gate_up_proj_bias");
+    sh.check_tensor(&gu_bias, &[DType::BF16, DType::F32], &[e, 2 * inter])?;
+    let down_bias = format!("{prefix}down_proj_bias");
+    let bias_dtype = sh.check_tensor(&down_bias, &[DType::BF16, DType::F32], &[e, h])?;
 
-fn bias(
-    sh: &Shards,
-    name: &str,
-    shape: [usize; 2],
-    slice: &ExpertSlice,
-    cols: std::ops::Range<usize>,
-) -> Result<Vec<f32>> {
-    let t = sh.info(name)?;
-    t.expect_dtype(&[Dtype::BF16, Dtype::F32])?;
-    t.expect_shape(&shape)?;
-    let dtype = t.our_dtype()?;
-    let bytes = sh.read_box(&t, &[slice.experts.clone(), cols.clone()])?;
-    crate::tensor::HostTensor::new(name, dtype, vec![slice.experts.len(), cols.len()], bytes)?
-        .to_f32_vec(name)
-}
-
-pub(crate) fn load(
-    sh: &Shards,
-    prefix: &str,
-    e: usize,
-    h: usize,
-    i: usize,
-    slice: &ExpertSlice,
-) -> Result<LoadedExperts> {
-    if !h.is_multiple_of(32) || !i.is_multiple_of(32) {
-        return Err(MoeError::invalid(
-            format!("tensor `{prefix}gate_up_proj_blocks`"),
-            format!("H = {h} and I = {i} must be multiples of 32 for MXFP4"),
-        ));
-    }
-    if let Some(f) = slice.quantize.filter(|f| *f != WeightFormat::Mxfp4) {
-        return Err(MoeError::invalid("quantize", format!("online quantization reads BF16 checkpoints; GPT-OSS ships mxfp4 weights (asked for {f})")));
-    }
-    let f = &slice.features;
-    // Interleaved rows: features i0..i1 are rows 2·i0..2·i1, one contiguous range.
-    let w13_rows = 2 * f.start..2 * f.end;
-    if !f.start.is_multiple_of(32) || !f.end.is_multiple_of(32) {
-        return Err(MoeError::invalid(format!("tensor `{prefix}down_proj_blocks`"), format!(
-            "the tensor-parallel slice columns {}..{} of I = {i} do not fall on its 32-column scale blocks; choose a tp size R with (I / R) a multiple of 32", f.start, f.end)));
-    }
-    let w13 = projection(
-        sh,
-        &format!("{prefix}gate_up_proj"),
-        e,
-        [2 * i, h],
-        slice,
-        w13_rows.clone(),
-        0..h / 32,
+    // Interleaving keeps a feature's gate and up rows adjacent, so features f0..f1 are the one
+    // contiguous row range 2·f0..2·f1 (and stay interleaved).
+    let ex = s.experts.clone();
+    let rows = 2 * f0..2 * f1;
+    let w13 = sh.read_box(
+        &gu_blocks,
+        [e, 2 * inter, hb * 16],
+        ex.clone(),
+        rows.clone(),
+        0..hb * 16,
     )?;
-    let w2 = projection(
-        sh,
-        &format!("{prefix}down_proj"),
-        e,
-        [h, i],
-        slice,
+    let s13 = sh.read_box(
+        &gu_scales,
+        [e, 2 * inter, hb],
+        ex.clone(),
+        rows.clone(),
+        0..hb,
+    )?;
+    let w2 = sh.read_box(
+        &down_blocks,
+        [e, h, ib * 16],
+        ex.clone(),
         0..h,
-        f.start / 32..f.end / 32,
+        f0 / 2..f1 / 2,
     )?;
-    let w13_bias = bias(
-        sh,
-        &format!("{prefix}gate_up_proj_bias"),
-        [e, 2 * i],
-        slice,
-        w13_rows,
+    let s2 = sh.read_box(
+        &down_scales,
+        [e, h, ib],
+        ex.clone(),
+        0..h,
+        f0 / MX_BLOCK..f1 / MX_BLOCK,
     )?;
-    // The GEMM2 bias is added once over the TP group, by rank 0; other ranks never read it.
-    let w2_bias = if slice.tp_rank == 0 {
-        Some(bias(
-            sh,
-            &format!("{prefix}down_proj_bias"),
-            [e, h],
-            slice,
-            0..h,
-        )?)
+    let bsz = bias_dtype.size();
+    let b13 = decode(
+        sh.read_box(&gu_bias, [e, 2 * inter, bsz], ex.clone(), rows, 0..bsz)?,
+        bias_dtype,
+    );
+    // The GEMM2 bias is added once over the TP group: by rank 0, and only rank 0 reads it.
+    let b2 = if s.tp_rank == 0 {
+        Some(decode(
+            sh.read_box(&down_bias, [e, h, bsz], ex.clone(), 0..h, 0..bsz)?,
+            bias_dtype,
+        ))
     } else {
         None
     };
+
+    let n = ex.len();
+    let w13 = QuantizedTensor {
+        format: WeightFormat::Mxfp4,
+        experts: n,
+        rows: 2 * local,
+        cols: h,
+        data: w13.into(),
+        scales: BlockScales::Ue8m0(s13),
+        global_scales: Vec::new(),
+    };
+    let w2 = QuantizedTensor {
+        format: WeightFormat::Mxfp4,
+        experts: n,
+        rows: h,
+        cols: local,
+        data: w2.into(),
+        scales: BlockScales::Ue8m0(s2),
+        global_scales: Vec::new(),
+    };
     Ok(LoadedExperts {
-        shipped: WeightFormat::Mxfp4,
         w13,
         w2,
-        w13_bias: Some(w13_bias),
-        w2_bias,
+        w13_order: W13Order::Interleaved,
+        w13_bias: Some(b13),
+        w2_bias: b2,
         w13_input_scale: None,
         w2_input_scale: None,
     })
+}
+
+fn decode(bytes: Vec<u8>, dtype: DType) -> Vec<f32> {
+    match dtype {
+        DType::F32 => bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+        _ => bytes
+            .chunks_exact(2)
+            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+    }
 }

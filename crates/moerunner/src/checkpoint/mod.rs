@@ -1,20 +1,21 @@
 //! Loading one MoE layer straight from a Hugging Face model folder (`config.json`, sharded
-//! `*.safetensors`, `model.safetensors.index.json`) in the format it ships in (`docs/checkpoints.md`).
+//! `*.safetensors`, `model.safetensors.index.json`) in the format it ships in: Qwen2/3-MoE,
+//! Mixtral, DeepSeek-V3, GPT-OSS, Nemotron-H (ModelOpt NVFP4) and MiniMax-M2. See
+//! docs/checkpoints.md for each family's tensor names and their mapping.
 //!
-//! Design decision: each family is one file that turns `config.json` into a [`Plan`] (tensor
-//! names, sizes, routing, activation); the readers of the two storage layouts (one module per
-//! expert, or GPT-OSS's fused MXFP4 tensors) do the rest. Every byte comes through
-//! [`shards::Shards::read_box`], which reads only a rank's experts, rows, columns and scale blocks
-//! and logs what it touched, so tensor/expert parallel slicing happens at load time.
+//! Design decision: each family file only *describes* a layer (a [`Plan`]: sizes, routing,
+//! activation, tensor names); the loaders here read exactly the rank's slice of every tensor
+//! through [`shards::Shards::read_box`], which counts the bytes it copies, so tensor- and
+//! expert-parallel ranks provably read only their rows, columns, experts and scale blocks.
 
-pub mod config;
-mod deepseek_v3;
-pub mod experts;
+mod deepseek;
+mod experts;
 mod gpt_oss;
-mod minimax_m2;
+pub mod hf_config;
+mod minimax;
 mod mixtral;
 mod nemotron_h;
-mod qwen_moe;
+mod qwen;
 pub mod shards;
 
 use std::ops::Range;
@@ -25,199 +26,157 @@ use crate::config::{
 };
 use crate::error::{MoeError, Result};
 use crate::formats::quantize_weights;
-use crate::tensor::HostTensor;
+use crate::tensor::{DType, HostTensor};
 use crate::weights::{LayerWeights, MoeLayer, QuantizedTensor};
+use hf_config::HfConfig;
+use shards::Shards;
 
-pub use config::{Family, HfConfig};
-pub use shards::{ReadRange, Shards};
-
-/// How to load a layer.
-#[derive(Clone, Debug, Default, PartialEq)]
+/// How to load: which rank's slice, and optionally a format to quantize into.
+#[derive(Clone, Debug, Default)]
 pub struct LoadOptions {
-    /// The rank's slice: it reads only its experts (EP) and its part of I (TP).
     pub parallelism: Parallelism,
-    /// Quantize a BF16 checkpoint into this format while loading, one expert at a time.
+    /// Quantize the (sliced) experts into this format at load; None keeps the shipped format.
     pub quantize: Option<WeightFormat>,
-    /// Overrides the activation format (default: the natural one of the weight format).
+    /// None: the natural activation format of the resulting weight format.
     pub activation_format: Option<ActivationFormat>,
-    /// Static input scales (GEMM1, GEMM2) for activation formats that need them (`fp8`, static
-    /// `nvfp4`) when the checkpoint has none (online quantization of BF16 weights).
-    pub input_scales: Option<(f32, f32)>,
 }
 
-/// A loaded layer with its router, so logits can be computed from hidden states.
-#[derive(Debug)]
+/// One layer loaded from a checkpoint, with the router that turns hidden states into logits.
+#[derive(Clone, Debug)]
 pub struct CheckpointLayer {
-    pub family: Family,
-    pub layer_index: usize,
-    /// The weight format the checkpoint ships (before any online quantization).
-    pub shipped_format: WeightFormat,
     pub layer: MoeLayer,
-    /// The router (gate) weight `[E, H]` as f32.
-    pub router_weight: Vec<f32>,
-    /// A bias added to the router logits (GPT-OSS's `router.bias`), `[E]`.
-    pub router_linear_bias: Option<Vec<f32>>,
-    /// Bytes of tensor data read from the shards.
-    pub bytes_read: usize,
+    /// The router's linear weight `[E, H]`, as shipped (BF16 or F32).
+    pub router_weight: Option<HostTensor>,
+    /// The router's linear bias `[E]` (GPT-OSS), added to the logits. DeepSeek-style selection
+    /// biases (`e_score_correction_bias`) are not this: they live in the layer's `router_bias`.
+    pub router_bias: Option<Vec<f32>>,
+    /// The family that mapped the layer (`config.json`'s `model_type`).
+    pub family: &'static str,
+    /// Tensor bytes copied out of the shards (element data, scales, biases, router).
+    pub bytes_read: u64,
 }
 
 impl CheckpointLayer {
-    /// Router logits `[T, E]` = x · routerᵀ (+ router bias), accumulated in f32, for f32 hidden
-    /// states `x` `[T, H]` (the model's gate runs in f32 or with f32 accumulation).
-    pub fn router_logits(&self, x: &[f32], tokens: usize) -> Vec<f32> {
+    /// Router logits `[T, E]` f32 = hidden · router_weightᵀ (+ router bias), accumulated in f32.
+    pub fn router_logits(&self, hidden: &HostTensor) -> Result<HostTensor> {
+        let w = self
+            .router_weight
+            .as_ref()
+            .ok_or_else(|| MoeError::missing("router weight (the checkpoint layer has none)"))?;
         let (e, h) = (self.layer.config().num_experts, self.layer.config().hidden);
-        let mut out = vec![0f32; tokens * e];
-        for t in 0..tokens {
-            let xt = &x[t * h..(t + 1) * h];
-            for j in 0..e {
-                let w = &self.router_weight[j * h..(j + 1) * h];
-                let dot: f32 = xt.iter().zip(w).map(|(a, b)| a * b).sum();
-                out[t * e + j] = dot + self.router_linear_bias.as_ref().map_or(0.0, |b| b[j]);
+        if hidden.shape.len() != 2 || hidden.shape[1] != h {
+            return Err(MoeError::shape(
+                "hidden_states",
+                format!("[T, {h}]"),
+                &hidden.shape,
+            ));
+        }
+        let x = hidden.to_f32_vec("hidden_states")?;
+        let wv = w.to_f32_vec("router weight")?;
+        let t = hidden.shape[0];
+        let mut out = vec![0f32; t * e];
+        for (row, o) in x.chunks_exact(h).zip(out.chunks_exact_mut(e)) {
+            for (j, oj) in o.iter_mut().enumerate() {
+                let dot: f32 = row
+                    .iter()
+                    .zip(&wv[j * h..(j + 1) * h])
+                    .map(|(a, b)| a * b)
+                    .sum();
+                *oj = dot + self.router_bias.as_ref().map_or(0.0, |b| b[j]);
             }
         }
-        out
-    }
-
-    /// [`router_logits`](Self::router_logits) for a `hidden_states` tensor, as an F32 `[T, E]` tensor.
-    pub fn router_logits_tensor(&self, hidden: &HostTensor) -> Result<HostTensor> {
-        let (x, tokens) = crate::forward::hidden_as_f32(&self.layer, hidden)?;
-        let logits = self.router_logits(&x, tokens);
-        Ok(HostTensor::from_f32(
-            vec![tokens, self.layer.config().num_experts],
-            &logits,
-        ))
+        Ok(HostTensor::from_f32(vec![t, e], &out))
     }
 }
 
-/// Where a family's layer keeps its tensors and how it routes.
+/// What a family file says about one layer; the loaders do the reading.
 pub(crate) struct Plan {
+    pub family: &'static str,
     pub num_experts: usize,
     pub hidden: usize,
-    /// I of the whole layer (before TP).
+    /// Full (unsliced) I.
     pub intermediate: usize,
-    pub activation: Activation,
-    pub w13_order: W13Order,
     pub routing: RoutingConfig,
+    pub activation: Activation,
+    pub experts: ExpertLayout,
     pub router_weight: String,
-    /// A linear bias of the router (added to logits).
+    /// GPT-OSS: a linear bias of the router.
     pub router_linear_bias: Option<String>,
-    /// DeepSeek-style `e_score_correction_bias` (steers selection only).
-    pub selection_bias: Option<String>,
-    pub layout: Layout,
+    /// DeepSeek-style selection bias `[E]`.
+    pub correction_bias: Option<String>,
 }
 
-pub(crate) enum Layout {
-    PerExpert(experts::PerExpertNames),
-    /// GPT-OSS: `{prefix}gate_up_proj_blocks` etc.
-    GptOss {
+/// How the experts are stored.
+pub(crate) enum ExpertLayout {
+    /// One tensor per expert and projection: `{prefix}{e}.{name}.weight` (+ scale tensors).
+    /// `gate` is None for non-gated activations.
+    PerExpert {
         prefix: String,
+        gate: Option<&'static str>,
+        up: &'static str,
+        down: &'static str,
     },
+    /// GPT-OSS: all experts stacked, MXFP4 blocks and scales, gate/up rows interleaved, biases.
+    GptOss { prefix: String },
 }
 
-/// What the expert readers return: this rank's projections and extras.
+/// The rank's slice: global experts, and features of I.
+pub(crate) struct Slice {
+    pub experts: Range<usize>,
+    pub features: Range<usize>,
+    pub tp_rank: usize,
+}
+
+/// What the expert loaders return, before optional requantization.
 pub(crate) struct LoadedExperts {
-    pub shipped: WeightFormat,
     pub w13: QuantizedTensor,
     pub w2: QuantizedTensor,
+    pub w13_order: W13Order,
     pub w13_bias: Option<Vec<f32>>,
     pub w2_bias: Option<Vec<f32>>,
     pub w13_input_scale: Option<f32>,
     pub w2_input_scale: Option<f32>,
 }
 
-/// A rank's share of the layer and what to do to each expert once read.
-pub(crate) struct ExpertSlice {
-    /// Global ids of the experts this rank holds.
-    pub experts: Range<usize>,
-    /// This rank's features of I (rows of each W13 half, columns of W2).
-    pub features: Range<usize>,
-    pub tp_rank: usize,
-    pub quantize: Option<WeightFormat>,
-}
-
-impl ExpertSlice {
-    /// Applies online quantization (if asked) to one expert's projection, as read.
-    pub fn finish(&self, t: QuantizedTensor) -> Result<QuantizedTensor> {
-        let Some(f) = self.quantize.filter(|f| *f != t.format) else {
-            return Ok(t);
-        };
-        if t.format != WeightFormat::Bf16 {
-            return Err(MoeError::invalid(
-                "quantize",
-                format!(
-                    "online quantization reads BF16 checkpoints; this one ships {} weights",
-                    t.format
-                ),
-            ));
-        }
-        let mut values = vec![0f32; t.rows * t.cols];
-        t.decode_rows_f32(0, 0..t.rows, &mut values);
-        quantize_weights(f, 1, t.rows, t.cols, &values, None)
+/// Describes layer `layer` of the model in `dir` (reads only `config.json`).
+fn plan(cfg: &HfConfig, layer: usize) -> Result<Plan> {
+    let model_type = cfg.str("model_type")?;
+    match model_type {
+        "qwen3_moe" | "qwen2_moe" => qwen::plan(cfg, layer, model_type == "qwen2_moe"),
+        "mixtral" => mixtral::plan(cfg, layer),
+        "deepseek_v3" => deepseek::plan(cfg, layer),
+        "gpt_oss" => gpt_oss::plan(cfg, layer),
+        "nemotron_h" => nemotron_h::plan(cfg, layer),
+        "minimax_m2" => minimax::plan(cfg, layer),
+        other => Err(cfg.unsupported(
+            "model_type",
+            format!(
+                "`{other}` is not a model family this loader maps; known: {}",
+                hf_config::MODEL_TYPES.join(", ")
+            ),
+        )),
     }
 }
 
-/// Reads `[E, H]` router weights (and checks the shape).
-fn read_router(sh: &Shards, name: &str, e: usize, h: usize) -> Result<Vec<f32>> {
-    let t = sh.info(name)?;
-    t.expect_shape(&[e, h])?;
-    sh.read_f32(&t)
-}
-
-fn read_vector(sh: &Shards, name: &str, e: usize) -> Result<Vec<f32>> {
-    let t = sh.info(name)?;
-    t.expect_shape(&[e])?;
-    let v = sh.read_f32(&t)?;
-    if let Some(i) = v.iter().position(|x| !x.is_finite()) {
-        return Err(MoeError::invalid(
-            format!("tensor `{name}`"),
-            format!("value at index {i} is {}, not finite", v[i]),
+/// Checks `layer` against `num_hidden_layers` (a typo'd index should not read as "dense").
+pub(crate) fn check_layer_index(cfg: &HfConfig, layer: usize) -> Result<()> {
+    let n = cfg.usize("num_hidden_layers")?;
+    if layer >= n {
+        return Err(cfg.unsupported(
+            "num_hidden_layers",
+            format!("layer {layer} does not exist: the model has {n} layers"),
         ));
     }
-    Ok(v)
+    Ok(())
 }
 
-/// The plan of layer `layer` of the model whose config is `cfg`.
-fn plan(cfg: &HfConfig, family: Family, layer: usize) -> Result<Plan> {
-    match family {
-        Family::Qwen3Moe | Family::Qwen2Moe => qwen_moe::plan(cfg, family, layer),
-        Family::Mixtral => mixtral::plan(cfg, layer),
-        Family::DeepseekV3 => deepseek_v3::plan(cfg, layer),
-        Family::GptOss => gpt_oss::plan(cfg, layer),
-        Family::NemotronH => nemotron_h::plan(cfg, layer),
-        Family::MinimaxM2 => minimax_m2::plan(cfg, layer),
-    }
-}
-
-/// The family and layer config a checkpoint's `config.json` gives layer `layer` (no tensors read).
-pub fn describe(
-    dir: &Path,
-    layer: usize,
-) -> Result<(Family, RoutingConfig, Activation, [usize; 3])> {
+/// Loads layer `layer_index` of the model folder `dir` for the rank in `opts.parallelism`.
+pub fn load_layer(dir: &Path, layer_index: usize, opts: &LoadOptions) -> Result<CheckpointLayer> {
     let cfg = HfConfig::open(dir)?;
-    let family = cfg.family()?;
-    let p = plan(&cfg, family, layer)?;
-    Ok((
-        family,
-        p.routing,
-        p.activation,
-        [p.num_experts, p.hidden, p.intermediate],
-    ))
-}
-
-/// Loads MoE layer `layer` of the model in `dir`, sliced for `opts.parallelism`.
-pub fn load_layer(dir: &Path, layer: usize, opts: &LoadOptions) -> Result<CheckpointLayer> {
-    let sh = Shards::open(dir)?;
-    load_layer_from(&sh, layer, opts)
-}
-
-/// [`load_layer`] from already opened shards (tests read the byte log afterwards).
-pub fn load_layer_from(sh: &Shards, layer: usize, opts: &LoadOptions) -> Result<CheckpointLayer> {
-    let cfg = HfConfig::open(sh.dir())?;
-    let family = cfg.family()?;
-    let p = plan(&cfg, family, layer)?;
+    let plan = plan(&cfg, layer_index)?;
     let par = opts.parallelism;
     par.validate()?;
-    let (e, h, i) = (p.num_experts, p.hidden, p.intermediate);
+    let (e, inter) = (plan.num_experts, plan.intermediate);
     if e % par.ep_size != 0 {
         return Err(MoeError::invalid(
             "ep_size",
@@ -227,69 +186,56 @@ pub fn load_layer_from(sh: &Shards, layer: usize, opts: &LoadOptions) -> Result<
             ),
         ));
     }
-    if i % par.tp_size != 0 {
+    if inter % par.tp_size != 0 {
         return Err(MoeError::invalid(
             "tp_size",
-            format!("I = {i} cannot be split evenly over {} ranks", par.tp_size),
+            format!(
+                "I = {inter} cannot be split evenly over {} ranks",
+                par.tp_size
+            ),
         ));
     }
-    let (per_rank, local_i) = (e / par.ep_size, i / par.tp_size);
-    let slice = ExpertSlice {
+    let (per_rank, local_i) = (e / par.ep_size, inter / par.tp_size);
+    let slice = Slice {
         experts: par.ep_rank * per_rank..(par.ep_rank + 1) * per_rank,
         features: par.tp_rank * local_i..(par.tp_rank + 1) * local_i,
         tp_rank: par.tp_rank,
-        quantize: opts.quantize,
+    };
+    let shards = Shards::open(dir)?;
+    let loaded = match &plan.experts {
+        ExpertLayout::PerExpert { .. } => experts::load(&shards, &plan, &slice)?,
+        ExpertLayout::GptOss { prefix } => gpt_oss::load(&shards, &plan, prefix, &slice)?,
     };
 
-    // Routing runs over all E on every rank, so the router and its biases are read whole.
-    let router_weight = read_router(sh, &p.router_weight, e, h)?;
-    let router_linear_bias = p
-        .router_linear_bias
-        .as_deref()
-        .map(|n| read_vector(sh, n, e))
-        .transpose()?;
-    let router_bias = p
-        .selection_bias
-        .as_deref()
-        .map(|n| read_vector(sh, n, e))
-        .transpose()?;
+    // The router is global: every rank routes over all E experts.
+    let router_weight =
+        shards.read_all(&plan.router_weight, &[DType::BF16, DType::F32, DType::F16])?;
+    router_weight.expect_shape(&plan.router_weight, &[e, plan.hidden])?;
+    let router_bias = read_vector(&shards, plan.router_linear_bias.as_deref(), e)?;
+    let correction = read_vector(&shards, plan.correction_bias.as_deref(), e)?;
 
-    let loaded = match &p.layout {
-        Layout::PerExpert(names) => experts::load(sh, names, e, h, i, &slice)?,
-        Layout::GptOss { prefix } => gpt_oss::load(sh, prefix, e, h, i, &slice)?,
+    let loaded = match opts.quantize {
+        Some(f) if f != loaded.w13.format || f != loaded.w2.format => requantize(loaded, f)?,
+        _ => loaded,
     };
     let weight_format = loaded.w13.format;
     let activation_format = match opts.activation_format {
-        Some(f) => f,
-        None if weight_format == loaded.shipped => match weight_format {
-            // MXFP4 checkpoints (GPT-OSS) run W4A16 unless asked otherwise.
-            WeightFormat::Mxfp4 => ActivationFormat::Bf16,
-            f => f.default_activation_format(),
-        },
-        // Online quantization has no calibrated input scales: nvfp4 then quantizes per token.
-        None if weight_format == WeightFormat::Nvfp4 && opts.input_scales.is_none() => {
+        Some(a) => a,
+        // Without calibrated input scales, NVFP4 activations are quantized per token.
+        None if weight_format == WeightFormat::Nvfp4 && loaded.w13_input_scale.is_none() => {
             ActivationFormat::Nvfp4PerToken
         }
         None => weight_format.default_activation_format(),
     };
-    let (mut w13_input_scale, mut w2_input_scale) = (loaded.w13_input_scale, loaded.w2_input_scale);
-    if let Some((a, b)) = opts.input_scales {
-        w13_input_scale = Some(a);
-        w2_input_scale = Some(b);
-    }
-    if activation_format.needs_input_scale() && w13_input_scale.is_none() {
-        return Err(MoeError::missing(format!(
-            "input_scales: activation format `{activation_format}` needs static input scales and the checkpoint has none (give them: `moerunner convert --input-scales W13,W2`, or `LoadOptions::input_scales`)")));
-    }
     let config = LayerConfig {
         num_experts: e,
-        hidden: h,
+        hidden: plan.hidden,
         intermediate: local_i,
         weight_format,
         activation_format,
-        activation: p.activation,
-        w13_order: p.w13_order,
-        routing: p.routing,
+        activation: plan.activation,
+        w13_order: loaded.w13_order,
+        routing: plan.routing.clone(),
         local_experts: slice.experts.clone(),
         parallelism: par,
     };
@@ -298,36 +244,79 @@ pub fn load_layer_from(sh: &Shards, layer: usize, opts: &LoadOptions) -> Result<
         w2: loaded.w2,
         w13_bias: loaded.w13_bias,
         w2_bias: loaded.w2_bias,
-        w13_input_scale,
-        w2_input_scale,
-        router_bias,
+        w13_input_scale: loaded.w13_input_scale,
+        w2_input_scale: loaded.w2_input_scale,
+        router_bias: correction,
     };
-    let layer_obj = MoeLayer::new(config, weights)?;
+    let layer = MoeLayer::new(config, weights)?;
     Ok(CheckpointLayer {
-        family,
-        layer_index: layer,
-        shipped_format: loaded.shipped,
-        layer: layer_obj,
-        router_weight,
-        router_linear_bias,
-        bytes_read: sh.bytes_read(),
+        layer,
+        router_weight: Some(router_weight),
+        router_bias,
+        family: plan.family,
+        bytes_read: shards.bytes_read(),
     })
 }
 
+fn read_vector(shards: &Shards, name: Option<&str>, len: usize) -> Result<Option<Vec<f32>>> {
+    let Some(name) = name else { return Ok(None) };
+    let (shape, v) = shards.read_f32(name)?;
+    if shape != [len] {
+        return Err(MoeError::shape(name, format!("[{len}]"), &shape));
+    }
+    Ok(Some(v))
+}
+
+/// Online quantization: decode the loaded (already sliced) experts and quantize them into `f`.
+/// Scales come from the slice, so a TP rank's fp8 / nvfp4 global scales are its own. Static
+/// input scales are dropped: they are calibrated for the shipped format, not for `f`.
+fn requantize(l: LoadedExperts, f: WeightFormat) -> Result<LoadedExperts> {
+    if f == WeightFormat::Fp8 {
+        return Err(MoeError::Unsupported(
+            "--quantize fp8 (per-tensor) needs calibrated static input scales, which a checkpoint does not carry for it; \
+             use fp8_block, mxfp8, mxfp4 or nvfp4"
+                .into(),
+        ));
+    }
+    // One expert at a time: the f32 copy is one expert's, not the layer's (a DeepSeek layer's
+    // experts in f32 would be ~11 GB). Every quantizer's scales are per expert or finer, so this
+    // equals quantizing all experts at once.
+    let convert = |t: &QuantizedTensor| -> Result<QuantizedTensor> {
+        let mut values = vec![0f32; t.rows * t.cols];
+        let mut parts = Vec::with_capacity(t.experts);
+        for x in 0..t.experts {
+            t.decode_rows_f32(x, 0..t.rows, &mut values);
+            parts.push(quantize_weights(f, 1, t.rows, t.cols, &values, None)?);
+        }
+        crate::synth::concat_experts(parts)
+    };
+    Ok(LoadedExperts {
+        w13: convert(&l.w13)?,
+        w2: convert(&l.w2)?,
+        w13_input_scale: None,
+        w2_input_scale: None,
+        ..l
+    })
+}
+
+/// SwiGLU experts: `hidden_act` must be SiLU (absent: the families' default, silu).
+pub(crate) fn swiglu(cfg: &HfConfig) -> Result<Activation> {
+    cfg.expect_str("hidden_act", &["silu", "swish"])?;
+    Ok(Activation::Swiglu)
+}
+
 /// Reads an input file for a checkpoint layer. A file that carries only `hidden_states` gets
-/// `router_logits` = hidden · routerᵀ (+ router bias) computed in f32 from the checkpoint's
-/// router; a file with a routing source is read as `layer_file::read_input` reads it.
+/// `router_logits` from the checkpoint's router ([`CheckpointLayer::router_logits`]); a file with
+/// a routing source is read as [`crate::layer_file::read_input`] reads it.
 pub fn read_input(path: &Path, layer: &CheckpointLayer) -> Result<crate::layer_file::InputFile> {
     use crate::layer_file::{InputFile, MappedFile, RoutingTensors};
     let file = MappedFile::open(path)?;
-    let has_routing = ["router_logits", "topk_ids", "topk_weights", "topk_packed"]
-        .iter()
-        .any(|n| file.has(n));
-    if has_routing {
+    let routing = ["router_logits", "topk_ids", "topk_weights", "topk_packed"];
+    if routing.iter().any(|n| file.has(n)) {
         return crate::layer_file::read_input(path);
     }
     let hidden = file.require("hidden_states")?;
-    let logits = layer.router_logits_tensor(&hidden)?;
+    let logits = layer.router_logits(&hidden)?;
     Ok(InputFile {
         hidden,
         routing: RoutingTensors::Logits(logits),

@@ -1,90 +1,75 @@
-//! Nemotron-H / Nemotron-3 (`nemotron_h`): hybrid Mamba/attention/MoE; layer N is MoE where
-//! `hybrid_override_pattern[N]` is `E` (or `layers_block_type[N]` is `moe`). Non-gated relu2
-//! experts: `up_proj` / `down_proj` under `backbone.layers.{N}.mixer.experts.{e}`, router
-//! `mixer.gate.weight`, selection bias `mixer.gate.e_score_correction_bias`. Shipped in BF16, FP8
-//! or ModelOpt NVFP4 (`weight` U8, `weight_scale` E4M3, `weight_scale_2`, `input_scale`). Routing
-//! `deepseek_v3` with `n_group`, `topk_group`, `routed_scaling_factor`. The shared expert
-//! (`mixer.shared_experts`) is a dense MLP outside this layer.
+//! Nemotron-H (`nemotron_h`), e.g. the ModelOpt NVFP4 release: hybrid Mamba/attention/MoE layers
+//! chosen by `hybrid_override_pattern` (`E` marks a MoE layer). Experts are non-gated relu2:
+//! `backbone.layers.{N}.mixer.experts.{e}.{up,down}_proj.weight` — U8 `[out, in/2]` E2M1 pairs
+//! (low nibble first) with `weight_scale` E4M3 `[out, in/16]`, `weight_scale_2` F32 scalar (our
+//! per-expert global) and `input_scale` F32 scalar; or BF16 / FP8 block in other releases. Router
+//! `mixer.gate.weight`, selection bias `mixer.gate.e_score_correction_bias`; routing `deepseek_v3`
+//! with `n_group`, `topk_group`, `routed_scaling_factor`. The shared expert is outside this layer.
 
-use super::config::HfConfig;
-use super::experts::PerExpertNames;
-use super::{Layout, Plan};
-use crate::config::{Activation, RoutingConfig, RoutingMethod, W13Order};
-use crate::error::{MoeError, Result};
+use super::hf_config::HfConfig;
+use super::{check_layer_index, ExpertLayout, Plan};
+use crate::config::{Activation, RoutingConfig, RoutingMethod};
+use crate::error::Result;
 
-/// The layer kinds, one per layer, from `hybrid_override_pattern` or `layers_block_type`.
-fn layer_kinds(cfg: &HfConfig) -> Result<(String, Vec<String>)> {
-    if let Some(p) = cfg.get("hybrid_override_pattern") {
-        let s = p.as_str().ok_or_else(|| {
-            MoeError::invalid(cfg.key_name("hybrid_override_pattern"), "is not a string")
-        })?;
-        return Ok((
-            "hybrid_override_pattern".into(),
-            s.chars().map(|c| c.to_string()).collect(),
-        ));
-    }
-    if let Some(serde_json::Value::Array(a)) = cfg.get("layers_block_type") {
-        let kinds = a
-            .iter()
-            .map(|v| v.as_str().unwrap_or("?").to_string())
-            .collect();
-        return Ok(("layers_block_type".into(), kinds));
-    }
-    Err(MoeError::missing(format!(
-        "{} (or `layers_block_type`)",
-        cfg.key_name("hybrid_override_pattern")
-    )))
-}
-
-pub(crate) fn plan(cfg: &HfConfig, layer: usize) -> Result<Plan> {
-    let (key, kinds) = layer_kinds(cfg)?;
-    cfg.check_layer_index(layer, Some(kinds.len()))?;
-    let kind = kinds[layer].as_str();
-    if kind != "E" && kind != "moe" {
-        let what = match kind {
-            "M" | "mamba" | "linear_attention" => "a Mamba layer",
-            "*" | "attention" | "full_attention" => "an attention layer",
-            "-" | "mlp" => "a dense MLP layer",
-            _ => "not a MoE layer",
-        };
-        return Err(MoeError::invalid(
-            cfg.key_name(&key),
-            format!("layer {layer} is {what} (`{kind}`), not a MoE layer (`E`)"),
-        ));
+pub(super) fn plan(cfg: &HfConfig, layer: usize) -> Result<Plan> {
+    check_layer_index(cfg, layer)?;
+    let pattern = cfg.str("hybrid_override_pattern")?;
+    match pattern.chars().nth(layer) {
+        Some('E') => {}
+        Some(c) => {
+            return Err(cfg.unsupported(
+                "hybrid_override_pattern",
+                format!(
+                    "layer {layer} is `{c}`, not a MoE layer (`E`); MoE layers: {:?}",
+                    pattern
+                        .char_indices()
+                        .filter(|(_, c)| *c == 'E')
+                        .map(|(i, _)| i)
+                        .collect::<Vec<_>>()
+                ),
+            ))
+        }
+        None => {
+            return Err(cfg.unsupported(
+                "hybrid_override_pattern",
+                format!("has no entry for layer {layer}"),
+            ))
+        }
     }
     if cfg.get("moe_latent_size").is_some() {
-        return Err(MoeError::invalid(
-            cfg.key_name("moe_latent_size"),
-            "latent MoE (experts behind fc1/fc2 latent projections) is not supported",
+        return Err(cfg.unsupported(
+            "moe_latent_size",
+            "latent MoE (experts on a projected hidden size) is not supported",
         ));
     }
-    cfg.expect_str("mlp_hidden_act", "relu2", &["relu2"])?;
+    cfg.expect_str("mlp_hidden_act", &["relu2"])?;
     if !cfg.bool_or("norm_topk_prob", true)? {
-        return Err(MoeError::invalid(
-            cfg.key_name("norm_topk_prob"),
+        return Err(cfg.unsupported(
+            "norm_topk_prob",
             "false is not supported: deepseek_v3 routing renormalizes the selected weights",
         ));
     }
     let mut routing =
         RoutingConfig::new(RoutingMethod::DeepseekV3, cfg.usize("num_experts_per_tok")?);
-    routing.n_group = cfg.usize_or("n_group", 1)?;
-    routing.topk_group = cfg.usize_or("topk_group", 1)?;
-    routing.routed_scaling_factor = cfg.f32_or("routed_scaling_factor", 1.0)?;
+    routing.n_group = cfg.usize("n_group")?;
+    routing.topk_group = cfg.usize("topk_group")?;
+    routing.routed_scaling_factor = cfg.f32("routed_scaling_factor")?;
     let p = format!("backbone.layers.{layer}.mixer.");
     Ok(Plan {
+        family: "nemotron_h",
         num_experts: cfg.usize("n_routed_experts")?,
         hidden: cfg.usize("hidden_size")?,
         intermediate: cfg.usize("moe_intermediate_size")?,
-        activation: Activation::Relu2,
-        w13_order: W13Order::GateUp,
         routing,
+        activation: Activation::Relu2,
+        experts: ExpertLayout::PerExpert {
+            prefix: format!("{p}experts."),
+            gate: None,
+            up: "up_proj",
+            down: "down_proj",
+        },
         router_weight: format!("{p}gate.weight"),
         router_linear_bias: None,
-        selection_bias: Some(format!("{p}gate.e_score_correction_bias")),
-        layout: Layout::PerExpert(PerExpertNames {
-            prefix: format!("{p}experts."),
-            w13_parts: vec!["up_proj"],
-            down: "down_proj",
-        }),
+        correction_bias: Some(format!("{p}gate.e_score_correction_bias")),
     })
 }

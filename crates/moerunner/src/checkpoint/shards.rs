@@ -1,164 +1,37 @@
-//! A Hugging Face model folder's sharded safetensors, memory-mapped, with every tensor read going
-//! through one function that records the byte ranges it touched.
+//! The tensors of a Hugging Face model folder: `model.safetensors.index.json` maps each tensor name to
+//! the shard file that holds it (or a single `model.safetensors`). Shards are memory-mapped, so
+//! opening one reads only its header; element bytes are paged in only when copied.
 //!
-//! Design decision: callers never see a shard's bytes directly. They ask for a *box* of a tensor
-//! (one index range per dimension) and get back exactly those bytes; the reader turns the box into
-//! contiguous runs of the file and logs each run. That log is how tests prove that a tensor- or
-//! expert-parallel rank reads only its rows, columns, experts and scale blocks. Headers are parsed
-//! once per shard and are not counted: they describe tensors, they are not tensor data.
+//! Design decision: every copy of tensor bytes goes through [`Shards::read_box`], which counts the
+//! bytes it copies. That count is what "a rank reads only its slice" is asserted against.
 
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
-
-use safetensors::{Dtype, SafeTensors};
 
 use crate::error::{MoeError, Result};
-use crate::tensor::{Bytes, DType, HostTensor};
+use crate::layer_file::MappedFile;
+use crate::tensor::{DType, HostTensor};
 
-/// The index file of a sharded checkpoint (`weight_map`: tensor name → shard file name).
-pub const INDEX_FILE: &str = "model.safetensors.index.json";
-/// The single file of an unsharded checkpoint.
-pub const SINGLE_FILE: &str = "model.safetensors";
+const INDEX_FILE: &str = "model.safetensors.index.json";
+const SINGLE_FILE: &str = "model.safetensors";
 
-/// One mapped shard: its tensors' dtypes, shapes and absolute byte offsets in the map.
-struct ShardFile {
-    path: PathBuf,
-    map: Arc<memmap2::Mmap>,
-    tensors: HashMap<String, (Dtype, Vec<usize>, usize, usize)>,
-}
-
-impl ShardFile {
-    fn open(path: &Path) -> Result<Self> {
-        let io = |source| MoeError::Io {
-            path: path.display().to_string(),
-            source,
-        };
-        let file = std::fs::File::open(path).map_err(io)?;
-        // SAFETY: the map is read-only; a file changed underneath us by another process is outside
-        // what any reader can defend against (the contract of every mmap-based loader).
-        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io)?;
-        let bad = |why: String| MoeError::Format {
-            path: path.display().to_string(),
-            why,
-        };
-        let st = SafeTensors::deserialize(&map).map_err(|e| bad(e.to_string()))?;
-        let base = map.as_ptr() as usize;
-        let tensors = st
-            .iter()
-            .map(|(name, v)| {
-                let start = v.data().as_ptr() as usize - base;
-                (
-                    name.to_string(),
-                    (v.dtype(), v.shape().to_vec(), start, v.data().len()),
-                )
-            })
-            .collect();
-        Ok(ShardFile {
-            path: path.to_path_buf(),
-            map: Arc::new(map),
-            tensors,
-        })
-    }
-}
-
-/// A tensor's header entry: where it lives and what it holds.
-#[derive(Clone, Debug)]
-pub struct TensorInfo {
-    pub name: String,
-    /// The safetensors dtype as spelled in the file (`BF16`, `F8_E4M3`, `U8`, ...).
-    pub dtype: Dtype,
-    pub shape: Vec<usize>,
-    shard: usize,
-    start: usize,
-    len: usize,
-}
-
-impl TensorInfo {
-    /// Our dtype, or an error naming the tensor when the file's dtype is not one we read.
-    pub fn our_dtype(&self) -> Result<DType> {
-        Ok(match self.dtype {
-            Dtype::F32 => DType::F32,
-            Dtype::F16 => DType::F16,
-            Dtype::BF16 => DType::BF16,
-            Dtype::F8_E4M3 => DType::F8E4M3,
-            Dtype::U8 => DType::U8,
-            Dtype::I32 => DType::I32,
-            other => {
-                return Err(MoeError::dtype(
-                    &self.name,
-                    "F32, F16, BF16, F8_E4M3, U8 or I32",
-                    format!("{other:?}"),
-                ))
-            }
-        })
-    }
-    /// Checks the dtype is one of `allowed` (spelled as safetensors spells them).
-    pub fn expect_dtype(&self, allowed: &[Dtype]) -> Result<()> {
-        if allowed.contains(&self.dtype) {
-            return Ok(());
-        }
-        let names: Vec<String> = allowed.iter().map(|d| format!("{d:?}")).collect();
-        Err(MoeError::dtype(
-            &self.name,
-            names.join(" or "),
-            format!("{:?}", self.dtype),
-        ))
-    }
-    /// Checks the shape equals `expected`.
-    pub fn expect_shape(&self, expected: &[usize]) -> Result<()> {
-        if self.shape == expected {
-            return Ok(());
-        }
-        Err(MoeError::shape(
-            &self.name,
-            format!("{expected:?}"),
-            &self.shape,
-        ))
-    }
-    /// Checks the tensor holds one value: shape `[]` or `[1]` (exporters write both).
-    pub fn expect_scalar(&self) -> Result<()> {
-        if self.shape.iter().product::<usize>() == 1 && self.shape.len() <= 1 {
-            return Ok(());
-        }
-        Err(MoeError::shape(&self.name, "[] (a scalar)", &self.shape))
-    }
-}
-
-/// The shards mapped so far, by file name.
-type OpenShards = Vec<(String, Arc<ShardFile>)>;
-
-/// One contiguous run of a shard that a read touched.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ReadRange {
-    pub file: PathBuf,
-    pub tensor: String,
-    pub start: usize,
-    pub len: usize,
-}
-
-/// The model folder's shards, opened lazily: a shard is mapped when one of its tensors is first
-/// looked up, so loading one layer maps only the shards that hold it.
+/// The shards of one model folder, opened lazily (a shard holding none of the layer's tensors is
+/// never mapped).
 pub struct Shards {
     dir: PathBuf,
-    /// tensor name → shard file name (from the index, or every tensor of the single file).
+    /// Tensor name → shard file name, from the index.
     weight_map: HashMap<String, String>,
-    files: Mutex<OpenShards>,
-    log: Mutex<Vec<ReadRange>>,
+    open: std::cell::RefCell<HashMap<String, std::rc::Rc<MappedFile>>>,
+    bytes_read: Cell<u64>,
 }
 
 impl Shards {
-    /// Opens `dir`: `model.safetensors.index.json` if present, else `model.safetensors`.
+    /// Reads the index of `dir` (or lists the single `model.safetensors`).
     pub fn open(dir: &Path) -> Result<Self> {
         let index = dir.join(INDEX_FILE);
-        let shards = Shards {
-            dir: dir.to_path_buf(),
-            weight_map: HashMap::new(),
-            files: Mutex::new(Vec::new()),
-            log: Mutex::new(Vec::new()),
-        };
-        if index.exists() {
+        let weight_map = if index.exists() {
             let text = std::fs::read_to_string(&index).map_err(|source| MoeError::Io {
                 path: index.display().to_string(),
                 source,
@@ -172,239 +45,153 @@ impl Shards {
                 .get("weight_map")
                 .and_then(|m| m.as_object())
                 .ok_or_else(|| {
-                    MoeError::missing(format!("key `weight_map` in {}", index.display()))
+                    MoeError::missing(format!(
+                        "key `weight_map` (an object) in {}",
+                        index.display()
+                    ))
                 })?;
-            let mut weight_map = HashMap::with_capacity(map.len());
+            let mut out = HashMap::with_capacity(map.len());
             for (name, file) in map {
                 let file = file.as_str().ok_or_else(|| {
                     MoeError::invalid(
-                        format!("key `weight_map.{name}` in {}", index.display()),
-                        "must be a file name",
+                        format!("{} key `weight_map.{name}`", index.display()),
+                        "must be a shard file name (a string)",
                     )
                 })?;
-                weight_map.insert(name.clone(), file.to_string());
+                out.insert(name.clone(), file.to_string());
             }
-            return Ok(Shards {
-                weight_map,
-                ..shards
-            });
-        }
-        let single = dir.join(SINGLE_FILE);
-        if !single.exists() {
+            out
+        } else if dir.join(SINGLE_FILE).exists() {
+            let file = MappedFile::open(&dir.join(SINGLE_FILE))?;
+            file.names()
+                .map(|n| (n.to_string(), SINGLE_FILE.to_string()))
+                .collect()
+        } else {
             return Err(MoeError::missing(format!(
-                "{INDEX_FILE} or {SINGLE_FILE} in {}",
+                "{INDEX_FILE} (or {SINGLE_FILE}) in {}",
                 dir.display()
             )));
-        }
-        let file = Arc::new(ShardFile::open(&single)?);
-        let weight_map = file
-            .tensors
-            .keys()
-            .map(|k| (k.clone(), SINGLE_FILE.to_string()))
-            .collect();
-        let shards = Shards {
-            weight_map,
-            ..shards
         };
-        shards.lock_files()?.push((SINGLE_FILE.to_string(), file));
-        Ok(shards)
+        Ok(Shards {
+            dir: dir.to_path_buf(),
+            weight_map,
+            open: Default::default(),
+            bytes_read: Cell::new(0),
+        })
     }
 
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-
-    /// Whether the index names `name`.
     pub fn has(&self, name: &str) -> bool {
         self.weight_map.contains_key(name)
     }
 
-    /// Every tensor name the index lists (unordered).
-    pub fn names(&self) -> impl Iterator<Item = &str> {
-        self.weight_map.keys().map(|s| s.as_str())
+    /// Bytes copied out of the shards so far.
+    pub fn bytes_read(&self) -> u64 {
+        self.bytes_read.get()
     }
 
-    fn lock_files(&self) -> Result<std::sync::MutexGuard<'_, OpenShards>> {
-        self.files
-            .lock()
-            .map_err(|_| MoeError::invalid("checkpoint reader", "a previous read panicked"))
-    }
-
-    fn shard(&self, index: usize) -> Result<Arc<ShardFile>> {
-        let files = self.lock_files()?;
-        files
-            .get(index)
-            .map(|(_, f)| f.clone())
-            .ok_or_else(|| MoeError::invalid("checkpoint reader", "stale tensor handle"))
-    }
-
-    /// The header entry of `name`, mapping its shard on first use.
-    pub fn info(&self, name: &str) -> Result<TensorInfo> {
-        let file_name = self.weight_map.get(name).ok_or_else(|| {
+    /// The tensor `name` as a borrowed window of its shard (nothing is read yet).
+    fn tensor(&self, name: &str) -> Result<HostTensor> {
+        let file = self.weight_map.get(name).ok_or_else(|| {
             MoeError::missing(format!(
-                "tensor `{name}` (not listed in the checkpoint {})",
+                "tensor `{name}` (not in the index of {})",
                 self.dir.display()
             ))
         })?;
-        let mut files = self.lock_files()?;
-        let index = match files.iter().position(|(n, _)| n == file_name) {
-            Some(i) => i,
+        let mut open = self.open.borrow_mut();
+        let shard = match open.get(file) {
+            Some(s) => s.clone(),
             None => {
-                let path = self.dir.join(file_name);
-                if !path.exists() {
-                    return Err(MoeError::missing(format!(
-                        "shard file {} (holds tensor `{name}`)",
-                        path.display()
-                    )));
-                }
-                files.push((file_name.clone(), Arc::new(ShardFile::open(&path)?)));
-                files.len() - 1
+                let s = std::rc::Rc::new(MappedFile::open(&self.dir.join(file))?);
+                open.insert(file.clone(), s.clone());
+                s
             }
         };
-        let file = &files[index].1;
-        let (dtype, shape, start, len) = file.tensors.get(name).cloned().ok_or_else(|| {
+        shard.get(name).ok_or_else(|| {
             MoeError::missing(format!(
-                "tensor `{name}` in {} (the index says it is there)",
-                file.path.display()
+                "tensor `{name}` in shard {} (the index names that shard)",
+                shard.path().display()
             ))
-        })?;
-        Ok(TensorInfo {
-            name: name.to_string(),
-            dtype,
-            shape,
-            shard: index,
-            start,
-            len,
         })
     }
 
-    /// Reads the box `ranges` (one index range per dimension) of `t`, row-major, and logs the
-    /// contiguous runs it touched. A box that is one run comes back as a window of the map
-    /// (no copy); otherwise the runs are copied into one buffer.
-    pub fn read_box(&self, t: &TensorInfo, ranges: &[Range<usize>]) -> Result<Bytes> {
-        if ranges.len() != t.shape.len() {
-            return Err(MoeError::invalid(
-                format!("tensor `{}`", t.name),
-                format!(
-                    "a read of {} dimensions from a tensor of shape {:?}",
-                    ranges.len(),
-                    t.shape
-                ),
+    /// Dtype and shape of `name`, checked against the allowed dtypes.
+    pub fn meta(&self, name: &str, allowed: &[DType]) -> Result<(DType, Vec<usize>)> {
+        let t = self.tensor(name)?;
+        t.expect_dtype(name, allowed)?;
+        Ok((t.dtype, t.shape))
+    }
+
+    /// Checks `name` has dtype in `allowed` and exactly `shape`; returns its dtype.
+    pub fn check_tensor(&self, name: &str, allowed: &[DType], shape: &[usize]) -> Result<DType> {
+        let (dtype, got) = self.meta(name, allowed)?;
+        if got != shape {
+            return Err(MoeError::shape(name, format!("{shape:?}"), &got));
+        }
+        Ok(dtype)
+    }
+
+    /// Copies a box of `name`, viewed as `[outer, rows, row_bytes]` (`dims`, the last in bytes):
+    /// for every outer index in `outer` and row in `rows`, the bytes `cols` of that row. Rows of a
+    /// row-major tensor are contiguous, so a row slice costs exactly its bytes; a column slice costs
+    /// one short run per row. Only the copied bytes are counted (and paged in).
+    pub fn read_box(
+        &self,
+        name: &str,
+        dims: [usize; 3],
+        outer: Range<usize>,
+        rows: Range<usize>,
+        cols: Range<usize>,
+    ) -> Result<Vec<u8>> {
+        let t = self.tensor(name)?;
+        let [o, r, c] = dims;
+        if o * r * c != t.bytes.len()
+            || outer.end > o
+            || rows.end > r
+            || cols.end > c
+            || outer.start > outer.end
+            || rows.start > rows.end
+            || cols.start > cols.end
+        {
+            return Err(MoeError::shape(
+                name,
+                format!("a tensor of {o}×{r}×{c} bytes covering {outer:?}×{rows:?}×{cols:?}"),
+                &t.shape,
             ));
         }
-        for (d, (r, &n)) in ranges.iter().zip(&t.shape).enumerate() {
-            if r.start > r.end || r.end > n {
-                return Err(MoeError::invalid(
-                    format!("tensor `{}`", t.name),
-                    format!(
-                        "range {r:?} of dimension {d} is outside its size {n} (shape {:?})",
-                        t.shape
-                    ),
-                ));
+        let bytes = &t.bytes[..];
+        let mut out = Vec::with_capacity(outer.len() * rows.len() * cols.len());
+        for a in outer {
+            for b in rows.clone() {
+                let start = (a * r + b) * c;
+                out.extend_from_slice(&bytes[start + cols.start..start + cols.end]);
             }
         }
-        let elem = t.len / t.shape.iter().product::<usize>().max(1);
-        // The innermost dimensions that are read whole merge into the run; the first dimension
-        // (from the inside) that is cut sets the run's length, and every outer index is a run.
-        let mut inner = elem;
-        let mut cut = ranges.len();
-        while cut > 0 && ranges[cut - 1] == (0..t.shape[cut - 1]) {
-            inner *= t.shape[cut - 1];
-            cut -= 1;
-        }
-        let (run_dim, run_len) = if cut == 0 {
-            (0, inner)
-        } else {
-            (cut - 1, ranges[cut - 1].len() * inner)
-        };
-        let outer: Vec<Range<usize>> = ranges[..run_dim].to_vec();
-        let total: usize = ranges.iter().map(|r| r.len()).product::<usize>() * elem;
-        let mut starts = Vec::new();
-        if total > 0 {
-            // Row-major strides in bytes.
-            let mut strides = vec![elem; t.shape.len()];
-            for d in (0..t.shape.len().saturating_sub(1)).rev() {
-                strides[d] = strides[d + 1] * t.shape[d + 1];
-            }
-            let base = if cut == 0 {
-                0
-            } else {
-                ranges[run_dim].start * strides[run_dim]
-            };
-            // Every combination of the outer indices starts one run (mixed-radix count).
-            let count: usize = outer.iter().map(|r| r.len()).product();
-            for mut k in 0..count {
-                let mut off = base;
-                for d in (0..outer.len()).rev() {
-                    let n = outer[d].len();
-                    off += (outer[d].start + k % n) * strides[d];
-                    k /= n;
-                }
-                starts.push(off);
-            }
-        }
-        let file = self.shard(t.shard)?;
-        {
-            let mut log = self
-                .log
-                .lock()
-                .map_err(|_| MoeError::invalid("checkpoint reader", "a previous read panicked"))?;
-            for &s in &starts {
-                log.push(ReadRange {
-                    file: file.path.clone(),
-                    tensor: t.name.clone(),
-                    start: t.start + s,
-                    len: run_len,
-                });
-            }
-        }
-        if starts.len() == 1 {
-            return Ok(Bytes::Mapped {
-                map: file.map.clone(),
-                start: t.start + starts[0],
-                len: run_len,
-            });
-        }
-        let mut out = Vec::with_capacity(total);
-        for s in starts {
-            out.extend_from_slice(&file.map[t.start + s..t.start + s + run_len]);
-        }
-        Ok(Bytes::Owned(out))
+        self.bytes_read
+            .set(self.bytes_read.get() + out.len() as u64);
+        Ok(out)
     }
 
-    /// Reads the whole tensor.
-    pub fn read_all(&self, t: &TensorInfo) -> Result<Bytes> {
-        let ranges: Vec<Range<usize>> = t.shape.iter().map(|&n| 0..n).collect();
-        self.read_box(t, &ranges)
+    /// The whole tensor `name` (dtype checked), copied and counted.
+    pub fn read_all(&self, name: &str, allowed: &[DType]) -> Result<HostTensor> {
+        let (dtype, shape) = self.meta(name, allowed)?;
+        let n = shape.iter().product::<usize>() * dtype.size();
+        let bytes = self.read_box(name, [1, 1, n], 0..1, 0..1, 0..n)?;
+        HostTensor::new(name, dtype, shape, bytes.into())
     }
 
-    /// Reads a whole F32/F16/BF16 tensor as f32 values.
-    pub fn read_f32(&self, t: &TensorInfo) -> Result<Vec<f32>> {
-        let dtype = t.our_dtype()?;
-        let bytes = self.read_all(t)?;
-        HostTensor::new(&t.name, dtype, t.shape.clone(), bytes)?.to_f32_vec(&t.name)
+    /// A float tensor (F32, BF16 or F16) as f32 values, copied and counted.
+    pub fn read_f32(&self, name: &str) -> Result<(Vec<usize>, Vec<f32>)> {
+        let t = self.read_all(name, &[DType::F32, DType::BF16, DType::F16])?;
+        let v = t.to_f32_vec(name)?;
+        Ok((t.shape, v))
     }
 
-    /// Reads a one-value F32 tensor (shape `[]` or `[1]`).
-    pub fn read_scalar_f32(&self, t: &TensorInfo) -> Result<f32> {
-        t.expect_dtype(&[Dtype::F32])?;
-        t.expect_scalar()?;
-        let v = self.read_f32(t)?;
-        v.first()
-            .copied()
-            .ok_or_else(|| MoeError::shape(&t.name, "[] (a scalar)", &t.shape))
-    }
-
-    /// Every run read so far, in order.
-    pub fn read_log(&self) -> Vec<ReadRange> {
-        self.log.lock().map(|l| l.clone()).unwrap_or_default()
-    }
-
-    /// Total bytes read so far.
-    pub fn bytes_read(&self) -> usize {
-        self.log
-            .lock()
-            .map(|l| l.iter().map(|r| r.len).sum())
-            .unwrap_or(0)
+    /// A scalar F32 (shape `[]` or `[1]`), as ModelOpt stores `weight_scale_2` and `input_scale`.
+    pub fn read_scalar(&self, name: &str) -> Result<f32> {
+        let (shape, v) = self.read_f32(name)?;
+        match v.as_slice() {
+            [x] if shape.len() <= 1 => Ok(*x),
+            _ => Err(MoeError::shape(name, "[] or [1] (a scalar)", &shape)),
+        }
     }
 }

@@ -173,30 +173,54 @@ unsafe fn tile<D: Decode, const S: u8, const R: usize, const N: usize>(
                         _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(ahead) as *const i8);
                     }
                 }
-                let mut w = [(zero, zero); R];
-                for r in 0..R {
-                    // SAFETY: c + 16 ≤ vec_end ≤ k.
-                    let (a, b) = unsafe { D::load(rows[r], c) };
-                    w[r] = if scaled {
-                        (_mm256_mul_ps(a, f[r]), _mm256_mul_ps(b, f[r]))
-                    } else {
-                        (a, b)
-                    };
-                }
-                for t in 0..N {
-                    // SAFETY: xs[t] holds k ≥ c + 16 f32.
+                if N == 1 {
+                    // One token: decode, scale and accumulate row by row, so only the current
+                    // row's two vectors are live (the factors stay in registers).
+                    // SAFETY: xs[0] holds k ≥ c + 16 f32.
                     let (x0, x1) = unsafe {
                         (
-                            _mm256_loadu_ps(xs[t].add(c)),
-                            _mm256_loadu_ps(xs[t].add(c + 8)),
+                            _mm256_loadu_ps(xs[0].add(c)),
+                            _mm256_loadu_ps(xs[0].add(c + 8)),
                         )
                     };
                     for r in 0..R {
-                        acc[r][t] = _mm256_fmadd_ps(w[r].0, x0, acc[r][t]);
-                        if two_chains {
-                            acc2[r][t] = _mm256_fmadd_ps(w[r].1, x1, acc2[r][t]);
+                        // SAFETY: c + 16 ≤ vec_end ≤ k.
+                        let (a, b) = unsafe { D::load(rows[r], c) };
+                        let (a, b) = if scaled {
+                            (_mm256_mul_ps(a, f[r]), _mm256_mul_ps(b, f[r]))
                         } else {
-                            acc[r][t] = _mm256_fmadd_ps(w[r].1, x1, acc[r][t]);
+                            (a, b)
+                        };
+                        acc[r][0] = _mm256_fmadd_ps(a, x0, acc[r][0]);
+                        if two_chains {
+                            acc2[r][0] = _mm256_fmadd_ps(b, x1, acc2[r][0]);
+                        } else {
+                            acc[r][0] = _mm256_fmadd_ps(b, x1, acc[r][0]);
+                        }
+                    }
+                } else {
+                    // Several tokens share each decoded vector.
+                    let mut w = [(zero, zero); R];
+                    for r in 0..R {
+                        // SAFETY: c + 16 ≤ vec_end ≤ k.
+                        let (a, b) = unsafe { D::load(rows[r], c) };
+                        w[r] = if scaled {
+                            (_mm256_mul_ps(a, f[r]), _mm256_mul_ps(b, f[r]))
+                        } else {
+                            (a, b)
+                        };
+                    }
+                    for t in 0..N {
+                        // SAFETY: xs[t] holds k ≥ c + 16 f32.
+                        let (x0, x1) = unsafe {
+                            (
+                                _mm256_loadu_ps(xs[t].add(c)),
+                                _mm256_loadu_ps(xs[t].add(c + 8)),
+                            )
+                        };
+                        for r in 0..R {
+                            acc[r][t] =
+                                _mm256_fmadd_ps(w[r].1, x1, _mm256_fmadd_ps(w[r].0, x0, acc[r][t]));
                         }
                     }
                 }

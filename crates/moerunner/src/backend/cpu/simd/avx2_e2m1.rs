@@ -110,10 +110,9 @@ fn second_half(q: usize) -> bool {
 unsafe fn lane_factors(table: *const f32, s0: *const u8, s1: *const u8, g: usize) -> __m256 {
     // SAFETY: per the contract.
     unsafe {
-        _mm256_set_m128(
-            _mm_broadcast_ss(&*table.add(usize::from(*s1.add(g)))),
-            _mm_broadcast_ss(&*table.add(usize::from(*s0.add(g)))),
-        )
+        let lo = _mm_broadcast_ss(&*table.add(usize::from(*s0.add(g))));
+        let hi = _mm_broadcast_ss(&*table.add(usize::from(*s1.add(g))));
+        _mm256_insertf128_ps::<1>(_mm256_castps128_ps256(lo), hi)
     }
 }
 
@@ -160,38 +159,53 @@ unsafe fn tile<const P: usize, const N: usize>(
     let mut g = 0;
     while c < vec_end {
         // `g`: the group of the chunk's first half (the second half's is g + 1 when halves).
-        for p in 0..P {
-            // SAFETY: c + 32 ≤ k, and every row and scale slice covers its row.
-            let w = unsafe { words(t, rows[p][0], rows[p][1], c) };
-            let fa = unsafe { lane_factors(table, scales[p][0], scales[p][1], g) };
-            let fb = if halves {
-                unsafe { lane_factors(table, scales[p][0], scales[p][1], g + 1) }
-            } else {
-                fa
-            };
-            // Weights stream from memory: hint the rows of the tile after the next (the next rows
-            // when, as usual, they are consecutive) at this column; a hint is never dereferenced.
-            let ahead = PREFETCH_TILES * 2 * P * fmt.row_bytes() + c / 2;
-            _mm_prefetch::<_MM_HINT_T0>(rows[p][0].wrapping_add(ahead) as *const i8);
-            _mm_prefetch::<_MM_HINT_T0>(rows[p][1].wrapping_add(ahead) as *const i8);
-            if N == 1 {
-                let (mut sa, mut sb) = (zero, zero);
-                for q in 0..8 {
-                    // SAFETY: c + 4q + 4 ≤ k.
-                    let x =
-                        unsafe { _mm256_broadcast_ps(&*(xs[0].add(c + 4 * q) as *const __m128)) };
+        // Weights stream from memory: hint the rows of the tile after the next (the next rows
+        // when, as usual, they are consecutive) at this column; a hint is never dereferenced.
+        let ahead = PREFETCH_TILES * 2 * P * fmt.row_bytes() + c / 2;
+        for pair in &rows {
+            for row in pair {
+                _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(ahead) as *const i8);
+            }
+        }
+        if N == 1 {
+            // All pairs decoded first, so each activation broadcast serves every pair.
+            let mut w = [[_mm256_setzero_si256(); 4]; P];
+            for p in 0..P {
+                // SAFETY: c + 32 ≤ k, and every row covers its row.
+                w[p] = unsafe { words(t, rows[p][0], rows[p][1], c) };
+            }
+            let (mut sa, mut sb) = ([zero; P], [zero; P]);
+            for q in 0..8 {
+                // SAFETY: c + 4q + 4 ≤ k.
+                let x = unsafe { _mm256_broadcast_ps(&*(xs[0].add(c + 4 * q) as *const __m128)) };
+                for p in 0..P {
                     if second_half(q) {
-                        sb = _mm256_fmadd_ps(vector(&w, q), x, sb);
+                        sb[p] = _mm256_fmadd_ps(vector(&w[p], q), x, sb[p]);
                     } else {
-                        sa = _mm256_fmadd_ps(vector(&w, q), x, sa);
+                        sa[p] = _mm256_fmadd_ps(vector(&w[p], q), x, sa[p]);
                     }
                 }
+            }
+            for p in 0..P {
+                // SAFETY: the scale slices cover groups g (and g + 1 when halves).
+                let fa = unsafe { lane_factors(table, scales[p][0], scales[p][1], g) };
                 if halves {
-                    acc[p][0] = _mm256_fmadd_ps(sb, fb, _mm256_fmadd_ps(sa, fa, acc[p][0]));
+                    let fb = unsafe { lane_factors(table, scales[p][0], scales[p][1], g + 1) };
+                    acc[p][0] = _mm256_fmadd_ps(sb[p], fb, _mm256_fmadd_ps(sa[p], fa, acc[p][0]));
                 } else {
-                    acc[p][0] = _mm256_fmadd_ps(_mm256_add_ps(sa, sb), fa, acc[p][0]);
+                    acc[p][0] = _mm256_fmadd_ps(_mm256_add_ps(sa[p], sb[p]), fa, acc[p][0]);
                 }
-            } else {
+            }
+        } else {
+            for p in 0..P {
+                // SAFETY: c + 32 ≤ k, and every row and scale slice covers its row.
+                let w = unsafe { words(t, rows[p][0], rows[p][1], c) };
+                let fa = unsafe { lane_factors(table, scales[p][0], scales[p][1], g) };
+                let fb = if halves {
+                    unsafe { lane_factors(table, scales[p][0], scales[p][1], g + 1) }
+                } else {
+                    fa
+                };
                 for q in 0..8 {
                     let wv = _mm256_mul_ps(vector(&w, q), if second_half(q) { fb } else { fa });
                     for tk in 0..N {
