@@ -16,6 +16,8 @@ struct Cli {
 enum Command {
     /// Run one MoE layer on an input file (spec/layer-file.md) and write the output file.
     Run(commands::run::Args),
+    /// Convert one MoE layer of a Hugging Face checkpoint folder into a layer file.
+    Convert(commands::convert::Args),
     /// Write a random layer file for a preset or an explicit shape, in any format.
     MakeLayer(commands::make_layer::Args),
     /// Write a random input file for a layer.
@@ -26,20 +28,18 @@ enum Command {
     Check(commands::check::Args),
     /// Version, backends, devices and what each backend supports.
     Info(commands::info::Args),
-    /// Convert one MoE layer of a Hugging Face model folder into a layer file.
-    Convert(commands::convert::Args),
 }
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(a) => commands::run::run(a),
+        Command::Convert(a) => commands::convert::run(a),
         Command::MakeLayer(a) => commands::make_layer::run(a),
         Command::MakeInput(a) => commands::make_input::run(a),
         Command::Bench(a) => commands::bench::run(a),
         Command::Check(a) => commands::check::run(a),
         Command::Info(a) => commands::info::run(a),
-        Command::Convert(a) => commands::convert::run(a),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -6,6 +6,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use moerunner::checkpoint::{load_layer, CheckpointLayer, LoadOptions};
 use moerunner::config::ActivationFormat;
@@ -60,6 +61,20 @@ fn f32_bytes(v: &[f32]) -> Vec<u8> {
     v.iter().flat_map(|x| x.to_le_bytes()).collect()
 }
 
+/// A miniature's folder, removed when the test is done with it.
+struct TempDir(PathBuf);
+impl std::ops::Deref for TempDir {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// Tensors of a checkpoint in the order they are written; split over shards in that order.
 #[derive(Default)]
 struct Mini {
@@ -72,15 +87,12 @@ impl Mini {
             .push((name.into(), dtype, shape.to_vec(), bytes));
     }
     /// Writes `config.json`, `shards` shard files named as transformers names them, and the index.
-    fn write(&self, name: &str, config: serde_json::Value, shards: usize) -> PathBuf {
-        // Tests run in parallel and several build the same family: one folder per call, so no
-        // test deletes a folder another is reading.
-        static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-        let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let dir = std::env::temp_dir().join(format!(
-            "moerunner-ckpt-{}-{name}-{call}",
-            std::process::id()
-        ));
+    fn write(&self, name: &str, config: serde_json::Value, shards: usize) -> TempDir {
+        // Tests run in parallel and several write the same family: one folder per call.
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let pid = std::process::id();
+        let dir = std::env::temp_dir().join(format!("moerunner-ckpt-{pid}-{n}-{name}"));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(
@@ -109,7 +121,7 @@ impl Mini {
             serde_json::to_string_pretty(&index).unwrap(),
         )
         .unwrap();
-        dir
+        TempDir(dir)
     }
 }
 
@@ -415,7 +427,7 @@ fn distractor(m: &mut Mini, name: &str) {
 
 const LAYER: usize = 1;
 
-fn qwen3(name: &str, format: WeightFormat, e: usize, h: usize, i: usize) -> (PathBuf, MoeLayer) {
+fn qwen3(name: &str, format: WeightFormat, e: usize, h: usize, i: usize) -> (TempDir, MoeLayer) {
     let mut rng = Rng(1);
     let mut m = Mini::default();
     distractor(&mut m, "model.layers.0.self_attn.q_proj.weight");
@@ -597,7 +609,7 @@ fn mixtral_bf16_w1_gate_w3_up_w2_down() {
     check_slices(&dir, LAYER, &l, &[(2, 2)]);
 }
 
-fn deepseek() -> (PathBuf, MoeLayer, usize) {
+fn deepseek() -> (TempDir, MoeLayer, usize) {
     let mut rng = Rng(4);
     let mut m = Mini::default();
     let (e, h, i) = (8, 192, 256);
@@ -689,7 +701,7 @@ fn deepseek_v3_dense_layer_is_refused() {
     );
 }
 
-fn minimax() -> (PathBuf, MoeLayer) {
+fn minimax() -> (TempDir, MoeLayer) {
     let mut rng = Rng(5);
     let mut m = Mini::default();
     let (e, h, i) = (4, 128, 128);
@@ -762,7 +774,7 @@ fn fp8_block_tp_slice_not_aligned_to_128_is_an_error() {
     );
 }
 
-fn nemotron() -> (PathBuf, MoeLayer) {
+fn nemotron(format: WeightFormat) -> (TempDir, MoeLayer) {
     let mut rng = Rng(6);
     let mut m = Mini::default();
     let (e, h, i) = (4, 64, 64);
@@ -775,7 +787,7 @@ fn nemotron() -> (PathBuf, MoeLayer) {
             e,
             h,
             i,
-            format: WeightFormat::Nvfp4,
+            format,
             prefix: &format!("{p}experts."),
             gate: None,
             up: "up_proj",
@@ -796,41 +808,55 @@ fn nemotron() -> (PathBuf, MoeLayer) {
         &[i, h],
         rng.bf16_bytes(i * h),
     );
-    let cfg = merge(
+    let mut cfg = merge(
         base_config("nemotron_h", 4),
         json!({ "n_routed_experts": e, "num_experts_per_tok": 2, "moe_intermediate_size": i,
         "moe_shared_expert_intermediate_size": i, "hidden_size": h, "hybrid_override_pattern": "M*ME", "mlp_hidden_act": "relu2",
         "n_group": 1, "topk_group": 1, "routed_scaling_factor": 2.5, "norm_topk_prob": true,
         "quantization_config": { "quant_method": "modelopt", "quant_algo": "NVFP4", "group_size": 16 } }),
     );
+    if format == WeightFormat::Bf16 {
+        // The BF16 release, with the layer kinds spelled as newer configs spell them.
+        let c = cfg.as_object_mut().unwrap();
+        c.remove("quantization_config");
+        c.remove("hybrid_override_pattern");
+        c.insert(
+            "layers_block_type".into(),
+            json!(["mamba", "attention", "mamba", "moe"]),
+        );
+    }
     let dir = m.write("nemotron", cfg, 3);
     let mut r = RoutingConfig::new(RoutingMethod::DeepseekV3, 2);
     r.routed_scaling_factor = 2.5;
-    let c = config(
-        e,
-        h,
-        i,
-        WeightFormat::Nvfp4,
-        Activation::Relu2,
-        W13Order::GateUp,
-        r,
-    );
+    let c = config(e, h, i, format, Activation::Relu2, W13Order::GateUp, r);
     (dir, assemble(c, x, None, None, Some(bias)))
 }
 
 #[test]
 fn nemotron_h_nvfp4_relu2_with_static_input_scales() {
-    let (dir, expected) = nemotron();
+    let (dir, expected) = nemotron(WeightFormat::Nvfp4);
     let l = load_layer(&dir, 3, &LoadOptions::default()).unwrap();
     assert_eq!(l.family, "nemotron_h");
     assert_eq!(l.layer.config().activation_format, ActivationFormat::Nvfp4);
     check_equal(&l, &expected);
-    check_slices(&dir, 3, &l, &[(2, 2), (1, 4)]);
+    let bytes = check_slices(&dir, 3, &l, &[(2, 2), (1, 4)]);
+    // Per expert and projection: L rows (up) or columns (down) of H/2 packed bytes, their E4M3
+    // scales (one per 16), and the 4-byte weight_scale_2; plus every expert's two input_scales
+    // (the layer's static scale is their max), the router [E, H] BF16 and the bias [E] F32.
+    let (e, h, i) = (4, 64, 64);
+    let want = |ep: usize, tp: usize| {
+        let l = i / tp;
+        (e / ep) * 2 * (l * h / 2 + l * h / 16 + 4) + e * 2 * 4 + e * h * 2 + e * 4
+    };
+    assert_eq!(l.bytes_read, want(1, 1) as u64);
+    for ((ep, _, tp, _), got) in bytes {
+        assert_eq!(got, want(ep, tp) as u64, "ep {ep} tp {tp}");
+    }
 }
 
 #[test]
 fn nemotron_h_non_moe_layer_names_the_pattern() {
-    let (dir, _) = nemotron();
+    let (dir, _) = nemotron(WeightFormat::Nvfp4);
     let err = load_layer(&dir, 1, &LoadOptions::default())
         .unwrap_err()
         .to_string();
@@ -840,7 +866,22 @@ fn nemotron_h_non_moe_layer_names_the_pattern() {
     );
 }
 
-fn gpt_oss() -> (PathBuf, MoeLayer) {
+#[test]
+fn nemotron_h_bf16_with_layers_block_type() {
+    let (dir, expected) = nemotron(WeightFormat::Bf16);
+    let l = load_layer(&dir, 3, &LoadOptions::default()).unwrap();
+    check_equal(&l, &expected);
+    check_slices(&dir, 3, &l, &[(2, 2)]);
+    let err = load_layer(&dir, 2, &LoadOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("layers_block_type") && err.contains("`mamba`"),
+        "{err}"
+    );
+}
+
+fn gpt_oss() -> (TempDir, MoeLayer) {
     let mut rng = Rng(7);
     let mut m = Mini::default();
     let (e, h, i) = (4, 64, 64);
@@ -938,6 +979,19 @@ fn gpt_oss_mxfp4_interleaved_with_biases() {
     assert!(l.router_bias.is_some());
     check_equal(&l, &expected);
     let bytes = check_slices(&dir, LAYER, &l, &[(2, 2), (1, 2)]);
+    // Per expert: 2L rows of H/2 packed bytes + H/32 scales + a BF16 bias each, H rows of L/2
+    // bytes + L/32 scales, and (TP rank 0 only) the H BF16 GEMM2 bias; plus the router and its bias.
+    let (e, h, i) = (4, 64, 64);
+    for ((ep, _, tp, tr), got) in &bytes {
+        let l = i / tp;
+        let b2 = if *tr == 0 { h * 2 } else { 0 };
+        let per = 2 * l * (h / 2 + h / 32 + 2) + h * (l / 2 + l / 32) + b2;
+        assert_eq!(
+            *got,
+            ((e / ep) * per + e * h * 2 + e * 2) as u64,
+            "ep {ep} tp {tp}"
+        );
+    }
     // TP rank 1 does not read the GEMM2 bias (e/ep × H BF16 values).
     for ep in [1, 2] {
         let (r0, r1) = (bytes[&(ep, 0, 2, 0)], bytes[&(ep, 0, 2, 1)]);
@@ -1008,7 +1062,7 @@ fn online_quantization_of_a_bf16_checkpoint() {
 // ---------------------------------------------------------------------------------------------
 // Errors name the key or the tensor
 
-fn small_qwen(name: &str, edit: impl FnOnce(&mut serde_json::Value, &mut Mini)) -> PathBuf {
+fn small_qwen(name: &str, edit: impl FnOnce(&mut serde_json::Value, &mut Mini)) -> TempDir {
     let mut rng = Rng(8);
     let mut m = Mini::default();
     let (e, h, i) = (2, 32, 32);

@@ -40,6 +40,12 @@ struct Built {
     expected_bytes: Box<dyn Fn(Parallelism) -> usize>,
 }
 
+impl Drop for Built {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 const TOKENS: usize = 7;
 
 /// Bytes of one rank's per-expert reads for a gated (`parts` = 2) or non-gated (1) layout.
@@ -981,6 +987,7 @@ fn bad_tensors_and_shards_name_the_tensor() {
     ck.write(&dir, 2);
     let err = err_of(&dir, 0, &LoadOptions::default());
     assert!(err.contains(name) && err.contains("[64, 32]"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]

@@ -4,22 +4,21 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::Context;
-use moerunner::checkpoint::{self, LoadOptions};
 use moerunner::layer_file;
-use moerunner::{BackendChoice, ForwardInput, Parallelism, Runner, WeightFormat};
+use moerunner::{BackendChoice, ForwardInput, Parallelism, Runner};
 
 #[derive(clap::Args)]
 pub struct Args {
     /// The layer file (`.safetensors`, spec/layer-file.md); with `--checkpoint`, the layer index.
     #[arg(long)]
-    pub layer: PathBuf,
-    /// Load layer `--layer N` from this Hugging Face model folder (docs/checkpoints.md), sliced
-    /// for the rank at load time. The input file may then carry only `hidden_states`.
+    pub layer: String,
+    /// A Hugging Face model folder (config.json, shards, index); `--layer` is then the layer index
+    /// and the input may carry only `hidden_states` (logits come from the checkpoint's router).
     #[arg(long)]
     pub checkpoint: Option<PathBuf>,
-    /// With `--checkpoint`: quantize BF16 weights into this format while loading.
+    /// With `--checkpoint`: quantize the experts into this format at load (e.g. mxfp8, nvfp4).
     #[arg(long)]
-    pub quantize: Option<WeightFormat>,
+    pub quantize: Option<String>,
     /// The input file: `hidden_states` and one routing source.
     #[arg(long)]
     pub input: PathBuf,
@@ -50,19 +49,14 @@ pub struct Args {
 pub fn run(args: Args) -> anyhow::Result<()> {
     let choice: BackendChoice = if args.reference { BackendChoice::Named("reference".into()) } else { args.backend.parse()? };
     let par = Parallelism { ep_size: args.ep_size, ep_rank: args.ep_rank, tp_size: args.tp_size, tp_rank: args.tp_rank };
-    if args.quantize.is_some() && args.checkpoint.is_none() {
-        anyhow::bail!("--quantize needs --checkpoint (layer files are already in their format)");
-    }
     let (layer, input) = match &args.checkpoint {
-        Some(dir) => {
-            let index: usize = args.layer.to_str().and_then(|s| s.parse().ok()).context("with --checkpoint, --layer is a layer index")?;
-            let opts = LoadOptions { parallelism: par, quantize: args.quantize, ..Default::default() };
-            let ck = checkpoint::load_layer(dir, index, &opts).with_context(|| format!("loading layer {index} of {}", dir.display()))?;
-            let input = checkpoint::read_input(&args.input, &ck).with_context(|| format!("reading input {}", args.input.display()))?;
-            (ck.layer, input)
-        }
+        Some(dir) => super::convert::load_checkpoint_run(dir, &args.layer, par, args.quantize.as_deref(), &args.input)?,
         None => {
-            let mut layer = layer_file::read_layer(&args.layer).with_context(|| format!("reading layer {}", args.layer.display()))?;
+            if args.quantize.is_some() {
+                anyhow::bail!("--quantize needs --checkpoint (a layer file is run in its own format)");
+            }
+            let path = PathBuf::from(&args.layer);
+            let mut layer = layer_file::read_layer(&path).with_context(|| format!("reading layer {}", path.display()))?;
             if !par.is_single() {
                 layer = moerunner::shard::shard(&layer, par).context("slicing the layer for this rank")?;
             }

@@ -304,21 +304,3 @@ pub(crate) fn swiglu(cfg: &HfConfig) -> Result<Activation> {
     cfg.expect_str("hidden_act", &["silu", "swish"])?;
     Ok(Activation::Swiglu)
 }
-
-/// Reads an input file for a checkpoint layer. A file that carries only `hidden_states` gets
-/// `router_logits` from the checkpoint's router ([`CheckpointLayer::router_logits`]); a file with
-/// a routing source is read as [`crate::layer_file::read_input`] reads it.
-pub fn read_input(path: &Path, layer: &CheckpointLayer) -> Result<crate::layer_file::InputFile> {
-    use crate::layer_file::{InputFile, MappedFile, RoutingTensors};
-    let file = MappedFile::open(path)?;
-    let routing = ["router_logits", "topk_ids", "topk_weights", "topk_packed"];
-    if routing.iter().any(|n| file.has(n)) {
-        return crate::layer_file::read_input(path);
-    }
-    let hidden = file.require("hidden_states")?;
-    let logits = layer.router_logits(&hidden)?;
-    Ok(InputFile {
-        hidden,
-        routing: RoutingTensors::Logits(logits),
-    })
-}

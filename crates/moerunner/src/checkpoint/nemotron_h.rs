@@ -1,5 +1,6 @@
 //! Nemotron-H (`nemotron_h`), e.g. the ModelOpt NVFP4 release: hybrid Mamba/attention/MoE layers
-//! chosen by `hybrid_override_pattern` (`E` marks a MoE layer). Experts are non-gated relu2:
+//! chosen by `hybrid_override_pattern` (`E` marks a MoE layer; newer configs list
+//! `layers_block_type` instead, `moe` marking one). Experts are non-gated relu2:
 //! `backbone.layers.{N}.mixer.experts.{e}.{up,down}_proj.weight` — U8 `[out, in/2]` E2M1 pairs
 //! (low nibble first) with `weight_scale` E4M3 `[out, in/16]`, `weight_scale_2` F32 scalar (our
 //! per-expert global) and `input_scale` F32 scalar; or BF16 / FP8 block in other releases. Router
@@ -13,29 +14,7 @@ use crate::error::Result;
 
 pub(super) fn plan(cfg: &HfConfig, layer: usize) -> Result<Plan> {
     check_layer_index(cfg, layer)?;
-    let pattern = cfg.str("hybrid_override_pattern")?;
-    match pattern.chars().nth(layer) {
-        Some('E') => {}
-        Some(c) => {
-            return Err(cfg.unsupported(
-                "hybrid_override_pattern",
-                format!(
-                    "layer {layer} is `{c}`, not a MoE layer (`E`); MoE layers: {:?}",
-                    pattern
-                        .char_indices()
-                        .filter(|(_, c)| *c == 'E')
-                        .map(|(i, _)| i)
-                        .collect::<Vec<_>>()
-                ),
-            ))
-        }
-        None => {
-            return Err(cfg.unsupported(
-                "hybrid_override_pattern",
-                format!("has no entry for layer {layer}"),
-            ))
-        }
-    }
+    check_moe_layer(cfg, layer)?;
     if cfg.get("moe_latent_size").is_some() {
         return Err(cfg.unsupported(
             "moe_latent_size",
@@ -72,4 +51,47 @@ pub(super) fn plan(cfg: &HfConfig, layer: usize) -> Result<Plan> {
         router_linear_bias: None,
         correction_bias: Some(format!("{p}gate.e_score_correction_bias")),
     })
+}
+
+/// The layer must be a MoE layer: `E` in `hybrid_override_pattern`, or `moe` in the
+/// `layers_block_type` list that newer configs carry instead.
+fn check_moe_layer(cfg: &HfConfig, layer: usize) -> Result<()> {
+    if cfg.get("hybrid_override_pattern").is_none() {
+        if let Some(types) = cfg.get("layers_block_type") {
+            let kinds: Vec<&str> = types
+                .as_array()
+                .map(|a| a.iter().filter_map(|v| v.as_str()).collect())
+                .unwrap_or_default();
+            return match kinds.get(layer) {
+                Some(&"moe") => Ok(()),
+                Some(k) => Err(cfg.unsupported(
+                    "layers_block_type",
+                    format!("layer {layer} is `{k}`, not a MoE layer (`moe`)"),
+                )),
+                None => Err(cfg.unsupported(
+                    "layers_block_type",
+                    format!("has no string entry for layer {layer}"),
+                )),
+            };
+        }
+    }
+    let pattern = cfg.str("hybrid_override_pattern")?;
+    match pattern.chars().nth(layer) {
+        Some('E') => Ok(()),
+        Some(c) => Err(cfg.unsupported(
+            "hybrid_override_pattern",
+            format!(
+                "layer {layer} is `{c}`, not a MoE layer (`E`); MoE layers: {:?}",
+                pattern
+                    .char_indices()
+                    .filter(|(_, c)| *c == 'E')
+                    .map(|(i, _)| i)
+                    .collect::<Vec<_>>()
+            ),
+        )),
+        None => Err(cfg.unsupported(
+            "hybrid_override_pattern",
+            format!("has no entry for layer {layer}"),
+        )),
+    }
 }

@@ -268,7 +268,7 @@ impl Ckpt {
 }
 
 pub fn tmp_dir(name: &str) -> PathBuf {
-    std::env::temp_dir().join(format!("moerunner-ckpt-{}-{name}", std::process::id()))
+    std::env::temp_dir().join(format!("moerunner-naive-{}-{name}", std::process::id()))
 }
 
 /// Decodes GPT-OSS MXFP4 blocks `[rows, K/32, 16]` + scales `[rows, K/32]` to f64 `[rows, K]`.
