@@ -569,20 +569,24 @@ fn qwen2_moe_routing_is_renormalize_naive() {
     );
 }
 
-#[test]
-fn mixtral_bf16_w1_gate_w3_up_w2_down() {
+/// Mixtral with w1 = gate, w3 = up, w2 = down; FP8 with `weight_scale_inv` stored as F32 or BF16.
+fn mixtral(format: WeightFormat, bf16_scales: bool) {
     let mut rng = Rng(3);
     let mut m = Mini::default();
-    let (e, h, i) = (4, 32, 64);
+    let (e, h, i) = if format == WeightFormat::Bf16 {
+        (4, 32, 64)
+    } else {
+        (4, 128, 128)
+    };
     let p = format!("model.layers.{LAYER}.block_sparse_moe.");
-    let x = per_expert(
+    let mut x = per_expert(
         &mut m,
         &mut rng,
         &PerExpert {
             e,
             h,
             i,
-            format: WeightFormat::Bf16,
+            format,
             prefix: &format!("{p}experts."),
             gate: Some("w1"),
             up: "w3",
@@ -590,6 +594,29 @@ fn mixtral_bf16_w1_gate_w3_up_w2_down() {
         },
     );
     router(&mut m, &mut rng, &format!("{p}gate.weight"), e, h);
+    if bf16_scales {
+        // Store the scales as BF16 and expect their (exact) f32 values.
+        let round = |b: &[u8]| -> Vec<f32> {
+            f32s(b)
+                .iter()
+                .map(|v| half::bf16::from_f32(*v).to_f32())
+                .collect()
+        };
+        for t in m
+            .tensors
+            .iter_mut()
+            .filter(|t| t.0.ends_with("weight_scale_inv"))
+        {
+            let v = round(&t.3);
+            t.1 = Dtype::BF16;
+            t.3 = v
+                .iter()
+                .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
+                .collect();
+        }
+        x.s13 = f32_bytes(&round(&x.s13));
+        x.s2 = f32_bytes(&round(&x.s2));
+    }
     let cfg = merge(
         base_config("mixtral", 2),
         json!({ "num_local_experts": e, "num_experts_per_tok": 2, "intermediate_size": i, "hidden_size": h }),
@@ -599,14 +626,30 @@ fn mixtral_bf16_w1_gate_w3_up_w2_down() {
         e,
         h,
         i,
-        WeightFormat::Bf16,
+        format,
         Activation::Swiglu,
         W13Order::GateUp,
         RoutingConfig::new(RoutingMethod::Renormalize, 2),
     );
     let l = load_layer(&dir, LAYER, &LoadOptions::default()).unwrap();
     check_equal(&l, &assemble(c, x, None, None, None));
-    check_slices(&dir, LAYER, &l, &[(2, 2)]);
+    // FP8 at I = 128 cannot split I further (128-row blocks); BF16 can.
+    let splits: &[(usize, usize)] = if format == WeightFormat::Bf16 {
+        &[(2, 2)]
+    } else {
+        &[(2, 1)]
+    };
+    check_slices(&dir, LAYER, &l, splits);
+}
+
+#[test]
+fn mixtral_bf16_w1_gate_w3_up_w2_down() {
+    mixtral(WeightFormat::Bf16, false);
+}
+
+#[test]
+fn mixtral_fp8_block_with_bf16_weight_scale_inv() {
+    mixtral(WeightFormat::Fp8Block, true);
 }
 
 fn deepseek() -> (TempDir, MoeLayer, usize) {

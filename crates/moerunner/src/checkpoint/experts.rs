@@ -82,20 +82,31 @@ pub(super) fn load(sh: &Shards, plan: &Plan, s: &Slice) -> Result<LoadedExperts>
             WeightFormat::Fp8Block => {
                 let (ib, hb) = (inter.div_ceil(FP8_BLOCK), h.div_ceil(FP8_BLOCK));
                 let rows = f0 / FP8_BLOCK..f1.div_ceil(FP8_BLOCK);
+                // F32 in DeepSeek-style releases; BF16 is accepted too (exact in f32).
+                let scale_types = [DType::F32, DType::BF16];
                 for p in &projs13 {
                     let n = name(e, p, "weight_scale_inv");
-                    sh.check_tensor(&n, &[DType::F32], &[ib, hb])?;
-                    s13.extend(sh.read_box(&n, [1, ib, hb * 4], 0..1, rows.clone(), 0..hb * 4)?);
+                    let d = sh.check_tensor(&n, &scale_types, &[ib, hb])?;
+                    let b = sh.read_box(
+                        &n,
+                        [1, ib, hb * d.size()],
+                        0..1,
+                        rows.clone(),
+                        0..hb * d.size(),
+                    )?;
+                    s13.extend(f32_le(&b, d));
                 }
                 let n = name(e, down, "weight_scale_inv");
-                sh.check_tensor(&n, &[DType::F32], &[hb, ib])?;
-                s2.extend(sh.read_box(
+                let d = sh.check_tensor(&n, &scale_types, &[hb, ib])?;
+                let z = d.size();
+                let b = sh.read_box(
                     &n,
-                    [1, hb, ib * 4],
+                    [1, hb, ib * z],
                     0..1,
                     0..hb,
-                    rows.start * 4..rows.end * 4,
-                )?);
+                    rows.start * z..rows.end * z,
+                )?;
+                s2.extend(f32_le(&b, d));
             }
             WeightFormat::Nvfp4 => {
                 let (ib, hb) = (inter / NV_BLOCK, h / NV_BLOCK);
@@ -218,4 +229,19 @@ fn check_alignment(
         )));
     }
     Ok(())
+}
+
+/// Scale values as f32 little-endian bytes (the layout `BlockScales::Block128` is decoded from).
+fn f32_le(bytes: &[u8], dtype: DType) -> Vec<u8> {
+    match dtype {
+        DType::BF16 => bytes
+            .chunks_exact(2)
+            .flat_map(|c| {
+                half::bf16::from_le_bytes([c[0], c[1]])
+                    .to_f32()
+                    .to_le_bytes()
+            })
+            .collect(),
+        _ => bytes.to_vec(),
+    }
 }

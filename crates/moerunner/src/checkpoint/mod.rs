@@ -278,12 +278,17 @@ fn requantize(l: LoadedExperts, f: WeightFormat) -> Result<LoadedExperts> {
                 .into(),
         ));
     }
+    // One expert at a time: the f32 copy is one expert's, not the layer's (a DeepSeek layer's
+    // experts in f32 would be ~11 GB). Every quantizer's scales are per expert or finer, so this
+    // equals quantizing all experts at once.
     let convert = |t: &QuantizedTensor| -> Result<QuantizedTensor> {
-        let mut values = vec![0f32; t.experts * t.rows * t.cols];
-        for (x, chunk) in values.chunks_exact_mut(t.rows * t.cols).enumerate() {
-            t.decode_rows_f32(x, 0..t.rows, chunk);
+        let mut values = vec![0f32; t.rows * t.cols];
+        let mut parts = Vec::with_capacity(t.experts);
+        for x in 0..t.experts {
+            t.decode_rows_f32(x, 0..t.rows, &mut values);
+            parts.push(quantize_weights(f, 1, t.rows, t.cols, &values, None)?);
         }
-        quantize_weights(f, t.experts, t.rows, t.cols, &values, None)
+        crate::synth::concat_experts(parts)
     };
     Ok(LoadedExperts {
         w13: convert(&l.w13)?,
