@@ -16,6 +16,8 @@ struct Cli {
 enum Command {
     /// Run one MoE layer on an input file (spec/layer-file.md) and write the output file.
     Run(commands::run::Args),
+    /// Convert one MoE layer of a Hugging Face checkpoint folder into a layer file.
+    Convert(commands::convert::Args),
     /// Write a random layer file for a preset or an explicit shape, in any format.
     MakeLayer(commands::make_layer::Args),
     /// Write a random input file for a layer.
@@ -32,6 +34,7 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(a) => commands::run::run(a),
+        Command::Convert(a) => commands::convert::run(a),
         Command::MakeLayer(a) => commands::make_layer::run(a),
         Command::MakeInput(a) => commands::make_input::run(a),
         Command::Bench(a) => commands::bench::run(a),

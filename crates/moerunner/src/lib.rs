@@ -5,6 +5,7 @@
 
 pub mod activation;
 pub mod backend;
+pub mod checkpoint;
 pub mod bench;
 pub mod check;
 pub mod config;

@@ -9,9 +9,16 @@ use moerunner::{BackendChoice, ForwardInput, Parallelism, Runner};
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// The layer file (`.safetensors`, spec/layer-file.md).
+    /// The layer file (`.safetensors`, spec/layer-file.md); with `--checkpoint`, the layer index.
     #[arg(long)]
-    pub layer: PathBuf,
+    pub layer: String,
+    /// A Hugging Face model folder (config.json, shards, index); `--layer` is then the layer index
+    /// and the input may carry only `hidden_states` (logits come from the checkpoint's router).
+    #[arg(long)]
+    pub checkpoint: Option<PathBuf>,
+    /// With `--checkpoint`: quantize the experts into this format at load (e.g. mxfp8, nvfp4).
+    #[arg(long)]
+    pub quantize: Option<String>,
     /// The input file: `hidden_states` and one routing source.
     #[arg(long)]
     pub input: PathBuf,
@@ -41,12 +48,22 @@ pub struct Args {
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     let choice: BackendChoice = if args.reference { BackendChoice::Named("reference".into()) } else { args.backend.parse()? };
-    let mut layer = layer_file::read_layer(&args.layer).with_context(|| format!("reading layer {}", args.layer.display()))?;
     let par = Parallelism { ep_size: args.ep_size, ep_rank: args.ep_rank, tp_size: args.tp_size, tp_rank: args.tp_rank };
-    if !par.is_single() {
-        layer = moerunner::shard::shard(&layer, par).context("slicing the layer for this rank")?;
-    }
-    let input = layer_file::read_input(&args.input).with_context(|| format!("reading input {}", args.input.display()))?;
+    let (layer, input) = match &args.checkpoint {
+        Some(dir) => super::convert::load_checkpoint_run(dir, &args.layer, par, args.quantize.as_deref(), &args.input)?,
+        None => {
+            if args.quantize.is_some() {
+                anyhow::bail!("--quantize needs --checkpoint (a layer file is run in its own format)");
+            }
+            let path = PathBuf::from(&args.layer);
+            let mut layer = layer_file::read_layer(&path).with_context(|| format!("reading layer {}", path.display()))?;
+            if !par.is_single() {
+                layer = moerunner::shard::shard(&layer, par).context("slicing the layer for this rank")?;
+            }
+            let input = layer_file::read_input(&args.input).with_context(|| format!("reading input {}", args.input.display()))?;
+            (layer, input)
+        }
+    };
     let loaded = Runner::new().load(layer, &choice)?;
     let started = Instant::now();
     let out = loaded.forward(&ForwardInput { hidden: &input.hidden, routing: input.routing_input() })?;

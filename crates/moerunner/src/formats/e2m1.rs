@@ -5,7 +5,9 @@
 pub const MAX: f32 = 6.0;
 
 /// The 16 code values.
-pub const VALUES: [f32; 16] = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0];
+pub const VALUES: [f32; 16] = [
+    0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0,
+];
 
 /// f32 → E2M1 nibble: round to nearest, ties to even code, saturate to ±6. NaN has no code in
 /// E2M1; quantizers reject non-finite input before calling this, and it maps to ±6.
@@ -38,9 +40,14 @@ pub fn decode(code: u8) -> f32 {
     VALUES[(code & 0xF) as usize]
 }
 
-/// Packs two nibbles: element 2i (`lo`) in the low nibble.
+/// Packs two nibbles: element 2i (`lo`) in the low nibble, element 2i+1 (`hi`) in the high one.
 pub fn pack(lo: u8, hi: u8) -> u8 {
     (lo & 0xF) | (hi << 4)
+}
+
+/// The two nibbles of a packed byte, element 2i (low nibble) first.
+pub fn unpack(byte: u8) -> [u8; 2] {
+    [byte & 0xF, byte >> 4]
 }
 
 /// Both decoded values of a packed byte, low nibble first (a 256-entry table for decoders).

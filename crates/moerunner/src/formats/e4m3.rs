@@ -14,16 +14,16 @@ pub fn encode(x: f32) -> u8 {
     if a >= MAX {
         return sign | 0x7E;
     }
-    // Scale so that the 3 kept mantissa bits become the integer part, then round in f32: the
-    // scaling is by a power of two, so `round_ties_even` sees the exact value.
-    let unbiased = if a < f32::from_bits(0x3C80_0000) {
-        // Below 2^-6: subnormal spacing 2^-9 (the `m = 8` result is the smallest normal, code 8).
+    if a < f32::from_bits(0x3C80_0000) {
+        // Below 2^-6: subnormal spacing 2^-9, so a·2^9 rounded is the code (a result of 8 is the
+        // smallest normal, code 8, which the layout gives for free).
         return sign | (a * 512.0).round_ties_even() as u8;
-    } else {
-        ((a.to_bits() >> 23) as i32) - 127
-    };
-    let q = (a * f32::from_bits(((127 + 3 - unbiased) as u32) << 23)).round_ties_even() as u32; // in [8, 16]
-    // q = 16 carries into the next exponent, which the addition does by itself.
+    }
+    // Scale by a power of two so the 3 kept mantissa bits become the integer part; the scaling is
+    // exact, so `round_ties_even` sees the true value. q is in [8, 16]; q = 16 carries into the
+    // next exponent, which the addition below does by itself.
+    let unbiased = ((a.to_bits() >> 23) as i32) - 127;
+    let q = (a * f32::from_bits(((127 + 3 - unbiased) as u32) << 23)).round_ties_even() as u32;
     let code = (((unbiased + 7) as u32) << 3) + (q - 8);
     sign | code.min(0x7E) as u8
 }

@@ -17,7 +17,9 @@ pub fn swizzled_len(rows: usize, blocks: usize) -> usize {
 }
 
 /// Linear `[rows, blocks]` bytes → 128×4 swizzled (rows padded to 128, blocks to 4, padding 0).
-/// `linear` must hold `rows * blocks` bytes.
+///
+/// Panics if `linear` holds fewer than `rows * blocks` bytes: callers pass a scale tensor whose
+/// shape was validated with the layer, so a short one is a bug, not bad input.
 pub fn swizzle_128x4(linear: &[u8], rows: usize, blocks: usize) -> Vec<u8> {
     let bp = round_up(blocks, 4);
     let mut out = vec![0u8; swizzled_len(rows, blocks)];
@@ -29,7 +31,8 @@ pub fn swizzle_128x4(linear: &[u8], rows: usize, blocks: usize) -> Vec<u8> {
     out
 }
 
-/// Inverse of [`swizzle_128x4`], dropping the padding.
+/// Inverse of [`swizzle_128x4`], dropping the padding. Panics if `swizzled` is shorter than
+/// [`swizzled_len`]`(rows, blocks)`.
 pub fn unswizzle_128x4(swizzled: &[u8], rows: usize, blocks: usize) -> Vec<u8> {
     let bp = round_up(blocks, 4);
     let mut out = vec![0u8; rows * blocks];

@@ -20,7 +20,11 @@ pub fn encode_ceil(s: f32) -> u8 {
     let exp_field = (bits >> 23) as i32;
     let c = if exp_field == 0 {
         // Subnormal s < 2^-126: ceil(log2 s) is -126 unless s ≤ 2^-127.
-        if s > f32::from_bits(1 << 22) { -126 } else { -127 }
+        if s > f32::from_bits(1 << 22) {
+            -126
+        } else {
+            -127
+        }
     } else if exp_field == 255 {
         127 // +inf
     } else {

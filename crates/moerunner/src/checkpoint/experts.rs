@@ -1,0 +1,247 @@
+//! Loader of per-expert tensors (`{prefix}{e}.{gate,up,down}.weight` and their scales), the
+//! layout of Qwen-MoE, Mixtral, DeepSeek-V3, MiniMax-M2 and Nemotron-H. The shipped format is
+//! read off the dtype of the first expert's up weight: BF16 → bf16; F8_E4M3 with
+//! `weight_scale_inv` → fp8_block (128×128); U8 with `weight_scale` → ModelOpt nvfp4.
+//!
+//! W13 is built as [gate rows; up rows] (`gate_up`) of the rank's features; W2 takes the same
+//! columns. Rows are contiguous in the file, columns are short runs per row.
+
+use super::shards::Shards;
+use super::{ExpertLayout, LoadedExperts, Plan, Slice};
+use crate::config::{W13Order, WeightFormat};
+use crate::error::{MoeError, Result};
+use crate::tensor::DType;
+use crate::weights::{BlockScales, QuantizedTensor};
+
+const FP8_BLOCK: usize = 128;
+const NV_BLOCK: usize = 16;
+
+pub(super) fn load(sh: &Shards, plan: &Plan, s: &Slice) -> Result<LoadedExperts> {
+    let ExpertLayout::PerExpert {
+        prefix,
+        gate,
+        up,
+        down,
+    } = &plan.experts
+    else {
+        return Err(MoeError::invalid(
+            "checkpoint",
+            "per-expert loader called on another layout",
+        ));
+    };
+    let (h, inter) = (plan.hidden, plan.intermediate);
+    let name = |e: usize, proj: &str, what: &str| format!("{prefix}{e}.{proj}.{what}");
+    let probe = name(0, up, "weight");
+    let (dtype, _) = sh.meta(&probe, &[DType::BF16, DType::F8E4M3, DType::U8])?;
+    let format = match dtype {
+        DType::BF16 => WeightFormat::Bf16,
+        DType::F8E4M3 if sh.has(&name(0, up, "weight_scale_inv")) => WeightFormat::Fp8Block,
+        DType::U8 if sh.has(&name(0, up, "weight_scale")) => WeightFormat::Nvfp4,
+        _ => {
+            return Err(MoeError::Unsupported(format!(
+                "tensor `{probe}` is {dtype} without the scale tensor of a known layout \
+                 (`weight_scale_inv` for FP8 128×128 blocks, `weight_scale` for ModelOpt NVFP4)"
+            )))
+        }
+    };
+    let local = s.features.len();
+    let (f0, f1) = (s.features.start, s.features.end);
+    let projs13: Vec<&str> = gate.iter().copied().chain([*up]).collect();
+    check_alignment(
+        format,
+        local,
+        gate.is_some() || local != inter,
+        &name(0, up, "weight"),
+    )?;
+
+    let mut w13 = Vec::new();
+    let mut w2 = Vec::new();
+    let mut s13: Vec<u8> = Vec::new();
+    let mut s2: Vec<u8> = Vec::new();
+    let mut g13 = Vec::new();
+    let mut g2 = Vec::new();
+    for e in s.experts.clone() {
+        for p in &projs13 {
+            let n = name(e, p, "weight");
+            let (row_bytes, dims) = elem_dims(format, inter, h);
+            sh.check_tensor(&n, &[dtype], &dims)?;
+            w13.extend(sh.read_box(&n, [1, inter, row_bytes], 0..1, f0..f1, 0..row_bytes)?);
+        }
+        let n = name(e, down, "weight");
+        let (row_bytes, dims) = elem_dims(format, h, inter);
+        sh.check_tensor(&n, &[dtype], &dims)?;
+        let cols = match format {
+            WeightFormat::Bf16 => f0 * 2..f1 * 2,
+            WeightFormat::Nvfp4 => f0 / 2..f1 / 2,
+            _ => f0..f1,
+        };
+        w2.extend(sh.read_box(&n, [1, h, row_bytes], 0..1, 0..h, cols)?);
+
+        match format {
+            WeightFormat::Bf16 => {}
+            WeightFormat::Fp8Block => {
+                let (ib, hb) = (inter.div_ceil(FP8_BLOCK), h.div_ceil(FP8_BLOCK));
+                let rows = f0 / FP8_BLOCK..f1.div_ceil(FP8_BLOCK);
+                // F32 in DeepSeek-style releases; BF16 is accepted too (exact in f32).
+                let scale_types = [DType::F32, DType::BF16];
+                for p in &projs13 {
+                    let n = name(e, p, "weight_scale_inv");
+                    let d = sh.check_tensor(&n, &scale_types, &[ib, hb])?;
+                    let b = sh.read_box(
+                        &n,
+                        [1, ib, hb * d.size()],
+                        0..1,
+                        rows.clone(),
+                        0..hb * d.size(),
+                    )?;
+                    s13.extend(f32_le(&b, d));
+                }
+                let n = name(e, down, "weight_scale_inv");
+                let d = sh.check_tensor(&n, &scale_types, &[hb, ib])?;
+                let z = d.size();
+                let b = sh.read_box(
+                    &n,
+                    [1, hb, ib * z],
+                    0..1,
+                    0..hb,
+                    rows.start * z..rows.end * z,
+                )?;
+                s2.extend(f32_le(&b, d));
+            }
+            WeightFormat::Nvfp4 => {
+                let (ib, hb) = (inter / NV_BLOCK, h / NV_BLOCK);
+                let mut globals = Vec::new();
+                for p in &projs13 {
+                    let n = name(e, p, "weight_scale");
+                    sh.check_tensor(&n, &[DType::F8E4M3], &[inter, hb])?;
+                    s13.extend(sh.read_box(&n, [1, inter, hb], 0..1, f0..f1, 0..hb)?);
+                    globals.push((
+                        name(e, p, "weight_scale_2"),
+                        sh.read_scalar(&name(e, p, "weight_scale_2"))?,
+                    ));
+                }
+                // W13 has one global scale per expert, so a gated expert's gate and up must share it.
+                if let [(gn, g), (un, u)] = globals.as_slice() {
+                    if g != u {
+                        return Err(MoeError::Unsupported(format!(
+                            "`{gn}` = {g} differs from `{un}` = {u}; the fused W13 holds one global scale per expert"
+                        )));
+                    }
+                }
+                g13.push(globals.last().map_or(1.0, |x| x.1));
+                let n = name(e, down, "weight_scale");
+                sh.check_tensor(&n, &[DType::F8E4M3], &[h, ib])?;
+                s2.extend(sh.read_box(&n, [1, h, ib], 0..1, 0..h, f0 / NV_BLOCK..f1 / NV_BLOCK)?);
+                g2.push(sh.read_scalar(&name(e, down, "weight_scale_2"))?);
+            }
+            other => return Err(MoeError::Unsupported(format!("shipped format {other}"))),
+        }
+    }
+
+    // Static activation scales are per GEMM in our layer, per expert in ModelOpt's: take the max
+    // over *all* experts (not just local ones) so every EP rank quantizes activations alike.
+    let (mut in13, mut in2) = (None, None);
+    if format == WeightFormat::Nvfp4 && sh.has(&name(0, up, "input_scale")) {
+        let (mut a, mut b) = (0f32, 0f32);
+        for e in 0..plan.num_experts {
+            for p in &projs13 {
+                a = a.max(sh.read_scalar(&name(e, p, "input_scale"))?);
+            }
+            b = b.max(sh.read_scalar(&name(e, down, "input_scale"))?);
+        }
+        (in13, in2) = (Some(a), Some(b));
+    }
+
+    let n_exp = s.experts.len();
+    let m = projs13.len() * local;
+    let f32s = |b: Vec<u8>| {
+        b.chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect::<Vec<f32>>()
+    };
+    let (sc13, sc2) = match format {
+        WeightFormat::Fp8Block => (
+            BlockScales::Block128(f32s(s13)),
+            BlockScales::Block128(f32s(s2)),
+        ),
+        WeightFormat::Nvfp4 => (BlockScales::E4m3(s13), BlockScales::E4m3(s2)),
+        _ => (BlockScales::None, BlockScales::None),
+    };
+    let w13 = QuantizedTensor {
+        format,
+        experts: n_exp,
+        rows: m,
+        cols: h,
+        data: w13.into(),
+        scales: sc13,
+        global_scales: g13,
+    };
+    let w2 = QuantizedTensor {
+        format,
+        experts: n_exp,
+        rows: h,
+        cols: local,
+        data: w2.into(),
+        scales: sc2,
+        global_scales: g2,
+    };
+    Ok(LoadedExperts {
+        w13,
+        w2,
+        w13_order: W13Order::GateUp,
+        w13_bias: None,
+        w2_bias: None,
+        w13_input_scale: in13,
+        w2_input_scale: in2,
+    })
+}
+
+/// Bytes per row and the file shape of a `[rows, cols]` weight in `format`.
+fn elem_dims(format: WeightFormat, rows: usize, cols: usize) -> (usize, Vec<usize>) {
+    match format {
+        WeightFormat::Bf16 => (cols * 2, vec![rows, cols]),
+        WeightFormat::Nvfp4 => (cols / 2, vec![rows, cols / 2]),
+        _ => (cols, vec![rows, cols]),
+    }
+}
+
+/// Scale blocks must not straddle the slice or the gate/up seam of W13.
+fn check_alignment(
+    format: WeightFormat,
+    local: usize,
+    gated_or_sliced: bool,
+    tensor: &str,
+) -> Result<()> {
+    let block = match format {
+        WeightFormat::Fp8Block => FP8_BLOCK,
+        WeightFormat::Nvfp4 => NV_BLOCK,
+        _ => return Ok(()),
+    };
+    // NVFP4 blocks run along K only: rows never straddle; W2's column slice must hold whole blocks.
+    let needs = match format {
+        WeightFormat::Nvfp4 => true,
+        _ => gated_or_sliced,
+    };
+    if needs && !local.is_multiple_of(block) {
+        return Err(MoeError::invalid(format!("tensor `{tensor}`"), format!(
+            "the rank's I = {local} is not a multiple of the {block}-element scale blocks of {format}: \
+             its blocks would straddle the gate/up seam or the tensor-parallel slice"
+        )));
+    }
+    Ok(())
+}
+
+/// Scale values as f32 little-endian bytes (the layout `BlockScales::Block128` is decoded from).
+fn f32_le(bytes: &[u8], dtype: DType) -> Vec<u8> {
+    match dtype {
+        DType::BF16 => bytes
+            .chunks_exact(2)
+            .flat_map(|c| {
+                half::bf16::from_le_bytes([c[0], c[1]])
+                    .to_f32()
+                    .to_le_bytes()
+            })
+            .collect(),
+        _ => bytes.to_vec(),
+    }
+}

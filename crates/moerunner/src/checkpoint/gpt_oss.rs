@@ -1,0 +1,158 @@
+//! GPT-OSS (`model_type: gpt_oss`): MXFP4 experts stacked over E in
+//! `model.layers.{N}.mlp.experts.{gate_up_proj,down_proj}_{blocks,scales,bias}`.
+//! `gate_up_proj_blocks` U8 `[E, 2I, H/32, 16]` (two E2M1 per byte, low nibble first) has gate and
+//! up rows interleaved (row 2i gate, 2i+1 up) — our `interleaved` order; `_scales` U8
+//! `[E, 2I, H/32]` are UE8M0 exponents; biases BF16 `[E, 2I]` / `[E, H]`. Router
+//! `mlp.router.weight` `[E, H]` with a linear `mlp.router.bias` `[E]`; softmax over the top k
+//! (`renormalize`); activation swiglu_oai with α = 1.702, β = 1 and `swiglu_limit`.
+
+use super::hf_config::HfConfig;
+use super::shards::Shards;
+use super::{check_layer_index, ExpertLayout, LoadedExperts, Plan, Slice};
+use crate::config::{Activation, RoutingConfig, RoutingMethod, W13Order, WeightFormat};
+use crate::error::{MoeError, Result};
+use crate::tensor::DType;
+use crate::weights::{BlockScales, QuantizedTensor};
+
+const MX_BLOCK: usize = 32;
+
+pub(super) fn plan(cfg: &HfConfig, layer: usize) -> Result<Plan> {
+    check_layer_index(cfg, layer)?;
+    let e = cfg.usize("num_local_experts")?;
+    let k = cfg.usize_any(&["num_experts_per_tok", "experts_per_token"])?;
+    let limit = cfg.f32("swiglu_limit")?;
+    let p = format!("model.layers.{layer}.mlp.");
+    Ok(Plan {
+        family: "gpt_oss",
+        num_experts: e,
+        hidden: cfg.usize("hidden_size")?,
+        intermediate: cfg.usize("intermediate_size")?,
+        routing: RoutingConfig::new(RoutingMethod::Renormalize, k),
+        activation: Activation::SwigluOai {
+            alpha: 1.702,
+            beta: 1.0,
+            limit,
+        },
+        experts: ExpertLayout::GptOss {
+            prefix: format!("{p}experts."),
+        },
+        router_weight: format!("{p}router.weight"),
+        router_linear_bias: Some(format!("{p}router.bias")),
+        correction_bias: None,
+    })
+}
+
+pub(super) fn load(sh: &Shards, plan: &Plan, prefix: &str, s: &Slice) -> Result<LoadedExperts> {
+    let (e, h, inter) = (plan.num_experts, plan.hidden, plan.intermediate);
+    let local = s.features.len();
+    let (f0, f1) = (s.features.start, s.features.end);
+    let gu_blocks = format!("{prefix}gate_up_proj_blocks");
+    let down_blocks = format!("{prefix}down_proj_blocks");
+    if !h.is_multiple_of(MX_BLOCK) || !local.is_multiple_of(MX_BLOCK) {
+        return Err(MoeError::invalid(
+            format!("tensor `{down_blocks}`"),
+            format!(
+            "H = {h} and the rank's I = {local} must be multiples of the 32-element MXFP4 blocks"),
+        ));
+    }
+    let (hb, ib) = (h / MX_BLOCK, inter / MX_BLOCK);
+    sh.check_tensor(&gu_blocks, &[DType::U8], &[e, 2 * inter, hb, 16])?;
+    let gu_scales = format!("{prefix}gate_up_proj_scales");
+    sh.check_tensor(&gu_scales, &[DType::U8], &[e, 2 * inter, hb])?;
+    sh.check_tensor(&down_blocks, &[DType::U8], &[e, h, ib, 16])?;
+    let down_scales = format!("{prefix}down_proj_scales");
+    sh.check_tensor(&down_scales, &[DType::U8], &[e, h, ib])?;
+    let gu_bias = format!("{prefix}gate_up_proj_bias");
+    sh.check_tensor(&gu_bias, &[DType::BF16, DType::F32], &[e, 2 * inter])?;
+    let down_bias = format!("{prefix}down_proj_bias");
+    let bias_dtype = sh.check_tensor(&down_bias, &[DType::BF16, DType::F32], &[e, h])?;
+
+    // Interleaving keeps a feature's gate and up rows adjacent, so features f0..f1 are the one
+    // contiguous row range 2·f0..2·f1 (and stay interleaved).
+    let ex = s.experts.clone();
+    let rows = 2 * f0..2 * f1;
+    let w13 = sh.read_box(
+        &gu_blocks,
+        [e, 2 * inter, hb * 16],
+        ex.clone(),
+        rows.clone(),
+        0..hb * 16,
+    )?;
+    let s13 = sh.read_box(
+        &gu_scales,
+        [e, 2 * inter, hb],
+        ex.clone(),
+        rows.clone(),
+        0..hb,
+    )?;
+    let w2 = sh.read_box(
+        &down_blocks,
+        [e, h, ib * 16],
+        ex.clone(),
+        0..h,
+        f0 / 2..f1 / 2,
+    )?;
+    let s2 = sh.read_box(
+        &down_scales,
+        [e, h, ib],
+        ex.clone(),
+        0..h,
+        f0 / MX_BLOCK..f1 / MX_BLOCK,
+    )?;
+    let bsz = bias_dtype.size();
+    let b13 = decode(
+        sh.read_box(&gu_bias, [e, 2 * inter, bsz], ex.clone(), rows, 0..bsz)?,
+        bias_dtype,
+    );
+    // The GEMM2 bias is added once over the TP group: by rank 0, and only rank 0 reads it.
+    let b2 = if s.tp_rank == 0 {
+        Some(decode(
+            sh.read_box(&down_bias, [e, h, bsz], ex.clone(), 0..h, 0..bsz)?,
+            bias_dtype,
+        ))
+    } else {
+        None
+    };
+
+    let n = ex.len();
+    let w13 = QuantizedTensor {
+        format: WeightFormat::Mxfp4,
+        experts: n,
+        rows: 2 * local,
+        cols: h,
+        data: w13.into(),
+        scales: BlockScales::Ue8m0(s13),
+        global_scales: Vec::new(),
+    };
+    let w2 = QuantizedTensor {
+        format: WeightFormat::Mxfp4,
+        experts: n,
+        rows: h,
+        cols: local,
+        data: w2.into(),
+        scales: BlockScales::Ue8m0(s2),
+        global_scales: Vec::new(),
+    };
+    Ok(LoadedExperts {
+        w13,
+        w2,
+        w13_order: W13Order::Interleaved,
+        w13_bias: Some(b13),
+        w2_bias: b2,
+        w13_input_scale: None,
+        w2_input_scale: None,
+    })
+}
+
+fn decode(bytes: Vec<u8>, dtype: DType) -> Vec<f32> {
+    match dtype {
+        DType::F32 => bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+        _ => bytes
+            .chunks_exact(2)
+            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+    }
+}

@@ -1,0 +1,165 @@
+//! `config.json` of a Hugging Face model folder: typed getters whose errors name the key and the
+//! file, and the family chosen by `model_type`.
+
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+
+use crate::error::{MoeError, Result};
+
+/// The parsed `config.json`.
+pub struct HfConfig {
+    path: PathBuf,
+    json: Value,
+}
+
+impl HfConfig {
+    pub fn open(dir: &Path) -> Result<Self> {
+        let path = dir.join("config.json");
+        let text = std::fs::read_to_string(&path).map_err(|source| MoeError::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
+        let json: Value = serde_json::from_str(&text).map_err(|e| MoeError::Format {
+            path: path.display().to_string(),
+            why: format!("not valid JSON: {e}"),
+        })?;
+        if !json.is_object() {
+            return Err(MoeError::Format {
+                path: path.display().to_string(),
+                why: "not a JSON object".into(),
+            });
+        }
+        Ok(HfConfig { path, json })
+    }
+
+    fn what(&self, key: &str) -> String {
+        format!("{} key `{key}`", self.path.display())
+    }
+
+    pub fn get(&self, key: &str) -> Option<&Value> {
+        self.json.get(key).filter(|v| !v.is_null())
+    }
+
+    fn require(&self, key: &str) -> Result<&Value> {
+        self.get(key)
+            .ok_or_else(|| MoeError::missing(format!("key `{key}` in {}", self.path.display())))
+    }
+
+    pub fn usize(&self, key: &str) -> Result<usize> {
+        let v = self.require(key)?;
+        v.as_u64().map(|x| x as usize).ok_or_else(|| {
+            MoeError::invalid(
+                self.what(key),
+                format!("must be a non-negative integer, got {v}"),
+            )
+        })
+    }
+
+    /// The first of `keys` that is present (configs spell some keys two ways).
+    pub fn usize_any(&self, keys: &[&str]) -> Result<usize> {
+        match keys.iter().find(|k| self.get(k).is_some()) {
+            Some(k) => self.usize(k),
+            None => Err(MoeError::missing(format!(
+                "key `{}` in {}",
+                keys.join("` or `"),
+                self.path.display()
+            ))),
+        }
+    }
+
+    pub fn usize_or(&self, key: &str, default: usize) -> Result<usize> {
+        if self.get(key).is_some() {
+            self.usize(key)
+        } else {
+            Ok(default)
+        }
+    }
+
+    pub fn f32(&self, key: &str) -> Result<f32> {
+        let v = self.require(key)?;
+        v.as_f64()
+            .map(|x| x as f32)
+            .ok_or_else(|| MoeError::invalid(self.what(key), format!("must be a number, got {v}")))
+    }
+
+    /// Keys with a default documented by the model's `transformers` config class.
+    pub fn f32_or(&self, key: &str, default: f32) -> Result<f32> {
+        if self.get(key).is_some() {
+            self.f32(key)
+        } else {
+            Ok(default)
+        }
+    }
+
+    pub fn bool_or(&self, key: &str, default: bool) -> Result<bool> {
+        match self.get(key) {
+            None => Ok(default),
+            Some(v) => v.as_bool().ok_or_else(|| {
+                MoeError::invalid(self.what(key), format!("must be true or false, got {v}"))
+            }),
+        }
+    }
+
+    pub fn str(&self, key: &str) -> Result<&str> {
+        let v = self.require(key)?;
+        v.as_str()
+            .ok_or_else(|| MoeError::invalid(self.what(key), format!("must be a string, got {v}")))
+    }
+
+    /// Requires `key`, when present, to equal one of `allowed` (absent: the family's default).
+    pub fn expect_str(&self, key: &str, allowed: &[&str]) -> Result<()> {
+        if self.get(key).is_none() {
+            return Ok(());
+        }
+        let s = self.str(key)?;
+        if allowed.contains(&s) {
+            return Ok(());
+        }
+        Err(self.unsupported(
+            key,
+            format!(
+                "`{s}` is not supported here; expected {}",
+                allowed.join(" or ")
+            ),
+        ))
+    }
+
+    pub fn usize_list_or_empty(&self, key: &str) -> Result<Vec<usize>> {
+        match self.get(key) {
+            None => Ok(Vec::new()),
+            Some(Value::Array(a)) => a
+                .iter()
+                .map(|v| {
+                    v.as_u64().map(|x| x as usize).ok_or_else(|| {
+                        MoeError::invalid(self.what(key), format!("must list integers, got {v}"))
+                    })
+                })
+                .collect(),
+            Some(v) => Err(MoeError::invalid(
+                self.what(key),
+                format!("must be a list of integers, got {v}"),
+            )),
+        }
+    }
+
+    /// An error about `key` (its value is legal JSON but not something this loader maps).
+    pub fn unsupported(&self, key: &str, why: impl Into<String>) -> MoeError {
+        MoeError::invalid(self.what(key), why)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// The model families this loader maps, by `config.json`'s `model_type`.
+pub const MODEL_TYPES: &[&str] = &[
+    "qwen3_moe",
+    "qwen2_moe",
+    "mixtral",
+    "deepseek_v3",
+    "gpt_oss",
+    "nemotron_h",
+    "minimax_m2",
+];

@@ -1,0 +1,306 @@
+//! Loading one MoE layer straight from a Hugging Face model folder (`config.json`, sharded
+//! `*.safetensors`, `model.safetensors.index.json`) in the format it ships in: Qwen2/3-MoE,
+//! Mixtral, DeepSeek-V3, GPT-OSS, Nemotron-H (ModelOpt NVFP4) and MiniMax-M2. See
+//! docs/checkpoints.md for each family's tensor names and their mapping.
+//!
+//! Design decision: each family file only *describes* a layer (a [`Plan`]: sizes, routing,
+//! activation, tensor names); the loaders here read exactly the rank's slice of every tensor
+//! through [`shards::Shards::read_box`], which counts the bytes it copies, so tensor- and
+//! expert-parallel ranks provably read only their rows, columns, experts and scale blocks.
+
+mod deepseek;
+mod experts;
+mod gpt_oss;
+pub mod hf_config;
+mod minimax;
+mod mixtral;
+mod nemotron_h;
+mod qwen;
+pub mod shards;
+
+use std::ops::Range;
+use std::path::Path;
+
+use crate::config::{
+    Activation, ActivationFormat, LayerConfig, Parallelism, RoutingConfig, W13Order, WeightFormat,
+};
+use crate::error::{MoeError, Result};
+use crate::formats::quantize_weights;
+use crate::tensor::{DType, HostTensor};
+use crate::weights::{LayerWeights, MoeLayer, QuantizedTensor};
+use hf_config::HfConfig;
+use shards::Shards;
+
+/// How to load: which rank's slice, and optionally a format to quantize into.
+#[derive(Clone, Debug, Default)]
+pub struct LoadOptions {
+    pub parallelism: Parallelism,
+    /// Quantize the (sliced) experts into this format at load; None keeps the shipped format.
+    pub quantize: Option<WeightFormat>,
+    /// None: the natural activation format of the resulting weight format.
+    pub activation_format: Option<ActivationFormat>,
+}
+
+/// One layer loaded from a checkpoint, with the router that turns hidden states into logits.
+#[derive(Clone, Debug)]
+pub struct CheckpointLayer {
+    pub layer: MoeLayer,
+    /// The router's linear weight `[E, H]`, as shipped (BF16 or F32).
+    pub router_weight: Option<HostTensor>,
+    /// The router's linear bias `[E]` (GPT-OSS), added to the logits. DeepSeek-style selection
+    /// biases (`e_score_correction_bias`) are not this: they live in the layer's `router_bias`.
+    pub router_bias: Option<Vec<f32>>,
+    /// The family that mapped the layer (`config.json`'s `model_type`).
+    pub family: &'static str,
+    /// Tensor bytes copied out of the shards (element data, scales, biases, router).
+    pub bytes_read: u64,
+}
+
+impl CheckpointLayer {
+    /// Router logits `[T, E]` f32 = hidden · router_weightᵀ (+ router bias), accumulated in f32.
+    pub fn router_logits(&self, hidden: &HostTensor) -> Result<HostTensor> {
+        let w = self
+            .router_weight
+            .as_ref()
+            .ok_or_else(|| MoeError::missing("router weight (the checkpoint layer has none)"))?;
+        let (e, h) = (self.layer.config().num_experts, self.layer.config().hidden);
+        if hidden.shape.len() != 2 || hidden.shape[1] != h {
+            return Err(MoeError::shape(
+                "hidden_states",
+                format!("[T, {h}]"),
+                &hidden.shape,
+            ));
+        }
+        let x = hidden.to_f32_vec("hidden_states")?;
+        let wv = w.to_f32_vec("router weight")?;
+        let t = hidden.shape[0];
+        let mut out = vec![0f32; t * e];
+        for (row, o) in x.chunks_exact(h).zip(out.chunks_exact_mut(e)) {
+            for (j, oj) in o.iter_mut().enumerate() {
+                let dot: f32 = row
+                    .iter()
+                    .zip(&wv[j * h..(j + 1) * h])
+                    .map(|(a, b)| a * b)
+                    .sum();
+                *oj = dot + self.router_bias.as_ref().map_or(0.0, |b| b[j]);
+            }
+        }
+        Ok(HostTensor::from_f32(vec![t, e], &out))
+    }
+}
+
+/// What a family file says about one layer; the loaders do the reading.
+pub(crate) struct Plan {
+    pub family: &'static str,
+    pub num_experts: usize,
+    pub hidden: usize,
+    /// Full (unsliced) I.
+    pub intermediate: usize,
+    pub routing: RoutingConfig,
+    pub activation: Activation,
+    pub experts: ExpertLayout,
+    pub router_weight: String,
+    /// GPT-OSS: a linear bias of the router.
+    pub router_linear_bias: Option<String>,
+    /// DeepSeek-style selection bias `[E]`.
+    pub correction_bias: Option<String>,
+}
+
+/// How the experts are stored.
+pub(crate) enum ExpertLayout {
+    /// One tensor per expert and projection: `{prefix}{e}.{name}.weight` (+ scale tensors).
+    /// `gate` is None for non-gated activations.
+    PerExpert {
+        prefix: String,
+        gate: Option<&'static str>,
+        up: &'static str,
+        down: &'static str,
+    },
+    /// GPT-OSS: all experts stacked, MXFP4 blocks and scales, gate/up rows interleaved, biases.
+    GptOss { prefix: String },
+}
+
+/// The rank's slice: global experts, and features of I.
+pub(crate) struct Slice {
+    pub experts: Range<usize>,
+    pub features: Range<usize>,
+    pub tp_rank: usize,
+}
+
+/// What the expert loaders return, before optional requantization.
+pub(crate) struct LoadedExperts {
+    pub w13: QuantizedTensor,
+    pub w2: QuantizedTensor,
+    pub w13_order: W13Order,
+    pub w13_bias: Option<Vec<f32>>,
+    pub w2_bias: Option<Vec<f32>>,
+    pub w13_input_scale: Option<f32>,
+    pub w2_input_scale: Option<f32>,
+}
+
+/// Describes layer `layer` of the model in `dir` (reads only `config.json`).
+fn plan(cfg: &HfConfig, layer: usize) -> Result<Plan> {
+    let model_type = cfg.str("model_type")?;
+    match model_type {
+        "qwen3_moe" | "qwen2_moe" => qwen::plan(cfg, layer, model_type == "qwen2_moe"),
+        "mixtral" => mixtral::plan(cfg, layer),
+        "deepseek_v3" => deepseek::plan(cfg, layer),
+        "gpt_oss" => gpt_oss::plan(cfg, layer),
+        "nemotron_h" => nemotron_h::plan(cfg, layer),
+        "minimax_m2" => minimax::plan(cfg, layer),
+        other => Err(cfg.unsupported(
+            "model_type",
+            format!(
+                "`{other}` is not a model family this loader maps; known: {}",
+                hf_config::MODEL_TYPES.join(", ")
+            ),
+        )),
+    }
+}
+
+/// Checks `layer` against `num_hidden_layers` (a typo'd index should not read as "dense").
+pub(crate) fn check_layer_index(cfg: &HfConfig, layer: usize) -> Result<()> {
+    let n = cfg.usize("num_hidden_layers")?;
+    if layer >= n {
+        return Err(cfg.unsupported(
+            "num_hidden_layers",
+            format!("layer {layer} does not exist: the model has {n} layers"),
+        ));
+    }
+    Ok(())
+}
+
+/// Loads layer `layer_index` of the model folder `dir` for the rank in `opts.parallelism`.
+pub fn load_layer(dir: &Path, layer_index: usize, opts: &LoadOptions) -> Result<CheckpointLayer> {
+    let cfg = HfConfig::open(dir)?;
+    let plan = plan(&cfg, layer_index)?;
+    let par = opts.parallelism;
+    par.validate()?;
+    let (e, inter) = (plan.num_experts, plan.intermediate);
+    if e % par.ep_size != 0 {
+        return Err(MoeError::invalid(
+            "ep_size",
+            format!(
+                "E = {e} experts cannot be split evenly over {} ranks",
+                par.ep_size
+            ),
+        ));
+    }
+    if inter % par.tp_size != 0 {
+        return Err(MoeError::invalid(
+            "tp_size",
+            format!(
+                "I = {inter} cannot be split evenly over {} ranks",
+                par.tp_size
+            ),
+        ));
+    }
+    let (per_rank, local_i) = (e / par.ep_size, inter / par.tp_size);
+    let slice = Slice {
+        experts: par.ep_rank * per_rank..(par.ep_rank + 1) * per_rank,
+        features: par.tp_rank * local_i..(par.tp_rank + 1) * local_i,
+        tp_rank: par.tp_rank,
+    };
+    let shards = Shards::open(dir)?;
+    let loaded = match &plan.experts {
+        ExpertLayout::PerExpert { .. } => experts::load(&shards, &plan, &slice)?,
+        ExpertLayout::GptOss { prefix } => gpt_oss::load(&shards, &plan, prefix, &slice)?,
+    };
+
+    // The router is global: every rank routes over all E experts.
+    let router_weight =
+        shards.read_all(&plan.router_weight, &[DType::BF16, DType::F32, DType::F16])?;
+    router_weight.expect_shape(&plan.router_weight, &[e, plan.hidden])?;
+    let router_bias = read_vector(&shards, plan.router_linear_bias.as_deref(), e)?;
+    let correction = read_vector(&shards, plan.correction_bias.as_deref(), e)?;
+
+    let loaded = match opts.quantize {
+        Some(f) if f != loaded.w13.format || f != loaded.w2.format => requantize(loaded, f)?,
+        _ => loaded,
+    };
+    let weight_format = loaded.w13.format;
+    let activation_format = match opts.activation_format {
+        Some(a) => a,
+        // Without calibrated input scales, NVFP4 activations are quantized per token.
+        None if weight_format == WeightFormat::Nvfp4 && loaded.w13_input_scale.is_none() => {
+            ActivationFormat::Nvfp4PerToken
+        }
+        None => weight_format.default_activation_format(),
+    };
+    let config = LayerConfig {
+        num_experts: e,
+        hidden: plan.hidden,
+        intermediate: local_i,
+        weight_format,
+        activation_format,
+        activation: plan.activation,
+        w13_order: loaded.w13_order,
+        routing: plan.routing.clone(),
+        local_experts: slice.experts.clone(),
+        parallelism: par,
+    };
+    let weights = LayerWeights {
+        w13: loaded.w13,
+        w2: loaded.w2,
+        w13_bias: loaded.w13_bias,
+        w2_bias: loaded.w2_bias,
+        w13_input_scale: loaded.w13_input_scale,
+        w2_input_scale: loaded.w2_input_scale,
+        router_bias: correction,
+    };
+    let layer = MoeLayer::new(config, weights)?;
+    Ok(CheckpointLayer {
+        layer,
+        router_weight: Some(router_weight),
+        router_bias,
+        family: plan.family,
+        bytes_read: shards.bytes_read(),
+    })
+}
+
+fn read_vector(shards: &Shards, name: Option<&str>, len: usize) -> Result<Option<Vec<f32>>> {
+    let Some(name) = name else { return Ok(None) };
+    let (shape, v) = shards.read_f32(name)?;
+    if shape != [len] {
+        return Err(MoeError::shape(name, format!("[{len}]"), &shape));
+    }
+    Ok(Some(v))
+}
+
+/// Online quantization: decode the loaded (already sliced) experts and quantize them into `f`.
+/// Scales come from the slice, so a TP rank's fp8 / nvfp4 global scales are its own. Static
+/// input scales are dropped: they are calibrated for the shipped format, not for `f`.
+fn requantize(l: LoadedExperts, f: WeightFormat) -> Result<LoadedExperts> {
+    if f == WeightFormat::Fp8 {
+        return Err(MoeError::Unsupported(
+            "--quantize fp8 (per-tensor) needs calibrated static input scales, which a checkpoint does not carry for it; \
+             use fp8_block, mxfp8, mxfp4 or nvfp4"
+                .into(),
+        ));
+    }
+    // One expert at a time: the f32 copy is one expert's, not the layer's (a DeepSeek layer's
+    // experts in f32 would be ~11 GB). Every quantizer's scales are per expert or finer, so this
+    // equals quantizing all experts at once.
+    let convert = |t: &QuantizedTensor| -> Result<QuantizedTensor> {
+        let mut values = vec![0f32; t.rows * t.cols];
+        let mut parts = Vec::with_capacity(t.experts);
+        for x in 0..t.experts {
+            t.decode_rows_f32(x, 0..t.rows, &mut values);
+            parts.push(quantize_weights(f, 1, t.rows, t.cols, &values, None)?);
+        }
+        crate::synth::concat_experts(parts)
+    };
+    Ok(LoadedExperts {
+        w13: convert(&l.w13)?,
+        w2: convert(&l.w2)?,
+        w13_input_scale: None,
+        w2_input_scale: None,
+        ..l
+    })
+}
+
+/// SwiGLU experts: `hidden_act` must be SiLU (absent: the families' default, silu).
+pub(crate) fn swiglu(cfg: &HfConfig) -> Result<Activation> {
+    cfg.expect_str("hidden_act", &["silu", "swish"])?;
+    Ok(Activation::Swiglu)
+}
