@@ -664,3 +664,34 @@ fn several_token_passes() {
         );
     }
 }
+
+/// An E4M3 NaN code in the weights gives NaN where the reference does (the spec's codec), not a
+/// finite value from the in-register bit trick.
+#[test]
+fn e4m3_nan_weights_stay_nan() {
+    let case = Case {
+        tokens: 12,
+        ..Case::new(1500, WeightFormat::Fp8Block, ActivationFormat::Fp8Block)
+    };
+    let b = build(&case);
+    let (config, mut w) = (*b.layer).clone().into_parts();
+    let mut data = w.w2.data.to_vec();
+    data[5] = 0x7F; // expert 0, W2 row 0 (output column 0)
+    w.w2.data = data.into();
+    let layer = Arc::new(MoeLayer::new(config, w).unwrap());
+    let cpu = CpuLayer::new(layer.clone(), Isa::detect());
+    let (out, routes, _) = forward(&cpu, &b.input);
+    let x = b.input.hidden.to_f32_vec("hidden").unwrap();
+    let reference = moerunner::reference::forward(&layer, &x, &routes).unwrap();
+    for (i, (&o, &r)) in out.iter().zip(&reference).enumerate() {
+        assert_eq!(o.is_nan(), r.is_nan(), "output {i}: cpu {o}, reference {r}");
+    }
+    assert!(
+        routes.ids.contains(&0),
+        "the case must route a token to expert 0"
+    );
+    assert!(
+        out.iter().any(|v| v.is_nan()),
+        "a token of expert 0 must get NaN"
+    );
+}

@@ -108,8 +108,7 @@ pub fn project(
         plan.source == Source::Decoded || (fmt.codec.scaled() && xs.n > MAX_TILE_TOKENS);
     if !decode_first {
         // Rows decoded in registers, once per token tile: cheap codecs, or one tile of tokens.
-        let mut j0 = 0;
-        for_row_blocks(ranges, TILE_BLOCK_ROWS, |_, rows| {
+        for_row_blocks(ranges, TILE_BLOCK_ROWS, |j0, rows| {
             let mut rb: [&[u8]; TILE_BLOCK_ROWS] = [&[]; TILE_BLOCK_ROWS];
             let mut sb: [&[u8]; TILE_BLOCK_ROWS] = [&[]; TILE_BLOCK_ROWS];
             for (i, r) in rows.clone().enumerate() {
@@ -118,7 +117,6 @@ pub fn project(
             }
             let n = rows.len();
             tile_rows(isa, fmt, &rb[..n], &sb[..n], j0, xs, y, ldy);
-            j0 += n;
         });
         return;
     }
@@ -129,8 +127,7 @@ pub fn project(
         out_mul: fmt.out_mul,
         ..RowFormat::f32(k)
     };
-    let mut j0 = 0;
-    for_row_blocks(ranges, per, |_, rows| {
+    for_row_blocks(ranges, per, |j0, rows| {
         let n = rows.len();
         let dec = grow(&mut scratch.decoded, n * k);
         match plan.source {
@@ -143,7 +140,6 @@ pub fn project(
         }
         let bytes: Vec<&[u8]> = dec.chunks_exact(k).map(simd::f32_bytes).collect();
         tile_rows(isa, dec_fmt, &bytes, &[], j0, xs, y, ldy);
-        j0 += n;
     });
 }
 

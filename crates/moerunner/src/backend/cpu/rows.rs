@@ -14,8 +14,10 @@ use crate::weights::{BlockScales, QuantizedTensor};
 pub enum Source {
     /// Kernels decode the stored bytes themselves.
     Native,
-    /// The folded factor would overflow f32 (E4M3 raw values carry 2^-120, so a scale ≥ 2^8
-    /// cannot be folded): rows go through `QuantizedTensor::decode_rows_f32` into f32 first.
+    /// Rows go through `QuantizedTensor::decode_rows_f32` into f32 first: when a folded factor
+    /// would overflow f32 (E4M3 raw values carry 2^-120, so a scale ≥ 2^8 cannot be folded), or
+    /// when E4M3 elements hold NaN codes (the in-register decoder has no NaN; the exact decoder
+    /// keeps the spec's NaN, which then reaches the output as the reference's does).
     Decoded,
 }
 
@@ -56,7 +58,9 @@ impl ProjectionPlan {
             group,
             table,
         };
-        if !plan.factors_fold(t) {
+        // One vectorized pass over the element bytes at load (the weights are read anyway).
+        let nan_codes = codec == Codec::E4m3 && t.data.iter().any(|&b| b & 0x7F == 0x7F);
+        if !plan.factors_fold(t) || nan_codes {
             plan.source = Source::Decoded;
         }
         plan
