@@ -16,15 +16,38 @@ use moerunner::{
 type Tensors = Vec<(String, HostTensor)>;
 type Meta = HashMap<String, String>;
 
-/// A fresh path per call: tests run in parallel threads and must never share a file.
-fn tmp(name: &str) -> PathBuf {
+/// A fresh path per call (tests run in parallel threads and must never share a file), removed
+/// when dropped.
+struct Tmp(PathBuf);
+
+impl std::ops::Deref for Tmp {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl AsRef<Path> for Tmp {
+    fn as_ref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for Tmp {
+    fn drop(&mut self) {
+        // The (then empty) folder stays: removing it would race with other tests creating files.
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+fn tmp(name: &str) -> Tmp {
     static SEQ: AtomicUsize = AtomicUsize::new(0);
     let dir = std::env::temp_dir().join(format!("moerunner-lf-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    dir.join(format!(
+    Tmp(dir.join(format!(
         "{}-{name}.safetensors",
         SEQ.fetch_add(1, Ordering::Relaxed)
-    ))
+    )))
 }
 
 /// E = 4, H = 64, I = 32, k = 2: small enough for every format's block rules and fast.
