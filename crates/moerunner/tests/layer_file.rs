@@ -900,3 +900,34 @@ fn output_files_with_and_without_routes() {
     assert_eq!(back.shape, vec![0, 3]);
     assert!(saved.is_none());
 }
+
+// ---------------------------------------------------------------------------------------------
+// Rules only a caller building `LayerWeights` in memory can break (a file cannot express them)
+
+#[test]
+fn in_memory_weights_with_wrong_bytes_scale_kind_or_format() {
+    let (cfg, w) = layer(WeightFormat::Mxfp8).into_parts();
+    let mut short = w.clone();
+    short.w2.data = Bytes::Owned(short.w2.data[1..].to_vec());
+    let err = MoeLayer::new(cfg.clone(), short).unwrap_err().to_string();
+    assert!(err.contains("`w2`") && err.contains("bytes"), "{err}");
+    let mut kind = w.clone();
+    kind.w13.scales = moerunner::BlockScales::PerExpert(vec![1.0; 4]);
+    let err = MoeLayer::new(cfg.clone(), kind).unwrap_err().to_string();
+    assert!(
+        err.contains("`w13_scale`") && err.contains("UE8M0"),
+        "{err}"
+    );
+    let mut other = cfg.clone();
+    other.weight_format = WeightFormat::Mxfp4;
+    other.activation_format = ActivationFormat::Bf16;
+    let err = MoeLayer::new(other, w.clone()).unwrap_err().to_string();
+    assert!(err.contains("`w13`") && err.contains("mxfp4"), "{err}");
+    let mut bias = w;
+    bias.router_bias = Some(vec![0.0; 3]);
+    let err = MoeLayer::new(cfg, bias).unwrap_err().to_string();
+    assert!(
+        err.contains("`router_bias`") && err.contains("[4]"),
+        "{err}"
+    );
+}
