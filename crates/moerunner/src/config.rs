@@ -183,7 +183,7 @@ impl RoutingConfig {
         }
         if self.method == RoutingMethod::DeepseekV3 && self.n_group > 1 {
             let (g, tg) = (self.n_group, self.topk_group);
-            if e % g != 0 {
+            if !e.is_multiple_of(g) {
                 return Err(MoeError::invalid("n_group", format!("E = {e} is not divisible by n_group = {g}")));
             }
             if tg < 1 || tg > g {

@@ -20,6 +20,7 @@ pub struct Preset {
     pub shipped: WeightFormat,
 }
 
+#[allow(clippy::too_many_arguments)] // a table row constructor: one argument per column of spec/models.md
 const fn p(name: &'static str, e: usize, k: usize, h: usize, i: usize, activation: Activation,
     routing: RoutingMethod, groups: (usize, usize), rsf: f32, biases: bool, shipped: WeightFormat) -> Preset {
     Preset { name, num_experts: e, top_k: k, hidden: h, intermediate: i, activation, routing,
