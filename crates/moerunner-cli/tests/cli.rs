@@ -1,126 +1,637 @@
-//! The `moerunner` binary end to end on small temp files: make-layer → make-input → run for
-//! T = 0, 1 and 4096, the reference, EP partial sums, --save-routing, and failures that exit
-//! non-zero with a message naming the problem.
+//! The `moerunner` binary end to end on temp files: make-layer → make-input → run, for T = 0, 1 and
+//! 4096, every weight format, EP/TP ranks, `--save-routing`, bad files, and `info`.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Output};
 
 use moerunner::layer_file;
+use moerunner::{DType, HostTensor};
 
-fn bin() -> Command {
+/// A temp folder removed when the test ends (kept on failure for inspection is not worth the litter).
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(test: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("moerunner-cli-{}-{test}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+    fn path(&self, name: &str) -> String {
+        self.0.join(name).display().to_string()
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn moerunner(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_moerunner"))
+        .args(args)
+        .output()
+        .unwrap()
 }
 
-fn dir() -> PathBuf {
-    let d = std::env::temp_dir().join(format!("moerunner-cli-{}", std::process::id()));
-    std::fs::create_dir_all(&d).unwrap();
-    d
+/// Runs the binary, asserts success, returns stdout.
+fn ok(args: &[&str]) -> String {
+    let out = moerunner(args);
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(
+        out.status.success(),
+        "moerunner {} failed:\n{stderr}",
+        args.join(" ")
+    );
+    stdout.into_owned()
 }
 
-fn ok(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap();
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success(), "{cmd:?} failed:\n{text}");
-    text
+/// Runs the binary, asserts it fails, returns stderr.
+fn fails(args: &[&str]) -> String {
+    let out = moerunner(args);
+    assert!(
+        !out.status.success(),
+        "moerunner {} should have failed",
+        args.join(" ")
+    );
+    String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
-fn fails(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap();
-    assert!(!out.status.success(), "{cmd:?} should have failed");
-    String::from_utf8_lossy(&out.stderr).to_string()
-}
-
-fn make_layer(d: &Path, name: &str, extra: &[&str]) -> PathBuf {
-    make_layer_h(d, name, "256", extra)
-}
-
-fn make_layer_h(d: &Path, name: &str, hidden: &str, extra: &[&str]) -> PathBuf {
-    let p = d.join(name);
-    let mut args = vec!["make-layer", "--experts", "8", "--hidden", hidden, "--intermediate", "128", "--top-k", "2", "--seed", "3", "--out"];
-    args.push(p.to_str().unwrap());
+/// The small shape of these tests: E = 8, H = 256, I = 128, k = 2.
+fn make_layer(dir: &TempDir, name: &str, extra: &[&str]) -> String {
+    let path = dir.path(name);
+    let mut args = vec![
+        "make-layer",
+        "--out",
+        &path,
+        "--experts",
+        "8",
+        "--hidden",
+        "256",
+        "--intermediate",
+        "128",
+        "--top-k",
+        "2",
+    ];
     args.extend_from_slice(extra);
-    ok(bin().args(&args));
-    p
+    ok(&args);
+    path
 }
 
-fn make_input(d: &Path, layer: &Path, tokens: usize, routing: &str) -> PathBuf {
-    let p = d.join(format!("in-{tokens}-{routing}.safetensors"));
-    ok(bin().args(["make-input", "--layer", layer.to_str().unwrap(), "--tokens", &tokens.to_string(), "--routing", routing, "--seed", "9", "--out", p.to_str().unwrap()]));
-    p
-}
-
-fn run(layer: &Path, input: &Path, out: &Path, extra: &[&str]) -> (Vec<f32>, Vec<usize>) {
-    let mut args = vec!["run", "--layer", layer.to_str().unwrap(), "--input", input.to_str().unwrap(), "--output", out.to_str().unwrap()];
+fn make_input(dir: &TempDir, layer: &str, name: &str, tokens: usize, extra: &[&str]) -> String {
+    let path = dir.path(name);
+    let t = tokens.to_string();
+    let mut args = vec![
+        "make-input",
+        "--layer",
+        layer,
+        "--out",
+        &path,
+        "--tokens",
+        &t,
+    ];
     args.extend_from_slice(extra);
-    ok(bin().args(&args));
-    let (t, _) = layer_file::read_output(out).unwrap();
-    (t.to_f32_vec("output").unwrap(), t.shape)
+    ok(&args);
+    path
 }
 
-fn rel_err(a: &[f32], b: &[f32]) -> f64 {
-    let num: f64 = a.iter().zip(b).map(|(x, y)| (*x as f64 - *y as f64).powi(2)).sum();
-    let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
-    (num / den).sqrt()
+/// Runs a layer on an input and returns the output tensor (and the summary line).
+fn run(layer: &str, input: &str, output: &str, extra: &[&str]) -> (HostTensor, String) {
+    let mut args = vec![
+        "run", "--layer", layer, "--input", input, "--output", output,
+    ];
+    args.extend_from_slice(extra);
+    let summary = ok(&args);
+    (
+        layer_file::read_output(Path::new(output)).unwrap().0,
+        summary,
+    )
+}
+
+fn values(t: &HostTensor) -> Vec<f64> {
+    t.to_f32_vec("output")
+        .unwrap()
+        .into_iter()
+        .map(f64::from)
+        .collect()
+}
+
+/// ‖a − b‖₂ / ‖b‖₂.
+fn rel_err(a: &[f64], b: &[f64]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    let num: f64 = a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum();
+    let den: f64 = b.iter().map(|y| y * y).sum();
+    (num / den.max(1e-300)).sqrt()
 }
 
 #[test]
-fn run_handles_zero_one_and_many_tokens_and_matches_the_reference() {
-    let d = dir();
-    let layer = make_layer(&d, "l.safetensors", &["--weight-format", "fp8_block"]);
-    for tokens in [0usize, 1, 4096] {
-        let input = make_input(&d, &layer, tokens, "logits");
-        let (out, shape) = run(&layer, &input, &d.join(format!("o{tokens}.safetensors")), &[]);
-        assert_eq!(shape, vec![tokens, 256]);
-        assert!(out.iter().all(|v| v.is_finite()));
-        if tokens == 1 {
-            let (r, _) = run(&layer, &input, &d.join("ref1.safetensors"), &["--reference"]);
-            let e = rel_err(&out, &r);
-            assert!(e <= 2e-2, "rel err {e}");
+fn make_layer_input_run_for_t_0_1_and_4096() {
+    let dir = TempDir::new("t-0-1-4096");
+    let layer = make_layer(&dir, "layer.safetensors", &["--seed", "7"]);
+    let fp8_block = make_layer(
+        &dir,
+        "fp8-block.safetensors",
+        &["--weight-format", "fp8_block"],
+    );
+    for (layer, tokens) in [
+        (&layer, 0),
+        (&layer, 1),
+        (&layer, 4096),
+        (&fp8_block, 0),
+        (&fp8_block, 4096),
+    ] {
+        let input = make_input(
+            &dir,
+            layer,
+            &format!("in-{tokens}.safetensors"),
+            tokens,
+            &["--seed", "3"],
+        );
+        let (out, summary) = run(
+            layer,
+            &input,
+            &dir.path(&format!("out-{tokens}.safetensors")),
+            &[],
+        );
+        assert_eq!(
+            (out.dtype, out.shape.clone()),
+            (DType::BF16, vec![tokens, 256]),
+            "T = {tokens}"
+        );
+        assert!(
+            values(&out).iter().all(|v| v.is_finite()),
+            "T = {tokens}: non-finite output"
+        );
+        assert!(
+            summary.contains("backend cpu") && summary.contains(&format!("T = {tokens} ")),
+            "{summary}"
+        );
+    }
+    // The default (automatic) backend agrees with the float64 reference.
+    let input = make_input(&dir, &layer, "in-16.safetensors", 16, &["--dtype", "f32"]);
+    let (fast, _) = run(
+        &layer,
+        &input,
+        &dir.path("fast.safetensors"),
+        &["--backend", "cpu"],
+    );
+    let (slow, summary) = run(
+        &layer,
+        &input,
+        &dir.path("ref.safetensors"),
+        &["--reference"],
+    );
+    assert!(summary.contains("backend reference"), "{summary}");
+    let err = rel_err(&values(&fast), &values(&slow));
+    assert!(err <= 1e-2, "cpu vs reference: rel err {err}");
+}
+
+#[test]
+fn every_weight_format_runs_end_to_end() {
+    let dir = TempDir::new("formats");
+    let cases: &[(&str, &[&str])] = &[
+        ("bf16", &[]),
+        ("fp8", &[]),
+        (
+            "fp8_block",
+            &[
+                "--routing",
+                "deepseek_v3",
+                "--n-group",
+                "2",
+                "--topk-group",
+                "1",
+                "--routed-scaling-factor",
+                "2.5",
+            ],
+        ),
+        ("mxfp8", &["--activation", "relu2"]),
+        (
+            "mxfp4",
+            &[
+                "--activation",
+                "swiglu_oai",
+                "--w13-order",
+                "interleaved",
+                "--biases",
+            ],
+        ),
+        ("mxfp4", &["--activation-format", "mxfp8"]),
+        ("nvfp4", &["--routing", "minimax2"]),
+        (
+            "nvfp4",
+            &[
+                "--activation-format",
+                "nvfp4_per_token",
+                "--activation",
+                "geglu",
+            ],
+        ),
+    ];
+    for (i, (wf, extra)) in cases.iter().enumerate() {
+        let mut args = vec!["--weight-format", wf, "--seed", "1"];
+        args.extend_from_slice(extra);
+        let layer = make_layer(&dir, &format!("layer-{i}.safetensors"), &args);
+        let config = layer_file::read_layer_header(Path::new(&layer)).unwrap();
+        assert_eq!(config.weight_format.name(), *wf);
+        let routing = ["logits", "topk", "packed"][i % 3];
+        let input = make_input(
+            &dir,
+            &layer,
+            &format!("in-{i}.safetensors"),
+            8,
+            &["--routing", routing],
+        );
+        let (fast, _) = run(
+            &layer,
+            &input,
+            &dir.path(&format!("fast-{i}.safetensors")),
+            &["--backend", "cpu"],
+        );
+        let (slow, _) = run(
+            &layer,
+            &input,
+            &dir.path(&format!("ref-{i}.safetensors")),
+            &["--backend", "reference"],
+        );
+        let tol = moerunner::config::tolerance(config.weight_format, config.activation_format);
+        let err = rel_err(&values(&fast), &values(&slow));
+        assert!(err <= tol, "{wf} {extra:?}: rel err {err} > {tol}");
+    }
+}
+
+#[test]
+fn save_routing_writes_the_routes_the_layer_used() {
+    let dir = TempDir::new("save-routing");
+    let layer = make_layer(&dir, "layer.safetensors", &[]);
+    let input = make_input(&dir, &layer, "in.safetensors", 5, &[]);
+    let out = dir.path("out.safetensors");
+    ok(&[
+        "run",
+        "--layer",
+        &layer,
+        "--input",
+        &input,
+        "--output",
+        &out,
+        "--save-routing",
+    ]);
+    let (_, saved) = layer_file::read_output(Path::new(&out)).unwrap();
+    let (ids, w) = saved.expect("--save-routing writes topk_ids and topk_weights");
+    assert_eq!(
+        (ids.dtype, ids.shape.clone(), w.dtype, w.shape.clone()),
+        (DType::I32, vec![5, 2], DType::F32, vec![5, 2])
+    );
+    let (ids, w) = (
+        ids.to_i32_vec("topk_ids").unwrap(),
+        w.to_f32_vec("topk_weights").unwrap(),
+    );
+    for t in 0..5 {
+        assert!(
+            ids[2 * t] != ids[2 * t + 1]
+                && ids[2 * t..2 * t + 2].iter().all(|&i| (0..8).contains(&i)),
+            "{ids:?}"
+        );
+        assert!(
+            (w[2 * t] + w[2 * t + 1] - 1.0).abs() < 1e-5,
+            "renormalize weights sum to 1: {w:?}"
+        );
+    }
+    // Caller-chosen top-k comes back as given; without the flag no routing is written.
+    let routed = make_input(
+        &dir,
+        &layer,
+        "routed.safetensors",
+        5,
+        &["--routing", "topk"],
+    );
+    ok(&[
+        "run",
+        "--layer",
+        &layer,
+        "--input",
+        &routed,
+        "--output",
+        &out,
+        "--save-routing",
+    ]);
+    let given = layer_file::read_input(Path::new(&routed)).unwrap();
+    let layer_file::RoutingTensors::TopK { ids: given_ids, .. } = &given.routing else {
+        panic!("not top-k")
+    };
+    let (saved, _) = layer_file::read_output(Path::new(&out)).unwrap().1.unwrap();
+    assert_eq!(
+        saved.to_i32_vec("ids").unwrap(),
+        given_ids.to_i32_vec("ids").unwrap()
+    );
+    ok(&[
+        "run", "--layer", &layer, "--input", &routed, "--output", &out,
+    ]);
+    assert!(layer_file::read_output(Path::new(&out))
+        .unwrap()
+        .1
+        .is_none());
+}
+
+#[test]
+fn expert_and_tensor_parallel_ranks_sum_to_the_whole() {
+    let dir = TempDir::new("ranks");
+    let bf16 = make_layer(&dir, "bf16.safetensors", &["--seed", "2"]);
+    // W2 biases must be added by TP rank 0 only; packed routing exercises the routed path.
+    let oai = [
+        "--weight-format",
+        "mxfp4",
+        "--activation",
+        "swiglu_oai",
+        "--w13-order",
+        "interleaved",
+        "--biases",
+    ];
+    let mxfp4 = make_layer(&dir, "mxfp4.safetensors", &oai);
+    for (layer, routing) in [(&bf16, "logits"), (&mxfp4, "packed")] {
+        check_ranks(&dir, layer, routing);
+    }
+}
+
+fn check_ranks(dir: &TempDir, layer: &str, routing: &str) {
+    let input = make_input(
+        dir,
+        layer,
+        &format!("in-{routing}.safetensors"),
+        32,
+        &["--dtype", "f32", "--routing", routing],
+    );
+    let (whole, _) = run(
+        layer,
+        &input,
+        &dir.path("whole.safetensors"),
+        &["--backend", "cpu"],
+    );
+    let whole = values(&whole);
+    for axis in ["ep", "tp"] {
+        let mut sum = vec![0.0; whole.len()];
+        for rank in 0..2 {
+            let (size, rank_s) = (format!("--{axis}-size"), format!("--{axis}-rank"));
+            let r = rank.to_string();
+            let (part, summary) = run(
+                layer,
+                &input,
+                &dir.path(&format!("{axis}{rank}.safetensors")),
+                &["--backend", "cpu", &size, "2", &rank_s, &r],
+            );
+            assert!(summary.contains("partial sum"), "{summary}");
+            for (s, v) in sum.iter_mut().zip(values(&part)) {
+                *s += v;
+            }
         }
+        let err = rel_err(&sum, &whole);
+        assert!(
+            err <= 1e-5,
+            "{layer} {axis}: ranks sum to the whole within f32 rounding, rel err {err}"
+        );
     }
 }
 
 #[test]
-fn expert_parallel_partial_sums_add_up_and_routing_is_saved() {
-    let d = dir();
-    let layer = make_layer(&d, "ep.safetensors", &["--weight-format", "mxfp4", "--activation", "swiglu_oai", "--w13-order", "interleaved", "--biases"]);
-    let input = make_input(&d, &layer, 33, "packed");
-    let (whole, _) = run(&layer, &input, &d.join("whole.safetensors"), &["--backend", "cpu", "--save-routing"]);
-    let mut sum = vec![0f32; whole.len()];
-    for r in 0..2 {
-        let (part, _) = run(&layer, &input, &d.join(format!("ep{r}.safetensors")), &["--backend", "cpu", "--ep-size", "2", "--ep-rank", &r.to_string()]);
-        sum.iter_mut().zip(&part).for_each(|(s, p)| *s += p);
-    }
-    assert!(rel_err(&sum, &whole) < 1e-2, "EP sum differs: {}", rel_err(&sum, &whole));
-    let (_, routes) = layer_file::read_output(&d.join("whole.safetensors")).unwrap();
-    let (ids, weights) = routes.expect("--save-routing writes topk_ids/topk_weights");
-    assert_eq!(ids.shape, vec![33, 2]);
-    assert_eq!(weights.shape, vec![33, 2]);
+fn bad_files_and_arguments_exit_non_zero_with_the_reason() {
+    let dir = TempDir::new("bad");
+    let layer = make_layer(&dir, "layer.safetensors", &[]);
+    let input = make_input(&dir, &layer, "in.safetensors", 3, &[]);
+    let out = dir.path("out.safetensors");
+    let garbage = dir.path("garbage.safetensors");
+    std::fs::write(&garbage, b"this is not a safetensors file").unwrap();
+    let err = fails(&[
+        "run", "--layer", &garbage, "--input", &input, "--output", &out,
+    ]);
+    assert!(
+        err.contains("not a valid safetensors file") && err.contains(&garbage),
+        "{err}"
+    );
+    let err = fails(&[
+        "run", "--layer", &layer, "--input", &garbage, "--output", &out,
+    ]);
+    assert!(
+        err.contains("reading input") && err.contains("not a valid safetensors file"),
+        "{err}"
+    );
+    let err = fails(&[
+        "run",
+        "--layer",
+        &dir.path("absent.safetensors"),
+        "--input",
+        &input,
+        "--output",
+        &out,
+    ]);
+    assert!(err.contains("absent.safetensors"), "{err}");
+    // An input made for another H.
+    let wide = dir.path("wide.safetensors");
+    ok(&[
+        "make-layer",
+        "--out",
+        &wide,
+        "--experts",
+        "8",
+        "--hidden",
+        "512",
+        "--intermediate",
+        "128",
+        "--top-k",
+        "2",
+    ]);
+    let wide_input = make_input(&dir, &wide, "wide-in.safetensors", 3, &[]);
+    let err = fails(&[
+        "run",
+        "--layer",
+        &layer,
+        "--input",
+        &wide_input,
+        "--output",
+        &out,
+    ]);
+    assert!(
+        err.contains("`hidden_states`") && err.contains("256"),
+        "{err}"
+    );
+    // A layer that breaks a rule: the error names the key.
+    let broken = dir.path("broken.safetensors");
+    let file = layer_file::MappedFile::open(Path::new(&layer)).unwrap();
+    let tensors: Vec<(String, HostTensor)> = file
+        .names()
+        .map(|n| (n.to_string(), file.get(n).unwrap()))
+        .collect();
+    let mut meta = file.metadata().clone();
+    meta.insert("moerunner.routing".into(), "roundrobin".into());
+    layer_file::write_tensors(Path::new(&broken), &tensors, meta).unwrap();
+    let err = fails(&[
+        "run", "--layer", &broken, "--input", &input, "--output", &out,
+    ]);
+    assert!(
+        err.contains("moerunner.routing") && err.contains("roundrobin"),
+        "{err}"
+    );
+    let err = fails(&[
+        "run",
+        "--layer",
+        &layer,
+        "--input",
+        &input,
+        "--output",
+        &out,
+        "--backend",
+        "tpu",
+    ]);
+    assert!(
+        err.contains("unknown backend") && err.contains("cpu"),
+        "{err}"
+    );
+    assert!(
+        !Path::new(&out).exists(),
+        "no output written by a failed run"
+    );
 }
 
 #[test]
-fn bad_inputs_exit_non_zero_naming_the_problem() {
-    let d = dir();
-    let layer = make_layer(&d, "bad.safetensors", &[]);
-    let garbage = d.join("garbage.safetensors");
-    std::fs::write(&garbage, b"nope").unwrap();
-    let input = make_input(&d, &layer, 2, "topk");
-    let err = fails(bin().args(["run", "--layer", garbage.to_str().unwrap(), "--input", input.to_str().unwrap(), "--output", d.join("x.safetensors").to_str().unwrap()]));
-    assert!(err.contains("garbage.safetensors") && err.contains("not a valid safetensors"), "{err}");
-    let other = make_layer_h(&d, "other.safetensors", "128", &[]);
-    let err = fails(bin().args(["run", "--layer", other.to_str().unwrap(), "--input", input.to_str().unwrap(), "--output", d.join("y.safetensors").to_str().unwrap()]));
-    assert!(err.contains("hidden_states"), "{err}");
-    assert!(!d.join("y.safetensors").exists(), "no output on failure");
-    let err = fails(bin().args(["run", "--layer", layer.to_str().unwrap(), "--input", input.to_str().unwrap(), "--output", d.join("z.safetensors").to_str().unwrap(), "--backend", "tpu"]));
-    assert!(err.contains("unknown backend") && err.contains("cpu"), "{err}");
-    let err = fails(bin().args(["make-layer", "--preset", "gpt-5", "--out", d.join("p.safetensors").to_str().unwrap()]));
-    assert!(err.contains("unknown preset") && err.contains("qwen3-30b-a3b"), "{err}");
+fn make_layer_is_deterministic_and_checks_its_arguments() {
+    let dir = TempDir::new("make-layer");
+    let a = make_layer(
+        &dir,
+        "a.safetensors",
+        &["--weight-format", "nvfp4", "--seed", "5"],
+    );
+    let b = make_layer(
+        &dir,
+        "b.safetensors",
+        &["--weight-format", "nvfp4", "--seed", "5"],
+    );
+    let c = make_layer(
+        &dir,
+        "c.safetensors",
+        &["--weight-format", "nvfp4", "--seed", "6"],
+    );
+    let (a, b, c) = (
+        std::fs::read(a).unwrap(),
+        std::fs::read(b).unwrap(),
+        std::fs::read(c).unwrap(),
+    );
+    assert!(a == b, "same seed, same file");
+    assert!(a != c, "another seed, another layer");
+    let err = fails(&[
+        "make-layer",
+        "--out",
+        &dir.path("x.safetensors"),
+        "--preset",
+        "mixtral-8x7b",
+        "--experts",
+        "4",
+    ]);
+    assert!(
+        err.contains("--experts") && err.contains("--preset"),
+        "{err}"
+    );
+    let err = fails(&[
+        "make-layer",
+        "--out",
+        &dir.path("x.safetensors"),
+        "--experts",
+        "4",
+    ]);
+    assert!(err.contains("--hidden"), "{err}");
+    let err = make_layer_fails(
+        &dir,
+        &["--weight-format", "mxfp4", "--activation-format", "fp8"],
+    );
+    assert!(
+        err.contains("activation_format") && err.contains("bf16, mxfp8"),
+        "{err}"
+    );
+    let err = make_layer_fails(&dir, &["--routing", "llama4"]);
+    assert!(err.contains("top_k"), "{err}");
+    let err = fails(&[
+        "make-layer",
+        "--out",
+        &dir.path("x.safetensors"),
+        "--preset",
+        "gpt-5",
+    ]);
+    assert!(
+        err.contains("unknown preset") && err.contains("qwen3-30b-a3b"),
+        "{err}"
+    );
+    let err = fails(&[
+        "make-input",
+        "--out",
+        &dir.path("in.safetensors"),
+        "--tokens",
+        "1",
+    ]);
+    assert!(err.contains("--layer") && err.contains("--preset"), "{err}");
+}
+
+fn make_layer_fails(dir: &TempDir, extra: &[&str]) -> String {
+    let out = dir.path("x.safetensors");
+    let mut args = vec![
+        "make-layer",
+        "--out",
+        &out,
+        "--experts",
+        "8",
+        "--hidden",
+        "256",
+        "--intermediate",
+        "128",
+        "--top-k",
+        "2",
+    ];
+    args.extend_from_slice(extra);
+    fails(&args)
 }
 
 #[test]
-fn info_lists_backends_and_the_matrix() {
-    let text = ok(bin().arg("info"));
-    for needle in ["cpu: ready", "cuda: unavailable", "mxfp4", "nvfp4_per_token", "deepseek_v3", "swiglu_oai", "gpt-oss-120b"] {
-        assert!(text.contains(needle), "info lacks `{needle}`:\n{text}");
+fn make_input_for_a_preset_needs_no_layer_file() {
+    let dir = TempDir::new("preset-input");
+    let path = dir.path("in.safetensors");
+    ok(&[
+        "make-input",
+        "--preset",
+        "qwen3-30b-a3b",
+        "--out",
+        &path,
+        "--tokens",
+        "2",
+        "--routing",
+        "packed",
+        "--dtype",
+        "f16",
+    ]);
+    let input = layer_file::read_input(Path::new(&path)).unwrap();
+    assert_eq!(
+        (input.hidden.dtype, input.hidden.shape.clone()),
+        (DType::F16, vec![2, 2048])
+    );
+    assert!(
+        matches!(input.routing, layer_file::RoutingTensors::Packed(ref p) if p.shape == [2, 8])
+    );
+}
+
+#[test]
+fn info_lists_backends_formats_routing_and_presets() {
+    let out = ok(&["info"]);
+    for needle in [
+        "moerunner 0.",
+        "cpu: ready",
+        "reference",
+        "cuda",
+        "mxfp4",
+        "nvfp4_per_token",
+        "deepseek_v3",
+        "swiglu_oai",
+        "gpt-oss-120b",
+    ] {
+        assert!(out.contains(needle), "info lacks `{needle}`:\n{out}");
     }
 }

@@ -15,7 +15,11 @@ pub fn run(_args: Args) -> anyhow::Result<()> {
         match reg {
             Registered::Ready(b) => {
                 let info = b.info();
-                let auto = if b.auto_eligible() { "" } else { " (only when asked for by name)" };
+                let auto = if b.auto_eligible() {
+                    ""
+                } else {
+                    " (only when asked for by name)"
+                };
                 println!("  {}{auto}: ready", info.name);
                 for d in &info.devices {
                     println!("    device: {d}");
@@ -24,22 +28,41 @@ pub fn run(_args: Args) -> anyhow::Result<()> {
                     println!("    supports: {s}");
                 }
             }
-            Registered::Unavailable { name, reason } => println!("  {name}: unavailable — {reason}"),
+            Registered::Unavailable { name, reason } => {
+                println!("  {name}: unavailable — {reason}")
+            }
         }
     }
     println!("\nformats (weight × activation):");
     for w in WeightFormat::ALL {
-        let acts: Vec<&str> = w.legal_activation_formats().iter().map(|a| a.name()).collect();
+        let acts: Vec<&str> = w
+            .legal_activation_formats()
+            .iter()
+            .map(|a| a.name())
+            .collect();
         println!("  {:<10} × {}", w.name(), acts.join(", "));
     }
     let names = |v: Vec<&str>| v.join(", ");
-    println!("\nrouting: {}", names(RoutingMethod::ALL.iter().map(|m| m.name()).collect()));
-    println!("activations: {}", names(ActivationKind::ALL.iter().map(|a| a.name()).collect()));
+    println!(
+        "\nrouting: {}",
+        names(RoutingMethod::ALL.iter().map(|m| m.name()).collect())
+    );
+    println!(
+        "activations: {}",
+        names(ActivationKind::ALL.iter().map(|a| a.name()).collect())
+    );
     println!("\npresets:");
     for p in PRESETS {
         println!(
             "  {:<16} E={:<4} k={} H={:<5} I={:<6} {} {} (ships {})",
-            p.name, p.num_experts, p.top_k, p.hidden, p.intermediate, p.activation, p.routing, p.shipped
+            p.name,
+            p.num_experts,
+            p.top_k,
+            p.hidden,
+            p.intermediate,
+            p.activation,
+            p.routing,
+            p.shipped
         );
     }
     Ok(())

@@ -2,8 +2,8 @@
 
 use std::path::PathBuf;
 
-use anyhow::{bail, Context};
-use moerunner::layer_file::{self, InputFile, MappedFile, RoutingTensors};
+use anyhow::Context;
+use moerunner::layer_file::{self, InputFile};
 use moerunner::synth::{random_input, RoutingMode};
 use moerunner::DType;
 
@@ -25,37 +25,40 @@ pub enum HiddenDtype {
 }
 
 #[derive(clap::Args)]
+#[command(group(clap::ArgGroup::new("shape").required(true).args(["layer", "preset"])))]
 pub struct Args {
     /// Where to write the input file.
     #[arg(long)]
     pub out: PathBuf,
-    /// The layer file the input is for (its E, H and k are used).
+    /// The layer file the input is for (only its header is read: E, H and k).
     #[arg(long)]
     pub layer: Option<PathBuf>,
-    /// Or a preset name.
+    /// Or a preset name (spec/models.md).
     #[arg(long)]
     pub preset: Option<String>,
+    /// T (0 is allowed).
     #[arg(long)]
     pub tokens: usize,
+    /// How the input carries its routing.
     #[arg(long, value_enum, default_value = "logits")]
     pub routing: Routing,
+    /// The dtype of `hidden_states` (and so of the output).
     #[arg(long, value_enum, default_value = "bf16")]
     pub dtype: HiddenDtype,
+    /// The same seed and arguments give the same file, bit for bit.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     let config = match (&args.layer, &args.preset) {
-        (Some(path), None) => {
-            let file = MappedFile::open(path)?;
-            layer_file::read_layer_config(&file).with_context(|| format!("reading {}", path.display()))?
-        }
+        (Some(path), _) => layer_file::read_layer_header(path)
+            .with_context(|| format!("reading layer {}", path.display()))?,
         (None, Some(name)) => {
             let p = moerunner::presets::preset(name)?;
             p.config(p.shipped, None)
         }
-        _ => bail!("give exactly one of --layer FILE or --preset NAME"),
+        (None, None) => anyhow::bail!("give --layer FILE or --preset NAME"),
     };
     let mode = match args.routing {
         Routing::Logits => RoutingMode::Logits,
@@ -67,14 +70,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         HiddenDtype::F16 => DType::F16,
         HiddenDtype::F32 => DType::F32,
     };
-    let s = random_input(&config, args.tokens, mode, dtype, args.seed)?;
-    let routing = match (s.router_logits, s.topk_ids, s.topk_weights, s.topk_packed) {
-        (Some(l), ..) => RoutingTensors::Logits(l),
-        (_, Some(ids), Some(weights), _) => RoutingTensors::TopK { ids, weights },
-        (.., Some(p)) => RoutingTensors::Packed(p),
-        _ => bail!("internal: synthetic input without routing"),
-    };
-    layer_file::write_input(&args.out, &InputFile { hidden: s.hidden, routing })?;
-    eprintln!("wrote {} ({} tokens, seed {})", args.out.display(), args.tokens, args.seed);
+    let input = InputFile::try_from(random_input(&config, args.tokens, mode, dtype, args.seed)?)?;
+    layer_file::write_input(&args.out, &input)
+        .with_context(|| format!("writing {}", args.out.display()))?;
+    eprintln!(
+        "wrote {} ({} tokens × H = {}, seed {})",
+        args.out.display(),
+        args.tokens,
+        config.hidden,
+        args.seed
+    );
     Ok(())
 }

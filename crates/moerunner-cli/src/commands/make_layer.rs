@@ -7,7 +7,10 @@ use anyhow::{bail, Context};
 use indicatif::{ProgressBar, ProgressStyle};
 use moerunner::config::ActivationKind;
 use moerunner::presets::preset;
-use moerunner::{Activation, ActivationFormat, LayerConfig, Parallelism, RoutingConfig, RoutingMethod, W13Order, WeightFormat};
+use moerunner::{
+    Activation, ActivationFormat, LayerConfig, Parallelism, RoutingConfig, RoutingMethod, W13Order,
+    WeightFormat,
+};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -17,24 +20,31 @@ pub struct Args {
     /// A model preset (spec/models.md): qwen3-30b-a3b, deepseek-v3, gpt-oss-120b, mixtral-8x7b, …
     #[arg(long)]
     pub preset: Option<String>,
-    #[arg(long)]
+    /// E (explicit shapes: give --experts, --hidden, --intermediate and --top-k, not --preset).
+    #[arg(long, conflicts_with = "preset")]
     pub experts: Option<usize>,
-    #[arg(long)]
+    /// H.
+    #[arg(long, conflicts_with = "preset")]
     pub hidden: Option<usize>,
-    #[arg(long)]
+    /// I.
+    #[arg(long, conflicts_with = "preset")]
     pub intermediate: Option<usize>,
-    #[arg(long)]
+    /// k.
+    #[arg(long, conflicts_with = "preset")]
     pub top_k: Option<usize>,
     /// swiglu, geglu, swiglu_oai, relu2 (explicit shapes; default swiglu).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "preset")]
     pub activation: Option<ActivationKind>,
     /// Routing method (explicit shapes; default renormalize).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "preset")]
     pub routing: Option<RoutingMethod>,
+    /// deepseek_v3: number of expert groups.
     #[arg(long)]
     pub n_group: Option<usize>,
+    /// deepseek_v3: groups kept per token.
     #[arg(long)]
     pub topk_group: Option<usize>,
+    /// deepseek_v3, minimax2: multiplies the routing weights.
     #[arg(long)]
     pub routed_scaling_factor: Option<f32>,
     /// Default: the preset's shipped format, else bf16.
@@ -43,11 +53,13 @@ pub struct Args {
     /// Default: the weight format's natural pairing.
     #[arg(long)]
     pub activation_format: Option<ActivationFormat>,
+    /// gate_up, up_gate or interleaved (default: the preset's, else gate_up).
     #[arg(long)]
     pub w13_order: Option<W13Order>,
     /// Add random W13/W2 biases (presets that ship them always have them).
     #[arg(long)]
     pub biases: bool,
+    /// The same seed and arguments give the same file, bit for bit.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
 }
@@ -59,11 +71,18 @@ pub fn config_from(args: &Args) -> anyhow::Result<(LayerConfig, bool)> {
         Some(name) => {
             let p = preset(name)?;
             biases |= p.biases;
-            p.config(args.weight_format.unwrap_or(p.shipped), args.activation_format)
+            p.config(
+                args.weight_format.unwrap_or(p.shipped),
+                args.activation_format,
+            )
         }
         None => {
-            let (Some(e), Some(h), Some(i), Some(k)) = (args.experts, args.hidden, args.intermediate, args.top_k) else {
-                bail!("give --preset NAME, or all of --experts, --hidden, --intermediate and --top-k");
+            let (Some(e), Some(h), Some(i), Some(k)) =
+                (args.experts, args.hidden, args.intermediate, args.top_k)
+            else {
+                bail!(
+                    "give --preset NAME, or all of --experts, --hidden, --intermediate and --top-k"
+                );
             };
             let activation = match args.activation.unwrap_or(ActivationKind::Swiglu) {
                 ActivationKind::Swiglu => Activation::Swiglu,
@@ -77,7 +96,9 @@ pub fn config_from(args: &Args) -> anyhow::Result<(LayerConfig, bool)> {
                 hidden: h,
                 intermediate: i,
                 weight_format: wf,
-                activation_format: args.activation_format.unwrap_or(wf.default_activation_format()),
+                activation_format: args
+                    .activation_format
+                    .unwrap_or(wf.default_activation_format()),
                 activation,
                 w13_order: W13Order::GateUp,
                 routing: RoutingConfig::new(args.routing.unwrap_or(RoutingMethod::Renormalize), k),
@@ -104,13 +125,19 @@ pub fn config_from(args: &Args) -> anyhow::Result<(LayerConfig, bool)> {
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     let (config, biases) = config_from(&args)?;
-    let bar = ProgressBar::new_spinner().with_style(ProgressStyle::with_template("{spinner} {msg} [{elapsed}]")?);
+    let bar = ProgressBar::new_spinner()
+        .with_style(ProgressStyle::with_template("{spinner} {msg} [{elapsed}]")?);
     bar.set_message(format!("generating {config}"));
     bar.enable_steady_tick(std::time::Duration::from_millis(120));
     let layer = moerunner::synth::random_layer(&config, args.seed, biases)?;
     bar.set_message(format!("writing {}", args.out.display()));
-    moerunner::layer_file::write_layer(&args.out, &layer).with_context(|| format!("writing {}", args.out.display()))?;
+    moerunner::layer_file::write_layer(&args.out, &layer)
+        .with_context(|| format!("writing {}", args.out.display()))?;
     bar.finish_and_clear();
-    eprintln!("wrote {} ({config}, seed {})", args.out.display(), args.seed);
+    eprintln!(
+        "wrote {} ({config}, seed {})",
+        args.out.display(),
+        args.seed
+    );
     Ok(())
 }

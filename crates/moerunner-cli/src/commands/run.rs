@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::Context;
+use indicatif::{ProgressBar, ProgressStyle};
 use moerunner::layer_file;
 use moerunner::{BackendChoice, ForwardInput, Parallelism, Runner};
 
@@ -27,9 +28,9 @@ pub struct Args {
     pub output: PathBuf,
     /// cpu, cuda, reference, or auto (the best available).
     #[arg(long, default_value = "auto")]
-    pub backend: String,
+    pub backend: BackendChoice,
     /// Use the float64 quantization-aware reference (same as `--backend reference`).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "backend")]
     pub reference: bool,
     /// Expert-parallel group size; the output is this rank's partial sum.
     #[arg(long, default_value_t = 1)]
@@ -47,36 +48,96 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let choice: BackendChoice = if args.reference { BackendChoice::Named("reference".into()) } else { args.backend.parse()? };
-    let par = Parallelism { ep_size: args.ep_size, ep_rank: args.ep_rank, tp_size: args.tp_size, tp_rank: args.tp_rank };
+    let choice = if args.reference {
+        BackendChoice::Named("reference".into())
+    } else {
+        args.backend.clone()
+    };
+    let par = Parallelism {
+        ep_size: args.ep_size,
+        ep_rank: args.ep_rank,
+        tp_size: args.tp_size,
+        tp_rank: args.tp_rank,
+    };
     let (layer, input) = match &args.checkpoint {
-        Some(dir) => super::convert::load_checkpoint_run(dir, &args.layer, par, args.quantize.as_deref(), &args.input)?,
+        Some(dir) => super::convert::load_checkpoint_run(
+            dir,
+            &args.layer,
+            par,
+            args.quantize.as_deref(),
+            &args.input,
+        )?,
         None => {
             if args.quantize.is_some() {
-                anyhow::bail!("--quantize needs --checkpoint (a layer file is run in its own format)");
+                anyhow::bail!(
+                    "--quantize needs --checkpoint (a layer file is run in its own format)"
+                );
             }
             let path = PathBuf::from(&args.layer);
-            let mut layer = layer_file::read_layer(&path).with_context(|| format!("reading layer {}", path.display()))?;
+            let mut layer = layer_file::read_layer(&path)
+                .with_context(|| format!("reading layer {}", path.display()))?;
+            let input = layer_file::read_input(&args.input)
+                .with_context(|| format!("reading input {}", args.input.display()))?;
             if !par.is_single() {
-                layer = moerunner::shard::shard(&layer, par).context("slicing the layer for this rank")?;
+                layer = moerunner::shard::shard(&layer, par)
+                    .context("slicing the layer for this rank")?;
             }
-            let input = layer_file::read_input(&args.input).with_context(|| format!("reading input {}", args.input.display()))?;
             (layer, input)
         }
     };
+    // Input errors (wrong H, E or k) surface before the backend spends time preparing weights.
+    input.check_against(layer.config()).with_context(|| {
+        format!(
+            "input {} does not fit layer {}",
+            args.input.display(),
+            args.layer
+        )
+    })?;
+    let bar = spinner(format!("loading {}", layer.config()))?;
     let loaded = Runner::new().load(layer, &choice)?;
+    bar.set_message(format!(
+        "running {} tokens on `{}`",
+        input.tokens(),
+        loaded.backend()
+    ));
     let started = Instant::now();
-    let out = loaded.forward(&ForwardInput { hidden: &input.hidden, routing: input.routing_input() })?;
+    let out = loaded.forward(&ForwardInput {
+        hidden: &input.hidden,
+        routing: input.routing_input(),
+    });
     let elapsed = started.elapsed();
-    layer_file::write_output(&args.output, &out.output, args.save_routing.then_some(&out.routes))
-        .with_context(|| format!("writing output {}", args.output.display()))?;
-    eprintln!(
-        "ran {} on {} tokens with backend `{}` in {:.3} ms → {}",
-        loaded.layer().config(),
-        out.routes.tokens,
+    bar.finish_and_clear();
+    let out = out?;
+    layer_file::write_output(
+        &args.output,
+        &out.output,
+        args.save_routing.then_some(&out.routes),
+    )
+    .with_context(|| format!("writing output {}", args.output.display()))?;
+    let partial = if par.is_single() {
+        String::new()
+    } else {
+        format!(
+            " (partial sum of ep {}/{} tp {}/{})",
+            par.ep_rank, par.ep_size, par.tp_rank, par.tp_size
+        )
+    };
+    println!(
+        "backend {} | T = {} | {:.3} ms | {} | {}{partial}",
         loaded.backend(),
+        out.routes.tokens,
         elapsed.as_secs_f64() * 1e3,
-        args.output.display()
+        loaded.layer().config(),
+        args.output.display(),
     );
     Ok(())
+}
+
+/// A spinner on stderr for work of unknown length (hidden when stderr is not a terminal).
+fn spinner(msg: String) -> anyhow::Result<ProgressBar> {
+    let bar = ProgressBar::new_spinner()
+        .with_style(ProgressStyle::with_template("{spinner} {msg} [{elapsed}]")?);
+    bar.set_message(msg);
+    bar.enable_steady_tick(std::time::Duration::from_millis(120));
+    Ok(bar)
 }

@@ -1,0 +1,262 @@
+//! The `.safetensors` layer, input and output files of `spec/layer-file.md` (a stable contract:
+//! names, dtypes and shapes exact).
+//!
+//! Design decision: reading memory-maps the file and hands out tensors that borrow the map
+//! ([`Bytes::Mapped`]), so a layer of many gigabytes is never copied (only its small scale and
+//! bias tensors are decoded); writing streams the tensors into `<path>.tmp-<pid>-<n>`, syncs it and
+//! renames it into place, so a reader never sees a half-written file.
+//!
+//! This file is the container (map, parse, write); `layer` holds the layer file's metadata and
+//! tensor rules, `io` the input and output files.
+
+mod io;
+mod layer;
+
+use std::collections::{HashMap, HashSet};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use safetensors::tensor::{Metadata, TensorInfo};
+use safetensors::{Dtype, SafeTensors};
+
+use crate::error::{MoeError, Result};
+use crate::tensor::{Bytes, DType, HostTensor};
+
+pub use io::{read_input, read_output, write_input, write_output, InputFile, RoutingTensors};
+pub use layer::{
+    layer_metadata, read_layer, read_layer_config, read_layer_header, write_layer, METADATA_KEYS,
+};
+
+/// A safetensors file mapped into memory, its tensors addressable by name.
+pub struct MappedFile {
+    path: PathBuf,
+    map: Arc<memmap2::Mmap>,
+    /// name → (dtype, shape, byte offset in the map, byte length)
+    tensors: HashMap<String, (DType, Vec<usize>, usize, usize)>,
+    metadata: HashMap<String, String>,
+}
+
+fn dtype_from(d: Dtype, path: &Path, name: &str) -> Result<DType> {
+    Ok(match d {
+        Dtype::F32 => DType::F32,
+        Dtype::F16 => DType::F16,
+        Dtype::BF16 => DType::BF16,
+        Dtype::F8_E4M3 => DType::F8E4M3,
+        Dtype::U8 => DType::U8,
+        Dtype::I32 => DType::I32,
+        other => {
+            return Err(MoeError::dtype(
+                name,
+                "one of F32, F16, BF16, F8_E4M3, U8, I32",
+                format!("{other:?} (in {})", path.display()),
+            ))
+        }
+    })
+}
+
+fn dtype_to(d: DType) -> Dtype {
+    match d {
+        DType::F32 => Dtype::F32,
+        DType::F16 => Dtype::F16,
+        DType::BF16 => Dtype::BF16,
+        DType::F8E4M3 => Dtype::F8_E4M3,
+        DType::U8 => Dtype::U8,
+        DType::I32 => Dtype::I32,
+    }
+}
+
+impl MappedFile {
+    /// Maps and parses `path`; a truncated or malformed file is a `Format` error naming it.
+    pub fn open(path: &Path) -> Result<Self> {
+        let io = |source| MoeError::Io {
+            path: path.display().to_string(),
+            source,
+        };
+        let file = std::fs::File::open(path).map_err(io)?;
+        // SAFETY: the map is read-only; a file changed underneath us by another process is outside
+        // what any reader can defend against (same contract as every mmap-based loader). Our own
+        // writers never modify a file in place: they rename a new one over it.
+        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io)?;
+        let bad = |why: String| MoeError::Format {
+            path: path.display().to_string(),
+            why,
+        };
+        // `deserialize` checks the header and that the tensors tile the data exactly, so a
+        // truncated file fails here rather than when a tensor is read.
+        let st = SafeTensors::deserialize(&map).map_err(|e| bad(e.to_string()))?;
+        let (_, meta) = SafeTensors::read_metadata(&map).map_err(|e| bad(e.to_string()))?;
+        let base = map.as_ptr() as usize;
+        let mut tensors = HashMap::new();
+        for (name, view) in st.iter() {
+            let dtype = dtype_from(view.dtype(), path, name)?;
+            let start = view.data().as_ptr() as usize - base;
+            tensors.insert(
+                name.to_string(),
+                (dtype, view.shape().to_vec(), start, view.data().len()),
+            );
+        }
+        let metadata = meta.metadata().clone().unwrap_or_default();
+        Ok(MappedFile {
+            path: path.to_path_buf(),
+            map: Arc::new(map),
+            tensors,
+            metadata,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+    /// The `__metadata__` map (empty when the file has none).
+    pub fn metadata(&self) -> &HashMap<String, String> {
+        &self.metadata
+    }
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.tensors.keys().map(|s| s.as_str())
+    }
+    pub fn has(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+    /// The tensor `name`, borrowed from the map (no copy), or None if absent.
+    pub fn get(&self, name: &str) -> Option<HostTensor> {
+        let (dtype, shape, start, len) = self.tensors.get(name)?.clone();
+        Some(HostTensor {
+            dtype,
+            shape,
+            bytes: Bytes::Mapped {
+                map: self.map.clone(),
+                start,
+                len,
+            },
+        })
+    }
+    /// The tensor `name`, or a `Missing` error naming it and the file.
+    pub fn require(&self, name: &str) -> Result<HostTensor> {
+        self.get(name)
+            .ok_or_else(|| MoeError::missing(format!("tensor `{name}` in {}", self.path.display())))
+    }
+    /// The dtype and shape of `name` without touching its data.
+    pub fn info(&self, name: &str) -> Option<(DType, &[usize])> {
+        self.tensors
+            .get(name)
+            .map(|(d, s, _, _)| (*d, s.as_slice()))
+    }
+    /// Refuses any tensor not in `known` (a misspelt optional tensor would otherwise be ignored).
+    pub fn expect_only(&self, known: &[&str], kind: &str) -> Result<()> {
+        let mut unknown: Vec<&str> = self.names().filter(|n| !known.contains(n)).collect();
+        unknown.sort();
+        match unknown.first() {
+            None => Ok(()),
+            Some(name) => Err(MoeError::invalid(
+                format!("tensor `{name}`"),
+                format!(
+                    "is not part of {kind} ({}); known: {}",
+                    self.path.display(),
+                    known.join(", ")
+                ),
+            )),
+        }
+    }
+}
+
+/// Distinguishes temp files of concurrent writes from one process (threads, tests).
+static WRITE_SEQ: AtomicUsize = AtomicUsize::new(0);
+
+fn temp_path(path: &Path) -> PathBuf {
+    let mut name = path.as_os_str().to_os_string();
+    name.push(format!(
+        ".tmp-{}-{}",
+        std::process::id(),
+        WRITE_SEQ.fetch_add(1, Ordering::Relaxed)
+    ));
+    PathBuf::from(name)
+}
+
+/// Writes named tensors and metadata to `path` atomically: streamed into a temp file beside it,
+/// synced, then renamed over `path`. On any error the temp file is removed and `path` is untouched.
+pub fn write_tensors(
+    path: &Path,
+    tensors: &[(String, HostTensor)],
+    metadata: HashMap<String, String>,
+) -> Result<()> {
+    let invalid = |why: String| MoeError::invalid(format!("writing {}", path.display()), why);
+    let mut seen = HashSet::new();
+    for (name, t) in tensors {
+        if name == "__metadata__" {
+            return Err(invalid(
+                "`__metadata__` is reserved by safetensors, not a tensor name".into(),
+            ));
+        }
+        if !seen.insert(name.as_str()) {
+            return Err(invalid(format!("tensor `{name}` given twice")));
+        }
+        let want = t.numel() * t.dtype.size();
+        if t.bytes.len() != want {
+            return Err(invalid(format!(
+                "tensor `{name}` has {} bytes, {} {:?} needs {want}",
+                t.bytes.len(),
+                t.dtype,
+                t.shape
+            )));
+        }
+    }
+    // Wider elements first (as the safetensors crate orders them): the header is padded to 8 bytes,
+    // so every tensor then starts at a multiple of its element size inside the map.
+    let mut order: Vec<&(String, HostTensor)> = tensors.iter().collect();
+    order.sort_by(|(an, a), (bn, b)| b.dtype.size().cmp(&a.dtype.size()).then_with(|| an.cmp(bn)));
+    let mut infos = Vec::with_capacity(order.len());
+    let mut offset = 0;
+    for (name, t) in &order {
+        let n = t.bytes.len();
+        infos.push((
+            name.clone(),
+            TensorInfo {
+                dtype: dtype_to(t.dtype),
+                shape: t.shape.clone(),
+                data_offsets: (offset, offset + n),
+            },
+        ));
+        offset += n;
+    }
+    // The header is built as a sorted JSON map (serde_json's default `Map` is a BTreeMap), not
+    // serialized from `Metadata`, whose HashMaps iterate in a random order: the same layer must
+    // give the same bytes. `Metadata::new` still checks offsets and sizes as every reader will.
+    let mut header = serde_json::Map::new();
+    if !metadata.is_empty() {
+        let meta: serde_json::Map<String, serde_json::Value> =
+            metadata.into_iter().map(|(k, v)| (k, v.into())).collect();
+        header.insert("__metadata__".into(), meta.into());
+    }
+    for (name, info) in &infos {
+        header.insert(
+            name.clone(),
+            serde_json::to_value(info).map_err(|e| invalid(e.to_string()))?,
+        );
+    }
+    Metadata::new(None, infos).map_err(|e| invalid(e.to_string()))?;
+    let mut header = serde_json::to_vec(&header).map_err(|e| invalid(e.to_string()))?;
+    header.resize(header.len().next_multiple_of(8), b' ');
+
+    let tmp = temp_path(path);
+    let write = || -> std::io::Result<()> {
+        let mut w = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(&tmp)?);
+        w.write_all(&(header.len() as u64).to_le_bytes())?;
+        w.write_all(&header)?;
+        for (_, t) in &order {
+            w.write_all(&t.bytes)?;
+        }
+        // The data must be on disk before the new name points at it, or a crash could leave a
+        // complete-looking but empty file under `path`.
+        w.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+        std::fs::rename(&tmp, path)
+    };
+    write().map_err(|source| {
+        let _ = std::fs::remove_file(&tmp);
+        MoeError::Io {
+            path: path.display().to_string(),
+            source,
+        }
+    })
+}
