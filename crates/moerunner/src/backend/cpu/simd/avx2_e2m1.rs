@@ -161,10 +161,13 @@ unsafe fn tile<const P: usize, const N: usize>(
         // `g`: the group of the chunk's first half (the second half's is g + 1 when halves).
         // Weights stream from memory: hint the rows of the tile after the next (the next rows
         // when, as usual, they are consecutive) at this column; a hint is never dereferenced.
-        let ahead = PREFETCH_TILES * 2 * P * fmt.row_bytes() + c / 2;
-        for pair in &rows {
-            for row in pair {
-                _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(ahead) as *const i8);
+        // One hint per 64-byte line of each row (a chunk is 16 bytes of a row).
+        if c % (4 * CHUNK32) == 0 {
+            let ahead = PREFETCH_TILES * 2 * P * fmt.row_bytes() + c / 2;
+            for pair in &rows {
+                for row in pair {
+                    _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(ahead) as *const i8);
+                }
             }
         }
         if N == 1 {
