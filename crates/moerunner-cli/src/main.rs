@@ -6,7 +6,11 @@ mod commands;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "moerunner", version, about = "Fused Mixture-of-Experts layer runtime: run, check and benchmark MoE layers")]
+#[command(
+    name = "moerunner",
+    version,
+    about = "Fused Mixture-of-Experts layer runtime: run, check and benchmark MoE layers"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -36,7 +36,11 @@ pub fn erf64(x: f64) -> f64 {
         }
         1.0 - (-ax * ax).exp() / std::f64::consts::PI.sqrt() / (ax + f)
     };
-    if x < 0.0 { -r } else { r }
+    if x < 0.0 {
+        -r
+    } else {
+        r
+    }
 }
 
 /// Gated activation of one feature in f64: act(gate) · up (with GPT-OSS clamping).
@@ -70,7 +74,9 @@ pub fn plain_f64(act: &Activation, y: f64) -> f64 {
 pub fn gated_f32(act: &Activation, gate: f32, up: f32) -> f32 {
     match *act {
         Activation::Swiglu => gate / (1.0 + (-gate).exp()) * up,
-        Activation::Geglu => (0.5 * gate as f64 * (1.0 + erf64(gate as f64 / std::f64::consts::SQRT_2))) as f32 * up,
+        Activation::Geglu => {
+            (0.5 * gate as f64 * (1.0 + erf64(gate as f64 / std::f64::consts::SQRT_2))) as f32 * up
+        }
         Activation::SwigluOai { alpha, beta, limit } => {
             let g = gate.min(limit);
             let u = up.clamp(-limit, limit);
@@ -154,16 +160,30 @@ mod tests {
     #[test]
     fn erf_matches_known_values() {
         // Values from tables (Abramowitz & Stegun), 15+ digits.
-        let cases = [(0.0, 0.0), (0.5, 0.520499877813047), (1.0, 0.842700792949715),
-            (2.0, 0.995322265018953), (3.0, 0.999977909503001), (-1.5, -0.966105146475311)];
+        let cases = [
+            (0.0, 0.0),
+            (0.5, 0.520499877813047),
+            (1.0, 0.842700792949715),
+            (2.0, 0.995322265018953),
+            (3.0, 0.999977909503001),
+            (-1.5, -0.966105146475311),
+        ];
         for (x, want) in cases {
-            assert!((erf64(x) - want).abs() < 1e-13, "erf({x}) = {} want {want}", erf64(x));
+            assert!(
+                (erf64(x) - want).abs() < 1e-13,
+                "erf({x}) = {} want {want}",
+                erf64(x)
+            );
         }
     }
 
     #[test]
     fn swiglu_oai_with_open_limits_equals_swiglu() {
-        let oai = Activation::SwigluOai { alpha: 1.0, beta: 0.0, limit: f32::INFINITY };
+        let oai = Activation::SwigluOai {
+            alpha: 1.0,
+            beta: 0.0,
+            limit: f32::INFINITY,
+        };
         for &(g, u) in &[(0.3, -1.2), (-4.0, 2.5), (7.5, 9.0)] {
             assert_eq!(gated_f64(&oai, g, u), gated_f64(&Activation::Swiglu, g, u));
         }
@@ -185,7 +205,11 @@ mod tests {
         assert_eq!(plain_f64(&Activation::Relu2, 3.0), 9.0);
         let y = [1.0, 2.0, 3.0, 4.0]; // I = 2
         let mut out = [0.0; 2];
-        let id = Activation::SwigluOai { alpha: 0.0, beta: 0.0, limit: f32::INFINITY }; // g·0.5·u
+        let id = Activation::SwigluOai {
+            alpha: 0.0,
+            beta: 0.0,
+            limit: f32::INFINITY,
+        }; // g·0.5·u
         apply_row_f64(&id, W13Order::GateUp, &y, &mut out);
         assert_eq!(out, [1.0 * 0.5 * 3.0, 2.0 * 0.5 * 4.0]);
         apply_row_f64(&id, W13Order::UpGate, &y, &mut out);

@@ -118,12 +118,20 @@ pub enum Activation {
     Swiglu,
     Geglu,
     /// GPT-OSS clamped SwiGLU: g' = min(g, limit), u' = clamp(u, -limit, limit), g'·σ(α·g')·(u' + β).
-    SwigluOai { alpha: f32, beta: f32, limit: f32 },
+    SwigluOai {
+        alpha: f32,
+        beta: f32,
+        limit: f32,
+    },
     Relu2,
 }
 
 impl Activation {
-    pub const OAI_DEFAULT: Activation = Activation::SwigluOai { alpha: 1.702, beta: 1.0, limit: 7.0 };
+    pub const OAI_DEFAULT: Activation = Activation::SwigluOai {
+        alpha: 1.702,
+        beta: 1.0,
+        limit: 7.0,
+    };
     pub fn kind(&self) -> ActivationKind {
         match self {
             Activation::Swiglu => ActivationKind::Swiglu,
@@ -140,7 +148,9 @@ impl Activation {
 impl fmt::Display for Activation {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Activation::SwigluOai { alpha, beta, limit } => write!(f, "swiglu_oai(alpha={alpha}, beta={beta}, limit={limit})"),
+            Activation::SwigluOai { alpha, beta, limit } => {
+                write!(f, "swiglu_oai(alpha={alpha}, beta={beta}, limit={limit})")
+            }
             other => f.write_str(other.kind().name()),
         }
     }
@@ -163,35 +173,66 @@ pub struct RoutingConfig {
 
 impl RoutingConfig {
     pub fn new(method: RoutingMethod, top_k: usize) -> Self {
-        RoutingConfig { method, top_k, n_group: 1, topk_group: 1, routed_scaling_factor: 1.0, norm_topk_prob: true }
+        RoutingConfig {
+            method,
+            top_k,
+            n_group: 1,
+            topk_group: 1,
+            routed_scaling_factor: 1.0,
+            norm_topk_prob: true,
+        }
     }
     /// Whether the method reads the per-expert `router_bias`.
     pub fn uses_bias(&self) -> bool {
-        matches!(self.method, RoutingMethod::DeepseekV3 | RoutingMethod::Minimax2)
+        matches!(
+            self.method,
+            RoutingMethod::DeepseekV3 | RoutingMethod::Minimax2
+        )
     }
     /// Checks the limits of `spec/routing.md` against E global experts.
     pub fn validate(&self, num_experts: usize) -> Result<()> {
         let e = num_experts;
         if self.top_k < 1 || self.top_k > e {
-            return Err(MoeError::invalid("top_k", format!("must be in 1..={e} (E), got {}", self.top_k)));
+            return Err(MoeError::invalid(
+                "top_k",
+                format!("must be in 1..={e} (E), got {}", self.top_k),
+            ));
         }
         if self.method == RoutingMethod::Llama4 && self.top_k != 1 {
-            return Err(MoeError::invalid("top_k", format!("llama4 routing needs top_k = 1, got {}", self.top_k)));
+            return Err(MoeError::invalid(
+                "top_k",
+                format!("llama4 routing needs top_k = 1, got {}", self.top_k),
+            ));
         }
         if !self.routed_scaling_factor.is_finite() {
-            return Err(MoeError::invalid("routed_scaling_factor", format!("must be finite, got {}", self.routed_scaling_factor)));
+            return Err(MoeError::invalid(
+                "routed_scaling_factor",
+                format!("must be finite, got {}", self.routed_scaling_factor),
+            ));
         }
         if self.method == RoutingMethod::DeepseekV3 && self.n_group > 1 {
             let (g, tg) = (self.n_group, self.topk_group);
             if !e.is_multiple_of(g) {
-                return Err(MoeError::invalid("n_group", format!("E = {e} is not divisible by n_group = {g}")));
+                return Err(MoeError::invalid(
+                    "n_group",
+                    format!("E = {e} is not divisible by n_group = {g}"),
+                ));
             }
             if tg < 1 || tg > g {
-                return Err(MoeError::invalid("topk_group", format!("must be in 1..={g} (n_group), got {tg}")));
+                return Err(MoeError::invalid(
+                    "topk_group",
+                    format!("must be in 1..={g} (n_group), got {tg}"),
+                ));
             }
             if self.top_k > tg * (e / g) {
-                return Err(MoeError::invalid("top_k", format!(
-                    "{} exceeds topk_group · E / n_group = {}", self.top_k, tg * (e / g))));
+                return Err(MoeError::invalid(
+                    "top_k",
+                    format!(
+                        "{} exceeds topk_group · E / n_group = {}",
+                        self.top_k,
+                        tg * (e / g)
+                    ),
+                ));
             }
         }
         Ok(())
@@ -202,9 +243,16 @@ impl fmt::Display for RoutingConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}(k={}", self.method, self.top_k)?;
         if self.method == RoutingMethod::DeepseekV3 {
-            write!(f, ", n_group={}, topk_group={}", self.n_group, self.topk_group)?;
+            write!(
+                f,
+                ", n_group={}, topk_group={}",
+                self.n_group, self.topk_group
+            )?;
         }
-        if matches!(self.method, RoutingMethod::DeepseekV3 | RoutingMethod::Minimax2) {
+        if matches!(
+            self.method,
+            RoutingMethod::DeepseekV3 | RoutingMethod::Minimax2
+        ) {
             write!(f, ", rsf={}", self.routed_scaling_factor)?;
         }
         if self.method == RoutingMethod::SigmoidRenorm {
@@ -225,17 +273,34 @@ pub struct Parallelism {
 
 impl Default for Parallelism {
     fn default() -> Self {
-        Parallelism { ep_size: 1, ep_rank: 0, tp_size: 1, tp_rank: 0 }
+        Parallelism {
+            ep_size: 1,
+            ep_rank: 0,
+            tp_size: 1,
+            tp_rank: 0,
+        }
     }
 }
 
 impl Parallelism {
     pub fn validate(&self) -> Result<()> {
         if self.ep_size == 0 || self.ep_rank >= self.ep_size {
-            return Err(MoeError::invalid("ep", format!("rank {} of size {} is out of range", self.ep_rank, self.ep_size)));
+            return Err(MoeError::invalid(
+                "ep",
+                format!(
+                    "rank {} of size {} is out of range",
+                    self.ep_rank, self.ep_size
+                ),
+            ));
         }
         if self.tp_size == 0 || self.tp_rank >= self.tp_size {
-            return Err(MoeError::invalid("tp", format!("rank {} of size {} is out of range", self.tp_rank, self.tp_size)));
+            return Err(MoeError::invalid(
+                "tp",
+                format!(
+                    "rank {} of size {} is out of range",
+                    self.tp_rank, self.tp_size
+                ),
+            ));
         }
         Ok(())
     }
@@ -269,7 +334,11 @@ pub struct LayerConfig {
 impl LayerConfig {
     /// Rows of W13: 2I for gated activations, I otherwise.
     pub fn w13_rows(&self) -> usize {
-        if self.activation.is_gated() { 2 * self.intermediate } else { self.intermediate }
+        if self.activation.is_gated() {
+            2 * self.intermediate
+        } else {
+            self.intermediate
+        }
     }
     pub fn num_local_experts(&self) -> usize {
         self.local_experts.len()
@@ -284,34 +353,65 @@ impl LayerConfig {
             return Err(MoeError::invalid("num_experts", "must be at least 1"));
         }
         if self.hidden == 0 || self.intermediate == 0 {
-            return Err(MoeError::invalid("shape", format!("H = {} and I = {} must be positive", self.hidden, self.intermediate)));
+            return Err(MoeError::invalid(
+                "shape",
+                format!(
+                    "H = {} and I = {} must be positive",
+                    self.hidden, self.intermediate
+                ),
+            ));
         }
         let legal = self.weight_format.legal_activation_formats();
         if !legal.contains(&self.activation_format) {
-            return Err(MoeError::invalid("activation_format", format!(
-                "`{}` cannot be paired with weight format `{}`; legal: {}",
-                self.activation_format, self.weight_format,
-                legal.iter().map(|f| f.name()).collect::<Vec<_>>().join(", "))));
+            return Err(MoeError::invalid(
+                "activation_format",
+                format!(
+                    "`{}` cannot be paired with weight format `{}`; legal: {}",
+                    self.activation_format,
+                    self.weight_format,
+                    legal
+                        .iter()
+                        .map(|f| f.name())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            ));
         }
         if let Some(block) = self.weight_format.k_block() {
             // MX and NV formats need whole blocks along K (spec: K % 32 = 0, packed nibbles).
             if block <= 32 {
-                for (what, k) in [("H (GEMM1's K)", self.hidden), ("I (GEMM2's K)", self.intermediate)] {
+                for (what, k) in [
+                    ("H (GEMM1's K)", self.hidden),
+                    ("I (GEMM2's K)", self.intermediate),
+                ] {
                     if k % block != 0 {
-                        return Err(MoeError::invalid("shape", format!(
-                            "{what} = {k} must be a multiple of {block} for {}", self.weight_format)));
+                        return Err(MoeError::invalid(
+                            "shape",
+                            format!(
+                                "{what} = {k} must be a multiple of {block} for {}",
+                                self.weight_format
+                            ),
+                        ));
                     }
                 }
             }
         }
         if let Activation::SwigluOai { alpha, beta, limit } = self.activation {
             if !(alpha.is_finite() && beta.is_finite()) || limit.is_nan() {
-                return Err(MoeError::invalid("swiglu_oai", format!("alpha={alpha}, beta={beta}, limit={limit} must be numbers")));
+                return Err(MoeError::invalid(
+                    "swiglu_oai",
+                    format!("alpha={alpha}, beta={beta}, limit={limit} must be numbers"),
+                ));
             }
         }
         if self.local_experts.end > self.num_experts || self.local_experts.is_empty() {
-            return Err(MoeError::invalid("local_experts", format!(
-                "{:?} is not a non-empty range inside 0..{}", self.local_experts, self.num_experts)));
+            return Err(MoeError::invalid(
+                "local_experts",
+                format!(
+                    "{:?} is not a non-empty range inside 0..{}",
+                    self.local_experts, self.num_experts
+                ),
+            ));
         }
         self.parallelism.validate()?;
         self.routing.validate(self.num_experts)
@@ -320,11 +420,25 @@ impl LayerConfig {
 
 impl fmt::Display for LayerConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "E={} H={} I={} {}x{} {} {} {}", self.num_experts, self.hidden, self.intermediate,
-            self.weight_format, self.activation_format, self.activation, self.w13_order, self.routing)?;
+        write!(
+            f,
+            "E={} H={} I={} {}x{} {} {} {}",
+            self.num_experts,
+            self.hidden,
+            self.intermediate,
+            self.weight_format,
+            self.activation_format,
+            self.activation,
+            self.w13_order,
+            self.routing
+        )?;
         if !self.parallelism.is_single() {
             let p = self.parallelism;
-            write!(f, " ep={}/{} tp={}/{}", p.ep_rank, p.ep_size, p.tp_rank, p.tp_size)?;
+            write!(
+                f,
+                " ep={}/{} tp={}/{}",
+                p.ep_rank, p.ep_size, p.tp_rank, p.tp_size
+            )?;
         }
         Ok(())
     }

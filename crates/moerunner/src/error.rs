@@ -10,11 +10,19 @@ pub type Result<T, E = MoeError> = std::result::Result<T, E>;
 pub enum MoeError {
     /// A tensor has the wrong shape. `name` is the tensor (or key) as the user knows it.
     #[error("tensor `{name}`: expected shape {expected}, got {got:?}")]
-    Shape { name: String, expected: String, got: Vec<usize> },
+    Shape {
+        name: String,
+        expected: String,
+        got: Vec<usize>,
+    },
 
     /// A tensor has the wrong element type.
     #[error("tensor `{name}`: expected dtype {expected}, got {got}")]
-    DType { name: String, expected: String, got: String },
+    DType {
+        name: String,
+        expected: String,
+        got: String,
+    },
 
     /// A value is out of its legal range or malformed (NaN scale, id out of range, bad key value...).
     #[error("{what}: {why}")]
@@ -34,7 +42,11 @@ pub enum MoeError {
 
     /// A file could not be read or written.
     #[error("{path}: {source}")]
-    Io { path: String, #[source] source: std::io::Error },
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
 
     /// A safetensors container is malformed (truncated, bad header...).
     #[error("{path}: not a valid safetensors file: {why}")]
@@ -47,13 +59,28 @@ pub enum MoeError {
 
 impl MoeError {
     pub fn invalid(what: impl Into<String>, why: impl Into<String>) -> Self {
-        MoeError::Invalid { what: what.into(), why: why.into() }
+        MoeError::Invalid {
+            what: what.into(),
+            why: why.into(),
+        }
     }
     pub fn shape(name: impl Into<String>, expected: impl Into<String>, got: &[usize]) -> Self {
-        MoeError::Shape { name: name.into(), expected: expected.into(), got: got.to_vec() }
+        MoeError::Shape {
+            name: name.into(),
+            expected: expected.into(),
+            got: got.to_vec(),
+        }
     }
-    pub fn dtype(name: impl Into<String>, expected: impl Into<String>, got: impl std::fmt::Display) -> Self {
-        MoeError::DType { name: name.into(), expected: expected.into(), got: got.to_string() }
+    pub fn dtype(
+        name: impl Into<String>,
+        expected: impl Into<String>,
+        got: impl std::fmt::Display,
+    ) -> Self {
+        MoeError::DType {
+            name: name.into(),
+            expected: expected.into(),
+            got: got.to_string(),
+        }
     }
     pub fn missing(what: impl Into<String>) -> Self {
         MoeError::Missing { what: what.into() }

@@ -30,8 +30,15 @@ pub fn hidden_as_f32(layer: &MoeLayer, hidden: &HostTensor) -> Result<(Vec<f32>,
     }
     let x = hidden.to_f32_vec(name)?;
     if let Some(i) = x.iter().position(|v| !v.is_finite()) {
-        return Err(MoeError::invalid(format!("tensor `{name}`"), format!(
-            "element [{}, {}] is {}, not a finite number", i / h, i % h, x[i])));
+        return Err(MoeError::invalid(
+            format!("tensor `{name}`"),
+            format!(
+                "element [{}, {}] is {}, not a finite number",
+                i / h,
+                i % h,
+                x[i]
+            ),
+        ));
     }
     Ok((x, hidden.shape[0]))
 }

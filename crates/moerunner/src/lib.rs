@@ -5,9 +5,9 @@
 
 pub mod activation;
 pub mod backend;
-pub mod checkpoint;
 pub mod bench;
 pub mod check;
+pub mod checkpoint;
 pub mod config;
 pub mod error;
 pub mod formats;
@@ -24,7 +24,10 @@ pub mod tensor;
 pub mod validate;
 pub mod weights;
 
-pub use config::{Activation, ActivationFormat, LayerConfig, Parallelism, RoutingConfig, RoutingMethod, W13Order, WeightFormat};
+pub use config::{
+    Activation, ActivationFormat, LayerConfig, Parallelism, RoutingConfig, RoutingMethod, W13Order,
+    WeightFormat,
+};
 pub use error::{MoeError, Result};
 pub use forward::{ForwardInput, ForwardOutput};
 pub use routing::{Routes, RoutingInput};

@@ -21,7 +21,11 @@ pub enum BackendChoice {
 impl std::str::FromStr for BackendChoice {
     type Err = MoeError;
     fn from_str(s: &str) -> Result<Self> {
-        Ok(if s == "auto" { BackendChoice::Auto } else { BackendChoice::Named(s.to_string()) })
+        Ok(if s == "auto" {
+            BackendChoice::Auto
+        } else {
+            BackendChoice::Named(s.to_string())
+        })
     }
 }
 
@@ -49,7 +53,10 @@ impl Runner {
     pub fn new() -> Self {
         let cuda = match backend::cuda::create() {
             Ok(b) => Registered::Ready(b),
-            Err(e) => Registered::Unavailable { name: "cuda", reason: e.to_string() },
+            Err(e) => Registered::Unavailable {
+                name: "cuda",
+                reason: e.to_string(),
+            },
         };
         Runner {
             backends: vec![
@@ -77,10 +84,15 @@ impl Runner {
                 continue;
             }
             match reg {
-                Registered::Unavailable { name, reason } => reasons.push((name.to_string(), reason.clone())),
+                Registered::Unavailable { name, reason } => {
+                    reasons.push((name.to_string(), reason.clone()))
+                }
                 Registered::Ready(b) => {
                     if *choice == BackendChoice::Auto && !b.auto_eligible() {
-                        reasons.push((b.name().to_string(), "not chosen automatically (ask for it by name)".into()));
+                        reasons.push((
+                            b.name().to_string(),
+                            "not chosen automatically (ask for it by name)".into(),
+                        ));
                         continue;
                     }
                     match b.supports(layer.config()) {
@@ -92,8 +104,13 @@ impl Runner {
         }
         if reasons.is_empty() {
             let names: Vec<&str> = self.backends.iter().map(|r| r.name()).collect();
-            return Err(MoeError::invalid("backend", format!(
-                "unknown backend {choice:?}; known: auto, {}", names.join(", "))));
+            return Err(MoeError::invalid(
+                "backend",
+                format!(
+                    "unknown backend {choice:?}; known: auto, {}",
+                    names.join(", ")
+                ),
+            ));
         }
         Err(MoeError::NoBackend { reasons })
     }
@@ -106,6 +123,10 @@ impl Default for Runner {
 }
 
 /// Convenience: load on `choice` and run one forward call.
-pub fn run_once(layer: MoeLayer, choice: &BackendChoice, input: &ForwardInput<'_>) -> Result<ForwardOutput> {
+pub fn run_once(
+    layer: MoeLayer,
+    choice: &BackendChoice,
+    input: &ForwardInput<'_>,
+) -> Result<ForwardOutput> {
     Runner::new().load(layer, choice)?.forward(input)
 }

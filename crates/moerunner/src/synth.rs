@@ -17,13 +17,21 @@ pub const X_AMP: f32 = 2.0;
 
 /// Derives an independent stream for (seed, purpose, index).
 fn stream(seed: u64, purpose: u64, index: u64) -> SeededRng {
-    let mix = seed ^ purpose.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ index.wrapping_mul(0xD1B5_4A32_D192_ED03);
+    let mix = seed
+        ^ purpose.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        ^ index.wrapping_mul(0xD1B5_4A32_D192_ED03);
     SeededRng::new(mix)
 }
 
 /// Random weights `[E, rows, cols]` ~ U(−a, a), a = √(3/cols) (unit-variance outputs for unit
 /// inputs), quantized to the config's weight format one expert at a time.
-fn random_projection(config: &LayerConfig, rows: usize, cols: usize, seed: u64, purpose: u64) -> Result<QuantizedTensor> {
+fn random_projection(
+    config: &LayerConfig,
+    rows: usize,
+    cols: usize,
+    seed: u64,
+    purpose: u64,
+) -> Result<QuantizedTensor> {
     let amp = (3.0 / cols as f32).sqrt();
     let experts: Result<Vec<QuantizedTensor>> = config
         .local_experts
@@ -43,7 +51,9 @@ fn random_projection(config: &LayerConfig, rows: usize, cols: usize, seed: u64, 
 
 /// Concatenates single-expert (or any) quantized tensors of one format and shape along experts.
 pub fn concat_experts(parts: Vec<QuantizedTensor>) -> Result<QuantizedTensor> {
-    let first = parts.first().ok_or_else(|| MoeError::invalid("concat_experts", "no parts"))?;
+    let first = parts
+        .first()
+        .ok_or_else(|| MoeError::invalid("concat_experts", "no parts"))?;
     let (format, rows, cols) = (first.format, first.rows, first.cols);
     let mut data = Vec::new();
     let mut globals = Vec::new();
@@ -57,19 +67,37 @@ pub fn concat_experts(parts: Vec<QuantizedTensor>) -> Result<QuantizedTensor> {
     };
     for part in parts {
         if part.format != format || part.rows != rows || part.cols != cols {
-            return Err(MoeError::invalid("concat_experts", "parts differ in format or shape"));
+            return Err(MoeError::invalid(
+                "concat_experts",
+                "parts differ in format or shape",
+            ));
         }
         experts += part.experts;
         data.extend_from_slice(&part.data);
         globals.extend_from_slice(&part.global_scales);
         match (&mut scales, &part.scales) {
             (BlockScales::None, BlockScales::None) => {}
-            (BlockScales::PerExpert(a), BlockScales::PerExpert(b)) | (BlockScales::Block128(a), BlockScales::Block128(b)) => a.extend_from_slice(b),
-            (BlockScales::Ue8m0(a), BlockScales::Ue8m0(b)) | (BlockScales::E4m3(a), BlockScales::E4m3(b)) => a.extend_from_slice(b),
-            _ => return Err(MoeError::invalid("concat_experts", "parts differ in scale kind")),
+            (BlockScales::PerExpert(a), BlockScales::PerExpert(b))
+            | (BlockScales::Block128(a), BlockScales::Block128(b)) => a.extend_from_slice(b),
+            (BlockScales::Ue8m0(a), BlockScales::Ue8m0(b))
+            | (BlockScales::E4m3(a), BlockScales::E4m3(b)) => a.extend_from_slice(b),
+            _ => {
+                return Err(MoeError::invalid(
+                    "concat_experts",
+                    "parts differ in scale kind",
+                ))
+            }
         }
     }
-    Ok(QuantizedTensor { format, experts, rows, cols, data: data.into(), scales, global_scales: globals })
+    Ok(QuantizedTensor {
+        format,
+        experts,
+        rows,
+        cols,
+        data: data.into(),
+        scales,
+        global_scales: globals,
+    })
 }
 
 /// A random layer for `config` (holding `config.local_experts`), deterministic from `seed`.
@@ -82,15 +110,34 @@ pub fn random_layer(config: &LayerConfig, seed: u64, biases: bool) -> Result<Moe
     let w2 = random_projection(config, h, i, seed, 2)?;
     let n_local = config.num_local_experts();
     let mut rng = stream(seed, 3, 0);
-    let mut vec_of = |n: usize, amp: f32| -> Vec<f32> { (0..n).map(|_| rng.uniform(-amp, amp)).collect() };
-    let (w13_bias, w2_bias) = if biases { (Some(vec_of(n_local * m, 0.5)), Some(vec_of(n_local * h, 0.5))) } else { (None, None) };
-    let router_bias = config.routing.uses_bias().then(|| vec_of(config.num_experts, 0.1));
+    let mut vec_of =
+        |n: usize, amp: f32| -> Vec<f32> { (0..n).map(|_| rng.uniform(-amp, amp)).collect() };
+    let (w13_bias, w2_bias) = if biases {
+        (
+            Some(vec_of(n_local * m, 0.5)),
+            Some(vec_of(n_local * h, 0.5)),
+        )
+    } else {
+        (None, None)
+    };
+    let router_bias = config
+        .routing
+        .uses_bias()
+        .then(|| vec_of(config.num_experts, 0.1));
     let (w13_input_scale, w2_input_scale) = match config.activation_format {
         ActivationFormat::Fp8 => (Some(X_AMP / 448.0), Some(8.0 / 448.0)),
         ActivationFormat::Nvfp4 => (Some(X_AMP / 2688.0), Some(8.0 / 2688.0)),
         _ => (None, None),
     };
-    let weights = LayerWeights { w13, w2, w13_bias, w2_bias, w13_input_scale, w2_input_scale, router_bias };
+    let weights = LayerWeights {
+        w13,
+        w2,
+        w13_bias,
+        w2_bias,
+        w13_input_scale,
+        w2_input_scale,
+        router_bias,
+    };
     MoeLayer::new(config.clone(), weights)
 }
 
@@ -114,7 +161,12 @@ pub struct SynthInput {
 
 impl SynthInput {
     pub fn routing_input(&self) -> RoutingInput<'_> {
-        match (&self.router_logits, &self.topk_ids, &self.topk_weights, &self.topk_packed) {
+        match (
+            &self.router_logits,
+            &self.topk_ids,
+            &self.topk_weights,
+            &self.topk_packed,
+        ) {
             (Some(l), _, _, _) => RoutingInput::Logits(l),
             (_, Some(ids), Some(w), _) => RoutingInput::TopK { ids, weights: w },
             (_, _, _, Some(p)) => RoutingInput::Packed(p),
@@ -125,21 +177,39 @@ impl SynthInput {
 
 /// A random input of `tokens` rows for `config`: hidden ~ U(−X_AMP, X_AMP) in `dtype`, logits ~ N(0, 1)
 /// (f32), or caller top-k (distinct random ids, weights in (0, 1]) in the chosen form.
-pub fn random_input(config: &LayerConfig, tokens: usize, mode: RoutingMode, dtype: DType, seed: u64) -> Result<SynthInput> {
+pub fn random_input(
+    config: &LayerConfig,
+    tokens: usize,
+    mode: RoutingMode,
+    dtype: DType,
+    seed: u64,
+) -> Result<SynthInput> {
     if !matches!(dtype, DType::F32 | DType::BF16 | DType::F16) {
         return Err(MoeError::dtype("hidden_states", "F32, F16 or BF16", dtype));
     }
     let (h, e, k) = (config.hidden, config.num_experts, config.routing.top_k);
     let mut rng = stream(seed, 10, 0);
-    let x: Vec<f32> = (0..tokens * h).map(|_| rng.uniform(-X_AMP, X_AMP)).collect();
+    let x: Vec<f32> = (0..tokens * h)
+        .map(|_| rng.uniform(-X_AMP, X_AMP))
+        .collect();
     let hidden = HostTensor::encode_f32(dtype, vec![tokens, h], &x);
-    let mut out = SynthInput { hidden, router_logits: None, topk_ids: None, topk_weights: None, topk_packed: None };
+    let mut out = SynthInput {
+        hidden,
+        router_logits: None,
+        topk_ids: None,
+        topk_weights: None,
+        topk_packed: None,
+    };
     if mode == RoutingMode::Logits {
         let logits: Vec<f32> = (0..tokens * e).map(|_| rng.normal()).collect();
         out.router_logits = Some(HostTensor::from_f32(vec![tokens, e], &logits));
         return Ok(out);
     }
-    let k = if config.routing.method == RoutingMethod::Llama4 { 1 } else { k };
+    let k = if config.routing.method == RoutingMethod::Llama4 {
+        1
+    } else {
+        k
+    };
     let mut ids = Vec::with_capacity(tokens * k);
     let mut weights = Vec::with_capacity(tokens * k);
     let mut chosen = Vec::with_capacity(k);
@@ -160,7 +230,11 @@ pub fn random_input(config: &LayerConfig, tokens: usize, mode: RoutingMode, dtyp
             out.topk_weights = Some(HostTensor::from_f32(vec![tokens, k], &weights));
         }
         RoutingMode::Packed => {
-            let packed: Vec<i32> = ids.iter().zip(&weights).map(|(&id, &w)| routing::pack(id, w)).collect();
+            let packed: Vec<i32> = ids
+                .iter()
+                .zip(&weights)
+                .map(|(&id, &w)| routing::pack(id, w))
+                .collect();
             out.topk_packed = Some(HostTensor::from_i32(vec![tokens, k], &packed));
         }
         RoutingMode::Logits => unreachable!(),

@@ -51,7 +51,11 @@ impl fmt::Display for DType {
 #[derive(Clone)]
 pub enum Bytes {
     Owned(Vec<u8>),
-    Mapped { map: Arc<memmap2::Mmap>, start: usize, len: usize },
+    Mapped {
+        map: Arc<memmap2::Mmap>,
+        start: usize,
+        len: usize,
+    },
 }
 
 impl Deref for Bytes {
@@ -88,10 +92,19 @@ impl HostTensor {
     pub fn new(name: &str, dtype: DType, shape: Vec<usize>, bytes: Bytes) -> Result<Self> {
         let want = shape.iter().product::<usize>() * dtype.size();
         if bytes.len() != want {
-            return Err(MoeError::invalid(format!("tensor `{name}`"), format!(
-                "{} bytes do not match {dtype} {shape:?} ({want} bytes)", bytes.len())));
+            return Err(MoeError::invalid(
+                format!("tensor `{name}`"),
+                format!(
+                    "{} bytes do not match {dtype} {shape:?} ({want} bytes)",
+                    bytes.len()
+                ),
+            ));
         }
-        Ok(HostTensor { dtype, shape, bytes })
+        Ok(HostTensor {
+            dtype,
+            shape,
+            bytes,
+        })
     }
     pub fn numel(&self) -> usize {
         self.shape.iter().product()
@@ -100,30 +113,60 @@ impl HostTensor {
         Self::encode_f32(DType::F32, shape, values)
     }
     pub fn from_i32(shape: Vec<usize>, values: &[i32]) -> Self {
-        let bytes = values.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>();
-        HostTensor { dtype: DType::I32, shape, bytes: bytes.into() }
+        let bytes = values
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect::<Vec<u8>>();
+        HostTensor {
+            dtype: DType::I32,
+            shape,
+            bytes: bytes.into(),
+        }
     }
     pub fn from_u8(dtype: DType, shape: Vec<usize>, bytes: Vec<u8>) -> Self {
-        HostTensor { dtype, shape, bytes: bytes.into() }
+        HostTensor {
+            dtype,
+            shape,
+            bytes: bytes.into(),
+        }
     }
     /// Encodes f32 values as F32, F16 or BF16 (round to nearest even). Panics on other dtypes:
     /// a programming error, never reachable from user input.
     pub fn encode_f32(dtype: DType, shape: Vec<usize>, values: &[f32]) -> Self {
         let bytes: Vec<u8> = match dtype {
             DType::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
-            DType::BF16 => values.iter().flat_map(|v| bf16::from_f32(*v).to_le_bytes()).collect(),
-            DType::F16 => values.iter().flat_map(|v| f16::from_f32(*v).to_le_bytes()).collect(),
+            DType::BF16 => values
+                .iter()
+                .flat_map(|v| bf16::from_f32(*v).to_le_bytes())
+                .collect(),
+            DType::F16 => values
+                .iter()
+                .flat_map(|v| f16::from_f32(*v).to_le_bytes())
+                .collect(),
             other => panic!("encode_f32 into {other} is not a float encoding"),
         };
-        HostTensor { dtype, shape, bytes: bytes.into() }
+        HostTensor {
+            dtype,
+            shape,
+            bytes: bytes.into(),
+        }
     }
     /// Decodes an F32, F16 or BF16 tensor to f32 (exact).
     pub fn to_f32_vec(&self, name: &str) -> Result<Vec<f32>> {
         let b = &self.bytes[..];
         Ok(match self.dtype {
-            DType::F32 => b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
-            DType::BF16 => b.chunks_exact(2).map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-            DType::F16 => b.chunks_exact(2).map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+            DType::F32 => b
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+            DType::BF16 => b
+                .chunks_exact(2)
+                .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            DType::F16 => b
+                .chunks_exact(2)
+                .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
             other => return Err(MoeError::dtype(name, "F32, F16 or BF16", other)),
         })
     }
@@ -131,7 +174,11 @@ impl HostTensor {
         if self.dtype != DType::I32 {
             return Err(MoeError::dtype(name, "I32", self.dtype));
         }
-        Ok(self.bytes.chunks_exact(4).map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
+        Ok(self
+            .bytes
+            .chunks_exact(4)
+            .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect())
     }
     /// Checks the dtype is one of `allowed`.
     pub fn expect_dtype(&self, name: &str, allowed: &[DType]) -> Result<()> {

@@ -111,5 +111,8 @@ impl MoeLayer {
 /// Shorthand used by validators.
 #[allow(dead_code)] // used by validate.rs
 pub(crate) fn nonfinite(name: &str, index: usize, v: f32) -> MoeError {
-    MoeError::invalid(format!("tensor `{name}`"), format!("value at index {index} is {v}, not a finite number"))
+    MoeError::invalid(
+        format!("tensor `{name}`"),
+        format!("value at index {index} is {v}, not a finite number"),
+    )
 }

@@ -8,7 +8,10 @@ const LINE_BUDGET: usize = 1200;
 
 fn library_sources() -> Vec<PathBuf> {
     fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
-        let mut entries: Vec<_> = fs::read_dir(dir).expect("src dir readable").map(|e| e.expect("dir entry").path()).collect();
+        let mut entries: Vec<_> = fs::read_dir(dir)
+            .expect("src dir readable")
+            .map(|e| e.expect("dir entry").path())
+            .collect();
         entries.sort();
         for p in entries {
             if p.is_dir() {
@@ -29,7 +32,10 @@ fn non_test_part(text: &str) -> &str {
 }
 
 fn rel(p: &Path) -> String {
-    p.strip_prefix(env!("CARGO_MANIFEST_DIR")).unwrap_or(p).display().to_string()
+    p.strip_prefix(env!("CARGO_MANIFEST_DIR"))
+        .unwrap_or(p)
+        .display()
+        .to_string()
 }
 
 #[test]
@@ -44,16 +50,26 @@ fn library_code_has_no_unwrap_or_expect() {
             }
         }
     }
-    assert!(bad.is_empty(), "library code must return errors, not unwrap:\n{}", bad.join("\n"));
+    assert!(
+        bad.is_empty(),
+        "library code must return errors, not unwrap:\n{}",
+        bad.join("\n")
+    );
 }
 
 #[test]
 fn no_module_over_the_line_budget() {
     let mut bad = Vec::new();
     for path in library_sources() {
-        let n = fs::read_to_string(&path).expect("source readable").lines().count();
+        let n = fs::read_to_string(&path)
+            .expect("source readable")
+            .lines()
+            .count();
         if n > LINE_BUDGET {
-            bad.push(format!("{} has {n} lines (budget {LINE_BUDGET})", rel(&path)));
+            bad.push(format!(
+                "{} has {n} lines (budget {LINE_BUDGET})",
+                rel(&path)
+            ));
         }
     }
     assert!(bad.is_empty(), "split these modules:\n{}", bad.join("\n"));
@@ -62,13 +78,39 @@ fn no_module_over_the_line_budget() {
 #[test]
 fn dependencies_point_down() {
     // (module path prefix, crate paths it must not import)
-    let upper = ["crate::backend", "crate::runner", "crate::check", "crate::bench", "crate::layer_file", "crate::checkpoint"];
+    let upper = [
+        "crate::backend",
+        "crate::runner",
+        "crate::check",
+        "crate::bench",
+        "crate::layer_file",
+        "crate::checkpoint",
+    ];
     let rules: &[(&str, &[&str])] = &[
-        ("src/config.rs", &["crate::formats", "crate::routing", "crate::reference", "crate::weights"]),
-        ("src/tensor.rs", &["crate::formats", "crate::routing", "crate::reference", "crate::weights"]),
+        (
+            "src/config.rs",
+            &[
+                "crate::formats",
+                "crate::routing",
+                "crate::reference",
+                "crate::weights",
+            ],
+        ),
+        (
+            "src/tensor.rs",
+            &[
+                "crate::formats",
+                "crate::routing",
+                "crate::reference",
+                "crate::weights",
+            ],
+        ),
         ("src/formats", &["crate::routing", "crate::reference"]),
         ("src/routing", &["crate::formats", "crate::reference"]),
-        ("src/activation.rs", &["crate::formats", "crate::routing", "crate::reference"]),
+        (
+            "src/activation.rs",
+            &["crate::formats", "crate::routing", "crate::reference"],
+        ),
         ("src/reference.rs", &[]),
         ("src/shard.rs", &[]),
     ];

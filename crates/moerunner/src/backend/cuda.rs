@@ -6,5 +6,7 @@ use crate::error::{MoeError, Result};
 
 /// Returns the CUDA backend, or the reason it cannot be used on this build or machine.
 pub fn create() -> Result<Box<dyn Backend>> {
-    Err(MoeError::Cuda("this build has no CUDA backend (the `cuda` feature is off)".into()))
+    Err(MoeError::Cuda(
+        "this build has no CUDA backend (the `cuda` feature is off)".into(),
+    ))
 }
