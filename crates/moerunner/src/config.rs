@@ -304,6 +304,29 @@ impl Parallelism {
         }
         Ok(())
     }
+    /// Checks that E global experts split evenly over the EP ranks and I over the TP ranks
+    /// (shared by in-memory sharding and checkpoint loading, so both refuse the same layers).
+    pub fn check_splits(&self, num_experts: usize, intermediate: usize) -> Result<()> {
+        if !num_experts.is_multiple_of(self.ep_size) {
+            return Err(MoeError::invalid(
+                "ep_size",
+                format!(
+                    "E = {num_experts} experts cannot be split evenly over {} ranks",
+                    self.ep_size
+                ),
+            ));
+        }
+        if !intermediate.is_multiple_of(self.tp_size) {
+            return Err(MoeError::invalid(
+                "tp_size",
+                format!(
+                    "I = {intermediate} cannot be split evenly over {} ranks",
+                    self.tp_size
+                ),
+            ));
+        }
+        Ok(())
+    }
     pub fn is_single(&self) -> bool {
         self.ep_size == 1 && self.tp_size == 1
     }

@@ -35,24 +35,7 @@ pub fn shard(layer: &MoeLayer, par: Parallelism) -> Result<MoeLayer> {
         ));
     }
     let (e, inter) = (cfg.num_experts, cfg.intermediate);
-    if e % par.ep_size != 0 {
-        return Err(MoeError::invalid(
-            "ep_size",
-            format!(
-                "E = {e} experts cannot be split evenly over {} ranks",
-                par.ep_size
-            ),
-        ));
-    }
-    if inter % par.tp_size != 0 {
-        return Err(MoeError::invalid(
-            "tp_size",
-            format!(
-                "I = {inter} cannot be split evenly over {} ranks",
-                par.tp_size
-            ),
-        ));
-    }
+    par.check_splits(e, inter)?;
     let per_rank = e / par.ep_size;
     let experts = par.ep_rank * per_rank..(par.ep_rank + 1) * per_rank;
     let local_i = inter / par.tp_size;

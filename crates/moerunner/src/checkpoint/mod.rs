@@ -177,24 +177,7 @@ pub fn load_layer(dir: &Path, layer_index: usize, opts: &LoadOptions) -> Result<
     let par = opts.parallelism;
     par.validate()?;
     let (e, inter) = (plan.num_experts, plan.intermediate);
-    if e % par.ep_size != 0 {
-        return Err(MoeError::invalid(
-            "ep_size",
-            format!(
-                "E = {e} experts cannot be split evenly over {} ranks",
-                par.ep_size
-            ),
-        ));
-    }
-    if inter % par.tp_size != 0 {
-        return Err(MoeError::invalid(
-            "tp_size",
-            format!(
-                "I = {inter} cannot be split evenly over {} ranks",
-                par.tp_size
-            ),
-        ));
-    }
+    par.check_splits(e, inter)?;
     let (per_rank, local_i) = (e / par.ep_size, inter / par.tp_size);
     let slice = Slice {
         experts: par.ep_rank * per_rank..(par.ep_rank + 1) * per_rank,
