@@ -417,9 +417,16 @@ fn merge(mut a: serde_json::Value, b: serde_json::Value) -> serde_json::Value {
     a
 }
 
-/// A tensor of another layer, so the index names more than the layer asked for.
+/// A tensor of another layer, so the index names more than the layer asked for, and an I64
+/// buffer beside it: real shards hold dtypes a MoE layer never reads, which must not stop loading.
 fn distractor(m: &mut Mini, name: &str) {
     m.add(name, Dtype::BF16, &[4, 4], vec![0; 32]);
+    m.add(
+        format!("{name}.position_ids"),
+        Dtype::I64,
+        &[4],
+        vec![0; 32],
+    );
 }
 
 // ---------------------------------------------------------------------------------------------

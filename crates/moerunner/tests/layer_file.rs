@@ -931,3 +931,28 @@ fn in_memory_weights_with_wrong_bytes_scale_kind_or_format() {
         "{err}"
     );
 }
+
+#[test]
+fn unrepresentable_dtypes_fail_strict_opens_and_only_their_own_reads_when_lenient() {
+    use safetensors::tensor::{Dtype, TensorView};
+    let p = tmp("i64.safetensors");
+    let (f, i) = (vec![0u8; 16], vec![0u8; 16]);
+    let views = vec![
+        (
+            "weights".to_string(),
+            TensorView::new(Dtype::F32, vec![4], &f).unwrap(),
+        ),
+        (
+            "steps".to_string(),
+            TensorView::new(Dtype::I64, vec![2], &i).unwrap(),
+        ),
+    ];
+    safetensors::serialize_to_file(views, None, &p).unwrap();
+    let err = MappedFile::open(&p).err().unwrap().to_string();
+    assert!(err.contains("steps") && err.contains("I64"), "{err}");
+    let lenient = MappedFile::open_lenient(&p).unwrap();
+    assert_eq!(lenient.require("weights").unwrap().shape, vec![4]);
+    assert!(lenient.has("steps"));
+    let err = lenient.require("steps").err().unwrap().to_string();
+    assert!(err.contains("steps") && err.contains("I64"), "{err}");
+}

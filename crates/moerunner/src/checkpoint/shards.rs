@@ -62,7 +62,7 @@ impl Shards {
             }
             out
         } else if dir.join(SINGLE_FILE).exists() {
-            let file = MappedFile::open(&dir.join(SINGLE_FILE))?;
+            let file = MappedFile::open_lenient(&dir.join(SINGLE_FILE))?;
             file.names()
                 .map(|n| (n.to_string(), SINGLE_FILE.to_string()))
                 .collect()
@@ -101,17 +101,18 @@ impl Shards {
         let shard = match open.get(file) {
             Some(s) => s.clone(),
             None => {
-                let s = std::rc::Rc::new(MappedFile::open(&self.dir.join(file))?);
+                let s = std::rc::Rc::new(MappedFile::open_lenient(&self.dir.join(file))?);
                 open.insert(file.clone(), s.clone());
                 s
             }
         };
-        shard.get(name).ok_or_else(|| {
-            MoeError::missing(format!(
+        if !shard.has(name) {
+            return Err(MoeError::missing(format!(
                 "tensor `{name}` in shard {} (the index names that shard)",
                 shard.path().display()
-            ))
-        })
+            )));
+        }
+        shard.require(name)
     }
 
     /// Dtype and shape of `name`, checked against the allowed dtypes.

@@ -35,6 +35,8 @@ pub struct MappedFile {
     map: Arc<memmap2::Mmap>,
     /// name → (dtype, shape, byte offset in the map, byte length)
     tensors: HashMap<String, (DType, Vec<usize>, usize, usize)>,
+    /// Lenient opens only: name → the dtype we cannot represent (I64, BOOL, F8_E5M2, ...).
+    unsupported: HashMap<String, String>,
     metadata: HashMap<String, String>,
 }
 
@@ -68,8 +70,20 @@ fn dtype_to(d: DType) -> Dtype {
 }
 
 impl MappedFile {
-    /// Maps and parses `path`; a truncated or malformed file is a `Format` error naming it.
+    /// Maps and parses `path`; a truncated or malformed file is a `Format` error naming it, and
+    /// so is any tensor of a dtype this library does not represent (our own file contracts).
     pub fn open(path: &Path) -> Result<Self> {
+        Self::open_with(path, false)
+    }
+
+    /// Like [`open`](Self::open), but tensors of unrepresented dtypes are only recorded: reading
+    /// one is an error, the rest of the file stays usable. Checkpoint shards hold tensors of
+    /// other layers and kinds (e.g. I64 buffers) that a MoE layer never reads.
+    pub fn open_lenient(path: &Path) -> Result<Self> {
+        Self::open_with(path, true)
+    }
+
+    fn open_with(path: &Path, lenient: bool) -> Result<Self> {
         let io = |source| MoeError::Io {
             path: path.display().to_string(),
             source,
@@ -89,8 +103,16 @@ impl MappedFile {
         let (_, meta) = SafeTensors::read_metadata(&map).map_err(|e| bad(e.to_string()))?;
         let base = map.as_ptr() as usize;
         let mut tensors = HashMap::new();
+        let mut unsupported = HashMap::new();
         for (name, view) in st.iter() {
-            let dtype = dtype_from(view.dtype(), path, name)?;
+            let dtype = match dtype_from(view.dtype(), path, name) {
+                Ok(d) => d,
+                Err(_) if lenient => {
+                    unsupported.insert(name.to_string(), format!("{:?}", view.dtype()));
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             let start = view.data().as_ptr() as usize - base;
             tensors.insert(
                 name.to_string(),
@@ -102,6 +124,7 @@ impl MappedFile {
             path: path.to_path_buf(),
             map: Arc::new(map),
             tensors,
+            unsupported,
             metadata,
         })
     }
@@ -114,10 +137,13 @@ impl MappedFile {
         &self.metadata
     }
     pub fn names(&self) -> impl Iterator<Item = &str> {
-        self.tensors.keys().map(|s| s.as_str())
+        self.tensors
+            .keys()
+            .chain(self.unsupported.keys())
+            .map(|s| s.as_str())
     }
     pub fn has(&self, name: &str) -> bool {
-        self.tensors.contains_key(name)
+        self.tensors.contains_key(name) || self.unsupported.contains_key(name)
     }
     /// The tensor `name`, borrowed from the map (no copy), or None if absent.
     pub fn get(&self, name: &str) -> Option<HostTensor> {
@@ -132,8 +158,16 @@ impl MappedFile {
             },
         })
     }
-    /// The tensor `name`, or a `Missing` error naming it and the file.
+    /// The tensor `name`, or an error naming it and the file: `Missing`, or `DType` for a
+    /// tensor a lenient open recorded as unrepresentable.
     pub fn require(&self, name: &str) -> Result<HostTensor> {
+        if let Some(d) = self.unsupported.get(name) {
+            return Err(MoeError::dtype(
+                name,
+                "one of F32, F16, BF16, F8_E4M3, U8, I32",
+                format!("{d} (in {})", self.path.display()),
+            ));
+        }
         self.get(name)
             .ok_or_else(|| MoeError::missing(format!("tensor `{name}` in {}", self.path.display())))
     }
