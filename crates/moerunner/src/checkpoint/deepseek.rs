@@ -25,17 +25,7 @@ pub(super) fn plan(cfg: &HfConfig, layer: usize) -> Result<Plan> {
     }
     cfg.expect_str("scoring_func", &["sigmoid"])?;
     cfg.expect_str("topk_method", &["noaux_tc"])?;
-    if !cfg.bool_or("norm_topk_prob", true)? {
-        return Err(cfg.unsupported(
-            "norm_topk_prob",
-            "false is not supported: deepseek_v3 routing renormalizes the selected weights",
-        ));
-    }
-    let mut routing =
-        RoutingConfig::new(RoutingMethod::DeepseekV3, cfg.usize("num_experts_per_tok")?);
-    routing.n_group = cfg.usize("n_group")?;
-    routing.topk_group = cfg.usize("topk_group")?;
-    routing.routed_scaling_factor = cfg.f32("routed_scaling_factor")?;
+    let routing = deepseek_v3_routing(cfg)?;
     let p = format!("model.layers.{layer}.mlp.");
     Ok(Plan {
         family: "deepseek_v3",
@@ -54,4 +44,21 @@ pub(super) fn plan(cfg: &HfConfig, layer: usize) -> Result<Plan> {
         router_linear_bias: None,
         correction_bias: Some(format!("{p}gate.e_score_correction_bias")),
     })
+}
+
+/// The `deepseek_v3` routing a config describes (`num_experts_per_tok`, `n_group`, `topk_group`,
+/// `routed_scaling_factor`); shared with Nemotron-H, which routes the same way.
+pub(super) fn deepseek_v3_routing(cfg: &HfConfig) -> Result<RoutingConfig> {
+    if !cfg.bool_or("norm_topk_prob", true)? {
+        return Err(cfg.unsupported(
+            "norm_topk_prob",
+            "false is not supported: deepseek_v3 routing renormalizes the selected weights",
+        ));
+    }
+    let mut routing =
+        RoutingConfig::new(RoutingMethod::DeepseekV3, cfg.usize("num_experts_per_tok")?);
+    routing.n_group = cfg.usize("n_group")?;
+    routing.topk_group = cfg.usize("topk_group")?;
+    routing.routed_scaling_factor = cfg.f32("routed_scaling_factor")?;
+    Ok(routing)
 }

@@ -7,9 +7,10 @@
 //! `mixer.gate.weight`, selection bias `mixer.gate.e_score_correction_bias`; routing `deepseek_v3`
 //! with `n_group`, `topk_group`, `routed_scaling_factor`. The shared expert is outside this layer.
 
+use super::deepseek::deepseek_v3_routing;
 use super::hf_config::HfConfig;
 use super::{check_layer_index, ExpertLayout, Plan};
-use crate::config::{Activation, RoutingConfig, RoutingMethod};
+use crate::config::Activation;
 use crate::error::Result;
 
 pub(super) fn plan(cfg: &HfConfig, layer: usize) -> Result<Plan> {
@@ -22,17 +23,7 @@ pub(super) fn plan(cfg: &HfConfig, layer: usize) -> Result<Plan> {
         ));
     }
     cfg.expect_str("mlp_hidden_act", &["relu2"])?;
-    if !cfg.bool_or("norm_topk_prob", true)? {
-        return Err(cfg.unsupported(
-            "norm_topk_prob",
-            "false is not supported: deepseek_v3 routing renormalizes the selected weights",
-        ));
-    }
-    let mut routing =
-        RoutingConfig::new(RoutingMethod::DeepseekV3, cfg.usize("num_experts_per_tok")?);
-    routing.n_group = cfg.usize("n_group")?;
-    routing.topk_group = cfg.usize("topk_group")?;
-    routing.routed_scaling_factor = cfg.f32("routed_scaling_factor")?;
+    let routing = deepseek_v3_routing(cfg)?;
     let p = format!("backbone.layers.{layer}.mixer.");
     Ok(Plan {
         family: "nemotron_h",
