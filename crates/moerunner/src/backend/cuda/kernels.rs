@@ -1,0 +1,206 @@
+//! The kernel sources embedded in the binary, and every variant (set of defines) the backend may
+//! launch. CI compiles each variant with NVRTC for sm_90a, so a kernel that does not compile cannot
+//! land; the list here is that contract.
+
+use crate::config::{Activation, WeightFormat};
+
+/// Pasted before every source: typedefs and number conversions (one translation unit, no headers).
+pub const COMMON: &str = include_str!("kernels/common.cuh");
+
+/// One `.cu` file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Source {
+    Routing,
+    Sort,
+    Quant,
+    Combine,
+    Gemm,
+}
+
+impl Source {
+    pub const ALL: [Source; 5] = [
+        Source::Routing,
+        Source::Sort,
+        Source::Quant,
+        Source::Combine,
+        Source::Gemm,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Source::Routing => "routing",
+            Source::Sort => "sort",
+            Source::Quant => "quant",
+            Source::Combine => "combine",
+            Source::Gemm => "moe_gemm",
+        }
+    }
+
+    pub fn text(self) -> &'static str {
+        match self {
+            Source::Routing => include_str!("kernels/routing.cu"),
+            Source::Sort => include_str!("kernels/sort.cu"),
+            Source::Quant => include_str!("kernels/quant.cu"),
+            Source::Combine => include_str!("kernels/combine.cu"),
+            Source::Gemm => include_str!("kernels/moe_gemm.cu"),
+        }
+    }
+
+    /// The whole translation unit NVRTC compiles.
+    pub fn full_text(self) -> String {
+        format!("{COMMON}\n#line 1 \"{}.cu\"\n{}", self.name(), self.text())
+    }
+}
+
+/// Which of the two grouped GEMMs, with its epilogue.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum GemmStage {
+    /// GEMM1 with a gated activation in the epilogue (ACT: 0 swiglu, 1 geglu, 2 swiglu_oai).
+    Gated { act: u8 },
+    /// GEMM1 with relu² in the epilogue.
+    Relu2,
+    /// GEMM2: plain f32 output (plus bias).
+    Down,
+}
+
+impl GemmStage {
+    pub fn for_activation(act: &Activation) -> GemmStage {
+        match act {
+            Activation::Swiglu => GemmStage::Gated { act: 0 },
+            Activation::Geglu => GemmStage::Gated { act: 1 },
+            Activation::SwigluOai { .. } => GemmStage::Gated { act: 2 },
+            Activation::Relu2 => GemmStage::Relu2,
+        }
+    }
+}
+
+/// The element types the GEMM reads: W_FP8 0 = bf16, 1 = fp8 per-tensor, 2 = fp8 block-scale.
+pub fn gemm_weight_code(format: WeightFormat) -> Option<u8> {
+    match format {
+        WeightFormat::Bf16 => Some(0),
+        WeightFormat::Fp8 => Some(1),
+        WeightFormat::Fp8Block => Some(2),
+        _ => None,
+    }
+}
+
+/// How GEMM1 stores the intermediate (OUT_TYPE): bf16 for bf16 activations, e4m3 with the static
+/// GEMM2 input scale for fp8, f32 for fp8_block (the 1×128 requantization is a separate pass, which
+/// needs the whole 128-wide block's amax).
+pub fn gemm1_out_type(weight_code: u8) -> u8 {
+    match weight_code {
+        0 => 0,
+        1 => 2,
+        _ => 1,
+    }
+}
+
+/// Token-tile widths the GEMM is built for (the host picks one from the mean tokens per expert).
+pub const GEMM_BN: [u32; 4] = [16, 32, 64, 128];
+
+/// Weight-row tile height for a token-tile width: small tiles give decode enough blocks to fill the chip.
+pub fn gemm_bm(bn: u32) -> u32 {
+    if bn <= 32 {
+        64
+    } else {
+        128
+    }
+}
+
+/// One compiled form of the GEMM.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct GemmVariant {
+    pub weight_code: u8,
+    pub stage: GemmStage,
+    pub bn: u32,
+}
+
+impl GemmVariant {
+    pub fn bm(&self) -> u32 {
+        gemm_bm(self.bn)
+    }
+
+    pub fn defines(&self) -> Vec<String> {
+        let (epi, act, out) = match self.stage {
+            GemmStage::Gated { act } => (1, act, gemm1_out_type(self.weight_code)),
+            GemmStage::Relu2 => (2, 0, gemm1_out_type(self.weight_code)),
+            GemmStage::Down => (0, 0, 1),
+        };
+        vec![
+            format!("-DW_FP8={}", self.weight_code),
+            format!("-DEPI={epi}"),
+            format!("-DACT={act}"),
+            format!("-DOUT_TYPE={out}"),
+            format!("-DBN={}", self.bn),
+            format!("-DBM={}", self.bm()),
+        ]
+    }
+
+    /// Every GEMM variant the backend may launch.
+    pub fn all() -> Vec<GemmVariant> {
+        let stages = [
+            GemmStage::Gated { act: 0 },
+            GemmStage::Gated { act: 1 },
+            GemmStage::Gated { act: 2 },
+            GemmStage::Relu2,
+            GemmStage::Down,
+        ];
+        let mut all = Vec::new();
+        for weight_code in 0..3 {
+            for stage in stages {
+                for bn in GEMM_BN {
+                    all.push(GemmVariant {
+                        weight_code,
+                        stage,
+                        bn,
+                    });
+                }
+            }
+        }
+        all
+    }
+}
+
+/// A source with its defines: the unit of compilation and of the module cache.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct ModuleKey {
+    pub source: Source,
+    pub defines: Vec<String>,
+}
+
+impl ModuleKey {
+    pub fn plain(source: Source) -> Self {
+        ModuleKey {
+            source,
+            defines: Vec::new(),
+        }
+    }
+
+    pub fn gemm(variant: GemmVariant) -> Self {
+        ModuleKey {
+            source: Source::Gemm,
+            defines: variant.defines(),
+        }
+    }
+
+    /// Every module the backend may load: what CI compiles.
+    pub fn all() -> Vec<ModuleKey> {
+        let mut all: Vec<ModuleKey> = Source::ALL
+            .iter()
+            .filter(|s| **s != Source::Gemm)
+            .map(|s| ModuleKey::plain(*s))
+            .collect();
+        all.extend(GemmVariant::all().into_iter().map(ModuleKey::gemm));
+        all
+    }
+
+    /// A readable name for logs and cache files.
+    pub fn label(&self) -> String {
+        let mut s = self.source.name().to_string();
+        for d in &self.defines {
+            s.push('_');
+            s.push_str(d.trim_start_matches("-D").replace('=', "").as_str());
+        }
+        s
+    }
+}

@@ -1,0 +1,61 @@
+// Shared by every kernel source of the CUDA backend. The loader pastes this file before each .cu, so
+// NVRTC sees one translation unit and no header search path is needed (no CUDA headers are used at
+// all: conversions are inline PTX, so the same source compiles on a machine with only libnvrtc).
+#pragma once
+typedef unsigned char u8;
+typedef unsigned short u16;
+typedef unsigned int u32;
+typedef unsigned long long u64;
+
+// Element type codes of hidden states and outputs (match `DType` handling in the launchers).
+#define DTYPE_BF16 0
+#define DTYPE_F16 1
+#define DTYPE_F32 2
+
+__device__ __forceinline__ float bf16_to_f32(u16 b) { return __uint_as_float(((u32)b) << 16); }
+
+// Round to nearest even, as `half::bf16::from_f32` (NaN stays NaN).
+__device__ __forceinline__ u16 f32_to_bf16(float f) {
+    u16 r;
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r) : "f"(f));
+    return r;
+}
+
+__device__ __forceinline__ float f16_to_f32(u16 h) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+}
+
+__device__ __forceinline__ u16 f32_to_f16(float f) {
+    u16 r;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(r) : "f"(f));
+    return r;
+}
+
+// E4M3 (float8_e4m3fn): round to nearest even, saturating to ±448 (spec/formats.md).
+__device__ __forceinline__ u8 f32_to_e4m3(float f) {
+    u16 pair;
+    asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %1;" : "=h"(pair) : "f"(f));
+    return (u8)(pair & 0xFF);
+}
+
+// Exact: every E4M3 value is an f16 value.
+__device__ __forceinline__ float e4m3_to_f32(u8 b) {
+    u32 halves;
+    u16 pair = (u16)b;
+    asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(halves) : "h"(pair));
+    return f16_to_f32((u16)(halves & 0xFFFF));
+}
+
+// Loads element i of a row whose element type is `dtype` (DTYPE_*), as f32.
+__device__ __forceinline__ float load_as_f32(const void* p, int dtype, long long i) {
+    if (dtype == DTYPE_F32) return ((const float*)p)[i];
+    u16 b = ((const u16*)p)[i];
+    return dtype == DTYPE_BF16 ? bf16_to_f32(b) : f16_to_f32(b);
+}
+
+__device__ __forceinline__ void store_from_f32(void* p, int dtype, long long i, float v) {
+    if (dtype == DTYPE_F32) ((float*)p)[i] = v;
+    else ((u16*)p)[i] = dtype == DTYPE_BF16 ? f32_to_bf16(v) : f32_to_f16(v);
+}

@@ -1,0 +1,197 @@
+//! Run-time compilation of the kernel sources with NVRTC, for the device's exact architecture, with a
+//! disk cache.
+//!
+//! The cache key covers everything that changes the binary: kernel name, the full source text (common
+//! header included), the options (defines included), the architecture and the NVRTC version. Files are
+//! written atomically (temporary file, then rename), so concurrent processes never read half a binary;
+//! the source is kept beside each binary for inspection. `MOERUNNER_DUMP_PTX=DIR` also writes the PTX.
+//! `MOERUNNER_KERNEL_CACHE=DIR` moves the cache; `MOERUNNER_KERNEL_CACHE=off` disables it.
+
+use std::ffi::{c_char, CString};
+use std::path::{Path, PathBuf};
+
+use cudarc::nvrtc::{result, sys};
+
+use crate::error::{MoeError, Result};
+
+/// One compiled kernel module: a CUBIN for a real architecture (sm_90a, ...), plus its PTX.
+pub struct Compiled {
+    pub cubin: Vec<u8>,
+    /// Whether the CUBIN came from the disk cache.
+    pub cached: bool,
+}
+
+/// Whether libnvrtc can be loaded on this machine (checked before any call, which would panic).
+pub fn available() -> bool {
+    // SAFETY: only tries to dlopen the library; no NVRTC function is called.
+    unsafe { sys::is_culib_present() }
+}
+
+/// NVRTC's version as "major.minor".
+pub fn version() -> Result<String> {
+    if !available() {
+        return Err(MoeError::Cuda(
+            "libnvrtc (CUDA 13) was not found; put it on LD_LIBRARY_PATH".into(),
+        ));
+    }
+    let (mut major, mut minor) = (0, 0);
+    // SAFETY: plain out-parameters.
+    unsafe { sys::nvrtcVersion(&mut major, &mut minor) }
+        .result()
+        .map_err(|e| MoeError::Cuda(format!("nvrtcVersion: {e:?}")))?;
+    Ok(format!("{major}.{minor}"))
+}
+
+/// The options every kernel is compiled with, before its own defines.
+pub fn base_options(arch: &str) -> Vec<String> {
+    vec![
+        format!("--gpu-architecture={arch}"),
+        "--std=c++17".into(),
+        "-default-device".into(),
+        "-lineinfo".into(),
+    ]
+}
+
+/// Compiles `source` (already including the common header) for `arch`, or takes it from the cache.
+pub fn compile(name: &str, source: &str, options: &[String], arch: &str) -> Result<Compiled> {
+    let nvrtc_version = version()?;
+    let key = format!(
+        "{name}\n{arch}\nnvrtc {nvrtc_version}\n{}\n{source}",
+        options.join(" ")
+    );
+    let stem = format!("{name}-{arch}-{:016x}", fnv1a64(key.as_bytes()));
+    let cache = cache_dir();
+    if let Some(dir) = &cache {
+        if let Some(cubin) = read_cached(dir, &stem, &key) {
+            return Ok(Compiled {
+                cubin,
+                cached: true,
+            });
+        }
+    }
+    let (cubin, ptx) = compile_uncached(name, source, options)?;
+    if let Ok(dir) = std::env::var("MOERUNNER_DUMP_PTX") {
+        let dir = PathBuf::from(dir);
+        // Best effort: a debugging aid must not fail the run.
+        let _ = std::fs::create_dir_all(&dir)
+            .and_then(|_| write_atomic(&dir.join(format!("{stem}.ptx")), ptx.as_bytes()));
+    }
+    if let Some(dir) = &cache {
+        // The cache is an optimisation: a read-only or full disk only costs a recompile next time.
+        let _ = store_cached(dir, &stem, &key, source, &cubin);
+    }
+    Ok(Compiled {
+        cubin,
+        cached: false,
+    })
+}
+
+/// Compiles without the disk cache; returns the CUBIN (what CI's compile-every-kernel test uses).
+pub fn compile_fresh(name: &str, source: &str, options: &[String]) -> Result<Vec<u8>> {
+    version()?;
+    compile_uncached(name, source, options).map(|(cubin, _)| cubin)
+}
+
+fn compile_uncached(name: &str, source: &str, options: &[String]) -> Result<(Vec<u8>, String)> {
+    let fail = |what: &str, e: result::NvrtcError| {
+        MoeError::Cuda(format!("NVRTC {what} for kernel `{name}`: {e:?}"))
+    };
+    let src = CString::new(source)
+        .map_err(|_| MoeError::Cuda(format!("kernel `{name}`: source contains a NUL byte")))?;
+    let cname = CString::new(format!("{name}.cu"))
+        .map_err(|_| MoeError::Cuda(format!("kernel `{name}`: name contains a NUL byte")))?;
+    let prog = result::create_program(&src, Some(&cname)).map_err(|e| fail("create", e))?;
+    // SAFETY: `prog` is live until the destroy at the end; every buffer is sized by NVRTC's own query.
+    let outcome = unsafe {
+        let compiled = result::compile_program(prog, options);
+        let log = result::get_program_log(prog)
+            .map(|l| c_chars_to_string(&l))
+            .unwrap_or_default();
+        match compiled {
+            Err(e) => Err(MoeError::Cuda(format!(
+                "NVRTC could not compile kernel `{name}` ({e:?}) with options `{}`:\n{}",
+                options.join(" "),
+                log.trim_end()
+            ))),
+            Ok(()) => {
+                let ptx = result::get_ptx(prog).map(|p| c_chars_to_string(&p));
+                let mut size = 0usize;
+                let cubin = sys::nvrtcGetCUBINSize(prog, &mut size)
+                    .result()
+                    .and_then(|_| {
+                        let mut buf = vec![0 as c_char; size];
+                        sys::nvrtcGetCUBIN(prog, buf.as_mut_ptr())
+                            .result()
+                            .map(|_| buf.into_iter().map(|c| c as u8).collect::<Vec<u8>>())
+                    });
+                match (cubin, ptx) {
+                    (Ok(cubin), Ok(ptx)) if !cubin.is_empty() => Ok((cubin, ptx)),
+                    (Err(e), _) | (_, Err(e)) => Err(fail("output", e)),
+                    _ => Err(MoeError::Cuda(format!(
+                        "NVRTC gave no CUBIN for kernel `{name}`: the architecture must be a real one (sm_XX)"
+                    ))),
+                }
+            }
+        }
+    };
+    // SAFETY: created above and not destroyed before.
+    let _ = unsafe { result::destroy_program(prog) };
+    outcome
+}
+
+fn c_chars_to_string(chars: &[c_char]) -> String {
+    let bytes: Vec<u8> = chars
+        .iter()
+        .take_while(|&&c| c != 0)
+        .map(|&c| c as u8)
+        .collect();
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
+/// 64-bit FNV-1a: stable across builds and platforms (unlike std's hasher), which a disk key needs.
+/// Collisions are caught by comparing the stored key text.
+fn fnv1a64(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+fn cache_dir() -> Option<PathBuf> {
+    match std::env::var("MOERUNNER_KERNEL_CACHE") {
+        Ok(v) if v == "off" => None,
+        Ok(v) if !v.is_empty() => Some(PathBuf::from(v)),
+        _ => std::env::var_os("XDG_CACHE_HOME")
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+            .map(|base| base.join("moerunner").join("kernels")),
+    }
+}
+
+fn read_cached(dir: &Path, stem: &str, key: &str) -> Option<Vec<u8>> {
+    let stored_key = std::fs::read_to_string(dir.join(format!("{stem}.key"))).ok()?;
+    if stored_key != key {
+        return None;
+    }
+    let cubin = std::fs::read(dir.join(format!("{stem}.cubin"))).ok()?;
+    (!cubin.is_empty()).then_some(cubin)
+}
+
+fn store_cached(
+    dir: &Path,
+    stem: &str,
+    key: &str,
+    source: &str,
+    cubin: &[u8],
+) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    write_atomic(&dir.join(format!("{stem}.cu")), source.as_bytes())?;
+    // The binary lands before its key, so a key on disk always has its binary.
+    write_atomic(&dir.join(format!("{stem}.cubin")), cubin)?;
+    write_atomic(&dir.join(format!("{stem}.key")), key.as_bytes())
+}
+
+fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, path)
+}
