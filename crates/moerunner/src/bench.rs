@@ -146,7 +146,9 @@ pub fn run(plan: &BenchPlan, progress: &mut dyn FnMut(Progress<'_>)) -> Result<B
         steps: 4 + layers * (1 + plan.tokens.len()),
     });
 
-    let mut ceilings = measure_ceilings(progress, "before");
+    // The host's ceilings, or the device's once a layer is loaded on a backend that has one.
+    let mut ceilings: Option<Ceilings> = None;
+    let mut device_backend: Option<&dyn crate::backend::Backend> = None;
 
     let mut rows = Vec::new();
     let mut backend_name = String::new();
@@ -163,7 +165,17 @@ pub fn run(plan: &BenchPlan, progress: &mut dyn FnMut(Progress<'_>)) -> Result<B
             if backend_name.is_empty() {
                 backend_name = loaded.backend().to_string();
                 device = device_name(&runner, &backend_name);
+                device_backend = runner.backends().iter().find_map(|r| match r {
+                    crate::runner::Registered::Ready(b) if b.name() == backend_name => Some(&**b),
+                    _ => None,
+                });
             }
+            if ceilings.is_none() {
+                ceilings = Some(measure_ceilings_for(device_backend, progress, "before")?);
+            }
+            let ceil = ceilings
+                .clone()
+                .ok_or_else(|| MoeError::invalid("bench", "no ceilings"))?;
             for &tokens in &plan.tokens {
                 progress(Progress::Step {
                     what: format!("{} {} T={tokens}", preset.name, wf),
@@ -180,23 +192,28 @@ pub fn run(plan: &BenchPlan, progress: &mut dyn FnMut(Progress<'_>)) -> Result<B
                     routing: input.routing_input(),
                 };
                 let first = loaded.forward(&fwd)?; // warm-up (thread pool, scratch, page faults)
-                let mut times = Vec::with_capacity(plan.iters);
-                for _ in 0..plan.iters {
-                    stream_through(&mut flush);
-                    let t0 = Instant::now();
-                    let out = loaded.forward(&fwd)?;
-                    times.push(t0.elapsed().as_secs_f64());
-                    drop(out);
-                }
-                times.sort_by(f64::total_cmp);
-                let time_s = times[times.len() / 2];
+                let time_s = match loaded.time_device_forward(&fwd, plan.iters) {
+                    Some(us) => us? * 1e-6,
+                    None => {
+                        let mut times = Vec::with_capacity(plan.iters);
+                        for _ in 0..plan.iters {
+                            stream_through(&mut flush);
+                            let t0 = Instant::now();
+                            let out = loaded.forward(&fwd)?;
+                            times.push(t0.elapsed().as_secs_f64());
+                            drop(out);
+                        }
+                        times.sort_by(f64::total_cmp);
+                        times[times.len() / 2]
+                    }
+                };
 
                 let routes = &first.routes;
                 let active = routes.distinct_experts(config.local_experts.clone());
                 let bytes = count_bytes(&config, active, tokens, input.hidden.dtype);
                 let flops = count_flops(&config, tokens);
-                let floor_s = (bytes as f64 / (ceilings.read_gbps * 1e9))
-                    .max(flops as f64 / ceilings.matrix_flops(config.activation_format));
+                let floor_s = (bytes as f64 / (ceil.read_gbps * 1e9))
+                    .max(flops as f64 / ceil.matrix_flops(config.activation_format));
                 let rel_err =
                     sampled_rel_err(loaded.layer(), &input.hidden, routes, &first.output)?;
                 let row = BenchRow {
@@ -219,10 +236,20 @@ pub fn run(plan: &BenchPlan, progress: &mut dyn FnMut(Progress<'_>)) -> Result<B
     }
     // Other work on the machine can only lower a measured ceiling; measure again after the cases
     // and keep the best of both, then recompute every row's floor against it.
-    let after = measure_ceilings(progress, "after");
+    let mut ceilings = match ceilings {
+        Some(c) => c,
+        None => measure_ceilings_for(device_backend, progress, "before")?,
+    };
+    let after = measure_ceilings_for(device_backend, progress, "after")?;
     ceilings.read_gbps = ceilings.read_gbps.max(after.read_gbps);
     ceilings.bf16_tflops = ceilings.bf16_tflops.max(after.bf16_tflops);
-    ceilings.f32_tflops = Some(ceilings.bf16_tflops);
+    ceilings.fp8_tflops = match (ceilings.fp8_tflops, after.fp8_tflops) {
+        (Some(a), Some(b)) => Some(a.max(b)),
+        (a, b) => a.or(b),
+    };
+    if device_backend.is_none() {
+        ceilings.f32_tflops = Some(ceilings.bf16_tflops);
+    }
     for row in &mut rows {
         let activation: ActivationFormat = row.activation_format.parse()?;
         let floor_s = (row.bytes as f64 / (ceilings.read_gbps * 1e9))
@@ -245,6 +272,36 @@ pub fn run(plan: &BenchPlan, progress: &mut dyn FnMut(Progress<'_>)) -> Result<B
         ceilings,
         rows,
     })
+}
+
+/// The ceilings of the device `backend` runs on: its own measurement where it has one (the GPU's
+/// copy bandwidth and cuBLASLt GEMM rates), else the host's.
+fn measure_ceilings_for(
+    backend: Option<&dyn crate::backend::Backend>,
+    progress: &mut dyn FnMut(Progress<'_>),
+    when: &str,
+) -> Result<Ceilings> {
+    if let Some(b) = backend {
+        progress(Progress::Step {
+            what: format!(
+                "measuring {} copy bandwidth and GEMM rates ({when})",
+                b.name()
+            ),
+        });
+        if let Some(c) = b.measure_ceilings() {
+            let c = c?;
+            progress(Progress::Step {
+                what: format!("{} ceilings measured ({when})", b.name()),
+            });
+            return Ok(Ceilings {
+                read_gbps: c.read_gbps,
+                bf16_tflops: c.bf16_tflops,
+                fp8_tflops: c.fp8_tflops,
+                f32_tflops: None,
+            });
+        }
+    }
+    Ok(measure_ceilings(progress, when))
 }
 
 /// Read bandwidth and the dense f32 GEMM rate, measured now (`when` labels the progress steps).

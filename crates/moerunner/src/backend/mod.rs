@@ -33,6 +33,20 @@ pub trait Backend: Send + Sync {
     }
     /// Prepares a layer (weight layout, workspaces) once; the result runs many forward calls.
     fn load(&self, layer: Arc<MoeLayer>) -> Result<Box<dyn LoadedLayer>>;
+    /// The device's ceilings measured now, for backends with a device of their own (the GPU);
+    /// `None` means the host's (measured by `bench` itself).
+    fn measure_ceilings(&self) -> Option<Result<DeviceCeilings>> {
+        None
+    }
+}
+
+/// A device's measured limits (`spec/performance.md`, "Floor").
+#[derive(Clone, Copy, Debug)]
+pub struct DeviceCeilings {
+    /// Copy bandwidth, GB/s, bytes read + written.
+    pub read_gbps: f64,
+    pub bf16_tflops: f64,
+    pub fp8_tflops: Option<f64>,
 }
 
 /// A layer prepared by one backend.
@@ -40,4 +54,10 @@ pub trait LoadedLayer: Send + Sync {
     fn backend(&self) -> &'static str;
     fn layer(&self) -> &MoeLayer;
     fn forward(&self, input: &ForwardInput<'_>) -> Result<ForwardOutput>;
+    /// Median device time (µs) of the forward pass alone, for backends that can time it without
+    /// the host transfers (the GPU: CUDA-graph replay, L2 flushed between runs). `None`: time
+    /// `forward` from the host.
+    fn time_device_forward(&self, _input: &ForwardInput<'_>, _iters: usize) -> Option<Result<f64>> {
+        None
+    }
 }

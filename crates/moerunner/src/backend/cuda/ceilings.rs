@@ -1,0 +1,217 @@
+//! The GPU's ceilings, measured in the same run as a benchmark (spec/performance.md): device-to-device
+//! copy bandwidth (bytes read + written) and dense 8192³ GEMM rates through cuBLASLt in bf16 and fp8
+//! (per-tensor scaled e4m3, bf16 output), on random data (never zeros: they run faster).
+
+use std::ffi::c_void;
+
+use cudarc::cublaslt::{result as lt, sys as ltsys};
+use cudarc::driver::sys::CUevent_flags;
+
+use super::device::{cuda_err, Buf, Device};
+use crate::error::{MoeError, Result};
+use crate::rng::SeededRng;
+
+/// Median GPU time of `iters` runs of `work` (after `warmup` runs), timed with events; `between`
+/// runs untimed before each (e.g. an L2 flush).
+pub fn time_median_us(
+    dev: &Device,
+    warmup: usize,
+    iters: usize,
+    between: &mut dyn FnMut() -> Result<()>,
+    work: &mut dyn FnMut() -> Result<()>,
+) -> Result<f64> {
+    for _ in 0..warmup {
+        between()?;
+        work()?;
+    }
+    let ev = |what| {
+        dev.ctx
+            .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+            .map_err(|e| cuda_err(what, e))
+    };
+    let mut times = Vec::with_capacity(iters);
+    for _ in 0..iters.max(1) {
+        between()?;
+        let (start, end) = (ev("creating an event")?, ev("creating an event")?);
+        start
+            .record(&dev.stream)
+            .map_err(|e| cuda_err("recording an event", e))?;
+        work()?;
+        end.record(&dev.stream)
+            .map_err(|e| cuda_err("recording an event", e))?;
+        end.synchronize()
+            .map_err(|e| cuda_err("waiting for the GPU", e))?;
+        let ms = start
+            .elapsed_ms(&end)
+            .map_err(|e| cuda_err("reading an event timer", e))?;
+        times.push(ms as f64 * 1e3);
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(times[times.len() / 2])
+}
+
+/// Writes zeros over `buf`: evicts earlier data from the L2 cache between timed runs.
+pub fn flush(dev: &Device, buf: &Buf) -> Result<()> {
+    fill(dev, buf, 0)
+}
+
+/// Sets every byte of `buf` to `byte` (stream-ordered).
+pub fn fill(dev: &Device, buf: &Buf, byte: u8) -> Result<()> {
+    // SAFETY: `buf` is a live allocation of `buf.len` bytes.
+    unsafe {
+        cudarc::driver::result::memset_d8_async(buf.ptr(), byte, buf.len, dev.stream.cu_stream())
+    }
+    .map_err(|e| cuda_err("filling a GPU buffer", e))
+}
+
+pub struct GpuCeilings {
+    pub copy_gbps: f64,
+    pub bf16_tflops: f64,
+    pub fp8_tflops: Option<f64>,
+}
+
+pub fn measure(dev: &Device) -> Result<GpuCeilings> {
+    let copy_gbps = copy_bandwidth(dev)?;
+    let bf16_tflops = gemm_tflops(dev, false)?;
+    // fp8 GEMM needs sm_89+; report null where cuBLASLt has no kernel for it.
+    let fp8_tflops = gemm_tflops(dev, true).ok();
+    Ok(GpuCeilings {
+        copy_gbps,
+        bf16_tflops,
+        fp8_tflops,
+    })
+}
+
+fn copy_bandwidth(dev: &Device) -> Result<f64> {
+    const BYTES: usize = 2 << 30;
+    let src = dev.alloc(BYTES)?;
+    let mut dst = dev.alloc(BYTES)?;
+    let us = time_median_us(dev, 2, 10, &mut || Ok(()), &mut || {
+        dev.stream
+            .memcpy_dtod(src.slice(), dst.slice_mut())
+            .map_err(|e| cuda_err("device-to-device copy", e))
+    })?;
+    Ok(2.0 * BYTES as f64 / us / 1e3)
+}
+
+/// Random e4m3 (never NaN) or bf16 values in [-1, 1], as bytes.
+fn random_matrix(n: usize, fp8: bool, seed: u64) -> Vec<u8> {
+    let mut rng = SeededRng::new(seed);
+    if fp8 {
+        (0..n)
+            .map(|_| crate::formats::e4m3::encode(rng.uniform(-1.0, 1.0) as f32))
+            .collect()
+    } else {
+        (0..n)
+            .flat_map(|_| half::bf16::from_f32(rng.uniform(-1.0, 1.0) as f32).to_le_bytes())
+            .collect()
+    }
+}
+
+fn lt_err(what: &str, e: impl std::fmt::Debug) -> MoeError {
+    MoeError::Cuda(format!("cuBLASLt {what}: {e:?}"))
+}
+
+/// Dense N³ GEMM through cuBLASLt: D(bf16) = Aᵀ·B with A, B in bf16 or e4m3 ("TN", as fp8 requires).
+fn gemm_tflops(dev: &Device, fp8: bool) -> Result<f64> {
+    const N: usize = 8192;
+    // SAFETY: dlopen only.
+    if !unsafe { ltsys::is_culib_present() } {
+        return Err(MoeError::Cuda("libcublasLt (CUDA 13) was not found".into()));
+    }
+    let elem = if fp8 { 1 } else { 2 };
+    let a = dev.upload(&random_matrix(N * N, fp8, 11))?;
+    let b = dev.upload(&random_matrix(N * N, fp8, 12))?;
+    let d = dev.alloc(N * N * 2)?;
+    let ws_bytes = 64usize << 20;
+    let ws = dev.alloc(ws_bytes)?;
+    let in_type = if fp8 {
+        ltsys::cudaDataType::CUDA_R_8F_E4M3
+    } else {
+        ltsys::cudaDataType::CUDA_R_16BF
+    };
+    let out_type = ltsys::cudaDataType::CUDA_R_16BF;
+    let _ = elem;
+    let handle = lt::create_handle().map_err(|e| lt_err("handle", e))?;
+    let desc = lt::create_matmul_desc(
+        ltsys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+        ltsys::cudaDataType::CUDA_R_32F,
+    )
+    .map_err(|e| lt_err("matmul descriptor", e))?;
+    // cublasOperation_t: CUBLAS_OP_T = 1 (an i32 enum in cuBLAS; cuBLASLt takes it by value).
+    let transa: i32 = 1;
+    // SAFETY: attribute buffers are the documented types and sizes.
+    unsafe {
+        lt::set_matmul_desc_attribute(
+            desc,
+            ltsys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSA,
+            &transa as *const _ as *const c_void,
+            std::mem::size_of_val(&transa),
+        )
+    }
+    .map_err(|e| lt_err("transA", e))?;
+    let n = N as u64;
+    let la = lt::create_matrix_layout(in_type, n, n, N as i64).map_err(|e| lt_err("layout", e))?;
+    let lb = lt::create_matrix_layout(in_type, n, n, N as i64).map_err(|e| lt_err("layout", e))?;
+    let ld = lt::create_matrix_layout(out_type, n, n, N as i64).map_err(|e| lt_err("layout", e))?;
+    let pref = lt::create_matmul_pref().map_err(|e| lt_err("preference", e))?;
+    // SAFETY: as above.
+    unsafe {
+        lt::set_matmul_pref_attribute(
+            pref,
+            ltsys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+            &ws_bytes as *const _ as *const c_void,
+            std::mem::size_of_val(&ws_bytes),
+        )
+    }
+    .map_err(|e| lt_err("workspace preference", e))?;
+    // SAFETY: descriptors created above.
+    let heuristic = unsafe { lt::get_matmul_algo_heuristic(handle, desc, la, lb, ld, ld, pref) }
+        .map_err(|e| {
+            lt_err(
+                if fp8 {
+                    "has no fp8 algorithm here"
+                } else {
+                    "has no bf16 algorithm here"
+                },
+                e,
+            )
+        })?;
+    let (alpha, beta) = (1.0f32, 0.0f32);
+    let stream = dev.stream.cu_stream() as ltsys::cudaStream_t;
+    let result = time_median_us(dev, 3, 10, &mut || Ok(()), &mut || {
+        // SAFETY: every buffer is live and sized for N×N elements of its type.
+        unsafe {
+            lt::matmul(
+                handle,
+                desc,
+                &alpha as *const f32 as *const c_void,
+                &beta as *const f32 as *const c_void,
+                a.ptr() as *const c_void,
+                la,
+                b.ptr() as *const c_void,
+                lb,
+                d.ptr() as *const c_void,
+                ld,
+                d.ptr() as *mut c_void,
+                ld,
+                &heuristic.algo,
+                ws.ptr() as *mut c_void,
+                ws_bytes,
+                stream,
+            )
+        }
+        .map_err(|e| lt_err("matmul", e))
+    });
+    // SAFETY: created above, destroyed once.
+    unsafe {
+        let _ = lt::destroy_matmul_pref(pref);
+        let _ = lt::destroy_matrix_layout(la);
+        let _ = lt::destroy_matrix_layout(lb);
+        let _ = lt::destroy_matrix_layout(ld);
+        let _ = lt::destroy_matmul_desc(desc);
+        let _ = lt::destroy_handle(handle);
+    }
+    let us = result?;
+    Ok(2.0 * (N as f64).powi(3) / us / 1e6)
+}

@@ -1,0 +1,575 @@
+// Grouped MoE GEMM (GEMM1 with the fused activation, or GEMM2), tensor cores through mma.sync.
+//
+// One CTA computes a BM (weight rows = output features) x BN (sorted (token, slot) positions) tile of one
+// expert: acc[r][p] = sum_k W[e][r][k] * act[row(p)][k], f32 accumulation. Weight rows sit on the MMA's
+// M side and tokens on its N side ("swap AB"), so both operands are K-contiguous in global and shared
+// memory and one non-transposed ldmatrix serves both.
+//
+// ---------------------------------------------------------------------------------------------------
+// Compile-time defines (every one has a default; CI compiles every legal combination):
+//   W_FP8     0 = bf16 weights and activations (mma m16n8k16 bf16)             [default 0]
+//             1 = e4m3 weights and activations, per-tensor scales (mma m16n8k32 e4m3)
+//             2 = e4m3, block scales: weights one f32 per 8 prepared rows x 128 K, activations per row x 128 K
+//   EPI       0 = plain (GEMM2): f32 out[p*out_stride + r] = acc (+bias)       [default 1]
+//             1 = gated GEMM1 (rows interleaved 8 gate / 8 up per 16), activation ACT, Mp/2 output features
+//             2 = non-gated GEMM1, relu2
+//   ACT       0 = swiglu, 1 = geglu (exact erf), 2 = swiglu_oai (alpha, beta, limit)   (EPI=1 only) [default 0]
+//   OUT_TYPE  0 = bf16, 1 = f32, 2 = e4m3 of a / out_scale[0]   (EPI 1/2 only; EPI 0 is f32) [default 0]
+//   BM        64 | 128   weight rows per CTA (grid.x = Mp / BM)                  [default 128]
+//   BN        8 | 16 | 32 | 64 | 128   positions per work tile                   [default 64]
+//   STAGES    2..8   cp.async pipeline depth   [default: BN >= 64 ? 4 : (BM == 64 ? 8 : 5)]
+//   WARPS_M, WARPS_N, WARPS_K   warp grid (optional overrides; defaults below, product 8 by default).
+//             WARPS_K > 1 splits the 4 MMA k-sub-steps of each 128-byte K step between warps and reduces
+//             through shared memory in a fixed order (deterministic).
+//             Constraints: BM % (16*WARPS_M) == 0, BN % (8*WARPS_N) == 0, WARPS_K in {1,2,4},
+//             (32*WARPS_M*WARPS_N*WARPS_K) % 64 == 0 and >= BM/8 + BN when W_FP8 == 2.
+//             Defaults (WM x WN x WK, warp tile):
+//               BN=128: 2x4x1 (BM=128: 64x32, BM=64: 32x32); W_FP8=1 with BM=128: 4x2x1 (32x64)
+//               BN=64 : BM=128 4x2x1 (32x32);  BM=64 2x2x2 (32x32)
+//               BN=32 : BM=128 4x1x2 (32x32);  BM=64 4x1x2 (16x32)
+//               BN=8/16: BM=128 8x1x1 (16xBN); BM=64 4x1x2 (16xBN)
+//   MIN_BLOCKS  __launch_bounds__ min blocks per SM   [default 1]
+//   FRAG_DB   1 = explicit register double buffering of the MMA fragments
+//             [default: W_FP8 == 0, and W_FP8 == 2 with BM = BN = 128 (fewest spills there)]
+//             (on sm_90 ptxas emulates the e4m3 mma.sync with F2FP unpacks + f16 HMMA; the extra
+//             registers of the double buffer make the 128x128 fp8 tile spill, so fp8 leaves it off)
+//
+// Block: NTHREADS = 32 * WARPS_M * WARPS_N * WARPS_K threads (256 with the defaults), grid (Mp/BM, max_tiles).
+// Dynamic shared memory (bytes):
+//   PIPE = STAGES * (BM*128 + BN*128 + (W_FP8 == 2 ? 4*(BM/8 + BN) : 0))
+//   RED  = (WARPS_K - 1) * BM * BN * 4
+//   SMEM = max(PIPE, RED)                 (+ 8*BN bytes of static shared memory)
+// e.g. BM=128 BN=128: 4*32768 = 131072 (W_FP8=2: 131072 + 4*4*144 = 133376); BM=64 BN=8: 8*9216 = 73728.
+// The same numbers are exported as `moe_gemm_meta` = {NTHREADS, SMEM, BM, BN, STAGES, WARPS_M, WARPS_N,
+// WARPS_K} (an extern "C" __constant__ int[8]; read it with cuModuleGetGlobal + cuMemcpyDtoH if wanted).
+//
+// Data layout in shared memory: per stage a W tile [BM][128 B] and an act tile [BN][128 B]; each 128-byte
+// row holds eight 16-byte chunks, chunk c of row r stored at chunk slot c ^ (r & 7) (XOR swizzle), so the
+// 8 row addresses of every ldmatrix phase hit 8 distinct 16-byte bank groups, and so do the cp.async
+// writes. One K step = 128 bytes = 64 bf16 or 128 e4m3 = 4 MMA k-sub-steps of 32 bytes (k16 bf16 / k32 e4m3;
+// both fragments have the same 32-bit-word layout, so the byte-level tiling is shared).
+//
+// Where a faster path would go: on sm_90a a wgmma (warpgroup MMA, operands from shared memory described
+// by matrix descriptors, 128B swizzle = this layout) fed by TMA with a producer warp and mbarrier-based
+// stages; on sm_100a tcgen05.mma with the accumulator in tensor memory. The epilogue below would stay.
+// ---------------------------------------------------------------------------------------------------
+
+#ifndef W_FP8
+#define W_FP8 0
+#endif
+#ifndef EPI
+#define EPI 1
+#endif
+#ifndef ACT
+#define ACT 0
+#endif
+#ifndef OUT_TYPE
+#define OUT_TYPE 0
+#endif
+#ifndef BM
+#define BM 128
+#endif
+#ifndef BN
+#define BN 64
+#endif
+#ifndef STAGES
+#if BN >= 64
+#define STAGES 4
+#elif BM == 64
+#define STAGES 8
+#else
+#define STAGES 5
+#endif
+#endif
+#ifndef MIN_BLOCKS
+#define MIN_BLOCKS 1
+#endif
+#ifndef FRAG_DB
+#define FRAG_DB (W_FP8 == 0 || (W_FP8 == 2 && BM == 128 && BN == 128))
+#endif
+
+#if !defined(WARPS_M) && !defined(WARPS_N) && !defined(WARPS_K)
+#if BN >= 128 && W_FP8 == 1 && BM == 128
+#define WARPS_M 4
+#define WARPS_N 2
+#define WARPS_K 1
+#elif BN >= 128
+#define WARPS_M 2
+#define WARPS_N 4
+#define WARPS_K 1
+#elif BN == 64
+#if BM == 128
+#define WARPS_M 4
+#define WARPS_N 2
+#define WARPS_K 1
+#else
+#define WARPS_M 2
+#define WARPS_N 2
+#define WARPS_K 2
+#endif
+#elif BN == 32
+#define WARPS_M 4
+#define WARPS_N 1
+#define WARPS_K 2
+#else
+#if BM == 128
+#define WARPS_M 8
+#define WARPS_N 1
+#define WARPS_K 1
+#else
+#define WARPS_M 4
+#define WARPS_N 1
+#define WARPS_K 2
+#endif
+#endif
+#endif
+#ifndef WARPS_M
+#define WARPS_M 4
+#endif
+#ifndef WARPS_N
+#define WARPS_N 1
+#endif
+#ifndef WARPS_K
+#define WARPS_K 2
+#endif
+
+#define MG_NWARPS (WARPS_M * WARPS_N * WARPS_K)
+#define MG_NTHREADS (MG_NWARPS * 32)
+#define MG_WTM (BM / WARPS_M)          // warp tile rows
+#define MG_WTN (BN / WARPS_N)          // warp tile columns
+#define MG_MT (MG_WTM / 16)            // m16 tiles per warp
+#define MG_NTL (MG_WTN / 8)            // n8 tiles per warp
+#define MG_KPW (4 / WARPS_K)           // k-sub-steps per warp per stage
+#define MG_ESZ (W_FP8 ? 1 : 2)         // element bytes
+#define MG_SW_BYTES (BM * 128)
+#define MG_SA_BYTES (BN * 128)
+#define MG_SS_FLOATS (W_FP8 == 2 ? (BM / 8 + BN) : 0)
+#define MG_PIPE_BYTES (STAGES * (MG_SW_BYTES + MG_SA_BYTES + MG_SS_FLOATS * 4))
+#define MG_RED_BYTES ((WARPS_K - 1) * BM * BN * 4)
+#define MG_SMEM_BYTES (MG_PIPE_BYTES > MG_RED_BYTES ? MG_PIPE_BYTES : MG_RED_BYTES)
+
+static_assert(W_FP8 >= 0 && W_FP8 <= 2, "W_FP8 must be 0, 1 or 2");
+static_assert(EPI >= 0 && EPI <= 2, "EPI must be 0, 1 or 2");
+static_assert(ACT >= 0 && ACT <= 2, "ACT must be 0, 1 or 2");
+static_assert(OUT_TYPE >= 0 && OUT_TYPE <= 2, "OUT_TYPE must be 0, 1 or 2");
+static_assert(BM == 64 || BM == 128, "BM must be 64 or 128");
+static_assert(BN == 8 || BN == 16 || BN == 32 || BN == 64 || BN == 128, "BN must be 8, 16, 32, 64 or 128");
+static_assert(STAGES >= 2 && STAGES <= 8, "STAGES must be 2..8");
+static_assert(WARPS_K == 1 || WARPS_K == 2 || WARPS_K == 4, "WARPS_K must be 1, 2 or 4");
+static_assert(BM % (16 * WARPS_M) == 0, "BM must be a multiple of 16*WARPS_M");
+static_assert(BN % (8 * WARPS_N) == 0, "BN must be a multiple of 8*WARPS_N");
+static_assert(MG_NTHREADS % 64 == 0 && MG_NTHREADS <= 1024, "thread count must be a multiple of 64");
+static_assert((BM * 8) % MG_NTHREADS == 0, "weight tile chunks must divide evenly between threads");
+static_assert(BN <= MG_NTHREADS, "BN must not exceed the thread count");
+static_assert(W_FP8 != 2 || MG_NTHREADS >= BM / 8 + BN, "not enough threads to load the block scales");
+static_assert(MG_NTL == 1 || MG_NTL % 2 == 0, "n8 tiles per warp must be 1 or even");
+
+extern "C" {
+__constant__ int moe_gemm_meta[8] = {MG_NTHREADS, MG_SMEM_BYTES, BM, BN, STAGES, WARPS_M, WARPS_N, WARPS_K};
+}
+
+// ------------------------------------------------------------------------------------------ PTX helpers
+
+__device__ __forceinline__ u32 mg_smem_addr(const void* p) {
+    u32 r;
+    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(r) : "l"(p));
+    return r;
+}
+
+// 16-byte async copy global -> shared, L2 prefetch of the surrounding 256-byte block (weights: streamed).
+__device__ __forceinline__ void mg_cp16(u32 dst, const void* src) {
+    asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16;\n" ::"r"(dst), "l"(src) : "memory");
+}
+
+// 16-byte async copy with source size (16 = copy, 0 = zero fill, nothing read).
+__device__ __forceinline__ void mg_cp16z(u32 dst, const void* src, u32 src_bytes) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes) : "memory");
+}
+
+// 4-byte async copy with source size (4 or 0).
+__device__ __forceinline__ void mg_cp4z(u32 dst, const void* src, u32 src_bytes) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes) : "memory");
+}
+
+__device__ __forceinline__ void mg_cp_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+
+template <int N>
+__device__ __forceinline__ void mg_cp_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+__device__ __forceinline__ void mg_ldsm_x4(u32 addr, u32& r0, u32& r1, u32& r2, u32& r3) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+                 : "r"(addr)
+                 : "memory");
+}
+
+__device__ __forceinline__ void mg_ldsm_x2(u32 addr, u32& r0, u32& r1) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0, %1}, [%2];\n"
+                 : "=r"(r0), "=r"(r1)
+                 : "r"(addr)
+                 : "memory");
+}
+
+// D = A * B + D, A 16 x (32 bytes of K) row-major, B (32 bytes of K) x 8 column-major.
+__device__ __forceinline__ void mg_mma(float* c, const u32* a, u32 b0, u32 b1) {
+#if W_FP8
+    asm volatile(
+        "mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#else
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#endif
+}
+
+// ------------------------------------------------------------------------------------------ epilogue math
+
+__device__ __forceinline__ float mg_act(float g, float u, float alpha, float beta, float limit) {
+#if ACT == 0
+    return __fdiv_rn(g, 1.0f + __expf(-g)) * u;
+#elif ACT == 1
+    return 0.5f * g * (1.0f + erff(g * 0.70710678118654752440f)) * u;
+#else
+    const float gc = fminf(g, limit);
+    const float uc = fminf(fmaxf(u, -limit), limit);
+    const float sig = __fdiv_rn(1.0f, 1.0f + __expf(-alpha * gc));
+    return gc * sig * (uc + beta);
+#endif
+}
+
+__device__ __forceinline__ void mg_store(void* out, long long idx, float a, float oscale) {
+#if EPI == 0 || OUT_TYPE == 1
+    ((float*)out)[idx] = a;
+#elif OUT_TYPE == 0
+    ((u16*)out)[idx] = f32_to_bf16(a);
+#else
+    ((u8*)out)[idx] = f32_to_e4m3(__fdiv_rn(a, oscale));
+#endif
+}
+
+// ------------------------------------------------------------------------------------------ the kernel
+
+extern "C" __global__ void __launch_bounds__(MG_NTHREADS, MIN_BLOCKS) moe_gemm(
+    const u8* __restrict__ w, const float* __restrict__ w_scale, const u8* __restrict__ act,
+    const float* __restrict__ act_scale, const int* __restrict__ sorted_pair, int gather_div,
+    const int* __restrict__ tile_expert, const int* __restrict__ tile_row_start,
+    const int* __restrict__ tile_row_end, const int* __restrict__ num_tiles, const float* __restrict__ bias,
+    const float* __restrict__ row_weight, void* __restrict__ out, const float* __restrict__ out_scale, int Mp,
+    int Kp, int out_stride, float act_alpha, float act_beta, float act_limit) {
+    const int y = blockIdx.y;
+    if (y >= num_tiles[0]) return;
+    const int e = tile_expert[y];
+    const int row0 = tile_row_start[y];
+    const int nrows = min(tile_row_end[y] - row0, BN);
+    if (nrows <= 0) return;
+    const int m_base = blockIdx.x * BM;
+
+    __shared__ int s_row[BN];     // activation row of each tile column, -1 when missing
+    __shared__ float s_rw[BN];    // Llama-4 row weight of each tile column (1 when none)
+    extern __shared__ __align__(128) u8 smem[];
+
+    const int tid = threadIdx.x;
+    const int lane = tid & 31;
+    const int warp = tid >> 5;
+
+    if (tid < BN) {
+        int r = -1;
+        float rw = 1.0f;
+        if (tid < nrows) {
+            const int p = row0 + tid;
+            if (gather_div > 0 || row_weight != nullptr) {
+                const int pair = sorted_pair[p];
+                r = gather_div > 0 ? pair / gather_div : p;
+                if (row_weight != nullptr) rw = row_weight[pair];
+            } else {
+                r = p;
+            }
+        }
+        s_row[tid] = r;
+        s_rw[tid] = rw;
+    }
+    __syncthreads();
+
+    // ---- loader setup: thread owns chunk (tid & 7) of rows (tid >> 3) + i * NTHREADS/8
+    const long long kbytes = (long long)Kp * MG_ESZ;  // bytes per row
+    const int nk = (int)(kbytes >> 7);                // 128-byte K steps
+    const int ld_c = tid & 7;
+    const int ld_r = tid >> 3;
+    constexpr int ROWS_PER_PASS = MG_NTHREADS / 8;    // a multiple of 8: the swizzle is the same each pass
+    const u32 swz = (u32)(((ld_c ^ (ld_r & 7)) << 4));
+
+    const u32 sW = mg_smem_addr(smem);
+    const u32 sA = sW + STAGES * MG_SW_BYTES;
+#if W_FP8 == 2
+    const u32 sS = sA + STAGES * MG_SA_BYTES;
+#endif
+
+    constexpr int WCH = BM * 8 / MG_NTHREADS;
+    const u8* wsrc = w + ((long long)e * Mp + m_base + ld_r) * kbytes + ld_c * 16;
+    const long long wpass = (long long)ROWS_PER_PASS * kbytes;
+    const u32 wdst = (u32)(ld_r * 128) + swz;
+
+    constexpr int ACH = (BN * 8 + MG_NTHREADS - 1) / MG_NTHREADS;
+    const u8* asrc[ACH];
+    u32 asz[ACH];
+#pragma unroll
+    for (int i = 0; i < ACH; ++i) {
+        const int n = ld_r + i * ROWS_PER_PASS;
+        const int r = n < BN ? s_row[n] : -1;
+        asrc[i] = r >= 0 ? act + (long long)r * kbytes + ld_c * 16 : act;
+        asz[i] = r >= 0 ? 16u : 0u;
+    }
+
+#if W_FP8 == 2
+    const int kblocks = Kp >> 7;
+    const float* ssrc = act_scale;
+    u32 ssz = 0;
+    if (tid < BM / 8) {
+        ssrc = w_scale + ((long long)e * (Mp / 8) + m_base / 8 + tid) * kblocks;
+        ssz = 4;
+    } else if (tid < BM / 8 + BN) {
+        const int r = s_row[tid - BM / 8];
+        if (r >= 0) {
+            ssrc = act_scale + (long long)r * kblocks;
+            ssz = 4;
+        }
+    }
+#endif
+
+    auto load_stage = [&](int slot, int ks) {
+        const long long koff = (long long)ks * 128;
+        const u32 dW = sW + slot * MG_SW_BYTES + wdst;
+#pragma unroll
+        for (int i = 0; i < WCH; ++i) mg_cp16(dW + i * ROWS_PER_PASS * 128, wsrc + koff + i * wpass);
+        const u32 dA = sA + slot * MG_SA_BYTES + (u32)(ld_r * 128) + swz;
+#pragma unroll
+        for (int i = 0; i < ACH; ++i) {
+            if ((BN * 8) % MG_NTHREADS == 0 || ld_r + i * ROWS_PER_PASS < BN)
+                mg_cp16z(dA + i * ROWS_PER_PASS * 128, asz[i] ? asrc[i] + koff : asrc[i], asz[i]);
+        }
+#if W_FP8 == 2
+        if (tid < BM / 8 + BN) mg_cp4z(sS + (slot * MG_SS_FLOATS + tid) * 4, ssz ? ssrc + ks : ssrc, ssz);
+#endif
+    };
+
+    // ---- warp placement
+    const int warp_m = warp % WARPS_M;
+    const int warp_n = (warp / WARPS_M) % WARPS_N;
+    const int warp_k = warp / (WARPS_M * WARPS_N);
+    const int wm0 = warp_m * MG_WTM;
+    const int wn0 = warp_n * MG_WTN;
+    const bool warp_active = wn0 < nrows;  // all its columns missing: skip the MMAs (loads still shared)
+
+    // ldmatrix lane addressing (byte offsets inside a stage; chunk index is XORed with row & 7 = lane & 7)
+    // A (x4): matrices {rows 0-7, rows 8-15} x {chunk 2kk, 2kk+1} -> a0..a3; lane l addresses row l & 15,
+    //         chunk 2kk + (l >> 4).
+    const u32 a_row_off = (u32)((wm0 + (lane & 15)) * 128);
+    const u32 a_chi = (u32)(lane >> 4);
+    // B (x4 over two n8 tiles): matrices {tile j chunk 2kk, tile j chunk 2kk+1, tile j+1 ...} -> b0,b1 of
+    //         tile j then of tile j+1; lane l addresses row (l & 7) + 8 * (l >> 4), chunk 2kk + ((l >> 3) & 1).
+    //   (x2, one n8 tile): lanes 0-15, row l & 7, same chunk rule.
+    const u32 b_row_off = (u32)((wn0 + (lane & 7) + (MG_NTL >= 2 ? ((lane >> 4) << 3) : 0)) * 128);
+    const u32 b_chi = (u32)((lane >> 3) & 1);
+    const u32 lane7 = (u32)(lane & 7);
+
+    float acc[MG_MT][MG_NTL][4];
+#pragma unroll
+    for (int i = 0; i < MG_MT; ++i)
+#pragma unroll
+        for (int j = 0; j < MG_NTL; ++j)
+#pragma unroll
+            for (int c = 0; c < 4; ++c) acc[i][j][c] = 0.0f;
+
+    auto load_frags = [&](u32 aW, u32 aA, int kk, u32 (&af)[MG_MT][4], u32 (&bf)[MG_NTL][2]) {
+        const u32 ca = ((2u * kk + a_chi) ^ lane7) << 4;
+#pragma unroll
+        for (int i = 0; i < MG_MT; ++i)
+            mg_ldsm_x4(aW + a_row_off + i * 16 * 128 + ca, af[i][0], af[i][1], af[i][2], af[i][3]);
+        const u32 cb = ((2u * kk + b_chi) ^ lane7) << 4;
+#if MG_NTL == 1
+        mg_ldsm_x2(aA + b_row_off + cb, bf[0][0], bf[0][1]);
+#else
+#pragma unroll
+        for (int j = 0; j < MG_NTL; j += 2)
+            mg_ldsm_x4(aA + b_row_off + j * 8 * 128 + cb, bf[j][0], bf[j][1], bf[j + 1][0], bf[j + 1][1]);
+#endif
+    };
+
+    // ---- pipeline prologue
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; ++s) {
+        if (s < nk) load_stage(s, s);
+        mg_cp_commit();
+    }
+
+    int slot_c = 0;           // stage consumed this iteration
+    int slot_l = STAGES - 1;  // stage refilled this iteration (the one consumed in the previous iteration)
+    for (int ks = 0; ks < nk; ++ks) {
+        mg_cp_wait<STAGES - 2>();  // group ks has landed (for this thread) ...
+        __syncthreads();           // ... for all threads; and everyone is done reading slot_l
+        if (ks + STAGES - 1 < nk) load_stage(slot_l, ks + STAGES - 1);
+        mg_cp_commit();
+
+        if (warp_active) {
+            const u32 aW = sW + slot_c * MG_SW_BYTES;
+            const u32 aA = sA + slot_c * MG_SA_BYTES;
+#if W_FP8 == 2
+            float part[MG_MT][MG_NTL][4];
+#pragma unroll
+            for (int i = 0; i < MG_MT; ++i)
+#pragma unroll
+                for (int j = 0; j < MG_NTL; ++j)
+#pragma unroll
+                    for (int c = 0; c < 4; ++c) part[i][j][c] = 0.0f;
+#define MG_TGT part
+#else
+#define MG_TGT acc
+#endif
+#if FRAG_DB
+            // register double buffer: fragments of sub-step q+1 are loaded before the MMAs of sub-step q
+            u32 af[2][MG_MT][4];
+            u32 bf[2][MG_NTL][2];
+            load_frags(aW, aA, warp_k, af[0], bf[0]);
+#pragma unroll
+            for (int q = 0; q < MG_KPW; ++q) {
+                if (q + 1 < MG_KPW) load_frags(aW, aA, warp_k + (q + 1) * WARPS_K, af[(q + 1) & 1], bf[(q + 1) & 1]);
+#pragma unroll
+                for (int i = 0; i < MG_MT; ++i)
+#pragma unroll
+                    for (int j = 0; j < MG_NTL; ++j) mg_mma(MG_TGT[i][j], af[q & 1][i], bf[q & 1][j][0], bf[q & 1][j][1]);
+            }
+#else
+#pragma unroll
+            for (int q = 0; q < MG_KPW; ++q) {
+                u32 af[MG_MT][4];
+                u32 bf[MG_NTL][2];
+                load_frags(aW, aA, warp_k + q * WARPS_K, af, bf);
+#pragma unroll
+                for (int i = 0; i < MG_MT; ++i)
+#pragma unroll
+                    for (int j = 0; j < MG_NTL; ++j) mg_mma(MG_TGT[i][j], af[i], bf[j][0], bf[j][1]);
+            }
+#endif
+#undef MG_TGT
+#if W_FP8 == 2
+            // promote the 128-wide K block: acc += partial * w_scale(row block) * act_scale(column)
+            const float* sws = (const float*)(smem + STAGES * (MG_SW_BYTES + MG_SA_BYTES)) + slot_c * MG_SS_FLOATS;
+            const float* sas = sws + BM / 8;
+            const int t2 = (lane & 3) * 2;
+#pragma unroll
+            for (int i = 0; i < MG_MT; ++i) {
+                const float ws0 = sws[(wm0 + 16 * i) / 8];
+                const float ws1 = sws[(wm0 + 16 * i) / 8 + 1];
+#pragma unroll
+                for (int j = 0; j < MG_NTL; ++j) {
+                    const float as0 = sas[wn0 + 8 * j + t2];
+                    const float as1 = sas[wn0 + 8 * j + t2 + 1];
+                    acc[i][j][0] = fmaf(part[i][j][0], ws0 * as0, acc[i][j][0]);
+                    acc[i][j][1] = fmaf(part[i][j][1], ws0 * as1, acc[i][j][1]);
+                    acc[i][j][2] = fmaf(part[i][j][2], ws1 * as0, acc[i][j][2]);
+                    acc[i][j][3] = fmaf(part[i][j][3], ws1 * as1, acc[i][j][3]);
+                }
+            }
+#endif
+        }
+        slot_c = slot_c + 1 == STAGES ? 0 : slot_c + 1;
+        slot_l = slot_l + 1 == STAGES ? 0 : slot_l + 1;
+    }
+
+#if WARPS_K > 1
+    // ---- fixed-order reduction of the k-split warps through shared memory (reuses the pipeline buffers)
+    mg_cp_wait<0>();
+    __syncthreads();
+    {
+        float* red = (float*)smem;
+        constexpr int NACC = MG_MT * MG_NTL * 4;
+        const int wmn = warp % (WARPS_M * WARPS_N);
+        if (warp_k > 0) {
+            float* dst = red + ((warp_k - 1) * (WARPS_M * WARPS_N) + wmn) * NACC * 32 + lane;
+#pragma unroll
+            for (int i = 0; i < MG_MT; ++i)
+#pragma unroll
+                for (int j = 0; j < MG_NTL; ++j)
+#pragma unroll
+                    for (int c = 0; c < 4; ++c) dst[((i * MG_NTL + j) * 4 + c) * 32] = acc[i][j][c];
+        }
+        __syncthreads();
+        if (warp_k > 0) return;
+#pragma unroll
+        for (int kq = 1; kq < WARPS_K; ++kq) {
+            const float* src = red + ((kq - 1) * (WARPS_M * WARPS_N) + wmn) * NACC * 32 + lane;
+#pragma unroll
+            for (int i = 0; i < MG_MT; ++i)
+#pragma unroll
+                for (int j = 0; j < MG_NTL; ++j)
+#pragma unroll
+                    for (int c = 0; c < 4; ++c) acc[i][j][c] += src[((i * MG_NTL + j) * 4 + c) * 32];
+        }
+    }
+#endif
+
+    // ---- epilogue: thread holds rows (g, g+8) x columns (2t, 2t+1) of every m16 x n8 tile
+    if (!warp_active) return;
+    const int g = lane >> 2;
+    const int t2 = (lane & 3) * 2;
+#if W_FP8 == 1
+    const float dq = w_scale[e] * act_scale[0];
+#endif
+#if EPI != 0 && OUT_TYPE == 2
+    const float oscale = out_scale[0];
+#else
+    const float oscale = 1.0f;
+#endif
+    const float* bias_e = bias != nullptr ? bias + (long long)e * Mp + m_base : nullptr;
+    const bool has_rw = row_weight != nullptr;
+
+#pragma unroll
+    for (int i = 0; i < MG_MT; ++i) {
+        const int rl = wm0 + 16 * i + g;  // local rows rl (h = 0) and rl + 8 (h = 1)
+        const float b0 = bias_e != nullptr ? bias_e[rl] : 0.0f;
+        const float b1 = bias_e != nullptr ? bias_e[rl + 8] : 0.0f;
+#pragma unroll
+        for (int j = 0; j < MG_NTL; ++j) {
+#pragma unroll
+            for (int c = 0; c < 2; ++c) {
+                const int n = wn0 + 8 * j + t2 + c;
+                if (n < nrows) {
+                    float v0 = acc[i][j][c];
+                    float v1 = acc[i][j][2 + c];
+#if W_FP8 == 1
+                    v0 *= dq;
+                    v1 *= dq;
+#endif
+                    if (has_rw) {
+                        const float rw = s_rw[n];
+                        v0 *= rw;
+                        v1 *= rw;
+                    }
+                    v0 += b0;
+                    v1 += b1;
+                    const long long orow = (long long)(row0 + n) * out_stride;
+#if EPI == 0
+                    mg_store(out, orow + m_base + rl, v0, oscale);
+                    mg_store(out, orow + m_base + rl + 8, v1, oscale);
+#elif EPI == 1
+                    const int jf = ((m_base + wm0 + 16 * i) >> 1) + g;
+                    mg_store(out, orow + jf, mg_act(v0, v1, act_alpha, act_beta, act_limit), oscale);
+#else
+                    const float r0 = fmaxf(v0, 0.0f);
+                    const float r1 = fmaxf(v1, 0.0f);
+                    mg_store(out, orow + m_base + rl, r0 * r0, oscale);
+                    mg_store(out, orow + m_base + rl + 8, r1 * r1, oscale);
+#endif
+                }
+            }
+        }
+    }
+    (void)oscale;
+}

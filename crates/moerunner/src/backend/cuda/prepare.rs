@@ -1,0 +1,204 @@
+//! Weight preparation for the CUDA kernels: from the layer's canonical layout (`spec/formats.md`) to
+//! the kernels' private one, once, when a layer is loaded. Pure host code (no CUDA), so it is tested
+//! on machines without a GPU.
+//!
+//! The kernel layout:
+//! - I and H are padded to multiples of 128 (`Ip`, `Hp`) with zero rows/columns, each W13 half
+//!   separately, so a K step of 128 is always one fp8 scale block and padding never mixes halves.
+//! - Gated W13 rows are interleaved in groups of 8: prepared row r is feature j = (r/16)·8 + r%8 of the
+//!   gate half when r%16 < 8, else of the up half. An m16n8 MMA tile thus holds gate and up of the same
+//!   features in one thread's accumulators, and the activation runs in GEMM1's epilogue.
+//! - fp8 block scales become one f32 per 8 prepared rows and 128 columns (`[E, Mp/8, Kp/128]`), which
+//!   the kernel reads without knowing the original row order. That needs every group of 8 prepared rows
+//!   to sit inside one 128-row scale block of the original: true when I % 8 == 0 (checked by `supports`).
+
+use crate::config::{LayerConfig, W13Order, WeightFormat};
+use crate::weights::{BlockScales, LayerWeights, QuantizedTensor};
+
+pub const PAD: usize = 128;
+
+pub fn round_up(n: usize, m: usize) -> usize {
+    n.div_ceil(m) * m
+}
+
+/// The padded sizes of a layer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Dims {
+    pub experts: usize,
+    pub hidden: usize,
+    pub inter: usize,
+    pub gated: bool,
+    /// H padded to 128: GEMM1's K and GEMM2's rows.
+    pub hp: usize,
+    /// I padded to 128: GEMM2's K and the width of the intermediate.
+    pub ip: usize,
+}
+
+impl Dims {
+    pub fn of(cfg: &LayerConfig) -> Dims {
+        Dims {
+            experts: cfg.num_local_experts(),
+            hidden: cfg.hidden,
+            inter: cfg.intermediate,
+            gated: cfg.activation.is_gated(),
+            hp: round_up(cfg.hidden, PAD),
+            ip: round_up(cfg.intermediate, PAD),
+        }
+    }
+    /// Rows of prepared W13.
+    pub fn m1p(&self) -> usize {
+        if self.gated {
+            2 * self.ip
+        } else {
+            self.ip
+        }
+    }
+}
+
+/// One projection in kernel layout: element bytes `[E, Mp, Kp]` and its scales.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PreparedTensor {
+    pub rows: usize,
+    pub cols: usize,
+    /// bf16 little-endian pairs or E4M3 bytes.
+    pub data: Vec<u8>,
+    /// fp8: `[E]`; fp8_block: `[E, rows/8, cols/128]`; bf16: empty.
+    pub scales: Vec<f32>,
+}
+
+/// Everything GEMM1 and GEMM2 read, in kernel layout.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PreparedWeights {
+    pub dims: Dims,
+    pub w13: PreparedTensor,
+    pub w2: PreparedTensor,
+    /// `[E, m1p]` in prepared row order.
+    pub w13_bias: Option<Vec<f32>>,
+    /// `[E, hp]`.
+    pub w2_bias: Option<Vec<f32>>,
+}
+
+/// Where prepared W13 row `r` comes from in the original `[M, H]` rows (None: a padding row).
+pub fn w13_source_row(dims: &Dims, order: W13Order, r: usize) -> Option<usize> {
+    let i = dims.inter;
+    if !dims.gated {
+        return (r < i).then_some(r);
+    }
+    let j = (r / 16) * 8 + r % 8;
+    let up = r % 16 >= 8;
+    if j >= i {
+        return None;
+    }
+    Some(match (order, up) {
+        (W13Order::GateUp, false) => j,
+        (W13Order::GateUp, true) => i + j,
+        (W13Order::UpGate, false) => i + j,
+        (W13Order::UpGate, true) => j,
+        (W13Order::Interleaved, false) => 2 * j,
+        (W13Order::Interleaved, true) => 2 * j + 1,
+    })
+}
+
+/// The intermediate feature a prepared W13 row feeds (the output column of GEMM1's epilogue).
+pub fn w13_feature(dims: &Dims, r: usize) -> usize {
+    if dims.gated {
+        (r / 16) * 8 + r % 8
+    } else {
+        r
+    }
+}
+
+pub fn prepare(cfg: &LayerConfig, w: &LayerWeights) -> PreparedWeights {
+    let dims = Dims::of(cfg);
+    let m1p = dims.m1p();
+    let w13_map = |r: usize| w13_source_row(&dims, cfg.w13_order, r);
+    let w2_map = |r: usize| (r < dims.hidden).then_some(r);
+    let w13 = prepare_tensor(&w.w13, m1p, dims.hp, &w13_map);
+    let w2 = prepare_tensor(&w.w2, dims.hp, dims.ip, &w2_map);
+    let w13_bias = w
+        .w13_bias
+        .as_ref()
+        .map(|b| permute_bias(b, dims.experts, w.w13.rows, m1p, &w13_map));
+    let w2_bias = w
+        .w2_bias
+        .as_ref()
+        .map(|b| permute_bias(b, dims.experts, w.w2.rows, dims.hp, &w2_map));
+    PreparedWeights {
+        dims,
+        w13,
+        w2,
+        w13_bias,
+        w2_bias,
+    }
+}
+
+fn permute_bias(
+    b: &[f32],
+    experts: usize,
+    rows: usize,
+    rows_p: usize,
+    map: &dyn Fn(usize) -> Option<usize>,
+) -> Vec<f32> {
+    let mut out = vec![0f32; experts * rows_p];
+    for e in 0..experts {
+        for r in 0..rows_p {
+            if let Some(src) = map(r) {
+                out[e * rows_p + r] = b[e * rows + src];
+            }
+        }
+    }
+    out
+}
+
+/// Reorders and pads one projection. `map(r)` gives the source row of prepared row r.
+fn prepare_tensor(
+    t: &QuantizedTensor,
+    rows_p: usize,
+    cols_p: usize,
+    map: &dyn Fn(usize) -> Option<usize>,
+) -> PreparedTensor {
+    let elem = match t.format {
+        WeightFormat::Bf16 => 2,
+        _ => 1,
+    };
+    let row_bytes = t.cols * elem;
+    let row_bytes_p = cols_p * elem;
+    let mut data = vec![0u8; t.experts * rows_p * row_bytes_p];
+    for e in 0..t.experts {
+        let src = t.expert_data(e);
+        let dst = &mut data[e * rows_p * row_bytes_p..(e + 1) * rows_p * row_bytes_p];
+        for r in 0..rows_p {
+            if let Some(s) = map(r) {
+                dst[r * row_bytes_p..r * row_bytes_p + row_bytes]
+                    .copy_from_slice(&src[s * row_bytes..(s + 1) * row_bytes]);
+            }
+        }
+    }
+    let scales = match &t.scales {
+        BlockScales::PerExpert(s) => s.clone(),
+        BlockScales::Block128(s) => {
+            let (nbr, nbc) = (t.rows.div_ceil(128), t.cols.div_ceil(128));
+            let (groups, kb_p) = (rows_p / 8, cols_p / 128);
+            let mut out = vec![0f32; t.experts * groups * kb_p];
+            for e in 0..t.experts {
+                for g in 0..groups {
+                    // Any non-padding row of the group names the block (all share it; see module doc).
+                    let Some(src) = (0..8).find_map(|i| map(g * 8 + i)) else {
+                        continue;
+                    };
+                    for kb in 0..nbc {
+                        out[(e * groups + g) * kb_p + kb] = s[(e * nbr + src / 128) * nbc + kb];
+                    }
+                }
+            }
+            out
+        }
+        _ => Vec::new(),
+    };
+    PreparedTensor {
+        rows: rows_p,
+        cols: cols_p,
+        data,
+        scales,
+    }
+}

@@ -1,0 +1,537 @@
+//! The CUDA backend. Three kinds of test:
+//! - every kernel variant compiles with NVRTC for sm_90a (needs only libnvrtc; CI installs it and sets
+//!   MOERUNNER_REQUIRE_NVRTC=1 so a missing library fails instead of skipping);
+//! - the kernel weight layout, checked on the CPU by evaluating the layer from prepared buffers;
+//! - the layer on a GPU against the float64 reference (skipped, with the reason printed, without one).
+//!
+//! Random cases print their seeds; outputs are poisoned with NaN before every GPU run.
+
+use moerunner::backend::cuda::prepare::{self, w13_feature};
+use moerunner::check::{case_seed, run_case_on, Case};
+use moerunner::reference;
+use moerunner::routing::{self, Routes};
+use moerunner::synth::{random_input, random_layer, RoutingMode};
+use moerunner::tensor::DType;
+use moerunner::{
+    Activation, ActivationFormat, BackendChoice, ForwardInput, LayerConfig, Parallelism,
+    RoutingConfig, RoutingMethod, Runner, W13Order, WeightFormat,
+};
+
+fn config(
+    wf: WeightFormat,
+    experts: usize,
+    hidden: usize,
+    inter: usize,
+    activation: Activation,
+    routing: RoutingConfig,
+) -> LayerConfig {
+    let af = match wf {
+        WeightFormat::Bf16 => ActivationFormat::Bf16,
+        WeightFormat::Fp8 => ActivationFormat::Fp8,
+        _ => ActivationFormat::Fp8Block,
+    };
+    LayerConfig {
+        num_experts: experts,
+        hidden,
+        intermediate: inter,
+        weight_format: wf,
+        activation_format: af,
+        activation,
+        w13_order: W13Order::GateUp,
+        routing,
+        local_experts: 0..experts,
+        parallelism: Parallelism::default(),
+    }
+}
+
+fn rel_err(got: &[f64], want: &[f64]) -> f64 {
+    moerunner::check::relative_error(got, want)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Prepared layout, on the CPU.
+
+/// Evaluates GEMM1 → activation → GEMM2 for one (token, expert) from the prepared buffers the way
+/// the kernels index them (interleaved rows, padded K, per-8-row block scales), in f64 with the
+/// reference's own activation quantization skipped (bf16 weights and unquantized x).
+fn prepared_expert_output(
+    p: &prepare::PreparedWeights,
+    cfg: &LayerConfig,
+    e: usize,
+    x: &[f64],
+) -> Vec<f64> {
+    let d = p.dims;
+    let dec = |t: &prepare::PreparedTensor, e: usize, r: usize, c: usize| -> f64 {
+        let idx = (e * t.rows + r) * t.cols + c;
+        let v = match cfg.weight_format {
+            WeightFormat::Bf16 => {
+                half::bf16::from_le_bytes([t.data[2 * idx], t.data[2 * idx + 1]]).to_f64()
+            }
+            _ => moerunner::formats::e4m3::decode(t.data[idx]) as f64,
+        };
+        let s = match cfg.weight_format {
+            WeightFormat::Fp8 => t.scales[e] as f64,
+            WeightFormat::Fp8Block => {
+                t.scales[(e * (t.rows / 8) + r / 8) * (t.cols / 128) + c / 128] as f64
+            }
+            _ => 1.0,
+        };
+        v * s
+    };
+    let m1p = d.m1p();
+    let mut y = vec![0f64; m1p];
+    for (r, yr) in y.iter_mut().enumerate() {
+        *yr = (0..d.hidden)
+            .map(|c| dec(&p.w13, e, r, c) * x[c])
+            .sum::<f64>()
+            + p.w13_bias.as_ref().map_or(0.0, |b| b[e * m1p + r] as f64);
+    }
+    let mut a = vec![0f64; d.ip];
+    for r in 0..m1p {
+        let j = w13_feature(&d, r);
+        if d.gated {
+            if r % 16 < 8 {
+                let (g, u) = (y[r], y[r + 8]);
+                a[j] = moerunner::activation::gated_f64(&cfg.activation, g, u);
+            }
+        } else {
+            a[j] = moerunner::activation::plain_f64(&cfg.activation, y[r]);
+        }
+    }
+    (0..d.hidden)
+        .map(|h| {
+            (0..d.ip).map(|c| dec(&p.w2, e, h, c) * a[c]).sum::<f64>()
+                + p.w2_bias.as_ref().map_or(0.0, |b| b[e * d.hp + h] as f64)
+        })
+        .collect()
+}
+
+#[test]
+fn prepared_layout_computes_the_reference_layer() {
+    // Odd sizes (I not a multiple of 16, H not of 128) and every W13 order and activation.
+    let mut case = 0u64;
+    for wf in [
+        WeightFormat::Bf16,
+        WeightFormat::Fp8,
+        WeightFormat::Fp8Block,
+    ] {
+        for order in W13Order::ALL {
+            for act in [
+                Activation::Swiglu,
+                Activation::OAI_DEFAULT,
+                Activation::Relu2,
+            ] {
+                case += 1;
+                let seed = 0xC0DA_0000 + case;
+                let inter = if wf == WeightFormat::Fp8Block {
+                    200
+                } else {
+                    52
+                };
+                let mut cfg = config(
+                    wf,
+                    3,
+                    136,
+                    inter,
+                    act,
+                    RoutingConfig::new(RoutingMethod::Renormalize, 1),
+                );
+                cfg.w13_order = if act.is_gated() {
+                    *order
+                } else {
+                    W13Order::GateUp
+                };
+                let layer = random_layer(&cfg, seed, true).expect("layer");
+                let p = prepare::prepare(&cfg, layer.weights());
+                let mut rng = moerunner::rng::SeededRng::new(seed);
+                let x: Vec<f32> = (0..cfg.hidden).map(|_| rng.uniform(-1.0, 1.0)).collect();
+                for e in 0..3 {
+                    let routes = Routes {
+                        tokens: 1,
+                        top_k: 1,
+                        ids: vec![e as i32],
+                        weights: vec![1.0],
+                        weight_on_input: false,
+                    };
+                    // The emulation skips the activation quantization (of x and of the intermediate)
+                    // that the reference applies, so fp8 differs by e4m3 rounding (~3%); a layout
+                    // error (wrong row, half, scale or padding) is O(1), far above either bound.
+                    let want = reference::forward(&layer, &x, &routes).expect("reference");
+                    let xd: Vec<f64> = x.iter().map(|&v| v as f64).collect();
+                    let got = prepared_expert_output(&p, &cfg, e, &xd);
+                    let err = rel_err(&got, &want);
+                    let tol = if wf == WeightFormat::Bf16 { 1e-2 } else { 8e-2 };
+                    println!("seed={seed} {wf} {order:?} {act} expert {e}: err {err:.2e}");
+                    assert!(
+                        err <= tol,
+                        "seed {seed}: prepared layout differs from the reference by {err}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// NVRTC, no GPU needed.
+
+#[cfg(feature = "cuda")]
+#[test]
+fn every_kernel_compiles_for_sm90a() {
+    use moerunner::backend::cuda::{kernels::ModuleKey, nvrtc};
+    use rayon::prelude::*;
+    if !nvrtc::available() {
+        let msg = "libnvrtc.so.13 not found (set LD_LIBRARY_PATH; .ci/run installs it)";
+        assert!(
+            std::env::var("MOERUNNER_REQUIRE_NVRTC").is_err(),
+            "MOERUNNER_REQUIRE_NVRTC is set but {msg}"
+        );
+        println!("SKIPPED: {msg}");
+        return;
+    }
+    let keys = ModuleKey::all();
+    let arch = "sm_90a";
+    let failures: Vec<String> = keys
+        .par_iter()
+        .filter_map(|k| {
+            let mut opts = nvrtc::base_options(arch);
+            opts.extend(k.defines.iter().cloned());
+            match nvrtc::compile_fresh(&k.label(), &k.source.full_text(), &opts) {
+                Ok(bytes) => {
+                    println!(
+                        "compiled {} ({} bytes of sm_90a code)",
+                        k.label(),
+                        bytes.len()
+                    );
+                    None
+                }
+                Err(e) => Some(e.to_string()),
+            }
+        })
+        .collect();
+    println!(
+        "NVRTC {}: {} modules",
+        nvrtc::version().unwrap_or_default(),
+        keys.len()
+    );
+    assert!(
+        failures.is_empty(),
+        "{} kernels failed to compile:\n{}",
+        failures.len(),
+        failures.join("\n\n")
+    );
+}
+
+#[cfg(feature = "cuda")]
+#[test]
+fn a_compile_error_shows_the_nvrtc_log() {
+    use moerunner::backend::cuda::nvrtc;
+    if !nvrtc::available() {
+        println!("SKIPPED: libnvrtc.so.13 not found");
+        return;
+    }
+    let err = nvrtc::compile_fresh(
+        "broken",
+        "extern \"C\" __global__ void k() { undeclared_name; }",
+        &nvrtc::base_options("sm_90a"),
+    )
+    .expect_err("must not compile");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("broken") && msg.contains("undeclared_name"),
+        "{msg}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// On the GPU.
+
+/// A runner whose CUDA backend is ready, or None after printing why the GPU tests skip.
+fn gpu_runner() -> Option<Runner> {
+    let runner = Runner::new();
+    for r in runner.backends() {
+        if let moerunner::runner::Registered::Unavailable {
+            name: "cuda",
+            reason,
+        } = r
+        {
+            println!("SKIPPED: no usable GPU: {reason}");
+            return None;
+        }
+    }
+    Some(runner)
+}
+
+fn cuda() -> BackendChoice {
+    BackendChoice::Named("cuda".into())
+}
+
+/// Runs `cfg` on the GPU for `tokens` tokens and compares (a sample of at most `sample` tokens)
+/// with the float64 reference. Returns the relative error.
+fn gpu_vs_reference(
+    runner: &Runner,
+    cfg: &LayerConfig,
+    tokens: usize,
+    mode: RoutingMode,
+    dtype: DType,
+    seed: u64,
+    sample: usize,
+) -> f64 {
+    let layer = random_layer(cfg, seed, false).expect("layer");
+    let input = random_input(cfg, tokens, mode, dtype, seed ^ 0xF00D).expect("input");
+    let loaded = runner.load(layer.clone(), &cuda()).expect("load on cuda");
+    let fwd = ForwardInput {
+        hidden: &input.hidden,
+        routing: input.routing_input(),
+    };
+    let out = loaded.forward(&fwd).expect("forward on cuda");
+    assert_eq!(out.output.shape, vec![tokens, cfg.hidden]);
+    assert_eq!(out.output.dtype, dtype, "output dtype follows the input");
+    if tokens == 0 {
+        return 0.0;
+    }
+    let x = input.hidden.to_f32_vec("hidden").expect("x");
+    let routes = routing::resolve(
+        &cfg.routing,
+        cfg.num_experts,
+        tokens,
+        &input.routing_input(),
+        layer.weights().router_bias.as_deref(),
+    )
+    .expect("routes");
+    if mode == RoutingMode::Logits {
+        assert_eq!(
+            out.routes.ids, routes.ids,
+            "seed {seed}: GPU routing chose other experts"
+        );
+        for (g, w) in out.routes.weights.iter().zip(&routes.weights) {
+            assert!(
+                (g - w).abs() <= 1e-5 * w.abs().max(1.0),
+                "seed {seed}: routing weight {g} vs {w}"
+            );
+        }
+    }
+    let step = tokens.div_ceil(sample).max(1);
+    let picked: Vec<usize> = (0..tokens).step_by(step).collect();
+    let want = reference::forward_tokens(&layer, &x, &routes, &picked).expect("reference");
+    let all = out.output.to_f32_vec("output").expect("output");
+    let h = cfg.hidden;
+    let got: Vec<f64> = picked
+        .iter()
+        .flat_map(|&t| all[t * h..(t + 1) * h].iter().map(|&v| v as f64))
+        .collect();
+    rel_err(&got, &want)
+}
+
+fn assert_within(err: f64, cfg: &LayerConfig, what: &str) {
+    let tol = moerunner::config::tolerance(cfg.weight_format, cfg.activation_format);
+    println!("{what}: err {err:.2e} (tol {tol:.0e})");
+    assert!(
+        err <= tol,
+        "{what}: relative error {err} above {tol} (NaN never passes)"
+    );
+}
+
+#[test]
+fn gpu_every_format_routing_method_and_activation() {
+    let Some(runner) = gpu_runner() else { return };
+    let acts = [
+        Activation::Swiglu,
+        Activation::Geglu,
+        Activation::OAI_DEFAULT,
+        Activation::Relu2,
+    ];
+    let mut n = 0u64;
+    for wf in [
+        WeightFormat::Bf16,
+        WeightFormat::Fp8,
+        WeightFormat::Fp8Block,
+    ] {
+        for method in RoutingMethod::ALL {
+            for act in acts {
+                n += 1;
+                let seed = 0x6770_0000 + n;
+                let mut routing = RoutingConfig::new(
+                    *method,
+                    if *method == RoutingMethod::Llama4 {
+                        1
+                    } else {
+                        4
+                    },
+                );
+                if *method == RoutingMethod::DeepseekV3 {
+                    routing.n_group = 4;
+                    routing.topk_group = 2;
+                    routing.routed_scaling_factor = 2.5;
+                }
+                let cfg = config(wf, 16, 256, 384, act, routing);
+                let err = gpu_vs_reference(
+                    &runner,
+                    &cfg,
+                    37,
+                    RoutingMode::Logits,
+                    DType::BF16,
+                    seed,
+                    64,
+                );
+                assert_within(err, &cfg, &format!("seed={seed} {wf} {method} {act}"));
+            }
+        }
+    }
+}
+
+#[test]
+fn gpu_seeded_matrix_of_supported_cases() {
+    let Some(runner) = gpu_runner() else { return };
+    let mut ran = 0;
+    let mut failed = Vec::new();
+    for i in 0..2000u64 {
+        let seed = case_seed(0x0C0D_A5EE, i);
+        let case = Case::generate(seed);
+        if moerunner::backend::cuda::supports_config(&case.config).is_err() {
+            continue;
+        }
+        let r = run_case_on(&runner, seed, &cuda());
+        println!(
+            "{} seed={seed} err={:.2e} {}{}",
+            if r.passed { "ok  " } else { "FAIL" },
+            r.rel_err,
+            r.description,
+            r.error
+                .as_ref()
+                .map(|e| format!(" error: {e}"))
+                .unwrap_or_default()
+        );
+        if !r.passed {
+            failed.push(seed);
+        }
+        ran += 1;
+        if ran == 300 {
+            break;
+        }
+    }
+    assert!(
+        failed.is_empty(),
+        "{} of {ran} GPU cases failed: seeds {failed:?}",
+        failed.len()
+    );
+}
+
+#[test]
+fn gpu_token_counts_from_zero_to_16384() {
+    let Some(runner) = gpu_runner() else { return };
+    for wf in [WeightFormat::Bf16, WeightFormat::Fp8Block] {
+        let cfg = config(
+            wf,
+            64,
+            1024,
+            512,
+            Activation::Swiglu,
+            RoutingConfig::new(RoutingMethod::Renormalize, 8),
+        );
+        for (i, tokens) in [0usize, 1, 2, 16, 129, 1024, 4096, 16384]
+            .into_iter()
+            .enumerate()
+        {
+            let seed = 0x70C0 + i as u64;
+            let err = gpu_vs_reference(
+                &runner,
+                &cfg,
+                tokens,
+                RoutingMode::Logits,
+                DType::BF16,
+                seed,
+                48,
+            );
+            assert_within(err, &cfg, &format!("seed={seed} {wf} T={tokens}"));
+        }
+    }
+}
+
+#[test]
+fn gpu_odd_sizes_many_experts_and_input_dtypes() {
+    let Some(runner) = gpu_runner() else { return };
+    let mut ds = RoutingConfig::new(RoutingMethod::DeepseekV3, 8);
+    ds.n_group = 8;
+    ds.topk_group = 4;
+    let shapes = [
+        (
+            8usize,
+            2880usize,
+            1856usize,
+            RoutingConfig::new(RoutingMethod::Renormalize, 2),
+            RoutingMode::TopK,
+            DType::F32,
+        ),
+        (
+            4,
+            2880,
+            1856,
+            RoutingConfig::new(RoutingMethod::Renormalize, 4),
+            RoutingMode::Packed,
+            DType::F16,
+        ),
+        (256, 512, 256, ds, RoutingMode::Logits, DType::BF16),
+    ];
+    for wf in [
+        WeightFormat::Bf16,
+        WeightFormat::Fp8,
+        WeightFormat::Fp8Block,
+    ] {
+        for (i, (e, h, inter, routing, mode, dtype)) in shapes.iter().enumerate() {
+            let seed = 0x0DD5 + i as u64;
+            let cfg = config(wf, *e, *h, *inter, Activation::OAI_DEFAULT, routing.clone());
+            let err = gpu_vs_reference(&runner, &cfg, 77, *mode, *dtype, seed, 77);
+            assert_within(
+                err,
+                &cfg,
+                &format!("seed={seed} {wf} E={e} H={h} I={inter} {mode:?} {dtype}"),
+            );
+        }
+    }
+}
+
+#[test]
+fn gpu_ep_rank_with_every_token_elsewhere_returns_zeros() {
+    let Some(runner) = gpu_runner() else { return };
+    let full = config(
+        WeightFormat::Bf16,
+        8,
+        256,
+        128,
+        Activation::Swiglu,
+        RoutingConfig::new(RoutingMethod::Renormalize, 2),
+    );
+    let layer = random_layer(&full, 5, false).expect("layer");
+    let rank1 = moerunner::shard::shard(
+        &layer,
+        Parallelism {
+            ep_size: 2,
+            ep_rank: 1,
+            tp_size: 1,
+            tp_rank: 0,
+        },
+    )
+    .expect("shard");
+    // Every token routes to experts 0..4, all on rank 0.
+    let t = 9;
+    let ids: Vec<i32> = (0..t * 2).map(|i| (i % 4) as i32).collect();
+    let ids_t = moerunner::HostTensor::from_i32(vec![t, 2], &ids);
+    let w = moerunner::HostTensor::from_f32(vec![t, 2], &vec![0.5; t * 2]);
+    let x = moerunner::HostTensor::from_f32(vec![t, 256], &vec![0.25; t * 256]);
+    let loaded = runner.load(rank1, &cuda()).expect("load");
+    let out = loaded
+        .forward(&ForwardInput {
+            hidden: &x,
+            routing: moerunner::RoutingInput::TopK {
+                ids: &ids_t,
+                weights: &w,
+            },
+        })
+        .expect("forward");
+    let v = out.output.to_f32_vec("out").expect("f32");
+    assert!(
+        v.iter().all(|&x| x == 0.0),
+        "non-local tokens must give zero rows (poisoned output not overwritten?)"
+    );
+}

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Builds, on this machine, everything the GPU machine runs (it has no Rust toolchain): the CUDA test
+# binary and the release CLI, copied into gpu-bin/ (git-ignored). Then run on the GPU machine,
+# from the repository root, with gpu-bin carried:
+#     scripts/gpu-run.sh [tests|checks|bench|all] [bench args...]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+mkdir -p gpu-bin
+cargo build --release -p moerunner-cli
+cp target/release/moerunner gpu-bin/moerunner
+exe=$(cargo test --release -p moerunner --features cuda --test cuda --no-run --message-format=json 2>/dev/null \
+    | python3 -c 'import json,sys
+for l in sys.stdin:
+    m = json.loads(l)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "cuda":
+        print(m["executable"])')
+cp "$exe" gpu-bin/cuda-tests
+ls -la gpu-bin

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Runs on the GPU machine (see gpu-build.sh): the CUDA tests, the standalone kernel checks and/or the
+# benchmark, logs under $OUT (or ./gpu-out). NVRTC and cuBLASLt come from /usr/local/cuda.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${OUT:-gpu-out}
+mkdir -p "$out"
+export LD_LIBRARY_PATH=/usr/local/cuda/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+export MOERUNNER_KERNEL_CACHE=${MOERUNNER_KERNEL_CACHE:-/tmp/moerunner-kernels}
+export PYTHONUNBUFFERED=1
+what=${1:-all}
+shift || true
+status=0
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noheader | tee "$out/gpu.txt"
+if [[ $what == checks || $what == all ]]; then
+    for s in scripts/gpu/check_*.py; do
+        timeout 300 python3 "$s" > "$out/$(basename "$s" .py).log" 2>&1 || status=1
+        echo "== $s: $(tail -n 25 "$out/$(basename "$s" .py).log")"
+    done
+fi
+if [[ $what == tests || $what == all ]]; then
+    timeout 500 gpu-bin/cuda-tests --test-threads=1 --nocapture > "$out/cuda-tests.log" 2>&1 || status=1
+    grep -E "^test |FAIL|panicked|test result" "$out/cuda-tests.log" | tail -n 30
+fi
+if [[ $what == bench || $what == all ]]; then
+    timeout 500 gpu-bin/moerunner bench --backend cuda --json "$out/bench.json" "$@" > "$out/bench.log" 2>&1 || status=1
+    tail -n 40 "$out/bench.log"
+fi
+exit $status
