@@ -109,7 +109,12 @@ class Kernel:
         w8 = self.defs["W_FP8"]
         pipe = self.stages * (bm * 128 + bn * 128 + (4 * (bm // 8 + bn) if w8 == 2 else 0))
         red = (wk - 1) * bm * bn * 4
-        assert self.smem == max(pipe, red), (self.smem, pipe, red)
+        if self.defs.get("WGMMA", 0):
+            # wgmma path: fixed 8 x 1 x 1 warp grid, + 1024 bytes to align the operand tiles
+            assert (wm, wn, wk) == (8, 1, 1), meta
+            assert self.smem == pipe + 1024, (self.smem, pipe)
+        else:
+            assert self.smem == max(pipe, red), (self.smem, pipe, red)
         assert self.nthreads == 32 * wm * wn * wk
         self.warps = (wm, wn, wk)
         drv = cp.cuda.driver
@@ -381,7 +386,12 @@ def run_check(kern, c, epi, actf, ot, BN, BM):
 
 def variant_name(d):
     return (f"W_FP8={d['W_FP8']} EPI={d['EPI']} ACT={d['ACT']} OUT={d['OUT_TYPE']} "
-            f"BM={d['BM']} BN={d['BN']}")
+            f"BM={d['BM']} BN={d['BN']}" + wg_suffix(d))
+
+
+def wg_suffix(d):
+    """' WG' for the wgmma path (WGMMA=1), ' S=n' for an explicit STAGES."""
+    return (" WG" if d.get("WGMMA", 0) else "") + (f" S={d['STAGES']}" if "STAGES" in d else "")
 
 
 # ------------------------------------------------------------------------------------------ plan
@@ -405,6 +415,16 @@ def correctness_plan(quick):
         for i, (bm, bn) in enumerate(TILES):
             epi, actf, ot = ((1, i % 3, 0), (0, 0, 1))[i % 2]
             plan.append(dict(W_FP8=w8, EPI=epi, ACT=actf, OUT_TYPE=ot, BM=bm, BN=bn))
+    # the Hopper wgmma path (WGMMA=1, BM=128, BN=128|64): every W_FP8 x EPI x ACT x OUT_TYPE, alternating
+    # BN; then the shallowest pipelines (prefetch distance 1 and 2)
+    for w8 in (0, 1, 2):
+        for j, (epi, actf, ot) in enumerate(EPI_SETS):
+            bn = (128, 64)[(j + w8) % 2]
+            plan.append(dict(W_FP8=w8, EPI=epi, ACT=actf, OUT_TYPE=ot, BM=128, BN=bn, WGMMA=1))
+    plan.append(dict(W_FP8=0, EPI=1, ACT=0, OUT_TYPE=0, BM=128, BN=128, WGMMA=1, STAGES=3))
+    plan.append(dict(W_FP8=2, EPI=0, ACT=0, OUT_TYPE=1, BM=128, BN=64, WGMMA=1, STAGES=3))
+    plan.append(dict(W_FP8=1, EPI=1, ACT=2, OUT_TYPE=2, BM=128, BN=128, WGMMA=1, STAGES=4))
+    plan.append(dict(W_FP8=2, EPI=1, ACT=0, OUT_TYPE=0, BM=128, BN=128, WGMMA=1, STAGES=4))
     seen, out = set(), []
     for d in plan:
         k = key(d)
@@ -485,8 +505,14 @@ def perf_variants():
             pv.append((dict(W_FP8=w8, EPI=1, ACT=0, OUT_TYPE=0, BM=bm, BN=8), "bw_gemm1"))
             pv.append((dict(W_FP8=w8, EPI=0, ACT=0, OUT_TYPE=1, BM=bm, BN=8), "bw_gemm2"))
         pv.append((dict(W_FP8=w8, EPI=1, ACT=0, OUT_TYPE=0, BM=128, BN=128), "compute_gemm1"))
+        pv.append((dict(W_FP8=w8, EPI=1, ACT=0, OUT_TYPE=0, BM=128, BN=128, WGMMA=1), "compute_gemm1"))
+        pv.append((dict(W_FP8=w8, EPI=1, ACT=0, OUT_TYPE=0, BM=128, BN=128, WGMMA=1, STAGES=4), "compute_gemm1"))
         pv.append((dict(W_FP8=w8, EPI=1, ACT=0, OUT_TYPE=0, BM=128, BN=64), "compute_gemm1"))
+        pv.append((dict(W_FP8=w8, EPI=1, ACT=0, OUT_TYPE=0, BM=128, BN=64, WGMMA=1), "compute_gemm1"))
     pv.append((dict(W_FP8=0, EPI=0, ACT=0, OUT_TYPE=1, BM=128, BN=128), "compute_gemm2"))
+    for w8 in (0, 1, 2):
+        pv.append((dict(W_FP8=w8, EPI=0, ACT=0, OUT_TYPE=1, BM=128, BN=128, WGMMA=1), "compute_gemm2"))
+    pv.append((dict(W_FP8=0, EPI=0, ACT=0, OUT_TYPE=1, BM=128, BN=64, WGMMA=1), "compute_gemm2"))
     pv.append((dict(W_FP8=0, EPI=1, ACT=0, OUT_TYPE=0, BM=64, BN=16), "mid_gemm1"))
     pv.append((dict(W_FP8=0, EPI=1, ACT=0, OUT_TYPE=0, BM=128, BN=32), "mid_gemm1"))
     return pv
@@ -565,7 +591,7 @@ def run_perf(kernels, perf_plan, seed):
         else:
             err_s = f"{err:.1e}"
         del ref, got
-        name = f"{'bf16' if w8 == 0 else ('fp8' if w8 == 1 else 'fp8blk')} BM={bm} BN={bn} EPI={epi}"
+        name = f"{'bf16' if w8 == 0 else ('fp8' if w8 == 1 else 'fp8blk')} BM={bm} BN={bn} EPI={epi}" + wg_suffix(d)
         gbs = wbytes / (us * 1e-6) / 1e9
         tfs = flops / (us * 1e-6) / 1e12
         print(f"perf {label:44} {name:40} {us:8.1f} us {gbs:7.0f} GB/s {tfs:7.1f} TFLOP/s "

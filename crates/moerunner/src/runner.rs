@@ -55,7 +55,10 @@ impl Runner {
             Ok(b) => Registered::Ready(b),
             Err(e) => Registered::Unavailable {
                 name: "cuda",
-                reason: e.to_string(),
+                reason: match e {
+                    MoeError::Cuda(why) => why,
+                    other => other.to_string(),
+                },
             },
         };
         Runner {
@@ -69,6 +72,33 @@ impl Runner {
 
     pub fn backends(&self) -> &[Registered] {
         &self.backends
+    }
+
+    /// Whether `choice` can run `config` here, or why not (for `Auto`: whether any backend can).
+    pub fn supports(
+        &self,
+        choice: &BackendChoice,
+        config: &crate::config::LayerConfig,
+    ) -> std::result::Result<(), String> {
+        let mut why = Vec::new();
+        for reg in &self.backends {
+            let named = matches!(choice, BackendChoice::Named(n) if n == reg.name());
+            if !named && *choice != BackendChoice::Auto {
+                continue;
+            }
+            match reg {
+                Registered::Unavailable { name, reason } => why.push(format!("{name}: {reason}")),
+                Registered::Ready(b) => match b.supports(config) {
+                    Ok(()) => return Ok(()),
+                    Err(e) => why.push(format!("{}: {e}", b.name())),
+                },
+            }
+        }
+        Err(if why.is_empty() {
+            format!("unknown backend {choice:?}")
+        } else {
+            why.join("; ")
+        })
     }
 
     /// Loads `layer` on the chosen backend.

@@ -29,7 +29,12 @@ pub fn run(_args: Args) -> anyhow::Result<()> {
                 }
             }
             Registered::Unavailable { name, reason } => {
-                println!("  {name}: unavailable — {reason}")
+                println!("  {name}: unavailable — {reason}");
+                if *name == "cuda" {
+                    for s in moerunner::backend::cuda::SUPPORTS {
+                        println!("    supports (on a GPU): {s}");
+                    }
+                }
             }
         }
     }

@@ -57,6 +57,9 @@ pub fn flush(dev: &Device, buf: &Buf) -> Result<()> {
 
 /// Sets every byte of `buf` to `byte` (stream-ordered).
 pub fn fill(dev: &Device, buf: &Buf, byte: u8) -> Result<()> {
+    dev.ctx
+        .bind_to_thread()
+        .map_err(|e| cuda_err("binding the CUDA context", e))?;
     // SAFETY: `buf` is a live allocation of `buf.len` bytes.
     unsafe {
         cudarc::driver::result::memset_d8_async(buf.ptr(), byte, buf.len, dev.stream.cu_stream())

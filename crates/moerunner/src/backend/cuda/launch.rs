@@ -1,7 +1,11 @@
-//! Kernel launches: a typed argument list turned into cudarc's launch builder. Every device pointer
-//! travels as a raw address (`Arg::Ptr`), so a kernel's nullable pointers are just `Arg::NULL`.
+//! Kernel launches: a typed argument list passed to `cuLaunchKernelEx`, with programmatic dependent
+//! launch (PDL) for kernels written for it. Every device pointer travels as a raw address
+//! (`Arg::Ptr`), so a kernel's nullable pointers are just `Arg::NULL`.
 
-use cudarc::driver::{CudaFunction, LaunchConfig, PushKernelArg};
+use std::ffi::c_void;
+
+use cudarc::driver::sys;
+use cudarc::driver::CudaFunction;
 
 use super::device::{cuda_err, Device};
 use crate::error::Result;
@@ -18,34 +22,84 @@ impl Arg {
     pub const NULL: Arg = Arg::Ptr(0);
 }
 
-/// Grid, block and dynamic shared memory of one launch.
+/// Grid, block and dynamic shared memory of one launch, and whether it may overlap its predecessor.
 #[derive(Clone, Copy, Debug)]
 pub struct Shape {
     pub grid: (u32, u32, u32),
     pub block: u32,
     pub smem: u32,
+    /// Launch with programmatic stream serialization: the kernel may start before the previous one
+    /// ends, so it must call `pdl_wait()` (common.cuh) before reading what that one wrote.
+    pub pdl: bool,
+}
+
+/// PDL is on unless `MOERUNNER_PDL=0` (a switch for measuring what it buys).
+fn pdl_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("MOERUNNER_PDL").map_or(true, |v| v != "0"))
 }
 
 pub fn launch(dev: &Device, f: &CudaFunction, shape: Shape, args: &[Arg]) -> Result<()> {
     if shape.grid.0 == 0 || shape.grid.1 == 0 || shape.grid.2 == 0 {
         return Ok(());
     }
-    let mut b = dev.stream.launch_builder(f);
-    for a in args {
-        match a {
-            Arg::Ptr(v) => b.arg(v),
-            Arg::I32(v) => b.arg(v),
-            Arg::I64(v) => b.arg(v),
-            Arg::F32(v) => b.arg(v),
-        };
-    }
-    let cfg = LaunchConfig {
-        grid_dim: shape.grid,
-        block_dim: (shape.block, 1, 1),
-        shared_mem_bytes: shape.smem,
+    // Each argument's value lives in `values`; the driver reads it through `params` during the call.
+    let mut values: Vec<[u8; 8]> = args
+        .iter()
+        .map(|a| match *a {
+            Arg::Ptr(v) => v.to_le_bytes(),
+            Arg::I64(v) => v.to_le_bytes(),
+            Arg::I32(v) => (v as i64).to_le_bytes(),
+            Arg::F32(v) => {
+                let mut b = [0u8; 8];
+                b[..4].copy_from_slice(&v.to_le_bytes());
+                b
+            }
+        })
+        .collect();
+    let mut params: Vec<*mut c_void> = values
+        .iter_mut()
+        .map(|v| v.as_mut_ptr() as *mut c_void)
+        .collect();
+    // SAFETY: a zeroed attribute is a valid "ignore" value; the id and the field set below are the
+    // documented pair for programmatic stream serialization.
+    let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+    attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+    attr.value.programmaticStreamSerializationAllowed = 1;
+    let use_pdl = shape.pdl && pdl_enabled();
+    let config = sys::CUlaunchConfig {
+        gridDimX: shape.grid.0,
+        gridDimY: shape.grid.1,
+        gridDimZ: shape.grid.2,
+        blockDimX: shape.block,
+        blockDimY: 1,
+        blockDimZ: 1,
+        sharedMemBytes: shape.smem,
+        hStream: dev.stream.cu_stream(),
+        attrs: if use_pdl {
+            &mut attr
+        } else {
+            std::ptr::null_mut()
+        },
+        numAttrs: use_pdl as u32,
     };
-    // SAFETY: argument lists are written against each kernel's documented signature (kernels/*.cu),
-    // and every pointer is a live allocation of the size that signature asks for.
-    unsafe { b.launch(cfg) }.map_err(|e| cuda_err("launching a kernel", e))?;
+    // The raw driver call needs the context current on this thread (cudarc's own calls bind it).
+    dev.ctx
+        .bind_to_thread()
+        .map_err(|e| cuda_err("binding the CUDA context", e))?;
+    // SAFETY: argument lists are written against each kernel's documented signature (kernels/*.cu):
+    // 4- and 8-byte values, each read by the driver from its own 8-byte slot (little-endian, so an
+    // i32 is its slot's first 4 bytes); every pointer is a live allocation of the size that
+    // signature asks for.
+    unsafe {
+        sys::cuLaunchKernelEx(
+            &config,
+            f.cu_function(),
+            params.as_mut_ptr(),
+            std::ptr::null_mut(),
+        )
+    }
+    .result()
+    .map_err(|e| cuda_err("launching a kernel", e))?;
     Ok(())
 }

@@ -774,6 +774,7 @@ mod shapes {
             grid: (grid_cap(tokens, warps, sms), 1, 1),
             block: 32 * warps as u32,
             smem: (warps * warp_bytes) as u32,
+            pdl: true,
         }
     }
     /// routing.cu unpack_routes.
@@ -782,6 +783,7 @@ mod shapes {
             grid: (n.div_ceil(256).clamp(1, 1024) as u32, 1, 1),
             block: 256,
             smem: 0,
+            pdl: true,
         }
     }
     /// sort.cu: one block of 1024 threads; 32 counting segments when they fit under 48 KiB.
@@ -792,6 +794,7 @@ mod shapes {
             grid: (1, 1, 1),
             block: 1024,
             smem: full.min((48 * 1024).max(min)) as u32,
+            pdl: true,
         }
     }
     /// quant.cu: one thread per 16 output columns.
@@ -800,6 +803,7 @@ mod shapes {
             grid: (grid_cap(rows * cols_p / 16, 256, sms), 1, 1),
             block: 256,
             smem: 0,
+            pdl: true,
         }
     }
     /// combine.cu: one thread per (token, 4 columns).
@@ -808,6 +812,7 @@ mod shapes {
             grid: (grid_cap(tokens * h.div_ceil(4), 256, sms), 1, 1),
             block: 256,
             smem: 0,
+            pdl: true,
         }
     }
     /// moe_gemm.cu: threads and dynamic shared memory as the module exports them (`moe_gemm_meta`).
@@ -816,6 +821,8 @@ mod shapes {
             grid: ((mp as u32) / bm, max_tiles as u32, 1),
             block: threads,
             smem,
+            // Not yet: moe_gemm does not call pdl_wait().
+            pdl: false,
         }
     }
 }

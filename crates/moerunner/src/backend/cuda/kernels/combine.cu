@@ -24,6 +24,8 @@ __device__ __forceinline__ float cb_fma_free(float acc, float w, float v) {
 
 extern "C" __global__ void combine_rows(const float* z, int z_stride, const int* pair_pos, const float* topk_w,
                                         int T, int K, int H, void* out, int out_dtype) {
+    pdl_wait();  // inputs come from the previous kernel (common.cuh)
+    pdl_launch_dependents();
     const unsigned long long out_align = out_dtype == DTYPE_F32 ? 15ull : 7ull;
     const bool vec = (H % 4 == 0) && (z_stride % 4 == 0) && (((unsigned long long)z & 15ull) == 0) &&
                      (((unsigned long long)out & out_align) == 0);

@@ -59,3 +59,11 @@ __device__ __forceinline__ void store_from_f32(void* p, int dtype, long long i, 
     if (dtype == DTYPE_F32) ((float*)p)[i] = v;
     else ((u16*)p)[i] = dtype == DTYPE_BF16 ? f32_to_bf16(v) : f32_to_f16(v);
 }
+
+// Programmatic dependent launch (sm_90+): the launcher lets a kernel start while its predecessor on
+// the stream finishes. `pdl_wait` blocks until the predecessor grid has completed and its writes are
+// visible (every kernel calls it before touching memory another kernel wrote, and before it ends, so
+// completion is transitive along the chain); `pdl_launch_dependents` lets the next kernel's blocks be
+// scheduled now. Both are no-ops when the kernel was launched without the attribute.
+__device__ __forceinline__ void pdl_wait() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
+__device__ __forceinline__ void pdl_launch_dependents() { asm volatile("griddepcontrol.launch_dependents;" :::); }

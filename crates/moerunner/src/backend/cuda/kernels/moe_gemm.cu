@@ -33,12 +33,30 @@
 //             [default: W_FP8 == 0, and W_FP8 == 2 with BM = BN = 128 (fewest spills there)]
 //             (on sm_90 ptxas emulates the e4m3 mma.sync with F2FP unpacks + f16 HMMA; the extra
 //             registers of the double buffer make the 128x128 fp8 tile spill, so fp8 leaves it off)
+//   WGMMA     1 = Hopper warpgroup MMA (sm_90a wgmma.mma_async) instead of ldmatrix + mma.sync   [default 0]
+//             Only BM = 128 with BN = 64 | 128 (any W_FP8 / EPI / ACT / OUT_TYPE). Two warpgroups (256
+//             threads); warpgroup q owns weight rows 64q..64q+63 and issues per 128-byte K step four
+//             wgmma m64n{BN}k16 bf16 (W_FP8 = 0) or m64n{BN}k32 e4m3 (W_FP8 = 1/2), f32 accumulators, both
+//             operands read from shared memory through matrix descriptors (K-major, 128-byte swizzle,
+//             stride byte offset 1024: the layout below IS the 128B swizzle atom once every operand tile
+//             base is 1024-byte aligned, which the kernel guarantees by rounding the dynamic shared memory
+//             base up, hence the +1024 bytes). The same cp.async producer loop (every thread loads),
+//             then fence.proxy.async.shared::cta (cp.async writes are generic-proxy, wgmma reads through
+//             the async proxy) and __syncthreads. The wgmma of step ks stays in flight while step ks+1
+//             is issued (wgmma.wait_group 1), so a stage is refilled two steps after it was consumed:
+//             prefetch distance STAGES - 2 (W_FP8 = 2: wait_group 0 every step, the partial accumulator
+//             set is scaled (w_scale(row group of 8) * act_scale(row)) and added into the sum).
+//             Warp w holds accumulator rows 16w + g, 16w + g + 8 (g = lane/4) and columns 8j + 2(lane%4)
+//             + {0,1}: the mma.sync m16n8 fragment layout per n8 tile, so the epilogue is shared
+//             (reported warp grid 8 x 1 x 1). STAGES default: 6 (BN = 128) / 8 (BN = 64), minimum 3.
 //
 // Block: NTHREADS = 32 * WARPS_M * WARPS_N * WARPS_K threads (256 with the defaults), grid (Mp/BM, max_tiles).
 // Dynamic shared memory (bytes):
 //   PIPE = STAGES * (BM*128 + BN*128 + (W_FP8 == 2 ? 4*(BM/8 + BN) : 0))
 //   RED  = (WARPS_K - 1) * BM * BN * 4
 //   SMEM = max(PIPE, RED)                 (+ 8*BN bytes of static shared memory)
+//   WGMMA = 1: SMEM = PIPE + 1024 (alignment slack; RED = 0), e.g. BN=128 6 stages: 197632,
+//              W_FP8=2: 197632 + 6*4*144 = 201088; BN=64 8 stages: 197632 (W_FP8=2: 200192)
 // e.g. BM=128 BN=128: 4*32768 = 131072 (W_FP8=2: 131072 + 4*4*144 = 133376); BM=64 BN=8: 8*9216 = 73728.
 // The same numbers are exported as `moe_gemm_meta` = {NTHREADS, SMEM, BM, BN, STAGES, WARPS_M, WARPS_N,
 // WARPS_K} (an extern "C" __constant__ int[8]; read it with cuModuleGetGlobal + cuMemcpyDtoH if wanted).
@@ -72,8 +90,13 @@
 #ifndef BN
 #define BN 64
 #endif
+#ifndef WGMMA
+#define WGMMA 0
+#endif
 #ifndef STAGES
-#if BN >= 64
+#if WGMMA
+#define STAGES (BN == 128 ? 6 : 8)
+#elif BN >= 64
 #define STAGES 4
 #elif BM == 64
 #define STAGES 8
@@ -88,7 +111,12 @@
 #define FRAG_DB (W_FP8 == 0 || (W_FP8 == 2 && BM == 128 && BN == 128))
 #endif
 
-#if !defined(WARPS_M) && !defined(WARPS_N) && !defined(WARPS_K)
+#if WGMMA
+// two warpgroups, each warp owns 16 weight rows x all BN columns (see WGMMA above)
+#define WARPS_M 8
+#define WARPS_N 1
+#define WARPS_K 1
+#elif !defined(WARPS_M) && !defined(WARPS_N) && !defined(WARPS_K)
 #if BN >= 128 && W_FP8 == 1 && BM == 128
 #define WARPS_M 4
 #define WARPS_N 2
@@ -146,7 +174,11 @@
 #define MG_SS_FLOATS (W_FP8 == 2 ? (BM / 8 + BN) : 0)
 #define MG_PIPE_BYTES (STAGES * (MG_SW_BYTES + MG_SA_BYTES + MG_SS_FLOATS * 4))
 #define MG_RED_BYTES ((WARPS_K - 1) * BM * BN * 4)
+#if WGMMA
+#define MG_SMEM_BYTES (MG_PIPE_BYTES + 1024)  // + slack to align the operand tiles to 1024 bytes
+#else
 #define MG_SMEM_BYTES (MG_PIPE_BYTES > MG_RED_BYTES ? MG_PIPE_BYTES : MG_RED_BYTES)
+#endif
 
 static_assert(W_FP8 >= 0 && W_FP8 <= 2, "W_FP8 must be 0, 1 or 2");
 static_assert(EPI >= 0 && EPI <= 2, "EPI must be 0, 1 or 2");
@@ -163,6 +195,13 @@ static_assert((BM * 8) % MG_NTHREADS == 0, "weight tile chunks must divide evenl
 static_assert(BN <= MG_NTHREADS, "BN must not exceed the thread count");
 static_assert(W_FP8 != 2 || MG_NTHREADS >= BM / 8 + BN, "not enough threads to load the block scales");
 static_assert(MG_NTL == 1 || MG_NTL % 2 == 0, "n8 tiles per warp must be 1 or even");
+static_assert(WGMMA == 0 || WGMMA == 1, "WGMMA must be 0 or 1");
+#if WGMMA
+static_assert(BM == 128 && (BN == 64 || BN == 128), "WGMMA=1 needs BM = 128 and BN = 64 or 128");
+static_assert(WARPS_M == 8 && WARPS_N == 1 && WARPS_K == 1, "WGMMA=1 fixes the warp grid at 8 x 1 x 1");
+static_assert(STAGES >= 3, "WGMMA=1 needs STAGES >= 3 (prefetch distance STAGES - 2)");
+static_assert(MG_SMEM_BYTES <= 232448, "WGMMA=1: too many stages for 227 KB of shared memory");
+#endif
 
 extern "C" {
 __constant__ int moe_gemm_meta[8] = {MG_NTHREADS, MG_SMEM_BYTES, BM, BN, STAGES, WARPS_M, WARPS_N, WARPS_K};
@@ -228,6 +267,93 @@ __device__ __forceinline__ void mg_mma(float* c, const u32* a, u32 b0, u32 b1) {
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 #endif
 }
+
+#if WGMMA
+// ------------------------------------------------------------------------------------------ wgmma (sm_90a)
+
+// Shared-memory matrix descriptor: start address >> 4 (bits 0-13), leading byte offset >> 4 (bits 16-29;
+// unused for K-major swizzled operands, set to 1), stride byte offset >> 4 (bits 32-45: 1024 = one 8-row x
+// 128-byte swizzle atom), base offset 0 (bits 49-51; the atoms are 1024-byte aligned), swizzle mode 1 =
+// 128B (bits 62-63). Advancing K by 32 bytes inside the atom adds 2 to the start address field (the
+// hardware applies the XOR on the address bits, as the loader did).
+__device__ __forceinline__ u64 mg_desc(u32 saddr) {
+    return (u64)((saddr & 0x3FFFFu) >> 4) | ((u64)1 << 16) | ((u64)(1024 >> 4) << 32) | ((u64)1 << 62);
+}
+
+__device__ __forceinline__ void mg_wg_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void mg_wg_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void mg_wg_wait() {
+    asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+// cp.async writes are generic-proxy writes; wgmma reads shared memory through the async proxy.
+__device__ __forceinline__ void mg_fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+// keeps the compiler from moving accumulator accesses across the wgmma fence / wait points
+__device__ __forceinline__ void mg_reg_fence(float& x) { asm volatile("" : "+f"(x)::"memory"); }
+
+// D(64 x BN, f32) (+)= A(64 x K-step, weights) * B(K-step x BN, tokens); scale_d = 0: D = A * B.
+#if W_FP8 == 0 && BN == 128
+__device__ __forceinline__ void mg_wgmma(float* d, u64 da, u64 db, int scale_d) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
+        "%64, %65, p, 1, 1, 0, 0;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+          "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+          "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+          "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+          "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+        : "l"(da), "l"(db), "r"(scale_d));
+}
+#elif W_FP8 == 0 && BN == 64
+__device__ __forceinline__ void mg_wgmma(float* d, u64 da, u64 db, int scale_d) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
+        "%32, %33, p, 1, 1, 0, 0;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+        : "l"(da), "l"(db), "r"(scale_d));
+}
+#elif W_FP8 && BN == 128
+__device__ __forceinline__ void mg_wgmma(float* d, u64 da, u64 db, int scale_d) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
+        "%64, %65, p, 1, 1;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+          "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+          "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+          "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+          "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+        : "l"(da), "l"(db), "r"(scale_d));
+}
+#elif W_FP8 && BN == 64
+__device__ __forceinline__ void mg_wgmma(float* d, u64 da, u64 db, int scale_d) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k32.f32.e4m3.e4m3 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
+        "%32, %33, p, 1, 1;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+        : "l"(da), "l"(db), "r"(scale_d));
+}
+#endif
+#endif
 
 // ------------------------------------------------------------------------------------------ epilogue math
 
@@ -305,7 +431,13 @@ extern "C" __global__ void __launch_bounds__(MG_NTHREADS, MIN_BLOCKS) moe_gemm(
     constexpr int ROWS_PER_PASS = MG_NTHREADS / 8;    // a multiple of 8: the swizzle is the same each pass
     const u32 swz = (u32)(((ld_c ^ (ld_r & 7)) << 4));
 
+#if WGMMA
+    // operand tiles must sit on 1024-byte boundaries (128B swizzle atoms): round the base up (slack in SMEM)
+    u8* const smem_al = smem + ((((mg_smem_addr(smem) + 1023u) & ~1023u)) - mg_smem_addr(smem));
+    const u32 sW = mg_smem_addr(smem_al);
+#else
     const u32 sW = mg_smem_addr(smem);
+#endif
     const u32 sA = sW + STAGES * MG_SW_BYTES;
 #if W_FP8 == 2
     const u32 sS = sA + STAGES * MG_SA_BYTES;
@@ -367,6 +499,82 @@ extern "C" __global__ void __launch_bounds__(MG_NTHREADS, MIN_BLOCKS) moe_gemm(
     const int wn0 = warp_n * MG_WTN;
     const bool warp_active = wn0 < nrows;  // all its columns missing: skip the MMAs (loads still shared)
 
+#if WGMMA
+    // ---- warpgroup MMA main loop (see WGMMA in the header)
+    const int wgrp = warp >> 2;  // warpgroup: weight rows 64 * wgrp .. + 63
+    (void)warp_k;
+    float acc[MG_MT][MG_NTL][4];
+    float* const accf = &acc[0][0][0];
+#if W_FP8 == 2
+#pragma unroll
+    for (int i = 0; i < MG_MT * MG_NTL * 4; ++i) accf[i] = 0.0f;  // never written by wgmma
+    float part[MG_MT * MG_NTL * 4];                                   // per K step, first wgmma zeroes it
+#endif
+    // (W_FP8 0/1: acc is not initialised here; the first wgmma runs with scale-d = 0; nk == 0 -> epilogue)
+
+    // prologue: STAGES - 2 stages in flight (a slot is refilled two steps after its wgmma was issued)
+#pragma unroll
+    for (int s = 0; s < STAGES - 2; ++s) {
+        if (s < nk) load_stage(s, s);
+        mg_cp_commit();
+    }
+
+    int slot_c = 0;           // stage consumed this iteration
+    int slot_l = STAGES - 2;  // stage refilled this iteration (consumed two iterations ago)
+    for (int ks = 0; ks < nk; ++ks) {
+        mg_cp_wait<STAGES - 3>();  // group ks has landed (for this thread) ...
+        mg_fence_proxy_async();    // ... and is visible to the async proxy (wgmma) ...
+        __syncthreads();           // ... for all threads; the wgmma of step ks-2 (slot_l) are complete
+        if (ks + STAGES - 2 < nk) load_stage(slot_l, ks + STAGES - 2);
+        mg_cp_commit();
+
+        const u32 aW = sW + slot_c * MG_SW_BYTES + wgrp * (64 * 128);
+        const u32 aA = sA + slot_c * MG_SA_BYTES;
+#if W_FP8 == 2
+#pragma unroll
+        for (int i = 0; i < MG_MT * MG_NTL * 4; ++i) mg_reg_fence(part[i]);
+        mg_wg_fence();
+#pragma unroll
+        for (int q = 0; q < 4; ++q) mg_wgmma(part, mg_desc(aW + 32 * q), mg_desc(aA + 32 * q), q > 0);
+        mg_wg_commit();
+        mg_wg_wait<0>();
+#pragma unroll
+        for (int i = 0; i < MG_MT * MG_NTL * 4; ++i) mg_reg_fence(part[i]);
+        {
+            // promote the 128-wide K block: acc += partial * w_scale(row block) * act_scale(column)
+            const float* sws = (const float*)(smem_al + STAGES * (MG_SW_BYTES + MG_SA_BYTES)) + slot_c * MG_SS_FLOATS;
+            const float* sas = sws + BM / 8;
+            const int t2 = (lane & 3) * 2;
+            const float ws0 = sws[wm0 / 8];
+            const float ws1 = sws[wm0 / 8 + 1];
+#pragma unroll
+            for (int j = 0; j < MG_NTL; ++j) {
+                const float as0 = sas[8 * j + t2];
+                const float as1 = sas[8 * j + t2 + 1];
+                acc[0][j][0] = fmaf(part[4 * j + 0], ws0 * as0, acc[0][j][0]);
+                acc[0][j][1] = fmaf(part[4 * j + 1], ws0 * as1, acc[0][j][1]);
+                acc[0][j][2] = fmaf(part[4 * j + 2], ws1 * as0, acc[0][j][2]);
+                acc[0][j][3] = fmaf(part[4 * j + 3], ws1 * as1, acc[0][j][3]);
+            }
+        }
+#else
+#pragma unroll
+        for (int i = 0; i < MG_MT * MG_NTL * 4; ++i) mg_reg_fence(accf[i]);
+        mg_wg_fence();
+#pragma unroll
+        for (int q = 0; q < 4; ++q) mg_wgmma(accf, mg_desc(aW + 32 * q), mg_desc(aA + 32 * q), (ks | q) != 0);
+        mg_wg_commit();
+        mg_wg_wait<1>();  // the wgmma of step ks-1 are complete: its slot may be refilled next iteration
+#pragma unroll
+        for (int i = 0; i < MG_MT * MG_NTL * 4; ++i) mg_reg_fence(accf[i]);
+#endif
+        slot_c = slot_c + 1 == STAGES ? 0 : slot_c + 1;
+        slot_l = slot_l + 1 == STAGES ? 0 : slot_l + 1;
+    }
+    mg_wg_wait<0>();
+#pragma unroll
+    for (int i = 0; i < MG_MT * MG_NTL * 4; ++i) mg_reg_fence(accf[i]);
+#else
     // ldmatrix lane addressing (byte offsets inside a stage; chunk index is XORed with row & 7 = lane & 7)
     // A (x4): matrices {rows 0-7, rows 8-15} x {chunk 2kk, 2kk+1} -> a0..a3; lane l addresses row l & 15,
     //         chunk 2kk + (l >> 4).
@@ -482,6 +690,7 @@ extern "C" __global__ void __launch_bounds__(MG_NTHREADS, MIN_BLOCKS) moe_gemm(
         slot_c = slot_c + 1 == STAGES ? 0 : slot_c + 1;
         slot_l = slot_l + 1 == STAGES ? 0 : slot_l + 1;
     }
+#endif  // WGMMA
 
 #if WARPS_K > 1
     // ---- fixed-order reduction of the k-split warps through shared memory (reuses the pipeline buffers)
@@ -541,8 +750,13 @@ extern "C" __global__ void __launch_bounds__(MG_NTHREADS, MIN_BLOCKS) moe_gemm(
             for (int c = 0; c < 2; ++c) {
                 const int n = wn0 + 8 * j + t2 + c;
                 if (n < nrows) {
+#if WGMMA && W_FP8 != 2
+                    float v0 = nk > 0 ? acc[i][j][c] : 0.0f;  // (never written by a wgmma when nk == 0)
+                    float v1 = nk > 0 ? acc[i][j][2 + c] : 0.0f;
+#else
                     float v0 = acc[i][j][c];
                     float v1 = acc[i][j][2 + c];
+#endif
 #if W_FP8 == 1
                     v0 *= dq;
                     v1 *= dq;

@@ -84,6 +84,8 @@ __device__ __forceinline__ uint4 qt_pack_e4m3(const float* v, float s) {
 extern "C" __global__ void quantize_rows(const void* x, int x_dtype, int rows, int cols, long long in_stride,
                                          void* out, int out_stride, int mode, const float* static_scale,
                                          float* out_scales) {
+    pdl_wait();  // inputs come from the previous kernel (common.cuh)
+    pdl_launch_dependents();
     const long long chunks = out_stride / 16;  // 16-column items per row (a multiple of 8)
     const long long total = (long long)rows * chunks;
     const float stat = mode == 1 ? *static_scale : 1.0f;

@@ -163,6 +163,8 @@ extern "C" __global__ void route_logits(const void* logits, int logits_dtype, co
                                         int K, int method, int n_group, int topk_group,
                                         float routed_scaling_factor, int norm_topk_prob, int* topk_ids,
                                         float* topk_w) {
+    pdl_wait();  // inputs come from the previous kernel (common.cuh)
+    pdl_launch_dependents();
     extern __shared__ __align__(16) unsigned char rt_smem[];
     const int lane = threadIdx.x & 31;
     const int warp = threadIdx.x >> 5;
@@ -314,6 +316,8 @@ extern "C" __global__ void route_logits(const void* logits, int logits_dtype, co
 }
 
 extern "C" __global__ void unpack_routes(const int* packed, int n, int* ids, float* w) {
+    pdl_wait();  // inputs come from the previous kernel (common.cuh)
+    pdl_launch_dependents();
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
          i += (long long)gridDim.x * blockDim.x) {
         const int p = packed[i];

@@ -73,6 +73,8 @@ extern "C" __global__ void sort_pairs_by_expert(const int* topk_ids, int P, int 
                                                 int max_tiles, int* expert_offsets, int* sorted_pair,
                                                 int* pair_pos, int* tile_expert, int* tile_row_start,
                                                 int* tile_row_end, int* num_tiles) {
+    pdl_wait();  // inputs come from the previous kernel (common.cuh)
+    pdl_launch_dependents();
     extern __shared__ __align__(16) int st_smem[];
     __shared__ int warp_sums[33];
     const int tid = threadIdx.x, nt = blockDim.x, lane = tid & 31, warp = tid >> 5, nw = nt >> 5;
