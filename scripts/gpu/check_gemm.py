@@ -391,7 +391,8 @@ def variant_name(d):
 
 def wg_suffix(d):
     """' WG' for the wgmma path (WGMMA=1), ' S=n' for an explicit STAGES."""
-    return (" WG" if d.get("WGMMA", 0) else "") + (f" S={d['STAGES']}" if "STAGES" in d else "")
+    return ((" WG" if d.get("WGMMA", 0) else "") + (f" S={d['STAGES']}" if "STAGES" in d else "")
+            + (f" F={d['WG_FENCE']}" if "WG_FENCE" in d else ""))
 
 
 # ------------------------------------------------------------------------------------------ plan
@@ -425,6 +426,9 @@ def correctness_plan(quick):
     plan.append(dict(W_FP8=2, EPI=0, ACT=0, OUT_TYPE=1, BM=128, BN=64, WGMMA=1, STAGES=3))
     plan.append(dict(W_FP8=1, EPI=1, ACT=2, OUT_TYPE=2, BM=128, BN=128, WGMMA=1, STAGES=4))
     plan.append(dict(W_FP8=2, EPI=1, ACT=0, OUT_TYPE=0, BM=128, BN=128, WGMMA=1, STAGES=4))
+    # without the proxy fence after the cp.async wait (WG_FENCE=0, timed below too)
+    for w8 in (0, 1, 2):
+        plan.append(dict(W_FP8=w8, EPI=1, ACT=0, OUT_TYPE=0, BM=128, BN=128, WGMMA=1, WG_FENCE=0))
     seen, out = set(), []
     for d in plan:
         k = key(d)
@@ -507,6 +511,7 @@ def perf_variants():
         pv.append((dict(W_FP8=w8, EPI=1, ACT=0, OUT_TYPE=0, BM=128, BN=128), "compute_gemm1"))
         pv.append((dict(W_FP8=w8, EPI=1, ACT=0, OUT_TYPE=0, BM=128, BN=128, WGMMA=1), "compute_gemm1"))
         pv.append((dict(W_FP8=w8, EPI=1, ACT=0, OUT_TYPE=0, BM=128, BN=128, WGMMA=1, STAGES=4), "compute_gemm1"))
+        pv.append((dict(W_FP8=w8, EPI=1, ACT=0, OUT_TYPE=0, BM=128, BN=128, WGMMA=1, WG_FENCE=0), "compute_gemm1"))
         pv.append((dict(W_FP8=w8, EPI=1, ACT=0, OUT_TYPE=0, BM=128, BN=64), "compute_gemm1"))
         pv.append((dict(W_FP8=w8, EPI=1, ACT=0, OUT_TYPE=0, BM=128, BN=64, WGMMA=1), "compute_gemm1"))
     pv.append((dict(W_FP8=0, EPI=0, ACT=0, OUT_TYPE=1, BM=128, BN=128), "compute_gemm2"))

@@ -535,3 +535,44 @@ fn gpu_ep_rank_with_every_token_elsewhere_returns_zeros() {
         "non-local tokens must give zero rows (poisoned output not overwritten?)"
     );
 }
+
+#[test]
+fn gpu_wide_tiles_every_format_and_activation() {
+    // ~150 pairs per expert: the 128-wide token tiles (wgmma on sm_90a) for every epilogue.
+    let Some(runner) = gpu_runner() else { return };
+    let acts = [
+        Activation::Swiglu,
+        Activation::Geglu,
+        Activation::OAI_DEFAULT,
+        Activation::Relu2,
+    ];
+    let mut n = 0u64;
+    for wf in [
+        WeightFormat::Bf16,
+        WeightFormat::Fp8,
+        WeightFormat::Fp8Block,
+    ] {
+        for act in acts {
+            n += 1;
+            let seed = 0x3_1DE0 + n;
+            let cfg = config(
+                wf,
+                8,
+                384,
+                256,
+                act,
+                RoutingConfig::new(RoutingMethod::Renormalize, 2),
+            );
+            let err = gpu_vs_reference(
+                &runner,
+                &cfg,
+                600,
+                RoutingMode::Logits,
+                DType::BF16,
+                seed,
+                40,
+            );
+            assert_within(err, &cfg, &format!("seed={seed} {wf} {act} T=600"));
+        }
+    }
+}

@@ -107,17 +107,26 @@ pub fn gemm_bm(bn: u32) -> u32 {
     }
 }
 
+/// Token-tile widths that have a Hopper warpgroup-MMA (wgmma, sm_90a) form, with BM = 128.
+pub const WGMMA_BN: [u32; 2] = [64, 128];
+
 /// One compiled form of the GEMM.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct GemmVariant {
     pub weight_code: u8,
     pub stage: GemmStage,
     pub bn: u32,
+    /// wgmma instead of mma.sync (sm_90a only; BN in `WGMMA_BN`).
+    pub wgmma: bool,
 }
 
 impl GemmVariant {
     pub fn bm(&self) -> u32 {
-        gemm_bm(self.bn)
+        if self.wgmma {
+            128
+        } else {
+            gemm_bm(self.bn)
+        }
     }
 
     pub fn defines(&self) -> Vec<String> {
@@ -133,6 +142,7 @@ impl GemmVariant {
             format!("-DOUT_TYPE={out}"),
             format!("-DBN={}", self.bn),
             format!("-DBM={}", self.bm()),
+            format!("-DWGMMA={}", self.wgmma as u8),
         ]
     }
 
@@ -153,6 +163,15 @@ impl GemmVariant {
                         weight_code,
                         stage,
                         bn,
+                        wgmma: false,
+                    });
+                }
+                for bn in WGMMA_BN {
+                    all.push(GemmVariant {
+                        weight_code,
+                        stage,
+                        bn,
+                        wgmma: true,
                     });
                 }
             }

@@ -104,6 +104,7 @@ pub struct CudaLayer {
     /// Threads and dynamic shared memory of each GEMM variant, read from the module at load (no
     /// host round trip may happen inside `enqueue`).
     gemm_launch: HashMap<GemmVariant, (u32, u32)>,
+    use_wgmma: bool,
     workspace: Mutex<Option<Workspace>>,
 }
 
@@ -150,6 +151,7 @@ impl CudaLayer {
             Some(b) => Some(dev.upload_f32(b)?),
             None => None,
         };
+        let dev_arch = dev.arch.clone();
         let loaded = CudaLayer {
             dims: prepared.dims,
             dev,
@@ -161,6 +163,7 @@ impl CudaLayer {
             a2_scale,
             router_bias,
             gemm_launch: HashMap::new(),
+            use_wgmma: wgmma_allowed(&dev_arch),
             workspace: Mutex::new(None),
         };
         // Compile (or fetch from the disk cache) every module this layer can use, so no forward call
@@ -201,16 +204,25 @@ impl CudaLayer {
         self.layer.config().routing.top_k
     }
 
+    /// The GEMM variant for a stage and token-tile width: wgmma where the device has it (sm_90a)
+    /// and the tile is wide enough to feed it, mma.sync otherwise. `MOERUNNER_WGMMA=0` turns
+    /// wgmma off (to compare).
+    fn gemm_variant(&self, stage: GemmStage, bn: u32) -> GemmVariant {
+        let wgmma = self.use_wgmma && kernels::WGMMA_BN.contains(&bn);
+        GemmVariant {
+            weight_code: self.weight_code,
+            stage,
+            bn,
+            wgmma,
+        }
+    }
+
     fn gemm_variants(&self) -> Vec<GemmVariant> {
         let stage1 = GemmStage::for_activation(&self.layer.config().activation);
         let mut out = Vec::new();
         for bn in kernels::GEMM_BN {
             for stage in [stage1, GemmStage::Down] {
-                out.push(GemmVariant {
-                    weight_code: self.weight_code,
-                    stage,
-                    bn,
-                });
+                out.push(self.gemm_variant(stage, bn));
             }
         }
         out
@@ -446,11 +458,7 @@ impl CudaLayer {
             Activation::SwigluOai { alpha, beta, limit } => (alpha, beta, limit),
             _ => (1.0, 0.0, f32::INFINITY),
         };
-        let v1 = GemmVariant {
-            weight_code: self.weight_code,
-            stage: GemmStage::for_activation(&cfg.activation),
-            bn,
-        };
+        let v1 = self.gemm_variant(GemmStage::for_activation(&cfg.activation), bn);
         let act_scale1 = match self.weight_code {
             1 => self.a1_scale.as_ref().map_or(0, |b| b.ptr()),
             2 => ws.xq_scales.ptr(),
@@ -503,11 +511,7 @@ impl CudaLayer {
         };
 
         // 6. GEMM2.
-        let v2 = GemmVariant {
-            weight_code: self.weight_code,
-            stage: GemmStage::Down,
-            bn,
-        };
+        let v2 = self.gemm_variant(GemmStage::Down, bn);
         self.gemm(
             v2,
             &self.w2,
@@ -719,6 +723,10 @@ impl CudaLayer {
     }
 }
 
+fn wgmma_allowed(arch: &str) -> bool {
+    arch == "sm_90a" && std::env::var("MOERUNNER_WGMMA").map_or(true, |v| v != "0")
+}
+
 fn key_entry(key: &ModuleKey) -> &'static str {
     match key.source {
         Source::Routing => "route_logits",
@@ -821,8 +829,7 @@ mod shapes {
             grid: ((mp as u32) / bm, max_tiles as u32, 1),
             block: threads,
             smem,
-            // Not yet: moe_gemm does not call pdl_wait().
-            pdl: false,
+            pdl: true,
         }
     }
 }
