@@ -110,8 +110,9 @@ class Kernel:
         pipe = self.stages * (bm * 128 + bn * 128 + (4 * (bm // 8 + bn) if w8 == 2 else 0))
         red = (wk - 1) * bm * bn * 4
         if self.defs.get("WGMMA", 0):
-            # wgmma path: fixed 8 x 1 x 1 warp grid, + 1024 bytes to align the operand tiles
-            assert (wm, wn, wk) == (8, 1, 1), meta
+            # wgmma path: BM/16 x 1 x WG_KSPLIT warp grid, + 1024 bytes to align the operand tiles
+            assert (wm, wn, wk) == (bm // 16, 1, self.defs.get("WG_KSPLIT", 1)), meta
+            assert red <= pipe, (red, pipe)
             assert self.smem == pipe + 1024, (self.smem, pipe)
         else:
             assert self.smem == max(pipe, red), (self.smem, pipe, red)
@@ -391,7 +392,8 @@ def variant_name(d):
 
 def wg_suffix(d):
     """' WG' for the wgmma path (WGMMA=1), ' S=n' for an explicit STAGES."""
-    return ((" WG" if d.get("WGMMA", 0) else "") + (f" S={d['STAGES']}" if "STAGES" in d else "")
+    return ((" WG" if d.get("WGMMA", 0) else "") + (f" K{d['WG_KSPLIT']}" if "WG_KSPLIT" in d else "")
+            + (f" S={d['STAGES']}" if "STAGES" in d else "")
             + (f" F={d['WG_FENCE']}" if "WG_FENCE" in d else ""))
 
 
@@ -426,6 +428,27 @@ def correctness_plan(quick):
     plan.append(dict(W_FP8=2, EPI=0, ACT=0, OUT_TYPE=1, BM=128, BN=64, WGMMA=1, STAGES=3))
     plan.append(dict(W_FP8=1, EPI=1, ACT=2, OUT_TYPE=2, BM=128, BN=128, WGMMA=1, STAGES=4))
     plan.append(dict(W_FP8=2, EPI=1, ACT=0, OUT_TYPE=0, BM=128, BN=128, WGMMA=1, STAGES=4))
+    # narrow wgmma tiles (BN=16|32, BM=64|128): every W_FP8 x EPI x ACT x OUT_TYPE, rotating the four
+    # tiles; every tile with the gated and the plain epilogue; the two-warpgroup k-split (WG_KSPLIT=2,
+    # BM=64); the shallowest pipeline and a deep one
+    NARROW = [(64, 16), (128, 32), (64, 32), (128, 16)]
+    for w8 in (0, 1, 2):
+        for j, (epi, actf, ot) in enumerate(EPI_SETS):
+            bm, bn = NARROW[(j + w8) % 4]
+            plan.append(dict(W_FP8=w8, EPI=epi, ACT=actf, OUT_TYPE=ot, BM=bm, BN=bn, WGMMA=1))
+        for i, (bm, bn) in enumerate(NARROW):
+            plan.append(dict(W_FP8=w8, EPI=1, ACT=i % 3, OUT_TYPE=(w8 + i) % 3, BM=bm, BN=bn, WGMMA=1))
+            plan.append(dict(W_FP8=w8, EPI=0, ACT=0, OUT_TYPE=1, BM=bm, BN=bn, WGMMA=1))
+        for k, bn in enumerate((16, 32)):
+            plan.append(dict(W_FP8=w8, EPI=1, ACT=(w8 + k) % 3, OUT_TYPE=(w8 + k + 1) % 3, BM=64, BN=bn, WGMMA=1,
+                             WG_KSPLIT=2))
+            plan.append(dict(W_FP8=w8, EPI=0, ACT=0, OUT_TYPE=1, BM=64, BN=bn, WGMMA=1, WG_KSPLIT=2))
+    plan.append(dict(W_FP8=0, EPI=1, ACT=0, OUT_TYPE=0, BM=64, BN=16, WGMMA=1, STAGES=3))
+    plan.append(dict(W_FP8=2, EPI=0, ACT=0, OUT_TYPE=1, BM=64, BN=32, WGMMA=1, STAGES=3))
+    plan.append(dict(W_FP8=1, EPI=2, ACT=0, OUT_TYPE=2, BM=128, BN=16, WGMMA=1, STAGES=3))
+    plan.append(dict(W_FP8=2, EPI=1, ACT=1, OUT_TYPE=0, BM=64, BN=16, WGMMA=1, WG_KSPLIT=2, STAGES=3))
+    plan.append(dict(W_FP8=2, EPI=1, ACT=0, OUT_TYPE=0, BM=64, BN=16, WGMMA=1, STAGES=12))
+    plan.append(dict(W_FP8=0, EPI=0, ACT=0, OUT_TYPE=1, BM=64, BN=32, WGMMA=1, STAGES=12))
     # without the proxy fence after the cp.async wait (WG_FENCE=0, timed below too)
     for w8 in (0, 1, 2):
         plan.append(dict(W_FP8=w8, EPI=1, ACT=0, OUT_TYPE=0, BM=128, BN=128, WGMMA=1, WG_FENCE=0))
@@ -520,6 +543,21 @@ def perf_variants():
     pv.append((dict(W_FP8=0, EPI=0, ACT=0, OUT_TYPE=1, BM=128, BN=64, WGMMA=1), "compute_gemm2"))
     pv.append((dict(W_FP8=0, EPI=1, ACT=0, OUT_TYPE=0, BM=64, BN=16), "mid_gemm1"))
     pv.append((dict(W_FP8=0, EPI=1, ACT=0, OUT_TYPE=0, BM=128, BN=32), "mid_gemm1"))
+    # narrow tiles: wgmma BM=64|128 x BN=16|32 (and the BM=64 k-split, and a deeper BM=64 pipeline) next to
+    # mma.sync with the same tile, for the decode bandwidth cases (8 experts x 1 row) and the mid batches
+    # (64 experts x 16 rows: BN=16; x 32 rows: BN=32)
+    for w8 in (0, 1, 2):
+        for case, bns in (("bw_gemm1", (16, 32)), ("bw_gemm2", (16, 32)), ("mid_gemm1", (16,)),
+                          ("mid32_gemm1", (32,))):
+            epi, ot = (0, 1) if case == "bw_gemm2" else (1, 0)
+            for bn in bns:
+                base = dict(W_FP8=w8, EPI=epi, ACT=0, OUT_TYPE=ot, BN=bn)
+                pv.append((dict(base, BM=64), case))
+                for bm in (64, 128):
+                    pv.append((dict(base, BM=bm, WGMMA=1), case))
+                pv.append((dict(base, BM=64, WGMMA=1, WG_KSPLIT=2), case))
+                if bn == 16:
+                    pv.append((dict(base, BM=64, WGMMA=1, STAGES=12), case))
     return pv
 
 
@@ -568,10 +606,10 @@ def run_perf(kernels, perf_plan, seed):
                 Mp, Kp, epi_case = 1536, 2048, 1
             elif case == "compute_gemm2":
                 Mp, Kp, epi_case = 2048, 768, 0
-            else:  # mid: 64 experts x 16 rows (T = 128 tokens, top-8)
+            else:  # mid: 64 experts x 16 rows (T = 128 tokens, top-8), mid32: x 32 rows (T = 256)
                 Mp, Kp, epi_case = 1536, 2048, 1
             E = 64
-            per = 16 if case == "mid_gemm1" else 1024
+            per = {"mid_gemm1": 16, "mid32_gemm1": 32}.get(case, 1024)
             ck = (case, w8)
             if ck not in cases:
                 cases[ck] = make_case(seed + 11, w8, E, Mp, Kp, [per] * E, top_k=8, gather=(epi_case != 0),

@@ -3,12 +3,14 @@
 combine.cu in crates/moerunner/src/backend/cuda/kernels/) against numpy re-implementations of the CPU
 semantics (crates/moerunner/src/routing/*.rs, formats/act_quant.rs, backend/cpu/forward.rs phase D).
 
-usage: python3 scripts/gpu/check_small_kernels.py [--seed N] [--quick]
+usage: python3 scripts/gpu/check_small_kernels.py [--seed N] [--quick] [--no-timing]
 Needs a GPU, cupy (cuda 13), numpy, torch. Each .cu is compiled with NVRTC exactly as the backend does
 (common.cuh pasted first; --gpu-architecture=sm_90a --std=c++17 -default-device, no fast math, no
 -ftz) to a cubin loaded by cupy. Seeded random cases (the seed is printed; every case prints its own
-seed on failure); outputs are poisoned before each launch (NaN / -7 / 0xAB). Ends with a PASS/FAIL table
-and exits 1 on any failure.
+seed on failure); outputs are poisoned before each launch (NaN / -7 / 0xAB). Then times routing, sort
+and combine at T = 1, 16, 128, 4096 with the backend's launch shapes (median of 100 launches, cupy
+events), the kernels of git HEAD ("before", when git is there) beside the working tree ("after").
+Ends with a PASS/FAIL table and exits 1 on any failure.
 
 The exp that routing mirrors is glibc's expf (what Rust's f32::exp calls on Linux); the reference
 calls this machine's libm expf through ctypes (on unique values), so a CPU where glibc picks its
@@ -47,9 +49,9 @@ def record(name, cases, fails, detail=""):
 COMPILE_NOTE = []
 
 
-def load_module(name, extra=""):
-    common = open(os.path.join(KDIR, "common.cuh")).read()
-    body = open(os.path.join(KDIR, name + ".cu")).read()
+def load_module(name, extra="", body=None, common=None):
+    common = common if common is not None else open(os.path.join(KDIR, "common.cuh")).read()
+    body = body if body is not None else open(os.path.join(KDIR, name + ".cu")).read()
     src = f'{common}\n#line 1 "{name}.cu"\n{body}\n{extra}'
     try:
         from cupy_backends.cuda.libs import nvrtc as _nvrtc
@@ -261,7 +263,15 @@ def check_routing(mod, seed, quick):
              dict(E=128, K=8, method=1, dt="bf16", ng=1, tg=1, kind="ties", T=20000),
              dict(E=512, K=8, method=0, dt="f32", ng=1, tg=1, kind="randn", T=64),
              dict(E=2048, K=16, method=6, dt="bf16", ng=1, tg=1, kind="ties", T=64, norm=0),
-             dict(E=64, K=64, method=5, dt="f32", ng=1, tg=1, kind="ties", T=50)]
+             dict(E=64, K=64, method=5, dt="f32", ng=1, tg=1, kind="ties", T=50),
+             # register-path edges: K = 32, E not a multiple of 32, grouped DeepSeek at odd sizes
+             dict(E=512, K=32, method=1, dt="bf16", ng=1, tg=1, kind="ties", T=70),
+             dict(E=512, K=32, method=2, dt="f32", ng=1, tg=1, kind="randn", T=70),
+             dict(E=40, K=3, method=0, dt="bf16", ng=1, tg=1, kind="ties", T=90),
+             dict(E=96, K=8, method=3, dt="f32", ng=4, tg=2, kind="ties", T=130),
+             dict(E=320, K=12, method=3, dt="bf16", ng=10, tg=3, kind="sat", T=60),
+             dict(E=160, K=33, method=5, dt="f32", ng=1, tg=1, kind="ties", T=40),
+             dict(E=513, K=8, method=1, dt="bf16", ng=1, tg=1, kind="ties", T=40)]
     for x in extra:
         c += 1
         x["seed"] = seed * 1000 + c
@@ -409,7 +419,12 @@ def check_sort(mod, seed, quick):
     for (P, El, BN, smem_mode, dist) in [(8192, 1024, 128, "min", "uniform"), (8192, 1024, 64, "48k", "uniform"),
                                           (65536, 1024, 128, "full", "uniform"), (8192, 32, 128, "min", "uniform"),
                                           (100000, 16, 128, "full", "one"), (4096, 256, 128, "full", "oor"),
-                                          (8192, 2000, 128, "48k", "uniform")]:
+                                          (8192, 2000, 128, "48k", "uniform"),
+                                          # one-pair-per-thread path edges (P <= 32 * S)
+                                          (1024, 128, 16, "full", "uniform"), (1025, 128, 16, "full", "uniform"),
+                                          (20, 1024, 128, "min", "uniform"), (33, 1024, 128, "min", "uniform"),
+                                          (100, 2000, 64, "48k", "uniform"), (200, 2000, 64, "48k", "uniform"),
+                                          (8, 128, 16, "full", "one"), (512, 128, 16, "full", "oor")]:
         c += 1
         cases.append(dict(P=P, El=El, BN=BN, smem=smem_mode, dist=dist, seed=seed * 1000 + c))
     for cs in cases:
@@ -614,9 +629,12 @@ def check_combine(mod, seed, quick):
                     prod = wr[:, j:j + 1] * z[np.maximum(posr[:, j], 0), :H]
                     acc = np.where(m[:, None], acc + prod, acc)
                 d_out = cp.full(T * H * (4 if dt == DTYPE_F32 else 2), 0xAB, cp.uint8)
-                per = (H + 3) // 4 if H % 4 == 0 else H
-                grid = max(1, min((T * per + 255) // 256, 200))
-                k((grid,), (256,), (cp.asarray(z), i32(z_stride), cp.asarray(pos), cp.asarray(w) if weighted else NULL,
+                if c % 2:
+                    grid, block = combine_launch(T, H)  # as the backend (Rust shapes::combine)
+                else:
+                    per = (H + 3) // 4 if H % 4 == 0 else H
+                    grid, block = max(1, min((T * per + 255) // 256, 200)), 256
+                k((grid,), (block,), (cp.asarray(z), i32(z_stride), cp.asarray(pos), cp.asarray(w) if weighted else NULL,
                                     i32(T), i32(K), i32(H), d_out, i32(dt)))
                 out = cp.asnumpy(d_out)
                 if dt == DTYPE_F32:
@@ -632,10 +650,118 @@ def check_combine(mod, seed, quick):
     record("combine_rows", c, fails)
 
 
+# ---------------------------------------------------------------------------------------------------
+# launch shapes as the backend computes them (crates/moerunner/src/backend/cuda/layer.rs `mod shapes`)
+# ---------------------------------------------------------------------------------------------------
+def num_sms():
+    return cp.cuda.runtime.getDeviceProperties(0)["multiProcessorCount"]
+
+
+def route_launch_rust(E, K, T):
+    warp_bytes = (12 * E + 8 * K + 15) & ~15
+    W = max(1, min(8, 49152 // warp_bytes))
+    return max(1, min((T + W - 1) // W, 32 * num_sms())), 32 * W, W * warp_bytes
+
+
+def sort_launch_rust(El):
+    return 1, 1024, min(4 * (34 * El + 2), max(48 * 1024, 4 * (3 * El + 2)))
+
+
+def combine_launch(T, H):
+    items = T * ((H + 3) // 4)
+    block = 128 if items <= 128 * num_sms() else 256
+    return max(1, min((items + block - 1) // block, 32 * num_sms())), block
+
+
+def pick_bn(T, K, E):
+    mean = (T * K + E - 1) // E
+    return next((bn for bn in (16, 32, 64, 128) if bn >= mean), 128)
+
+
+# ---------------------------------------------------------------------------------------------------
+# timing: qwen3-30b-a3b shapes (E=128, k=8, H=2048, renormalize, bf16), Rust launch shapes, median of
+# N launches each between its own pair of events (no PDL here: pdl_wait is a no-op). "before" = the
+# kernels of git HEAD (when git is there), "after" = the working tree.
+# ---------------------------------------------------------------------------------------------------
+TIMES = []  # (kernel, T, label, median us)
+
+
+def median_us(launch, n=100):
+    for _ in range(5):
+        launch()
+    ev = [(cp.cuda.Event(), cp.cuda.Event()) for _ in range(n)]
+    for a, b in ev:
+        a.record()
+        launch()
+        b.record()
+    ev[-1][1].synchronize()
+    return float(np.median([cp.cuda.get_elapsed_time(a, b) * 1000.0 for a, b in ev]))
+
+
+def git_head_source(name):
+    import subprocess
+    rel = os.path.relpath(os.path.join(KDIR, name), ROOT)
+    try:
+        return subprocess.run(["git", "-C", ROOT, "show", f"HEAD:{rel}"], capture_output=True, check=True,
+                              text=True).stdout
+    except Exception:
+        return None
+
+
+def time_small_kernels(seed, Ts=(1, 16, 128, 4096)):
+    E, K, H = 128, 8, 2048
+    variants = [("after", None, None)]
+    head_common = git_head_source("common.cuh")
+    if head_common is not None:
+        variants.insert(0, ("before", head_common, {n: git_head_source(n + ".cu") for n in ("routing", "sort",
+                                                                                          "combine")}))
+    else:
+        print("  (no git here: timing the working tree only)")
+    rng = np.random.default_rng(seed)
+    for label, common, bodies in variants:
+        mods = {n: load_module(n, body=None if bodies is None else bodies[n], common=common)
+                for n in ("routing", "sort", "combine")}
+        kr = mods["routing"].get_function("route_logits")
+        ks = mods["sort"].get_function("sort_pairs_by_expert")
+        kc = mods["combine"].get_function("combine_rows")
+        for T in Ts:
+            P = T * K
+            # routing
+            logits = cp.asarray(to_bf16_bits((rng.standard_normal((T, E)) * 2).astype(F32)))
+            ids = cp.zeros((T, K), cp.int32)
+            w = cp.zeros((T, K), cp.float32)
+            g, b, sm = route_launch_rust(E, K, T)
+            ra = (logits, i32(DTYPE_BF16), NULL, i32(T), i32(E), i32(K), i32(1), i32(1), i32(1), F32(1.0), i32(0),
+                  ids, w)
+            TIMES.append(("route_logits", T, label, median_us(lambda: kr((g,), (b,), ra, shared_mem=sm))))
+            # sort (of the ids just routed)
+            BN = pick_bn(T, K, E)
+            mt = (P + BN - 1) // BN + E
+            bufs = [cp.zeros(E + 1, cp.int32), cp.zeros(P, cp.int32), cp.zeros(P, cp.int32),
+                    cp.zeros(mt, cp.int32), cp.zeros(mt, cp.int32), cp.zeros(mt, cp.int32), cp.zeros(1, cp.int32)]
+            g, b, sm = sort_launch_rust(E)
+            sa = (ids, i32(P), i32(0), i32(E), i32(BN), i32(mt), *bufs)
+            TIMES.append(("sort_pairs_by_expert", T, label, median_us(lambda: ks((g,), (b,), sa, shared_mem=sm))))
+            # combine (positions from the sort)
+            z = cp.asarray(rng.standard_normal((P, H)).astype(F32))
+            out = cp.zeros(T * H, cp.uint16)
+            g, b = combine_launch(T, H)
+            if label == "before":
+                g, b = max(1, min((T * H // 4 + 255) // 256, 32 * num_sms())), 256
+            ca = (z, i32(H), bufs[2], w, i32(T), i32(K), i32(H), out, i32(DTYPE_BF16))
+            TIMES.append(("combine_rows", T, label, median_us(lambda: kc((g,), (b,), ca))))
+    print(f"\n{'kernel (E=128 k=8 H=2048)':<26} {'T':>6} " + " ".join(f"{v[0] + ' us':>11}" for v in variants))
+    for kname in ("route_logits", "sort_pairs_by_expert", "combine_rows"):
+        for T in Ts:
+            row = [next(us for (kk, tt, ll, us) in TIMES if kk == kname and tt == T and ll == v[0]) for v in variants]
+            print(f"{kname:<26} {T:>6} " + " ".join(f"{x:>11.2f}" for x in row))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--seed", type=int, default=int(time.time()) % 100000)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--no-timing", action="store_true", help="skip the before/after timing table")
     a = ap.parse_args()
     t0 = time.time()
     print(f"seed {a.seed} (rerun with --seed {a.seed}); device {cp.cuda.runtime.getDeviceProperties(0)['name']}",
@@ -662,6 +788,13 @@ def main():
         except Exception as e:
             traceback.print_exc()
             RESULTS.append((name, 0, False, f"exception: {type(e).__name__}: {e}"))
+    if not a.no_timing:
+        print(f"[timing] ({time.time() - t0:.1f}s)", flush=True)
+        try:
+            time_small_kernels(a.seed)
+        except Exception:
+            traceback.print_exc()
+            print("  timing failed (information only)")
     print(f"\n{'check':<24} {'cases':>6}  result  detail")
     for name, n, ok, detail in RESULTS:
         print(f"{name:<24} {n:>6}  {'PASS' if ok else 'FAIL'}    {detail}")

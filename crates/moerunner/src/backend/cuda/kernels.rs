@@ -107,8 +107,9 @@ pub fn gemm_bm(bn: u32) -> u32 {
     }
 }
 
-/// Token-tile widths that have a Hopper warpgroup-MMA (wgmma, sm_90a) form, with BM = 128.
-pub const WGMMA_BN: [u32; 2] = [64, 128];
+/// Token-tile widths that have a Hopper warpgroup-MMA (wgmma, sm_90a) form (all of them: on sm_90
+/// ptxas emulates the e4m3 mma.sync, so fp8 needs wgmma even where it is bandwidth-bound).
+pub const WGMMA_BN: [u32; 4] = [16, 32, 64, 128];
 
 /// One compiled form of the GEMM.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -122,11 +123,7 @@ pub struct GemmVariant {
 
 impl GemmVariant {
     pub fn bm(&self) -> u32 {
-        if self.wgmma {
-            128
-        } else {
-            gemm_bm(self.bn)
-        }
+        gemm_bm(self.bn)
     }
 
     pub fn defines(&self) -> Vec<String> {

@@ -208,7 +208,13 @@ impl CudaLayer {
     /// and the tile is wide enough to feed it, mma.sync otherwise. `MOERUNNER_WGMMA=0` turns
     /// wgmma off (to compare).
     fn gemm_variant(&self, stage: GemmStage, bn: u32) -> GemmVariant {
-        let wgmma = self.use_wgmma && kernels::WGMMA_BN.contains(&bn);
+        // Hopper's fp8 wgmma accumulates with reduced precision (about 14 bits, as DeepSeek-V3's
+        // report says; measured here: 3e-4..1.6e-3 relative GEMM error against 4e-8 for the f32
+        // accumulation of mma.sync). fp8_block folds each 128-wide K step into f32, which keeps
+        // whole layers near 5e-3; per-tensor fp8 has no such fold yet and could exceed the 2e-2
+        // tolerance on small layers (seen: 2.1e-2), so it stays on mma.sync.
+        let precise_enough = self.weight_code != 1;
+        let wgmma = self.use_wgmma && precise_enough && kernels::WGMMA_BN.contains(&bn);
         GemmVariant {
             weight_code: self.weight_code,
             stage,
@@ -774,7 +780,8 @@ mod shapes {
         items.div_ceil(per_block).clamp(1, 32 * sms as usize) as u32
     }
 
-    /// routing.cu: one warp per token, W warps a block, per-warp keys and scratch in shared memory.
+    /// routing.cu: one warp per token, W warps a block, a per-warp shared-memory region (keys and
+    /// scratch of the shared-memory path; the register path uses it only for softmax / group scores).
     pub fn routing(tokens: usize, experts: usize, k: usize, sms: u32) -> Shape {
         let warp_bytes = (12 * experts + 8 * k + 15) & !15;
         let warps = (49152 / warp_bytes).clamp(1, 8);
@@ -794,7 +801,8 @@ mod shapes {
             pdl: true,
         }
     }
-    /// sort.cu: one block of 1024 threads; 32 counting segments when they fit under 48 KiB.
+    /// sort.cu: one block of 1024 threads; 32 counting segments when they fit under 48 KiB (the kernel
+    /// takes its one-pair-per-thread path when P <= 32 * segments).
     pub fn sort(experts: usize) -> Shape {
         let full = 4 * (34 * experts + 2);
         let min = 4 * (3 * experts + 2);
@@ -814,11 +822,18 @@ mod shapes {
             pdl: true,
         }
     }
-    /// combine.cu: one thread per (token, 4 columns).
+    /// combine.cu: one thread per (token, 4 columns); blocks of 128 while that gives at most one block
+    /// per SM (small T: spread over more SMs), else 256.
     pub fn combine(tokens: usize, h: usize, sms: u32) -> Shape {
+        let items = tokens * h.div_ceil(4);
+        let block = if items <= 128 * sms as usize {
+            128
+        } else {
+            256
+        };
         Shape {
-            grid: (grid_cap(tokens * h.div_ceil(4), 256, sms), 1, 1),
-            block: 256,
+            grid: (grid_cap(items, block, sms), 1, 1),
+            block: block as u32,
             smem: 0,
             pdl: true,
         }

@@ -11,9 +11,17 @@
 //   One thread per (token, 4 consecutive h) (float4 loads; 16-/8-byte stores) when H % 4 == 0,
 //   z_stride % 4 == 0, z is 16-byte aligned and out is 16- (f32) or 8-byte (bf16/f16) aligned;
 //   otherwise one thread per (token, h). Grid-stride over T * ceil(H / vec) items.
-//   Launch: block 256 (any multiple of 32), grid = min(ceil(T * ceil(H/4) / 256), 32 * num_SMs);
-//   no shared memory.  Limits: T*K and P_sorted*z_stride < 2^63; K >= 0.
+//   Slots are taken CB_CHUNK (8) at a time: the chunk's pair_pos and weights are loaded together, then
+//   all of its z rows, then accumulated in slot order (two dependent loads per chunk, not per slot).
+//   Launch: block B = 128 when T * ceil(H/4) <= 128 * num_SMs (small T: more blocks, more SMs), else
+//   256 (any multiple of 32 works); grid = min(ceil(T * ceil(H/4) / B), 32 * num_SMs); no shared
+//   memory.  Limits: T*K and P_sorted*z_stride < 2^63; K >= 0.
 // ---------------------------------------------------------------------------------------------------
+
+#define CB_CHUNK 8
+
+// What a skipped slot's load reads instead of z (always valid memory, so the loads need no branch).
+__device__ const float4 cb_zero4 = {0.0f, 0.0f, 0.0f, 0.0f};
 
 __device__ __forceinline__ float cb_fma_free(float acc, float w, float v) {
     float p, r;
@@ -32,25 +40,52 @@ extern "C" __global__ void combine_rows(const float* z, int z_stride, const int*
     const int width = vec ? 4 : 1;
     const long long per_row = (H + width - 1) / width;
     const long long total = (long long)T * per_row;
+    const bool small = total < 0x7fffffffll;  // 32-bit index arithmetic (no 64-bit division)
     for (long long it = (long long)blockIdx.x * blockDim.x + threadIdx.x; it < total;
          it += (long long)gridDim.x * blockDim.x) {
-        const long long t = it / per_row;
-        const int h0 = (int)(it - t * per_row) * width;
+        long long t;
+        int h0;
+        if (small) {
+            const u32 q = (u32)it / (u32)per_row;
+            t = q;
+            h0 = (int)((u32)it - q * (u32)per_row) * width;
+        } else {
+            t = it / per_row;
+            h0 = (int)(it - t * per_row) * width;
+        }
+        const long long slot0 = t * K;
         float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;
-        for (int j = 0; j < K; ++j) {
-            const long long slot = t * K + j;
-            const int pos = pair_pos[slot];
-            if (pos < 0) continue;
-            const float w = topk_w != nullptr ? topk_w[slot] : 1.0f;
-            const float* zr = z + (long long)pos * z_stride + h0;
+        for (int j0 = 0; j0 < K; j0 += CB_CHUNK) {
+            int pos[CB_CHUNK];
+            float w[CB_CHUNK];
+#pragma unroll
+            for (int u = 0; u < CB_CHUNK; ++u) {
+                const bool in = j0 + u < K;
+                pos[u] = in ? pair_pos[slot0 + j0 + u] : -1;
+                w[u] = (in && topk_w != nullptr) ? topk_w[slot0 + j0 + u] : 1.0f;
+            }
             if (vec) {
-                const float4 v = *(const float4*)zr;
-                a0 = cb_fma_free(a0, w, v.x);
-                a1 = cb_fma_free(a1, w, v.y);
-                a2 = cb_fma_free(a2, w, v.z);
-                a3 = cb_fma_free(a3, w, v.w);
+                float4 v[CB_CHUNK];
+#pragma unroll
+                for (int u = 0; u < CB_CHUNK; ++u)
+                    v[u] = *(pos[u] >= 0 ? (const float4*)(z + (long long)pos[u] * z_stride + h0) : &cb_zero4);
+#pragma unroll
+                for (int u = 0; u < CB_CHUNK; ++u) {
+                    if (pos[u] >= 0) {
+                        a0 = cb_fma_free(a0, w[u], v[u].x);
+                        a1 = cb_fma_free(a1, w[u], v[u].y);
+                        a2 = cb_fma_free(a2, w[u], v[u].z);
+                        a3 = cb_fma_free(a3, w[u], v[u].w);
+                    }
+                }
             } else {
-                a0 = cb_fma_free(a0, w, zr[0]);
+                float v[CB_CHUNK];
+#pragma unroll
+                for (int u = 0; u < CB_CHUNK; ++u)
+                    v[u] = *(pos[u] >= 0 ? z + (long long)pos[u] * z_stride + h0 : &cb_zero4.x);
+#pragma unroll
+                for (int u = 0; u < CB_CHUNK; ++u)
+                    if (pos[u] >= 0) a0 = cb_fma_free(a0, w[u], v[u]);
             }
         }
         const long long o = t * H + h0;

@@ -34,13 +34,15 @@
 //             (on sm_90 ptxas emulates the e4m3 mma.sync with F2FP unpacks + f16 HMMA; the extra
 //             registers of the double buffer make the 128x128 fp8 tile spill, so fp8 leaves it off)
 //   WGMMA     1 = Hopper warpgroup MMA (sm_90a wgmma.mma_async) instead of ldmatrix + mma.sync   [default 0]
-//             Only BM = 128 with BN = 64 | 128 (any W_FP8 / EPI / ACT / OUT_TYPE). Two warpgroups (256
-//             threads); warpgroup q owns weight rows 64q..64q+63 and issues per 128-byte K step four
-//             wgmma m64n{BN}k16 bf16 (W_FP8 = 0) or m64n{BN}k32 e4m3 (W_FP8 = 1/2), f32 accumulators, both
+//             BM = 64 | 128 with BN = 16 | 32 | 64 | 128 (any W_FP8 / EPI / ACT / OUT_TYPE). BM / 64
+//             warpgroups (BM = 128: 256 threads, BM = 64: 128 threads); warpgroup q owns weight rows
+//             64q..64q+63 and issues per 128-byte K step four wgmma m64n{BN}k16 bf16 (W_FP8 = 0) or
+//             m64n{BN}k32 e4m3 (W_FP8 = 1/2), f32 accumulators, both
 //             operands read from shared memory through matrix descriptors (K-major, 128-byte swizzle,
 //             stride byte offset 1024: the layout below IS the 128B swizzle atom once every operand tile
 //             base is 1024-byte aligned, which the kernel guarantees by rounding the dynamic shared memory
-//             base up, hence the +1024 bytes). The same cp.async producer loop (every thread loads),
+//             base up, hence the +1024 bytes; BM*128 and BN*128 are multiples of 1024 for BN >= 8). The
+//             same cp.async producer loop (every thread loads),
 //             then fence.proxy.async.shared::cta (cp.async writes are generic-proxy, wgmma reads through
 //             the async proxy) and __syncthreads. The wgmma of step ks stays in flight while step ks+1
 //             is issued (wgmma.wait_group 1), so a stage is refilled two steps after it was consumed:
@@ -48,17 +50,26 @@
 //             set is scaled (w_scale(row group of 8) * act_scale(row)) and added into the sum).
 //             Warp w holds accumulator rows 16w + g, 16w + g + 8 (g = lane/4) and columns 8j + 2(lane%4)
 //             + {0,1}: the mma.sync m16n8 fragment layout per n8 tile, so the epilogue is shared
-//             (reported warp grid 8 x 1 x 1). STAGES default: 6 (BN = 128) / 8 (BN = 64), minimum 3.
+//             (reported warp grid BM/16 x 1 x WG_KSPLIT). STAGES default: 6 (BN = 128) / 8 (BN <= 64), minimum 3,
+//             at most 16 (narrow tiles stream weights: e.g. BM=64 BN=16 8 stages = 80 KB, two blocks/SM).
+//   WG_KSPLIT (WGMMA=1, BM=64 only) 2 = two warpgroups (256 threads) on the one 64-row weight tile: warpgroup
+//             k issues the wgmma of k-sub-steps 2k, 2k+1 of every K step (both read the same stage), and
+//             the second's accumulators are added to the first's through shared memory in a fixed order
+//             at the end (deterministic; reported warp grid 4 x 1 x 2, RED < PIPE). Twice the loader
+//             threads and half the MMA chain per warpgroup.   [default 1: one warpgroup, 128 threads]
 //   WG_FENCE  (WGMMA=1 only) 1 = fence.proxy.async.shared::cta after each cp.async wait [default 1];
 //             0 drops it (CUTLASS's cp.async + GMMA mainloop has none; kept on by default to be safe).
 //
-// Block: NTHREADS = 32 * WARPS_M * WARPS_N * WARPS_K threads (256 with the defaults), grid (Mp/BM, max_tiles).
+// Block: NTHREADS = 32 * WARPS_M * WARPS_N * WARPS_K threads (256 with the defaults; WGMMA=1: 2 * BM, or 256
+// with WG_KSPLIT=2), grid (Mp/BM, max_tiles).
 // Dynamic shared memory (bytes):
 //   PIPE = STAGES * (BM*128 + BN*128 + (W_FP8 == 2 ? 4*(BM/8 + BN) : 0))
 //   RED  = (WARPS_K - 1) * BM * BN * 4
 //   SMEM = max(PIPE, RED)                 (+ 8*BN bytes of static shared memory)
-//   WGMMA = 1: SMEM = PIPE + 1024 (alignment slack; RED = 0), e.g. BN=128 6 stages: 197632,
-//              W_FP8=2: 197632 + 6*4*144 = 201088; BN=64 8 stages: 197632 (W_FP8=2: 200192)
+//   WGMMA = 1: SMEM = PIPE + 1024 (alignment slack; RED, WG_KSPLIT = 2 only, fits in PIPE), e.g. BN=128 6 stages: 197632,
+//              W_FP8=2: 197632 + 6*4*144 = 201088; BN=64 8 stages: 197632 (W_FP8=2: 200192);
+//              BM=64 8 stages: BN=16 82944 (W_FP8=2: 83712), BN=32 99328 (W_FP8=2: 100608);
+//              BM=128 8 stages: BN=16 148480 (W_FP8=2: 149504), BN=32 164864 (W_FP8=2: 166400)
 // e.g. BM=128 BN=128: 4*32768 = 131072 (W_FP8=2: 131072 + 4*4*144 = 133376); BM=64 BN=8: 8*9216 = 73728.
 // The same numbers are exported as `moe_gemm_meta` = {NTHREADS, SMEM, BM, BN, STAGES, WARPS_M, WARPS_N,
 // WARPS_K} (an extern "C" __constant__ int[8]; read it with cuModuleGetGlobal + cuMemcpyDtoH if wanted).
@@ -98,6 +109,9 @@
 #ifndef WG_FENCE
 #define WG_FENCE 1
 #endif
+#ifndef WG_KSPLIT
+#define WG_KSPLIT 1
+#endif
 #ifndef STAGES
 #if WGMMA
 #define STAGES (BN == 128 ? 6 : 8)
@@ -117,10 +131,10 @@
 #endif
 
 #if WGMMA
-// two warpgroups, each warp owns 16 weight rows x all BN columns (see WGMMA above)
-#define WARPS_M 8
+// BM / 64 warpgroups, each warp owns 16 weight rows x all BN columns (see WGMMA above)
+#define WARPS_M (BM / 16)
 #define WARPS_N 1
-#define WARPS_K 1
+#define WARPS_K WG_KSPLIT
 #elif !defined(WARPS_M) && !defined(WARPS_N) && !defined(WARPS_K)
 #if BN >= 128 && W_FP8 == 1 && BM == 128
 #define WARPS_M 4
@@ -192,7 +206,7 @@ static_assert(ACT >= 0 && ACT <= 2, "ACT must be 0, 1 or 2");
 static_assert(OUT_TYPE >= 0 && OUT_TYPE <= 2, "OUT_TYPE must be 0, 1 or 2");
 static_assert(BM == 64 || BM == 128, "BM must be 64 or 128");
 static_assert(BN == 8 || BN == 16 || BN == 32 || BN == 64 || BN == 128, "BN must be 8, 16, 32, 64 or 128");
-static_assert(STAGES >= 2 && STAGES <= 8, "STAGES must be 2..8");
+static_assert(STAGES >= 2 && STAGES <= (WGMMA ? 16 : 8), "STAGES must be 2..8 (WGMMA=1: 3..16)");
 static_assert(WARPS_K == 1 || WARPS_K == 2 || WARPS_K == 4, "WARPS_K must be 1, 2 or 4");
 static_assert(BM % (16 * WARPS_M) == 0, "BM must be a multiple of 16*WARPS_M");
 static_assert(BN % (8 * WARPS_N) == 0, "BN must be a multiple of 8*WARPS_N");
@@ -203,8 +217,12 @@ static_assert(W_FP8 != 2 || MG_NTHREADS >= BM / 8 + BN, "not enough threads to l
 static_assert(MG_NTL == 1 || MG_NTL % 2 == 0, "n8 tiles per warp must be 1 or even");
 static_assert(WGMMA == 0 || WGMMA == 1, "WGMMA must be 0 or 1");
 #if WGMMA
-static_assert(BM == 128 && (BN == 64 || BN == 128), "WGMMA=1 needs BM = 128 and BN = 64 or 128");
-static_assert(WARPS_M == 8 && WARPS_N == 1 && WARPS_K == 1, "WGMMA=1 fixes the warp grid at 8 x 1 x 1");
+static_assert(BN == 16 || BN == 32 || BN == 64 || BN == 128, "WGMMA=1 needs BN = 16, 32, 64 or 128");
+static_assert(WG_KSPLIT == 1 || (WG_KSPLIT == 2 && BM == 64), "WG_KSPLIT must be 1, or 2 with BM = 64");
+static_assert(WARPS_M == BM / 16 && WARPS_N == 1 && WARPS_K == WG_KSPLIT,
+              "WGMMA=1 fixes the warp grid at BM/16 x 1 x WG_KSPLIT");
+static_assert(MG_RED_BYTES <= MG_PIPE_BYTES, "WGMMA=1: the k-split reduction reuses the pipeline buffers");
+static_assert(MG_SW_BYTES % 1024 == 0 && MG_SA_BYTES % 1024 == 0, "WGMMA=1: operand tiles must keep 1024-byte alignment");
 static_assert(STAGES >= 3, "WGMMA=1 needs STAGES >= 3 (prefetch distance STAGES - 2)");
 static_assert(MG_SMEM_BYTES <= 232448, "WGMMA=1: too many stages for 227 KB of shared memory");
 #endif
@@ -356,6 +374,48 @@ __device__ __forceinline__ void mg_wgmma(float* d, u64 da, u64 db, int scale_d) 
           "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
           "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
           "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+        : "l"(da), "l"(db), "r"(scale_d));
+}
+#elif W_FP8 == 0 && BN == 32
+__device__ __forceinline__ void mg_wgmma(float* d, u64 da, u64 db, int scale_d) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, "
+        "%16, %17, p, 1, 1, 0, 0;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
+        : "l"(da), "l"(db), "r"(scale_d));
+}
+#elif W_FP8 == 0 && BN == 16
+__device__ __forceinline__ void mg_wgmma(float* d, u64 da, u64 db, int scale_d) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %10, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n16k16.f32.bf16.bf16 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7}, "
+        "%8, %9, p, 1, 1, 0, 0;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7])
+        : "l"(da), "l"(db), "r"(scale_d));
+}
+#elif W_FP8 && BN == 32
+__device__ __forceinline__ void mg_wgmma(float* d, u64 da, u64 db, int scale_d) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n32k32.f32.e4m3.e4m3 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, "
+        "%16, %17, p, 1, 1;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
+        : "l"(da), "l"(db), "r"(scale_d));
+}
+#elif W_FP8 && BN == 16
+__device__ __forceinline__ void mg_wgmma(float* d, u64 da, u64 db, int scale_d) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %10, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n16k32.f32.e4m3.e4m3 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7}, "
+        "%8, %9, p, 1, 1;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7])
         : "l"(da), "l"(db), "r"(scale_d));
 }
 #endif
@@ -524,7 +584,9 @@ extern "C" __global__ void __launch_bounds__(MG_NTHREADS, MIN_BLOCKS) moe_gemm(
 
 #if WGMMA
     // ---- warpgroup MMA main loop (see WGMMA in the header)
-    const int wgrp = warp >> 2;  // warpgroup: weight rows 64 * wgrp .. + 63
+    const int wgrp = WG_KSPLIT > 1 ? 0 : warp >> 2;  // warpgroup: weight rows 64 * wgrp .. + 63
+    // WG_KSPLIT = 2: warpgroup warp_k issues k-sub-steps q0 .. q0 + MG_KPW - 1 of every K step
+    const int q0 = WG_KSPLIT > 1 ? warp_k * MG_KPW : 0;
     (void)warp_k;
     float acc[MG_MT][MG_NTL][4];
     float* const accf = &acc[0][0][0];
@@ -560,7 +622,7 @@ extern "C" __global__ void __launch_bounds__(MG_NTHREADS, MIN_BLOCKS) moe_gemm(
         for (int i = 0; i < MG_MT * MG_NTL * 4; ++i) mg_reg_fence(part[i]);
         mg_wg_fence();
 #pragma unroll
-        for (int q = 0; q < 4; ++q) mg_wgmma(part, mg_desc(aW + 32 * q), mg_desc(aA + 32 * q), q > 0);
+        for (int q = 0; q < MG_KPW; ++q) mg_wgmma(part, mg_desc(aW + 32 * (q0 + q)), mg_desc(aA + 32 * (q0 + q)), q > 0);
         mg_wg_commit();
         mg_wg_wait<0>();
 #pragma unroll
@@ -587,7 +649,8 @@ extern "C" __global__ void __launch_bounds__(MG_NTHREADS, MIN_BLOCKS) moe_gemm(
         for (int i = 0; i < MG_MT * MG_NTL * 4; ++i) mg_reg_fence(accf[i]);
         mg_wg_fence();
 #pragma unroll
-        for (int q = 0; q < 4; ++q) mg_wgmma(accf, mg_desc(aW + 32 * q), mg_desc(aA + 32 * q), (ks | q) != 0);
+        for (int q = 0; q < MG_KPW; ++q)
+            mg_wgmma(accf, mg_desc(aW + 32 * (q0 + q)), mg_desc(aA + 32 * (q0 + q)), (ks | q) != 0);
         mg_wg_commit();
         mg_wg_wait<1>();  // the wgmma of step ks-1 are complete: its slot may be refilled next iteration
 #pragma unroll

@@ -19,9 +19,17 @@
 //   limits  1 <= K <= E; warp_bytes <= 48 KiB without opting in (E up to ~4000), more with
 //           cudaFuncAttributeMaxDynamicSharedMemorySize; deepseek_v3: E % n_group == 0 (as validated
 //           on the host). Logits and bias must be finite (checked on the host, as on the CPU).
-//   Cost per token: E loads + E exps, one sequential f32 sum over E (softmax methods only: the CPU
-//   sums in id order and the selection of `default` / `renormalize_naive` depends on that sum's
-//   exact bits), K warp argmax rounds of 5 u64 shuffles each.
+//   Register path (K <= 32 and E <= 512, i.e. every preset): lane l holds ids v*32 + l, v < NPL =
+//   ceil(E/32) rounded up to 1/2/4/8/16, as order images of their keys in registers; all E/32 loads
+//   of a lane are issued together; each of the K argmax rounds is two redux.sync (max key image, then
+//   the lowest id holding it) and a rescan of NPL registers by the winner's lane only; exps only
+//   where a method needs them (renormalize: the K selected ones); the renormalizing sum in slot
+//   order over K lanes by shuffles. Shared memory only for the softmax sum (methods 0/2) and
+//   DeepSeek's group scores (inside the same per-warp region). Otherwise (K > 32 or E > 512) the
+//   shared-memory path: per warp u64 keys[E] and K warp argmax rounds of 5 u64 shuffles each.
+//   Cost per token: E loads (+E exps for softmax/sigmoid keys), one sequential f32 sum over E
+//   (softmax methods only: the CPU sums in id order and the selection of `default` /
+//   `renormalize_naive` depends on that sum's exact bits), K argmax rounds.
 //
 // unpack_routes(packed, n, ids, w)
 //   FlashInfer's packed routes: ids[i] = packed[i] >> 16 (arithmetic), w[i] = bf16 bits of the low
@@ -159,6 +167,205 @@ __device__ __forceinline__ u32 rt_warp_max_u32(u32 v) {
     return v;
 }
 
+__device__ __forceinline__ u32 rt_redux_max(u32 v) {
+    u32 r;
+    asm volatile("redux.sync.max.u32 %0, %1, 0xffffffff;" : "=r"(r) : "r"(v));
+    return r;
+}
+__device__ __forceinline__ u32 rt_redux_min(u32 v) {
+    u32 r;
+    asm volatile("redux.sync.min.u32 %0, %1, 0xffffffff;" : "=r"(r) : "r"(v));
+    return r;
+}
+
+// Register path (E <= 32*NPL, K <= 32): lane l holds ids v*32 + l (v < NPL) as the order-preserving
+// images of their keys (0 = taken or no such id). Same arithmetic and tie rules as the shared-memory
+// path below; shared memory only for the softmax sum (id order) and DeepSeek's group scores.
+template <int NPL>
+__device__ __forceinline__ void rt_route_reg(const void* logits, int dtype, const float* b, int T, int E, int K,
+                                             int method, int n_group, int topk_group, float rsf, int norm,
+                                             int* topk_ids, float* topk_w, unsigned char* base, long long t0,
+                                             long long tstep) {
+    const int lane = threadIdx.x & 31;
+    const bool softmax_key = method == 0 || method == 2;
+    const bool sigmoid_key = method == 3 || method == 6 || method == 7 || method == 8;
+    const bool renorm = method == 1 || method == 2 || method == 3 || method == 7 || (method == 6 && norm != 0);
+    for (long long t = t0; t < T; t += tstep) {
+        const long long row = t * (long long)E;
+        // 1. Logits (and bias) of this lane's ids, all loads issued together.
+        float x[NPL];
+        float bv[NPL];
+        if (dtype == DTYPE_BF16 || dtype == DTYPE_F16) {
+            const u16* p = (const u16*)logits + row;
+#pragma unroll
+            for (int v = 0; v < NPL; ++v) {
+                const int id = v * 32 + lane;
+                const u16 h = id < E ? p[id] : (u16)0;
+                x[v] = dtype == DTYPE_BF16 ? bf16_to_f32(h) : f16_to_f32(h);
+            }
+        } else {
+            const float* p = (const float*)logits + row;
+#pragma unroll
+            for (int v = 0; v < NPL; ++v) {
+                const int id = v * 32 + lane;
+                x[v] = id < E ? p[id] : 0.0f;
+            }
+        }
+#pragma unroll
+        for (int v = 0; v < NPL; ++v) {
+            const int id = v * 32 + lane;
+            bv[v] = (b != nullptr && id < E) ? b[id] : 0.0f;
+        }
+
+        // 2. Selection keys (as order images).
+        u32 ko[NPL];
+        if (softmax_key) {
+            u32 mo = 0;
+#pragma unroll
+            for (int v = 0; v < NPL; ++v) {
+                const u32 o = rt_ord(x[v]);
+                if (v * 32 + lane < E) mo = o > mo ? o : mo;
+            }
+            const float maxv = rt_unord(rt_redux_max(mo));
+            float* scratch = (float*)(base + (size_t)8 * E);
+            float ev[NPL];
+#pragma unroll
+            for (int v = 0; v < NPL; ++v) {
+                const int id = v * 32 + lane;
+                if (id < E) {
+                    ev[v] = rt_expf(rt_sub(x[v], maxv));
+                    scratch[id] = ev[v];
+                } else {
+                    ev[v] = 0.0f;
+                }
+            }
+            __syncwarp();
+            float sum = 0.0f;
+            if (lane == 0) {
+                sum = scratch[0];
+#pragma unroll 8
+                for (int i = 1; i < E; ++i) sum = rt_add(sum, scratch[i]);
+            }
+            sum = __shfl_sync(0xffffffffu, sum, 0);
+#pragma unroll
+            for (int v = 0; v < NPL; ++v) ko[v] = v * 32 + lane < E ? rt_ord(rt_div(ev[v], sum)) : 0u;
+        } else {
+#pragma unroll
+            for (int v = 0; v < NPL; ++v) {
+                float key = x[v];
+                if (sigmoid_key) {
+                    key = rt_sigmoid(x[v]);
+                    if (b != nullptr) key = rt_add(key, bv[v]);
+                }
+                ko[v] = v * 32 + lane < E ? rt_ord(key) : 0u;
+            }
+        }
+
+        // 3. DeepSeek-V3 group selection (as the shared-memory path): score = sum of the two largest
+        // keys of each group, keep the topk_group best groups (ties to the lower group), -inf elsewhere.
+        if (method == 3 && n_group > 1) {
+            const int size = E / n_group;
+            u32* gk = (u32*)base;                              // [E] key images
+            int* keep = (int*)(base + (size_t)4 * E);          // [n_group]
+            float* gs = (float*)(base + (size_t)8 * E);        // [n_group] scores
+            const u32 neg_inf = rt_ord(__uint_as_float(0xff800000u));
+#pragma unroll
+            for (int v = 0; v < NPL; ++v)
+                if (v * 32 + lane < E) gk[v * 32 + lane] = ko[v];
+            __syncwarp();
+            for (int g = lane; g < n_group; g += 32) {
+                u32 first = neg_inf, second = neg_inf;
+                for (int i = g * size; i < (g + 1) * size; ++i) {
+                    const u32 xo = gk[i];
+                    if (xo > first) {
+                        second = first;
+                        first = xo;
+                    } else if (xo > second) {
+                        second = xo;
+                    }
+                }
+                gs[g] = size < 2 ? rt_unord(first) : rt_add(rt_unord(first), rt_unord(second));
+            }
+            __syncwarp();
+            for (int g = lane; g < n_group; g += 32) {
+                const u32 so = rt_ord(gs[g]);
+                int rank = 0;
+                for (int h = 0; h < n_group; ++h) {
+                    const u32 oh = rt_ord(gs[h]);
+                    rank += (oh > so || (oh == so && h < g)) ? 1 : 0;
+                }
+                keep[g] = rank < topk_group ? 1 : 0;
+            }
+            __syncwarp();
+#pragma unroll
+            for (int v = 0; v < NPL; ++v) {
+                const int id = v * 32 + lane;
+                if (id < E && keep[id / size] == 0) ko[v] = neg_inf;
+            }
+        }
+
+        // 4. K rounds: warp max of the key image (redux), then the lowest id holding it (redux).
+        u32 bo = 0;
+        int bi = 0;
+#pragma unroll
+        for (int v = 0; v < NPL; ++v)
+            if (ko[v] > bo) {
+                bo = ko[v];
+                bi = v;
+            }
+        int my_id = 0;
+        u32 my_ord = 0;
+        for (int j = 0; j < K; ++j) {
+            const u32 m = rt_redux_max(bo);
+            const u32 wid = rt_redux_min(bo == m ? (u32)(bi * 32 + lane) : 0xffffffffu);
+            if (lane == j) {
+                my_id = (int)wid;
+                my_ord = m;
+            }
+            if ((int)(wid & 31u) == lane) {
+                const int wv = (int)(wid >> 5);
+                bo = 0;
+                bi = 0;
+#pragma unroll
+                for (int v = 0; v < NPL; ++v) {
+                    if (v == wv) ko[v] = 0u;
+                    if (ko[v] > bo) {
+                        bo = ko[v];
+                        bi = v;
+                    }
+                }
+            }
+        }
+
+        // 5. Weights in slot order (lane j = slot j), as methods.rs.
+        float raw = 0.0f;
+        if (!softmax_key && lane < K) raw = load_as_f32(logits, dtype, row + my_id);
+        const float x0 = __shfl_sync(0xffffffffu, raw, 0);
+        float w = 0.0f;
+        switch (method) {
+            case 0:
+            case 2: w = rt_unord(my_ord); break;              // softmax prob
+            case 1: w = rt_expf(rt_sub(raw, x0)); break;
+            case 5: w = raw; break;                           // raw logit
+            default: w = rt_sigmoid(raw); break;
+        }
+        if (renorm) {
+            float s = __shfl_sync(0xffffffffu, w, 0);
+#pragma unroll 4
+            for (int j = 1; j < K; ++j) s = rt_add(s, __shfl_sync(0xffffffffu, w, j));
+            if (method == 3 || method == 7) s = rt_add(s, 1e-20f);
+            else if (method == 6) s = (s >= 1e-20f) ? s : 1e-20f;  // f32::max(s, 1e-20)
+            if (method == 3 || method == 7) w = rt_div(rt_mul(w, rsf), s);
+            else w = rt_div(w, s);
+        }
+        if (lane < K) {
+            topk_ids[t * K + lane] = my_id;
+            topk_w[t * K + lane] = w;
+        }
+        __syncwarp();  // smem is reused by the next token
+    }
+}
+
 extern "C" __global__ void route_logits(const void* logits, int logits_dtype, const float* bias, int T, int E,
                                         int K, int method, int n_group, int topk_group,
                                         float routed_scaling_factor, int norm_topk_prob, int* topk_ids,
@@ -179,7 +386,20 @@ extern "C" __global__ void route_logits(const void* logits, int logits_dtype, co
     const bool sigmoid_key = method == 3 || method == 6 || method == 7 || method == 8;
     const float* b = (method == 3 || method == 7) ? bias : nullptr;
 
-    for (long long t = (long long)blockIdx.x * warps + warp; t < T; t += (long long)gridDim.x * warps) {
+    const long long t0 = (long long)blockIdx.x * warps + warp, tstep = (long long)gridDim.x * warps;
+    if (K <= 32 && E <= 512) {
+#define RT_REG(N) rt_route_reg<N>(logits, logits_dtype, b, T, E, K, method, n_group, topk_group, \
+                                  routed_scaling_factor, norm_topk_prob, topk_ids, topk_w, base, t0, tstep)
+        if (E <= 32) RT_REG(1);
+        else if (E <= 64) RT_REG(2);
+        else if (E <= 128) RT_REG(4);
+        else if (E <= 256) RT_REG(8);
+        else RT_REG(16);
+#undef RT_REG
+        return;
+    }
+
+    for (long long t = t0; t < T; t += tstep) {
         const long long row = t * (long long)E;
 
         // 1. Selection keys into comp[].

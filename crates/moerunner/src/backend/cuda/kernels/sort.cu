@@ -20,9 +20,12 @@
 //            S = min(32, warps, (smem/4 - 2*(E_local+1)) / E_local), so any size >= 4*(3*E_local + 2)
 //            works. Fastest: S = 32, i.e. 4*(34*E_local + 2) bytes (E_local = 256: 34,824 B, under the
 //            48 KiB default; E_local = 1024 needs 139,272 B and the opt-in attribute, or pass 48 KiB
-//            and get S = 9).
-//   Limits: P < 2^31; BN >= 1; E_local >= 1. Cost: two passes over topk_ids (counting, placing),
-//            each warp walking its own contiguous segment 256 ids at a time; P <= 8192 takes a few µs.
+//            and get S = 9). The launcher passes min(4*(34*E_local + 2), max(48 KiB, 4*(3*E_local + 2))).
+//   Small P (P <= 32*S, i.e. P <= 1024 with 1024 threads and S = 32): one pair per thread, one load
+//            each, counts by __match_any_sync per warp, only ceil(P/32)*E_local counters zeroed and
+//            scanned, four block barriers. Larger P: two passes over topk_ids (counting, placing), each
+//            warp walking its own contiguous segment 256 ids at a time.
+//   Limits: P < 2^31; BN >= 1; E_local >= 1.
 // ---------------------------------------------------------------------------------------------------
 
 __device__ __forceinline__ u32 st_dyn_smem_bytes() {
@@ -31,42 +34,99 @@ __device__ __forceinline__ u32 st_dyn_smem_bytes() {
     return r;
 }
 
-// In-place exclusive scan of a[0..n) by the whole block; a[n] = total. All threads must call it.
-__device__ void st_block_exclusive_scan(int* a, int n, int* warp_sums) {
+// Per expert e (all threads; the caller has synchronized after writing seg): seg[s*E + e] for
+// s < nseg (the counts of segment s) becomes the absolute cursor of segment s in sorted_pair
+// (offs[e] + counts of e in the segments before s); offs[e] / toffs[e] = exclusive scans of the
+// expert counts / tile counts ceil(count/BN); offs[E] / toffs[E] = totals. Each thread owns a
+// contiguous run of experts (one when E <= blockDim.x); two __syncthreads (the last one ends it).
+__device__ void st_count_scan(int* seg, int nseg, int* offs, int* toffs, int E, int BN, int* wsum) {
     const int tid = threadIdx.x, nt = blockDim.x, lane = tid & 31, warp = tid >> 5, nw = nt >> 5;
-    const int per = (n + nt - 1) / nt;
-    const int lo = min(n, tid * per), hi = min(n, lo + per);
-    int local = 0;
-    for (int i = lo; i < hi; ++i) local += a[i];
-    // inclusive warp scan of `local`
-    int incl = local;
+    const int per = (E + nt - 1) / nt;
+    const int lo = min(E, tid * per), hi = min(E, lo + per);
+    int lc = 0, lt = 0;
+    for (int e = lo; e < hi; ++e) {
+        int run = 0;
+        for (int s = 0; s < nseg; ++s) {
+            const int c = seg[s * E + e];
+            seg[s * E + e] = run;
+            run += c;
+        }
+        offs[e] = run;
+        lc += run;
+        lt += run / BN + (run % BN != 0 ? 1 : 0);
+    }
+    // inclusive warp scans of (lc, lt)
+    int ic = lc, it = lt;
 #pragma unroll
     for (int o = 1; o < 32; o <<= 1) {
-        const int v = __shfl_up_sync(0xffffffffu, incl, o);
-        if (lane >= o) incl += v;
-    }
-    if (lane == 31) warp_sums[warp] = incl;
-    __syncthreads();
-    if (warp == 0) {
-        int ws = lane < nw ? warp_sums[lane] : 0;
-        int wi = ws;
-#pragma unroll
-        for (int o = 1; o < 32; o <<= 1) {
-            const int v = __shfl_up_sync(0xffffffffu, wi, o);
-            if (lane >= o) wi += v;
+        const int vc = __shfl_up_sync(0xffffffffu, ic, o);
+        const int vt = __shfl_up_sync(0xffffffffu, it, o);
+        if (lane >= o) {
+            ic += vc;
+            it += vt;
         }
-        if (lane < nw) warp_sums[lane] = wi - ws;  // exclusive warp prefix
-        if (lane == 31) warp_sums[32] = wi;        // total
+    }
+    if (lane == 31) {
+        wsum[warp] = ic;
+        wsum[32 + warp] = it;
     }
     __syncthreads();
-    int run = warp_sums[warp] + incl - local;
-    for (int i = lo; i < hi; ++i) {
-        const int c = a[i];
-        a[i] = run;
-        run += c;
+    // every warp scans the warp totals itself (no second barrier)
+    const int wc = lane < nw ? wsum[lane] : 0;
+    const int wt = lane < nw ? wsum[32 + lane] : 0;
+    int wic = wc, wit = wt;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+        const int vc = __shfl_up_sync(0xffffffffu, wic, o);
+        const int vt = __shfl_up_sync(0xffffffffu, wit, o);
+        if (lane >= o) {
+            wic += vc;
+            wit += vt;
+        }
     }
-    if (tid == 0) a[n] = warp_sums[32];
+    const int base_c = __shfl_sync(0xffffffffu, wic - wc, warp);
+    const int base_t = __shfl_sync(0xffffffffu, wit - wt, warp);
+    const int tot_c = __shfl_sync(0xffffffffu, wic, 31);
+    const int tot_t = __shfl_sync(0xffffffffu, wit, 31);
+    int rc = base_c + ic - lc, rt = base_t + it - lt;
+    for (int e = lo; e < hi; ++e) {
+        const int c = offs[e];
+        offs[e] = rc;
+        toffs[e] = rt;
+        for (int s = 0; s < nseg; ++s) seg[s * E + e] += rc;
+        rc += c;
+        rt += c / BN + (c % BN != 0 ? 1 : 0);
+    }
+    if (tid == 0) {
+        offs[E] = tot_c;
+        toffs[E] = tot_t;
+    }
     __syncthreads();
+}
+
+// expert_offsets, num_tiles and the tile list, from offs/toffs (after st_count_scan). No barrier.
+__device__ __forceinline__ void st_write_tiles(const int* offs, const int* toffs, int E, int BN, int max_tiles,
+                                               int* expert_offsets, int* tile_expert, int* tile_row_start,
+                                               int* tile_row_end, int* num_tiles) {
+    const int tid = threadIdx.x, nt = blockDim.x;
+    for (int e = tid; e <= E; e += nt) expert_offsets[e] = offs[e];
+    const int total_tiles = toffs[E];
+    const int n_tiles = total_tiles < max_tiles ? total_tiles : max_tiles;
+    if (tid == 0) num_tiles[0] = n_tiles;
+    for (int x = tid; x < n_tiles; x += nt) {
+        // expert e with toffs[e] <= x < toffs[e+1]: the last e with toffs[e] <= x
+        int lo = 0, hi = E - 1;
+        while (lo < hi) {
+            const int mid = (lo + hi + 1) >> 1;
+            if (toffs[mid] <= x) lo = mid;
+            else hi = mid - 1;
+        }
+        const int start = offs[lo] + (x - toffs[lo]) * BN;
+        const int end_e = offs[lo + 1];
+        tile_expert[x] = lo;
+        tile_row_start[x] = start;
+        tile_row_end[x] = start + BN < end_e ? start + BN : end_e;
+    }
 }
 
 extern "C" __global__ void sort_pairs_by_expert(const int* topk_ids, int P, int expert_start, int E_local, int BN,
@@ -76,7 +136,7 @@ extern "C" __global__ void sort_pairs_by_expert(const int* topk_ids, int P, int 
     pdl_wait();  // inputs come from the previous kernel (common.cuh)
     pdl_launch_dependents();
     extern __shared__ __align__(16) int st_smem[];
-    __shared__ int warp_sums[33];
+    __shared__ int warp_sums[64];
     const int tid = threadIdx.x, nt = blockDim.x, lane = tid & 31, warp = tid >> 5, nw = nt >> 5;
     const int E = E_local;
     int* offs = st_smem;              // [E+1] counts, then offsets
@@ -88,6 +148,39 @@ extern "C" __global__ void sort_pairs_by_expert(const int* topk_ids, int P, int 
     S = S > 32 ? 32 : S;
     S = S > nw ? nw : S;
 
+    const u32 lt_mask = (1u << lane) - 1u;
+
+    // Small P (P <= 32 * S, e.g. decode): one pair per thread, warp w = segment w. Counts by
+    // __match_any_sync, so within an expert the order is (warp, lane) = ascending pair index.
+    const int nwp = (P + 31) >> 5;  // warps that hold pairs
+    if (nwp <= S) {
+        int key = -1;
+        if (tid < P) {
+            const int e = topk_ids[tid] - expert_start;
+            key = (e >= 0 && e < E) ? e : -1;
+        }
+        for (int i = tid; i < nwp * E; i += nt) seg[i] = 0;
+        __syncthreads();
+        u32 peers = 0;
+        if (warp < nwp) {
+            peers = __match_any_sync(0xffffffffu, key);
+            if (key >= 0 && (peers & lt_mask) == 0) seg[warp * E + key] = __popc(peers);
+        }
+        __syncthreads();
+        st_count_scan(seg, nwp, offs, toffs, E, BN, warp_sums);
+        st_write_tiles(offs, toffs, E, BN, max_tiles, expert_offsets, tile_expert, tile_row_start, tile_row_end,
+                       num_tiles);
+        if (tid < P) {
+            int pos = -1;
+            if (key >= 0) {
+                pos = seg[warp * E + key] + __popc(peers & lt_mask);
+                sorted_pair[pos] = tid;
+            }
+            pair_pos[tid] = pos;
+        }
+        return;
+    }
+
     for (int i = tid; i < S * E; i += nt) seg[i] = 0;
     __syncthreads();
 
@@ -96,7 +189,6 @@ extern "C" __global__ void sort_pairs_by_expert(const int* topk_ids, int P, int 
     const long long L = (per_seg + 255) / 256 * 256;
     const long long seg_lo = (long long)warp * L;
     const long long seg_hi = warp < S ? (seg_lo + L < P ? seg_lo + L : (long long)P) : 0;
-    const u32 lt_mask = (1u << lane) - 1u;
 
     // Pass A: per-segment, per-expert counts.
     if (warp < S) {
@@ -118,41 +210,10 @@ extern "C" __global__ void sort_pairs_by_expert(const int* topk_ids, int P, int 
     }
     __syncthreads();
 
-    // Per expert: exclusive scan over segments (segment cursors relative to the expert), counts.
-    for (int e = tid; e < E; e += nt) {
-        int run = 0;
-        for (int s = 0; s < S; ++s) {
-            const int c = seg[s * E + e];
-            seg[s * E + e] = run;
-            run += c;
-        }
-        offs[e] = run;
-        toffs[e] = (run + BN - 1) / BN;
-    }
-    __syncthreads();
-    st_block_exclusive_scan(offs, E, warp_sums);
-    st_block_exclusive_scan(toffs, E, warp_sums);
-
-    for (int e = tid; e <= E; e += nt) expert_offsets[e] = offs[e];
-    for (int i = tid; i < S * E; i += nt) seg[i] += offs[i % E];
-    const int total_tiles = toffs[E];
-    const int n_tiles = total_tiles < max_tiles ? total_tiles : max_tiles;
-    if (tid == 0) num_tiles[0] = n_tiles;
-    for (int x = tid; x < n_tiles; x += nt) {
-        // expert e with toffs[e] <= x < toffs[e+1]: the last e with toffs[e] <= x
-        int lo = 0, hi = E - 1;
-        while (lo < hi) {
-            const int mid = (lo + hi + 1) >> 1;
-            if (toffs[mid] <= x) lo = mid;
-            else hi = mid - 1;
-        }
-        const int start = offs[lo] + (x - toffs[lo]) * BN;
-        const int end_e = offs[lo + 1];
-        tile_expert[x] = lo;
-        tile_row_start[x] = start;
-        tile_row_end[x] = start + BN < end_e ? start + BN : end_e;
-    }
-    __syncthreads();
+    // Segment cursors, expert offsets and tile offsets; then the tile list.
+    st_count_scan(seg, S, offs, toffs, E, BN, warp_sums);
+    st_write_tiles(offs, toffs, E, BN, max_tiles, expert_offsets, tile_expert, tile_row_start, tile_row_end,
+                   num_tiles);
 
     // Pass B: place each pair (same walk as pass A, so order within an expert = pair index order).
     if (warp < S) {

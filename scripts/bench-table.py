@@ -1,0 +1,44 @@
+#!/usr/bin/env python3
+"""Markdown table of `moerunner bench --json` files for the README: time, floor, roofline fraction,
+issue 3's target for the row, and SGLang's Triton fused MoE time from spec/performance.md (measured on
+an H100 80GB; our runs may be on another GPU — the roofline fraction is the comparable number).
+
+usage: bench-table.py bench/results/FILE.json [more.json ...]"""
+import json, sys
+
+# spec/performance.md, "The peer to beat": µs on H100 (whole layer, CUDA graph replay).
+SGLANG = {
+    ("qwen3-30b-a3b", 1): (49, 60), ("qwen3-30b-a3b", 16): (310, 205),
+    ("qwen3-30b-a3b", 1024): (579, 471), ("qwen3-30b-a3b", 8192): (2138, 2599),
+    ("deepseek-v3", 1): (258, 174), ("deepseek-v3", 128): (7304, 3857),
+    ("deepseek-v3", 8192): (18267, 13907), ("mixtral-8x7b", 1): (266, 189),
+    ("mixtral-8x7b", 1024): (2012, 1914), ("mixtral-8x7b", 8192): (14663, 12921),
+}
+
+
+def target(tokens, roofline):
+    if tokens == 1:
+        need = 1 / 1.5
+    elif tokens <= 128:
+        need = 0.8
+    elif tokens >= 1024:
+        need = 0.5
+    else:
+        return "—"
+    verdict = "met" if roofline >= need else f"**missed** ({roofline / need:.0%} of it)"
+    return f"≥ {need:.0%}: {verdict}"
+
+
+rows = []
+for path in sys.argv[1:]:
+    rep = json.load(open(path))
+    for r in rep["rows"]:
+        rows.append((rep, r))
+print("| preset | format | T | experts | time µs | floor µs | roofline | target (issue 3) | SGLang H100 µs | rel_err |")
+print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+for rep, r in rows:
+    sg = SGLANG.get((r["preset"], r["tokens"]))
+    sg = "—" if sg is None else str(sg[0] if r["weight_format"] == "bf16" else sg[1])
+    print(f"| {r['preset']} | {r['weight_format']} | {r['tokens']} | {r['active_experts']} | "
+          f"{r['time_us']:.1f} | {r['floor_us']:.1f} | {r['roofline']:.1%} | {target(r['tokens'], r['roofline'])} | "
+          f"{sg} | {r['rel_err']:.1e} |")
