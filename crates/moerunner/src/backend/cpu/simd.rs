@@ -641,3 +641,56 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod kernel_bench {
+    use super::*;
+    use crate::rng::SeededRng;
+    use std::time::Instant;
+
+    /// Kernel-only throughput of the one-token E2M1 tile (`cargo test --release -p moerunner
+    /// kernel_bench -- --ignored --nocapture`): rows resident in L1/L2 (`rows` × k) and rows
+    /// streamed from a buffer larger than the last-level cache.
+    #[test]
+    #[ignore]
+    fn e2m1_one_token() {
+        if !Isa::Avx2Fma.available() {
+            return;
+        }
+        let k = 2048;
+        let table: Box<[f32; 256]> = Box::new(std::array::from_fn(|b| 2f32.powi(b as i32 % 7 - 3)));
+        let mut rng = SeededRng::new(7);
+        let x: Vec<f32> = (0..k).map(|_| rng.uniform(-1.0, 1.0)).collect();
+        for total_rows in [32usize, 512, 65536] {
+            let data: Vec<u8> = (0..total_rows * k / 2)
+                .map(|_| rng.below(256) as u8)
+                .collect();
+            let sc: Vec<u8> = (0..total_rows * k / 32)
+                .map(|_| 120 + rng.below(16) as u8)
+                .collect();
+            let fmt = RowFormat::new(Codec::E2m1, k, 32, Scale::Table(&table), 1.0);
+            let rows: Vec<&[u8]> = data.chunks_exact(k / 2).collect();
+            let scales: Vec<&[u8]> = sc.chunks_exact(k / 32).collect();
+            let mut out = vec![0f32; 32];
+            let xs: [&[f32]; 1] = [&x];
+            let reps = ((1 << 26) / (total_rows * k)).max(1);
+            let mut best = f64::MAX;
+            for _ in 0..7 {
+                let t0 = Instant::now();
+                for _ in 0..reps {
+                    for b in (0..total_rows).step_by(32) {
+                        let (r, s) = (&rows[b..b + 32], &scales[b..b + 32]);
+                        dot_rows(Isa::Avx2Fma, fmt, r, s, &xs, &mut out);
+                    }
+                }
+                best = best.min(t0.elapsed().as_secs_f64());
+            }
+            let w = (reps * total_rows * k) as f64;
+            println!(
+                "e2m1 T=1, {total_rows} rows x {k}: {:.2} G weights/s",
+                w / best / 1e9
+            );
+            std::hint::black_box(&out);
+        }
+    }
+}

@@ -109,10 +109,11 @@ fn second_half(q: usize) -> bool {
 #[inline]
 unsafe fn lane_factors(table: *const f32, s0: *const u8, s1: *const u8, g: usize) -> __m256 {
     // SAFETY: per the contract.
+    // Two broadcast loads and a blend: no shuffle.
     unsafe {
-        let lo = _mm_broadcast_ss(&*table.add(usize::from(*s0.add(g))));
-        let hi = _mm_broadcast_ss(&*table.add(usize::from(*s1.add(g))));
-        _mm256_insertf128_ps::<1>(_mm256_castps128_ps256(lo), hi)
+        let lo = _mm256_broadcast_ss(&*table.add(usize::from(*s0.add(g))));
+        let hi = _mm256_broadcast_ss(&*table.add(usize::from(*s1.add(g))));
+        _mm256_blend_ps::<0xF0>(lo, hi)
     }
 }
 
