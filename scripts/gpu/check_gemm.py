@@ -109,13 +109,14 @@ class Kernel:
         w8 = self.defs["W_FP8"]
         pipe = self.stages * (bm * 128 + bn * 128 + (4 * (bm // 8 + bn) if w8 == 2 else 0))
         red = (wk - 1) * bm * bn * 4
+        stg = staged_out_bytes(self.defs)
         if self.defs.get("WGMMA", 0):
             # wgmma path: BM/16 x 1 x WG_KSPLIT warp grid, + 1024 bytes to align the operand tiles
             assert (wm, wn, wk) == (bm // 16, 1, self.defs.get("WG_KSPLIT", 1)), meta
-            assert red <= pipe, (red, pipe)
+            assert red <= pipe and stg <= pipe, (red, stg, pipe)
             assert self.smem == pipe + 1024, (self.smem, pipe)
         else:
-            assert self.smem == max(pipe, red), (self.smem, pipe, red)
+            assert self.smem == max(pipe, red, stg), (self.smem, pipe, red, stg)
         assert self.nthreads == 32 * wm * wn * wk
         self.warps = (wm, wn, wk)
         drv = cp.cuda.driver
@@ -147,6 +148,23 @@ def compile_all(defs_list):
 
 def key(d):
     return tuple(sorted(d.items()))
+
+
+def promoted_overlap(d):
+    """The kernel's MG_PROMOTE && WG_OVERLAP (three accumulator sets on the wgmma path)."""
+    promote = d.get("WGMMA", 0) and (d["W_FP8"] == 2 or (d["W_FP8"] == 1 and d.get("WG_PROMOTE", 0)))
+    return bool(promote and d.get("WG_OVERLAP", 1))
+
+
+def staged_out_bytes(d):
+    """Shared memory of the staged EPI=0 store (OUT_STAGE; its default as in the kernel)."""
+    if d["EPI"] != 0:
+        return 0
+    staged = d.get("OUT_STAGE", 0 if (promoted_overlap(d) and d["BN"] == 128) else 1)
+    if not staged:
+        return 0
+    ot = d.get("OUT_TYPE", 1)
+    return d["BN"] * (d["BM"] + (4 if ot == 1 else 8)) * (4 if ot == 1 else 2)
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -277,6 +295,8 @@ def reference(c, epi, actf, out_type):
     Y = reference_acc(c)
     P, Mp = Y.shape
     if epi == 0:
+        if out_type == 0:  # bf16 of acc (+bias), round to nearest even
+            return Y.to(torch.float32).to(torch.bfloat16).to(torch.float64)
         return Y
     if epi == 1:
         Z = Y.reshape(P, Mp // 16, 2, 8)
@@ -309,12 +329,12 @@ OUT_DTYPES = {0: (torch.int16, 0x7FC0), 1: (torch.int32, 0x7FC00000), 2: (torch.
 
 
 def out_type_of(epi, ot):
-    return 1 if epi == 0 else ot
+    return ot  # (EPI=0: 0 = bf16, 1 = f32)
 
 
-def alloc_out(c, epi, ot, BN):
+def alloc_out(c, epi, ot, BN, odd_stride=False):
     width = c["Mp"] // 2 if epi == 1 else c["Mp"]
-    stride = width + 16
+    stride = width + 16 + (1 if odd_stride else 0)  # odd: rows not 16-byte aligned (element-store fallback)
     dt, poison = OUT_DTYPES[out_type_of(epi, ot)]
     o = torch.full((c["P"] + BN, stride), poison, dtype=dt, device=DEV)
     return o, width, stride, poison
@@ -342,7 +362,7 @@ def sync():
     torch.cuda.synchronize()
 
 
-def run_check(kern, c, epi, actf, ot, BN, BM):
+def run_check(kern, c, epi, actf, ot, BN, BM, odd_stride=False):
     """Returns (rel_err, problems[])."""
     problems = []
     tiles = make_tiles(c["loads"], BN)
@@ -350,7 +370,7 @@ def run_check(kern, c, epi, actf, ot, BN, BM):
     ref = reference(c, epi, actf, ot)
     outs = []
     for _ in range(2):
-        o, width, stride, poison = alloc_out(c, epi, ot, BN)
+        o, width, stride, poison = alloc_out(c, epi, ot, BN, odd_stride)
         sync()
         kern(grid, args_for(c, tiles, o, stride))
         sync()
@@ -372,7 +392,7 @@ def run_check(kern, c, epi, actf, ot, BN, BM):
     # a launch that covers only the first half of the tiles (device tile count): those rows must be
     # identical, all others untouched
     half = tiles["n"] // 2
-    o2, _, _, _ = alloc_out(c, epi, ot, BN)
+    o2, _, _, _ = alloc_out(c, epi, ot, BN, odd_stride)
     sync()
     num_half = torch.tensor([half], dtype=torch.int32, device=DEV)  # kept alive until the sync
     kern(grid, args_for(c, tiles, o2, stride, num=num_half))
@@ -394,12 +414,15 @@ def wg_suffix(d):
     """' WG' for the wgmma path (WGMMA=1), ' S=n' for an explicit STAGES."""
     return ((" WG" if d.get("WGMMA", 0) else "") + (f" K{d['WG_KSPLIT']}" if "WG_KSPLIT" in d else "")
             + (f" S={d['STAGES']}" if "STAGES" in d else "")
-            + (f" F={d['WG_FENCE']}" if "WG_FENCE" in d else ""))
+            + (f" F={d['WG_FENCE']}" if "WG_FENCE" in d else "")
+            + (f" OV={d['WG_OVERLAP']}" if "WG_OVERLAP" in d else "")
+            + (f" PR={d['WG_PROMOTE']}" if "WG_PROMOTE" in d else "")
+            + (f" ST={d['OUT_STAGE']}" if "OUT_STAGE" in d else ""))
 
 
 # ------------------------------------------------------------------------------------------ plan
 
-EPI_SETS = [(0, 0, 1)] + [(1, a, o) for a in range(3) for o in range(3)] + [(2, 0, o) for o in range(3)]
+EPI_SETS = [(0, 0, 1), (0, 0, 0)] + [(1, a, o) for a in range(3) for o in range(3)] + [(2, 0, o) for o in range(3)]
 TILES = [(bm, bn) for bm in (64, 128) for bn in (8, 16, 32, 64, 128)]
 SHAPES = [(256, 2944), (512, 1024), (1024, 512), (384, 2048), (4096, 2944), (1536, 2048), (2048, 768),
           (768, 1408)]
@@ -452,6 +475,38 @@ def correctness_plan(quick):
     # without the proxy fence after the cp.async wait (WG_FENCE=0, timed below too)
     for w8 in (0, 1, 2):
         plan.append(dict(W_FP8=w8, EPI=1, ACT=0, OUT_TYPE=0, BM=128, BN=128, WGMMA=1, WG_FENCE=0))
+    # GEMM2 output in bf16 (EPI=0 OUT_TYPE=0): every W_FP8 x mma.sync / wgmma x BN (BM alternating), and the
+    # unstaged store (OUT_STAGE=0) for both output types
+    for w8 in (0, 1, 2):
+        for k, bn in enumerate((8, 16, 32, 64, 128)):
+            plan.append(dict(W_FP8=w8, EPI=0, ACT=0, OUT_TYPE=0, BM=(64, 128)[(k + w8) % 2], BN=bn))
+            if bn >= 16:
+                plan.append(dict(W_FP8=w8, EPI=0, ACT=0, OUT_TYPE=0, BM=(128, 64)[(k + w8) % 2], BN=bn, WGMMA=1))
+        for ot in (0, 1):
+            plan.append(dict(W_FP8=w8, EPI=0, ACT=0, OUT_TYPE=ot, BM=128, BN=64, OUT_STAGE=0))
+            plan.append(dict(W_FP8=w8, EPI=0, ACT=0, OUT_TYPE=ot, BM=128, BN=128, WGMMA=1, OUT_STAGE=0))
+    for bn in (16, 32):
+        plan.append(dict(W_FP8=2, EPI=0, ACT=0, OUT_TYPE=0, BM=64, BN=bn, WGMMA=1, WG_KSPLIT=2))
+    plan.append(dict(W_FP8=0, EPI=0, ACT=0, OUT_TYPE=0, BM=64, BN=32, WGMMA=1, WG_KSPLIT=2))
+    plan.append(dict(W_FP8=0, EPI=0, ACT=0, OUT_TYPE=0, BM=128, BN=128, STAGES=2))  # staging > pipeline
+    # fp8 block-scale wgmma with the promotion overlapped (WG_OVERLAP=1, the default; explicit here): every
+    # EPI x ACT x OUT_TYPE, rotating BN = 128, 64, 32, 16 (BM 128 / 64); the k-split; and the old
+    # wait-per-step path (WG_OVERLAP=0) for every BN
+    for j, (epi, actf, ot) in enumerate(EPI_SETS):
+        bn = (128, 64, 32, 16)[j % 4]
+        bm = (128, 64)[(j // 4) % 2] if bn <= 64 else 128  # (W_FP8=2 BM=64 BN=128: too few threads for scales)
+        plan.append(dict(W_FP8=2, EPI=epi, ACT=actf, OUT_TYPE=ot, BM=bm, BN=bn, WGMMA=1, WG_OVERLAP=1))
+        # per-tensor fp8 promoted the same way (WG_PROMOTE=1), every EPI x ACT x OUT_TYPE
+        plan.append(dict(W_FP8=1, EPI=epi, ACT=actf, OUT_TYPE=ot, BM=bm, BN=(16, 32, 64, 128)[j % 4], WGMMA=1,
+                         WG_PROMOTE=1))
+    for bn in (16, 32):
+        plan.append(dict(W_FP8=1, EPI=1, ACT=0, OUT_TYPE=2, BM=64, BN=bn, WGMMA=1, WG_KSPLIT=2, WG_PROMOTE=1))
+    for bn in (16, 32, 64, 128):
+        plan.append(dict(W_FP8=2, EPI=1, ACT=0, OUT_TYPE=1, BM=128, BN=bn, WGMMA=1, WG_OVERLAP=0))
+        plan.append(dict(W_FP8=2, EPI=0, ACT=0, OUT_TYPE=0, BM=64 if bn <= 64 else 128, BN=bn, WGMMA=1, WG_OVERLAP=0))
+        plan.append(dict(W_FP8=1, EPI=0, ACT=0, OUT_TYPE=1, BM=128, BN=bn, WGMMA=1, WG_PROMOTE=1, WG_OVERLAP=0))
+    plan.append(dict(W_FP8=2, EPI=0, ACT=0, OUT_TYPE=1, BM=128, BN=128, WGMMA=1, STAGES=3, WG_OVERLAP=1))
+    plan.append(dict(W_FP8=2, EPI=1, ACT=1, OUT_TYPE=0, BM=64, BN=16, WGMMA=1, STAGES=3, WG_OVERLAP=1))
     seen, out = set(), []
     for d in plan:
         k = key(d)
@@ -475,7 +530,7 @@ def main():
 
     plan = correctness_plan(a.quick)
     perf_plan = [] if a.no_perf else perf_variants()
-    kernels = compile_all(plan + [p[0] for p in perf_plan])
+    kernels = compile_all(plan + [p[0] for p in perf_plan] + [d for d, _ in FP8_PRECISION_VARIANTS])
 
     rows = []
     fails = 0
@@ -491,18 +546,22 @@ def main():
         c = make_case(seed, d["W_FP8"], E, Mp, Kp, loads, top_k=4, gather=gather,
                       with_bias=(i % 2 == 0), with_rw=(epi != 0 and i % 3 == 0),
                       out_std=4.0 if (epi == 1 and d["ACT"] == 2) else 2.0)
-        err, problems = run_check(kern, c, epi, d["ACT"], d["OUT_TYPE"], bn, d["BM"])
+        odd = epi == 0 and i % 5 == 0  # EPI=0 rows not 16-byte aligned: the staged store's element fallback
+        err, problems = run_check(kern, c, epi, d["ACT"], d["OUT_TYPE"], bn, d["BM"], odd_stride=odd)
         tol = 1e-2 if d["W_FP8"] == 0 else 2e-2
         ok = err <= tol and not problems
         fails += not ok
         status = "PASS" if ok else "FAIL"
-        note = "; ".join(problems)
+        note = "; ".join(problems) + (" odd_stride" if odd else "")
         print(f"{status} {variant_name(d)} Mp={Mp} Kp={Kp} P={c['P']} seed={seed} "
               f"bias={c['bias'] is not None} rw={c['row_weight'] is not None} gather={gather} "
               f"regs={kern.regs} local={kern.local} rel_err={err:.2e} (tol {tol:.0e}) {note}")
         rows.append((status, variant_name(d), f"{Mp}x{Kp}", err, kern.regs, kern.local))
         del c
     torch.cuda.empty_cache()
+
+    prec_rows, pfails = run_fp8_precision(kernels, a.seed)
+    fails += pfails
 
     perf_rows = []
     if perf_plan:
@@ -513,13 +572,51 @@ def main():
     print(f"{'status':6} {'variant':52} {'shape':>10} {'rel_err':>9} {'regs':>4} {'local':>5}")
     for st, name, shape, err, regs, loc in rows:
         print(f"{st:6} {name:52} {shape:>10} {err:9.2e} {regs:4d} {loc:5d}")
+    print("\n==== per-tensor fp8 precision: the same cases on mma.sync, unpromoted wgmma, promoted wgmma ====")
+    print(f"{'case':40} " + " ".join(f"{n:>14}" for _, n in FP8_PRECISION_VARIANTS))
+    for label, errs in prec_rows:
+        print(f"{label:40} " + " ".join(f"{e:14.2e}" for e in errs))
     if perf_rows:
         print("\n==== performance (median of 25) ====")
         print(f"{'case':44} {'variant':40} {'us':>8} {'GB/s(W)':>9} {'TFLOP/s':>8} {'rel_err':>9}")
         for r in perf_rows:
             print(f"{r[0]:44} {r[1]:40} {r[2]:8.1f} {r[3]:9.0f} {r[4]:8.1f} {r[5]:>9}")
-    print(f"\n{len(rows) + len(perf_rows) - fails} passed, {fails} failed  ({time.time() - t_start:.0f} s)")
+    n_checks = len(rows) + len(perf_rows) + sum(len(e) for _, e in prec_rows)
+    print(f"\n{n_checks - fails} passed, {fails} failed  ({time.time() - t_start:.0f} s)")
     sys.exit(1 if fails else 0)
+
+
+# ------------------------------------------------------------------------------------------ fp8 precision
+
+# per-tensor fp8 (W_FP8=1) on the three paths, same data: the host keeps mma.sync for precision (the wgmma
+# e4m3 accumulator keeps ~14 bits); WG_PROMOTE=1 folds a fresh partial per 128-wide K step into f32
+FP8_PRECISION_VARIANTS = [
+    (dict(W_FP8=1, EPI=0, ACT=0, OUT_TYPE=1, BM=128, BN=64), "mma.sync"),
+    (dict(W_FP8=1, EPI=0, ACT=0, OUT_TYPE=1, BM=128, BN=64, WGMMA=1), "wgmma"),
+    (dict(W_FP8=1, EPI=0, ACT=0, OUT_TYPE=1, BM=128, BN=64, WGMMA=1, WG_PROMOTE=1), "wgmma promoted"),
+]
+FP8_PRECISION_SHAPES = [(1536, 2048), (4096, 2944), (2048, 768), (768, 1408), (512, 8192)]
+
+
+def run_fp8_precision(kernels, seed):
+    """GEMM (EPI=0, f32 out) relative error of each per-tensor fp8 path on identical cases."""
+    out, fails = [], 0
+    for s_i, (Mp, Kp) in enumerate(FP8_PRECISION_SHAPES):
+        loads = [1, 63, 65, 200, 7, 64]
+        c = make_case(seed + 500 + s_i, 1, len(loads), Mp, Kp, loads, top_k=4, gather=True, with_bias=False,
+                      with_rw=False)
+        errs = []
+        for d, name in FP8_PRECISION_VARIANTS:
+            err, problems = run_check(kernels[key(d)], c, 0, 0, 1, d["BN"], d["BM"])
+            ok = err <= 2e-2 and not problems
+            fails += not ok
+            print(f"{'PASS' if ok else 'FAIL'} fp8 precision {name:15} Mp={Mp} Kp={Kp} P={c['P']} rel_err={err:.2e} "
+                  f"{'; '.join(problems)}")
+            errs.append(err)
+        out.append((f"Mp={Mp} Kp={Kp} P={c['P']}", errs))
+        del c
+    torch.cuda.empty_cache()
+    return out, fails
 
 
 # ------------------------------------------------------------------------------------------ performance
@@ -541,6 +638,29 @@ def perf_variants():
     for w8 in (0, 1, 2):
         pv.append((dict(W_FP8=w8, EPI=0, ACT=0, OUT_TYPE=1, BM=128, BN=128, WGMMA=1), "compute_gemm2"))
     pv.append((dict(W_FP8=0, EPI=0, ACT=0, OUT_TYPE=1, BM=128, BN=64, WGMMA=1), "compute_gemm2"))
+    # promotion overlapped with the next K step (fp8 block scales: WG_OVERLAP=1 is the default; =0 is the
+    # wait-per-step path) and per-tensor fp8 promoted (WG_PROMOTE=1), GEMM1 and GEMM2
+    for bn in (128, 64):
+        pv.append((dict(W_FP8=2, EPI=1, ACT=0, OUT_TYPE=0, BM=128, BN=bn, WGMMA=1, WG_OVERLAP=0), "compute_gemm1"))
+        pv.append((dict(W_FP8=1, EPI=1, ACT=0, OUT_TYPE=0, BM=128, BN=bn, WGMMA=1, WG_PROMOTE=1), "compute_gemm1"))
+        pv.append((dict(W_FP8=1, EPI=1, ACT=0, OUT_TYPE=0, BM=128, BN=bn, WGMMA=1, WG_PROMOTE=1, WG_OVERLAP=0),
+                   "compute_gemm1"))
+    pv.append((dict(W_FP8=2, EPI=0, ACT=0, OUT_TYPE=1, BM=128, BN=128, WGMMA=1, WG_OVERLAP=0), "compute_gemm2"))
+    pv.append((dict(W_FP8=2, EPI=0, ACT=0, OUT_TYPE=1, BM=128, BN=64, WGMMA=1), "compute_gemm2"))
+    pv.append((dict(W_FP8=2, EPI=0, ACT=0, OUT_TYPE=1, BM=128, BN=64, WGMMA=1, WG_OVERLAP=0), "compute_gemm2"))
+    pv.append((dict(W_FP8=1, EPI=0, ACT=0, OUT_TYPE=1, BM=128, BN=128, WGMMA=1, WG_PROMOTE=1), "compute_gemm2"))
+    for case, bn in (("mid_gemm1", 16), ("mid32_gemm1", 32)):
+        pv.append((dict(W_FP8=2, EPI=1, ACT=0, OUT_TYPE=0, BM=64, BN=bn, WGMMA=1, WG_OVERLAP=0), case))
+    # GEMM2 output in bf16 (OUT_TYPE=0) next to f32, staged through shared memory (default) and not (OUT_STAGE=0)
+    for w8 in (0, 1, 2):
+        pv.append((dict(W_FP8=w8, EPI=0, ACT=0, OUT_TYPE=0, BM=128, BN=128, WGMMA=1), "compute_gemm2"))
+    pv.append((dict(W_FP8=0, EPI=0, ACT=0, OUT_TYPE=0, BM=128, BN=128), "compute_gemm2"))
+    pv.append((dict(W_FP8=0, EPI=0, ACT=0, OUT_TYPE=0, BM=128, BN=64, WGMMA=1), "compute_gemm2"))
+    for ot in (0, 1):
+        pv.append((dict(W_FP8=0, EPI=0, ACT=0, OUT_TYPE=ot, BM=128, BN=128, WGMMA=1, OUT_STAGE=0), "compute_gemm2"))
+        pv.append((dict(W_FP8=0, EPI=0, ACT=0, OUT_TYPE=ot, BM=128, BN=128, OUT_STAGE=0), "compute_gemm2"))
+        pv.append((dict(W_FP8=0, EPI=0, ACT=0, OUT_TYPE=ot, BM=64, BN=16, WGMMA=1, OUT_STAGE=0), "bw_gemm2"))
+        pv.append((dict(W_FP8=0, EPI=0, ACT=0, OUT_TYPE=ot, BM=64, BN=16, WGMMA=1), "bw_gemm2"))
     pv.append((dict(W_FP8=0, EPI=1, ACT=0, OUT_TYPE=0, BM=64, BN=16), "mid_gemm1"))
     pv.append((dict(W_FP8=0, EPI=1, ACT=0, OUT_TYPE=0, BM=128, BN=32), "mid_gemm1"))
     # narrow tiles: wgmma BM=64|128 x BN=16|32 (and the BM=64 k-split, and a deeper BM=64 pipeline) next to
@@ -634,7 +754,8 @@ def run_perf(kernels, perf_plan, seed):
         else:
             err_s = f"{err:.1e}"
         del ref, got
-        name = f"{'bf16' if w8 == 0 else ('fp8' if w8 == 1 else 'fp8blk')} BM={bm} BN={bn} EPI={epi}" + wg_suffix(d)
+        name = (f"{'bf16' if w8 == 0 else ('fp8' if w8 == 1 else 'fp8blk')} BM={bm} BN={bn} EPI={epi}"
+                + (f" {('z16', 'z32')[d['OUT_TYPE']]}" if epi == 0 else "") + wg_suffix(d))
         gbs = wbytes / (us * 1e-6) / 1e9
         tfs = flops / (us * 1e-6) / 1e12
         print(f"perf {label:44} {name:40} {us:8.1f} us {gbs:7.0f} GB/s {tfs:7.1f} TFLOP/s "

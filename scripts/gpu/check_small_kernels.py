@@ -7,9 +7,11 @@ usage: python3 scripts/gpu/check_small_kernels.py [--seed N] [--quick] [--no-tim
 Needs a GPU, cupy (cuda 13), numpy, torch. Each .cu is compiled with NVRTC exactly as the backend does
 (common.cuh pasted first; --gpu-architecture=sm_90a --std=c++17 -default-device, no fast math, no
 -ftz) to a cubin loaded by cupy. Seeded random cases (the seed is printed; every case prints its own
-seed on failure); outputs are poisoned before each launch (NaN / -7 / 0xAB). Then times routing, sort
-and combine at T = 1, 16, 128, 4096 with the backend's launch shapes (median of 100 launches, cupy
-events), the kernels of git HEAD ("before", when git is there) beside the working tree ("after").
+seed on failure); outputs are poisoned before each launch (NaN / -7 / 0xAB). The sort is checked on
+both of its paths: the one-block kernel and the multi-block one (sort_count, sort_scan, sort_scatter;
+what the backend launches for P > 4096 pairs). Then times routing, sort and combine at T = 1, 16, 128,
+4096 (routing and sort also at 8192 and 16384) with the backend's launch shapes (median of 100 launches,
+cupy events), the kernels of git HEAD ("before", when git is there) beside the working tree ("after").
 Ends with a PASS/FAIL table and exits 1 on any failure.
 
 The exp that routing mirrors is glibc's expf (what Rust's f32::exp calls on Linux); the reference
@@ -402,6 +404,47 @@ def ref_sort(ids, es, El, BN):
     return offs, order, pos, te, start, end
 
 
+# Rust shapes::SORT_SMEM_CAP: dynamic shared memory of the one-block sort (48 KiB minus its static 256 B,
+# rounded down to 47 KiB).
+SORT_SMEM_CAP = 47 * 1024
+# Rust shapes::sort_multi_block / sort_chunks / sort_count / sort_scan / sort_scatter.
+SORT_MULTI_MIN_PAIRS, SORT_MULTI_MAX_EXPERTS, SORT_CHUNK, SORT_MAX_CHUNKS = 4096, 1024, 1024, 256
+
+
+def sort_multi_block(P, El):
+    return P > SORT_MULTI_MIN_PAIRS and El <= SORT_MULTI_MAX_EXPERTS
+
+
+def sort_chunks(P):
+    p = max(P, 1)
+    chunk = SORT_CHUNK * (-(-p // (SORT_CHUNK * SORT_MAX_CHUNKS)))
+    return chunk, -(-p // chunk)
+
+
+def sort_multi_launcher(mod, ids, P, es, El, BN, max_tiles, outs, chunk=None, block=256, scatter_words=None):
+    """The three multi-block kernels as layer.rs enqueues them (chunk, block, scatter smem overridable
+    to test the kernels' generality). outs = (offs, sorted, pos, te, ts, tend, nt). Returns (launch,
+    scratch)."""
+    kc, ks, kx = (mod.get_function(n) for n in ("sort_count", "sort_scan", "sort_scatter"))
+    if chunk is None:
+        chunk, nc = sort_chunks(P)
+    else:
+        nc = -(-P // chunk)
+    scratch = cp.full(nc * El, -7, cp.int32)
+    offs, srt, pos, te, ts, tend, ntl = outs
+    scan_smem = 4 * (2 * (El + 1) + max(El, min(1024, 32 * El)))
+    xs_smem = 4 * (scatter_words if scatter_words is not None else 8 * El)
+    ca = (ids, i32(P), i32(chunk), i32(es), i32(El), scratch)
+    sa = (scratch, i32(nc), i32(El), i32(BN), i32(max_tiles), offs, te, ts, tend, ntl)
+    xa = (ids, i32(P), i32(chunk), i32(es), i32(El), scratch, srt, pos)
+
+    def launch():
+        kc((nc,), (block,), ca, shared_mem=4 * El)
+        ks((1,), (1024,), sa, shared_mem=scan_smem)
+        kx((nc,), (block,), xa, shared_mem=xs_smem)
+    return launch, scratch
+
+
 def check_sort(mod, seed, quick):
     k = mod.get_function("sort_pairs_by_expert")
     fails = 0
@@ -416,17 +459,41 @@ def check_sort(mod, seed, quick):
                 c += 1
                 cases.append(dict(P=P, El=El, BN=BN, seed=seed * 1000 + c))
     # big E_local, fewer segments (smaller smem), skew
-    for (P, El, BN, smem_mode, dist) in [(8192, 1024, 128, "min", "uniform"), (8192, 1024, 64, "48k", "uniform"),
+    for (P, El, BN, smem_mode, dist) in [(8192, 1024, 128, "min", "uniform"), (8192, 1024, 64, "cap", "uniform"),
                                           (65536, 1024, 128, "full", "uniform"), (8192, 32, 128, "min", "uniform"),
                                           (100000, 16, 128, "full", "one"), (4096, 256, 128, "full", "oor"),
-                                          (8192, 2000, 128, "48k", "uniform"),
+                                          (8192, 2000, 128, "cap", "uniform"),
                                           # one-pair-per-thread path edges (P <= 32 * S)
                                           (1024, 128, 16, "full", "uniform"), (1025, 128, 16, "full", "uniform"),
                                           (20, 1024, 128, "min", "uniform"), (33, 1024, 128, "min", "uniform"),
-                                          (100, 2000, 64, "48k", "uniform"), (200, 2000, 64, "48k", "uniform"),
+                                          (100, 2000, 64, "cap", "uniform"), (200, 2000, 64, "cap", "uniform"),
                                           (8, 128, 16, "full", "one"), (512, 128, 16, "full", "oor")]:
         c += 1
         cases.append(dict(P=P, El=El, BN=BN, smem=smem_mode, dist=dist, seed=seed * 1000 + c))
+    # multi-block path (sort_count / sort_scan / sort_scatter), as the backend launches it for P > 4096
+    for P in [4097, 65536, 131072] + ([] if quick else [2_000_000]):
+        for El in (1, 128, 256):
+            for dist in ("uniform", "oor", "one"):
+                if P == 2_000_000 and dist == "one" and El != 128:
+                    continue
+                c += 1
+                BN = pick_bn(P // 8, 8, El)
+                cases.append(dict(P=P, El=El, BN=BN, dist=dist, multi=True, seed=seed * 1000 + c))
+    # multi-block generality: odd chunks, other block sizes, fewer warp segments, big E_local, small BN
+    for (P, El, BN, chunk, block, sw, dist) in [(65536, 128, 16, 1000, 128, None, "uniform"),
+                                                (100000, 256, 64, 5000, 512, 2 * 256, "oor"),
+                                                (50000, 1024, 128, None, 256, None, "uniform"),
+                                                (9000, 1024, 32, 333, 96, 1024, "uniform"),
+                                                (4100, 3, 8, 1, 32, None, "uniform"),
+                                                (70000, 64, 1, None, 256, None, "uniform"),
+                                                (8192, 128, 128, 8192, 1024, None, "one")]:
+        c += 1
+        cases.append(dict(P=P, El=El, BN=BN, chunk=chunk, block=block, scatter_words=sw, dist=dist, multi=True,
+                          seed=seed * 1000 + c))
+    # num_tiles clamped to max_tiles (half the tiles needed), both paths
+    for (P, El, BN, multi) in [(3000, 64, 16, False), (65536, 128, 32, True), (5000, 1, 8, True)]:
+        c += 1
+        cases.append(dict(P=P, El=El, BN=BN, multi=multi, clamp=True, seed=seed * 1000 + c))
     for cs in cases:
         rng = np.random.default_rng(cs["seed"])
         P, El, BN = cs["P"], cs["El"], cs["BN"]
@@ -440,11 +507,18 @@ def check_sort(mod, seed, quick):
             ids = rng.integers(-5, E_total + 50, P).astype(np.int32)
         else:
             ids = rng.integers(-1, E_total, P).astype(np.int32)
-        # "full" is capped at 48 KiB, as the backend launches it (no opt-in attribute needed).
-        S_words = {"full": min(2 * (El + 1) + 32 * El, 49152 // 4), "min": 3 * El + 2,
-                   "48k": 49152 // 4}.get(cs.get("smem", "full"))
+        # "full" is capped at 47 KiB, as the backend launches it: the 48 KiB that need no opt-in
+        # attribute count the kernel's 256 B of static shared memory too, so 48 KiB of dynamic memory
+        # (what this check used to pass) fails the launch with CUDA_ERROR_INVALID_VALUE.
+        S_words = {"full": min(2 * (El + 1) + 32 * El, SORT_SMEM_CAP // 4), "min": 3 * El + 2,
+                   "cap": SORT_SMEM_CAP // 4}.get(cs.get("smem", "full"))
         smem = 4 * S_words
+        offs, order, pos, te, start, end = ref_sort(ids, es, El, BN)
         max_tiles = (P + BN - 1) // BN + El
+        tile_cap = max_tiles
+        if cs.get("clamp"):
+            tile_cap = max(1, te.size // 2)
+            te, start, end = te[:tile_cap], start[:tile_cap], end[:tile_cap]
         d_ids = cp.asarray(ids) if P else cp.zeros(1, cp.int32)
         d_offs = cp.full(El + 1, -7, cp.int32)
         d_sorted = cp.full(max(P, 1), -7, cp.int32)
@@ -453,12 +527,16 @@ def check_sort(mod, seed, quick):
         d_ts = cp.full(max_tiles, -7, cp.int32)
         d_tend = cp.full(max_tiles, -7, cp.int32)
         d_nt = cp.full(1, -7, cp.int32)
-        if smem > 48 * 1024:
-            k.max_dynamic_shared_size_bytes = smem
-        args = (d_ids, i32(P), i32(es), i32(El), i32(BN), i32(max_tiles), d_offs, d_sorted, d_pos, d_te, d_ts,
-                d_tend, d_nt)
-        k((1,), (1024,), args, shared_mem=smem)
-        offs, order, pos, te, start, end = ref_sort(ids, es, El, BN)
+        if cs.get("multi"):
+            launch, _ = sort_multi_launcher(mod, d_ids, P, es, El, BN, tile_cap,
+                                            (d_offs, d_sorted, d_pos, d_te, d_ts, d_tend, d_nt),
+                                            chunk=cs.get("chunk"), block=cs.get("block", 256),
+                                            scatter_words=cs.get("scatter_words"))
+            launch()
+        else:
+            args = (d_ids, i32(P), i32(es), i32(El), i32(BN), i32(tile_cap), d_offs, d_sorted, d_pos, d_te, d_ts,
+                    d_tend, d_nt)
+            k((1,), (1024,), args, shared_mem=smem)
         n_loc = order.size
         g_sorted = cp.asnumpy(d_sorted)
         g_pos = cp.asnumpy(d_pos)[:P]
@@ -504,7 +582,10 @@ def check_sort(mod, seed, quick):
     e1.record()
     e1.synchronize()
     us = cp.cuda.get_elapsed_time(e0, e1) * 1000 / 50
-    record("sort_pairs_by_expert", len(cases), fails, f"P=8192 E_local=128: {us:.1f} us/launch")
+    launch, _ = sort_multi_launcher(mod, d_ids, P, 0, El, BN, mt, bufs)
+    us_multi = median_us(launch, n=50)
+    record("sort_pairs_by_expert", len(cases), fails,
+           f"P=8192 E_local=128: {us:.1f} us/launch one-block, {us_multi:.1f} us multi-block (3 launches)")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -608,7 +689,7 @@ def check_combine(mod, seed, quick):
     c = 0
     for T, K, H, zpad in [(1, 1, 128, 0), (7, 2, 130, 2), (64, 8, 7168, 0), (33, 4, 2048, 4), (5, 8, 4, 0),
                           (300, 8, 512, 1), (1, 22, 384, 0), (2000, 2, 1024, 0), (3, 3, 1, 0)]:
-        for dt in (DTYPE_F32, DTYPE_BF16, DTYPE_F16):
+        for dt, zdt in [(d, zd) for d in (DTYPE_F32, DTYPE_BF16, DTYPE_F16) for zd in (DTYPE_F32, DTYPE_BF16)]:
             for weighted in (True, False):
                 c += 1
                 rng = np.random.default_rng(seed * 1000 + c)
@@ -620,6 +701,11 @@ def check_combine(mod, seed, quick):
                 if T > 1:
                     pos[:K] = -1  # token 0 has no local slot
                 z = rng.standard_normal((Ps, z_stride)).astype(F32)
+                if zdt == DTYPE_BF16:  # GEMM2 rows rounded to bf16: the kernel reads the bf16 bits
+                    z_dev = cp.asarray(to_bf16_bits(z))
+                    z = (to_bf16_bits(z).astype(np.uint32) << 16).view(F32)
+                else:
+                    z_dev = cp.asarray(z)
                 w = rng.standard_normal(P).astype(F32)
                 acc = np.zeros((T, H), F32)
                 posr = pos.reshape(T, K)
@@ -634,7 +720,7 @@ def check_combine(mod, seed, quick):
                 else:
                     per = (H + 3) // 4 if H % 4 == 0 else H
                     grid, block = max(1, min((T * per + 255) // 256, 200)), 256
-                k((grid,), (block,), (cp.asarray(z), i32(z_stride), cp.asarray(pos), cp.asarray(w) if weighted else NULL,
+                k((grid,), (block,), (z_dev, i32(zdt), i32(z_stride), cp.asarray(pos), cp.asarray(w) if weighted else NULL,
                                     i32(T), i32(K), i32(H), d_out, i32(dt)))
                 out = cp.asnumpy(d_out)
                 if dt == DTYPE_F32:
@@ -645,7 +731,7 @@ def check_combine(mod, seed, quick):
                     g, r = out.view(np.uint16).reshape(T, H), acc.astype(np.float16).view(np.uint16)
                 if (g != r).any():
                     fails += 1
-                    print(f"  FAIL combine T={T} K={K} H={H} z_stride={z_stride} dtype={dt} weighted={weighted} "
+                    print(f"  FAIL combine T={T} K={K} H={H} z_stride={z_stride} dtype={dt} z_dtype={zdt} weighted={weighted} "
                           f"seed={seed * 1000 + c}: {int((g != r).sum())} elements differ", flush=True)
     record("combine_rows", c, fails)
 
@@ -664,7 +750,7 @@ def route_launch_rust(E, K, T):
 
 
 def sort_launch_rust(El):
-    return 1, 1024, min(4 * (34 * El + 2), max(48 * 1024, 4 * (3 * El + 2)))
+    return 1, 1024, min(4 * (34 * El + 2), max(SORT_SMEM_CAP, 4 * (3 * El + 2)))
 
 
 def combine_launch(T, H):
@@ -686,11 +772,16 @@ def pick_bn(T, K, E):
 TIMES = []  # (kernel, T, label, median us)
 
 
-def median_us(launch, n=100):
+def median_us(launch, n=100, prep=None):
+    """prep (optional) runs before each launch, outside its events (e.g. restoring an input)."""
     for _ in range(5):
+        if prep is not None:
+            prep()
         launch()
     ev = [(cp.cuda.Event(), cp.cuda.Event()) for _ in range(n)]
     for a, b in ev:
+        if prep is not None:
+            prep()
         a.record()
         launch()
         b.record()
@@ -708,7 +799,11 @@ def git_head_source(name):
         return None
 
 
-def time_small_kernels(seed, Ts=(1, 16, 128, 4096)):
+def time_small_kernels(seed, Ts=(1, 16, 128, 4096), sort_Ts=(8192, 16384)):
+    """Routing, sort and combine at Ts; routing and sort also at sort_Ts (combine's z would be 1 GiB).
+    The sort row is the backend's path: the one-block kernel up to P = 4096 pairs, the three multi-block
+    kernels above (when the module has them; git HEAD's may not). For the multi-block path the working
+    tree's one-block kernel and each of the three kernels alone are timed too ("after" column only)."""
     E, K, H = 128, 8, 2048
     variants = [("after", None, None)]
     head_common = git_head_source("common.cuh")
@@ -718,13 +813,18 @@ def time_small_kernels(seed, Ts=(1, 16, 128, 4096)):
     else:
         print("  (no git here: timing the working tree only)")
     rng = np.random.default_rng(seed)
+    all_Ts = tuple(Ts) + tuple(t for t in sort_Ts if t not in Ts)
     for label, common, bodies in variants:
         mods = {n: load_module(n, body=None if bodies is None else bodies[n], common=common)
                 for n in ("routing", "sort", "combine")}
         kr = mods["routing"].get_function("route_logits")
         ks = mods["sort"].get_function("sort_pairs_by_expert")
         kc = mods["combine"].get_function("combine_rows")
-        for T in Ts:
+        try:
+            multi_kernels = [mods["sort"].get_function(n) for n in ("sort_count", "sort_scan", "sort_scatter")]
+        except Exception:
+            multi_kernels = None
+        for T in all_Ts:
             P = T * K
             # routing
             logits = cp.asarray(to_bf16_bits((rng.standard_normal((T, E)) * 2).astype(F32)))
@@ -741,20 +841,60 @@ def time_small_kernels(seed, Ts=(1, 16, 128, 4096)):
                     cp.zeros(mt, cp.int32), cp.zeros(mt, cp.int32), cp.zeros(mt, cp.int32), cp.zeros(1, cp.int32)]
             g, b, sm = sort_launch_rust(E)
             sa = (ids, i32(P), i32(0), i32(E), i32(BN), i32(mt), *bufs)
-            TIMES.append(("sort_pairs_by_expert", T, label, median_us(lambda: ks((g,), (b,), sa, shared_mem=sm))))
+            one_block = median_us(lambda: ks((g,), (b,), sa, shared_mem=sm))
+            if multi_kernels is not None and sort_multi_block(P, E):
+                launch, scratch = sort_multi_launcher(mods["sort"], ids, P, 0, E, BN, mt, bufs)
+                TIMES.append(("sort_pairs_by_expert", T, label, median_us(launch)))
+                if label == "after":
+                    TIMES.append(("  one-block kernel", T, label, one_block))
+                    chunk, nc = sort_chunks(P)
+                    kcnt, kscan, kscat = multi_kernels
+                    ca = (ids, i32(P), i32(chunk), i32(0), i32(E), scratch)
+                    TIMES.append(("  sort_count", T, label,
+                                  median_us(lambda: kcnt((nc,), (256,), ca, shared_mem=4 * E))))
+                    # the scan rewrites the counts in place: restored before each launch, outside its events
+                    counts = scratch.copy()
+                    scan_smem = 4 * (2 * (E + 1) + max(E, min(1024, 32 * E)))
+                    sca = (scratch, i32(nc), i32(E), i32(BN), i32(mt), bufs[0], bufs[3], bufs[4], bufs[5], bufs[6])
+                    TIMES.append(("  sort_scan", T, label,
+                                  median_us(lambda: kscan((1,), (1024,), sca, shared_mem=scan_smem),
+                                            prep=lambda: scratch.__setitem__(slice(None), counts))))
+                    launch()  # consistent starts again for the scatter
+                    xa = (ids, i32(P), i32(chunk), i32(0), i32(E), scratch, bufs[1], bufs[2])
+                    TIMES.append(("  sort_scatter", T, label,
+                                  median_us(lambda: kscat((nc,), (256,), xa, shared_mem=4 * 8 * E))))
+                    launch()  # leave a valid pair_pos for the combine below
+            else:
+                TIMES.append(("sort_pairs_by_expert", T, label, one_block))
+            if T not in Ts:
+                continue
             # combine (positions from the sort)
             z = cp.asarray(rng.standard_normal((P, H)).astype(F32))
             out = cp.zeros(T * H, cp.uint16)
             g, b = combine_launch(T, H)
             if label == "before":
                 g, b = max(1, min((T * H // 4 + 255) // 256, 32 * num_sms())), 256
-            ca = (z, i32(H), bufs[2], w, i32(T), i32(K), i32(H), out, i32(DTYPE_BF16))
+            ca = (z, i32(DTYPE_F32), i32(H), bufs[2], w, i32(T), i32(K), i32(H), out, i32(DTYPE_BF16))
+            if label == "before":  # HEAD's combine took no z dtype
+                ca = (z, i32(H), bufs[2], w, i32(T), i32(K), i32(H), out, i32(DTYPE_BF16))
             TIMES.append(("combine_rows", T, label, median_us(lambda: kc((g,), (b,), ca))))
     print(f"\n{'kernel (E=128 k=8 H=2048)':<26} {'T':>6} " + " ".join(f"{v[0] + ' us':>11}" for v in variants))
-    for kname in ("route_logits", "sort_pairs_by_expert", "combine_rows"):
-        for T in Ts:
-            row = [next(us for (kk, tt, ll, us) in TIMES if kk == kname and tt == T and ll == v[0]) for v in variants]
-            print(f"{kname:<26} {T:>6} " + " ".join(f"{x:>11.2f}" for x in row))
+    names = []
+    for (kk, _, _, _) in TIMES:
+        if kk not in names:
+            names.append(kk)
+    # the multi-block breakdown rows right after the sort rows
+    order = ["route_logits", "sort_pairs_by_expert", "  one-block kernel", "  sort_count", "  sort_scan",
+             "  sort_scatter", "combine_rows"]
+    for kname in [n for n in order if n in names] + [n for n in names if n not in order]:
+        for T in all_Ts:
+            row = [next((us for (kk, tt, ll, us) in TIMES if kk == kname and tt == T and ll == v[0]), None)
+                   for v in variants]
+            if all(x is None for x in row):
+                continue
+            print(f"{kname:<26} {T:>6} " + " ".join(f"{x:>11.2f}" if x is not None else f"{'-':>11}" for x in row))
+    print("(multi-block sort: three launches between one pair of events, without PDL; the backend launches "
+          "them with PDL)")
 
 
 def main():

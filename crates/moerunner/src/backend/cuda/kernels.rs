@@ -59,8 +59,10 @@ pub enum GemmStage {
     Gated { act: u8 },
     /// GEMM1 with relu² in the epilogue.
     Relu2,
-    /// GEMM2: plain f32 output (plus bias).
+    /// GEMM2: plain f32 rows (plus bias).
     Down,
+    /// GEMM2 with its rows rounded to bf16 (half the traffic into combine).
+    DownBf16,
 }
 
 impl GemmStage {
@@ -131,6 +133,7 @@ impl GemmVariant {
             GemmStage::Gated { act } => (1, act, gemm1_out_type(self.weight_code)),
             GemmStage::Relu2 => (2, 0, gemm1_out_type(self.weight_code)),
             GemmStage::Down => (0, 0, 1),
+            GemmStage::DownBf16 => (0, 0, 0),
         };
         vec![
             format!("-DW_FP8={}", self.weight_code),
@@ -140,6 +143,17 @@ impl GemmVariant {
             format!("-DBN={}", self.bn),
             format!("-DBM={}", self.bm()),
             format!("-DWGMMA={}", self.wgmma as u8),
+            // Per-tensor fp8 on wgmma folds each 128-wide K step into f32, as fp8_block does:
+            // the tensor cores' fp8 accumulation alone keeps only ~14 bits.
+            format!(
+                "-DWG_PROMOTE={}",
+                (self.wgmma && self.weight_code == 1) as u8
+            ),
+            // Measured on an H200 (scripts/gpu/check_gemm.py, 2026-12-01): overlapping the fp8
+            // block-scale fold with the next K step (240 registers) ran 8 % slower than folding in
+            // place (183), and staging GEMM2's rows through shared memory did not beat direct stores.
+            "-DWG_OVERLAP=0".to_string(),
+            "-DOUT_STAGE=0".to_string(),
         ]
     }
 
@@ -151,6 +165,7 @@ impl GemmVariant {
             GemmStage::Gated { act: 2 },
             GemmStage::Relu2,
             GemmStage::Down,
+            GemmStage::DownBf16,
         ];
         let mut all = Vec::new();
         for weight_code in 0..3 {

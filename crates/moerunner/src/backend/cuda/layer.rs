@@ -77,6 +77,8 @@ pub struct Workspace {
     xq: Buf,
     xq_scales: Buf,
     offsets: Buf,
+    /// Per-(chunk, local expert) counts, then chunk starts, of the multi-block sort (large P).
+    sort_chunks: Buf,
     sorted_pair: Buf,
     pair_pos: Buf,
     tile_expert: Buf,
@@ -210,11 +212,12 @@ impl CudaLayer {
     fn gemm_variant(&self, stage: GemmStage, bn: u32) -> GemmVariant {
         // Hopper's fp8 wgmma accumulates with reduced precision (about 14 bits, as DeepSeek-V3's
         // report says; measured here: 3e-4..1.6e-3 relative GEMM error against 4e-8 for the f32
-        // accumulation of mma.sync). fp8_block folds each 128-wide K step into f32, which keeps
-        // whole layers near 5e-3; per-tensor fp8 has no such fold yet and could exceed the 2e-2
-        // tolerance on small layers (seen: 2.1e-2), so it stays on mma.sync.
-        let precise_enough = self.weight_code != 1;
-        let wgmma = self.use_wgmma && precise_enough && kernels::WGMMA_BN.contains(&bn);
+        // accumulation of mma.sync), so fp8_block folds every 128-wide K step into f32 (so can
+        // per-tensor fp8 with `WG_PROMOTE`: 1.3e-4).
+        // Per-tensor fp8 stays on mma.sync: through wgmma (promoted or not) one small layer of the
+        // seeded matrix (seed 570624503439497085: H = I = 128, one K step, Llama-4 routing) lands
+        // at 2.1e-2, over the 2e-2 tolerance, while mma.sync gives 8e-3 at most; not yet explained.
+        let wgmma = self.use_wgmma && self.weight_code != 1 && kernels::WGMMA_BN.contains(&bn);
         GemmVariant {
             weight_code: self.weight_code,
             stage,
@@ -227,7 +230,7 @@ impl CudaLayer {
         let stage1 = GemmStage::for_activation(&self.layer.config().activation);
         let mut out = Vec::new();
         for bn in kernels::GEMM_BN {
-            for stage in [stage1, GemmStage::Down] {
+            for stage in [stage1, GemmStage::Down, GemmStage::DownBf16] {
                 out.push(self.gemm_variant(stage, bn));
             }
         }
@@ -307,6 +310,7 @@ impl CudaLayer {
             xq: dev.alloc(t * d.hp * elem)?,
             xq_scales: dev.alloc(t * (d.hp / 128) * 4)?,
             offsets: dev.alloc((d.experts + 1) * 4)?,
+            sort_chunks: dev.alloc(shapes::sort_scratch_ints(p, d.experts) * 4)?,
             sorted_pair: dev.alloc(p * 4)?,
             pair_pos: dev.alloc(p * 4)?,
             tile_expert: dev.alloc(tiles * 4)?,
@@ -416,27 +420,78 @@ impl CudaLayer {
         // 2. Sort pairs by local expert; tile list for the chosen token-tile width.
         let bn = self.pick_bn(t);
         let max_tiles = self.max_tiles(t, bn);
-        let f = dev.function(&ModuleKey::plain(Source::Sort), "sort_pairs_by_expert")?;
-        launch(
-            dev,
-            &f,
-            shapes::sort(d.experts),
-            &[
-                Arg::Ptr(ws.ids.ptr()),
-                Arg::I32(p as i32),
-                Arg::I32(cfg.local_experts.start as i32),
-                Arg::I32(d.experts as i32),
-                Arg::I32(bn as i32),
-                Arg::I32(max_tiles as i32),
-                Arg::Ptr(ws.offsets.ptr()),
-                Arg::Ptr(ws.sorted_pair.ptr()),
-                Arg::Ptr(ws.pair_pos.ptr()),
-                Arg::Ptr(ws.tile_expert.ptr()),
-                Arg::Ptr(ws.tile_start.ptr()),
-                Arg::Ptr(ws.tile_end.ptr()),
-                Arg::Ptr(ws.num_tiles.ptr()),
-            ],
-        )?;
+        let sort_key = ModuleKey::plain(Source::Sort);
+        if shapes::sort_multi_block(p, d.experts) {
+            // Large P: count per chunk, scan (offsets, tiles, chunk starts), scatter (sort.cu).
+            let (chunk, num_chunks) = shapes::sort_chunks(p);
+            launch(
+                dev,
+                &dev.function(&sort_key, "sort_count")?,
+                shapes::sort_count(p, d.experts),
+                &[
+                    Arg::Ptr(ws.ids.ptr()),
+                    Arg::I32(p as i32),
+                    Arg::I32(chunk as i32),
+                    Arg::I32(cfg.local_experts.start as i32),
+                    Arg::I32(d.experts as i32),
+                    Arg::Ptr(ws.sort_chunks.ptr()),
+                ],
+            )?;
+            launch(
+                dev,
+                &dev.function(&sort_key, "sort_scan")?,
+                shapes::sort_scan(d.experts),
+                &[
+                    Arg::Ptr(ws.sort_chunks.ptr()),
+                    Arg::I32(num_chunks as i32),
+                    Arg::I32(d.experts as i32),
+                    Arg::I32(bn as i32),
+                    Arg::I32(max_tiles as i32),
+                    Arg::Ptr(ws.offsets.ptr()),
+                    Arg::Ptr(ws.tile_expert.ptr()),
+                    Arg::Ptr(ws.tile_start.ptr()),
+                    Arg::Ptr(ws.tile_end.ptr()),
+                    Arg::Ptr(ws.num_tiles.ptr()),
+                ],
+            )?;
+            launch(
+                dev,
+                &dev.function(&sort_key, "sort_scatter")?,
+                shapes::sort_scatter(p, d.experts),
+                &[
+                    Arg::Ptr(ws.ids.ptr()),
+                    Arg::I32(p as i32),
+                    Arg::I32(chunk as i32),
+                    Arg::I32(cfg.local_experts.start as i32),
+                    Arg::I32(d.experts as i32),
+                    Arg::Ptr(ws.sort_chunks.ptr()),
+                    Arg::Ptr(ws.sorted_pair.ptr()),
+                    Arg::Ptr(ws.pair_pos.ptr()),
+                ],
+            )?;
+        } else {
+            let f = dev.function(&sort_key, "sort_pairs_by_expert")?;
+            launch(
+                dev,
+                &f,
+                shapes::sort(d.experts),
+                &[
+                    Arg::Ptr(ws.ids.ptr()),
+                    Arg::I32(p as i32),
+                    Arg::I32(cfg.local_experts.start as i32),
+                    Arg::I32(d.experts as i32),
+                    Arg::I32(bn as i32),
+                    Arg::I32(max_tiles as i32),
+                    Arg::Ptr(ws.offsets.ptr()),
+                    Arg::Ptr(ws.sorted_pair.ptr()),
+                    Arg::Ptr(ws.pair_pos.ptr()),
+                    Arg::Ptr(ws.tile_expert.ptr()),
+                    Arg::Ptr(ws.tile_start.ptr()),
+                    Arg::Ptr(ws.tile_end.ptr()),
+                    Arg::Ptr(ws.num_tiles.ptr()),
+                ],
+            )?;
+        }
 
         // 3. Quantize x for GEMM1 (mode 0 bf16, 1 fp8 static, 2 fp8 1×128).
         let quant = dev.function(&ModuleKey::plain(Source::Quant), "quantize_rows")?;
@@ -517,7 +572,17 @@ impl CudaLayer {
         };
 
         // 6. GEMM2.
-        let v2 = self.gemm_variant(GemmStage::Down, bn);
+        // GEMM2's rows in bf16 when the output is 16-bit anyway (halves their traffic into
+        // combine); f32 for f32 hidden states.
+        let z_bf16 = hidden != DType::F32;
+        let v2 = self.gemm_variant(
+            if z_bf16 {
+                GemmStage::DownBf16
+            } else {
+                GemmStage::Down
+            },
+            bn,
+        );
         self.gemm(
             v2,
             &self.w2,
@@ -543,6 +608,7 @@ impl CudaLayer {
             shapes::combine(t, d.hidden, dev.sm_count),
             &[
                 Arg::Ptr(ws.z.ptr()),
+                Arg::I32(if z_bf16 { 0 } else { 2 }),
                 Arg::I32(d.hp as i32),
                 Arg::Ptr(ws.pair_pos.ptr()),
                 Arg::Ptr(if llama4 { 0 } else { ws.weights.ptr() }),
@@ -801,15 +867,79 @@ mod shapes {
             pdl: true,
         }
     }
-    /// sort.cu: one block of 1024 threads; 32 counting segments when they fit under 48 KiB (the kernel
-    /// takes its one-pair-per-thread path when P <= 32 * segments).
+    /// Dynamic shared memory the sort kernels may ask for without the opt-in attribute: the 48 KiB
+    /// default counts static memory too (256 B in sort_pairs_by_expert / sort_scan), so 47 KiB.
+    const SORT_SMEM_CAP: usize = 47 * 1024;
+    /// sort.cu: one block of 1024 threads; 32 counting segments when they fit under the cap (the
+    /// kernel takes its one-pair-per-thread path when P <= 32 * segments).
     pub fn sort(experts: usize) -> Shape {
         let full = 4 * (34 * experts + 2);
         let min = 4 * (3 * experts + 2);
         Shape {
             grid: (1, 1, 1),
             block: 1024,
-            smem: full.min((48 * 1024).max(min)) as u32,
+            smem: full.min(SORT_SMEM_CAP.max(min)) as u32,
+            pdl: true,
+        }
+    }
+
+    /// Pairs above which the sort runs as three multi-block kernels (sort_count, sort_scan,
+    /// sort_scatter); at or below, the one-block kernel (its small-P path is what decode needs).
+    pub const SORT_MULTI_MIN_PAIRS: usize = 4096;
+    /// Largest local expert count of the multi-block path (sort_scatter's 8 warp segments of
+    /// 4 * E_local bytes each stay within 32 KiB of shared memory).
+    pub const SORT_MULTI_MAX_EXPERTS: usize = 1024;
+    /// Pairs per sort_count / sort_scatter block at most chunks (the chunk grows past that, in
+    /// steps of SORT_CHUNK, so the one-block scan reads at most SORT_MAX_CHUNKS * E_local counts).
+    const SORT_CHUNK: usize = 1024;
+    const SORT_MAX_CHUNKS: usize = 256;
+    const SORT_BLOCK: u32 = 256;
+    const SORT_SEGMENTS: usize = 8; // = SORT_BLOCK / 32
+
+    pub fn sort_multi_block(pairs: usize, experts: usize) -> bool {
+        pairs > SORT_MULTI_MIN_PAIRS && experts <= SORT_MULTI_MAX_EXPERTS
+    }
+    /// (chunk, num_chunks) for P pairs (P >= 1): chunk = SORT_CHUNK * ceil(P / (SORT_CHUNK *
+    /// SORT_MAX_CHUNKS)), num_chunks = ceil(P / chunk) <= min(SORT_MAX_CHUNKS, ceil(P / SORT_CHUNK)).
+    pub fn sort_chunks(pairs: usize) -> (usize, usize) {
+        let p = pairs.max(1);
+        let chunk = SORT_CHUNK * p.div_ceil(SORT_CHUNK * SORT_MAX_CHUNKS);
+        (chunk, p.div_ceil(chunk))
+    }
+    /// Ints of the chunk-count scratch for up to `pairs` pairs (the bound of sort_chunks is monotone
+    /// in P, so a workspace sized for its capacity fits every smaller call); 0 when only the
+    /// one-block kernel can run.
+    pub fn sort_scratch_ints(pairs: usize, experts: usize) -> usize {
+        if !sort_multi_block(pairs, experts) {
+            return 0;
+        }
+        SORT_MAX_CHUNKS.min(pairs.div_ceil(SORT_CHUNK)) * experts
+    }
+    /// sort.cu sort_count: one block of 256 per chunk, a histogram of E_local ints.
+    pub fn sort_count(pairs: usize, experts: usize) -> Shape {
+        Shape {
+            grid: (sort_chunks(pairs).1 as u32, 1, 1),
+            block: SORT_BLOCK,
+            smem: (4 * experts) as u32,
+            pdl: true,
+        }
+    }
+    /// sort.cu sort_scan: one block of 1024; 2*(E+1) ints plus G = min(32, 1024/E) groups of E.
+    pub fn sort_scan(experts: usize) -> Shape {
+        let groups = experts.max((32 * experts).min(1024));
+        Shape {
+            grid: (1, 1, 1),
+            block: 1024,
+            smem: (4 * (2 * (experts + 1) + groups)) as u32,
+            pdl: true,
+        }
+    }
+    /// sort.cu sort_scatter: same grid as sort_count, 8 warp segments of E_local cursors each.
+    pub fn sort_scatter(pairs: usize, experts: usize) -> Shape {
+        Shape {
+            grid: (sort_chunks(pairs).1 as u32, 1, 1),
+            block: SORT_BLOCK,
+            smem: (4 * SORT_SEGMENTS * experts) as u32,
             pdl: true,
         }
     }

@@ -3,12 +3,13 @@
 // (a multiply rounded to f32, then an add rounded to f32: never fused), stored with store_from_f32.
 //
 // ---------------------------------------------------------------------------------------------------
-// combine_rows(z, z_stride, pair_pos, topk_w, T, K, H, out, out_dtype)
-//   z        [P_sorted, z_stride] f32, row p = GEMM2 output of sorted pair p
+// combine_rows(z, z_dtype, z_stride, pair_pos, topk_w, T, K, H, out, out_dtype)
+//   z        [P_sorted, z_stride] of z_dtype (DTYPE_F32, or DTYPE_BF16 when GEMM2 rounds its rows to
+//            bf16 to halve their traffic), row p = GEMM2 output of sorted pair p
 //   pair_pos [T*K]: sorted position of slot (t, j), or < 0 when the slot is not local (skipped)
 //   topk_w   [T*K] f32, or nullptr for weight 1 (Llama-4: the weight went into GEMM1's input)
 //   out      [T, H] of out_dtype (DTYPE_*), row stride H; a token with no local slot gets zeros
-//   One thread per (token, 4 consecutive h) (float4 loads; 16-/8-byte stores) when H % 4 == 0,
+//   One thread per (token, 4 consecutive h) (float4 / 4×bf16 loads; 16-/8-byte stores) when H % 4 == 0,
 //   z_stride % 4 == 0, z is 16-byte aligned and out is 16- (f32) or 8-byte (bf16/f16) aligned;
 //   otherwise one thread per (token, h). Grid-stride over T * ceil(H / vec) items.
 //   Slots are taken CB_CHUNK (8) at a time: the chunk's pair_pos and weights are loaded together, then
@@ -30,10 +31,21 @@ __device__ __forceinline__ float cb_fma_free(float acc, float w, float v) {
     return r;
 }
 
-extern "C" __global__ void combine_rows(const float* z, int z_stride, const int* pair_pos, const float* topk_w,
-                                        int T, int K, int H, void* out, int out_dtype) {
+// Four consecutive z values of row `pos` (a zero vector for a skipped slot), as f32.
+__device__ __forceinline__ float4 cb_load4(const void* z, bool zbf, int z_stride, int pos, int h0) {
+    if (pos < 0) return cb_zero4;
+    const long long i = (long long)pos * z_stride + h0;
+    if (!zbf) return *(const float4*)((const float*)z + i);
+    const uint2 r = *(const uint2*)((const u16*)z + i);
+    return make_float4(__uint_as_float(r.x << 16), __uint_as_float(r.x & 0xFFFF0000u),
+                       __uint_as_float(r.y << 16), __uint_as_float(r.y & 0xFFFF0000u));
+}
+
+extern "C" __global__ void combine_rows(const void* z, int z_dtype, int z_stride, const int* pair_pos,
+                                        const float* topk_w, int T, int K, int H, void* out, int out_dtype) {
     pdl_wait();  // inputs come from the previous kernel (common.cuh)
     pdl_launch_dependents();
+    const bool zbf = z_dtype == DTYPE_BF16;
     const unsigned long long out_align = out_dtype == DTYPE_F32 ? 15ull : 7ull;
     const bool vec = (H % 4 == 0) && (z_stride % 4 == 0) && (((unsigned long long)z & 15ull) == 0) &&
                      (((unsigned long long)out & out_align) == 0);
@@ -67,8 +79,7 @@ extern "C" __global__ void combine_rows(const float* z, int z_stride, const int*
             if (vec) {
                 float4 v[CB_CHUNK];
 #pragma unroll
-                for (int u = 0; u < CB_CHUNK; ++u)
-                    v[u] = *(pos[u] >= 0 ? (const float4*)(z + (long long)pos[u] * z_stride + h0) : &cb_zero4);
+                for (int u = 0; u < CB_CHUNK; ++u) v[u] = cb_load4(z, zbf, z_stride, pos[u], h0);
 #pragma unroll
                 for (int u = 0; u < CB_CHUNK; ++u) {
                     if (pos[u] >= 0) {
@@ -82,7 +93,7 @@ extern "C" __global__ void combine_rows(const float* z, int z_stride, const int*
                 float v[CB_CHUNK];
 #pragma unroll
                 for (int u = 0; u < CB_CHUNK; ++u)
-                    v[u] = *(pos[u] >= 0 ? z + (long long)pos[u] * z_stride + h0 : &cb_zero4.x);
+                    v[u] = pos[u] < 0 ? 0.0f : load_as_f32(z, z_dtype, (long long)pos[u] * z_stride + h0);
 #pragma unroll
                 for (int u = 0; u < CB_CHUNK; ++u)
                     if (pos[u] >= 0) a0 = cb_fma_free(a0, w[u], v[u]);

@@ -10,11 +10,17 @@
 //   W_FP8     0 = bf16 weights and activations (mma m16n8k16 bf16)             [default 0]
 //             1 = e4m3 weights and activations, per-tensor scales (mma m16n8k32 e4m3)
 //             2 = e4m3, block scales: weights one f32 per 8 prepared rows x 128 K, activations per row x 128 K
-//   EPI       0 = plain (GEMM2): f32 out[p*out_stride + r] = acc (+bias)       [default 1]
+//   EPI       0 = plain (GEMM2): out[p*out_stride + r] = acc (+bias), f32 or bf16 (OUT_TYPE)   [default 1]
 //             1 = gated GEMM1 (rows interleaved 8 gate / 8 up per 16), activation ACT, Mp/2 output features
 //             2 = non-gated GEMM1, relu2
 //   ACT       0 = swiglu, 1 = geglu (exact erf), 2 = swiglu_oai (alpha, beta, limit)   (EPI=1 only) [default 0]
-//   OUT_TYPE  0 = bf16, 1 = f32, 2 = e4m3 of a / out_scale[0]   (EPI 1/2 only; EPI 0 is f32) [default 0]
+//   OUT_TYPE  0 = bf16 (round to nearest even), 1 = f32, 2 = e4m3 of a / out_scale[0] (EPI 1/2 only)
+//             [default: EPI 0 -> 1 (f32), EPI 1/2 -> 0]
+//   OUT_STAGE (EPI=0 only) 1 = the output tile goes through shared memory ([BN][BM + pad] in the output type,
+//             reusing the pipeline buffers) and is stored as 16-byte chunks of whole output rows (element stores
+//             where out or out_stride*size is not 16-byte aligned); 0 = each thread stores its fragments
+//             [default 1 for EPI=0, except with the three BN=128 accumulator sets of WG_OVERLAP below, where
+//             the staging made ptxas spill in the main loop]
 //   BM        64 | 128   weight rows per CTA (grid.x = Mp / BM)                  [default 128]
 //   BN        8 | 16 | 32 | 64 | 128   positions per work tile                   [default 64]
 //   STAGES    2..8   cp.async pipeline depth   [default: BN >= 64 ? 4 : (BM == 64 ? 8 : 5)]
@@ -46,8 +52,9 @@
 //             then fence.proxy.async.shared::cta (cp.async writes are generic-proxy, wgmma reads through
 //             the async proxy) and __syncthreads. The wgmma of step ks stays in flight while step ks+1
 //             is issued (wgmma.wait_group 1), so a stage is refilled two steps after it was consumed:
-//             prefetch distance STAGES - 2 (W_FP8 = 2: wait_group 0 every step, the partial accumulator
-//             set is scaled (w_scale(row group of 8) * act_scale(row)) and added into the sum).
+//             prefetch distance STAGES - 2 (W_FP8 = 2, and W_FP8 = 1 with WG_PROMOTE: each K step's wgmma
+//             accumulate a fresh partial set that is folded into the f32 sum: W_FP8 = 2 scaled by
+//             w_scale(row group of 8) * act_scale(row); see WG_OVERLAP for when the fold runs).
 //             Warp w holds accumulator rows 16w + g, 16w + g + 8 (g = lane/4) and columns 8j + 2(lane%4)
 //             + {0,1}: the mma.sync m16n8 fragment layout per n8 tile, so the epilogue is shared
 //             (reported warp grid BM/16 x 1 x WG_KSPLIT). STAGES default: 6 (BN = 128) / 8 (BN <= 64), minimum 3,
@@ -57,6 +64,15 @@
 //             the second's accumulators are added to the first's through shared memory in a fixed order
 //             at the end (deterministic; reported warp grid 4 x 1 x 2, RED < PIPE). Twice the loader
 //             threads and half the MMA chain per warpgroup.   [default 1: one warpgroup, 128 threads]
+//   WG_OVERLAP (WGMMA=1 with W_FP8=2 or WG_PROMOTE=1) 1 = two partial sets used alternately: step k+1 is issued
+//             into one, then wgmma.wait_group 1 and step k's set is folded while the tensor cores run step
+//             k+1 (acc + 2 partial sets: 3 * BN/2 floats per thread; BN=128: 240 registers, no spill);
+//             0 = one partial set, wait_group 0 and fold after every step (the tensor cores idle during the
+//             fold).   [default 1]. ptxas keeps the wgmma asynchronous only if the loop enters with nothing
+//             in flight and both sets stay live across it (see the loop; SASS: no WARPGROUP.DEPBAR 0 in it).
+//   WG_PROMOTE (WGMMA=1, W_FP8=1 only) 1 = per-tensor fp8 promoted like the block scales (fresh partial per
+//             128-wide K step, added into f32; the per-tensor scales still at the end) instead of one wgmma
+//             accumulation over all of K (the e4m3 wgmma accumulator keeps ~14 bits)   [default 0]
 //   WG_FENCE  (WGMMA=1 only) 1 = fence.proxy.async.shared::cta after each cp.async wait [default 1];
 //             0 drops it (CUTLASS's cp.async + GMMA mainloop has none; kept on by default to be safe).
 //
@@ -65,8 +81,9 @@
 // Dynamic shared memory (bytes):
 //   PIPE = STAGES * (BM*128 + BN*128 + (W_FP8 == 2 ? 4*(BM/8 + BN) : 0))
 //   RED  = (WARPS_K - 1) * BM * BN * 4
-//   SMEM = max(PIPE, RED)                 (+ 8*BN bytes of static shared memory)
-//   WGMMA = 1: SMEM = PIPE + 1024 (alignment slack; RED, WG_KSPLIT = 2 only, fits in PIPE), e.g. BN=128 6 stages: 197632,
+//   STG  = EPI == 0 && OUT_STAGE ? BN * (BM + (OUT_TYPE == 1 ? 4 : 8)) * (OUT_TYPE == 1 ? 4 : 2) : 0
+//   SMEM = max(PIPE, RED, STG)            (+ 8*BN bytes of static shared memory, + 4 with WG_OVERLAP)
+//   WGMMA = 1: SMEM = PIPE + 1024 (alignment slack; RED, WG_KSPLIT = 2 only, and STG fit in PIPE), e.g. BN=128 6 stages: 197632,
 //              W_FP8=2: 197632 + 6*4*144 = 201088; BN=64 8 stages: 197632 (W_FP8=2: 200192);
 //              BM=64 8 stages: BN=16 82944 (W_FP8=2: 83712), BN=32 99328 (W_FP8=2: 100608);
 //              BM=128 8 stages: BN=16 148480 (W_FP8=2: 149504), BN=32 164864 (W_FP8=2: 166400)
@@ -95,7 +112,7 @@
 #define ACT 0
 #endif
 #ifndef OUT_TYPE
-#define OUT_TYPE 0
+#define OUT_TYPE (EPI == 0 ? 1 : 0)
 #endif
 #ifndef BM
 #define BM 128
@@ -112,6 +129,18 @@
 #ifndef WG_KSPLIT
 #define WG_KSPLIT 1
 #endif
+#ifndef WG_PROMOTE
+#define WG_PROMOTE 0
+#endif
+#ifndef WG_OVERLAP
+#define WG_OVERLAP 1
+#endif
+#ifndef OUT_STAGE
+// (not with the three 64-float accumulator sets of the BN = 128 promoted overlap: ptxas spills in the main loop)
+#define OUT_STAGE (EPI == 0 && !(MG_PROMOTE && WG_OVERLAP && BN == 128))
+#endif
+// WGMMA=1 accumulates each K step into a fresh partial that is folded into the f32 sum (see WG_PROMOTE)
+#define MG_PROMOTE (WGMMA && (W_FP8 == 2 || (W_FP8 == 1 && WG_PROMOTE)))
 #ifndef STAGES
 #if WGMMA
 #define STAGES (BN == 128 ? 6 : 8)
@@ -194,16 +223,26 @@
 #define MG_SS_FLOATS (W_FP8 == 2 ? (BM / 8 + BN) : 0)
 #define MG_PIPE_BYTES (STAGES * (MG_SW_BYTES + MG_SA_BYTES + MG_SS_FLOATS * 4))
 #define MG_RED_BYTES ((WARPS_K - 1) * BM * BN * 4)
+// EPI = 0 output staged through shared memory: [BN][BM + pad] elements of the output type (the pad keeps
+// the fragment writes free of bank conflicts and the rows 16-byte aligned)
+#define MG_OUT_STAGED (EPI == 0 && OUT_STAGE)
+#define MG_STG_LD (BM + (OUT_TYPE == 1 ? 4 : 8))
+#define MG_STG_BYTES (MG_OUT_STAGED ? BN * MG_STG_LD * (OUT_TYPE == 1 ? 4 : 2) : 0)
+#define MG_MAX(a, b) ((a) > (b) ? (a) : (b))
 #if WGMMA
 #define MG_SMEM_BYTES (MG_PIPE_BYTES + 1024)  // + slack to align the operand tiles to 1024 bytes
 #else
-#define MG_SMEM_BYTES (MG_PIPE_BYTES > MG_RED_BYTES ? MG_PIPE_BYTES : MG_RED_BYTES)
+#define MG_SMEM_BYTES MG_MAX(MG_MAX(MG_PIPE_BYTES, MG_RED_BYTES), MG_STG_BYTES)
 #endif
 
 static_assert(W_FP8 >= 0 && W_FP8 <= 2, "W_FP8 must be 0, 1 or 2");
 static_assert(EPI >= 0 && EPI <= 2, "EPI must be 0, 1 or 2");
 static_assert(ACT >= 0 && ACT <= 2, "ACT must be 0, 1 or 2");
 static_assert(OUT_TYPE >= 0 && OUT_TYPE <= 2, "OUT_TYPE must be 0, 1 or 2");
+static_assert(EPI != 0 || OUT_TYPE <= 1, "EPI=0 stores bf16 (OUT_TYPE=0) or f32 (OUT_TYPE=1)");
+static_assert(OUT_STAGE == 0 || OUT_STAGE == 1, "OUT_STAGE must be 0 or 1");
+static_assert(WG_OVERLAP == 0 || WG_OVERLAP == 1, "WG_OVERLAP must be 0 or 1");
+static_assert(WG_PROMOTE == 0 || WG_PROMOTE == 1, "WG_PROMOTE must be 0 or 1");
 static_assert(BM == 64 || BM == 128, "BM must be 64 or 128");
 static_assert(BN == 8 || BN == 16 || BN == 32 || BN == 64 || BN == 128, "BN must be 8, 16, 32, 64 or 128");
 static_assert(STAGES >= 2 && STAGES <= (WGMMA ? 16 : 8), "STAGES must be 2..8 (WGMMA=1: 3..16)");
@@ -222,6 +261,7 @@ static_assert(WG_KSPLIT == 1 || (WG_KSPLIT == 2 && BM == 64), "WG_KSPLIT must be
 static_assert(WARPS_M == BM / 16 && WARPS_N == 1 && WARPS_K == WG_KSPLIT,
               "WGMMA=1 fixes the warp grid at BM/16 x 1 x WG_KSPLIT");
 static_assert(MG_RED_BYTES <= MG_PIPE_BYTES, "WGMMA=1: the k-split reduction reuses the pipeline buffers");
+static_assert(MG_STG_BYTES <= MG_PIPE_BYTES, "WGMMA=1: the staged output reuses the pipeline buffers");
 static_assert(MG_SW_BYTES % 1024 == 0 && MG_SA_BYTES % 1024 == 0, "WGMMA=1: operand tiles must keep 1024-byte alignment");
 static_assert(STAGES >= 3, "WGMMA=1 needs STAGES >= 3 (prefetch distance STAGES - 2)");
 static_assert(MG_SMEM_BYTES <= 232448, "WGMMA=1: too many stages for 227 KB of shared memory");
@@ -437,7 +477,7 @@ __device__ __forceinline__ float mg_act(float g, float u, float alpha, float bet
 }
 
 __device__ __forceinline__ void mg_store(void* out, long long idx, float a, float oscale) {
-#if EPI == 0 || OUT_TYPE == 1
+#if OUT_TYPE == 1
     ((float*)out)[idx] = a;
 #elif OUT_TYPE == 0
     ((u16*)out)[idx] = f32_to_bf16(a);
@@ -482,6 +522,12 @@ extern "C" __global__ void __launch_bounds__(MG_NTHREADS, MIN_BLOCKS) moe_gemm(
 
     __shared__ int s_row[BN];     // activation row of each tile column, -1 when missing
     __shared__ float s_rw[BN];    // Llama-4 row weight of each tile column (1 when none)
+#if MG_PROMOTE && WG_OVERLAP
+    // 0, read where the compilers must not know the value (see the overlap loop): stored and loaded
+    // through inline PTX, as NVVM folds a shared variable that is only ever assigned 0
+    __shared__ int s_zero;
+    if (threadIdx.x == 0) asm volatile("st.shared.u32 [%0], %1;" ::"r"(mg_smem_addr(&s_zero)), "r"(0) : "memory");
+#endif
     extern __shared__ __align__(128) u8 smem[];
 
     const int tid = threadIdx.x;
@@ -588,14 +634,9 @@ extern "C" __global__ void __launch_bounds__(MG_NTHREADS, MIN_BLOCKS) moe_gemm(
     // WG_KSPLIT = 2: warpgroup warp_k issues k-sub-steps q0 .. q0 + MG_KPW - 1 of every K step
     const int q0 = WG_KSPLIT > 1 ? warp_k * MG_KPW : 0;
     (void)warp_k;
+    constexpr int NACC = MG_MT * MG_NTL * 4;  // accumulator floats per thread per set (BN / 2)
     float acc[MG_MT][MG_NTL][4];
     float* const accf = &acc[0][0][0];
-#if W_FP8 == 2
-#pragma unroll
-    for (int i = 0; i < MG_MT * MG_NTL * 4; ++i) accf[i] = 0.0f;  // never written by wgmma
-    float part[MG_MT * MG_NTL * 4];                                   // per K step, first wgmma zeroes it
-#endif
-    // (W_FP8 0/1: acc is not initialised here; the first wgmma runs with scale-d = 0; nk == 0 -> epilogue)
 
     // prologue: STAGES - 2 stages in flight (a slot is refilled two steps after its wgmma was issued)
 #pragma unroll
@@ -606,7 +647,9 @@ extern "C" __global__ void __launch_bounds__(MG_NTHREADS, MIN_BLOCKS) moe_gemm(
 
     int slot_c = 0;           // stage consumed this iteration
     int slot_l = STAGES - 2;  // stage refilled this iteration (consumed two iterations ago)
-    for (int ks = 0; ks < nk; ++ks) {
+    // wait for step ks's stage, refill the slot of step ks - 2 (its wgmma are complete: every warpgroup
+    // waited for them before this barrier)
+    auto step_head = [&](int ks) {
         mg_cp_wait<STAGES - 3>();  // group ks has landed (for this thread) ...
 #if WG_FENCE
         mg_fence_proxy_async();    // ... and is visible to the async proxy (wgmma) ...
@@ -614,54 +657,134 @@ extern "C" __global__ void __launch_bounds__(MG_NTHREADS, MIN_BLOCKS) moe_gemm(
         __syncthreads();           // ... for all threads; the wgmma of step ks-2 (slot_l) are complete
         if (ks + STAGES - 2 < nk) load_stage(slot_l, ks + STAGES - 2);
         mg_cp_commit();
-
-        const u32 aW = sW + slot_c * MG_SW_BYTES + wgrp * (64 * 128);
-        const u32 aA = sA + slot_c * MG_SA_BYTES;
-#if W_FP8 == 2
+    };
+    auto advance = [&]() {
+        slot_c = slot_c + 1 == STAGES ? 0 : slot_c + 1;
+        slot_l = slot_l + 1 == STAGES ? 0 : slot_l + 1;
+    };
+    // the four (WG_KSPLIT = 2: two) wgmma of one K step from stage `slot` into d; acc_in = 0: the first
+    // overwrites d (scale-d = 0), 1: all add to d (unpromoted: every step after the first; the overlap:
+    // every step, d re-zeroed by the fold before)
+    auto issue = [&](float* d, int slot, int acc_in) {
+        const u32 aW = sW + slot * MG_SW_BYTES + wgrp * (64 * 128);
+        const u32 aA = sA + slot * MG_SA_BYTES;
 #pragma unroll
-        for (int i = 0; i < MG_MT * MG_NTL * 4; ++i) mg_reg_fence(part[i]);
-        mg_wg_fence();
-#pragma unroll
-        for (int q = 0; q < MG_KPW; ++q) mg_wgmma(part, mg_desc(aW + 32 * (q0 + q)), mg_desc(aA + 32 * (q0 + q)), q > 0);
-        mg_wg_commit();
-        mg_wg_wait<0>();
-#pragma unroll
-        for (int i = 0; i < MG_MT * MG_NTL * 4; ++i) mg_reg_fence(part[i]);
-        {
-            // promote the 128-wide K block: acc += partial * w_scale(row block) * act_scale(column)
-            const float* sws = (const float*)(smem_al + STAGES * (MG_SW_BYTES + MG_SA_BYTES)) + slot_c * MG_SS_FLOATS;
-            const float* sas = sws + BM / 8;
-            const int t2 = (lane & 3) * 2;
-            const float ws0 = sws[wm0 / 8];
-            const float ws1 = sws[wm0 / 8 + 1];
-#pragma unroll
-            for (int j = 0; j < MG_NTL; ++j) {
-                const float as0 = sas[8 * j + t2];
-                const float as1 = sas[8 * j + t2 + 1];
-                acc[0][j][0] = fmaf(part[4 * j + 0], ws0 * as0, acc[0][j][0]);
-                acc[0][j][1] = fmaf(part[4 * j + 1], ws0 * as1, acc[0][j][1]);
-                acc[0][j][2] = fmaf(part[4 * j + 2], ws1 * as0, acc[0][j][2]);
-                acc[0][j][3] = fmaf(part[4 * j + 3], ws1 * as1, acc[0][j][3]);
-            }
-        }
-#else
-#pragma unroll
-        for (int i = 0; i < MG_MT * MG_NTL * 4; ++i) mg_reg_fence(accf[i]);
+        for (int i = 0; i < NACC; ++i) mg_reg_fence(d[i]);
         mg_wg_fence();
 #pragma unroll
         for (int q = 0; q < MG_KPW; ++q)
-            mg_wgmma(accf, mg_desc(aW + 32 * (q0 + q)), mg_desc(aA + 32 * (q0 + q)), (ks | q) != 0);
+            mg_wgmma(d, mg_desc(aW + 32 * (q0 + q)), mg_desc(aA + 32 * (q0 + q)), acc_in | (q > 0));
         mg_wg_commit();
+    };
+#if MG_PROMOTE
+#if WG_OVERLAP
+    int zbits;  // 0 (see the overlap loop below)
+    asm volatile("ld.shared.u32 %0, [%1];" : "=r"(zbits) : "r"(mg_smem_addr(&s_zero)) : "memory");
+    const float fzero = __int_as_float(zbits);  // +0.0f
+#endif
+    // promote one K step's partial (its wgmma complete): W_FP8 = 2: acc += partial * w_scale(row group of
+    // 8) * act_scale(column), the scales of the step's stage `slot`; W_FP8 = 1: acc += partial
+    auto fold = [&](float* p, int slot) {
+#pragma unroll
+        for (int i = 0; i < NACC; ++i) mg_reg_fence(p[i]);
+#if W_FP8 == 2
+        const float* sws = (const float*)(smem_al + STAGES * (MG_SW_BYTES + MG_SA_BYTES)) + slot * MG_SS_FLOATS;
+        const float* sas = sws + BM / 8;
+        const int t2 = (lane & 3) * 2;
+        const float ws0 = sws[wm0 / 8];
+        const float ws1 = sws[wm0 / 8 + 1];
+#pragma unroll
+        for (int j = 0; j < MG_NTL; ++j) {
+            const float2 as = *(const float2*)(sas + 8 * j + t2);
+            acc[0][j][0] = fmaf(p[4 * j + 0], ws0 * as.x, acc[0][j][0]);
+            acc[0][j][1] = fmaf(p[4 * j + 1], ws0 * as.y, acc[0][j][1]);
+            acc[0][j][2] = fmaf(p[4 * j + 2], ws1 * as.x, acc[0][j][2]);
+            acc[0][j][3] = fmaf(p[4 * j + 3], ws1 * as.y, acc[0][j][3]);
+        }
+#else
+        (void)slot;
+#pragma unroll
+        for (int i = 0; i < NACC; ++i) accf[i] += p[i];
+#endif
+#if WG_OVERLAP
+#pragma unroll
+        for (int i = 0; i < NACC; ++i) p[i] = fzero;  // the next wgmma into p accumulates onto this zero
+#endif
+    };
+#pragma unroll
+    for (int i = 0; i < NACC; ++i) accf[i] = 0.0f;  // never written by wgmma
+    float part0[NACC];                                // one K step's partial
+#if WG_OVERLAP
+    // two partial sets used alternately: step ks+1 is issued into one set before the other (step ks) is
+    // waited for (wait_group 1) and folded, so the tensor cores run while the fold executes
+    float part1[NACC];
+    // How ptxas is kept from serialising the wgmma (checked in the SASS: no WARPGROUP.DEPBAR 0 in the loop):
+    // the loop body is straight-line and enters with no wgmma in flight (the first fold adds a zero part1
+    // with step 0's scales; a conditional first fold serialises every wgmma, C7514), and both partial sets
+    // stay live across the loop: every wgmma accumulates (scale-d = 1) into a set that its previous fold
+    // re-zeroed with a zero ptxas cannot see (fzero, from s_zero). With scale-d = 0 (or a zero ptxas can
+    // prove) the set issued next is dead at the loop head, ptxas reuses its registers for temporaries there
+    // and then waits for every wgmma (wait_group 0) at that head. (Checked with ptxas of CUDA 13.0.)
+    if (nk > 0) {
+#pragma unroll
+        for (int i = 0; i < NACC; ++i) {
+            part0[i] = 0.0f;
+            part1[i] = 0.0f;
+        }
+        int slot_p = slot_c;  // stage of the step whose partial awaits its fold (step 0's scales landed first)
+        int ks = 0;
+        for (; ks + 1 < nk; ks += 2) {
+            step_head(ks);
+            issue(part0, slot_c, 1);
+            mg_wg_wait<1>();  // step ks-1 (part1) complete; its stage is refilled at step ks+1
+            fold(part1, slot_p);
+            slot_p = slot_c;
+            advance();
+            step_head(ks + 1);
+            issue(part1, slot_c, 1);
+            mg_wg_wait<1>();  // step ks (part0) complete
+            fold(part0, slot_p);
+            slot_p = slot_c;
+            advance();
+        }
+        if (ks < nk) {  // nk odd: the last step goes to part0
+            step_head(ks);
+            issue(part0, slot_c, 1);
+            mg_wg_wait<1>();
+            fold(part1, slot_p);
+            slot_p = slot_c;
+            advance();
+            mg_wg_wait<0>();
+            fold(part0, slot_p);
+        } else {
+            mg_wg_wait<0>();
+            fold(part1, slot_p);
+        }
+    }
+#else
+    // wait for each step's wgmma (wait_group 0) and fold before the next step is issued
+    for (int ks = 0; ks < nk; ++ks) {
+        step_head(ks);
+        issue(part0, slot_c, false);
+        mg_wg_wait<0>();
+        fold(part0, slot_c);
+        advance();
+    }
+#endif
+#else
+    // (acc is not initialised here; the first wgmma runs with scale-d = 0; nk == 0 -> epilogue)
+    for (int ks = 0; ks < nk; ++ks) {
+        step_head(ks);
+        issue(accf, slot_c, ks != 0);
         mg_wg_wait<1>();  // the wgmma of step ks-1 are complete: its slot may be refilled next iteration
 #pragma unroll
-        for (int i = 0; i < MG_MT * MG_NTL * 4; ++i) mg_reg_fence(accf[i]);
-#endif
-        slot_c = slot_c + 1 == STAGES ? 0 : slot_c + 1;
-        slot_l = slot_l + 1 == STAGES ? 0 : slot_l + 1;
+        for (int i = 0; i < NACC; ++i) mg_reg_fence(accf[i]);
+        advance();
     }
+#endif
     mg_wg_wait<0>();
 #pragma unroll
-    for (int i = 0; i < MG_MT * MG_NTL * 4; ++i) mg_reg_fence(accf[i]);
+    for (int i = 0; i < NACC; ++i) mg_reg_fence(accf[i]);
 #else
     // ldmatrix lane addressing (byte offsets inside a stage; chunk index is XORed with row & 7 = lane & 7)
     // A (x4): matrices {rows 0-7, rows 8-15} x {chunk 2kk, 2kk+1} -> a0..a3; lane l addresses row l & 15,
@@ -798,7 +921,11 @@ extern "C" __global__ void __launch_bounds__(MG_NTHREADS, MIN_BLOCKS) moe_gemm(
                     for (int c = 0; c < 4; ++c) dst[((i * MG_NTL + j) * 4 + c) * 32] = acc[i][j][c];
         }
         __syncthreads();
+#if MG_OUT_STAGED
+        if (warp_k == 0)  // (the other warps take part in the staged store below)
+#else
         if (warp_k > 0) return;
+#endif
 #pragma unroll
         for (int kq = 1; kq < WARPS_K; ++kq) {
             const float* src = red + ((kq - 1) * (WARPS_M * WARPS_N) + wmn) * NACC * 32 + lane;
@@ -812,6 +939,90 @@ extern "C" __global__ void __launch_bounds__(MG_NTHREADS, MIN_BLOCKS) moe_gemm(
     }
 #endif
 
+#if MG_OUT_STAGED
+    // ---- EPI = 0 epilogue through shared memory (OUT_STAGE): the fragments (after the scale, row weight and
+    // bias) are written to a [BN][BM + pad] tile in the output type, then every thread stores 16-byte
+    // chunks of whole output rows (BM consecutive features of one position: 256 or 512 contiguous bytes)
+    mg_cp_wait<0>();
+    __syncthreads();  // every warp is done with the pipeline (and reduction) buffers
+    {
+        u8* const stg = smem;  // (the unaligned base: nothing of the main loop stays live for it)
+        if (warp_k == 0 && warp_active) {
+            const int g = lane >> 2;
+            const int t2 = (lane & 3) * 2;
+#if W_FP8 == 1
+            const float dq = w_scale[e] * act_scale[0];
+#endif
+            const float* bias_e = bias != nullptr ? bias + (long long)e * Mp + m_base : nullptr;
+            const bool has_rw = row_weight != nullptr;
+#pragma unroll
+            for (int i = 0; i < MG_MT; ++i) {
+                const int rl = wm0 + 16 * i + g;
+                const float b0 = bias_e != nullptr ? bias_e[rl] : 0.0f;
+                const float b1 = bias_e != nullptr ? bias_e[rl + 8] : 0.0f;
+#pragma unroll
+                for (int j = 0; j < MG_NTL; ++j) {
+#pragma unroll
+                    for (int c = 0; c < 2; ++c) {
+                        const int n = wn0 + 8 * j + t2 + c;
+#if WGMMA && !MG_PROMOTE
+                        float v0 = nk > 0 ? acc[i][j][c] : 0.0f;  // (never written by a wgmma when nk == 0)
+                        float v1 = nk > 0 ? acc[i][j][2 + c] : 0.0f;
+#else
+                        float v0 = acc[i][j][c];
+                        float v1 = acc[i][j][2 + c];
+#endif
+#if W_FP8 == 1
+                        v0 *= dq;
+                        v1 *= dq;
+#endif
+                        if (has_rw) {
+                            const float rw = s_rw[n];
+                            v0 *= rw;
+                            v1 *= rw;
+                        }
+                        v0 += b0;
+                        v1 += b1;
+#if OUT_TYPE == 1
+                        float* srow = (float*)stg + n * MG_STG_LD;
+                        srow[rl] = v0;
+                        srow[rl + 8] = v1;
+#else
+                        u16* srow = (u16*)stg + n * MG_STG_LD;
+                        srow[rl] = f32_to_bf16(v0);
+                        srow[rl + 8] = f32_to_bf16(v1);
+#endif
+                    }
+                }
+            }
+        }
+        __syncthreads();
+        constexpr int ESZ = OUT_TYPE == 1 ? 4 : 2;
+        constexpr int CPR = BM * ESZ / 16;  // 16-byte chunks per output row
+        const bool vec_ok = (((unsigned long long)out | (unsigned long long)((long long)out_stride * ESZ)) & 15) == 0;
+        for (int idx = tid; idx < nrows * CPR; idx += MG_NTHREADS) {
+            const int n = idx / CPR;
+            const int cc = idx - n * CPR;
+            const uint4 v = *(const uint4*)(stg + n * (MG_STG_LD * ESZ) + cc * 16);
+            u8* dst = (u8*)out + ((long long)(row0 + n) * out_stride + m_base) * ESZ + cc * 16;
+            if (vec_ok) {
+                *(uint4*)dst = v;
+            } else {  // (an output stride or base that is not 16-byte aligned: element stores)
+                const u32 wv[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+                for (int q = 0; q < 4; ++q) {
+#if OUT_TYPE == 1
+                    ((u32*)dst)[q] = wv[q];
+#else
+                    ((u16*)dst)[2 * q] = (u16)(wv[q] & 0xFFFFu);
+                    ((u16*)dst)[2 * q + 1] = (u16)(wv[q] >> 16);
+#endif
+                }
+            }
+        }
+    }
+    (void)out_scale;
+#else
     // ---- epilogue: thread holds rows (g, g+8) x columns (2t, 2t+1) of every m16 x n8 tile
     if (!warp_active) return;
     const int g = lane >> 2;
@@ -838,7 +1049,7 @@ extern "C" __global__ void __launch_bounds__(MG_NTHREADS, MIN_BLOCKS) moe_gemm(
             for (int c = 0; c < 2; ++c) {
                 const int n = wn0 + 8 * j + t2 + c;
                 if (n < nrows) {
-#if WGMMA && W_FP8 != 2
+#if WGMMA && !MG_PROMOTE
                     float v0 = nk > 0 ? acc[i][j][c] : 0.0f;  // (never written by a wgmma when nk == 0)
                     float v1 = nk > 0 ? acc[i][j][2 + c] : 0.0f;
 #else
@@ -874,4 +1085,5 @@ extern "C" __global__ void __launch_bounds__(MG_NTHREADS, MIN_BLOCKS) moe_gemm(
         }
     }
     (void)oscale;
+#endif  // MG_OUT_STAGED
 }

@@ -19,13 +19,42 @@
 //            parallel (one warp each). The kernel reads its dynamic smem size and uses
 //            S = min(32, warps, (smem/4 - 2*(E_local+1)) / E_local), so any size >= 4*(3*E_local + 2)
 //            works. Fastest: S = 32, i.e. 4*(34*E_local + 2) bytes (E_local = 256: 34,824 B, under the
-//            48 KiB default; E_local = 1024 needs 139,272 B and the opt-in attribute, or pass 48 KiB
-//            and get S = 9). The launcher passes min(4*(34*E_local + 2), max(48 KiB, 4*(3*E_local + 2))).
+//            48 KiB default; E_local = 1024 needs 139,272 B and the opt-in attribute, or pass 47 KiB
+//            and get S = 9). The launcher passes min(4*(34*E_local + 2), max(47 KiB, 4*(3*E_local + 2)))
+//            (47, not 48: see "Shared memory" below).
 //   Small P (P <= 32*S, i.e. P <= 1024 with 1024 threads and S = 32): one pair per thread, one load
 //            each, counts by __match_any_sync per warp, only ceil(P/32)*E_local counters zeroed and
 //            scanned, four block barriers. Larger P: two passes over topk_ids (counting, placing), each
 //            warp walking its own contiguous segment 256 ids at a time.
 //   Limits: P < 2^31; BN >= 1; E_local >= 1.
+//   Shared memory: the kernel also has 256 B of static shared memory (warp_sums), and the 48 KiB that
+//            needs no opt-in counts static + dynamic: the launcher caps the dynamic size at 47 KiB
+//            (48 KiB of dynamic memory fails the launch with CUDA_ERROR_INVALID_VALUE).
+//
+// ---------------------------------------------------------------------------------------------------
+// Multi-block path (large P; same outputs, bit for bit): three launches on the same stream.
+//   Chunks: pair c*chunk .. min(P, (c+1)*chunk) belong to chunk c, num_chunks = ceil(P / chunk); any
+//            chunk >= 1 works (the launcher: 1024 * ceil(P / (1024 * 256)), so num_chunks <= 256).
+//   chunk_counts [num_chunks * E_local] ints of scratch: per-chunk expert counts, then (after
+//            sort_scan) each chunk's first position within each expert, absolute in sorted_pair.
+// sort_count(topk_ids, P, chunk, expert_start, E_local, chunk_counts)
+//   grid num_chunks, any block size (launcher: 256); dyn smem 4 * E_local bytes (a histogram,
+//   shared-memory atomics: counts only, order-free). Writes chunk_counts[c*E_local + e].
+// sort_scan(chunk_counts, num_chunks, E_local, BN, max_tiles, expert_offsets, tile_expert,
+//           tile_row_start, tile_row_end, num_tiles)
+//   ONE block of 1024 threads (any multiple of 32 up to 1024). Per expert, the chunks are split into
+//   G contiguous groups (G = min(32, max(1, blockDim/E_local), num_chunks, room in smem)): group sums,
+//   st_count_scan over (group, expert), expert_offsets and the tile list (as the one-block kernel),
+//   then chunk_counts rewritten in place as the chunks' starts. dyn smem >= 4 * (3*E_local + 2) bytes;
+//   launcher: 4 * (2*(E_local+1) + max(E_local, min(1024, 32*E_local))) (G = min(32, 1024/E_local)).
+// sort_scatter(topk_ids, P, chunk, expert_start, E_local, chunk_starts, sorted_pair, pair_pos)
+//   grid num_chunks, same chunk as sort_count; block of any multiple of 32 (launcher: 256). The chunk
+//   is split into S contiguous warp segments (S = min(warps, smem/(4*E_local)); dyn smem >=
+//   4 * E_local bytes, launcher: 4 * 8 * E_local): per-(segment, expert) counts (smem atomics), cursors
+//   = chunk start + counts of the segments before, then each warp walks its segment in ascending
+//   order, ranking equal experts within 32 pairs by ballots (stable), and writes sorted_pair / pair_pos
+//   (-1 for non-local pairs).
+//   The launcher uses this path for P > 4096 and E_local <= 1024 (the one-block kernel otherwise).
 // ---------------------------------------------------------------------------------------------------
 
 __device__ __forceinline__ u32 st_dyn_smem_bytes() {
@@ -239,6 +268,202 @@ extern "C" __global__ void sort_pairs_by_expert(const int* topk_ids, int P, int 
                 if (key[u] >= 0 && (peers & lt_mask) == 0) seg[warp * E + key[u]] += __popc(peers);
                 __syncwarp();
             }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Multi-block path (see the header).
+// ---------------------------------------------------------------------------------------------------
+
+// Pairs per lane per warp step of the multi-block kernels (a warp step covers 32 * SMB_U pairs).
+#define SMB_U 4
+
+// Local index of a routed id, or -1.
+__device__ __forceinline__ int st_local_key(int id, int expert_start, int E) {
+    const int e = id - expert_start;
+    return (e >= 0 && e < E) ? e : -1;
+}
+
+// Lanes of the warp whose key equals this lane's (keys in [0, 2^nbits)); every lane must call it.
+// nbits ballots (cheaper than __match_any_sync for the few bits of an expert index).
+__device__ __forceinline__ u32 st_warp_match(int key, int nbits) {
+    u32 peers = 0xffffffffu;
+    for (int b = 0; b < nbits; ++b) {
+        const u32 bal = __ballot_sync(0xffffffffu, (key >> b) & 1);
+        peers &= ((key >> b) & 1) ? bal : ~bal;
+    }
+    return peers;
+}
+
+extern "C" __global__ void sort_count(const int* topk_ids, int P, int chunk, int expert_start, int E_local,
+                                      int* chunk_counts) {
+    pdl_wait();  // topk_ids come from the previous kernel (common.cuh)
+    pdl_launch_dependents();
+    extern __shared__ __align__(16) int st_smem[];
+    const int tid = threadIdx.x, nt = blockDim.x, E = E_local;
+    int* hist = st_smem;
+    for (int e = tid; e < E; e += nt) hist[e] = 0;
+    __syncthreads();
+    const long long lo = (long long)blockIdx.x * chunk;
+    const long long hi = lo + chunk < (long long)P ? lo + chunk : (long long)P;
+    for (long long b = lo; b < hi; b += (long long)nt * SMB_U) {
+        int key[SMB_U];
+#pragma unroll
+        for (int u = 0; u < SMB_U; ++u) {
+            const long long i = b + (long long)u * nt + tid;
+            key[u] = i < hi ? st_local_key(topk_ids[i], expert_start, E) : -1;
+        }
+#pragma unroll
+        for (int u = 0; u < SMB_U; ++u)
+            if (key[u] >= 0) atomicAdd(&hist[key[u]], 1);
+    }
+    __syncthreads();
+    int* out = chunk_counts + (long long)blockIdx.x * E;
+    for (int e = tid; e < E; e += nt) out[e] = hist[e];
+}
+
+extern "C" __global__ void sort_scan(int* chunk_counts, int num_chunks, int E_local, int BN, int max_tiles,
+                                     int* expert_offsets, int* tile_expert, int* tile_row_start, int* tile_row_end,
+                                     int* num_tiles) {
+    pdl_wait();  // chunk_counts come from sort_count
+    pdl_launch_dependents();
+    extern __shared__ __align__(16) int st_smem[];
+    __shared__ int warp_sums[64];
+    const int tid = threadIdx.x, nt = blockDim.x, E = E_local;
+    int* offs = st_smem;               // [E+1]
+    int* toffs = st_smem + (E + 1);    // [E+1]
+    int* part = st_smem + 2 * (E + 1); // [G][E] group sums, then group cursors
+    const int words = (int)(st_dyn_smem_bytes() / 4u);
+    int G = nt / E;
+    G = G > 32 ? 32 : G;
+    const int room = (words - 2 * (E + 1)) / E;
+    G = G > room ? room : G;
+    G = G > num_chunks ? num_chunks : G;
+    G = G < 1 ? 1 : G;
+    const int L = (num_chunks + G - 1) / G;  // chunks per group
+    const int items = G * E;
+
+    // Group sums: item (g, e) adds chunks [g*L, min(num_chunks, (g+1)*L)) of expert e (consecutive
+    // threads read consecutive experts of a chunk).
+    for (int it = tid; it < items; it += nt) {
+        const int g = it / E, e = it - g * E;
+        const int c0 = g * L, c1 = c0 + L < num_chunks ? c0 + L : num_chunks;
+        const int* col = chunk_counts + e;
+        int s = 0;
+        int c = c0;
+        for (; c + 4 <= c1; c += 4) {
+            const int v0 = col[(long long)c * E], v1 = col[(long long)(c + 1) * E];
+            const int v2 = col[(long long)(c + 2) * E], v3 = col[(long long)(c + 3) * E];
+            s += v0 + v1 + v2 + v3;
+        }
+        for (; c < c1; ++c) s += col[(long long)c * E];
+        part[it] = s;
+    }
+    __syncthreads();
+    st_count_scan(part, G, offs, toffs, E, BN, warp_sums);
+    st_write_tiles(offs, toffs, E, BN, max_tiles, expert_offsets, tile_expert, tile_row_start, tile_row_end,
+                   num_tiles);
+    // Chunk starts, in place: cursor of the group, plus the counts of the chunks before in it.
+    for (int it = tid; it < items; it += nt) {
+        const int g = it / E, e = it - g * E;
+        const int c0 = g * L, c1 = c0 + L < num_chunks ? c0 + L : num_chunks;
+        int* col = chunk_counts + e;
+        int run = part[it];
+        int c = c0;
+        for (; c + 4 <= c1; c += 4) {
+            const int v0 = col[(long long)c * E], v1 = col[(long long)(c + 1) * E];
+            const int v2 = col[(long long)(c + 2) * E], v3 = col[(long long)(c + 3) * E];
+            col[(long long)c * E] = run;
+            run += v0;
+            col[(long long)(c + 1) * E] = run;
+            run += v1;
+            col[(long long)(c + 2) * E] = run;
+            run += v2;
+            col[(long long)(c + 3) * E] = run;
+            run += v3;
+        }
+        for (; c < c1; ++c) {
+            const int v = col[(long long)c * E];
+            col[(long long)c * E] = run;
+            run += v;
+        }
+    }
+}
+
+extern "C" __global__ void sort_scatter(const int* topk_ids, int P, int chunk, int expert_start, int E_local,
+                                        const int* chunk_starts, int* sorted_pair, int* pair_pos) {
+    pdl_wait();  // chunk_starts come from sort_scan
+    pdl_launch_dependents();
+    extern __shared__ __align__(16) int st_smem[];
+    const int tid = threadIdx.x, nt = blockDim.x, lane = tid & 31, warp = tid >> 5, nw = nt >> 5;
+    const int E = E_local;
+    const int words = (int)(st_dyn_smem_bytes() / 4u);
+    int S = words / E;
+    S = S > nw ? nw : S;
+    S = S < 1 ? 1 : S;
+    int* cur = st_smem;  // [S][E] per-segment counts, then cursors
+    for (int i = tid; i < S * E; i += nt) cur[i] = 0;
+
+    // Warp segment w < S: pairs [lo + w*Lw, min(hi, lo + (w+1)*Lw)), Lw a multiple of the warp step.
+    const long long lo = (long long)blockIdx.x * chunk;
+    const long long hi = lo + chunk < (long long)P ? lo + chunk : (long long)P;
+    const long long step = 32 * SMB_U;
+    const long long Lw = ((hi - lo + S - 1) / S + step - 1) / step * step;
+    const long long seg_lo = lo + (long long)warp * Lw;
+    const long long seg_hi = warp < S ? (seg_lo + Lw < hi ? seg_lo + Lw : hi) : seg_lo;
+    __syncthreads();
+
+    // Counts per (segment, expert): order-free, so shared-memory atomics.
+    for (long long b = seg_lo; b < seg_hi; b += step) {
+        int key[SMB_U];
+#pragma unroll
+        for (int u = 0; u < SMB_U; ++u) {
+            const long long i = b + u * 32 + lane;
+            key[u] = i < seg_hi ? st_local_key(topk_ids[i], expert_start, E) : -1;
+        }
+#pragma unroll
+        for (int u = 0; u < SMB_U; ++u)
+            if (key[u] >= 0) atomicAdd(&cur[warp * E + key[u]], 1);
+    }
+    __syncthreads();
+
+    // Cursors: the chunk's start in expert e plus the counts of the segments before.
+    const int* starts = chunk_starts + (long long)blockIdx.x * E;
+    for (int e = tid; e < E; e += nt) {
+        int run = starts[e];
+        for (int s = 0; s < S; ++s) {
+            const int c = cur[s * E + e];
+            cur[s * E + e] = run;
+            run += c;
+        }
+    }
+    __syncthreads();
+
+    // Place: ascending pair order within the segment; equal experts within 32 pairs ranked by lane.
+    const int nbits = 32 - __clz(E);  // keys 0..E (E = not local)
+    const u32 lt_mask = (1u << lane) - 1u;
+    int* wcur = cur + warp * E;
+    for (long long b = seg_lo; b < seg_hi; b += step) {
+        int key[SMB_U];
+#pragma unroll
+        for (int u = 0; u < SMB_U; ++u) {
+            const long long i = b + u * 32 + lane;
+            key[u] = i < seg_hi ? st_local_key(topk_ids[i], expert_start, E) : -1;
+        }
+#pragma unroll
+        for (int u = 0; u < SMB_U; ++u) {
+            const long long i = b + u * 32 + lane;
+            const u32 peers = st_warp_match(key[u] >= 0 ? key[u] : E, nbits);
+            int pos = -1;
+            if (key[u] >= 0) {
+                pos = wcur[key[u]] + __popc(peers & lt_mask);
+                sorted_pair[pos] = (int)i;
+            }
+            if (i < seg_hi) pair_pos[i] = pos;
+            __syncwarp();
+            if (key[u] >= 0 && (peers & lt_mask) == 0) wcur[key[u]] += __popc(peers);
+            __syncwarp();
         }
     }
 }
