@@ -323,6 +323,19 @@ fn gpu_vs_reference(
     rel_err(&got, &want)
 }
 
+/// The weight formats the CUDA backend runs, and every activation.
+const CUDA_FORMATS: [WeightFormat; 3] = [
+    WeightFormat::Bf16,
+    WeightFormat::Fp8,
+    WeightFormat::Fp8Block,
+];
+const ACTIVATIONS: [Activation; 4] = [
+    Activation::Swiglu,
+    Activation::Geglu,
+    Activation::OAI_DEFAULT,
+    Activation::Relu2,
+];
+
 fn assert_within(err: f64, cfg: &LayerConfig, what: &str) {
     let tol = moerunner::config::tolerance(cfg.weight_format, cfg.activation_format);
     println!("{what}: err {err:.2e} (tol {tol:.0e})");
@@ -335,20 +348,10 @@ fn assert_within(err: f64, cfg: &LayerConfig, what: &str) {
 #[test]
 fn gpu_every_format_routing_method_and_activation() {
     let Some(runner) = gpu_runner() else { return };
-    let acts = [
-        Activation::Swiglu,
-        Activation::Geglu,
-        Activation::OAI_DEFAULT,
-        Activation::Relu2,
-    ];
     let mut n = 0u64;
-    for wf in [
-        WeightFormat::Bf16,
-        WeightFormat::Fp8,
-        WeightFormat::Fp8Block,
-    ] {
+    for wf in CUDA_FORMATS {
         for method in RoutingMethod::ALL {
-            for act in acts {
+            for act in ACTIVATIONS {
                 n += 1;
                 let seed = 0x6770_0000 + n;
                 let mut routing = RoutingConfig::new(
@@ -540,19 +543,9 @@ fn gpu_ep_rank_with_every_token_elsewhere_returns_zeros() {
 fn gpu_wide_tiles_every_format_and_activation() {
     // ~150 pairs per expert: the 128-wide token tiles (wgmma on sm_90a) for every epilogue.
     let Some(runner) = gpu_runner() else { return };
-    let acts = [
-        Activation::Swiglu,
-        Activation::Geglu,
-        Activation::OAI_DEFAULT,
-        Activation::Relu2,
-    ];
     let mut n = 0u64;
-    for wf in [
-        WeightFormat::Bf16,
-        WeightFormat::Fp8,
-        WeightFormat::Fp8Block,
-    ] {
-        for act in acts {
+    for wf in CUDA_FORMATS {
+        for act in ACTIVATIONS {
             n += 1;
             let seed = 0x3_1DE0 + n;
             let cfg = config(
