@@ -117,7 +117,8 @@ class Kernel:
             assert self.smem == pipe + 1024, (self.smem, pipe)
         else:
             assert self.smem == max(pipe, red, stg), (self.smem, pipe, red, stg)
-        assert self.nthreads == 32 * wm * wn * wk
+        # WG_WS=1: + the producer warpgroup (128 threads) next to the BM/16 consumer warps
+        assert self.nthreads == 32 * wm * wn * wk + (128 if self.defs.get("WG_WS", 0) else 0), meta
         self.warps = (wm, wn, wk)
         drv = cp.cuda.driver
         attr_max_dyn = getattr(drv, "CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES", 8)
@@ -412,7 +413,10 @@ def variant_name(d):
 
 def wg_suffix(d):
     """' WG' for the wgmma path (WGMMA=1), ' S=n' for an explicit STAGES."""
-    return ((" WG" if d.get("WGMMA", 0) else "") + (f" K{d['WG_KSPLIT']}" if "WG_KSPLIT" in d else "")
+    return ((" WG" if d.get("WGMMA", 0) else "") + (" WS" if d.get("WG_WS", 0) else "")
+            + (f" WA={d['WG_WS_ARRIVE']}" if "WG_WS_ARRIVE" in d else "")
+            + (f" PREG={d['WG_WS_PREGS']}" if "WG_WS_PREGS" in d else "")
+            + (f" K{d['WG_KSPLIT']}" if "WG_KSPLIT" in d else "")
             + (f" S={d['STAGES']}" if "STAGES" in d else "")
             + (f" F={d['WG_FENCE']}" if "WG_FENCE" in d else "")
             + (f" OV={d['WG_OVERLAP']}" if "WG_OVERLAP" in d else "")
@@ -507,6 +511,9 @@ def correctness_plan(quick):
         plan.append(dict(W_FP8=1, EPI=0, ACT=0, OUT_TYPE=1, BM=128, BN=bn, WGMMA=1, WG_PROMOTE=1, WG_OVERLAP=0))
     plan.append(dict(W_FP8=2, EPI=0, ACT=0, OUT_TYPE=1, BM=128, BN=128, WGMMA=1, STAGES=3, WG_OVERLAP=1))
     plan.append(dict(W_FP8=2, EPI=1, ACT=1, OUT_TYPE=0, BM=64, BN=16, WGMMA=1, STAGES=3, WG_OVERLAP=1))
+    # warp-specialised wgmma (WG_WS=1: a producer warpgroup loading through mbarriers, two consumer warpgroups):
+    # every W_FP8 x EPI x ACT x OUT_TYPE, alternating BN = 128 / 64; then the options on BN = 128
+    plan += ws_plan()
     seen, out = set(), []
     for d in plan:
         k = key(d)
@@ -516,6 +523,79 @@ def correctness_plan(quick):
     if quick:
         out = out[::3]
     return out
+
+
+def ws_plan():
+    plan = []
+    for w8 in (0, 1, 2):
+        for j, (epi, actf, ot) in enumerate(EPI_SETS):
+            bn = (128, 64)[(j + w8) % 2]
+            plan.append(dict(W_FP8=w8, EPI=epi, ACT=actf, OUT_TYPE=ot, BM=128, BN=bn, WGMMA=1, WG_WS=1))
+        ws = dict(W_FP8=w8, BM=128, BN=128, WGMMA=1, WG_WS=1)
+        plan.append(dict(ws, EPI=1, ACT=2, OUT_TYPE=(w8 + 1) % 3, WG_WS_ARRIVE=1))
+        plan.append(dict(ws, EPI=0, ACT=0, OUT_TYPE=1, WG_WS_ARRIVE=1))
+        plan.append(dict(ws, EPI=1, ACT=0, OUT_TYPE=0, STAGES=3))
+        plan.append(dict(ws, EPI=0, ACT=0, OUT_TYPE=0, STAGES=4))
+        plan.append(dict(ws, EPI=0, ACT=0, OUT_TYPE=1, OUT_STAGE=0))
+        plan.append(dict(ws, EPI=1, ACT=1, OUT_TYPE=0, WG_FENCE=0))
+        plan.append(dict(ws, EPI=1, ACT=0, OUT_TYPE=0, WG_WS_PREGS=40))
+    for bn in (128, 64):
+        ws = dict(BM=128, BN=bn, WGMMA=1, WG_WS=1)
+        plan.append(dict(ws, W_FP8=2, EPI=1, ACT=0, OUT_TYPE=1, WG_OVERLAP=0))
+        plan.append(dict(ws, W_FP8=2, EPI=0, ACT=0, OUT_TYPE=0, WG_OVERLAP=0))
+        plan.append(dict(ws, W_FP8=1, EPI=1, ACT=2, OUT_TYPE=2, WG_PROMOTE=1))
+        plan.append(dict(ws, W_FP8=1, EPI=0, ACT=0, OUT_TYPE=1, WG_PROMOTE=1, WG_OVERLAP=0))
+    return plan
+
+
+# K sweep of the warp-specialised path: from one K step (fp8 Kp=128; bf16 Kp=64, below the 128 padding of the
+# prepared weights but one step of the kernel) over fewer steps than the prefetch distance to 8192; odd step
+# counts (the promoted overlap's odd tail); expert loads 0, 1, BN-1, BN+1 rows (+ a multi-tile expert)
+WS_KPS = (64, 128, 192, 256, 384, 640, 1152, 8192)
+
+
+def ws_kp_cases():
+    out = []
+    for w8 in (0, 1, 2):
+        for i, kp in enumerate(WS_KPS):
+            if w8 and kp % 128:
+                continue  # (fp8 K is a multiple of 128: the block scales' width)
+            epi, actf, ot = EPI_SETS[(3 * i + w8) % len(EPI_SETS)]
+            bn = (128, 64)[(i + w8) % 2]
+            d = dict(W_FP8=w8, EPI=epi, ACT=actf, OUT_TYPE=ot, BM=128, BN=bn, WGMMA=1, WG_WS=1)
+            out.append((d, (256, 384, 512)[i % 3], kp))
+            if kp in (128, 384, 8192):
+                out.append((dict(d, WG_WS_ARRIVE=1), 256, kp))
+                if w8:
+                    out.append((dict(d, WG_OVERLAP=0) if w8 == 2 else dict(d, WG_PROMOTE=1), 256, kp))
+    return out
+
+
+def run_ws_kp(kernels, seed, quick):
+    rows, fails = [], 0
+    cases = ws_kp_cases()
+    if quick:
+        cases = cases[::3]
+    for i, (d, Mp, Kp) in enumerate(cases):
+        kern = kernels[key(d)]
+        bn = d["BN"]
+        loads = [0, 1, bn - 1, bn + 1, 2 * bn + 3]
+        epi = d["EPI"]
+        gather = epi != 0 or i % 2 == 0
+        s = seed + 70000 + 100 * i
+        c = make_case(s, d["W_FP8"], len(loads), Mp, Kp, loads, top_k=4, gather=gather, with_bias=(i % 2 == 1),
+                      with_rw=(epi != 0 and i % 3 == 0), out_std=4.0 if (epi == 1 and d["ACT"] == 2) else 2.0)
+        err, problems = run_check(kern, c, epi, d["ACT"], d["OUT_TYPE"], bn, d["BM"], odd_stride=(epi == 0 and i % 4 == 1))
+        tol = 1e-2 if d["W_FP8"] == 0 else 2e-2
+        ok = err <= tol and not problems
+        fails += not ok
+        status = "PASS" if ok else "FAIL"
+        print(f"{status} WS-K {variant_name(d)} Mp={Mp} Kp={Kp} P={c['P']} seed={s} regs={kern.regs} "
+              f"local={kern.local} rel_err={err:.2e} (tol {tol:.0e}) {'; '.join(problems)}")
+        rows.append((status, variant_name(d), f"{Mp}x{Kp}", err, kern.regs, kern.local))
+        del c
+    torch.cuda.empty_cache()
+    return rows, fails
 
 
 def main():
@@ -530,7 +610,8 @@ def main():
 
     plan = correctness_plan(a.quick)
     perf_plan = [] if a.no_perf else perf_variants()
-    kernels = compile_all(plan + [p[0] for p in perf_plan] + [d for d, _ in FP8_PRECISION_VARIANTS])
+    kernels = compile_all(plan + [p[0] for p in perf_plan] + [d for d, _ in FP8_PRECISION_VARIANTS]
+                          + [d for d, _, _ in ws_kp_cases()])
 
     rows = []
     fails = 0
@@ -549,6 +630,8 @@ def main():
         odd = epi == 0 and i % 5 == 0  # EPI=0 rows not 16-byte aligned: the staged store's element fallback
         err, problems = run_check(kern, c, epi, d["ACT"], d["OUT_TYPE"], bn, d["BM"], odd_stride=odd)
         tol = 1e-2 if d["W_FP8"] == 0 else 2e-2
+        if d.get("WG_WS", 0) and kern.regs != 168:  # setmaxnreg budget assumes the 384 x 168 launch pool
+            problems.append(f"WG_WS launch registers {kern.regs} != 168")
         ok = err <= tol and not problems
         fails += not ok
         status = "PASS" if ok else "FAIL"
@@ -559,6 +642,10 @@ def main():
         rows.append((status, variant_name(d), f"{Mp}x{Kp}", err, kern.regs, kern.local))
         del c
     torch.cuda.empty_cache()
+
+    ws_rows, wfails = run_ws_kp(kernels, a.seed, a.quick)
+    rows += ws_rows
+    fails += wfails
 
     prec_rows, pfails = run_fp8_precision(kernels, a.seed)
     fails += pfails
@@ -632,12 +719,30 @@ def perf_variants():
         pv.append((dict(W_FP8=w8, EPI=1, ACT=0, OUT_TYPE=0, BM=128, BN=128, WGMMA=1), "compute_gemm1"))
         pv.append((dict(W_FP8=w8, EPI=1, ACT=0, OUT_TYPE=0, BM=128, BN=128, WGMMA=1, STAGES=4), "compute_gemm1"))
         pv.append((dict(W_FP8=w8, EPI=1, ACT=0, OUT_TYPE=0, BM=128, BN=128, WGMMA=1, WG_FENCE=0), "compute_gemm1"))
+        # warp-specialised (WG_WS=1): producer warpgroup + mbarriers; the hardware-arrive variant; BN=64
+        ws = dict(W_FP8=w8, EPI=1, ACT=0, OUT_TYPE=0, BM=128, BN=128, WGMMA=1, WG_WS=1)
+        pv.append((ws, "compute_gemm1"))
+        pv.append((dict(ws, WG_WS_ARRIVE=1), "compute_gemm1"))
+        pv.append((dict(ws, WG_FENCE=0), "compute_gemm1"))
+        pv.append((dict(ws, STAGES=5), "compute_gemm1"))
+        pv.append((dict(ws, BN=64), "compute_gemm1"))
+        if w8 == 2:
+            pv.append((dict(ws, WG_OVERLAP=0), "compute_gemm1"))
+        if w8 == 1:
+            pv.append((dict(ws, WG_PROMOTE=1), "compute_gemm1"))
         pv.append((dict(W_FP8=w8, EPI=1, ACT=0, OUT_TYPE=0, BM=128, BN=64), "compute_gemm1"))
         pv.append((dict(W_FP8=w8, EPI=1, ACT=0, OUT_TYPE=0, BM=128, BN=64, WGMMA=1), "compute_gemm1"))
     pv.append((dict(W_FP8=0, EPI=0, ACT=0, OUT_TYPE=1, BM=128, BN=128), "compute_gemm2"))
     for w8 in (0, 1, 2):
         pv.append((dict(W_FP8=w8, EPI=0, ACT=0, OUT_TYPE=1, BM=128, BN=128, WGMMA=1), "compute_gemm2"))
     pv.append((dict(W_FP8=0, EPI=0, ACT=0, OUT_TYPE=1, BM=128, BN=64, WGMMA=1), "compute_gemm2"))
+    for w8 in (0, 1, 2):  # warp-specialised GEMM2, f32 and bf16 rows
+        for ot in (1, 0):
+            ws = dict(W_FP8=w8, EPI=0, ACT=0, OUT_TYPE=ot, BM=128, BN=128, WGMMA=1, WG_WS=1)
+            pv.append((ws, "compute_gemm2"))
+            pv.append((dict(ws, WG_WS_ARRIVE=1), "compute_gemm2"))
+        if w8 == 2:
+            pv.append((dict(ws, WG_OVERLAP=0), "compute_gemm2"))
     # promotion overlapped with the next K step (fp8 block scales: WG_OVERLAP=1 is the default; =0 is the
     # wait-per-step path) and per-tensor fp8 promoted (WG_PROMOTE=1), GEMM1 and GEMM2
     for bn in (128, 64):

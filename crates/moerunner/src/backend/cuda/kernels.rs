@@ -121,7 +121,15 @@ pub struct GemmVariant {
     pub bn: u32,
     /// wgmma instead of mma.sync (sm_90a only; BN in `WGMMA_BN`).
     pub wgmma: bool,
+    /// Warp-specialised wgmma: a loading warpgroup feeding two MMA warpgroups through mbarriers
+    /// (BN in `WS_BN`).
+    pub ws: bool,
 }
+
+/// Token-tile widths with a warp-specialised wgmma form. Measured on an H200 (check_gemm.py,
+/// 2026-12-01), GEMM1 64 experts × 1024 rows: at BN = 128 fp8 753 vs 689 TFLOP/s, fp8 block-scale
+/// 554 vs 496, bf16 equal (440); at BN = 64 it was slower (bf16 317 vs 344), so only 128.
+pub const WS_BN: [u32; 1] = [128];
 
 impl GemmVariant {
     pub fn bm(&self) -> u32 {
@@ -154,6 +162,7 @@ impl GemmVariant {
             // place (183), and staging GEMM2's rows through shared memory did not beat direct stores.
             "-DWG_OVERLAP=0".to_string(),
             "-DOUT_STAGE=0".to_string(),
+            format!("-DWG_WS={}", self.ws as u8),
         ]
     }
 
@@ -176,6 +185,7 @@ impl GemmVariant {
                         stage,
                         bn,
                         wgmma: false,
+                        ws: false,
                     });
                 }
                 for bn in WGMMA_BN {
@@ -184,6 +194,16 @@ impl GemmVariant {
                         stage,
                         bn,
                         wgmma: true,
+                        ws: false,
+                    });
+                }
+                for bn in WS_BN {
+                    all.push(GemmVariant {
+                        weight_code,
+                        stage,
+                        bn,
+                        wgmma: true,
+                        ws: true,
                     });
                 }
             }

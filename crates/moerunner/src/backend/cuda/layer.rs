@@ -107,6 +107,8 @@ pub struct CudaLayer {
     /// host round trip may happen inside `enqueue`).
     gemm_launch: HashMap<GemmVariant, (u32, u32)>,
     use_wgmma: bool,
+    /// Warp-specialised wgmma for the widest tiles (`MOERUNNER_WG_WS=0` turns it off).
+    use_ws: bool,
     workspace: Mutex<Option<Workspace>>,
 }
 
@@ -166,6 +168,7 @@ impl CudaLayer {
             router_bias,
             gemm_launch: HashMap::new(),
             use_wgmma: wgmma_allowed(&dev_arch),
+            use_ws: std::env::var("MOERUNNER_WG_WS").map_or(true, |v| v != "0"),
             workspace: Mutex::new(None),
         };
         // Compile (or fetch from the disk cache) every module this layer can use, so no forward call
@@ -219,11 +222,13 @@ impl CudaLayer {
         // 570624503439497085: H = I = 128, a single K step the fold cannot help, Llama-4 routing)
         // lands at 2.1e-2 through wgmma, over the 2e-2 tolerance; mma.sync gives 8e-3 at most.
         let wgmma = self.use_wgmma && self.weight_code != 1 && kernels::WGMMA_BN.contains(&bn);
+        let ws = wgmma && self.use_ws && kernels::WS_BN.contains(&bn);
         GemmVariant {
             weight_code: self.weight_code,
             stage,
             bn,
             wgmma,
+            ws,
         }
     }
 

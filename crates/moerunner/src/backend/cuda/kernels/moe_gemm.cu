@@ -75,6 +75,22 @@
 //             accumulation over all of K (the e4m3 wgmma accumulator keeps ~14 bits)   [default 0]
 //   WG_FENCE  (WGMMA=1 only) 1 = fence.proxy.async.shared::cta after each cp.async wait [default 1];
 //             0 drops it (CUTLASS's cp.async + GMMA mainloop has none; kept on by default to be safe).
+//   WG_WS     (WGMMA=1, BM=128, BN=64|128, WG_KSPLIT=1) 1 = warp-specialised: 384 threads, warpgroups 0 and 1
+//             consume (wgmma, as above: warpgroup q owns weight rows 64q..64q+63, the epilogue is the same),
+//             warpgroup 2 only loads (the same cp.async gather / zero fill, 128 loader threads) into a ring of
+//             STAGES slots; mbarriers instead of __syncthreads: full[s] (one arrival per producer warp, or
+//             per producer thread with WG_WS_ARRIVE=1) and empty[s] (one arrival per consumer warp, after the
+//             wgmma reading the slot were retired by wgmma.wait_group, and for W_FP8=2 after the fold read
+//             its scales). setmaxnreg: producer 48, consumers 224 (WG_WS_PREGS=40: 232; the pool is
+//             the launch's 384 x 168). The consumers keep one K step's wgmma in flight (slot released one step
+//             late, so all STAGES - 2 other slots are loading); the promoted
+//             paths (MG_PROMOTE) use the same WG_OVERLAP choice as above. EPI=0 staged store: the consumers
+//             alone (named barrier 1, 256 threads; the producer has exited).   [default 0]
+//   WG_WS_ARRIVE (WG_WS=1) 0 = each producer thread waits for its cp.async group of step j (wait_group,
+//             STAGES - 2 groups behind the newest), fences (fence.proxy.async.shared::cta, WG_FENCE), then
+//             lane 0 of each producer warp arrives (after __syncwarp) on full[j]; 1 = cp.async.mbarrier.arrive
+//             .noinc (the hardware arrives when the thread's copies land, the producer never waits on its
+//             own loads) and the consumers fence (WG_FENCE) after their full-barrier wait.   [default 0]
 //
 // Block: NTHREADS = 32 * WARPS_M * WARPS_N * WARPS_K threads (256 with the defaults; WGMMA=1: 2 * BM, or 256
 // with WG_KSPLIT=2), grid (Mp/BM, max_tiles).
@@ -135,6 +151,20 @@
 #ifndef WG_OVERLAP
 #define WG_OVERLAP 1
 #endif
+#ifndef WG_WS
+#define WG_WS 0
+#endif
+#ifndef WG_WS_ARRIVE
+#define WG_WS_ARRIVE 0
+#endif
+#ifndef WG_WS_PREGS
+#define WG_WS_PREGS 48  // producer registers (setmaxnreg.dec); 40 made the W_FP8=2 (and WG_WS_ARRIVE=1) loader spill
+#endif
+// consumer registers (setmaxnreg.inc): the CTA's register pool is what it was launched with, 384 threads x 168
+// (__launch_bounds__(384, 1): 65536 / 384 rounded down to 8; ptxas reports 168 for every WS variant); the
+// consumers may take what the producer gave back, a multiple of 8 (an .inc beyond the pool never returns):
+// producer 40 -> consumers 232, 48 -> 224
+#define MG_WS_CREGS MG_MIN(240, ((168 * 384 - 128 * WG_WS_PREGS) / 256) & ~7)
 #ifndef OUT_STAGE
 // (not with the three 64-float accumulator sets of the BN = 128 promoted overlap: ptxas spills in the main loop)
 #define OUT_STAGE (EPI == 0 && !(MG_PROMOTE && WG_OVERLAP && BN == 128))
@@ -210,7 +240,13 @@
 #endif
 
 #define MG_NWARPS (WARPS_M * WARPS_N * WARPS_K)
+#if WG_WS
+#define MG_NTHREADS (MG_NWARPS * 32 + 128)  // + the producer warpgroup (MG_NWARPS: the consumer warps)
+#define MG_LDT 128                          // loader threads
+#else
 #define MG_NTHREADS (MG_NWARPS * 32)
+#define MG_LDT MG_NTHREADS
+#endif
 #define MG_WTM (BM / WARPS_M)          // warp tile rows
 #define MG_WTN (BN / WARPS_N)          // warp tile columns
 #define MG_MT (MG_WTM / 16)            // m16 tiles per warp
@@ -229,6 +265,7 @@
 #define MG_STG_LD (BM + (OUT_TYPE == 1 ? 4 : 8))
 #define MG_STG_BYTES (MG_OUT_STAGED ? BN * MG_STG_LD * (OUT_TYPE == 1 ? 4 : 2) : 0)
 #define MG_MAX(a, b) ((a) > (b) ? (a) : (b))
+#define MG_MIN(a, b) ((a) < (b) ? (a) : (b))
 #if WGMMA
 #define MG_SMEM_BYTES (MG_PIPE_BYTES + 1024)  // + slack to align the operand tiles to 1024 bytes
 #else
@@ -250,9 +287,10 @@ static_assert(WARPS_K == 1 || WARPS_K == 2 || WARPS_K == 4, "WARPS_K must be 1, 
 static_assert(BM % (16 * WARPS_M) == 0, "BM must be a multiple of 16*WARPS_M");
 static_assert(BN % (8 * WARPS_N) == 0, "BN must be a multiple of 8*WARPS_N");
 static_assert(MG_NTHREADS % 64 == 0 && MG_NTHREADS <= 1024, "thread count must be a multiple of 64");
-static_assert((BM * 8) % MG_NTHREADS == 0, "weight tile chunks must divide evenly between threads");
+static_assert((BM * 8) % MG_LDT == 0, "weight tile chunks must divide evenly between threads");
 static_assert(BN <= MG_NTHREADS, "BN must not exceed the thread count");
-static_assert(W_FP8 != 2 || MG_NTHREADS >= BM / 8 + BN, "not enough threads to load the block scales");
+static_assert(W_FP8 != 2 || MG_LDT >= BM / 8 + BN || (WG_WS && 2 * MG_LDT >= BM / 8 + BN),
+              "not enough threads to load the block scales");
 static_assert(MG_NTL == 1 || MG_NTL % 2 == 0, "n8 tiles per warp must be 1 or even");
 static_assert(WGMMA == 0 || WGMMA == 1, "WGMMA must be 0 or 1");
 #if WGMMA
@@ -266,6 +304,11 @@ static_assert(MG_SW_BYTES % 1024 == 0 && MG_SA_BYTES % 1024 == 0, "WGMMA=1: oper
 static_assert(STAGES >= 3, "WGMMA=1 needs STAGES >= 3 (prefetch distance STAGES - 2)");
 static_assert(MG_SMEM_BYTES <= 232448, "WGMMA=1: too many stages for 227 KB of shared memory");
 #endif
+static_assert(WG_WS == 0 || WG_WS == 1, "WG_WS must be 0 or 1");
+static_assert(WG_WS_ARRIVE == 0 || WG_WS_ARRIVE == 1, "WG_WS_ARRIVE must be 0 or 1");
+static_assert(WG_WS_PREGS >= 24 && WG_WS_PREGS <= 168 && WG_WS_PREGS % 8 == 0, "WG_WS_PREGS: 24..168, a multiple of 8");
+static_assert(WG_WS == 0 || (WGMMA && BM == 128 && (BN == 64 || BN == 128) && WG_KSPLIT == 1),
+              "WG_WS=1 needs WGMMA=1, BM=128, BN=64|128, WG_KSPLIT=1");
 
 extern "C" {
 __constant__ int moe_gemm_meta[8] = {MG_NTHREADS, MG_SMEM_BYTES, BM, BN, STAGES, WARPS_M, WARPS_N, WARPS_K};
@@ -352,6 +395,37 @@ __device__ __forceinline__ void mg_wg_wait() {
 }
 // cp.async writes are generic-proxy writes; wgmma reads shared memory through the async proxy.
 __device__ __forceinline__ void mg_fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+#if WG_WS
+// mbarriers (shared::cta): init with an expected arrival count, arrive (release.cta), wait for the phase of a
+// parity to complete (acquire.cta); predicated arrive keeps the consumer loop straight-line (no branch)
+__device__ __forceinline__ void mg_mbar_init(u32 bar, u32 count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(bar), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mg_mbar_arrive_if(u32 bar, bool pred) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %1, 0;\n@p mbarrier.arrive.shared::cta.b64 _, [%0];\n}\n"
+                 ::"r"(bar), "r"((u32)pred) : "memory");
+}
+__device__ __forceinline__ void mg_mbar_wait(u32 bar, u32 parity) {
+    u32 ok;
+    do {
+        asm volatile("{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+                     : "=r"(ok) : "r"(bar), "r"(parity) : "memory");
+    } while (!ok);
+}
+// the hardware arrives on bar once all of this thread's earlier cp.async have landed (pending count not
+// incremented: the barrier's expected count includes these arrivals)
+__device__ __forceinline__ void mg_cp_mbar_arrive(u32 bar) {
+    asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];" ::"r"(bar) : "memory");
+}
+template <int N>
+__device__ __forceinline__ void mg_setmaxnreg_inc() {
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(N));
+}
+template <int N>
+__device__ __forceinline__ void mg_setmaxnreg_dec() {
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(N));
+}
+#endif
 // keeps the compiler from moving accumulator accesses across the wgmma fence / wait points
 __device__ __forceinline__ void mg_reg_fence(float& x) { asm volatile("" : "+f"(x)::"memory"); }
 
@@ -533,6 +607,26 @@ extern "C" __global__ void __launch_bounds__(MG_NTHREADS, MIN_BLOCKS) moe_gemm(
     const int tid = threadIdx.x;
     const int lane = tid & 31;
     const int warp = tid >> 5;
+#if WG_WS
+    // full[s] (s < STAGES), empty[s], and a spare one (arrived on in place of a release that has no slot)
+    __shared__ __align__(8) u64 s_bar[2 * STAGES + 1];
+    const u32 bar_full = mg_smem_addr(&s_bar[0]);
+    const u32 bar_empty = bar_full + 8 * STAGES;
+    const u32 bar_spare = bar_full + 16 * STAGES;
+    if (tid == 0) {
+#pragma unroll
+        for (int s = 0; s < STAGES; ++s) {
+            mg_mbar_init(bar_full + 8 * s, WG_WS_ARRIVE ? MG_LDT : MG_LDT / 32);
+            mg_mbar_init(bar_empty + 8 * s, MG_NWARPS);
+        }
+        mg_mbar_init(bar_spare, MG_NWARPS);
+        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    }
+    // loader thread index (warpgroup 2 loads; the consumers' copy of the setup below is never used)
+    const int ltid = tid & (MG_LDT - 1);
+#else
+    const int ltid = tid;
+#endif
 
     if (tid < BN) {
         int r = -1;
@@ -555,9 +649,9 @@ extern "C" __global__ void __launch_bounds__(MG_NTHREADS, MIN_BLOCKS) moe_gemm(
     // ---- loader setup: thread owns chunk (tid & 7) of rows (tid >> 3) + i * NTHREADS/8
     const long long kbytes = (long long)Kp * MG_ESZ;  // bytes per row
     const int nk = (int)(kbytes >> 7);                // 128-byte K steps
-    const int ld_c = tid & 7;
-    const int ld_r = tid >> 3;
-    constexpr int ROWS_PER_PASS = MG_NTHREADS / 8;    // a multiple of 8: the swizzle is the same each pass
+    const int ld_c = ltid & 7;
+    const int ld_r = ltid >> 3;
+    constexpr int ROWS_PER_PASS = MG_LDT / 8;         // a multiple of 8: the swizzle is the same each pass
     const u32 swz = (u32)(((ld_c ^ (ld_r & 7)) << 4));
 
 #if WGMMA
@@ -572,12 +666,12 @@ extern "C" __global__ void __launch_bounds__(MG_NTHREADS, MIN_BLOCKS) moe_gemm(
     const u32 sS = sA + STAGES * MG_SA_BYTES;
 #endif
 
-    constexpr int WCH = BM * 8 / MG_NTHREADS;
+    constexpr int WCH = BM * 8 / MG_LDT;
     const u8* wsrc = w + ((long long)e * Mp + m_base + ld_r) * kbytes + ld_c * 16;
     const long long wpass = (long long)ROWS_PER_PASS * kbytes;
     const u32 wdst = (u32)(ld_r * 128) + swz;
 
-    constexpr int ACH = (BN * 8 + MG_NTHREADS - 1) / MG_NTHREADS;
+    constexpr int ACH = (BN * 8 + MG_LDT - 1) / MG_LDT;
     const u8* asrc[ACH];
     u32 asz[ACH];
 #pragma unroll
@@ -588,7 +682,28 @@ extern "C" __global__ void __launch_bounds__(MG_NTHREADS, MIN_BLOCKS) moe_gemm(
         asz[i] = r >= 0 ? 16u : 0u;
     }
 
-#if W_FP8 == 2
+#if W_FP8 == 2 && WG_WS
+    // scale floats ltid and ltid + MG_LDT of each stage (BM/8 weight row groups, then BN activation rows)
+    const int kblocks = Kp >> 7;
+    const float* ssrc2[2];
+    u32 ssz2[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        const int t = ltid + h * MG_LDT;
+        ssrc2[h] = act_scale;
+        ssz2[h] = 0;
+        if (t < BM / 8) {
+            ssrc2[h] = w_scale + ((long long)e * (Mp / 8) + m_base / 8 + t) * kblocks;
+            ssz2[h] = 4;
+        } else if (t < BM / 8 + BN) {
+            const int r = s_row[t - BM / 8];
+            if (r >= 0) {
+                ssrc2[h] = act_scale + (long long)r * kblocks;
+                ssz2[h] = 4;
+            }
+        }
+    }
+#elif W_FP8 == 2
     const int kblocks = Kp >> 7;
     const float* ssrc = act_scale;
     u32 ssz = 0;
@@ -615,7 +730,13 @@ extern "C" __global__ void __launch_bounds__(MG_NTHREADS, MIN_BLOCKS) moe_gemm(
             if ((BN * 8) % MG_NTHREADS == 0 || ld_r + i * ROWS_PER_PASS < BN)
                 mg_cp16z(dA + i * ROWS_PER_PASS * 128, asz[i] ? asrc[i] + koff : asrc[i], asz[i]);
         }
-#if W_FP8 == 2
+#if W_FP8 == 2 && WG_WS
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const int t = ltid + h * MG_LDT;
+            if (t < BM / 8 + BN) mg_cp4z(sS + (slot * MG_SS_FLOATS + t) * 4, ssz2[h] ? ssrc2[h] + ks : ssrc2[h], ssz2[h]);
+        }
+#elif W_FP8 == 2
         if (tid < BM / 8 + BN) mg_cp4z(sS + (slot * MG_SS_FLOATS + tid) * 4, ssz ? ssrc + ks : ssrc, ssz);
 #endif
     };
@@ -638,6 +759,63 @@ extern "C" __global__ void __launch_bounds__(MG_NTHREADS, MIN_BLOCKS) moe_gemm(
     float acc[MG_MT][MG_NTL][4];
     float* const accf = &acc[0][0][0];
 
+#if WG_WS
+    // ---- warp specialisation (WG_WS): warpgroup 2 loads, warpgroups 0 and 1 issue the wgmma (see the header)
+    if (warp >= MG_NWARPS) {
+        mg_setmaxnreg_dec<WG_WS_PREGS>();
+        int slot_i = 0;  // slot of the step loaded next
+        u32 ph_i = 0;    // parity of its use count (n = j / STAGES): wait for empty phase n - 1
+#if WG_WS_ARRIVE
+        for (int j = 0; j < nk; ++j) {
+            if (j >= STAGES) mg_mbar_wait(bar_empty + 8 * slot_i, ph_i ^ 1u);
+            load_stage(slot_i, j);
+            mg_cp_mbar_arrive(bar_full + 8 * slot_i);
+            slot_i = slot_i + 1 == STAGES ? 0 : slot_i + 1;
+            ph_i ^= (u32)(slot_i == 0);
+        }
+        asm volatile("cp.async.wait_all;" ::: "memory");
+#else
+        // iteration j: signal step j - LAG (its group landed), then load step j. Step j needs the release of
+        // step j - STAGES, which the consumers give after issuing step j - STAGES + 1, signalled at iteration
+        // j - STAGES + 1 + LAG = j - 1 (no deadlock for LAG <= STAGES - 1; the consumers hold two slots, so
+        // at most STAGES - 2 can be loading anyway)
+        constexpr int LAG = STAGES - 2;
+        int slot_s = 0;  // slot of the step signalled next
+        for (int j = 0; j < nk + LAG; ++j) {
+            if (j >= LAG) {
+                mg_cp_wait<LAG - 1>();  // this thread's group j - LAG has landed (j groups committed) ...
+#if WG_FENCE
+                mg_fence_proxy_async();  // ... and is visible to the async proxy ...
+#endif
+                __syncwarp();            // ... for the whole warp; lane 0 arrives for it
+                mg_mbar_arrive_if(bar_full + 8 * slot_s, lane == 0);
+                slot_s = slot_s + 1 == STAGES ? 0 : slot_s + 1;
+            }
+            if (j < nk) {
+                if (j >= STAGES) mg_mbar_wait(bar_empty + 8 * slot_i, ph_i ^ 1u);
+                load_stage(slot_i, j);
+            }
+            mg_cp_commit();  // (empty groups in the tail keep the group count uniform)
+            slot_i = slot_i + 1 == STAGES ? 0 : slot_i + 1;
+            ph_i ^= (u32)(slot_i == 0);
+        }
+#endif
+        return;
+    }
+    mg_setmaxnreg_inc<MG_WS_CREGS>();
+    int slot_c = 0;  // slot of the step consumed next
+    u32 ph_c = 0;    // parity of its fill count
+    auto full_wait = [&]() {
+        mg_mbar_wait(bar_full + 8 * slot_c, ph_c);
+#if WG_WS_ARRIVE && WG_FENCE
+        mg_fence_proxy_async();  // (the cp.async landed through the hardware arrive: fence on this side)
+#endif
+    };
+    auto advance = [&]() {
+        slot_c = slot_c + 1 == STAGES ? 0 : slot_c + 1;
+        ph_c ^= (u32)(slot_c == 0);
+    };
+#else
     // prologue: STAGES - 2 stages in flight (a slot is refilled two steps after its wgmma was issued)
 #pragma unroll
     for (int s = 0; s < STAGES - 2; ++s) {
@@ -662,6 +840,7 @@ extern "C" __global__ void __launch_bounds__(MG_NTHREADS, MIN_BLOCKS) moe_gemm(
         slot_c = slot_c + 1 == STAGES ? 0 : slot_c + 1;
         slot_l = slot_l + 1 == STAGES ? 0 : slot_l + 1;
     };
+#endif  // WG_WS
     // the four (WG_KSPLIT = 2: two) wgmma of one K step from stage `slot` into d; acc_in = 0: the first
     // overwrites d (scale-d = 0), 1: all add to d (unpromoted: every step after the first; the overlap:
     // every step, d re-zeroed by the fold before)
@@ -733,6 +912,41 @@ extern "C" __global__ void __launch_bounds__(MG_NTHREADS, MIN_BLOCKS) moe_gemm(
         }
         int slot_p = slot_c;  // stage of the step whose partial awaits its fold (step 0's scales landed first)
         int ks = 0;
+#if WG_WS
+        // after each fold the folded step's slot is released (its wgmma retired, its scales read); the first
+        // fold (a zero part1) releases nothing: it arrives on the spare barrier (the loop stays straight-line)
+        u32 rel = bar_spare;
+        for (; ks + 1 < nk; ks += 2) {
+            full_wait();
+            issue(part0, slot_c, 1);
+            mg_wg_wait<1>();  // step ks-1 (part1) complete
+            fold(part1, slot_p);
+            mg_mbar_arrive_if(rel, lane == 0);
+            slot_p = slot_c;
+            rel = bar_empty + 8 * slot_c;
+            advance();
+            full_wait();
+            issue(part1, slot_c, 1);
+            mg_wg_wait<1>();  // step ks (part0) complete
+            fold(part0, slot_p);
+            mg_mbar_arrive_if(rel, lane == 0);
+            slot_p = slot_c;
+            rel = bar_empty + 8 * slot_c;
+            advance();
+        }
+        if (ks < nk) {  // nk odd: the last step goes to part0 (nothing is loaded after it: no more releases)
+            full_wait();
+            issue(part0, slot_c, 1);
+            mg_wg_wait<1>();
+            fold(part1, slot_p);
+            slot_p = slot_c;
+            mg_wg_wait<0>();
+            fold(part0, slot_p);
+        } else {
+            mg_wg_wait<0>();
+            fold(part1, slot_p);
+        }
+#else
         for (; ks + 1 < nk; ks += 2) {
             step_head(ks);
             issue(part0, slot_c, 1);
@@ -760,9 +974,20 @@ extern "C" __global__ void __launch_bounds__(MG_NTHREADS, MIN_BLOCKS) moe_gemm(
             mg_wg_wait<0>();
             fold(part1, slot_p);
         }
+#endif  // WG_WS
     }
 #else
     // wait for each step's wgmma (wait_group 0) and fold before the next step is issued
+#if WG_WS
+    for (int ks = 0; ks < nk; ++ks) {
+        full_wait();
+        issue(part0, slot_c, false);
+        mg_wg_wait<0>();
+        fold(part0, slot_c);
+        mg_mbar_arrive_if(bar_empty + 8 * slot_c, lane == 0);  // wgmma retired, scales read
+        advance();
+    }
+#else
     for (int ks = 0; ks < nk; ++ks) {
         step_head(ks);
         issue(part0, slot_c, false);
@@ -771,8 +996,22 @@ extern "C" __global__ void __launch_bounds__(MG_NTHREADS, MIN_BLOCKS) moe_gemm(
         advance();
     }
 #endif
+#endif
 #else
     // (acc is not initialised here; the first wgmma runs with scale-d = 0; nk == 0 -> epilogue)
+#if WG_WS
+    u32 rel = bar_spare;  // slot of step ks-1, released once its wgmma retired (ks = 0: the spare barrier)
+    for (int ks = 0; ks < nk; ++ks) {
+        full_wait();
+        issue(accf, slot_c, ks != 0);
+        mg_wg_wait<1>();  // the wgmma of step ks-1 are complete: release its slot
+#pragma unroll
+        for (int i = 0; i < NACC; ++i) mg_reg_fence(accf[i]);
+        mg_mbar_arrive_if(rel, lane == 0);
+        rel = bar_empty + 8 * slot_c;
+        advance();
+    }
+#else
     for (int ks = 0; ks < nk; ++ks) {
         step_head(ks);
         issue(accf, slot_c, ks != 0);
@@ -781,6 +1020,7 @@ extern "C" __global__ void __launch_bounds__(MG_NTHREADS, MIN_BLOCKS) moe_gemm(
         for (int i = 0; i < NACC; ++i) mg_reg_fence(accf[i]);
         advance();
     }
+#endif
 #endif
     mg_wg_wait<0>();
 #pragma unroll
@@ -940,11 +1180,19 @@ extern "C" __global__ void __launch_bounds__(MG_NTHREADS, MIN_BLOCKS) moe_gemm(
 #endif
 
 #if MG_OUT_STAGED
+#if WG_WS
+    // (the producer warpgroup has exited: the consumers synchronise among themselves, named barrier 1)
+#define MG_EPI_SYNC() asm volatile("bar.sync 1, %0;" ::"n"(MG_NWARPS * 32) : "memory")
+#define MG_EPI_THREADS (MG_NWARPS * 32)
+#else
+#define MG_EPI_SYNC() __syncthreads()
+#define MG_EPI_THREADS MG_NTHREADS
+#endif
     // ---- EPI = 0 epilogue through shared memory (OUT_STAGE): the fragments (after the scale, row weight and
     // bias) are written to a [BN][BM + pad] tile in the output type, then every thread stores 16-byte
     // chunks of whole output rows (BM consecutive features of one position: 256 or 512 contiguous bytes)
     mg_cp_wait<0>();
-    __syncthreads();  // every warp is done with the pipeline (and reduction) buffers
+    MG_EPI_SYNC();  // every warp is done with the pipeline (and reduction) buffers
     {
         u8* const stg = smem;  // (the unaligned base: nothing of the main loop stays live for it)
         if (warp_k == 0 && warp_active) {
@@ -996,11 +1244,11 @@ extern "C" __global__ void __launch_bounds__(MG_NTHREADS, MIN_BLOCKS) moe_gemm(
                 }
             }
         }
-        __syncthreads();
+        MG_EPI_SYNC();
         constexpr int ESZ = OUT_TYPE == 1 ? 4 : 2;
         constexpr int CPR = BM * ESZ / 16;  // 16-byte chunks per output row
         const bool vec_ok = (((unsigned long long)out | (unsigned long long)((long long)out_stride * ESZ)) & 15) == 0;
-        for (int idx = tid; idx < nrows * CPR; idx += MG_NTHREADS) {
+        for (int idx = tid; idx < nrows * CPR; idx += MG_EPI_THREADS) {
             const int n = idx / CPR;
             const int cc = idx - n * CPR;
             const uint4 v = *(const uint4*)(stg + n * (MG_STG_LD * ESZ) + cc * 16);
