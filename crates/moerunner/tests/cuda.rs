@@ -569,3 +569,26 @@ fn gpu_wide_tiles_every_format_and_activation() {
         }
     }
 }
+
+#[test]
+fn gpu_huge_batch_runs_in_slices() {
+    // 70 000 tokens × k = 8 is more pairs than one launch sequence takes (MAX_PAIRS_PER_LAUNCH):
+    // the call runs in two slices and must equal the reference on tokens of both.
+    let Some(runner) = gpu_runner() else { return };
+    let cfg = config(
+        WeightFormat::Bf16,
+        16,
+        256,
+        128,
+        Activation::Swiglu,
+        RoutingConfig::new(RoutingMethod::Renormalize, 8),
+    );
+    for (i, mode) in [RoutingMode::Logits, RoutingMode::Packed]
+        .into_iter()
+        .enumerate()
+    {
+        let seed = 0x5_11CE + i as u64;
+        let err = gpu_vs_reference(&runner, &cfg, 70_000, mode, DType::BF16, seed, 70);
+        assert_within(err, &cfg, &format!("seed={seed} T=70000 {mode:?}"));
+    }
+}

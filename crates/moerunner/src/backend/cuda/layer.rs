@@ -767,6 +767,75 @@ impl CudaLayer {
                 routes: host_routes,
             });
         }
+        // Huge batches run in slices of at most MAX_PAIRS_PER_LAUNCH (token, slot) pairs: every step
+        // is per token, so slicing changes nothing in the result, and it bounds the workspace
+        // (GEMM2's rows alone are pairs × H) and the GEMM grids (≤ 65535 work tiles).
+        let chunk = (MAX_PAIRS_PER_LAUNCH / k).max(1);
+        if tokens <= chunk {
+            return self.forward_slice(input, host_routes);
+        }
+        let mut out_bytes = Vec::with_capacity(tokens * h * hidden.dtype.size());
+        let mut routes = Routes {
+            tokens,
+            top_k: k,
+            ids: Vec::with_capacity(tokens * k),
+            weights: Vec::with_capacity(tokens * k),
+            weight_on_input: host_routes.weight_on_input,
+        };
+        for start in (0..tokens).step_by(chunk) {
+            let end = (start + chunk).min(tokens);
+            let x = row_slice(hidden, "hidden_states", start, end)?;
+            let (logits, ids, weights);
+            let routing = match input.routing {
+                RoutingInput::Logits(l) => {
+                    logits = row_slice(l, "router_logits", start, end)?;
+                    RoutingInput::Logits(&logits)
+                }
+                RoutingInput::TopK { ids: i, weights: w } => {
+                    ids = row_slice(i, "topk_ids", start, end)?;
+                    weights = row_slice(w, "topk_weights", start, end)?;
+                    RoutingInput::TopK {
+                        ids: &ids,
+                        weights: &weights,
+                    }
+                }
+                RoutingInput::Packed(pk) => {
+                    logits = row_slice(pk, "topk_packed", start, end)?;
+                    RoutingInput::Packed(&logits)
+                }
+            };
+            let part_routes = Routes {
+                tokens: end - start,
+                top_k: k,
+                ids: host_routes.ids[start * k..end * k].to_vec(),
+                weights: host_routes.weights[start * k..end * k].to_vec(),
+                weight_on_input: host_routes.weight_on_input,
+            };
+            let part = self.forward_slice(
+                &ForwardInput {
+                    hidden: &x,
+                    routing,
+                },
+                part_routes,
+            )?;
+            out_bytes.extend_from_slice(&part.output.bytes);
+            routes.ids.extend_from_slice(&part.routes.ids);
+            routes.weights.extend_from_slice(&part.routes.weights);
+        }
+        let output = HostTensor::new("output", hidden.dtype, vec![tokens, h], out_bytes.into())?;
+        Ok(ForwardOutput { output, routes })
+    }
+
+    /// One launch sequence for an already validated input of at most MAX_PAIRS_PER_LAUNCH pairs.
+    fn forward_slice(
+        &self,
+        input: &ForwardInput<'_>,
+        host_routes: Routes,
+    ) -> Result<ForwardOutput> {
+        let hidden = input.hidden;
+        let tokens = hidden.shape[0];
+        let h = self.layer.config().hidden;
+        let k = self.top_k();
         self.with_workspace(tokens, |ws| {
             let dev = &*self.dev;
             let source = self.stage_inputs(ws, input, &host_routes)?;
@@ -793,12 +862,31 @@ impl CudaLayer {
                         weight_on_input: host_routes.weight_on_input,
                     }
                 }
-                _ => host_routes.clone(),
+                _ => host_routes,
             };
             let output = HostTensor::new("output", hidden.dtype, vec![tokens, h], out.into())?;
             Ok(ForwardOutput { output, routes })
         })
     }
+}
+
+/// Pairs (tokens × k) one launch sequence handles; larger calls are sliced by tokens.
+pub const MAX_PAIRS_PER_LAUNCH: usize = 1 << 19;
+
+/// Rows [start, end) of a tensor whose first dimension is tokens.
+fn row_slice(t: &HostTensor, name: &str, start: usize, end: usize) -> Result<HostTensor> {
+    let rows = t.shape.first().copied().unwrap_or(0);
+    let row_bytes = if rows == 0 { 0 } else { t.bytes.len() / rows };
+    let mut shape = t.shape.clone();
+    if let Some(first) = shape.first_mut() {
+        *first = end - start;
+    }
+    HostTensor::new(
+        name,
+        t.dtype,
+        shape,
+        t.bytes[start * row_bytes..end * row_bytes].to_vec().into(),
+    )
 }
 
 fn wgmma_allowed(arch: &str) -> bool {
