@@ -74,36 +74,14 @@ impl Runner {
         &self.backends
     }
 
-    /// Whether `choice` can run `config` here, or why not (for `Auto`: whether any backend can).
-    pub fn supports(
+    /// The backend `choice` picks for `config`, or every considered backend's reason for refusing
+    /// it (empty when `choice` names no known backend). The one selection rule of `load` and
+    /// `supports`.
+    fn choose(
         &self,
         choice: &BackendChoice,
         config: &crate::config::LayerConfig,
-    ) -> std::result::Result<(), String> {
-        let mut why = Vec::new();
-        for reg in &self.backends {
-            let named = matches!(choice, BackendChoice::Named(n) if n == reg.name());
-            if !named && *choice != BackendChoice::Auto {
-                continue;
-            }
-            match reg {
-                Registered::Unavailable { name, reason } => why.push(format!("{name}: {reason}")),
-                Registered::Ready(b) => match b.supports(config) {
-                    Ok(()) => return Ok(()),
-                    Err(e) => why.push(format!("{}: {e}", b.name())),
-                },
-            }
-        }
-        Err(if why.is_empty() {
-            format!("unknown backend {choice:?}")
-        } else {
-            why.join("; ")
-        })
-    }
-
-    /// Loads `layer` on the chosen backend.
-    pub fn load(&self, layer: MoeLayer, choice: &BackendChoice) -> Result<Box<dyn LoadedLayer>> {
-        let layer = Arc::new(layer);
+    ) -> std::result::Result<&dyn Backend, Vec<(String, String)>> {
         let mut reasons = Vec::new();
         for reg in &self.backends {
             let wanted = match choice {
@@ -125,24 +103,49 @@ impl Runner {
                         ));
                         continue;
                     }
-                    match b.supports(layer.config()) {
-                        Ok(()) => return b.load(layer),
+                    match b.supports(config) {
+                        Ok(()) => return Ok(&**b),
                         Err(why) => reasons.push((b.name().to_string(), why)),
                     }
                 }
             }
         }
-        if reasons.is_empty() {
-            let names: Vec<&str> = self.backends.iter().map(|r| r.name()).collect();
-            return Err(MoeError::invalid(
-                "backend",
-                format!(
-                    "unknown backend {choice:?}; known: auto, {}",
-                    names.join(", ")
-                ),
-            ));
+        Err(reasons)
+    }
+
+    /// Whether `choice` can run `config` here, or why not.
+    pub fn supports(
+        &self,
+        choice: &BackendChoice,
+        config: &crate::config::LayerConfig,
+    ) -> std::result::Result<(), String> {
+        match self.choose(choice, config) {
+            Ok(_) => Ok(()),
+            Err(reasons) if reasons.is_empty() => Err(format!("unknown backend {choice:?}")),
+            Err(reasons) => Err(reasons
+                .iter()
+                .map(|(name, why)| format!("{name}: {why}"))
+                .collect::<Vec<_>>()
+                .join("; ")),
         }
-        Err(MoeError::NoBackend { reasons })
+    }
+
+    /// Loads `layer` on the chosen backend.
+    pub fn load(&self, layer: MoeLayer, choice: &BackendChoice) -> Result<Box<dyn LoadedLayer>> {
+        match self.choose(choice, layer.config()) {
+            Ok(backend) => backend.load(Arc::new(layer)),
+            Err(reasons) if reasons.is_empty() => {
+                let names: Vec<&str> = self.backends.iter().map(|r| r.name()).collect();
+                Err(MoeError::invalid(
+                    "backend",
+                    format!(
+                        "unknown backend {choice:?}; known: auto, {}",
+                        names.join(", ")
+                    ),
+                ))
+            }
+            Err(reasons) => Err(MoeError::NoBackend { reasons }),
+        }
     }
 }
 
