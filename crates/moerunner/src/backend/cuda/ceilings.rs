@@ -122,7 +122,6 @@ fn gemm_tflops(dev: &Device, fp8: bool) -> Result<f64> {
     if !unsafe { ltsys::is_culib_present() } {
         return Err(MoeError::Cuda("libcublasLt (CUDA 13) was not found".into()));
     }
-    let elem = if fp8 { 1 } else { 2 };
     let a = dev.upload(&random_matrix(N * N, fp8, 11))?;
     let b = dev.upload(&random_matrix(N * N, fp8, 12))?;
     let d = dev.alloc(N * N * 2)?;
@@ -134,7 +133,6 @@ fn gemm_tflops(dev: &Device, fp8: bool) -> Result<f64> {
         ltsys::cudaDataType::CUDA_R_16BF
     };
     let out_type = ltsys::cudaDataType::CUDA_R_16BF;
-    let _ = elem;
     let handle = lt::create_handle().map_err(|e| lt_err("handle", e))?;
     let desc = lt::create_matmul_desc(
         ltsys::cublasComputeType_t::CUBLAS_COMPUTE_32F,

@@ -174,28 +174,35 @@ impl CudaLayer {
         // Compile (or fetch from the disk cache) every module this layer can use, so no forward call
         // pays for NVRTC and a kernel that does not compile fails the load, not a later call.
         let mut loaded = loaded;
-        for key in loaded.module_keys() {
-            let f = loaded.dev.function(&key, key_entry(&key))?;
-            if key.source == Source::Gemm {
-                // moe_gemm_meta = {NTHREADS, SMEM, BM, BN, STAGES, WARPS_M, WARPS_N, WARPS_K}.
-                let meta = loaded
-                    .dev
-                    .module_ints(&key, "moe_gemm", "moe_gemm_meta", 8)?;
-                let v = loaded.variant_of(&key)?;
-                if meta[2] as u32 != v.bm() || meta[3] as u32 != v.bn {
-                    return Err(MoeError::Cuda(format!(
-                        "internal: moe_gemm built for BM={} BN={}, expected {}x{}",
-                        meta[2],
-                        meta[3],
-                        v.bm(),
-                        v.bn
-                    )));
-                }
-                set_smem_limit(&f, meta[1] as u32)?;
-                loaded
-                    .gemm_launch
-                    .insert(v, (meta[0] as u32, meta[1] as u32));
+        for source in [
+            Source::Routing,
+            Source::Sort,
+            Source::Quant,
+            Source::Combine,
+        ] {
+            let key = ModuleKey::plain(source);
+            loaded.dev.function(&key, key_entry(&key))?;
+        }
+        for v in loaded.gemm_variants() {
+            let key = ModuleKey::gemm(v);
+            let f = loaded.dev.function(&key, "moe_gemm")?;
+            // moe_gemm_meta = {NTHREADS, SMEM, BM, BN, STAGES, WARPS_M, WARPS_N, WARPS_K}.
+            let meta = loaded
+                .dev
+                .module_ints(&key, "moe_gemm", "moe_gemm_meta", 8)?;
+            if meta[2] as u32 != v.bm() || meta[3] as u32 != v.bn {
+                return Err(MoeError::Cuda(format!(
+                    "internal: moe_gemm built for BM={} BN={}, expected {}x{}",
+                    meta[2],
+                    meta[3],
+                    v.bm(),
+                    v.bn
+                )));
             }
+            set_smem_limit(&f, meta[1] as u32)?;
+            loaded
+                .gemm_launch
+                .insert(v, (meta[0] as u32, meta[1] as u32));
         }
         loaded.dev.sync()?;
         Ok(loaded)
@@ -209,27 +216,9 @@ impl CudaLayer {
         self.layer.config().routing.top_k
     }
 
-    /// The GEMM variant for a stage and token-tile width: wgmma where the device has it (sm_90a)
-    /// and the tile is wide enough to feed it, mma.sync otherwise. `MOERUNNER_WGMMA=0` turns
-    /// wgmma off (to compare).
+    /// The GEMM variant for a stage and token-tile width (the rule: `GemmVariant::choose`).
     fn gemm_variant(&self, stage: GemmStage, bn: u32) -> GemmVariant {
-        // Hopper's fp8 wgmma accumulates with reduced precision (about 14 bits, as DeepSeek-V3's
-        // report says; measured here: 3e-4..1.6e-3 relative GEMM error against 4e-8 for the f32
-        // accumulation of mma.sync), so fp8_block folds every 128-wide K step into f32 (so can
-        // per-tensor fp8 with `WG_PROMOTE`: 1.3e-4).
-        // Per-tensor fp8 stays on mma.sync: its e4m3 intermediate (static scale) turns the wgmma
-        // error into rounding flips, and one small layer of the seeded matrix (seed
-        // 570624503439497085: H = I = 128, a single K step the fold cannot help, Llama-4 routing)
-        // lands at 2.1e-2 through wgmma, over the 2e-2 tolerance; mma.sync gives 8e-3 at most.
-        let wgmma = self.use_wgmma && self.weight_code != 1 && kernels::WGMMA_BN.contains(&bn);
-        let ws = wgmma && self.use_ws && kernels::WS_BN.contains(&bn);
-        GemmVariant {
-            weight_code: self.weight_code,
-            stage,
-            bn,
-            wgmma,
-            ws,
-        }
+        GemmVariant::choose(self.weight_code, stage, bn, self.use_wgmma, self.use_ws)
     }
 
     fn gemm_variants(&self) -> Vec<GemmVariant> {
@@ -241,29 +230,6 @@ impl CudaLayer {
             }
         }
         out
-    }
-
-    fn variant_of(&self, key: &ModuleKey) -> Result<GemmVariant> {
-        self.gemm_variants()
-            .into_iter()
-            .find(|v| ModuleKey::gemm(*v) == *key)
-            .ok_or_else(|| {
-                MoeError::Cuda(format!("internal: no GEMM variant for `{}`", key.label()))
-            })
-    }
-
-    fn module_keys(&self) -> Vec<ModuleKey> {
-        let mut keys: Vec<ModuleKey> = [
-            Source::Routing,
-            Source::Sort,
-            Source::Quant,
-            Source::Combine,
-        ]
-        .into_iter()
-        .map(ModuleKey::plain)
-        .collect();
-        keys.extend(self.gemm_variants().into_iter().map(ModuleKey::gemm));
-        keys
     }
 
     /// Token-tile width for `tokens`: the mean number of pairs per local expert, rounded up to a
@@ -614,7 +580,7 @@ impl CudaLayer {
             shapes::combine(t, d.hidden, dev.sm_count),
             &[
                 Arg::Ptr(ws.z.ptr()),
-                Arg::I32(if z_bf16 { 0 } else { 2 }),
+                Arg::I32(dtype_code(if z_bf16 { DType::BF16 } else { DType::F32 })?),
                 Arg::I32(d.hp as i32),
                 Arg::Ptr(ws.pair_pos.ptr()),
                 Arg::Ptr(if llama4 { 0 } else { ws.weights.ptr() }),
