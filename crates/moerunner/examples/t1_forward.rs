@@ -4,21 +4,10 @@
 
 use std::time::Instant;
 
+use moerunner::bench::stream_through as flush;
 use moerunner::presets::preset;
 use moerunner::synth::{self, RoutingMode};
 use moerunner::{BackendChoice, DType, ForwardInput, Runner, WeightFormat};
-use rayon::prelude::*;
-
-fn flush(buf: &mut [u64]) {
-    let s: u64 = buf
-        .par_chunks_mut(1 << 16)
-        .map(|c| {
-            c[0] = c[0].wrapping_add(1);
-            c.iter().fold(0u64, |a, &v| a.wrapping_add(v))
-        })
-        .sum();
-    std::hint::black_box(s);
-}
 
 fn main() -> moerunner::Result<()> {
     let args: Vec<String> = std::env::args().collect();

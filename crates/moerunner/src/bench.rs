@@ -358,7 +358,7 @@ fn sampled_rel_err(
 }
 
 /// Reads `buf` once on all threads (evicts the last-level cache).
-fn stream_through(buf: &mut [u64]) {
+pub fn stream_through(buf: &mut [u64]) {
     let s: u64 = buf
         .par_chunks_mut(1 << 16)
         .map(|c| {
