@@ -52,6 +52,16 @@ pub fn prepare(layer: &MoeLayer, input: &ForwardInput<'_>) -> Result<(Vec<f32>, 
     Ok((x, routes))
 }
 
+/// The checks of [`prepare`] for a backend that routes logits itself: the token count, and the
+/// routes when the caller gave them (`None` for logits, which are only checked).
+pub fn check(layer: &MoeLayer, input: &ForwardInput<'_>) -> Result<(usize, Option<Routes>)> {
+    let (_, tokens) = hidden_as_f32(layer, input.hidden)?;
+    let cfg = layer.config();
+    let bias = layer.weights().router_bias.as_deref();
+    let routes = routing::check(&cfg.routing, cfg.num_experts, tokens, &input.routing, bias)?;
+    Ok((tokens, routes))
+}
+
 /// Encodes an f32 `[T, H]` result in the dtype of the input hidden states.
 pub fn output_like(hidden: &HostTensor, values: &[f32], tokens: usize, h: usize) -> HostTensor {
     HostTensor::encode_f32(hidden.dtype, vec![tokens, h], values)

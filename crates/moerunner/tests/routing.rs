@@ -1143,3 +1143,65 @@ fn deepseek_v3_kept_groups_have_the_best_top_two_sums() {
         }
     }
 }
+
+/// `routing::check` (for backends that route logits on their own device) refuses exactly what
+/// `resolve` refuses, with the same message, and returns routed input's routes unchanged.
+#[test]
+fn check_refuses_what_resolve_refuses() {
+    use moerunner::routing::check;
+    let c = cfg(M::Renormalize, 2);
+    let bad_logits = [
+        logits_t(vec![2, 4], &[0.0, 1.0, f32::NAN, 2.0, 0.5, 0.5, 0.5, 0.5]),
+        logits_t(vec![2, 3], &[0.0; 6]),
+        HostTensor::from_i32(vec![2, 4], &[0; 8]),
+    ];
+    for x in &bad_logits {
+        let want = resolve_logits(&c, 4, 2, x)
+            .expect_err("resolve refuses")
+            .to_string();
+        let got = check(&c, 4, 2, &RoutingInput::Logits(x), None)
+            .expect_err("check refuses")
+            .to_string();
+        assert_eq!(got, want);
+    }
+    let good = logits_t(vec![2, 4], &R4.repeat(2));
+    assert_eq!(
+        check(&c, 4, 2, &RoutingInput::Logits(&good), None).expect("ok"),
+        None
+    );
+    let bias = [0.0f32, f32::INFINITY, 0.0, 0.0];
+    check_err(
+        check(
+            &ds(1, 1, 1, 1.0),
+            4,
+            2,
+            &RoutingInput::Logits(&good),
+            Some(&bias),
+        ),
+        &["bias"],
+    );
+    let ids = HostTensor::from_i32(vec![2, 2], &[0, 1, 3, -1]);
+    let w = HostTensor::from_f32(vec![2, 2], &[0.5, 0.5, 1.0, 0.0]);
+    let routed = RoutingInput::TopK {
+        ids: &ids,
+        weights: &w,
+    };
+    assert_eq!(
+        check(&c, 4, 2, &routed, None).expect("ok"),
+        Some(resolve_topk(&c, 4, 2, &ids, &w).expect("ok"))
+    );
+    let dup = HostTensor::from_i32(vec![2, 2], &[1, 1, 0, 2]);
+    check_err(
+        check(
+            &c,
+            4,
+            2,
+            &RoutingInput::TopK {
+                ids: &dup,
+                weights: &w,
+            },
+            None,
+        ),
+        &["topk_ids"],
+    );
+}

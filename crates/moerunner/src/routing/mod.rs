@@ -87,28 +87,7 @@ pub fn route_logits(
     cfg.validate(num_experts)?;
     check_bias(bias, num_experts)?;
     let e = num_experts;
-    if Some(logits.len()) != tokens.checked_mul(e) {
-        return Err(MoeError::invalid(
-            "tensor `router_logits`",
-            format!(
-                "{} values do not fill [T, E] = [{tokens}, {e}]",
-                logits.len()
-            ),
-        ));
-    }
-    // Checked up front and in order, so the reported element is the first bad one whatever the
-    // threading, and the methods may assume finite input.
-    if let Some(i) = logits.iter().position(|v| !v.is_finite()) {
-        return Err(MoeError::invalid(
-            "tensor `router_logits`",
-            format!(
-                "element [{}, {}] is {}, not a finite number",
-                i / e,
-                i % e,
-                logits[i]
-            ),
-        ));
-    }
+    check_logits(logits, tokens, e)?;
     let k = cfg.top_k;
     let bias = if cfg.uses_bias() { bias } else { None };
     let mut ids = vec![0i32; tokens * k];
@@ -160,6 +139,60 @@ fn check_bias(bias: Option<&[f32]>, num_experts: usize) -> Result<()> {
     Ok(())
 }
 
+/// The logits fill `[tokens, E]` and are finite. Checked up front and in order, so the reported
+/// element is the first bad one whatever the threading, and the methods may assume finite input.
+fn check_logits(logits: &[f32], tokens: usize, e: usize) -> Result<()> {
+    if Some(logits.len()) != tokens.checked_mul(e) {
+        return Err(MoeError::invalid(
+            "tensor `router_logits`",
+            format!(
+                "{} values do not fill [T, E] = [{tokens}, {e}]",
+                logits.len()
+            ),
+        ));
+    }
+    if let Some(i) = logits.iter().position(|v| !v.is_finite()) {
+        return Err(MoeError::invalid(
+            "tensor `router_logits`",
+            format!(
+                "element [{}, {}] is {}, not a finite number",
+                i / e,
+                i % e,
+                logits[i]
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The `router_logits` tensor as f32, after its dtype and shape checks.
+fn logits_f32(t: &HostTensor, tokens: usize, num_experts: usize) -> Result<Vec<f32>> {
+    let name = "router_logits";
+    t.expect_dtype(name, &[DType::F32, DType::BF16])?;
+    t.expect_shape(name, &[tokens, num_experts])?;
+    t.to_f32_vec(name)
+}
+
+/// Every check of [`resolve`], without routing logits: for a backend that routes on its own device.
+/// Returns the routes of routed input (ids + weights, packed) and `None` for logits.
+pub fn check(
+    cfg: &RoutingConfig,
+    num_experts: usize,
+    tokens: usize,
+    input: &RoutingInput<'_>,
+    bias: Option<&[f32]>,
+) -> Result<Option<Routes>> {
+    match *input {
+        RoutingInput::Logits(t) => {
+            cfg.validate(num_experts)?;
+            check_bias(bias, num_experts)?;
+            check_logits(&logits_f32(t, tokens, num_experts)?, tokens, num_experts)?;
+            Ok(None)
+        }
+        _ => resolve(cfg, num_experts, tokens, input, bias).map(Some),
+    }
+}
+
 /// Checks a routing input's dtypes and shapes against T, E and k, decodes it and returns the routes.
 /// Errors name the tensor (`router_logits`, `topk_ids`, `topk_weights`, `topk_packed`).
 pub fn resolve(
@@ -173,13 +206,13 @@ pub fn resolve(
     check_bias(bias, num_experts)?;
     let on_input = cfg.method == RoutingMethod::Llama4;
     match *input {
-        RoutingInput::Logits(t) => {
-            let name = "router_logits";
-            t.expect_dtype(name, &[DType::F32, DType::BF16])?;
-            t.expect_shape(name, &[tokens, num_experts])?;
-            let logits = t.to_f32_vec(name)?;
-            route_logits(cfg, &logits, tokens, num_experts, bias)
-        }
+        RoutingInput::Logits(t) => route_logits(
+            cfg,
+            &logits_f32(t, tokens, num_experts)?,
+            tokens,
+            num_experts,
+            bias,
+        ),
         RoutingInput::TopK { ids, weights } => {
             routed::from_topk(ids, weights, num_experts, tokens, cfg.top_k, on_input)
         }

@@ -651,7 +651,7 @@ impl CudaLayer {
         &self,
         ws: &mut Workspace,
         input: &ForwardInput<'_>,
-        host_routes: &Routes,
+        host_routes: Option<&Routes>,
     ) -> Result<RouteSource> {
         let dev = &*self.dev;
         dev.write(&mut ws.x, 0, &input.hidden.bytes)?;
@@ -666,8 +666,11 @@ impl CudaLayer {
             }
             RoutingInput::TopK { .. } => {
                 // Host-resolved (weights as f32; padding ids keep their id, weight 0).
-                dev.write(&mut ws.ids, 0, &super::device::i32_bytes(&host_routes.ids))?;
-                dev.write(&mut ws.weights, 0, &f32_bytes(&host_routes.weights))?;
+                let routes = host_routes.ok_or_else(|| {
+                    MoeError::Cuda("internal: routed input without its checked routes".into())
+                })?;
+                dev.write(&mut ws.ids, 0, &super::device::i32_bytes(&routes.ids))?;
+                dev.write(&mut ws.weights, 0, &f32_bytes(&routes.weights))?;
                 RouteSource::TopK
             }
         })
@@ -677,15 +680,14 @@ impl CudaLayer {
     /// before each replay (so weights come from HBM as in a real model, where other layers run
     /// in between).
     fn time_graph(&self, input: &ForwardInput<'_>, iters: usize) -> Result<f64> {
-        let (_x, host_routes) = forward::prepare(&self.layer, input)?;
-        let tokens = input.hidden.shape[0];
+        let (tokens, host_routes) = forward::check(&self.layer, input)?;
         if tokens == 0 {
             return Ok(0.0);
         }
         let flush_buf = self.dev.alloc(L2_FLUSH_BYTES)?;
         self.with_workspace(tokens, |ws| {
             let dev = &*self.dev;
-            let source = self.stage_inputs(ws, input, &host_routes)?;
+            let source = self.stage_inputs(ws, input, host_routes.as_ref())?;
             // Warm-up outside the capture: module loads and the first-launch costs.
             self.enqueue(ws, tokens, input.hidden.dtype, source)?;
             dev.sync()?;
@@ -721,16 +723,22 @@ impl CudaLayer {
         let layer = &*self.layer;
         let cfg = layer.config();
         // The same checks (and error messages) as every backend: shapes, dtypes, finite values,
-        // routed ids and duplicates. The routes from logits are recomputed on the GPU.
-        let (_x, host_routes) = forward::prepare(layer, input)?;
+        // routed ids and duplicates. Logits are only checked here: the GPU routes them.
+        let (tokens, host_routes) = forward::check(layer, input)?;
         let hidden = input.hidden;
-        let tokens = hidden.shape[0];
         let h = cfg.hidden;
         let k = self.top_k();
+        let weight_on_input = cfg.routing.method == RoutingMethod::Llama4;
         if tokens == 0 {
             return Ok(ForwardOutput {
                 output: forward::output_like(hidden, &[], 0, h),
-                routes: host_routes,
+                routes: Routes {
+                    tokens: 0,
+                    top_k: k,
+                    ids: Vec::new(),
+                    weights: Vec::new(),
+                    weight_on_input,
+                },
             });
         }
         // Huge batches run in slices of at most MAX_PAIRS_PER_LAUNCH (token, slot) pairs: every step
@@ -746,7 +754,7 @@ impl CudaLayer {
             top_k: k,
             ids: Vec::with_capacity(tokens * k),
             weights: Vec::with_capacity(tokens * k),
-            weight_on_input: host_routes.weight_on_input,
+            weight_on_input,
         };
         for start in (0..tokens).step_by(chunk) {
             let end = (start + chunk).min(tokens);
@@ -770,13 +778,13 @@ impl CudaLayer {
                     RoutingInput::Packed(&logits)
                 }
             };
-            let part_routes = Routes {
+            let part_routes = host_routes.as_ref().map(|r| Routes {
                 tokens: end - start,
                 top_k: k,
-                ids: host_routes.ids[start * k..end * k].to_vec(),
-                weights: host_routes.weights[start * k..end * k].to_vec(),
-                weight_on_input: host_routes.weight_on_input,
-            };
+                ids: r.ids[start * k..end * k].to_vec(),
+                weights: r.weights[start * k..end * k].to_vec(),
+                weight_on_input,
+            });
             let part = self.forward_slice(
                 &ForwardInput {
                     hidden: &x,
@@ -796,7 +804,7 @@ impl CudaLayer {
     fn forward_slice(
         &self,
         input: &ForwardInput<'_>,
-        host_routes: Routes,
+        host_routes: Option<Routes>,
     ) -> Result<ForwardOutput> {
         let hidden = input.hidden;
         let tokens = hidden.shape[0];
@@ -804,7 +812,7 @@ impl CudaLayer {
         let k = self.top_k();
         self.with_workspace(tokens, |ws| {
             let dev = &*self.dev;
-            let source = self.stage_inputs(ws, input, &host_routes)?;
+            let source = self.stage_inputs(ws, input, host_routes.as_ref())?;
             // Poison the output (all-ones bytes are NaN in f32, bf16 and f16): a row the kernels
             // fail to write shows as NaN, which never passes a check.
             super::ceilings::fill(dev, &ws.out, 0xFF)?;
@@ -825,10 +833,13 @@ impl CudaLayer {
                             .chunks_exact(4)
                             .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
                             .collect(),
-                        weight_on_input: host_routes.weight_on_input,
+                        weight_on_input: self.layer.config().routing.method
+                            == RoutingMethod::Llama4,
                     }
                 }
-                _ => host_routes,
+                _ => host_routes.ok_or_else(|| {
+                    MoeError::Cuda("internal: routed input without its checked routes".into())
+                })?,
             };
             let output = HostTensor::new("output", hidden.dtype, vec![tokens, h], out.into())?;
             Ok(ForwardOutput { output, routes })
