@@ -102,11 +102,11 @@ fn random_matrix(n: usize, fp8: bool, seed: u64) -> Vec<u8> {
     let mut rng = SeededRng::new(seed);
     if fp8 {
         (0..n)
-            .map(|_| crate::formats::e4m3::encode(rng.uniform(-1.0, 1.0) as f32))
+            .map(|_| crate::formats::e4m3::encode(rng.uniform(-1.0, 1.0)))
             .collect()
     } else {
         (0..n)
-            .flat_map(|_| half::bf16::from_f32(rng.uniform(-1.0, 1.0) as f32).to_le_bytes())
+            .flat_map(|_| half::bf16::from_f32(rng.uniform(-1.0, 1.0)).to_le_bytes())
             .collect()
     }
 }

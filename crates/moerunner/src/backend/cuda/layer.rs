@@ -853,7 +853,7 @@ pub const MAX_PAIRS_PER_LAUNCH: usize = 1 << 19;
 /// Rows [start, end) of a tensor whose first dimension is tokens.
 fn row_slice(t: &HostTensor, name: &str, start: usize, end: usize) -> Result<HostTensor> {
     let rows = t.shape.first().copied().unwrap_or(0);
-    let row_bytes = if rows == 0 { 0 } else { t.bytes.len() / rows };
+    let row_bytes = t.bytes.len().checked_div(rows).unwrap_or(0);
     let mut shape = t.shape.clone();
     if let Some(first) = shape.first_mut() {
         *first = end - start;

@@ -43,7 +43,7 @@ pub fn supports_config(config: &LayerConfig) -> std::result::Result<(), String> 
     }
     if config.weight_format == WeightFormat::Fp8Block
         && config.activation.is_gated()
-        && config.intermediate % 8 != 0
+        && !config.intermediate.is_multiple_of(8)
     {
         return Err(format!(
             "fp8_block on CUDA needs I % 8 == 0 (I = {}): gate/up rows are interleaved in groups of 8 \
