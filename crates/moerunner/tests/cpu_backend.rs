@@ -459,6 +459,78 @@ fn zero_and_one_token() {
     }
 }
 
+/// Experts holding one token run E2M1 products in integers (activations in 16-bit fixed point
+/// per 32-element block): every E2M1 pairing at T = 1 and T = 6 (most experts single), K with a
+/// 16-element tail (H = 208, I = 80), biases and GPT-OSS's clamp; then a hidden state whose
+/// blocks mix magnitudes 2^-12..2^12, the fixed point's worst case, against the reference and
+/// against the f32 path (the scalar kernels).
+#[test]
+fn one_token_e2m1_products_in_integers() {
+    let e2m1 = [
+        (WeightFormat::Mxfp4, ActivationFormat::Bf16),
+        (WeightFormat::Mxfp4, ActivationFormat::Mxfp8),
+        (WeightFormat::Nvfp4, ActivationFormat::Nvfp4),
+        (WeightFormat::Nvfp4, ActivationFormat::Nvfp4PerToken),
+    ];
+    for (i, (w, a)) in e2m1.into_iter().enumerate() {
+        for tokens in [1, 6] {
+            let seed = 1300 + 10 * i as u64 + tokens as u64;
+            let (hidden, inter) = if w == WeightFormat::Nvfp4 {
+                (208, 80)
+            } else {
+                (256, 96)
+            };
+            check(&Case {
+                tokens,
+                hidden,
+                inter,
+                biases: true,
+                activation: Activation::SwigluOai {
+                    alpha: 1.702,
+                    beta: 1.0,
+                    limit: 7.0,
+                },
+                ..Case::new(seed, w, a)
+            });
+        }
+    }
+    if !Isa::Avx2Fma.available() {
+        eprintln!("the wide-range half skipped: this CPU has no AVX2+FMA");
+        return;
+    }
+    let case = Case {
+        tokens: 1,
+        hidden: 256,
+        dtype: DType::F32,
+        ..Case::new(1350, WeightFormat::Mxfp4, ActivationFormat::Bf16)
+    };
+    let mut b = build(&case);
+    let mut x = b.input.hidden.to_f32_vec("hidden").unwrap();
+    for (i, v) in x.iter_mut().enumerate() {
+        *v *= 2f32.powi((i * 7 % 25) as i32 - 12);
+    }
+    b.input.hidden = HostTensor::from_f32(vec![1, case.hidden], &x);
+    let mut outs = Vec::new();
+    for isa in [Isa::Avx2Fma, Isa::Scalar] {
+        let cpu = CpuLayer::new(b.layer.clone(), isa);
+        let (out, routes, _) = forward(&cpu, &b.input);
+        let reference = moerunner::reference::forward(&b.layer, &x, &routes).unwrap();
+        let err = rel_err("wide-range hidden", &out, &reference, case.hidden);
+        eprintln!(
+            "seed {} {isa:?}: wide-range hidden, rel err {err:.3e}",
+            case.seed
+        );
+        assert!(
+            err <= tolerance(case.weight, case.act_format),
+            "{isa:?}: {err:.3e}"
+        );
+        outs.push(out);
+    }
+    let reference: Vec<f64> = outs[1].iter().map(|&v| f64::from(v)).collect();
+    let diff = rel_err("integer vs f32 path", &outs[0], &reference, case.hidden);
+    assert!(diff <= 1e-4, "integer and f32 paths differ by {diff:.3e}");
+}
+
 #[test]
 fn hidden_dtypes_round_trip() {
     for (i, dtype) in [DType::F32, DType::BF16, DType::F16]

@@ -14,7 +14,7 @@ use rayon::prelude::*;
 
 use super::gemm::{self, TokenRows};
 use super::plan::{self, Plan, NO_PAIR};
-use super::simd::Codec;
+use super::simd::{self, Codec, FixedRow, FixedRows, Isa};
 use super::CpuLayer;
 use crate::activation::apply_row_f32;
 use crate::config::ActivationFormat;
@@ -127,14 +127,21 @@ fn run_chunk(
         &mut xq,
     )?;
 
+    // Experts with a single pair run their products in integers where the weights allow it:
+    // their tokens' rows in fixed point, once each.
+    let fixed1 = SingleRows::build(cpu.isa, cpu.w13.codec(), &plan, h, |p| {
+        let t = plan.pair_token[p] as usize;
+        (t, &xq[t * h..(t + 1) * h])
+    });
+
     // A: GEMM1, bias, activation.
     let fblocks = feature_blocks(cpu);
     let mut act = vec![f32::NAN; pairs * inter];
     let items = split_by_expert_block(&plan, &fblocks, inter, &mut act);
     let on_input = routes.weight_on_input;
-    items
-        .into_par_iter()
-        .for_each(|(e, feats, dst)| gemm1_item(cpu, &plan, &xq, on_input, e, feats, dst));
+    items.into_par_iter().for_each(|(e, feats, dst)| {
+        gemm1_item(cpu, &plan, &xq, fixed1.row(e), on_input, e, feats, dst)
+    });
 
     // B: the intermediate, quantized per pair, into W2's codec order ([pair][I], sorted order).
     let mut aq = vec![f32::NAN; pairs * inter];
@@ -169,12 +176,15 @@ fn run_chunk(
     drop(act);
 
     // C: GEMM2 and its bias.
+    let fixed2 = SingleRows::build(cpu.isa, cpu.w2.codec(), &plan, inter, |p| {
+        (p, &aq[p * inter..(p + 1) * inter])
+    });
     let hblocks = hidden_blocks(cpu);
     let mut z = vec![f32::NAN; pairs * h];
     let items = split_by_expert_block(&plan, &hblocks, h, &mut z);
     items
         .into_par_iter()
-        .for_each(|(e, rows, dst)| gemm2_item(cpu, &plan, &aq, e, rows, dst));
+        .for_each(|(e, rows, dst)| gemm2_item(cpu, &plan, &aq, fixed2.row(e), e, rows, dst));
 
     // D: combine each token's slots in slot order (f32, a fixed order: deterministic).
     out.par_chunks_mut(h).enumerate().for_each(|(t, row)| {
@@ -204,12 +214,63 @@ fn run_chunk(
     Ok(())
 }
 
+/// The fixed-point input rows of the experts that hold exactly one pair (the one-token products
+/// that have an integer kernel), each distinct source row converted once.
+struct SingleRows {
+    rows: FixedRows,
+    /// Expert → its row in `rows` (`u32::MAX`: none).
+    slot: Vec<u32>,
+}
+
+impl SingleRows {
+    /// `source(pair)` names the pair's input row (a key shared by pairs reading the same row)
+    /// and its values in the weights' codec order.
+    fn build<'x>(
+        isa: Isa,
+        codec: Codec,
+        plan: &Plan,
+        k: usize,
+        source: impl Fn(usize) -> (usize, &'x [f32]) + Sync,
+    ) -> SingleRows {
+        let mut slot = vec![u32::MAX; plan.experts];
+        let mut rows = FixedRows::default();
+        if !simd::has_fixed_kernel(isa, codec) {
+            return SingleRows { rows, slot };
+        }
+        // Distinct sources in expert order (deterministic), and each single expert's slot.
+        let mut keys: Vec<usize> = Vec::new();
+        let mut firsts: Vec<usize> = Vec::new();
+        for (e, s) in slot.iter_mut().enumerate() {
+            let p = plan.expert_pairs(e);
+            if p.len() != 1 {
+                continue;
+            }
+            let key = source(p.start).0;
+            let at = keys.iter().position(|&k| k == key).unwrap_or_else(|| {
+                keys.push(key);
+                firsts.push(p.start);
+                keys.len() - 1
+            });
+            *s = at as u32;
+        }
+        rows.reset(keys.len(), k);
+        rows.fill_all(codec, |i| source(firsts[i]).1);
+        SingleRows { rows, slot }
+    }
+
+    fn row(&self, e: usize) -> Option<FixedRow<'_>> {
+        self.rows.row(*self.slot.get(e)? as usize)
+    }
+}
+
 /// GEMM1 for expert `e`'s pairs over one block of features: both halves' rows (gated), the
 /// Llama-4 input weight, the bias and the activation, into `dst` `[n_e][feats]`.
+#[allow(clippy::too_many_arguments)]
 fn gemm1_item(
     cpu: &CpuLayer,
     plan: &Plan,
     xq: &[f32],
+    fixed: Option<FixedRow<'_>>,
     weight_on_input: bool,
     e: usize,
     feats: Range<usize>,
@@ -241,6 +302,7 @@ fn gemm1_item(
         k: h,
         index: Some(&plan.pair_token[pairs.clone()]),
         n,
+        fixed,
     };
     gemm::with_scratch(|s| {
         let mut y = std::mem::take(&mut s.y);
@@ -277,6 +339,7 @@ fn gemm2_item(
     cpu: &CpuLayer,
     plan: &Plan,
     aq: &[f32],
+    fixed: Option<FixedRow<'_>>,
     e: usize,
     rows: Range<usize>,
     dst: &mut [f32],
@@ -292,6 +355,7 @@ fn gemm2_item(
         k: inter,
         index: None,
         n,
+        fixed,
     };
     let width = rows.len();
     gemm::with_scratch(|s| {

@@ -11,7 +11,7 @@ use std::cell::RefCell;
 use std::ops::Range;
 
 use super::rows::{ProjectionPlan, Source};
-use super::simd::{self, Isa, RowFormat, MAX_TILE_TOKENS};
+use super::simd::{self, FixedRow, Isa, RowFormat, MAX_TILE_TOKENS};
 use crate::config::ActivationFormat;
 use crate::formats::QuantizedRows;
 use crate::weights::QuantizedTensor;
@@ -29,6 +29,9 @@ pub struct TokenRows<'a> {
     pub k: usize,
     pub index: Option<&'a [u32]>,
     pub n: usize,
+    /// Row 0 in fixed point, when `n == 1` and the weights have an integer kernel
+    /// ([`simd::has_fixed_kernel`]): the one-token product then runs in integers.
+    pub fixed: Option<FixedRow<'a>>,
 }
 
 impl TokenRows<'_> {
@@ -104,6 +107,22 @@ pub fn project(
     }
     let fmt = plan.fmt_for(t, e);
     let k = fmt.k;
+    if let (1, Some(fx), Source::Native) = (xs.n, xs.fixed, plan.source) {
+        // One token with its fixed-point row: each range's rows back to back through the
+        // integer kernel; `y`'s row 0 is contiguous.
+        // (Row blocks exist for every range or for none: it depends on the scale kind only.)
+        if plan.row_block(t, e, 0..0).is_some() {
+            let mut j0 = 0;
+            for r in ranges {
+                if let Some((data, scales)) = plan.row_block(t, e, r.clone()) {
+                    let dst = &mut y[j0..j0 + r.len()];
+                    simd::dot_rows_fixed(isa, fmt, data, scales, xs.row(0), fx, dst);
+                }
+                j0 += r.len();
+            }
+            return;
+        }
+    }
     let decode_first =
         plan.source == Source::Decoded || (fmt.codec.scaled() && xs.n > MAX_TILE_TOKENS);
     if !decode_first {

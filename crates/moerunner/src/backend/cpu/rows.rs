@@ -5,6 +5,8 @@
 //! 256 entries for the byte-coded scales), never expanded to an f32 copy, so the bytes streamed
 //! per weight stay what `spec/performance.md` counts.
 
+use std::ops::Range;
+
 use super::simd::{self, e4m3_raw, Codec, RowFormat, Scale, E4M3_RAW_FACTOR};
 use crate::config::WeightFormat;
 use crate::weights::{BlockScales, QuantizedTensor};
@@ -114,6 +116,30 @@ impl ProjectionPlan {
         let rb = t.row_data_bytes();
         let base = e * t.expert_data_bytes() + r * rb;
         &t.data[base..base + rb]
+    }
+
+    /// The bytes and scale bytes of local expert `e`'s rows `rows`, back to back (native source;
+    /// `None` unless the scales are one byte a group, the E2M1 and MX formats).
+    pub fn row_block<'a>(
+        &self,
+        t: &'a QuantizedTensor,
+        e: usize,
+        rows: Range<usize>,
+    ) -> Option<(&'a [u8], &'a [u8])> {
+        let rb = t.row_data_bytes();
+        let base = e * t.expert_data_bytes();
+        let data = &t.data[base + rows.start * rb..base + rows.end * rb];
+        match &t.scales {
+            BlockScales::Ue8m0(s) | BlockScales::E4m3(s) => {
+                let groups = t.cols / self.group;
+                let first = e * t.rows;
+                Some((
+                    data,
+                    &s[(first + rows.start) * groups..(first + rows.end) * groups],
+                ))
+            }
+            _ => None,
+        }
     }
 
     /// The scale bytes of row `r` of local expert `e` (native source; empty when unscaled).

@@ -307,6 +307,62 @@ pub fn dot_rows(
     }
 }
 
+/// Whether [`dot_rows_fixed`] runs integer kernels for rows of `codec` on `isa` (E2M1 on
+/// AVX2); callers convert activations to [`FixedRows`] only then.
+pub fn has_fixed_kernel(isa: Isa, codec: Codec) -> bool {
+    cfg!(target_arch = "x86_64")
+        && codec == Codec::E2m1
+        && isa == Isa::Avx2Fma
+        && Isa::detect() == Isa::Avx2Fma
+}
+
+/// `out[r] = out_mul · Σ_c W[r][c] · x[c]` for one activation row `x` (codec order) given also
+/// as `fx`, its fixed-point form ([`fixed`]), and `out.len()` rows stored back to back: row `r`
+/// at `data[r · row_bytes..]`, its scale bytes at `scales[r · scale_bytes..]`. The integer
+/// kernel where [`has_fixed_kernel`], else the f32 tiles of [`dot_rows`].
+pub fn dot_rows_fixed(
+    isa: Isa,
+    fmt: RowFormat<'_>,
+    data: &[u8],
+    scales: &[u8],
+    x: &[f32],
+    fx: FixedRow<'_>,
+    out: &mut [f32],
+) {
+    let n = out.len();
+    let (rb, sb) = (fmt.row_bytes(), fmt.scale_bytes());
+    assert!(
+        data.len() >= n * rb && scales.len() >= n * sb && x.len() >= fmt.k,
+        "fixed-point tile shape"
+    );
+    #[cfg(target_arch = "x86_64")]
+    if has_fixed_kernel(isa, fmt.codec) {
+        let blocks = fmt.k / fixed::BLOCK;
+        let ok = matches!(fmt.scale, Scale::Table(_))
+            && matches!(fmt.group, 16 | 32)
+            && fmt.k.is_multiple_of(CHUNK)
+            && fx.scales.len() >= blocks
+            && fx.vectors.len() >= blocks * fixed::VECTORS_PER_BLOCK;
+        assert!(ok, "bad fixed-point tile {fmt:?}");
+        // SAFETY: AVX2 and FMA were detected; the asserts above size every row, scale run,
+        // activation row and fixed-point block the kernel reads.
+        unsafe { avx2_e2m1::dot_rows_fixed(&fmt, data, scales, x, fx, out) };
+        return;
+    }
+    let _ = fx;
+    let rows: Vec<&[u8]> = (0..n).map(|r| &data[r * rb..(r + 1) * rb]).collect();
+    let srows: Vec<&[u8]> = (0..n).map(|r| &scales[r * sb..(r + 1) * sb]).collect();
+    for (i, o) in out.chunks_mut(32).enumerate() {
+        let (a, b) = (32 * i, 32 * i + o.len());
+        let s: &[&[u8]] = if fmt.codec.scaled() {
+            &srows[a..b]
+        } else {
+            &[]
+        };
+        dot_rows(isa, fmt, &rows[a..b], s, &[x], o);
+    }
+}
+
 /// Decodes rows to f32 weights (raw × factor, without `out_mul`) in codec order: `out[r * k + p]`.
 pub fn decode_rows(
     isa: Isa,
@@ -443,6 +499,9 @@ fn scalar_dot_rows(
 mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx2_e2m1;
+mod fixed;
+
+pub use fixed::{FixedRow, FixedRows};
 
 #[cfg(test)]
 mod tests {
@@ -640,6 +699,98 @@ mod tests {
             }
         }
     }
+
+    /// The integer one-token kernel against the exact dot product of the decoded weights: within
+    /// f32 rounding plus the fixed-point bound (2^-15 of each block's largest |x| per element),
+    /// and within f32 rounding alone for bf16 activations narrow enough to convert exactly.
+    #[test]
+    fn fixed_point_kernel_matches_the_exact_product() {
+        if !Isa::Avx2Fma.available() {
+            eprintln!("skipped: this CPU has no AVX2+FMA");
+            return;
+        }
+        // (k, group, out_mul): mxfp4 rows, nvfp4 rows, a 16-element tail under each group size.
+        let cases = [
+            (256, 32, 1.0),
+            (2048, 32, 1.0),
+            (80, 16, 0.375),
+            (80, 32, 1.0),
+            (16, 16, 1.0),
+        ];
+        for (seed, &(k, group, out_mul)) in cases.iter().enumerate() {
+            let seed = 300 + seed as u64;
+            eprintln!("seed {seed}: k {k} group {group}");
+            let rr = random_rows(Codec::E2m1, k, group, 2, 7, seed);
+            let fmt = RowFormat::new(Codec::E2m1, k, group, Scale::Table(&rr.table), out_mul);
+            assert!(has_fixed_kernel(Isa::Avx2Fma, fmt.codec));
+            let rows: Vec<&[u8]> = rr.data.iter().map(|r| r.as_slice()).collect();
+            let scales: Vec<&[u8]> = rr.scales.iter().map(|s| s.as_slice()).collect();
+            let mut w = vec![0f32; 7 * k];
+            decode_rows(Isa::Scalar, fmt, &rows, &scales, &mut w);
+            let mut rng = SeededRng::new(seed);
+            // Wide f32 activations (six binades), then bf16 ones within eight binades a block.
+            let wide: Vec<f32> = (0..k)
+                .map(|_| rng.uniform(-2.0, 2.0) * 2f32.powi(rng.below(6) as i32 - 3))
+                .collect();
+            let narrow: Vec<f32> = (0..k)
+                .map(|_| {
+                    let v = rng.uniform(0.5, 1.0) * 2f32.powi(rng.below(8) as i32 - 2);
+                    let v = if rng.below(2) == 0 { -v } else { v };
+                    f32::from_bits(v.to_bits() & 0xFFFF_0000)
+                })
+                .collect();
+            for (x, exact_input) in [(&wide, false), (&narrow, true)] {
+                let mut fx = FixedRows::default();
+                fx.reset(1, k);
+                fx.fill_all(Codec::E2m1, |_| x);
+                let fxr = fx.row(0).expect("finite activations convert");
+                for nr in 1..=7 {
+                    let mut out = vec![f32::NAN; nr];
+                    let (data, sc) = (rr.data[..nr].concat(), rr.scales[..nr].concat());
+                    dot_rows_fixed(Isa::Avx2Fma, fmt, &data, &sc, x, fxr, &mut out);
+                    for (r, &got) in out.iter().enumerate() {
+                        let m = f64::from(out_mul);
+                        let wr = &w[r * k..(r + 1) * k];
+                        let exact: f64 = wr
+                            .iter()
+                            .zip(x)
+                            .map(|(&a, &b)| f64::from(a) * f64::from(b))
+                            .sum::<f64>()
+                            * m;
+                        let mag: f64 = wr
+                            .iter()
+                            .zip(x)
+                            .map(|(&a, &b)| (f64::from(a) * f64::from(b)).abs())
+                            .sum::<f64>()
+                            * m;
+                        // Blocks are whole chunks of codec order (a permutation inside each chunk).
+                        let whole = k - k % 32;
+                        let fixed_bound: f64 = if exact_input {
+                            0.0
+                        } else {
+                            (0..whole / 32)
+                                .map(|b| {
+                                    let xmax = x[32 * b..32 * b + 32]
+                                        .iter()
+                                        .fold(0f32, |a, v| a.max(v.abs()));
+                                    let wsum: f64 = wr[32 * b..32 * b + 32]
+                                        .iter()
+                                        .map(|v| f64::from(v.abs()))
+                                        .sum();
+                                    wsum * f64::from(xmax) * 2f64.powi(-15)
+                                })
+                                .sum::<f64>()
+                                * m
+                        };
+                        assert!(
+                            (f64::from(got) - exact).abs() <= 1e-5 * mag + fixed_bound,
+                            "k {k} group {group} rows {nr} [{r}] exact input {exact_input}: {got} vs {exact} (mag {mag}, bound {fixed_bound})"
+                        );
+                    }
+                }
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -648,9 +799,10 @@ mod kernel_bench {
     use crate::rng::SeededRng;
     use std::time::Instant;
 
-    /// Kernel-only throughput of the one-token E2M1 tile (`cargo test --release -p moerunner
-    /// kernel_bench -- --ignored --nocapture`): rows resident in L1/L2 (`rows` × k) and rows
-    /// streamed from a buffer larger than the last-level cache.
+    /// Kernel-only throughput of the one-token E2M1 products, the f32 tile and the integer
+    /// kernel (`cargo test --release -p moerunner kernel_bench -- --ignored --nocapture`): rows
+    /// resident in L1/L2 (`rows` × k) and rows streamed from a buffer larger than the last-level
+    /// cache.
     #[test]
     #[ignore]
     fn e2m1_one_token() {
@@ -673,24 +825,36 @@ mod kernel_bench {
             let scales: Vec<&[u8]> = sc.chunks_exact(k / 32).collect();
             let mut out = vec![0f32; 32];
             let xs: [&[f32]; 1] = [&x];
+            let mut fx = FixedRows::default();
+            fx.reset(1, k);
+            fx.fill_all(Codec::E2m1, |_| &x);
+            let Some(fxr) = fx.row(0) else { return };
             let reps = ((1 << 26) / (total_rows * k)).max(1);
-            let mut best = f64::MAX;
-            for _ in 0..7 {
-                let t0 = Instant::now();
-                for _ in 0..reps {
-                    for b in (0..total_rows).step_by(32) {
-                        let (r, s) = (&rows[b..b + 32], &scales[b..b + 32]);
-                        dot_rows(Isa::Avx2Fma, fmt, r, s, &xs, &mut out);
+            for fixed in [false, true] {
+                let mut best = f64::MAX;
+                for _ in 0..7 {
+                    let t0 = Instant::now();
+                    for _ in 0..reps {
+                        for b in (0..total_rows).step_by(32) {
+                            if fixed {
+                                let (d, s) = (&data[b * k / 2..], &sc[b * k / 32..]);
+                                dot_rows_fixed(Isa::Avx2Fma, fmt, d, s, &x, fxr, &mut out);
+                            } else {
+                                let (r, s) = (&rows[b..b + 32], &scales[b..b + 32]);
+                                dot_rows(Isa::Avx2Fma, fmt, r, s, &xs, &mut out);
+                            }
+                        }
                     }
+                    best = best.min(t0.elapsed().as_secs_f64());
                 }
-                best = best.min(t0.elapsed().as_secs_f64());
+                let w = (reps * total_rows * k) as f64;
+                println!(
+                    "e2m1 T=1 {}, {total_rows} rows x {k}: {:.2} G weights/s",
+                    if fixed { "integer" } else { "f32 tile" },
+                    w / best / 1e9
+                );
+                std::hint::black_box(&out);
             }
-            let w = (reps * total_rows * k) as f64;
-            println!(
-                "e2m1 T=1, {total_rows} rows x {k}: {:.2} G weights/s",
-                w / best / 1e9
-            );
-            std::hint::black_box(&out);
         }
     }
 }

@@ -12,6 +12,7 @@
 
 use std::arch::x86_64::*;
 
+use super::fixed::{FixedRow, VECTORS_PER_BLOCK};
 use super::{RowFormat, Scale, MAX_TILE_TOKENS};
 
 /// Elements per chunk (16 bytes of one row).
@@ -312,6 +313,136 @@ pub unsafe fn dot_rows(
             3 => tiles::<1, 3>(fmt, rows, scales, xs, out),
             _ => tiles::<1, 4>(fmt, rows, scales, xs, out),
         }
+    }
+}
+
+/// 2 · value of every E2M1 code as a signed byte (the integer kernel's weights).
+const DOUBLED_VALUES: [i8; 16] = [0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12];
+
+/// One token against rows, in integers (`super::fixed`): two rows per register as in [`tile`]
+/// (row `r` at `data + r · row_bytes`, its scale bytes at `scales + r · scale_bytes`). Each
+/// 32-element chunk gives one 32-bit partial sum per 8 positions (lanes 0..4 row 0, 4..8 row 1;
+/// lane n holds positions 8n..8n + 8 of its row's chunk), scaled by the row's group factor
+/// times the activation block's factor and added into f32.
+///
+/// # Safety
+/// AVX2+FMA; `data` holds `out.len()` rows of `fmt.row_bytes()`, `scales` as many of
+/// `fmt.scale_bytes()`; `x` (codec order, read for the tail) `fmt.k` f32; `fx` the fixed-point
+/// form of `x` with `fmt.k / 32` blocks; E2M1 with a table scale and 16- or 32-element groups.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn dot_rows_fixed(
+    fmt: &RowFormat<'_>,
+    data: &[u8],
+    scales: &[u8],
+    x: &[f32],
+    fx: FixedRow<'_>,
+    out: &mut [f32],
+) {
+    let table = match fmt.scale {
+        Scale::Table(t) => t.as_ptr(),
+        // `check` pairs E2M1 with a table; a null table is never read when no group runs.
+        _ => std::ptr::null(),
+    };
+    let (k, rb, sb) = (fmt.k, fmt.row_bytes(), fmt.scale_bytes());
+    let vec_end = k - k % CHUNK32;
+    // SAFETY: 16 bytes.
+    let doubled = _mm256_broadcastsi128_si256(unsafe {
+        _mm_loadu_si128(DOUBLED_VALUES.as_ptr() as *const __m128i)
+    });
+    let nib = _mm256_set1_epi8(0x0F);
+    let high_weight = _mm256_set1_epi16(256);
+    let ones = _mm256_set1_epi16(1);
+    let halves = fmt.group == 16;
+    let groups_per_chunk = CHUNK32 / fmt.group;
+    let xv = fx.vectors.as_ptr() as *const __m256i;
+    let n = out.len();
+    let mut r = 0;
+    while r < n {
+        let r1 = (r + 1).min(n - 1);
+        let rows = [
+            data.as_ptr().wrapping_add(r * rb),
+            data.as_ptr().wrapping_add(r1 * rb),
+        ];
+        let srows = [
+            scales.as_ptr().wrapping_add(r * sb),
+            scales.as_ptr().wrapping_add(r1 * sb),
+        ];
+        let mut acc = _mm256_setzero_ps();
+        let (mut c, mut g, mut b) = (0, 0, 0);
+        while c < vec_end {
+            // Weights stream from memory: hint the rows two pairs ahead at this column (hints
+            // past the end are never dereferenced), one per 64-byte line of each row.
+            if c % (4 * CHUNK32) == 0 {
+                let ahead = PREFETCH_TILES * 2 * rb + c / 2;
+                for row in rows {
+                    _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(ahead) as *const i8);
+                }
+            }
+            // SAFETY: rows r, r1 < n hold k / 2 ≥ c / 2 + 16 bytes; block b < k / 32 has its 6
+            // vectors and factor; the scale bytes cover group g (and g + 1 when halves).
+            unsafe {
+                let v = _mm256_inserti128_si256::<1>(
+                    _mm256_castsi128_si256(_mm_loadu_si128(rows[0].add(c / 2) as *const __m128i)),
+                    _mm_loadu_si128(rows[1].add(c / 2) as *const __m128i),
+                );
+                let xb = xv.add(b * VECTORS_PER_BLOCK);
+                let lo = _mm256_and_si256(v, nib);
+                let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(v), nib);
+                // Even positions (low nibbles) and odd ones, signed by their activations' signs.
+                let even = _mm256_sign_epi8(
+                    _mm256_shuffle_epi8(doubled, lo),
+                    _mm256_loadu_si256(xb.add(4)),
+                );
+                let odd = _mm256_sign_epi8(
+                    _mm256_shuffle_epi8(doubled, hi),
+                    _mm256_loadu_si256(xb.add(5)),
+                );
+                // |byte products| ≤ 255 · 12: pair sums, then even + odd, stay within i16.
+                let high = _mm256_add_epi16(
+                    _mm256_maddubs_epi16(_mm256_loadu_si256(xb), even),
+                    _mm256_maddubs_epi16(_mm256_loadu_si256(xb.add(2)), odd),
+                );
+                let low = _mm256_add_epi16(
+                    _mm256_maddubs_epi16(_mm256_loadu_si256(xb.add(1)), even),
+                    _mm256_maddubs_epi16(_mm256_loadu_si256(xb.add(3)), odd),
+                );
+                let sums = _mm256_add_epi32(
+                    _mm256_madd_epi16(high, high_weight),
+                    _mm256_madd_epi16(low, ones),
+                );
+                let fa = lane_factors(table, srows[0], srows[1], g);
+                let f = if halves {
+                    // Lanes 2, 3 (and 6, 7) hold the chunk's second 16 positions: group g + 1.
+                    let fb = lane_factors(table, srows[0], srows[1], g + 1);
+                    _mm256_blend_ps::<0b1100_1100>(fa, fb)
+                } else {
+                    fa
+                };
+                let f = _mm256_mul_ps(f, _mm256_broadcast_ss(&*fx.scales.as_ptr().add(b)));
+                acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), f, acc);
+            }
+            c += CHUNK32;
+            g += groups_per_chunk;
+            b += 1;
+        }
+        let (a0, a1) = hsum_halves(acc);
+        let mut res = [a0, a1];
+        // A last half chunk (nvfp4 rows of 16·odd elements): natural order, f32.
+        for (pos, &xp) in x.iter().enumerate().take(k).skip(vec_end) {
+            for (l, o) in res.iter_mut().enumerate() {
+                let rl = if l == 0 { r } else { r1 };
+                let (row, s) = (
+                    &data[rl * rb..(rl + 1) * rb],
+                    &scales[rl * sb..(rl + 1) * sb],
+                );
+                *o += fmt.codec.raw(row, pos, k) * fmt.factor(s, pos / fmt.group) * xp;
+            }
+        }
+        out[r] = res[0] * fmt.out_mul;
+        if r1 != r {
+            out[r1] = res[1] * fmt.out_mul;
+        }
+        r += 2;
     }
 }
 

@@ -1,0 +1,228 @@
+//! Activation rows in 16-bit fixed point, the input of the integer one-token E2M1 kernel.
+//!
+//! Design decision: E2M1 weights are small integers in disguise (2·value ∈ {0, ±1, ±2, ±3, ±4,
+//! ±6, ±8, ±12}), so one `vpshufb` turns 32 nibbles into signed bytes, and `vpmaddubsw` /
+//! `vpmaddwd` multiply and add them against activation bytes with no widening to f32 per weight:
+//! about 22 vector ops per 64 weights instead of ~36 for the f32 path. The activations go into
+//! that form once per row: every 32-element block of natural positions gets the exponent `E` of
+//! its largest magnitude (`max |x| < 2^E`) and each element becomes `q = round(x · 2^(15 - E))`,
+//! `|q| ≤ 32767`, stored as a high and a low unsigned byte and a sign byte (±1, which
+//! `vpsignb` applies to the weight). The error is at most 2^-16 · 2^E ≤ 2^-15 · max |x| per
+//! element, and none at all for bf16 inputs whose exponents in a block span at most 8 binades
+//! (bf16 has 8 significant bits). Every sum is an exact integer (|Σ| ≤ 32 · 12 · 32767 < 2^24, so
+//! its f32 is exact too); only the per-block FMA into f32 rounds.
+//!
+//! Layout per block (what the AVX2 kernel loads, each 16-byte vector repeated in both 128-bit
+//! lanes because the kernel holds two weight rows, one per lane): high bytes of the even
+//! positions, low bytes of the even positions, high and low bytes of the odd positions, signs of
+//! the even and of the odd positions; and one f32 per block: 2^(E - 16) (the ½ turns 2·value back
+//! into the E2M1 value).
+
+use rayon::prelude::*;
+
+use super::Codec;
+
+/// Vectors of 32 bytes per 32-element block.
+pub const VECTORS_PER_BLOCK: usize = 6;
+
+/// Elements per fixed-point block (and per chunk of the kernel).
+pub const BLOCK: usize = 32;
+
+/// Blocks whose largest magnitude is below 2^-111 are not converted (their scale would be an f32
+/// subnormal); such a row, or one holding a NaN or an infinity, takes the f32 path instead.
+const MIN_EXPONENT: i32 = -110;
+
+/// Fixed-point rows: `rows` rows of `k` elements, each a whole-block prefix of `k` (the tail past
+/// the last whole block stays with the f32 row).
+#[derive(Debug, Default)]
+pub struct FixedRows {
+    blocks: usize,
+    vectors: Vec<[i8; 32]>,
+    scales: Vec<f32>,
+    valid: Vec<bool>,
+}
+
+/// One row of [`FixedRows`], as the kernel reads it.
+#[derive(Clone, Copy, Debug)]
+pub struct FixedRow<'a> {
+    /// [`VECTORS_PER_BLOCK`] vectors per block.
+    pub vectors: &'a [[i8; 32]],
+    /// One factor per block.
+    pub scales: &'a [f32],
+}
+
+impl FixedRows {
+    /// Resizes for `rows` rows of `k` elements (buffers are reused; contents are rewritten by
+    /// [`FixedRows::fill`]).
+    pub fn reset(&mut self, rows: usize, k: usize) {
+        self.blocks = k / BLOCK;
+        self.vectors
+            .resize(rows * self.blocks * VECTORS_PER_BLOCK, [0; 32]);
+        self.scales.resize(rows * self.blocks, 0.0);
+        self.valid.clear();
+        self.valid.resize(rows, false);
+    }
+
+    /// Converts every row, row `r` from `x_of(r)`, on the rayon pool (rows are independent, so
+    /// the split changes no bit).
+    pub fn fill_all<'x>(&mut self, codec: Codec, x_of: impl Fn(usize) -> &'x [f32] + Sync) {
+        if self.blocks == 0 {
+            // Rows shorter than a block are all tail: the kernel reads their f32 values only.
+            self.valid.fill(true);
+            return;
+        }
+        let per = self.blocks * VECTORS_PER_BLOCK;
+        let blocks = self.blocks;
+        self.vectors
+            .par_chunks_mut(per)
+            .zip(self.scales.par_chunks_mut(blocks))
+            .zip(self.valid.par_iter_mut())
+            .enumerate()
+            .for_each(|(r, ((vectors, scales), valid))| {
+                *valid = fill_row(x_of(r), codec, vectors, scales);
+            });
+    }
+
+    /// Row `row`, or `None` when it could not be converted (non-finite or tiny values).
+    pub fn row(&self, row: usize) -> Option<FixedRow<'_>> {
+        if !*self.valid.get(row)? {
+            return None;
+        }
+        let (b0, b1) = (row * self.blocks, (row + 1) * self.blocks);
+        Some(FixedRow {
+            vectors: &self.vectors[b0 * VECTORS_PER_BLOCK..b1 * VECTORS_PER_BLOCK],
+            scales: &self.scales[b0..b1],
+        })
+    }
+}
+
+/// Fills one row's blocks; false when the row cannot be represented.
+fn fill_row(x: &[f32], codec: Codec, vectors: &mut [[i8; 32]], scales: &mut [f32]) -> bool {
+    let k = x.len();
+    for (b, (vs, scale)) in vectors
+        .chunks_exact_mut(VECTORS_PER_BLOCK)
+        .zip(scales.iter_mut())
+        .enumerate()
+    {
+        let vals: [f32; BLOCK] = std::array::from_fn(|i| x[codec.order_index(b * BLOCK + i, k)]);
+        let max = vals.iter().fold(0f32, |m, v| m.max(v.abs()));
+        if !max.is_finite() || vals.iter().any(|v| v.is_nan()) {
+            return false;
+        }
+        let (mul, factor) = if max == 0.0 {
+            (0.0, 0.0)
+        } else {
+            // max < 2^e: e is one above max's binade.
+            let e = ((max.to_bits() >> 23) & 0xFF) as i32 - 126;
+            if e < MIN_EXPONENT {
+                return false;
+            }
+            (2f64.powi(15 - e), 2f32.powi(e - 16))
+        };
+        *scale = factor;
+        for (i, &v) in vals.iter().enumerate() {
+            let q = round_to_i32(f64::from(v) * mul).clamp(-32767, 32767);
+            let m = q.unsigned_abs();
+            let (j, odd) = (i / 2, i % 2);
+            for lane in [j, j + 16] {
+                vs[2 * odd][lane] = (m >> 8) as i8;
+                vs[2 * odd + 1][lane] = (m & 0xFF) as i8;
+                vs[4 + odd][lane] = if q < 0 { -1 } else { 1 };
+            }
+        }
+    }
+    true
+}
+
+/// `y` rounded to the nearest integer, ties to even, for |y| < 2^51 (`|y| ≤ 2^15` here): adding
+/// and removing 1.5 · 2^52 leaves no fraction bits, and the addition rounds as the FPU does.
+/// (`f64::round_ties_even` is a libm call on baseline x86-64.)
+#[inline]
+fn round_to_i32(y: f64) -> i32 {
+    const MAGIC: f64 = 6_755_399_441_055_744.0; // 1.5 · 2^52
+    ((y + MAGIC) - MAGIC) as i32
+}
+
+/// The value row `r` stands for at natural position `n` (tests and the scalar check).
+#[cfg(test)]
+pub fn value(rows: &FixedRows, r: usize, n: usize) -> Option<f32> {
+    let row = rows.row(r)?;
+    let (b, i) = (n / BLOCK, n % BLOCK);
+    let vs = &row.vectors[b * VECTORS_PER_BLOCK..(b + 1) * VECTORS_PER_BLOCK];
+    let (j, odd) = (i / 2, i % 2);
+    let m = (i32::from(vs[2 * odd][j] as u8) << 8) | i32::from(vs[2 * odd + 1][j] as u8);
+    let q = m * i32::from(vs[4 + odd][j]);
+    // factor = 2^(e - 16) carries the E2M1 ½: the value is q · 2^(e - 15) = q · 2 · factor.
+    Some(q as f32 * 2.0 * row.scales[b])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::SeededRng;
+
+    #[test]
+    fn values_within_2_pow_minus_15_of_the_block_max_and_exact_for_narrow_bf16() {
+        let k = 96;
+        let mut rng = SeededRng::new(21);
+        // Row 0: any f32 over six binades; row 1: bf16 values spanning at most 8 binades.
+        let wide: Vec<f32> = (0..k)
+            .map(|_| rng.uniform(-1.0, 1.0) * 2f32.powi(rng.below(6) as i32 - 3))
+            .collect();
+        let narrow: Vec<f32> = (0..k)
+            .map(|_| {
+                // |v| in [2^j / 2, 2^j), j < 8: exponents span at most 8 binades.
+                let v = rng.uniform(0.5, 1.0)
+                    * 2f32.powi(rng.below(8) as i32)
+                    * if rng.below(2) == 0 { -1.0 } else { 1.0 };
+                f32::from_bits(v.to_bits() & 0xFFFF_0000)
+            })
+            .collect();
+        let mut rows_of = [FixedRows::default(), FixedRows::default()];
+        for (r, x) in [&wide, &narrow].into_iter().enumerate() {
+            // Codec order in, natural order back: the permutation is undone.
+            let mut codec_x = vec![0f32; k];
+            for (n, &v) in x.iter().enumerate() {
+                codec_x[Codec::E2m1.order_index(n, k)] = v;
+            }
+            let mut one = FixedRows::default();
+            one.reset(1, k);
+            one.fill_all(Codec::E2m1, |_| &codec_x);
+            rows_of[r] = one;
+            for b in 0..k / BLOCK {
+                let max = x[b * BLOCK..(b + 1) * BLOCK]
+                    .iter()
+                    .fold(0f32, |m, v| m.max(v.abs()));
+                for (n, &want) in x.iter().enumerate().skip(b * BLOCK).take(BLOCK) {
+                    let got = value(&rows_of[r], 0, n).unwrap();
+                    let err = (got - want).abs();
+                    if r == 1 {
+                        assert_eq!(got, want, "bf16 row, element {n}");
+                    } else {
+                        assert!(err <= max * 2f32.powi(-15), "element {n}: {got} vs {want}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn zero_blocks_are_zero_and_unrepresentable_rows_are_refused() {
+        let k = 64;
+        let mut rows = FixedRows::default();
+        rows.reset(4, k);
+        let zeros = vec![0f32; k];
+        let mut nan = vec![1f32; k];
+        nan[40] = f32::NAN;
+        let mut inf = vec![1f32; k];
+        inf[3] = f32::NEG_INFINITY;
+        let tiny = vec![1e-35f32; k];
+        let all = [&zeros, &nan, &inf, &tiny];
+        rows.fill_all(Codec::E2m1, |r| all[r]);
+        assert!((0..k).all(|n| value(&rows, 0, n) == Some(0.0)));
+        assert!(rows.row(1).is_none(), "NaN");
+        assert!(rows.row(2).is_none(), "infinity");
+        assert!(rows.row(3).is_none(), "below 2^-111");
+        assert!(rows.row(4).is_none(), "past the last row");
+    }
+}
