@@ -378,7 +378,7 @@ pub unsafe fn dot_rows_fixed(
                     _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(ahead) as *const i8);
                 }
             }
-            // SAFETY: rows r, r1 < n hold k / 2 ≥ c / 2 + 16 bytes; block b < k / 32 has its 6
+            // SAFETY: rows r, r1 < n hold k / 2 ≥ c / 2 + 16 bytes; block b < k / 32 has its
             // vectors and factor; the scale bytes cover group g (and g + 1 when halves).
             unsafe {
                 let v = _mm256_inserti128_si256::<1>(
@@ -386,17 +386,13 @@ pub unsafe fn dot_rows_fixed(
                     _mm_loadu_si128(rows[1].add(c / 2) as *const __m128i),
                 );
                 let xb = xv.add(b * VECTORS_PER_BLOCK);
+                // The activations' signs flip the nibbles' sign bits: the lookup then gives
+                // 2·value·sign(x) for the even positions (low nibbles) and the odd ones.
+                let v = _mm256_xor_si256(v, _mm256_loadu_si256(xb.add(4)));
                 let lo = _mm256_and_si256(v, nib);
                 let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(v), nib);
-                // Even positions (low nibbles) and odd ones, signed by their activations' signs.
-                let even = _mm256_sign_epi8(
-                    _mm256_shuffle_epi8(doubled, lo),
-                    _mm256_loadu_si256(xb.add(4)),
-                );
-                let odd = _mm256_sign_epi8(
-                    _mm256_shuffle_epi8(doubled, hi),
-                    _mm256_loadu_si256(xb.add(5)),
-                );
+                let even = _mm256_shuffle_epi8(doubled, lo);
+                let odd = _mm256_shuffle_epi8(doubled, hi);
                 // |byte products| ≤ 255 · 12: pair sums, then even + odd, stay within i16.
                 let high = _mm256_add_epi16(
                     _mm256_maddubs_epi16(_mm256_loadu_si256(xb), even),

@@ -3,27 +3,29 @@
 //! Design decision: E2M1 weights are small integers in disguise (2·value ∈ {0, ±1, ±2, ±3, ±4,
 //! ±6, ±8, ±12}), so one `vpshufb` turns 32 nibbles into signed bytes, and `vpmaddubsw` /
 //! `vpmaddwd` multiply and add them against activation bytes with no widening to f32 per weight:
-//! about 22 vector ops per 64 weights instead of ~36 for the f32 path. The activations go into
+//! about 20 vector ops per 64 weights instead of ~36 for the f32 path. The activations go into
 //! that form once per row: every 32-element block of natural positions gets the exponent `E` of
 //! its largest magnitude (`max |x| < 2^E`) and each element becomes `q = round(x · 2^(15 - E))`,
-//! `|q| ≤ 32767`, stored as a high and a low unsigned byte and a sign byte (±1, which
-//! `vpsignb` applies to the weight). The error is at most 2^-16 · 2^E ≤ 2^-15 · max |x| per
-//! element, and none at all for bf16 inputs whose exponents in a block span at most 8 binades
-//! (bf16 has 8 significant bits). Every sum is an exact integer (|Σ| ≤ 32 · 12 · 32767 < 2^24, so
-//! its f32 is exact too); only the per-block FMA into f32 rounds.
+//! `|q| ≤ 32767`, stored as a high and a low unsigned byte of `|q|`, its sign going into the
+//! weight instead: a sign mask byte per weight byte (0x08 for a negative even element, 0x80 for a
+//! negative odd one) is XORed into the packed nibbles before the lookup, which flips the E2M1 sign
+//! bits so the table returns 2·value·sign(x) directly (one XOR for 64 weights). The error is at
+//! most 2^-16 · 2^E ≤ 2^-15 · max |x| per element, and none at all for bf16 inputs whose
+//! exponents in a block span at most 8 binades (bf16 has 8 significant bits). Every sum is an
+//! exact integer (|Σ| ≤ 32 · 12 · 32767 < 2^24, so its f32 is exact too); only the per-block FMA
+//! into f32 rounds.
 //!
 //! Layout per block (what the AVX2 kernel loads, each 16-byte vector repeated in both 128-bit
 //! lanes because the kernel holds two weight rows, one per lane): high bytes of the even
-//! positions, low bytes of the even positions, high and low bytes of the odd positions, signs of
-//! the even and of the odd positions; and one f32 per block: 2^(E - 16) (the ½ turns 2·value back
-//! into the E2M1 value).
+//! positions, low bytes of the even positions, high and low bytes of the odd positions, the sign
+//! masks; and one f32 per block: 2^(E - 16) (the ½ turns 2·value back into the E2M1 value).
 
 use rayon::prelude::*;
 
 use super::Codec;
 
 /// Vectors of 32 bytes per 32-element block.
-pub const VECTORS_PER_BLOCK: usize = 6;
+pub const VECTORS_PER_BLOCK: usize = 5;
 
 /// Elements per fixed-point block (and per chunk of the kernel).
 pub const BLOCK: usize = 32;
@@ -120,14 +122,17 @@ fn fill_row(x: &[f32], codec: Codec, vectors: &mut [[i8; 32]], scales: &mut [f32
             (2f64.powi(15 - e), 2f32.powi(e - 16))
         };
         *scale = factor;
+        vs[4] = [0; 32];
         for (i, &v) in vals.iter().enumerate() {
             let q = round_to_i32(f64::from(v) * mul).clamp(-32767, 32767);
             let m = q.unsigned_abs();
             let (j, odd) = (i / 2, i % 2);
+            // The E2M1 sign bit of this element's nibble: bit 3 (low nibble) or 7 (high).
+            let flip = if q < 0 { 0x08u8 << (4 * odd) } else { 0 };
             for lane in [j, j + 16] {
                 vs[2 * odd][lane] = (m >> 8) as i8;
                 vs[2 * odd + 1][lane] = (m & 0xFF) as i8;
-                vs[4 + odd][lane] = if q < 0 { -1 } else { 1 };
+                vs[4][lane] = (vs[4][lane] as u8 | flip) as i8;
             }
         }
     }
@@ -151,7 +156,8 @@ pub fn value(rows: &FixedRows, r: usize, n: usize) -> Option<f32> {
     let vs = &row.vectors[b * VECTORS_PER_BLOCK..(b + 1) * VECTORS_PER_BLOCK];
     let (j, odd) = (i / 2, i % 2);
     let m = (i32::from(vs[2 * odd][j] as u8) << 8) | i32::from(vs[2 * odd + 1][j] as u8);
-    let q = m * i32::from(vs[4 + odd][j]);
+    let negative = vs[4][j] as u8 & (0x08 << (4 * odd)) != 0;
+    let q = if negative { -m } else { m };
     // factor = 2^(e - 16) carries the E2M1 ½: the value is q · 2^(e - 15) = q · 2 · factor.
     Some(q as f32 * 2.0 * row.scales[b])
 }
