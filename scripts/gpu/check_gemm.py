@@ -109,14 +109,12 @@ class Kernel:
         w8 = self.defs["W_FP8"]
         pipe = self.stages * (bm * 128 + bn * 128 + (4 * (bm // 8 + bn) if w8 == 2 else 0))
         red = (wk - 1) * bm * bn * 4
-        stg = staged_out_bytes(self.defs)
         if self.defs.get("WGMMA", 0):
-            # wgmma path: BM/16 x 1 x WG_KSPLIT warp grid, + 1024 bytes to align the operand tiles
-            assert (wm, wn, wk) == (bm // 16, 1, self.defs.get("WG_KSPLIT", 1)), meta
-            assert red <= pipe and stg <= pipe, (red, stg, pipe)
+            # wgmma path: BM/16 x 1 x 1 warp grid, + 1024 bytes to align the operand tiles
+            assert (wm, wn, wk) == (bm // 16, 1, 1), meta
             assert self.smem == pipe + 1024, (self.smem, pipe)
         else:
-            assert self.smem == max(pipe, red, stg), (self.smem, pipe, red, stg)
+            assert self.smem == max(pipe, red), (self.smem, pipe, red)
         # WG_WS=1: + the producer warpgroup (128 threads) next to the BM/16 consumer warps
         assert self.nthreads == 32 * wm * wn * wk + (128 if self.defs.get("WG_WS", 0) else 0), meta
         self.warps = (wm, wn, wk)
@@ -149,23 +147,6 @@ def compile_all(defs_list):
 
 def key(d):
     return tuple(sorted(d.items()))
-
-
-def promoted_overlap(d):
-    """The kernel's MG_PROMOTE && WG_OVERLAP (three accumulator sets on the wgmma path)."""
-    promote = d.get("WGMMA", 0) and (d["W_FP8"] == 2 or (d["W_FP8"] == 1 and d.get("WG_PROMOTE", 0)))
-    return bool(promote and d.get("WG_OVERLAP", 1))
-
-
-def staged_out_bytes(d):
-    """Shared memory of the staged EPI=0 store (OUT_STAGE; its default as in the kernel)."""
-    if d["EPI"] != 0:
-        return 0
-    staged = d.get("OUT_STAGE", 0 if (promoted_overlap(d) and d["BN"] == 128) else 1)
-    if not staged:
-        return 0
-    ot = d.get("OUT_TYPE", 1)
-    return d["BN"] * (d["BM"] + (4 if ot == 1 else 8)) * (4 if ot == 1 else 2)
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -335,7 +316,7 @@ def out_type_of(epi, ot):
 
 def alloc_out(c, epi, ot, BN, odd_stride=False):
     width = c["Mp"] // 2 if epi == 1 else c["Mp"]
-    stride = width + 16 + (1 if odd_stride else 0)  # odd: rows not 16-byte aligned (element-store fallback)
+    stride = width + 16 + (1 if odd_stride else 0)  # odd: rows not 16-byte aligned
     dt, poison = OUT_DTYPES[out_type_of(epi, ot)]
     o = torch.full((c["P"] + BN, stride), poison, dtype=dt, device=DEV)
     return o, width, stride, poison
@@ -412,16 +393,11 @@ def variant_name(d):
 
 
 def wg_suffix(d):
-    """' WG' for the wgmma path (WGMMA=1), ' S=n' for an explicit STAGES."""
+    """' WG' for the wgmma path (WGMMA=1), ' WS' warp-specialised, ' PREG=n' / ' S=n' for an explicit
+    WG_WS_PREGS / STAGES."""
     return ((" WG" if d.get("WGMMA", 0) else "") + (" WS" if d.get("WG_WS", 0) else "")
-            + (f" WA={d['WG_WS_ARRIVE']}" if "WG_WS_ARRIVE" in d else "")
             + (f" PREG={d['WG_WS_PREGS']}" if "WG_WS_PREGS" in d else "")
-            + (f" K{d['WG_KSPLIT']}" if "WG_KSPLIT" in d else "")
-            + (f" S={d['STAGES']}" if "STAGES" in d else "")
-            + (f" F={d['WG_FENCE']}" if "WG_FENCE" in d else "")
-            + (f" OV={d['WG_OVERLAP']}" if "WG_OVERLAP" in d else "")
-            + (f" PR={d['WG_PROMOTE']}" if "WG_PROMOTE" in d else "")
-            + (f" ST={d['OUT_STAGE']}" if "OUT_STAGE" in d else ""))
+            + (f" S={d['STAGES']}" if "STAGES" in d else ""))
 
 
 # ------------------------------------------------------------------------------------------ plan
@@ -456,8 +432,7 @@ def correctness_plan(quick):
     plan.append(dict(W_FP8=1, EPI=1, ACT=2, OUT_TYPE=2, BM=128, BN=128, WGMMA=1, STAGES=4))
     plan.append(dict(W_FP8=2, EPI=1, ACT=0, OUT_TYPE=0, BM=128, BN=128, WGMMA=1, STAGES=4))
     # narrow wgmma tiles (BN=16|32, BM=64|128): every W_FP8 x EPI x ACT x OUT_TYPE, rotating the four
-    # tiles; every tile with the gated and the plain epilogue; the two-warpgroup k-split (WG_KSPLIT=2,
-    # BM=64); the shallowest pipeline and a deep one
+    # tiles; every tile with the gated and the plain epilogue; the shallowest pipeline and a deep one
     NARROW = [(64, 16), (128, 32), (64, 32), (128, 16)]
     for w8 in (0, 1, 2):
         for j, (epi, actf, ot) in enumerate(EPI_SETS):
@@ -466,51 +441,36 @@ def correctness_plan(quick):
         for i, (bm, bn) in enumerate(NARROW):
             plan.append(dict(W_FP8=w8, EPI=1, ACT=i % 3, OUT_TYPE=(w8 + i) % 3, BM=bm, BN=bn, WGMMA=1))
             plan.append(dict(W_FP8=w8, EPI=0, ACT=0, OUT_TYPE=1, BM=bm, BN=bn, WGMMA=1))
-        for k, bn in enumerate((16, 32)):
-            plan.append(dict(W_FP8=w8, EPI=1, ACT=(w8 + k) % 3, OUT_TYPE=(w8 + k + 1) % 3, BM=64, BN=bn, WGMMA=1,
-                             WG_KSPLIT=2))
-            plan.append(dict(W_FP8=w8, EPI=0, ACT=0, OUT_TYPE=1, BM=64, BN=bn, WGMMA=1, WG_KSPLIT=2))
     plan.append(dict(W_FP8=0, EPI=1, ACT=0, OUT_TYPE=0, BM=64, BN=16, WGMMA=1, STAGES=3))
     plan.append(dict(W_FP8=2, EPI=0, ACT=0, OUT_TYPE=1, BM=64, BN=32, WGMMA=1, STAGES=3))
     plan.append(dict(W_FP8=1, EPI=2, ACT=0, OUT_TYPE=2, BM=128, BN=16, WGMMA=1, STAGES=3))
-    plan.append(dict(W_FP8=2, EPI=1, ACT=1, OUT_TYPE=0, BM=64, BN=16, WGMMA=1, WG_KSPLIT=2, STAGES=3))
     plan.append(dict(W_FP8=2, EPI=1, ACT=0, OUT_TYPE=0, BM=64, BN=16, WGMMA=1, STAGES=12))
     plan.append(dict(W_FP8=0, EPI=0, ACT=0, OUT_TYPE=1, BM=64, BN=32, WGMMA=1, STAGES=12))
-    # without the proxy fence after the cp.async wait (WG_FENCE=0, timed below too)
-    for w8 in (0, 1, 2):
-        plan.append(dict(W_FP8=w8, EPI=1, ACT=0, OUT_TYPE=0, BM=128, BN=128, WGMMA=1, WG_FENCE=0))
-    # GEMM2 output in bf16 (EPI=0 OUT_TYPE=0): every W_FP8 x mma.sync / wgmma x BN (BM alternating), and the
-    # unstaged store (OUT_STAGE=0) for both output types
+    # GEMM2 output in bf16 (EPI=0 OUT_TYPE=0): every W_FP8 x mma.sync / wgmma x BN (BM alternating); both
+    # output types on the host's BN=64 mma.sync and BN=128 wgmma tiles, and on the BM=64 narrow wgmma tiles
     for w8 in (0, 1, 2):
         for k, bn in enumerate((8, 16, 32, 64, 128)):
             plan.append(dict(W_FP8=w8, EPI=0, ACT=0, OUT_TYPE=0, BM=(64, 128)[(k + w8) % 2], BN=bn))
             if bn >= 16:
                 plan.append(dict(W_FP8=w8, EPI=0, ACT=0, OUT_TYPE=0, BM=(128, 64)[(k + w8) % 2], BN=bn, WGMMA=1))
         for ot in (0, 1):
-            plan.append(dict(W_FP8=w8, EPI=0, ACT=0, OUT_TYPE=ot, BM=128, BN=64, OUT_STAGE=0))
-            plan.append(dict(W_FP8=w8, EPI=0, ACT=0, OUT_TYPE=ot, BM=128, BN=128, WGMMA=1, OUT_STAGE=0))
+            plan.append(dict(W_FP8=w8, EPI=0, ACT=0, OUT_TYPE=ot, BM=128, BN=64))
+            plan.append(dict(W_FP8=w8, EPI=0, ACT=0, OUT_TYPE=ot, BM=128, BN=128, WGMMA=1))
     for bn in (16, 32):
-        plan.append(dict(W_FP8=2, EPI=0, ACT=0, OUT_TYPE=0, BM=64, BN=bn, WGMMA=1, WG_KSPLIT=2))
-    plan.append(dict(W_FP8=0, EPI=0, ACT=0, OUT_TYPE=0, BM=64, BN=32, WGMMA=1, WG_KSPLIT=2))
-    plan.append(dict(W_FP8=0, EPI=0, ACT=0, OUT_TYPE=0, BM=128, BN=128, STAGES=2))  # staging > pipeline
-    # fp8 block-scale wgmma with the promotion overlapped (WG_OVERLAP=1, the default; explicit here): every
-    # EPI x ACT x OUT_TYPE, rotating BN = 128, 64, 32, 16 (BM 128 / 64); the k-split; and the old
-    # wait-per-step path (WG_OVERLAP=0) for every BN
+        plan.append(dict(W_FP8=2, EPI=0, ACT=0, OUT_TYPE=0, BM=64, BN=bn, WGMMA=1))
+    plan.append(dict(W_FP8=0, EPI=0, ACT=0, OUT_TYPE=0, BM=64, BN=32, WGMMA=1))
+    plan.append(dict(W_FP8=0, EPI=0, ACT=0, OUT_TYPE=0, BM=128, BN=128, STAGES=2))  # mma.sync prefetch distance 1
+    # fp8 block-scale wgmma (each K step's partial folded into f32): every EPI x ACT x OUT_TYPE, rotating
+    # BN = 128, 64, 32, 16 (BM 128 / 64); every BN with f32 GEMM1 and bf16 GEMM2 rows; the shallowest pipelines
     for j, (epi, actf, ot) in enumerate(EPI_SETS):
         bn = (128, 64, 32, 16)[j % 4]
         bm = (128, 64)[(j // 4) % 2] if bn <= 64 else 128  # (W_FP8=2 BM=64 BN=128: too few threads for scales)
-        plan.append(dict(W_FP8=2, EPI=epi, ACT=actf, OUT_TYPE=ot, BM=bm, BN=bn, WGMMA=1, WG_OVERLAP=1))
-        # per-tensor fp8 promoted the same way (WG_PROMOTE=1), every EPI x ACT x OUT_TYPE
-        plan.append(dict(W_FP8=1, EPI=epi, ACT=actf, OUT_TYPE=ot, BM=bm, BN=(16, 32, 64, 128)[j % 4], WGMMA=1,
-                         WG_PROMOTE=1))
-    for bn in (16, 32):
-        plan.append(dict(W_FP8=1, EPI=1, ACT=0, OUT_TYPE=2, BM=64, BN=bn, WGMMA=1, WG_KSPLIT=2, WG_PROMOTE=1))
+        plan.append(dict(W_FP8=2, EPI=epi, ACT=actf, OUT_TYPE=ot, BM=bm, BN=bn, WGMMA=1))
     for bn in (16, 32, 64, 128):
-        plan.append(dict(W_FP8=2, EPI=1, ACT=0, OUT_TYPE=1, BM=128, BN=bn, WGMMA=1, WG_OVERLAP=0))
-        plan.append(dict(W_FP8=2, EPI=0, ACT=0, OUT_TYPE=0, BM=64 if bn <= 64 else 128, BN=bn, WGMMA=1, WG_OVERLAP=0))
-        plan.append(dict(W_FP8=1, EPI=0, ACT=0, OUT_TYPE=1, BM=128, BN=bn, WGMMA=1, WG_PROMOTE=1, WG_OVERLAP=0))
-    plan.append(dict(W_FP8=2, EPI=0, ACT=0, OUT_TYPE=1, BM=128, BN=128, WGMMA=1, STAGES=3, WG_OVERLAP=1))
-    plan.append(dict(W_FP8=2, EPI=1, ACT=1, OUT_TYPE=0, BM=64, BN=16, WGMMA=1, STAGES=3, WG_OVERLAP=1))
+        plan.append(dict(W_FP8=2, EPI=1, ACT=0, OUT_TYPE=1, BM=128, BN=bn, WGMMA=1))
+        plan.append(dict(W_FP8=2, EPI=0, ACT=0, OUT_TYPE=0, BM=64 if bn <= 64 else 128, BN=bn, WGMMA=1))
+    plan.append(dict(W_FP8=2, EPI=0, ACT=0, OUT_TYPE=1, BM=128, BN=128, WGMMA=1, STAGES=3))
+    plan.append(dict(W_FP8=2, EPI=1, ACT=1, OUT_TYPE=0, BM=64, BN=16, WGMMA=1, STAGES=3))
     # warp-specialised wgmma (WG_WS=1: a producer warpgroup loading through mbarriers, two consumer warpgroups):
     # every W_FP8 x EPI x ACT x OUT_TYPE, alternating BN = 128 / 64; then the options on BN = 128
     plan += ws_plan()
@@ -532,25 +492,20 @@ def ws_plan():
             bn = (128, 64)[(j + w8) % 2]
             plan.append(dict(W_FP8=w8, EPI=epi, ACT=actf, OUT_TYPE=ot, BM=128, BN=bn, WGMMA=1, WG_WS=1))
         ws = dict(W_FP8=w8, BM=128, BN=128, WGMMA=1, WG_WS=1)
-        plan.append(dict(ws, EPI=1, ACT=2, OUT_TYPE=(w8 + 1) % 3, WG_WS_ARRIVE=1))
-        plan.append(dict(ws, EPI=0, ACT=0, OUT_TYPE=1, WG_WS_ARRIVE=1))
         plan.append(dict(ws, EPI=1, ACT=0, OUT_TYPE=0, STAGES=3))
         plan.append(dict(ws, EPI=0, ACT=0, OUT_TYPE=0, STAGES=4))
-        plan.append(dict(ws, EPI=0, ACT=0, OUT_TYPE=1, OUT_STAGE=0))
-        plan.append(dict(ws, EPI=1, ACT=1, OUT_TYPE=0, WG_FENCE=0))
+        plan.append(dict(ws, EPI=0, ACT=0, OUT_TYPE=1))
         plan.append(dict(ws, EPI=1, ACT=0, OUT_TYPE=0, WG_WS_PREGS=40))
     for bn in (128, 64):
         ws = dict(BM=128, BN=bn, WGMMA=1, WG_WS=1)
-        plan.append(dict(ws, W_FP8=2, EPI=1, ACT=0, OUT_TYPE=1, WG_OVERLAP=0))
-        plan.append(dict(ws, W_FP8=2, EPI=0, ACT=0, OUT_TYPE=0, WG_OVERLAP=0))
-        plan.append(dict(ws, W_FP8=1, EPI=1, ACT=2, OUT_TYPE=2, WG_PROMOTE=1))
-        plan.append(dict(ws, W_FP8=1, EPI=0, ACT=0, OUT_TYPE=1, WG_PROMOTE=1, WG_OVERLAP=0))
+        plan.append(dict(ws, W_FP8=2, EPI=1, ACT=0, OUT_TYPE=1))
+        plan.append(dict(ws, W_FP8=2, EPI=0, ACT=0, OUT_TYPE=0))
     return plan
 
 
 # K sweep of the warp-specialised path: from one K step (fp8 Kp=128; bf16 Kp=64, below the 128 padding of the
 # prepared weights but one step of the kernel) over fewer steps than the prefetch distance to 8192; odd step
-# counts (the promoted overlap's odd tail); expert loads 0, 1, BN-1, BN+1 rows (+ a multi-tile expert)
+# counts; expert loads 0, 1, BN-1, BN+1 rows (+ a multi-tile expert)
 WS_KPS = (64, 128, 192, 256, 384, 640, 1152, 8192)
 
 
@@ -564,10 +519,6 @@ def ws_kp_cases():
             bn = (128, 64)[(i + w8) % 2]
             d = dict(W_FP8=w8, EPI=epi, ACT=actf, OUT_TYPE=ot, BM=128, BN=bn, WGMMA=1, WG_WS=1)
             out.append((d, (256, 384, 512)[i % 3], kp))
-            if kp in (128, 384, 8192):
-                out.append((dict(d, WG_WS_ARRIVE=1), 256, kp))
-                if w8:
-                    out.append((dict(d, WG_OVERLAP=0) if w8 == 2 else dict(d, WG_PROMOTE=1), 256, kp))
     return out
 
 
@@ -627,7 +578,7 @@ def main():
         c = make_case(seed, d["W_FP8"], E, Mp, Kp, loads, top_k=4, gather=gather,
                       with_bias=(i % 2 == 0), with_rw=(epi != 0 and i % 3 == 0),
                       out_std=4.0 if (epi == 1 and d["ACT"] == 2) else 2.0)
-        odd = epi == 0 and i % 5 == 0  # EPI=0 rows not 16-byte aligned: the staged store's element fallback
+        odd = epi == 0 and i % 5 == 0  # EPI=0 rows not 16-byte aligned
         err, problems = run_check(kern, c, epi, d["ACT"], d["OUT_TYPE"], bn, d["BM"], odd_stride=odd)
         tol = 1e-2 if d["W_FP8"] == 0 else 2e-2
         if d.get("WG_WS", 0) and kern.regs != 168:  # setmaxnreg budget assumes the 384 x 168 launch pool
@@ -659,7 +610,7 @@ def main():
     print(f"{'status':6} {'variant':52} {'shape':>10} {'rel_err':>9} {'regs':>4} {'local':>5}")
     for st, name, shape, err, regs, loc in rows:
         print(f"{st:6} {name:52} {shape:>10} {err:9.2e} {regs:4d} {loc:5d}")
-    print("\n==== per-tensor fp8 precision: the same cases on mma.sync, unpromoted wgmma, promoted wgmma ====")
+    print("\n==== per-tensor fp8 precision: the same cases on mma.sync and wgmma ====")
     print(f"{'case':40} " + " ".join(f"{n:>14}" for _, n in FP8_PRECISION_VARIANTS))
     for label, errs in prec_rows:
         print(f"{label:40} " + " ".join(f"{e:14.2e}" for e in errs))
@@ -675,12 +626,11 @@ def main():
 
 # ------------------------------------------------------------------------------------------ fp8 precision
 
-# per-tensor fp8 (W_FP8=1) on the three paths, same data: the host keeps mma.sync for precision (the wgmma
-# e4m3 accumulator keeps ~14 bits); WG_PROMOTE=1 folds a fresh partial per 128-wide K step into f32
+# per-tensor fp8 (W_FP8=1) on both paths, same data: the host keeps mma.sync for precision (the wgmma
+# e4m3 accumulator keeps ~14 bits)
 FP8_PRECISION_VARIANTS = [
     (dict(W_FP8=1, EPI=0, ACT=0, OUT_TYPE=1, BM=128, BN=64), "mma.sync"),
     (dict(W_FP8=1, EPI=0, ACT=0, OUT_TYPE=1, BM=128, BN=64, WGMMA=1), "wgmma"),
-    (dict(W_FP8=1, EPI=0, ACT=0, OUT_TYPE=1, BM=128, BN=64, WGMMA=1, WG_PROMOTE=1), "wgmma promoted"),
 ]
 FP8_PRECISION_SHAPES = [(1536, 2048), (4096, 2944), (2048, 768), (768, 1408), (512, 8192)]
 
@@ -709,7 +659,7 @@ def run_fp8_precision(kernels, seed):
 # ------------------------------------------------------------------------------------------ performance
 
 def perf_variants():
-    """(defs, case) pairs."""
+    """(defs, case) pairs, each once."""
     pv = []
     for w8 in (0, 1, 2):
         for bm in (64, 128):
@@ -718,59 +668,32 @@ def perf_variants():
         pv.append((dict(W_FP8=w8, EPI=1, ACT=0, OUT_TYPE=0, BM=128, BN=128), "compute_gemm1"))
         pv.append((dict(W_FP8=w8, EPI=1, ACT=0, OUT_TYPE=0, BM=128, BN=128, WGMMA=1), "compute_gemm1"))
         pv.append((dict(W_FP8=w8, EPI=1, ACT=0, OUT_TYPE=0, BM=128, BN=128, WGMMA=1, STAGES=4), "compute_gemm1"))
-        pv.append((dict(W_FP8=w8, EPI=1, ACT=0, OUT_TYPE=0, BM=128, BN=128, WGMMA=1, WG_FENCE=0), "compute_gemm1"))
-        # warp-specialised (WG_WS=1): producer warpgroup + mbarriers; the hardware-arrive variant; BN=64
+        # warp-specialised (WG_WS=1): producer warpgroup + mbarriers; a shallower ring; BN=64
         ws = dict(W_FP8=w8, EPI=1, ACT=0, OUT_TYPE=0, BM=128, BN=128, WGMMA=1, WG_WS=1)
         pv.append((ws, "compute_gemm1"))
-        pv.append((dict(ws, WG_WS_ARRIVE=1), "compute_gemm1"))
-        pv.append((dict(ws, WG_FENCE=0), "compute_gemm1"))
         pv.append((dict(ws, STAGES=5), "compute_gemm1"))
         pv.append((dict(ws, BN=64), "compute_gemm1"))
-        if w8 == 2:
-            pv.append((dict(ws, WG_OVERLAP=0), "compute_gemm1"))
-        if w8 == 1:
-            pv.append((dict(ws, WG_PROMOTE=1), "compute_gemm1"))
         pv.append((dict(W_FP8=w8, EPI=1, ACT=0, OUT_TYPE=0, BM=128, BN=64), "compute_gemm1"))
         pv.append((dict(W_FP8=w8, EPI=1, ACT=0, OUT_TYPE=0, BM=128, BN=64, WGMMA=1), "compute_gemm1"))
     pv.append((dict(W_FP8=0, EPI=0, ACT=0, OUT_TYPE=1, BM=128, BN=128), "compute_gemm2"))
     for w8 in (0, 1, 2):
         pv.append((dict(W_FP8=w8, EPI=0, ACT=0, OUT_TYPE=1, BM=128, BN=128, WGMMA=1), "compute_gemm2"))
     pv.append((dict(W_FP8=0, EPI=0, ACT=0, OUT_TYPE=1, BM=128, BN=64, WGMMA=1), "compute_gemm2"))
+    pv.append((dict(W_FP8=2, EPI=0, ACT=0, OUT_TYPE=1, BM=128, BN=64, WGMMA=1), "compute_gemm2"))
     for w8 in (0, 1, 2):  # warp-specialised GEMM2, f32 and bf16 rows
         for ot in (1, 0):
-            ws = dict(W_FP8=w8, EPI=0, ACT=0, OUT_TYPE=ot, BM=128, BN=128, WGMMA=1, WG_WS=1)
-            pv.append((ws, "compute_gemm2"))
-            pv.append((dict(ws, WG_WS_ARRIVE=1), "compute_gemm2"))
-        if w8 == 2:
-            pv.append((dict(ws, WG_OVERLAP=0), "compute_gemm2"))
-    # promotion overlapped with the next K step (fp8 block scales: WG_OVERLAP=1 is the default; =0 is the
-    # wait-per-step path) and per-tensor fp8 promoted (WG_PROMOTE=1), GEMM1 and GEMM2
-    for bn in (128, 64):
-        pv.append((dict(W_FP8=2, EPI=1, ACT=0, OUT_TYPE=0, BM=128, BN=bn, WGMMA=1, WG_OVERLAP=0), "compute_gemm1"))
-        pv.append((dict(W_FP8=1, EPI=1, ACT=0, OUT_TYPE=0, BM=128, BN=bn, WGMMA=1, WG_PROMOTE=1), "compute_gemm1"))
-        pv.append((dict(W_FP8=1, EPI=1, ACT=0, OUT_TYPE=0, BM=128, BN=bn, WGMMA=1, WG_PROMOTE=1, WG_OVERLAP=0),
-                   "compute_gemm1"))
-    pv.append((dict(W_FP8=2, EPI=0, ACT=0, OUT_TYPE=1, BM=128, BN=128, WGMMA=1, WG_OVERLAP=0), "compute_gemm2"))
-    pv.append((dict(W_FP8=2, EPI=0, ACT=0, OUT_TYPE=1, BM=128, BN=64, WGMMA=1), "compute_gemm2"))
-    pv.append((dict(W_FP8=2, EPI=0, ACT=0, OUT_TYPE=1, BM=128, BN=64, WGMMA=1, WG_OVERLAP=0), "compute_gemm2"))
-    pv.append((dict(W_FP8=1, EPI=0, ACT=0, OUT_TYPE=1, BM=128, BN=128, WGMMA=1, WG_PROMOTE=1), "compute_gemm2"))
-    for case, bn in (("mid_gemm1", 16), ("mid32_gemm1", 32)):
-        pv.append((dict(W_FP8=2, EPI=1, ACT=0, OUT_TYPE=0, BM=64, BN=bn, WGMMA=1, WG_OVERLAP=0), case))
-    # GEMM2 output in bf16 (OUT_TYPE=0) next to f32, staged through shared memory (default) and not (OUT_STAGE=0)
+            pv.append((dict(W_FP8=w8, EPI=0, ACT=0, OUT_TYPE=ot, BM=128, BN=128, WGMMA=1, WG_WS=1), "compute_gemm2"))
+    # GEMM2 output in bf16 (OUT_TYPE=0) next to f32
     for w8 in (0, 1, 2):
         pv.append((dict(W_FP8=w8, EPI=0, ACT=0, OUT_TYPE=0, BM=128, BN=128, WGMMA=1), "compute_gemm2"))
     pv.append((dict(W_FP8=0, EPI=0, ACT=0, OUT_TYPE=0, BM=128, BN=128), "compute_gemm2"))
     pv.append((dict(W_FP8=0, EPI=0, ACT=0, OUT_TYPE=0, BM=128, BN=64, WGMMA=1), "compute_gemm2"))
-    for ot in (0, 1):
-        pv.append((dict(W_FP8=0, EPI=0, ACT=0, OUT_TYPE=ot, BM=128, BN=128, WGMMA=1, OUT_STAGE=0), "compute_gemm2"))
-        pv.append((dict(W_FP8=0, EPI=0, ACT=0, OUT_TYPE=ot, BM=128, BN=128, OUT_STAGE=0), "compute_gemm2"))
-        pv.append((dict(W_FP8=0, EPI=0, ACT=0, OUT_TYPE=ot, BM=64, BN=16, WGMMA=1, OUT_STAGE=0), "bw_gemm2"))
-        pv.append((dict(W_FP8=0, EPI=0, ACT=0, OUT_TYPE=ot, BM=64, BN=16, WGMMA=1), "bw_gemm2"))
+    pv.append((dict(W_FP8=0, EPI=0, ACT=0, OUT_TYPE=0, BM=64, BN=16, WGMMA=1), "bw_gemm2"))
     pv.append((dict(W_FP8=0, EPI=1, ACT=0, OUT_TYPE=0, BM=64, BN=16), "mid_gemm1"))
     pv.append((dict(W_FP8=0, EPI=1, ACT=0, OUT_TYPE=0, BM=128, BN=32), "mid_gemm1"))
-    # narrow tiles: wgmma BM=64|128 x BN=16|32 (and the BM=64 k-split, and a deeper BM=64 pipeline) next to
-    # mma.sync with the same tile, for the decode bandwidth cases (8 experts x 1 row) and the mid batches
-    # (64 experts x 16 rows: BN=16; x 32 rows: BN=32)
+    # narrow tiles: wgmma BM=64|128 x BN=16|32 (and a deeper BM=64 pipeline) next to mma.sync with the same
+    # tile, for the decode bandwidth cases (8 experts x 1 row) and the mid batches (64 experts x 16 rows:
+    # BN=16; x 32 rows: BN=32)
     for w8 in (0, 1, 2):
         for case, bns in (("bw_gemm1", (16, 32)), ("bw_gemm2", (16, 32)), ("mid_gemm1", (16,)),
                           ("mid32_gemm1", (32,))):
@@ -780,10 +703,14 @@ def perf_variants():
                 pv.append((dict(base, BM=64), case))
                 for bm in (64, 128):
                     pv.append((dict(base, BM=bm, WGMMA=1), case))
-                pv.append((dict(base, BM=64, WGMMA=1, WG_KSPLIT=2), case))
                 if bn == 16:
                     pv.append((dict(base, BM=64, WGMMA=1, STAGES=12), case))
-    return pv
+    seen, out = set(), []
+    for d, case in pv:
+        if (key(d), case) not in seen:
+            seen.add((key(d), case))
+            out.append((d, case))
+    return out
 
 
 def time_launches(kern, grid, arg_sets, n=25, warm=5):

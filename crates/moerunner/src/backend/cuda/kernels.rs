@@ -151,11 +151,6 @@ impl GemmVariant {
             format!("-DBN={}", self.bn),
             format!("-DBM={}", self.bm()),
             format!("-DWGMMA={}", self.wgmma as u8),
-            // Measured on an H200 (scripts/gpu/check_gemm.py, 2026-12-01): overlapping the fp8
-            // block-scale fold with the next K step (240 registers) ran 8 % slower than folding in
-            // place (183), and staging GEMM2's rows through shared memory did not beat direct stores.
-            "-DWG_OVERLAP=0".to_string(),
-            "-DOUT_STAGE=0".to_string(),
             format!("-DWG_WS={}", self.ws as u8),
         ]
     }

@@ -1,4 +1,5 @@
-// Grouped MoE GEMM (GEMM1 with the fused activation, or GEMM2), tensor cores through mma.sync.
+// Grouped MoE GEMM (GEMM1 with the fused activation, or GEMM2), tensor cores through mma.sync or, on sm_90a,
+// wgmma.
 //
 // One CTA computes a BM (weight rows = output features) x BN (sorted (token, slot) positions) tile of one
 // expert: acc[r][p] = sum_k W[e][r][k] * act[row(p)][k], f32 accumulation. Weight rows sit on the MMA's
@@ -6,7 +7,10 @@
 // memory and one non-transposed ldmatrix serves both.
 //
 // ---------------------------------------------------------------------------------------------------
-// Compile-time defines (every one has a default; CI compiles every legal combination):
+// Compile-time defines, every one with a default. The host (kernels.rs) sets W_FP8, EPI, ACT, OUT_TYPE, BM,
+// BN, WGMMA and WG_WS, and CI compiles every combination it launches (ModuleKey::all()); STAGES and
+// WG_WS_PREGS keep their defaults there and are overridden only by scripts/gpu/check_gemm.py (which also
+// runs BN = 8):
 //   W_FP8     0 = bf16 weights and activations (mma m16n8k16 bf16)             [default 0]
 //             1 = e4m3 weights and activations, per-tensor scales (mma m16n8k32 e4m3)
 //             2 = e4m3, block scales: weights one f32 per 8 prepared rows x 128 K, activations per row x 128 K
@@ -15,91 +19,73 @@
 //             2 = non-gated GEMM1, relu2
 //   ACT       0 = swiglu, 1 = geglu (exact erf), 2 = swiglu_oai (alpha, beta, limit)   (EPI=1 only) [default 0]
 //   OUT_TYPE  0 = bf16 (round to nearest even), 1 = f32, 2 = e4m3 of a / out_scale[0] (EPI 1/2 only)
-//             [default: EPI 0 -> 1 (f32), EPI 1/2 -> 0]
-//   OUT_STAGE (EPI=0 only) 1 = the output tile goes through shared memory ([BN][BM + pad] in the output type,
-//             reusing the pipeline buffers) and is stored as 16-byte chunks of whole output rows (element stores
-//             where out or out_stride*size is not 16-byte aligned); 0 = each thread stores its fragments
-//             [default 1 for EPI=0, except with the three BN=128 accumulator sets of WG_OVERLAP below, where
-//             the staging made ptxas spill in the main loop]
+//             [default: EPI 0 -> 1 (f32), EPI 1/2 -> 0]. Each thread stores its own fragments (staging
+//             GEMM2's rows through shared memory for 16-byte stores did not beat that on an H200).
 //   BM        64 | 128   weight rows per CTA (grid.x = Mp / BM)                  [default 128]
 //   BN        8 | 16 | 32 | 64 | 128   positions per work tile                   [default 64]
 //   STAGES    2..8   cp.async pipeline depth   [default: BN >= 64 ? 4 : (BM == 64 ? 8 : 5)]
-//   WARPS_M, WARPS_N, WARPS_K   warp grid (optional overrides; defaults below, product 8 by default).
-//             WARPS_K > 1 splits the 4 MMA k-sub-steps of each 128-byte K step between warps and reduces
-//             through shared memory in a fixed order (deterministic).
-//             Constraints: BM % (16*WARPS_M) == 0, BN % (8*WARPS_N) == 0, WARPS_K in {1,2,4},
-//             (32*WARPS_M*WARPS_N*WARPS_K) % 64 == 0 and >= BM/8 + BN when W_FP8 == 2.
-//             Defaults (WM x WN x WK, warp tile):
-//               BN=128: 2x4x1 (BM=128: 64x32, BM=64: 32x32); W_FP8=1 with BM=128: 4x2x1 (32x64)
-//               BN=64 : BM=128 4x2x1 (32x32);  BM=64 2x2x2 (32x32)
-//               BN=32 : BM=128 4x1x2 (32x32);  BM=64 4x1x2 (16x32)
-//               BN=8/16: BM=128 8x1x1 (16xBN); BM=64 4x1x2 (16xBN)
-//   MIN_BLOCKS  __launch_bounds__ min blocks per SM   [default 1]
-//   FRAG_DB   1 = explicit register double buffering of the MMA fragments
-//             [default: W_FP8 == 0, and W_FP8 == 2 with BM = BN = 128 (fewest spills there)]
-//             (on sm_90 ptxas emulates the e4m3 mma.sync with F2FP unpacks + f16 HMMA; the extra
-//             registers of the double buffer make the 128x128 fp8 tile spill, so fp8 leaves it off)
 //   WGMMA     1 = Hopper warpgroup MMA (sm_90a wgmma.mma_async) instead of ldmatrix + mma.sync   [default 0]
 //             BM = 64 | 128 with BN = 16 | 32 | 64 | 128 (any W_FP8 / EPI / ACT / OUT_TYPE). BM / 64
 //             warpgroups (BM = 128: 256 threads, BM = 64: 128 threads); warpgroup q owns weight rows
 //             64q..64q+63 and issues per 128-byte K step four wgmma m64n{BN}k16 bf16 (W_FP8 = 0) or
-//             m64n{BN}k32 e4m3 (W_FP8 = 1/2), f32 accumulators, both
-//             operands read from shared memory through matrix descriptors (K-major, 128-byte swizzle,
-//             stride byte offset 1024: the layout below IS the 128B swizzle atom once every operand tile
-//             base is 1024-byte aligned, which the kernel guarantees by rounding the dynamic shared memory
-//             base up, hence the +1024 bytes; BM*128 and BN*128 are multiples of 1024 for BN >= 8). The
-//             same cp.async producer loop (every thread loads),
-//             then fence.proxy.async.shared::cta (cp.async writes are generic-proxy, wgmma reads through
-//             the async proxy) and __syncthreads. The wgmma of step ks stays in flight while step ks+1
-//             is issued (wgmma.wait_group 1), so a stage is refilled two steps after it was consumed:
-//             prefetch distance STAGES - 2 (W_FP8 = 2, and W_FP8 = 1 with WG_PROMOTE: each K step's wgmma
-//             accumulate a fresh partial set that is folded into the f32 sum: W_FP8 = 2 scaled by
-//             w_scale(row group of 8) * act_scale(row); see WG_OVERLAP for when the fold runs).
+//             m64n{BN}k32 e4m3 (W_FP8 = 1/2), f32 accumulators, both operands read from shared memory
+//             through matrix descriptors (K-major, 128-byte swizzle, stride byte offset 1024: the layout
+//             below IS the 128B swizzle atom once every operand tile base is 1024-byte aligned, which the
+//             kernel guarantees by rounding the dynamic shared memory base up, hence the +1024 bytes;
+//             BM*128 and BN*128 are multiples of 1024 for BN >= 8). The same cp.async producer loop (every
+//             thread loads), then fence.proxy.async.shared::cta (cp.async writes are generic-proxy, wgmma
+//             reads through the async proxy; CUTLASS's cp.async + GMMA mainloop has no such fence, kept to
+//             be safe) and __syncthreads. The wgmma of step ks stays in flight while step ks+1 is issued
+//             (wgmma.wait_group 1), so a stage is refilled two steps after it was consumed: prefetch
+//             distance STAGES - 2.
+//             W_FP8 = 2 (MG_PROMOTE): each K step's wgmma accumulate a fresh partial set, which is waited
+//             for (wait_group 0) and folded into the f32 sum, scaled by w_scale(row group of 8) *
+//             act_scale(row), before the next step is issued. The tensor cores idle during the fold;
+//             overlapping it with the next step (two partial sets) needed 240 registers against 183 and
+//             ran 8 % slower on an H200. W_FP8 = 1 accumulates all of K in the wgmma accumulator, which
+//             keeps only ~14 bits for e4m3: the host keeps per-tensor fp8 on mma.sync (kernels.rs,
+//             GemmVariant::choose).
 //             Warp w holds accumulator rows 16w + g, 16w + g + 8 (g = lane/4) and columns 8j + 2(lane%4)
 //             + {0,1}: the mma.sync m16n8 fragment layout per n8 tile, so the epilogue is shared
-//             (reported warp grid BM/16 x 1 x WG_KSPLIT). STAGES default: 6 (BN = 128) / 8 (BN <= 64), minimum 3,
+//             (reported warp grid BM/16 x 1 x 1). STAGES default: 6 (BN = 128) / 8 (BN <= 64), minimum 3,
 //             at most 16 (narrow tiles stream weights: e.g. BM=64 BN=16 8 stages = 80 KB, two blocks/SM).
-//   WG_KSPLIT (WGMMA=1, BM=64 only) 2 = two warpgroups (256 threads) on the one 64-row weight tile: warpgroup
-//             k issues the wgmma of k-sub-steps 2k, 2k+1 of every K step (both read the same stage), and
-//             the second's accumulators are added to the first's through shared memory in a fixed order
-//             at the end (deterministic; reported warp grid 4 x 1 x 2, RED < PIPE). Twice the loader
-//             threads and half the MMA chain per warpgroup.   [default 1: one warpgroup, 128 threads]
-//   WG_OVERLAP (WGMMA=1 with W_FP8=2 or WG_PROMOTE=1) 1 = two partial sets used alternately: step k+1 is issued
-//             into one, then wgmma.wait_group 1 and step k's set is folded while the tensor cores run step
-//             k+1 (acc + 2 partial sets: 3 * BN/2 floats per thread; BN=128: 240 registers, no spill);
-//             0 = one partial set, wait_group 0 and fold after every step (the tensor cores idle during the
-//             fold).   [default 1]. ptxas keeps the wgmma asynchronous only if the loop enters with nothing
-//             in flight and both sets stay live across it (see the loop; SASS: no WARPGROUP.DEPBAR 0 in it).
-//   WG_PROMOTE (WGMMA=1, W_FP8=1 only) 1 = per-tensor fp8 promoted like the block scales (fresh partial per
-//             128-wide K step, added into f32; the per-tensor scales still at the end) instead of one wgmma
-//             accumulation over all of K (the e4m3 wgmma accumulator keeps ~14 bits)   [default 0]
-//   WG_FENCE  (WGMMA=1 only) 1 = fence.proxy.async.shared::cta after each cp.async wait [default 1];
-//             0 drops it (CUTLASS's cp.async + GMMA mainloop has none; kept on by default to be safe).
-//   WG_WS     (WGMMA=1, BM=128, BN=64|128, WG_KSPLIT=1) 1 = warp-specialised: 384 threads, warpgroups 0 and 1
+//   WG_WS     (WGMMA=1, BM=128, BN=64|128) 1 = warp-specialised: 384 threads, warpgroups 0 and 1
 //             consume (wgmma, as above: warpgroup q owns weight rows 64q..64q+63, the epilogue is the same),
 //             warpgroup 2 only loads (the same cp.async gather / zero fill, 128 loader threads) into a ring of
-//             STAGES slots; mbarriers instead of __syncthreads: full[s] (one arrival per producer warp, or
-//             per producer thread with WG_WS_ARRIVE=1) and empty[s] (one arrival per consumer warp, after the
-//             wgmma reading the slot were retired by wgmma.wait_group, and for W_FP8=2 after the fold read
+//             STAGES slots; mbarriers instead of __syncthreads: full[s] and empty[s]. Each producer thread
+//             waits for its cp.async group of step j (wait_group, STAGES - 2 groups behind the newest) and
+//             fences (fence.proxy.async.shared::cta), then lane 0 of each producer warp arrives on full[j]
+//             (after __syncwarp: one arrival per producer warp). Each consumer warp arrives on empty[s] once
+//             the wgmma reading the slot were retired by wgmma.wait_group (and for W_FP8=2 the fold read
 //             its scales). setmaxnreg: producer 48, consumers 224 (WG_WS_PREGS=40: 232; the pool is
-//             the launch's 384 x 168). The consumers keep one K step's wgmma in flight (slot released one step
-//             late, so all STAGES - 2 other slots are loading); the promoted
-//             paths (MG_PROMOTE) use the same WG_OVERLAP choice as above. EPI=0 staged store: the consumers
-//             alone (named barrier 1, 256 threads; the producer has exited).   [default 0]
-//   WG_WS_ARRIVE (WG_WS=1) 0 = each producer thread waits for its cp.async group of step j (wait_group,
-//             STAGES - 2 groups behind the newest), fences (fence.proxy.async.shared::cta, WG_FENCE), then
-//             lane 0 of each producer warp arrives (after __syncwarp) on full[j]; 1 = cp.async.mbarrier.arrive
-//             .noinc (the hardware arrives when the thread's copies land, the producer never waits on its
-//             own loads) and the consumers fence (WG_FENCE) after their full-barrier wait.   [default 0]
+//             the launch's 384 x 168). Unpromoted, the consumers keep one K step's wgmma in flight (slot
+//             released one step late, so all STAGES - 2 other slots are loading); W_FP8 = 2 waits for and
+//             folds every step as above.   [default 0]
+//   WG_WS_PREGS (WG_WS=1) producer registers (setmaxnreg.dec), a multiple of 8 in 24..168   [default 48]
 //
-// Block: NTHREADS = 32 * WARPS_M * WARPS_N * WARPS_K threads (256 with the defaults; WGMMA=1: 2 * BM, or 256
-// with WG_KSPLIT=2), grid (Mp/BM, max_tiles).
+// Derived from the defines above (not overridable):
+//   WARPS_M, WARPS_N, WARPS_K   mma.sync warp grid (WGMMA=1: BM/16 x 1 x 1).
+//             WARPS_K > 1 splits the 4 MMA k-sub-steps of each 128-byte K step between warps and reduces
+//             through shared memory in a fixed order (deterministic).
+//             Constraints: BM % (16*WARPS_M) == 0, BN % (8*WARPS_N) == 0, WARPS_K in {1,2,4},
+//             (32*WARPS_M*WARPS_N*WARPS_K) % 64 == 0 and >= BM/8 + BN when W_FP8 == 2.
+//             Table (WM x WN x WK, warp tile), 8 warps:
+//               BN=128: 2x4x1 (BM=128: 64x32, BM=64: 32x32); W_FP8=1 with BM=128: 4x2x1 (32x64)
+//               BN=64 : BM=128 4x2x1 (32x32);  BM=64 2x2x2 (32x32)
+//               BN=32 : BM=128 4x1x2 (32x32);  BM=64 4x1x2 (16x32)
+//               BN=8/16: BM=128 8x1x1 (16xBN); BM=64 4x1x2 (16xBN)
+//   FRAG_DB   1 = explicit register double buffering of the mma.sync fragments:
+//             W_FP8 == 0, and W_FP8 == 2 with BM = BN = 128 (fewest spills there)
+//             (on sm_90 ptxas emulates the e4m3 mma.sync with F2FP unpacks + f16 HMMA; the extra
+//             registers of the double buffer make the 128x128 fp8 tile spill, so fp8 leaves it off)
+//
+// Block: NTHREADS = 32 * WARPS_M * WARPS_N * WARPS_K threads (256; WGMMA=1: 2 * BM, + 128 with WG_WS),
+// grid (Mp/BM, max_tiles).
 // Dynamic shared memory (bytes):
 //   PIPE = STAGES * (BM*128 + BN*128 + (W_FP8 == 2 ? 4*(BM/8 + BN) : 0))
 //   RED  = (WARPS_K - 1) * BM * BN * 4
-//   STG  = EPI == 0 && OUT_STAGE ? BN * (BM + (OUT_TYPE == 1 ? 4 : 8)) * (OUT_TYPE == 1 ? 4 : 2) : 0
-//   SMEM = max(PIPE, RED, STG)            (+ 8*BN bytes of static shared memory, + 4 with WG_OVERLAP)
-//   WGMMA = 1: SMEM = PIPE + 1024 (alignment slack; RED, WG_KSPLIT = 2 only, and STG fit in PIPE), e.g. BN=128 6 stages: 197632,
+//   SMEM = max(PIPE, RED)                 (+ 8*BN bytes of static shared memory; + 8*(2*STAGES+1) with WG_WS)
+//   WGMMA = 1: SMEM = PIPE + 1024 (alignment slack), e.g. BN=128 6 stages: 197632,
 //              W_FP8=2: 197632 + 6*4*144 = 201088; BN=64 8 stages: 197632 (W_FP8=2: 200192);
 //              BM=64 8 stages: BN=16 82944 (W_FP8=2: 83712), BN=32 99328 (W_FP8=2: 100608);
 //              BM=128 8 stages: BN=16 148480 (W_FP8=2: 149504), BN=32 164864 (W_FP8=2: 166400)
@@ -113,9 +99,9 @@
 // writes. One K step = 128 bytes = 64 bf16 or 128 e4m3 = 4 MMA k-sub-steps of 32 bytes (k16 bf16 / k32 e4m3;
 // both fragments have the same 32-bit-word layout, so the byte-level tiling is shared).
 //
-// Where a faster path would go: on sm_90a a wgmma (warpgroup MMA, operands from shared memory described
-// by matrix descriptors, 128B swizzle = this layout) fed by TMA with a producer warp and mbarrier-based
-// stages; on sm_100a tcgen05.mma with the accumulator in tensor memory. The epilogue below would stay.
+// Where a faster path would go: on sm_90a TMA loads instead of cp.async (wgmma and the warp-specialised
+// mbarrier ring are here already); on sm_100a tcgen05.mma with the accumulator in tensor memory. The
+// epilogue below would stay.
 // ---------------------------------------------------------------------------------------------------
 
 #ifndef W_FP8
@@ -139,38 +125,19 @@
 #ifndef WGMMA
 #define WGMMA 0
 #endif
-#ifndef WG_FENCE
-#define WG_FENCE 1
-#endif
-#ifndef WG_KSPLIT
-#define WG_KSPLIT 1
-#endif
-#ifndef WG_PROMOTE
-#define WG_PROMOTE 0
-#endif
-#ifndef WG_OVERLAP
-#define WG_OVERLAP 1
-#endif
 #ifndef WG_WS
 #define WG_WS 0
 #endif
-#ifndef WG_WS_ARRIVE
-#define WG_WS_ARRIVE 0
-#endif
 #ifndef WG_WS_PREGS
-#define WG_WS_PREGS 48  // producer registers (setmaxnreg.dec); 40 made the W_FP8=2 (and WG_WS_ARRIVE=1) loader spill
+#define WG_WS_PREGS 48  // producer registers (setmaxnreg.dec); 40 made the W_FP8=2 loader spill
 #endif
 // consumer registers (setmaxnreg.inc): the CTA's register pool is what it was launched with, 384 threads x 168
 // (__launch_bounds__(384, 1): 65536 / 384 rounded down to 8; ptxas reports 168 for every WS variant); the
 // consumers may take what the producer gave back, a multiple of 8 (an .inc beyond the pool never returns):
 // producer 40 -> consumers 232, 48 -> 224
 #define MG_WS_CREGS MG_MIN(240, ((168 * 384 - 128 * WG_WS_PREGS) / 256) & ~7)
-#ifndef OUT_STAGE
-// (not with the three 64-float accumulator sets of the BN = 128 promoted overlap: ptxas spills in the main loop)
-#define OUT_STAGE (EPI == 0 && !(MG_PROMOTE && WG_OVERLAP && BN == 128))
-#endif
-// WGMMA=1 accumulates each K step into a fresh partial that is folded into the f32 sum (see WG_PROMOTE)
-#define MG_PROMOTE (WGMMA && (W_FP8 == 2 || (W_FP8 == 1 && WG_PROMOTE)))
+// WGMMA=1 with block scales accumulates each K step into a fresh partial that is folded into the f32 sum
+#define MG_PROMOTE (WGMMA && W_FP8 == 2)
 #ifndef STAGES
 #if WGMMA
 #define STAGES (BN == 128 ? 6 : 8)
@@ -182,20 +149,14 @@
 #define STAGES 5
 #endif
 #endif
-#ifndef MIN_BLOCKS
-#define MIN_BLOCKS 1
-#endif
-#ifndef FRAG_DB
 #define FRAG_DB (W_FP8 == 0 || (W_FP8 == 2 && BM == 128 && BN == 128))
-#endif
 
 #if WGMMA
 // BM / 64 warpgroups, each warp owns 16 weight rows x all BN columns (see WGMMA above)
 #define WARPS_M (BM / 16)
 #define WARPS_N 1
-#define WARPS_K WG_KSPLIT
-#elif !defined(WARPS_M) && !defined(WARPS_N) && !defined(WARPS_K)
-#if BN >= 128 && W_FP8 == 1 && BM == 128
+#define WARPS_K 1
+#elif BN >= 128 && W_FP8 == 1 && BM == 128
 #define WARPS_M 4
 #define WARPS_N 2
 #define WARPS_K 1
@@ -203,39 +164,25 @@
 #define WARPS_M 2
 #define WARPS_N 4
 #define WARPS_K 1
-#elif BN == 64
-#if BM == 128
+#elif BN == 64 && BM == 128
 #define WARPS_M 4
 #define WARPS_N 2
 #define WARPS_K 1
-#else
+#elif BN == 64
 #define WARPS_M 2
 #define WARPS_N 2
 #define WARPS_K 2
-#endif
 #elif BN == 32
 #define WARPS_M 4
 #define WARPS_N 1
 #define WARPS_K 2
-#else
-#if BM == 128
+#elif BM == 128  // BN = 8 | 16
 #define WARPS_M 8
 #define WARPS_N 1
 #define WARPS_K 1
 #else
 #define WARPS_M 4
 #define WARPS_N 1
-#define WARPS_K 2
-#endif
-#endif
-#endif
-#ifndef WARPS_M
-#define WARPS_M 4
-#endif
-#ifndef WARPS_N
-#define WARPS_N 1
-#endif
-#ifndef WARPS_K
 #define WARPS_K 2
 #endif
 
@@ -259,17 +206,12 @@
 #define MG_SS_FLOATS (W_FP8 == 2 ? (BM / 8 + BN) : 0)
 #define MG_PIPE_BYTES (STAGES * (MG_SW_BYTES + MG_SA_BYTES + MG_SS_FLOATS * 4))
 #define MG_RED_BYTES ((WARPS_K - 1) * BM * BN * 4)
-// EPI = 0 output staged through shared memory: [BN][BM + pad] elements of the output type (the pad keeps
-// the fragment writes free of bank conflicts and the rows 16-byte aligned)
-#define MG_OUT_STAGED (EPI == 0 && OUT_STAGE)
-#define MG_STG_LD (BM + (OUT_TYPE == 1 ? 4 : 8))
-#define MG_STG_BYTES (MG_OUT_STAGED ? BN * MG_STG_LD * (OUT_TYPE == 1 ? 4 : 2) : 0)
 #define MG_MAX(a, b) ((a) > (b) ? (a) : (b))
 #define MG_MIN(a, b) ((a) < (b) ? (a) : (b))
 #if WGMMA
 #define MG_SMEM_BYTES (MG_PIPE_BYTES + 1024)  // + slack to align the operand tiles to 1024 bytes
 #else
-#define MG_SMEM_BYTES MG_MAX(MG_MAX(MG_PIPE_BYTES, MG_RED_BYTES), MG_STG_BYTES)
+#define MG_SMEM_BYTES MG_MAX(MG_PIPE_BYTES, MG_RED_BYTES)
 #endif
 
 static_assert(W_FP8 >= 0 && W_FP8 <= 2, "W_FP8 must be 0, 1 or 2");
@@ -277,9 +219,6 @@ static_assert(EPI >= 0 && EPI <= 2, "EPI must be 0, 1 or 2");
 static_assert(ACT >= 0 && ACT <= 2, "ACT must be 0, 1 or 2");
 static_assert(OUT_TYPE >= 0 && OUT_TYPE <= 2, "OUT_TYPE must be 0, 1 or 2");
 static_assert(EPI != 0 || OUT_TYPE <= 1, "EPI=0 stores bf16 (OUT_TYPE=0) or f32 (OUT_TYPE=1)");
-static_assert(OUT_STAGE == 0 || OUT_STAGE == 1, "OUT_STAGE must be 0 or 1");
-static_assert(WG_OVERLAP == 0 || WG_OVERLAP == 1, "WG_OVERLAP must be 0 or 1");
-static_assert(WG_PROMOTE == 0 || WG_PROMOTE == 1, "WG_PROMOTE must be 0 or 1");
 static_assert(BM == 64 || BM == 128, "BM must be 64 or 128");
 static_assert(BN == 8 || BN == 16 || BN == 32 || BN == 64 || BN == 128, "BN must be 8, 16, 32, 64 or 128");
 static_assert(STAGES >= 2 && STAGES <= (WGMMA ? 16 : 8), "STAGES must be 2..8 (WGMMA=1: 3..16)");
@@ -295,20 +234,13 @@ static_assert(MG_NTL == 1 || MG_NTL % 2 == 0, "n8 tiles per warp must be 1 or ev
 static_assert(WGMMA == 0 || WGMMA == 1, "WGMMA must be 0 or 1");
 #if WGMMA
 static_assert(BN == 16 || BN == 32 || BN == 64 || BN == 128, "WGMMA=1 needs BN = 16, 32, 64 or 128");
-static_assert(WG_KSPLIT == 1 || (WG_KSPLIT == 2 && BM == 64), "WG_KSPLIT must be 1, or 2 with BM = 64");
-static_assert(WARPS_M == BM / 16 && WARPS_N == 1 && WARPS_K == WG_KSPLIT,
-              "WGMMA=1 fixes the warp grid at BM/16 x 1 x WG_KSPLIT");
-static_assert(MG_RED_BYTES <= MG_PIPE_BYTES, "WGMMA=1: the k-split reduction reuses the pipeline buffers");
-static_assert(MG_STG_BYTES <= MG_PIPE_BYTES, "WGMMA=1: the staged output reuses the pipeline buffers");
 static_assert(MG_SW_BYTES % 1024 == 0 && MG_SA_BYTES % 1024 == 0, "WGMMA=1: operand tiles must keep 1024-byte alignment");
 static_assert(STAGES >= 3, "WGMMA=1 needs STAGES >= 3 (prefetch distance STAGES - 2)");
 static_assert(MG_SMEM_BYTES <= 232448, "WGMMA=1: too many stages for 227 KB of shared memory");
 #endif
 static_assert(WG_WS == 0 || WG_WS == 1, "WG_WS must be 0 or 1");
-static_assert(WG_WS_ARRIVE == 0 || WG_WS_ARRIVE == 1, "WG_WS_ARRIVE must be 0 or 1");
 static_assert(WG_WS_PREGS >= 24 && WG_WS_PREGS <= 168 && WG_WS_PREGS % 8 == 0, "WG_WS_PREGS: 24..168, a multiple of 8");
-static_assert(WG_WS == 0 || (WGMMA && BM == 128 && (BN == 64 || BN == 128) && WG_KSPLIT == 1),
-              "WG_WS=1 needs WGMMA=1, BM=128, BN=64|128, WG_KSPLIT=1");
+static_assert(WG_WS == 0 || (WGMMA && BM == 128 && (BN == 64 || BN == 128)), "WG_WS=1 needs WGMMA=1, BM=128, BN=64|128");
 
 extern "C" {
 __constant__ int moe_gemm_meta[8] = {MG_NTHREADS, MG_SMEM_BYTES, BM, BN, STAGES, WARPS_M, WARPS_N, WARPS_K};
@@ -411,11 +343,6 @@ __device__ __forceinline__ void mg_mbar_wait(u32 bar, u32 parity) {
         asm volatile("{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
                      : "=r"(ok) : "r"(bar), "r"(parity) : "memory");
     } while (!ok);
-}
-// the hardware arrives on bar once all of this thread's earlier cp.async have landed (pending count not
-// incremented: the barrier's expected count includes these arrivals)
-__device__ __forceinline__ void mg_cp_mbar_arrive(u32 bar) {
-    asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];" ::"r"(bar) : "memory");
 }
 template <int N>
 __device__ __forceinline__ void mg_setmaxnreg_inc() {
@@ -562,7 +489,7 @@ __device__ __forceinline__ void mg_store(void* out, long long idx, float a, floa
 
 // ------------------------------------------------------------------------------------------ the kernel
 
-extern "C" __global__ void __launch_bounds__(MG_NTHREADS, MIN_BLOCKS) moe_gemm(
+extern "C" __global__ void __launch_bounds__(MG_NTHREADS, 1) moe_gemm(
     const u8* __restrict__ w, const float* __restrict__ w_scale, const u8* __restrict__ act,
     const float* __restrict__ act_scale, const int* __restrict__ sorted_pair, int gather_div,
     const int* __restrict__ tile_expert, const int* __restrict__ tile_row_start,
@@ -596,12 +523,6 @@ extern "C" __global__ void __launch_bounds__(MG_NTHREADS, MIN_BLOCKS) moe_gemm(
 
     __shared__ int s_row[BN];     // activation row of each tile column, -1 when missing
     __shared__ float s_rw[BN];    // Llama-4 row weight of each tile column (1 when none)
-#if MG_PROMOTE && WG_OVERLAP
-    // 0, read where the compilers must not know the value (see the overlap loop): stored and loaded
-    // through inline PTX, as NVVM folds a shared variable that is only ever assigned 0
-    __shared__ int s_zero;
-    if (threadIdx.x == 0) asm volatile("st.shared.u32 [%0], %1;" ::"r"(mg_smem_addr(&s_zero)), "r"(0) : "memory");
-#endif
     extern __shared__ __align__(128) u8 smem[];
 
     const int tid = threadIdx.x;
@@ -616,7 +537,7 @@ extern "C" __global__ void __launch_bounds__(MG_NTHREADS, MIN_BLOCKS) moe_gemm(
     if (tid == 0) {
 #pragma unroll
         for (int s = 0; s < STAGES; ++s) {
-            mg_mbar_init(bar_full + 8 * s, WG_WS_ARRIVE ? MG_LDT : MG_LDT / 32);
+            mg_mbar_init(bar_full + 8 * s, MG_LDT / 32);  // lane 0 of each producer warp
             mg_mbar_init(bar_empty + 8 * s, MG_NWARPS);
         }
         mg_mbar_init(bar_spare, MG_NWARPS);
@@ -751,9 +672,7 @@ extern "C" __global__ void __launch_bounds__(MG_NTHREADS, MIN_BLOCKS) moe_gemm(
 
 #if WGMMA
     // ---- warpgroup MMA main loop (see WGMMA in the header)
-    const int wgrp = WG_KSPLIT > 1 ? 0 : warp >> 2;  // warpgroup: weight rows 64 * wgrp .. + 63
-    // WG_KSPLIT = 2: warpgroup warp_k issues k-sub-steps q0 .. q0 + MG_KPW - 1 of every K step
-    const int q0 = WG_KSPLIT > 1 ? warp_k * MG_KPW : 0;
+    const int wgrp = warp >> 2;  // warpgroup: weight rows 64 * wgrp .. + 63
     (void)warp_k;
     constexpr int NACC = MG_MT * MG_NTL * 4;  // accumulator floats per thread per set (BN / 2)
     float acc[MG_MT][MG_NTL][4];
@@ -765,16 +684,6 @@ extern "C" __global__ void __launch_bounds__(MG_NTHREADS, MIN_BLOCKS) moe_gemm(
         mg_setmaxnreg_dec<WG_WS_PREGS>();
         int slot_i = 0;  // slot of the step loaded next
         u32 ph_i = 0;    // parity of its use count (n = j / STAGES): wait for empty phase n - 1
-#if WG_WS_ARRIVE
-        for (int j = 0; j < nk; ++j) {
-            if (j >= STAGES) mg_mbar_wait(bar_empty + 8 * slot_i, ph_i ^ 1u);
-            load_stage(slot_i, j);
-            mg_cp_mbar_arrive(bar_full + 8 * slot_i);
-            slot_i = slot_i + 1 == STAGES ? 0 : slot_i + 1;
-            ph_i ^= (u32)(slot_i == 0);
-        }
-        asm volatile("cp.async.wait_all;" ::: "memory");
-#else
         // iteration j: signal step j - LAG (its group landed), then load step j. Step j needs the release of
         // step j - STAGES, which the consumers give after issuing step j - STAGES + 1, signalled at iteration
         // j - STAGES + 1 + LAG = j - 1 (no deadlock for LAG <= STAGES - 1; the consumers hold two slots, so
@@ -784,9 +693,7 @@ extern "C" __global__ void __launch_bounds__(MG_NTHREADS, MIN_BLOCKS) moe_gemm(
         for (int j = 0; j < nk + LAG; ++j) {
             if (j >= LAG) {
                 mg_cp_wait<LAG - 1>();  // this thread's group j - LAG has landed (j groups committed) ...
-#if WG_FENCE
                 mg_fence_proxy_async();  // ... and is visible to the async proxy ...
-#endif
                 __syncwarp();            // ... for the whole warp; lane 0 arrives for it
                 mg_mbar_arrive_if(bar_full + 8 * slot_s, lane == 0);
                 slot_s = slot_s + 1 == STAGES ? 0 : slot_s + 1;
@@ -799,18 +706,12 @@ extern "C" __global__ void __launch_bounds__(MG_NTHREADS, MIN_BLOCKS) moe_gemm(
             slot_i = slot_i + 1 == STAGES ? 0 : slot_i + 1;
             ph_i ^= (u32)(slot_i == 0);
         }
-#endif
         return;
     }
     mg_setmaxnreg_inc<MG_WS_CREGS>();
     int slot_c = 0;  // slot of the step consumed next
     u32 ph_c = 0;    // parity of its fill count
-    auto full_wait = [&]() {
-        mg_mbar_wait(bar_full + 8 * slot_c, ph_c);
-#if WG_WS_ARRIVE && WG_FENCE
-        mg_fence_proxy_async();  // (the cp.async landed through the hardware arrive: fence on this side)
-#endif
-    };
+    auto full_wait = [&]() { mg_mbar_wait(bar_full + 8 * slot_c, ph_c); };
     auto advance = [&]() {
         slot_c = slot_c + 1 == STAGES ? 0 : slot_c + 1;
         ph_c ^= (u32)(slot_c == 0);
@@ -829,9 +730,7 @@ extern "C" __global__ void __launch_bounds__(MG_NTHREADS, MIN_BLOCKS) moe_gemm(
     // waited for them before this barrier)
     auto step_head = [&](int ks) {
         mg_cp_wait<STAGES - 3>();  // group ks has landed (for this thread) ...
-#if WG_FENCE
         mg_fence_proxy_async();    // ... and is visible to the async proxy (wgmma) ...
-#endif
         __syncthreads();           // ... for all threads; the wgmma of step ks-2 (slot_l) are complete
         if (ks + STAGES - 2 < nk) load_stage(slot_l, ks + STAGES - 2);
         mg_cp_commit();
@@ -841,9 +740,8 @@ extern "C" __global__ void __launch_bounds__(MG_NTHREADS, MIN_BLOCKS) moe_gemm(
         slot_l = slot_l + 1 == STAGES ? 0 : slot_l + 1;
     };
 #endif  // WG_WS
-    // the four (WG_KSPLIT = 2: two) wgmma of one K step from stage `slot` into d; acc_in = 0: the first
-    // overwrites d (scale-d = 0), 1: all add to d (unpromoted: every step after the first; the overlap:
-    // every step, d re-zeroed by the fold before)
+    // the four wgmma of one K step from stage `slot` into d; acc_in = 0: the first overwrites d
+    // (scale-d = 0: promoted, every step; unpromoted, the first), 1: all add to d
     auto issue = [&](float* d, int slot, int acc_in) {
         const u32 aW = sW + slot * MG_SW_BYTES + wgrp * (64 * 128);
         const u32 aA = sA + slot * MG_SA_BYTES;
@@ -851,22 +749,15 @@ extern "C" __global__ void __launch_bounds__(MG_NTHREADS, MIN_BLOCKS) moe_gemm(
         for (int i = 0; i < NACC; ++i) mg_reg_fence(d[i]);
         mg_wg_fence();
 #pragma unroll
-        for (int q = 0; q < MG_KPW; ++q)
-            mg_wgmma(d, mg_desc(aW + 32 * (q0 + q)), mg_desc(aA + 32 * (q0 + q)), acc_in | (q > 0));
+        for (int q = 0; q < 4; ++q) mg_wgmma(d, mg_desc(aW + 32 * q), mg_desc(aA + 32 * q), acc_in | (q > 0));
         mg_wg_commit();
     };
 #if MG_PROMOTE
-#if WG_OVERLAP
-    int zbits;  // 0 (see the overlap loop below)
-    asm volatile("ld.shared.u32 %0, [%1];" : "=r"(zbits) : "r"(mg_smem_addr(&s_zero)) : "memory");
-    const float fzero = __int_as_float(zbits);  // +0.0f
-#endif
-    // promote one K step's partial (its wgmma complete): W_FP8 = 2: acc += partial * w_scale(row group of
-    // 8) * act_scale(column), the scales of the step's stage `slot`; W_FP8 = 1: acc += partial
+    // promote one K step's partial p (its wgmma complete): acc += p * w_scale(row group of 8) *
+    // act_scale(column), the scales of the step's stage `slot`
     auto fold = [&](float* p, int slot) {
 #pragma unroll
         for (int i = 0; i < NACC; ++i) mg_reg_fence(p[i]);
-#if W_FP8 == 2
         const float* sws = (const float*)(smem_al + STAGES * (MG_SW_BYTES + MG_SA_BYTES)) + slot * MG_SS_FLOATS;
         const float* sas = sws + BM / 8;
         const int t2 = (lane & 3) * 2;
@@ -880,123 +771,25 @@ extern "C" __global__ void __launch_bounds__(MG_NTHREADS, MIN_BLOCKS) moe_gemm(
             acc[0][j][2] = fmaf(p[4 * j + 2], ws1 * as.x, acc[0][j][2]);
             acc[0][j][3] = fmaf(p[4 * j + 3], ws1 * as.y, acc[0][j][3]);
         }
-#else
-        (void)slot;
-#pragma unroll
-        for (int i = 0; i < NACC; ++i) accf[i] += p[i];
-#endif
-#if WG_OVERLAP
-#pragma unroll
-        for (int i = 0; i < NACC; ++i) p[i] = fzero;  // the next wgmma into p accumulates onto this zero
-#endif
     };
 #pragma unroll
     for (int i = 0; i < NACC; ++i) accf[i] = 0.0f;  // never written by wgmma
-    float part0[NACC];                                // one K step's partial
-#if WG_OVERLAP
-    // two partial sets used alternately: step ks+1 is issued into one set before the other (step ks) is
-    // waited for (wait_group 1) and folded, so the tensor cores run while the fold executes
-    float part1[NACC];
-    // How ptxas is kept from serialising the wgmma (checked in the SASS: no WARPGROUP.DEPBAR 0 in the loop):
-    // the loop body is straight-line and enters with no wgmma in flight (the first fold adds a zero part1
-    // with step 0's scales; a conditional first fold serialises every wgmma, C7514), and both partial sets
-    // stay live across the loop: every wgmma accumulates (scale-d = 1) into a set that its previous fold
-    // re-zeroed with a zero ptxas cannot see (fzero, from s_zero). With scale-d = 0 (or a zero ptxas can
-    // prove) the set issued next is dead at the loop head, ptxas reuses its registers for temporaries there
-    // and then waits for every wgmma (wait_group 0) at that head. (Checked with ptxas of CUDA 13.0.)
-    if (nk > 0) {
-#pragma unroll
-        for (int i = 0; i < NACC; ++i) {
-            part0[i] = 0.0f;
-            part1[i] = 0.0f;
-        }
-        int slot_p = slot_c;  // stage of the step whose partial awaits its fold (step 0's scales landed first)
-        int ks = 0;
-#if WG_WS
-        // after each fold the folded step's slot is released (its wgmma retired, its scales read); the first
-        // fold (a zero part1) releases nothing: it arrives on the spare barrier (the loop stays straight-line)
-        u32 rel = bar_spare;
-        for (; ks + 1 < nk; ks += 2) {
-            full_wait();
-            issue(part0, slot_c, 1);
-            mg_wg_wait<1>();  // step ks-1 (part1) complete
-            fold(part1, slot_p);
-            mg_mbar_arrive_if(rel, lane == 0);
-            slot_p = slot_c;
-            rel = bar_empty + 8 * slot_c;
-            advance();
-            full_wait();
-            issue(part1, slot_c, 1);
-            mg_wg_wait<1>();  // step ks (part0) complete
-            fold(part0, slot_p);
-            mg_mbar_arrive_if(rel, lane == 0);
-            slot_p = slot_c;
-            rel = bar_empty + 8 * slot_c;
-            advance();
-        }
-        if (ks < nk) {  // nk odd: the last step goes to part0 (nothing is loaded after it: no more releases)
-            full_wait();
-            issue(part0, slot_c, 1);
-            mg_wg_wait<1>();
-            fold(part1, slot_p);
-            slot_p = slot_c;
-            mg_wg_wait<0>();
-            fold(part0, slot_p);
-        } else {
-            mg_wg_wait<0>();
-            fold(part1, slot_p);
-        }
-#else
-        for (; ks + 1 < nk; ks += 2) {
-            step_head(ks);
-            issue(part0, slot_c, 1);
-            mg_wg_wait<1>();  // step ks-1 (part1) complete; its stage is refilled at step ks+1
-            fold(part1, slot_p);
-            slot_p = slot_c;
-            advance();
-            step_head(ks + 1);
-            issue(part1, slot_c, 1);
-            mg_wg_wait<1>();  // step ks (part0) complete
-            fold(part0, slot_p);
-            slot_p = slot_c;
-            advance();
-        }
-        if (ks < nk) {  // nk odd: the last step goes to part0
-            step_head(ks);
-            issue(part0, slot_c, 1);
-            mg_wg_wait<1>();
-            fold(part1, slot_p);
-            slot_p = slot_c;
-            advance();
-            mg_wg_wait<0>();
-            fold(part0, slot_p);
-        } else {
-            mg_wg_wait<0>();
-            fold(part1, slot_p);
-        }
-#endif  // WG_WS
-    }
-#else
+    float part[NACC];                                // one K step's partial
     // wait for each step's wgmma (wait_group 0) and fold before the next step is issued
+    for (int ks = 0; ks < nk; ++ks) {
 #if WG_WS
-    for (int ks = 0; ks < nk; ++ks) {
         full_wait();
-        issue(part0, slot_c, false);
-        mg_wg_wait<0>();
-        fold(part0, slot_c);
-        mg_mbar_arrive_if(bar_empty + 8 * slot_c, lane == 0);  // wgmma retired, scales read
-        advance();
-    }
 #else
-    for (int ks = 0; ks < nk; ++ks) {
         step_head(ks);
-        issue(part0, slot_c, false);
+#endif
+        issue(part, slot_c, false);
         mg_wg_wait<0>();
-        fold(part0, slot_c);
+        fold(part, slot_c);
+#if WG_WS
+        mg_mbar_arrive_if(bar_empty + 8 * slot_c, lane == 0);  // wgmma retired, scales read
+#endif
         advance();
     }
-#endif
-#endif
 #else
     // (acc is not initialised here; the first wgmma runs with scale-d = 0; nk == 0 -> epilogue)
 #if WG_WS
@@ -1161,11 +954,7 @@ extern "C" __global__ void __launch_bounds__(MG_NTHREADS, MIN_BLOCKS) moe_gemm(
                     for (int c = 0; c < 4; ++c) dst[((i * MG_NTL + j) * 4 + c) * 32] = acc[i][j][c];
         }
         __syncthreads();
-#if MG_OUT_STAGED
-        if (warp_k == 0)  // (the other warps take part in the staged store below)
-#else
         if (warp_k > 0) return;
-#endif
 #pragma unroll
         for (int kq = 1; kq < WARPS_K; ++kq) {
             const float* src = red + ((kq - 1) * (WARPS_M * WARPS_N) + wmn) * NACC * 32 + lane;
@@ -1179,98 +968,6 @@ extern "C" __global__ void __launch_bounds__(MG_NTHREADS, MIN_BLOCKS) moe_gemm(
     }
 #endif
 
-#if MG_OUT_STAGED
-#if WG_WS
-    // (the producer warpgroup has exited: the consumers synchronise among themselves, named barrier 1)
-#define MG_EPI_SYNC() asm volatile("bar.sync 1, %0;" ::"n"(MG_NWARPS * 32) : "memory")
-#define MG_EPI_THREADS (MG_NWARPS * 32)
-#else
-#define MG_EPI_SYNC() __syncthreads()
-#define MG_EPI_THREADS MG_NTHREADS
-#endif
-    // ---- EPI = 0 epilogue through shared memory (OUT_STAGE): the fragments (after the scale, row weight and
-    // bias) are written to a [BN][BM + pad] tile in the output type, then every thread stores 16-byte
-    // chunks of whole output rows (BM consecutive features of one position: 256 or 512 contiguous bytes)
-    mg_cp_wait<0>();
-    MG_EPI_SYNC();  // every warp is done with the pipeline (and reduction) buffers
-    {
-        u8* const stg = smem;  // (the unaligned base: nothing of the main loop stays live for it)
-        if (warp_k == 0 && warp_active) {
-            const int g = lane >> 2;
-            const int t2 = (lane & 3) * 2;
-#if W_FP8 == 1
-            const float dq = w_scale[e] * act_scale[0];
-#endif
-            const float* bias_e = bias != nullptr ? bias + (long long)e * Mp + m_base : nullptr;
-            const bool has_rw = row_weight != nullptr;
-#pragma unroll
-            for (int i = 0; i < MG_MT; ++i) {
-                const int rl = wm0 + 16 * i + g;
-                const float b0 = bias_e != nullptr ? bias_e[rl] : 0.0f;
-                const float b1 = bias_e != nullptr ? bias_e[rl + 8] : 0.0f;
-#pragma unroll
-                for (int j = 0; j < MG_NTL; ++j) {
-#pragma unroll
-                    for (int c = 0; c < 2; ++c) {
-                        const int n = wn0 + 8 * j + t2 + c;
-#if WGMMA && !MG_PROMOTE
-                        float v0 = nk > 0 ? acc[i][j][c] : 0.0f;  // (never written by a wgmma when nk == 0)
-                        float v1 = nk > 0 ? acc[i][j][2 + c] : 0.0f;
-#else
-                        float v0 = acc[i][j][c];
-                        float v1 = acc[i][j][2 + c];
-#endif
-#if W_FP8 == 1
-                        v0 *= dq;
-                        v1 *= dq;
-#endif
-                        if (has_rw) {
-                            const float rw = s_rw[n];
-                            v0 *= rw;
-                            v1 *= rw;
-                        }
-                        v0 += b0;
-                        v1 += b1;
-#if OUT_TYPE == 1
-                        float* srow = (float*)stg + n * MG_STG_LD;
-                        srow[rl] = v0;
-                        srow[rl + 8] = v1;
-#else
-                        u16* srow = (u16*)stg + n * MG_STG_LD;
-                        srow[rl] = f32_to_bf16(v0);
-                        srow[rl + 8] = f32_to_bf16(v1);
-#endif
-                    }
-                }
-            }
-        }
-        MG_EPI_SYNC();
-        constexpr int ESZ = OUT_TYPE == 1 ? 4 : 2;
-        constexpr int CPR = BM * ESZ / 16;  // 16-byte chunks per output row
-        const bool vec_ok = (((unsigned long long)out | (unsigned long long)((long long)out_stride * ESZ)) & 15) == 0;
-        for (int idx = tid; idx < nrows * CPR; idx += MG_EPI_THREADS) {
-            const int n = idx / CPR;
-            const int cc = idx - n * CPR;
-            const uint4 v = *(const uint4*)(stg + n * (MG_STG_LD * ESZ) + cc * 16);
-            u8* dst = (u8*)out + ((long long)(row0 + n) * out_stride + m_base) * ESZ + cc * 16;
-            if (vec_ok) {
-                *(uint4*)dst = v;
-            } else {  // (an output stride or base that is not 16-byte aligned: element stores)
-                const u32 wv[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-                for (int q = 0; q < 4; ++q) {
-#if OUT_TYPE == 1
-                    ((u32*)dst)[q] = wv[q];
-#else
-                    ((u16*)dst)[2 * q] = (u16)(wv[q] & 0xFFFFu);
-                    ((u16*)dst)[2 * q + 1] = (u16)(wv[q] >> 16);
-#endif
-                }
-            }
-        }
-    }
-    (void)out_scale;
-#else
     // ---- epilogue: thread holds rows (g, g+8) x columns (2t, 2t+1) of every m16 x n8 tile
     if (!warp_active) return;
     const int g = lane >> 2;
@@ -1333,5 +1030,4 @@ extern "C" __global__ void __launch_bounds__(MG_NTHREADS, MIN_BLOCKS) moe_gemm(
         }
     }
     (void)oscale;
-#endif  // MG_OUT_STAGED
 }
