@@ -872,11 +872,7 @@ def time_small_kernels(seed, Ts=(1, 16, 128, 4096), sort_Ts=(8192, 16384)):
             z = cp.asarray(rng.standard_normal((P, H)).astype(F32))
             out = cp.zeros(T * H, cp.uint16)
             g, b = combine_launch(T, H)
-            if label == "before":
-                g, b = max(1, min((T * H // 4 + 255) // 256, 32 * num_sms())), 256
             ca = (z, i32(DTYPE_F32), i32(H), bufs[2], w, i32(T), i32(K), i32(H), out, i32(DTYPE_BF16))
-            if label == "before":  # HEAD's combine took no z dtype
-                ca = (z, i32(H), bufs[2], w, i32(T), i32(K), i32(H), out, i32(DTYPE_BF16))
             TIMES.append(("combine_rows", T, label, median_us(lambda: kc((g,), (b,), ca))))
     print(f"\n{'kernel (E=128 k=8 H=2048)':<26} {'T':>6} " + " ".join(f"{v[0] + ' us':>11}" for v in variants))
     names = []
