@@ -22,25 +22,52 @@ pub struct ForwardOutput {
 /// Validates `hidden_states` (dtype, shape, finite values) against the layer and returns it as f32
 /// with the token count.
 pub fn hidden_as_f32(layer: &MoeLayer, hidden: &HostTensor) -> Result<(Vec<f32>, usize)> {
-    let name = "hidden_states";
-    hidden.expect_dtype(name, &[DType::BF16, DType::F16, DType::F32])?;
+    let tokens = check_hidden(layer, hidden)?;
+    Ok((hidden.to_f32_vec(HIDDEN)?, tokens))
+}
+
+const HIDDEN: &str = "hidden_states";
+
+/// The checks of [`hidden_as_f32`] without the conversion: dtype, shape `[T, H]` and every element
+/// finite (read from the stored bits: a backend that takes the tensor as it is copies nothing).
+/// Returns T.
+pub fn check_hidden(layer: &MoeLayer, hidden: &HostTensor) -> Result<usize> {
+    hidden.expect_dtype(HIDDEN, &[DType::BF16, DType::F16, DType::F32])?;
     let h = layer.config().hidden;
     if hidden.shape.len() != 2 || hidden.shape[1] != h {
-        return Err(MoeError::shape(name, format!("[T, {h}]"), &hidden.shape));
+        return Err(MoeError::shape(HIDDEN, format!("[T, {h}]"), &hidden.shape));
     }
-    let x = hidden.to_f32_vec(name)?;
-    if let Some(i) = x.iter().position(|v| !v.is_finite()) {
+    // An all-ones exponent field is an infinity or a NaN in each of the three dtypes.
+    let b = &hidden.bytes[..];
+    let bad = match hidden.dtype {
+        DType::F32 => b.chunks_exact(4).position(|c| {
+            u32::from_le_bytes([c[0], c[1], c[2], c[3]]) & 0x7F80_0000 == 0x7F80_0000
+        }),
+        DType::F16 => b
+            .chunks_exact(2)
+            .position(|c| u16::from_le_bytes([c[0], c[1]]) & 0x7C00 == 0x7C00),
+        _ => b
+            .chunks_exact(2)
+            .position(|c| u16::from_le_bytes([c[0], c[1]]) & 0x7F80 == 0x7F80),
+    };
+    if let Some(i) = bad {
+        let size = hidden.dtype.size();
+        let one = HostTensor {
+            dtype: hidden.dtype,
+            shape: vec![1],
+            bytes: hidden.bytes[i * size..(i + 1) * size].to_vec().into(),
+        };
+        let value = one.to_f32_vec(HIDDEN)?.first().copied().unwrap_or(f32::NAN);
         return Err(MoeError::invalid(
-            format!("tensor `{name}`"),
+            format!("tensor `{HIDDEN}`"),
             format!(
-                "element [{}, {}] is {}, not a finite number",
+                "element [{}, {}] is {value}, not a finite number",
                 i / h,
-                i % h,
-                x[i]
+                i % h
             ),
         ));
     }
-    Ok((x, hidden.shape[0]))
+    Ok(hidden.shape[0])
 }
 
 /// The common front of every backend on the host: hidden states as f32 plus resolved routes.
@@ -55,7 +82,7 @@ pub fn prepare(layer: &MoeLayer, input: &ForwardInput<'_>) -> Result<(Vec<f32>, 
 /// The checks of [`prepare`] for a backend that routes logits itself: the token count, and the
 /// routes when the caller gave them (`None` for logits, which are only checked).
 pub fn check(layer: &MoeLayer, input: &ForwardInput<'_>) -> Result<(usize, Option<Routes>)> {
-    let (_, tokens) = hidden_as_f32(layer, input.hidden)?;
+    let tokens = check_hidden(layer, input.hidden)?;
     let cfg = layer.config();
     let bias = layer.weights().router_bias.as_deref();
     let routes = routing::check(&cfg.routing, cfg.num_experts, tokens, &input.routing, bias)?;
