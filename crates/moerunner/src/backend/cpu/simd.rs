@@ -4,9 +4,10 @@
 //! [`CHUNK`]) into two vectors of 8 f32 "raw" values; the factor of their group (block scale with
 //! constants folded in, read straight from the stored scale bytes) multiplies them; FMAs dot them
 //! with up to four activation rows at once, and a horizontal sum per (row, token) ends the tile.
-//! Codecs whose stored layout pairs elements (E2M1 nibbles, bf16 halves of a 32-bit word) yield a
-//! chunk as its 8 even elements then its 8 odd ones, so activation rows are permuted into the same
-//! *codec order* once ([`Codec::order_index`]) instead of shuffling weights in the hot loop.
+//! Codecs whose decoder pairs elements (E2M1 nibbles, bf16 halves of a 32-bit word, E4M3 bytes
+//! widened to 16-bit halves) yield a chunk as its 8 even elements then its 8 odd ones, so
+//! activation rows are permuted into the same *codec order* once ([`Codec::order_index`]) instead
+//! of shuffling weights in the hot loop.
 //! Every kernel exists twice: AVX2+FMA (chosen at run time with `is_x86_feature_detected!`) and a
 //! portable scalar twin with the same semantics that tests hold the AVX2 path against.
 
@@ -62,7 +63,7 @@ pub enum Codec {
     F32,
     /// bf16 bits: exact in f32, no factor; pair-split codec order.
     Bf16,
-    /// E4M3 bytes: raw = value · 2^-120 (see [`E4M3_RAW_FACTOR`]); always scaled.
+    /// E4M3 bytes: raw = value · 2^-120 (see [`E4M3_RAW_FACTOR`]); always scaled; pair-split order.
     E4m3,
     /// Two E2M1 nibbles a byte, element 2i low: raw = value; always scaled; pair-split order.
     E2m1,
@@ -92,7 +93,7 @@ impl Codec {
         }
     }
     /// Position of natural element `c` of a `k`-long row in the codec's order. Inside each whole
-    /// chunk: bf16 puts the 8 even elements first (halves of 32-bit words); E2M1 follows its
+    /// chunk: bf16 and E4M3 put the 8 even elements first (halves of 32-bit words); E2M1 follows its
     /// byte-shuffle decoder (`avx2::e2m1`): position 4q + i holds element
     /// 16·(q/2 mod 2) + 4i + 2·(q mod 2) + q/4. The tail past the last whole chunk keeps its order.
     #[inline]
@@ -101,7 +102,7 @@ impl Codec {
             return c;
         }
         match self {
-            Codec::Bf16 => (c & !15) | ((c & 1) << 3) | ((c & 15) >> 1),
+            Codec::Bf16 | Codec::E4m3 => (c & !15) | ((c & 1) << 3) | ((c & 15) >> 1),
             Codec::E2m1 => {
                 let w = c & 31;
                 let (half, i, rem) = (w >> 4, (w & 15) >> 2, w & 3);
@@ -118,7 +119,7 @@ impl Codec {
             return pos;
         }
         match self {
-            Codec::Bf16 => {
+            Codec::Bf16 | Codec::E4m3 => {
                 let w = pos & 15;
                 (pos & !15) | ((w & 7) << 1) | (w >> 3)
             }
