@@ -158,6 +158,22 @@ __device__ __forceinline__ void st_write_tiles(const int* offs, const int* toffs
     }
 }
 
+// Local index of a routed id, or -1.
+__device__ __forceinline__ int st_local_key(int id, int expert_start, int E) {
+    const int e = id - expert_start;
+    return (e >= 0 && e < E) ? e : -1;
+}
+
+// The keys of pairs b + 32u + lane (u < 8) of a segment ending at seg_hi (-1: past its end or not local).
+__device__ __forceinline__ void st_segment_keys(int key[8], const int* topk_ids, long long b, long long seg_hi,
+                                                int lane, int expert_start, int E) {
+#pragma unroll
+    for (int u = 0; u < 8; ++u) {
+        const long long i = b + u * 32 + lane;
+        key[u] = i < seg_hi ? st_local_key(topk_ids[i], expert_start, E) : -1;
+    }
+}
+
 extern "C" __global__ void sort_pairs_by_expert(const int* topk_ids, int P, int expert_start, int E_local, int BN,
                                                 int max_tiles, int* expert_offsets, int* sorted_pair,
                                                 int* pair_pos, int* tile_expert, int* tile_row_start,
@@ -223,12 +239,7 @@ extern "C" __global__ void sort_pairs_by_expert(const int* topk_ids, int P, int 
     if (warp < S) {
         for (long long b = seg_lo; b < seg_hi; b += 256) {
             int key[8];
-#pragma unroll
-            for (int u = 0; u < 8; ++u) {
-                const long long i = b + u * 32 + lane;
-                const int e = i < seg_hi ? topk_ids[i] - expert_start : -1;
-                key[u] = (e >= 0 && e < E) ? e : -1;
-            }
+            st_segment_keys(key, topk_ids, b, seg_hi, lane, expert_start, E);
 #pragma unroll
             for (int u = 0; u < 8; ++u) {
                 const u32 peers = __match_any_sync(0xffffffffu, key[u]);
@@ -248,12 +259,7 @@ extern "C" __global__ void sort_pairs_by_expert(const int* topk_ids, int P, int 
     if (warp < S) {
         for (long long b = seg_lo; b < seg_hi; b += 256) {
             int key[8];
-#pragma unroll
-            for (int u = 0; u < 8; ++u) {
-                const long long i = b + u * 32 + lane;
-                const int e = i < seg_hi ? topk_ids[i] - expert_start : -1;
-                key[u] = (e >= 0 && e < E) ? e : -1;
-            }
+            st_segment_keys(key, topk_ids, b, seg_hi, lane, expert_start, E);
 #pragma unroll
             for (int u = 0; u < 8; ++u) {
                 const long long i = b + u * 32 + lane;
@@ -278,12 +284,6 @@ extern "C" __global__ void sort_pairs_by_expert(const int* topk_ids, int P, int 
 
 // Pairs per lane per warp step of the multi-block kernels (a warp step covers 32 * SMB_U pairs).
 #define SMB_U 4
-
-// Local index of a routed id, or -1.
-__device__ __forceinline__ int st_local_key(int id, int expert_start, int E) {
-    const int e = id - expert_start;
-    return (e >= 0 && e < E) ? e : -1;
-}
 
 // Lanes of the warp whose key equals this lane's (keys in [0, 2^nbits)); every lane must call it.
 // nbits ballots (cheaper than __match_any_sync for the few bits of an expert index).
