@@ -181,6 +181,35 @@ __device__ __forceinline__ u32 rt_redux_min(u32 v) {
 // Register path (E <= 32*NPL, K <= 32): lane l holds ids v*32 + l (v < NPL) as the order-preserving
 // images of their keys (0 = taken or no such id). Same arithmetic and tie rules as the shared-memory
 // path below; shared memory only for the softmax sum (id order) and DeepSeek's group scores.
+// DeepSeek-V3 group score: the sum of the two largest order keys of group g (`key(i)` for its
+// `size` members; one key alone when size < 2), as rounded f32.
+template <class Key>
+__device__ __forceinline__ float rt_group_score(Key key, int g, int size) {
+    const u32 neg_inf = rt_ord(__uint_as_float(0xff800000u));
+    u32 first = neg_inf, second = neg_inf;
+    for (int i = g * size; i < (g + 1) * size; ++i) {
+        const u32 x = key(i);
+        if (x > first) {
+            second = first;
+            first = x;
+        } else if (x > second) {
+            second = x;
+        }
+    }
+    return size < 2 ? rt_unord(first) : rt_add(rt_unord(first), rt_unord(second));
+}
+
+// Rank of group g among the n_group scores (higher first, ties to the lower group).
+__device__ __forceinline__ int rt_group_rank(const float* scores, int g, int n_group) {
+    const u32 so = rt_ord(scores[g]);
+    int rank = 0;
+    for (int h = 0; h < n_group; ++h) {
+        const u32 oh = rt_ord(scores[h]);
+        rank += (oh > so || (oh == so && h < g)) ? 1 : 0;
+    }
+    return rank;
+}
+
 template <int NPL>
 __device__ __forceinline__ void rt_route_reg(const void* logits, int dtype, const float* b, int T, int E, int K,
                                              int method, int n_group, int topk_group, float rsf, int norm,
@@ -273,29 +302,9 @@ __device__ __forceinline__ void rt_route_reg(const void* logits, int dtype, cons
             for (int v = 0; v < NPL; ++v)
                 if (v * 32 + lane < E) gk[v * 32 + lane] = ko[v];
             __syncwarp();
-            for (int g = lane; g < n_group; g += 32) {
-                u32 first = neg_inf, second = neg_inf;
-                for (int i = g * size; i < (g + 1) * size; ++i) {
-                    const u32 xo = gk[i];
-                    if (xo > first) {
-                        second = first;
-                        first = xo;
-                    } else if (xo > second) {
-                        second = xo;
-                    }
-                }
-                gs[g] = size < 2 ? rt_unord(first) : rt_add(rt_unord(first), rt_unord(second));
-            }
+            for (int g = lane; g < n_group; g += 32) gs[g] = rt_group_score([&](int i) { return gk[i]; }, g, size);
             __syncwarp();
-            for (int g = lane; g < n_group; g += 32) {
-                const u32 so = rt_ord(gs[g]);
-                int rank = 0;
-                for (int h = 0; h < n_group; ++h) {
-                    const u32 oh = rt_ord(gs[h]);
-                    rank += (oh > so || (oh == so && h < g)) ? 1 : 0;
-                }
-                keep[g] = rank < topk_group ? 1 : 0;
-            }
+            for (int g = lane; g < n_group; g += 32) keep[g] = rt_group_rank(gs, g, n_group) < topk_group ? 1 : 0;
             __syncwarp();
 #pragma unroll
             for (int v = 0; v < NPL; ++v) {
@@ -438,29 +447,11 @@ extern "C" __global__ void route_logits(const void* logits, int logits_dtype, co
         // topk_group best groups (ties to the lower group), the others' keys become -inf.
         if (method == 3 && n_group > 1) {
             const int size = E / n_group;
-            const u32 neg_inf = rt_ord(__uint_as_float(0xff800000u));
-            for (int g = lane; g < n_group; g += 32) {
-                u32 first = neg_inf, second = neg_inf;
-                for (int i = g * size; i < (g + 1) * size; ++i) {
-                    const u32 x = (u32)(comp[i] >> 32);
-                    if (x > first) {
-                        second = first;
-                        first = x;
-                    } else if (x > second) {
-                        second = x;
-                    }
-                }
-                scratch[g] = size < 2 ? rt_unord(first) : rt_add(rt_unord(first), rt_unord(second));
-            }
+            for (int g = lane; g < n_group; g += 32)
+                scratch[g] = rt_group_score([&](int i) { return (u32)(comp[i] >> 32); }, g, size);
             __syncwarp();
             for (int g = lane; g < n_group; g += 32) {
-                const u32 so = rt_ord(scratch[g]);
-                int rank = 0;
-                for (int h = 0; h < n_group; ++h) {
-                    const u32 oh = rt_ord(scratch[h]);
-                    rank += (oh > so || (oh == so && h < g)) ? 1 : 0;
-                }
-                if (rank >= topk_group) {
+                if (rt_group_rank(scratch, g, n_group) >= topk_group) {
                     const float ninf = __uint_as_float(0xff800000u);
                     for (int i = g * size; i < (g + 1) * size; ++i) comp[i] = rt_comp(ninf, i);
                 }
