@@ -49,6 +49,33 @@ fn tables() -> Tables {
     }
 }
 
+/// The packed bytes of the chunk at element `c` of two rows, one row per 128-bit lane.
+///
+/// # Safety
+/// `r0` and `r1` readable for `c / 2 + 16` bytes; AVX2 available.
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn pair_chunk(r0: *const u8, r1: *const u8, c: usize) -> __m256i {
+    // SAFETY: per the contract ([16] bytes of packed E2M1 pairs per row at element c).
+    unsafe {
+        _mm256_inserti128_si256::<1>(
+            _mm256_castsi128_si256(_mm_loadu_si128(r0.add(c / 2) as *const __m128i)),
+            _mm_loadu_si128(r1.add(c / 2) as *const __m128i),
+        )
+    }
+}
+
+/// The low and the high nibbles of each byte, as `vpshufb` indices (even and odd elements).
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+fn nibbles(v: __m256i) -> (__m256i, __m256i) {
+    let nib = _mm256_set1_epi8(0x0F);
+    (
+        _mm256_and_si256(v, nib),
+        _mm256_and_si256(_mm256_srli_epi16::<4>(v), nib),
+    )
+}
+
 /// The bf16 words of a chunk of two rows: `[lo nibbles 0..8, lo 8..16, hi 0..8, hi 8..16]` of
 /// each lane's bytes.
 ///
@@ -57,16 +84,8 @@ fn tables() -> Tables {
 #[target_feature(enable = "avx2,fma")]
 #[inline]
 unsafe fn words(t: Tables, r0: *const u8, r1: *const u8, c: usize) -> [__m256i; 4] {
-    // SAFETY: per the contract ([16] bytes of packed E2M1 pairs per row at element c).
-    let v = unsafe {
-        _mm256_inserti128_si256::<1>(
-            _mm256_castsi128_si256(_mm_loadu_si128(r0.add(c / 2) as *const __m128i)),
-            _mm_loadu_si128(r1.add(c / 2) as *const __m128i),
-        )
-    };
-    let nib = _mm256_set1_epi8(0x0F);
-    let lo = _mm256_and_si256(v, nib);
-    let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(v), nib);
+    // SAFETY: forwarded.
+    let (lo, hi) = nibbles(unsafe { pair_chunk(r0, r1, c) });
     let (hl, ll) = (
         _mm256_shuffle_epi8(t.high, lo),
         _mm256_shuffle_epi8(t.low, lo),
@@ -349,7 +368,6 @@ pub unsafe fn dot_rows_fixed(
     let doubled = _mm256_broadcastsi128_si256(unsafe {
         _mm_loadu_si128(DOUBLED_VALUES.as_ptr() as *const __m128i)
     });
-    let nib = _mm256_set1_epi8(0x0F);
     let high_weight = _mm256_set1_epi16(256);
     let ones = _mm256_set1_epi16(1);
     let halves = fmt.group == 16;
@@ -381,16 +399,13 @@ pub unsafe fn dot_rows_fixed(
             // SAFETY: rows r, r1 < n hold k / 2 ≥ c / 2 + 16 bytes; block b < k / 32 has its
             // vectors and factor; the scale bytes cover group g (and g + 1 when halves).
             unsafe {
-                let v = _mm256_inserti128_si256::<1>(
-                    _mm256_castsi128_si256(_mm_loadu_si128(rows[0].add(c / 2) as *const __m128i)),
-                    _mm_loadu_si128(rows[1].add(c / 2) as *const __m128i),
-                );
                 let xb = xv.add(b * VECTORS_PER_BLOCK);
                 // The activations' signs flip the nibbles' sign bits: the lookup then gives
                 // 2·value·sign(x) for the even positions (low nibbles) and the odd ones.
-                let v = _mm256_xor_si256(v, _mm256_loadu_si256(xb.add(4)));
-                let lo = _mm256_and_si256(v, nib);
-                let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(v), nib);
+                let (lo, hi) = nibbles(_mm256_xor_si256(
+                    pair_chunk(rows[0], rows[1], c),
+                    _mm256_loadu_si256(xb.add(4)),
+                ));
                 let even = _mm256_shuffle_epi8(doubled, lo);
                 let odd = _mm256_shuffle_epi8(doubled, hi);
                 // |byte products| ≤ 255 · 12: pair sums, then even + odd, stay within i16.

@@ -107,10 +107,10 @@ fn fill_row(x: &[f32], codec: Codec, vectors: &mut [[i8; 32]], scales: &mut [f32
         .enumerate()
     {
         let vals: [f32; BLOCK] = std::array::from_fn(|i| x[codec.order_index(b * BLOCK + i, k)]);
-        let max = vals.iter().fold(0f32, |m, v| m.max(v.abs()));
-        if !max.is_finite() || vals.iter().any(|v| v.is_nan()) {
+        if vals.iter().any(|v| !v.is_finite()) {
             return false;
         }
+        let max = vals.iter().fold(0f32, |m, v| m.max(v.abs()));
         let (mul, factor) = if max == 0.0 {
             (0.0, 0.0)
         } else {
