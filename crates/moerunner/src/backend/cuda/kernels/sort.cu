@@ -63,6 +63,22 @@ __device__ __forceinline__ u32 st_dyn_smem_bytes() {
     return r;
 }
 
+// Tiles of BN positions that `count` pairs fill.
+__device__ __forceinline__ int st_tiles(int count, int BN) { return count / BN + (count % BN != 0 ? 1 : 0); }
+
+// Inclusive warp scans of two counters at once.
+__device__ __forceinline__ void st_warp_scan2(int& a, int& b, int lane) {
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+        const int va = __shfl_up_sync(0xffffffffu, a, o);
+        const int vb = __shfl_up_sync(0xffffffffu, b, o);
+        if (lane >= o) {
+            a += va;
+            b += vb;
+        }
+    }
+}
+
 // Per expert e (all threads; the caller has synchronized after writing seg): seg[s*E + e] for
 // s < nseg (the counts of segment s) becomes the absolute cursor of segment s in sorted_pair
 // (offs[e] + counts of e in the segments before s); offs[e] / toffs[e] = exclusive scans of the
@@ -82,19 +98,11 @@ __device__ void st_count_scan(int* seg, int nseg, int* offs, int* toffs, int E, 
         }
         offs[e] = run;
         lc += run;
-        lt += run / BN + (run % BN != 0 ? 1 : 0);
+        lt += st_tiles(run, BN);
     }
     // inclusive warp scans of (lc, lt)
     int ic = lc, it = lt;
-#pragma unroll
-    for (int o = 1; o < 32; o <<= 1) {
-        const int vc = __shfl_up_sync(0xffffffffu, ic, o);
-        const int vt = __shfl_up_sync(0xffffffffu, it, o);
-        if (lane >= o) {
-            ic += vc;
-            it += vt;
-        }
-    }
+    st_warp_scan2(ic, it, lane);
     if (lane == 31) {
         wsum[warp] = ic;
         wsum[32 + warp] = it;
@@ -104,15 +112,7 @@ __device__ void st_count_scan(int* seg, int nseg, int* offs, int* toffs, int E, 
     const int wc = lane < nw ? wsum[lane] : 0;
     const int wt = lane < nw ? wsum[32 + lane] : 0;
     int wic = wc, wit = wt;
-#pragma unroll
-    for (int o = 1; o < 32; o <<= 1) {
-        const int vc = __shfl_up_sync(0xffffffffu, wic, o);
-        const int vt = __shfl_up_sync(0xffffffffu, wit, o);
-        if (lane >= o) {
-            wic += vc;
-            wit += vt;
-        }
-    }
+    st_warp_scan2(wic, wit, lane);
     const int base_c = __shfl_sync(0xffffffffu, wic - wc, warp);
     const int base_t = __shfl_sync(0xffffffffu, wit - wt, warp);
     const int tot_c = __shfl_sync(0xffffffffu, wic, 31);
@@ -124,7 +124,7 @@ __device__ void st_count_scan(int* seg, int nseg, int* offs, int* toffs, int E, 
         toffs[e] = rt;
         for (int s = 0; s < nseg; ++s) seg[s * E + e] += rc;
         rc += c;
-        rt += c / BN + (c % BN != 0 ? 1 : 0);
+        rt += st_tiles(c, BN);
     }
     if (tid == 0) {
         offs[E] = tot_c;
