@@ -19,7 +19,7 @@ def main():
     prog = ctypes.c_void_p()
     rc = lib.nvrtcCreateProgram(ctypes.byref(prog), src, a.file.encode(), 0, None, None)
     assert rc == 0, rc
-    opts = [f"--gpu-architecture={a.arch}", "--std=c++17", "-default-device", "--use_fast_math"] + [f"-D{d}" for d in a.D]
+    opts = [f"--gpu-architecture={a.arch}", "--std=c++17", "-default-device", "-lineinfo"] + [f"-D{d}" for d in a.D]
     arr = (ctypes.c_char_p * len(opts))(*[o.encode() for o in opts])
     rc = lib.nvrtcCompileProgram(prog, len(opts), arr)
     n = ctypes.c_size_t()
