@@ -116,7 +116,8 @@ pub fn project(
             for r in ranges {
                 if let Some((data, scales)) = plan.row_block(t, e, r.clone()) {
                     let dst = &mut y[j0..j0 + r.len()];
-                    simd::dot_rows_fixed(isa, fmt, data, scales, xs.row(0), fx, dst);
+                    let pairs = plan.pair_scale_block(e, r.clone());
+                    simd::dot_rows_fixed(isa, fmt, data, scales, pairs, xs.row(0), fx, dst);
                 }
                 j0 += r.len();
             }

@@ -7,7 +7,7 @@
 
 use std::ops::Range;
 
-use super::simd::{self, e4m3_raw, Codec, RowFormat, Scale, E4M3_RAW_FACTOR};
+use super::simd::{self, e4m3_raw, Codec, PairScales, RowFormat, Scale, E4M3_RAW_FACTOR};
 use crate::config::WeightFormat;
 use crate::weights::{BlockScales, QuantizedTensor};
 
@@ -32,6 +32,51 @@ pub struct ProjectionPlan {
     group: usize,
     /// Byte scale code → factor, constants folded in (UE8M0 and E4M3 scales).
     table: Box<[f32; 256]>,
+    /// mxfp4 only: the UE8M0 scales again, regrouped by row pairs for the one-token integer
+    /// kernel ([`PairScales`]).
+    pair_scales: Option<PairScaleCopy>,
+}
+
+/// Every expert's UE8M0 scales with rows 2p and 2p + 1 interleaved per group (an odd last row
+/// paired with itself): `bytes[((e · pairs + p) · groups + g) · 2 + i]` is row 2p + i's scale of
+/// group g. Design decision: a copy (1/16 of the mxfp4 weight bytes) so that one 16-bit load
+/// gives the integer kernel both rows' factors of a chunk; the kernel then builds the factor
+/// vector with a shuffle and a shift instead of two table lookups, a blend and a multiply
+/// (~20 % more weights a second, measured).
+#[derive(Clone, Debug)]
+struct PairScaleCopy {
+    bytes: Vec<u8>,
+    /// Row pairs per expert.
+    pairs: usize,
+    groups: usize,
+    /// Least and greatest scale byte.
+    range: (u8, u8),
+}
+
+impl PairScaleCopy {
+    fn new(t: &QuantizedTensor, s: &[u8], groups: usize) -> Option<PairScaleCopy> {
+        let (lo, hi) = s
+            .iter()
+            .fold((u8::MAX, u8::MIN), |(lo, hi), &b| (lo.min(b), hi.max(b)));
+        if s.is_empty() || t.rows == 0 {
+            return None;
+        }
+        let pairs = t.rows.div_ceil(2);
+        let mut bytes = Vec::with_capacity(t.experts * pairs * groups * 2);
+        for e in 0..t.experts {
+            let row = |r: usize| &s[(e * t.rows + r) * groups..(e * t.rows + r + 1) * groups];
+            for p in 0..pairs {
+                let (a, b) = (row(2 * p), row((2 * p + 1).min(t.rows - 1)));
+                bytes.extend(a.iter().zip(b).flat_map(|(&x, &y)| [x, y]));
+            }
+        }
+        Some(PairScaleCopy {
+            bytes,
+            pairs,
+            groups,
+            range: (lo, hi),
+        })
+    }
 }
 
 impl ProjectionPlan {
@@ -59,11 +104,17 @@ impl ProjectionPlan {
             k,
             group,
             table,
+            pair_scales: None,
         };
         // One vectorized pass over the element bytes at load (the weights are read anyway).
         let nan_codes = codec == Codec::E4m3 && t.data.iter().any(|&b| b & 0x7F == 0x7F);
         if !plan.factors_fold(t) || nan_codes {
             plan.source = Source::Decoded;
+        }
+        if let (WeightFormat::Mxfp4, BlockScales::Ue8m0(s), Source::Native) =
+            (t.format, &t.scales, plan.source)
+        {
+            plan.pair_scales = PairScaleCopy::new(t, s, k / group);
         }
         plan
     }
@@ -142,6 +193,21 @@ impl ProjectionPlan {
         }
     }
 
+    /// Local expert `e`'s scales of rows `rows` regrouped by pairs, pairs starting at
+    /// `rows.start` (mxfp4 only, and only for an even `rows.start`).
+    pub fn pair_scale_block(&self, e: usize, rows: Range<usize>) -> Option<PairScales<'_>> {
+        let c = self.pair_scales.as_ref()?;
+        if !rows.start.is_multiple_of(2) {
+            return None;
+        }
+        let first = e * c.pairs;
+        let (p0, p1) = (first + rows.start / 2, first + rows.end.div_ceil(2));
+        Some(PairScales {
+            bytes: &c.bytes[p0 * c.groups * 2..p1 * c.groups * 2],
+            range: c.range,
+        })
+    }
+
     /// The scale bytes of row `r` of local expert `e` (native source; empty when unscaled).
     #[inline]
     pub fn scales<'a>(&self, t: &'a QuantizedTensor, e: usize, r: usize) -> &'a [u8] {
@@ -159,5 +225,54 @@ impl ProjectionPlan {
                 &s[base..base + groups]
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An mxfp4 tensor of `experts` × `rows` × 64 whose scale byte of (expert, row, group) is
+    /// `code(e, r, g)`, and its plan.
+    fn mxfp4(
+        experts: usize,
+        rows: usize,
+        code: impl Fn(usize, usize, usize) -> u8,
+    ) -> QuantizedTensor {
+        let cols = 64;
+        let scales = (0..experts * rows * 2)
+            .map(|i| code(i / (rows * 2), i / 2 % rows, i % 2))
+            .collect();
+        QuantizedTensor {
+            format: WeightFormat::Mxfp4,
+            experts,
+            rows,
+            cols,
+            data: vec![0x21; experts * rows * cols / 2].into(),
+            scales: BlockScales::Ue8m0(scales),
+            global_scales: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn mxfp4_scales_regroup_by_row_pairs() {
+        // 3 experts × 5 rows (an odd last row pairs with itself); byte = 100 + 10e + 2r + g.
+        let t = mxfp4(3, 5, |e, r, g| (100 + 10 * e + 2 * r + g) as u8);
+        let plan = ProjectionPlan::new(&t);
+        let p = plan.pair_scale_block(1, 2..5).expect("even start");
+        // Pairs (2, 3) and (4, 4) of expert 1, groups interleaved row by row.
+        assert_eq!(p.bytes, &[114, 116, 115, 117, 118, 118, 119, 119]);
+        assert_eq!(p.range, (100, 129));
+        let first = plan.pair_scale_block(0, 0..1).expect("even start");
+        assert_eq!(first.bytes, &[100, 102, 101, 103]);
+        assert!(plan.pair_scale_block(2, 1..3).is_none(), "odd start");
+        // Other formats keep only their row-major scales.
+        let nv = QuantizedTensor {
+            format: WeightFormat::Nvfp4,
+            scales: BlockScales::E4m3(vec![0x38; 3 * 5 * 4]),
+            global_scales: vec![1.0; 3],
+            ..mxfp4(3, 5, |_, _, _| 127)
+        };
+        assert!(ProjectionPlan::new(&nv).pair_scale_block(0, 0..2).is_none());
     }
 }

@@ -317,15 +317,37 @@ pub fn has_fixed_kernel(isa: Isa, codec: Codec) -> bool {
         && Isa::detect() == Isa::Avx2Fma
 }
 
+/// UE8M0 scales of rows regrouped by pairs: `bytes[(p · groups + g) · 2 + i]` is the scale of
+/// row 2p + i (of the rows a call reads) for group g, the second of an odd last row any byte.
+#[derive(Clone, Copy, Debug)]
+pub struct PairScales<'a> {
+    pub bytes: &'a [u8],
+    /// Least and greatest byte of the whole projection (a bound on `bytes`).
+    pub range: (u8, u8),
+}
+
+impl PairScales<'_> {
+    /// Whether every factor `2^(s - 127) · 2^e` of these scales and the exponents `e` of `fx`
+    /// is a normal f32, so the kernel may build it from exponent bits.
+    fn exponents_fit(&self, fx: &FixedRow<'_>) -> bool {
+        let (lo, hi) = fx.exponent_range;
+        i32::from(self.range.0) + lo >= 1 && i32::from(self.range.1) + hi <= 254
+    }
+}
+
 /// `out[r] = out_mul · Σ_c W[r][c] · x[c]` for one activation row `x` (codec order) given also
 /// as `fx`, its fixed-point form ([`fixed`]), and `out.len()` rows stored back to back: row `r`
-/// at `data[r · row_bytes..]`, its scale bytes at `scales[r · scale_bytes..]`. The integer
-/// kernel where [`has_fixed_kernel`], else the f32 tiles of [`dot_rows`].
+/// at `data[r · row_bytes..]`, its scale bytes at `scales[r · scale_bytes..]`, and, for mxfp4,
+/// optionally the same scales regrouped by pairs (`pairs`; used when their factors and the
+/// activations' fit f32 exponents). The integer kernel where [`has_fixed_kernel`], else the f32
+/// tiles of [`dot_rows`].
+#[allow(clippy::too_many_arguments)]
 pub fn dot_rows_fixed(
     isa: Isa,
     fmt: RowFormat<'_>,
     data: &[u8],
     scales: &[u8],
+    pairs: Option<PairScales<'_>>,
     x: &[f32],
     fx: FixedRow<'_>,
     out: &mut [f32],
@@ -345,12 +367,22 @@ pub fn dot_rows_fixed(
             && fx.scales.len() >= blocks
             && fx.vectors.len() >= blocks * fixed::VECTORS_PER_BLOCK;
         assert!(ok, "bad fixed-point tile {fmt:?}");
+        let factors = match pairs {
+            Some(p) if fmt.group == 32 && p.exponents_fit(&fx) => {
+                assert!(
+                    p.bytes.len() >= n.div_ceil(2) * blocks * 2 && fx.exponents.len() >= blocks,
+                    "pair scales shape"
+                );
+                avx2_e2m1::GroupFactors::PairExponents(p.bytes)
+            }
+            _ => avx2_e2m1::GroupFactors::Table(scales),
+        };
         // SAFETY: AVX2 and FMA were detected; the asserts above size every row, scale run,
-        // activation row and fixed-point block the kernel reads.
-        unsafe { avx2_e2m1::dot_rows_fixed(&fmt, data, scales, x, fx, out) };
+        // pair word, activation row and fixed-point block the kernel reads.
+        unsafe { avx2_e2m1::dot_rows_fixed(&fmt, data, factors, x, fx, out) };
         return;
     }
-    let _ = fx;
+    let _ = (fx, pairs);
     let rows: Vec<&[u8]> = (0..n).map(|r| &data[r * rb..(r + 1) * rb]).collect();
     let srows: Vec<&[u8]> = (0..n).map(|r| &scales[r * sb..(r + 1) * sb]).collect();
     for (i, o) in out.chunks_mut(32).enumerate() {
@@ -748,7 +780,7 @@ mod tests {
                 for nr in 1..=7 {
                     let mut out = vec![f32::NAN; nr];
                     let (data, sc) = (rr.data[..nr].concat(), rr.scales[..nr].concat());
-                    dot_rows_fixed(Isa::Avx2Fma, fmt, &data, &sc, x, fxr, &mut out);
+                    dot_rows_fixed(Isa::Avx2Fma, fmt, &data, &sc, None, x, fxr, &mut out);
                     for (r, &got) in out.iter().enumerate() {
                         let m = f64::from(out_mul);
                         let wr = &w[r * k..(r + 1) * k];
@@ -792,6 +824,91 @@ mod tests {
             }
         }
     }
+
+    /// UE8M0 rows regrouped by pairs (as `rows::ProjectionPlan` stores mxfp4 scales).
+    fn pair_bytes(scales: &[Vec<u8>]) -> Vec<u8> {
+        scales
+            .chunks(2)
+            .flat_map(|p| {
+                let (a, b) = (&p[0], p.get(1).unwrap_or(&p[0]));
+                a.iter()
+                    .zip(b)
+                    .flat_map(|(&x, &y)| [x, y])
+                    .collect::<Vec<u8>>()
+            })
+            .collect()
+    }
+
+    /// The integer kernel's mxfp4 factors built from exponent bits (scales regrouped by pairs)
+    /// give the same bits as the table lookup and multiply; and the exponent guard refuses
+    /// products that would leave the normal f32 range (the table path then runs).
+    #[test]
+    fn pair_exponent_factors_match_the_table_bit_for_bit() {
+        if !Isa::Avx2Fma.available() {
+            eprintln!("skipped: this CPU has no AVX2+FMA");
+            return;
+        }
+        let ue8m0: Box<[f32; 256]> =
+            Box::new(std::array::from_fn(|b| 2f64.powi(b as i32 - 127) as f32));
+        for (seed, k) in [(410u64, 64usize), (411, 2048), (412, 96)] {
+            eprintln!("seed {seed}: k {k}");
+            let mut rng = SeededRng::new(seed);
+            let mut rr = random_rows(Codec::E2m1, k, 32, 2, 7, seed);
+            // Realistic checkpoint scales (2^-27..2^8), one row with the extreme codes 0 and 254.
+            for row in &mut rr.scales {
+                row.iter_mut().for_each(|b| *b = 100 + rng.below(36) as u8);
+            }
+            let x: Vec<f32> = (0..k)
+                .map(|_| rng.uniform(-4.0, 4.0) * 2f32.powi(rng.below(12) as i32 - 6))
+                .collect();
+            let mut fx = FixedRows::default();
+            fx.reset(1, k);
+            fx.fill_all(Codec::E2m1, |_| &x);
+            let fxr = fx.row(0).expect("finite activations convert");
+            let fmt = RowFormat::new(Codec::E2m1, k, 32, Scale::Table(&ue8m0), 1.0);
+            for nr in 1..=7 {
+                let (data, sc) = (rr.data[..nr].concat(), rr.scales[..nr].concat());
+                let pb = pair_bytes(&rr.scales[..nr]);
+                let pairs = PairScales {
+                    bytes: &pb,
+                    range: (100, 135),
+                };
+                assert!(pairs.exponents_fit(&fxr));
+                let (mut by_table, mut by_pairs) = (vec![f32::NAN; nr], vec![f32::NAN; nr]);
+                dot_rows_fixed(Isa::Avx2Fma, fmt, &data, &sc, None, &x, fxr, &mut by_table);
+                dot_rows_fixed(
+                    Isa::Avx2Fma,
+                    fmt,
+                    &data,
+                    &sc,
+                    Some(pairs),
+                    &x,
+                    fxr,
+                    &mut by_pairs,
+                );
+                assert!(by_pairs.iter().all(|v| v.is_finite()), "{by_pairs:?}");
+                let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&by_pairs), bits(&by_table), "k {k} rows {nr}");
+            }
+            // The guard: the least scale must lift the least activation exponent to 1, the
+            // greatest keep the greatest at 254 (a subnormal or infinite factor otherwise).
+            let (lo, hi) = fxr.exponent_range;
+            let fits = |fx: &FixedRow<'_>, range: (u8, u8)| {
+                PairScales { bytes: &[], range }.exponents_fit(fx)
+            };
+            let least = u8::try_from(1 - lo).expect("activations below 2^16");
+            assert!(fits(&fxr, (least, least)) && !fits(&fxr, (least - 1, least)));
+            assert!(hi < 0 && fits(&fxr, (least, 254)));
+            // Activations of 2^20 need the greatest scale at most 254 − (21 − 16).
+            let big = vec![1.5 * 2f32.powi(20); k];
+            let mut fb = FixedRows::default();
+            fb.reset(1, k);
+            fb.fill_all(Codec::E2m1, |_| &big);
+            let fbr = fb.row(0).expect("finite activations convert");
+            assert_eq!(fbr.exponent_range, (5, 5));
+            assert!(fits(&fbr, (100, 249)) && !fits(&fbr, (100, 250)));
+        }
+    }
 }
 
 #[cfg(test)]
@@ -811,7 +928,8 @@ mod kernel_bench {
             return;
         }
         let k = 2048;
-        let table: Box<[f32; 256]> = Box::new(std::array::from_fn(|b| 2f32.powi(b as i32 % 7 - 3)));
+        let table: Box<[f32; 256]> =
+            Box::new(std::array::from_fn(|b| 2f64.powi(b as i32 - 127) as f32));
         let mut rng = SeededRng::new(7);
         let x: Vec<f32> = (0..k).map(|_| rng.uniform(-1.0, 1.0)).collect();
         for total_rows in [32usize, 512, 65536] {
@@ -822,6 +940,16 @@ mod kernel_bench {
                 .map(|_| 120 + rng.below(16) as u8)
                 .collect();
             let fmt = RowFormat::new(Codec::E2m1, k, 32, Scale::Table(&table), 1.0);
+            let paired: Vec<u8> = sc
+                .chunks_exact(2 * k / 32)
+                .flat_map(|p| {
+                    let (a, b) = p.split_at(k / 32);
+                    a.iter()
+                        .zip(b)
+                        .flat_map(|(&x, &y)| [x, y])
+                        .collect::<Vec<u8>>()
+                })
+                .collect();
             let rows: Vec<&[u8]> = data.chunks_exact(k / 2).collect();
             let scales: Vec<&[u8]> = sc.chunks_exact(k / 32).collect();
             let mut out = vec![0f32; 32];
@@ -831,15 +959,19 @@ mod kernel_bench {
             fx.fill_all(Codec::E2m1, |_| &x);
             let Some(fxr) = fx.row(0) else { return };
             let reps = ((1 << 26) / (total_rows * k)).max(1);
-            for fixed in [false, true] {
+            for kernel in ["f32 tile", "integer", "integer, paired scales"] {
                 let mut best = f64::MAX;
                 for _ in 0..7 {
                     let t0 = Instant::now();
                     for _ in 0..reps {
                         for b in (0..total_rows).step_by(32) {
-                            if fixed {
+                            if kernel != "f32 tile" {
                                 let (d, s) = (&data[b * k / 2..], &sc[b * k / 32..]);
-                                dot_rows_fixed(Isa::Avx2Fma, fmt, d, s, &x, fxr, &mut out);
+                                let pairs = (kernel != "integer").then(|| PairScales {
+                                    bytes: &paired[b * k / 32..],
+                                    range: (120, 135),
+                                });
+                                dot_rows_fixed(Isa::Avx2Fma, fmt, d, s, pairs, &x, fxr, &mut out);
                             } else {
                                 let (r, s) = (&rows[b..b + 32], &scales[b..b + 32]);
                                 dot_rows(Isa::Avx2Fma, fmt, r, s, &xs, &mut out);
@@ -850,8 +982,7 @@ mod kernel_bench {
                 }
                 let w = (reps * total_rows * k) as f64;
                 println!(
-                    "e2m1 T=1 {}, {total_rows} rows x {k}: {:.2} G weights/s",
-                    if fixed { "integer" } else { "f32 tile" },
+                    "e2m1 T=1 {kernel}, {total_rows} rows x {k}: {:.2} G weights/s",
                     w / best / 1e9
                 );
                 std::hint::black_box(&out);

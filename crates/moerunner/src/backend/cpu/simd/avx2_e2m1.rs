@@ -338,18 +338,52 @@ pub unsafe fn dot_rows(
 /// 2 · value of every E2M1 code as a signed byte (the integer kernel's weights).
 const DOUBLED_VALUES: [i8; 16] = [0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12];
 
+/// Where the integer kernel's row factors come from.
+#[derive(Clone, Copy, Debug)]
+pub enum GroupFactors<'a> {
+    /// Each row's scale bytes (`scale_bytes` a row, back to back) through the format's table,
+    /// times the activation block's factor.
+    Table(&'a [u8]),
+    /// UE8M0 bytes of row pairs interleaved per 32-element group (`super::PairScales`): the
+    /// factor is `2^(s - 127)` times the activation block's `2^exponent`, built as the f32 bits
+    /// `(s + exponent) << 23`. The caller has checked that every such sum is a normal exponent
+    /// (1..=254), so this is the same power of two the table path multiplies out.
+    PairExponents(&'a [u8]),
+}
+
 /// One token against rows, in integers (`super::fixed`): two rows per register as in [`tile`]
-/// (row `r` at `data + r · row_bytes`, its scale bytes at `scales + r · scale_bytes`). Each
-/// 32-element chunk gives one 32-bit partial sum per 8 positions (lanes 0..4 row 0, 4..8 row 1;
-/// lane n holds positions 8n..8n + 8 of its row's chunk), scaled by the row's group factor
-/// times the activation block's factor and added into f32.
+/// (row `r` at `data + r · row_bytes`). Each 32-element chunk gives one 32-bit partial sum per 8
+/// positions (lanes 0..4 row 0, 4..8 row 1; lane n holds positions 8n..8n + 8 of its row's
+/// chunk), scaled by the row's group factor times the activation block's factor and added into
+/// f32.
 ///
 /// # Safety
-/// AVX2+FMA; `data` holds `out.len()` rows of `fmt.row_bytes()`, `scales` as many of
-/// `fmt.scale_bytes()`; `x` (codec order, read for the tail) `fmt.k` f32; `fx` the fixed-point
+/// AVX2+FMA; `data` holds `out.len()` rows of `fmt.row_bytes()`; the factors cover them
+/// (`fmt.scale_bytes()` a row for a table; 2 bytes a group for each started row pair, with
+/// `fmt.group == 32`); `x` (codec order, read for the tail) `fmt.k` f32; `fx` the fixed-point
 /// form of `x` with `fmt.k / 32` blocks; E2M1 with a table scale and 16- or 32-element groups.
 #[target_feature(enable = "avx2,fma")]
 pub unsafe fn dot_rows_fixed(
+    fmt: &RowFormat<'_>,
+    data: &[u8],
+    factors: GroupFactors<'_>,
+    x: &[f32],
+    fx: FixedRow<'_>,
+    out: &mut [f32],
+) {
+    // SAFETY: forwarded; one monomorphic loop per factor source.
+    unsafe {
+        match factors {
+            GroupFactors::Table(scales) => fixed_rows::<false>(fmt, data, scales, x, fx, out),
+            GroupFactors::PairExponents(pairs) => fixed_rows::<true>(fmt, data, pairs, x, fx, out),
+        }
+    }
+}
+
+/// [`dot_rows_fixed`] for one factor source: `PAIRS` reads `scales` as
+/// [`GroupFactors::PairExponents`], else as [`GroupFactors::Table`].
+#[target_feature(enable = "avx2,fma")]
+unsafe fn fixed_rows<const PAIRS: bool>(
     fmt: &RowFormat<'_>,
     data: &[u8],
     scales: &[u8],
@@ -370,6 +404,12 @@ pub unsafe fn dot_rows_fixed(
     });
     let high_weight = _mm256_set1_epi16(256);
     let ones = _mm256_set1_epi16(1);
+    // A pair's 16-bit scale word spread to the low byte of each lane: byte 0 (row 0's scale)
+    // to lanes 0..4, byte 1 (row 1's) to lanes 4..8; -1 zeroes the other bytes.
+    let spread = _mm256_setr_epi8(
+        0, -1, -1, -1, 0, -1, -1, -1, 0, -1, -1, -1, 0, -1, -1, -1, //
+        1, -1, -1, -1, 1, -1, -1, -1, 1, -1, -1, -1, 1, -1, -1, -1,
+    );
     let halves = fmt.group == 16;
     let groups_per_chunk = CHUNK32 / fmt.group;
     let xv = fx.vectors.as_ptr() as *const __m256i;
@@ -385,6 +425,8 @@ pub unsafe fn dot_rows_fixed(
             scales.as_ptr().wrapping_add(r * sb),
             scales.as_ptr().wrapping_add(r1 * sb),
         ];
+        // PAIRS: this pair's words (one per group; the pair starts at row r, r even).
+        let words = scales.as_ptr().wrapping_add(r * sb) as *const i16;
         let mut acc = _mm256_setzero_ps();
         let (mut c, mut g, mut b) = (0, 0, 0);
         while c < vec_end {
@@ -397,7 +439,8 @@ pub unsafe fn dot_rows_fixed(
                 }
             }
             // SAFETY: rows r, r1 < n hold k / 2 ≥ c / 2 + 16 bytes; block b < k / 32 has its
-            // vectors and factor; the scale bytes cover group g (and g + 1 when halves).
+            // vectors, factor and exponent; the scale bytes cover group g (and g + 1 when
+            // halves), the pair words word b of pair r / 2.
             unsafe {
                 let xb = xv.add(b * VECTORS_PER_BLOCK);
                 // The activations' signs flip the nibbles' sign bits: the lookup then gives
@@ -421,15 +464,24 @@ pub unsafe fn dot_rows_fixed(
                     _mm256_madd_epi16(high, high_weight),
                     _mm256_madd_epi16(low, ones),
                 );
-                let fa = lane_factors(table, srows[0], srows[1], g);
-                let f = if halves {
-                    // Lanes 2, 3 (and 6, 7) hold the chunk's second 16 positions: group g + 1.
-                    let fb = lane_factors(table, srows[0], srows[1], g + 1);
-                    _mm256_blend_ps::<0b1100_1100>(fa, fb)
+                let f = if PAIRS {
+                    let word = _mm256_set1_epi16(words.add(b).read_unaligned());
+                    let exponent = _mm256_add_epi32(
+                        _mm256_shuffle_epi8(word, spread),
+                        _mm256_set1_epi32(*fx.exponents.as_ptr().add(b)),
+                    );
+                    _mm256_castsi256_ps(_mm256_slli_epi32::<23>(exponent))
                 } else {
-                    fa
+                    let fa = lane_factors(table, srows[0], srows[1], g);
+                    let f = if halves {
+                        // Lanes 2, 3 (and 6, 7) hold the chunk's second 16 positions: group g + 1.
+                        let fb = lane_factors(table, srows[0], srows[1], g + 1);
+                        _mm256_blend_ps::<0b1100_1100>(fa, fb)
+                    } else {
+                        fa
+                    };
+                    _mm256_mul_ps(f, _mm256_broadcast_ss(&*fx.scales.as_ptr().add(b)))
                 };
-                let f = _mm256_mul_ps(f, _mm256_broadcast_ss(&*fx.scales.as_ptr().add(b)));
                 acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), f, acc);
             }
             c += CHUNK32;
@@ -442,10 +494,9 @@ pub unsafe fn dot_rows_fixed(
         for (pos, &xp) in x.iter().enumerate().take(k).skip(vec_end) {
             for (l, o) in res.iter_mut().enumerate() {
                 let rl = if l == 0 { r } else { r1 };
-                let (row, s) = (
-                    &data[rl * rb..(rl + 1) * rb],
-                    &scales[rl * sb..(rl + 1) * sb],
-                );
+                let row = &data[rl * rb..(rl + 1) * rb];
+                // (A tail exists only for nvfp4 rows, whose factors are a table's.)
+                let s = &scales[rl * sb..(rl + 1) * sb];
                 *o += fmt.codec.raw(row, pos, k) * fmt.factor(s, pos / fmt.group) * xp;
             }
         }

@@ -19,6 +19,9 @@
 //! lanes because the kernel holds two weight rows, one per lane): high bytes of the even
 //! positions, low bytes of the even positions, high and low bytes of the odd positions, the sign
 //! masks; and one f32 per block: 2^(E - 16) (the ½ turns 2·value back into the E2M1 value).
+//! That factor is also kept as its exponent `E - 16` (an i32 per block, with the row's least and
+//! greatest), so a kernel whose weight factors are powers of two too (UE8M0) can form the product
+//! of both by adding exponents instead of looking up and multiplying.
 
 use rayon::prelude::*;
 
@@ -41,6 +44,9 @@ pub struct FixedRows {
     blocks: usize,
     vectors: Vec<[i8; 32]>,
     scales: Vec<f32>,
+    exponents: Vec<i32>,
+    /// Per row: the least and greatest of its blocks' exponents.
+    ranges: Vec<(i32, i32)>,
     valid: Vec<bool>,
 }
 
@@ -51,6 +57,11 @@ pub struct FixedRow<'a> {
     pub vectors: &'a [[i8; 32]],
     /// One factor per block.
     pub scales: &'a [f32],
+    /// Per block, the factor's exponent: `scales[b] == 2^exponents[b]` (an all-zero block, whose
+    /// factor is 0, carries the row's least exponent: its sums are zero whatever it multiplies).
+    pub exponents: &'a [i32],
+    /// The least and greatest of `exponents`.
+    pub exponent_range: (i32, i32),
 }
 
 impl FixedRows {
@@ -61,6 +72,8 @@ impl FixedRows {
         self.vectors
             .resize(rows * self.blocks * VECTORS_PER_BLOCK, [0; 32]);
         self.scales.resize(rows * self.blocks, 0.0);
+        self.exponents.resize(rows * self.blocks, 0);
+        self.ranges.resize(rows, (0, 0));
         self.valid.clear();
         self.valid.resize(rows, false);
     }
@@ -78,10 +91,17 @@ impl FixedRows {
         self.vectors
             .par_chunks_mut(per)
             .zip(self.scales.par_chunks_mut(blocks))
+            .zip(self.exponents.par_chunks_mut(blocks))
+            .zip(self.ranges.par_iter_mut())
             .zip(self.valid.par_iter_mut())
             .enumerate()
-            .for_each(|(r, ((vectors, scales), valid))| {
-                *valid = fill_row(x_of(r), codec, vectors, scales);
+            .for_each(|(r, ((((vectors, scales), exponents), range), valid))| {
+                let out = BlockOut {
+                    vectors,
+                    scales,
+                    exponents,
+                };
+                *valid = fill_row(x_of(r), codec, out).map(|r| *range = r).is_some();
             });
     }
 
@@ -94,31 +114,49 @@ impl FixedRows {
         Some(FixedRow {
             vectors: &self.vectors[b0 * VECTORS_PER_BLOCK..b1 * VECTORS_PER_BLOCK],
             scales: &self.scales[b0..b1],
+            exponents: &self.exponents[b0..b1],
+            exponent_range: self.ranges[row],
         })
     }
 }
 
-/// Fills one row's blocks; false when the row cannot be represented.
-fn fill_row(x: &[f32], codec: Codec, vectors: &mut [[i8; 32]], scales: &mut [f32]) -> bool {
+/// One row's share of the [`FixedRows`] buffers.
+struct BlockOut<'a> {
+    vectors: &'a mut [[i8; 32]],
+    scales: &'a mut [f32],
+    exponents: &'a mut [i32],
+}
+
+/// Fills one row's blocks and returns the range of their exponents; `None` when the row cannot
+/// be represented.
+fn fill_row(x: &[f32], codec: Codec, out: BlockOut<'_>) -> Option<(i32, i32)> {
     let k = x.len();
-    for (b, (vs, scale)) in vectors
+    let mut range: Option<(i32, i32)> = None;
+    for (b, ((vs, scale), exponent)) in out
+        .vectors
         .chunks_exact_mut(VECTORS_PER_BLOCK)
-        .zip(scales.iter_mut())
+        .zip(out.scales.iter_mut())
+        .zip(out.exponents.iter_mut())
         .enumerate()
     {
         let vals: [f32; BLOCK] = std::array::from_fn(|i| x[codec.order_index(b * BLOCK + i, k)]);
         if vals.iter().any(|v| !v.is_finite()) {
-            return false;
+            return None;
         }
         let max = vals.iter().fold(0f32, |m, v| m.max(v.abs()));
         let (mul, factor) = if max == 0.0 {
+            *exponent = i32::MAX;
             (0.0, 0.0)
         } else {
             // max < 2^e: e is one above max's binade.
             let e = ((max.to_bits() >> 23) & 0xFF) as i32 - 126;
             if e < MIN_EXPONENT {
-                return false;
+                return None;
             }
+            *exponent = e - 16;
+            range = Some(range.map_or((e - 16, e - 16), |(lo, hi)| {
+                (lo.min(e - 16), hi.max(e - 16))
+            }));
             (2f64.powi(15 - e), 2f32.powi(e - 16))
         };
         *scale = factor;
@@ -136,7 +174,12 @@ fn fill_row(x: &[f32], codec: Codec, vectors: &mut [[i8; 32]], scales: &mut [f32
             }
         }
     }
-    true
+    // All-zero blocks (and an all-zero row: exponent 0) take a value already in the range.
+    let range = range.unwrap_or((0, 0));
+    for e in out.exponents.iter_mut().filter(|e| **e == i32::MAX) {
+        *e = range.0;
+    }
+    Some(range)
 }
 
 /// `y` rounded to the nearest integer, ties to even, for |y| < 2^51 (`|y| ≤ 2^15` here): adding
@@ -194,6 +237,16 @@ mod tests {
             let mut one = FixedRows::default();
             one.reset(1, k);
             one.fill_all(Codec::E2m1, |_| &codec_x);
+            let row = one.row(0).expect("finite");
+            let nonzero: Vec<i32> = (0..k / BLOCK)
+                .filter(|&b| row.scales[b] != 0.0)
+                .map(|b| row.exponents[b])
+                .collect();
+            for b in (0..k / BLOCK).filter(|&b| row.scales[b] != 0.0) {
+                assert_eq!(2f32.powi(row.exponents[b]), row.scales[b], "block {b}");
+            }
+            let (lo, hi) = (nonzero.iter().min(), nonzero.iter().max());
+            assert_eq!(Some(row.exponent_range), lo.zip(hi).map(|(&l, &h)| (l, h)));
             rows_of[r] = one;
             for b in 0..k / BLOCK {
                 let max = x[b * BLOCK..(b + 1) * BLOCK]
@@ -226,6 +279,10 @@ mod tests {
         let all = [&zeros, &nan, &inf, &tiny];
         rows.fill_all(Codec::E2m1, |r| all[r]);
         assert!((0..k).all(|n| value(&rows, 0, n) == Some(0.0)));
+        // An all-zero row's blocks carry exponent 0 (any finite factor serves a zero sum).
+        let zero_row = rows.row(0).expect("zeros convert");
+        assert_eq!(zero_row.exponent_range, (0, 0));
+        assert!(zero_row.exponents.iter().all(|&e| e == 0));
         assert!(rows.row(1).is_none(), "NaN");
         assert!(rows.row(2).is_none(), "infinity");
         assert!(rows.row(3).is_none(), "below 2^-111");
