@@ -317,6 +317,25 @@ pub fn has_fixed_kernel(isa: Isa, codec: Codec) -> bool {
         && Isa::detect() == Isa::Avx2Fma
 }
 
+/// One 32-element block of an E2M1-ordered activation row (`x`, codec order) in fixed point
+/// ([`fixed`]) by the vector conversion; `None` where there is none (another codec, or no AVX2),
+/// and the caller converts element by element.
+fn fixed_block(
+    codec: Codec,
+    x: &[f32],
+    min_exponent: i32,
+    vs: &mut [[i8; 32]; fixed::VECTORS_PER_BLOCK],
+) -> Option<fixed::FixedBlock> {
+    #[cfg(target_arch = "x86_64")]
+    if codec == Codec::E2m1 && Isa::detect() == Isa::Avx2Fma {
+        assert!(x.len() >= fixed::BLOCK, "fixed-point block");
+        // SAFETY: AVX2 detected; 32 f32 readable (asserted).
+        return Some(unsafe { avx2_e2m1::fixed_block(x.as_ptr(), min_exponent, vs) });
+    }
+    let _ = (codec, x, min_exponent, vs);
+    None
+}
+
 /// UE8M0 scales of rows regrouped by pairs: `bytes[(p · groups + g) · 2 + i]` is the scale of
 /// row 2p + i (of the rows a call reads) for group g, the second of an odd last row any byte.
 #[derive(Clone, Copy, Debug)]

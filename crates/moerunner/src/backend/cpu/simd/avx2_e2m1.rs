@@ -12,7 +12,7 @@
 
 use std::arch::x86_64::*;
 
-use super::fixed::{FixedRow, VECTORS_PER_BLOCK};
+use super::fixed::{FixedBlock, FixedRow, VECTORS_PER_BLOCK};
 use super::{RowFormat, Scale, MAX_TILE_TOKENS};
 
 /// Elements per chunk (16 bytes of one row).
@@ -506,6 +506,101 @@ unsafe fn fixed_rows<const PAIRS: bool>(
         }
         r += 2;
     }
+}
+
+/// Converts one 32-element block of an activation row, given in E2M1 codec order (vector q of
+/// the chunk holds natural elements `16·(q/2 mod 2) + 4i + 2·(q mod 2) + q/4`), into the five
+/// fixed-point vectors `super::fixed` describes — the same bytes as its scalar conversion (tested).
+///
+/// Codec vectors 0..4 hold the even elements and 4..8 the odd ones, each pair of vectors in the
+/// pair order j = [0, 2, 4, 6, 1, 3, 5, 7] (+8 for the second pair): a 32 → 16-bit pack puts
+/// even j in the low lane and odd j in the high lane, a 16 → 8-bit pack puts high bytes beside
+/// low bytes, and one byte unpack of the two lanes interleaves them back into j order.
+///
+/// # Safety
+/// AVX2 available; `x` readable for 32 f32.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn fixed_block(x: *const f32, min_exponent: i32, vs: &mut [[i8; 32]; 5]) -> FixedBlock {
+    // SAFETY: 32 f32 readable per the contract.
+    let xv: [__m256; 4] = std::array::from_fn(|i| unsafe { _mm256_loadu_ps(x.add(8 * i)) });
+    // Magnitudes as bits: for non-negative floats their order is the integers' order, and
+    // anything from 0x7F80_0000 up is an infinity or a NaN.
+    let magnitude = _mm256_set1_epi32(0x7FFF_FFFF);
+    let bits = xv.map(|v| _mm256_and_si256(_mm256_castps_si256(v), magnitude));
+    let mut m = _mm256_max_epi32(
+        _mm256_max_epi32(bits[0], bits[1]),
+        _mm256_max_epi32(bits[2], bits[3]),
+    );
+    m = _mm256_max_epi32(m, _mm256_permute2x128_si256::<1>(m, m));
+    m = _mm256_max_epi32(m, _mm256_shuffle_epi32::<0b0100_1110>(m));
+    m = _mm256_max_epi32(m, _mm256_shuffle_epi32::<0b1011_0001>(m));
+    let max_bits = _mm256_cvtsi256_si32(m) as u32;
+    if max_bits >= 0x7F80_0000 {
+        return FixedBlock::Refused;
+    }
+    if max_bits == 0 {
+        *vs = [[0; 32]; 5];
+        return FixedBlock::Zero;
+    }
+    // max < 2^e: e is one above max's binade.
+    let e = (max_bits >> 23) as i32 - 126;
+    if e < min_exponent {
+        return FixedBlock::Refused;
+    }
+    // × 2^(15 - e) is exact (a normal power of two for e in -110..=129), and the conversion
+    // rounds to nearest, ties to even, as the scalar path does.
+    let mul = _mm256_castsi256_ps(_mm256_set1_epi32((142 - e) << 23));
+    let (lo_q, hi_q) = (_mm256_set1_epi32(-32767), _mm256_set1_epi32(32767));
+    let q = xv.map(|v| {
+        let r = _mm256_cvtps_epi32(_mm256_mul_ps(v, mul));
+        _mm256_min_epi32(_mm256_max_epi32(r, lo_q), hi_q)
+    });
+    let zero = _mm256_setzero_si256();
+    let negative = q.map(|v| _mm256_cmpgt_epi32(zero, v));
+    let low_byte = _mm256_set1_epi16(0x00FF);
+    // (High bytes, low bytes) of |q| for 16 elements from two codec vectors, in j order.
+    let bytes = |a: __m256i, b: __m256i| {
+        let words = _mm256_packus_epi32(_mm256_abs_epi32(a), _mm256_abs_epi32(b));
+        let packed = _mm256_packus_epi16(
+            _mm256_srli_epi16::<8>(words),
+            _mm256_and_si256(words, low_byte),
+        );
+        let (even_j, odd_j) = (
+            _mm256_castsi256_si128(packed),
+            _mm256_extracti128_si256::<1>(packed),
+        );
+        (
+            _mm_unpacklo_epi8(even_j, odd_j),
+            _mm_unpackhi_epi8(even_j, odd_j),
+        )
+    };
+    let both_lanes = |v: __m128i| _mm256_set_m128i(v, v);
+    let (even_high, even_low) = bytes(q[0], q[1]);
+    let (odd_high, odd_low) = bytes(q[2], q[3]);
+    // Sign masks: -1 bytes for negative elements, even ones in the low half, odd in the high.
+    let signs = _mm256_packs_epi16(
+        _mm256_packs_epi32(negative[0], negative[1]),
+        _mm256_packs_epi32(negative[2], negative[3]),
+    );
+    let (even_j, odd_j) = (
+        _mm256_castsi256_si128(signs),
+        _mm256_extracti128_si256::<1>(signs),
+    );
+    let flips = _mm_or_si128(
+        _mm_and_si128(_mm_unpacklo_epi8(even_j, odd_j), _mm_set1_epi8(0x08)),
+        _mm_and_si128(
+            _mm_unpackhi_epi8(even_j, odd_j),
+            _mm_set1_epi8(0x80u8 as i8),
+        ),
+    );
+    for (dst, v) in vs
+        .iter_mut()
+        .zip([even_high, even_low, odd_high, odd_low, flips])
+    {
+        // SAFETY: 32 writable bytes.
+        unsafe { _mm256_storeu_si256(dst.as_mut_ptr() as *mut __m256i, both_lanes(v)) };
+    }
+    FixedBlock::Scaled(e)
 }
 
 /// Decodes rows (weights = value × factor, codec order) into `out[r * k..]`, two at a time.

@@ -33,6 +33,9 @@ pub const VECTORS_PER_BLOCK: usize = 5;
 /// Elements per fixed-point block (and per chunk of the kernel).
 pub const BLOCK: usize = 32;
 
+/// Blocks converted per parallel task at least.
+const MIN_BLOCKS_PER_TASK: usize = 512;
+
 /// Blocks whose largest magnitude is below 2^-111 are not converted (their scale would be an f32
 /// subnormal); such a row, or one holding a NaN or an infinity, takes the f32 path instead.
 const MIN_EXPONENT: i32 = -110;
@@ -78,8 +81,8 @@ impl FixedRows {
         self.valid.resize(rows, false);
     }
 
-    /// Converts every row, row `r` from `x_of(r)`, on the rayon pool (rows are independent, so
-    /// the split changes no bit).
+    /// Converts every row, row `r` from `x_of(r)`, on the rayon pool when there are enough
+    /// (rows are independent, so the split changes no bit).
     pub fn fill_all<'x>(&mut self, codec: Codec, x_of: impl Fn(usize) -> &'x [f32] + Sync) {
         if self.blocks == 0 {
             // Rows shorter than a block are all tail: the kernel reads their f32 values only.
@@ -95,6 +98,9 @@ impl FixedRows {
             .zip(self.ranges.par_iter_mut())
             .zip(self.valid.par_iter_mut())
             .enumerate()
+            // A block converts in a few nanoseconds: splitting fewer than ~16 K elements
+            // across threads costs more in wake-ups than it saves.
+            .with_min_len(MIN_BLOCKS_PER_TASK.div_ceil(blocks))
             .for_each(|(r, ((((vectors, scales), exponents), range), valid))| {
                 let out = BlockOut {
                     vectors,
@@ -120,6 +126,18 @@ impl FixedRows {
     }
 }
 
+/// What a conversion made of one block.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FixedBlock {
+    /// Every element is ±0: all bytes zero.
+    Zero,
+    /// The block's largest magnitude is below `2^e` (and at least `2^(e-1)`); bytes written.
+    Scaled(i32),
+    /// A NaN or an infinity, or a largest magnitude whose exponent `e` is below `min_exponent`:
+    /// the bytes are unspecified and the row takes the f32 path.
+    Refused,
+}
+
 /// One row's share of the [`FixedRows`] buffers.
 struct BlockOut<'a> {
     vectors: &'a mut [[i8; 32]],
@@ -130,7 +148,6 @@ struct BlockOut<'a> {
 /// Fills one row's blocks and returns the range of their exponents; `None` when the row cannot
 /// be represented.
 fn fill_row(x: &[f32], codec: Codec, out: BlockOut<'_>) -> Option<(i32, i32)> {
-    let k = x.len();
     let mut range: Option<(i32, i32)> = None;
     for (b, ((vs, scale), exponent)) in out
         .vectors
@@ -139,40 +156,22 @@ fn fill_row(x: &[f32], codec: Codec, out: BlockOut<'_>) -> Option<(i32, i32)> {
         .zip(out.exponents.iter_mut())
         .enumerate()
     {
-        let vals: [f32; BLOCK] = std::array::from_fn(|i| x[codec.order_index(b * BLOCK + i, k)]);
-        if vals.iter().any(|v| !v.is_finite()) {
+        // (`chunks_exact_mut` yields whole blocks only.)
+        let Ok(vs) = <&mut [[i8; 32]; VECTORS_PER_BLOCK]>::try_from(vs) else {
             return None;
-        }
-        let max = vals.iter().fold(0f32, |m, v| m.max(v.abs()));
-        let (mul, factor) = if max == 0.0 {
-            *exponent = i32::MAX;
-            (0.0, 0.0)
-        } else {
-            // max < 2^e: e is one above max's binade.
-            let e = ((max.to_bits() >> 23) & 0xFF) as i32 - 126;
-            if e < MIN_EXPONENT {
-                return None;
-            }
-            *exponent = e - 16;
-            range = Some(range.map_or((e - 16, e - 16), |(lo, hi)| {
-                (lo.min(e - 16), hi.max(e - 16))
-            }));
-            (2f64.powi(15 - e), 2f32.powi(e - 16))
         };
-        *scale = factor;
-        vs[4] = [0; 32];
-        for (i, &v) in vals.iter().enumerate() {
-            let q = round_to_i32(f64::from(v) * mul).clamp(-32767, 32767);
-            let m = q.unsigned_abs();
-            let (j, odd) = (i / 2, i % 2);
-            // The E2M1 sign bit of this element's nibble: bit 3 (low nibble) or 7 (high).
-            let flip = if q < 0 { 0x08u8 << (4 * odd) } else { 0 };
-            for lane in [j, j + 16] {
-                vs[2 * odd][lane] = (m >> 8) as i8;
-                vs[2 * odd + 1][lane] = (m & 0xFF) as i8;
-                vs[4][lane] = (vs[4][lane] as u8 | flip) as i8;
+        let block = super::fixed_block(codec, &x[b * BLOCK..(b + 1) * BLOCK], MIN_EXPONENT, vs)
+            .unwrap_or_else(|| scalar_block(x, codec, b, vs));
+        (*scale, *exponent) = match block {
+            FixedBlock::Refused => return None,
+            FixedBlock::Zero => (0.0, i32::MAX),
+            FixedBlock::Scaled(e) => {
+                range = Some(range.map_or((e - 16, e - 16), |(lo, hi)| {
+                    (lo.min(e - 16), hi.max(e - 16))
+                }));
+                (2f32.powi(e - 16), e - 16)
             }
-        }
+        };
     }
     // All-zero blocks (and an all-zero row: exponent 0) take a value already in the range.
     let range = range.unwrap_or((0, 0));
@@ -180,6 +179,45 @@ fn fill_row(x: &[f32], codec: Codec, out: BlockOut<'_>) -> Option<(i32, i32)> {
         *e = range.0;
     }
     Some(range)
+}
+
+/// Block `b` of `x` (codec order) converted element by element: the definition the vector
+/// conversion (`avx2_e2m1::fixed_block`) is tested against, and the path without AVX2.
+fn scalar_block(
+    x: &[f32],
+    codec: Codec,
+    b: usize,
+    vs: &mut [[i8; 32]; VECTORS_PER_BLOCK],
+) -> FixedBlock {
+    let k = x.len();
+    let vals: [f32; BLOCK] = std::array::from_fn(|i| x[codec.order_index(b * BLOCK + i, k)]);
+    if vals.iter().any(|v| !v.is_finite()) {
+        return FixedBlock::Refused;
+    }
+    let max = vals.iter().fold(0f32, |m, v| m.max(v.abs()));
+    *vs = [[0; 32]; VECTORS_PER_BLOCK];
+    if max == 0.0 {
+        return FixedBlock::Zero;
+    }
+    // max < 2^e: e is one above max's binade.
+    let e = ((max.to_bits() >> 23) & 0xFF) as i32 - 126;
+    if e < MIN_EXPONENT {
+        return FixedBlock::Refused;
+    }
+    let mul = 2f64.powi(15 - e);
+    for (i, &v) in vals.iter().enumerate() {
+        let q = round_to_i32(f64::from(v) * mul).clamp(-32767, 32767);
+        let m = q.unsigned_abs();
+        let (j, odd) = (i / 2, i % 2);
+        // The E2M1 sign bit of this element's nibble: bit 3 (low nibble) or 7 (high).
+        let flip = if q < 0 { 0x08u8 << (4 * odd) } else { 0 };
+        for lane in [j, j + 16] {
+            vs[2 * odd][lane] = (m >> 8) as i8;
+            vs[2 * odd + 1][lane] = (m & 0xFF) as i8;
+            vs[4][lane] = (vs[4][lane] as u8 | flip) as i8;
+        }
+    }
+    FixedBlock::Scaled(e)
 }
 
 /// `y` rounded to the nearest integer, ties to even, for |y| < 2^51 (`|y| ≤ 2^15` here): adding
@@ -261,6 +299,68 @@ mod tests {
                         assert!(err <= max * 2f32.powi(-15), "element {n}: {got} vs {want}");
                     }
                 }
+            }
+        }
+    }
+
+    /// The vector conversion writes the scalar conversion's bytes and verdict for every kind of
+    /// block: random magnitudes over many binades, exact ties (x · 2^(15-e) = n + ½), the largest
+    /// magnitude rounding up to 2^15 (clamped), signed zeros, tiny and subnormal maxima, NaN, ±∞.
+    #[test]
+    fn vector_conversion_writes_the_scalar_bytes() {
+        let probe = [[0i8; 32]; VECTORS_PER_BLOCK];
+        if super::super::fixed_block(Codec::E2m1, &[0.0; BLOCK], MIN_EXPONENT, &mut probe.clone())
+            .is_none()
+        {
+            eprintln!("skipped: no vector conversion on this CPU");
+            return;
+        }
+        let mut rng = SeededRng::new(33);
+        eprintln!("seed 33");
+        let mut blocks: Vec<[f32; BLOCK]> = Vec::new();
+        for case in 0..2000 {
+            let e = rng.below(40) as i32 - 20;
+            let mut v: [f32; BLOCK] = std::array::from_fn(|_| {
+                let mag = rng.uniform(0.0, 1.0) * 2f32.powi(e - rng.below(12) as i32);
+                if rng.below(2) == 0 {
+                    -mag
+                } else {
+                    mag
+                }
+            });
+            match case % 8 {
+                // Ties: with max in [2^(e-1), 2^e), x = (n + ½) · 2^(e-15) is exactly a tie.
+                1 => {
+                    v[0] = 1.5 * 2f32.powi(e - 1);
+                    for (i, x) in v.iter_mut().enumerate().skip(1) {
+                        let n = rng.below(20000) as f32 + 0.5;
+                        *x = n * 2f32.powi(e - 15) * if i % 2 == 0 { 1.0 } else { -1.0 };
+                    }
+                }
+                // A largest magnitude just below 2^e rounds to 2^15 and is clamped.
+                2 => v[5] = -f32::from_bits((2f32.powi(e).to_bits()) - 1),
+                3 => v
+                    .iter_mut()
+                    .for_each(|x| *x = if rng.below(2) == 0 { 0.0 } else { -0.0 }),
+                4 => v.iter_mut().for_each(|x| *x *= 2f32.powi(-100)),
+                5 => v
+                    .iter_mut()
+                    .for_each(|x| *x = f32::from_bits(rng.below(1 << 23) as u32)),
+                6 => {
+                    v[rng.below(32) as usize] =
+                        [f32::NAN, f32::INFINITY, f32::NEG_INFINITY][case % 3]
+                }
+                _ => {}
+            }
+            blocks.push(v);
+        }
+        for (n, block) in blocks.iter().enumerate() {
+            let (mut by_vector, mut by_scalar) = (probe, probe);
+            let got = super::super::fixed_block(Codec::E2m1, block, MIN_EXPONENT, &mut by_vector);
+            let want = scalar_block(block, Codec::E2m1, 0, &mut by_scalar);
+            assert_eq!(got, Some(want), "block {n}: {block:?}");
+            if want != FixedBlock::Refused {
+                assert_eq!(by_vector, by_scalar, "block {n}: {block:?}");
             }
         }
     }
