@@ -448,8 +448,11 @@ fn quantize_chunk(
         let vals = &q.values[r * cols..(r + 1) * cols];
         let scales = &q.scales[r * bpr..(r + 1) * bpr];
         let d = &mut dst[r * cols..(r + 1) * cols];
-        for (c, &v) in vals.iter().enumerate() {
-            d[codec.order_index(c, cols)] = v * scales[c / block];
+        // Block by block: no division per element (it dominated this loop).
+        for (b, (vb, &s)) in vals.chunks(block).zip(scales).enumerate() {
+            for (i, &v) in vb.iter().enumerate() {
+                d[codec.order_index(b * block + i, cols)] = v * s;
+            }
         }
     }
     Ok(())
