@@ -752,6 +752,79 @@ mod tests {
         }
     }
 
+    /// One-token E4M3 tiles sum each group raw against the activations times 2^(120 - E) and
+    /// apply the group's factor once: exact to f32 rounding for activations from 2^-100 to 2^100
+    /// (the lifted products stay normal); activations of 2^120 and up, and NaN, take the
+    /// factor-first tile (NaN propagates).
+    #[test]
+    fn deferred_factor_tiles_hold_for_extreme_activations() {
+        if !Isa::Avx2Fma.available() {
+            eprintln!("skipped: this CPU has no AVX2+FMA");
+            return;
+        }
+        for (seed, (k, group, kind)) in [(300, 128, 1), (100, 100, 1), (96, 32, 2)]
+            .into_iter()
+            .enumerate()
+        {
+            let seed = 500 + seed as u64;
+            eprintln!("seed {seed}: k {k} group {group}");
+            let rr = random_rows(Codec::E4m3, k, group, kind, 5, seed);
+            let scale = if kind == 1 {
+                Scale::F32 {
+                    mul: E4M3_RAW_FACTOR,
+                }
+            } else {
+                Scale::Table(&rr.table)
+            };
+            let fmt = RowFormat::new(Codec::E4m3, k, group, scale, 1.0);
+            let rows: Vec<&[u8]> = rr.data.iter().map(|r| r.as_slice()).collect();
+            let scales: Vec<&[u8]> = rr.scales.iter().map(|s| s.as_slice()).collect();
+            let mut w = vec![0f32; 5 * k];
+            decode_rows(Isa::Scalar, fmt, &rows, &scales, &mut w);
+            let base = &xs(k, 1, seed)[0];
+            for lift in [-100, -7, 0, 60, 100] {
+                let x: Vec<f32> = base.iter().map(|v| v * 2f32.powi(lift)).collect();
+                let mut out = vec![f32::NAN; 5];
+                dot_rows(Isa::Avx2Fma, fmt, &rows, &scales, &[&x], &mut out);
+                for (r, &got) in out.iter().enumerate() {
+                    let wr = &w[r * k..(r + 1) * k];
+                    let exact: f64 = wr.iter().zip(&x).map(|(&a, &b)| a as f64 * b as f64).sum();
+                    let mag: f64 = wr
+                        .iter()
+                        .zip(&x)
+                        .map(|(&a, &b)| (a as f64 * b as f64).abs())
+                        .sum();
+                    assert!(
+                        (got as f64 - exact).abs() <= 1e-5 * mag,
+                        "k {k} x·2^{lift} row {r}: {got} vs {exact}"
+                    );
+                }
+            }
+            let mut x = base.clone();
+            x[k / 2] = f32::NAN;
+            let mut out = vec![0f32; 5];
+            dot_rows(Isa::Avx2Fma, fmt, &rows, &scales, &[&x], &mut out);
+            assert!(out.iter().all(|v| v.is_nan()), "{out:?}");
+        }
+        // SAFETY: AVX2 and FMA are available (checked above).
+        let x_mul = |x: &[f32]| unsafe { avx2::deferred_x_mul(x) };
+        assert_eq!(x_mul(&[1.0, -0.75]), Some(2f32.powi(119)));
+        assert_eq!(x_mul(&[0.0; 20]), Some(2f32.powi(127)), "capped");
+        assert_eq!(x_mul(&[3.0, -2f32.powi(119)]), Some(1.0));
+        assert_eq!(x_mul(&[3.0, -2f32.powi(120)]), None, "2^120 and up");
+        assert_eq!(x_mul(&[f32::NAN, 1.0]), None);
+        assert_eq!(
+            x_mul(
+                &[1.0; 9]
+                    .iter()
+                    .chain(&[f32::INFINITY])
+                    .copied()
+                    .collect::<Vec<_>>()
+            ),
+            None
+        );
+    }
+
     /// The integer one-token kernel against the exact dot product of the decoded weights: within
     /// f32 rounding plus the fixed-point bound (2^-15 of each block's largest |x| per element),
     /// and within f32 rounding alone for bf16 activations narrow enough to convert exactly.

@@ -135,16 +135,24 @@ pub(super) fn hsum(v: __m256) -> f32 {
 /// # Safety
 /// AVX2+FMA available; `rows[r]` points at `fmt.row_bytes()` bytes, `scales[r]` at
 /// `fmt.scale_bytes()` (scaled codecs), `xs[t]` at `fmt.k` f32.
+///
+/// `DEFER` (one token of a scaled codec, [`deferred_x_mul`]): the products of a group are summed
+/// raw against the activations times `x_mul` and the sum multiplied once by the group's factor
+/// divided by `x_mul`, instead of multiplying every decoded vector by its factor first (two
+/// fewer multiplies per 16 weights and row; E4M3 raw values carry 2^-120, which `x_mul` lifts
+/// back so no product falls below the normal range).
 #[target_feature(enable = "avx2,fma")]
-unsafe fn tile<D: Decode, const S: u8, const R: usize, const N: usize>(
+unsafe fn tile<D: Decode, const S: u8, const R: usize, const N: usize, const DEFER: bool>(
     fmt: &RowFormat<'_>,
     rows: [*const u8; R],
     scales: [*const u8; R],
     xs: [*const f32; N],
+    x_mul: f32,
 ) -> [[f32; N]; R] {
     let scaled = S != NO_SCALE;
     let sa = ScaleArgs::of(fmt.scale);
     let two_chains = !scaled && N == 1;
+    let (xm, group_mul) = (_mm256_set1_ps(x_mul), _mm256_set1_ps(1.0 / x_mul));
     let k = fmt.k;
     let group = if scaled { fmt.group } else { k };
     let vec_end = k - k % CHUNK;
@@ -161,20 +169,39 @@ unsafe fn tile<D: Decode, const S: u8, const R: usize, const N: usize>(
                 for r in 0..R {
                     // SAFETY: g is a group of the row.
                     f[r] = unsafe { sa.factor::<S>(scales[r], g) };
+                    if DEFER {
+                        f[r] = _mm256_mul_ps(f[r], group_mul);
+                    }
                 }
             }
+            // DEFER: this group's raw sums.
+            let mut sums = [zero; R];
             let mut c = start;
             while c < end {
-                if D::CODEC != Codec::F32 {
+                if D::CODEC != Codec::F32 && D::CODEC.bytes(c) % 64 == 0 {
                     // Stored weights stream from memory: hint the rows of the tile after the next
-                    // (the next 2R rows when, as usual, they are consecutive) at this column. A
-                    // hint is never dereferenced, so an address past the tensor is harmless.
+                    // (the next 2R rows when, as usual, they are consecutive) at this column, once
+                    // per 64-byte line. A hint is never dereferenced, so an address past the
+                    // tensor is harmless.
                     let ahead = 2 * R * fmt.row_bytes() + D::CODEC.bytes(c);
                     for row in rows {
                         _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(ahead) as *const i8);
                     }
                 }
-                if N == 1 {
+                if DEFER {
+                    // SAFETY: xs[0] holds k ≥ c + 16 f32.
+                    let (x0, x1) = unsafe {
+                        (
+                            _mm256_mul_ps(_mm256_loadu_ps(xs[0].add(c)), xm),
+                            _mm256_mul_ps(_mm256_loadu_ps(xs[0].add(c + 8)), xm),
+                        )
+                    };
+                    for r in 0..R {
+                        // SAFETY: c + 16 ≤ vec_end ≤ k.
+                        let (a, b) = unsafe { D::load(rows[r], c) };
+                        sums[r] = _mm256_fmadd_ps(b, x1, _mm256_fmadd_ps(a, x0, sums[r]));
+                    }
+                } else if N == 1 {
                     // One token: decode, scale and accumulate row by row, so only the current
                     // row's two vectors are live (the factors stay in registers).
                     // SAFETY: xs[0] holds k ≥ c + 16 f32.
@@ -227,6 +254,11 @@ unsafe fn tile<D: Decode, const S: u8, const R: usize, const N: usize>(
                 }
                 c += CHUNK;
             }
+            if DEFER {
+                for r in 0..R {
+                    acc[r][0] = _mm256_fmadd_ps(sums[r], f[r], acc[r][0]);
+                }
+            }
         }
         start = end;
         g += 1;
@@ -276,11 +308,12 @@ unsafe fn tile<D: Decode, const S: u8, const R: usize, const N: usize>(
 /// Runs `R × N` tiles over all `rows` (a last partial tile repeats its first row and drops
 /// the extra results) and writes `out[r * N + t]`.
 #[target_feature(enable = "avx2,fma")]
-unsafe fn tiles<D: Decode, const S: u8, const R: usize, const N: usize>(
+unsafe fn tiles<D: Decode, const S: u8, const R: usize, const N: usize, const DEFER: bool>(
     fmt: &RowFormat<'_>,
     rows: &[&[u8]],
     scales: &[&[u8]],
     xs: &[&[f32]],
+    x_mul: f32,
     out: &mut [f32],
 ) {
     let xs_arr: [*const f32; N] = std::array::from_fn(|t| xs[t].as_ptr());
@@ -298,7 +331,7 @@ unsafe fn tiles<D: Decode, const S: u8, const R: usize, const N: usize>(
         });
         // SAFETY: forwarded from the caller (lengths checked by `dot_rows`); unscaled codecs
         // never read their (empty) scale pointers.
-        let res = unsafe { tile::<D, S, R, N>(fmt, rows_arr, scale_arr, xs_arr) };
+        let res = unsafe { tile::<D, S, R, N, DEFER>(fmt, rows_arr, scale_arr, xs_arr, x_mul) };
         for r in 0..nr {
             out[(r0 + r) * N..(r0 + r + 1) * N].copy_from_slice(&res[r]);
         }
@@ -319,12 +352,52 @@ unsafe fn for_shape<D: Decode, const S: u8>(
     // get 2 rows so accumulators, decoded weights and activations fit 16 registers.
     unsafe {
         match xs.len() {
-            1 => tiles::<D, S, 4, 1>(fmt, rows, scales, xs, out),
-            2 => tiles::<D, S, 2, 2>(fmt, rows, scales, xs, out),
-            3 => tiles::<D, S, 2, 3>(fmt, rows, scales, xs, out),
-            _ => tiles::<D, S, 2, 4>(fmt, rows, scales, xs, out),
+            1 if S != NO_SCALE => match deferred_x_mul(&xs[0][..fmt.k]) {
+                Some(m) => tiles::<D, S, 4, 1, true>(fmt, rows, scales, xs, m, out),
+                None => tiles::<D, S, 4, 1, false>(fmt, rows, scales, xs, 1.0, out),
+            },
+            1 => tiles::<D, S, 4, 1, false>(fmt, rows, scales, xs, 1.0, out),
+            2 => tiles::<D, S, 2, 2, false>(fmt, rows, scales, xs, 1.0, out),
+            3 => tiles::<D, S, 2, 3, false>(fmt, rows, scales, xs, 1.0, out),
+            _ => tiles::<D, S, 2, 4, false>(fmt, rows, scales, xs, 1.0, out),
         }
     }
+}
+
+/// The activation multiplier of a deferred-factor tile: `2^(120 - E)` for `max |x| < 2^E`
+/// (at most 2^127), so that `x · x_mul < 2^120` and an E4M3 raw value (value · 2^-120) times it
+/// stays a normal f32 unless the product is below `max |x| · 2^-126`; `None` when `x` holds a
+/// NaN or an infinity (the factor-first tile then propagates them as the reference does) or
+/// reaches 2^120.
+#[target_feature(enable = "avx2,fma")]
+pub(super) fn deferred_x_mul(x: &[f32]) -> Option<f32> {
+    let magnitude = _mm256_set1_epi32(0x7FFF_FFFF);
+    let mut m = _mm256_setzero_si256();
+    let whole = x.len() - x.len() % 8;
+    for c in (0..whole).step_by(8) {
+        // SAFETY: c + 8 ≤ x.len().
+        let v = unsafe { _mm256_loadu_si256(x.as_ptr().add(c) as *const __m256i) };
+        m = _mm256_max_epi32(m, _mm256_and_si256(v, magnitude));
+    }
+    let mut lanes = [0u32; 8];
+    // SAFETY: 32 writable bytes.
+    unsafe { _mm256_storeu_si256(lanes.as_mut_ptr() as *mut __m256i, m) };
+    // Magnitude bits order as the values do; 0x7F80_0000 and up are infinities and NaNs.
+    let max_bits = x[whole..]
+        .iter()
+        .map(|v| v.to_bits() & 0x7FFF_FFFF)
+        .chain(lanes)
+        .max()
+        .unwrap_or(0);
+    // max < 2^e (e = -126 for zero and subnormal maxima).
+    let e = (max_bits >> 23) as i32 - 126;
+    if max_bits >= 0x7F80_0000 || e > 120 {
+        // Non-finite, or so large that a group's factor / x_mul (scale · 2^e) could overflow
+        // where the factor itself (scale · 2^120) does not.
+        return None;
+    }
+    let c = (120 - e).min(127);
+    Some(f32::from_bits(((c + 127) as u32) << 23))
 }
 
 /// # Safety
