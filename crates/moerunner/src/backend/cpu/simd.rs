@@ -402,16 +402,24 @@ pub fn dot_rows_fixed(
         return;
     }
     let _ = (fx, pairs);
-    let rows: Vec<&[u8]> = (0..n).map(|r| &data[r * rb..(r + 1) * rb]).collect();
-    let srows: Vec<&[u8]> = (0..n).map(|r| &scales[r * sb..(r + 1) * sb]).collect();
-    for (i, o) in out.chunks_mut(32).enumerate() {
-        let (a, b) = (32 * i, 32 * i + o.len());
+    // The f32 tiles, 32 rows at a time (row slices on the stack: no allocation per call).
+    const BLOCK_ROWS: usize = 32;
+    for (i, o) in out.chunks_mut(BLOCK_ROWS).enumerate() {
+        let first = BLOCK_ROWS * i;
+        let rows: [&[u8]; BLOCK_ROWS] = std::array::from_fn(|j| {
+            let r = (first + j).min(n - 1);
+            &data[r * rb..(r + 1) * rb]
+        });
+        let srows: [&[u8]; BLOCK_ROWS] = std::array::from_fn(|j| {
+            let r = (first + j).min(n - 1);
+            &scales[r * sb..(r + 1) * sb]
+        });
         let s: &[&[u8]] = if fmt.codec.scaled() {
-            &srows[a..b]
+            &srows[..o.len()]
         } else {
             &[]
         };
-        dot_rows(isa, fmt, &rows[a..b], s, &[x], o);
+        dot_rows(isa, fmt, &rows[..o.len()], s, &[x], o);
     }
 }
 
@@ -869,11 +877,19 @@ mod tests {
                 fx.reset(1, k);
                 fx.fill_all(Codec::E2m1, |_| x);
                 let fxr = fx.row(0).expect("finite activations convert");
-                for nr in 1..=7 {
+                for nr in (1..=7).chain([40]) {
                     let mut out = vec![f32::NAN; nr];
-                    let (data, sc) = (rr.data[..nr].concat(), rr.scales[..nr].concat());
+                    let mut fallback = vec![f32::NAN; nr];
+                    let rows_of = |rows: &[Vec<u8>]| -> Vec<u8> {
+                        rows.iter().cycle().take(nr).flatten().copied().collect()
+                    };
+                    let (data, sc) = (rows_of(&rr.data), rows_of(&rr.scales));
                     dot_rows_fixed(Isa::Avx2Fma, fmt, &data, &sc, None, x, fxr, &mut out);
-                    for (r, &got) in out.iter().enumerate() {
+                    // The f32 tiles without the integer kernel (CPUs without AVX2), over more
+                    // rows than one block of them.
+                    dot_rows_fixed(Isa::Scalar, fmt, &data, &sc, None, x, fxr, &mut fallback);
+                    for (r, (&got, &f32_path)) in out.iter().zip(&fallback).enumerate() {
+                        let r = r % 7;
                         let m = f64::from(out_mul);
                         let wr = &w[r * k..(r + 1) * k];
                         let exact: f64 = wr
@@ -910,6 +926,10 @@ mod tests {
                         assert!(
                             (f64::from(got) - exact).abs() <= 1e-5 * mag + fixed_bound,
                             "k {k} group {group} rows {nr} [{r}] exact input {exact_input}: {got} vs {exact} (mag {mag}, bound {fixed_bound})"
+                        );
+                        assert!(
+                            (f64::from(f32_path) - exact).abs() <= 1e-5 * mag,
+                            "f32 path: k {k} group {group} rows {nr} [{r}]: {f32_path} vs {exact}"
                         );
                     }
                 }
