@@ -1,10 +1,17 @@
 #!/usr/bin/env python3
-"""Compile CUDA sources with NVRTC for a given architecture, the way the CUDA backend does at run time,
-and print the log. For checking kernels on a machine without a GPU or nvcc (only libnvrtc needed).
+"""Compile CUDA sources with NVRTC for a given architecture, the way the CUDA backend does at run time
+(scripts/gpu/nvrtc.py), and print the log. For checking kernels on a machine without a GPU or nvcc
+(only libnvrtc needed).
 
 usage: nvrtc-check.py [--prepend common.cuh] FILE.cu [--arch sm_90a] [-D NAME=VALUE ...] [--ptx OUT.ptx]
-Finds libnvrtc.so.13 through LD_LIBRARY_PATH (or MOERUNNER_NVRTC_LIB)."""
-import argparse, ctypes, os, sys
+Finds libnvrtc.so.13 through MOERUNNER_NVRTC_LIB, LD_LIBRARY_PATH, /usr/local/cuda or the nvidia wheel."""
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "gpu"))
+import nvrtc  # noqa: E402
+
 
 def main():
     ap = argparse.ArgumentParser()
@@ -14,28 +21,18 @@ def main():
     ap.add_argument("--ptx")
     ap.add_argument("--prepend", action="append", default=[], help="sources pasted before FILE, as the backend does")
     a = ap.parse_args()
-    lib = ctypes.CDLL(os.environ.get("MOERUNNER_NVRTC_LIB", "libnvrtc.so.13"))
     src = b"".join(open(f, "rb").read() + b"\n" for f in a.prepend + [a.file])
-    prog = ctypes.c_void_p()
-    rc = lib.nvrtcCreateProgram(ctypes.byref(prog), src, a.file.encode(), 0, None, None)
-    assert rc == 0, rc
-    opts = [f"--gpu-architecture={a.arch}", "--std=c++17", "-default-device", "-lineinfo"] + [f"-D{d}" for d in a.D]
-    arr = (ctypes.c_char_p * len(opts))(*[o.encode() for o in opts])
-    rc = lib.nvrtcCompileProgram(prog, len(opts), arr)
-    n = ctypes.c_size_t()
-    lib.nvrtcGetProgramLogSize(prog, ctypes.byref(n))
-    log = ctypes.create_string_buffer(n.value)
-    lib.nvrtcGetProgramLog(prog, log)
-    if log.value.strip():
-        print(log.value.decode(errors="replace"))
-    if rc != 0:
-        print(f"FAILED ({a.file}, {' '.join(opts)})")
+    try:
+        ptx, log = nvrtc.compile(src, a.file, nvrtc.options(a.arch, a.D), output="ptx")
+    except nvrtc.NvrtcError as e:
+        print(e)
+        print(f"FAILED ({a.file})")
         sys.exit(1)
-    lib.nvrtcGetPTXSize(prog, ctypes.byref(n))
-    ptx = ctypes.create_string_buffer(n.value)
-    lib.nvrtcGetPTX(prog, ptx)
+    if log.strip():
+        print(log)
     if a.ptx:
-        open(a.ptx, "wb").write(ptx.value)
-    print(f"ok ({a.file}, {len(ptx.value)} bytes of PTX)")
+        open(a.ptx, "wb").write(ptx)
+    print(f"ok ({a.file}, {len(ptx)} bytes of PTX)")
+
 
 main()

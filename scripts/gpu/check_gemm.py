@@ -2,8 +2,8 @@
 """Device check of the grouped MoE GEMM kernel (crates/moerunner/src/backend/cuda/kernels/moe_gemm.cu).
 
 Runs on a machine with an NVIDIA GPU (sm_90: H100/H200), python3 with cupy-cuda13x, numpy and torch.
-Compiles the kernel with NVRTC exactly as the backend does (common.cuh pasted before the .cu,
---gpu-architecture=sm_90a --std=c++17 -default-device, -D defines), builds seeded random prepared
+Compiles the kernel with NVRTC exactly as the backend does (scripts/gpu/nvrtc.py: common.cuh pasted
+before the .cu, the backend's options for sm_90a, -D defines), builds seeded random prepared
 weights / activations / routing and the tile lists, runs, and compares with a float64 reference of the
 kernel's contract. Then times a bandwidth (decode) case and a compute (prefill) case.
 
@@ -22,11 +22,12 @@ import numpy as np
 import cupy as cp
 import torch
 
+import nvrtc  # scripts/gpu/nvrtc.py: the backend's compile path
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 KDIR = os.path.join(ROOT, "crates", "moerunner", "src", "backend", "cuda", "kernels")
 SRC = open(os.path.join(KDIR, "common.cuh")).read() + "\n" + open(os.path.join(KDIR, "moe_gemm.cu")).read() + "\n"
-BASE_OPTS = ["--gpu-architecture=sm_90a", "--std=c++17", "-default-device"]
 DEV = torch.device("cuda")
 
 ACT_ALPHA, ACT_BETA, ACT_LIMIT = 1.702, 1.0, 7.0
@@ -35,62 +36,7 @@ ACT_ALPHA, ACT_BETA, ACT_LIMIT = 1.702, 1.0, 7.0
 # ------------------------------------------------------------------------------------------ compile
 
 def _nvrtc_cubin(defs):
-    opts = BASE_OPTS + [f"-D{k}={v}" for k, v in defs]
-    try:
-        from cupy_backends.cuda.libs import nvrtc
-    except ImportError:
-        return _nvrtc_cubin_ctypes(opts)
-    prog = nvrtc.createProgram(SRC, "moe_gemm.cu", [], [])
-    try:
-        try:
-            nvrtc.compileProgram(prog, opts)
-        except Exception as ex:  # noqa: BLE001
-            raise RuntimeError(f"NVRTC failed for {defs}: {ex}\n{nvrtc.getProgramLog(prog)}")
-        log = nvrtc.getProgramLog(prog)
-        return nvrtc.getCUBIN(prog), log
-    finally:
-        nvrtc.destroyProgram(prog)
-
-
-_LIB = None
-
-
-def _nvrtc_cubin_ctypes(opts):
-    """Fallback: libnvrtc through ctypes (found by soname or in the nvidia wheels)."""
-    import ctypes
-    import glob
-    global _LIB
-    if _LIB is None:
-        cands = [os.environ.get("MOERUNNER_NVRTC_LIB", ""), "libnvrtc.so.13"]
-        for sp in sys.path:
-            cands += sorted(glob.glob(os.path.join(sp, "nvidia", "*", "lib", "libnvrtc.so*")))
-        for cand in cands:
-            if not cand:
-                continue
-            try:
-                _LIB = ctypes.CDLL(cand)
-                break
-            except OSError:
-                pass
-        if _LIB is None:
-            raise RuntimeError("libnvrtc not found (set MOERUNNER_NVRTC_LIB)")
-    lib = _LIB
-    prog = ctypes.c_void_p()
-    assert lib.nvrtcCreateProgram(ctypes.byref(prog), SRC.encode(), b"moe_gemm.cu", 0, None, None) == 0
-    arr = (ctypes.c_char_p * len(opts))(*[o.encode() for o in opts])
-    rc = lib.nvrtcCompileProgram(prog, len(opts), arr)
-    n = ctypes.c_size_t()
-    lib.nvrtcGetProgramLogSize(prog, ctypes.byref(n))
-    log = ctypes.create_string_buffer(n.value)
-    lib.nvrtcGetProgramLog(prog, log)
-    log = log.value.decode(errors="replace")
-    if rc != 0:
-        raise RuntimeError(f"NVRTC failed ({opts}):\n{log}")
-    lib.nvrtcGetCUBINSize(prog, ctypes.byref(n))
-    cub = ctypes.create_string_buffer(n.value)
-    lib.nvrtcGetCUBIN(prog, cub)
-    lib.nvrtcDestroyProgram(ctypes.byref(prog))
-    return cub.raw, log
+    return nvrtc.compile(SRC, "moe_gemm.cu", nvrtc.options(defines=[f"{k}={v}" for k, v in defs]))
 
 
 class Kernel:

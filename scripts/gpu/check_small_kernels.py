@@ -5,7 +5,7 @@ semantics (crates/moerunner/src/routing/*.rs, formats/act_quant.rs, backend/cpu/
 
 usage: python3 scripts/gpu/check_small_kernels.py [--seed N] [--quick] [--no-timing]
 Needs a GPU, cupy (cuda 13), numpy, torch. Each .cu is compiled with NVRTC exactly as the backend does
-(common.cuh pasted first; --gpu-architecture=sm_90a --std=c++17 -default-device, no fast math, no
+(scripts/gpu/nvrtc.py: common.cuh pasted first, the backend's options for sm_90a, no fast math, no
 -ftz) to a cubin loaded by cupy. Seeded random cases (the seed is printed; every case prints its own
 seed on failure); outputs are poisoned before each launch (NaN / -7 / 0xAB). The sort is checked on
 both of its paths: the one-block kernel and the multi-block one (sort_count, sort_scan, sort_scatter;
@@ -30,9 +30,11 @@ import numpy as np
 import cupy as cp
 import torch
 
+import nvrtc  # scripts/gpu/nvrtc.py: the backend's compile path
+
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 KDIR = os.path.join(ROOT, "crates", "moerunner", "src", "backend", "cuda", "kernels")
-OPTIONS = ["--gpu-architecture=sm_90a", "--std=c++17", "-default-device"]
+OPTIONS = nvrtc.options("sm_90a")
 F32 = np.float32
 DTYPE_BF16, DTYPE_F16, DTYPE_F32 = 0, 1, 2
 
@@ -55,30 +57,13 @@ def load_module(name, extra="", body=None, common=None):
     common = common if common is not None else open(os.path.join(KDIR, "common.cuh")).read()
     body = body if body is not None else open(os.path.join(KDIR, name + ".cu")).read()
     src = f'{common}\n#line 1 "{name}.cu"\n{body}\n{extra}'
-    try:
-        from cupy_backends.cuda.libs import nvrtc as _nvrtc
-        prog = _nvrtc.createProgram(src, name + ".cu", (), ())
-        try:
-            try:
-                _nvrtc.compileProgram(prog, list(OPTIONS))
-            except Exception as e:
-                raise RuntimeError(f"NVRTC failed on {name}.cu: {e}\n{_nvrtc.getProgramLog(prog)}")
-            cubin = _nvrtc.getCUBIN(prog)
-        finally:
-            _nvrtc.destroyProgram(prog)
-        fd, path = tempfile.mkstemp(suffix=".cubin")
-        with os.fdopen(fd, "wb") as f:
-            f.write(cubin)
-        mod = cp.RawModule(path=path)
-        if not COMPILE_NOTE:
-            COMPILE_NOTE.append("NVRTC direct: " + " ".join(OPTIONS))
-        return mod
-    except RuntimeError:
-        raise
-    except Exception as e:  # API mismatch: let cupy compile (it adds its own -arch and -ftz=true)
-        if not any("fallback" in n for n in COMPILE_NOTE):
-            COMPILE_NOTE.append(f"fallback cupy RawModule(code) [{type(e).__name__}: {e}]")
-        return cp.RawModule(code=src, options=("--std=c++17", "-default-device"))
+    cubin, _log = nvrtc.compile(src, name + ".cu", OPTIONS)
+    fd, path = tempfile.mkstemp(suffix=".cubin")
+    with os.fdopen(fd, "wb") as f:
+        f.write(cubin)
+    if not COMPILE_NOTE:
+        COMPILE_NOTE.append("NVRTC: " + " ".join(OPTIONS))
+    return cp.RawModule(path=path)
 
 
 def i32(v):
