@@ -396,19 +396,22 @@ impl CudaLayer {
         if shapes::sort_multi_block(p, d.experts) {
             // Large P: count per chunk, scan (offsets, tiles, chunk starts), scatter (sort.cu).
             let (chunk, num_chunks) = shapes::sort_chunks(p);
+            // sort_count and sort_scatter walk the same chunks of ids into the same counts.
+            let chunks = [
+                Arg::Ptr(ws.ids.ptr()),
+                Arg::I32(p as i32),
+                Arg::I32(chunk as i32),
+                Arg::I32(cfg.local_experts.start as i32),
+                Arg::I32(d.experts as i32),
+                Arg::Ptr(ws.sort_chunks.ptr()),
+            ];
             launch(
                 dev,
                 &dev.function(&sort_key, "sort_count")?,
                 shapes::sort_count(p, d.experts),
-                &[
-                    Arg::Ptr(ws.ids.ptr()),
-                    Arg::I32(p as i32),
-                    Arg::I32(chunk as i32),
-                    Arg::I32(cfg.local_experts.start as i32),
-                    Arg::I32(d.experts as i32),
-                    Arg::Ptr(ws.sort_chunks.ptr()),
-                ],
+                &chunks,
             )?;
+            let [ids, pairs, chunk_len, first, experts, counts] = chunks;
             launch(
                 dev,
                 &dev.function(&sort_key, "sort_scan")?,
@@ -431,12 +434,12 @@ impl CudaLayer {
                 &dev.function(&sort_key, "sort_scatter")?,
                 shapes::sort_scatter(p, d.experts),
                 &[
-                    Arg::Ptr(ws.ids.ptr()),
-                    Arg::I32(p as i32),
-                    Arg::I32(chunk as i32),
-                    Arg::I32(cfg.local_experts.start as i32),
-                    Arg::I32(d.experts as i32),
-                    Arg::Ptr(ws.sort_chunks.ptr()),
+                    ids,
+                    pairs,
+                    chunk_len,
+                    first,
+                    experts,
+                    counts,
                     Arg::Ptr(ws.sorted_pair.ptr()),
                     Arg::Ptr(ws.pair_pos.ptr()),
                 ],
