@@ -66,8 +66,8 @@ impl CpuLayer {
     /// Prepares `layer` for the kernels of `isa` (the scalar ones if this CPU cannot run `isa`).
     pub fn new(layer: Arc<MoeLayer>, isa: Isa) -> CpuLayer {
         let isa = if isa.available() { isa } else { Isa::Scalar };
-        let w13 = rows::ProjectionPlan::new(&layer.weights().w13);
-        let w2 = rows::ProjectionPlan::new(&layer.weights().w2);
+        let w13 = rows::ProjectionPlan::new(&layer.weights().w13, isa);
+        let w2 = rows::ProjectionPlan::new(&layer.weights().w2, isa);
         CpuLayer {
             layer,
             isa,

@@ -7,7 +7,7 @@
 
 use std::ops::Range;
 
-use super::simd::{self, e4m3_raw, Codec, PairScales, RowFormat, Scale, E4M3_RAW_FACTOR};
+use super::simd::{self, e4m3_raw, Codec, Isa, PairScales, RowFormat, Scale, E4M3_RAW_FACTOR};
 use crate::config::WeightFormat;
 use crate::weights::{BlockScales, QuantizedTensor};
 
@@ -80,7 +80,9 @@ impl PairScaleCopy {
 }
 
 impl ProjectionPlan {
-    pub fn new(t: &QuantizedTensor) -> ProjectionPlan {
+    /// `isa`: the kernels that will read it (the row-pair scale copy is made only for a CPU that
+    /// runs the integer kernel).
+    pub fn new(t: &QuantizedTensor, isa: Isa) -> ProjectionPlan {
         let k = t.cols;
         let (codec, group) = match t.format {
             WeightFormat::Bf16 => (Codec::Bf16, k),
@@ -111,9 +113,12 @@ impl ProjectionPlan {
         if !plan.factors_fold(t) || nan_codes {
             plan.source = Source::Decoded;
         }
-        if let (WeightFormat::Mxfp4, BlockScales::Ue8m0(s), Source::Native) =
-            (t.format, &t.scales, plan.source)
-        {
+        if let (WeightFormat::Mxfp4, BlockScales::Ue8m0(s), Source::Native, true) = (
+            t.format,
+            &t.scales,
+            plan.source,
+            simd::has_fixed_kernel(isa, Codec::E2m1),
+        ) {
             plan.pair_scales = PairScaleCopy::new(t, s, k / group);
         }
         plan
@@ -258,7 +263,14 @@ mod tests {
     fn mxfp4_scales_regroup_by_row_pairs() {
         // 3 experts × 5 rows (an odd last row pairs with itself); byte = 100 + 10e + 2r + g.
         let t = mxfp4(3, 5, |e, r, g| (100 + 10 * e + 2 * r + g) as u8);
-        let plan = ProjectionPlan::new(&t);
+        if !simd::has_fixed_kernel(Isa::Avx2Fma, Codec::E2m1) {
+            eprintln!("skipped: this CPU has no integer E2M1 kernel (no copy is made)");
+            return;
+        }
+        let plan = ProjectionPlan::new(&t, Isa::Avx2Fma);
+        assert!(ProjectionPlan::new(&t, Isa::Scalar)
+            .pair_scale_block(0, 0..2)
+            .is_none());
         let p = plan.pair_scale_block(1, 2..5).expect("even start");
         // Pairs (2, 3) and (4, 4) of expert 1, groups interleaved row by row.
         assert_eq!(p.bytes, &[114, 116, 115, 117, 118, 118, 119, 119]);
@@ -273,6 +285,8 @@ mod tests {
             global_scales: vec![1.0; 3],
             ..mxfp4(3, 5, |_, _, _| 127)
         };
-        assert!(ProjectionPlan::new(&nv).pair_scale_block(0, 0..2).is_none());
+        assert!(ProjectionPlan::new(&nv, Isa::Avx2Fma)
+            .pair_scale_block(0, 0..2)
+            .is_none());
     }
 }
