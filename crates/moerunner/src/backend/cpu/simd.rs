@@ -317,6 +317,14 @@ pub fn has_fixed_kernel(isa: Isa, codec: Codec) -> bool {
         && Isa::detect() == Isa::Avx2Fma
 }
 
+/// The exponent `e` with `2^(e-1) ≤ m < 2^e` for the magnitude bits `m` of a finite f32 (its bits
+/// without the sign); -126 for zero and subnormals. The block exponent of the fixed-point rows and
+/// of the deferred-factor tiles.
+#[inline]
+fn exponent_above(magnitude_bits: u32) -> i32 {
+    (magnitude_bits >> 23) as i32 - 126
+}
+
 /// One 32-element block of an E2M1-ordered activation row (`x`, codec order) in fixed point
 /// ([`fixed`]) by the vector conversion; `None` where there is none (another codec, or no AVX2),
 /// and the caller converts element by element.

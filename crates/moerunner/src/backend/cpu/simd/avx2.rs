@@ -389,8 +389,7 @@ pub(super) fn deferred_x_mul(x: &[f32]) -> Option<f32> {
         .chain(lanes)
         .max()
         .unwrap_or(0);
-    // max < 2^e (e = -126 for zero and subnormal maxima).
-    let e = (max_bits >> 23) as i32 - 126;
+    let e = super::exponent_above(max_bits);
     if max_bits >= 0x7F80_0000 || e > 120 {
         // Non-finite, or so large that a group's factor / x_mul (scale · 2^e) could overflow
         // where the factor itself (scale · 2^120) does not.

@@ -542,8 +542,7 @@ pub unsafe fn fixed_block(x: *const f32, min_exponent: i32, vs: &mut [[i8; 32]; 
         *vs = [[0; 32]; 5];
         return FixedBlock::Zero;
     }
-    // max < 2^e: e is one above max's binade.
-    let e = (max_bits >> 23) as i32 - 126;
+    let e = super::exponent_above(max_bits);
     if e < min_exponent {
         return FixedBlock::Refused;
     }
@@ -558,13 +557,9 @@ pub unsafe fn fixed_block(x: *const f32, min_exponent: i32, vs: &mut [[i8; 32]; 
     let zero = _mm256_setzero_si256();
     let negative = q.map(|v| _mm256_cmpgt_epi32(zero, v));
     let low_byte = _mm256_set1_epi16(0x00FF);
-    // (High bytes, low bytes) of |q| for 16 elements from two codec vectors, in j order.
-    let bytes = |a: __m256i, b: __m256i| {
-        let words = _mm256_packus_epi32(_mm256_abs_epi32(a), _mm256_abs_epi32(b));
-        let packed = _mm256_packus_epi16(
-            _mm256_srli_epi16::<8>(words),
-            _mm256_and_si256(words, low_byte),
-        );
+    // Packed bytes come out with even j in the low lane and odd j in the high one, each lane's
+    // low 8 bytes one quantity and high 8 another: interleaving the lanes gives both in j order.
+    let in_j_order = |packed: __m256i| {
         let (even_j, odd_j) = (
             _mm256_castsi256_si128(packed),
             _mm256_extracti128_si256::<1>(packed),
@@ -574,24 +569,25 @@ pub unsafe fn fixed_block(x: *const f32, min_exponent: i32, vs: &mut [[i8; 32]; 
             _mm_unpackhi_epi8(even_j, odd_j),
         )
     };
+    // (High bytes, low bytes) of |q| for 16 elements from two codec vectors, in j order.
+    let bytes = |a: __m256i, b: __m256i| {
+        let words = _mm256_packus_epi32(_mm256_abs_epi32(a), _mm256_abs_epi32(b));
+        in_j_order(_mm256_packus_epi16(
+            _mm256_srli_epi16::<8>(words),
+            _mm256_and_si256(words, low_byte),
+        ))
+    };
     let both_lanes = |v: __m128i| _mm256_set_m128i(v, v);
     let (even_high, even_low) = bytes(q[0], q[1]);
     let (odd_high, odd_low) = bytes(q[2], q[3]);
-    // Sign masks: -1 bytes for negative elements, even ones in the low half, odd in the high.
-    let signs = _mm256_packs_epi16(
+    // Sign masks: -1 bytes for negative elements (even elements, odd elements), in j order.
+    let (even_signs, odd_signs) = in_j_order(_mm256_packs_epi16(
         _mm256_packs_epi32(negative[0], negative[1]),
         _mm256_packs_epi32(negative[2], negative[3]),
-    );
-    let (even_j, odd_j) = (
-        _mm256_castsi256_si128(signs),
-        _mm256_extracti128_si256::<1>(signs),
-    );
+    ));
     let flips = _mm_or_si128(
-        _mm_and_si128(_mm_unpacklo_epi8(even_j, odd_j), _mm_set1_epi8(0x08)),
-        _mm_and_si128(
-            _mm_unpackhi_epi8(even_j, odd_j),
-            _mm_set1_epi8(0x80u8 as i8),
-        ),
+        _mm_and_si128(even_signs, _mm_set1_epi8(0x08)),
+        _mm_and_si128(odd_signs, _mm_set1_epi8(0x80u8 as i8)),
     );
     for (dst, v) in vs
         .iter_mut()

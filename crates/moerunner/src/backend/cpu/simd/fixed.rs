@@ -199,8 +199,7 @@ fn scalar_block(
     if max == 0.0 {
         return FixedBlock::Zero;
     }
-    // max < 2^e: e is one above max's binade.
-    let e = ((max.to_bits() >> 23) & 0xFF) as i32 - 126;
+    let e = super::exponent_above(max.to_bits());
     if e < MIN_EXPONENT {
         return FixedBlock::Refused;
     }
