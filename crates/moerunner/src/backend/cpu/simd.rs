@@ -688,6 +688,13 @@ mod tests {
         assert_eq!(e2m1_value(0x9), -0.5);
     }
 
+    /// `out_mul · Σ w·x` in f64 and the same sum of magnitudes (the scale of f32 rounding).
+    fn exact_product(w: &[f32], x: &[f32], out_mul: f64) -> (f64, f64) {
+        let products = w.iter().zip(x).map(|(&a, &b)| f64::from(a) * f64::from(b));
+        let (sum, magnitude) = products.fold((0.0, 0.0), |(s, m), p| (s + p, m + p.abs()));
+        (sum * out_mul, magnitude * out_mul)
+    }
+
     /// Decoding and tiles of both ISAs agree: decode bit for bit, tiles to f32 rounding of the
     /// exact dot product of the decoded values.
     #[test]
@@ -753,14 +760,7 @@ mod tests {
                         // The exact dot product of the decoded values, in f64.
                         let (r, t) = (i / nt, i % nt);
                         let m = out_mul as f64;
-                        let exact: f64 = (0..k)
-                            .map(|c| a[r * k + c] as f64 * x[t][c] as f64)
-                            .sum::<f64>()
-                            * m;
-                        let mag: f64 = (0..k)
-                            .map(|c| (a[r * k + c] as f64 * x[t][c] as f64).abs())
-                            .sum::<f64>()
-                            * m;
+                        let (exact, mag) = exact_product(&a[r * k..(r + 1) * k], &x[t], m);
                         assert!((p as f64 - exact).abs() <= 1e-5 * mag && (q as f64 - exact).abs() <= 1e-5 * mag, "{codec:?} k {k} group {group} rows {nr} tokens {nt} [{r},{t}]: scalar {p} avx2 {q} exact {exact}");
                     }
                 }
@@ -804,12 +804,7 @@ mod tests {
                 dot_rows(Isa::Avx2Fma, fmt, &rows, &scales, &[&x], &mut out);
                 for (r, &got) in out.iter().enumerate() {
                     let wr = &w[r * k..(r + 1) * k];
-                    let exact: f64 = wr.iter().zip(&x).map(|(&a, &b)| a as f64 * b as f64).sum();
-                    let mag: f64 = wr
-                        .iter()
-                        .zip(&x)
-                        .map(|(&a, &b)| (a as f64 * b as f64).abs())
-                        .sum();
+                    let (exact, mag) = exact_product(wr, &x, 1.0);
                     assert!(
                         (got as f64 - exact).abs() <= 1e-5 * mag,
                         "k {k} x·2^{lift} row {r}: {got} vs {exact}"
@@ -900,18 +895,7 @@ mod tests {
                         let r = r % 7;
                         let m = f64::from(out_mul);
                         let wr = &w[r * k..(r + 1) * k];
-                        let exact: f64 = wr
-                            .iter()
-                            .zip(x)
-                            .map(|(&a, &b)| f64::from(a) * f64::from(b))
-                            .sum::<f64>()
-                            * m;
-                        let mag: f64 = wr
-                            .iter()
-                            .zip(x)
-                            .map(|(&a, &b)| (f64::from(a) * f64::from(b)).abs())
-                            .sum::<f64>()
-                            * m;
+                        let (exact, mag) = exact_product(wr, x, m);
                         // Blocks are whole chunks of codec order (a permutation inside each chunk).
                         let whole = k - k % 32;
                         let fixed_bound: f64 = if exact_input {
