@@ -48,9 +48,9 @@ pub struct FixedRows {
     vectors: Vec<[i8; 32]>,
     scales: Vec<f32>,
     exponents: Vec<i32>,
-    /// Per row: the least and greatest of its blocks' exponents.
-    ranges: Vec<(i32, i32)>,
-    valid: Vec<bool>,
+    /// Per row: the least and greatest of its blocks' exponents, or `None` for a row that could
+    /// not be converted.
+    ranges: Vec<Option<(i32, i32)>>,
 }
 
 /// One row of [`FixedRows`], as the kernel reads it.
@@ -76,9 +76,8 @@ impl FixedRows {
             .resize(rows * self.blocks * VECTORS_PER_BLOCK, [0; 32]);
         self.scales.resize(rows * self.blocks, 0.0);
         self.exponents.resize(rows * self.blocks, 0);
-        self.ranges.resize(rows, (0, 0));
-        self.valid.clear();
-        self.valid.resize(rows, false);
+        self.ranges.clear();
+        self.ranges.resize(rows, None);
     }
 
     /// Converts every row, row `r` from `x_of(r)`, on the rayon pool when there are enough
@@ -86,7 +85,7 @@ impl FixedRows {
     pub fn fill_all<'x>(&mut self, codec: Codec, x_of: impl Fn(usize) -> &'x [f32] + Sync) {
         if self.blocks == 0 {
             // Rows shorter than a block are all tail: the kernel reads their f32 values only.
-            self.valid.fill(true);
+            self.ranges.fill(Some((0, 0)));
             return;
         }
         let per = self.blocks * VECTORS_PER_BLOCK;
@@ -96,32 +95,29 @@ impl FixedRows {
             .zip(self.scales.par_chunks_mut(blocks))
             .zip(self.exponents.par_chunks_mut(blocks))
             .zip(self.ranges.par_iter_mut())
-            .zip(self.valid.par_iter_mut())
             .enumerate()
             // A block converts in a few nanoseconds: splitting fewer than ~16 K elements
             // across threads costs more in wake-ups than it saves.
             .with_min_len(MIN_BLOCKS_PER_TASK.div_ceil(blocks))
-            .for_each(|(r, ((((vectors, scales), exponents), range), valid))| {
+            .for_each(|(r, (((vectors, scales), exponents), range))| {
                 let out = BlockOut {
                     vectors,
                     scales,
                     exponents,
                 };
-                *valid = fill_row(x_of(r), codec, out).map(|r| *range = r).is_some();
+                *range = fill_row(x_of(r), codec, out);
             });
     }
 
     /// Row `row`, or `None` when it could not be converted (non-finite or tiny values).
     pub fn row(&self, row: usize) -> Option<FixedRow<'_>> {
-        if !*self.valid.get(row)? {
-            return None;
-        }
+        let exponent_range = (*self.ranges.get(row)?)?;
         let (b0, b1) = (row * self.blocks, (row + 1) * self.blocks);
         Some(FixedRow {
             vectors: &self.vectors[b0 * VECTORS_PER_BLOCK..b1 * VECTORS_PER_BLOCK],
             scales: &self.scales[b0..b1],
             exponents: &self.exponents[b0..b1],
-            exponent_range: self.ranges[row],
+            exponent_range,
         })
     }
 }
