@@ -592,3 +592,181 @@ fn gpu_huge_batch_runs_in_slices() {
         assert_within(err, &cfg, &format!("seed={seed} T=70000 {mode:?}"));
     }
 }
+
+/// The device-memory entry point (`CudaLayer::enqueue_on`) on buffers the test owns gives the bytes
+/// of the host path, on the device's stream and captured into a CUDA graph on a stream of the
+/// test's own, for every routing input form (and a call larger than one launch sequence's slice is
+/// not needed here: `gpu_huge_batch_runs_in_slices` covers the slicing the two paths share).
+#[test]
+fn gpu_device_memory_entry_matches_the_host_path() {
+    use moerunner::backend::cuda::device_call::{DeviceCall, DeviceRoutes};
+    use moerunner::backend::cuda::layer::CudaLayer;
+    use moerunner::backend::LoadedLayer;
+    use std::sync::Arc;
+    if gpu_runner().is_none() {
+        return;
+    }
+    let backend = moerunner::backend::cuda::create_concrete().expect("cuda backend");
+    let dev = backend.device().clone();
+    let routing = RoutingConfig::new(RoutingMethod::Renormalize, 4);
+    for (i, wf) in CUDA_FORMATS.into_iter().enumerate() {
+        for (j, mode) in [RoutingMode::Logits, RoutingMode::TopK, RoutingMode::Packed]
+            .into_iter()
+            .enumerate()
+        {
+            let seed = 9100 + (3 * i + j) as u64;
+            println!("device entry: {} {mode:?} seed {seed}", wf.name());
+            let cfg = config(wf, 32, 256, 384, Activation::Swiglu, routing.clone());
+            let layer = Arc::new(random_layer(&cfg, seed, true).expect("layer"));
+            let input = random_input(&cfg, 37, mode, DType::BF16, seed).expect("input");
+            let cuda = CudaLayer::load(dev.clone(), layer).expect("load");
+            let host = cuda
+                .forward(&ForwardInput {
+                    hidden: &input.hidden,
+                    routing: input.routing_input(),
+                })
+                .expect("host forward");
+            let up = |t: &moerunner::tensor::HostTensor| dev.upload(&t.bytes).expect("upload");
+            let hidden = up(&input.hidden);
+            let keep: Vec<_>;
+            let routes = match (&input.router_logits, &input.topk_packed) {
+                (Some(l), _) => {
+                    keep = vec![up(l)];
+                    DeviceRoutes::Logits {
+                        ptr: keep[0].ptr(),
+                        dtype: l.dtype,
+                    }
+                }
+                (None, Some(p)) if mode == RoutingMode::Packed => {
+                    keep = vec![up(p)];
+                    DeviceRoutes::Packed { ptr: keep[0].ptr() }
+                }
+                _ => {
+                    let ids = input.topk_ids.as_ref().expect("ids");
+                    let w = input.topk_weights.as_ref().expect("weights");
+                    let w32: Vec<f32> = w.to_f32_vec("topk_weights").expect("weights");
+                    let w_bytes: Vec<u8> = w32.iter().flat_map(|v| v.to_le_bytes()).collect();
+                    keep = vec![up(ids), dev.upload(&w_bytes).expect("upload")];
+                    DeviceRoutes::TopK {
+                        ids: keep[0].ptr(),
+                        weights: keep[1].ptr(),
+                    }
+                }
+            };
+            let out_bytes = host.output.bytes.len();
+            // Poisoned: all-ones bytes are NaN in bf16.
+            let out = dev.upload(&vec![0xFF; out_bytes]).expect("output");
+            let call = DeviceCall {
+                tokens: 37,
+                hidden: hidden.ptr(),
+                hidden_dtype: DType::BF16,
+                routes,
+                out: out.ptr(),
+            };
+            // SAFETY: every buffer above is a live allocation of the size the call implies.
+            unsafe { cuda.enqueue_on(&call, None) }.expect("enqueue on the device stream");
+            let got = dev.read(&out, out_bytes).expect("read");
+            assert!(
+                got == host.output.bytes[..],
+                "seed {seed}: device entry differs from the host path"
+            );
+
+            // Captured into a graph on another stream, then replayed.
+            let other = dev.ctx.new_stream().expect("stream");
+            let out2 = dev.upload(&vec![0xFF; out_bytes]).expect("output");
+            let call2 = DeviceCall {
+                out: out2.ptr(),
+                ..call
+            };
+            cuda.reserve(37, false).expect("reserve");
+            other
+                .begin_capture(
+                    cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL,
+                )
+                .expect("capture");
+            // SAFETY: as above; the buffers outlive the replay below.
+            let captured = unsafe { cuda.enqueue_on(&call2, Some(other.cu_stream())) };
+            let graph = other
+                .end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0))
+                .expect("end capture");
+            captured.expect("enqueue under capture");
+            graph.expect("a graph").launch().expect("replay");
+            other.synchronize().expect("sync");
+            let got2 = dev.read(&out2, out_bytes).expect("read");
+            assert!(
+                got2 == host.output.bytes[..],
+                "seed {seed}: graph replay on another stream differs from the host path"
+            );
+        }
+    }
+}
+
+/// A device call that cannot run is refused with the argument named, before any launch.
+#[test]
+fn gpu_device_memory_entry_refuses_null_pointers_and_bad_dtypes() {
+    use moerunner::backend::cuda::device_call::{DeviceCall, DeviceRoutes};
+    use moerunner::backend::cuda::layer::CudaLayer;
+    use std::sync::Arc;
+    if gpu_runner().is_none() {
+        return;
+    }
+    let backend = moerunner::backend::cuda::create_concrete().expect("cuda backend");
+    let dev = backend.device().clone();
+    let cfg = config(
+        WeightFormat::Bf16,
+        8,
+        128,
+        128,
+        Activation::Swiglu,
+        RoutingConfig::new(RoutingMethod::Renormalize, 2),
+    );
+    let layer = Arc::new(random_layer(&cfg, 1, false).expect("layer"));
+    let cuda = CudaLayer::load(dev.clone(), layer).expect("load");
+    let buf = dev.alloc(1 << 16).expect("buffer");
+    let good = DeviceCall {
+        tokens: 4,
+        hidden: buf.ptr(),
+        hidden_dtype: DType::BF16,
+        routes: DeviceRoutes::Logits {
+            ptr: buf.ptr(),
+            dtype: DType::F32,
+        },
+        out: buf.ptr(),
+    };
+    let cases = [
+        (DeviceCall { hidden: 0, ..good }, "hidden_states"),
+        (DeviceCall { out: 0, ..good }, "output"),
+        (
+            DeviceCall {
+                routes: DeviceRoutes::TopK {
+                    ids: buf.ptr(),
+                    weights: 0,
+                },
+                ..good
+            },
+            "topk_weights",
+        ),
+        (
+            DeviceCall {
+                routes: DeviceRoutes::Logits {
+                    ptr: buf.ptr(),
+                    dtype: DType::I32,
+                },
+                ..good
+            },
+            "router_logits",
+        ),
+        (
+            DeviceCall {
+                hidden_dtype: DType::U8,
+                ..good
+            },
+            "hidden_states",
+        ),
+    ];
+    for (call, name) in cases {
+        // SAFETY: refused before any launch.
+        let err = unsafe { cuda.enqueue_on(&call, None) }.expect_err("refused");
+        assert!(err.to_string().contains(name), "{err} should name {name}");
+    }
+}

@@ -6,9 +6,19 @@ use moerunner::runner::Registered;
 use moerunner::{RoutingMethod, Runner, WeightFormat};
 
 #[derive(clap::Args)]
-pub struct Args {}
+pub struct Args {
+    /// Print the CUDA kernels' contracts as JSON instead (every `.cu` entry with its parameters,
+    /// and every compiled form the backend may load): what the scripts under `scripts/gpu/` read.
+    #[arg(long)]
+    kernels_json: bool,
+}
 
-pub fn run(_args: Args) -> anyhow::Result<()> {
+pub fn run(args: Args) -> anyhow::Result<()> {
+    if args.kernels_json {
+        let json = moerunner::backend::cuda::kernels::contracts_json();
+        println!("{}", serde_json::to_string_pretty(&json)?);
+        return Ok(());
+    }
     println!("moerunner {}", env!("CARGO_PKG_VERSION"));
     println!("\nbackends (in order of automatic choice):");
     for reg in Runner::new().backends() {
@@ -31,7 +41,7 @@ pub fn run(_args: Args) -> anyhow::Result<()> {
             Registered::Unavailable { name, reason } => {
                 println!("  {name}: unavailable — {reason}");
                 if *name == "cuda" {
-                    for s in moerunner::backend::cuda::SUPPORTS {
+                    for s in moerunner::backend::cuda::codec::supports_lines() {
                         println!("    supports (on a GPU): {s}");
                     }
                 }

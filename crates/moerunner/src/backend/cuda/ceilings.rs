@@ -4,68 +4,11 @@
 
 use std::ffi::c_void;
 
-use cudarc::cublaslt::{result as lt, sys as ltsys};
-use cudarc::driver::sys::CUevent_flags;
-
-use super::device::{cuda_err, Buf, Device};
+use super::device::{cuda_err, Device};
+use super::timing::time_median_us;
 use crate::error::{MoeError, Result};
 use crate::rng::SeededRng;
-
-/// Median GPU time of `iters` runs of `work` (after `warmup` runs), timed with events; `between`
-/// runs untimed before each (e.g. an L2 flush).
-pub fn time_median_us(
-    dev: &Device,
-    warmup: usize,
-    iters: usize,
-    between: &mut dyn FnMut() -> Result<()>,
-    work: &mut dyn FnMut() -> Result<()>,
-) -> Result<f64> {
-    for _ in 0..warmup {
-        between()?;
-        work()?;
-    }
-    let ev = |what| {
-        dev.ctx
-            .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
-            .map_err(|e| cuda_err(what, e))
-    };
-    let mut times = Vec::with_capacity(iters);
-    for _ in 0..iters.max(1) {
-        between()?;
-        let (start, end) = (ev("creating an event")?, ev("creating an event")?);
-        start
-            .record(&dev.stream)
-            .map_err(|e| cuda_err("recording an event", e))?;
-        work()?;
-        end.record(&dev.stream)
-            .map_err(|e| cuda_err("recording an event", e))?;
-        end.synchronize()
-            .map_err(|e| cuda_err("waiting for the GPU", e))?;
-        let ms = start
-            .elapsed_ms(&end)
-            .map_err(|e| cuda_err("reading an event timer", e))?;
-        times.push(ms as f64 * 1e3);
-    }
-    times.sort_by(f64::total_cmp);
-    Ok(times[times.len() / 2])
-}
-
-/// Writes zeros over `buf`: evicts earlier data from the L2 cache between timed runs.
-pub fn flush(dev: &Device, buf: &Buf) -> Result<()> {
-    fill(dev, buf, 0)
-}
-
-/// Sets every byte of `buf` to `byte` (stream-ordered).
-pub fn fill(dev: &Device, buf: &Buf, byte: u8) -> Result<()> {
-    dev.ctx
-        .bind_to_thread()
-        .map_err(|e| cuda_err("binding the CUDA context", e))?;
-    // SAFETY: `buf` is a live allocation of `buf.len` bytes.
-    unsafe {
-        cudarc::driver::result::memset_d8_async(buf.ptr(), byte, buf.len, dev.stream.cu_stream())
-    }
-    .map_err(|e| cuda_err("filling a GPU buffer", e))
-}
+use cudarc::cublaslt::{result as lt, sys as ltsys};
 
 pub struct GpuCeilings {
     pub copy_gbps: f64,

@@ -1,8 +1,23 @@
-//! The kernel sources embedded in the binary, and every variant (set of defines) the backend may
-//! launch. CI compiles each variant with NVRTC for sm_90a, so a kernel that does not compile cannot
-//! land; the list here is that contract.
+//! The kernel sources embedded in the binary, and each kernel's contract on the Rust side.
+//!
+//! Every `kernels/<stem>.cu` has a `kernels/<stem>.rs` beside it holding, for each of its
+//! `extern "C" __global__` entries, the argument struct (the signature written once on the Rust
+//! side, through [`kernel_args!`]), the launch shape and, where the source is compiled in several
+//! forms, its variants. `tests/kernel_contracts.rs` parses every `.cu` and checks each entry's
+//! parameter list against its struct (names, C types, order), so a mismatch fails in CI, not on a
+//! GPU. [`signatures`] lists every entry and [`ModuleKey::all`] every compiled form the backend may
+//! load: CI compiles all of them with NVRTC for sm_90a, and `moerunner info --kernels-json` dumps
+//! both for the Python kernel checks under `scripts/gpu/`.
+//!
+//! This module is plain Rust (no CUDA needed), so the contracts are checked on any machine.
 
-use crate::config::{Activation, WeightFormat};
+pub mod combine;
+pub mod moe_gemm;
+pub mod quant;
+pub mod routing;
+pub mod sort;
+
+use std::marker::PhantomData;
 
 /// Pasted before every source: typedefs and number conversions (one translation unit, no headers).
 pub const COMMON: &str = include_str!("kernels/common.cuh");
@@ -52,158 +67,230 @@ impl Source {
     }
 }
 
-/// Which of the two grouped GEMMs, with its epilogue.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum GemmStage {
-    /// GEMM1 with a gated activation in the epilogue (ACT: 0 swiglu, 1 geglu, 2 swiglu_oai).
-    Gated { act: u8 },
-    /// GEMM1 with relu² in the epilogue.
-    Relu2,
-    /// GEMM2: plain f32 rows (plus bias).
-    Down,
-    /// GEMM2 with its rows rounded to bf16 (half the traffic into combine).
-    DownBf16,
+// ------------------------------------------------------------------------------ kernel arguments
+
+/// One kernel argument as the driver receives it: every device pointer travels as a raw address,
+/// so a kernel's nullable pointers are just 0.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Arg {
+    Ptr(u64),
+    I32(i32),
+    I64(i64),
+    F32(f32),
 }
 
-impl GemmStage {
-    pub fn for_activation(act: &Activation) -> GemmStage {
-        match act {
-            Activation::Swiglu => GemmStage::Gated { act: 0 },
-            Activation::Geglu => GemmStage::Gated { act: 1 },
-            Activation::SwigluOai { .. } => GemmStage::Gated { act: 2 },
-            Activation::Relu2 => GemmStage::Relu2,
-        }
-    }
+/// An element type as the kernels spell it (common.cuh's typedefs).
+pub trait CType {
+    const NAME: &'static str;
+}
+/// `void`: memory whose element type is a run-time argument (hidden states, outputs).
+#[derive(Clone, Copy, Debug)]
+pub struct Void;
+impl CType for Void {
+    const NAME: &'static str = "void";
+}
+impl CType for f32 {
+    const NAME: &'static str = "float";
+}
+impl CType for i32 {
+    const NAME: &'static str = "int";
+}
+impl CType for u8 {
+    const NAME: &'static str = "u8";
+}
+impl CType for u16 {
+    const NAME: &'static str = "u16";
 }
 
-/// The element types the GEMM reads: W_FP8 0 = bf16, 1 = fp8 per-tensor, 2 = fp8 block-scale.
-pub fn gemm_weight_code(format: WeightFormat) -> Option<u8> {
-    match format {
-        WeightFormat::Bf16 => Some(0),
-        WeightFormat::Fp8 => Some(1),
-        WeightFormat::Fp8Block => Some(2),
-        _ => None,
-    }
-}
+/// A device address the kernel only reads: `const T*`.
+pub struct In<T: CType>(pub u64, PhantomData<T>);
+/// A device address the kernel writes: `T*`.
+pub struct Out<T: CType>(pub u64, PhantomData<T>);
 
-/// How GEMM1 stores the intermediate (OUT_TYPE): bf16 for bf16 activations, e4m3 with the static
-/// GEMM2 input scale for fp8, f32 for fp8_block (the 1×128 requantization is a separate pass, which
-/// needs the whole 128-wide block's amax).
-pub fn gemm1_out_type(weight_code: u8) -> u8 {
-    match weight_code {
-        0 => 0,
-        1 => 2,
-        _ => 1,
-    }
-}
-
-/// Token-tile widths the GEMM is built for (the host picks one from the mean tokens per expert).
-pub const GEMM_BN: [u32; 4] = [16, 32, 64, 128];
-
-/// Weight-row tile height for a token-tile width: small tiles give decode enough blocks to fill the chip.
-pub fn gemm_bm(bn: u32) -> u32 {
-    if bn <= 32 {
-        64
-    } else {
-        128
-    }
-}
-
-/// Token-tile widths that have a Hopper warpgroup-MMA (wgmma, sm_90a) form (all of them: on sm_90
-/// ptxas emulates the e4m3 mma.sync, so fp8 needs wgmma even where it is bandwidth-bound).
-pub const WGMMA_BN: [u32; 4] = [16, 32, 64, 128];
-
-/// One compiled form of the GEMM.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct GemmVariant {
-    pub weight_code: u8,
-    pub stage: GemmStage,
-    pub bn: u32,
-    /// wgmma instead of mma.sync (sm_90a only; BN in `WGMMA_BN`).
-    pub wgmma: bool,
-    /// Warp-specialised wgmma: a loading warpgroup feeding two MMA warpgroups through mbarriers
-    /// (BN in `WS_BN`).
-    pub ws: bool,
-}
-
-/// Token-tile widths with a warp-specialised wgmma form. Measured on an H200 (check_gemm.py,
-/// 2026-12-01), GEMM1 64 experts × 1024 rows: at BN = 128 fp8 753 vs 689 TFLOP/s, fp8 block-scale
-/// 554 vs 496, bf16 equal (440); at BN = 64 it was slower (bf16 317 vs 344), so only 128.
-pub const WS_BN: [u32; 1] = [128];
-
-impl GemmVariant {
-    pub fn bm(&self) -> u32 {
-        gemm_bm(self.bn)
-    }
-
-    pub fn defines(&self) -> Vec<String> {
-        let (epi, act, out) = match self.stage {
-            GemmStage::Gated { act } => (1, act, gemm1_out_type(self.weight_code)),
-            GemmStage::Relu2 => (2, 0, gemm1_out_type(self.weight_code)),
-            GemmStage::Down => (0, 0, 1),
-            GemmStage::DownBf16 => (0, 0, 0),
-        };
-        vec![
-            format!("-DW_FP8={}", self.weight_code),
-            format!("-DEPI={epi}"),
-            format!("-DACT={act}"),
-            format!("-DOUT_TYPE={out}"),
-            format!("-DBN={}", self.bn),
-            format!("-DBM={}", self.bm()),
-            format!("-DWGMMA={}", self.wgmma as u8),
-            format!("-DWG_WS={}", self.ws as u8),
-        ]
-    }
-
-    /// The variant a layer of `weight_code` runs for a tile of `bn` tokens: wgmma where the device
-    /// allows it (`wgmma_on`: sm_90a, not switched off) and warp-specialised wgmma where it is
-    /// faster (`ws_on` and BN in `WS_BN`), mma.sync otherwise.
-    ///
-    /// Per-tensor fp8 always stays on mma.sync. Hopper's fp8 wgmma accumulates with reduced
-    /// precision (about 14 bits, as DeepSeek-V3's report says; measured: 3e-4..1.6e-3 relative GEMM
-    /// error against 4e-8 for mma.sync's f32 accumulation). fp8_block folds every 128-wide K step
-    /// into f32, which keeps whole layers at 2.5–5e-3; per-tensor fp8 stores its intermediate as
-    /// e4m3 with a static scale, which turns that error into rounding flips, and one small layer
-    /// of the seeded matrix (seed 570624503439497085: H = I = 128, a single K step no fold can
-    /// help, Llama-4 routing) lands at 2.1e-2 through wgmma, over its 2e-2 tolerance (mma.sync:
-    /// 8e-3 at most).
-    pub fn choose(weight_code: u8, stage: GemmStage, bn: u32, wgmma_on: bool, ws_on: bool) -> Self {
-        let wgmma = wgmma_on && weight_code != 1 && WGMMA_BN.contains(&bn);
-        GemmVariant {
-            weight_code,
-            stage,
-            bn,
-            wgmma,
-            ws: wgmma && ws_on && WS_BN.contains(&bn),
-        }
-    }
-
-    /// Every GEMM variant the backend may launch, under any setting of the wgmma switches.
-    pub fn all() -> Vec<GemmVariant> {
-        let stages = [
-            GemmStage::Gated { act: 0 },
-            GemmStage::Gated { act: 1 },
-            GemmStage::Gated { act: 2 },
-            GemmStage::Relu2,
-            GemmStage::Down,
-            GemmStage::DownBf16,
-        ];
-        let mut all: Vec<GemmVariant> = Vec::new();
-        for weight_code in 0..3 {
-            for stage in stages {
-                for bn in GEMM_BN {
-                    for (wgmma_on, ws_on) in [(false, false), (true, false), (true, true)] {
-                        let v = GemmVariant::choose(weight_code, stage, bn, wgmma_on, ws_on);
-                        if !all.contains(&v) {
-                            all.push(v);
-                        }
-                    }
-                }
+macro_rules! pointer_param {
+    ($name:ident, $prefix:literal) => {
+        impl<T: CType> $name<T> {
+            pub const NULL: Self = $name(0, PhantomData);
+            pub fn new(address: u64) -> Self {
+                $name(address, PhantomData)
             }
         }
-        all
+        impl<T: CType> Clone for $name<T> {
+            fn clone(&self) -> Self {
+                *self
+            }
+        }
+        impl<T: CType> Copy for $name<T> {}
+        impl<T: CType> std::fmt::Debug for $name<T> {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                write!(f, "{}{}* {:#x}", $prefix, T::NAME, self.0)
+            }
+        }
+        impl<T: CType> Param for $name<T> {
+            fn c_type() -> String {
+                format!("{}{}*", $prefix, T::NAME)
+            }
+            fn arg(&self) -> Arg {
+                Arg::Ptr(self.0)
+            }
+        }
+    };
+}
+pointer_param!(In, "const ");
+pointer_param!(Out, "");
+
+/// A value a kernel parameter can take, with the C type it is declared with in the `.cu`.
+pub trait Param: Copy {
+    /// The declared type, normalised: `const float*`, `void*`, `int`, `long long`, `float`.
+    fn c_type() -> String;
+    fn arg(&self) -> Arg;
+}
+impl Param for i32 {
+    fn c_type() -> String {
+        "int".into()
+    }
+    fn arg(&self) -> Arg {
+        Arg::I32(*self)
     }
 }
+impl Param for i64 {
+    fn c_type() -> String {
+        "long long".into()
+    }
+    fn arg(&self) -> Arg {
+        Arg::I64(*self)
+    }
+}
+impl Param for f32 {
+    fn c_type() -> String {
+        "float".into()
+    }
+    fn arg(&self) -> Arg {
+        Arg::F32(*self)
+    }
+}
+
+/// One `extern "C" __global__` entry as the Rust side declares it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Signature {
+    pub source: Source,
+    pub entry: &'static str,
+    /// Launched with programmatic dependent launch (the kernel must call `pdl_wait()`).
+    pub pdl: bool,
+    /// (name, normalised C type) of each parameter, in order.
+    pub params: Vec<(&'static str, String)>,
+}
+
+/// The argument struct of one kernel entry.
+pub trait KernelArgs {
+    const SOURCE: Source;
+    const ENTRY: &'static str;
+    /// Whether it is launched with programmatic dependent launch.
+    const PDL: bool;
+    fn signature() -> Signature;
+    /// The values in declaration order.
+    fn args(&self) -> Vec<Arg>;
+}
+
+/// Declares a kernel's argument struct: `name: Type` fields in the `.cu`'s order, the source and
+/// entry it launches, and whether it is launched with PDL.
+macro_rules! kernel_args {
+    (
+        $(#[$meta:meta])*
+        pub struct $name:ident for $source:ident :: $entry:literal, pdl = $pdl:literal {
+            $( $(#[$fmeta:meta])* $field:ident : $ty:ty ),* $(,)?
+        }
+    ) => {
+        $(#[$meta])*
+        ///
+        /// Fields are the `.cu` parameters, named and ordered as there.
+        #[derive(Clone, Copy, Debug)]
+        #[allow(non_snake_case)]
+        pub struct $name {
+            $( $(#[$fmeta])* pub $field: $ty ),*
+        }
+        impl $crate::backend::cuda::kernels::KernelArgs for $name {
+            const SOURCE: $crate::backend::cuda::kernels::Source =
+                $crate::backend::cuda::kernels::Source::$source;
+            const ENTRY: &'static str = $entry;
+            const PDL: bool = $pdl;
+            fn signature() -> $crate::backend::cuda::kernels::Signature {
+                $crate::backend::cuda::kernels::Signature {
+                    source: Self::SOURCE,
+                    entry: $entry,
+                    pdl: $pdl,
+                    params: vec![$( (stringify!($field),
+                        <$ty as $crate::backend::cuda::kernels::Param>::c_type()) ),*],
+                }
+            }
+            fn args(&self) -> Vec<$crate::backend::cuda::kernels::Arg> {
+                vec![$( $crate::backend::cuda::kernels::Param::arg(&self.$field) ),*]
+            }
+        }
+    };
+}
+pub(crate) use kernel_args;
+
+/// Every kernel entry the backend launches, with its Rust-side signature.
+pub fn signatures() -> Vec<Signature> {
+    vec![
+        routing::RouteLogits::signature(),
+        routing::UnpackRoutes::signature(),
+        sort::SortPairsByExpert::signature(),
+        sort::SortCount::signature(),
+        sort::SortScan::signature(),
+        sort::SortScatter::signature(),
+        quant::QuantizeRows::signature(),
+        combine::CombineRows::signature(),
+        moe_gemm::MoeGemm::signature(),
+    ]
+}
+
+/// Grid, block and dynamic shared memory of one launch, and whether it may overlap its predecessor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Shape {
+    pub grid: (u32, u32, u32),
+    pub block: u32,
+    pub smem: u32,
+    /// Launch with programmatic stream serialization: the kernel may start before the previous one
+    /// ends, so it must call `pdl_wait()` (common.cuh) before reading what that one wrote.
+    pub pdl: bool,
+}
+
+/// A grid of at most 32 blocks per SM for `items` items of `per_block` each (grid-stride kernels).
+pub(crate) fn grid_cap(items: usize, per_block: usize, sms: u32) -> u32 {
+    items.div_ceil(per_block).clamp(1, 32 * sms as usize) as u32
+}
+
+/// Element type codes of hidden states, logits and outputs passed to the kernels as `int`
+/// (common.cuh's `DTYPE_*`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(i32)]
+pub enum ElemCode {
+    Bf16 = 0,
+    F16 = 1,
+    F32 = 2,
+}
+
+impl ElemCode {
+    pub fn of(d: crate::tensor::DType) -> crate::error::Result<ElemCode> {
+        use crate::tensor::DType;
+        match d {
+            DType::BF16 => Ok(ElemCode::Bf16),
+            DType::F16 => Ok(ElemCode::F16),
+            DType::F32 => Ok(ElemCode::F32),
+            other => Err(crate::error::MoeError::Cuda(format!(
+                "internal: dtype {} has no kernel element code",
+                other.name()
+            ))),
+        }
+    }
+    pub fn code(self) -> i32 {
+        self as i32
+    }
+}
+
+// ------------------------------------------------------------------------------ modules
 
 /// A source with its defines: the unit of compilation and of the module cache.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -220,13 +307,6 @@ impl ModuleKey {
         }
     }
 
-    pub fn gemm(variant: GemmVariant) -> Self {
-        ModuleKey {
-            source: Source::Gemm,
-            defines: variant.defines(),
-        }
-    }
-
     /// Every module the backend may load: what CI compiles.
     pub fn all() -> Vec<ModuleKey> {
         let mut all: Vec<ModuleKey> = Source::ALL
@@ -234,7 +314,11 @@ impl ModuleKey {
             .filter(|s| **s != Source::Gemm)
             .map(|s| ModuleKey::plain(*s))
             .collect();
-        all.extend(GemmVariant::all().into_iter().map(ModuleKey::gemm));
+        all.extend(
+            moe_gemm::GemmVariant::all()
+                .into_iter()
+                .map(moe_gemm::GemmVariant::module),
+        );
         all
     }
 
@@ -247,4 +331,48 @@ impl ModuleKey {
         }
         s
     }
+}
+
+/// The kernels as JSON for the scripts under `scripts/gpu/` (`moerunner info --kernels-json`): per
+/// source its file name, text and entries with their parameters, and every compiled form (label
+/// and defines) the backend may load.
+pub fn contracts_json() -> serde_json::Value {
+    use serde_json::json;
+    let sigs = signatures();
+    let sources: Vec<serde_json::Value> = Source::ALL
+        .iter()
+        .map(|s| {
+            let entries: Vec<serde_json::Value> = sigs
+                .iter()
+                .filter(|g| g.source == *s)
+                .map(|g| {
+                    json!({
+                        "entry": g.entry,
+                        "pdl": g.pdl,
+                        "params": g.params.iter()
+                            .map(|(n, t)| json!({"name": n, "type": t}))
+                            .collect::<Vec<_>>(),
+                    })
+                })
+                .collect();
+            json!({"name": s.name(), "file": format!("{}.cu", s.name()), "entries": entries})
+        })
+        .collect();
+    let modules: Vec<serde_json::Value> = ModuleKey::all()
+        .iter()
+        .map(|k| json!({"source": k.source.name(), "label": k.label(), "defines": k.defines}))
+        .collect();
+    let gemm: Vec<serde_json::Value> = moe_gemm::GemmVariant::all()
+        .iter()
+        .map(|v| {
+            json!({
+                "label": v.module().label(),
+                "format": v.format.name(),
+                "stage": format!("{:?}", v.stage),
+                "bm": v.bm(), "bn": v.bn, "main_loop": v.main_loop.name(),
+                "defines": v.defines(),
+            })
+        })
+        .collect();
+    json!({"common": "common.cuh", "sources": sources, "modules": modules, "gemm_variants": gemm})
 }

@@ -1,6 +1,6 @@
-//! Kernel launches: a typed argument list passed to `cuLaunchKernelEx`, with programmatic dependent
-//! launch (PDL) for kernels written for it. Every device pointer travels as a raw address
-//! (`Arg::Ptr`), so a kernel's nullable pointers are just `Arg::NULL`.
+//! Kernel launches: a kernel's typed argument struct (kernels/<stem>.rs) passed to
+//! `cuLaunchKernelEx` on a given stream, with programmatic dependent launch (PDL) for kernels
+//! written for it. The one place where argument values become driver parameters.
 
 use std::ffi::c_void;
 
@@ -8,30 +8,11 @@ use cudarc::driver::sys;
 use cudarc::driver::CudaFunction;
 
 use super::device::{cuda_err, Device};
+use super::kernels::{Arg, KernelArgs, Shape};
 use crate::error::Result;
 
-#[derive(Clone, Copy, Debug)]
-pub enum Arg {
-    Ptr(u64),
-    I32(i32),
-    I64(i64),
-    F32(f32),
-}
-
-impl Arg {
-    pub const NULL: Arg = Arg::Ptr(0);
-}
-
-/// Grid, block and dynamic shared memory of one launch, and whether it may overlap its predecessor.
-#[derive(Clone, Copy, Debug)]
-pub struct Shape {
-    pub grid: (u32, u32, u32),
-    pub block: u32,
-    pub smem: u32,
-    /// Launch with programmatic stream serialization: the kernel may start before the previous one
-    /// ends, so it must call `pdl_wait()` (common.cuh) before reading what that one wrote.
-    pub pdl: bool,
-}
+/// A raw stream handle: the device's own, or a caller's (e.g. PyTorch's current stream).
+pub type RawStream = sys::CUstream;
 
 /// PDL is on unless `MOERUNNER_PDL=0` (a switch for measuring what it buys).
 fn pdl_enabled() -> bool {
@@ -39,12 +20,20 @@ fn pdl_enabled() -> bool {
     *ON.get_or_init(|| std::env::var("MOERUNNER_PDL").map_or(true, |v| v != "0"))
 }
 
-pub fn launch(dev: &Device, f: &CudaFunction, shape: Shape, args: &[Arg]) -> Result<()> {
+/// Launches `f` (the entry `A` describes) with `args` on `stream`. An empty grid launches nothing.
+pub fn launch<A: KernelArgs>(
+    dev: &Device,
+    stream: RawStream,
+    f: &CudaFunction,
+    shape: Shape,
+    args: &A,
+) -> Result<()> {
     if shape.grid.0 == 0 || shape.grid.1 == 0 || shape.grid.2 == 0 {
         return Ok(());
     }
     // Each argument's value lives in `values`; the driver reads it through `params` during the call.
     let mut values: Vec<[u8; 8]> = args
+        .args()
         .iter()
         .map(|a| match *a {
             Arg::Ptr(v) => v.to_le_bytes(),
@@ -66,7 +55,7 @@ pub fn launch(dev: &Device, f: &CudaFunction, shape: Shape, args: &[Arg]) -> Res
     let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
     attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
     attr.value.programmaticStreamSerializationAllowed = 1;
-    let use_pdl = shape.pdl && pdl_enabled();
+    let use_pdl = shape.pdl && A::PDL && pdl_enabled();
     let config = sys::CUlaunchConfig {
         gridDimX: shape.grid.0,
         gridDimY: shape.grid.1,
@@ -75,7 +64,7 @@ pub fn launch(dev: &Device, f: &CudaFunction, shape: Shape, args: &[Arg]) -> Res
         blockDimY: 1,
         blockDimZ: 1,
         sharedMemBytes: shape.smem,
-        hStream: dev.stream.cu_stream(),
+        hStream: stream,
         attrs: if use_pdl {
             &mut attr
         } else {
@@ -87,10 +76,11 @@ pub fn launch(dev: &Device, f: &CudaFunction, shape: Shape, args: &[Arg]) -> Res
     dev.ctx
         .bind_to_thread()
         .map_err(|e| cuda_err("binding the CUDA context", e))?;
-    // SAFETY: argument lists are written against each kernel's documented signature (kernels/*.cu):
-    // 4- and 8-byte values, each read by the driver from its own 8-byte slot (little-endian, so an
-    // i32 is its slot's first 4 bytes); every pointer is a live allocation of the size that
-    // signature asks for.
+    // SAFETY: the values follow the entry's parameter list as `A` declares it, which
+    // tests/kernel_contracts.rs checks against the `.cu` (names, types, order): 4- and 8-byte
+    // values, each read by the driver from its own 8-byte slot (little-endian, so an i32 is its
+    // slot's first 4 bytes). Every pointer is a live allocation of the size the kernel's contract
+    // asks for (the pipeline's buffers, or a caller's under `CudaLayer::enqueue_on`'s contract).
     unsafe {
         sys::cuLaunchKernelEx(
             &config,
@@ -100,6 +90,6 @@ pub fn launch(dev: &Device, f: &CudaFunction, shape: Shape, args: &[Arg]) -> Res
         )
     }
     .result()
-    .map_err(|e| cuda_err("launching a kernel", e))?;
+    .map_err(|e| cuda_err(&format!("launching kernel `{}`", A::ENTRY), e))?;
     Ok(())
 }

@@ -8,6 +8,8 @@
 //! Adding Blackwell (sm_100a) is adding kernel variants to `kernels` and choosing them by
 //! `Device::arch`; the layer, workspace and launch sequence do not change.
 
+pub mod codec;
+pub mod kernels;
 pub mod prepare;
 
 #[cfg(feature = "cuda")]
@@ -15,60 +17,27 @@ pub mod ceilings;
 #[cfg(feature = "cuda")]
 pub mod device;
 #[cfg(feature = "cuda")]
-pub mod kernels;
+pub mod device_call;
 #[cfg(feature = "cuda")]
 pub mod launch;
 #[cfg(feature = "cuda")]
 pub mod layer;
 #[cfg(feature = "cuda")]
 pub mod nvrtc;
+#[cfg(feature = "cuda")]
+pub mod pipeline;
+#[cfg(feature = "cuda")]
+pub mod timing;
+#[cfg(feature = "cuda")]
+pub mod workspace;
 
-use crate::config::{ActivationFormat, LayerConfig, WeightFormat};
+use crate::config::LayerConfig;
 
-/// What the CUDA kernels of this issue cover; the same answer with or without a GPU, so `info` and
-/// the runner's "no backend" message can say it on any machine.
+/// Whether the CUDA backend runs `config` (its codec, `codec::codec_for`); the same answer with or
+/// without a GPU, so `info` and the runner's "no backend" message can say it on any machine.
 pub fn supports_config(config: &LayerConfig) -> std::result::Result<(), String> {
-    let legal = matches!(
-        (config.weight_format, config.activation_format),
-        (WeightFormat::Bf16, ActivationFormat::Bf16)
-            | (WeightFormat::Fp8, ActivationFormat::Fp8)
-            | (WeightFormat::Fp8Block, ActivationFormat::Fp8Block)
-    );
-    if !legal {
-        return Err(format!(
-            "the CUDA backend runs bf16×bf16, fp8×fp8 and fp8_block×fp8_block layers, not {}×{}",
-            config.weight_format.name(),
-            config.activation_format.name()
-        ));
-    }
-    if config.weight_format == WeightFormat::Fp8Block
-        && config.activation.is_gated()
-        && !config.intermediate.is_multiple_of(8)
-    {
-        return Err(format!(
-            "fp8_block on CUDA needs I % 8 == 0 (I = {}): gate/up rows are interleaved in groups of 8 \
-             that must share a scale block",
-            config.intermediate
-        ));
-    }
-    if config.num_experts > MAX_ROUTING_EXPERTS {
-        return Err(format!(
-            "the CUDA routing kernel handles up to {MAX_ROUTING_EXPERTS} experts, not {}",
-            config.num_experts
-        ));
-    }
-    Ok(())
+    codec::codec_for(config).map(|_| ())
 }
-
-/// Largest E the routing kernel handles (keys of one token live in shared memory).
-pub const MAX_ROUTING_EXPERTS: usize = 2048;
-
-pub const SUPPORTS: &[&str] = &[
-    "bf16 × bf16, fp8 × fp8 (static), fp8_block × fp8_block (1×128 dynamic)",
-    "all ten routing methods on the GPU, routed ids+weights and packed",
-    "swiglu, geglu, swiglu_oai, relu2; biases; every W13 order",
-    "EP and TP ranks (partial sums)",
-];
 
 #[cfg(feature = "cuda")]
 mod backend_impl {
@@ -106,7 +75,7 @@ mod backend_impl {
                     self.dev.sm_count,
                     self.dev.total_memory as f64 / (1u64 << 30) as f64
                 )],
-                supports: super::SUPPORTS.iter().map(|s| s.to_string()).collect(),
+                supports: super::codec::supports_lines(),
             }
         }
         fn supports(&self, config: &LayerConfig) -> std::result::Result<(), String> {

@@ -1,0 +1,225 @@
+//! The one description of each weight × activation pairing the CUDA backend runs: its element
+//! bytes, how weight preparation lays out its scales, how GEMM1's input and the intermediate are
+//! quantized, and which GEMM main loops may run it. `supports()`, `moerunner info`, weight
+//! preparation, the workspace and the launch sequence all read it; nothing else names a format by
+//! number. Plain Rust: the answer is the same with or without a GPU.
+//!
+//! Adding a format to the GPU is one entry in [`CODECS`] plus what the entry names (a decode piece
+//! in the GEMM, a quantizer mode): ARCHITECTURE.md, "Adding a format".
+
+use crate::config::{ActivationFormat, LayerConfig, WeightFormat};
+
+/// The element type the GEMM main loop reads, and so how its MMA multiplies and where scales apply.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum GemmFormat {
+    /// bf16 weights × bf16 activations, no scales.
+    Bf16,
+    /// e4m3 × e4m3, one f32 scale per expert (weights) and per tensor (activations), applied once
+    /// in the epilogue.
+    E4m3Tensor,
+    /// e4m3 × e4m3, weights one f32 per 8 prepared rows × 128 columns, activations one per row × 128:
+    /// every 128-wide K step is promoted into f32 with both scales.
+    E4m3Block,
+}
+
+impl GemmFormat {
+    pub fn name(self) -> &'static str {
+        match self {
+            GemmFormat::Bf16 => "bf16",
+            GemmFormat::E4m3Tensor => "e4m3_tensor",
+            GemmFormat::E4m3Block => "e4m3_block",
+        }
+    }
+    /// Bytes of one operand element.
+    pub fn element_bytes(self) -> usize {
+        match self {
+            GemmFormat::Bf16 => 2,
+            GemmFormat::E4m3Tensor | GemmFormat::E4m3Block => 1,
+        }
+    }
+}
+
+/// How rows are quantized on the GPU before a GEMM reads them (quant.cu's `mode`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(i32)]
+pub enum RowQuant {
+    /// Rounded to bf16.
+    Bf16 = 0,
+    /// e4m3 of x / s with the layer's static input scale s.
+    E4m3Static = 1,
+    /// e4m3 with one dynamic scale per row × 128 columns (amax / 448).
+    E4m3Block128 = 2,
+}
+
+impl RowQuant {
+    pub fn mode(self) -> i32 {
+        self as i32
+    }
+    /// Whether the quantizer writes one scale per 128 columns of each row.
+    pub fn has_row_scales(self) -> bool {
+        self == RowQuant::E4m3Block128
+    }
+}
+
+/// How GEMM1's epilogue stores the intermediate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum InterStore {
+    /// bf16, GEMM2's operand as is.
+    Bf16,
+    /// e4m3 of a / s with the layer's static GEMM2 input scale.
+    E4m3Static,
+    /// f32, requantized by a separate pass (a 1×128 block's amax needs the whole block).
+    F32,
+}
+
+/// How weight preparation lays out a projection's scales for the kernels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum PreparedScales {
+    None,
+    /// One f32 per expert.
+    PerExpert,
+    /// One f32 per 8 prepared (interleaved) rows × 128 columns: needs I % 8 = 0 for gated layers.
+    Rows8x128,
+}
+
+/// A GEMM main loop (moe_gemm.cu's forms of its inner loop).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum MainLoop {
+    /// ldmatrix + mma.sync, every architecture.
+    MmaSync,
+    /// Hopper warpgroup MMA with a cp.async pipeline (sm_90a).
+    Wgmma,
+    /// Warp-specialised wgmma: one loading warpgroup, two MMA warpgroups (sm_90a, 128-wide tiles).
+    WgmmaWs,
+}
+
+impl MainLoop {
+    pub fn name(self) -> &'static str {
+        match self {
+            MainLoop::MmaSync => "mma_sync",
+            MainLoop::Wgmma => "wgmma",
+            MainLoop::WgmmaWs => "wgmma_ws",
+        }
+    }
+}
+
+/// One weight × activation pairing the GPU runs.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Codec {
+    pub weight: WeightFormat,
+    pub activation: ActivationFormat,
+    pub gemm: GemmFormat,
+    pub weight_scales: PreparedScales,
+    /// x → GEMM1's operand.
+    pub input_quant: RowQuant,
+    /// GEMM1's epilogue store of the intermediate.
+    pub inter_store: InterStore,
+    /// A separate pass between GEMM1 and GEMM2, when the store cannot quantize by itself.
+    pub inter_requant: Option<RowQuant>,
+    /// The layer carries static input scales for GEMM1 and GEMM2 (uploaded as one f32 each).
+    pub static_input_scales: bool,
+    /// Main loops that may run it, in order of preference on sm_90a.
+    pub main_loops: &'static [MainLoop],
+    /// One line for `moerunner info`.
+    pub summary: &'static str,
+}
+
+/// Per-tensor fp8 stays on mma.sync: Hopper's fp8 wgmma accumulates with ~14 bits and the static
+/// e4m3 intermediate turns that into rounding flips (docs/cuda.md, "Measurements").
+pub const CODECS: &[Codec] = &[
+    Codec {
+        weight: WeightFormat::Bf16,
+        activation: ActivationFormat::Bf16,
+        gemm: GemmFormat::Bf16,
+        weight_scales: PreparedScales::None,
+        input_quant: RowQuant::Bf16,
+        inter_store: InterStore::Bf16,
+        inter_requant: None,
+        static_input_scales: false,
+        main_loops: &[MainLoop::WgmmaWs, MainLoop::Wgmma, MainLoop::MmaSync],
+        summary: "bf16 × bf16",
+    },
+    Codec {
+        weight: WeightFormat::Fp8,
+        activation: ActivationFormat::Fp8,
+        gemm: GemmFormat::E4m3Tensor,
+        weight_scales: PreparedScales::PerExpert,
+        input_quant: RowQuant::E4m3Static,
+        inter_store: InterStore::E4m3Static,
+        inter_requant: None,
+        static_input_scales: true,
+        main_loops: &[MainLoop::MmaSync],
+        summary: "fp8 × fp8 (per-tensor, static input scales)",
+    },
+    Codec {
+        weight: WeightFormat::Fp8Block,
+        activation: ActivationFormat::Fp8Block,
+        gemm: GemmFormat::E4m3Block,
+        weight_scales: PreparedScales::Rows8x128,
+        input_quant: RowQuant::E4m3Block128,
+        inter_store: InterStore::F32,
+        inter_requant: Some(RowQuant::E4m3Block128),
+        static_input_scales: false,
+        main_loops: &[MainLoop::WgmmaWs, MainLoop::Wgmma, MainLoop::MmaSync],
+        summary: "fp8_block × fp8_block (128×128 weights, 1×128 dynamic activations; I % 8 = 0)",
+    },
+];
+
+/// Largest E the routing kernel handles (keys of one token live in shared memory).
+pub const MAX_ROUTING_EXPERTS: usize = 2048;
+
+/// The codec of a pairing, if the GPU runs it.
+pub fn codec_of(weight: WeightFormat, activation: ActivationFormat) -> Option<&'static Codec> {
+    CODECS
+        .iter()
+        .find(|c| c.weight == weight && c.activation == activation)
+}
+
+/// The codec a layer runs with, or why the GPU cannot run it.
+pub fn codec_for(config: &LayerConfig) -> std::result::Result<&'static Codec, String> {
+    let codec = codec_of(config.weight_format, config.activation_format).ok_or_else(|| {
+        format!(
+            "the CUDA backend runs {}, not {}×{}",
+            CODECS
+                .iter()
+                .map(|c| format!("{}×{}", c.weight.name(), c.activation.name()))
+                .collect::<Vec<_>>()
+                .join(", "),
+            config.weight_format.name(),
+            config.activation_format.name()
+        )
+    })?;
+    if codec.weight_scales == PreparedScales::Rows8x128
+        && config.activation.is_gated()
+        && !config.intermediate.is_multiple_of(8)
+    {
+        return Err(format!(
+            "{} on CUDA needs I % 8 == 0 (I = {}): gate/up rows are interleaved in groups of 8 \
+             that must share a scale block",
+            config.weight_format.name(),
+            config.intermediate
+        ));
+    }
+    if config.num_experts > MAX_ROUTING_EXPERTS {
+        return Err(format!(
+            "the CUDA routing kernel handles up to {MAX_ROUTING_EXPERTS} experts, not {}",
+            config.num_experts
+        ));
+    }
+    Ok(codec)
+}
+
+/// What `moerunner info` prints under the CUDA backend: one line per codec, then what every codec
+/// shares.
+pub fn supports_lines() -> Vec<String> {
+    let mut lines: Vec<String> = CODECS.iter().map(|c| c.summary.to_string()).collect();
+    lines.extend(
+        [
+            "all ten routing methods on the GPU, routed ids+weights and packed",
+            "swiglu, geglu, swiglu_oai, relu2; biases; every W13 order",
+            "EP and TP ranks (partial sums)",
+        ]
+        .map(String::from),
+    );
+    lines
+}

@@ -1,0 +1,253 @@
+//! Launcher of `moe_gemm.cu`: the grouped GEMM of one projection over the sorted pairs, GEMM1 with
+//! the activation in its epilogue or GEMM2, and every compiled form of it (`GemmVariant`).
+
+use super::super::codec::{Codec, GemmFormat, InterStore, MainLoop};
+use super::{kernel_args, In, ModuleKey, Out, Shape, Source, Void};
+use crate::config::Activation;
+
+kernel_args! {
+    /// One block per (BM weight rows, work tile of up to BN sorted pairs).
+    pub struct MoeGemm for Gemm::"moe_gemm", pdl = true {
+        /// [E_local, Mp, Kp] prepared weights (element type of the variant's format).
+        w: In<u8>,
+        /// The format's prepared weight scales (`codec::PreparedScales`), or null.
+        w_scale: In<f32>,
+        /// [rows, Kp] quantized activations.
+        act: In<u8>,
+        /// Activation scales: [1] static, [rows, Kp / 128] per block, or null.
+        act_scale: In<f32>,
+        /// [P] pair index at each sorted position.
+        sorted_pair: In<i32>,
+        /// Activation row of a sorted position: sorted_pair / gather_div (GEMM1: K), or the position
+        /// itself when 0 (GEMM2).
+        gather_div: i32,
+        tile_expert: In<i32>,
+        tile_row_start: In<i32>,
+        tile_row_end: In<i32>,
+        num_tiles: In<i32>,
+        /// [E_local, Mp] bias, or null.
+        bias: In<f32>,
+        /// [P] routing weight applied to each row (Llama-4's GEMM1), or null.
+        row_weight: In<f32>,
+        /// [P, out_stride] rows of the variant's store type.
+        out: Out<Void>,
+        /// [1] GEMM2's static input scale when GEMM1 stores e4m3, else null.
+        out_scale: In<f32>,
+        Mp: i32,
+        Kp: i32,
+        out_stride: i32,
+        act_alpha: f32,
+        act_beta: f32,
+        act_limit: f32,
+    }
+}
+
+/// Which of the two grouped GEMMs, with its epilogue.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum GemmStage {
+    /// GEMM1 with a gated activation in the epilogue (ACT: 0 swiglu, 1 geglu, 2 swiglu_oai).
+    Gated { act: u8 },
+    /// GEMM1 with relu² in the epilogue.
+    Relu2,
+    /// GEMM2: plain f32 rows (plus bias).
+    Down,
+    /// GEMM2 with its rows rounded to bf16 (half the traffic into combine).
+    DownBf16,
+}
+
+impl GemmStage {
+    pub fn for_activation(act: &Activation) -> GemmStage {
+        match act {
+            Activation::Swiglu => GemmStage::Gated { act: 0 },
+            Activation::Geglu => GemmStage::Gated { act: 1 },
+            Activation::SwigluOai { .. } => GemmStage::Gated { act: 2 },
+            Activation::Relu2 => GemmStage::Relu2,
+        }
+    }
+    const ALL: [GemmStage; 6] = [
+        GemmStage::Gated { act: 0 },
+        GemmStage::Gated { act: 1 },
+        GemmStage::Gated { act: 2 },
+        GemmStage::Relu2,
+        GemmStage::Down,
+        GemmStage::DownBf16,
+    ];
+}
+
+/// Token-tile widths the GEMM is built for (the host picks one from the mean tokens per expert).
+pub const GEMM_BN: [u32; 4] = [16, 32, 64, 128];
+
+/// Weight-row tile height for a token-tile width: small tiles give decode enough blocks to fill the
+/// chip.
+pub fn gemm_bm(bn: u32) -> u32 {
+    if bn <= 32 {
+        64
+    } else {
+        128
+    }
+}
+
+/// Token-tile widths that have a Hopper warpgroup-MMA (wgmma, sm_90a) form (all of them: on sm_90
+/// ptxas emulates the e4m3 mma.sync, so fp8 needs wgmma even where it is bandwidth-bound).
+pub const WGMMA_BN: [u32; 4] = [16, 32, 64, 128];
+
+/// Token-tile widths with a warp-specialised wgmma form (only 128: docs/cuda.md, "Measurements").
+pub const WS_BN: [u32; 1] = [128];
+
+/// One compiled form of the GEMM.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct GemmVariant {
+    pub format: GemmFormat,
+    pub stage: GemmStage,
+    pub bn: u32,
+    pub main_loop: MainLoop,
+}
+
+impl GemmVariant {
+    pub fn bm(&self) -> u32 {
+        gemm_bm(self.bn)
+    }
+
+    /// What GEMM1 of this format stores (`OUT_TYPE` 0 bf16, 1 f32, 2 e4m3).
+    fn gemm1_store(format: GemmFormat) -> InterStore {
+        match format {
+            GemmFormat::Bf16 => InterStore::Bf16,
+            GemmFormat::E4m3Tensor => InterStore::E4m3Static,
+            GemmFormat::E4m3Block => InterStore::F32,
+        }
+    }
+
+    pub fn defines(&self) -> Vec<String> {
+        let store_code = |s: InterStore| match s {
+            InterStore::Bf16 => 0,
+            InterStore::F32 => 1,
+            InterStore::E4m3Static => 2,
+        };
+        let out1 = store_code(Self::gemm1_store(self.format));
+        let (epi, act, out) = match self.stage {
+            GemmStage::Gated { act } => (1, act, out1),
+            GemmStage::Relu2 => (2, 0, out1),
+            GemmStage::Down => (0, 0, 1),
+            GemmStage::DownBf16 => (0, 0, 0),
+        };
+        let w_fp8 = match self.format {
+            GemmFormat::Bf16 => 0,
+            GemmFormat::E4m3Tensor => 1,
+            GemmFormat::E4m3Block => 2,
+        };
+        vec![
+            format!("-DW_FP8={w_fp8}"),
+            format!("-DEPI={epi}"),
+            format!("-DACT={act}"),
+            format!("-DOUT_TYPE={out}"),
+            format!("-DBN={}", self.bn),
+            format!("-DBM={}", self.bm()),
+            format!("-DWGMMA={}", (self.main_loop != MainLoop::MmaSync) as u8),
+            format!("-DWG_WS={}", (self.main_loop == MainLoop::WgmmaWs) as u8),
+        ]
+    }
+
+    pub fn module(self) -> ModuleKey {
+        ModuleKey {
+            source: Source::Gemm,
+            defines: self.defines(),
+        }
+    }
+
+    /// The variant a layer of `codec` runs for a tile of `bn` tokens: the codec's most preferred
+    /// main loop the device allows — wgmma where `wgmma_on` (sm_90a, not switched off) and BN is in
+    /// `WGMMA_BN`, warp-specialised where `ws_on` and BN is in `WS_BN` — else mma.sync.
+    pub fn choose(
+        codec: &Codec,
+        stage: GemmStage,
+        bn: u32,
+        wgmma_on: bool,
+        ws_on: bool,
+    ) -> GemmVariant {
+        Self::choose_for(codec.gemm, codec.main_loops, stage, bn, wgmma_on, ws_on)
+    }
+
+    fn choose_for(
+        format: GemmFormat,
+        loops: &[MainLoop],
+        stage: GemmStage,
+        bn: u32,
+        wgmma_on: bool,
+        ws_on: bool,
+    ) -> GemmVariant {
+        let allowed = |l: &MainLoop| match l {
+            MainLoop::MmaSync => true,
+            MainLoop::Wgmma => wgmma_on && WGMMA_BN.contains(&bn),
+            MainLoop::WgmmaWs => wgmma_on && ws_on && WS_BN.contains(&bn),
+        };
+        GemmVariant {
+            format,
+            stage,
+            bn,
+            main_loop: loops
+                .iter()
+                .copied()
+                .find(allowed)
+                .unwrap_or(MainLoop::MmaSync),
+        }
+    }
+
+    /// Every GEMM variant the backend may launch, under any setting of the wgmma switches.
+    pub fn all() -> Vec<GemmVariant> {
+        let mut all: Vec<GemmVariant> = Vec::new();
+        for codec in super::super::codec::CODECS {
+            for stage in GemmStage::ALL {
+                for bn in GEMM_BN {
+                    for (wgmma_on, ws_on) in [(false, false), (true, false), (true, true)] {
+                        let v = GemmVariant::choose(codec, stage, bn, wgmma_on, ws_on);
+                        if !all.contains(&v) {
+                            all.push(v);
+                        }
+                    }
+                }
+            }
+        }
+        all
+    }
+
+    /// Threads and dynamic shared memory come from the module (`moe_gemm_meta`); one block per
+    /// (BM weight rows, work tile).
+    pub fn shape(&self, threads: u32, smem: u32, mp: usize, max_tiles: usize) -> Shape {
+        Shape {
+            grid: ((mp as u32) / self.bm(), max_tiles as u32, 1),
+            block: threads,
+            smem,
+            pdl: true,
+        }
+    }
+}
+
+/// Activation parameters of GEMM1's epilogue (α, β, limit): GPT-OSS's clamped SwiGLU, else the
+/// values that make the others ignore them.
+pub fn activation_params(act: &Activation) -> (f32, f32, f32) {
+    match *act {
+        Activation::SwigluOai { alpha, beta, limit } => (alpha, beta, limit),
+        _ => (1.0, 0.0, f32::INFINITY),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The variant list is the one the numeric-code version produced (same order, same defines):
+    /// 3 formats × 6 stages × 4 widths, mma.sync everywhere, wgmma for bf16 and fp8_block, and
+    /// warp specialisation at BN = 128.
+    #[test]
+    fn variants_cover_every_codec_stage_and_width() {
+        let all = GemmVariant::all();
+        assert_eq!(all.len(), 3 * 6 * 4 + 2 * 6 * 4 + 2 * 6);
+        assert!(all
+            .iter()
+            .all(|v| v.format != GemmFormat::E4m3Tensor || v.main_loop == MainLoop::MmaSync));
+        assert!(all
+            .iter()
+            .filter(|v| v.main_loop == MainLoop::WgmmaWs)
+            .all(|v| v.bn == 128));
+    }
+}

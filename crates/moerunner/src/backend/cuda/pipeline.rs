@@ -1,0 +1,660 @@
+//! The forward pass on the GPU as a pipeline of stages (spec/layer.md): route → sort → quantize →
+//! GEMM1 (+ activation) → requantize (where the codec needs it) → GEMM2 → combine. Each stage holds
+//! the kernels it launches (resolved at load), declares the scratch it writes for a token capacity,
+//! and enqueues its launches on a given stream: no allocation, no copy, no host wait, so a whole call
+//! can be captured in a CUDA graph. Communication stages (expert-parallel dispatch and combine) and a
+//! fused small-batch pipeline are further `Stage`s in the list.
+
+use std::collections::HashMap;
+
+use cudarc::driver::CudaFunction;
+
+use super::codec::{Codec, RowQuant};
+use super::device::{Buf, Device};
+use super::kernels::combine::{self, CombineRows};
+use super::kernels::moe_gemm::{self, GemmStage, GemmVariant, MoeGemm};
+use super::kernels::quant::{self, QuantizeRows};
+use super::kernels::routing::{self, RouteLogits, UnpackRoutes};
+use super::kernels::sort::{self, SortCount, SortPairsByExpert, SortScan, SortScatter};
+use super::kernels::{ElemCode, In, KernelArgs, ModuleKey, Out, Source};
+use super::launch::{launch, RawStream};
+use super::prepare::Dims;
+use super::workspace::{Capacity, Scratch, ScratchPlan, Slot};
+use crate::config::{LayerConfig, RoutingMethod};
+use crate::error::{MoeError, Result};
+use crate::tensor::DType;
+
+pub use super::device_call::{DeviceCall, DeviceRoutes};
+
+/// What the load put on the device and every stage reads.
+pub struct Resident {
+    pub cfg: LayerConfig,
+    pub codec: &'static Codec,
+    pub dims: Dims,
+    pub w13: ProjectionBufs,
+    pub w2: ProjectionBufs,
+    /// Static input scales of GEMM1 and GEMM2 (one f32 each) when the codec has them.
+    pub a1_scale: Option<Buf>,
+    pub a2_scale: Option<Buf>,
+    pub router_bias: Option<Buf>,
+}
+
+pub struct ProjectionBufs {
+    pub data: Buf,
+    pub scales: Option<Buf>,
+    pub bias: Option<Buf>,
+}
+
+fn addr(b: &Option<Buf>) -> u64 {
+    b.as_ref().map_or(0, Buf::ptr)
+}
+
+impl Resident {
+    fn top_k(&self) -> usize {
+        self.cfg.routing.top_k
+    }
+
+    /// Token-tile width for `tokens`: the mean number of pairs per local expert, rounded up to a
+    /// supported width (no host sync: the real per-expert counts stay on the device).
+    fn pick_bn(&self, tokens: usize) -> u32 {
+        let mean = (tokens * self.top_k()).div_ceil(self.dims.experts.max(1));
+        let widest = moe_gemm::GEMM_BN[moe_gemm::GEMM_BN.len() - 1];
+        moe_gemm::GEMM_BN
+            .iter()
+            .copied()
+            .find(|&bn| bn as usize >= mean)
+            .unwrap_or(widest)
+    }
+}
+
+/// The sizes of one call, known from T alone.
+#[derive(Clone, Copy, Debug)]
+pub struct CallPlan {
+    pub tokens: usize,
+    pub pairs: usize,
+    pub bn: u32,
+    /// Grid bound of the work list: every expert's last tile may be partial.
+    pub max_tiles: usize,
+}
+
+/// Everything a stage's launches need for one call.
+pub struct Run<'a> {
+    pub dev: &'a Device,
+    pub stream: RawStream,
+    pub layer: &'a Resident,
+    pub scratch: &'a Scratch,
+    pub call: &'a DeviceCall,
+    pub plan: CallPlan,
+    /// Where the pairs' ids and weights are: the caller's (routed) or the route stage's output.
+    pub ids: u64,
+    pub weights: u64,
+}
+
+impl Run<'_> {
+    fn launch<A: KernelArgs>(
+        &self,
+        f: &CudaFunction,
+        shape: super::kernels::Shape,
+        args: &A,
+    ) -> Result<()> {
+        launch(self.dev, self.stream, f, shape, args)
+    }
+    fn slot(&self, s: Slot) -> Result<u64> {
+        self.scratch.ptr(s)
+    }
+    fn llama4(&self) -> bool {
+        self.layer.cfg.routing.method == RoutingMethod::Llama4
+    }
+}
+
+/// One step of the forward pass.
+pub trait Stage: Send + Sync {
+    fn name(&self) -> &'static str;
+    /// The scratch this stage writes, for a workspace of `cap`.
+    fn scratch(&self, layer: &Resident, cap: Capacity, plan: &mut ScratchPlan);
+    /// Enqueues the stage's launches (launches only).
+    fn enqueue(&self, run: &Run<'_>) -> Result<()>;
+}
+
+/// The stages of a loaded layer, in order.
+pub struct Pipeline {
+    stages: Vec<Box<dyn Stage>>,
+}
+
+impl Pipeline {
+    /// The standard pipeline for `layer`'s codec, its kernels resolved on `dev`. `gemm` gives each
+    /// GEMM variant's function and launch meta (threads, dynamic shared memory).
+    pub fn standard(dev: &Device, layer: &Resident, gemm: GemmTable) -> Result<Pipeline> {
+        let f = |source: Source, entry: &str| dev.function(&ModuleKey::plain(source), entry);
+        let mut stages: Vec<Box<dyn Stage>> = vec![
+            Box::new(RouteStage {
+                logits: f(Source::Routing, RouteLogits::ENTRY)?,
+                unpack: f(Source::Routing, UnpackRoutes::ENTRY)?,
+            }),
+            Box::new(SortStage {
+                one_block: f(Source::Sort, SortPairsByExpert::ENTRY)?,
+                count: f(Source::Sort, SortCount::ENTRY)?,
+                scan: f(Source::Sort, SortScan::ENTRY)?,
+                scatter: f(Source::Sort, SortScatter::ENTRY)?,
+            }),
+            Box::new(QuantizeInputStage {
+                quant: f(Source::Quant, QuantizeRows::ENTRY)?,
+            }),
+            Box::new(Gemm1Stage { gemm: gemm.clone() }),
+        ];
+        if let Some(q) = layer.codec.inter_requant {
+            stages.push(Box::new(RequantizeStage {
+                quant: f(Source::Quant, QuantizeRows::ENTRY)?,
+                mode: q,
+            }));
+        }
+        stages.push(Box::new(Gemm2Stage { gemm }));
+        stages.push(Box::new(CombineStage {
+            combine: f(Source::Combine, CombineRows::ENTRY)?,
+        }));
+        Ok(Pipeline { stages })
+    }
+
+    pub fn stage_names(&self) -> Vec<&'static str> {
+        self.stages.iter().map(|s| s.name()).collect()
+    }
+
+    /// The scratch of every stage for `tokens` tokens.
+    pub fn scratch_plan(&self, layer: &Resident, tokens: usize) -> (Capacity, ScratchPlan) {
+        let cap = Capacity {
+            tokens,
+            pairs: tokens * layer.top_k(),
+        };
+        let mut plan = ScratchPlan::default();
+        for s in &self.stages {
+            s.scratch(layer, cap, &mut plan);
+        }
+        (cap, plan)
+    }
+
+    /// Enqueues the whole layer for `call` on `stream`. Launches only.
+    pub fn enqueue(
+        &self,
+        dev: &Device,
+        stream: RawStream,
+        layer: &Resident,
+        scratch: &Scratch,
+        call: &DeviceCall,
+    ) -> Result<()> {
+        let t = call.tokens;
+        if t == 0 {
+            return Ok(());
+        }
+        if t > scratch.capacity.tokens {
+            return Err(MoeError::Cuda(format!(
+                "internal: workspace holds {} tokens, not {t}",
+                scratch.capacity.tokens
+            )));
+        }
+        let k = layer.top_k();
+        let bn = layer.pick_bn(t);
+        let plan = CallPlan {
+            tokens: t,
+            pairs: t * k,
+            bn,
+            max_tiles: (t * k).div_ceil(bn as usize) + layer.dims.experts,
+        };
+        let (ids, weights) = match call.routes {
+            DeviceRoutes::TopK { ids, weights } => (ids, weights),
+            _ => (scratch.ptr(Slot::Ids)?, scratch.ptr(Slot::Weights)?),
+        };
+        let run = Run {
+            dev,
+            stream,
+            layer,
+            scratch,
+            call,
+            plan,
+            ids,
+            weights,
+        };
+        for s in &self.stages {
+            s.enqueue(&run)?;
+        }
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------------------- stages
+
+/// Routes from logits (one warp per token) or unpacked from the packed form; routed ids+weights
+/// pass through untouched.
+struct RouteStage {
+    logits: CudaFunction,
+    unpack: CudaFunction,
+}
+
+impl Stage for RouteStage {
+    fn name(&self) -> &'static str {
+        "route"
+    }
+    fn scratch(&self, _: &Resident, cap: Capacity, plan: &mut ScratchPlan) {
+        plan.need(Slot::Ids, cap.pairs * 4);
+        plan.need(Slot::Weights, cap.pairs * 4);
+    }
+    fn enqueue(&self, run: &Run<'_>) -> Result<()> {
+        let cfg = &run.layer.cfg;
+        let (t, p, k) = (run.plan.tokens, run.plan.pairs, cfg.routing.top_k);
+        match run.call.routes {
+            DeviceRoutes::Logits { ptr, dtype } => {
+                let r = &cfg.routing;
+                run.launch(
+                    &self.logits,
+                    routing::route_shape(t, cfg.num_experts, k, run.dev.sm_count),
+                    &RouteLogits {
+                        logits: In::new(ptr),
+                        logits_dtype: ElemCode::of(dtype)?.code(),
+                        bias: In::new(addr(&run.layer.router_bias)),
+                        T: t as i32,
+                        E: cfg.num_experts as i32,
+                        K: k as i32,
+                        method: routing::method_code(r.method),
+                        n_group: r.n_group as i32,
+                        topk_group: r.topk_group as i32,
+                        routed_scaling_factor: r.routed_scaling_factor,
+                        norm_topk_prob: r.norm_topk_prob as i32,
+                        topk_ids: Out::new(run.ids),
+                        topk_w: Out::new(run.weights),
+                    },
+                )
+            }
+            DeviceRoutes::Packed { ptr } => run.launch(
+                &self.unpack,
+                routing::unpack_shape(p),
+                &UnpackRoutes {
+                    packed: In::new(ptr),
+                    n: p as i32,
+                    ids: Out::new(run.ids),
+                    w: Out::new(run.weights),
+                },
+            ),
+            DeviceRoutes::TopK { .. } => Ok(()),
+        }
+    }
+}
+
+/// Pairs grouped by local expert, their positions, and the GEMMs' work list.
+struct SortStage {
+    one_block: CudaFunction,
+    count: CudaFunction,
+    scan: CudaFunction,
+    scatter: CudaFunction,
+}
+
+impl Stage for SortStage {
+    fn name(&self) -> &'static str {
+        "sort"
+    }
+    fn scratch(&self, layer: &Resident, cap: Capacity, plan: &mut ScratchPlan) {
+        let e = layer.dims.experts;
+        let tiles = cap.pairs.div_ceil(moe_gemm::GEMM_BN[0] as usize) + e;
+        plan.need(Slot::Offsets, (e + 1) * 4);
+        plan.need(Slot::SortChunks, sort::scratch_ints(cap.pairs, e) * 4);
+        plan.need(Slot::SortedPair, cap.pairs * 4);
+        plan.need(Slot::PairPos, cap.pairs * 4);
+        for s in [Slot::TileExpert, Slot::TileStart, Slot::TileEnd] {
+            plan.need(s, tiles * 4);
+        }
+        plan.need(Slot::NumTiles, 4);
+    }
+    fn enqueue(&self, run: &Run<'_>) -> Result<()> {
+        let e = run.layer.dims.experts;
+        let first = run.layer.cfg.local_experts.start as i32;
+        let CallPlan {
+            pairs: p,
+            bn,
+            max_tiles,
+            ..
+        } = run.plan;
+        let ids = In::new(run.ids);
+        let tiles = (
+            Out::new(run.slot(Slot::TileExpert)?),
+            Out::new(run.slot(Slot::TileStart)?),
+            Out::new(run.slot(Slot::TileEnd)?),
+            Out::new(run.slot(Slot::NumTiles)?),
+        );
+        if !sort::multi_block(p, e) {
+            return run.launch(
+                &self.one_block,
+                sort::one_block_shape(e),
+                &SortPairsByExpert {
+                    topk_ids: ids,
+                    P: p as i32,
+                    expert_start: first,
+                    E_local: e as i32,
+                    BN: bn as i32,
+                    max_tiles: max_tiles as i32,
+                    expert_offsets: Out::new(run.slot(Slot::Offsets)?),
+                    sorted_pair: Out::new(run.slot(Slot::SortedPair)?),
+                    pair_pos: Out::new(run.slot(Slot::PairPos)?),
+                    tile_expert: tiles.0,
+                    tile_row_start: tiles.1,
+                    tile_row_end: tiles.2,
+                    num_tiles: tiles.3,
+                },
+            );
+        }
+        // Large P: count per chunk, scan (offsets, tiles, chunk starts), scatter.
+        let (chunk, num_chunks) = sort::chunks(p);
+        let counts = run.slot(Slot::SortChunks)?;
+        run.launch(
+            &self.count,
+            sort::count_shape(p, e),
+            &SortCount {
+                topk_ids: ids,
+                P: p as i32,
+                chunk: chunk as i32,
+                expert_start: first,
+                E_local: e as i32,
+                chunk_counts: Out::new(counts),
+            },
+        )?;
+        run.launch(
+            &self.scan,
+            sort::scan_shape(e),
+            &SortScan {
+                chunk_counts: Out::new(counts),
+                num_chunks: num_chunks as i32,
+                E_local: e as i32,
+                BN: bn as i32,
+                max_tiles: max_tiles as i32,
+                expert_offsets: Out::new(run.slot(Slot::Offsets)?),
+                tile_expert: tiles.0,
+                tile_row_start: tiles.1,
+                tile_row_end: tiles.2,
+                num_tiles: tiles.3,
+            },
+        )?;
+        run.launch(
+            &self.scatter,
+            sort::scatter_shape(p, e),
+            &SortScatter {
+                topk_ids: ids,
+                P: p as i32,
+                chunk: chunk as i32,
+                expert_start: first,
+                E_local: e as i32,
+                chunk_starts: In::new(counts),
+                sorted_pair: Out::new(run.slot(Slot::SortedPair)?),
+                pair_pos: Out::new(run.slot(Slot::PairPos)?),
+            },
+        )
+    }
+}
+
+/// The hidden states as GEMM1's operand (codec's input quantizer), padded to Hp.
+struct QuantizeInputStage {
+    quant: CudaFunction,
+}
+
+impl Stage for QuantizeInputStage {
+    fn name(&self) -> &'static str {
+        "quantize"
+    }
+    fn scratch(&self, layer: &Resident, cap: Capacity, plan: &mut ScratchPlan) {
+        let hp = layer.dims.hp;
+        plan.need(Slot::Xq, cap.tokens * hp * layer.codec.gemm.element_bytes());
+        plan.need(Slot::XqScales, cap.tokens * (hp / 128) * 4);
+    }
+    fn enqueue(&self, run: &Run<'_>) -> Result<()> {
+        let d = run.layer.dims;
+        let t = run.plan.tokens;
+        run.launch(
+            &self.quant,
+            quant::shape(t, d.hp, run.dev.sm_count),
+            &QuantizeRows {
+                x: In::new(run.call.hidden),
+                x_dtype: ElemCode::of(run.call.hidden_dtype)?.code(),
+                rows: t as i32,
+                cols: d.hidden as i32,
+                in_stride: d.hidden as i64,
+                out: Out::new(run.slot(Slot::Xq)?),
+                out_stride: d.hp as i32,
+                mode: run.layer.codec.input_quant.mode(),
+                static_scale: In::new(addr(&run.layer.a1_scale)),
+                out_scales: Out::new(run.slot(Slot::XqScales)?),
+            },
+        )
+    }
+}
+
+/// Each GEMM variant a layer may launch: its function and launch meta (threads, shared memory).
+#[derive(Clone)]
+pub struct GemmTable {
+    pub variants: HashMap<GemmVariant, (CudaFunction, u32, u32)>,
+    /// wgmma allowed on this device and not switched off.
+    pub wgmma_on: bool,
+    /// Warp-specialised wgmma allowed (`MOERUNNER_WG_WS=0` turns it off).
+    pub ws_on: bool,
+}
+
+impl GemmTable {
+    /// The variants `layer` can run: its GEMM1 stage and both GEMM2 stores at every tile width.
+    pub fn variants_for(
+        layer_codec: &Codec,
+        cfg: &LayerConfig,
+        wgmma_on: bool,
+        ws_on: bool,
+    ) -> Vec<GemmVariant> {
+        let stage1 = GemmStage::for_activation(&cfg.activation);
+        let mut out = Vec::new();
+        for bn in moe_gemm::GEMM_BN {
+            for stage in [stage1, GemmStage::Down, GemmStage::DownBf16] {
+                out.push(GemmVariant::choose(layer_codec, stage, bn, wgmma_on, ws_on));
+            }
+        }
+        out
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn launch(
+        &self,
+        run: &Run<'_>,
+        stage: GemmStage,
+        w: &ProjectionBufs,
+        act: u64,
+        act_scale: u64,
+        gather_div: i32,
+        row_weight: u64,
+        out: u64,
+        out_scale: u64,
+        (mp, kp, out_stride): (usize, usize, usize),
+        (alpha, beta, limit): (f32, f32, f32),
+    ) -> Result<()> {
+        let v = GemmVariant::choose(
+            run.layer.codec,
+            stage,
+            run.plan.bn,
+            self.wgmma_on,
+            self.ws_on,
+        );
+        let (f, threads, smem) = self.variants.get(&v).ok_or_else(|| {
+            MoeError::Cuda(format!("internal: GEMM variant {v:?} was not loaded"))
+        })?;
+        run.launch(
+            f,
+            v.shape(*threads, *smem, mp, run.plan.max_tiles),
+            &MoeGemm {
+                w: In::new(w.data.ptr()),
+                w_scale: In::new(addr(&w.scales)),
+                act: In::new(act),
+                act_scale: In::new(act_scale),
+                sorted_pair: In::new(run.slot(Slot::SortedPair)?),
+                gather_div,
+                tile_expert: In::new(run.slot(Slot::TileExpert)?),
+                tile_row_start: In::new(run.slot(Slot::TileStart)?),
+                tile_row_end: In::new(run.slot(Slot::TileEnd)?),
+                num_tiles: In::new(run.slot(Slot::NumTiles)?),
+                bias: In::new(addr(&w.bias)),
+                row_weight: In::new(row_weight),
+                out: Out::new(out),
+                out_scale: In::new(out_scale),
+                Mp: mp as i32,
+                Kp: kp as i32,
+                out_stride: out_stride as i32,
+                act_alpha: alpha,
+                act_beta: beta,
+                act_limit: limit,
+            },
+        )
+    }
+}
+
+/// GEMM1 over the gathered input rows, the activation (and biases, and Llama-4's routing weight) in
+/// its epilogue, the intermediate stored as the codec says.
+struct Gemm1Stage {
+    gemm: GemmTable,
+}
+
+impl Stage for Gemm1Stage {
+    fn name(&self) -> &'static str {
+        "gemm1"
+    }
+    fn scratch(&self, layer: &Resident, cap: Capacity, plan: &mut ScratchPlan) {
+        plan.need(Slot::Inter, cap.pairs * layer.dims.ip * 4);
+    }
+    fn enqueue(&self, run: &Run<'_>) -> Result<()> {
+        let l = run.layer;
+        let act_scale = match l.codec.input_quant {
+            RowQuant::E4m3Static => addr(&l.a1_scale),
+            RowQuant::E4m3Block128 => run.slot(Slot::XqScales)?,
+            RowQuant::Bf16 => 0,
+        };
+        self.gemm.launch(
+            run,
+            GemmStage::for_activation(&l.cfg.activation),
+            &l.w13,
+            run.slot(Slot::Xq)?,
+            act_scale,
+            l.top_k() as i32,
+            if run.llama4() { run.weights } else { 0 },
+            run.slot(Slot::Inter)?,
+            addr(&l.a2_scale),
+            (l.dims.m1p(), l.dims.hp, l.dims.ip),
+            moe_gemm::activation_params(&l.cfg.activation),
+        )
+    }
+}
+
+/// The intermediate requantized for GEMM2 where GEMM1 cannot store it quantized (1×128 blocks).
+struct RequantizeStage {
+    quant: CudaFunction,
+    mode: RowQuant,
+}
+
+impl Stage for RequantizeStage {
+    fn name(&self) -> &'static str {
+        "requantize"
+    }
+    fn scratch(&self, layer: &Resident, cap: Capacity, plan: &mut ScratchPlan) {
+        let ip = layer.dims.ip;
+        plan.need(Slot::InterQ, cap.pairs * ip);
+        plan.need(Slot::InterScales, cap.pairs * (ip / 128) * 4);
+    }
+    fn enqueue(&self, run: &Run<'_>) -> Result<()> {
+        let ip = run.layer.dims.ip;
+        let p = run.plan.pairs;
+        run.launch(
+            &self.quant,
+            quant::shape(p, ip, run.dev.sm_count),
+            &QuantizeRows {
+                x: In::new(run.slot(Slot::Inter)?),
+                x_dtype: ElemCode::F32.code(),
+                rows: p as i32,
+                cols: ip as i32,
+                in_stride: ip as i64,
+                out: Out::new(run.slot(Slot::InterQ)?),
+                out_stride: ip as i32,
+                mode: self.mode.mode(),
+                static_scale: In::NULL,
+                out_scales: Out::new(run.slot(Slot::InterScales)?),
+            },
+        )
+    }
+}
+
+/// GEMM2 over the intermediate, one row per pair (plus the bias).
+struct Gemm2Stage {
+    gemm: GemmTable,
+}
+
+impl Stage for Gemm2Stage {
+    fn name(&self) -> &'static str {
+        "gemm2"
+    }
+    fn scratch(&self, layer: &Resident, cap: Capacity, plan: &mut ScratchPlan) {
+        plan.need(Slot::Z, cap.pairs * layer.dims.hp * 4);
+    }
+    fn enqueue(&self, run: &Run<'_>) -> Result<()> {
+        let l = run.layer;
+        let (act, act_scale) = match (l.codec.inter_requant, l.codec.static_input_scales) {
+            (Some(_), _) => (run.slot(Slot::InterQ)?, run.slot(Slot::InterScales)?),
+            (None, true) => (run.slot(Slot::Inter)?, addr(&l.a2_scale)),
+            (None, false) => (run.slot(Slot::Inter)?, 0),
+        };
+        self.gemm.launch(
+            run,
+            gemm2_stage(run.call.hidden_dtype),
+            &l.w2,
+            act,
+            act_scale,
+            0,
+            0,
+            run.slot(Slot::Z)?,
+            0,
+            (l.dims.hp, l.dims.ip, l.dims.hp),
+            (0.0, 0.0, 0.0),
+        )
+    }
+}
+
+/// GEMM2's rows in bf16 when the output is 16-bit anyway (halves their traffic into combine); f32
+/// for f32 hidden states.
+fn gemm2_stage(hidden: DType) -> GemmStage {
+    if hidden != DType::F32 {
+        GemmStage::DownBf16
+    } else {
+        GemmStage::Down
+    }
+}
+
+/// Each token's k rows in slot order times their weights, stored in the input's dtype.
+struct CombineStage {
+    combine: CudaFunction,
+}
+
+impl Stage for CombineStage {
+    fn name(&self) -> &'static str {
+        "combine"
+    }
+    fn scratch(&self, _: &Resident, _: Capacity, _: &mut ScratchPlan) {}
+    fn enqueue(&self, run: &Run<'_>) -> Result<()> {
+        let l = run.layer;
+        let t = run.plan.tokens;
+        let z_dtype = match gemm2_stage(run.call.hidden_dtype) {
+            GemmStage::DownBf16 => ElemCode::Bf16,
+            _ => ElemCode::F32,
+        };
+        run.launch(
+            &self.combine,
+            combine::shape(t, l.dims.hidden, run.dev.sm_count),
+            &CombineRows {
+                z: In::new(run.slot(Slot::Z)?),
+                z_dtype: z_dtype.code(),
+                z_stride: l.dims.hp as i32,
+                pair_pos: In::new(run.slot(Slot::PairPos)?),
+                topk_w: In::new(if run.llama4() { 0 } else { run.weights }),
+                T: t as i32,
+                K: l.top_k() as i32,
+                H: l.dims.hidden as i32,
+                out: Out::new(run.call.out),
+                out_dtype: ElemCode::of(run.call.hidden_dtype)?.code(),
+            },
+        )
+    }
+}
