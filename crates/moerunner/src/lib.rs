@@ -6,7 +6,6 @@
 pub mod activation;
 pub mod backend;
 pub mod bench;
-pub mod check;
 pub mod checkpoint;
 pub mod config;
 pub mod error;
@@ -14,6 +13,7 @@ pub mod formats;
 pub mod forward;
 pub mod layer_file;
 pub mod presets;
+pub mod random_cases;
 pub mod reference;
 pub mod rng;
 pub mod routing;

@@ -7,7 +7,7 @@
 //! Random cases print their seeds; outputs are poisoned with NaN before every GPU run.
 
 use moerunner::backend::cuda::prepare::{self, w13_feature};
-use moerunner::check::{case_seed, run_case_on, Case};
+use moerunner::random_cases::{case_seed, run_case_on, Case};
 use moerunner::reference;
 use moerunner::routing::{self, Routes};
 use moerunner::synth::{random_input, random_layer, RoutingMode};
@@ -45,7 +45,7 @@ fn config(
 }
 
 fn rel_err(got: &[f64], want: &[f64]) -> f64 {
-    moerunner::check::relative_error(got, want)
+    moerunner::random_cases::relative_error(got, want)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -142,7 +142,7 @@ fn prepared_layout_computes_the_reference_layer() {
                     W13Order::GateUp
                 };
                 let layer = random_layer(&cfg, seed, true).expect("layer");
-                let p = prepare::prepare(&cfg, layer.weights());
+                let p = prepare::prepare_weights(&cfg, layer.weights());
                 let mut rng = moerunner::rng::SeededRng::new(seed);
                 let x: Vec<f32> = (0..cfg.hidden).map(|_| rng.uniform(-1.0, 1.0)).collect();
                 for e in 0..3 {

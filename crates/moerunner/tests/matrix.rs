@@ -1,9 +1,9 @@
-//! The seeded random matrix (`moerunner::check`) through the cpu backend, and checks of the
+//! The seeded random matrix (`moerunner::random_cases`) through the cpu backend, and checks of the
 //! checker itself: it passes the reference against itself and catches deliberately wrong outputs.
 //! Every case prints its seed; rerun one alone with `moerunner check --case SEED --backend cpu`.
 
-use moerunner::check::{case_seed, run_case_on, run_case_with, Case, CaseResult};
 use moerunner::forward::ForwardOutput;
+use moerunner::random_cases::{case_seed, run_case_on, run_case_with, Case, CaseResult};
 use moerunner::synth::random_layer;
 use moerunner::tensor::HostTensor;
 use moerunner::{BackendChoice, MoeError, MoeLayer, Runner, W13Order};
@@ -245,7 +245,7 @@ fn the_checker_catches_wrong_outputs() {
 
 #[test]
 fn an_all_zero_reference_needs_an_all_zero_output() {
-    use moerunner::check::relative_error;
+    use moerunner::random_cases::relative_error;
     assert_eq!(relative_error(&[0.0, 0.0], &[0.0, 0.0]), 0.0);
     assert_eq!(relative_error(&[0.0, 1e-30], &[0.0, 0.0]), f64::INFINITY);
     assert!(relative_error(&[f64::NAN, 1.0], &[1.0, 1.0]).is_nan());

@@ -81,7 +81,7 @@ fn dependencies_point_down() {
     let upper = [
         "crate::backend",
         "crate::runner",
-        "crate::check",
+        "crate::random_cases",
         "crate::bench",
         "crate::layer_file",
         "crate::checkpoint",

@@ -122,7 +122,7 @@ impl CudaLayer {
                 cfg.weight_format.name()
             ))
         })?;
-        let prepared: PreparedWeights = prepare::prepare(cfg, w);
+        let prepared: PreparedWeights = prepare::prepare_weights(cfg, w);
         let upload_proj =
             |t: &prepare::PreparedTensor, bias: &Option<Vec<f32>>| -> Result<ProjectionBufs> {
                 Ok(ProjectionBufs {
@@ -683,7 +683,7 @@ impl CudaLayer {
     /// before each replay (so weights come from HBM as in a real model, where other layers run
     /// in between).
     fn time_graph(&self, input: &ForwardInput<'_>, iters: usize) -> Result<f64> {
-        let (tokens, host_routes) = forward::check(&self.layer, input)?;
+        let (tokens, host_routes) = forward::validate_input(&self.layer, input)?;
         if tokens == 0 {
             return Ok(0.0);
         }
@@ -727,7 +727,7 @@ impl CudaLayer {
         let cfg = layer.config();
         // The same checks (and error messages) as every backend: shapes, dtypes, finite values,
         // routed ids and duplicates. Logits are only checked here: the GPU routes them.
-        let (tokens, host_routes) = forward::check(layer, input)?;
+        let (tokens, host_routes) = forward::validate_input(layer, input)?;
         let hidden = input.hidden;
         let h = cfg.hidden;
         let k = self.top_k();
