@@ -8,6 +8,9 @@ mkdir -p "$out"
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 export MOERUNNER_KERNEL_CACHE=${MOERUNNER_KERNEL_CACHE:-/tmp/moerunner-kernels}
 export PYTHONUNBUFFERED=1
+# On this machine a GPU test that skips (no GPU, no NVRTC) fails instead (tests/cuda.rs, skip).
+export MOERUNNER_REQUIRE_GPU=1
+export MOERUNNER_REQUIRE_NVRTC=1
 what=${1:-all}
 shift || true
 status=0

@@ -87,11 +87,11 @@ fn run_checkpoint_and_convert_agree() {
     .unwrap();
 
     let out1 = d.join("out1.safetensors");
-    ok(bin().args([
+    let text = ok(bin().args([
         "run",
         "--checkpoint",
         &s(&d),
-        "--layer",
+        "--layer-index",
         "1",
         "--input",
         &s(&hidden_only),
@@ -99,6 +99,7 @@ fn run_checkpoint_and_convert_agree() {
         &s(&out1),
         "--reference",
     ]));
+    assert!(!text.contains("deprecated"), "{text}");
 
     // The converted layer file, run on an input carrying the router's logits, gives the same output.
     let layer = d.join("layer.safetensors");
@@ -142,7 +143,8 @@ fn run_checkpoint_and_convert_agree() {
     let mut sum = vec![0f32; a.len()];
     for r in 0..2 {
         let o = d.join(format!("tp{r}.safetensors"));
-        ok(bin().args([
+        // The old spelling, `--layer N` with `--checkpoint`, still works and says what replaces it.
+        let text = ok(bin().args([
             "run",
             "--checkpoint",
             &s(&d),
@@ -158,6 +160,10 @@ fn run_checkpoint_and_convert_agree() {
             "--tp-rank",
             &r.to_string(),
         ]));
+        assert!(
+            text.contains("deprecated") && text.contains("--layer-index 1"),
+            "{text}"
+        );
         for (x, y) in sum.iter_mut().zip(output(&o)) {
             *x += y;
         }
@@ -196,12 +202,30 @@ fn run_checkpoint_and_convert_agree() {
         .output()
         .unwrap();
     assert!(!bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("layer index"));
+    // `--layer-index` names a layer of a checkpoint only.
+    let bad = bin()
+        .args([
+            "run",
+            "--layer-index",
+            "1",
+            "--input",
+            &s(&hidden_only),
+            "--output",
+            &s(&q),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        !bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("--checkpoint"),
+        "{}",
+        String::from_utf8_lossy(&bad.stderr)
+    );
     let bad = bin()
         .args([
             "convert",
             "--checkpoint",
             &s(&d),
-            "--layer",
+            "--layer-index",
             "5",
             "--out",
             &s(&q),

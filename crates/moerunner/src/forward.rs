@@ -71,7 +71,7 @@ pub fn check_hidden(layer: &MoeLayer, hidden: &HostTensor) -> Result<usize> {
 }
 
 /// The common front of every backend on the host: hidden states as f32 plus resolved routes.
-pub fn prepare(layer: &MoeLayer, input: &ForwardInput<'_>) -> Result<(Vec<f32>, Routes)> {
+pub fn resolve_input(layer: &MoeLayer, input: &ForwardInput<'_>) -> Result<(Vec<f32>, Routes)> {
     let (x, tokens) = hidden_as_f32(layer, input.hidden)?;
     let cfg = layer.config();
     let bias = layer.weights().router_bias.as_deref();
@@ -79,13 +79,22 @@ pub fn prepare(layer: &MoeLayer, input: &ForwardInput<'_>) -> Result<(Vec<f32>, 
     Ok((x, routes))
 }
 
-/// The checks of [`prepare`] for a backend that routes logits itself: the token count, and the
-/// routes when the caller gave them (`None` for logits, which are only checked).
-pub fn check(layer: &MoeLayer, input: &ForwardInput<'_>) -> Result<(usize, Option<Routes>)> {
+/// The checks of [`resolve_input`] for a backend that routes logits itself: the token count, and
+/// the routes when the caller gave them (`None` for logits, which are only checked).
+pub fn validate_input(
+    layer: &MoeLayer,
+    input: &ForwardInput<'_>,
+) -> Result<(usize, Option<Routes>)> {
     let tokens = check_hidden(layer, input.hidden)?;
     let cfg = layer.config();
     let bias = layer.weights().router_bias.as_deref();
-    let routes = routing::check(&cfg.routing, cfg.num_experts, tokens, &input.routing, bias)?;
+    let routes = routing::resolve_unless_logits(
+        &cfg.routing,
+        cfg.num_experts,
+        tokens,
+        &input.routing,
+        bias,
+    )?;
     Ok((tokens, routes))
 }
 

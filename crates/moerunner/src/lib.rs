@@ -1,12 +1,13 @@
 //! moerunner: a fused Mixture-of-Experts layer runtime.
 //!
-//! Dependencies run one way: core types (`config`, `tensor`, `weights`, `error`) ← number formats,
-//! routing, activations ← the float64 `reference` ← `backend`s ← `runner`. See ARCHITECTURE.md.
+//! Dependencies run one way: core types (`error`, `config`, `tensor`, `rng`, `weights`) ← number
+//! formats, routing, activations ← layer validation and the forward-call checks ← the float64
+//! `reference`, the loaders, `shard`, `synth` ← `backend`s ← `runner` ← `random_cases`, `bench`.
+//! See ARCHITECTURE.md; `tests/tidy/` checks it.
 
 pub mod activation;
 pub mod backend;
 pub mod bench;
-pub mod check;
 pub mod checkpoint;
 pub mod config;
 pub mod error;
@@ -14,6 +15,7 @@ pub mod formats;
 pub mod forward;
 pub mod layer_file;
 pub mod presets;
+pub mod random_cases;
 pub mod reference;
 pub mod rng;
 pub mod routing;

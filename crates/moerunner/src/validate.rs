@@ -13,7 +13,16 @@
 use crate::config::{LayerConfig, WeightFormat};
 use crate::error::{MoeError, Result};
 use crate::formats::e4m3;
-use crate::weights::{nonfinite, BlockScales, LayerWeights, QuantizedTensor};
+use crate::weights::{BlockScales, LayerWeights, MoeLayer, QuantizedTensor};
+
+impl MoeLayer {
+    /// Validates `weights` against `config` ([`validate_layer`]) and pairs them: the only way to
+    /// make a `MoeLayer`.
+    pub fn new(config: LayerConfig, weights: LayerWeights) -> Result<Self> {
+        validate_layer(&config, &weights)?;
+        Ok(MoeLayer::from_validated(config, weights))
+    }
+}
 
 pub fn validate_layer(config: &LayerConfig, weights: &LayerWeights) -> Result<()> {
     config.validate()?;
@@ -207,4 +216,12 @@ fn unflatten(mut idx: usize, dims: &[usize]) -> Vec<usize> {
         idx /= d.max(1);
     }
     out
+}
+
+/// A non-finite value at `index` of tensor `name`.
+fn nonfinite(name: &str, index: usize, v: f32) -> MoeError {
+    MoeError::invalid(
+        format!("tensor `{name}`"),
+        format!("value at index {index} is {v}, not a finite number"),
+    )
 }

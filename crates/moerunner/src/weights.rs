@@ -8,7 +8,6 @@
 use std::sync::Arc;
 
 use crate::config::{LayerConfig, WeightFormat};
-use crate::error::{MoeError, Result};
 use crate::tensor::Bytes;
 
 /// Per-block scales of a quantized tensor, in the linear layout of `spec/formats.md`.
@@ -84,7 +83,7 @@ pub struct LayerWeights {
     pub router_bias: Option<Vec<f32>>,
 }
 
-/// A validated layer: config plus tensors. Construct with [`MoeLayer::new`].
+/// A validated layer: config plus tensors. Construct with [`MoeLayer::new`] (validate.rs).
 #[derive(Clone, Debug)]
 pub struct MoeLayer {
     config: LayerConfig,
@@ -92,10 +91,10 @@ pub struct MoeLayer {
 }
 
 impl MoeLayer {
-    /// Validates `weights` against `config` (see `crate::validate`) and pairs them.
-    pub fn new(config: LayerConfig, weights: LayerWeights) -> Result<Self> {
-        crate::validate::validate_layer(&config, &weights)?;
-        Ok(MoeLayer { config, weights })
+    /// Pairs tensors that have passed `validate_layer`: only [`MoeLayer::new`] (in validate.rs, so
+    /// that this module of plain types imports nothing above it) calls this.
+    pub(crate) fn from_validated(config: LayerConfig, weights: LayerWeights) -> Self {
+        MoeLayer { config, weights }
     }
     pub fn config(&self) -> &LayerConfig {
         &self.config
@@ -106,13 +105,4 @@ impl MoeLayer {
     pub fn into_parts(self) -> (LayerConfig, LayerWeights) {
         (self.config, self.weights)
     }
-}
-
-/// Shorthand used by validators.
-#[allow(dead_code)] // used by validate.rs
-pub(crate) fn nonfinite(name: &str, index: usize, v: f32) -> MoeError {
-    MoeError::invalid(
-        format!("tensor `{name}`"),
-        format!("value at index {index} is {v}, not a finite number"),
-    )
 }

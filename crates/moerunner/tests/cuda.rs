@@ -2,12 +2,13 @@
 //! - every kernel variant compiles with NVRTC for sm_90a (needs only libnvrtc; CI installs it and sets
 //!   MOERUNNER_REQUIRE_NVRTC=1 so a missing library fails instead of skipping);
 //! - the kernel weight layout, checked on the CPU by evaluating the layer from prepared buffers;
-//! - the layer on a GPU against the float64 reference (skipped, with the reason printed, without one).
+//! - the layer on a GPU against the float64 reference (skipped, with the reason printed, without
+//!   one; MOERUNNER_REQUIRE_GPU=1, which scripts/gpu-run.sh sets, makes that skip a failure).
 //!
 //! Random cases print their seeds; outputs are poisoned with NaN before every GPU run.
 
 use moerunner::backend::cuda::prepare::{self, w13_feature};
-use moerunner::check::{case_seed, run_case_on, Case};
+use moerunner::random_cases::{case_seed, run_case_on, Case};
 use moerunner::reference;
 use moerunner::routing::{self, Routes};
 use moerunner::synth::{random_input, random_layer, RoutingMode};
@@ -45,7 +46,7 @@ fn config(
 }
 
 fn rel_err(got: &[f64], want: &[f64]) -> f64 {
-    moerunner::check::relative_error(got, want)
+    moerunner::random_cases::relative_error(got, want)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -142,7 +143,7 @@ fn prepared_layout_computes_the_reference_layer() {
                     W13Order::GateUp
                 };
                 let layer = random_layer(&cfg, seed, true).expect("layer");
-                let p = prepare::prepare(&cfg, layer.weights());
+                let p = prepare::prepare_weights(&cfg, layer.weights());
                 let mut rng = moerunner::rng::SeededRng::new(seed);
                 let x: Vec<f32> = (0..cfg.hidden).map(|_| rng.uniform(-1.0, 1.0)).collect();
                 for e in 0..3 {
@@ -172,6 +173,31 @@ fn prepared_layout_computes_the_reference_layer() {
     }
 }
 
+/// What a test needs that a machine may lack.
+#[allow(dead_code)] // Nvrtc: its tests are built with the `cuda` feature only
+#[derive(Clone, Copy)]
+enum Need {
+    Gpu,
+    Nvrtc,
+}
+
+/// Every skip of this file: prints why the calling test skips (the caller then returns), or fails
+/// it when the run demands what is missing, so such a run cannot pass with its tests unrun:
+/// `MOERUNNER_REQUIRE_GPU=1` (scripts/gpu-run.sh sets it) for a GPU, `MOERUNNER_REQUIRE_NVRTC=1`
+/// (CI sets it) for libnvrtc. Any value but empty or `0` demands.
+fn skip(need: Need, reason: &str) {
+    let var = match need {
+        Need::Gpu => "MOERUNNER_REQUIRE_GPU",
+        Need::Nvrtc => "MOERUNNER_REQUIRE_NVRTC",
+    };
+    let value = std::env::var(var).unwrap_or_default();
+    assert!(
+        value.is_empty() || value == "0",
+        "{var}={value} but {reason}"
+    );
+    println!("SKIPPED: {reason}");
+}
+
 // ---------------------------------------------------------------------------------------------
 // NVRTC, no GPU needed.
 
@@ -181,13 +207,10 @@ fn every_kernel_compiles_for_sm90a() {
     use moerunner::backend::cuda::{kernels::ModuleKey, nvrtc};
     use rayon::prelude::*;
     if !nvrtc::available() {
-        let msg = "libnvrtc.so.13 not found (set LD_LIBRARY_PATH; .ci/run installs it)";
-        assert!(
-            std::env::var("MOERUNNER_REQUIRE_NVRTC").is_err(),
-            "MOERUNNER_REQUIRE_NVRTC is set but {msg}"
+        return skip(
+            Need::Nvrtc,
+            "libnvrtc.so.13 not found (set LD_LIBRARY_PATH; .ci/run installs it)",
         );
-        println!("SKIPPED: {msg}");
-        return;
     }
     let keys = ModuleKey::all();
     let arch = "sm_90a";
@@ -227,8 +250,7 @@ fn every_kernel_compiles_for_sm90a() {
 fn a_compile_error_shows_the_nvrtc_log() {
     use moerunner::backend::cuda::nvrtc;
     if !nvrtc::available() {
-        println!("SKIPPED: libnvrtc.so.13 not found");
-        return;
+        return skip(Need::Nvrtc, "libnvrtc.so.13 not found");
     }
     let err = nvrtc::compile_fresh(
         "broken",
@@ -255,7 +277,7 @@ fn gpu_runner() -> Option<Runner> {
             reason,
         } = r
         {
-            println!("SKIPPED: no usable GPU: {reason}");
+            skip(Need::Gpu, &format!("no usable GPU: {reason}"));
             return None;
         }
     }

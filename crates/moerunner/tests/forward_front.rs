@@ -1,7 +1,7 @@
 //! The checks every backend runs before a forward call (`moerunner::forward`): hidden states of
 //! each dtype with a NaN or an infinity are refused naming the element, through both the
-//! converting front (`prepare`, the CPU backend's) and the checking one (`check`, for backends
-//! that take the tensor as it is and route logits themselves).
+//! converting front (`resolve_input`, the CPU backend's) and the checking one (`validate_input`,
+//! for backends that take the tensor as it is and route logits themselves).
 
 use moerunner::forward::{self, ForwardInput};
 use moerunner::presets::preset;
@@ -22,9 +22,10 @@ fn non_finite_hidden_states_are_refused_by_element_in_every_dtype() {
                 hidden: &input.hidden,
                 routing: input.routing_input(),
             };
-            // Finite: both fronts agree on T; `check` resolves given routes, leaves logits alone.
-            let (_, routes) = forward::prepare(&layer, &fwd).unwrap();
-            let (tokens, checked) = forward::check(&layer, &fwd).unwrap();
+            // Finite: both fronts agree on T; `validate_input` resolves given routes, leaves logits
+            // alone.
+            let (_, routes) = forward::resolve_input(&layer, &fwd).unwrap();
+            let (tokens, checked) = forward::validate_input(&layer, &fwd).unwrap();
             assert_eq!((tokens, routes.tokens), (3, 3));
             assert_eq!(checked.is_some(), mode == RoutingMode::TopK, "{mode:?}");
             for (bad, shown) in [(f32::NAN, "NaN"), (f32::NEG_INFINITY, "-inf")] {
@@ -36,8 +37,8 @@ fn non_finite_hidden_states_are_refused_by_element_in_every_dtype() {
                     routing: input.routing_input(),
                 };
                 for err in [
-                    forward::prepare(&layer, &fwd).err(),
-                    forward::check(&layer, &fwd).err(),
+                    forward::resolve_input(&layer, &fwd).err(),
+                    forward::validate_input(&layer, &fwd).err(),
                 ] {
                     let msg = err.map(|e| e.to_string()).unwrap_or_default();
                     assert!(

@@ -724,7 +724,7 @@ fn input_files_round_trip_for_every_routing_source_and_t_0() {
             layer_file::write_input(&p, &input).unwrap();
             let back = layer_file::read_input(&p).unwrap();
             assert_eq!(back.tokens(), tokens);
-            back.check_against(&cfg).unwrap();
+            back.validate_against(&cfg).unwrap();
             assert_eq!(&back.hidden.bytes[..], &input.hidden.bytes[..]);
             let same = match (&back.routing, &input.routing) {
                 (RoutingTensors::Logits(a), RoutingTensors::Logits(b))
@@ -840,14 +840,17 @@ fn input_with_wrong_h_e_or_k_for_the_layer() {
         h_only.num_experts = 4;
         h_only.local_experts = 0..4;
         h_only.routing.top_k = 2;
-        let err = input.check_against(&h_only).unwrap_err().to_string();
+        let err = input.validate_against(&h_only).unwrap_err().to_string();
         assert!(
             err.contains("`hidden_states`") && err.contains("[2, 128]"),
             "{err}"
         );
         let mut routing_only = wide.clone();
         routing_only.hidden = 64;
-        let err = input.check_against(&routing_only).unwrap_err().to_string();
+        let err = input
+            .validate_against(&routing_only)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains(&format!("`{name}`")), "{mode:?}: {err}");
     }
     // The same check when the layer runs (the reference backend needs no other engineer's code path).

@@ -1,10 +1,9 @@
-//! The seeded random matrix (`moerunner::check`) through the cpu backend, and checks of the
+//! The seeded random matrix (`moerunner::random_cases`) through the cpu backend, and checks of the
 //! checker itself: it passes the reference against itself and catches deliberately wrong outputs.
 //! Every case prints its seed; rerun one alone with `moerunner check --case SEED --backend cpu`.
 
-use moerunner::check::{case_seed, run_case_on, run_case_with, Case, CaseResult};
 use moerunner::forward::ForwardOutput;
-use moerunner::synth::random_layer;
+use moerunner::random_cases::{case_seed, run_case_on, run_case_with, Case, CaseResult};
 use moerunner::tensor::HostTensor;
 use moerunner::{BackendChoice, MoeError, MoeLayer, Runner, W13Order};
 use rayon::prelude::*;
@@ -49,27 +48,9 @@ fn assert_all_pass(results: &[CaseResult], what: &str) {
     );
 }
 
-/// Whether the cpu backend can load a layer at all in this build. The stub it replaces answers
-/// `Unsupported`; a real backend never refuses a plain bf16 layer.
-fn cpu_available(runner: &Runner) -> Result<(), String> {
-    let case = Case::generate(1);
-    let mut cfg = case.config.clone();
-    cfg.weight_format = moerunner::WeightFormat::Bf16;
-    cfg.activation_format = moerunner::ActivationFormat::Bf16;
-    let layer = random_layer(&cfg, 1, false).map_err(|e| e.to_string())?;
-    match runner.load(layer, &BackendChoice::Named("cpu".into())) {
-        Err(MoeError::Unsupported(why)) => Err(why),
-        _ => Ok(()),
-    }
-}
-
 #[test]
 fn matrix_through_the_cpu_backend() {
     let runner = Runner::new();
-    if let Err(why) = cpu_available(&runner) {
-        println!("SKIPPED: the cpu backend is not available in this build ({why})");
-        return;
-    }
     let results = run_matrix(
         &runner,
         &BackendChoice::Named("cpu".into()),
@@ -245,7 +226,7 @@ fn the_checker_catches_wrong_outputs() {
 
 #[test]
 fn an_all_zero_reference_needs_an_all_zero_output() {
-    use moerunner::check::relative_error;
+    use moerunner::random_cases::relative_error;
     assert_eq!(relative_error(&[0.0, 0.0], &[0.0, 0.0]), 0.0);
     assert_eq!(relative_error(&[0.0, 1e-30], &[0.0, 0.0]), f64::INFINITY);
     assert!(relative_error(&[f64::NAN, 1.0], &[1.0, 1.0]).is_nan());

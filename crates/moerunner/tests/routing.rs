@@ -1144,11 +1144,12 @@ fn deepseek_v3_kept_groups_have_the_best_top_two_sums() {
     }
 }
 
-/// `routing::check` (for backends that route logits on their own device) refuses exactly what
-/// `resolve` refuses, with the same message, and returns routed input's routes unchanged.
+/// `routing::resolve_unless_logits` (for backends that route logits on their own device) refuses
+/// exactly what `resolve` refuses, with the same message, and returns routed input's routes
+/// unchanged.
 #[test]
-fn check_refuses_what_resolve_refuses() {
-    use moerunner::routing::check;
+fn resolve_unless_logits_refuses_what_resolve_refuses() {
+    use moerunner::routing::resolve_unless_logits;
     let c = cfg(M::Renormalize, 2);
     let bad_logits = [
         logits_t(vec![2, 4], &[0.0, 1.0, f32::NAN, 2.0, 0.5, 0.5, 0.5, 0.5]),
@@ -1159,19 +1160,19 @@ fn check_refuses_what_resolve_refuses() {
         let want = resolve_logits(&c, 4, 2, x)
             .expect_err("resolve refuses")
             .to_string();
-        let got = check(&c, 4, 2, &RoutingInput::Logits(x), None)
-            .expect_err("check refuses")
+        let got = resolve_unless_logits(&c, 4, 2, &RoutingInput::Logits(x), None)
+            .expect_err("resolve_unless_logits refuses")
             .to_string();
         assert_eq!(got, want);
     }
     let good = logits_t(vec![2, 4], &R4.repeat(2));
     assert_eq!(
-        check(&c, 4, 2, &RoutingInput::Logits(&good), None).expect("ok"),
+        resolve_unless_logits(&c, 4, 2, &RoutingInput::Logits(&good), None).expect("ok"),
         None
     );
     let bias = [0.0f32, f32::INFINITY, 0.0, 0.0];
     check_err(
-        check(
+        resolve_unless_logits(
             &ds(1, 1, 1, 1.0),
             4,
             2,
@@ -1187,12 +1188,12 @@ fn check_refuses_what_resolve_refuses() {
         weights: &w,
     };
     assert_eq!(
-        check(&c, 4, 2, &routed, None).expect("ok"),
+        resolve_unless_logits(&c, 4, 2, &routed, None).expect("ok"),
         Some(resolve_topk(&c, 4, 2, &ids, &w).expect("ok"))
     );
     let dup = HostTensor::from_i32(vec![2, 2], &[1, 1, 0, 2]);
     check_err(
-        check(
+        resolve_unless_logits(
             &c,
             4,
             2,

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use anyhow::{bail, Context};
 use indicatif::{ProgressBar, ProgressStyle};
-use moerunner::check::{case_seed, run_case_on, Case, CaseResult};
+use moerunner::random_cases::{case_seed, run_case_on, Case, CaseResult};
 use moerunner::{BackendChoice, Runner};
 use rayon::prelude::*;
 
@@ -29,7 +29,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let backend: BackendChoice = args.backend.parse().context("--backend")?;
     let runner = Runner::new();
     if let Some(seed) = args.case {
-        return run_one(&runner, seed, &backend);
+        return run_single_case(&runner, seed, &backend);
     }
 
     let bar = ProgressBar::new(args.cases);
@@ -77,7 +77,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         );
     }
 
-    print_table(&results);
+    print_format_summary(&results);
     let failed: Vec<&CaseResult> = results.iter().filter(|r| !r.passed).collect();
     for r in &failed {
         println!(
@@ -105,7 +105,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn run_one(runner: &Runner, seed: u64, backend: &BackendChoice) -> anyhow::Result<()> {
+fn run_single_case(runner: &Runner, seed: u64, backend: &BackendChoice) -> anyhow::Result<()> {
     let case = Case::generate(seed);
     println!("case {seed}: {case}");
     let r = run_case_on(runner, seed, backend);
@@ -125,7 +125,7 @@ fn run_one(runner: &Runner, seed: u64, backend: &BackendChoice) -> anyhow::Resul
 }
 
 /// Per weight × activation format: cases, passed, worst relative error, tolerance.
-fn print_table(results: &[CaseResult]) {
+fn print_format_summary(results: &[CaseResult]) {
     #[derive(Default)]
     struct Row {
         cases: usize,

@@ -1,3 +1,6 @@
+//! One module per subcommand, each with its clap `Args` and a `run` function. Subcommands never
+//! call each other; what two of them share lives here (or in the library).
+
 pub mod bench;
 pub mod check;
 pub mod convert;
@@ -5,3 +8,37 @@ pub mod info;
 pub mod make_input;
 pub mod make_layer;
 pub mod run;
+
+use std::path::Path;
+
+use anyhow::Context;
+use moerunner::checkpoint::{load_layer, CheckpointLayer, LoadOptions};
+use moerunner::{ActivationFormat, Parallelism, WeightFormat};
+
+/// `convert` and `run --checkpoint`: the load options from the `--quantize` and activation format
+/// flags.
+fn load_options(
+    par: Parallelism,
+    quantize: Option<&str>,
+    activation: Option<&str>,
+) -> anyhow::Result<LoadOptions> {
+    let quantize = quantize.map(|q| q.parse::<WeightFormat>()).transpose()?;
+    let activation_format = activation
+        .map(|a| a.parse::<ActivationFormat>())
+        .transpose()?;
+    Ok(LoadOptions {
+        parallelism: par,
+        quantize,
+        activation_format,
+    })
+}
+
+/// `convert` and `run --checkpoint`: layer `layer` of the model folder `dir`.
+fn load_checkpoint(
+    dir: &Path,
+    layer: usize,
+    opts: &LoadOptions,
+) -> anyhow::Result<CheckpointLayer> {
+    load_layer(dir, layer, opts)
+        .with_context(|| format!("loading layer {layer} of checkpoint {}", dir.display()))
+}

@@ -10,11 +10,15 @@ use moerunner::{BackendChoice, ForwardInput, Parallelism, Runner};
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// The layer file (`.safetensors`, spec/layer-file.md); with `--checkpoint`, the layer index.
-    #[arg(long)]
-    pub layer: String,
-    /// A Hugging Face model folder (config.json, shards, index); `--layer` is then the layer index
-    /// and the input may carry only `hidden_states` (logits come from the checkpoint's router).
+    /// The layer file (`.safetensors`, spec/layer-file.md). (Deprecated: with `--checkpoint`, the
+    /// layer index; use `--layer-index`.)
+    #[arg(long, required_unless_present = "layer_index")]
+    pub layer: Option<String>,
+    /// With `--checkpoint`: the index of the layer to run (0-based, as in `model.layers.{N}`).
+    #[arg(long, requires = "checkpoint", conflicts_with = "layer")]
+    pub layer_index: Option<usize>,
+    /// A Hugging Face model folder (config.json, shards, index) to load layer `--layer-index` from;
+    /// the input may then carry only `hidden_states` (logits come from the checkpoint's router).
     #[arg(long)]
     pub checkpoint: Option<PathBuf>,
     /// With `--checkpoint`: quantize the experts into this format at load (e.g. mxfp8, nvfp4).
@@ -60,20 +64,22 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         tp_rank: args.tp_rank,
     };
     let (layer, input) = match &args.checkpoint {
-        Some(dir) => super::convert::load_checkpoint_run(
-            dir,
-            &args.layer,
-            par,
-            args.quantize.as_deref(),
-            &args.input,
-        )?,
+        Some(dir) => {
+            let index = checkpoint_layer_index(&args)?;
+            let opts = super::load_options(par, args.quantize.as_deref(), None)?;
+            let loaded = super::load_checkpoint(dir, index, &opts)?;
+            let input = loaded
+                .read_input(&args.input)
+                .with_context(|| format!("reading input {}", args.input.display()))?;
+            (loaded.layer, input)
+        }
         None => {
             if args.quantize.is_some() {
                 anyhow::bail!(
                     "--quantize needs --checkpoint (a layer file is run in its own format)"
                 );
             }
-            let path = PathBuf::from(&args.layer);
+            let path = PathBuf::from(args.layer.as_deref().unwrap_or_default());
             let mut layer = layer_file::read_layer(&path)
                 .with_context(|| format!("reading layer {}", path.display()))?;
             let input = layer_file::read_input(&args.input)
@@ -86,11 +92,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
     };
     // Input errors (wrong H, E or k) surface before the backend spends time preparing weights.
-    input.check_against(layer.config()).with_context(|| {
+    let layer_name = match (&args.layer, args.layer_index) {
+        (Some(layer), _) => layer.clone(),
+        (None, index) => index.map(|i| i.to_string()).unwrap_or_default(),
+    };
+    input.validate_against(layer.config()).with_context(|| {
         format!(
-            "input {} does not fit layer {}",
+            "input {} does not fit layer {layer_name}",
             args.input.display(),
-            args.layer
         )
     })?;
     let bar = spinner(format!("loading {}", layer.config()))?;
@@ -131,6 +140,22 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         args.output.display(),
     );
     Ok(())
+}
+
+/// The layer index of `run --checkpoint`: `--layer-index N`, or the deprecated `--layer N` (with a
+/// note on stderr).
+fn checkpoint_layer_index(args: &Args) -> anyhow::Result<usize> {
+    if let Some(index) = args.layer_index {
+        return Ok(index);
+    }
+    let layer = args.layer.as_deref().unwrap_or_default();
+    let index: usize = layer.parse().with_context(|| {
+        format!("--layer `{layer}` must be a layer index with --checkpoint (use --layer-index N)")
+    })?;
+    eprintln!(
+        "note: `--layer {index}` with `--checkpoint` is deprecated; use `--layer-index {index}`"
+    );
+    Ok(index)
 }
 
 /// A spinner on stderr for work of unknown length (hidden when stderr is not a terminal).

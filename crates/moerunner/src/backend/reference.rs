@@ -45,7 +45,7 @@ impl LoadedLayer for LoadedReference {
         &self.layer
     }
     fn forward(&self, input: &ForwardInput<'_>) -> Result<ForwardOutput> {
-        let (x, routes) = forward::prepare(&self.layer, input)?;
+        let (x, routes) = forward::resolve_input(&self.layer, input)?;
         let h = self.layer.config().hidden;
         let out64 = crate::reference::forward(&self.layer, &x, &routes)?;
         let out32: Vec<f32> = out64.iter().map(|&v| v as f32).collect();

@@ -12,6 +12,7 @@ mod deepseek;
 mod experts;
 mod gpt_oss;
 pub mod hf_config;
+mod input;
 mod minimax;
 mod mixtral;
 mod nemotron_h;

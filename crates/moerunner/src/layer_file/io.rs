@@ -1,6 +1,6 @@
 //! The input file (hidden states + exactly one routing source) and the output file of
 //! `spec/layer-file.md`. Reading checks what the file alone can tell (names, dtypes, ranks, T);
-//! [`InputFile::check_against`] adds the layer's H, E and k, which `routing::resolve` and
+//! [`InputFile::validate_against`] adds the layer's H, E and k, which `routing::resolve` and
 //! `forward::hidden_as_f32` check again when the layer runs.
 
 use std::collections::HashMap;
@@ -91,7 +91,7 @@ impl InputFile {
         self.hidden.shape.first().copied().unwrap_or(0)
     }
     /// Checks names, dtypes, ranks and that every tensor has T rows (what the file alone says).
-    pub fn check(&self) -> Result<()> {
+    pub fn validate_standalone(&self) -> Result<()> {
         let h = &self.hidden;
         h.expect_dtype("hidden_states", &[DType::BF16, DType::F16, DType::F32])?;
         if h.shape.len() != 2 {
@@ -118,8 +118,8 @@ impl InputFile {
         }
     }
     /// Checks H, E and k against the layer that will run this input, before it is loaded.
-    pub fn check_against(&self, config: &LayerConfig) -> Result<()> {
-        self.check()?;
+    pub fn validate_against(&self, config: &LayerConfig) -> Result<()> {
+        self.validate_standalone()?;
         check_cols(
             "hidden_states",
             &self.hidden,
@@ -160,7 +160,8 @@ impl TryFrom<SynthInput> for InputFile {
     }
 }
 
-/// Reads an input file (memory-mapped) and checks it on its own ([`InputFile::check`]).
+/// Reads an input file (memory-mapped) and checks it on its own
+/// ([`InputFile::validate_standalone`]).
 pub fn read_input(path: &Path) -> Result<InputFile> {
     let file = MappedFile::open(path)?;
     file.expect_only(INPUT_TENSORS, "an input file")?;
@@ -200,13 +201,13 @@ pub fn read_input(path: &Path) -> Result<InputFile> {
         }
     };
     let input = InputFile { hidden, routing };
-    input.check()?;
+    input.validate_standalone()?;
     Ok(input)
 }
 
 /// Writes an input file atomically.
 pub fn write_input(path: &Path, input: &InputFile) -> Result<()> {
-    input.check()?;
+    input.validate_standalone()?;
     let mut tensors = vec![("hidden_states".to_string(), input.hidden.clone())];
     match &input.routing {
         RoutingTensors::Logits(l) => tensors.push(("router_logits".into(), l.clone())),

@@ -175,7 +175,7 @@ fn logits_f32(t: &HostTensor, tokens: usize, num_experts: usize) -> Result<Vec<f
 
 /// Every check of [`resolve`], without routing logits: for a backend that routes on its own device.
 /// Returns the routes of routed input (ids + weights, packed) and `None` for logits.
-pub fn check(
+pub fn resolve_unless_logits(
     cfg: &RoutingConfig,
     num_experts: usize,
     tokens: usize,

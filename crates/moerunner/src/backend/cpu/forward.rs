@@ -41,7 +41,7 @@ pub fn run(cpu: &CpuLayer, input: &ForwardInput<'_>) -> Result<ForwardOutput> {
 fn run_in_pool(cpu: &CpuLayer, input: &ForwardInput<'_>) -> Result<ForwardOutput> {
     let layer = &cpu.layer;
     let cfg = layer.config();
-    let (x, routes) = forward::prepare(layer, input)?;
+    let (x, routes) = forward::resolve_input(layer, input)?;
     let (tokens, h) = (routes.tokens, cfg.hidden);
     // NaN until written: a row the phases forget shows up as NaN, never as a plausible zero.
     let mut out = vec![f32::NAN; tokens * h];

@@ -36,7 +36,7 @@ impl CudaLayer {
         let cfg = layer.config();
         let w = layer.weights();
         let codec = codec::codec_for(cfg).map_err(MoeError::Cuda)?;
-        let prepared: PreparedWeights = prepare::prepare(cfg, w);
+        let prepared: PreparedWeights = prepare::prepare_weights(cfg, w);
         let upload_proj =
             |t: &prepare::PreparedTensor, bias: &Option<Vec<f32>>| -> Result<ProjectionBufs> {
                 Ok(ProjectionBufs {
@@ -179,7 +179,7 @@ impl CudaLayer {
         let cfg = self.layer.config();
         // The same checks (and error messages) as every backend: shapes, dtypes, finite values,
         // routed ids and duplicates. Logits are only checked here: the GPU routes them.
-        let (tokens, host_routes) = forward::check(&self.layer, input)?;
+        let (tokens, host_routes) = forward::validate_input(&self.layer, input)?;
         let (h, k) = (cfg.hidden, self.top_k());
         let weight_on_input = cfg.routing.method == RoutingMethod::Llama4;
         let elem = input.hidden.dtype.size();
@@ -349,7 +349,7 @@ impl CudaLayer {
     /// Median GPU time (µs) of the whole layer (one launch sequence) replayed from a CUDA graph with
     /// the L2 flushed before each replay (`timing.rs`).
     fn time_graph(&self, input: &ForwardInput<'_>, iters: usize) -> Result<f64> {
-        let (tokens, host_routes) = forward::check(&self.layer, input)?;
+        let (tokens, host_routes) = forward::validate_input(&self.layer, input)?;
         if tokens == 0 {
             return Ok(0.0);
         }

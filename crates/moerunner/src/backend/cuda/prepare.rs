@@ -110,7 +110,8 @@ pub fn w13_feature(dims: &Dims, r: usize) -> usize {
     }
 }
 
-pub fn prepare(cfg: &LayerConfig, w: &LayerWeights) -> PreparedWeights {
+/// A layer's weights in the kernel layout (module docs), made on the host once at load.
+pub fn prepare_weights(cfg: &LayerConfig, w: &LayerWeights) -> PreparedWeights {
     let dims = Dims::of(cfg);
     let m1p = dims.m1p();
     let w13_map = |r: usize| w13_source_row(&dims, cfg.w13_order, r);
