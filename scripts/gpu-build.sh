@@ -3,16 +3,20 @@
 # binary and the release CLI, copied into gpu-bin/ (git-ignored). Then run on the GPU machine,
 # from the repository root, with gpu-bin carried:
 #     scripts/gpu-run.sh [tests|checks|bench|all] [bench args...]
+# Binaries are stripped of debug information (what travels to the GPU machine is size-limited).
+# An optional argument names another output folder (e.g. to carry two builds side by side).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-mkdir -p gpu-bin
+bin=${1:-gpu-bin}
+mkdir -p "$bin"
 cargo build --release -p moerunner-cli
-cp target/release/moerunner gpu-bin/moerunner
+cp target/release/moerunner "$bin/moerunner"
 exe=$(cargo test --release -p moerunner --features cuda --test cuda --no-run --message-format=json 2>/dev/null \
     | python3 -c 'import json,sys
 for l in sys.stdin:
     m = json.loads(l)
     if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "cuda":
         print(m["executable"])')
-cp "$exe" gpu-bin/cuda-tests
-ls -la gpu-bin
+cp "$exe" "$bin/cuda-tests"
+strip --strip-debug "$bin/moerunner" "$bin/cuda-tests"
+ls -la "$bin"

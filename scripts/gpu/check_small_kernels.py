@@ -30,6 +30,7 @@ import numpy as np
 import cupy as cp
 import torch
 
+import contracts  # scripts/gpu/contracts.py: kernel signatures from the Rust launchers
 import nvrtc  # scripts/gpu/nvrtc.py: the backend's compile path
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
@@ -69,8 +70,6 @@ def load_module(name, extra="", body=None, common=None):
 def i32(v):
     return np.int32(v)
 
-
-NULL = np.uint64(0)
 
 # ---------------------------------------------------------------------------------------------------
 # float helpers (f32 exact, as the CPU)
@@ -216,7 +215,7 @@ def gen_logits(rng, kind, T, E):
 
 
 def check_routing(mod, seed, quick):
-    k = mod.get_function("route_logits")
+    k = contracts.Kernel(mod, "route_logits")
     cases = []
     c = 0
     Es = [8, 64, 128, 256, 384]
@@ -291,9 +290,9 @@ def check_routing(mod, seed, quick):
         d_w = cp.full((T, K), cp.nan, cp.float32)
         d_bias = cp.asarray(bias)
         grid, block, smem = route_launch(E, K, T)
-        k((grid,), (block,), (d_logits, i32(dt_code), d_bias if use_bias else NULL, i32(T), i32(E), i32(K),
-                              i32(method), i32(cs["ng"]), i32(cs["tg"]), F32(rsf), i32(norm), d_ids, d_w),
-          shared_mem=smem)
+        k((grid,), (block,), shared_mem=smem, logits=d_logits, logits_dtype=dt_code,
+          bias=d_bias if use_bias else None, T=T, E=E, K=K, method=method, n_group=cs["ng"],
+          topk_group=cs["tg"], routed_scaling_factor=rsf, norm_topk_prob=norm, topk_ids=d_ids, topk_w=d_w)
         ids = cp.asnumpy(d_ids)
         w = cp.asnumpy(d_w)
         bad_ids = int((ids != ids_ref).any(axis=1).sum())
@@ -341,7 +340,7 @@ extern "C" __global__ void test_expf(const float* x, float* y, int n) {
 
 
 def check_unpack(mod, seed):
-    k = mod.get_function("unpack_routes")
+    k = contracts.Kernel(mod, "unpack_routes")
     fails = 0
     ncases = 0
     for n in (0, 1, 37, 100000):
@@ -355,7 +354,7 @@ def check_unpack(mod, seed):
         d_ids = cp.full(m, -7, cp.int32)
         d_w = cp.full(m, cp.nan, cp.float32)
         grid = max(1, min((n + 255) // 256, 1024))
-        k((grid,), (256,), (cp.asarray(packed) if n else cp.zeros(1, cp.int32), i32(n), d_ids, d_w))
+        k((grid,), (256,), packed=cp.asarray(packed) if n else cp.zeros(1, cp.int32), n=n, ids=d_ids, w=d_w)
         gi = cp.asnumpy(d_ids)[:n]
         gw = cp.asnumpy(d_w)[:n].view(np.uint32)
         ri = packed >> 16
@@ -410,7 +409,7 @@ def sort_multi_launcher(mod, ids, P, es, El, BN, max_tiles, outs, chunk=None, bl
     """The three multi-block kernels as layer.rs enqueues them (chunk, block, scatter smem overridable
     to test the kernels' generality). outs = (offs, sorted, pos, te, ts, tend, nt). Returns (launch,
     scratch)."""
-    kc, ks, kx = (mod.get_function(n) for n in ("sort_count", "sort_scan", "sort_scatter"))
+    kc, ks, kx = (contracts.Kernel(mod, n) for n in ("sort_count", "sort_scan", "sort_scatter"))
     if chunk is None:
         chunk, nc = sort_chunks(P)
     else:
@@ -419,19 +418,21 @@ def sort_multi_launcher(mod, ids, P, es, El, BN, max_tiles, outs, chunk=None, bl
     offs, srt, pos, te, ts, tend, ntl = outs
     scan_smem = 4 * (2 * (El + 1) + max(El, min(1024, 32 * El)))
     xs_smem = 4 * (scatter_words if scatter_words is not None else 8 * El)
-    ca = (ids, i32(P), i32(chunk), i32(es), i32(El), scratch)
-    sa = (scratch, i32(nc), i32(El), i32(BN), i32(max_tiles), offs, te, ts, tend, ntl)
-    xa = (ids, i32(P), i32(chunk), i32(es), i32(El), scratch, srt, pos)
+    chunked = dict(topk_ids=ids, P=P, chunk=chunk, expert_start=es, E_local=El)
+    ca = kc.args(**chunked, chunk_counts=scratch)
+    sa = ks.args(chunk_counts=scratch, num_chunks=nc, E_local=El, BN=BN, max_tiles=max_tiles, expert_offsets=offs,
+                 tile_expert=te, tile_row_start=ts, tile_row_end=tend, num_tiles=ntl)
+    xa = kx.args(**chunked, chunk_starts=scratch, sorted_pair=srt, pair_pos=pos)
 
     def launch():
-        kc((nc,), (block,), ca, shared_mem=4 * El)
-        ks((1,), (1024,), sa, shared_mem=scan_smem)
-        kx((nc,), (block,), xa, shared_mem=xs_smem)
+        kc.fn((nc,), (block,), ca, shared_mem=4 * El)
+        ks.fn((1,), (1024,), sa, shared_mem=scan_smem)
+        kx.fn((nc,), (block,), xa, shared_mem=xs_smem)
     return launch, scratch
 
 
 def check_sort(mod, seed, quick):
-    k = mod.get_function("sort_pairs_by_expert")
+    k = contracts.Kernel(mod, "sort_pairs_by_expert")
     fails = 0
     cases = []
     c = 0
@@ -519,9 +520,9 @@ def check_sort(mod, seed, quick):
                                             scatter_words=cs.get("scatter_words"))
             launch()
         else:
-            args = (d_ids, i32(P), i32(es), i32(El), i32(BN), i32(tile_cap), d_offs, d_sorted, d_pos, d_te, d_ts,
-                    d_tend, d_nt)
-            k((1,), (1024,), args, shared_mem=smem)
+            k((1,), (1024,), shared_mem=smem, topk_ids=d_ids, P=P, expert_start=es, E_local=El, BN=BN,
+              max_tiles=tile_cap, expert_offsets=d_offs, sorted_pair=d_sorted, pair_pos=d_pos, tile_expert=d_te,
+              tile_row_start=d_ts, tile_row_end=d_tend, num_tiles=d_nt)
         n_loc = order.size
         g_sorted = cp.asnumpy(d_sorted)
         g_pos = cp.asnumpy(d_pos)[:P]
@@ -557,13 +558,15 @@ def check_sort(mod, seed, quick):
     bufs = [cp.zeros(El + 1, cp.int32), cp.zeros(P, cp.int32), cp.zeros(P, cp.int32), cp.zeros(mt, cp.int32),
             cp.zeros(mt, cp.int32), cp.zeros(mt, cp.int32), cp.zeros(1, cp.int32)]
     smem = 4 * (2 * (El + 1) + 32 * El)
-    args = (d_ids, i32(P), i32(0), i32(El), i32(BN), i32(mt), *bufs)
+    args = k.args(topk_ids=d_ids, P=P, expert_start=0, E_local=El, BN=BN, max_tiles=mt,
+                  **dict(zip(("expert_offsets", "sorted_pair", "pair_pos", "tile_expert", "tile_row_start",
+                              "tile_row_end", "num_tiles"), bufs)))
     for _ in range(3):
-        k((1,), (1024,), args, shared_mem=smem)
+        k.fn((1,), (1024,), args, shared_mem=smem)
     e0, e1 = cp.cuda.Event(), cp.cuda.Event()
     e0.record()
     for _ in range(50):
-        k((1,), (1024,), args, shared_mem=smem)
+        k.fn((1,), (1024,), args, shared_mem=smem)
     e1.record()
     e1.synchronize()
     us = cp.cuda.get_elapsed_time(e0, e1) * 1000 / 50
@@ -593,7 +596,7 @@ def ref_quant(x32, cols, out_stride, mode, s):
 
 
 def check_quant(mod, seed, quick):
-    k = mod.get_function("quantize_rows")
+    k = contracts.Kernel(mod, "quantize_rows")
     fails = 0
     c = 0
     torch_disagree = 0
@@ -631,8 +634,8 @@ def check_quant(mod, seed, quick):
                 d_sc = cp.full(rows * nb, cp.nan, cp.float32)
                 total = rows * out_stride // 16
                 grid = max(1, min((total + 255) // 256, 200))
-                k((grid,), (256,), (dx, i32(dt), i32(rows), i32(cols), np.int64(in_stride), d_out,
-                                    i32(out_stride), i32(mode), d_s, d_sc))
+                k((grid,), (256,), x=dx, x_dtype=dt, rows=rows, cols=cols, in_stride=in_stride, out=d_out,
+                  out_stride=out_stride, mode=mode, static_scale=d_s, out_scales=d_sc)
                 q_ref, sc_ref = ref_quant(xs, cols, out_stride, mode, s_static)
                 out = cp.asnumpy(d_out)
                 errs = []
@@ -669,7 +672,7 @@ def check_quant(mod, seed, quick):
 # combine
 # ---------------------------------------------------------------------------------------------------
 def check_combine(mod, seed, quick):
-    k = mod.get_function("combine_rows")
+    k = contracts.Kernel(mod, "combine_rows")
     fails = 0
     c = 0
     for T, K, H, zpad in [(1, 1, 128, 0), (7, 2, 130, 2), (64, 8, 7168, 0), (33, 4, 2048, 4), (5, 8, 4, 0),
@@ -705,8 +708,8 @@ def check_combine(mod, seed, quick):
                 else:
                     per = (H + 3) // 4 if H % 4 == 0 else H
                     grid, block = max(1, min((T * per + 255) // 256, 200)), 256
-                k((grid,), (block,), (z_dev, i32(zdt), i32(z_stride), cp.asarray(pos), cp.asarray(w) if weighted else NULL,
-                                    i32(T), i32(K), i32(H), d_out, i32(dt)))
+                k((grid,), (block,), z=z_dev, z_dtype=zdt, z_stride=z_stride, pair_pos=cp.asarray(pos),
+                  topk_w=cp.asarray(w) if weighted else None, T=T, K=K, H=H, out=d_out, out_dtype=dt)
                 out = cp.asnumpy(d_out)
                 if dt == DTYPE_F32:
                     g, r = out.view(np.uint32).reshape(T, H), acc.view(np.uint32)
@@ -802,11 +805,11 @@ def time_small_kernels(seed, Ts=(1, 16, 128, 4096), sort_Ts=(8192, 16384)):
     for label, common, bodies in variants:
         mods = {n: load_module(n, body=None if bodies is None else bodies[n], common=common)
                 for n in ("routing", "sort", "combine")}
-        kr = mods["routing"].get_function("route_logits")
-        ks = mods["sort"].get_function("sort_pairs_by_expert")
-        kc = mods["combine"].get_function("combine_rows")
+        kr = contracts.Kernel(mods["routing"], "route_logits")
+        ks = contracts.Kernel(mods["sort"], "sort_pairs_by_expert")
+        kc = contracts.Kernel(mods["combine"], "combine_rows")
         try:
-            multi_kernels = [mods["sort"].get_function(n) for n in ("sort_count", "sort_scan", "sort_scatter")]
+            multi_kernels = [contracts.Kernel(mods["sort"], n) for n in ("sort_count", "sort_scan", "sort_scatter")]
         except Exception:
             multi_kernels = None
         for T in all_Ts:
@@ -816,17 +819,19 @@ def time_small_kernels(seed, Ts=(1, 16, 128, 4096), sort_Ts=(8192, 16384)):
             ids = cp.zeros((T, K), cp.int32)
             w = cp.zeros((T, K), cp.float32)
             g, b, sm = route_launch_rust(E, K, T)
-            ra = (logits, i32(DTYPE_BF16), NULL, i32(T), i32(E), i32(K), i32(1), i32(1), i32(1), F32(1.0), i32(0),
-                  ids, w)
-            TIMES.append(("route_logits", T, label, median_us(lambda: kr((g,), (b,), ra, shared_mem=sm))))
+            ra = kr.args(logits=logits, logits_dtype=DTYPE_BF16, bias=None, T=T, E=E, K=K, method=1, n_group=1,
+                         topk_group=1, routed_scaling_factor=1.0, norm_topk_prob=0, topk_ids=ids, topk_w=w)
+            TIMES.append(("route_logits", T, label, median_us(lambda: kr.fn((g,), (b,), ra, shared_mem=sm))))
             # sort (of the ids just routed)
             BN = pick_bn(T, K, E)
             mt = (P + BN - 1) // BN + E
             bufs = [cp.zeros(E + 1, cp.int32), cp.zeros(P, cp.int32), cp.zeros(P, cp.int32),
                     cp.zeros(mt, cp.int32), cp.zeros(mt, cp.int32), cp.zeros(mt, cp.int32), cp.zeros(1, cp.int32)]
             g, b, sm = sort_launch_rust(E)
-            sa = (ids, i32(P), i32(0), i32(E), i32(BN), i32(mt), *bufs)
-            one_block = median_us(lambda: ks((g,), (b,), sa, shared_mem=sm))
+            sort_outs = dict(zip(("expert_offsets", "sorted_pair", "pair_pos", "tile_expert", "tile_row_start",
+                                  "tile_row_end", "num_tiles"), bufs))
+            sa = ks.args(topk_ids=ids, P=P, expert_start=0, E_local=E, BN=BN, max_tiles=mt, **sort_outs)
+            one_block = median_us(lambda: ks.fn((g,), (b,), sa, shared_mem=sm))
             if multi_kernels is not None and sort_multi_block(P, E):
                 launch, scratch = sort_multi_launcher(mods["sort"], ids, P, 0, E, BN, mt, bufs)
                 TIMES.append(("sort_pairs_by_expert", T, label, median_us(launch)))
@@ -834,20 +839,22 @@ def time_small_kernels(seed, Ts=(1, 16, 128, 4096), sort_Ts=(8192, 16384)):
                     TIMES.append(("  one-block kernel", T, label, one_block))
                     chunk, nc = sort_chunks(P)
                     kcnt, kscan, kscat = multi_kernels
-                    ca = (ids, i32(P), i32(chunk), i32(0), i32(E), scratch)
+                    chunked = dict(topk_ids=ids, P=P, chunk=chunk, expert_start=0, E_local=E)
+                    ca = kcnt.args(**chunked, chunk_counts=scratch)
                     TIMES.append(("  sort_count", T, label,
-                                  median_us(lambda: kcnt((nc,), (256,), ca, shared_mem=4 * E))))
+                                  median_us(lambda: kcnt.fn((nc,), (256,), ca, shared_mem=4 * E))))
                     # the scan rewrites the counts in place: restored before each launch, outside its events
                     counts = scratch.copy()
                     scan_smem = 4 * (2 * (E + 1) + max(E, min(1024, 32 * E)))
-                    sca = (scratch, i32(nc), i32(E), i32(BN), i32(mt), bufs[0], bufs[3], bufs[4], bufs[5], bufs[6])
+                    sca = kscan.args(chunk_counts=scratch, num_chunks=nc, E_local=E, BN=BN, max_tiles=mt,
+                                     **{n: v for n, v in sort_outs.items() if n not in ("sorted_pair", "pair_pos")})
                     TIMES.append(("  sort_scan", T, label,
-                                  median_us(lambda: kscan((1,), (1024,), sca, shared_mem=scan_smem),
+                                  median_us(lambda: kscan.fn((1,), (1024,), sca, shared_mem=scan_smem),
                                             prep=lambda: scratch.__setitem__(slice(None), counts))))
                     launch()  # consistent starts again for the scatter
-                    xa = (ids, i32(P), i32(chunk), i32(0), i32(E), scratch, bufs[1], bufs[2])
+                    xa = kscat.args(**chunked, chunk_starts=scratch, sorted_pair=bufs[1], pair_pos=bufs[2])
                     TIMES.append(("  sort_scatter", T, label,
-                                  median_us(lambda: kscat((nc,), (256,), xa, shared_mem=4 * 8 * E))))
+                                  median_us(lambda: kscat.fn((nc,), (256,), xa, shared_mem=4 * 8 * E))))
                     launch()  # leave a valid pair_pos for the combine below
             else:
                 TIMES.append(("sort_pairs_by_expert", T, label, one_block))
@@ -857,8 +864,9 @@ def time_small_kernels(seed, Ts=(1, 16, 128, 4096), sort_Ts=(8192, 16384)):
             z = cp.asarray(rng.standard_normal((P, H)).astype(F32))
             out = cp.zeros(T * H, cp.uint16)
             g, b = combine_launch(T, H)
-            ca = (z, i32(DTYPE_F32), i32(H), bufs[2], w, i32(T), i32(K), i32(H), out, i32(DTYPE_BF16))
-            TIMES.append(("combine_rows", T, label, median_us(lambda: kc((g,), (b,), ca))))
+            ca = kc.args(z=z, z_dtype=DTYPE_F32, z_stride=H, pair_pos=bufs[2], topk_w=w, T=T, K=K, H=H, out=out,
+                         out_dtype=DTYPE_BF16)
+            TIMES.append(("combine_rows", T, label, median_us(lambda: kc.fn((g,), (b,), ca))))
     print(f"\n{'kernel (E=128 k=8 H=2048)':<26} {'T':>6} " + " ".join(f"{v[0] + ' us':>11}" for v in variants))
     names = []
     for (kk, _, _, _) in TIMES:
