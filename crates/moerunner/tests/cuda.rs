@@ -143,7 +143,12 @@ fn prepared_layout_computes_the_reference_layer() {
                     W13Order::GateUp
                 };
                 let layer = random_layer(&cfg, seed, true).expect("layer");
-                let p = prepare::prepare_weights(&cfg, layer.weights());
+                let codec = moerunner::backend::cuda::codec::codec_of(
+                    cfg.weight_format,
+                    cfg.activation_format,
+                )
+                .expect("a CUDA codec");
+                let p = prepare::prepare_weights(&cfg, codec, layer.weights());
                 let mut rng = moerunner::rng::SeededRng::new(seed);
                 let x: Vec<f32> = (0..cfg.hidden).map(|_| rng.uniform(-1.0, 1.0)).collect();
                 for e in 0..3 {

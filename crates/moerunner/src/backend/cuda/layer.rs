@@ -36,7 +36,7 @@ impl CudaLayer {
         let cfg = layer.config();
         let w = layer.weights();
         let codec = codec::codec_for(cfg).map_err(MoeError::Cuda)?;
-        let prepared: PreparedWeights = prepare::prepare_weights(cfg, w);
+        let prepared: PreparedWeights = prepare::prepare_weights(cfg, codec, w);
         let upload_proj =
             |t: &prepare::PreparedTensor, bias: &Option<Vec<f32>>| -> Result<ProjectionBufs> {
                 Ok(ProjectionBufs {

@@ -14,7 +14,8 @@
 
 use rayon::prelude::*;
 
-use crate::config::{LayerConfig, W13Order, WeightFormat};
+use super::codec::{Codec, PreparedScales};
+use crate::config::{LayerConfig, W13Order};
 use crate::weights::{BlockScales, LayerWeights, QuantizedTensor};
 
 pub const PAD: usize = 128;
@@ -111,13 +112,14 @@ pub fn w13_feature(dims: &Dims, r: usize) -> usize {
 }
 
 /// A layer's weights in the kernel layout (module docs), made on the host once at load.
-pub fn prepare_weights(cfg: &LayerConfig, w: &LayerWeights) -> PreparedWeights {
+/// Both projections of `w` in the layout `codec` names (element bytes, scale layout).
+pub fn prepare_weights(cfg: &LayerConfig, codec: &Codec, w: &LayerWeights) -> PreparedWeights {
     let dims = Dims::of(cfg);
     let m1p = dims.m1p();
     let w13_map = |r: usize| w13_source_row(&dims, cfg.w13_order, r);
     let w2_map = |r: usize| (r < dims.hidden).then_some(r);
-    let w13 = prepare_tensor(&w.w13, m1p, dims.hp, &w13_map);
-    let w2 = prepare_tensor(&w.w2, dims.hp, dims.ip, &w2_map);
+    let w13 = prepare_tensor(codec, &w.w13, m1p, dims.hp, &w13_map);
+    let w2 = prepare_tensor(codec, &w.w2, dims.hp, dims.ip, &w2_map);
     let w13_bias = w
         .w13_bias
         .as_ref()
@@ -155,15 +157,13 @@ fn permute_bias(
 
 /// Reorders and pads one projection. `map(r)` gives the source row of prepared row r.
 fn prepare_tensor(
+    codec: &Codec,
     t: &QuantizedTensor,
     rows_p: usize,
     cols_p: usize,
     map: &(dyn Fn(usize) -> Option<usize> + Sync),
 ) -> PreparedTensor {
-    let elem = match t.format {
-        WeightFormat::Bf16 => 2,
-        _ => 1,
-    };
+    let elem = codec.gemm.element_bytes();
     let row_bytes = t.cols * elem;
     let row_bytes_p = cols_p * elem;
     let mut data = vec![0u8; t.experts * rows_p * row_bytes_p];
@@ -179,9 +179,9 @@ fn prepare_tensor(
                 }
             }
         });
-    let scales = match &t.scales {
-        BlockScales::PerExpert(s) => s.clone(),
-        BlockScales::Block128(s) => {
+    let scales = match (codec.weight_scales, &t.scales) {
+        (PreparedScales::PerExpert, BlockScales::PerExpert(s)) => s.clone(),
+        (PreparedScales::Rows8x128, BlockScales::Block128(s)) => {
             let (nbr, nbc) = (t.rows.div_ceil(128), t.cols.div_ceil(128));
             let (groups, kb_p) = (rows_p / 8, cols_p / 128);
             let mut out = vec![0f32; t.experts * groups * kb_p];
