@@ -7,8 +7,6 @@ use std::sync::{Arc, Mutex};
 
 use super::codec::{self, PreparedScales};
 use super::device::{f32_bytes, i32_bytes, Device};
-use super::kernels::moe_gemm::GemmVariant;
-use super::kernels::ModuleKey;
 use super::pipeline::{DeviceCall, DeviceRoutes, GemmTable, Pipeline, ProjectionBufs, Resident};
 use super::prepare::{self, PreparedWeights};
 use super::workspace::{Scratch, Slot, Staging, Workspace};
@@ -75,14 +73,7 @@ impl CudaLayer {
         let wgmma_on =
             dev.arch == "sm_90a" && std::env::var("MOERUNNER_WGMMA").map_or(true, |v| v != "0");
         let ws_on = std::env::var("MOERUNNER_WG_WS").map_or(true, |v| v != "0");
-        let mut gemm = GemmTable {
-            variants: Default::default(),
-            wgmma_on,
-            ws_on,
-        };
-        for v in GemmTable::variants_for(codec, cfg, wgmma_on, ws_on) {
-            gemm.variants.insert(v, load_gemm(&dev, v)?);
-        }
+        let gemm = GemmTable::load(&dev, codec, cfg, wgmma_on, ws_on)?;
         let pipeline = Pipeline::standard(&dev, &resident, gemm)?;
         dev.sync()?;
         Ok(CudaLayer {
@@ -384,32 +375,6 @@ fn le_words<T>(bytes: &[u8], from: fn([u8; 4]) -> T) -> Vec<T> {
         .chunks_exact(4)
         .map(|c| from([c[0], c[1], c[2], c[3]]))
         .collect()
-}
-
-/// A GEMM variant's function, with the threads and dynamic shared memory its module exports
-/// (`moe_gemm_meta` = {NTHREADS, SMEM, BM, BN, STAGES, WARPS_M, WARPS_N, WARPS_K}), read at load: no
-/// host round trip may happen inside a call.
-fn load_gemm(dev: &Device, v: GemmVariant) -> Result<(cudarc::driver::CudaFunction, u32, u32)> {
-    let key: ModuleKey = v.module();
-    let f = dev.function(&key, "moe_gemm")?;
-    let meta = dev.module_ints(&key, "moe_gemm", "moe_gemm_meta", 8)?;
-    if meta[2] as u32 != v.bm() || meta[3] as u32 != v.bn {
-        return Err(MoeError::Cuda(format!(
-            "internal: moe_gemm built for BM={} BN={}, expected {}x{}",
-            meta[2],
-            meta[3],
-            v.bm(),
-            v.bn
-        )));
-    }
-    if meta[1] > 48 * 1024 {
-        f.set_attribute(
-            cudarc::driver::sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-            meta[1],
-        )
-        .map_err(|e| super::device::cuda_err("raising a kernel's shared-memory limit", e))?;
-    }
-    Ok((f, meta[0] as u32, meta[1] as u32))
 }
 
 impl LoadedLayer for CudaLayer {

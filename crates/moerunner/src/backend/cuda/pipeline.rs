@@ -434,6 +434,25 @@ pub struct GemmTable {
 }
 
 impl GemmTable {
+    /// Loads (compiling or reading the disk cache) every variant a layer of `codec` can run.
+    pub fn load(
+        dev: &Device,
+        codec: &Codec,
+        cfg: &LayerConfig,
+        wgmma_on: bool,
+        ws_on: bool,
+    ) -> Result<GemmTable> {
+        let mut variants = HashMap::new();
+        for v in Self::variants_for(codec, cfg, wgmma_on, ws_on) {
+            variants.insert(v, load_gemm(dev, v)?);
+        }
+        Ok(GemmTable {
+            variants,
+            wgmma_on,
+            ws_on,
+        })
+    }
+
     /// The variants `layer` can run: its GEMM1 stage and both GEMM2 stores at every tile width.
     pub fn variants_for(
         layer_codec: &Codec,
@@ -503,6 +522,32 @@ impl GemmTable {
             },
         )
     }
+}
+
+/// A GEMM variant's function, with the threads and dynamic shared memory its module exports
+/// (`moe_gemm_meta` = {NTHREADS, SMEM, BM, BN, STAGES, WARPS_M, WARPS_N, WARPS_K}), read at load: no
+/// host round trip may happen inside a call.
+fn load_gemm(dev: &Device, v: GemmVariant) -> Result<(cudarc::driver::CudaFunction, u32, u32)> {
+    let key: ModuleKey = v.module();
+    let f = dev.function(&key, "moe_gemm")?;
+    let meta = dev.module_ints(&key, "moe_gemm", "moe_gemm_meta", 8)?;
+    if meta[2] as u32 != v.bm() || meta[3] as u32 != v.bn {
+        return Err(MoeError::Cuda(format!(
+            "internal: moe_gemm built for BM={} BN={}, expected {}x{}",
+            meta[2],
+            meta[3],
+            v.bm(),
+            v.bn
+        )));
+    }
+    if meta[1] > 48 * 1024 {
+        f.set_attribute(
+            cudarc::driver::sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            meta[1],
+        )
+        .map_err(|e| super::device::cuda_err("raising a kernel's shared-memory limit", e))?;
+    }
+    Ok((f, meta[0] as u32, meta[1] as u32))
 }
 
 /// GEMM1 over the gathered input rows, the activation (and biases, and Llama-4's routing weight) in
