@@ -192,21 +192,7 @@ pub fn run(plan: &BenchPlan, progress: &mut dyn FnMut(Progress<'_>)) -> Result<B
                     routing: input.routing_input(),
                 };
                 let first = loaded.forward(&fwd)?; // warm-up (thread pool, scratch, page faults)
-                let time_s = match loaded.time_device_forward(&fwd, plan.iters) {
-                    Some(us) => us? * 1e-6,
-                    None => {
-                        let mut times = Vec::with_capacity(plan.iters);
-                        for _ in 0..plan.iters {
-                            stream_through(&mut flush);
-                            let t0 = Instant::now();
-                            let out = loaded.forward(&fwd)?;
-                            times.push(t0.elapsed().as_secs_f64());
-                            drop(out);
-                        }
-                        times.sort_by(f64::total_cmp);
-                        times[times.len() / 2]
-                    }
-                };
+                let time_s = median_call_s(&*loaded, &fwd, plan.iters, &mut flush)?;
 
                 let routes = &first.routes;
                 let active = routes.distinct_experts(config.local_experts.clone());
@@ -234,29 +220,7 @@ pub fn run(plan: &BenchPlan, progress: &mut dyn FnMut(Progress<'_>)) -> Result<B
             }
         }
     }
-    // Other work on the machine can only lower a measured ceiling; measure again after the cases
-    // and keep the best of both, then recompute every row's floor against it.
-    let mut ceilings = match ceilings {
-        Some(c) => c,
-        None => measure_ceilings_for(device_backend, progress, "before")?,
-    };
-    let after = measure_ceilings_for(device_backend, progress, "after")?;
-    ceilings.read_gbps = ceilings.read_gbps.max(after.read_gbps);
-    ceilings.bf16_tflops = ceilings.bf16_tflops.max(after.bf16_tflops);
-    ceilings.fp8_tflops = match (ceilings.fp8_tflops, after.fp8_tflops) {
-        (Some(a), Some(b)) => Some(a.max(b)),
-        (a, b) => a.or(b),
-    };
-    if device_backend.is_none() {
-        ceilings.f32_tflops = Some(ceilings.bf16_tflops);
-    }
-    for row in &mut rows {
-        let activation: ActivationFormat = row.activation_format.parse()?;
-        let floor_s = (row.bytes as f64 / (ceilings.read_gbps * 1e9))
-            .max(row.flops as f64 / ceilings.matrix_flops(activation));
-        row.floor_us = floor_s * 1e6;
-        row.roofline = row.floor_us / row.time_us;
-    }
+    let ceilings = best_ceilings(ceilings, device_backend, progress, &mut rows)?;
     if backend_name.is_empty() {
         // Nothing ran (an empty plan): still name the backend the choice would take.
         backend_name = match &plan.backend {
@@ -272,6 +236,61 @@ pub fn run(plan: &BenchPlan, progress: &mut dyn FnMut(Progress<'_>)) -> Result<B
         ceilings,
         rows,
     })
+}
+
+/// Median wall time (s) of one call: the device's own graph timing where the backend has one, else
+/// `iters` host calls with the caches flushed before each.
+fn median_call_s(
+    loaded: &dyn crate::backend::LoadedLayer,
+    fwd: &ForwardInput<'_>,
+    iters: usize,
+    flush: &mut [u64],
+) -> Result<f64> {
+    if let Some(us) = loaded.time_device_forward(fwd, iters) {
+        return Ok(us? * 1e-6);
+    }
+    let mut times = Vec::with_capacity(iters);
+    for _ in 0..iters {
+        stream_through(flush);
+        let t0 = Instant::now();
+        let out = loaded.forward(fwd)?;
+        times.push(t0.elapsed().as_secs_f64());
+        drop(out);
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(times[times.len() / 2])
+}
+
+/// Other work on the machine can only lower a measured ceiling: the ceilings are measured again
+/// after the cases, the best of both kept, and every row's floor recomputed against them.
+fn best_ceilings(
+    before: Option<Ceilings>,
+    device_backend: Option<&dyn crate::backend::Backend>,
+    progress: &mut dyn FnMut(Progress<'_>),
+    rows: &mut [BenchRow],
+) -> Result<Ceilings> {
+    let mut ceilings = match before {
+        Some(c) => c,
+        None => measure_ceilings_for(device_backend, progress, "before")?,
+    };
+    let after = measure_ceilings_for(device_backend, progress, "after")?;
+    ceilings.read_gbps = ceilings.read_gbps.max(after.read_gbps);
+    ceilings.bf16_tflops = ceilings.bf16_tflops.max(after.bf16_tflops);
+    ceilings.fp8_tflops = match (ceilings.fp8_tflops, after.fp8_tflops) {
+        (Some(a), Some(b)) => Some(a.max(b)),
+        (a, b) => a.or(b),
+    };
+    if device_backend.is_none() {
+        ceilings.f32_tflops = Some(ceilings.bf16_tflops);
+    }
+    for row in rows.iter_mut() {
+        let activation: ActivationFormat = row.activation_format.parse()?;
+        let floor_s = (row.bytes as f64 / (ceilings.read_gbps * 1e9))
+            .max(row.flops as f64 / ceilings.matrix_flops(activation));
+        row.floor_us = floor_s * 1e6;
+        row.roofline = row.floor_us / row.time_us;
+    }
+    Ok(ceilings)
 }
 
 /// The ceilings of the device `backend` runs on: its own measurement where it has one (the GPU's
