@@ -81,78 +81,8 @@ pub fn quantize_weights(
     values: &[f32],
     global_scales: Option<&[f32]>,
 ) -> Result<QuantizedTensor> {
-    let what = "quantize_weights: `values`";
-    let n = experts
-        .checked_mul(rows)
-        .and_then(|n| n.checked_mul(cols))
-        .ok_or_else(|| {
-            MoeError::invalid(
-                what,
-                format!("shape [{experts}, {rows}, {cols}] overflows usize"),
-            )
-        })?;
-    if values.len() != n {
-        return Err(MoeError::invalid(
-            what,
-            format!(
-                "{} values do not match [{experts}, {rows}, {cols}] ({n} values)",
-                values.len()
-            ),
-        ));
-    }
-    if let Some(i) = values.iter().position(|v| !v.is_finite()) {
-        let per = (rows * cols).max(1);
-        return Err(MoeError::invalid(
-            what,
-            format!(
-                "element [{}, {}, {}] is {}, not a finite number",
-                i / per,
-                (i % per) / cols.max(1),
-                i % cols.max(1),
-                values[i]
-            ),
-        ));
-    }
-    // Whole blocks along K for the MX/NV formats (fp8_block's 128 takes partial blocks).
-    if let Some(block) = format.k_block().filter(|&b| b <= 32) {
-        if cols.checked_rem(block) != Some(0) {
-            return Err(MoeError::invalid(
-                "quantize_weights: K (`cols`)",
-                format!("{format} needs K = {cols} to be a multiple of {block}"),
-            ));
-        }
-    }
-    let globals: Vec<f32> = match (format, global_scales) {
-        (WeightFormat::Nvfp4, Some(g)) => {
-            if g.len() != experts {
-                return Err(MoeError::invalid(
-                    "quantize_weights: `global_scales`",
-                    format!("{} values for {experts} experts (one per expert)", g.len()),
-                ));
-            }
-            if let Some(i) = g.iter().position(|v| !(v.is_finite() && *v > 0.0)) {
-                return Err(MoeError::invalid(
-                    "quantize_weights: `global_scales`",
-                    format!(
-                        "value at index {i} is {}, not a finite positive number",
-                        g[i]
-                    ),
-                ));
-            }
-            g.to_vec()
-        }
-        (WeightFormat::Nvfp4, None) => (0..experts)
-            .map(|e| {
-                let a = amax(&values[e * rows * cols..(e + 1) * rows * cols]);
-                if a == 0.0 {
-                    1.0
-                } else {
-                    a / NVFP4_GLOBAL_DIVISOR
-                }
-            })
-            .collect(),
-        _ => Vec::new(),
-    };
+    let n = check_weight_values(format, experts, rows, cols, values)?;
+    let globals = weight_globals(format, experts, rows * cols, values, global_scales)?;
     let per_expert = rows * cols;
     let expert = |e: usize| &values[e * per_expert..(e + 1) * per_expert];
     let (data, scales): (Vec<u8>, BlockScales) = match format {
@@ -173,32 +103,7 @@ pub fn quantize_weights(
             }
             (data, BlockScales::PerExpert(s_all))
         }
-        WeightFormat::Fp8Block => {
-            let (rb, cb) = (rows.div_ceil(FP8_BLOCK), cols.div_ceil(FP8_BLOCK));
-            let mut data = vec![0u8; n];
-            let mut s_all = Vec::with_capacity(experts * rb * cb);
-            for e in 0..experts {
-                let w = expert(e);
-                let d = &mut data[e * per_expert..(e + 1) * per_expert];
-                for bi in 0..rb {
-                    let rr = bi * FP8_BLOCK..((bi + 1) * FP8_BLOCK).min(rows);
-                    for bj in 0..cb {
-                        let cr = bj * FP8_BLOCK..((bj + 1) * FP8_BLOCK).min(cols);
-                        // The block's part of row r, as indices into the expert.
-                        let part = |r: usize| r * cols + cr.start..r * cols + cr.end;
-                        let a = rr.clone().map(|r| amax(&w[part(r)])).fold(0f32, f32::max);
-                        let s = a.max(FP8_AMAX_FLOOR) / e4m3::MAX;
-                        for r in rr.clone() {
-                            for (o, v) in d[part(r)].iter_mut().zip(&w[part(r)]) {
-                                *o = e4m3::encode(v / s);
-                            }
-                        }
-                        s_all.push(s);
-                    }
-                }
-            }
-            (data, BlockScales::Block128(s_all))
-        }
+        WeightFormat::Fp8Block => encode_fp8_block(experts, rows, cols, values),
         WeightFormat::Mxfp8 => {
             let mut data = Vec::with_capacity(n);
             let mut bytes = Vec::with_capacity(n / 32);
@@ -250,6 +155,136 @@ pub fn quantize_weights(
         scales,
         global_scales: globals,
     })
+}
+
+/// The element count of `values` once its shape, finiteness and K blocking are checked.
+fn check_weight_values(
+    format: WeightFormat,
+    experts: usize,
+    rows: usize,
+    cols: usize,
+    values: &[f32],
+) -> Result<usize> {
+    let what = "quantize_weights: `values`";
+    let n = experts
+        .checked_mul(rows)
+        .and_then(|n| n.checked_mul(cols))
+        .ok_or_else(|| {
+            MoeError::invalid(
+                what,
+                format!("shape [{experts}, {rows}, {cols}] overflows usize"),
+            )
+        })?;
+    if values.len() != n {
+        return Err(MoeError::invalid(
+            what,
+            format!(
+                "{} values do not match [{experts}, {rows}, {cols}] ({n} values)",
+                values.len()
+            ),
+        ));
+    }
+    if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+        let per = (rows * cols).max(1);
+        return Err(MoeError::invalid(
+            what,
+            format!(
+                "element [{}, {}, {}] is {}, not a finite number",
+                i / per,
+                (i % per) / cols.max(1),
+                i % cols.max(1),
+                values[i]
+            ),
+        ));
+    }
+    // Whole blocks along K for the MX/NV formats (fp8_block's 128 takes partial blocks).
+    if let Some(block) = format.k_block().filter(|&b| b <= 32) {
+        if cols.checked_rem(block) != Some(0) {
+            return Err(MoeError::invalid(
+                "quantize_weights: K (`cols`)",
+                format!("{format} needs K = {cols} to be a multiple of {block}"),
+            ));
+        }
+    }
+    Ok(n)
+}
+
+/// nvfp4's per-expert global scales: the caller's (checked), else amax / NVFP4_GLOBAL_DIVISOR of each expert;
+/// empty for other formats.
+fn weight_globals(
+    format: WeightFormat,
+    experts: usize,
+    per_expert: usize,
+    values: &[f32],
+    global_scales: Option<&[f32]>,
+) -> Result<Vec<f32>> {
+    Ok(match (format, global_scales) {
+        (WeightFormat::Nvfp4, Some(g)) => {
+            if g.len() != experts {
+                return Err(MoeError::invalid(
+                    "quantize_weights: `global_scales`",
+                    format!("{} values for {experts} experts (one per expert)", g.len()),
+                ));
+            }
+            if let Some(i) = g.iter().position(|v| !(v.is_finite() && *v > 0.0)) {
+                return Err(MoeError::invalid(
+                    "quantize_weights: `global_scales`",
+                    format!(
+                        "value at index {i} is {}, not a finite positive number",
+                        g[i]
+                    ),
+                ));
+            }
+            g.to_vec()
+        }
+        (WeightFormat::Nvfp4, None) => (0..experts)
+            .map(|e| {
+                let a = amax(&values[e * per_expert..(e + 1) * per_expert]);
+                if a == 0.0 {
+                    1.0
+                } else {
+                    a / NVFP4_GLOBAL_DIVISOR
+                }
+            })
+            .collect(),
+        _ => Vec::new(),
+    })
+}
+
+/// fp8_block: one f32 scale per 128 × 128 block (partial blocks at the edges), e4m3 elements.
+fn encode_fp8_block(
+    experts: usize,
+    rows: usize,
+    cols: usize,
+    values: &[f32],
+) -> (Vec<u8>, BlockScales) {
+    let n = values.len();
+    let per_expert = rows * cols;
+    let expert = |e: usize| &values[e * per_expert..(e + 1) * per_expert];
+    let (rb, cb) = (rows.div_ceil(FP8_BLOCK), cols.div_ceil(FP8_BLOCK));
+    let mut data = vec![0u8; n];
+    let mut s_all = Vec::with_capacity(experts * rb * cb);
+    for e in 0..experts {
+        let w = expert(e);
+        let d = &mut data[e * per_expert..(e + 1) * per_expert];
+        for bi in 0..rb {
+            let rr = bi * FP8_BLOCK..((bi + 1) * FP8_BLOCK).min(rows);
+            for bj in 0..cb {
+                let cr = bj * FP8_BLOCK..((bj + 1) * FP8_BLOCK).min(cols);
+                // The block's part of row r, as indices into the expert.
+                let part = |r: usize| r * cols + cr.start..r * cols + cr.end;
+                let a = rr.clone().map(|r| amax(&w[part(r)])).fold(0f32, f32::max);
+                let s = a.max(FP8_AMAX_FLOOR) / e4m3::MAX;
+                for r in rr.clone() {
+                    for (o, v) in d[part(r)].iter_mut().zip(&w[part(r)]) {
+                        *o = e4m3::encode(v / s);
+                    }
+                }
+                s_all.push(s);
+            }
+        }
+    }
+    (data, BlockScales::Block128(s_all))
 }
 
 /// The float types rows decode into: f32 for backends, f64 for the exact reference.
