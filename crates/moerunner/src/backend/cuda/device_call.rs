@@ -5,6 +5,7 @@
 
 use super::launch::RawStream;
 use super::layer::CudaLayer;
+use super::workspace::Scratch;
 use crate::error::{MoeError, Result};
 use crate::tensor::DType;
 
@@ -62,18 +63,29 @@ impl CudaLayer {
         let ws = guard
             .as_ref()
             .ok_or_else(|| MoeError::Cuda("internal: no workspace".into()))?;
-        // Huge calls run as several launch sequences over slices of their tokens (every step is per
-        // token): this bounds the workspace and keeps GEMM grids under 65535 work tiles.
+        self.enqueue_checked(&ws.scratch, call, stream)
+    }
+
+    /// Enqueues a checked call whose slices fit `scratch`: the one path of both entry points.
+    /// Huge calls run as several launch sequences over slices of their tokens (every step is per
+    /// token): this bounds the workspace and keeps GEMM grids under 65535 work tiles.
+    pub(super) fn enqueue_checked(
+        &self,
+        scratch: &Scratch,
+        call: &DeviceCall,
+        stream: RawStream,
+    ) -> Result<()> {
+        let chunk = self.max_tokens_per_launch();
         for start in (0..call.tokens).step_by(chunk) {
             let part = self.slice_call(call, start, (start + chunk).min(call.tokens))?;
             self.pipeline
-                .enqueue(&self.dev, stream, &self.resident, &ws.scratch, &part)?;
+                .enqueue(&self.dev, stream, &self.resident, scratch, &part)?;
         }
         Ok(())
     }
 
     /// What can be checked of a device call without reading device memory.
-    fn check_device_call(&self, call: &DeviceCall) -> Result<()> {
+    pub(super) fn check_device_call(&self, call: &DeviceCall) -> Result<()> {
         let bad = |what: &str, why: String| {
             Err(MoeError::Invalid {
                 what: what.into(),

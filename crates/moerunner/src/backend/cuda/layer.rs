@@ -231,13 +231,9 @@ impl CudaLayer {
         // Poison the output (all-ones bytes are NaN in f32, bf16 and f16): a row the kernels fail
         // to write shows as NaN, which never passes a check.
         super::timing::fill(dev, &staging.out, 0xFF)?;
-        self.pipeline.enqueue(
-            dev,
-            dev.stream.cu_stream(),
-            &self.resident,
-            &ws.scratch,
-            &call,
-        )?;
+        // The device entry's path (its checks too) on the staged copies.
+        self.check_device_call(&call)?;
+        self.enqueue_checked(&ws.scratch, &call, dev.stream.cu_stream())?;
         let out = dev.read(&staging.out, out_len)?;
         let routes = match (call.routes, host_routes) {
             (DeviceRoutes::TopK { .. }, Some(r)) => (
