@@ -3,7 +3,7 @@
 
 Runs on a machine with an NVIDIA GPU (sm_90: H100/H200), python3 with cupy-cuda13x, numpy and torch.
 Compiles the kernel with NVRTC exactly as the backend does (scripts/gpu/nvrtc.py: common.cuh pasted
-before the .cu, the backend's options for sm_90a, -D defines), builds seeded random prepared
+before the .cu and its gemm/ pieces in place, the backend's options for sm_90a, -D defines), builds seeded random prepared
 weights / activations / routing and the tile lists, runs, and compares with a float64 reference of the
 kernel's contract. Then times a bandwidth (decode) case and a compute (prefill) case.
 
@@ -27,7 +27,7 @@ import nvrtc  # scripts/gpu/nvrtc.py: the backend's compile path
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 KDIR = os.path.join(ROOT, "crates", "moerunner", "src", "backend", "cuda", "kernels")
-SRC = open(os.path.join(KDIR, "common.cuh")).read() + "\n" + open(os.path.join(KDIR, "moe_gemm.cu")).read() + "\n"
+SRC = nvrtc.translation_unit("moe_gemm.cu")  # common.cuh + moe_gemm.cu with its gemm/ pieces, as the backend
 DEV = torch.device("cuda")
 
 ACT_ALPHA, ACT_BETA, ACT_LIMIT = 1.702, 1.0, 7.0
@@ -35,8 +35,27 @@ ACT_ALPHA, ACT_BETA, ACT_LIMIT = 1.702, 1.0, 7.0
 
 # ------------------------------------------------------------------------------------------ compile
 
+# The plans below keep the kernel's choices as numbers (W_FP8, EPI, ACT, OUT_TYPE, WGMMA, WG_WS); the kernel
+# is compiled with its named defines (gemm/config.cuh), as kernels.rs GemmVariant::defines spells them.
+WFMT_NAMES = ["WFMT_BF16", "WFMT_E4M3_TENSOR", "WFMT_E4M3_BLOCK"]
+EPI_NAMES = ["EPI_DOWN", "EPI_GATED", "EPI_RELU2"]
+ACT_NAMES = ["ACT_SWIGLU", "ACT_GEGLU", "ACT_SWIGLU_OAI"]
+STORE_NAMES = ["STORE_BF16", "STORE_F32", "STORE_E4M3"]
+
+
+def kernel_defines(defs):
+    d = dict(defs)
+    out = [f"WEIGHT_FORMAT={WFMT_NAMES[d.pop('W_FP8', 0)]}", f"EPILOGUE={EPI_NAMES[d.pop('EPI', 1)]}",
+           f"ACT={ACT_NAMES[d.pop('ACT', 0)]}"]
+    if "OUT_TYPE" in d:
+        out.append(f"STORE={STORE_NAMES[d.pop('OUT_TYPE')]}")
+    wg, ws = d.pop("WGMMA", 0), d.pop("WG_WS", 0)
+    out.append("MAINLOOP=" + ("MAINLOOP_WGMMA_WS" if ws else "MAINLOOP_WGMMA" if wg else "MAINLOOP_MMA_SYNC"))
+    return out + [f"{k}={v}" for k, v in sorted(d.items())]  # BM, BN, STAGES, WG_WS_PREGS as they are
+
+
 def _nvrtc_cubin(defs):
-    return nvrtc.compile(SRC, "moe_gemm.cu", nvrtc.options(defines=[f"{k}={v}" for k, v in defs]))
+    return nvrtc.compile(SRC, "moe_gemm.cu", nvrtc.options(defines=kernel_defines(defs)))
 
 
 class Kernel:

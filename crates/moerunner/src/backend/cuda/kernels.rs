@@ -4,8 +4,50 @@
 
 use crate::config::{Activation, WeightFormat};
 
-/// Pasted before every source: typedefs and number conversions (one translation unit, no headers).
+/// Pasted before every source: typedefs, number conversions and the named codes (`WFMT_*`,
+/// `ARG_DTYPE_*`) shared by kernels and launchers.
 pub const COMMON: &str = include_str!("kernels/common.cuh");
+
+/// The pieces kernels include (`#include "gemm/wgmma.cuh"`), by the name they are included as.
+/// `full_text` pastes each in place, once, between `#line` directives, so NVRTC still sees one
+/// translation unit (the cache key and the source kept beside a cached binary cover every piece)
+/// while its diagnostics and line info name the real files.
+pub const HEADERS: [(&str, &str); 7] = [
+    ("gemm/config.cuh", include_str!("kernels/gemm/config.cuh")),
+    ("gemm/ptx.cuh", include_str!("kernels/gemm/ptx.cuh")),
+    ("gemm/wgmma.cuh", include_str!("kernels/gemm/wgmma.cuh")),
+    ("gemm/scale_bf16.cuh", include_str!("kernels/gemm/scale_bf16.cuh")),
+    ("gemm/scale_fp8_tensor.cuh", include_str!("kernels/gemm/scale_fp8_tensor.cuh")),
+    ("gemm/scale_fp8_block.cuh", include_str!("kernels/gemm/scale_fp8_block.cuh")),
+    ("gemm/epilogue.cuh", include_str!("kernels/gemm/epilogue.cuh")),
+];
+
+/// `COMMON`, then `text` (compiled as `file`) with its `#include "..."` of `HEADERS` resolved.
+/// An include that names no header is left for NVRTC to report.
+pub fn translation_unit(file: &str, text: &str) -> String {
+    fn paste(out: &mut String, file: &str, text: &str, seen: &mut Vec<&'static str>) {
+        out.push_str(&format!("#line 1 \"{file}\"\n"));
+        for (i, line) in text.split_inclusive('\n').enumerate() {
+            let header = line
+                .trim()
+                .strip_prefix("#include \"")
+                .and_then(|rest| rest.strip_suffix('"'))
+                .and_then(|name| HEADERS.iter().find(|(n, _)| *n == name));
+            match header {
+                Some((name, _)) if seen.contains(name) => out.push('\n'),
+                Some((name, body)) => {
+                    seen.push(name);
+                    paste(out, name, body, seen);
+                    out.push_str(&format!("\n#line {} \"{file}\"\n", i + 2));
+                }
+                None => out.push_str(line),
+            }
+        }
+    }
+    let mut out = format!("{COMMON}\n");
+    paste(&mut out, file, text, &mut Vec::new());
+    out
+}
 
 /// One `.cu` file.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -46,9 +88,9 @@ impl Source {
         }
     }
 
-    /// The whole translation unit NVRTC compiles.
+    /// The whole translation unit NVRTC compiles (`translation_unit`).
     pub fn full_text(self) -> String {
-        format!("{COMMON}\n#line 1 \"{}.cu\"\n{}", self.name(), self.text())
+        translation_unit(&format!("{}.cu", self.name()), self.text())
     }
 }
 
@@ -136,23 +178,36 @@ impl GemmVariant {
         gemm_bm(self.bn)
     }
 
+    /// The `-D` defines of this variant, spelled with the kernel's named constants (common.cuh `WFMT_*`,
+    /// gemm/config.cuh `EPI_*`, `ACT_*`, `STORE_*`, `MAINLOOP_*`); ACT only for the gated epilogue.
     pub fn defines(&self) -> Vec<String> {
-        let (epi, act, out) = match self.stage {
-            GemmStage::Gated { act } => (1, act, gemm1_out_type(self.weight_code)),
-            GemmStage::Relu2 => (2, 0, gemm1_out_type(self.weight_code)),
-            GemmStage::Down => (0, 0, 1),
-            GemmStage::DownBf16 => (0, 0, 0),
+        const WFMT: [&str; 3] = ["WFMT_BF16", "WFMT_E4M3_TENSOR", "WFMT_E4M3_BLOCK"];
+        const ACT: [&str; 3] = ["ACT_SWIGLU", "ACT_GEGLU", "ACT_SWIGLU_OAI"];
+        const STORE: [&str; 3] = ["STORE_BF16", "STORE_F32", "STORE_E4M3"];
+        let gemm1_store = STORE[gemm1_out_type(self.weight_code) as usize];
+        let (epi, act, store) = match self.stage {
+            GemmStage::Gated { act } => ("EPI_GATED", Some(ACT[act as usize]), gemm1_store),
+            GemmStage::Relu2 => ("EPI_RELU2", None, gemm1_store),
+            GemmStage::Down => ("EPI_DOWN", None, "STORE_F32"),
+            GemmStage::DownBf16 => ("EPI_DOWN", None, "STORE_BF16"),
         };
-        vec![
-            format!("-DW_FP8={}", self.weight_code),
-            format!("-DEPI={epi}"),
-            format!("-DACT={act}"),
-            format!("-DOUT_TYPE={out}"),
+        let mainloop = match (self.wgmma, self.ws) {
+            (false, _) => "MAINLOOP_MMA_SYNC",
+            (true, false) => "MAINLOOP_WGMMA",
+            (true, true) => "MAINLOOP_WGMMA_WS",
+        };
+        let mut d = vec![
+            format!("-DWEIGHT_FORMAT={}", WFMT[self.weight_code as usize]),
+            format!("-DEPILOGUE={epi}"),
+        ];
+        d.extend(act.map(|a| format!("-DACT={a}")));
+        d.extend([
+            format!("-DSTORE={store}"),
             format!("-DBN={}", self.bn),
             format!("-DBM={}", self.bm()),
-            format!("-DWGMMA={}", self.wgmma as u8),
-            format!("-DWG_WS={}", self.ws as u8),
-        ]
+            format!("-DMAINLOOP={mainloop}"),
+        ]);
+        d
     }
 
     /// The variant a layer of `weight_code` runs for a tile of `bn` tokens: wgmma where the device
