@@ -222,6 +222,26 @@ fn every_kernel_compiles_for_sm90a() {
     );
 }
 
+/// The GEMM's pieces compose without the MoE plumbing: a dense bf16 GEMM (no tile list, no gather) and every
+/// generated wgmma wrapper, shared- and register-sourced, compile for sm_90a (`tests/kernels/dense_gemm.cu`).
+#[cfg(feature = "cuda")]
+#[test]
+fn a_dense_gemm_compiles_from_the_gemm_pieces() {
+    use moerunner::backend::cuda::{kernels, nvrtc};
+    if !nvrtc::available() {
+        assert!(
+            std::env::var("MOERUNNER_REQUIRE_NVRTC").is_err(),
+            "MOERUNNER_REQUIRE_NVRTC is set but libnvrtc.so.13 was not found"
+        );
+        println!("SKIPPED: libnvrtc.so.13 not found");
+        return;
+    }
+    let tu = kernels::translation_unit("dense_gemm.cu", include_str!("kernels/dense_gemm.cu"));
+    let cubin = nvrtc::compile_fresh("dense_gemm", &tu, &nvrtc::base_options("sm_90a"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(!cubin.is_empty());
+}
+
 #[cfg(feature = "cuda")]
 #[test]
 fn a_compile_error_shows_the_nvrtc_log() {
