@@ -151,9 +151,7 @@ extern "C" __global__ void __launch_bounds__(MG_NTHREADS, 1) moe_gemm(
     const u32 sW = mg_smem_addr(smem);
 #endif
     const u32 sA = sW + STAGES * MG_SW_BYTES;
-#if WEIGHT_FORMAT == WFMT_E4M3_BLOCK
-    const u32 sS = sA + STAGES * MG_SA_BYTES;
-#endif
+    const u32 sS = sA + STAGES * MG_SA_BYTES;  // the stages' scales (a format that loads some)
 
     constexpr int WCH = BM * 8 / MG_LDT;
     const u8* wsrc = w + ((long long)e * Mp + m_base + ld_r) * kbytes + ld_c * 16;
@@ -171,42 +169,8 @@ extern "C" __global__ void __launch_bounds__(MG_NTHREADS, 1) moe_gemm(
         asz[i] = r >= 0 ? 16u : 0u;
     }
 
-#if WEIGHT_FORMAT == WFMT_E4M3_BLOCK && MG_WS
-    // scale floats ltid and ltid + MG_LDT of each stage (BM/8 weight row groups, then BN activation rows)
-    const int kblocks = Kp >> 7;
-    const float* ssrc2[2];
-    u32 ssz2[2];
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-        const int t = ltid + h * MG_LDT;
-        ssrc2[h] = act_scale;
-        ssz2[h] = 0;
-        if (t < BM / 8) {
-            ssrc2[h] = w_scale + ((long long)e * (Mp / 8) + m_base / 8 + t) * kblocks;
-            ssz2[h] = 4;
-        } else if (t < BM / 8 + BN) {
-            const int r = s_row[t - BM / 8];
-            if (r >= 0) {
-                ssrc2[h] = act_scale + (long long)r * kblocks;
-                ssz2[h] = 4;
-            }
-        }
-    }
-#elif WEIGHT_FORMAT == WFMT_E4M3_BLOCK
-    const int kblocks = Kp >> 7;
-    const float* ssrc = act_scale;
-    u32 ssz = 0;
-    if (tid < BM / 8) {
-        ssrc = w_scale + ((long long)e * (Mp / 8) + m_base / 8 + tid) * kblocks;
-        ssz = 4;
-    } else if (tid < BM / 8 + BN) {
-        const int r = s_row[tid - BM / 8];
-        if (r >= 0) {
-            ssrc = act_scale + (long long)r * kblocks;
-            ssz = 4;
-        }
-    }
-#endif
+    typename Fmt::StageScales scales;  // what a K step loads beside its operand tiles (the weight format's)
+    scales.init(ltid, w_scale, act_scale, e, Mp, m_base, Kp, s_row);
 
     auto load_stage = [&](int slot, int ks) {
         const long long koff = (long long)ks * 128;
@@ -219,15 +183,7 @@ extern "C" __global__ void __launch_bounds__(MG_NTHREADS, 1) moe_gemm(
             if ((BN * 8) % MG_NTHREADS == 0 || ld_r + i * ROWS_PER_PASS < BN)
                 mg_cp16z(dA + i * ROWS_PER_PASS * 128, asz[i] ? asrc[i] + koff : asrc[i], asz[i]);
         }
-#if WEIGHT_FORMAT == WFMT_E4M3_BLOCK && MG_WS
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-            const int t = ltid + h * MG_LDT;
-            if (t < BM / 8 + BN) mg_cp4z(sS + (slot * MG_SS_FLOATS + t) * 4, ssz2[h] ? ssrc2[h] + ks : ssrc2[h], ssz2[h]);
-        }
-#elif WEIGHT_FORMAT == WFMT_E4M3_BLOCK
-        if (tid < BM / 8 + BN) mg_cp4z(sS + (slot * MG_SS_FLOATS + tid) * 4, ssz ? ssrc + ks : ssrc, ssz);
-#endif
+        scales.load(sS, slot, ks, ltid);
     };
 
     // ---- warp placement
@@ -321,25 +277,6 @@ extern "C" __global__ void __launch_bounds__(MG_NTHREADS, 1) moe_gemm(
         mg_wg_commit();
     };
 #if MG_PROMOTE
-    // promote one K step's partial p (its wgmma complete): acc += p * w_scale(row group of 8) *
-    // act_scale(column), the scales of the step's stage `slot`
-    auto fold = [&](float* p, int slot) {
-#pragma unroll
-        for (int i = 0; i < NACC; ++i) mg_reg_fence(p[i]);
-        const float* sws = (const float*)(smem_al + STAGES * (MG_SW_BYTES + MG_SA_BYTES)) + slot * MG_SS_FLOATS;
-        const float* sas = sws + BM / 8;
-        const int t2 = (lane & 3) * 2;
-        const float ws0 = sws[wm0 / 8];
-        const float ws1 = sws[wm0 / 8 + 1];
-#pragma unroll
-        for (int j = 0; j < MG_NTL; ++j) {
-            const float2 as = *(const float2*)(sas + 8 * j + t2);
-            acc[0][j][0] = fmaf(p[4 * j + 0], ws0 * as.x, acc[0][j][0]);
-            acc[0][j][1] = fmaf(p[4 * j + 1], ws0 * as.y, acc[0][j][1]);
-            acc[0][j][2] = fmaf(p[4 * j + 2], ws1 * as.x, acc[0][j][2]);
-            acc[0][j][3] = fmaf(p[4 * j + 3], ws1 * as.y, acc[0][j][3]);
-        }
-    };
 #pragma unroll
     for (int i = 0; i < NACC; ++i) accf[i] = 0.0f;  // never written by wgmma
     float part[NACC];                                // one K step's partial
@@ -352,7 +289,7 @@ extern "C" __global__ void __launch_bounds__(MG_NTHREADS, 1) moe_gemm(
 #endif
         issue(part, slot_c, false);
         mg_wg_wait<0>();
-        fold(part, slot_c);
+        Fmt::fold_wgmma(acc, part, smem_al, slot_c, lane, wm0);  // (the scales of the step's stage)
 #if MG_WS
         mg_mbar_arrive_if(bar_empty + 8 * slot_c, lane == 0);  // wgmma retired, scales read
 #endif
@@ -479,24 +416,7 @@ extern "C" __global__ void __launch_bounds__(MG_NTHREADS, 1) moe_gemm(
 #endif
 #undef MG_TGT
 #if WEIGHT_FORMAT == WFMT_E4M3_BLOCK
-            // promote the 128-wide K block: acc += partial * w_scale(row block) * act_scale(column)
-            const float* sws = (const float*)(smem + STAGES * (MG_SW_BYTES + MG_SA_BYTES)) + slot_c * MG_SS_FLOATS;
-            const float* sas = sws + BM / 8;
-            const int t2 = (lane & 3) * 2;
-#pragma unroll
-            for (int i = 0; i < MG_MT; ++i) {
-                const float ws0 = sws[(wm0 + 16 * i) / 8];
-                const float ws1 = sws[(wm0 + 16 * i) / 8 + 1];
-#pragma unroll
-                for (int j = 0; j < MG_NTL; ++j) {
-                    const float as0 = sas[wn0 + 8 * j + t2];
-                    const float as1 = sas[wn0 + 8 * j + t2 + 1];
-                    acc[i][j][0] = fmaf(part[i][j][0], ws0 * as0, acc[i][j][0]);
-                    acc[i][j][1] = fmaf(part[i][j][1], ws0 * as1, acc[i][j][1]);
-                    acc[i][j][2] = fmaf(part[i][j][2], ws1 * as0, acc[i][j][2]);
-                    acc[i][j][3] = fmaf(part[i][j][3], ws1 * as1, acc[i][j][3]);
-                }
-            }
+            Fmt::fold_mma(acc, part, smem, slot_c, lane, wm0, wn0);  // promote the 128-wide K step
 #endif
         }
         slot_c = slot_c + 1 == STAGES ? 0 : slot_c + 1;
@@ -538,64 +458,9 @@ extern "C" __global__ void __launch_bounds__(MG_NTHREADS, 1) moe_gemm(
 
     // ---- epilogue: thread holds rows (g, g+8) x columns (2t, 2t+1) of every m16 x n8 tile
     if (!warp_active) return;
-    const int g = lane >> 2;
-    const int t2 = (lane & 3) * 2;
-#if WEIGHT_FORMAT == WFMT_E4M3_TENSOR
-    const float dq = w_scale[e] * act_scale[0];
-#endif
-#if EPILOGUE != EPI_DOWN && STORE == STORE_E4M3
-    const float oscale = out_scale[0];
-#else
-    const float oscale = 1.0f;
-#endif
-    const float* bias_e = bias != nullptr ? bias + (long long)e * Mp + m_base : nullptr;
-    const bool has_rw = row_weight != nullptr;
-
-#pragma unroll
-    for (int i = 0; i < MG_MT; ++i) {
-        const int rl = wm0 + 16 * i + g;  // local rows rl (h = 0) and rl + 8 (h = 1)
-        const float b0 = bias_e != nullptr ? bias_e[rl] : 0.0f;
-        const float b1 = bias_e != nullptr ? bias_e[rl + 8] : 0.0f;
-#pragma unroll
-        for (int j = 0; j < MG_NTL; ++j) {
-#pragma unroll
-            for (int c = 0; c < 2; ++c) {
-                const int n = wn0 + 8 * j + t2 + c;
-                if (n < nrows) {
-#if MG_WGMMA && !MG_PROMOTE
-                    float v0 = nk > 0 ? acc[i][j][c] : 0.0f;  // (never written by a wgmma when nk == 0)
-                    float v1 = nk > 0 ? acc[i][j][2 + c] : 0.0f;
-#else
-                    float v0 = acc[i][j][c];
-                    float v1 = acc[i][j][2 + c];
-#endif
-#if WEIGHT_FORMAT == WFMT_E4M3_TENSOR
-                    v0 *= dq;
-                    v1 *= dq;
-#endif
-                    if (has_rw) {
-                        const float rw = s_rw[n];
-                        v0 *= rw;
-                        v1 *= rw;
-                    }
-                    v0 += b0;
-                    v1 += b1;
-                    const long long orow = (long long)(row0 + n) * out_stride;
-#if EPILOGUE == EPI_DOWN
-                    mg_store(out, orow + m_base + rl, v0, oscale);
-                    mg_store(out, orow + m_base + rl + 8, v1, oscale);
-#elif EPILOGUE == EPI_GATED
-                    const int jf = ((m_base + wm0 + 16 * i) >> 1) + g;
-                    mg_store(out, orow + jf, mg_act(v0, v1, act_alpha, act_beta, act_limit), oscale);
-#else
-                    const float r0 = fmaxf(v0, 0.0f);
-                    const float r1 = fmaxf(v1, 0.0f);
-                    mg_store(out, orow + m_base + rl, r0 * r0, oscale);
-                    mg_store(out, orow + m_base + rl + 8, r1 * r1, oscale);
-#endif
-                }
-            }
-        }
-    }
-    (void)oscale;
+    const EpilogueArgs ea{e, w_scale, act_scale, bias, out_scale, out, Mp, m_base, row0, out_stride,
+                          act_alpha, act_beta, act_limit};
+    // a wgmma main loop writes acc only when nk > 0 (its first wgmma overwrites), unless the format folds
+    const bool acc_valid = MG_WGMMA && !Fmt::FOLD_EACH_STEP ? nk > 0 : true;
+    mg_epilogue<Fmt>(acc, acc_valid, ea, s_rw, row_weight != nullptr, nrows, lane, wm0, wn0);
 }

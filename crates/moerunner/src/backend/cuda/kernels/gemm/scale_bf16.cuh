@@ -2,7 +2,7 @@
 // members (the main loops and the epilogue use nothing else), and maps its WFMT_* code to itself:
 //   Elem                 the tensor-core operand type (ptx.cuh tags: Bf16, E4m3)
 //   STAGE_SCALE_FLOATS   f32 scales a K step loads into shared memory beside its operand tiles
-//   StageScales          init(...) / load(sS, slot, ks): the cp.async of those scales (part of a stage)
+//   StageScales          init(...) / load(sS, slot, ks, ltid): the cp.async of those scales (part of a stage)
 //   FOLD_EACH_STEP       each 128-wide K step's partial is folded into the f32 sum (fold_mma / fold_wgmma)
 //   FRAG_DB              mma.sync: double-buffer the fragments in registers (fewest spills where true)
 //   DEQUANT / dequant()  a factor the epilogue multiplies every accumulator by
@@ -14,7 +14,7 @@ struct WeightFormat;  // ::type is the piece of weight format WFMT
 // The scales of a format that loads none with its stages.
 struct NoStageScales {
     __device__ __forceinline__ void init(int, const float*, const float*, int, int, int, int, const int*) {}
-    __device__ __forceinline__ void load(u32, int, int) {}
+    __device__ __forceinline__ void load(u32, int, int, int) {}
 };
 
 struct FmtBf16 {

@@ -18,13 +18,11 @@ struct FmtE4m3Block {
     // are fewer than BM/8 + BN) of each stage: the BM/8 weight row groups, then the BN activation rows.
     struct StageScales {
         enum : int { H = MG_WS ? 2 : 1 };
-        int ltid;
         const float* src[H];
         u32 sz[H];
         // w_scale [E, Mp/8, Kp/128], act_scale [rows, Kp/128]; s_row: each tile column's activation row or -1
-        __device__ __forceinline__ void init(int ltid_, const float* w_scale, const float* act_scale, int e, int Mp,
+        __device__ __forceinline__ void init(int ltid, const float* w_scale, const float* act_scale, int e, int Mp,
                                              int m_base, int Kp, const int* s_row) {
-            ltid = ltid_;
             const int kblocks = Kp >> 7;
 #pragma unroll
             for (int h = 0; h < H; ++h) {
@@ -43,8 +41,8 @@ struct FmtE4m3Block {
                 }
             }
         }
-        // K step ks into stage `slot` of the scale area at shared address sS
-        __device__ __forceinline__ void load(u32 sS, int slot, int ks) {
+        // K step ks into stage `slot` of the scale area at shared address sS (ltid: as for init)
+        __device__ __forceinline__ void load(u32 sS, int slot, int ks, int ltid) {
 #pragma unroll
             for (int h = 0; h < H; ++h) {
                 const int t = ltid + h * MG_LDT;
