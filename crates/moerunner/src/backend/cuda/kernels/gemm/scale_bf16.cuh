@@ -17,6 +17,17 @@ struct NoStageScales {
     __device__ __forceinline__ void load(u32, int, int, int) {}
 };
 
+// The fold of a format that folds each K step, callable for any format (the main loops are kernel-body fragments,
+// not templates, so a discarded `if constexpr` branch there must still name something that exists).
+template <class F, class... A>
+__device__ __forceinline__ void mg_fold_mma(A&&... a) {
+    if constexpr (F::FOLD_EACH_STEP) F::fold_mma(a...);
+}
+template <class F, class... A>
+__device__ __forceinline__ void mg_fold_wgmma(A&&... a) {
+    if constexpr (F::FOLD_EACH_STEP) F::fold_wgmma(a...);
+}
+
 struct FmtBf16 {
     using Elem = Bf16;
     enum : int { STAGE_SCALE_FLOATS = 0 };
