@@ -12,7 +12,7 @@ pub const COMMON: &str = include_str!("kernels/common.cuh");
 /// `full_text` pastes each in place, once, between `#line` directives, so NVRTC still sees one
 /// translation unit (the cache key and the source kept beside a cached binary cover every piece)
 /// while its diagnostics and line info name the real files.
-pub const HEADERS: [(&str, &str); 10] = [
+pub const HEADERS: [(&str, &str); 11] = [
     ("gemm/config.cuh", include_str!("kernels/gemm/config.cuh")),
     ("gemm/ptx.cuh", include_str!("kernels/gemm/ptx.cuh")),
     ("gemm/wgmma.cuh", include_str!("kernels/gemm/wgmma.cuh")),
@@ -20,6 +20,7 @@ pub const HEADERS: [(&str, &str); 10] = [
     ("gemm/scale_fp8_tensor.cuh", include_str!("kernels/gemm/scale_fp8_tensor.cuh")),
     ("gemm/scale_fp8_block.cuh", include_str!("kernels/gemm/scale_fp8_block.cuh")),
     ("gemm/epilogue.cuh", include_str!("kernels/gemm/epilogue.cuh")),
+    ("gemm/loads.cuh", include_str!("kernels/gemm/loads.cuh")),
     ("gemm/mainloop_mma.cuh", include_str!("kernels/gemm/mainloop_mma.cuh")),
     ("gemm/mainloop_wgmma.cuh", include_str!("kernels/gemm/mainloop_wgmma.cuh")),
     ("gemm/mainloop_wgmma_ws.cuh", include_str!("kernels/gemm/mainloop_wgmma_ws.cuh")),

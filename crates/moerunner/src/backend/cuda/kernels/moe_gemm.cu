@@ -8,10 +8,13 @@
 //   gemm/config.cuh        the defines (WEIGHT_FORMAT, EPILOGUE, ACT, STORE, MAINLOOP, BM, BN, STAGES) and the
 //                          tile shape, thread count and shared memory derived from them
 //   gemm/ptx.cuh           cp.async, ldmatrix, mma.sync, mbarrier, fences      gemm/wgmma.cuh  wgmma (SS and RS)
-//   gemm/loads.cuh         one stage's loads: weight rows, gathered / zero-filled activation rows, scales
 //   gemm/scale_*.cuh       one piece per weight format: element type, stage scales, fold, dequantisation
-//   gemm/mainloop_*.cuh    mma.sync, pipelined wgmma, warp-specialised wgmma
 //   gemm/epilogue.cuh      dequantisation, row weight, bias, activation, stores
+//   gemm/loads.cuh         one stage's loads: weight rows, gathered / zero-filled activation rows, scales
+//   gemm/mainloop_*.cuh    mma.sync, pipelined wgmma, warp-specialised wgmma
+// The last two are fragments of the kernel body (each header names what it reads and declares): written as
+// functions, the same code compiled to different PTX (register order, placement of loop-invariant code), and
+// this split was to change no code (scripts/gpu/kernel_identity.py). The others are functions and structs.
 //
 // Block: MG_NTHREADS threads (mma.sync 256; wgmma 2 * BM, + 128 warp-specialised), grid (Mp / BM, max_tiles).
 // Dynamic shared memory MG_SMEM_BYTES (gemm/config.cuh), + 8 * BN bytes static (+ 8 * (2 * STAGES + 1) for the
@@ -91,7 +94,7 @@ extern "C" __global__ void __launch_bounds__(MG_NTHREADS, 1) moe_gemm(
     const int tid = threadIdx.x;
     const int lane = tid & 31;
     const int warp = tid >> 5;
-#if MG_WS
+#if MG_WS  // (the ring exists only in the warp-specialised kernel)
     // full[s] (s < STAGES), empty[s], and a spare one (arrived on in place of a release that has no slot)
     __shared__ __align__(8) u64 s_bar[2 * STAGES + 1];
     const u32 bar_full = mg_smem_addr(&s_bar[0]);
@@ -104,7 +107,7 @@ extern "C" __global__ void __launch_bounds__(MG_NTHREADS, 1) moe_gemm(
             mg_mbar_init(bar_empty + 8 * s, MG_NWARPS);
         }
         mg_mbar_init(bar_spare, MG_NWARPS);
-        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+        mg_mbar_init_fence();
     }
     // loader thread index (warpgroup 2 loads; the consumers' copy of the setup below is never used)
     const int ltid = tid & (MG_LDT - 1);
@@ -130,56 +133,8 @@ extern "C" __global__ void __launch_bounds__(MG_NTHREADS, 1) moe_gemm(
     }
     __syncthreads();
 
-    // ---- loader setup: thread owns chunk (tid & 7) of rows (tid >> 3) + i * NTHREADS/8
-    const long long kbytes = (long long)Kp * ESZ;  // bytes per row
-    const int nk = (int)(kbytes >> 7);                // 128-byte K steps
-    const int ld_c = ltid & 7;
-    const int ld_r = ltid >> 3;
-    constexpr int ROWS_PER_PASS = MG_LDT / 8;         // a multiple of 8: the swizzle is the same each pass
-    const u32 swz = (u32)(((ld_c ^ (ld_r & 7)) << 4));
-
-#if MG_WGMMA
-    // operand tiles must sit on 1024-byte boundaries (128B swizzle atoms): round the base up (slack in SMEM)
-    u8* const smem_al = smem + ((((mg_smem_addr(smem) + 1023u) & ~1023u)) - mg_smem_addr(smem));
-    const u32 sW = mg_smem_addr(smem_al);
-#else
-    const u32 sW = mg_smem_addr(smem);
-#endif
-    const u32 sA = sW + STAGES * MG_SW_BYTES;
-    const u32 sS = sA + STAGES * MG_SA_BYTES;  // the stages' scales (a format that loads some)
-
-    constexpr int WCH = BM * 8 / MG_LDT;
-    const u8* wsrc = w + ((long long)e * Mp + m_base + ld_r) * kbytes + ld_c * 16;
-    const long long wpass = (long long)ROWS_PER_PASS * kbytes;
-    const u32 wdst = (u32)(ld_r * 128) + swz;
-
-    constexpr int ACH = (BN * 8 + MG_LDT - 1) / MG_LDT;
-    const u8* asrc[ACH];
-    u32 asz[ACH];
-#pragma unroll
-    for (int i = 0; i < ACH; ++i) {
-        const int n = ld_r + i * ROWS_PER_PASS;
-        const int r = n < BN ? s_row[n] : -1;
-        asrc[i] = r >= 0 ? act + (long long)r * kbytes + ld_c * 16 : act;
-        asz[i] = r >= 0 ? 16u : 0u;
-    }
-
-    typename Fmt::StageScales scales;  // what a K step loads beside its operand tiles (the weight format's)
-    scales.init(ltid, w_scale, act_scale, e, Mp, m_base, Kp, s_row);
-
-    auto load_stage = [&](int slot, int ks) {
-        const long long koff = (long long)ks * 128;
-        const u32 dW = sW + slot * MG_SW_BYTES + wdst;
-#pragma unroll
-        for (int i = 0; i < WCH; ++i) mg_cp16(dW + i * ROWS_PER_PASS * 128, wsrc + koff + i * wpass);
-        const u32 dA = sA + slot * MG_SA_BYTES + (u32)(ld_r * 128) + swz;
-#pragma unroll
-        for (int i = 0; i < ACH; ++i) {
-            if ((BN * 8) % MG_NTHREADS == 0 || ld_r + i * ROWS_PER_PASS < BN)
-                mg_cp16z(dA + i * ROWS_PER_PASS * 128, asz[i] ? asrc[i] + koff : asrc[i], asz[i]);
-        }
-        scales.load(sS, slot, ks, ltid);
-    };
+    // ---- the loads of a pipeline stage (declares nk, sW, sA, smem_al, load_stage: see the piece)
+#include "gemm/loads.cuh"
 
     // ---- warp placement
     const int warp_m = warp % WARPS_M;
@@ -189,12 +144,10 @@ extern "C" __global__ void __launch_bounds__(MG_NTHREADS, 1) moe_gemm(
     const int wn0 = warp_n * MG_WTN;
     const bool warp_active = wn0 < nrows;  // all its columns missing: skip the MMAs (loads still shared)
 
-// ---- the main loop, one per MAINLOOP. Each is a fragment of this function's body, not a function: it reads
-// the names declared above (load_stage, sW, sA, smem / smem_al, nk, lane, warp, wm0, wn0, warp_k, warp_active,
-// the WS barriers) and leaves `acc` (float[MG_MT][MG_NTL][4], the m16n8 fragment layout) for the epilogue.
-// NOTE: written as functions, the same code compiled to different PTX (register numbering and the placement of
-// loop-invariant code change with where the arrays are declared), so they stay fragments: the acceptance of
-// this split is PTX and SASS identical to before (scripts/gpu/kernel_identity.py).
+    // ---- the main loop, one per MAINLOOP (a fragment, see the top): reads load_stage, sW, sA, smem / smem_al, nk,
+    // lane, warp, wm0, wn0, warp_k, warp_active (and the ring's barriers), declares `acc` (float[MG_MT][MG_NTL][4],
+    // the m16n8 fragment layout) for the epilogue. (A choice by preprocessor: each instantiates wgmma shapes
+    // that exist only for its tile widths.)
 #if MAINLOOP == MAINLOOP_WGMMA_WS
 #include "gemm/mainloop_wgmma_ws.cuh"
 #elif MAINLOOP == MAINLOOP_WGMMA

@@ -14,7 +14,7 @@
 // fragment layout, so the epilogue is the one of mma.sync. Declares `acc` (written only when nk > 0 unless
 // folded).
 
-    // ---- warpgroup MMA main loop (see WGMMA in the header)
+    // ---- warpgroup MMA main loop (see the header)
     const int wgrp = warp >> 2;  // warpgroup: weight rows 64 * wgrp .. + 63
     (void)warp_k;
     constexpr int NACC = MG_MT * MG_NTL * 4;  // accumulator floats per thread per set (BN / 2)

@@ -2,16 +2,16 @@
 // loop goes; moe_gemm.cu names what it reads). 384 threads: warpgroups 0 and 1 consume (wgmma as in
 // gemm/mainloop_wgmma.cuh: warpgroup q owns weight rows 64q..64q+63, the epilogue is the same), warpgroup 2 only
 // loads (the same cp.async gather / zero fill, 128 loader threads) into a ring of STAGES slots; mbarriers instead
-// of __syncthreads: full[s] and empty[s] (initialised by mg_ws_init_barriers). Each producer thread waits for its
-// cp.async group of step j (wait_group, STAGES - 2 groups behind the newest) and fences
-// (fence.proxy.async.shared::cta), then lane 0 of each producer warp arrives on full[j] (after __syncwarp: one
-// arrival per producer warp); the producer warps then return. Each consumer warp arrives on empty[s] once the
-// wgmma reading the slot were retired by wgmma.wait_group (and a folding format's fold read its scales).
-// setmaxnreg: producer WG_WS_PREGS (48), consumers MG_WS_CREGS (224). Unfolded, the consumers keep one K step's
-// wgmma in flight (slot released one step late, so all STAGES - 2 other slots are loading); a folding format
-// waits for and folds every step. Declares `acc`.
+// of __syncthreads: full[s] and empty[s] at bar_full / bar_empty, a spare at bar_spare (the kernel initialises
+// them). Each producer thread waits for its cp.async group of step j (wait_group, STAGES - 2 groups behind the
+// newest) and fences (fence.proxy.async.shared::cta), then lane 0 of each producer warp arrives on full[j] (after
+// __syncwarp: one arrival per producer warp); the producer warps then return. Each consumer warp arrives on
+// empty[s] once the wgmma reading the slot were retired by wgmma.wait_group (and a folding format's fold read its
+// scales). setmaxnreg: producer WG_WS_PREGS (48), consumers MG_WS_CREGS (224). Unfolded, the consumers keep one
+// K step's wgmma in flight (slot released one step late, so all STAGES - 2 other slots are loading); a folding
+// format waits for and folds every step. Declares `acc`.
 
-    // ---- warpgroup MMA main loop (see WGMMA in the header)
+    // ---- warpgroup MMA main loop (see the header)
     const int wgrp = warp >> 2;  // warpgroup: weight rows 64 * wgrp .. + 63
     (void)warp_k;
     constexpr int NACC = MG_MT * MG_NTL * 4;  // accumulator floats per thread per set (BN / 2)
