@@ -1,7 +1,8 @@
-// A dense (non-MoE) bf16 GEMM built from the GEMM's pieces, compiled (not run) by tests/cuda.rs to prove that
-// the pieces compose without the MoE plumbing: no tile list, no gather, no expert. out[n][m] = sum_k w[m][k] *
-// x[n][k] (+ bias[m]) in f32 (a Linear layer: weights on the M side, tokens on the N side, as moe_gemm). Also
-// instantiates the wgmma wrappers the MoE kernel does not use yet, the register-sourced (RS) ones included.
+// A dense (non-MoE) bf16 GEMM built from the GEMM's pieces (config, ptx, the bf16 format, the stage loads, the
+// mma.sync main loop, the epilogue), compiled (not run) by tests/cuda.rs to prove that they compose without the
+// MoE plumbing: no tile list, no sorted pairs, no expert. out[n][m] = sum_k w[m][k] * x[n][k] (+ bias[m]) in f32
+// (a Linear layer: weights on the M side, tokens on the N side, as moe_gemm). Also instantiates every wgmma
+// wrapper, the register-sourced (RS) ones included, which the MoE kernel does not use yet.
 #define EPILOGUE EPI_DOWN
 #define STORE STORE_F32
 #include "gemm/config.cuh"
@@ -11,53 +12,42 @@
 #include "gemm/epilogue.cuh"
 
 using Fmt = WeightFormat<WFMT_BF16>::type;
-static_assert(WARPS_K == 1, "this simple kernel has no k-split reduction");
 
-// w [M, K] bf16, x [N, K] bf16, out [N, M] f32, bias [M] or null; M % BM == 0, K % 16 == 0. Fragments come
-// straight from global memory (the m16n8k16 layouts), which is enough for a compile check.
+// w [M, Kp] bf16, x [N, Kp] bf16, out [N, M] f32, bias [M] or null; M % BM == 0, Kp % 64 == 0. Block MG_NTHREADS,
+// grid (M / BM, ceil(N / BN)), MG_SMEM_BYTES of dynamic shared memory. The tile's rows of x are rows n0.., the
+// rows past N zero-filled: the loads' gather with the identity as its row list.
 extern "C" __global__ void __launch_bounds__(MG_NTHREADS, 1)
-    dense_gemm(const u16* __restrict__ w, const u16* __restrict__ x, float* __restrict__ out,
-               const float* __restrict__ bias, int M, int N, int K) {
-    const int lane = threadIdx.x & 31;
-    const int warp = threadIdx.x >> 5;
-    const int g = lane >> 2, t = lane & 3;
+    dense_gemm(const u8* __restrict__ w, const u8* __restrict__ x, float* __restrict__ out,
+               const float* __restrict__ bias, int M, int N, int Kp) {
+    constexpr int ESZ = Fmt::Elem::BYTES;
+    const u8* act = x;
+    const float* w_scale = nullptr;  // (bf16: no scales)
+    const float* act_scale = nullptr;
+    const int e = 0;  // one weight matrix
+    const int Mp = M;
+    const int m_base = blockIdx.x * BM;
+    const int row0 = blockIdx.y * BN;
+    const int nrows = min(N - row0, BN);
+    __shared__ int s_row[BN];
+    extern __shared__ __align__(128) u8 smem[];
+    const int tid = threadIdx.x;
+    const int lane = tid & 31;
+    const int warp = tid >> 5;
+    const int ltid = tid;
+    if (tid < BN) s_row[tid] = tid < nrows ? row0 + tid : -1;
+    __syncthreads();
+
+#include "gemm/loads.cuh"
+
+    const int warp_k = warp / (WARPS_M * WARPS_N);
     const int wm0 = (warp % WARPS_M) * MG_WTM;
     const int wn0 = ((warp / WARPS_M) % WARPS_N) * MG_WTN;
-    const int m_base = blockIdx.x * BM;
-    const int n_base = blockIdx.y * BN;
-    const int nrows = min(N - n_base, BN);
-    float acc[MG_MT][MG_NTL][4];
-#pragma unroll
-    for (int i = 0; i < MG_MT; ++i)
-#pragma unroll
-        for (int j = 0; j < MG_NTL; ++j)
-#pragma unroll
-            for (int c = 0; c < 4; ++c) acc[i][j][c] = 0.0f;
-    for (int k0 = 0; k0 < K; k0 += 16) {
-        u32 af[MG_MT][4];
-        u32 bf[MG_NTL][2];
-#pragma unroll
-        for (int i = 0; i < MG_MT; ++i) {
-            const u16* r0 = w + (long long)(m_base + wm0 + 16 * i + g) * K + k0 + 2 * t;
-            const u16* r8 = r0 + 8ll * K;
-            af[i][0] = *(const u32*)r0;
-            af[i][1] = *(const u32*)r8;
-            af[i][2] = *(const u32*)(r0 + 8);
-            af[i][3] = *(const u32*)(r8 + 8);
-        }
-#pragma unroll
-        for (int j = 0; j < MG_NTL; ++j) {
-            const int n = n_base + wn0 + 8 * j + g;
-            const u16* r = x + (long long)n * K + k0 + 2 * t;
-            bf[j][0] = n < N ? *(const u32*)r : 0u;
-            bf[j][1] = n < N ? *(const u32*)(r + 8) : 0u;
-        }
-#pragma unroll
-        for (int i = 0; i < MG_MT; ++i)
-#pragma unroll
-            for (int j = 0; j < MG_NTL; ++j) mg_mma<Fmt::Elem>(acc[i][j], af[i], bf[j][0], bf[j][1]);
-    }
-    const EpilogueArgs ea{0, nullptr, nullptr, bias, nullptr, out, M, m_base, n_base, M, 0.0f, 0.0f, 0.0f};
+    const bool warp_active = wn0 < nrows;
+
+#include "gemm/mainloop_mma.cuh"
+
+    if (!warp_active) return;
+    const EpilogueArgs ea{e, w_scale, act_scale, bias, nullptr, out, Mp, m_base, row0, M, 0.0f, 0.0f, 0.0f};
     mg_epilogue<Fmt>(acc, true, ea, nullptr, false, nrows, lane, wm0, wn0);
 }
 
