@@ -8,22 +8,30 @@ use crate::config::{Activation, WeightFormat};
 /// `ARG_DTYPE_*`) shared by kernels and launchers.
 pub const COMMON: &str = include_str!("kernels/common.cuh");
 
+/// `(name, text)` of a piece of `kernels/`.
+macro_rules! piece {
+    ($name:literal) => {
+        ($name, include_str!(concat!("kernels/", $name)))
+    };
+}
+
 /// The pieces kernels include (`#include "gemm/wgmma.cuh"`), by the name they are included as.
-/// `full_text` pastes each in place, once, between `#line` directives, so NVRTC still sees one
+/// `translation_unit` pastes each in place, once, between `#line` directives, so NVRTC still sees one
 /// translation unit (the cache key and the source kept beside a cached binary cover every piece)
-/// while its diagnostics and line info name the real files.
+/// while its diagnostics and line info name the real files. The pasting ignores `#if`: a piece
+/// included under a condition must be included nowhere else.
 pub const HEADERS: [(&str, &str); 11] = [
-    ("gemm/config.cuh", include_str!("kernels/gemm/config.cuh")),
-    ("gemm/ptx.cuh", include_str!("kernels/gemm/ptx.cuh")),
-    ("gemm/wgmma.cuh", include_str!("kernels/gemm/wgmma.cuh")),
-    ("gemm/scale_bf16.cuh", include_str!("kernels/gemm/scale_bf16.cuh")),
-    ("gemm/scale_fp8_tensor.cuh", include_str!("kernels/gemm/scale_fp8_tensor.cuh")),
-    ("gemm/scale_fp8_block.cuh", include_str!("kernels/gemm/scale_fp8_block.cuh")),
-    ("gemm/epilogue.cuh", include_str!("kernels/gemm/epilogue.cuh")),
-    ("gemm/loads.cuh", include_str!("kernels/gemm/loads.cuh")),
-    ("gemm/mainloop_mma.cuh", include_str!("kernels/gemm/mainloop_mma.cuh")),
-    ("gemm/mainloop_wgmma.cuh", include_str!("kernels/gemm/mainloop_wgmma.cuh")),
-    ("gemm/mainloop_wgmma_ws.cuh", include_str!("kernels/gemm/mainloop_wgmma_ws.cuh")),
+    piece!("gemm/config.cuh"),
+    piece!("gemm/ptx.cuh"),
+    piece!("gemm/wgmma.cuh"),
+    piece!("gemm/scale_bf16.cuh"),
+    piece!("gemm/scale_fp8_tensor.cuh"),
+    piece!("gemm/scale_fp8_block.cuh"),
+    piece!("gemm/epilogue.cuh"),
+    piece!("gemm/loads.cuh"),
+    piece!("gemm/mainloop_mma.cuh"),
+    piece!("gemm/mainloop_wgmma.cuh"),
+    piece!("gemm/mainloop_wgmma_ws.cuh"),
 ];
 
 /// `COMMON`, then `text` (compiled as `file`) with its `#include "..."` of `HEADERS` resolved.

@@ -75,8 +75,8 @@ extern "C" __global__ void __launch_bounds__(MG_NTHREADS, 1) moe_gemm(
     const int nrows = min(tile_row_end[y] - row0, BN);
     const int m_base = blockIdx.x * BM;
     // Only when every tile's weights fit in L2 together (decode: a few experts); beyond that the
-    // prefetch would evict what other blocks are about to read (measured: T=16 on qwen3-30b-a3b
-    // ran 12 % slower with it).
+    // prefetch would evict what other blocks are about to read (docs/cuda.md, "Measurements behind the
+    // kernel choices").
     if (threadIdx.x == 0 && nrows > 0 &&
         (long long)num_tiles[0] * Mp * Kp * ESZ <= MG_PREFETCH_L2_BYTES) {
         const long long row_bytes = (long long)Kp * ESZ;
