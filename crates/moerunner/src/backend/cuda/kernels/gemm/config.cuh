@@ -67,6 +67,9 @@
 #define WG_WS_PREGS 48  // 40 made the block-scale loader spill
 #endif
 
+// the weight format folds each K step's partial into the sum: Fmt::FOLD_EACH_STEP for the one place that must
+// choose by preprocessor (gemm/mainloop_mma.cuh checks the two agree)
+#define MG_FOLD_EACH_STEP (WEIGHT_FORMAT == WFMT_E4M3_BLOCK)
 // wgmma main loops (both): the operand tiles are read through descriptors, the warp grid is BM/16 x 1 x 1
 #define MG_WGMMA (MAINLOOP != MAINLOOP_MMA_SYNC)
 #define MG_WS (MAINLOOP == MAINLOOP_WGMMA_WS)

@@ -62,7 +62,8 @@
             // A format that folds each K step multiplies into a fresh partial `part`, the others into acc.
             // NOTE: a preprocessor choice on purpose: declaring `part` for every format and choosing the target
             // with `if constexpr` / a reference changed the code of every mma.sync variant (kernel_identity.py)
-#if WEIGHT_FORMAT == WFMT_E4M3_BLOCK
+            static_assert(MG_FOLD_EACH_STEP == Fmt::FOLD_EACH_STEP, "gemm/config.cuh MG_FOLD_EACH_STEP");
+#if MG_FOLD_EACH_STEP
             float part[MG_MT][MG_NTL][4];
 #pragma unroll
             for (int i = 0; i < MG_MT; ++i)
@@ -100,7 +101,7 @@
                 }
             }
 #undef MG_TGT
-#if WEIGHT_FORMAT == WFMT_E4M3_BLOCK
+#if MG_FOLD_EACH_STEP
             Fmt::fold_mma(acc, part, smem, slot_c, lane, wm0, wn0);  // promote the 128-wide K step
 #endif
         }
