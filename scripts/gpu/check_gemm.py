@@ -3,7 +3,7 @@
 
 Runs on a machine with an NVIDIA GPU (sm_90: H100/H200), python3 with cupy-cuda13x, numpy and torch.
 Compiles the kernel with NVRTC exactly as the backend does (scripts/gpu/nvrtc.py: common.cuh pasted
-before the .cu, the backend's options for sm_90a, -D defines), builds seeded random prepared
+before the .cu and its gemm/ pieces in place, the backend's options for sm_90a, -D defines), builds seeded random prepared
 weights / activations / routing and the tile lists, runs, and compares with a float64 reference of the
 kernel's contract. Then times a bandwidth (decode) case and a compute (prefill) case.
 
@@ -22,12 +22,13 @@ import numpy as np
 import cupy as cp
 import torch
 
+import contracts  # scripts/gpu/contracts.py: moe_gemm's signature and the host's GEMM forms, from Rust
 import nvrtc  # scripts/gpu/nvrtc.py: the backend's compile path
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 KDIR = os.path.join(ROOT, "crates", "moerunner", "src", "backend", "cuda", "kernels")
-SRC = open(os.path.join(KDIR, "common.cuh")).read() + "\n" + open(os.path.join(KDIR, "moe_gemm.cu")).read() + "\n"
+SRC = nvrtc.translation_unit("moe_gemm.cu")  # common.cuh + moe_gemm.cu with its gemm/ pieces, as the backend
 DEV = torch.device("cuda")
 
 ACT_ALPHA, ACT_BETA, ACT_LIMIT = 1.702, 1.0, 7.0
@@ -35,8 +36,59 @@ ACT_ALPHA, ACT_BETA, ACT_LIMIT = 1.702, 1.0, 7.0
 
 # ------------------------------------------------------------------------------------------ compile
 
+# The plans below keep the kernel's choices as numbers (W_FP8, EPI, ACT, OUT_TYPE, WGMMA, WG_WS); the kernel
+# is compiled with its named defines (gemm/config.cuh), as kernels.rs GemmVariant::defines spells them.
+WFMT_NAMES = ["WFMT_BF16", "WFMT_E4M3_TENSOR", "WFMT_E4M3_BLOCK"]
+EPI_NAMES = ["EPI_DOWN", "EPI_GATED", "EPI_RELU2"]
+ACT_NAMES = ["ACT_SWIGLU", "ACT_GEGLU", "ACT_SWIGLU_OAI"]
+STORE_NAMES = ["STORE_BF16", "STORE_F32", "STORE_E4M3"]
+
+
+FORMAT_NAMES = ["bf16", "e4m3_tensor", "e4m3_block"]
+HOST_FORMS = {"rust": 0, "own": 0}
+
+
+def host_form(defs):
+    """The backend's name for the form the plan's numbers describe ((format, stage, BM, BN, main loop)
+    as `moerunner info --kernels-json` spells them), or None for a form with overrides (STAGES, BN = 8,
+    a GEMM1 store the backend does not pair with the format)."""
+    d = dict(defs)
+    if set(d) - {"W_FP8", "EPI", "ACT", "OUT_TYPE", "WGMMA", "WG_WS", "BM", "BN"}:
+        return None
+    w, epi, act = d.get("W_FP8", 0), d.get("EPI", 1), d.get("ACT", 0)
+    out = d.get("OUT_TYPE", 1 if epi == 0 else 0)
+    gemm1_store = {0: 0, 1: 2}.get(w, 1)
+    if epi == 0:
+        stage = {1: "Down", 0: "DownBf16"}[out]
+    elif out != gemm1_store:
+        return None
+    else:
+        stage = f"Gated {{ act: {act} }}" if epi == 1 else "Relu2"
+    loop = "wgmma_ws" if d.get("WG_WS", 0) else "wgmma" if d.get("WGMMA", 0) else "mma_sync"
+    return FORMAT_NAMES[w], stage, d["BM"], d["BN"], loop
+
+
+def kernel_defines(defs):
+    """Defines of a plan entry: the backend's own (from the Rust side) for a form it launches, else
+    spelled here from the plan's numbers."""
+    form = host_form(defs)
+    rust = contracts.host_gemm_defines(*form) if form else None
+    if rust is not None:
+        HOST_FORMS["rust"] += 1
+        return rust
+    HOST_FORMS["own"] += 1
+    d = dict(defs)
+    out = [f"WEIGHT_FORMAT={WFMT_NAMES[d.pop('W_FP8', 0)]}", f"EPILOGUE={EPI_NAMES[d.pop('EPI', 1)]}",
+           f"ACT={ACT_NAMES[d.pop('ACT', 0)]}"]
+    if "OUT_TYPE" in d:
+        out.append(f"STORE={STORE_NAMES[d.pop('OUT_TYPE')]}")
+    wg, ws = d.pop("WGMMA", 0), d.pop("WG_WS", 0)
+    out.append("MAINLOOP=" + ("MAINLOOP_WGMMA_WS" if ws else "MAINLOOP_WGMMA" if wg else "MAINLOOP_MMA_SYNC"))
+    return out + [f"{k}={v}" for k, v in sorted(d.items())]  # BM, BN, STAGES, WG_WS_PREGS as they are
+
+
 def _nvrtc_cubin(defs):
-    return nvrtc.compile(SRC, "moe_gemm.cu", nvrtc.options(defines=[f"{k}={v}" for k, v in defs]))
+    return nvrtc.compile(SRC, "moe_gemm.cu", nvrtc.options(defines=kernel_defines(defs)))
 
 
 class Kernel:
@@ -84,7 +136,8 @@ def compile_all(defs_list):
     with ThreadPoolExecutor(max(1, min(16, os.cpu_count() or 1))) as ex:
         cubins = list(ex.map(_nvrtc_cubin, keys))
     kernels = {k: Kernel(k, c, log) for k, (c, log) in zip(keys, cubins)}
-    print(f"compiled {len(keys)} variants in {time.time() - t0:.1f} s")
+    print(f"compiled {len(keys)} variants in {time.time() - t0:.1f} s ({HOST_FORMS['rust']} with the backend's "
+          f"defines from `moerunner info --kernels-json`, {HOST_FORMS['own']} forms the backend never launches)")
     for k, kern in kernels.items():
         if kern.log and "warning" in kern.log:
             print(f"  warnings for {dict(k)}:\n{kern.log}")
@@ -278,11 +331,13 @@ def decode_out(o, epi, ot, c):
 
 
 def args_for(c, tiles, out, stride, num=None):
-    return (ptr(c["w"]), ptr(c["w_scale"]), ptr(c["act"]), ptr(c["act_scale"]), ptr(c["sorted_pair"]),
-            np.int32(c["top_k"] if c["gather"] else 0), ptr(tiles["expert"]), ptr(tiles["start"]),
-            ptr(tiles["end"]), ptr(tiles["num"] if num is None else num), ptr(c["bias"]), ptr(c["row_weight"]),
-            ptr(out), ptr(c["out_scale"]), np.int32(c["Mp"]), np.int32(c["Kp"]), np.int32(stride),
-            np.float32(ACT_ALPHA), np.float32(ACT_BETA), np.float32(ACT_LIMIT))
+    return contracts.pack(
+        "moe_gemm", w=ptr(c["w"]), w_scale=ptr(c["w_scale"]), act=ptr(c["act"]), act_scale=ptr(c["act_scale"]),
+        sorted_pair=ptr(c["sorted_pair"]), gather_div=c["top_k"] if c["gather"] else 0,
+        tile_expert=ptr(tiles["expert"]), tile_row_start=ptr(tiles["start"]), tile_row_end=ptr(tiles["end"]),
+        num_tiles=ptr(tiles["num"] if num is None else num), bias=ptr(c["bias"]), row_weight=ptr(c["row_weight"]),
+        out=ptr(out), out_scale=ptr(c["out_scale"]), Mp=c["Mp"], Kp=c["Kp"], out_stride=stride,
+        act_alpha=ACT_ALPHA, act_beta=ACT_BETA, act_limit=ACT_LIMIT)
 
 
 def sync():

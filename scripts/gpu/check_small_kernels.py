@@ -37,7 +37,7 @@ ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 KDIR = os.path.join(ROOT, "crates", "moerunner", "src", "backend", "cuda", "kernels")
 OPTIONS = nvrtc.options("sm_90a")
 F32 = np.float32
-DTYPE_BF16, DTYPE_F16, DTYPE_F32 = 0, 1, 2
+ARG_DTYPE_BF16, ARG_DTYPE_F16, ARG_DTYPE_F32 = 0, 1, 2
 
 RESULTS = []  # (name, cases, ok, detail)
 
@@ -57,7 +57,8 @@ COMPILE_NOTE = []
 def load_module(name, extra="", body=None, common=None):
     common = common if common is not None else open(os.path.join(KDIR, "common.cuh")).read()
     body = body if body is not None else open(os.path.join(KDIR, name + ".cu")).read()
-    src = f'{common}\n#line 1 "{name}.cu"\n{body}\n{extra}'
+    src = nvrtc.translation_unit(f"{name}.cu", f"{body}\n{extra}",
+                                 read=lambda rel: common if rel == "common.cuh" else nvrtc._read_kernel_file(rel))
     cubin, _log = nvrtc.compile(src, name + ".cu", OPTIONS)
     fd, path = tempfile.mkstemp(suffix=".cubin")
     with os.fdopen(fd, "wb") as f:
@@ -272,10 +273,10 @@ def check_routing(mod, seed, quick):
             bits = to_bf16_bits(r)
             r = bf16_bits_to_f32(bits)
             d_logits = cp.asarray(bits)
-            dt_code = DTYPE_BF16
+            dt_code = ARG_DTYPE_BF16
         else:
             d_logits = cp.asarray(r)
-            dt_code = DTYPE_F32
+            dt_code = ARG_DTYPE_F32
         if cs.get("zero_bias"):
             bias = np.zeros(E, F32)
         elif cs["kind"] == "ties":
@@ -602,7 +603,7 @@ def check_quant(mod, seed, quick):
     torch_disagree = 0
     shapes = [(1, 128), (3, 1), (5, 129), (17, 200), (64, 7168), (33, 2048), (1000, 384), (7, 4096)]
     for rows, cols in shapes:
-        for dt in (DTYPE_F32, DTYPE_BF16, DTYPE_F16):
+        for dt in (ARG_DTYPE_F32, ARG_DTYPE_BF16, ARG_DTYPE_F16):
             for mode in (0, 1, 2):
                 c += 1
                 rng = np.random.default_rng(seed * 1000 + c)
@@ -615,10 +616,10 @@ def check_quant(mod, seed, quick):
                     x[1, :] = 0.0                         # all-zero row -> floor scale
                     x[2, : min(cols, 64)] *= F32(1e-30)   # tiny values (e4m3 subnormals / zeros)
                     x[0, 0] = F32(1e4)                    # saturating values
-                if dt == DTYPE_F32:
+                if dt == ARG_DTYPE_F32:
                     xs = x
                     dx = cp.asarray(x)
-                elif dt == DTYPE_BF16:
+                elif dt == ARG_DTYPE_BF16:
                     b = to_bf16_bits(x)
                     xs = bf16_bits_to_f32(b)
                     dx = cp.asarray(b)
@@ -677,7 +678,7 @@ def check_combine(mod, seed, quick):
     c = 0
     for T, K, H, zpad in [(1, 1, 128, 0), (7, 2, 130, 2), (64, 8, 7168, 0), (33, 4, 2048, 4), (5, 8, 4, 0),
                           (300, 8, 512, 1), (1, 22, 384, 0), (2000, 2, 1024, 0), (3, 3, 1, 0)]:
-        for dt, zdt in [(d, zd) for d in (DTYPE_F32, DTYPE_BF16, DTYPE_F16) for zd in (DTYPE_F32, DTYPE_BF16)]:
+        for dt, zdt in [(d, zd) for d in (ARG_DTYPE_F32, ARG_DTYPE_BF16, ARG_DTYPE_F16) for zd in (ARG_DTYPE_F32, ARG_DTYPE_BF16)]:
             for weighted in (True, False):
                 c += 1
                 rng = np.random.default_rng(seed * 1000 + c)
@@ -689,7 +690,7 @@ def check_combine(mod, seed, quick):
                 if T > 1:
                     pos[:K] = -1  # token 0 has no local slot
                 z = rng.standard_normal((Ps, z_stride)).astype(F32)
-                if zdt == DTYPE_BF16:  # GEMM2 rows rounded to bf16: the kernel reads the bf16 bits
+                if zdt == ARG_DTYPE_BF16:  # GEMM2 rows rounded to bf16: the kernel reads the bf16 bits
                     z_dev = cp.asarray(to_bf16_bits(z))
                     z = (to_bf16_bits(z).astype(np.uint32) << 16).view(F32)
                 else:
@@ -702,7 +703,7 @@ def check_combine(mod, seed, quick):
                     m = posr[:, j] >= 0
                     prod = wr[:, j:j + 1] * z[np.maximum(posr[:, j], 0), :H]
                     acc = np.where(m[:, None], acc + prod, acc)
-                d_out = cp.full(T * H * (4 if dt == DTYPE_F32 else 2), 0xAB, cp.uint8)
+                d_out = cp.full(T * H * (4 if dt == ARG_DTYPE_F32 else 2), 0xAB, cp.uint8)
                 if c % 2:
                     grid, block = combine_launch(T, H)  # as the backend (Rust shapes::combine)
                 else:
@@ -711,9 +712,9 @@ def check_combine(mod, seed, quick):
                 k((grid,), (block,), z=z_dev, z_dtype=zdt, z_stride=z_stride, pair_pos=cp.asarray(pos),
                   topk_w=cp.asarray(w) if weighted else None, T=T, K=K, H=H, out=d_out, out_dtype=dt)
                 out = cp.asnumpy(d_out)
-                if dt == DTYPE_F32:
+                if dt == ARG_DTYPE_F32:
                     g, r = out.view(np.uint32).reshape(T, H), acc.view(np.uint32)
-                elif dt == DTYPE_BF16:
+                elif dt == ARG_DTYPE_BF16:
                     g, r = out.view(np.uint16).reshape(T, H), to_bf16_bits(acc)
                 else:
                     g, r = out.view(np.uint16).reshape(T, H), acc.astype(np.float16).view(np.uint16)
@@ -819,7 +820,7 @@ def time_small_kernels(seed, Ts=(1, 16, 128, 4096), sort_Ts=(8192, 16384)):
             ids = cp.zeros((T, K), cp.int32)
             w = cp.zeros((T, K), cp.float32)
             g, b, sm = route_launch_rust(E, K, T)
-            ra = kr.args(logits=logits, logits_dtype=DTYPE_BF16, bias=None, T=T, E=E, K=K, method=1, n_group=1,
+            ra = kr.args(logits=logits, logits_dtype=ARG_DTYPE_BF16, bias=None, T=T, E=E, K=K, method=1, n_group=1,
                          topk_group=1, routed_scaling_factor=1.0, norm_topk_prob=0, topk_ids=ids, topk_w=w)
             TIMES.append(("route_logits", T, label, median_us(lambda: kr.fn((g,), (b,), ra, shared_mem=sm))))
             # sort (of the ids just routed)
@@ -864,8 +865,8 @@ def time_small_kernels(seed, Ts=(1, 16, 128, 4096), sort_Ts=(8192, 16384)):
             z = cp.asarray(rng.standard_normal((P, H)).astype(F32))
             out = cp.zeros(T * H, cp.uint16)
             g, b = combine_launch(T, H)
-            ca = kc.args(z=z, z_dtype=DTYPE_F32, z_stride=H, pair_pos=bufs[2], topk_w=w, T=T, K=K, H=H, out=out,
-                         out_dtype=DTYPE_BF16)
+            ca = kc.args(z=z, z_dtype=ARG_DTYPE_F32, z_stride=H, pair_pos=bufs[2], topk_w=w, T=T, K=K, H=H, out=out,
+                         out_dtype=ARG_DTYPE_BF16)
             TIMES.append(("combine_rows", T, label, median_us(lambda: kc.fn((g,), (b,), ca))))
     print(f"\n{'kernel (E=128 k=8 H=2048)':<26} {'T':>6} " + " ".join(f"{v[0] + ' us':>11}" for v in variants))
     names = []

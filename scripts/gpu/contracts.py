@@ -71,3 +71,23 @@ class Kernel:
 
     def __call__(self, grid, block, shared_mem=0, **kw):
         self.fn(grid, block, self.args(**kw), shared_mem=shared_mem)
+
+
+def pack(entry, **kw):
+    """The argument tuple of `entry` from its parameters by name (for launchers that call the raw
+    function themselves)."""
+    params = signature(entry)
+    missing = [n for n, _ in params if n not in kw]
+    extra = sorted(set(kw) - {n for n, _ in params})
+    if missing or extra:
+        raise TypeError(f"{entry}: missing {missing}, unknown {extra}")
+    return tuple(_cast(t, kw[n]) for n, t in params)
+
+
+def host_gemm_defines(fmt, stage, bm, bn, main_loop):
+    """The defines the backend compiles the GEMM form (format name, stage as the JSON spells it, BM,
+    BN, main loop) with, or None when the backend never launches that form."""
+    for v in gemm_variants():
+        if (v["format"], v["stage"], v["bm"], v["bn"], v["main_loop"]) == (fmt, stage, bm, bn, main_loop):
+            return [d[2:] if d.startswith("-D") else d for d in v["defines"]]
+    return None

@@ -49,9 +49,43 @@ def options(arch="sm_90a", defines=()):
     return [f"--gpu-architecture={arch}", *BACKEND_OPTIONS, *(f"-D{d}" for d in defines)]
 
 
+KERNEL_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                          "crates", "moerunner", "src", "backend", "cuda", "kernels")
+
+
+def _read_kernel_file(rel):
+    path = os.path.join(KERNEL_DIR, rel)
+    return open(path).read() if os.path.isfile(path) else None
+
+
+def translation_unit(file, text=None, read=_read_kernel_file):
+    """The source the backend compiles for kernel `file` ("moe_gemm.cu"), as `kernels::translation_unit`
+    builds it: common.cuh, then the file with each `#include "gemm/x.cuh"` pasted in place, once,
+    between `#line` directives. `text` defaults to the file's own; `read(rel)` gives the text of a file
+    of the kernels directory or None (default: this checkout's)."""
+    def paste(out, name, body, seen):
+        out.append(f'#line 1 "{name}"\n')
+        for i, line in enumerate(body.splitlines(keepends=True)):
+            t = line.strip()
+            inc = t[len('#include "'):-1] if t.startswith('#include "') and t.endswith('"') else None
+            hdr = read(inc) if inc and inc.endswith(".cuh") and inc != "common.cuh" else None
+            if hdr is None:
+                out.append(line)
+            elif inc in seen:
+                out.append("\n")
+            else:
+                seen.add(inc)
+                paste(out, inc, hdr, seen)
+                out.append(f'\n#line {i + 2} "{name}"\n')
+    out = [read("common.cuh") + "\n"]
+    paste(out, file, read(file) if text is None else text, set())
+    return "".join(out)
+
+
 def compile(source, name, opts, output="cubin"):
     """Compiles `source` (str or bytes) as `name` with `opts`; returns (code, log), code being the
-    CUBIN (`output="cubin"`) or the PTX text (`output="ptx"`) as bytes."""
+    CUBIN (`output="cubin"`), the PTX text (`output="ptx"`) as bytes, or both (`output="both"`:
+    (cubin, ptx))."""
     lib = library()
     src = source.encode() if isinstance(source, str) else source
     prog = ctypes.c_void_p()
@@ -68,16 +102,18 @@ def compile(source, name, opts, output="cubin"):
         log = log.value.decode(errors="replace")
         if rc != 0:
             raise NvrtcError(f"NVRTC failed on {name} ({' '.join(opts)}):\n{log}")
-        if output == "cubin":
-            get_size, get = lib.nvrtcGetCUBINSize, lib.nvrtcGetCUBIN
-        elif output == "ptx":
-            get_size, get = lib.nvrtcGetPTXSize, lib.nvrtcGetPTX
-        else:
-            raise ValueError(f"output must be 'cubin' or 'ptx', not {output!r}")
-        get_size(prog, ctypes.byref(size))
-        code = ctypes.create_string_buffer(size.value)
-        get(prog, code)
-        # PTX is NUL-terminated text; a CUBIN is binary of exactly `size` bytes.
-        return (code.raw if output == "cubin" else code.value), log
+        def get(what):
+            if what == "cubin":
+                get_size, get = lib.nvrtcGetCUBINSize, lib.nvrtcGetCUBIN
+            elif what == "ptx":
+                get_size, get = lib.nvrtcGetPTXSize, lib.nvrtcGetPTX
+            else:
+                raise ValueError(f"output must be 'cubin', 'ptx' or 'both', not {output!r}")
+            get_size(prog, ctypes.byref(size))
+            code = ctypes.create_string_buffer(size.value)
+            get(prog, code)
+            # PTX is NUL-terminated text; a CUBIN is binary of exactly `size` bytes.
+            return code.raw if what == "cubin" else code.value
+        return ((get("cubin"), get("ptx")) if output == "both" else get(output)), log
     finally:
         lib.nvrtcDestroyProgram(ctypes.byref(prog))

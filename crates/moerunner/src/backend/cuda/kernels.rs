@@ -19,8 +19,62 @@ pub mod sort;
 
 use std::marker::PhantomData;
 
-/// Pasted before every source: typedefs and number conversions (one translation unit, no headers).
+/// Pasted before every source: typedefs, number conversions and the named codes (`WFMT_*`,
+/// `ARG_DTYPE_*`) shared by kernels and launchers.
 pub const COMMON: &str = include_str!("kernels/common.cuh");
+
+/// `(name, text)` of a piece of `kernels/`.
+macro_rules! piece {
+    ($name:literal) => {
+        ($name, include_str!(concat!("kernels/", $name)))
+    };
+}
+
+/// The pieces kernels include (`#include "gemm/wgmma.cuh"`), by the name they are included as.
+/// `translation_unit` pastes each in place, once, between `#line` directives, so NVRTC still sees one
+/// translation unit (the cache key and the source kept beside a cached binary cover every piece)
+/// while its diagnostics and line info name the real files. The pasting ignores `#if`: a piece
+/// included under a condition must be included nowhere else.
+pub const HEADERS: [(&str, &str); 11] = [
+    piece!("gemm/config.cuh"),
+    piece!("gemm/ptx.cuh"),
+    piece!("gemm/wgmma.cuh"),
+    piece!("gemm/scale_bf16.cuh"),
+    piece!("gemm/scale_fp8_tensor.cuh"),
+    piece!("gemm/scale_fp8_block.cuh"),
+    piece!("gemm/epilogue.cuh"),
+    piece!("gemm/loads.cuh"),
+    piece!("gemm/mainloop_mma.cuh"),
+    piece!("gemm/mainloop_wgmma.cuh"),
+    piece!("gemm/mainloop_wgmma_ws.cuh"),
+];
+
+/// `COMMON`, then `text` (compiled as `file`) with its `#include "..."` of `HEADERS` resolved.
+/// An include that names no header is left for NVRTC to report.
+pub fn translation_unit(file: &str, text: &str) -> String {
+    fn paste(out: &mut String, file: &str, text: &str, seen: &mut Vec<&'static str>) {
+        out.push_str(&format!("#line 1 \"{file}\"\n"));
+        for (i, line) in text.split_inclusive('\n').enumerate() {
+            let header = line
+                .trim()
+                .strip_prefix("#include \"")
+                .and_then(|rest| rest.strip_suffix('"'))
+                .and_then(|name| HEADERS.iter().find(|(n, _)| *n == name));
+            match header {
+                Some((name, _)) if seen.contains(name) => out.push('\n'),
+                Some((name, body)) => {
+                    seen.push(name);
+                    paste(out, name, body, seen);
+                    out.push_str(&format!("\n#line {} \"{file}\"\n", i + 2));
+                }
+                None => out.push_str(line),
+            }
+        }
+    }
+    let mut out = format!("{COMMON}\n");
+    paste(&mut out, file, text, &mut Vec::new());
+    out
+}
 
 /// One `.cu` file.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -63,7 +117,7 @@ impl Source {
 
     /// The whole translation unit NVRTC compiles.
     pub fn full_text(self) -> String {
-        format!("{COMMON}\n#line 1 \"{}.cu\"\n{}", self.name(), self.text())
+        translation_unit(&format!("{}.cu", self.name()), self.text())
     }
 }
 
@@ -263,7 +317,7 @@ pub(crate) fn grid_cap(items: usize, per_block: usize, sms: u32) -> u32 {
 }
 
 /// Element type codes of hidden states, logits and outputs passed to the kernels as `int`
-/// (common.cuh's `DTYPE_*`).
+/// (common.cuh's `ARG_DTYPE_*`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(i32)]
 pub enum ElemCode {

@@ -4,11 +4,11 @@
 //
 // ---------------------------------------------------------------------------------------------------
 // combine_rows(z, z_dtype, z_stride, pair_pos, topk_w, T, K, H, out, out_dtype)
-//   z        [P_sorted, z_stride] of z_dtype (DTYPE_F32, or DTYPE_BF16 when GEMM2 rounds its rows to
+//   z        [P_sorted, z_stride] of z_dtype (ARG_DTYPE_F32, or ARG_DTYPE_BF16 when GEMM2 rounds its rows to
 //            bf16 to halve their traffic), row p = GEMM2 output of sorted pair p
 //   pair_pos [T*K]: sorted position of slot (t, j), or < 0 when the slot is not local (skipped)
 //   topk_w   [T*K] f32, or nullptr for weight 1 (Llama-4: the weight went into GEMM1's input)
-//   out      [T, H] of out_dtype (DTYPE_*), row stride H; a token with no local slot gets zeros
+//   out      [T, H] of out_dtype (ARG_DTYPE_*), row stride H; a token with no local slot gets zeros
 //   One thread per (token, 4 consecutive h) (float4 / 4×bf16 loads; 16-/8-byte stores) when H % 4 == 0,
 //   z_stride % 4 == 0, z is 16-byte aligned and out is 16- (f32) or 8-byte (bf16/f16) aligned;
 //   otherwise one thread per (token, h). Grid-stride over T * ceil(H / vec) items.
@@ -45,8 +45,8 @@ extern "C" __global__ void combine_rows(const void* z, int z_dtype, int z_stride
                                         const float* topk_w, int T, int K, int H, void* out, int out_dtype) {
     pdl_wait();  // inputs come from the previous kernel (common.cuh)
     pdl_launch_dependents();
-    const bool zbf = z_dtype == DTYPE_BF16;
-    const unsigned long long out_align = out_dtype == DTYPE_F32 ? 15ull : 7ull;
+    const bool zbf = z_dtype == ARG_DTYPE_BF16;
+    const unsigned long long out_align = out_dtype == ARG_DTYPE_F32 ? 15ull : 7ull;
     const bool vec = (H % 4 == 0) && (z_stride % 4 == 0) && (((unsigned long long)z & 15ull) == 0) &&
                      (((unsigned long long)out & out_align) == 0);
     const int width = vec ? 4 : 1;
@@ -101,10 +101,10 @@ extern "C" __global__ void combine_rows(const void* z, int z_dtype, int z_stride
         }
         const long long o = t * H + h0;
         if (vec) {
-            if (out_dtype == DTYPE_F32) {
+            if (out_dtype == ARG_DTYPE_F32) {
                 *(float4*)((float*)out + o) = make_float4(a0, a1, a2, a3);
             } else {
-                const bool bf = out_dtype == DTYPE_BF16;
+                const bool bf = out_dtype == ARG_DTYPE_BF16;
                 const u32 lo = (u32)(bf ? f32_to_bf16(a0) : f32_to_f16(a0)) |
                                ((u32)(bf ? f32_to_bf16(a1) : f32_to_f16(a1)) << 16);
                 const u32 hi = (u32)(bf ? f32_to_bf16(a2) : f32_to_f16(a2)) |

@@ -1,16 +1,24 @@
-// Shared by every kernel source of the CUDA backend. The loader pastes this file before each .cu, so
-// NVRTC sees one translation unit and no header search path is needed (no CUDA headers are used at
-// all: conversions are inline PTX, so the same source compiles on a machine with only libnvrtc).
+// Shared by every kernel source of the CUDA backend. The loader pastes this file before each .cu (and the
+// pieces a .cu includes in place, kernels.rs `translation_unit`), so NVRTC sees one translation unit and no
+// header search path is needed (no CUDA headers are used at all: conversions are inline PTX, so the same
+// source compiles on a machine with only libnvrtc).
 #pragma once
 typedef unsigned char u8;
 typedef unsigned short u16;
 typedef unsigned int u32;
 typedef unsigned long long u64;
 
-// Element type codes of hidden states and outputs (match `DType` handling in the launchers).
-#define DTYPE_BF16 0
-#define DTYPE_F16 1
-#define DTYPE_F32 2
+// Element type of a row passed at run time as an int kernel argument (x, logits, GEMM2's rows, the output):
+// the values of `dtype_code` in the launchers (layer.rs).
+#define ARG_DTYPE_BF16 0
+#define ARG_DTYPE_F16 1
+#define ARG_DTYPE_F32 2
+
+// Weight formats the GEMM is compiled for (-DWEIGHT_FORMAT=...; one piece each, gemm/scale_*.cuh). The values
+// only tell the formats apart.
+#define WFMT_BF16 0         // bf16 weights and activations
+#define WFMT_E4M3_TENSOR 1  // e4m3, one f32 scale per expert's weights and one for the activations
+#define WFMT_E4M3_BLOCK 2   // e4m3, f32 block scales (weights per 8 prepared rows x 128 K, activations 1 x 128)
 
 __device__ __forceinline__ float bf16_to_f32(u16 b) { return __uint_as_float(((u32)b) << 16); }
 
@@ -48,16 +56,16 @@ __device__ __forceinline__ float e4m3_to_f32(u8 b) {
     return f16_to_f32((u16)(halves & 0xFFFF));
 }
 
-// Loads element i of a row whose element type is `dtype` (DTYPE_*), as f32.
+// Loads element i of a row whose element type is `dtype` (ARG_DTYPE_*), as f32.
 __device__ __forceinline__ float load_as_f32(const void* p, int dtype, long long i) {
-    if (dtype == DTYPE_F32) return ((const float*)p)[i];
+    if (dtype == ARG_DTYPE_F32) return ((const float*)p)[i];
     u16 b = ((const u16*)p)[i];
-    return dtype == DTYPE_BF16 ? bf16_to_f32(b) : f16_to_f32(b);
+    return dtype == ARG_DTYPE_BF16 ? bf16_to_f32(b) : f16_to_f32(b);
 }
 
 __device__ __forceinline__ void store_from_f32(void* p, int dtype, long long i, float v) {
-    if (dtype == DTYPE_F32) ((float*)p)[i] = v;
-    else ((u16*)p)[i] = dtype == DTYPE_BF16 ? f32_to_bf16(v) : f32_to_f16(v);
+    if (dtype == ARG_DTYPE_F32) ((float*)p)[i] = v;
+    else ((u16*)p)[i] = dtype == ARG_DTYPE_BF16 ? f32_to_bf16(v) : f32_to_f16(v);
 }
 
 // Programmatic dependent launch (sm_90+): the launcher lets a kernel start while its predecessor on

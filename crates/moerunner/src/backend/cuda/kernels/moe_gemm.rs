@@ -45,7 +45,8 @@ kernel_args! {
 /// Which of the two grouped GEMMs, with its epilogue.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum GemmStage {
-    /// GEMM1 with a gated activation in the epilogue (ACT: 0 swiglu, 1 geglu, 2 swiglu_oai).
+    /// GEMM1 with a gated activation in the epilogue (`act` indexes ACT_SWIGLU, ACT_GEGLU,
+    /// ACT_SWIGLU_OAI).
     Gated { act: u8 },
     /// GEMM1 with relu² in the epilogue.
     Relu2,
@@ -108,7 +109,7 @@ impl GemmVariant {
         gemm_bm(self.bn)
     }
 
-    /// What GEMM1 of this format stores (`OUT_TYPE` 0 bf16, 1 f32, 2 e4m3).
+    /// What GEMM1 of this format stores.
     fn gemm1_store(format: GemmFormat) -> InterStore {
         match format {
             GemmFormat::Bf16 => InterStore::Bf16,
@@ -117,34 +118,43 @@ impl GemmVariant {
         }
     }
 
+    /// The defines this form is compiled with: named values of `common.cuh` / `gemm/config.cuh`.
     pub fn defines(&self) -> Vec<String> {
-        let store_code = |s: InterStore| match s {
-            InterStore::Bf16 => 0,
-            InterStore::F32 => 1,
-            InterStore::E4m3Static => 2,
+        let store_name = |s: InterStore| match s {
+            InterStore::Bf16 => "STORE_BF16",
+            InterStore::F32 => "STORE_F32",
+            InterStore::E4m3Static => "STORE_E4M3",
         };
-        let out1 = store_code(Self::gemm1_store(self.format));
-        let (epi, act, out) = match self.stage {
-            GemmStage::Gated { act } => (1, act, out1),
-            GemmStage::Relu2 => (2, 0, out1),
-            GemmStage::Down => (0, 0, 1),
-            GemmStage::DownBf16 => (0, 0, 0),
+        let gemm1_store = store_name(Self::gemm1_store(self.format));
+        const ACT: [&str; 3] = ["ACT_SWIGLU", "ACT_GEGLU", "ACT_SWIGLU_OAI"];
+        let (epi, act, store) = match self.stage {
+            GemmStage::Gated { act } => ("EPI_GATED", ACT.get(act as usize), gemm1_store),
+            GemmStage::Relu2 => ("EPI_RELU2", None, gemm1_store),
+            GemmStage::Down => ("EPI_DOWN", None, "STORE_F32"),
+            GemmStage::DownBf16 => ("EPI_DOWN", None, "STORE_BF16"),
         };
-        let w_fp8 = match self.format {
-            GemmFormat::Bf16 => 0,
-            GemmFormat::E4m3Tensor => 1,
-            GemmFormat::E4m3Block => 2,
+        let format = match self.format {
+            GemmFormat::Bf16 => "WFMT_BF16",
+            GemmFormat::E4m3Tensor => "WFMT_E4M3_TENSOR",
+            GemmFormat::E4m3Block => "WFMT_E4M3_BLOCK",
         };
-        vec![
-            format!("-DW_FP8={w_fp8}"),
-            format!("-DEPI={epi}"),
-            format!("-DACT={act}"),
-            format!("-DOUT_TYPE={out}"),
+        let mainloop = match self.main_loop {
+            MainLoop::MmaSync => "MAINLOOP_MMA_SYNC",
+            MainLoop::Wgmma => "MAINLOOP_WGMMA",
+            MainLoop::WgmmaWs => "MAINLOOP_WGMMA_WS",
+        };
+        let mut d = vec![
+            format!("-DWEIGHT_FORMAT={format}"),
+            format!("-DEPILOGUE={epi}"),
+        ];
+        d.extend(act.map(|a| format!("-DACT={a}")));
+        d.extend([
+            format!("-DSTORE={store}"),
             format!("-DBN={}", self.bn),
             format!("-DBM={}", self.bm()),
-            format!("-DWGMMA={}", (self.main_loop != MainLoop::MmaSync) as u8),
-            format!("-DWG_WS={}", (self.main_loop == MainLoop::WgmmaWs) as u8),
-        ]
+            format!("-DMAINLOOP={mainloop}"),
+        ]);
+        d
     }
 
     pub fn module(self) -> ModuleKey {

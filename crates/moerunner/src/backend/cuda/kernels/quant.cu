@@ -3,7 +3,7 @@
 //
 // ---------------------------------------------------------------------------------------------------
 // quantize_rows(x, x_dtype, rows, cols, in_stride, out, out_stride, mode, static_scale, out_scales)
-//   x        [rows, in_stride] elements of x_dtype (DTYPE_*), columns [0, cols) read
+//   x        [rows, in_stride] elements of x_dtype (ARG_DTYPE_*), columns [0, cols) read
 //   out      [rows, out_stride]: u16 (mode 0) or u8 (modes 1, 2); must be 16-byte aligned;
 //            out_stride >= cols and a multiple of 128; columns [cols, out_stride) are written as 0
 //   mode 0   bf16, round to nearest even                       (static_scale, out_scales unused)
@@ -32,7 +32,7 @@ __device__ __forceinline__ float qt_div(float a, float b) {
 // v[0..16) = x[base + c0 .. base + c0 + 16), zero at columns >= cols.
 __device__ __forceinline__ void qt_load16(const void* x, int dtype, long long base, int c0, int cols, float* v) {
     if (c0 + 16 <= cols) {
-        if (dtype == DTYPE_F32) {
+        if (dtype == ARG_DTYPE_F32) {
             const float* p = (const float*)x + base + c0;
             if (((unsigned long long)p & 15ull) == 0) {
 #pragma unroll
@@ -55,8 +55,8 @@ __device__ __forceinline__ void qt_load16(const void* x, int dtype, long long ba
 #pragma unroll
                     for (int k = 0; k < 4; ++k) {
                         const u16 lo = (u16)(words[k] & 0xffffu), hi = (u16)(words[k] >> 16);
-                        v[8 * q + 2 * k] = dtype == DTYPE_BF16 ? bf16_to_f32(lo) : f16_to_f32(lo);
-                        v[8 * q + 2 * k + 1] = dtype == DTYPE_BF16 ? bf16_to_f32(hi) : f16_to_f32(hi);
+                        v[8 * q + 2 * k] = dtype == ARG_DTYPE_BF16 ? bf16_to_f32(lo) : f16_to_f32(lo);
+                        v[8 * q + 2 * k + 1] = dtype == ARG_DTYPE_BF16 ? bf16_to_f32(hi) : f16_to_f32(hi);
                     }
                 }
                 return;

@@ -4,7 +4,7 @@
 // ---------------------------------------------------------------------------------------------------
 // route_logits(logits, logits_dtype, bias, T, E, K, method, n_group, topk_group,
 //              routed_scaling_factor, norm_topk_prob, topk_ids, topk_w)
-//   logits   [T, E] DTYPE_F32 or DTYPE_BF16 (any dtype load_as_f32 knows works)
+//   logits   [T, E] ARG_DTYPE_F32 or ARG_DTYPE_BF16 (any dtype load_as_f32 knows works)
 //   bias     [E] f32 or nullptr; read only by deepseek_v3 (3) and minimax2 (7), as the CPU does
 //   method   0 default, 1 renormalize, 2 renormalize_naive, 3 deepseek_v3, 4 llama4, 5 topk,
 //            6 sigmoid_renorm, 7 minimax2, 8 sigmoid, 9 topk_sigmoid
@@ -224,13 +224,13 @@ __device__ __forceinline__ void rt_route_reg(const void* logits, int dtype, cons
         // 1. Logits (and bias) of this lane's ids, all loads issued together.
         float x[NPL];
         float bv[NPL];
-        if (dtype == DTYPE_BF16 || dtype == DTYPE_F16) {
+        if (dtype == ARG_DTYPE_BF16 || dtype == ARG_DTYPE_F16) {
             const u16* p = (const u16*)logits + row;
 #pragma unroll
             for (int v = 0; v < NPL; ++v) {
                 const int id = v * 32 + lane;
                 const u16 h = id < E ? p[id] : (u16)0;
-                x[v] = dtype == DTYPE_BF16 ? bf16_to_f32(h) : f16_to_f32(h);
+                x[v] = dtype == ARG_DTYPE_BF16 ? bf16_to_f32(h) : f16_to_f32(h);
             }
         } else {
             const float* p = (const float*)logits + row;
