@@ -37,20 +37,7 @@ pub fn check_hidden(layer: &MoeLayer, hidden: &HostTensor) -> Result<usize> {
     if hidden.shape.len() != 2 || hidden.shape[1] != h {
         return Err(MoeError::shape(HIDDEN, format!("[T, {h}]"), &hidden.shape));
     }
-    // An all-ones exponent field is an infinity or a NaN in each of the three dtypes.
-    let b = &hidden.bytes[..];
-    let bad = match hidden.dtype {
-        DType::F32 => b.chunks_exact(4).position(|c| {
-            u32::from_le_bytes([c[0], c[1], c[2], c[3]]) & 0x7F80_0000 == 0x7F80_0000
-        }),
-        DType::F16 => b
-            .chunks_exact(2)
-            .position(|c| u16::from_le_bytes([c[0], c[1]]) & 0x7C00 == 0x7C00),
-        _ => b
-            .chunks_exact(2)
-            .position(|c| u16::from_le_bytes([c[0], c[1]]) & 0x7F80 == 0x7F80),
-    };
-    if let Some(i) = bad {
+    if let Some(i) = first_nonfinite(hidden) {
         let size = hidden.dtype.size();
         let one = HostTensor {
             dtype: hidden.dtype,
@@ -68,6 +55,54 @@ pub fn check_hidden(layer: &MoeLayer, hidden: &HostTensor) -> Result<usize> {
         ));
     }
     Ok(hidden.shape[0])
+}
+
+/// The index of the first element of a float tensor (F32, F16, BF16) that is ±inf or NaN, read
+/// from the stored bits; None for other dtypes.
+fn first_nonfinite(t: &HostTensor) -> Option<usize> {
+    // An all-ones exponent field is an infinity or a NaN in each of the three dtypes.
+    let b = &t.bytes[..];
+    match t.dtype {
+        DType::F32 => b.chunks_exact(4).position(|c| {
+            u32::from_le_bytes([c[0], c[1], c[2], c[3]]) & 0x7F80_0000 == 0x7F80_0000
+        }),
+        DType::F16 => b
+            .chunks_exact(2)
+            .position(|c| u16::from_le_bytes([c[0], c[1]]) & 0x7C00 == 0x7C00),
+        DType::BF16 => b
+            .chunks_exact(2)
+            .position(|c| u16::from_le_bytes([c[0], c[1]]) & 0x7F80 == 0x7F80),
+        _ => None,
+    }
+}
+
+/// The overflow rule at run time (docs/robustness.md), kept by every backend through the runner:
+/// inputs and weights are finite (checked at load and by [`check_hidden`]), so a non-finite
+/// output element means the layer's products overflowed f32 or the output dtype for that token.
+/// That is an error naming the token and column, never NaN or inf handed back as data.
+pub fn check_output(output: &ForwardOutput) -> Result<()> {
+    let out = &output.output;
+    let Some(i) = first_nonfinite(out) else {
+        return Ok(());
+    };
+    let h = out.shape.get(1).copied().unwrap_or(1).max(1);
+    let size = out.dtype.size();
+    let one = HostTensor {
+        dtype: out.dtype,
+        shape: vec![1],
+        bytes: out.bytes[i * size..(i + 1) * size].to_vec().into(),
+    };
+    let value = one
+        .to_f32_vec("output")?
+        .first()
+        .copied()
+        .unwrap_or(f32::NAN);
+    Err(MoeError::Overflow {
+        token: i / h,
+        column: i % h,
+        value: value.to_string(),
+        dtype: format!("{} (accumulated in f32)", out.dtype),
+    })
 }
 
 /// The common front of every backend on the host: hidden states as f32 plus resolved routes.
