@@ -59,6 +59,23 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         tp_size: args.tp_size,
         tp_rank: args.tp_rank,
     };
+    // Refused before any work: a rank out of range (also for a single layer file, which is not
+    // sliced), and an output that would replace an input being read.
+    par.validate()
+        .context("--ep-size/--ep-rank/--tp-size/--tp-rank")?;
+    let mut inputs: Vec<(PathBuf, &str)> = vec![(args.input.clone(), "--input")];
+    match &args.checkpoint {
+        Some(dir) => inputs.extend(
+            moerunner::checkpoint::input_files(dir)
+                .with_context(|| format!("reading checkpoint {}", dir.display()))?
+                .into_iter()
+                .map(|p| (p, "the checkpoint's")),
+        ),
+        None => inputs.push((PathBuf::from(&args.layer), "--layer")),
+    }
+    let inputs: Vec<(&std::path::Path, &str)> =
+        inputs.iter().map(|(p, f)| (p.as_path(), *f)).collect();
+    layer_file::check_output_path(&args.output, "--output", &inputs)?;
     let (layer, input) = match &args.checkpoint {
         Some(dir) => super::convert::load_checkpoint_run(
             dir,
@@ -93,6 +110,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             args.layer
         )
     })?;
+    moerunner::size::check(
+        moerunner::size::forward_bytes(layer.config(), input.tokens()),
+        &format!("a forward pass of {} tokens", input.tokens()),
+        &format!("--input {} (T = {})", args.input.display(), input.tokens()),
+    )?;
     let bar = spinner(format!("loading {}", layer.config()))?;
     let loaded = Runner::new().load(layer, &choice)?;
     bar.set_message(format!(
