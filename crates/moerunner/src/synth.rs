@@ -56,7 +56,8 @@ pub fn concat_experts(parts: Vec<QuantizedTensor>) -> Result<QuantizedTensor> {
         .first()
         .ok_or_else(|| MoeError::invalid("concat_experts", "no parts"))?;
     let (format, rows, cols) = (first.format, first.rows, first.cols);
-    let mut data = Vec::new();
+    // Reserved whole: growing by doubling would briefly hold two copies of the result.
+    let mut data = Vec::with_capacity(parts.iter().map(|p| p.data.len()).sum());
     let mut globals = Vec::new();
     let mut experts = 0;
     let mut scales = match &first.scales {
@@ -115,8 +116,9 @@ fn projection_bytes(format: WeightFormat, experts: usize, rows: usize, cols: usi
     elems.frac(num, den).plus(Bytes::of(&[experts, 8]))
 }
 
-/// What [`random_layer`] allocates for `config` at its peak: the weights twice (the per-expert
-/// parts and their concatenation), one f32 expert per worker thread while quantizing, biases.
+/// What [`random_layer`] holds for `config` at its peak: the weights twice (the per-expert parts
+/// and their concatenation: freed parts stay in the allocator's arenas, so the resident peak is
+/// about twice the weights, as measured), one f32 expert per worker thread while quantizing, biases.
 pub fn layer_bytes(config: &LayerConfig, biases: bool) -> Bytes {
     let (e, m, h, i) = (
         config.num_local_experts(),
