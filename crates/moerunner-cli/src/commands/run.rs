@@ -116,7 +116,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         &format!("--input {} (T = {})", args.input.display(), input.tokens()),
     )?;
     let bar = spinner(format!("loading {}", layer.config()))?;
-    let loaded = Runner::new().load(layer, &choice)?;
+    let backend_flag = match &choice {
+        BackendChoice::Auto => "--backend auto".to_string(),
+        BackendChoice::Named(n) => format!("--backend {n}"),
+    };
+    let loaded = Runner::new().load(layer, &choice).context(backend_flag)?;
     bar.set_message(format!(
         "running {} tokens on `{}`",
         input.tokens(),
