@@ -14,6 +14,11 @@ use clap::{Parser, Subcommand};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Most memory a command may ask for (bytes, or with K/M/G/T): a larger layer, input or
+    /// bench case is refused before anything is allocated. Default: MOERUNNER_MEMORY_BUDGET, else
+    /// 3/4 of physical memory.
+    #[arg(long, global = true, value_name = "BYTES")]
+    memory_budget: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -37,6 +42,15 @@ enum Command {
 fn main() -> std::process::ExitCode {
     restore_default_sigpipe();
     let cli = Cli::parse();
+    if let Some(text) = &cli.memory_budget {
+        match moerunner::size::parse_bytes(text, "--memory-budget") {
+            Ok(bytes) => moerunner::size::set_budget(bytes),
+            Err(e) => {
+                eprintln!("error: {e}");
+                return std::process::ExitCode::FAILURE;
+            }
+        }
+    }
     let result = match cli.command {
         Command::Run(a) => commands::run::run(a),
         Command::Convert(a) => commands::convert::run(a),
@@ -49,10 +63,27 @@ fn main() -> std::process::ExitCode {
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", chain(&e));
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes joined by ": ", each cause once: a cause whose text the message
+/// before it already ends with (an I/O error shown inside `path: cause`) is not repeated.
+fn chain(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if out.ends_with(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
 }
 
 /// `moerunner info | head` must end quietly when the reader goes away, as other command-line tools

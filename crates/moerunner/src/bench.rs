@@ -140,6 +140,27 @@ pub fn run(plan: &BenchPlan, progress: &mut dyn FnMut(Progress<'_>)) -> Result<B
     if plan.iters == 0 {
         return Err(MoeError::invalid("iters", "must be at least 1"));
     }
+    // Every case's memory is checked before the first one runs: a case over the budget fails
+    // now, not after the cases before it have spent their time.
+    for preset in &plan.presets {
+        for &wf in &plan.weight_formats {
+            let config = preset.config(wf, None);
+            config.validate()?;
+            for &tokens in &plan.tokens {
+                let bytes = synth::layer_bytes(&config, preset.biases)
+                    .plus(synth::input_bytes(&config, tokens, DType::BF16))
+                    .plus(crate::forward::forward_bytes(&config, tokens));
+                crate::size::check(
+                    bytes,
+                    &format!("bench case {} {wf} T={tokens}", preset.name),
+                    &format!(
+                        "--preset {} --weight-format {wf} --tokens {tokens}",
+                        preset.name
+                    ),
+                )?;
+            }
+        }
+    }
     let runner = Runner::new();
     let layers = plan.presets.len() * plan.weight_formats.len();
     progress(Progress::Start {

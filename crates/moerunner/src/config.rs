@@ -286,19 +286,23 @@ impl Parallelism {
     pub fn validate(&self) -> Result<()> {
         if self.ep_size == 0 || self.ep_rank >= self.ep_size {
             return Err(MoeError::invalid(
-                "ep",
+                "ep_rank",
                 format!(
-                    "rank {} of size {} is out of range",
-                    self.ep_rank, self.ep_size
+                    "rank {} of size {} is out of range (ranks are 0..={})",
+                    self.ep_rank,
+                    self.ep_size,
+                    self.ep_size.max(1) - 1
                 ),
             ));
         }
         if self.tp_size == 0 || self.tp_rank >= self.tp_size {
             return Err(MoeError::invalid(
-                "tp",
+                "tp_rank",
                 format!(
-                    "rank {} of size {} is out of range",
-                    self.tp_rank, self.tp_size
+                    "rank {} of size {} is out of range (ranks are 0..={})",
+                    self.tp_rank,
+                    self.tp_size,
+                    self.tp_size.max(1) - 1
                 ),
             ));
         }
@@ -355,10 +359,11 @@ pub struct LayerConfig {
 }
 
 impl LayerConfig {
-    /// Rows of W13: 2I for gated activations, I otherwise.
+    /// Rows of W13: 2I for gated activations, I otherwise (saturating: `validate` refuses a
+    /// size that does not fit).
     pub fn w13_rows(&self) -> usize {
         if self.activation.is_gated() {
-            2 * self.intermediate
+            self.intermediate.saturating_mul(2)
         } else {
             self.intermediate
         }
@@ -384,6 +389,12 @@ impl LayerConfig {
                 ),
             ));
         }
+        // Every tensor's element count must fit a usize (E × (M + I) × H and the scales below
+        // it): a size that wraps would allocate or index the wrong amount.
+        crate::size::product(
+            "E × 2 × I × H (num_experts, intermediate, hidden)",
+            &[self.num_experts, 2, self.intermediate, self.hidden],
+        )?;
         let legal = self.weight_format.legal_activation_formats();
         if !legal.contains(&self.activation_format) {
             return Err(MoeError::invalid(
@@ -403,13 +414,13 @@ impl LayerConfig {
         if let Some(block) = self.weight_format.k_block() {
             // MX and NV formats need whole blocks along K (spec: K % 32 = 0, packed nibbles).
             if block <= 32 {
-                for (what, k) in [
-                    ("H (GEMM1's K)", self.hidden),
-                    ("I (GEMM2's K)", self.intermediate),
+                for (key, what, k) in [
+                    ("hidden", "H (GEMM1's K)", self.hidden),
+                    ("intermediate", "I (GEMM2's K)", self.intermediate),
                 ] {
                     if k % block != 0 {
                         return Err(MoeError::invalid(
-                            "shape",
+                            key,
                             format!(
                                 "{what} = {k} must be a multiple of {block} for {}",
                                 self.weight_format
@@ -424,6 +435,14 @@ impl LayerConfig {
                 return Err(MoeError::invalid(
                     "swiglu_oai",
                     format!("alpha={alpha}, beta={beta}, limit={limit} must be numbers"),
+                ));
+            }
+            // The clamp to [−limit, limit] needs limit > 0 (+inf: no clamping); the layer file
+            // and every checkpoint family refuse the same values.
+            if limit <= 0.0 {
+                return Err(MoeError::invalid(
+                    "swiglu_limit",
+                    format!("must be positive (or inf), got {limit}"),
                 ));
             }
         }

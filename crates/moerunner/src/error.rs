@@ -52,6 +52,31 @@ pub enum MoeError {
     #[error("{path}: not a valid safetensors file: {why}")]
     Format { path: String, why: String },
 
+    /// A JSON file (a checkpoint's `config.json` or index) is not valid JSON.
+    #[error("{path}: not valid JSON: {why}")]
+    Json { path: String, why: String },
+
+    /// A request for memory above the budget (`size::check`), refused before allocating.
+    #[error("{what} needs {bytes}, over the memory budget of {budget}; asked for by {asked_by} (raise the budget with --memory-budget or MOERUNNER_MEMORY_BUDGET if the machine has the memory)")]
+    TooLarge {
+        what: String,
+        asked_by: String,
+        bytes: String,
+        budget: String,
+    },
+
+    /// A forward call's output holds a value that is not finite: the hidden states and scales are
+    /// finite (checked), so the layer's products overflowed f32 or the output dtype for this
+    /// token, or a weight element itself is inf/NaN (element bytes are not scanned at load).
+    /// Named by token and column, never returned as data.
+    #[error("tensor `output`: token {token} (column {column}) is {value}, not finite in {dtype}: the layer's products overflow for this token's hidden states, or a weight element it meets is inf or NaN (docs/robustness.md)")]
+    Overflow {
+        token: usize,
+        column: usize,
+        value: String,
+        dtype: String,
+    },
+
     /// Errors of the CUDA backend (driver, NVRTC, launches).
     #[error("cuda: {0}")]
     Cuda(String),

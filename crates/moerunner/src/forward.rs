@@ -1,7 +1,9 @@
 //! The inputs and outputs of one forward call, and the checks every backend shares before it runs.
 
+use crate::config::LayerConfig;
 use crate::error::{MoeError, Result};
 use crate::routing::{self, Routes, RoutingInput};
+use crate::size::Bytes;
 use crate::tensor::{DType, HostTensor};
 use crate::weights::MoeLayer;
 
@@ -37,20 +39,7 @@ pub fn check_hidden(layer: &MoeLayer, hidden: &HostTensor) -> Result<usize> {
     if hidden.shape.len() != 2 || hidden.shape[1] != h {
         return Err(MoeError::shape(HIDDEN, format!("[T, {h}]"), &hidden.shape));
     }
-    // An all-ones exponent field is an infinity or a NaN in each of the three dtypes.
-    let b = &hidden.bytes[..];
-    let bad = match hidden.dtype {
-        DType::F32 => b.chunks_exact(4).position(|c| {
-            u32::from_le_bytes([c[0], c[1], c[2], c[3]]) & 0x7F80_0000 == 0x7F80_0000
-        }),
-        DType::F16 => b
-            .chunks_exact(2)
-            .position(|c| u16::from_le_bytes([c[0], c[1]]) & 0x7C00 == 0x7C00),
-        _ => b
-            .chunks_exact(2)
-            .position(|c| u16::from_le_bytes([c[0], c[1]]) & 0x7F80 == 0x7F80),
-    };
-    if let Some(i) = bad {
+    if let Some(i) = first_nonfinite(hidden) {
         let size = hidden.dtype.size();
         let one = HostTensor {
             dtype: hidden.dtype,
@@ -68,6 +57,54 @@ pub fn check_hidden(layer: &MoeLayer, hidden: &HostTensor) -> Result<usize> {
         ));
     }
     Ok(hidden.shape[0])
+}
+
+/// The index of the first element of a float tensor (F32, F16, BF16) that is ±inf or NaN, read
+/// from the stored bits; None for other dtypes.
+fn first_nonfinite(t: &HostTensor) -> Option<usize> {
+    // An all-ones exponent field is an infinity or a NaN in each of the three dtypes.
+    let b = &t.bytes[..];
+    match t.dtype {
+        DType::F32 => b.chunks_exact(4).position(|c| {
+            u32::from_le_bytes([c[0], c[1], c[2], c[3]]) & 0x7F80_0000 == 0x7F80_0000
+        }),
+        DType::F16 => b
+            .chunks_exact(2)
+            .position(|c| u16::from_le_bytes([c[0], c[1]]) & 0x7C00 == 0x7C00),
+        DType::BF16 => b
+            .chunks_exact(2)
+            .position(|c| u16::from_le_bytes([c[0], c[1]]) & 0x7F80 == 0x7F80),
+        _ => None,
+    }
+}
+
+/// The overflow rule at run time (docs/robustness.md), kept by every backend through the runner:
+/// inputs and weights are finite (checked at load and by [`check_hidden`]), so a non-finite
+/// output element means the layer's products overflowed f32 or the output dtype for that token.
+/// That is an error naming the token and column, never NaN or inf handed back as data.
+pub fn check_output(output: &ForwardOutput) -> Result<()> {
+    let out = &output.output;
+    let Some(i) = first_nonfinite(out) else {
+        return Ok(());
+    };
+    let h = out.shape.get(1).copied().unwrap_or(1).max(1);
+    let size = out.dtype.size();
+    let one = HostTensor {
+        dtype: out.dtype,
+        shape: vec![1],
+        bytes: out.bytes[i * size..(i + 1) * size].to_vec().into(),
+    };
+    let value = one
+        .to_f32_vec("output")?
+        .first()
+        .copied()
+        .unwrap_or(f32::NAN);
+    Err(MoeError::Overflow {
+        token: i / h,
+        column: i % h,
+        value: value.to_string(),
+        dtype: format!("{} (accumulated in f32)", out.dtype),
+    })
 }
 
 /// The common front of every backend on the host: hidden states as f32 plus resolved routes.
@@ -101,4 +138,13 @@ pub fn validate_input(
 /// Encodes an f32 `[T, H]` result in the dtype of the input hidden states.
 pub fn output_like(hidden: &HostTensor, values: &[f32], tokens: usize, h: usize) -> HostTensor {
     HostTensor::encode_f32(hidden.dtype, vec![tokens, h], values)
+}
+
+/// An estimate of a forward call's host buffers for `tokens` rows: hidden states and output in f32
+/// and the encoded output, and per routed (token, slot) pair its GEMM1 row in f32 (what the CPU
+/// backend holds at once; measured: T = 20000, H = 2048, I = 768, k = 2 peaks at 525 MiB beside
+/// the mapped files, for an estimate of 703 MiB).
+pub fn forward_bytes(config: &LayerConfig, tokens: usize) -> Bytes {
+    let (h, m, k) = (config.hidden, config.w13_rows(), config.routing.top_k);
+    Bytes::of(&[tokens, h, 12]).plus(Bytes::of(&[tokens, k, 4]).times(m))
 }

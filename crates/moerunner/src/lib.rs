@@ -21,6 +21,7 @@ pub mod rng;
 pub mod routing;
 pub mod runner;
 pub mod shard;
+pub mod size;
 pub mod synth;
 pub mod tensor;
 pub mod validate;

@@ -122,6 +122,7 @@ fn expert_forward(
                 *v += b as f64;
             }
         }
+        f32_range(row);
     }
 
     // Step 4: the activation in f64; step 5: the intermediate goes through f32 (what a kernel
@@ -149,6 +150,7 @@ fn expert_forward(
     // Step 6: GEMM2, z[p, H] = W2[e] · aq (+ b2).
     let mut z = vec![0f64; p * h];
     gemm_rows(&w.w2, e, |pi| &aq[pi * inter..(pi + 1) * inter], p, &mut z);
+    f32_range(&mut z);
 
     // Step 7: combine, out[t] += w · z (Llama-4: weight 1, it was applied in GEMM1).
     for (pi, &(row, weight)) in pairs.iter().enumerate() {
@@ -160,6 +162,17 @@ fn expert_forward(
         }
     }
     Ok(())
+}
+
+/// The overflow rule (docs/robustness.md): a GEMM result beyond the f32 range is what an f32
+/// kernel holds, ±inf, so the activation and combine see the same infinities (and make the same
+/// NaN, inf or 0 of them) as every backend does. Values in range are left exact.
+fn f32_range(values: &mut [f64]) {
+    for v in values {
+        if (*v as f32).is_infinite() {
+            *v = *v as f32 as f64;
+        }
+    }
 }
 
 /// `result[pi, r] = Σ_c W[e][r, c] · input(pi)[c]` for every pair `pi < pairs` and every row `r`

@@ -133,7 +133,7 @@ impl Runner {
     /// Loads `layer` on the chosen backend.
     pub fn load(&self, layer: MoeLayer, choice: &BackendChoice) -> Result<Box<dyn LoadedLayer>> {
         match self.choose(choice, layer.config()) {
-            Ok(backend) => backend.load(Arc::new(layer)),
+            Ok(backend) => Ok(Box::new(Checked(backend.load(Arc::new(layer))?))),
             Err(reasons) if reasons.is_empty() => {
                 let names: Vec<&str> = self.backends.iter().map(|r| r.name()).collect();
                 Err(MoeError::invalid(
@@ -146,6 +146,27 @@ impl Runner {
             }
             Err(reasons) => Err(MoeError::NoBackend { reasons }),
         }
+    }
+}
+
+/// Every layer the runner hands out keeps the run-time overflow rule whatever its backend: an
+/// output that is not finite is an error naming the token ([`crate::forward::check_output`]).
+struct Checked(Box<dyn LoadedLayer>);
+
+impl LoadedLayer for Checked {
+    fn backend(&self) -> &'static str {
+        self.0.backend()
+    }
+    fn layer(&self) -> &MoeLayer {
+        self.0.layer()
+    }
+    fn forward(&self, input: &ForwardInput<'_>) -> Result<ForwardOutput> {
+        let out = self.0.forward(input)?;
+        crate::forward::check_output(&out)?;
+        Ok(out)
+    }
+    fn time_device_forward(&self, input: &ForwardInput<'_>, iters: usize) -> Option<Result<f64>> {
+        self.0.time_device_forward(input, iters)
     }
 }
 

@@ -4,11 +4,12 @@
 
 use rayon::prelude::*;
 
-use crate::config::{ActivationFormat, LayerConfig, RoutingMethod};
+use crate::config::{ActivationFormat, LayerConfig, RoutingMethod, WeightFormat};
 use crate::error::{MoeError, Result};
 use crate::formats::quantize_weights;
 use crate::rng::SeededRng;
 use crate::routing::{self, RoutingInput};
+use crate::size::{self, Bytes};
 use crate::tensor::{DType, HostTensor};
 use crate::weights::{BlockScales, LayerWeights, MoeLayer, QuantizedTensor};
 
@@ -55,7 +56,8 @@ pub fn concat_experts(parts: Vec<QuantizedTensor>) -> Result<QuantizedTensor> {
         .first()
         .ok_or_else(|| MoeError::invalid("concat_experts", "no parts"))?;
     let (format, rows, cols) = (first.format, first.rows, first.cols);
-    let mut data = Vec::new();
+    // Reserved whole: growing by doubling would briefly hold two copies of the result.
+    let mut data = Vec::with_capacity(parts.iter().map(|p| p.data.len()).sum());
     let mut globals = Vec::new();
     let mut experts = 0;
     let mut scales = match &first.scales {
@@ -100,11 +102,64 @@ pub fn concat_experts(parts: Vec<QuantizedTensor>) -> Result<QuantizedTensor> {
     })
 }
 
+/// Bytes of one projection `[experts, rows, cols]` in `format`: elements and scales.
+fn projection_bytes(format: WeightFormat, experts: usize, rows: usize, cols: usize) -> Bytes {
+    let elems = Bytes::of(&[experts, rows, cols]);
+    let (num, den) = match format {
+        WeightFormat::Bf16 => (2, 1),
+        WeightFormat::Fp8 => (1, 1),
+        WeightFormat::Fp8Block => (16384 + 4, 16384),
+        WeightFormat::Mxfp8 => (32 + 1, 32),
+        WeightFormat::Mxfp4 => (16 + 1, 32),
+        WeightFormat::Nvfp4 => (8 + 1, 16),
+    };
+    elems.frac(num, den).plus(Bytes::of(&[experts, 8]))
+}
+
+/// What [`random_layer`] holds for `config` at its peak: the weights twice (the per-expert parts
+/// and their concatenation: freed parts stay in the allocator's arenas, so the resident peak is
+/// about twice the weights, as measured), one f32 expert per worker thread while quantizing, biases.
+pub fn layer_bytes(config: &LayerConfig, biases: bool) -> Bytes {
+    let (e, m, h, i) = (
+        config.num_local_experts(),
+        config.w13_rows(),
+        config.hidden,
+        config.intermediate,
+    );
+    let f = config.weight_format;
+    let weights = projection_bytes(f, e, m, h).plus(projection_bytes(f, e, h, i));
+    let scratch = Bytes::of(&[m.max(h), h.max(i), 4]).times(rayon::current_num_threads());
+    let bias = if biases {
+        Bytes::of(&[e, m + h, 4])
+    } else {
+        Bytes::ZERO
+    };
+    weights
+        .times(2)
+        .plus(scratch)
+        .plus(bias)
+        .plus(Bytes::of(&[config.num_experts, 4]))
+}
+
+/// What [`random_input`] allocates for `tokens` rows at its peak: the f32 values and the encoded
+/// hidden states, and the routing tensors (logits, or ids and weights and their packed copy).
+pub fn input_bytes(config: &LayerConfig, tokens: usize, dtype: DType) -> Bytes {
+    let (h, e, k) = (config.hidden, config.num_experts, config.routing.top_k);
+    Bytes::of(&[tokens, h, 4 + dtype.size()])
+        .plus(Bytes::of(&[tokens, e.max(k), 8]))
+        .plus(Bytes::of(&[tokens, k, 16]))
+}
+
 /// A random layer for `config` (holding `config.local_experts`), deterministic from `seed`.
 /// `biases` adds random W13/W2 biases. Static input scales are calibrated for inputs of amplitude
 /// [`X_AMP`] and intermediates of amplitude ~8.
 pub fn random_layer(config: &LayerConfig, seed: u64, biases: bool) -> Result<MoeLayer> {
     config.validate()?;
+    size::check(
+        layer_bytes(config, biases),
+        &format!("a random layer {config}"),
+        "its E, H and I",
+    )?;
     let (m, h, i) = (config.w13_rows(), config.hidden, config.intermediate);
     let w13 = random_projection(config, m, h, seed, 1)?;
     let w2 = random_projection(config, h, i, seed, 2)?;
@@ -187,6 +242,12 @@ pub fn random_input(
     if !matches!(dtype, DType::F32 | DType::BF16 | DType::F16) {
         return Err(MoeError::dtype("hidden_states", "F32, F16 or BF16", dtype));
     }
+    config.validate()?;
+    size::check(
+        input_bytes(config, tokens, dtype),
+        &format!("a random input of {tokens} tokens for {config}"),
+        "its token count",
+    )?;
     let (h, e, k) = (config.hidden, config.num_experts, config.routing.top_k);
     let mut rng = stream(seed, 10, 0);
     let x: Vec<f32> = (0..tokens * h)

@@ -188,6 +188,85 @@ fn check_projection(
             format!("only nvfp4 weights take a global scale, not {format}"),
         ));
     }
+    check_decoded_finite(name, t)
+}
+
+/// The overflow rule at load (docs/robustness.md): every decoded weight — element × block scale
+/// (× global) — and every block scale itself must be finite in f32, or a kernel's product is
+/// ±inf (or 0 · inf = NaN) for every token routed to that expert. A legal UE8M0 byte 254 (2^127)
+/// times an E4M3 448 is such a value.
+///
+/// Fast path: the largest element of the format times the largest scale (one pass over the
+/// scales, never over the weights). Only when that bound overflows are the offending blocks'
+/// elements decoded, one row at a time, to find a value that really overflows.
+fn check_decoded_finite(name: &str, t: &QuantizedTensor) -> Result<()> {
+    let (elem_max, block) = match t.format {
+        WeightFormat::Bf16 => return Ok(()),
+        WeightFormat::Fp8 => (448.0, t.cols.max(1)),
+        WeightFormat::Fp8Block => (448.0, 128),
+        WeightFormat::Mxfp8 => (448.0, 32),
+        WeightFormat::Mxfp4 => (6.0, 32),
+        WeightFormat::Nvfp4 => (6.0, 16),
+    };
+    let fmax = |v: &[f32]| v.iter().fold(0f64, |m, &x| m.max(x as f64));
+    let max_scale = match &t.scales {
+        BlockScales::None => 1.0,
+        BlockScales::PerExpert(s) | BlockScales::Block128(s) => fmax(s),
+        BlockScales::Ue8m0(b) => b
+            .iter()
+            .max()
+            .map_or(0.0, |&x| crate::formats::ue8m0::decode(x) as f64),
+        BlockScales::E4m3(b) => {
+            let dec = b
+                .iter()
+                .map(|&x| e4m3::decode(x))
+                .fold(0f64, |m, x| m.max(x as f64));
+            dec * fmax(&t.global_scales)
+        }
+    };
+    if ((elem_max * max_scale) as f32).is_finite() {
+        return Ok(());
+    }
+    let nb = t.cols.div_ceil(block);
+    let mut row = vec![0f64; t.cols];
+    for e in 0..t.experts {
+        for r in 0..t.rows {
+            let bound_over =
+                |j: usize| !((elem_max * t.block_scale_f64(e, r, j)) as f32).is_finite();
+            if !(0..nb).any(bound_over) {
+                continue;
+            }
+            t.decode_rows_f64(e, r..r + 1, &mut row);
+            for j in (0..nb).filter(|&j| bound_over(j)) {
+                let scale = t.block_scale_f64(e, r, j);
+                let cols = j * block..((j + 1) * block).min(t.cols);
+                // The scale itself must be finite in f32 (0 · inf is NaN), and so must each value.
+                let bad = if (scale as f32).is_finite() {
+                    cols.clone().find(|&c| !(row[c] as f32).is_finite())
+                } else {
+                    Some(cols.start)
+                };
+                if let Some(c) = bad {
+                    let what = if t.format == WeightFormat::Nvfp4 {
+                        format!("tensors `{name}_scale` × `{name}_global_scale`")
+                    } else {
+                        format!("tensor `{name}_scale`")
+                    };
+                    return Err(MoeError::invalid(
+                        what,
+                        format!(
+                            "expert {e} (local index), row {r}, block {j}: scale {scale:e} times element \
+                             {:e} decodes to {:e}, which overflows f32 (largest finite {:e}); \
+                             every decoded weight must be finite in f32",
+                            row[c] / scale,
+                            row[c],
+                            f32::MAX
+                        ),
+                    ));
+                }
+            }
+        }
+    }
     Ok(())
 }
 

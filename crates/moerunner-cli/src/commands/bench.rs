@@ -61,6 +61,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     } else {
         args.tokens
     };
+    // A JSON path that cannot be written fails now, not after the whole benchmark.
+    if let Some(path) = &args.json {
+        moerunner::layer_file::check_output_path(path, "--json", &[])?;
+    }
     let plan = BenchPlan {
         presets,
         weight_formats,

@@ -37,6 +37,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         args.quantize.as_deref(),
         args.activation_format.as_deref(),
     )?;
+    let inputs = moerunner::checkpoint::input_files(&args.checkpoint)
+        .with_context(|| format!("reading checkpoint {}", args.checkpoint.display()))?;
+    let inputs: Vec<(&std::path::Path, &str)> = inputs
+        .iter()
+        .map(|p| (p.as_path(), "the checkpoint's"))
+        .collect();
+    layer_file::check_output_path(&args.out, "--out", &inputs)?;
     let loaded = load_checkpoint(&args.checkpoint, args.layer, &opts)?;
     layer_file::write_layer(&args.out, &loaded.layer)
         .with_context(|| format!("writing layer file {}", args.out.display()))?;

@@ -60,6 +60,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
         (None, None) => anyhow::bail!("give --layer FILE or --preset NAME"),
     };
+    let inputs: Vec<(&std::path::Path, &str)> = args
+        .layer
+        .iter()
+        .map(|p| (p.as_path(), "--layer"))
+        .collect();
+    layer_file::check_output_path(&args.out, "--out", &inputs)?;
     let mode = match args.routing {
         Routing::Logits => RoutingMode::Logits,
         Routing::Topk => RoutingMode::TopK,
@@ -70,6 +76,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         HiddenDtype::F16 => DType::F16,
         HiddenDtype::F32 => DType::F32,
     };
+    moerunner::size::check(
+        moerunner::synth::input_bytes(&config, args.tokens, dtype),
+        &format!("make-input's random input of {} tokens", args.tokens),
+        &format!("--tokens {}", args.tokens),
+    )?;
     let input = InputFile::try_from(random_input(&config, args.tokens, mode, dtype, args.seed)?)?;
     layer_file::write_input(&args.out, &input)
         .with_context(|| format!("writing {}", args.out.display()))?;

@@ -45,7 +45,7 @@ pub struct Args {
     #[arg(long)]
     pub topk_group: Option<usize>,
     /// deepseek_v3, minimax2: multiplies the routing weights.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub routed_scaling_factor: Option<f32>,
     /// Default: the preset's shipped format, else bf16.
     #[arg(long)]
@@ -125,6 +125,19 @@ pub fn config_from(args: &Args) -> anyhow::Result<(LayerConfig, bool)> {
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     let (config, biases) = config_from(&args)?;
+    moerunner::layer_file::check_output_path(&args.out, "--out", &[])?;
+    let asked_by = match &args.preset {
+        Some(p) => format!("--preset {p}"),
+        None => format!(
+            "--experts {} --hidden {} --intermediate {}",
+            config.num_experts, config.hidden, config.intermediate
+        ),
+    };
+    moerunner::size::check(
+        moerunner::synth::layer_bytes(&config, biases),
+        &format!("make-layer's random layer ({config})"),
+        &asked_by,
+    )?;
     let bar = ProgressBar::new_spinner()
         .with_style(ProgressStyle::with_template("{spinner} {msg} [{elapsed}]")?);
     bar.set_message(format!("generating {config}"));

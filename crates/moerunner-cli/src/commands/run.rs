@@ -63,6 +63,26 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         tp_size: args.tp_size,
         tp_rank: args.tp_rank,
     };
+    // Refused before any work: a rank out of range (also for a single layer file, which is not
+    // sliced), and an output that would replace an input being read.
+    par.validate()
+        .context("--ep-size/--ep-rank/--tp-size/--tp-rank")?;
+    let mut inputs: Vec<(PathBuf, &str)> = vec![(args.input.clone(), "--input")];
+    match &args.checkpoint {
+        Some(dir) => inputs.extend(
+            moerunner::checkpoint::input_files(dir)
+                .with_context(|| format!("reading checkpoint {}", dir.display()))?
+                .into_iter()
+                .map(|p| (p, "the checkpoint's")),
+        ),
+        None => inputs.push((
+            PathBuf::from(args.layer.as_deref().unwrap_or_default()),
+            "--layer",
+        )),
+    }
+    let inputs: Vec<(&std::path::Path, &str)> =
+        inputs.iter().map(|(p, f)| (p.as_path(), *f)).collect();
+    layer_file::check_output_path(&args.output, "--output", &inputs)?;
     let (layer, input) = match &args.checkpoint {
         Some(dir) => {
             let index = checkpoint_layer_index(&args)?;
@@ -102,8 +122,17 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             args.input.display(),
         )
     })?;
+    moerunner::size::check(
+        moerunner::forward::forward_bytes(layer.config(), input.tokens()),
+        &format!("a forward pass of {} tokens", input.tokens()),
+        &format!("--input {} (T = {})", args.input.display(), input.tokens()),
+    )?;
     let bar = spinner(format!("loading {}", layer.config()))?;
-    let loaded = Runner::new().load(layer, &choice)?;
+    let backend_flag = match &choice {
+        BackendChoice::Auto => "--backend auto".to_string(),
+        BackendChoice::Named(n) => format!("--backend {n}"),
+    };
+    let loaded = Runner::new().load(layer, &choice).context(backend_flag)?;
     bar.set_message(format!(
         "running {} tokens on `{}`",
         input.tokens(),

@@ -94,7 +94,7 @@ pub(super) fn load(sh: &Shards, plan: &Plan, s: &Slice) -> Result<LoadedExperts>
                         rows.clone(),
                         0..hb * d.size(),
                     )?;
-                    s13.extend(f32_le(&b, d));
+                    s13.extend(positive_block_scales(&n, f32_le(&b, d))?);
                 }
                 let n = name(e, down, "weight_scale_inv");
                 let d = sh.check_tensor(&n, &scale_types, &[hb, ib])?;
@@ -106,7 +106,7 @@ pub(super) fn load(sh: &Shards, plan: &Plan, s: &Slice) -> Result<LoadedExperts>
                     0..hb,
                     rows.start * z..rows.end * z,
                 )?;
-                s2.extend(f32_le(&b, d));
+                s2.extend(positive_block_scales(&n, f32_le(&b, d))?);
             }
             WeightFormat::Nvfp4 => {
                 let (ib, hb) = (inter / NV_BLOCK, h / NV_BLOCK);
@@ -114,11 +114,12 @@ pub(super) fn load(sh: &Shards, plan: &Plan, s: &Slice) -> Result<LoadedExperts>
                 for p in &projs13 {
                     let n = name(e, p, "weight_scale");
                     sh.check_tensor(&n, &[DType::F8E4M3], &[inter, hb])?;
-                    s13.extend(sh.read_box(&n, [1, inter, hb], 0..1, f0..f1, 0..hb)?);
-                    globals.push((
-                        name(e, p, "weight_scale_2"),
-                        sh.read_scalar(&name(e, p, "weight_scale_2"))?,
-                    ));
+                    s13.extend(e4m3_scales(
+                        &n,
+                        sh.read_box(&n, [1, inter, hb], 0..1, f0..f1, 0..hb)?,
+                    )?);
+                    let g = name(e, p, "weight_scale_2");
+                    globals.push((g.clone(), positive(&g, sh.read_scalar(&g)?)?));
                 }
                 // W13 has one global scale per expert, so a gated expert's gate and up must share it.
                 if let [(gn, g), (un, u)] = globals.as_slice() {
@@ -131,8 +132,12 @@ pub(super) fn load(sh: &Shards, plan: &Plan, s: &Slice) -> Result<LoadedExperts>
                 g13.push(globals.last().map_or(1.0, |x| x.1));
                 let n = name(e, down, "weight_scale");
                 sh.check_tensor(&n, &[DType::F8E4M3], &[h, ib])?;
-                s2.extend(sh.read_box(&n, [1, h, ib], 0..1, 0..h, f0 / NV_BLOCK..f1 / NV_BLOCK)?);
-                g2.push(sh.read_scalar(&name(e, down, "weight_scale_2"))?);
+                s2.extend(e4m3_scales(
+                    &n,
+                    sh.read_box(&n, [1, h, ib], 0..1, 0..h, f0 / NV_BLOCK..f1 / NV_BLOCK)?,
+                )?);
+                let g = name(e, down, "weight_scale_2");
+                g2.push(positive(&g, sh.read_scalar(&g)?)?);
             }
             other => return Err(MoeError::Unsupported(format!("shipped format {other}"))),
         }
@@ -144,10 +149,14 @@ pub(super) fn load(sh: &Shards, plan: &Plan, s: &Slice) -> Result<LoadedExperts>
     if format == WeightFormat::Nvfp4 && sh.has(&name(0, up, "input_scale")) {
         let (mut a, mut b) = (0f32, 0f32);
         for e in 0..plan.num_experts {
+            // Each is checked before the max: `f32::max` drops a NaN, so a NaN (or negative) scale
+            // of one expert would otherwise vanish.
             for p in &projs13 {
-                a = a.max(sh.read_scalar(&name(e, p, "input_scale"))?);
+                let n = name(e, p, "input_scale");
+                a = a.max(positive(&n, sh.read_scalar(&n)?)?);
             }
-            b = b.max(sh.read_scalar(&name(e, down, "input_scale"))?);
+            let n = name(e, down, "input_scale");
+            b = b.max(positive(&n, sh.read_scalar(&n)?)?);
         }
         (in13, in2) = (Some(a), Some(b));
     }
@@ -194,6 +203,50 @@ pub(super) fn load(sh: &Shards, plan: &Plan, s: &Slice) -> Result<LoadedExperts>
         w13_input_scale: in13,
         w2_input_scale: in2,
     })
+}
+
+/// A scalar scale (ModelOpt's `weight_scale_2`, `input_scale`) must be finite and positive; the
+/// error names the checkpoint's tensor, not the layer file's.
+fn positive(name: &str, v: f32) -> Result<f32> {
+    if v.is_finite() && v > 0.0 {
+        Ok(v)
+    } else {
+        Err(MoeError::invalid(
+            format!("tensor `{name}`"),
+            format!("is {v}; scales must be finite and positive"),
+        ))
+    }
+}
+
+/// F32 little-endian block scales (`weight_scale_inv`), each finite and positive.
+fn positive_block_scales(name: &str, bytes: Vec<u8>) -> Result<Vec<u8>> {
+    for (i, c) in bytes.chunks_exact(4).enumerate() {
+        let v = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+        if !(v.is_finite() && v > 0.0) {
+            return Err(MoeError::invalid(
+                format!("tensor `{name}`"),
+                format!("block {i} of the rank's slice is {v}; scales must be finite and positive"),
+            ));
+        }
+    }
+    Ok(bytes)
+}
+
+/// E4M3 block scales (ModelOpt's `weight_scale`): no NaN byte, no sign bit.
+fn e4m3_scales(name: &str, bytes: Vec<u8>) -> Result<Vec<u8>> {
+    if let Some(i) = bytes
+        .iter()
+        .position(|&b| b & 0x80 != 0 || crate::formats::e4m3::decode(b).is_nan())
+    {
+        return Err(MoeError::invalid(
+            format!("tensor `{name}`"),
+            format!(
+                "E4M3 scale byte {:#04x} at {i} of the rank's slice is NaN or negative; scales must be positive numbers or zero",
+                bytes[i]
+            ),
+        ));
+    }
+    Ok(bytes)
 }
 
 /// Bytes per row and the file shape of a `[rows, cols]` weight in `format`.

@@ -21,6 +21,13 @@ pub(super) fn plan(cfg: &HfConfig, layer: usize) -> Result<Plan> {
     let e = cfg.usize("num_local_experts")?;
     let k = cfg.usize_any(&["num_experts_per_tok", "experts_per_token"])?;
     let limit = cfg.f32("swiglu_limit")?;
+    // Clamping to [−limit, limit] needs limit > 0; the layer file refuses the same values.
+    if limit.is_nan() || limit <= 0.0 {
+        return Err(cfg.unsupported(
+            "swiglu_limit",
+            format!("must be positive (gate and up are clamped to [-limit, limit]), got {limit}"),
+        ));
+    }
     let p = format!("model.layers.{layer}.mlp.");
     Ok(Plan {
         family: "gpt_oss",

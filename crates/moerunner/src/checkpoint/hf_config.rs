@@ -16,18 +16,11 @@ pub struct HfConfig {
 impl HfConfig {
     pub fn open(dir: &Path) -> Result<Self> {
         let path = dir.join("config.json");
-        let text = std::fs::read_to_string(&path).map_err(|source| MoeError::Io {
-            path: path.display().to_string(),
-            source,
-        })?;
-        let json: Value = serde_json::from_str(&text).map_err(|e| MoeError::Format {
-            path: path.display().to_string(),
-            why: format!("not valid JSON: {e}"),
-        })?;
+        let json = read_json(&path)?;
         if !json.is_object() {
-            return Err(MoeError::Format {
+            return Err(MoeError::Json {
                 path: path.display().to_string(),
-                why: "not a JSON object".into(),
+                why: "the top level is not an object".into(),
             });
         }
         Ok(HfConfig { path, json })
@@ -151,6 +144,23 @@ impl HfConfig {
     pub fn path(&self) -> &Path {
         &self.path
     }
+}
+
+/// Reads and parses a JSON file of the model folder (`config.json`, the index). A FIFO or folder
+/// is refused by name before it is read; parse errors are JSON errors naming the file.
+pub(crate) fn read_json(path: &Path) -> Result<Value> {
+    use std::io::Read;
+    let mut text = String::new();
+    crate::layer_file::open_regular(path)?
+        .read_to_string(&mut text)
+        .map_err(|source| MoeError::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
+    serde_json::from_str(&text).map_err(|e| MoeError::Json {
+        path: path.display().to_string(),
+        why: e.to_string(),
+    })
 }
 
 /// The model families this loader maps, by `config.json`'s `model_type`.

@@ -20,7 +20,7 @@ mod qwen;
 pub mod shards;
 
 use std::ops::Range;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use crate::config::{
     Activation, ActivationFormat, LayerConfig, Parallelism, RoutingConfig, W13Order, WeightFormat,
@@ -65,13 +65,8 @@ impl CheckpointLayer {
             .as_ref()
             .ok_or_else(|| MoeError::missing("router weight (the checkpoint layer has none)"))?;
         let (e, h) = (self.layer.config().num_experts, self.layer.config().hidden);
-        if hidden.shape.len() != 2 || hidden.shape[1] != h {
-            return Err(MoeError::shape(
-                "hidden_states",
-                format!("[T, {h}]"),
-                &hidden.shape,
-            ));
-        }
+        // Dtype, shape [T, H] and finite values: an inf in the input is the input's error.
+        crate::forward::check_hidden(&self.layer, hidden)?;
         let x = hidden.to_f32_vec("hidden_states")?;
         let wv = w.to_f32_vec("router weight")?;
         let t = hidden.shape[0];
@@ -85,6 +80,19 @@ impl CheckpointLayer {
                     .sum();
                 *oj = dot + self.router_bias.as_ref().map_or(0.0, |b| b[j]);
             }
+        }
+        // These logits are ours, not the user's `router_logits`: an overflow is reported as the
+        // checkpoint router's, with the token.
+        if let Some(idx) = out.iter().position(|v| !v.is_finite()) {
+            return Err(MoeError::invalid(
+                "the checkpoint's router",
+                format!(
+                    "token {} (expert {}): `hidden_states` · router weight gives {}, beyond f32",
+                    idx / e.max(1),
+                    idx % e.max(1),
+                    out[idx]
+                ),
+            ));
         }
         Ok(HostTensor::from_f32(vec![t, e], &out))
     }
@@ -175,6 +183,7 @@ pub(crate) fn check_layer_index(cfg: &HfConfig, layer: usize) -> Result<()> {
 pub fn load_layer(dir: &Path, layer_index: usize, opts: &LoadOptions) -> Result<CheckpointLayer> {
     let cfg = HfConfig::open(dir)?;
     let plan = plan(&cfg, layer_index)?;
+    check_plan(&cfg, &plan)?;
     let par = opts.parallelism;
     par.validate()?;
     let (e, inter) = (plan.num_experts, plan.intermediate);
@@ -232,13 +241,126 @@ pub fn load_layer(dir: &Path, layer_index: usize, opts: &LoadOptions) -> Result<
         w2_input_scale: loaded.w2_input_scale,
         router_bias: correction,
     };
-    let layer = MoeLayer::new(config, weights)?;
+    let layer = MoeLayer::new(config, weights).map_err(|e| checkpoint_names(e, &plan))?;
     Ok(CheckpointLayer {
         layer,
         router_weight: Some(router_weight),
         router_bias,
         family: plan.family,
         bytes_read: shards.bytes_read(),
+    })
+}
+
+/// Every file [`load_layer`] reads in `dir`: `config.json`, the index and the shards (what an
+/// output path must never be).
+pub fn input_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut files = vec![dir.join("config.json"), dir.join(shards::INDEX_FILE)];
+    files.extend(Shards::open(dir)?.files());
+    Ok(files)
+}
+
+/// The checkpoint's names of a layer-file tensor, for errors of the layer's validation (which
+/// names `w13_scale`, `w2_global_scale`, ...): the user knows only the checkpoint's.
+fn checkpoint_tensor(plan: &Plan, layer_tensor: &str) -> Option<String> {
+    let (proj, what) = layer_tensor.split_once('_').unwrap_or((layer_tensor, ""));
+    match &plan.experts {
+        ExpertLayout::PerExpert {
+            prefix,
+            gate,
+            up,
+            down,
+        } => {
+            let projs = match (proj, gate) {
+                ("w13", Some(g)) => format!("{{{g},{up}}}"),
+                ("w13", None) => up.to_string(),
+                ("w2", _) => down.to_string(),
+                _ => {
+                    return plan
+                        .correction_bias
+                        .clone()
+                        .filter(|_| layer_tensor == "router_bias")
+                }
+            };
+            let suffix = match what {
+                "" => "weight",
+                "scale" => "weight_scale (or weight_scale_inv)",
+                "global_scale" => "weight_scale_2",
+                "input_scale" => "input_scale",
+                _ => return None,
+            };
+            Some(format!("{prefix}{{e}}.{projs}.{suffix}"))
+        }
+        ExpertLayout::GptOss { prefix } => {
+            let p = match proj {
+                "w13" => "gate_up_proj",
+                "w2" => "down_proj",
+                _ => return None,
+            };
+            let suffix = match what {
+                "" => "blocks",
+                "scale" => "scales",
+                "bias" => "bias",
+                _ => return None,
+            };
+            Some(format!("{prefix}{p}_{suffix}"))
+        }
+    }
+}
+
+/// Adds the checkpoint's tensor names to an error of the layer's validation.
+fn checkpoint_names(err: MoeError, plan: &Plan) -> MoeError {
+    let MoeError::Invalid { what, why } = err else {
+        return err;
+    };
+    let mut what = what;
+    for t in [
+        "w13_global_scale",
+        "w2_global_scale",
+        "w13_input_scale",
+        "w2_input_scale",
+        "w13_scale",
+        "w2_scale",
+        "w13_bias",
+        "w2_bias",
+        "router_bias",
+    ] {
+        let quoted = format!("`{t}`");
+        if what.contains(&quoted) {
+            if let Some(name) = checkpoint_tensor(plan, t) {
+                what = what.replace(&quoted, &format!("`{name}` (the layer's `{t}`)"));
+                break;
+            }
+        }
+    }
+    MoeError::Invalid { what, why }
+}
+
+/// The checks of `LayerConfig::validate` that concern `config.json`, run before any shard is
+/// opened so that their errors name the checkpoint's keys (`num_experts_per_tok`), not the layer
+/// file's (`top_k`), and sizes that overflow are refused before anything is allocated.
+fn check_plan(cfg: &HfConfig, plan: &Plan) -> Result<()> {
+    let (e, h, i) = (plan.num_experts, plan.hidden, plan.intermediate);
+    if e == 0 {
+        return Err(cfg.unsupported("num_experts", "the layer has no experts (E = 0)"));
+    }
+    crate::size::product(
+        &format!("{} keys for E × 2I × H", cfg.path().display()),
+        &[e, i, 2, h],
+    )?;
+    let top_k_key = ["num_experts_per_tok", "experts_per_token"]
+        .into_iter()
+        .find(|k| cfg.get(k).is_some())
+        .unwrap_or("num_experts_per_tok");
+    plan.routing.validate(e).map_err(|err| match err {
+        MoeError::Invalid { what, why } => {
+            let key = if what == "top_k" {
+                top_k_key
+            } else {
+                what.as_str()
+            };
+            cfg.unsupported(key, why.replace("top_k", top_k_key))
+        }
+        other => other,
     })
 }
 

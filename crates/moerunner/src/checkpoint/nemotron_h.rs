@@ -49,10 +49,21 @@ pub(super) fn plan(cfg: &HfConfig, layer: usize) -> Result<Plan> {
 fn check_moe_layer(cfg: &HfConfig, layer: usize) -> Result<()> {
     if cfg.get("hybrid_override_pattern").is_none() {
         if let Some(types) = cfg.get("layers_block_type") {
-            let kinds: Vec<&str> = types
-                .as_array()
-                .map(|a| a.iter().filter_map(|v| v.as_str()).collect())
-                .unwrap_or_default();
+            // Entries are read by position: a non-string entry is an error, not skipped (skipping
+            // it would shift every later layer's kind by one).
+            let Some(list) = types.as_array() else {
+                return Err(cfg.unsupported(
+                    "layers_block_type",
+                    format!("must be a list of strings, got {types}"),
+                ));
+            };
+            if let Some((i, v)) = list.iter().enumerate().find(|(_, v)| !v.is_string()) {
+                return Err(cfg.unsupported(
+                    "layers_block_type",
+                    format!("entry {i} is {v}, not a string (`moe`, `mamba`, `attention`, `mlp`)"),
+                ));
+            }
+            let kinds: Vec<&str> = list.iter().filter_map(|v| v.as_str()).collect();
             return match kinds.get(layer) {
                 Some(&"moe") => Ok(()),
                 Some(k) => Err(cfg.unsupported(

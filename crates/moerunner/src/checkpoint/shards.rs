@@ -14,7 +14,7 @@ use crate::error::{MoeError, Result};
 use crate::layer_file::MappedFile;
 use crate::tensor::{DType, HostTensor};
 
-const INDEX_FILE: &str = "model.safetensors.index.json";
+pub(crate) const INDEX_FILE: &str = "model.safetensors.index.json";
 const SINGLE_FILE: &str = "model.safetensors";
 
 /// The shards of one model folder, opened lazily (a shard holding none of the layer's tensors is
@@ -27,20 +27,32 @@ pub struct Shards {
     bytes_read: Cell<u64>,
 }
 
+/// A shard named by the index must stay inside the model folder: a relative path of plain names
+/// (`model-00001-of-00002.safetensors`, `sub/x.safetensors`). Absolute paths, `..`, and prefixes
+/// are refused, so a crafted index cannot make the loader open any file on the machine.
+/// (Symlinks inside the folder are followed: the Hugging Face cache links shards to `../../blobs`.)
+fn check_shard_path(index: &Path, tensor: &str, file: &str) -> Result<()> {
+    use std::path::Component;
+    let p = Path::new(file);
+    let plain = !file.is_empty() && p.components().all(|c| matches!(c, Component::Normal(_)));
+    if plain {
+        return Ok(());
+    }
+    Err(MoeError::invalid(
+        format!("{} key `weight_map.{tensor}`", index.display()),
+        format!(
+            "shard path `{file}` leaves the model folder (absolute, `..` or empty); \
+             shards must be named relative to the folder"
+        ),
+    ))
+}
+
 impl Shards {
     /// Reads the index of `dir` (or lists the single `model.safetensors`).
     pub fn open(dir: &Path) -> Result<Self> {
         let index = dir.join(INDEX_FILE);
         let weight_map = if index.exists() {
-            let text = std::fs::read_to_string(&index).map_err(|source| MoeError::Io {
-                path: index.display().to_string(),
-                source,
-            })?;
-            let json: serde_json::Value =
-                serde_json::from_str(&text).map_err(|e| MoeError::Format {
-                    path: index.display().to_string(),
-                    why: format!("not valid JSON: {e}"),
-                })?;
+            let json = super::hf_config::read_json(&index)?;
             let map = json
                 .get("weight_map")
                 .and_then(|m| m.as_object())
@@ -58,6 +70,7 @@ impl Shards {
                         "must be a shard file name (a string)",
                     )
                 })?;
+                check_shard_path(&index, name, file)?;
                 out.insert(name.clone(), file.to_string());
             }
             out
@@ -78,6 +91,15 @@ impl Shards {
             open: Default::default(),
             bytes_read: Cell::new(0),
         })
+    }
+
+    /// Every file the folder's tensors are read from (the index's shards, or the single file),
+    /// each once: what an output must never replace.
+    pub fn files(&self) -> Vec<PathBuf> {
+        let mut names: Vec<&String> = self.weight_map.values().collect();
+        names.sort();
+        names.dedup();
+        names.into_iter().map(|f| self.dir.join(f)).collect()
     }
 
     pub fn has(&self, name: &str) -> bool {

@@ -3,8 +3,9 @@
 //!
 //! Design decision: reading memory-maps the file and hands out tensors that borrow the map
 //! ([`Bytes::Mapped`]), so a layer of many gigabytes is never copied (only its small scale and
-//! bias tensors are decoded); writing streams the tensors into `<path>.tmp-<pid>-<n>`, syncs it and
-//! renames it into place, so a reader never sees a half-written file.
+//! bias tensors are decoded); writing streams the tensors into `.moerunner-<pid>-<n>.tmp` beside
+//! the output, syncs it and renames it into place, so a reader never sees a half-written file (a
+//! writer killed mid-write leaves its temp file, which the next write into that folder removes).
 //!
 //! This file is the container (map, parse, write); `layer` holds the layer file's metadata and
 //! tensor rules, `io` the input and output files.
@@ -88,7 +89,7 @@ impl MappedFile {
             path: path.display().to_string(),
             source,
         };
-        let file = std::fs::File::open(path).map_err(io)?;
+        let file = open_regular(path)?;
         // SAFETY: the map is read-only; a file changed underneath us by another process is outside
         // what any reader can defend against (same contract as every mmap-based loader). Our own
         // writers never modify a file in place: they rename a new one over it.
@@ -99,7 +100,7 @@ impl MappedFile {
         };
         // `deserialize` checks the header and that the tensors tile the data exactly, so a
         // truncated file fails here rather than when a tensor is read.
-        let st = SafeTensors::deserialize(&map).map_err(|e| bad(e.to_string()))?;
+        let st = SafeTensors::deserialize(&map).map_err(|e| bad(explain_header(&map, e)))?;
         let (_, meta) = SafeTensors::read_metadata(&map).map_err(|e| bad(e.to_string()))?;
         let base = map.as_ptr() as usize;
         let mut tensors = HashMap::new();
@@ -195,17 +196,183 @@ impl MappedFile {
     }
 }
 
+/// Opens `path` for reading if it is a regular file (after symlinks). A directory, FIFO, socket or
+/// device is refused by name before it is opened: mapping a FIFO would block forever, and a
+/// directory would fail with an unrelated OS message ("No such device").
+pub fn open_regular(path: &Path) -> Result<std::fs::File> {
+    let io = |source| MoeError::Io {
+        path: path.display().to_string(),
+        source,
+    };
+    let meta = std::fs::metadata(path).map_err(io)?;
+    if !meta.is_file() {
+        let kind = if meta.is_dir() {
+            "a directory"
+        } else {
+            "not a regular file (a FIFO, socket or device)"
+        };
+        return Err(MoeError::invalid(
+            path.display().to_string(),
+            format!("is {kind}; a .safetensors file is expected"),
+        ));
+    }
+    std::fs::File::open(path).map_err(io)
+}
+
+/// The safetensors crate's message, with the tensor named when the crate does not name it
+/// (`TensorInvalidInfo`, overflow, misaligned): the header is re-read and the first tensor whose
+/// shape × dtype disagrees with its `data_offsets` is reported.
+fn explain_header(map: &[u8], e: safetensors::SafeTensorError) -> String {
+    let base = e.to_string();
+    let header = map
+        .get(..8)
+        .map(|b| u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]) as usize)
+        .and_then(|n| map.get(8..8usize.checked_add(n)?))
+        .and_then(|h| serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(h).ok());
+    let Some(header) = header else { return base };
+    for (name, info) in &header {
+        if name == "__metadata__" {
+            continue;
+        }
+        let dtype = info.get("dtype").and_then(|d| d.as_str()).unwrap_or("?");
+        let shape: Option<Vec<u64>> = info
+            .get("shape")
+            .and_then(|s| s.as_array())
+            .map(|a| a.iter().filter_map(|v| v.as_u64()).collect());
+        let offsets: Option<Vec<u64>> = info
+            .get("data_offsets")
+            .and_then(|s| s.as_array())
+            .map(|a| a.iter().filter_map(|v| v.as_u64()).collect());
+        let bits: Option<u128> = match dtype {
+            "F64" | "I64" | "U64" => Some(64),
+            "F32" | "I32" | "U32" => Some(32),
+            "F16" | "BF16" | "I16" | "U16" => Some(16),
+            "F8_E4M3" | "F8_E5M2" | "F8_E8M0" | "I8" | "U8" | "BOOL" => Some(8),
+            "F4" => Some(4),
+            _ => None,
+        };
+        let (Some(shape), Some(offsets), Some(bits)) = (shape, offsets, bits) else {
+            continue;
+        };
+        let [start, end] = offsets[..] else { continue };
+        let need = shape
+            .iter()
+            .try_fold(bits, |acc, &d| acc.checked_mul(d as u128))
+            .map(|b| b / 8);
+        let have = end.checked_sub(start).map(|n| n as u128);
+        if need != have {
+            let need = need.map_or("more than 2^128".to_string(), |n| n.to_string());
+            return format!(
+                "{base}: tensor `{name}` ({dtype} {shape:?}) needs {need} bytes but its data_offsets [{start}, {end}] hold {}",
+                have.map_or("a negative number of".to_string(), |n| n.to_string())
+            );
+        }
+    }
+    base
+}
+
+/// Refuses an output path that would replace one of the command's inputs (the same file by
+/// device and inode: hard links and symlinks included), that is a directory, or whose folder does
+/// not exist or cannot be written — all before any work is done. `inputs` pairs each path read
+/// with the flag or key that named it.
+pub fn check_output_path(output: &Path, flag: &str, inputs: &[(&Path, &str)]) -> Result<()> {
+    let refuse = |why: String| MoeError::invalid(format!("{flag} {}", output.display()), why);
+    if let Ok(out_meta) = std::fs::metadata(output) {
+        if out_meta.is_dir() {
+            return Err(refuse("is a directory; give a file name".into()));
+        }
+        for (input, input_flag) in inputs {
+            if let Ok(in_meta) = std::fs::metadata(input) {
+                if same_file(&out_meta, &in_meta) {
+                    return Err(refuse(format!(
+                        "is the same file as {input_flag} {}; writing it would replace an input \
+                         being read (choose another output path)",
+                        input.display()
+                    )));
+                }
+            }
+        }
+    }
+    let dir = parent_dir(output);
+    match std::fs::metadata(&dir) {
+        Ok(m) if m.is_dir() => {}
+        Ok(_) => return Err(refuse(format!("{} is not a directory", dir.display()))),
+        Err(e) => {
+            return Err(refuse(format!(
+                "its folder {} cannot be used: {e}",
+                dir.display()
+            )))
+        }
+    }
+    if output.file_name().is_none() {
+        return Err(refuse("names no file".into()));
+    }
+    Ok(())
+}
+
+#[cfg(unix)]
+fn same_file(a: &std::fs::Metadata, b: &std::fs::Metadata) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    a.dev() == b.dev() && a.ino() == b.ino()
+}
+
+#[cfg(not(unix))]
+fn same_file(_a: &std::fs::Metadata, _b: &std::fs::Metadata) -> bool {
+    false
+}
+
+/// The folder a file `path` lives in (`.` for a bare name).
+fn parent_dir(path: &Path) -> PathBuf {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
 /// Distinguishes temp files of concurrent writes from one process (threads, tests).
 static WRITE_SEQ: AtomicUsize = AtomicUsize::new(0);
 
+const TEMP_PREFIX: &str = ".moerunner-";
+const TEMP_SUFFIX: &str = ".tmp";
+
+/// The temp file beside `path`: `.moerunner-<pid>-<n>.tmp`, a short name whatever the length of
+/// the output's (a legal 255-byte output name still gets a legal temp name).
 fn temp_path(path: &Path) -> PathBuf {
-    let mut name = path.as_os_str().to_os_string();
-    name.push(format!(
-        ".tmp-{}-{}",
+    parent_dir(path).join(format!(
+        "{TEMP_PREFIX}{}-{}{TEMP_SUFFIX}",
         std::process::id(),
         WRITE_SEQ.fetch_add(1, Ordering::Relaxed)
-    ));
-    PathBuf::from(name)
+    ))
+}
+
+/// Removes temp files that writers killed mid-write left in `dir`: ours by name, and only those
+/// whose process is gone (Linux: no `/proc/<pid>`), so a concurrent writer's file is never touched.
+fn remove_stale_temps(dir: &Path) {
+    if !Path::new("/proc/self").exists() {
+        return;
+    }
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        let Some(mid) = name
+            .strip_prefix(TEMP_PREFIX)
+            .and_then(|n| n.strip_suffix(TEMP_SUFFIX))
+        else {
+            continue;
+        };
+        let Some((pid, seq)) = mid.split_once('-') else {
+            continue;
+        };
+        if pid.parse::<u32>().is_err() || seq.parse::<u64>().is_err() {
+            continue;
+        }
+        if !Path::new("/proc").join(pid).exists() {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
 }
 
 /// Writes named tensors and metadata to `path` atomically: streamed into a temp file beside it,
@@ -273,6 +440,7 @@ pub fn write_tensors(
     let mut header = serde_json::to_vec(&header).map_err(|e| invalid(e.to_string()))?;
     header.resize(header.len().next_multiple_of(8), b' ');
 
+    remove_stale_temps(&parent_dir(path));
     let tmp = temp_path(path);
     let write = || -> std::io::Result<()> {
         let mut w = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(&tmp)?);

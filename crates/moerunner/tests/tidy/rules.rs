@@ -16,6 +16,7 @@ pub const LINE_BUDGET: usize = 1200;
 /// so a new module has to be placed here.
 pub const LAYERS: &[(&str, &[&str])] = &[
     ("the error type", &["error"]),
+    ("checked sizes and the memory budget", &["size"]),
     ("core types", &["config", "tensor", "rng"]),
     ("a layer's tensors", &["weights"]),
     (
