@@ -11,12 +11,18 @@ bin=${1:-gpu-bin}
 mkdir -p "$bin"
 cargo build --release -p moerunner-cli
 cp target/release/moerunner "$bin/moerunner"
-exe=$(cargo test --release -p moerunner --features cuda --test cuda --no-run --message-format=json 2>/dev/null \
-    | python3 -c 'import json,sys
+# Test binaries that run on the GPU machine: the CUDA tests, and the overflow-rule and fuzz tests
+# (run there with MOERUNNER_TEST_BACKENDS / MOERUNNER_FUZZ_BACKEND=cuda and MOERUNNER_BIN).
+test_exe() {  # package, test target
+    cargo test --release -p "$1" --features moerunner/cuda --test "$2" --no-run --message-format=json 2>/dev/null \
+        | python3 -c 'import json,sys
 for l in sys.stdin:
     m = json.loads(l)
-    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "cuda":
-        print(m["executable"])')
-cp "$exe" "$bin/cuda-tests"
-strip --strip-debug "$bin/moerunner" "$bin/cuda-tests"
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == sys.argv[1]:
+        print(m["executable"])' "$2"
+}
+cp "$(test_exe moerunner cuda)" "$bin/cuda-tests"
+cp "$(test_exe moerunner overflow)" "$bin/overflow-tests"
+cp "$(test_exe moerunner-cli fuzz)" "$bin/fuzz-tests"
+strip --strip-debug "$bin"/*
 ls -la "$bin"

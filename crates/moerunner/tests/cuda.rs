@@ -821,3 +821,37 @@ fn gpu_device_memory_entry_refuses_null_pointers_and_bad_dtypes() {
         assert!(err.to_string().contains(name), "{err} should name {name}");
     }
 }
+
+/// Per-tensor fp8 applies w_scale[e] · input scale as one f32 factor: a layer whose scales are each
+/// finite but whose product overflows is refused at load, naming both tensors (the CPU, which applies
+/// them apart, runs it).
+#[test]
+fn gpu_fp8_scale_products_that_overflow_are_refused_at_load() {
+    use moerunner::backend::cuda::layer::CudaLayer;
+    use moerunner::weights::BlockScales;
+    use std::sync::Arc;
+    if gpu_runner().is_none() {
+        return;
+    }
+    let backend = moerunner::backend::cuda::create_concrete().expect("cuda backend");
+    let cfg = config(
+        WeightFormat::Fp8,
+        4,
+        128,
+        128,
+        Activation::Swiglu,
+        RoutingConfig::new(RoutingMethod::Renormalize, 2),
+    );
+    let layer = random_layer(&cfg, 5, false).expect("layer");
+    let mut w = layer.weights().clone();
+    w.w13.scales = BlockScales::PerExpert(vec![1e30; 4]);
+    w.w13_input_scale = Some(1e10);
+    let layer = moerunner::MoeLayer::new(cfg, w).expect("a valid layer (each scale is finite)");
+    let err = CudaLayer::load(backend.device().clone(), Arc::new(layer))
+        .err()
+        .expect("refused");
+    assert!(
+        err.to_string().contains("w13_scale[0] × w13_input_scale"),
+        "{err}"
+    );
+}

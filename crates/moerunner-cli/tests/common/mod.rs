@@ -41,8 +41,13 @@ impl Drop for TempDir {
     }
 }
 
+/// The CLI under test: the one cargo built, or `MOERUNNER_BIN` (the same build carried to a GPU
+/// machine, where the build path does not exist).
 pub fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_moerunner"))
+    match std::env::var_os("MOERUNNER_BIN") {
+        Some(path) => Command::new(path),
+        None => Command::new(env!("CARGO_BIN_EXE_moerunner")),
+    }
 }
 
 pub fn moerunner(args: &[&str]) -> Output {
