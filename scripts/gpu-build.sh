@@ -24,5 +24,5 @@ for l in sys.stdin:
 cp "$(test_exe moerunner cuda)" "$bin/cuda-tests"
 cp "$(test_exe moerunner overflow)" "$bin/overflow-tests"
 cp "$(test_exe moerunner-cli fuzz)" "$bin/fuzz-tests"
-strip --strip-debug "$bin"/*
+strip --strip-debug "$bin/moerunner" "$bin"/*-tests
 ls -la "$bin"
