@@ -1,0 +1,250 @@
+"""moerunner: a fused Mixture-of-Experts layer on numpy arrays and torch tensors.
+
+Tensors cross into the Rust runtime through DLPack without a copy of their memory: torch CUDA
+tensors run on the CUDA backend on torch's current stream (launches only, no host
+synchronisation, capturable in a ``torch.cuda.CUDAGraph``); CPU tensors (numpy or torch) run on
+the CPU backend (or the float64 reference).
+
+>>> import moerunner, numpy as np
+>>> layer = moerunner.MoeLayer.from_file("layer.safetensors", device="cpu")
+>>> x = np.random.randn(4, layer.hidden_size).astype(np.float32)
+>>> logits = np.random.randn(4, layer.num_experts).astype(np.float32)
+>>> y = layer(x, logits)          # [4, H] float32, the dtype of x
+
+Bad arguments raise ``TypeError`` / ``ValueError`` naming the argument; errors of the layer, the
+files or the device raise :class:`MoeError` (a ``ValueError``).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Optional
+
+from . import _native
+from ._native import MoeError
+
+__all__ = ["MoeLayer", "MoeError", "info", "reference", "__version__"]
+__version__: str = _native.__version__
+
+
+def info() -> dict:
+    """What this build and machine can do.
+
+    Returns a dict: ``version``, ``cuda_feature`` (whether the package was built with the CUDA
+    backend) and ``backends``, a list of dicts with ``name``, ``available`` and either
+    ``devices`` and ``supports`` (formats, in words) or the ``reason`` it is unavailable.
+    """
+    return _native.info()
+
+
+def _is_torch(t: Any) -> bool:
+    return type(t).__module__.startswith("torch")
+
+
+def _empty_like(t: Any) -> Any:
+    """A new contiguous tensor of t's shape, dtype and device, from t's own library."""
+    if _is_torch(t):
+        return t.new_empty(t.shape)
+    import numpy as np
+
+    return np.empty(t.shape, dtype=t.dtype)
+
+
+def _stream_of(t: Any) -> Optional[int]:
+    """torch's current CUDA stream on t's device (a raw handle), or None off CUDA."""
+    if _is_torch(t) and t.is_cuda:
+        import torch
+
+        return torch.cuda.current_stream(t.device).cuda_stream
+    return None
+
+
+class MoeLayer:
+    """One MoE layer loaded on a device, called on tensors.
+
+    Build one with :meth:`from_file` or :meth:`from_checkpoint`; call it like a module::
+
+        y = layer(hidden_states, router_logits)
+        y = layer(hidden_states, topk_ids=ids, topk_weights=weights)
+        y = layer(hidden_states, topk_packed=packed)
+
+    ``device`` is ``"auto"`` (the GPU when present and able to run the layer's format, else the
+    CPU), ``"cpu"``, ``"cuda"`` / ``"cuda:N"`` or ``"reference"`` (the float64 reference
+    implementation, slow, for checking).
+    """
+
+    __slots__ = ("_native",)
+
+    def __init__(self, native: "_native.NativeLayer"):
+        self._native = native
+
+    @classmethod
+    def from_file(
+        cls,
+        path: "str | os.PathLike[str]",
+        *,
+        device: str = "auto",
+        tp_size: int = 1,
+        tp_rank: int = 0,
+        ep_size: int = 1,
+        ep_rank: int = 0,
+    ) -> "MoeLayer":
+        """Loads a moerunner layer file (``moerunner make-layer`` / ``convert`` writes them).
+
+        With ``tp_size`` or ``ep_size`` above 1 the layer is sliced for the rank
+        (tensor-parallel: columns of the intermediate; expert-parallel: whole experts). The
+        output of a sliced layer is the rank's partial sum.
+        """
+        return cls(
+            _native.NativeLayer.from_file(
+                os.fspath(path),
+                device=device,
+                tp_size=tp_size,
+                tp_rank=tp_rank,
+                ep_size=ep_size,
+                ep_rank=ep_rank,
+            )
+        )
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        dir: "str | os.PathLike[str]",
+        layer: int,
+        *,
+        tp_size: int = 1,
+        tp_rank: int = 0,
+        ep_size: int = 1,
+        ep_rank: int = 0,
+        device: str = "auto",
+        quantize: Optional[str] = None,
+    ) -> "MoeLayer":
+        """Loads MoE layer ``layer`` of a Hugging Face model folder (Qwen3-MoE, Mixtral,
+        DeepSeek-V3, GPT-OSS, Nemotron-H NVFP4, MiniMax-M2); a TP/EP rank reads only its slice.
+
+        ``quantize`` (e.g. ``"fp8_block"``, ``"mxfp8"``, ``"nvfp4"``) quantizes the experts at load.
+        Such a layer keeps the checkpoint's router: on CPU tensors it may be called with hidden
+        states alone.
+        """
+        return cls(
+            _native.NativeLayer.from_checkpoint(
+                os.fspath(dir),
+                layer,
+                device=device,
+                tp_size=tp_size,
+                tp_rank=tp_rank,
+                ep_size=ep_size,
+                ep_rank=ep_rank,
+                quantize=quantize,
+            )
+        )
+
+    @property
+    def backend(self) -> str:
+        """The backend that runs the layer: ``cpu``, ``cuda`` or ``reference``."""
+        return self._native.backend
+
+    @property
+    def device(self) -> str:
+        """``cpu`` or ``cuda:N``."""
+        return self._native.device
+
+    @property
+    def config(self) -> dict:
+        """The layer's description: the layer file's metadata (strings: ``weight_format``,
+        ``routing_method``, ``activation``, …)."""
+        return dict(self._native.config[0])
+
+    @property
+    def hidden_size(self) -> int:
+        """H: the width of hidden states and output."""
+        return self._native.config[1]
+
+    @property
+    def intermediate_size(self) -> int:
+        """I of this rank (after tensor-parallel slicing)."""
+        return self._native.config[2]
+
+    @property
+    def num_experts(self) -> int:
+        """E: experts routed over (all of them, also on an expert-parallel rank)."""
+        return self._native.config[3]
+
+    @property
+    def top_k(self) -> int:
+        """Experts per token."""
+        return self._native.config[4]
+
+    def reserve(self, tokens: int) -> None:
+        """Sizes the CUDA workspace for calls of up to ``tokens`` tokens. Call it before capturing
+        a CUDA graph (a capture that would need a larger workspace is refused). Nothing on CPU."""
+        self._native.reserve(tokens)
+
+    def __call__(
+        self,
+        hidden_states: Any,
+        router_logits: Any = None,
+        *,
+        topk_ids: Any = None,
+        topk_weights: Any = None,
+        topk_packed: Any = None,
+        out: Any = None,
+    ) -> Any:
+        """Runs the layer on ``hidden_states`` ``[T, H]`` (bfloat16, float16 or float32).
+
+        Routing, exactly one of:
+
+        - ``router_logits`` ``[T, E]`` float32 or bfloat16: the layer's routing method picks
+          the experts;
+        - ``topk_ids`` ``[T, top_k]`` int32 and ``topk_weights`` ``[T, top_k]`` float32 (bfloat16
+          also on CPU): routes chosen elsewhere (ids of other expert-parallel ranks, and -1, are
+          skipped);
+        - ``topk_packed`` ``[T, top_k]`` int32: FlashInfer's packed form (id << 16 | bf16 weight);
+        - none: a layer from a checkpoint routes with its own router (CPU tensors only).
+
+        Returns the output ``[T, H]`` in the dtype of ``hidden_states``, on its device; when
+        ``out`` is given (same dtype and shape, contiguous, not an input) it is written and
+        returned. All tensors must be contiguous and on one device. CUDA tensors run on torch's
+        current stream without host synchronisation.
+        """
+        if out is None:
+            out = _empty_like(hidden_states)
+        self._native.forward(
+            hidden_states,
+            out,
+            router_logits,
+            topk_ids,
+            topk_weights,
+            topk_packed,
+            _stream_of(hidden_states),
+        )
+        return out
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (
+            f"MoeLayer({c.get('weight_format')}, E={self.num_experts}, H={self.hidden_size}, "
+            f"I={self.intermediate_size}, top_k={self.top_k}, backend={self.backend}, "
+            f"device={self.device})"
+        )
+
+
+def reference(
+    path: "str | os.PathLike[str]",
+    hidden_states: Any,
+    router_logits: Any = None,
+    *,
+    topk_ids: Any = None,
+    topk_weights: Any = None,
+    topk_packed: Any = None,
+) -> Any:
+    """The float64 reference forward pass of the layer file at ``path`` on CPU tensors (the
+    oracle the backends are tested against; slow). Arguments as :meth:`MoeLayer.__call__`."""
+    layer = MoeLayer.from_file(path, device="reference")
+    return layer(
+        hidden_states,
+        router_logits,
+        topk_ids=topk_ids,
+        topk_weights=topk_weights,
+        topk_packed=topk_packed,
+    )
