@@ -42,12 +42,23 @@ def _is_torch(t: Any) -> bool:
 
 
 def _empty_like(t: Any) -> Any:
-    """A new contiguous tensor of t's shape, dtype and device, from t's own library."""
+    """A new contiguous tensor of t's shape, dtype and device, from t's own library (numpy or
+    torch); other DLPack producers must pass ``out``."""
+    if not hasattr(t, "__dlpack__"):
+        raise TypeError(
+            "hidden_states: expected a tensor or array with `__dlpack__` (numpy, torch), "
+            f"got {type(t).__name__}"
+        )
     if _is_torch(t):
         return t.new_empty(t.shape)
-    import numpy as np
+    if type(t).__module__ == "numpy":
+        import numpy as np
 
-    return np.empty(t.shape, dtype=t.dtype)
+        return np.empty(t.shape, dtype=t.dtype)
+    raise TypeError(
+        f"out: required for hidden_states of type {type(t).__name__} (only numpy and torch "
+        "outputs are allocated by the layer)"
+    )
 
 
 def _stream_of(t: Any) -> Optional[int]:

@@ -1,0 +1,360 @@
+"""The package on numpy arrays (CPU backend): agreement with the CLI on the same files, every
+routing form, T = 0, dtypes, `out=`, parallel slices, and every argument error naming the argument."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+
+import moerunner
+from conftest import cli, read_safetensors
+
+
+def load(case, **kw):
+    return moerunner.MoeLayer.from_file(case.layer, device=kw.pop("device", "cpu"), **kw)
+
+
+def call(layer, inputs, **kw):
+    """The layer on an input file's tensors, in whatever routing form the file holds."""
+    x = inputs["hidden_states"]
+    if "router_logits" in inputs:
+        return layer(x, inputs["router_logits"], **kw)
+    if "topk_packed" in inputs:
+        return layer(x, topk_packed=inputs["topk_packed"], **kw)
+    return layer(x, topk_ids=inputs["topk_ids"], topk_weights=inputs["topk_weights"], **kw)
+
+
+# --- agreement with the CLI ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "fp8_block", "mxfp4", "nvfp4"])
+@pytest.mark.parametrize("routing", ["logits", "topk", "packed"])
+def test_agrees_with_the_cli_bit_for_bit(files, fmt, routing):
+    case = files(fmt, tokens=7, routing=routing)
+    y = call(load(case), case.inputs)
+    assert y.dtype == np.float32 and y.shape == case.expected.shape
+    np.testing.assert_array_equal(y, case.expected)
+
+
+@pytest.mark.parametrize("dtype,np_dtype", [("f32", np.float32), ("f16", np.float16)])
+def test_output_has_the_dtype_of_hidden_states(files, dtype, np_dtype):
+    case = files(dtype=dtype)
+    x = case.inputs["hidden_states"]
+    assert x.dtype == np_dtype
+    y = call(load(case), case.inputs)
+    assert y.dtype == np_dtype
+    np.testing.assert_array_equal(y, case.expected)
+
+
+def test_zero_tokens_give_an_empty_output(files):
+    case = files(tokens=0)
+    y = call(load(case), case.inputs)
+    assert y.shape == (0, 256) and y.dtype == np.float32
+
+
+@pytest.mark.parametrize("routing", ["logits", "topk", "packed"])
+def test_zero_tokens_in_every_routing_form(files, routing):
+    case = files(tokens=0, routing=routing)
+    assert call(load(case), case.inputs).shape == (0, 256)
+
+
+def test_out_is_written_and_returned(files):
+    case = files()
+    out = np.full_like(case.expected, np.nan)
+    y = call(load(case), case.inputs, out=out)
+    assert y is out
+    np.testing.assert_array_equal(out, case.expected)
+
+
+def test_one_token(files):
+    case = files(tokens=1)
+    np.testing.assert_array_equal(call(load(case), case.inputs), case.expected)
+
+
+def test_expert_parallel_ranks_agree_with_the_cli(files, tmp_path):
+    case = files(tokens=6)
+    parts = []
+    for rank in range(2):
+        ref = tmp_path / f"ep{rank}.safetensors"
+        cli("run", "--layer", str(case.layer), "--input", str(case.input), "--output", str(ref),
+            "--backend", "cpu", "--ep-size", "2", "--ep-rank", str(rank))
+        y = call(load(case, ep_size=2, ep_rank=rank), case.inputs)
+        np.testing.assert_array_equal(y, read_safetensors(ref)["output"])
+        parts.append(y)
+    np.testing.assert_allclose(parts[0] + parts[1], case.expected, rtol=1e-4, atol=1e-4)
+
+
+def test_tensor_parallel_ranks_sum_to_the_whole_layer(files):
+    case = files(tokens=6)
+    total = sum(call(load(case, tp_size=2, tp_rank=r), case.inputs) for r in range(2))
+    np.testing.assert_allclose(total, case.expected, rtol=1e-3, atol=1e-3)
+
+
+def test_reference_is_within_the_formats_tolerance(files):
+    case = files(fmt="fp8_block")
+    ref = moerunner.reference(case.layer, case.inputs["hidden_states"], case.inputs["router_logits"])
+    err = np.abs(ref - case.expected).max() / np.abs(ref).max()
+    assert err < 2e-2
+
+
+def test_layer_description(files):
+    layer = load(files())
+    assert (layer.hidden_size, layer.intermediate_size, layer.num_experts, layer.top_k) == (256, 128, 8, 2)
+    assert layer.config["weight_format"] == "bf16"
+    assert layer.backend == "cpu" and layer.device == "cpu"
+    assert "bf16" in repr(layer)
+    layer.reserve(64)  # nothing on the CPU
+
+
+def test_auto_device_runs_somewhere(files):
+    case = files()
+    layer = load(case, device="auto")
+    assert layer.backend in ("cpu", "cuda")
+
+
+def test_info_lists_the_backends():
+    info = moerunner.info()
+    names = [b["name"] for b in info["backends"]]
+    assert names == ["cuda", "cpu", "reference"]
+    cpu = info["backends"][1]
+    assert cpu["available"] and cpu["devices"]
+    assert info["version"] == moerunner.__version__
+
+
+# --- argument errors: each names the argument ---------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def bf16_case(files):
+    return files()
+
+
+@pytest.fixture(scope="module")
+def layer(bf16_case):
+    return load(bf16_case)
+
+
+def x_and_logits(case):
+    return case.inputs["hidden_states"], case.inputs["router_logits"]
+
+
+def raises(exc, *words):
+    """pytest.raises whose message must contain every word."""
+    return pytest.raises(exc, match="(?s)" + "".join(f"(?=.*{re.escape(w)})" for w in words))
+
+
+def test_hidden_states_not_a_tensor(layer, bf16_case):
+    with raises(TypeError, "hidden_states", "__dlpack__"):
+        layer([[1.0] * 256], bf16_case.inputs["router_logits"])
+
+
+def test_hidden_states_wrong_width(layer, bf16_case):
+    x, logits = x_and_logits(bf16_case)
+    with raises(ValueError, "hidden_states", "[T, 256]"):
+        layer(np.zeros((5, 255), np.float32), logits)
+
+
+def test_hidden_states_not_two_dimensional(layer, bf16_case):
+    _, logits = x_and_logits(bf16_case)
+    with raises(ValueError, "hidden_states"):
+        layer(np.zeros((256,), np.float32), logits)
+
+
+def test_hidden_states_float64(layer, bf16_case):
+    x, logits = x_and_logits(bf16_case)
+    with raises(TypeError, "hidden_states", "float64"):
+        layer(x.astype(np.float64), logits)
+
+
+def test_hidden_states_int32(layer, bf16_case):
+    x, logits = x_and_logits(bf16_case)
+    with raises(moerunner.MoeError, "hidden_states"):
+        layer(x.astype(np.int32), logits, out=np.empty(x.shape, np.int32))
+
+
+def test_hidden_states_not_contiguous(layer, bf16_case):
+    x, logits = x_and_logits(bf16_case)
+    wide = np.zeros((5, 512), np.float32)
+    with raises(ValueError, "hidden_states", "contiguous"):
+        layer(wide[:, ::2], logits, out=np.empty((5, 256), np.float32))
+
+
+def test_hidden_states_with_nan(layer, bf16_case):
+    x, logits = x_and_logits(bf16_case)
+    x = x.copy()
+    x[2, 3] = np.nan
+    with raises(moerunner.MoeError, "hidden_states", "[2, 3]"):
+        layer(x, logits)
+
+
+def test_router_logits_wrong_shape(layer, bf16_case):
+    x, logits = x_and_logits(bf16_case)
+    with raises(ValueError, "router_logits", "[T, E]"):
+        layer(x, logits[:, :7].copy())
+
+
+def test_router_logits_wrong_token_count(layer, bf16_case):
+    x, logits = x_and_logits(bf16_case)
+    with raises(ValueError, "router_logits"):
+        layer(x, logits[:4].copy())
+
+
+def test_router_logits_float16(layer, bf16_case):
+    x, logits = x_and_logits(bf16_case)
+    with raises(moerunner.MoeError, "router_logits"):
+        layer(x, logits.astype(np.float16))
+
+
+def test_router_logits_with_nan(layer, bf16_case):
+    x, logits = x_and_logits(bf16_case)
+    logits = logits.copy()
+    logits[1, 1] = np.inf
+    with raises(moerunner.MoeError, "router_logits"):
+        layer(x, logits)
+
+
+def topk(case):
+    c = case
+    return c.inputs["hidden_states"], c.inputs["topk_ids"], c.inputs["topk_weights"]
+
+
+@pytest.fixture(scope="module")
+def topk_case(files):
+    return files(routing="topk")
+
+
+def test_topk_ids_without_weights(layer, topk_case):
+    x, ids, _ = topk(topk_case)
+    with raises(TypeError, "topk_ids", "topk_weights"):
+        layer(x, topk_ids=ids)
+
+
+def test_topk_weights_without_ids(layer, topk_case):
+    x, _, w = topk(topk_case)
+    with raises(TypeError, "topk_ids", "topk_weights"):
+        layer(x, topk_weights=w)
+
+
+def test_topk_ids_int64(layer, topk_case):
+    x, ids, w = topk(topk_case)
+    with raises(TypeError, "topk_ids", "int64"):
+        layer(x, topk_ids=ids.astype(np.int64), topk_weights=w)
+
+
+def test_topk_ids_repeated_in_a_token(layer, topk_case):
+    x, ids, w = topk(topk_case)
+    ids = ids.copy()
+    ids[0, 1] = ids[0, 0]
+    with raises(moerunner.MoeError, "topk_ids"):
+        layer(x, topk_ids=ids, topk_weights=w)
+
+
+def test_topk_weights_with_nan(layer, topk_case):
+    x, ids, w = topk(topk_case)
+    w = w.copy()
+    w[3, 0] = np.nan
+    with raises(moerunner.MoeError, "topk_weights"):
+        layer(x, topk_ids=ids, topk_weights=w)
+
+
+def test_topk_ids_outside_the_experts_are_padding(layer, topk_case):
+    x, ids, w = topk(topk_case)
+    ids = ids.copy()
+    ids[:, 1] = -1
+    alone = layer(x, topk_ids=ids, topk_weights=w)
+    ids[:, 1] = 8
+    np.testing.assert_array_equal(layer(x, topk_ids=ids, topk_weights=w), alone)
+
+
+def test_topk_wrong_k(layer, topk_case):
+    x, ids, w = topk(topk_case)
+    with raises(ValueError, "topk_ids", "[T, top_k]"):
+        layer(x, topk_ids=np.ascontiguousarray(ids[:, :1]), topk_weights=w)
+
+
+def test_topk_packed_wrong_dtype(layer, files):
+    case = files(routing="packed")
+    x, packed = case.inputs["hidden_states"], case.inputs["topk_packed"]
+    with raises(moerunner.MoeError, "topk_packed"):
+        layer(x, topk_packed=packed.astype(np.float32))
+
+
+def test_two_routing_forms(layer, topk_case, bf16_case):
+    x, ids, w = topk(topk_case)
+    with raises(TypeError, "exactly one"):
+        layer(x, bf16_case.inputs["router_logits"], topk_ids=ids, topk_weights=w)
+
+
+def test_no_routing_without_a_router(layer, bf16_case):
+    x, _ = x_and_logits(bf16_case)
+    with raises(TypeError, "router_logits"):
+        layer(x)
+
+
+def test_out_wrong_dtype(layer, bf16_case):
+    x, logits = x_and_logits(bf16_case)
+    with raises(TypeError, "out", "dtype"):
+        layer(x, logits, out=np.empty(x.shape, np.float16))
+
+
+def test_out_wrong_shape(layer, bf16_case):
+    x, logits = x_and_logits(bf16_case)
+    with raises(ValueError, "out"):
+        layer(x, logits, out=np.empty((5, 128), np.float32))
+
+
+def test_out_read_only(layer, bf16_case):
+    x, logits = x_and_logits(bf16_case)
+    out = np.empty(x.shape, np.float32)
+    out.flags.writeable = False
+    with raises((ValueError, TypeError, BufferError), "out"):
+        layer(x, logits, out=out)
+
+
+def test_out_is_hidden_states(layer, bf16_case):
+    x, logits = x_and_logits(bf16_case)
+    x = x.copy()
+    with raises(ValueError, "out", "hidden_states"):
+        layer(x, logits, out=x)
+
+
+def test_out_not_a_tensor(layer, bf16_case):
+    x, logits = x_and_logits(bf16_case)
+    with raises(TypeError, "out"):
+        layer(x, logits, out=[0.0])
+
+
+# --- load errors --------------------------------------------------------------------------------
+
+
+def test_unknown_device(bf16_case):
+    with raises(ValueError, "device", "tpu"):
+        moerunner.MoeLayer.from_file(bf16_case.layer, device="tpu")
+
+
+def test_bad_cuda_ordinal(bf16_case):
+    with raises(ValueError, "device"):
+        moerunner.MoeLayer.from_file(bf16_case.layer, device="cuda:x")
+
+
+def test_missing_file(tmp_path):
+    missing = tmp_path / "nope.safetensors"
+    with raises(moerunner.MoeError, "nope.safetensors"):
+        moerunner.MoeLayer.from_file(missing, device="cpu")
+
+
+def test_rank_out_of_range(bf16_case):
+    with raises(moerunner.MoeError, "ep_rank"):
+        moerunner.MoeLayer.from_file(bf16_case.layer, device="cpu", ep_size=2, ep_rank=2)
+
+
+def test_missing_checkpoint(tmp_path):
+    with raises(moerunner.MoeError, "config.json"):
+        moerunner.MoeLayer.from_checkpoint(tmp_path, 0, device="cpu")
+
+
+def test_bad_quantize_name(tmp_path):
+    with raises(ValueError, "quantize"):
+        moerunner.MoeLayer.from_checkpoint(tmp_path, 0, device="cpu", quantize="int3")
