@@ -103,8 +103,14 @@ pub struct CudaStream(pub *mut c_void);
 // SAFETY: the handle is the caller's current stream of the tensor's device (torch's), live for the
 // call; it is passed on as CUDA's DLPack stream convention (`dlpark::python::consumer::stream::cuda`).
 unsafe impl DlpackStream for CudaStream {
-    fn as_python_arg(&self, _py: Python<'_>, _device: DLDevice) -> PyResult<StreamArg> {
-        Ok(dlpark::python::consumer::stream::cuda(self.0))
+    fn as_python_arg(&self, _py: Python<'_>, device: DLDevice) -> PyResult<StreamArg> {
+        // A CPU tensor among CUDA arguments gets no stream (its producer would refuse one); the
+        // call then refuses it by name for being on the wrong device.
+        Ok(if device.device_type == DLDeviceType::CUDA {
+            dlpark::python::consumer::stream::cuda(self.0)
+        } else {
+            dlpark::python::consumer::stream::none()
+        })
     }
     unsafe fn wait_for_producer(&self, _device: DLDevice, producer: *mut c_void) -> PyResult<bool> {
         Ok(producer == self.0)

@@ -91,6 +91,26 @@ def files(tmp_path_factory):
     return make
 
 
+def call(layer, inputs: dict, **kw):
+    """The layer on an input file's tensors (numpy or torch), in the routing form they hold."""
+    x = inputs["hidden_states"]
+    if "router_logits" in inputs:
+        return layer(x, inputs["router_logits"], **kw)
+    if "topk_packed" in inputs:
+        return layer(x, topk_packed=inputs["topk_packed"], **kw)
+    return layer(x, topk_ids=inputs["topk_ids"], topk_weights=inputs["topk_weights"], **kw)
+
+
+def to_torch(a: np.ndarray, device="cpu"):
+    """A numpy array as a torch tensor on `device`; uint16 arrays are bf16 bits."""
+    import torch
+
+    t = torch.from_numpy(a.copy())
+    if a.dtype == np.uint16:
+        t = t.view(torch.int16).view(torch.bfloat16)
+    return t.to(device)
+
+
 def require_gpu(reason: str) -> None:
     """Skips a GPU test with its reason, or fails it under MOERUNNER_REQUIRE_GPU=1."""
     if os.environ.get("MOERUNNER_REQUIRE_GPU") == "1":

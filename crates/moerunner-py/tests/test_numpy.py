@@ -9,21 +9,11 @@ import numpy as np
 import pytest
 
 import moerunner
-from conftest import cli, read_safetensors
+from conftest import call, cli, read_safetensors
 
 
 def load(case, **kw):
     return moerunner.MoeLayer.from_file(case.layer, device=kw.pop("device", "cpu"), **kw)
-
-
-def call(layer, inputs, **kw):
-    """The layer on an input file's tensors, in whatever routing form the file holds."""
-    x = inputs["hidden_states"]
-    if "router_logits" in inputs:
-        return layer(x, inputs["router_logits"], **kw)
-    if "topk_packed" in inputs:
-        return layer(x, topk_packed=inputs["topk_packed"], **kw)
-    return layer(x, topk_ids=inputs["topk_ids"], topk_weights=inputs["topk_weights"], **kw)
 
 
 # --- agreement with the CLI ---------------------------------------------------------------------

@@ -17,7 +17,9 @@ files or the device raise :class:`MoeError` (a ``ValueError``).
 
 from __future__ import annotations
 
+import itertools
 import os
+import weakref
 from typing import Any, Optional
 
 from . import _native
@@ -35,6 +37,11 @@ def info() -> dict:
     ``devices`` and ``supports`` (formats, in words) or the ``reason`` it is unavailable.
     """
     return _native.info()
+
+
+# Live layers by handle, for the torch custom op (held weakly: the caller owns its layers).
+_layers: "weakref.WeakValueDictionary[int, MoeLayer]" = weakref.WeakValueDictionary()
+_next_handle = itertools.count(1)
 
 
 def _is_torch(t: Any) -> bool:
@@ -84,10 +91,13 @@ class MoeLayer:
     implementation, slow, for checking).
     """
 
-    __slots__ = ("_native",)
+    __slots__ = ("_native", "_handle", "__weakref__")
 
     def __init__(self, native: "_native.NativeLayer"):
         self._native = native
+        # The integer that names this layer in torch.ops.moerunner.moe_layer (torch_op.py).
+        self._handle = next(_next_handle)
+        _layers[self._handle] = self
 
     @classmethod
     def from_file(
