@@ -33,14 +33,31 @@ def cli(*args: str) -> None:
     subprocess.run([str(cli_path()), *args], check=True, capture_output=True, text=True)
 
 
-_NP = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "I32": np.int32, "U8": np.uint8}
+_NP = {
+    "F32": np.float32,
+    "F16": np.float16,
+    "BF16": np.uint16,
+    "I32": np.int32,
+    "U8": np.uint8,
+    "F8_E4M3": np.uint8,
+}
+
+
+def _header(data: bytes) -> dict:
+    (n,) = struct.unpack("<Q", data[:8])
+    return json.loads(data[8 : 8 + n])
+
+
+def read_metadata(path: Path) -> dict[str, str]:
+    """A safetensors file's metadata."""
+    return _header(path.read_bytes()).get("__metadata__", {})
 
 
 def read_safetensors(path: Path) -> dict[str, np.ndarray]:
-    """Every tensor of a safetensors file; BF16 as its uint16 bits."""
+    """Every tensor of a safetensors file; BF16 as its uint16 bits, F8_E4M3 as uint8 bytes."""
     data = path.read_bytes()
     (n,) = struct.unpack("<Q", data[:8])
-    header = json.loads(data[8 : 8 + n])
+    header = _header(data)
     body = data[8 + n :]
     out = {}
     for name, t in header.items():
@@ -49,6 +66,13 @@ def read_safetensors(path: Path) -> dict[str, np.ndarray]:
         start, end = t["data_offsets"]
         out[name] = np.frombuffer(body[start:end], dtype=_NP[t["dtype"]]).reshape(t["shape"]).copy()
     return out
+
+
+def layer_file_as_kwargs(path: Path) -> dict:
+    """A layer file's tensors (numpy) and metadata as `MoeLayer.from_tensors` keywords."""
+    meta = {k.removeprefix("moerunner."): v for k, v in read_metadata(path).items()}
+    meta.pop("version")
+    return {**read_safetensors(path), **meta}
 
 
 class Case:

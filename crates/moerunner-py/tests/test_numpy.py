@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import moerunner
-from conftest import call, cli, read_safetensors
+from conftest import call, cli, layer_file_as_kwargs, read_safetensors
 
 
 def load(case, **kw):
@@ -111,6 +111,42 @@ def test_info_lists_the_backends():
     cpu = info["backends"][1]
     assert cpu["available"] and cpu["devices"]
     assert info["version"] == moerunner.__version__
+
+
+# --- from_tensors --------------------------------------------------------------------------------
+
+
+def test_from_tensors_is_the_layer_file(files):
+    case = files("mxfp4", tokens=6)
+    layer = moerunner.MoeLayer.from_tensors(**layer_file_as_kwargs(case.layer), device="cpu")
+    np.testing.assert_array_equal(call(layer, case.inputs), case.expected)
+
+
+def test_from_tensors_refuses_a_bad_dtype(files):
+    kw = layer_file_as_kwargs(files("mxfp4").layer)
+    kw["w13"] = kw["w13"].astype(np.uint16)
+    with raises(TypeError, "w13", "uint16"):
+        moerunner.MoeLayer.from_tensors(**kw, device="cpu")
+
+
+def test_from_tensors_refuses_a_bad_shape(files):
+    kw = layer_file_as_kwargs(files("mxfp4").layer)
+    kw["w2"] = kw["w2"][:, :, :-1].copy()
+    with raises(moerunner.MoeError, "w2"):
+        moerunner.MoeLayer.from_tensors(**kw, device="cpu")
+
+
+def test_from_tensors_refuses_a_missing_scale(files):
+    kw = layer_file_as_kwargs(files("mxfp4").layer)
+    del kw["w13_scale"]
+    with raises(moerunner.MoeError, "w13_scale"):
+        moerunner.MoeLayer.from_tensors(**kw, device="cpu")
+
+
+def test_from_tensors_refuses_an_unknown_key(files):
+    kw = layer_file_as_kwargs(files("mxfp4").layer)
+    with raises(moerunner.MoeError, "expert_count"):
+        moerunner.MoeLayer.from_tensors(**kw, expert_count=3, device="cpu")
 
 
 # --- argument errors: each names the argument ---------------------------------------------------

@@ -9,7 +9,7 @@ import pytest
 torch = pytest.importorskip("torch", reason="torch is not installed (CI runs the numpy tests only)")
 
 import moerunner  # noqa: E402
-from conftest import call, to_torch  # noqa: E402
+from conftest import call, layer_file_as_kwargs, to_torch  # noqa: E402
 from moerunner.torch_op import moe_layer  # noqa: E402
 
 
@@ -71,6 +71,20 @@ def test_bf16_topk_weights_on_the_cpu(files):
     w16 = t["topk_weights"].to(torch.bfloat16)
     y = layer(t["hidden_states"], topk_ids=t["topk_ids"], topk_weights=w16)
     torch.testing.assert_close(y, expected_of(case), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "fp8_block"])
+def test_from_tensors_takes_stacked_torch_weights(files, fmt):
+    case = files(fmt, dtype="bf16")
+    kw = layer_file_as_kwargs(case.layer)
+    for k, v in list(kw.items()):
+        if not isinstance(v, str):
+            kw[k] = to_torch(v)
+    if fmt == "fp8_block":
+        kw["w13"], kw["w2"] = kw["w13"].view(torch.float8_e4m3fn), kw["w2"].view(torch.float8_e4m3fn)
+    assert kw["w13"].shape == (8, 256, 256) and kw["w2"].shape == (8, 256, 128)  # [E, 2I, H], [E, H, I]
+    layer = moerunner.MoeLayer.from_tensors(**kw, device="cpu")
+    assert torch.equal(call(layer, inputs_of(case)), expected_of(case))
 
 
 def test_custom_op_is_one_opaque_op_under_compile(files):

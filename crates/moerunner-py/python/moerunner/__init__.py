@@ -160,6 +160,82 @@ class MoeLayer:
             )
         )
 
+    @classmethod
+    def from_tensors(
+        cls,
+        *,
+        w13: Any,
+        w2: Any,
+        top_k: int,
+        weight_format: str = "bf16",
+        activation: str = "swiglu",
+        routing: str = "renormalize",
+        w13_scale: Any = None,
+        w2_scale: Any = None,
+        w13_global_scale: Any = None,
+        w2_global_scale: Any = None,
+        w13_input_scale: Any = None,
+        w2_input_scale: Any = None,
+        w13_bias: Any = None,
+        w2_bias: Any = None,
+        router_bias: Any = None,
+        device: str = "auto",
+        tp_size: int = 1,
+        tp_rank: int = 0,
+        ep_size: int = 1,
+        ep_rank: int = 0,
+        **config: Any,
+    ) -> "MoeLayer":
+        """A layer from stacked expert tensors, as SGLang and vLLM hold them: ``w13`` =
+        ``w13_weight`` ``[E, 2I, H]`` (gate rows, then up rows) and ``w2`` = ``w2_weight``
+        ``[E, H, I]``, in the dtype of ``weight_format`` (bf16; float8_e4m3fn for fp8,
+        fp8_block, mxfp8; uint8 pairs of e2m1 for mxfp4, nvfp4), with their scales as stored:
+        ``w13_scale`` = ``w13_weight_scale_inv`` ``[E, 2I/128, H/128]`` float32 for fp8_block,
+        ``[E]`` float32 for fp8 (with ``w13_input_scale``/``w2_input_scale`` scalars), uint8
+        UE8M0 ``[E, rows, cols/32]`` for mx formats, float8 ``[E, rows, cols/16]`` plus
+        ``*_global_scale`` ``[E]`` for nvfp4. Biases ``[E, 2I]``, ``[E, H]``; ``router_bias``
+        ``[E]`` (DeepSeek's ``e_score_correction_bias``).
+
+        ``config`` takes the other layer-file keys: ``activation_format`` (default: the
+        format's natural pairing), ``w13_order`` (``gate_up``, ``up_gate``, ``interleaved``),
+        ``n_group``, ``topk_group``, ``routed_scaling_factor``, ``norm_topk_prob``,
+        ``swiglu_alpha``, ``swiglu_beta``, ``swiglu_limit``. Tensors may be numpy arrays or
+        torch tensors on any device; they are copied to the host once and validated like a
+        layer file (errors name the tensor or key).
+        """
+        import tempfile
+
+        from ._tensors import NATURAL_ACTIVATION, write_layer_file
+
+        metadata = {
+            "version": "1",
+            "weight_format": weight_format,
+            "activation_format": NATURAL_ACTIVATION.get(weight_format, weight_format),
+            "activation": activation,
+            "routing": routing,
+            "top_k": str(top_k),
+        }
+        metadata.update({k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in config.items()})
+        tensors = {
+            "w13": w13,
+            "w2": w2,
+            "w13_scale": w13_scale,
+            "w2_scale": w2_scale,
+            "w13_global_scale": w13_global_scale,
+            "w2_global_scale": w2_global_scale,
+            "w13_input_scale": w13_input_scale,
+            "w2_input_scale": w2_input_scale,
+            "w13_bias": w13_bias,
+            "w2_bias": w2_bias,
+            "router_bias": router_bias,
+        }
+        with tempfile.TemporaryDirectory(prefix="moerunner-") as tmp:
+            path = os.path.join(tmp, "layer.safetensors")
+            write_layer_file(path, tensors, {f"moerunner.{k}": v for k, v in metadata.items()})
+            return cls.from_file(
+                path, device=device, tp_size=tp_size, tp_rank=tp_rank, ep_size=ep_size, ep_rank=ep_rank
+            )
+
     @property
     def backend(self) -> str:
         """The backend that runs the layer: ``cpu``, ``cuda`` or ``reference``."""
