@@ -74,6 +74,7 @@ def test_runs_on_torchs_current_stream(gpu, files):
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
+        assert moerunner._stream_of(t["hidden_states"]) == side.cuda_stream
         got = call(layer, t)
     torch.cuda.current_stream().wait_stream(side)
     assert torch.equal(got, want)
