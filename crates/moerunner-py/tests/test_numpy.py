@@ -3,6 +3,7 @@ routing form, T = 0, dtypes, `out=`, parallel slices, and every argument error n
 
 from __future__ import annotations
 
+import json
 import re
 
 import numpy as np
@@ -384,3 +385,77 @@ def test_missing_checkpoint(tmp_path):
 def test_bad_quantize_name(tmp_path):
     with raises(ValueError, "quantize"):
         moerunner.MoeLayer.from_checkpoint(tmp_path, 0, device="cpu", quantize="int3")
+
+
+# --- checkpoints ----------------------------------------------------------------------------------
+
+
+def bf16_bits(a: np.ndarray) -> np.ndarray:
+    """float32 → bfloat16 bits (truncated: exact for the values it keeps)."""
+    return (np.ascontiguousarray(a, np.float32).view(np.uint32) >> 16).astype(np.uint16)
+
+
+@pytest.fixture(scope="module")
+def qwen3_checkpoint(tmp_path_factory):
+    """A tiny Qwen3-MoE folder (config.json + model.safetensors, BF16), and its layer's tensors."""
+    from moerunner._tensors import write_layer_file
+
+    d = tmp_path_factory.mktemp("qwen3")
+    e, h, i, k = 8, 256, 128, 2
+    config = {"model_type": "qwen3_moe", "num_experts": e, "num_experts_per_tok": k, "hidden_size": h,
+              "moe_intermediate_size": i, "norm_topk_prob": True, "num_hidden_layers": 1,
+              "hidden_act": "silu"}
+    (d / "config.json").write_text(json.dumps(config))
+    rng = np.random.default_rng(5)
+    gate, up = bf16_bits(rng.normal(0, 0.05, (e, i, h))), bf16_bits(rng.normal(0, 0.05, (e, i, h)))
+    down, router = bf16_bits(rng.normal(0, 0.05, (e, h, i))), bf16_bits(rng.normal(0, 0.05, (e, h)))
+    p = "model.layers.0.mlp."
+    tensors = {f"{p}gate.weight": ("BF16", router)}
+    for x in range(e):
+        tensors[f"{p}experts.{x}.gate_proj.weight"] = ("BF16", gate[x])
+        tensors[f"{p}experts.{x}.up_proj.weight"] = ("BF16", up[x])
+        tensors[f"{p}experts.{x}.down_proj.weight"] = ("BF16", down[x])
+    write_layer_file(str(d / "model.safetensors"), tensors, {"format": "pt"})
+    w13 = np.concatenate([gate, up], axis=1)  # [E, 2I, H]: gate rows, then up rows
+    return d, {"w13": ("BF16", w13), "w2": ("BF16", down), "router": router}
+
+
+def bits_to_f32(bits: np.ndarray) -> np.ndarray:
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+def test_from_checkpoint_routes_with_its_router(qwen3_checkpoint):
+    d, t = qwen3_checkpoint
+    layer = moerunner.MoeLayer.from_checkpoint(d, 0, device="cpu")
+    assert (layer.num_experts, layer.top_k, layer.config["routing"]) == (8, 2, "renormalize")
+    x = np.random.default_rng(6).normal(0, 1, (5, 256)).astype(np.float32)
+    logits = x @ bits_to_f32(t["router"]).T
+    y = layer(x)  # the checkpoint's router
+    np.testing.assert_allclose(y, layer(x, logits), rtol=1e-5, atol=1e-6)
+    stacked = moerunner.MoeLayer.from_tensors(w13=t["w13"], w2=t["w2"], top_k=2, device="cpu")
+    np.testing.assert_array_equal(layer(x, logits), stacked(x, logits))
+
+
+def test_from_checkpoint_ranks_sum_to_the_whole(qwen3_checkpoint):
+    d, _ = qwen3_checkpoint
+    x = np.random.default_rng(7).normal(0, 1, (3, 256)).astype(np.float32)
+    whole = moerunner.MoeLayer.from_checkpoint(d, 0, device="cpu")(x)
+    parts = [moerunner.MoeLayer.from_checkpoint(d, 0, device="cpu", ep_size=2, ep_rank=r)(x) for r in range(2)]
+    np.testing.assert_allclose(parts[0] + parts[1], whole, rtol=1e-4, atol=1e-5)
+
+
+def test_from_checkpoint_quantizes_at_load(qwen3_checkpoint):
+    d, _ = qwen3_checkpoint
+    layer = moerunner.MoeLayer.from_checkpoint(d, 0, device="cpu", quantize="mxfp8")
+    assert layer.config["weight_format"] == "mxfp8"
+    x = np.random.default_rng(8).normal(0, 1, (4, 256)).astype(np.float32)
+    whole = moerunner.MoeLayer.from_checkpoint(d, 0, device="cpu")(x)
+    # mxfp8 keeps 3 mantissa bits of weights and activations: a few percent off bf16.
+    err = np.linalg.norm(layer(x) - whole) / np.linalg.norm(whole)
+    assert 0 < err < 0.1
+
+
+def test_from_checkpoint_layer_out_of_range(qwen3_checkpoint):
+    d, _ = qwen3_checkpoint
+    with raises(moerunner.MoeError, "layer 3"):
+        moerunner.MoeLayer.from_checkpoint(d, 3, device="cpu")

@@ -205,7 +205,8 @@ class MoeLayer:
         ``n_group``, ``topk_group``, ``routed_scaling_factor``, ``norm_topk_prob``,
         ``swiglu_alpha``, ``swiglu_beta``, ``swiglu_limit``. Tensors may be numpy arrays or
         torch tensors on any device; they are copied to the host once and validated like a
-        layer file (errors name the tensor or key).
+        layer file (errors name the tensor or key). Raw bits may be given with their dtype:
+        ``w13=("BF16", uint16_array)`` (numpy has no bfloat16).
         """
         import tempfile
 
@@ -216,6 +217,7 @@ class MoeLayer:
             "weight_format": weight_format,
             "activation_format": NATURAL_ACTIVATION.get(weight_format, weight_format),
             "activation": activation,
+            "w13_order": "gate_up",
             "routing": routing,
             "top_k": str(top_k),
         }

@@ -30,9 +30,20 @@ NATURAL_ACTIVATION = {
 
 
 def _bytes_of(name: str, t: Any) -> tuple[str, list[int], bytes]:
-    """(dtype, shape, little-endian bytes) of a tensor, array or Python float (a scalar F32)."""
+    """(dtype, shape, little-endian bytes) of a tensor, array or Python float (a scalar F32), or
+    of `(dtype, array)`: raw bits declared as a layer-file dtype (numpy has no bfloat16:
+    `("BF16", uint16_array)`)."""
     if isinstance(t, (int, float)):
         return "F32", [], struct.pack("<f", float(t))
+    if isinstance(t, tuple) and len(t) == 2 and isinstance(t[0], str):
+        import numpy as np
+
+        dtype, a = t
+        size = {"F32": 4, "I32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "U8": 1}.get(dtype)
+        a = np.ascontiguousarray(a)
+        if size is None or a.dtype.itemsize != size:
+            raise TypeError(f"{name}: ({dtype!r}, {a.dtype} array) is not a layer-file dtype with its bits")
+        return dtype, [int(d) for d in a.shape], a.tobytes()
     dtype_name = str(getattr(t, "dtype", "")).removeprefix("torch.")
     dtype = _DTYPES.get(dtype_name)
     if dtype is None:
