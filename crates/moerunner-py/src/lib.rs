@@ -8,6 +8,7 @@
 
 mod errors;
 mod layer;
+mod quantize;
 mod tensors;
 
 use pyo3::prelude::*;
@@ -47,6 +48,7 @@ fn info(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<layer::NativeLayer>()?;
     m.add_function(wrap_pyfunction!(info, m)?)?;
+    m.add_function(wrap_pyfunction!(quantize::quantize_weights, m)?)?;
     m.add("MoeError", m.py().get_type::<errors::MoeError>())?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())

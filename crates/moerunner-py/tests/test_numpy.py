@@ -459,3 +459,36 @@ def test_from_checkpoint_layer_out_of_range(qwen3_checkpoint):
     d, _ = qwen3_checkpoint
     with raises(moerunner.MoeError, "layer 3"):
         moerunner.MoeLayer.from_checkpoint(d, 3, device="cpu")
+
+
+@pytest.mark.parametrize("fmt", ["mxfp8", "fp8_block", "mxfp4"])
+def test_quantize_weights_is_the_checkpoint_quantizer(qwen3_checkpoint, fmt):
+    d, t = qwen3_checkpoint
+    w = {
+        **moerunner.quantize_weights(bits_to_f32(t["w13"][1]), fmt),
+        **moerunner.quantize_weights(bits_to_f32(t["w2"][1]), fmt, name="w2"),
+    }
+    assert set(w) >= {"w13", "w13_scale", "w2", "w2_scale"}
+    mine = moerunner.MoeLayer.from_tensors(**w, weight_format=fmt, top_k=2, device="cpu")
+    theirs = moerunner.MoeLayer.from_checkpoint(d, 0, device="cpu", quantize=fmt)
+    x = np.random.default_rng(9).normal(0, 1, (4, 256)).astype(np.float32)
+    logits = x @ bits_to_f32(t["router"]).T
+    np.testing.assert_array_equal(mine(x, logits), theirs(x, logits))
+
+
+def test_quantize_weights_nvfp4_has_global_scales(qwen3_checkpoint):
+    _, t = qwen3_checkpoint
+    w = moerunner.quantize_weights(bits_to_f32(t["w2"][1]), "nvfp4", name="w2")
+    assert w["w2"].shape == (8, 256, 64) and w["w2"].dtype == np.uint8  # e2m1 pairs
+    dtype, scale = w["w2_scale"]
+    assert dtype == "F8_E4M3" and scale.shape == (8, 256, 8)
+    assert w["w2_global_scale"].shape == (8,) and (w["w2_global_scale"] > 0).all()
+
+
+def test_quantize_weights_refusals():
+    with raises(ValueError, "weight_format"):
+        moerunner.quantize_weights(np.zeros((1, 128, 128), np.float32), "int3")
+    with raises(ValueError, "weights", "[E, rows, cols]"):
+        moerunner.quantize_weights(np.zeros((128, 128), np.float32), "mxfp8")
+    with raises(moerunner.MoeError, "weights"):
+        moerunner.quantize_weights(np.zeros((1, 128, 128), np.int32), "mxfp8")

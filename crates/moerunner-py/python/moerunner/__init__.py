@@ -25,7 +25,7 @@ from typing import Any, Optional
 from . import _native
 from ._native import MoeError
 
-__all__ = ["MoeLayer", "MoeError", "info", "reference", "__version__"]
+__all__ = ["MoeLayer", "MoeError", "info", "quantize_weights", "reference", "__version__"]
 __version__: str = _native.__version__
 
 
@@ -351,3 +351,33 @@ def reference(
         topk_weights=topk_weights,
         topk_packed=topk_packed,
     )
+
+
+def quantize_weights(
+    weights: Any, weight_format: str, *, name: str = "w13", global_scales: Any = None
+) -> dict:
+    """Quantizes stacked expert weights ``[E, rows, cols]`` (float32, bfloat16 or float16 on
+    the CPU: numpy or torch) into ``weight_format`` with moerunner's bit-exact quantizer.
+
+    Returns the projection's tensors keyed as :meth:`MoeLayer.from_tensors` takes them —
+    ``name``, ``{name}_scale`` and for nvfp4 ``{name}_global_scale`` (``global_scales`` ``[E]``
+    overrides the computed ones) — as numpy arrays, or ``(dtype, bits)`` pairs where numpy has
+    no such dtype (``("F8_E4M3", uint8 array)``)::
+
+        w = {**moerunner.quantize_weights(w13, "fp8_block"),
+             **moerunner.quantize_weights(w2, "fp8_block", name="w2")}
+        layer = moerunner.MoeLayer.from_tensors(**w, weight_format="fp8_block", top_k=8)
+    """
+    import numpy as np
+
+    plain = {"F32": np.float32, "F16": np.float16, "U8": np.uint8, "I32": np.int32}
+    bits = {"BF16": np.uint16, "F8_E4M3": np.uint8}
+    out: dict = {}
+    for key, dtype, shape, data in _native.quantize_weights(
+        weights, weight_format, name=name, global_scales=global_scales
+    ):
+        if dtype in plain:
+            out[key] = np.frombuffer(data, plain[dtype]).reshape(shape).copy()
+        else:
+            out[key] = (dtype, np.frombuffer(data, bits[dtype]).reshape(shape).copy())
+    return out

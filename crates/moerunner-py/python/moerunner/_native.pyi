@@ -52,3 +52,11 @@ class NativeLayer:
     ) -> None: ...
 
 def info() -> dict[str, Any]: ...
+def quantize_weights(
+    weights: Any,
+    weight_format: str,
+    *,
+    name: str = "w13",
+    global_scales: Any = None,
+) -> list[tuple[str, str, list[int], bytes]]:
+    """(name, layer-file dtype, shape, bytes) of each tensor of the quantized projection."""
