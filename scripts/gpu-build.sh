@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds, on this machine, everything the GPU machine runs (it has no Rust toolchain): the CUDA test
-# binary and the release CLI, copied into gpu-bin/ (git-ignored). Then run on the GPU machine,
+# binary, the release CLI and the Python package's wheel, copied into gpu-bin/ (git-ignored). Then run on the GPU machine,
 # from the repository root, with gpu-bin carried:
 #     scripts/gpu-run.sh [tests|checks|bench|all] [bench args...]
 # Binaries are stripped of debug information (what travels to the GPU machine is size-limited).
@@ -25,4 +25,9 @@ cp "$(test_exe moerunner cuda)" "$bin/cuda-tests"
 cp "$(test_exe moerunner overflow)" "$bin/overflow-tests"
 cp "$(test_exe moerunner-cli fuzz)" "$bin/fuzz-tests"
 strip --strip-debug "$bin/moerunner" "$bin"/*-tests
+# The Python package's wheel (abi3: any CPython >= 3.10 there), built as a user's pip would.
+rm -f "$bin"/moerunner-*.whl
+MATURIN_PEP517_ARGS="--strip" python3 -m pip wheel --quiet --no-deps --wheel-dir "$bin" ./crates/moerunner-py
+# pytest for the GPU machine, which reaches no registry (pure-Python wheels).
+python3 -m pip download --quiet --only-binary=:all: --dest "$bin/pywheels" pytest
 ls -la "$bin"

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Runs on the GPU machine (see gpu-build.sh): the CUDA tests, the standalone kernel checks and/or the
-# benchmark, logs under $OUT (or ./gpu-out). NVRTC and cuBLASLt come from /usr/local/cuda.
+# Runs on the GPU machine (see gpu-build.sh): the CUDA tests, the standalone kernel checks, the
+# Python package's tests (its wheel installed into a virtualenv that sees the system's torch)
+# and/or the benchmark, logs under $OUT (or ./gpu-out). NVRTC and cuBLASLt come from /usr/local/cuda.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-gpu-out}
@@ -24,6 +25,16 @@ fi
 if [[ $what == tests || $what == all ]]; then
     timeout 500 gpu-bin/cuda-tests --test-threads=1 --nocapture > "$out/cuda-tests.log" 2>&1 || status=1
     grep -E "^test |FAIL|panicked|test result" "$out/cuda-tests.log" | tail -n 30
+fi
+if [[ $what == python || $what == all ]]; then
+    venv=/tmp/moerunner-py-venv
+    python3 -m venv --system-site-packages "$venv"
+    "$venv/bin/python" -m pip install --quiet --force-reinstall --no-deps gpu-bin/moerunner-*.whl
+    "$venv/bin/python" -c 'import pytest' 2>/dev/null \
+        || "$venv/bin/python" -m pip install --quiet --no-index --find-links gpu-bin/pywheels pytest
+    MOERUNNER_BIN=gpu-bin/moerunner timeout 500 "$venv/bin/python" -m pytest -q -rs -p no:cacheprovider \
+        crates/moerunner-py/tests > "$out/python-tests.log" 2>&1 || status=1
+    tail -n 30 "$out/python-tests.log"
 fi
 if [[ $what == bench || $what == all ]]; then
     timeout 500 gpu-bin/moerunner bench --backend cuda --json "$out/bench.json" "$@" > "$out/bench.log" 2>&1 || status=1

@@ -60,42 +60,56 @@ pub struct CheckpointLayer {
 impl CheckpointLayer {
     /// Router logits `[T, E]` f32 = hidden · router_weightᵀ (+ router bias), accumulated in f32.
     pub fn router_logits(&self, hidden: &HostTensor) -> Result<HostTensor> {
-        let w = self
-            .router_weight
-            .as_ref()
-            .ok_or_else(|| MoeError::missing("router weight (the checkpoint layer has none)"))?;
-        let (e, h) = (self.layer.config().num_experts, self.layer.config().hidden);
-        // Dtype, shape [T, H] and finite values: an inf in the input is the input's error.
-        crate::forward::check_hidden(&self.layer, hidden)?;
-        let x = hidden.to_f32_vec("hidden_states")?;
-        let wv = w.to_f32_vec("router weight")?;
-        let t = hidden.shape[0];
-        let mut out = vec![0f32; t * e];
-        for (row, o) in x.chunks_exact(h).zip(out.chunks_exact_mut(e)) {
-            for (j, oj) in o.iter_mut().enumerate() {
-                let dot: f32 = row
-                    .iter()
-                    .zip(&wv[j * h..(j + 1) * h])
-                    .map(|(a, b)| a * b)
-                    .sum();
-                *oj = dot + self.router_bias.as_ref().map_or(0.0, |b| b[j]);
-            }
-        }
-        // These logits are ours, not the user's `router_logits`: an overflow is reported as the
-        // checkpoint router's, with the token.
-        if let Some(idx) = out.iter().position(|v| !v.is_finite()) {
-            return Err(MoeError::invalid(
-                "the checkpoint's router",
-                format!(
-                    "token {} (expert {}): `hidden_states` · router weight gives {}, beyond f32",
-                    idx / e.max(1),
-                    idx % e.max(1),
-                    out[idx]
-                ),
-            ));
-        }
-        Ok(HostTensor::from_f32(vec![t, e], &out))
+        router_logits(
+            &self.layer,
+            self.router_weight.as_ref(),
+            self.router_bias.as_deref(),
+            hidden,
+        )
     }
+}
+
+/// [`CheckpointLayer::router_logits`] for a caller that keeps the router apart from the layer
+/// (the Python package hands the layer to a backend and keeps the router).
+pub fn router_logits(
+    layer: &MoeLayer,
+    router_weight: Option<&HostTensor>,
+    router_bias: Option<&[f32]>,
+    hidden: &HostTensor,
+) -> Result<HostTensor> {
+    let w = router_weight
+        .ok_or_else(|| MoeError::missing("router weight (the checkpoint layer has none)"))?;
+    let (e, h) = (layer.config().num_experts, layer.config().hidden);
+    // Dtype, shape [T, H] and finite values: an inf in the input is the input's error.
+    crate::forward::check_hidden(layer, hidden)?;
+    let x = hidden.to_f32_vec("hidden_states")?;
+    let wv = w.to_f32_vec("router weight")?;
+    let t = hidden.shape[0];
+    let mut out = vec![0f32; t * e];
+    for (row, o) in x.chunks_exact(h).zip(out.chunks_exact_mut(e)) {
+        for (j, oj) in o.iter_mut().enumerate() {
+            let dot: f32 = row
+                .iter()
+                .zip(&wv[j * h..(j + 1) * h])
+                .map(|(a, b)| a * b)
+                .sum();
+            *oj = dot + router_bias.map_or(0.0, |b| b[j]);
+        }
+    }
+    // These logits are ours, not the user's `router_logits`: an overflow is reported as the
+    // checkpoint router's, with the token.
+    if let Some(idx) = out.iter().position(|v| !v.is_finite()) {
+        return Err(MoeError::invalid(
+            "the checkpoint's router",
+            format!(
+                "token {} (expert {}): `hidden_states` · router weight gives {}, beyond f32",
+                idx / e.max(1),
+                idx % e.max(1),
+                out[idx]
+            ),
+        ));
+    }
+    Ok(HostTensor::from_f32(vec![t, e], &out))
 }
 
 /// What a family file says about one layer; the loaders do the reading.

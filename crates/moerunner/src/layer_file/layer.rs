@@ -426,7 +426,10 @@ pub fn layer_metadata(c: &LayerConfig) -> HashMap<String, String> {
     m
 }
 
-fn projection_tensors(name: &str, t: &QuantizedTensor, out: &mut Vec<(String, HostTensor)>) {
+/// The layer-file tensors of one projection: `name` (elements), `{name}_scale` and, for nvfp4,
+/// `{name}_global_scale` — what `write_layer` stores and the Python package's
+/// `quantize_weights` returns.
+pub fn projection_tensors(name: &str, t: &QuantizedTensor, out: &mut Vec<(String, HostTensor)>) {
     let shape = vec![t.experts, t.rows, stored_cols(t.format, t.cols)];
     // Bytes clones share a memory map or copy a Vec; the writer streams them either way.
     out.push((

@@ -27,7 +27,8 @@ use crate::tensor::{Bytes, DType, HostTensor};
 
 pub use io::{read_input, read_output, write_input, write_output, InputFile, RoutingTensors};
 pub use layer::{
-    layer_metadata, read_layer, read_layer_config, read_layer_header, write_layer, METADATA_KEYS,
+    layer_metadata, projection_tensors, read_layer, read_layer_config, read_layer_header,
+    write_layer, METADATA_KEYS,
 };
 
 /// A safetensors file mapped into memory, its tensors addressable by name.

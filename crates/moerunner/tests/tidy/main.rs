@@ -1,5 +1,6 @@
-//! Architecture invariants as tests (ARCHITECTURE.md, "Invariants"), over both crates' sources,
-//! `.cu`/`.cuh` included: no `unwrap()`/`expect()` in library code; no source over the line
+//! Architecture invariants as tests (ARCHITECTURE.md, "Invariants"), over the crates' sources,
+//! `.cu`/`.cuh` included: no `unwrap()`/`expect()` in library code (the library and the Python
+//! extension, where a panic would surface in the interpreter); no source over the line
 //! budget; imports, parsed from real `use` items and paths in code, point down the layers of
 //! `rules::LAYERS` for every module, never form a circle, never join the CPU and CUDA backends,
 //! never take a loader to a backend, never join two CLI subcommands; GPU tests skip only through
@@ -58,13 +59,21 @@ fn cli() -> Vec<Source> {
     files(&repo().join("crates/moerunner-cli"), "src", &["rs"])
 }
 
+/// The Python extension's Rust sources (`crates/moerunner-py`): library code under the same rules.
+fn python_extension() -> Vec<Source> {
+    files(&repo().join("crates/moerunner-py"), "src", &["rs"])
+}
+
 fn check(what: &str, bad: Vec<String>) {
     assert!(bad.is_empty(), "{what}:\n{}", bad.join("\n"));
 }
 
 #[test]
 fn library_code_has_no_unwrap_or_expect() {
-    let bad = library().iter().flat_map(rules::unwrap_calls).collect();
+    let mut sources = library();
+    sources.extend(python_extension());
+    assert!(!python_extension().is_empty());
+    let bad = sources.iter().flat_map(rules::unwrap_calls).collect();
     check("library code must return errors, not unwrap", bad);
 }
 
@@ -76,6 +85,7 @@ fn no_source_over_the_line_budget() {
         &["rs", "cu", "cuh"],
     );
     sources.extend(cli());
+    sources.extend(python_extension());
     assert!(sources.iter().any(|s| s.rel.ends_with(".cu")));
     let bad = sources.iter().filter_map(rules::over_budget).collect();
     check("split these sources", bad);
