@@ -10,6 +10,7 @@
 
 mod deepseek;
 mod experts;
+mod fused;
 mod gpt_oss;
 pub mod hf_config;
 mod input;
@@ -102,6 +103,8 @@ impl CheckpointLayer {
 pub(crate) struct Plan {
     pub family: &'static str,
     pub num_experts: usize,
+    /// The `config.json` key `num_experts` was read from (for errors).
+    pub experts_key: &'static str,
     pub hidden: usize,
     /// Full (unsliced) I.
     pub intermediate: usize,
@@ -113,6 +116,9 @@ pub(crate) struct Plan {
     pub router_linear_bias: Option<String>,
     /// DeepSeek-style selection bias `[E]`.
     pub correction_bias: Option<String>,
+    /// transformers 5's rename of this family's module path (`(from, to)`), under which its fused
+    /// experts (`save_original_format=False`) and router are found.
+    pub renamed: Option<(&'static str, &'static str)>,
 }
 
 /// How the experts are stored.
@@ -125,7 +131,12 @@ pub(crate) enum ExpertLayout {
         up: &'static str,
         down: &'static str,
     },
-    /// GPT-OSS: all experts stacked, MXFP4 blocks and scales, gate/up rows interleaved, biases.
+    /// transformers 5's fused experts (`save_original_format=False`): `{prefix}gate_up_proj`
+    /// `[E, 2I, H]` (gate rows, then up rows) or `{prefix}up_proj` `[E, I, H]` when not gated,
+    /// and `{prefix}down_proj` `[E, H, I]`.
+    Fused { prefix: String, gated: bool },
+    /// GPT-OSS: all experts stacked, gate/up interleaved, biases; MXFP4 blocks and scales, or
+    /// BF16 `gate_up_proj [E, H, 2I]` / `down_proj [E, I, H]` (input-major).
     GptOss { prefix: String },
 }
 
@@ -169,10 +180,10 @@ fn plan(cfg: &HfConfig, layer: usize) -> Result<Plan> {
 
 /// Checks `layer` against `num_hidden_layers` (a typo'd index should not read as "dense").
 pub(crate) fn check_layer_index(cfg: &HfConfig, layer: usize) -> Result<()> {
-    let n = cfg.usize("num_hidden_layers")?;
+    let (n, key) = cfg.num_layers()?;
     if layer >= n {
         return Err(cfg.unsupported(
-            "num_hidden_layers",
+            key,
             format!("layer {layer} does not exist: the model has {n} layers"),
         ));
     }
@@ -182,7 +193,7 @@ pub(crate) fn check_layer_index(cfg: &HfConfig, layer: usize) -> Result<()> {
 /// Loads layer `layer_index` of the model folder `dir` for the rank in `opts.parallelism`.
 pub fn load_layer(dir: &Path, layer_index: usize, opts: &LoadOptions) -> Result<CheckpointLayer> {
     let cfg = HfConfig::open(dir)?;
-    let plan = plan(&cfg, layer_index)?;
+    let mut plan = plan(&cfg, layer_index)?;
     check_plan(&cfg, &plan)?;
     let par = opts.parallelism;
     par.validate()?;
@@ -195,8 +206,12 @@ pub fn load_layer(dir: &Path, layer_index: usize, opts: &LoadOptions) -> Result<
         tp_rank: par.tp_rank,
     };
     let shards = Shards::open(dir)?;
+    fused::resolve_layout(&shards, &mut plan)?;
     let loaded = match &plan.experts {
         ExpertLayout::PerExpert { .. } => experts::load(&shards, &plan, &slice)?,
+        ExpertLayout::Fused { prefix, gated } => {
+            fused::load(&shards, &plan, prefix, *gated, &slice)?
+        }
         ExpertLayout::GptOss { prefix } => gpt_oss::load(&shards, &plan, prefix, &slice)?,
     };
 
@@ -290,6 +305,15 @@ fn checkpoint_tensor(plan: &Plan, layer_tensor: &str) -> Option<String> {
             };
             Some(format!("{prefix}{{e}}.{projs}.{suffix}"))
         }
+        ExpertLayout::Fused { prefix, gated } => {
+            let p = match (proj, gated) {
+                ("w13", true) => "gate_up_proj",
+                ("w13", false) => "up_proj",
+                ("w2", _) => "down_proj",
+                _ => return None,
+            };
+            Some(format!("{prefix}{p}"))
+        }
         ExpertLayout::GptOss { prefix } => {
             let p = match proj {
                 "w13" => "gate_up_proj",
@@ -341,7 +365,7 @@ fn checkpoint_names(err: MoeError, plan: &Plan) -> MoeError {
 fn check_plan(cfg: &HfConfig, plan: &Plan) -> Result<()> {
     let (e, h, i) = (plan.num_experts, plan.hidden, plan.intermediate);
     if e == 0 {
-        return Err(cfg.unsupported("num_experts", "the layer has no experts (E = 0)"));
+        return Err(cfg.unsupported(plan.experts_key, "the layer has no experts (E = 0)"));
     }
     crate::size::product(
         &format!("{} keys for E × 2I × H", cfg.path().display()),

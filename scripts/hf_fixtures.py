@@ -1,0 +1,166 @@
+#!/usr/bin/env python3
+"""Tiny checkpoints written by transformers itself, with golden outputs of its own MoE block.
+
+For each family this builds a model from transformers' own config class (H = 128, E = 4, one or
+two layers), fills its MoE block with seeded random values, writes it with `save_pretrained`
+(bf16, sharded with an index; `save_original_format=False` for the `-fused` variants), and runs
+the block's own router and experts on fixed hidden states. The folders are then stripped to the
+MoE layer's tensors (attention and embeddings are not ours to read and would make the fixtures
+large); names, dtypes, shapes, shards and index are as transformers wrote them.
+
+Writes, under OUT (default crates/moerunner/tests/fixtures/transformers/):
+  <name>/config.json, model-*.safetensors, model.safetensors.index.json   the checkpoint
+  <name>/golden.safetensors   hidden_states [T, H] bf16 (an input file), output [T, H] f32
+                              (transformers' experts(hidden, its top-k) — shared experts, which
+                              are outside our layer, left out), topk_ids [T, k] i32
+  <name>/layer.txt            the MoE layer's index
+
+Needs torch and transformers >= 5 (see .ci/run and the README). The Rust test
+crates/moerunner/tests/transformers_oracle.rs reads the committed results without torch.
+"""
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+
+import torch
+import transformers as T
+from safetensors.torch import load_file, save_file
+
+H, E, K, TOKENS = 128, 4, 2, 8
+COMMON = dict(hidden_size=H, vocab_size=16, num_attention_heads=2, num_key_value_heads=1,
+              head_dim=64, intermediate_size=64)
+
+
+def families():
+    # name: (config, model class, layer index, block attribute path, save_original_format)
+    return {
+        "qwen3_moe": (T.Qwen3MoeConfig(**COMMON, num_hidden_layers=1, num_local_experts=E,
+                                       num_experts_per_tok=K, moe_intermediate_size=16,
+                                       norm_topk_prob=True),
+                      T.Qwen3MoeForCausalLM, 0, "mlp", True),
+        "qwen3_moe-fused": (T.Qwen3MoeConfig(**COMMON, num_hidden_layers=1, num_local_experts=E,
+                                             num_experts_per_tok=K, moe_intermediate_size=16,
+                                             norm_topk_prob=True),
+                            T.Qwen3MoeForCausalLM, 0, "mlp", False),
+        "qwen2_moe": (T.Qwen2MoeConfig(**COMMON, num_hidden_layers=1, num_experts=E,
+                                       num_experts_per_tok=K, moe_intermediate_size=16,
+                                       shared_expert_intermediate_size=16, norm_topk_prob=True),
+                      T.Qwen2MoeForCausalLM, 0, "mlp", True),
+        "mixtral": (T.MixtralConfig(**{**COMMON, "intermediate_size": 16}, num_hidden_layers=1, num_local_experts=E,
+                                    num_experts_per_tok=K),
+                    T.MixtralForCausalLM, 0, "mlp", True),
+        "deepseek_v3": (T.DeepseekV3Config(**{**COMMON, "intermediate_size": 64},
+                                           num_hidden_layers=2, first_k_dense_replace=1,
+                                           n_routed_experts=E, num_experts_per_tok=K,
+                                           moe_intermediate_size=16, n_group=2, topk_group=1,
+                                           routed_scaling_factor=2.5, n_shared_experts=1,
+                                           q_lora_rank=32, kv_lora_rank=32, qk_rope_head_dim=16,
+                                           qk_nope_head_dim=16, v_head_dim=16),
+                        T.DeepseekV3ForCausalLM, 1, "mlp", True),
+        "minimax_m2": (T.MiniMaxM2Config(**{**COMMON, "intermediate_size": 16},
+                                         num_hidden_layers=1, num_local_experts=E,
+                                         num_experts_per_tok=K),
+                       T.MiniMaxM2ForCausalLM, 0, "mlp", True),
+        "gpt_oss": (T.GptOssConfig(**{**COMMON, "intermediate_size": 32}, num_hidden_layers=1,
+                                   num_local_experts=E, num_experts_per_tok=K),
+                    T.GptOssForCausalLM, 0, "mlp", True),
+        "nemotron_h": (T.NemotronHConfig(hidden_size=H, vocab_size=16, num_attention_heads=2,
+                                         num_key_value_heads=1, head_dim=64,
+                                         layers_block_type=["moe"], n_routed_experts=E,
+                                         num_experts_per_tok=K, moe_intermediate_size=16,
+                                         moe_shared_expert_intermediate_size=16, n_group=1,
+                                         topk_group=1, routed_scaling_factor=2.5,
+                                         mamba_num_heads=2, mamba_head_dim=16, ssm_state_size=16,
+                                         n_groups=1),
+                       T.NemotronHForCausalLM, 0, "mixer", True),
+    }
+
+
+def router_and_experts(block):
+    """transformers' own top-k and experts for hidden states [T, H] (no shared experts)."""
+    def run(x):
+        if hasattr(block, "router"):
+            _, w, idx = block.router(x)
+        elif hasattr(block, "e_score_correction_bias"):
+            _, w, idx = block.gate(x, block.e_score_correction_bias)
+        else:
+            _, w, idx = block.gate(x)
+        return block.experts(x, idx, w), idx
+    return run
+
+
+def build(name, cfg, cls, layer, attr, original, out):
+    torch.manual_seed(sum(map(ord, name.split("-")[0])))
+    model = cls(cfg).to(torch.bfloat16).eval()
+    block = getattr(model.model.layers[layer], attr)
+    with torch.no_grad():
+        for pname, p in block.named_parameters():
+            if "shared" in pname:
+                continue
+            std = 0.02 if "bias" in pname else 1.0 / (p.shape[-1] ** 0.5)
+            p.copy_(torch.randn_like(p, dtype=torch.float32).mul(std).to(p.dtype))
+        for bname, b in block.named_buffers():
+            if "e_score_correction_bias" in bname:
+                b.copy_(torch.randn_like(b, dtype=torch.float32).mul(0.1).to(b.dtype))
+    dest = os.path.join(out, name)
+    shutil.rmtree(dest, ignore_errors=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp, max_shard_size="16KB", save_original_format=original)
+        strip(tmp, dest, layer)
+    x = torch.randn(TOKENS, H, generator=torch.Generator().manual_seed(7)).to(torch.bfloat16)
+    with torch.no_grad():
+        y, idx = router_and_experts(block)(x)
+    save_file({"hidden_states": x.contiguous(), "output": y.float().contiguous(),
+               "topk_ids": idx.to(torch.int32).contiguous()},
+              os.path.join(dest, "golden.safetensors"))
+    with open(os.path.join(dest, "layer.txt"), "w") as f:
+        f.write(f"{layer}\n")
+
+
+def strip(src, dest, layer):
+    """Copies the folder keeping only layer `layer`'s MoE tensors (shards that end empty go)."""
+    os.makedirs(dest)
+    shutil.copy(os.path.join(src, "config.json"), dest)
+    index_path = os.path.join(src, "model.safetensors.index.json")
+    if os.path.exists(index_path):
+        with open(index_path) as f:
+            index = json.load(f)
+        shards = sorted(set(index["weight_map"].values()))
+    else:
+        index, shards = None, ["model.safetensors"]
+    marker = f"layers.{layer}."
+    keep_map = {}
+    for shard in shards:
+        tensors = load_file(os.path.join(src, shard))
+        kept = {k: v for k, v in tensors.items()
+                if marker in k and any(m in k for m in (".mlp.", ".block_sparse_moe.", ".mixer."))
+                and "shared" not in k}
+        if kept:
+            save_file(kept, os.path.join(dest, shard), metadata={"format": "pt"})
+            keep_map.update({k: shard for k in kept})
+    if len(set(keep_map.values())) < 2:
+        sys.exit(f"{dest}: the layer's tensors landed in one shard; lower max_shard_size")
+    with open(os.path.join(dest, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"transformers": T.__version__},
+                   "weight_map": dict(sorted(keep_map.items()))}, f, indent=1)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="crates/moerunner/tests/fixtures/transformers")
+    ap.add_argument("--only", help="comma-separated family names")
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    only = set(args.only.split(",")) if args.only else None
+    for name, spec in families().items():
+        if only and name not in only:
+            continue
+        build(name, *spec, args.out)
+        print(f"{name}: written with transformers {T.__version__}, torch {torch.__version__}")
+
+
+if __name__ == "__main__":
+    main()
