@@ -635,3 +635,44 @@ fn info_lists_backends_formats_routing_and_presets() {
         assert!(out.contains(needle), "info lacks `{needle}`:\n{out}");
     }
 }
+
+#[test]
+fn compare_closes_the_run_reference_loop() {
+    let dir = TempDir::new("compare");
+    let layer = make_layer(&dir, "layer.safetensors", &["--weight-format", "fp8_block"]);
+    // f32 hidden states: the output is f32 too, so the backends' rounding differences show.
+    let input = make_input(&dir, &layer, "in.safetensors", 6, &["--dtype", "f32"]);
+    let (out, refr) = (dir.path("out.safetensors"), dir.path("ref.safetensors"));
+    let base = [
+        "run",
+        "--layer",
+        &layer,
+        "--input",
+        &input,
+        "--save-routing",
+    ];
+    ok(&[&base[..], &["--output", &out]].concat());
+    ok(&[&base[..], &["--output", &refr, "--reference"]].concat());
+    let text = ok(&["compare", &out, &refr, "--tolerance", "2e-2"]);
+    assert!(
+        text.contains("relative error")
+            && text.contains("max abs error")
+            && text.contains("0 in A, 0 in B")
+            && text.contains("6/6 tokens, 12/12 ids (k = 2)")
+            && text.contains("within --tolerance"),
+        "{text}"
+    );
+    // A file against itself: exactly zero; an impossible tolerance fails with status 1.
+    let same = ok(&["compare", &refr, &refr]);
+    assert!(same.contains("relative error  0.000e0"), "{same}");
+    let err = fails(&["compare", &out, &refr, "--tolerance", "0"]);
+    assert!(err.contains("over --tolerance"), "{err}");
+    // Different shapes are refused by name.
+    let other = make_input(&dir, &layer, "in3.safetensors", 3, &[]);
+    let out3 = dir.path("out3.safetensors");
+    ok(&[
+        "run", "--layer", &layer, "--input", &other, "--output", &out3,
+    ]);
+    let err = fails(&["compare", &out, &out3]);
+    assert!(err.contains("only outputs of the same layer"), "{err}");
+}
