@@ -28,7 +28,9 @@ pub struct Ceilings {
     pub bf16_tflops: f64,
     /// Matrix rate used for fp8 activations; null where the device has none (the CPU).
     pub fp8_tflops: Option<f64>,
-    /// Dense f32 GEMM rate, TFLOP/s.
+    /// Dense f32 GEMM rate, TFLOP/s, where the host measured it (the CPU, where every format
+    /// computes in f32): then the same number as `bf16_tflops`, the best of the two measurements;
+    /// null on a GPU.
     pub f32_tflops: Option<f64>,
 }
 
@@ -301,7 +303,8 @@ fn best_ceilings(
         (Some(a), Some(b)) => Some(a.max(b)),
         (a, b) => a.or(b),
     };
-    if device_backend.is_none() {
+    // On the host the f32 GEMM rate *is* the matrix rate: one number, the best of both runs.
+    if ceilings.f32_tflops.is_some() || after.f32_tflops.is_some() {
         ceilings.f32_tflops = Some(ceilings.bf16_tflops);
     }
     for row in rows.iter_mut() {
@@ -321,13 +324,14 @@ fn measure_ceilings_for(
     progress: &mut dyn FnMut(Progress<'_>),
     when: &str,
 ) -> Result<Ceilings> {
+    // Two steps per measurement whichever path measures (Progress::Start counts two).
+    progress(Progress::Step {
+        what: format!(
+            "measuring {} bandwidth and matrix rate ({when})",
+            backend.map_or("host", |b| b.name())
+        ),
+    });
     if let Some(b) = backend {
-        progress(Progress::Step {
-            what: format!(
-                "measuring {} copy bandwidth and GEMM rates ({when})",
-                b.name()
-            ),
-        });
         if let Some(c) = b.measure_ceilings() {
             let c = c?;
             progress(Progress::Step {
@@ -346,9 +350,6 @@ fn measure_ceilings_for(
 
 /// Read bandwidth and the dense f32 GEMM rate, measured now (`when` labels the progress steps).
 fn measure_ceilings(progress: &mut dyn FnMut(Progress<'_>), when: &str) -> Ceilings {
-    progress(Progress::Step {
-        what: format!("measuring read bandwidth ({when})"),
-    });
     let read_gbps = measure_read_gbps();
     progress(Progress::Step {
         what: format!("measuring dense f32 GEMM rate ({when})"),
@@ -525,6 +526,38 @@ mod tests {
             count_bytes(&mx, 1, 0, DType::BF16),
             (3.0 * 768.0 * 2048.0 * (0.5 + 1.0 / 32.0)) as u64
         );
+    }
+
+    #[test]
+    fn progress_counts_exactly_its_steps_and_the_cpu_has_one_matrix_rate() {
+        // A tiny preset on the CPU backend: the progress bar once counted 18 of 16 (the CPU
+        // backend has no ceilings of its own, and its fallback counted a step of its own).
+        let tiny: &'static Preset = Box::leak(Box::new(Preset {
+            name: "tiny",
+            num_experts: 4,
+            top_k: 2,
+            hidden: 128,
+            intermediate: 128,
+            ..*presets::preset("qwen3-30b-a3b").unwrap()
+        }));
+        let plan = BenchPlan {
+            presets: vec![tiny],
+            weight_formats: vec![WeightFormat::Bf16],
+            tokens: vec![1, 2],
+            iters: 1,
+            backend: BackendChoice::Named("cpu".into()),
+            seed: 1,
+        };
+        let (mut total, mut steps) = (0, 0);
+        let report = run(&plan, &mut |p| match p {
+            Progress::Start { steps } => total = steps,
+            Progress::Step { .. } => steps += 1,
+            Progress::Row(_) => {}
+        })
+        .unwrap();
+        assert_eq!((steps, total), (4 + 3, 4 + 3));
+        let c = &report.ceilings;
+        assert_eq!((c.f32_tflops, c.fp8_tflops), (Some(c.bf16_tflops), None));
     }
 
     #[test]

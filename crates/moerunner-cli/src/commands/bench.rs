@@ -114,13 +114,7 @@ fn print_table(r: &BenchReport) {
         "device: {}   backend: {}   date: {}",
         r.device, r.backend, r.date
     );
-    let fp8 = c
-        .fp8_tflops
-        .map_or("n/a".to_string(), |v| format!("{v:.3}"));
-    println!(
-        "ceilings: read {:.1} GB/s, bf16 (f32 on CPU) {:.3} TFLOP/s, fp8 {fp8} TFLOP/s",
-        c.read_gbps, c.bf16_tflops
-    );
+    println!("{}", ceilings_line(c));
     println!(
         "{:<16} {:<10} {:<9} {:>6} {:>7} {:>11} {:>8} {:>8} {:>11} {:>9} {:>9}",
         "preset",
@@ -149,6 +143,57 @@ fn print_table(r: &BenchReport) {
             row.floor_us,
             100.0 * row.roofline,
             row.rel_err
+        );
+    }
+}
+
+/// The ceilings in words: on the CPU one matrix rate (every format computes in f32 there), on a
+/// GPU the bf16 and fp8 rates; a rate the device does not have is left out, never "n/a".
+fn ceilings_line(c: &moerunner::bench::Ceilings) -> String {
+    let mut line = format!("ceilings: read {:.1} GB/s", c.read_gbps);
+    match c.f32_tflops {
+        Some(f32) => line.push_str(&format!(
+            ", matrix {f32:.3} TFLOP/s (dense f32 GEMM: on the CPU every format computes in f32)"
+        )),
+        None => {
+            line.push_str(&format!(", bf16 {:.3} TFLOP/s", c.bf16_tflops));
+            if let Some(fp8) = c.fp8_tflops {
+                line.push_str(&format!(", fp8 {fp8:.3} TFLOP/s"));
+            }
+        }
+    }
+    line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ceilings_line;
+    use moerunner::bench::Ceilings;
+
+    #[test]
+    fn ceilings_name_one_cpu_rate_and_no_missing_one() {
+        let cpu = Ceilings {
+            read_gbps: 25.0,
+            bf16_tflops: 0.1,
+            fp8_tflops: None,
+            f32_tflops: Some(0.1),
+        };
+        let line = ceilings_line(&cpu);
+        assert!(!line.contains("n/a") && !line.contains("fp8"), "{line}");
+        assert!(
+            line.contains("matrix 0.100 TFLOP/s (dense f32 GEMM"),
+            "{line}"
+        );
+        let gpu = Ceilings {
+            read_gbps: 4000.0,
+            bf16_tflops: 790.0,
+            fp8_tflops: Some(1450.0),
+            f32_tflops: None,
+        };
+        let line = ceilings_line(&gpu);
+        assert!(
+            line.contains("bf16 790.000") && line.contains("fp8 1450.000"),
+            "{line}"
         );
     }
 }
