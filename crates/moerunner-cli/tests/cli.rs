@@ -676,3 +676,31 @@ fn compare_closes_the_run_reference_loop() {
     let err = fails(&["compare", &out, &out3]);
     assert!(err.contains("only outputs of the same layer"), "{err}");
 }
+
+#[test]
+fn check_names_why_a_backend_cannot_be_checked() {
+    // An unknown name is named as typed, with the known ones (it once printed `Named("gpu")`).
+    let err = fails(&["check", "--backend", "gpu", "--cases", "2"]);
+    assert!(
+        err.contains("unknown backend `gpu`") && err.contains("auto, cuda, cpu, reference"),
+        "{err}"
+    );
+    assert!(!err.contains("Named"), "{err}");
+    // The reference against itself would pass whatever it computes.
+    let err = fails(&["check", "--backend", "reference", "--cases", "2"]);
+    assert!(err.contains("against itself"), "{err}");
+    // CUDA on a machine without it: why, not "every case outside what cuda supports".
+    if moerunner::backend::cuda::create().is_err() {
+        let err = fails(&["check", "--backend", "cuda", "--cases", "2"]);
+        assert!(
+            err.contains("backend cuda is not available here") && !err.contains("skipped"),
+            "{err}"
+        );
+    }
+    // Format pairs read with a times sign.
+    let text = ok(&["check", "--cases", "4", "--seed", "3"]);
+    assert!(
+        text.contains("weight × activation") && text.contains(" × "),
+        "{text}"
+    );
+}
