@@ -704,3 +704,27 @@ fn check_names_why_a_backend_cannot_be_checked() {
         "{text}"
     );
 }
+
+#[test]
+fn run_takes_an_activation_format_and_prints_its_load_time() {
+    let dir = TempDir::new("run-act");
+    let layer = make_layer(&dir, "layer.safetensors", &["--weight-format", "mxfp4"]);
+    let input = make_input(&dir, &layer, "in.safetensors", 3, &[]);
+    let out = dir.path("out.safetensors");
+    let base = [
+        "run", "--layer", &layer, "--input", &input, "--output", &out,
+    ];
+    let text = ok(&base);
+    assert!(
+        text.contains("mxfp4×bf16") && text.contains("| load "),
+        "{text}"
+    );
+    let text = ok(&[&base[..], &["--activation-format", "mxfp8"]].concat());
+    assert!(
+        text.contains("mxfp4×mxfp8") && text.contains(" ms | run "),
+        "{text}"
+    );
+    // A pairing the layer cannot take is refused, naming the flag.
+    let err = fails(&[&base[..], &["--activation-format", "nvfp4"]].concat());
+    assert!(err.contains("--activation-format nvfp4"), "{err}");
+}
