@@ -728,3 +728,69 @@ fn run_takes_an_activation_format_and_prints_its_load_time() {
     let err = fails(&[&base[..], &["--activation-format", "nvfp4"]].concat());
     assert!(err.contains("--activation-format nvfp4"), "{err}");
 }
+
+#[test]
+fn bench_in_the_fields_shape() {
+    let dir = TempDir::new("bench-shape");
+    let (json, csv) = (dir.path("b.json"), dir.path("b.csv"));
+    let base = [
+        "bench",
+        "--tokens",
+        "1,4",
+        "--iters",
+        "3",
+        "--weight-format",
+        "bf16",
+    ];
+    let shape = [
+        "--experts",
+        "4",
+        "--hidden",
+        "128",
+        "--intermediate",
+        "256",
+        "--top-k",
+        "2",
+    ];
+    let ranks = [
+        "--tp-size",
+        "2",
+        "--ep-size",
+        "2",
+        "--json",
+        &json,
+        "--csv",
+        &csv,
+    ];
+    let text = ok(&[&base[..], &shape[..], &ranks[..]].concat());
+    assert!(
+        text.contains("E4-H128-I256-k2") && text.contains("min–max µs"),
+        "{text}"
+    );
+    assert!(!text.contains("n/a"), "{text}");
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(report["moerunner_version"], env!("CARGO_PKG_VERSION"));
+    assert!(report["argv"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|a| a == "--tp-size"));
+    let row = &report["rows"][0];
+    assert_eq!(
+        (row["tp_size"].as_u64(), row["ep_size"].as_u64()),
+        (Some(2), Some(2))
+    );
+    assert_eq!(row["samples_us"].as_array().unwrap().len(), 3);
+    let csv = std::fs::read_to_string(&csv).unwrap();
+    assert_eq!(csv.lines().count(), 3, "{csv}");
+    assert!(
+        csv.starts_with("preset,weight_format,activation_format,tokens,tp_size"),
+        "{csv}"
+    );
+    // The shape of a model's config.json (its first MoE layer: DeepSeek-V3's layer 0 is dense).
+    let config = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../moerunner/tests/fixtures/transformers/deepseek_v3/config.json");
+    let text = ok(&[&base[..], &["--config", config.to_str().unwrap()]].concat());
+    assert!(text.contains("deepseek_v3-layer1"), "{text}");
+}

@@ -15,7 +15,12 @@ pub struct HfConfig {
 
 impl HfConfig {
     pub fn open(dir: &Path) -> Result<Self> {
-        let path = dir.join("config.json");
+        Self::open_file(&dir.join("config.json"))
+    }
+
+    /// A `config.json` read on its own (`bench --config`), without a model folder around it.
+    pub fn open_file(path: &Path) -> Result<Self> {
+        let path = path.to_path_buf();
         let json = read_json(&path)?;
         if !json.is_object() {
             return Err(MoeError::Json {

@@ -178,6 +178,65 @@ fn plan(cfg: &HfConfig, layer: usize) -> Result<Plan> {
     }
 }
 
+/// The shape of one MoE layer as a `config.json` describes it (no shard is read): what
+/// `bench --config` / `bench --checkpoint` benchmarks.
+#[derive(Clone, Debug)]
+pub struct LayerShape {
+    pub family: &'static str,
+    /// The layer described: the one asked for, or the model's first MoE layer.
+    pub layer: usize,
+    pub num_experts: usize,
+    pub hidden: usize,
+    pub intermediate: usize,
+    pub routing: RoutingConfig,
+    pub activation: Activation,
+    /// GPT-OSS's experts carry biases.
+    pub biases: bool,
+}
+
+/// Describes layer `layer` of the model whose `config.json` is `config` (None: its first MoE
+/// layer; a dense layer asked for by index is refused as `load_layer` refuses it).
+pub fn describe(config: &Path, layer: Option<usize>) -> Result<LayerShape> {
+    let cfg = HfConfig::open_file(config)?;
+    let (index, plan) = match layer {
+        Some(l) => (l, plan(&cfg, l)?),
+        None => {
+            let (n, _) = cfg.num_layers()?;
+            let mut first_err = None;
+            let mut found = None;
+            for l in 0..n {
+                match plan(&cfg, l) {
+                    Ok(p) => {
+                        found = Some((l, p));
+                        break;
+                    }
+                    Err(e) => {
+                        first_err.get_or_insert(e);
+                    }
+                }
+            }
+            match (found, first_err) {
+                (Some(f), _) => f,
+                (None, Some(e)) => return Err(e),
+                (None, None) => {
+                    return Err(cfg.unsupported("num_hidden_layers", "the model has no layers"))
+                }
+            }
+        }
+    };
+    check_plan(&cfg, &plan)?;
+    Ok(LayerShape {
+        family: plan.family,
+        layer: index,
+        num_experts: plan.num_experts,
+        hidden: plan.hidden,
+        intermediate: plan.intermediate,
+        routing: plan.routing,
+        activation: plan.activation,
+        biases: matches!(plan.experts, ExpertLayout::GptOss { .. }),
+    })
+}
+
 /// Checks `layer` against `num_hidden_layers` (a typo'd index should not read as "dense").
 pub(crate) fn check_layer_index(cfg: &HfConfig, layer: usize) -> Result<()> {
     let (n, key) = cfg.num_layers()?;
