@@ -24,6 +24,7 @@ import os
 import shutil
 import sys
 import tempfile
+from collections import defaultdict
 
 import torch
 import transformers as T
@@ -148,6 +149,116 @@ def strip(src, dest, layer):
                    "weight_map": dict(sorted(keep_map.items()))}, f, indent=1)
 
 
+def fp8_block_release(out):
+    """Qwen3-MoE's FP8 release as DeepSeek/Qwen ship it, derived from a bf16 model: each expert
+    weight E4M3 with `weight_scale_inv` F32 per 128×128 block (s = amax / 448, q = e4m3(w / s)),
+    `quantization_config` {quant_method: fp8, weight_block_size: [128, 128]}. Goldens: transformers'
+    block on the dequantized weights (`output`, activations unquantized), and the same layer with
+    our activation quantization emulated in f32 (`output_emulated`: x and the intermediate
+    quantized 1×128, s = max(amax, 1e-10) / 448, routing in f32)."""
+    name = "qwen3_moe-fp8_block"
+    cfg = T.Qwen3MoeConfig(**COMMON, num_hidden_layers=1, num_local_experts=E,
+                           num_experts_per_tok=K, moe_intermediate_size=128, norm_topk_prob=True)
+    build(name, cfg, T.Qwen3MoeForCausalLM, 0, "mlp", True, out)
+    dest = os.path.join(out, name)
+    torch.manual_seed(0)
+    model = None
+    with open(os.path.join(dest, "model.safetensors.index.json")) as f:
+        index = json.load(f)
+    tensors = {}
+    for shard in sorted(set(index["weight_map"].values())):
+        tensors.update({k: (shard, v) for k, v in load_file(os.path.join(dest, shard)).items()})
+    deq = {}
+    new = defaultdict(dict)
+    for k, (shard, v) in tensors.items():
+        if ".experts." in k and k.endswith(".weight"):
+            q, s = quantize_fp8_block(v.float())
+            new[shard][k] = q
+            new[shard][k + "_scale_inv"] = s
+            index["weight_map"][k + "_scale_inv"] = shard
+            deq[k] = dequantize_fp8_block(q, s)
+        else:
+            new[shard][k] = v
+    for shard, ts in new.items():
+        save_file(ts, os.path.join(dest, shard), metadata={"format": "pt"})
+    with open(os.path.join(dest, "model.safetensors.index.json"), "w") as f:
+        json.dump(index, f, indent=1)
+    with open(os.path.join(dest, "config.json")) as f:
+        config = json.load(f)
+    config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3",
+                                     "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
+    with open(os.path.join(dest, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    # transformers' own block on the dequantized weights (bf16, as it would run them unquantized).
+    model = T.Qwen3MoeForCausalLM(cfg).to(torch.bfloat16).eval()
+    block = model.model.layers[0].mlp
+    golden = load_file(os.path.join(dest, "golden.safetensors"))
+    x = golden["hidden_states"]
+    p = "model.layers.0.mlp."
+    w = {k[len(p):]: v for k, v in deq.items() if k.startswith(p)}
+    gate = torch.stack([w[f"experts.{e}.gate_proj.weight"] for e in range(E)])
+    up = torch.stack([w[f"experts.{e}.up_proj.weight"] for e in range(E)])
+    down = torch.stack([w[f"experts.{e}.down_proj.weight"] for e in range(E)])
+    router = tensors[p + "gate.weight"][1]
+    with torch.no_grad():
+        block.gate.weight.copy_(router)
+        block.experts.gate_up_proj.copy_(torch.cat([gate, up], dim=1).to(torch.bfloat16))
+        block.experts.down_proj.copy_(down.to(torch.bfloat16))
+        y, idx = router_and_experts(block)(x)
+    emulated = emulate_fp8_block(x.float(), router.float(), gate, up, down)
+    save_file({"hidden_states": x, "output": y.float().contiguous(), "topk_ids": idx.to(torch.int32),
+               "output_emulated": emulated.contiguous()},
+              os.path.join(dest, "golden.safetensors"))
+    print(f"{name}: derived FP8 128x128 release")
+
+
+def quantize_fp8_block(w):
+    """[out, in] f32 → E4M3 [out, in] and f32 scales [ceil(out/128), ceil(in/128)]."""
+    rows, cols = w.shape
+    s = torch.empty((rows + 127) // 128, (cols + 127) // 128)
+    q = torch.empty_like(w)
+    for i in range(s.shape[0]):
+        for j in range(s.shape[1]):
+            blk = w[i * 128:(i + 1) * 128, j * 128:(j + 1) * 128]
+            s[i, j] = blk.abs().max().clamp(min=1e-10) / 448.0
+            q[i * 128:(i + 1) * 128, j * 128:(j + 1) * 128] = blk / s[i, j]
+    return q.to(torch.float8_e4m3fn), s
+
+
+def dequantize_fp8_block(q, s):
+    rows, cols = q.shape
+    full = s.repeat_interleave(128, 0)[:rows].repeat_interleave(128, 1)[:, :cols]
+    return q.float() * full
+
+
+def quantize_rows_1x128(x):
+    """spec/formats.md's fp8_block activations: per row and 128 columns, s = max(amax, 1e-10) / 448,
+    q = e4m3(x / s) (an IEEE f32 division), returned dequantized."""
+    out = torch.empty_like(x)
+    for j in range(0, x.shape[1], 128):
+        blk = x[:, j:j + 128]
+        s = blk.abs().amax(dim=1, keepdim=True).clamp(min=1e-10) / 448.0
+        out[:, j:j + 128] = (blk / s).to(torch.float8_e4m3fn).float() * s
+    return out
+
+
+def emulate_fp8_block(x, router, gate, up, down):
+    """Renormalized softmax top-k in f32, then per expert: xq·gateᵀ, xq·upᵀ, silu(g)·u quantized
+    1×128, ·downᵀ, all in f32 on the dequantized weights."""
+    logits = x @ router.T
+    probs = torch.softmax(logits, dim=-1)
+    w, idx = probs.topk(K, dim=-1)
+    w = w / w.sum(dim=-1, keepdim=True)
+    xq = quantize_rows_1x128(x)
+    y = torch.zeros_like(x)
+    for t in range(x.shape[0]):
+        for slot in range(K):
+            e = idx[t, slot]
+            h = torch.nn.functional.silu(xq[t:t + 1] @ gate[e].T) * (xq[t:t + 1] @ up[e].T)
+            y[t] += w[t, slot] * (quantize_rows_1x128(h) @ down[e].T)[0]
+    return y
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="crates/moerunner/tests/fixtures/transformers")
@@ -160,6 +271,8 @@ def main():
             continue
         build(name, *spec, args.out)
         print(f"{name}: written with transformers {T.__version__}, torch {torch.__version__}")
+    if not only or "qwen3_moe-fp8_block" in only:
+        fp8_block_release(args.out)
 
 
 if __name__ == "__main__":
