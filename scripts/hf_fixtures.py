@@ -15,7 +15,7 @@ Writes, under OUT (default crates/moerunner/tests/fixtures/transformers/):
                               are outside our layer, left out), topk_ids [T, k] i32
   <name>/layer.txt            the MoE layer's index
 
-Needs torch and transformers >= 5 . CI does not rerun it: torch
+Needs torch and transformers >= 5. CI does not rerun it: torch
 from PyPI brings ~3 GB of CUDA libraries, more than the check is worth on every run; the Rust test
 crates/moerunner/tests/transformers_oracle.rs reads the committed results without torch.
 """
