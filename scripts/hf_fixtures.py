@@ -213,6 +213,107 @@ def fp8_block_release(out):
     print(f"{name}: derived FP8 128x128 release")
 
 
+E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
+
+
+def mxfp4_encode(w):
+    """[rows, K] f32 → GPT-OSS `_blocks` U8 [rows, K/32, 16] (two E2M1 codes a byte, low nibble
+    first) and `_scales` U8 [rows, K/32] (UE8M0, s = 2^ceil(log2(amax / 6)); amax = 0 → 2^-127),
+    and the dequantized values."""
+    rows, k = w.shape
+    b = w.reshape(rows, k // 32, 32)
+    amax = b.abs().amax(dim=-1)
+    exp = torch.where(amax > 0, torch.ceil(torch.log2(amax / 6.0)), torch.full_like(amax, -127.0))
+    exp = exp.clamp(-127, 127)
+    s = torch.pow(2.0, exp)
+    v = b / s[..., None]
+    mag = (v.abs()[..., None] - E2M1).abs().argmin(dim=-1)  # nearest E2M1 magnitude
+    code = mag | ((v < 0) & (mag > 0)).to(torch.int64) << 3
+    deq = E2M1[mag] * torch.where(code >= 8, -1.0, 1.0) * s[..., None]
+    packed = (code[..., 0::2] | (code[..., 1::2] << 4)).to(torch.uint8)
+    return packed, (exp + 127).to(torch.uint8), deq.reshape(rows, k)
+
+
+def mxfp4_release(out):
+    """GPT-OSS's MXFP4 release derived from a transformers-built bf16 GPT-OSS: the BF16
+    `gate_up_proj [E, H, 2I]` / `down_proj [E, I, H]` become `gate_up_proj_blocks [E, 2I, H/32, 16]`
+    / `_scales [E, 2I, H/32]` and `down_proj_blocks [E, H, I/32, 16]` / `_scales`, biases and router
+    as they are, `quantization_config` {quant_method: mxfp4}. Goldens: transformers' block on the
+    dequantized weights (`output`), and the layer in f32 on them with our W4A16 handling emulated
+    (`output_emulated`: bf16 hidden states, the intermediate rounded to bf16; routing in f32)."""
+    name = "gpt_oss-mxfp4"
+    cfg = T.GptOssConfig(**{**COMMON, "intermediate_size": 32}, num_hidden_layers=1,
+                         num_local_experts=E, num_experts_per_tok=K)
+    build(name, cfg, T.GptOssForCausalLM, 0, "mlp", True, out)
+    dest = os.path.join(out, name)
+    with open(os.path.join(dest, "model.safetensors.index.json")) as f:
+        index = json.load(f)
+    shards = {}
+    for shard in sorted(set(index["weight_map"].values())):
+        shards[shard] = load_file(os.path.join(dest, shard))
+    p = "model.layers.0.mlp."
+    where = {k: sh for sh, ts in shards.items() for k in ts}
+    gu = shards[where[p + "experts.gate_up_proj"]].pop(p + "experts.gate_up_proj").float()
+    dn = shards[where[p + "experts.down_proj"]].pop(p + "experts.down_proj").float()
+    gu_rows = gu.transpose(1, 2).contiguous()   # [E, 2I, H], rows interleaved gate/up
+    dn_rows = dn.transpose(1, 2).contiguous()   # [E, H, I]
+    enc = [mxfp4_encode(gu_rows[e]) for e in range(E)]
+    dec = [mxfp4_encode(dn_rows[e]) for e in range(E)]
+    for proj, parts, rows in (("gate_up_proj", enc, gu_rows), ("down_proj", dec, dn_rows)):
+        sh = where[p + f"experts.{proj}"]  # where transformers put the BF16 tensor
+        shards[sh][p + f"experts.{proj}_blocks"] = torch.stack([q for q, _, _ in parts]).contiguous()
+        shards[sh][p + f"experts.{proj}_scales"] = torch.stack([s for _, s, _ in parts]).contiguous()
+        index["weight_map"].pop(p + f"experts.{proj}", None)
+        index["weight_map"][p + f"experts.{proj}_blocks"] = sh
+        index["weight_map"][p + f"experts.{proj}_scales"] = sh
+    for sh, ts in shards.items():
+        save_file(ts, os.path.join(dest, sh), metadata={"format": "pt"})
+    index["weight_map"] = dict(sorted(index["weight_map"].items()))
+    with open(os.path.join(dest, "model.safetensors.index.json"), "w") as f:
+        json.dump(index, f, indent=1)
+    with open(os.path.join(dest, "config.json")) as f:
+        config = json.load(f)
+    config["quantization_config"] = {"quant_method": "mxfp4",
+                                     "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+    with open(os.path.join(dest, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    w13 = torch.stack([d for _, _, d in enc])          # [E, 2I, H] dequantized
+    w2 = torch.stack([d for _, _, d in dec])           # [E, H, I]
+    tensors = {k: v for ts in shards.values() for k, v in ts.items()}
+    b13 = tensors[p + "experts.gate_up_proj_bias"].float()
+    b2 = tensors[p + "experts.down_proj_bias"].float()
+    rw, rb = tensors[p + "router.weight"].float(), tensors[p + "router.bias"].float()
+    golden = load_file(os.path.join(dest, "golden.safetensors"))
+    x = golden["hidden_states"]
+    model = T.GptOssForCausalLM(cfg).to(torch.bfloat16).eval()
+    block = model.model.layers[0].mlp
+    with torch.no_grad():
+        block.router.weight.copy_(rw.to(torch.bfloat16))
+        block.router.bias.copy_(rb.to(torch.bfloat16))
+        block.experts.gate_up_proj.copy_(w13.transpose(1, 2).to(torch.bfloat16))
+        block.experts.down_proj.copy_(w2.transpose(1, 2).to(torch.bfloat16))
+        block.experts.gate_up_proj_bias.copy_(b13.to(torch.bfloat16))
+        block.experts.down_proj_bias.copy_(b2.to(torch.bfloat16))
+        y, idx = router_and_experts(block)(x)
+    xf = x.float()
+    logits = xf @ rw.T + rb
+    top, ids = logits.topk(K, dim=-1)
+    wts = torch.softmax(top, dim=-1)
+    emulated = torch.zeros_like(xf)
+    alpha, limit = cfg.swiglu_alpha, cfg.swiglu_limit
+    for t in range(xf.shape[0]):
+        for slot in range(K):
+            e = ids[t, slot]
+            gu_t = xf[t] @ w13[e].T + b13[e]
+            g, u = gu_t[0::2].clamp(max=limit), gu_t[1::2].clamp(-limit, limit)
+            h = (g * torch.sigmoid(alpha * g) * (u + 1.0)).to(torch.bfloat16).float()
+            emulated[t] += wts[t, slot] * (h @ w2[e].T + b2[e])
+    save_file({"hidden_states": x, "output": y.float().contiguous(),
+               "topk_ids": idx.to(torch.int32).contiguous(), "output_emulated": emulated.contiguous()},
+              os.path.join(dest, "golden.safetensors"))
+    print(f"{name}: derived MXFP4 release")
+
+
 def quantize_fp8_block(w):
     """[out, in] f32 → E4M3 [out, in] and f32 scales [ceil(out/128), ceil(in/128)]."""
     rows, cols = w.shape
@@ -274,6 +375,8 @@ def main():
         print(f"{name}: written with transformers {T.__version__}, torch {torch.__version__}")
     if not only or "qwen3_moe-fp8_block" in only:
         fp8_block_release(args.out)
+    if not only or "gpt_oss-mxfp4" in only:
+        mxfp4_release(args.out)
 
 
 if __name__ == "__main__":

@@ -109,3 +109,18 @@ fn qwen3_moe_fp8_block_release() {
     );
     assert!(plain > emulated, "{plain:.2e} vs {emulated:.2e}");
 }
+
+/// GPT-OSS's MXFP4 release derived from a transformers-built bf16 GPT-OSS (`_blocks` / `_scales`,
+/// gate and up rows interleaved): W4A16 quantizes no activation, so against transformers' block on
+/// the dequantized weights it differs by bf16 rounding only, and against the f32 emulation (bf16
+/// intermediate, as our bf16 activation format rounds it) by accumulation order.
+#[test]
+fn gpt_oss_mxfp4_release() {
+    let (emulated, _) = check_against("gpt_oss-mxfp4", "output_emulated");
+    assert!(emulated < 1e-5, "against the emulation: {emulated:.2e}");
+    let (plain, _) = check("gpt_oss-mxfp4");
+    assert!(
+        plain < 1e-2,
+        "against transformers on the dequantized weights: {plain:.2e}"
+    );
+}
