@@ -314,6 +314,124 @@ def mxfp4_release(out):
     print(f"{name}: derived MXFP4 release")
 
 
+def e2m1_rne(v):
+    """Nearest E2M1 magnitude code of |v| (ties to the even code, saturating at 6) and the sign."""
+    a = v.abs()
+    d = (a[..., None] - E2M1).abs()
+    low = d.argmin(dim=-1)                       # the first (lower) of two equal distances
+    up = (low + 1).clamp(max=7)
+    tie = (d.gather(-1, up[..., None])[..., 0] == d.gather(-1, low[..., None])[..., 0]) & (low % 2 == 1)
+    mag = torch.where(tie, up, low)
+    return mag, (v < 0) & (mag > 0)
+
+
+def nvfp4_quantize(x, g):
+    """spec/formats.md's NVFP4 rows with global g: per 1×16 block byte = E4M3(amax / 6 / g),
+    s = dec(byte)·g, q = E2M1(x / s) (IEEE divisions; s = 0 → zeros). Returns the E2M1 codes,
+    the scale bytes (as float8) and the dequantized values."""
+    rows, k = x.shape
+    b = x.reshape(rows, k // 16, 16)
+    amax = b.abs().amax(dim=-1)
+    byte = ((amax / 6.0) / g).clamp(max=448.0).to(torch.float8_e4m3fn)
+    s = byte.float() * g
+    v = torch.where(s[..., None] > 0, b / s[..., None], torch.zeros_like(b))
+    mag, neg = e2m1_rne(v)
+    deq = E2M1[mag] * torch.where(neg, -1.0, 1.0) * s[..., None]
+    code = mag | neg.to(torch.int64) << 3
+    return code.reshape(rows, k), byte, deq.reshape(rows, k)
+
+
+def nvfp4_release(out):
+    """Nemotron-H's ModelOpt NVFP4 release derived from a transformers-built bf16 Nemotron-H
+    (I = 16): per expert `up_proj` / `down_proj` `.weight` U8 [out, in/2] (E2M1, low nibble
+    first), `.weight_scale` F8_E4M3 [out, in/16], `.weight_scale_2` (amax / 2688) and a calibrated
+    `.input_scale` (the hidden states' amax / 2688, a little larger per expert), named as ModelOpt
+    ships them (`backbone.`). Goldens: transformers' block on the dequantized weights (`output`),
+    and the layer in f32 with our static NVFP4 activation quantization emulated
+    (`output_emulated`: the max input scale over experts, routing in f32)."""
+    name = "nemotron_h-nvfp4"
+    cfg = T.NemotronHConfig(hidden_size=H, vocab_size=16, num_attention_heads=2,
+                            num_key_value_heads=1, head_dim=64, layers_block_type=["moe"],
+                            n_routed_experts=E, num_experts_per_tok=K, moe_intermediate_size=16,
+                            moe_shared_expert_intermediate_size=16, n_group=1, topk_group=1,
+                            routed_scaling_factor=2.5, mamba_num_heads=2, mamba_head_dim=16,
+                            ssm_state_size=16, n_groups=1)
+    build(name, cfg, T.NemotronHForCausalLM, 0, "mixer", True, out)
+    dest = os.path.join(out, name)
+    with open(os.path.join(dest, "model.safetensors.index.json")) as f:
+        index = json.load(f)
+    shards = {sh: load_file(os.path.join(dest, sh)) for sh in sorted(set(index["weight_map"].values()))}
+    golden = load_file(os.path.join(dest, "golden.safetensors"))
+    x = golden["hidden_states"].float()
+    x_amax = x.abs().max()
+    p = "backbone.layers.0.mixer."
+    deq = {}
+    in_scales = {}
+    for sh, ts in shards.items():
+        for k in list(ts):
+            if ".experts." not in k or not k.endswith(".weight"):
+                continue
+            w = ts.pop(k).float()
+            g = w.abs().max() / (448.0 * 6.0)
+            code, byte, d = nvfp4_quantize(w, g)
+            ts[k] = (code[:, 0::2] | (code[:, 1::2] << 4)).to(torch.uint8).contiguous()
+            ts[k + "_scale"] = byte.contiguous()
+            ts[k[:-len("weight")] + "weight_scale_2"] = g.reshape(()).float()
+            for extra in ("weight_scale", "weight_scale_2", "input_scale"):
+                index["weight_map"][k[:-len("weight")] + extra] = sh
+            deq[k] = d
+    # Calibration as ModelOpt does it: each GEMM input's amax over the data / (448·6); the
+    # intermediate's from the unquantized forward. A little larger per expert, so the max matters.
+    for k in deq:
+        e = int(k.split(".experts.")[1].split(".")[0])
+        if "up_proj" in k:
+            amax = x_amax
+        else:
+            amax = (torch.relu(x @ deq[k.replace("down_proj", "up_proj")].T) ** 2).abs().max()
+        calib = float(amax) / (448.0 * 6.0) * (1.0 + 0.05 * e)
+        shards[index["weight_map"][k]][k[:-len("weight")] + "input_scale"] = torch.tensor(calib)
+    for sh, ts in shards.items():
+        save_file(ts, os.path.join(dest, sh), metadata={"format": "pt"})
+    index["weight_map"] = dict(sorted(index["weight_map"].items()))
+    with open(os.path.join(dest, "model.safetensors.index.json"), "w") as f:
+        json.dump(index, f, indent=1)
+    with open(os.path.join(dest, "config.json")) as f:
+        config = json.load(f)
+    config["quantization_config"] = {"quant_method": "modelopt", "quant_algo": "NVFP4", "group_size": 16}
+    with open(os.path.join(dest, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    tensors = {k: v for ts in shards.values() for k, v in ts.items()}
+    up = torch.stack([deq[f"{p}experts.{e}.up_proj.weight"] for e in range(E)])      # [E, I, H]
+    down = torch.stack([deq[f"{p}experts.{e}.down_proj.weight"] for e in range(E)])  # [E, H, I]
+    router = tensors[p + "gate.weight"].float()
+    bias = tensors[p + "gate.e_score_correction_bias"].float()
+    g13 = max(float(tensors[f"{p}experts.{e}.up_proj.input_scale"]) for e in range(E))
+    g2 = max(float(tensors[f"{p}experts.{e}.down_proj.input_scale"]) for e in range(E))
+    model = T.NemotronHForCausalLM(cfg).to(torch.bfloat16).eval()
+    block = model.model.layers[0].mixer
+    with torch.no_grad():
+        block.gate.weight.copy_(router)
+        block.gate.e_score_correction_bias.copy_(bias)
+        block.experts.up_proj.copy_(up.to(torch.bfloat16))
+        block.experts.down_proj.copy_(down.to(torch.bfloat16))
+        y, idx = router_and_experts(block)(golden["hidden_states"])
+    scores = torch.sigmoid(x @ router.T)
+    ids = (scores + bias).topk(K, dim=-1).indices
+    wts = scores.gather(-1, ids)
+    wts = wts / wts.sum(dim=-1, keepdim=True) * cfg.routed_scaling_factor
+    xq = nvfp4_quantize(x, g13)[2]
+    emulated = torch.zeros_like(x)
+    for t in range(x.shape[0]):
+        for slot in range(K):
+            e = ids[t, slot]
+            h = torch.relu(xq[t:t + 1] @ up[e].T) ** 2
+            emulated[t] += wts[t, slot] * (nvfp4_quantize(h, g2)[2] @ down[e].T)[0]
+    save_file({"hidden_states": golden["hidden_states"], "output": y.float().contiguous(),
+               "topk_ids": idx.to(torch.int32).contiguous(), "output_emulated": emulated.contiguous()},
+              os.path.join(dest, "golden.safetensors"))
+    print(f"{name}: derived ModelOpt NVFP4 release")
+
+
 def quantize_fp8_block(w):
     """[out, in] f32 → E4M3 [out, in] and f32 scales [ceil(out/128), ceil(in/128)]."""
     rows, cols = w.shape
@@ -377,6 +495,8 @@ def main():
         fp8_block_release(args.out)
     if not only or "gpt_oss-mxfp4" in only:
         mxfp4_release(args.out)
+    if not only or "nemotron_h-nvfp4" in only:
+        nvfp4_release(args.out)
 
 
 if __name__ == "__main__":

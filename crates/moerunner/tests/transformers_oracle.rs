@@ -124,3 +124,19 @@ fn gpt_oss_mxfp4_release() {
         "against transformers on the dequantized weights: {plain:.2e}"
     );
 }
+
+/// Nemotron-H's ModelOpt NVFP4 release derived from a transformers-built bf16 Nemotron-H
+/// (`weight`, `weight_scale`, `weight_scale_2`, `input_scale` per expert): the static NVFP4
+/// activations (the max `input_scale` over experts) against the f32 emulation of spec/formats.md's
+/// rule, and against transformers' block on the dequantized weights (unquantized activations).
+#[test]
+fn nemotron_h_nvfp4_release() {
+    let (emulated, _) = check_against("nemotron_h-nvfp4", "output_emulated");
+    assert!(emulated < 1e-5, "against the emulation: {emulated:.2e}");
+    let (plain, _) = check("nemotron_h-nvfp4");
+    assert!(
+        plain < 0.25,
+        "against transformers' unquantized activations: {plain:.2e}"
+    );
+    assert!(plain > emulated, "{plain:.2e} vs {emulated:.2e}");
+}
