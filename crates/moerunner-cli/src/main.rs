@@ -35,6 +35,8 @@ enum Command {
     Bench(commands::bench::Args),
     /// Check random cases across formats, routing and activations against the float64 reference.
     Check(commands::check::Args),
+    /// Compare two output files: relative error, max abs error, NaN count, top-k agreement.
+    Compare(commands::compare::Args),
     /// Version, backends, devices and what each backend supports.
     Info(commands::info::Args),
 }
@@ -58,6 +60,7 @@ fn main() -> std::process::ExitCode {
         Command::MakeInput(a) => commands::make_input::run(a),
         Command::Bench(a) => commands::bench::run(a),
         Command::Check(a) => commands::check::run(a),
+        Command::Compare(a) => commands::compare::run(a),
         Command::Info(a) => commands::info::run(a),
     };
     match result {

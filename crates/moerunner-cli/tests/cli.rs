@@ -635,3 +635,162 @@ fn info_lists_backends_formats_routing_and_presets() {
         assert!(out.contains(needle), "info lacks `{needle}`:\n{out}");
     }
 }
+
+#[test]
+fn compare_closes_the_run_reference_loop() {
+    let dir = TempDir::new("compare");
+    let layer = make_layer(&dir, "layer.safetensors", &["--weight-format", "fp8_block"]);
+    // f32 hidden states: the output is f32 too, so the backends' rounding differences show.
+    let input = make_input(&dir, &layer, "in.safetensors", 6, &["--dtype", "f32"]);
+    let (out, refr) = (dir.path("out.safetensors"), dir.path("ref.safetensors"));
+    let base = [
+        "run",
+        "--layer",
+        &layer,
+        "--input",
+        &input,
+        "--save-routing",
+    ];
+    ok(&[&base[..], &["--output", &out]].concat());
+    ok(&[&base[..], &["--output", &refr, "--reference"]].concat());
+    let text = ok(&["compare", &out, &refr, "--tolerance", "2e-2"]);
+    assert!(
+        text.contains("relative error")
+            && text.contains("max abs error")
+            && text.contains("0 in A, 0 in B")
+            && text.contains("6/6 tokens, 12/12 ids (k = 2)")
+            && text.contains("within --tolerance"),
+        "{text}"
+    );
+    // A file against itself: exactly zero; an impossible tolerance fails with status 1.
+    let same = ok(&["compare", &refr, &refr]);
+    assert!(same.contains("relative error  0.000e0"), "{same}");
+    let err = fails(&["compare", &out, &refr, "--tolerance", "0"]);
+    assert!(err.contains("over --tolerance"), "{err}");
+    // Different shapes are refused by name.
+    let other = make_input(&dir, &layer, "in3.safetensors", 3, &[]);
+    let out3 = dir.path("out3.safetensors");
+    ok(&[
+        "run", "--layer", &layer, "--input", &other, "--output", &out3,
+    ]);
+    let err = fails(&["compare", &out, &out3]);
+    assert!(err.contains("only outputs of the same layer"), "{err}");
+}
+
+#[test]
+fn check_names_why_a_backend_cannot_be_checked() {
+    // An unknown name is named as typed, with the known ones (it once printed `Named("gpu")`).
+    let err = fails(&["check", "--backend", "gpu", "--cases", "2"]);
+    assert!(
+        err.contains("unknown backend `gpu`") && err.contains("auto, cuda, cpu, reference"),
+        "{err}"
+    );
+    assert!(!err.contains("Named"), "{err}");
+    // The reference against itself would pass whatever it computes.
+    let err = fails(&["check", "--backend", "reference", "--cases", "2"]);
+    assert!(err.contains("against itself"), "{err}");
+    // CUDA on a machine without it: why, not "every case outside what cuda supports".
+    if moerunner::backend::cuda::create().is_err() {
+        let err = fails(&["check", "--backend", "cuda", "--cases", "2"]);
+        assert!(
+            err.contains("backend cuda is not available here") && !err.contains("skipped"),
+            "{err}"
+        );
+    }
+    // Format pairs read with a times sign.
+    let text = ok(&["check", "--cases", "4", "--seed", "3"]);
+    assert!(
+        text.contains("weight × activation") && text.contains(" × "),
+        "{text}"
+    );
+}
+
+#[test]
+fn run_takes_an_activation_format_and_prints_its_load_time() {
+    let dir = TempDir::new("run-act");
+    let layer = make_layer(&dir, "layer.safetensors", &["--weight-format", "mxfp4"]);
+    let input = make_input(&dir, &layer, "in.safetensors", 3, &[]);
+    let out = dir.path("out.safetensors");
+    let base = [
+        "run", "--layer", &layer, "--input", &input, "--output", &out,
+    ];
+    let text = ok(&base);
+    assert!(
+        text.contains("mxfp4×bf16") && text.contains("| load "),
+        "{text}"
+    );
+    let text = ok(&[&base[..], &["--activation-format", "mxfp8"]].concat());
+    assert!(
+        text.contains("mxfp4×mxfp8") && text.contains(" ms | run "),
+        "{text}"
+    );
+    // A pairing the layer cannot take is refused, naming the flag.
+    let err = fails(&[&base[..], &["--activation-format", "nvfp4"]].concat());
+    assert!(err.contains("--activation-format nvfp4"), "{err}");
+}
+
+#[test]
+fn bench_in_the_fields_shape() {
+    let dir = TempDir::new("bench-shape");
+    let (json, csv) = (dir.path("b.json"), dir.path("b.csv"));
+    let base = [
+        "bench",
+        "--tokens",
+        "1,4",
+        "--iters",
+        "3",
+        "--weight-format",
+        "bf16",
+    ];
+    let shape = [
+        "--experts",
+        "4",
+        "--hidden",
+        "128",
+        "--intermediate",
+        "256",
+        "--top-k",
+        "2",
+    ];
+    let ranks = [
+        "--tp-size",
+        "2",
+        "--ep-size",
+        "2",
+        "--json",
+        &json,
+        "--csv",
+        &csv,
+    ];
+    let text = ok(&[&base[..], &shape[..], &ranks[..]].concat());
+    assert!(
+        text.contains("E4-H128-I256-k2") && text.contains("min–max µs"),
+        "{text}"
+    );
+    assert!(!text.contains("n/a"), "{text}");
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(report["moerunner_version"], env!("CARGO_PKG_VERSION"));
+    assert!(report["argv"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|a| a == "--tp-size"));
+    let row = &report["rows"][0];
+    assert_eq!(
+        (row["tp_size"].as_u64(), row["ep_size"].as_u64()),
+        (Some(2), Some(2))
+    );
+    assert_eq!(row["samples_us"].as_array().unwrap().len(), 3);
+    let csv = std::fs::read_to_string(&csv).unwrap();
+    assert_eq!(csv.lines().count(), 3, "{csv}");
+    assert!(
+        csv.starts_with("preset,weight_format,activation_format,tokens,tp_size"),
+        "{csv}"
+    );
+    // The shape of a model's config.json (its first MoE layer: DeepSeek-V3's layer 0 is dense).
+    let config = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../moerunner/tests/fixtures/transformers/deepseek_v3/config.json");
+    let text = ok(&[&base[..], &["--config", config.to_str().unwrap()]].concat());
+    assert!(text.contains("deepseek_v3-layer1"), "{text}");
+}

@@ -28,7 +28,9 @@ pub struct Ceilings {
     pub bf16_tflops: f64,
     /// Matrix rate used for fp8 activations; null where the device has none (the CPU).
     pub fp8_tflops: Option<f64>,
-    /// Dense f32 GEMM rate, TFLOP/s.
+    /// Dense f32 GEMM rate, TFLOP/s, where the host measured it (the CPU, where every format
+    /// computes in f32): then the same number as `bf16_tflops`, the best of the two measurements;
+    /// null on a GPU.
     pub f32_tflops: Option<f64>,
 }
 
@@ -52,8 +54,18 @@ pub struct BenchRow {
     pub tokens: usize,
     /// Distinct experts the input routes to (counted from its real routing).
     pub active_experts: usize,
+    /// Tensor- and expert-parallel group sizes: the row is rank 0's share (I / tp_size features,
+    /// E / ep_size experts), as a rank of a TP/EP deployment runs it.
+    pub tp_size: usize,
+    pub ep_size: usize,
     /// Median of the timed runs, µs.
     pub time_us: f64,
+    /// Fastest and slowest timed run, µs.
+    pub min_us: f64,
+    pub max_us: f64,
+    /// Every timed run, µs, in the order run. A backend that times on its device (CUDA graph
+    /// replays) reports its own median as the one sample.
+    pub samples_us: Vec<f64>,
     pub bytes: u64,
     pub flops: u64,
     pub floor_us: f64,
@@ -75,6 +87,11 @@ impl BenchRow {
 /// A whole run: what `bench --json` writes.
 #[derive(Clone, Debug, Serialize)]
 pub struct BenchReport {
+    /// The moerunner version, the commit it was built from (when known) and the command line:
+    /// what reproduces the run.
+    pub moerunner_version: String,
+    pub commit: Option<String>,
+    pub argv: Vec<String>,
     pub device: String,
     pub backend: String,
     pub date: String,
@@ -92,6 +109,28 @@ pub struct BenchPlan {
     pub iters: usize,
     pub backend: BackendChoice,
     pub seed: u64,
+    /// TP/EP group sizes: every case is rank 0's share (ranks are equal in shape).
+    pub parallelism: crate::config::Parallelism,
+}
+
+/// The layer rank 0 of `par` holds: I / tp_size features and E / ep_size experts.
+pub fn rank_config(
+    preset: &Preset,
+    wf: WeightFormat,
+    par: crate::config::Parallelism,
+) -> Result<LayerConfig> {
+    let mut config = preset.config(wf, None);
+    par.validate()?;
+    par.check_splits(config.num_experts, config.intermediate)?;
+    config.intermediate /= par.tp_size;
+    config.local_experts = 0..config.num_experts / par.ep_size;
+    config.parallelism = crate::config::Parallelism {
+        ep_rank: 0,
+        tp_rank: 0,
+        ..par
+    };
+    config.validate()?;
+    Ok(config)
 }
 
 /// Progress events for a front end (a progress bar).
@@ -131,7 +170,12 @@ pub fn count_bytes(
 
 /// FLOPs of a forward call: 2·P·k·T.
 pub fn count_flops(config: &LayerConfig, tokens: usize) -> u64 {
-    2 * config.params_per_expert() as u64 * config.routing.top_k as u64 * tokens as u64
+    count_flops_pairs(config, config.routing.top_k * tokens)
+}
+
+/// FLOPs of the (token, slot) pairs a rank's experts hold: 2·P per pair (P of the rank's slice).
+pub fn count_flops_pairs(config: &LayerConfig, pairs: usize) -> u64 {
+    2 * config.params_per_expert() as u64 * pairs as u64
 }
 
 /// Runs the plan: ceilings first, then each preset × format (one layer generated each) × token
@@ -144,8 +188,7 @@ pub fn run(plan: &BenchPlan, progress: &mut dyn FnMut(Progress<'_>)) -> Result<B
     // now, not after the cases before it have spent their time.
     for preset in &plan.presets {
         for &wf in &plan.weight_formats {
-            let config = preset.config(wf, None);
-            config.validate()?;
+            let config = rank_config(preset, wf, plan.parallelism)?;
             for &tokens in &plan.tokens {
                 let bytes = synth::layer_bytes(&config, preset.biases)
                     .plus(synth::input_bytes(&config, tokens, DType::BF16))
@@ -177,7 +220,7 @@ pub fn run(plan: &BenchPlan, progress: &mut dyn FnMut(Progress<'_>)) -> Result<B
     let mut flush = vec![0u64; CACHE_FLUSH_BYTES / 8];
     for preset in &plan.presets {
         for &wf in &plan.weight_formats {
-            let config = preset.config(wf, None);
+            let config = rank_config(preset, wf, plan.parallelism)?;
             progress(Progress::Step {
                 what: format!("generating {} {}", preset.name, wf),
             });
@@ -213,12 +256,18 @@ pub fn run(plan: &BenchPlan, progress: &mut dyn FnMut(Progress<'_>)) -> Result<B
                     routing: input.routing_input(),
                 };
                 let first = loaded.forward(&fwd)?; // warm-up (thread pool, scratch, page faults)
-                let time_s = median_call_s(&*loaded, &fwd, plan.iters, &mut flush)?;
+                let samples_s = timed_calls_s(&*loaded, &fwd, plan.iters, &mut flush)?;
+                let time_s = median(&samples_s);
 
                 let routes = &first.routes;
                 let active = routes.distinct_experts(config.local_experts.clone());
                 let bytes = count_bytes(&config, active, tokens, input.hidden.dtype);
-                let flops = count_flops(&config, tokens);
+                // The (token, slot) pairs this rank's experts hold: T·k on one rank.
+                let pairs = routes
+                    .expert_counts(config.local_experts.clone())
+                    .iter()
+                    .sum();
+                let flops = count_flops_pairs(&config, pairs);
                 let floor_s = (bytes as f64 / (ceil.read_gbps * 1e9))
                     .max(flops as f64 / ceil.matrix_flops(config.activation_format));
                 let rel_err =
@@ -229,7 +278,12 @@ pub fn run(plan: &BenchPlan, progress: &mut dyn FnMut(Progress<'_>)) -> Result<B
                     activation_format: config.activation_format.name().to_string(),
                     tokens,
                     active_experts: active,
+                    tp_size: plan.parallelism.tp_size,
+                    ep_size: plan.parallelism.ep_size,
                     time_us: time_s * 1e6,
+                    min_us: samples_s.iter().copied().fold(f64::INFINITY, f64::min) * 1e6,
+                    max_us: samples_s.iter().copied().fold(0.0, f64::max) * 1e6,
+                    samples_us: samples_s.iter().map(|s| s * 1e6).collect(),
                     bytes,
                     flops,
                     floor_us: floor_s * 1e6,
@@ -251,6 +305,9 @@ pub fn run(plan: &BenchPlan, progress: &mut dyn FnMut(Progress<'_>)) -> Result<B
         device = device_name(&runner, &backend_name);
     }
     Ok(BenchReport {
+        moerunner_version: env!("CARGO_PKG_VERSION").to_string(),
+        commit: None,
+        argv: Vec::new(),
         device,
         backend: backend_name,
         date: today_utc(),
@@ -259,16 +316,16 @@ pub fn run(plan: &BenchPlan, progress: &mut dyn FnMut(Progress<'_>)) -> Result<B
     })
 }
 
-/// Median wall time (s) of one call: the device's own graph timing where the backend has one, else
-/// `iters` host calls with the caches flushed before each.
-fn median_call_s(
+/// Wall times (s) of one call: the device's own graph timing where the backend has one (its
+/// median, one sample), else `iters` host calls with the caches flushed before each.
+fn timed_calls_s(
     loaded: &dyn crate::backend::LoadedLayer,
     fwd: &ForwardInput<'_>,
     iters: usize,
     flush: &mut [u64],
-) -> Result<f64> {
+) -> Result<Vec<f64>> {
     if let Some(us) = loaded.time_device_forward(fwd, iters) {
-        return Ok(us? * 1e-6);
+        return Ok(vec![us? * 1e-6]);
     }
     let mut times = Vec::with_capacity(iters);
     for _ in 0..iters {
@@ -278,8 +335,14 @@ fn median_call_s(
         times.push(t0.elapsed().as_secs_f64());
         drop(out);
     }
-    times.sort_by(f64::total_cmp);
-    Ok(times[times.len() / 2])
+    Ok(times)
+}
+
+/// The median (the upper one of an even count, as before).
+fn median(samples: &[f64]) -> f64 {
+    let mut sorted = samples.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    sorted.get(sorted.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
 /// Other work on the machine can only lower a measured ceiling: the ceilings are measured again
@@ -301,7 +364,8 @@ fn best_ceilings(
         (Some(a), Some(b)) => Some(a.max(b)),
         (a, b) => a.or(b),
     };
-    if device_backend.is_none() {
+    // On the host the f32 GEMM rate *is* the matrix rate: one number, the best of both runs.
+    if ceilings.f32_tflops.is_some() || after.f32_tflops.is_some() {
         ceilings.f32_tflops = Some(ceilings.bf16_tflops);
     }
     for row in rows.iter_mut() {
@@ -321,13 +385,14 @@ fn measure_ceilings_for(
     progress: &mut dyn FnMut(Progress<'_>),
     when: &str,
 ) -> Result<Ceilings> {
+    // Two steps per measurement whichever path measures (Progress::Start counts two).
+    progress(Progress::Step {
+        what: format!(
+            "measuring {} bandwidth and matrix rate ({when})",
+            backend.map_or("host", |b| b.name())
+        ),
+    });
     if let Some(b) = backend {
-        progress(Progress::Step {
-            what: format!(
-                "measuring {} copy bandwidth and GEMM rates ({when})",
-                b.name()
-            ),
-        });
         if let Some(c) = b.measure_ceilings() {
             let c = c?;
             progress(Progress::Step {
@@ -346,9 +411,6 @@ fn measure_ceilings_for(
 
 /// Read bandwidth and the dense f32 GEMM rate, measured now (`when` labels the progress steps).
 fn measure_ceilings(progress: &mut dyn FnMut(Progress<'_>), when: &str) -> Ceilings {
-    progress(Progress::Step {
-        what: format!("measuring read bandwidth ({when})"),
-    });
     let read_gbps = measure_read_gbps();
     progress(Progress::Step {
         what: format!("measuring dense f32 GEMM rate ({when})"),
@@ -525,6 +587,80 @@ mod tests {
             count_bytes(&mx, 1, 0, DType::BF16),
             (3.0 * 768.0 * 2048.0 * (0.5 + 1.0 / 32.0)) as u64
         );
+    }
+
+    #[test]
+    fn progress_counts_exactly_its_steps_and_the_cpu_has_one_matrix_rate() {
+        // A tiny preset on the CPU backend: the progress bar once counted 18 of 16 (the CPU
+        // backend has no ceilings of its own, and its fallback counted a step of its own).
+        let tiny: &'static Preset = Box::leak(Box::new(Preset {
+            name: "tiny",
+            num_experts: 4,
+            top_k: 2,
+            hidden: 128,
+            intermediate: 128,
+            ..*presets::preset("qwen3-30b-a3b").unwrap()
+        }));
+        let plan = BenchPlan {
+            presets: vec![tiny],
+            weight_formats: vec![WeightFormat::Bf16],
+            tokens: vec![1, 2],
+            iters: 1,
+            backend: BackendChoice::Named("cpu".into()),
+            seed: 1,
+            parallelism: crate::config::Parallelism::default(),
+        };
+        let (mut total, mut steps) = (0, 0);
+        let report = run(&plan, &mut |p| match p {
+            Progress::Start { steps } => total = steps,
+            Progress::Step { .. } => steps += 1,
+            Progress::Row(_) => {}
+        })
+        .unwrap();
+        assert_eq!((steps, total), (4 + 3, 4 + 3));
+        let c = &report.ceilings;
+        assert_eq!((c.f32_tflops, c.fp8_tflops), (Some(c.bf16_tflops), None));
+    }
+
+    #[test]
+    fn rows_carry_their_samples_and_a_rank_runs_its_share() {
+        let tiny: &'static Preset = Box::leak(Box::new(Preset {
+            name: "tiny",
+            num_experts: 4,
+            top_k: 2,
+            hidden: 128,
+            intermediate: 256,
+            ..*presets::preset("qwen3-30b-a3b").unwrap()
+        }));
+        let par = crate::config::Parallelism {
+            ep_size: 2,
+            ep_rank: 0,
+            tp_size: 2,
+            tp_rank: 0,
+        };
+        let plan = BenchPlan {
+            presets: vec![tiny],
+            weight_formats: vec![WeightFormat::Bf16],
+            tokens: vec![8],
+            iters: 3,
+            backend: BackendChoice::Named("cpu".into()),
+            seed: 1,
+            parallelism: par,
+        };
+        let report = run(&plan, &mut |_| {}).unwrap();
+        assert_eq!(report.moerunner_version, env!("CARGO_PKG_VERSION"));
+        let row = &report.rows[0];
+        assert_eq!((row.tp_size, row.ep_size, row.samples_us.len()), (2, 2, 3));
+        assert!(
+            row.min_us <= row.time_us && row.time_us <= row.max_us,
+            "{row:?}"
+        );
+        assert!(row.samples_us.contains(&row.time_us), "{row:?}");
+        // Rank 0's share: I/2 features of E/2 experts, FLOPs over the pairs those experts hold.
+        let cfg = rank_config(tiny, WeightFormat::Bf16, par).unwrap();
+        assert_eq!((cfg.intermediate, cfg.local_experts.clone()), (128, 0..2));
+        assert_eq!(row.flops % count_flops_pairs(&cfg, 1), 0);
+        assert!(row.flops <= count_flops(&cfg, 8), "{row:?}");
     }
 
     #[test]

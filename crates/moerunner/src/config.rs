@@ -464,16 +464,19 @@ impl fmt::Display for LayerConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "E={} H={} I={} {}x{} {} {} {}",
+            "E={} H={} I={} {}×{} {}",
             self.num_experts,
             self.hidden,
             self.intermediate,
             self.weight_format,
             self.activation_format,
             self.activation,
-            self.w13_order,
-            self.routing
         )?;
+        // W13's row order means something only when it holds gate and up rows.
+        if self.activation.is_gated() {
+            write!(f, " {}", self.w13_order)?;
+        }
+        write!(f, " {}", self.routing)?;
         if !self.parallelism.is_single() {
             let p = self.parallelism;
             write!(
@@ -493,5 +496,38 @@ pub fn tolerance(weight: WeightFormat, activation: ActivationFormat) -> f64 {
         (WeightFormat::Bf16, _) | (WeightFormat::Mxfp4, ActivationFormat::Bf16) => 1e-2,
         (WeightFormat::Nvfp4, _) => 5e-2,
         _ => 2e-2,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_config_reads_with_a_times_sign_and_w13_order_only_when_gated() {
+        let mut c = LayerConfig {
+            num_experts: 4,
+            hidden: 128,
+            intermediate: 64,
+            weight_format: WeightFormat::Fp8Block,
+            activation_format: ActivationFormat::Fp8Block,
+            activation: Activation::Swiglu,
+            w13_order: W13Order::Interleaved,
+            routing: RoutingConfig::new(RoutingMethod::Renormalize, 2),
+            local_experts: 0..4,
+            parallelism: Parallelism::default(),
+        };
+        let gated = c.to_string();
+        assert!(
+            gated.contains("fp8_block×fp8_block swiglu interleaved "),
+            "{gated}"
+        );
+        c.activation = Activation::Relu2;
+        let plain = c.to_string();
+        assert!(
+            plain.contains("fp8_block×fp8_block relu2 renormalize"),
+            "{plain}"
+        );
+        assert!(!plain.contains("interleaved"), "{plain}");
     }
 }

@@ -18,14 +18,34 @@ pub enum BackendChoice {
     Named(String),
 }
 
+/// The names of the registry's backends, in its order (`Runner::new` registers exactly these).
+pub const BACKEND_NAMES: &[&str] = &["cuda", "cpu", "reference"];
+
 impl std::str::FromStr for BackendChoice {
     type Err = MoeError;
     fn from_str(s: &str) -> Result<Self> {
-        Ok(if s == "auto" {
-            BackendChoice::Auto
+        if s == "auto" {
+            Ok(BackendChoice::Auto)
+        } else if BACKEND_NAMES.contains(&s) {
+            Ok(BackendChoice::Named(s.to_string()))
         } else {
-            BackendChoice::Named(s.to_string())
-        })
+            Err(MoeError::invalid(
+                "--backend",
+                format!(
+                    "unknown backend `{s}`; known: auto, {}",
+                    BACKEND_NAMES.join(", ")
+                ),
+            ))
+        }
+    }
+}
+
+impl std::fmt::Display for BackendChoice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BackendChoice::Auto => f.write_str("auto"),
+            BackendChoice::Named(n) => f.write_str(n),
+        }
     }
 }
 
@@ -113,6 +133,27 @@ impl Runner {
         Err(reasons)
     }
 
+    /// Why the backend `choice` names cannot run anything on this machine or build (CUDA without
+    /// a GPU, a driver or NVRTC; a build without the feature), or Ok when it can (or is `auto`).
+    pub fn available(&self, choice: &BackendChoice) -> Result<()> {
+        let BackendChoice::Named(n) = choice else {
+            return Ok(());
+        };
+        match self.backends.iter().find(|r| r.name() == n) {
+            Some(Registered::Ready(_)) => Ok(()),
+            Some(Registered::Unavailable { name, reason }) => Err(MoeError::Unsupported(format!(
+                "backend {name} is not available here: {reason}"
+            ))),
+            None => Err(MoeError::invalid(
+                "backend",
+                format!(
+                    "unknown backend `{n}`; known: auto, {}",
+                    BACKEND_NAMES.join(", ")
+                ),
+            )),
+        }
+    }
+
     /// Whether `choice` can run `config` here, or why not.
     pub fn supports(
         &self,
@@ -121,7 +162,7 @@ impl Runner {
     ) -> std::result::Result<(), String> {
         match self.choose(choice, config) {
             Ok(_) => Ok(()),
-            Err(reasons) if reasons.is_empty() => Err(format!("unknown backend {choice:?}")),
+            Err(reasons) if reasons.is_empty() => Err(format!("unknown backend `{choice}`")),
             Err(reasons) => Err(reasons
                 .iter()
                 .map(|(name, why)| format!("{name}: {why}"))
@@ -139,7 +180,7 @@ impl Runner {
                 Err(MoeError::invalid(
                     "backend",
                     format!(
-                        "unknown backend {choice:?}; known: auto, {}",
+                        "unknown backend `{choice}`; known: auto, {}",
                         names.join(", ")
                     ),
                 ))

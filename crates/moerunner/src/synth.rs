@@ -32,6 +32,7 @@ fn random_projection(
     cols: usize,
     seed: u64,
     purpose: u64,
+    expert_done: &(dyn Fn() + Sync),
 ) -> Result<QuantizedTensor> {
     let amp = (3.0 / cols as f32).sqrt();
     let experts: Result<Vec<QuantizedTensor>> = config
@@ -44,7 +45,9 @@ fn random_projection(
             for v in &mut w {
                 *v = rng.uniform(-amp, amp);
             }
-            quantize_weights(config.weight_format, 1, rows, cols, &w, None)
+            let q = quantize_weights(config.weight_format, 1, rows, cols, &w, None);
+            expert_done();
+            q
         })
         .collect();
     concat_experts(experts?)
@@ -154,6 +157,17 @@ pub fn input_bytes(config: &LayerConfig, tokens: usize, dtype: DType) -> Bytes {
 /// `biases` adds random W13/W2 biases. Static input scales are calibrated for inputs of amplitude
 /// [`X_AMP`] and intermediates of amplitude ~8.
 pub fn random_layer(config: &LayerConfig, seed: u64, biases: bool) -> Result<MoeLayer> {
+    random_layer_with_progress(config, seed, biases, &|| {})
+}
+
+/// [`random_layer`], calling `expert_done` (from any thread) as each expert's W13 and each
+/// expert's W2 is generated and quantized: 2 × the local expert count in all, for a progress bar.
+pub fn random_layer_with_progress(
+    config: &LayerConfig,
+    seed: u64,
+    biases: bool,
+    expert_done: &(dyn Fn() + Sync),
+) -> Result<MoeLayer> {
     config.validate()?;
     size::check(
         layer_bytes(config, biases),
@@ -161,8 +175,8 @@ pub fn random_layer(config: &LayerConfig, seed: u64, biases: bool) -> Result<Moe
         "its E, H and I",
     )?;
     let (m, h, i) = (config.w13_rows(), config.hidden, config.intermediate);
-    let w13 = random_projection(config, m, h, seed, 1)?;
-    let w2 = random_projection(config, h, i, seed, 2)?;
+    let w13 = random_projection(config, m, h, seed, 1, expert_done)?;
+    let w2 = random_projection(config, h, i, seed, 2, expert_done)?;
     let n_local = config.num_local_experts();
     let mut rng = stream(seed, 3, 0);
     let mut vec_of =
@@ -301,4 +315,29 @@ pub fn random_input(
         RoutingMode::Logits => unreachable!(),
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    #[test]
+    fn progress_reports_each_expert_projection_once_and_changes_nothing() {
+        let mut config = crate::presets::preset("qwen3-30b-a3b")
+            .map(|p| p.config(crate::config::WeightFormat::Fp8Block, None))
+            .unwrap();
+        (config.num_experts, config.hidden, config.intermediate) = (6, 128, 128);
+        config.routing.top_k = 2;
+        config.local_experts = 0..6;
+        let done = AtomicUsize::new(0);
+        let a = random_layer_with_progress(&config, 5, false, &|| {
+            done.fetch_add(1, Ordering::Relaxed);
+        })
+        .unwrap();
+        assert_eq!(done.into_inner(), 2 * 6);
+        let b = random_layer(&config, 5, false).unwrap();
+        assert_eq!(a.weights().w13.data[..], b.weights().w13.data[..]);
+        assert_eq!(a.weights().w2.data[..], b.weights().w2.data[..]);
+    }
 }

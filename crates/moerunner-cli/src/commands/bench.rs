@@ -7,7 +7,8 @@ use std::path::PathBuf;
 use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
 use moerunner::bench::{self, BenchPlan, BenchReport, Progress};
-use moerunner::{presets, BackendChoice, WeightFormat};
+use moerunner::presets::Preset;
+use moerunner::{presets, BackendChoice, Parallelism, WeightFormat};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -32,18 +33,100 @@ pub struct Args {
     /// Write the report as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Write the rows as CSV here (one line per row; the samples `;`-separated).
+    #[arg(long)]
+    csv: Option<PathBuf>,
+    /// Benchmark the MoE layer a model's `config.json` describes (its first MoE layer, or
+    /// `--layer-index`) instead of presets.
+    #[arg(long, conflicts_with_all = ["preset", "checkpoint"])]
+    config: Option<PathBuf>,
+    /// The same from a model folder (its `config.json`; no weights are read).
+    #[arg(long, conflicts_with = "preset")]
+    checkpoint: Option<PathBuf>,
+    /// With `--config` / `--checkpoint`: the layer whose shape to take.
+    #[arg(long)]
+    layer_index: Option<usize>,
+    /// An explicit shape instead of presets: E (with --hidden, --intermediate and --top-k;
+    /// swiglu, renormalize routing).
+    #[arg(long, requires_all = ["hidden", "intermediate", "top_k"], conflicts_with_all = ["preset", "config", "checkpoint"])]
+    experts: Option<usize>,
+    #[arg(long, requires = "experts")]
+    hidden: Option<usize>,
+    #[arg(long, requires = "experts")]
+    intermediate: Option<usize>,
+    #[arg(long, requires = "experts")]
+    top_k: Option<usize>,
+    /// Tensor-parallel group size: each row is one rank's share (I / tp-size features).
+    #[arg(long, default_value_t = 1)]
+    tp_size: usize,
+    /// Expert-parallel group size: each row is one rank's share (E / ep-size experts).
+    #[arg(long, default_value_t = 1)]
+    ep_size: usize,
+}
+
+/// A shape given on the command line or read from a config, as a preset (names live as long as
+/// the process: a bench run is short).
+fn shape_preset(name: String, base: Preset) -> &'static Preset {
+    Box::leak(Box::new(Preset {
+        name: Box::leak(name.into_boxed_str()),
+        ..base
+    }))
+}
+
+/// The presets to run: `--preset`, an explicit shape, or a model config's layer.
+fn presets_of(args: &Args) -> anyhow::Result<Vec<&'static Preset>> {
+    let template = presets::preset("qwen3-30b-a3b")?.clone();
+    if let (Some(e), Some(h), Some(i), Some(k)) =
+        (args.experts, args.hidden, args.intermediate, args.top_k)
+    {
+        let base = Preset {
+            num_experts: e,
+            top_k: k,
+            hidden: h,
+            intermediate: i,
+            biases: false,
+            ..template
+        };
+        return Ok(vec![shape_preset(format!("E{e}-H{h}-I{i}-k{k}"), base)]);
+    }
+    let config = match (&args.config, &args.checkpoint) {
+        (Some(c), _) => Some(c.clone()),
+        (None, Some(dir)) => Some(dir.join("config.json")),
+        (None, None) => None,
+    };
+    if let Some(path) = config {
+        let s = moerunner::checkpoint::describe(&path, args.layer_index)
+            .with_context(|| format!("reading the layer shape from {}", path.display()))?;
+        let base = Preset {
+            num_experts: s.num_experts,
+            top_k: s.routing.top_k,
+            hidden: s.hidden,
+            intermediate: s.intermediate,
+            activation: s.activation,
+            routing: s.routing.method,
+            n_group: s.routing.n_group,
+            topk_group: s.routing.topk_group,
+            routed_scaling_factor: s.routing.routed_scaling_factor,
+            biases: s.biases,
+            ..template
+        };
+        return Ok(vec![shape_preset(
+            format!("{}-layer{}", s.family, s.layer),
+            base,
+        )]);
+    }
+    if args.preset.is_empty() {
+        return Ok(vec![presets::preset("qwen3-30b-a3b")?]);
+    }
+    Ok(args
+        .preset
+        .iter()
+        .map(|n| presets::preset(n))
+        .collect::<Result<Vec<_>, _>>()?)
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let preset_names = if args.preset.is_empty() {
-        vec!["qwen3-30b-a3b".to_string()]
-    } else {
-        args.preset
-    };
-    let presets = preset_names
-        .iter()
-        .map(|n| presets::preset(n))
-        .collect::<Result<Vec<_>, _>>()?;
+    let presets = presets_of(&args)?;
     let weight_formats = if args.weight_format.is_empty() {
         vec![
             WeightFormat::Bf16,
@@ -59,11 +142,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let tokens = if args.tokens.is_empty() {
         vec![1, 16, 256]
     } else {
-        args.tokens
+        args.tokens.clone()
     };
     // A JSON path that cannot be written fails now, not after the whole benchmark.
-    if let Some(path) = &args.json {
-        moerunner::layer_file::check_output_path(path, "--json", &[])?;
+    for (path, flag) in [(&args.json, "--json"), (&args.csv, "--csv")] {
+        if let Some(path) = path {
+            moerunner::layer_file::check_output_path(path, flag, &[])?;
+        }
     }
     let plan = BenchPlan {
         presets,
@@ -72,6 +157,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         iters: args.iters,
         backend: args.backend.parse::<BackendChoice>()?,
         seed: args.seed,
+        parallelism: Parallelism {
+            ep_size: args.ep_size,
+            ep_rank: 0,
+            tp_size: args.tp_size,
+            tp_rank: 0,
+        },
     };
 
     let bar = ProgressBar::new(0);
@@ -79,7 +170,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         ProgressStyle::with_template("{bar:30} {pos}/{len} {elapsed} {msg}")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
-    let report = bench::run(&plan, &mut |p| match p {
+    let mut report = bench::run(&plan, &mut |p| match p {
         Progress::Start { steps } => bar.set_length(steps as u64),
         Progress::Step { what } => {
             bar.inc(1);
@@ -99,36 +190,77 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
     })?;
     bar.finish_and_clear();
+    report.commit = Some(env!("MOERUNNER_COMMIT"))
+        .filter(|c| !c.is_empty())
+        .map(str::to_string);
+    report.argv = std::env::args().collect();
     print_table(&report);
     if let Some(path) = &args.json {
         let text = serde_json::to_string_pretty(&report)?;
         std::fs::write(path, text + "\n").with_context(|| format!("writing {}", path.display()))?;
         println!("wrote {}", path.display());
     }
+    if let Some(path) = &args.csv {
+        std::fs::write(path, csv(&report))
+            .with_context(|| format!("writing {}", path.display()))?;
+        println!("wrote {}", path.display());
+    }
     Ok(())
+}
+
+/// The rows as CSV: one header line, one line per row.
+fn csv(r: &BenchReport) -> String {
+    let mut out = String::from(
+        "preset,weight_format,activation_format,tokens,tp_size,ep_size,active_experts,\
+         time_us,min_us,max_us,bytes,flops,floor_us,roofline,rel_err,samples_us\n",
+    );
+    for row in &r.rows {
+        let samples: Vec<String> = row.samples_us.iter().map(|s| format!("{s:.3}")).collect();
+        out.push_str(&format!(
+            "{},{},{},{},{},{},{},{:.3},{:.3},{:.3},{},{},{:.3},{:.5},{:.3e},{}\n",
+            row.preset,
+            row.weight_format,
+            row.activation_format,
+            row.tokens,
+            row.tp_size,
+            row.ep_size,
+            row.active_experts,
+            row.time_us,
+            row.min_us,
+            row.max_us,
+            row.bytes,
+            row.flops,
+            row.floor_us,
+            row.roofline,
+            row.rel_err,
+            samples.join(";")
+        ));
+    }
+    out
 }
 
 fn print_table(r: &BenchReport) {
     let c = &r.ceilings;
     println!(
-        "device: {}   backend: {}   date: {}",
-        r.device, r.backend, r.date
+        "moerunner {}{}   device: {}   backend: {}   date: {}",
+        r.moerunner_version,
+        r.commit
+            .as_deref()
+            .map_or(String::new(), |c| format!(" ({})", &c[..c.len().min(12)])),
+        r.device,
+        r.backend,
+        r.date
     );
-    let fp8 = c
-        .fp8_tflops
-        .map_or("n/a".to_string(), |v| format!("{v:.3}"));
+    println!("{}", ceilings_line(c));
     println!(
-        "ceilings: read {:.1} GB/s, bf16 (f32 on CPU) {:.3} TFLOP/s, fp8 {fp8} TFLOP/s",
-        c.read_gbps, c.bf16_tflops
-    );
-    println!(
-        "{:<16} {:<10} {:<9} {:>6} {:>7} {:>11} {:>8} {:>8} {:>11} {:>9} {:>9}",
+        "{:<16} {:<10} {:<9} {:>6} {:>7} {:>11} {:>17} {:>8} {:>8} {:>11} {:>9} {:>9}",
         "preset",
         "weights",
         "acts",
         "T",
         "experts",
-        "time µs",
+        "median µs",
+        "min–max µs",
         "GB/s",
         "TFLOP/s",
         "floor µs",
@@ -137,18 +269,70 @@ fn print_table(r: &BenchReport) {
     );
     for row in &r.rows {
         println!(
-            "{:<16} {:<10} {:<9} {:>6} {:>7} {:>11.1} {:>8.2} {:>8.3} {:>11.1} {:>8.1}% {:>9.2e}",
+            "{:<16} {:<10} {:<9} {:>6} {:>7} {:>11.1} {:>17} {:>8.2} {:>8.3} {:>11.1} {:>8.1}% {:>9.2e}",
             row.preset,
             row.weight_format,
             row.activation_format,
             row.tokens,
             row.active_experts,
             row.time_us,
+            format!("{:.1}–{:.1}", row.min_us, row.max_us),
             row.achieved_gbps(),
             row.achieved_tflops(),
             row.floor_us,
             100.0 * row.roofline,
             row.rel_err
+        );
+    }
+}
+
+/// The ceilings in words: on the CPU one matrix rate (every format computes in f32 there), on a
+/// GPU the bf16 and fp8 rates; a rate the device does not have is left out, never "n/a".
+fn ceilings_line(c: &moerunner::bench::Ceilings) -> String {
+    let mut line = format!("ceilings: read {:.1} GB/s", c.read_gbps);
+    match c.f32_tflops {
+        Some(f32) => line.push_str(&format!(
+            ", matrix {f32:.3} TFLOP/s (dense f32 GEMM: on the CPU every format computes in f32)"
+        )),
+        None => {
+            line.push_str(&format!(", bf16 {:.3} TFLOP/s", c.bf16_tflops));
+            if let Some(fp8) = c.fp8_tflops {
+                line.push_str(&format!(", fp8 {fp8:.3} TFLOP/s"));
+            }
+        }
+    }
+    line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ceilings_line;
+    use moerunner::bench::Ceilings;
+
+    #[test]
+    fn ceilings_name_one_cpu_rate_and_no_missing_one() {
+        let cpu = Ceilings {
+            read_gbps: 25.0,
+            bf16_tflops: 0.1,
+            fp8_tflops: None,
+            f32_tflops: Some(0.1),
+        };
+        let line = ceilings_line(&cpu);
+        assert!(!line.contains("n/a") && !line.contains("fp8"), "{line}");
+        assert!(
+            line.contains("matrix 0.100 TFLOP/s (dense f32 GEMM"),
+            "{line}"
+        );
+        let gpu = Ceilings {
+            read_gbps: 4000.0,
+            bf16_tflops: 790.0,
+            fp8_tflops: Some(1450.0),
+            f32_tflops: None,
+        };
+        let line = ceilings_line(&gpu);
+        assert!(
+            line.contains("bf16 790.000") && line.contains("fp8 1450.000"),
+            "{line}"
         );
     }
 }

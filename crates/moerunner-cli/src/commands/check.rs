@@ -26,8 +26,16 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let backend: BackendChoice = args.backend.parse().context("--backend")?;
+    let backend: BackendChoice = args.backend.parse()?;
+    if backend == BackendChoice::Named("reference".into()) {
+        bail!(
+            "--backend reference: check compares a backend with the float64 reference, so this \
+             would check the reference against itself; name cpu or cuda (or auto)"
+        );
+    }
     let runner = Runner::new();
+    // A backend that cannot run here says why, instead of every case counting as "skipped".
+    runner.available(&backend)?;
     if let Some(seed) = args.case {
         return run_single_case(&runner, seed, &backend);
     }
@@ -139,7 +147,7 @@ fn print_format_summary(results: &[CaseResult]) {
         let key = (r.weight_format as usize, r.activation_format as usize);
         let (_, row) = rows.entry(key).or_insert_with(|| {
             (
-                format!("{} x {}", r.weight_format, r.activation_format),
+                format!("{} × {}", r.weight_format, r.activation_format),
                 Row::default(),
             )
         });
@@ -160,7 +168,7 @@ fn print_format_summary(results: &[CaseResult]) {
     }
     println!(
         "{:<28} {:>6} {:>6} {:>12} {:>10}",
-        "weight x activation", "cases", "passed", "worst err", "tolerance"
+        "weight × activation", "cases", "passed", "worst err", "tolerance"
     );
     for (name, row) in rows.values() {
         println!(

@@ -138,11 +138,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         &format!("make-layer's random layer ({config})"),
         &asked_by,
     )?;
-    let bar = ProgressBar::new_spinner()
-        .with_style(ProgressStyle::with_template("{spinner} {msg} [{elapsed}]")?);
+    // One step per expert and projection (W13, then W2), so a large preset shows how far it is.
+    let bar = ProgressBar::new(2 * config.num_local_experts() as u64).with_style(
+        ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} expert projections, {elapsed} elapsed, eta {eta} {msg}",
+        )?,
+    );
     bar.set_message(format!("generating {config}"));
-    bar.enable_steady_tick(std::time::Duration::from_millis(120));
-    let layer = moerunner::synth::random_layer(&config, args.seed, biases)?;
+    let layer =
+        moerunner::synth::random_layer_with_progress(&config, args.seed, biases, &|| bar.inc(1))?;
     bar.set_message(format!("writing {}", args.out.display()));
     moerunner::layer_file::write_layer(&args.out, &layer)
         .with_context(|| format!("writing {}", args.out.display()))?;

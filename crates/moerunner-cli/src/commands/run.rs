@@ -24,6 +24,11 @@ pub struct Args {
     /// With `--checkpoint`: quantize the experts into this format at load (e.g. mxfp8, nvfp4).
     #[arg(long)]
     pub quantize: Option<String>,
+    /// The activation format to run with (as `convert` has it): with `--checkpoint` instead of
+    /// the weight format's natural one; on a layer file instead of the file's own (static formats
+    /// need the file's input scales).
+    #[arg(long)]
+    pub activation_format: Option<String>,
     /// The input file: `hidden_states` and one routing source.
     #[arg(long)]
     pub input: PathBuf,
@@ -83,10 +88,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let inputs: Vec<(&std::path::Path, &str)> =
         inputs.iter().map(|(p, f)| (p.as_path(), *f)).collect();
     layer_file::check_output_path(&args.output, "--output", &inputs)?;
+    let load_started = Instant::now();
     let (layer, input) = match &args.checkpoint {
         Some(dir) => {
             let index = checkpoint_layer_index(&args)?;
-            let opts = super::load_options(par, args.quantize.as_deref(), None)?;
+            let opts = super::load_options(
+                par,
+                args.quantize.as_deref(),
+                args.activation_format.as_deref(),
+            )?;
             let loaded = super::load_checkpoint(dir, index, &opts)?;
             let input = loaded
                 .read_input(&args.input)
@@ -104,6 +114,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 .with_context(|| format!("reading layer {}", path.display()))?;
             let input = layer_file::read_input(&args.input)
                 .with_context(|| format!("reading input {}", args.input.display()))?;
+            if let Some(a) = &args.activation_format {
+                let mut config = layer.config().clone();
+                config.activation_format = a.parse().context("--activation-format")?;
+                layer = moerunner::MoeLayer::new(config, layer.weights().clone())
+                    .with_context(|| format!("--activation-format {a} on {}", path.display()))?;
+            }
             if !par.is_single() {
                 layer = moerunner::shard::shard(&layer, par)
                     .context("slicing the layer for this rank")?;
@@ -133,6 +149,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         BackendChoice::Named(n) => format!("--backend {n}"),
     };
     let loaded = Runner::new().load(layer, &choice).context(backend_flag)?;
+    // Reading (and slicing, quantizing) the layer and the input, and the backend's preparation.
+    let load_time = load_started.elapsed();
     bar.set_message(format!(
         "running {} tokens on `{}`",
         input.tokens(),
@@ -161,9 +179,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         )
     };
     println!(
-        "backend {} | T = {} | {:.3} ms | {} | {}{partial}",
+        "backend {} | T = {} | load {:.1} ms | run {:.3} ms | {} | {}{partial}",
         loaded.backend(),
         out.routes.tokens,
+        load_time.as_secs_f64() * 1e3,
         elapsed.as_secs_f64() * 1e3,
         loaded.layer().config(),
         args.output.display(),

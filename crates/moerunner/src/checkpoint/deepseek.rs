@@ -27,9 +27,11 @@ pub(super) fn plan(cfg: &HfConfig, layer: usize) -> Result<Plan> {
     cfg.expect_str("topk_method", &["noaux_tc"])?;
     let routing = deepseek_v3_routing(cfg)?;
     let p = format!("model.layers.{layer}.mlp.");
+    let (num_experts, experts_key) = cfg.num_experts("n_routed_experts")?;
     Ok(Plan {
         family: "deepseek_v3",
-        num_experts: cfg.usize("n_routed_experts")?,
+        num_experts,
+        experts_key,
         hidden: cfg.usize("hidden_size")?,
         intermediate: cfg.usize("moe_intermediate_size")?,
         routing,
@@ -42,6 +44,7 @@ pub(super) fn plan(cfg: &HfConfig, layer: usize) -> Result<Plan> {
         },
         router_weight: format!("{p}gate.weight"),
         router_linear_bias: None,
+        renamed: None,
         correction_bias: Some(format!("{p}gate.e_score_correction_bias")),
     })
 }
@@ -55,8 +58,7 @@ pub(super) fn deepseek_v3_routing(cfg: &HfConfig) -> Result<RoutingConfig> {
             "false is not supported: deepseek_v3 routing renormalizes the selected weights",
         ));
     }
-    let mut routing =
-        RoutingConfig::new(RoutingMethod::DeepseekV3, cfg.usize("num_experts_per_tok")?);
+    let mut routing = RoutingConfig::new(RoutingMethod::DeepseekV3, cfg.top_k()?);
     routing.n_group = cfg.usize("n_group")?;
     routing.topk_group = cfg.usize("topk_group")?;
     routing.routed_scaling_factor = cfg.f32("routed_scaling_factor")?;

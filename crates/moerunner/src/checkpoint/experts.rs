@@ -36,11 +36,14 @@ pub(super) fn load(sh: &Shards, plan: &Plan, s: &Slice) -> Result<LoadedExperts>
     let format = match dtype {
         DType::BF16 => WeightFormat::Bf16,
         DType::F8E4M3 if sh.has(&name(0, up, "weight_scale_inv")) => WeightFormat::Fp8Block,
+        // Per-tensor FP8 (ModelOpt, compressed-tensors): a scalar `weight_scale` per weight.
+        DType::F8E4M3 if sh.has(&name(0, up, "weight_scale")) => WeightFormat::Fp8,
         DType::U8 if sh.has(&name(0, up, "weight_scale")) => WeightFormat::Nvfp4,
         _ => {
             return Err(MoeError::Unsupported(format!(
                 "tensor `{probe}` is {dtype} without the scale tensor of a known layout \
-                 (`weight_scale_inv` for FP8 128×128 blocks, `weight_scale` for ModelOpt NVFP4)"
+                 (`weight_scale_inv` for FP8 128×128 blocks, a scalar `weight_scale` for per-tensor \
+                 FP8, `weight_scale` for ModelOpt NVFP4)"
             )))
         }
     };
@@ -60,6 +63,9 @@ pub(super) fn load(sh: &Shards, plan: &Plan, s: &Slice) -> Result<LoadedExperts>
     let mut s2: Vec<u8> = Vec::new();
     let mut g13 = Vec::new();
     let mut g2 = Vec::new();
+    // Per-tensor FP8: each local expert's scalar scales, [gate, up] (or [up]) and down.
+    let mut pt13: Vec<Vec<f32>> = Vec::new();
+    let mut pt2: Vec<f32> = Vec::new();
     for e in s.experts.clone() {
         for p in &projs13 {
             let n = name(e, p, "weight");
@@ -79,6 +85,16 @@ pub(super) fn load(sh: &Shards, plan: &Plan, s: &Slice) -> Result<LoadedExperts>
 
         match format {
             WeightFormat::Bf16 => {}
+            WeightFormat::Fp8 => {
+                let mut scales = Vec::new();
+                for p in &projs13 {
+                    let n = name(e, p, "weight_scale");
+                    scales.push(positive(&n, sh.read_scalar(&n)?)?);
+                }
+                pt13.push(scales);
+                let n = name(e, down, "weight_scale");
+                pt2.push(positive(&n, sh.read_scalar(&n)?)?);
+            }
             WeightFormat::Fp8Block => {
                 let (ib, hb) = (inter.div_ceil(FP8_BLOCK), h.div_ceil(FP8_BLOCK));
                 let rows = f0 / FP8_BLOCK..f1.div_ceil(FP8_BLOCK);
@@ -146,7 +162,8 @@ pub(super) fn load(sh: &Shards, plan: &Plan, s: &Slice) -> Result<LoadedExperts>
     // Static activation scales are per GEMM in our layer, per expert in ModelOpt's: take the max
     // over *all* experts (not just local ones) so every EP rank quantizes activations alike.
     let (mut in13, mut in2) = (None, None);
-    if format == WeightFormat::Nvfp4 && sh.has(&name(0, up, "input_scale")) {
+    let static_inputs = matches!(format, WeightFormat::Nvfp4 | WeightFormat::Fp8);
+    if static_inputs && sh.has(&name(0, up, "input_scale")) {
         let (mut a, mut b) = (0f32, 0f32);
         for e in 0..plan.num_experts {
             // Each is checked before the max: `f32::max` drops a NaN, so a NaN (or negative) scale
@@ -163,6 +180,48 @@ pub(super) fn load(sh: &Shards, plan: &Plan, s: &Slice) -> Result<LoadedExperts>
 
     let n_exp = s.experts.len();
     let m = projs13.len() * local;
+    let mut format = format;
+    if format == WeightFormat::Fp8 {
+        // Our fp8 holds one scale per expert for W13 and static input scales. When the gate's
+        // and up's scales differ or no input scales ship, the weights are kept exactly as
+        // fp8_block whose 128×128 blocks all carry the tensor's scale (activations then 1×128
+        // dynamic); that needs the gate/up seam and the slice on block boundaries.
+        let shared = pt13.iter().all(|v| v.windows(2).all(|w| w[0] == w[1]));
+        if shared && in13.is_some() {
+            s13 = pt13.iter().flat_map(|v| v[0].to_le_bytes()).collect();
+            s2 = pt2.iter().flat_map(|v| v.to_le_bytes()).collect();
+        } else {
+            check_alignment(
+                WeightFormat::Fp8Block,
+                local,
+                gate.is_some() || local != inter,
+                &name(0, up, "weight"),
+            )
+            .map_err(|e| {
+                MoeError::Unsupported(format!(
+                    "per-tensor FP8 experts whose gate and up scales differ (or without \
+                     `input_scale`) are loaded as fp8_block, and: {e}"
+                ))
+            })?;
+            let (rb, hb, ib) = (
+                local.div_ceil(FP8_BLOCK),
+                h.div_ceil(FP8_BLOCK),
+                local.div_ceil(FP8_BLOCK),
+            );
+            s13.clear();
+            for v in &pt13 {
+                for sc in v {
+                    s13.extend((0..rb * hb).flat_map(|_| sc.to_le_bytes()));
+                }
+            }
+            s2 = pt2
+                .iter()
+                .flat_map(|sc| (0..hb * ib).flat_map(move |_| sc.to_le_bytes()))
+                .collect();
+            (in13, in2) = (None, None);
+            format = WeightFormat::Fp8Block;
+        }
+    }
     let f32s = |b: Vec<u8>| {
         b.chunks_exact(4)
             .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
@@ -174,6 +233,10 @@ pub(super) fn load(sh: &Shards, plan: &Plan, s: &Slice) -> Result<LoadedExperts>
             BlockScales::Block128(f32s(s2)),
         ),
         WeightFormat::Nvfp4 => (BlockScales::E4m3(s13), BlockScales::E4m3(s2)),
+        WeightFormat::Fp8 => (
+            BlockScales::PerExpert(f32s(s13)),
+            BlockScales::PerExpert(f32s(s2)),
+        ),
         _ => (BlockScales::None, BlockScales::None),
     };
     let w13 = QuantizedTensor {

@@ -15,7 +15,12 @@ pub struct HfConfig {
 
 impl HfConfig {
     pub fn open(dir: &Path) -> Result<Self> {
-        let path = dir.join("config.json");
+        Self::open_file(&dir.join("config.json"))
+    }
+
+    /// A `config.json` read on its own (`bench --config`), without a model folder around it.
+    pub fn open_file(path: &Path) -> Result<Self> {
+        let path = path.to_path_buf();
         let json = read_json(&path)?;
         if !json.is_object() {
             return Err(MoeError::Json {
@@ -49,16 +54,67 @@ impl HfConfig {
         })
     }
 
-    /// The first of `keys` that is present (configs spell some keys two ways).
-    pub fn usize_any(&self, keys: &[&str]) -> Result<usize> {
-        match keys.iter().find(|k| self.get(k).is_some()) {
-            Some(k) => self.usize(k),
+    /// The expert count under any of the names transformers' config classes map to it through
+    /// their `attribute_map` (`num_experts` ↔ `num_local_experts` ↔ `n_routed_experts`);
+    /// `canonical` (the family's own name) is read first. Returns the value and the key read.
+    pub fn num_experts(&self, canonical: &'static str) -> Result<(usize, &'static str)> {
+        self.alias(
+            canonical,
+            &["num_experts", "num_local_experts", "n_routed_experts"],
+        )
+    }
+
+    /// Top-k under any of its spellings (`num_experts_per_tok`, GPT-OSS's `experts_per_token`).
+    pub fn top_k(&self) -> Result<usize> {
+        self.alias(
+            "num_experts_per_tok",
+            &["num_experts_per_tok", "experts_per_token"],
+        )
+        .map(|(v, _)| v)
+    }
+
+    fn alias(
+        &self,
+        canonical: &'static str,
+        aliases: &[&'static str],
+    ) -> Result<(usize, &'static str)> {
+        let keys: Vec<&'static str> = std::iter::once(canonical)
+            .chain(aliases.iter().copied().filter(|k| *k != canonical))
+            .collect();
+        let key = keys.iter().copied().find(|k| self.get(k).is_some());
+        match key {
+            Some(k) => Ok((self.usize(k)?, k)),
             None => Err(MoeError::missing(format!(
                 "key `{}` in {}",
                 keys.join("` or `"),
                 self.path.display()
             ))),
         }
+    }
+
+    /// The model's layer count: `num_hidden_layers`, or — in configs transformers 5 writes for
+    /// hybrid models (Nemotron-H), which derive it — the length of `layers_block_type` (alias
+    /// `layer_types`) or of `hybrid_override_pattern`.
+    pub fn num_layers(&self) -> Result<(usize, &'static str)> {
+        if self.get("num_hidden_layers").is_some() {
+            return Ok((self.usize("num_hidden_layers")?, "num_hidden_layers"));
+        }
+        for key in ["layers_block_type", "layer_types"] {
+            if let Some(v) = self.get(key) {
+                let list = v.as_array().ok_or_else(|| {
+                    self.unsupported(key, format!("must be a list of strings, got {v}"))
+                })?;
+                return Ok((list.len(), key));
+            }
+        }
+        if self.get("hybrid_override_pattern").is_some() {
+            let n = self.str("hybrid_override_pattern")?.chars().count();
+            return Ok((n, "hybrid_override_pattern"));
+        }
+        Err(MoeError::missing(format!(
+            "key `num_hidden_layers` (or `layers_block_type`) in {}",
+            self.path.display()
+        )))
     }
 
     pub fn usize_or(&self, key: &str, default: usize) -> Result<usize> {

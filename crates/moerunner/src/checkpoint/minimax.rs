@@ -17,14 +17,15 @@ pub(super) fn plan(cfg: &HfConfig, layer: usize) -> Result<Plan> {
             "false is not supported: minimax2 routing selects with the bias",
         ));
     }
-    let mut routing =
-        RoutingConfig::new(RoutingMethod::Minimax2, cfg.usize("num_experts_per_tok")?);
+    let mut routing = RoutingConfig::new(RoutingMethod::Minimax2, cfg.top_k()?);
     // Absent in the shipped config: the routed weights are then used unscaled.
     routing.routed_scaling_factor = cfg.f32_or("routed_scaling_factor", 1.0)?;
     let p = format!("model.layers.{layer}.block_sparse_moe.");
+    let (num_experts, experts_key) = cfg.num_experts("num_local_experts")?;
     Ok(Plan {
         family: "minimax_m2",
-        num_experts: cfg.usize("num_local_experts")?,
+        num_experts,
+        experts_key,
         hidden: cfg.usize("hidden_size")?,
         intermediate: cfg.usize("intermediate_size")?,
         routing,
@@ -37,6 +38,7 @@ pub(super) fn plan(cfg: &HfConfig, layer: usize) -> Result<Plan> {
         },
         router_weight: format!("{p}gate.weight"),
         router_linear_bias: None,
+        renamed: Some((".block_sparse_moe.", ".mlp.")),
         correction_bias: Some(format!("{p}e_score_correction_bias")),
     })
 }

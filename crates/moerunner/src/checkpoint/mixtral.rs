@@ -10,15 +10,14 @@ use crate::error::Result;
 pub(super) fn plan(cfg: &HfConfig, layer: usize) -> Result<Plan> {
     check_layer_index(cfg, layer)?;
     let p = format!("model.layers.{layer}.block_sparse_moe.");
+    let (num_experts, experts_key) = cfg.num_experts("num_local_experts")?;
     Ok(Plan {
         family: "mixtral",
-        num_experts: cfg.usize("num_local_experts")?,
+        num_experts,
+        experts_key,
         hidden: cfg.usize("hidden_size")?,
         intermediate: cfg.usize("intermediate_size")?,
-        routing: RoutingConfig::new(
-            RoutingMethod::Renormalize,
-            cfg.usize("num_experts_per_tok")?,
-        ),
+        routing: RoutingConfig::new(RoutingMethod::Renormalize, cfg.top_k()?),
         activation: swiglu(cfg)?,
         experts: ExpertLayout::PerExpert {
             prefix: format!("{p}experts."),
@@ -28,6 +27,7 @@ pub(super) fn plan(cfg: &HfConfig, layer: usize) -> Result<Plan> {
         },
         router_weight: format!("{p}gate.weight"),
         router_linear_bias: None,
+        renamed: Some((".block_sparse_moe.", ".mlp.")),
         correction_bias: None,
     })
 }

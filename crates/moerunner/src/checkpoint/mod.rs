@@ -10,6 +10,7 @@
 
 mod deepseek;
 mod experts;
+mod fused;
 mod gpt_oss;
 pub mod hf_config;
 mod input;
@@ -116,6 +117,8 @@ pub fn router_logits(
 pub(crate) struct Plan {
     pub family: &'static str,
     pub num_experts: usize,
+    /// The `config.json` key `num_experts` was read from (for errors).
+    pub experts_key: &'static str,
     pub hidden: usize,
     /// Full (unsliced) I.
     pub intermediate: usize,
@@ -127,6 +130,9 @@ pub(crate) struct Plan {
     pub router_linear_bias: Option<String>,
     /// DeepSeek-style selection bias `[E]`.
     pub correction_bias: Option<String>,
+    /// transformers 5's rename of this family's module path (`(from, to)`), under which its fused
+    /// experts (`save_original_format=False`) and router are found.
+    pub renamed: Option<(&'static str, &'static str)>,
 }
 
 /// How the experts are stored.
@@ -139,7 +145,12 @@ pub(crate) enum ExpertLayout {
         up: &'static str,
         down: &'static str,
     },
-    /// GPT-OSS: all experts stacked, MXFP4 blocks and scales, gate/up rows interleaved, biases.
+    /// transformers 5's fused experts (`save_original_format=False`): `{prefix}gate_up_proj`
+    /// `[E, 2I, H]` (gate rows, then up rows) or `{prefix}up_proj` `[E, I, H]` when not gated,
+    /// and `{prefix}down_proj` `[E, H, I]`.
+    Fused { prefix: String, gated: bool },
+    /// GPT-OSS: all experts stacked, gate/up interleaved, biases; MXFP4 blocks and scales, or
+    /// BF16 `gate_up_proj [E, H, 2I]` / `down_proj [E, I, H]` (input-major).
     GptOss { prefix: String },
 }
 
@@ -181,12 +192,71 @@ fn plan(cfg: &HfConfig, layer: usize) -> Result<Plan> {
     }
 }
 
+/// The shape of one MoE layer as a `config.json` describes it (no shard is read): what
+/// `bench --config` / `bench --checkpoint` benchmarks.
+#[derive(Clone, Debug)]
+pub struct LayerShape {
+    pub family: &'static str,
+    /// The layer described: the one asked for, or the model's first MoE layer.
+    pub layer: usize,
+    pub num_experts: usize,
+    pub hidden: usize,
+    pub intermediate: usize,
+    pub routing: RoutingConfig,
+    pub activation: Activation,
+    /// GPT-OSS's experts carry biases.
+    pub biases: bool,
+}
+
+/// Describes layer `layer` of the model whose `config.json` is `config` (None: its first MoE
+/// layer; a dense layer asked for by index is refused as `load_layer` refuses it).
+pub fn describe(config: &Path, layer: Option<usize>) -> Result<LayerShape> {
+    let cfg = HfConfig::open_file(config)?;
+    let (index, plan) = match layer {
+        Some(l) => (l, plan(&cfg, l)?),
+        None => {
+            let (n, _) = cfg.num_layers()?;
+            let mut first_err = None;
+            let mut found = None;
+            for l in 0..n {
+                match plan(&cfg, l) {
+                    Ok(p) => {
+                        found = Some((l, p));
+                        break;
+                    }
+                    Err(e) => {
+                        first_err.get_or_insert(e);
+                    }
+                }
+            }
+            match (found, first_err) {
+                (Some(f), _) => f,
+                (None, Some(e)) => return Err(e),
+                (None, None) => {
+                    return Err(cfg.unsupported("num_hidden_layers", "the model has no layers"))
+                }
+            }
+        }
+    };
+    check_plan(&cfg, &plan)?;
+    Ok(LayerShape {
+        family: plan.family,
+        layer: index,
+        num_experts: plan.num_experts,
+        hidden: plan.hidden,
+        intermediate: plan.intermediate,
+        routing: plan.routing,
+        activation: plan.activation,
+        biases: matches!(plan.experts, ExpertLayout::GptOss { .. }),
+    })
+}
+
 /// Checks `layer` against `num_hidden_layers` (a typo'd index should not read as "dense").
 pub(crate) fn check_layer_index(cfg: &HfConfig, layer: usize) -> Result<()> {
-    let n = cfg.usize("num_hidden_layers")?;
+    let (n, key) = cfg.num_layers()?;
     if layer >= n {
         return Err(cfg.unsupported(
-            "num_hidden_layers",
+            key,
             format!("layer {layer} does not exist: the model has {n} layers"),
         ));
     }
@@ -196,7 +266,7 @@ pub(crate) fn check_layer_index(cfg: &HfConfig, layer: usize) -> Result<()> {
 /// Loads layer `layer_index` of the model folder `dir` for the rank in `opts.parallelism`.
 pub fn load_layer(dir: &Path, layer_index: usize, opts: &LoadOptions) -> Result<CheckpointLayer> {
     let cfg = HfConfig::open(dir)?;
-    let plan = plan(&cfg, layer_index)?;
+    let mut plan = plan(&cfg, layer_index)?;
     check_plan(&cfg, &plan)?;
     let par = opts.parallelism;
     par.validate()?;
@@ -209,8 +279,12 @@ pub fn load_layer(dir: &Path, layer_index: usize, opts: &LoadOptions) -> Result<
         tp_rank: par.tp_rank,
     };
     let shards = Shards::open(dir)?;
+    fused::resolve_layout(&shards, &mut plan)?;
     let loaded = match &plan.experts {
         ExpertLayout::PerExpert { .. } => experts::load(&shards, &plan, &slice)?,
+        ExpertLayout::Fused { prefix, gated } => {
+            fused::load(&shards, &plan, prefix, *gated, &slice)?
+        }
         ExpertLayout::GptOss { prefix } => gpt_oss::load(&shards, &plan, prefix, &slice)?,
     };
 
@@ -304,6 +378,15 @@ fn checkpoint_tensor(plan: &Plan, layer_tensor: &str) -> Option<String> {
             };
             Some(format!("{prefix}{{e}}.{projs}.{suffix}"))
         }
+        ExpertLayout::Fused { prefix, gated } => {
+            let p = match (proj, gated) {
+                ("w13", true) => "gate_up_proj",
+                ("w13", false) => "up_proj",
+                ("w2", _) => "down_proj",
+                _ => return None,
+            };
+            Some(format!("{prefix}{p}"))
+        }
         ExpertLayout::GptOss { prefix } => {
             let p = match proj {
                 "w13" => "gate_up_proj",
@@ -355,7 +438,7 @@ fn checkpoint_names(err: MoeError, plan: &Plan) -> MoeError {
 fn check_plan(cfg: &HfConfig, plan: &Plan) -> Result<()> {
     let (e, h, i) = (plan.num_experts, plan.hidden, plan.intermediate);
     if e == 0 {
-        return Err(cfg.unsupported("num_experts", "the layer has no experts (E = 0)"));
+        return Err(cfg.unsupported(plan.experts_key, "the layer has no experts (E = 0)"));
     }
     crate::size::product(
         &format!("{} keys for E × 2I × H", cfg.path().display()),

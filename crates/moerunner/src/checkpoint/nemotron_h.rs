@@ -25,9 +25,11 @@ pub(super) fn plan(cfg: &HfConfig, layer: usize) -> Result<Plan> {
     cfg.expect_str("mlp_hidden_act", &["relu2"])?;
     let routing = deepseek_v3_routing(cfg)?;
     let p = format!("backbone.layers.{layer}.mixer.");
+    let (num_experts, experts_key) = cfg.num_experts("n_routed_experts")?;
     Ok(Plan {
         family: "nemotron_h",
-        num_experts: cfg.usize("n_routed_experts")?,
+        num_experts,
+        experts_key,
         hidden: cfg.usize("hidden_size")?,
         intermediate: cfg.usize("moe_intermediate_size")?,
         routing,
@@ -40,6 +42,7 @@ pub(super) fn plan(cfg: &HfConfig, layer: usize) -> Result<Plan> {
         },
         router_weight: format!("{p}gate.weight"),
         router_linear_bias: None,
+        renamed: Some(("backbone.", "model.")),
         correction_bias: Some(format!("{p}gate.e_score_correction_bias")),
     })
 }
@@ -47,19 +50,23 @@ pub(super) fn plan(cfg: &HfConfig, layer: usize) -> Result<Plan> {
 /// The layer must be a MoE layer: `E` in `hybrid_override_pattern`, or `moe` in the
 /// `layers_block_type` list that newer configs carry instead.
 fn check_moe_layer(cfg: &HfConfig, layer: usize) -> Result<()> {
+    // transformers 5 writes `layers_block_type` (its config class reads `layer_types` as an alias).
+    let list_key = ["layers_block_type", "layer_types"]
+        .into_iter()
+        .find(|k| cfg.get(k).is_some())
+        .unwrap_or("layers_block_type");
     if cfg.get("hybrid_override_pattern").is_none() {
-        if let Some(types) = cfg.get("layers_block_type") {
+        if let Some(types) = cfg.get(list_key) {
             // Entries are read by position: a non-string entry is an error, not skipped (skipping
             // it would shift every later layer's kind by one).
             let Some(list) = types.as_array() else {
-                return Err(cfg.unsupported(
-                    "layers_block_type",
-                    format!("must be a list of strings, got {types}"),
-                ));
+                return Err(
+                    cfg.unsupported(list_key, format!("must be a list of strings, got {types}"))
+                );
             };
             if let Some((i, v)) = list.iter().enumerate().find(|(_, v)| !v.is_string()) {
                 return Err(cfg.unsupported(
-                    "layers_block_type",
+                    list_key,
                     format!("entry {i} is {v}, not a string (`moe`, `mamba`, `attention`, `mlp`)"),
                 ));
             }
@@ -67,13 +74,12 @@ fn check_moe_layer(cfg: &HfConfig, layer: usize) -> Result<()> {
             return match kinds.get(layer) {
                 Some(&"moe") => Ok(()),
                 Some(k) => Err(cfg.unsupported(
-                    "layers_block_type",
+                    list_key,
                     format!("layer {layer} is `{k}`, not a MoE layer (`moe`)"),
                 )),
-                None => Err(cfg.unsupported(
-                    "layers_block_type",
-                    format!("has no string entry for layer {layer}"),
-                )),
+                None => {
+                    Err(cfg.unsupported(list_key, format!("has no string entry for layer {layer}")))
+                }
             };
         }
     }

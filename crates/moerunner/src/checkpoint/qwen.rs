@@ -32,12 +32,14 @@ pub(super) fn plan(cfg: &HfConfig, layer: usize, qwen2: bool) -> Result<Plan> {
         (true, true) => RoutingMethod::RenormalizeNaive,
     };
     let p = format!("model.layers.{layer}.mlp.");
+    let (num_experts, experts_key) = cfg.num_experts("num_experts")?;
     Ok(Plan {
         family: if qwen2 { "qwen2_moe" } else { "qwen3_moe" },
-        num_experts: cfg.usize("num_experts")?,
+        num_experts,
+        experts_key,
         hidden: cfg.usize("hidden_size")?,
         intermediate: cfg.usize("moe_intermediate_size")?,
-        routing: RoutingConfig::new(method, cfg.usize("num_experts_per_tok")?),
+        routing: RoutingConfig::new(method, cfg.top_k()?),
         activation: swiglu(cfg)?,
         experts: ExpertLayout::PerExpert {
             prefix: format!("{p}experts."),
@@ -47,6 +49,7 @@ pub(super) fn plan(cfg: &HfConfig, layer: usize, qwen2: bool) -> Result<Plan> {
         },
         router_weight: format!("{p}gate.weight"),
         router_linear_bias: None,
+        renamed: None,
         correction_bias: None,
     })
 }

@@ -106,6 +106,19 @@ impl Shards {
         self.weight_map.contains_key(name)
     }
 
+    /// The tensor names that start with `prefix`, sorted (to say what a folder holds when no
+    /// known layout matches).
+    pub fn names_under(&self, prefix: &str) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .weight_map
+            .keys()
+            .filter(|n| n.starts_with(prefix))
+            .cloned()
+            .collect();
+        names.sort();
+        names
+    }
+
     /// Bytes copied out of the shards so far.
     pub fn bytes_read(&self) -> u64 {
         self.bytes_read.get()

@@ -10,6 +10,7 @@
 //! This file is the container (map, parse, write); `layer` holds the layer file's metadata and
 //! tensor rules, `io` the input and output files.
 
+mod compare;
 mod io;
 mod layer;
 
@@ -25,6 +26,7 @@ use safetensors::{Dtype, SafeTensors};
 use crate::error::{MoeError, Result};
 use crate::tensor::{Bytes, DType, HostTensor};
 
+pub use compare::{compare_outputs, Comparison, TopkAgreement};
 pub use io::{read_input, read_output, write_input, write_output, InputFile, RoutingTensors};
 pub use layer::{
     layer_metadata, projection_tensors, read_layer, read_layer_config, read_layer_header,
