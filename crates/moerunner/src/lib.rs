@@ -14,6 +14,7 @@ pub mod error;
 pub mod formats;
 pub mod forward;
 pub mod layer_file;
+pub mod parallel;
 pub mod presets;
 pub mod random_cases;
 pub mod reference;
