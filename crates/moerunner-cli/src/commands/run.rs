@@ -49,6 +49,25 @@ pub struct Args {
     /// Also write the chosen `topk_ids` and `topk_weights`.
     #[arg(long)]
     pub save_routing: bool,
+    /// Run the whole layer split over this many expert-parallel ranks (CPU threads of this
+    /// process, docs/parallel.md); the output is the whole layer's.
+    #[arg(long, conflicts_with_all = ["ep_size", "ep_rank", "tp_size", "tp_rank"])]
+    pub ep: Option<usize>,
+    /// Run the whole layer split over this many tensor-parallel ranks (with `--ep`: per EP rank).
+    #[arg(long, conflicts_with_all = ["ep_size", "ep_rank", "tp_size", "tp_rank"])]
+    pub tp: Option<usize>,
+    /// With `--ep`: all-to-all (dispatch each token to its experts' ranks; bitwise the unsplit
+    /// CPU result) or gather-scatter (the only mode with `--tp`).
+    #[arg(long)]
+    pub ep_mode: Option<moerunner::parallel::EpMode>,
+    /// With `--ep`: which ranks hold each expert, one entry per expert, comma-separated; `+`
+    /// joins replicas (`0,0,1,1+0`). Default: an even split.
+    #[arg(long, requires = "ep")]
+    pub expert_map: Option<String>,
+    /// With `--ep`/`--tp`: how long a rank waits for its peers in one collective before every
+    /// rank stops with an error.
+    #[arg(long, default_value_t = 600.0)]
+    pub comm_timeout_s: f64,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -132,6 +151,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         BackendChoice::Auto => "--backend auto".to_string(),
         BackendChoice::Named(n) => format!("--backend {n}"),
     };
+    if args.ep.is_some() || args.tp.is_some() {
+        bar.finish_and_clear();
+        return run_split(&args, &layer, &input, choice);
+    }
     let loaded = Runner::new().load(layer, &choice).context(backend_flag)?;
     bar.set_message(format!(
         "running {} tokens on `{}`",
@@ -166,6 +189,78 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         out.routes.tokens,
         elapsed.as_secs_f64() * 1e3,
         loaded.layer().config(),
+        args.output.display(),
+    );
+    Ok(())
+}
+
+/// `run --ep R` / `--tp R`: the whole layer split over CPU-thread ranks of this process.
+fn run_split(
+    args: &Args,
+    layer: &moerunner::MoeLayer,
+    input: &layer_file::InputFile,
+    choice: BackendChoice,
+) -> anyhow::Result<()> {
+    use moerunner::parallel::{self, EpMode, ExpertMap, Layout};
+    let (ep, tp) = (args.ep.unwrap_or(1), args.tp.unwrap_or(1));
+    // Ranks are threads on this host's CPU (GPU ranks through NCCL come later).
+    let choice = match choice {
+        BackendChoice::Auto => BackendChoice::Named("cpu".into()),
+        BackendChoice::Named(n) if n == "cuda" => {
+            anyhow::bail!("--ep/--tp run CPU ranks for now; use --backend cpu or reference")
+        }
+        named => named,
+    };
+    let e = layer.config().num_experts;
+    let map = match &args.expert_map {
+        Some(spec) => ExpertMap::parse(spec, e, ep).context("--expert-map")?,
+        None => ExpertMap::even(e, ep).context("--ep")?,
+    };
+    let mode = args.ep_mode.unwrap_or(if tp > 1 {
+        EpMode::GatherScatter
+    } else {
+        EpMode::AllToAll
+    });
+    let layout = Layout::new(map, tp, mode).context("--ep/--tp/--ep-mode")?;
+    if !args.comm_timeout_s.is_finite() || args.comm_timeout_s <= 0.0 {
+        anyhow::bail!("--comm-timeout-s must be a positive number of seconds");
+    }
+    let timeout = std::time::Duration::from_secs_f64(args.comm_timeout_s);
+    let bar = spinner(format!(
+        "running {} tokens on {} ranks (ep {ep} × tp {tp}, {mode:?})",
+        input.tokens(),
+        layout.ranks()
+    ))?;
+    let started = Instant::now();
+    let out = parallel::forward_threads(
+        layer,
+        &layout,
+        &choice,
+        &ForwardInput {
+            hidden: &input.hidden,
+            routing: input.routing_input(),
+        },
+        timeout,
+    );
+    let elapsed = started.elapsed();
+    bar.finish_and_clear();
+    let out = out.with_context(|| format!("ep {ep} × tp {tp} ranks"))?;
+    layer_file::write_output(
+        &args.output,
+        &out.output,
+        args.save_routing.then_some(&out.routes),
+    )
+    .with_context(|| format!("writing output {}", args.output.display()))?;
+    let backend = match &choice {
+        BackendChoice::Named(n) => n.as_str(),
+        BackendChoice::Auto => "auto",
+    };
+    println!(
+        "backend {backend} × {} CPU-thread ranks (ep {ep} × tp {tp}, {mode:?}) | T = {} | {:.3} ms | {} | {}",
+        layout.ranks(),
+        out.routes.tokens,
+        elapsed.as_secs_f64() * 1e3,
+        layer.config(),
         args.output.display(),
     );
     Ok(())
