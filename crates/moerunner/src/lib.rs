@@ -2,7 +2,8 @@
 //!
 //! Dependencies run one way: core types (`error`, `config`, `tensor`, `rng`, `weights`) ← number
 //! formats, routing, activations ← layer validation and the forward-call checks ← the float64
-//! `reference`, the loaders, `shard`, `synth` ← `backend`s ← `runner` ← `random_cases`, `bench`.
+//! `reference`, the loaders, `shard`, `synth` ← `backend`s ← `runner` ← `random_cases`, `bench`,
+//! `parallel`.
 //! See ARCHITECTURE.md; `tests/tidy/` checks it.
 
 pub mod activation;
