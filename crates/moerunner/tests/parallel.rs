@@ -151,6 +151,30 @@ fn ep_all_to_all_is_bitwise_the_single_device_result() {
     }
 }
 
+/// Seeded random cases of the whole matrix (`random_cases::Case`: formats, activations, W13
+/// orders, biases, every routing method and input form, padding, dtypes, T): all-to-all EP is
+/// bitwise the single-device output, gather-scatter within a few roundings of the output dtype.
+#[test]
+fn random_cases_split_over_ranks_match_one_device() {
+    for i in 0..24 {
+        let seed = moerunner::random_cases::case_seed(0x9A7A, i);
+        let case = moerunner::random_cases::Case::generate(seed);
+        let l = case.layer().unwrap_or_else(|e| panic!("seed {seed}: {e}"));
+        let x = case.input().unwrap_or_else(|e| panic!("seed {seed}: {e}"));
+        let e = case.config.num_experts;
+        let ranks = 2 + (i as usize % 3);
+        if e < ranks {
+            continue;
+        }
+        let what = format!("seed {seed} ({case})");
+        let a2a = Layout::even(e, ranks, 1, EpMode::AllToAll).expect("layout");
+        check(&what, &l, &x, &a2a, true, 0.0);
+        let gs = Layout::even(e, ranks, 1, EpMode::GatherScatter).expect("layout");
+        let tol = if case.dtype == DType::F32 { 1e-6 } else { 1e-2 };
+        check(&what, &l, &x, &gs, false, tol);
+    }
+}
+
 #[test]
 fn ep_all_to_all_keeps_routing_methods_dtypes_and_padding() {
     let mut ds = RoutingConfig::new(RoutingMethod::DeepseekV3, 4);
@@ -400,6 +424,45 @@ fn a_failing_rank_stops_every_rank_naming_it() {
                 assert!(err.starts_with(&format!("rank {r}:")), "rank {r}: {err}");
             }
         }
+    }
+}
+
+#[test]
+fn a_rank_that_panics_stops_the_others_at_once() {
+    for ranks in [2, 3] {
+        let comms = ThreadComm::group(ranks, TIMEOUT).expect("group");
+        let started = Instant::now();
+        let results: Vec<_> = std::thread::scope(|s| {
+            let hs: Vec<_> = comms
+                .into_iter()
+                .map(|c| {
+                    s.spawn(move || {
+                        if c.rank() == ranks - 1 {
+                            panic!("planted panic on the last rank");
+                        }
+                        c.barrier()
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join()).collect()
+        });
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "waited for the timeout"
+        );
+        for (r, res) in results.iter().enumerate().take(ranks - 1) {
+            let err = res
+                .as_ref()
+                .expect("no panic")
+                .as_ref()
+                .expect_err("stopped")
+                .to_string();
+            assert!(
+                err.contains(&format!("rank {} panicked", ranks - 1)),
+                "rank {r}: {err}"
+            );
+        }
+        assert!(results[ranks - 1].is_err(), "the last rank panicked");
     }
 }
 
