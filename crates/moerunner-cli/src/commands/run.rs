@@ -102,9 +102,20 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let inputs: Vec<(&std::path::Path, &str)> =
         inputs.iter().map(|(p, f)| (p.as_path(), *f)).collect();
     layer_file::check_output_path(&args.output, "--output", &inputs)?;
+    let split = args.ep.is_some() || args.tp.is_some();
+    if split && args.checkpoint.is_some() && args.expert_map.is_some() {
+        anyhow::bail!("--expert-map needs --layer: ranks read even slices from a checkpoint");
+    }
     let (layer, input) = match &args.checkpoint {
         Some(dir) => {
             let index = checkpoint_layer_index(&args)?;
+            // Split over ranks, every rank reads only its slice: here rank 0's (which also
+            // routes a hidden-only input), the others on their threads (`run_split`).
+            let par = if split {
+                rank_parallelism(&args, 0)
+            } else {
+                par
+            };
             let opts = super::load_options(par, args.quantize.as_deref(), None)?;
             let loaded = super::load_checkpoint(dir, index, &opts)?;
             let input = loaded
@@ -151,9 +162,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         BackendChoice::Auto => "--backend auto".to_string(),
         BackendChoice::Named(n) => format!("--backend {n}"),
     };
-    if args.ep.is_some() || args.tp.is_some() {
+    if split {
         bar.finish_and_clear();
-        return run_split(&args, &layer, &input, choice);
+        return run_split(&args, layer, &input, choice);
     }
     let loaded = Runner::new().load(layer, &choice).context(backend_flag)?;
     bar.set_message(format!(
@@ -197,7 +208,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 /// `run --ep R` / `--tp R`: the whole layer split over CPU-thread ranks of this process.
 fn run_split(
     args: &Args,
-    layer: &moerunner::MoeLayer,
+    layer: moerunner::MoeLayer,
     input: &layer_file::InputFile,
     choice: BackendChoice,
 ) -> anyhow::Result<()> {
@@ -211,7 +222,8 @@ fn run_split(
         }
         named => named,
     };
-    let e = layer.config().num_experts;
+    let config = layer.config().clone();
+    let e = config.num_experts;
     let map = match &args.expert_map {
         Some(spec) => ExpertMap::parse(spec, e, ep).context("--expert-map")?,
         None => ExpertMap::even(e, ep).context("--ep")?,
@@ -232,16 +244,39 @@ fn run_split(
         layout.ranks()
     ))?;
     let started = Instant::now();
-    let out = parallel::forward_threads(
-        layer,
-        &layout,
-        &choice,
-        &ForwardInput {
-            hidden: &input.hidden,
-            routing: input.routing_input(),
-        },
-        timeout,
-    );
+    let forward_input = ForwardInput {
+        hidden: &input.hidden,
+        routing: input.routing_input(),
+    };
+    let out = match &args.checkpoint {
+        None => parallel::forward_threads(&layer, &layout, &choice, &forward_input, timeout),
+        Some(dir) => {
+            // `layer` is rank 0's slice; every other rank reads its own.
+            let runner = moerunner::Runner::new();
+            let first = std::sync::Mutex::new(Some(layer));
+            let index = checkpoint_layer_index(args)?;
+            parallel::forward_threads_with(&layout, &forward_input, timeout, |rank| {
+                let taken = if rank == 0 {
+                    first.lock().ok().and_then(|mut f| f.take())
+                } else {
+                    None
+                };
+                let slice = match taken {
+                    Some(slice) => slice,
+                    None => {
+                        let opts = super::load_options(
+                            rank_parallelism(args, rank),
+                            args.quantize.as_deref(),
+                            None,
+                        )
+                        .map_err(|e| moerunner::MoeError::invalid("--quantize", e.to_string()))?;
+                        moerunner::checkpoint::load_layer(dir, index, &opts)?.layer
+                    }
+                };
+                parallel::RankLayer::new(slice, false, &layout, rank, &runner, &choice)
+            })
+        }
+    };
     let elapsed = started.elapsed();
     bar.finish_and_clear();
     let out = out.with_context(|| format!("ep {ep} × tp {tp} ranks"))?;
@@ -260,10 +295,22 @@ fn run_split(
         layout.ranks(),
         out.routes.tokens,
         elapsed.as_secs_f64() * 1e3,
-        layer.config(),
+        config,
         args.output.display(),
     );
     Ok(())
+}
+
+/// The EP × TP coordinates of rank `rank` of `--ep`/`--tp` (rank i: EP rank i / tp, TP rank
+/// i mod tp), for reading its slice of a checkpoint.
+fn rank_parallelism(args: &Args, rank: usize) -> Parallelism {
+    let (ep, tp) = (args.ep.unwrap_or(1), args.tp.unwrap_or(1).max(1));
+    Parallelism {
+        ep_size: ep,
+        ep_rank: rank / tp,
+        tp_size: tp,
+        tp_rank: rank % tp,
+    }
 }
 
 /// The layer index of `run --checkpoint`: `--layer-index N`, or the deprecated `--layer N` (with a

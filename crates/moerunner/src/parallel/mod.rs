@@ -103,9 +103,13 @@ pub struct RankLayer {
     rank: usize,
     layout: Layout,
     loaded: Box<dyn LoadedLayer>,
-    /// The whole layer's config (routing, E) and router bias: a rank routes its own tokens.
+    /// The whole layer's routing, E and H (a slice keeps them) and its router bias: a rank
+    /// routes its own tokens.
     global: LayerConfig,
     router_bias: Option<Vec<f32>>,
+    /// The slice's id of its first expert: 0 for [`crate::shard::shard_experts`] (experts
+    /// renumbered), the global id for a contiguous slice read from a checkpoint.
+    id_base: usize,
 }
 
 impl RankLayer {
@@ -117,14 +121,13 @@ impl RankLayer {
         runner: &Runner,
         choice: &BackendChoice,
     ) -> Result<Self> {
-        let global = whole.config().clone();
-        if layout.ep.num_experts() != global.num_experts {
+        if layout.ep.num_experts() != whole.config().num_experts {
             return Err(MoeError::invalid(
                 "expert map",
                 format!(
                     "maps {} experts; the layer has E = {}",
                     layout.ep.num_experts(),
-                    global.num_experts
+                    whole.config().num_experts
                 ),
             ));
         }
@@ -132,12 +135,50 @@ impl RankLayer {
         let experts = layout.ep.experts_of(e);
         let slice =
             crate::shard::shard_experts(whole, experts, (e, layout.ep.ranks()), (t, layout.tp))?;
+        Self::new(slice, true, layout, rank, runner, choice)
+    }
+
+    /// Loads `slice`, rank `rank`'s part of the layer, on `choice`. Its experts must be the
+    /// map's for this rank: `renumbered` (local ids `0..n` in the map's order, as
+    /// [`crate::shard::shard_experts`] makes them), or else the same global range (a checkpoint
+    /// read with this rank's [`crate::config::Parallelism`]).
+    pub fn new(
+        slice: MoeLayer,
+        renumbered: bool,
+        layout: &Layout,
+        rank: usize,
+        runner: &Runner,
+        choice: &BackendChoice,
+    ) -> Result<Self> {
+        let cfg = slice.config().clone();
+        let (e, _) = layout.coords(rank);
+        let experts = layout.ep.experts_of(e);
+        let held = cfg.local_experts.clone();
+        let same_range = experts.first() == Some(&held.start)
+            && experts.last().map(|x| x + 1) == Some(held.end)
+            && experts.len() == held.len();
+        let fits = if renumbered {
+            held == (0..experts.len())
+        } else {
+            same_range
+        };
+        if layout.ep.num_experts() != cfg.num_experts || !fits {
+            return Err(MoeError::invalid(
+                "rank slice",
+                format!(
+                    "rank {rank} holds experts {held:?} of {}; the expert map gives it {experts:?} of {}",
+                    cfg.num_experts,
+                    layout.ep.num_experts()
+                ),
+            ));
+        }
         Ok(RankLayer {
             rank,
             layout: layout.clone(),
+            router_bias: slice.weights().router_bias.clone(),
             loaded: runner.load(slice, choice)?,
-            global,
-            router_bias: whole.weights().router_bias.clone(),
+            id_base: held.start,
+            global: cfg,
         })
     }
     pub fn rank(&self) -> usize {
@@ -270,11 +311,23 @@ fn dtype_tag(d: DType) -> u8 {
 }
 
 /// Rows `r` of `t` (`[T, …]`) as an owned tensor.
-fn rows(t: &HostTensor, r: Range<usize>) -> HostTensor {
+fn rows(t: &HostTensor, r: Range<usize>) -> Result<HostTensor> {
     let row = t.shape.iter().skip(1).product::<usize>() * t.dtype.size();
+    let bytes = match t.shape.first() {
+        Some(&n) if n >= r.end && t.bytes.len() >= r.end * row => {
+            &t.bytes[r.start * row..r.end * row]
+        }
+        _ => {
+            return Err(MoeError::shape(
+                "input",
+                format!("at least {} rows", r.end),
+                &t.shape,
+            ))
+        }
+    };
     let mut shape = t.shape.clone();
     shape[0] = r.len();
-    HostTensor::from_u8(t.dtype, shape, t.bytes[r.start * row..r.end * row].to_vec())
+    Ok(HostTensor::from_u8(t.dtype, shape, bytes.to_vec()))
 }
 
 /// Rank `r`'s tokens among `tokens` over `ranks`: contiguous, `T/R` each, the first `T mod R`
@@ -293,14 +346,14 @@ enum OwnedRouting {
 }
 
 impl OwnedRouting {
-    fn slice(input: &RoutingInput<'_>, r: Range<usize>) -> Self {
-        match input {
-            RoutingInput::Logits(t) => OwnedRouting::Logits(rows(t, r)),
+    fn slice(input: &RoutingInput<'_>, r: Range<usize>) -> Result<Self> {
+        Ok(match input {
+            RoutingInput::Logits(t) => OwnedRouting::Logits(rows(t, r)?),
             RoutingInput::TopK { ids, weights } => {
-                OwnedRouting::TopK(rows(ids, r.clone()), rows(weights, r))
+                OwnedRouting::TopK(rows(ids, r.clone())?, rows(weights, r)?)
             }
-            RoutingInput::Packed(t) => OwnedRouting::Packed(rows(t, r)),
-        }
+            RoutingInput::Packed(t) => OwnedRouting::Packed(rows(t, r)?),
+        })
     }
     fn input(&self) -> RoutingInput<'_> {
         match self {
@@ -322,31 +375,44 @@ pub fn forward_threads(
     input: &ForwardInput<'_>,
     timeout: Duration,
 ) -> Result<ForwardOutput> {
-    // The whole input is checked once here, so slicing it cannot go out of bounds.
-    let (tokens, _) = forward::validate_input(whole, input)?;
+    // The whole input is checked once here, so errors name tokens by their global index.
+    forward::validate_input(whole, input)?;
+    let runner = Runner::new();
+    forward_threads_with(layout, input, timeout, |rank| {
+        RankLayer::load(whole, layout, rank, &runner, choice)
+    })
+}
+
+/// [`forward_threads`] with each rank's layer made by `load(rank)` on that rank's thread (a
+/// checkpoint slice read by the rank itself, [`RankLayer::new`]). Each rank checks its own
+/// tokens; a failure names the rank.
+pub fn forward_threads_with(
+    layout: &Layout,
+    input: &ForwardInput<'_>,
+    timeout: Duration,
+    load: impl Fn(usize) -> Result<RankLayer> + Sync,
+) -> Result<ForwardOutput> {
     let ranks = layout.ranks();
+    let tokens = input.hidden.shape.first().copied().unwrap_or(0);
     let comms = ThreadComm::group(ranks, timeout)?;
-    let slices: Vec<(HostTensor, OwnedRouting)> = (0..ranks)
+    let slices = (0..ranks)
         .map(|r| {
             let s = token_slice(tokens, ranks, r);
-            (
-                rows(input.hidden, s.clone()),
-                OwnedRouting::slice(&input.routing, s),
-            )
+            Ok((
+                rows(input.hidden, s.clone())?,
+                OwnedRouting::slice(&input.routing, s)?,
+            ))
         })
-        .collect();
-    let runner = Runner::new();
+        .collect::<Result<Vec<(HostTensor, OwnedRouting)>>>()?;
     let results: Vec<Result<ForwardOutput>> = std::thread::scope(|scope| {
         let handles: Vec<_> = comms
             .into_iter()
             .zip(&slices)
             .enumerate()
             .map(|(rank, (comm, (hidden, routing)))| {
-                let runner = &runner;
+                let load = &load;
                 scope.spawn(move || {
-                    let layer = guarded(&comm, || {
-                        RankLayer::load(whole, layout, rank, runner, choice)
-                    })?;
+                    let layer = guarded(&comm, || load(rank))?;
                     let input = ForwardInput {
                         hidden,
                         routing: routing.input(),
@@ -432,7 +498,12 @@ fn compute(
     }
     let k = ids.len() / n;
     let hidden = HostTensor::from_f32(vec![n, h], x);
-    let ids = HostTensor::from_i32(vec![n, k], ids);
+    let base = layer.id_base as i32;
+    let ids: Vec<i32> = ids
+        .iter()
+        .map(|&id| if id >= 0 { id + base } else { id })
+        .collect();
+    let ids = HostTensor::from_i32(vec![n, k], &ids);
     let weights = HostTensor::from_f32(vec![n, k], weights);
     let out = layer.loaded.forward(&ForwardInput {
         hidden: &hidden,
