@@ -70,21 +70,27 @@ fn output(path: &Path) -> Vec<f32> {
         .unwrap()
 }
 
-#[test]
-fn run_checkpoint_and_convert_agree() {
-    let d: PathBuf =
-        std::env::temp_dir().join(format!("moerunner-cli-ckpt-{}", std::process::id()));
+/// A temp folder `tag` holding the checkpoint and `hidden.safetensors`: `tokens` rows of hidden
+/// states alone (the checkpoint's router routes them). The folder, the input and its tensor.
+fn fixture(tag: &str, tokens: usize, seed: u32) -> (PathBuf, PathBuf, HostTensor) {
+    let d = std::env::temp_dir().join(format!("moerunner-cli-{tag}-{}", std::process::id()));
     std::fs::create_dir_all(&d).unwrap();
     checkpoint(&d);
-    let s = |p: &Path| p.to_str().unwrap().to_string();
-    let hidden = HostTensor::from_f32(vec![3, 64], &values(3 * 64, 5));
-    let hidden_only = d.join("hidden.safetensors");
+    let hidden = HostTensor::from_f32(vec![tokens, 64], &values(tokens * 64, seed));
+    let input = d.join("hidden.safetensors");
     layer_file::write_tensors(
-        &hidden_only,
+        &input,
         &[("hidden_states".into(), hidden.clone())],
         HashMap::new(),
     )
     .unwrap();
+    (d, input, hidden)
+}
+
+#[test]
+fn run_checkpoint_and_convert_agree() {
+    let (d, hidden_only, hidden) = fixture("ckpt", 3, 5);
+    let s = |p: &Path| p.to_str().unwrap().to_string();
 
     let out1 = d.join("out1.safetensors");
     let text = ok(bin().args([
@@ -235,5 +241,72 @@ fn run_checkpoint_and_convert_agree() {
     assert!(
         !bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("num_hidden_layers")
     );
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+/// `run --checkpoint --ep R / --tp R`: every rank reads only its slice (rank 0 in the main
+/// thread, which also routes the hidden-only input), and the output is the unsplit run's: bit for
+/// bit in all-to-all EP, within roundings for TP and TEP.
+#[test]
+fn run_checkpoint_split_over_ranks() {
+    let d: PathBuf =
+        std::env::temp_dir().join(format!("moerunner-cli-ckpt-split-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    checkpoint(&d);
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    let hidden = HostTensor::from_f32(vec![5, 64], &values(5 * 64, 6));
+    let input = d.join("hidden.safetensors");
+    layer_file::write_tensors(&input, &[("hidden_states".into(), hidden)], HashMap::new()).unwrap();
+    let run = |name: &str, extra: &[&str]| {
+        let o = d.join(name);
+        let mut args = vec![
+            "run".to_string(),
+            "--checkpoint".into(),
+            s(&d),
+            "--layer-index".into(),
+            "1".into(),
+            "--input".into(),
+            s(&input),
+            "--output".into(),
+            s(&o),
+            "--backend".into(),
+            "cpu".into(),
+        ];
+        args.extend(extra.iter().map(|a| a.to_string()));
+        let text = ok(bin().args(&args));
+        (output(&o), text)
+    };
+    let (one, _) = run("one.safetensors", &[]);
+    assert!(one.iter().any(|v| *v != 0.0));
+    for ep in ["2", "4"] {
+        let (out, text) = run("ep.safetensors", &["--ep", ep]);
+        assert!(text.contains("CPU-thread ranks"), "{text}");
+        assert_eq!(out, one, "--ep {ep}");
+    }
+    for split in [&["--tp", "2"][..], &["--ep", "2", "--tp", "2"]] {
+        let (out, _) = run("tp.safetensors", split);
+        for (x, y) in out.iter().zip(&one) {
+            assert!(
+                (x - y).abs() <= 1e-5 * (1.0 + y.abs()),
+                "{split:?}: {x} vs {y}"
+            );
+        }
+    }
+    let o = d.join("bad.safetensors");
+    let err = bin()
+        .args([
+            "run",
+            "--checkpoint",
+            &s(&d),
+            "--layer-index",
+            "1",
+            "--input",
+            &s(&input),
+        ])
+        .args(["--output", &s(&o), "--ep", "2", "--expert-map", "0,0,1,1"])
+        .output()
+        .unwrap();
+    assert!(!err.status.success());
+    assert!(String::from_utf8_lossy(&err.stderr).contains("--expert-map needs --layer"));
     let _ = std::fs::remove_dir_all(&d);
 }

@@ -794,3 +794,58 @@ fn bench_in_the_fields_shape() {
     let text = ok(&[&base[..], &["--config", config.to_str().unwrap()]].concat());
     assert!(text.contains("deepseek_v3-layer1"), "{text}");
 }
+
+/// `run --ep R` / `--tp R` run the whole layer split over CPU-thread ranks: all-to-all EP is bit
+/// for bit the unsplit CPU output (also with an uneven map and replicas), TP and TEP within the
+/// format's tolerance; T = 0 and T = 1 (ranks owning no tokens) included; bad maps are refused.
+#[test]
+fn run_split_over_cpu_ranks_equals_the_unsplit_run() {
+    let dir = TempDir::new("split");
+    let layer = make_layer(&dir, "l.safetensors", &["--weight-format", "mxfp4"]);
+    for tokens in [0, 1, 37] {
+        let input = make_input(&dir, &layer, "in.safetensors", tokens, &["--dtype", "f32"]);
+        let (one, _) = run(
+            &layer,
+            &input,
+            &dir.path("one.safetensors"),
+            &["--backend", "cpu"],
+        );
+        for split in [
+            &["--ep", "2"][..],
+            &["--ep", "3"],
+            &["--ep", "4", "--ep-mode", "all-to-all"],
+            &["--ep", "3", "--expert-map", "0,0,0,0,0,1,1,2"],
+            &["--ep", "2", "--expert-map", "0+1,0,0,0,1,1,1,1+0"],
+        ] {
+            let (out, summary) = run(&layer, &input, &dir.path("ep.safetensors"), split);
+            assert!(summary.contains("CPU-thread ranks"), "{summary}");
+            assert_eq!(&out.bytes[..], &one.bytes[..], "{split:?} T={tokens}");
+        }
+        for split in [
+            &["--tp", "2"][..],
+            &["--tp", "4"],
+            &["--ep", "2", "--tp", "2"],
+            &["--ep", "4", "--ep-mode", "gather-scatter"],
+        ] {
+            let (out, _) = run(&layer, &input, &dir.path("tp.safetensors"), split);
+            if tokens > 0 {
+                let err = rel_err(&values(&out), &values(&one));
+                assert!(err < 1e-2, "{split:?} T={tokens}: {err}");
+            }
+        }
+    }
+    let input = make_input(&dir, &layer, "in.safetensors", 3, &[]);
+    let out = dir.path("bad.safetensors");
+    let base = [
+        "run", "--layer", &layer, "--input", &input, "--output", &out,
+    ];
+    let err = fails(&[&base[..], &["--ep", "3", "--expert-map", "0,0,0"]].concat());
+    assert!(
+        err.contains("--expert-map") && err.contains("3 entries"),
+        "{err}"
+    );
+    let err = fails(&[&base[..], &["--ep", "9"]].concat());
+    assert!(err.contains("holds no expert"), "{err}");
+    let err = fails(&[&base[..], &["--ep", "2", "--ep-size", "2"]].concat());
+    assert!(err.contains("cannot be used with"), "{err}");
+}

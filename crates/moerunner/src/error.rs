@@ -80,6 +80,15 @@ pub enum MoeError {
     /// Errors of the CUDA backend (driver, NVRTC, launches).
     #[error("cuda: {0}")]
     Cuda(String),
+
+    /// A rank of a parallel run failed with its own error (`parallel`).
+    #[error("rank {rank}: {error}")]
+    Rank { rank: usize, error: Box<MoeError> },
+
+    /// Communication between ranks failed: a peer failed (named in `why`), a collective timed
+    /// out, or the ranks called different collectives (`parallel::comm`).
+    #[error("rank {rank}: {why}")]
+    Comm { rank: usize, why: String },
 }
 
 impl MoeError {

@@ -2,7 +2,8 @@
 //!
 //! Dependencies run one way: core types (`error`, `config`, `tensor`, `rng`, `weights`) ← number
 //! formats, routing, activations ← layer validation and the forward-call checks ← the float64
-//! `reference`, the loaders, `shard`, `synth` ← `backend`s ← `runner` ← `random_cases`, `bench`.
+//! `reference`, the loaders, `shard`, `synth` ← `backend`s ← `runner` ← `random_cases`, `bench`,
+//! `parallel`.
 //! See ARCHITECTURE.md; `tests/tidy/` checks it.
 
 pub mod activation;
@@ -14,6 +15,7 @@ pub mod error;
 pub mod formats;
 pub mod forward;
 pub mod layer_file;
+pub mod parallel;
 pub mod presets;
 pub mod random_cases;
 pub mod reference;

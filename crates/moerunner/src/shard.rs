@@ -24,7 +24,53 @@ const FP8_BLOCK: usize = 128;
 pub fn shard(layer: &MoeLayer, par: Parallelism) -> Result<MoeLayer> {
     par.validate()?;
     let cfg = layer.config();
-    let w = layer.weights();
+    check_whole(cfg)?;
+    let (e, inter) = (cfg.num_experts, cfg.intermediate);
+    par.check_splits(e, inter)?;
+    let per_rank = e / par.ep_size;
+    let experts = par.ep_rank * per_rank..(par.ep_rank + 1) * per_rank;
+    let ids: Vec<usize> = experts.clone().collect();
+    slice(layer, &ids, experts, par)
+}
+
+/// The part of `layer` (a whole layer) that holds experts `experts` (global ids, in this order;
+/// any set, as an explicit or uneven expert map gives) and TP slice `tp_rank` of `tp_size` on I.
+/// The result's experts are renumbered: its local expert `j` (id `j` in routes given to it) is
+/// global expert `experts[j]`, `local_experts = 0..experts.len()`, `num_experts` stays global
+/// (routing limits are unchanged) and the router bias stays global (routes are made by the token
+/// owner before dispatch). `ep` records the rank for display only.
+pub fn shard_experts(
+    layer: &MoeLayer,
+    experts: &[usize],
+    ep: (usize, usize),
+    tp: (usize, usize),
+) -> Result<MoeLayer> {
+    let par = Parallelism {
+        ep_size: ep.1,
+        ep_rank: ep.0,
+        tp_size: tp.1,
+        tp_rank: tp.0,
+    };
+    par.validate()?;
+    let cfg = layer.config();
+    check_whole(cfg)?;
+    if let Some(&x) = experts.iter().find(|&&x| x >= cfg.num_experts) {
+        return Err(MoeError::invalid(
+            "experts",
+            format!("expert {x} is out of range (E = {})", cfg.num_experts),
+        ));
+    }
+    Parallelism {
+        ep_size: 1,
+        ep_rank: 0,
+        ..par
+    }
+    .check_splits(cfg.num_experts, cfg.intermediate)?;
+    slice(layer, experts, 0..experts.len(), par)
+}
+
+/// A shard must start from a whole layer.
+fn check_whole(cfg: &LayerConfig) -> Result<()> {
     if cfg.local_experts != (0..cfg.num_experts) || !cfg.parallelism.is_single() {
         return Err(MoeError::invalid(
             "shard",
@@ -34,10 +80,20 @@ pub fn shard(layer: &MoeLayer, par: Parallelism) -> Result<MoeLayer> {
             ),
         ));
     }
-    let (e, inter) = (cfg.num_experts, cfg.intermediate);
-    par.check_splits(e, inter)?;
-    let per_rank = e / par.ep_size;
-    let experts = par.ep_rank * per_rank..(par.ep_rank + 1) * per_rank;
+    Ok(())
+}
+
+/// Experts `experts` (global ids) and TP slice `par.tp_rank` of the whole `layer`, labelled
+/// `local_experts`.
+fn slice(
+    layer: &MoeLayer,
+    experts: &[usize],
+    local_experts: Range<usize>,
+    par: Parallelism,
+) -> Result<MoeLayer> {
+    let cfg = layer.config();
+    let w = layer.weights();
+    let inter = cfg.intermediate;
     let local_i = inter / par.tp_size;
     let features = par.tp_rank * local_i..(par.tp_rank + 1) * local_i;
 
@@ -56,28 +112,31 @@ pub fn shard(layer: &MoeLayer, par: Parallelism) -> Result<MoeLayer> {
     let w2_cols: Vec<usize> = features.clone().collect();
     let all_h: Vec<usize> = (0..cfg.hidden).collect();
 
-    let w13 = gather(&w.w13, "w13", &experts, &w13_rows, &all_h)?;
-    let w2 = gather(&w.w2, "w2", &experts, &w2_rows, &w2_cols)?;
+    let w13 = gather(&w.w13, "w13", experts, &w13_rows, &all_h)?;
+    let w2 = gather(&w.w2, "w2", experts, &w2_rows, &w2_cols)?;
     let m_full = cfg.w13_rows();
     let w13_bias = w.w13_bias.as_ref().map(|b| {
         experts
-            .clone()
-            .flat_map(|x| w13_rows.iter().map(move |&r| b[x * m_full + r]))
+            .iter()
+            .flat_map(|&x| w13_rows.iter().map(move |&r| b[x * m_full + r]))
             .collect::<Vec<f32>>()
     });
     // The GEMM2 bias is added once over the TP group: by rank 0.
     let h = cfg.hidden;
     let w2_bias = if par.tp_rank == 0 {
-        w.w2_bias
-            .as_ref()
-            .map(|b| b[experts.start * h..experts.end * h].to_vec())
+        w.w2_bias.as_ref().map(|b| {
+            experts
+                .iter()
+                .flat_map(|&x| b[x * h..(x + 1) * h].iter().copied())
+                .collect::<Vec<f32>>()
+        })
     } else {
         None
     };
 
     let config = LayerConfig {
         intermediate: local_i,
-        local_experts: experts,
+        local_experts,
         parallelism: par,
         ..cfg.clone()
     };
@@ -115,20 +174,22 @@ fn w13_row_map(cfg: &LayerConfig, features: &Range<usize>) -> Vec<usize> {
 fn gather(
     t: &QuantizedTensor,
     name: &str,
-    experts: &Range<usize>,
+    experts: &[usize],
     rows: &[usize],
     cols: &[usize],
 ) -> Result<QuantizedTensor> {
     let data = gather_elements(t, name, experts, rows, cols)?;
     let scales = match &t.scales {
         BlockScales::None => BlockScales::None,
-        BlockScales::PerExpert(s) => BlockScales::PerExpert(s[experts.clone()].to_vec()),
+        BlockScales::PerExpert(s) => {
+            BlockScales::PerExpert(experts.iter().map(|&x| s[x]).collect())
+        }
         BlockScales::Block128(s) => {
             let row_blocks = block_map(rows, FP8_BLOCK, name, "row")?;
             let col_blocks = block_map(cols, FP8_BLOCK, name, "column")?;
             let (old_rb, old_cb) = (t.rows.div_ceil(FP8_BLOCK), t.cols.div_ceil(FP8_BLOCK));
             let mut out = Vec::with_capacity(experts.len() * row_blocks.len() * col_blocks.len());
-            for x in experts.clone() {
+            for &x in experts {
                 for &rb in &row_blocks {
                     out.extend(
                         col_blocks
@@ -149,7 +210,7 @@ fn gather(
     let global_scales = if t.global_scales.is_empty() {
         Vec::new()
     } else {
-        t.global_scales[experts.clone()].to_vec()
+        experts.iter().map(|&x| t.global_scales[x]).collect()
     };
     Ok(QuantizedTensor {
         format: t.format,
@@ -168,7 +229,7 @@ fn gather(
 fn gather_elements(
     t: &QuantizedTensor,
     name: &str,
-    experts: &Range<usize>,
+    experts: &[usize],
     rows: &[usize],
     cols: &[usize],
 ) -> Result<Vec<u8>> {
@@ -197,7 +258,7 @@ fn gather_elements(
     };
     let row_bytes = t.row_data_bytes();
     let mut out = Vec::with_capacity(experts.len() * rows.len() * len);
-    for x in experts.clone() {
+    for &x in experts {
         let expert = t.expert_data(x);
         for &r in rows {
             out.extend_from_slice(&expert[r * row_bytes + start..r * row_bytes + start + len]);
@@ -211,7 +272,7 @@ fn gather_row_scales(
     t: &QuantizedTensor,
     s: &[u8],
     name: &str,
-    experts: &Range<usize>,
+    experts: &[usize],
     rows: &[usize],
     cols: &[usize],
 ) -> Result<Vec<u8>> {
@@ -219,7 +280,7 @@ fn gather_row_scales(
     let col_blocks = block_map(cols, block, name, "column")?;
     let old_nb = t.cols.div_ceil(block);
     let mut out = Vec::with_capacity(experts.len() * rows.len() * col_blocks.len());
-    for x in experts.clone() {
+    for &x in experts {
         for &r in rows {
             out.extend(
                 col_blocks

@@ -54,6 +54,25 @@ pub struct Args {
     /// Also write the chosen `topk_ids` and `topk_weights`.
     #[arg(long)]
     pub save_routing: bool,
+    /// Run the whole layer split over this many expert-parallel ranks (CPU threads of this
+    /// process, docs/parallel.md); the output is the whole layer's.
+    #[arg(long, conflicts_with_all = ["ep_size", "ep_rank", "tp_size", "tp_rank"])]
+    pub ep: Option<usize>,
+    /// Run the whole layer split over this many tensor-parallel ranks (with `--ep`: per EP rank).
+    #[arg(long, conflicts_with_all = ["ep_size", "ep_rank", "tp_size", "tp_rank"])]
+    pub tp: Option<usize>,
+    /// With `--ep`: all-to-all (dispatch each token to its experts' ranks; bitwise the unsplit
+    /// CPU result) or gather-scatter (the only mode with `--tp`).
+    #[arg(long)]
+    pub ep_mode: Option<moerunner::parallel::EpMode>,
+    /// With `--ep`: which ranks hold each expert, one entry per expert, comma-separated; `+`
+    /// joins replicas (`0,0,1,1+0`). Default: an even split.
+    #[arg(long, requires = "ep")]
+    pub expert_map: Option<String>,
+    /// With `--ep`/`--tp`: how long a rank waits for its peers in one collective before every
+    /// rank stops with an error.
+    #[arg(long, default_value_t = 600.0)]
+    pub comm_timeout_s: f64,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -89,9 +108,20 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         inputs.iter().map(|(p, f)| (p.as_path(), *f)).collect();
     layer_file::check_output_path(&args.output, "--output", &inputs)?;
     let load_started = Instant::now();
+    let split = args.ep.is_some() || args.tp.is_some();
+    if split && args.checkpoint.is_some() && args.expert_map.is_some() {
+        anyhow::bail!("--expert-map needs --layer: ranks read even slices from a checkpoint");
+    }
     let (layer, input) = match &args.checkpoint {
         Some(dir) => {
             let index = checkpoint_layer_index(&args)?;
+            // Split over ranks, every rank reads only its slice: here rank 0's (which also
+            // routes a hidden-only input), the others on their threads (`run_split`).
+            let par = if split {
+                rank_parallelism(&args, 0)
+            } else {
+                par
+            };
             let opts = super::load_options(
                 par,
                 args.quantize.as_deref(),
@@ -148,6 +178,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         BackendChoice::Auto => "--backend auto".to_string(),
         BackendChoice::Named(n) => format!("--backend {n}"),
     };
+    if split {
+        bar.finish_and_clear();
+        return run_split(&args, layer, &input, choice);
+    }
     let loaded = Runner::new().load(layer, &choice).context(backend_flag)?;
     // Reading (and slicing, quantizing) the layer and the input, and the backend's preparation.
     let load_time = load_started.elapsed();
@@ -188,6 +222,114 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         args.output.display(),
     );
     Ok(())
+}
+
+/// `run --ep R` / `--tp R`: the whole layer split over CPU-thread ranks of this process.
+fn run_split(
+    args: &Args,
+    layer: moerunner::MoeLayer,
+    input: &layer_file::InputFile,
+    choice: BackendChoice,
+) -> anyhow::Result<()> {
+    use moerunner::parallel::{self, EpMode, ExpertMap, Layout};
+    let (ep, tp) = (args.ep.unwrap_or(1), args.tp.unwrap_or(1));
+    // Ranks are threads on this host's CPU (GPU ranks through NCCL come later).
+    let choice = match choice {
+        BackendChoice::Auto => BackendChoice::Named("cpu".into()),
+        BackendChoice::Named(n) if n == "cuda" => {
+            anyhow::bail!("--ep/--tp run CPU ranks for now; use --backend cpu or reference")
+        }
+        named => named,
+    };
+    let config = layer.config().clone();
+    let e = config.num_experts;
+    let map = match &args.expert_map {
+        Some(spec) => ExpertMap::parse(spec, e, ep).context("--expert-map")?,
+        None => ExpertMap::even(e, ep).context("--ep")?,
+    };
+    let mode = args.ep_mode.unwrap_or(if tp > 1 {
+        EpMode::GatherScatter
+    } else {
+        EpMode::AllToAll
+    });
+    let layout = Layout::new(map, tp, mode).context("--ep/--tp/--ep-mode")?;
+    if !args.comm_timeout_s.is_finite() || args.comm_timeout_s <= 0.0 {
+        anyhow::bail!("--comm-timeout-s must be a positive number of seconds");
+    }
+    let timeout = std::time::Duration::from_secs_f64(args.comm_timeout_s);
+    let bar = spinner(format!(
+        "running {} tokens on {} ranks (ep {ep} × tp {tp}, {mode:?})",
+        input.tokens(),
+        layout.ranks()
+    ))?;
+    let started = Instant::now();
+    let forward_input = ForwardInput {
+        hidden: &input.hidden,
+        routing: input.routing_input(),
+    };
+    let out = match &args.checkpoint {
+        None => parallel::forward_threads(&layer, &layout, &choice, &forward_input, timeout),
+        Some(dir) => {
+            // `layer` is rank 0's slice; every other rank reads its own.
+            let runner = moerunner::Runner::new();
+            let first = std::sync::Mutex::new(Some(layer));
+            let index = checkpoint_layer_index(args)?;
+            parallel::forward_threads_with(&layout, &forward_input, timeout, |rank| {
+                let taken = if rank == 0 {
+                    first.lock().ok().and_then(|mut f| f.take())
+                } else {
+                    None
+                };
+                let slice = match taken {
+                    Some(slice) => slice,
+                    None => {
+                        let opts = super::load_options(
+                            rank_parallelism(args, rank),
+                            args.quantize.as_deref(),
+                            None,
+                        )
+                        .map_err(|e| moerunner::MoeError::invalid("--quantize", e.to_string()))?;
+                        moerunner::checkpoint::load_layer(dir, index, &opts)?.layer
+                    }
+                };
+                parallel::RankLayer::new(slice, false, &layout, rank, &runner, &choice)
+            })
+        }
+    };
+    let elapsed = started.elapsed();
+    bar.finish_and_clear();
+    let out = out.with_context(|| format!("ep {ep} × tp {tp} ranks"))?;
+    layer_file::write_output(
+        &args.output,
+        &out.output,
+        args.save_routing.then_some(&out.routes),
+    )
+    .with_context(|| format!("writing output {}", args.output.display()))?;
+    let backend = match &choice {
+        BackendChoice::Named(n) => n.as_str(),
+        BackendChoice::Auto => "auto",
+    };
+    println!(
+        "backend {backend} × {} CPU-thread ranks (ep {ep} × tp {tp}, {mode:?}) | T = {} | {:.3} ms | {} | {}",
+        layout.ranks(),
+        out.routes.tokens,
+        elapsed.as_secs_f64() * 1e3,
+        config,
+        args.output.display(),
+    );
+    Ok(())
+}
+
+/// The EP × TP coordinates of rank `rank` of `--ep`/`--tp` (rank i: EP rank i / tp, TP rank
+/// i mod tp), for reading its slice of a checkpoint.
+fn rank_parallelism(args: &Args, rank: usize) -> Parallelism {
+    let (ep, tp) = (args.ep.unwrap_or(1), args.tp.unwrap_or(1).max(1));
+    Parallelism {
+        ep_size: ep,
+        ep_rank: rank / tp,
+        tp_size: tp,
+        tp_rank: rank % tp,
+    }
 }
 
 /// The layer index of `run --checkpoint`: `--layer-index N`, or the deprecated `--layer N` (with a

@@ -33,7 +33,10 @@ pub const LAYERS: &[(&str, &[&str])] = &[
     ),
     ("backends", &["backend"]),
     ("runner", &["runner"]),
-    ("drivers of the runner", &["bench", "random_cases"]),
+    (
+        "drivers of the runner",
+        &["bench", "random_cases", "parallel"],
+    ),
 ];
 
 /// The imports allowed inside one layer (importer, imported).

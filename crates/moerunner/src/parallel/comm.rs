@@ -1,0 +1,102 @@
+//! The collectives a parallel forward pass needs, behind one trait.
+//!
+//! Design decision: every operation is a collective over host byte buffers that every rank calls
+//! in the same order, returns `Result`, and fails instead of hanging: a rank that fails calls
+//! [`Communicator::abort`], which makes every pending and later call of every rank return an
+//! error naming it, and a call waits for its peers at most a bounded time. Sums are over f32 in
+//! rank order (0, 1, …, R−1), whatever the implementation, so a parallel run is deterministic.
+//!
+//! Seam for device buffers: today's buffers are host slices (CPU ranks as threads,
+//! [`super::thread_comm::ThreadComm`]). An NCCL communicator and a "several ranks on one GPU"
+//! communicator implement the same trait; they will add device-buffer variants of these calls
+//! (same names, same ordering and failure rules) rather than change these.
+
+use crate::error::{MoeError, Result};
+
+/// One rank's end of a group of `size()` ranks.
+pub trait Communicator: Send + Sync {
+    /// This rank, `0..size()`.
+    fn rank(&self) -> usize;
+    /// How many ranks the group has.
+    fn size(&self) -> usize;
+    /// Every rank's `mine`, indexed by rank.
+    fn all_gather(&self, mine: &[u8]) -> Result<Vec<Vec<u8>>>;
+    /// Sends `send[d]` to rank `d` (any length, empty included: the per-peer counts travel with
+    /// the buffers) and returns what each rank sent to this one, indexed by source rank.
+    fn all_to_all_v(&self, send: Vec<Vec<u8>>) -> Result<Vec<Vec<u8>>>;
+    /// Waits until every rank has called it.
+    fn barrier(&self) -> Result<()> {
+        self.all_gather(&[]).map(|_| ())
+    }
+    /// Makes every rank's pending and later calls fail with `why` (which names this rank); for
+    /// a rank that cannot go on. Never blocks.
+    fn abort(&self, why: &str);
+
+    /// The element-wise sum over ranks of `data` (same length on every rank), added in rank
+    /// order: `((d_0 + d_1) + d_2) + …`, starting from `d_0` (so one rank gives its data back
+    /// bit for bit).
+    fn all_reduce_sum(&self, data: &[f32]) -> Result<Vec<f32>> {
+        let parts = self.all_gather(&f32_bytes(data))?;
+        sum_in_rank_order(self.rank(), &parts, 0..data.len(), data.len())
+    }
+    /// The element-wise sum over ranks of `data` (same length on every rank), of which this rank
+    /// keeps its piece: rank `r` gets elements `[Σ_{s<r} counts[s], Σ_{s≤r} counts[s])`, added in
+    /// rank order like [`Self::all_reduce_sum`].
+    fn reduce_scatter_sum(&self, data: &[f32], counts: &[usize]) -> Result<Vec<f32>> {
+        let (me, size) = (self.rank(), self.size());
+        let total: usize = counts.iter().sum();
+        if counts.len() != size || total != data.len() {
+            let why = format!(
+                "reduce_scatter: {} counts summing to {total} for {size} ranks and {} elements",
+                counts.len(),
+                data.len()
+            );
+            self.abort(&format!("rank {me} failed: {why}"));
+            return Err(MoeError::Comm { rank: me, why });
+        }
+        let start: usize = counts[..me].iter().sum();
+        // NOTE: the generic form moves every rank's whole buffer (all-gather); a real
+        // reduce-scatter (NCCL) moves 1/R of it per rank, with the same sums.
+        let parts = self.all_gather(&f32_bytes(data))?;
+        sum_in_rank_order(me, &parts, start..start + counts[me], data.len())
+    }
+}
+
+/// f32 values as little-endian bytes.
+pub fn f32_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+/// Little-endian bytes as f32 values (the length must be a multiple of 4).
+pub fn f32_from_bytes(b: &[u8]) -> Vec<f32> {
+    b.chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
+/// Elements `range` of the sum of every rank's `len` f32 values, in rank order.
+fn sum_in_rank_order(
+    me: usize,
+    parts: &[Vec<u8>],
+    range: std::ops::Range<usize>,
+    len: usize,
+) -> Result<Vec<f32>> {
+    if let Some(r) = parts.iter().position(|p| p.len() != len * 4) {
+        return Err(MoeError::Comm {
+            rank: me,
+            why: format!(
+                "a sum over ranks got {} bytes from rank {r}, expected {} ({len} f32)",
+                parts[r].len(),
+                len * 4
+            ),
+        });
+    }
+    let (a, b) = (range.start * 4, range.end * 4);
+    let mut acc = f32_from_bytes(parts.first().map_or(&[][..], |p| &p[a..b]));
+    for p in parts.iter().skip(1) {
+        for (x, y) in acc.iter_mut().zip(f32_from_bytes(&p[a..b])) {
+            *x += y;
+        }
+    }
+    Ok(acc)
+}

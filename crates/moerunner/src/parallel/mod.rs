@@ -1,0 +1,516 @@
+//! One layer split over several ranks: expert parallelism (EP), tensor parallelism (TP) and both
+//! (TEP), with the tokens and partial sums moved between ranks by a [`Communicator`]
+//! (docs/parallel.md).
+//!
+//! Design decision: tokens are partitioned — rank r owns a contiguous slice of the T tokens
+//! (`T/R` each, the first `T mod R` ranks one more), routes them with the whole layer's router,
+//! and gets back exactly its slice of the output; so each rank's input and output are what a
+//! serving engine's data-parallel rank holds. A rank computes through an ordinary backend
+//! ([`crate::runner::Runner`]) on its slice of the layer ([`crate::shard::shard_experts`]:
+//! experts renumbered, I sliced), so every backend runs under every layout unchanged.
+//! Two EP modes: [`EpMode::AllToAll`] sends each token's row only to the ranks that hold its
+//! experts and combines the returned rows in slot order (bitwise the single-device result on
+//! the CPU backend, see docs/parallel.md); [`EpMode::GatherScatter`] all-gathers every token to
+//! every rank and reduce-scatters the partial sums (the only mode for TP and TEP).
+
+pub mod comm;
+pub mod expert_map;
+pub mod thread_comm;
+
+mod a2a;
+mod gather;
+
+use std::ops::Range;
+use std::time::Duration;
+
+pub use comm::Communicator;
+pub use expert_map::ExpertMap;
+pub use thread_comm::ThreadComm;
+
+use crate::backend::LoadedLayer;
+use crate::config::LayerConfig;
+use crate::error::{MoeError, Result};
+use crate::forward::{self, ForwardInput, ForwardOutput};
+use crate::routing::{self, Routes, RoutingInput};
+use crate::runner::{BackendChoice, Runner};
+use crate::tensor::{DType, HostTensor};
+use crate::weights::MoeLayer;
+
+/// How expert-parallel ranks exchange tokens.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EpMode {
+    /// Dispatch each token's row to the ranks holding its experts, compute, send each
+    /// (token, slot)'s row back, combine in slot order.
+    AllToAll,
+    /// All-gather every token, compute the local experts' partial sums, reduce-scatter them.
+    GatherScatter,
+}
+
+impl std::str::FromStr for EpMode {
+    type Err = MoeError;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "all-to-all" | "a2a" => Ok(EpMode::AllToAll),
+            "gather-scatter" | "gather" => Ok(EpMode::GatherScatter),
+            _ => Err(MoeError::invalid(
+                "ep mode",
+                format!("`{s}`: use all-to-all or gather-scatter"),
+            )),
+        }
+    }
+}
+
+/// The ranks of a run: `ep.ranks()` EP groups of `tp` TP ranks each; rank `i` is EP rank
+/// `i / tp`, TP rank `i % tp`.
+#[derive(Clone, Debug)]
+pub struct Layout {
+    pub ep: ExpertMap,
+    pub tp: usize,
+    pub mode: EpMode,
+}
+
+impl Layout {
+    /// An even expert split over `ep` ranks, each split `tp` ways on I.
+    pub fn even(num_experts: usize, ep: usize, tp: usize, mode: EpMode) -> Result<Self> {
+        Self::new(ExpertMap::even(num_experts, ep)?, tp, mode)
+    }
+    pub fn new(ep: ExpertMap, tp: usize, mode: EpMode) -> Result<Self> {
+        if tp == 0 {
+            return Err(MoeError::invalid("tp", "needs at least one rank"));
+        }
+        if tp > 1 && ep.ranks() > 1 && mode == EpMode::AllToAll {
+            return Err(MoeError::Unsupported(
+                "EP × TP (TEP) runs in gather-scatter mode only (all-to-all dispatch to TP groups is not built yet)".into(),
+            ));
+        }
+        Ok(Layout { ep, tp, mode })
+    }
+    pub fn ranks(&self) -> usize {
+        self.ep.ranks() * self.tp
+    }
+    /// (EP rank, TP rank) of rank `rank`.
+    pub fn coords(&self, rank: usize) -> (usize, usize) {
+        (rank / self.tp, rank % self.tp)
+    }
+    /// Whether rank `rank` runs all-to-all dispatch (EP only) or gather-scatter.
+    fn all_to_all(&self) -> bool {
+        self.mode == EpMode::AllToAll && self.tp == 1
+    }
+}
+
+/// One rank's share of a layer, loaded on a backend.
+pub struct RankLayer {
+    rank: usize,
+    layout: Layout,
+    loaded: Box<dyn LoadedLayer>,
+    /// The whole layer's routing, E and H (a slice keeps them) and its router bias: a rank
+    /// routes its own tokens.
+    global: LayerConfig,
+    router_bias: Option<Vec<f32>>,
+    /// The slice's id of its first expert: 0 for [`crate::shard::shard_experts`] (experts
+    /// renumbered), the global id for a contiguous slice read from a checkpoint.
+    id_base: usize,
+}
+
+impl RankLayer {
+    /// Slices rank `rank`'s experts and I features out of `whole` and loads them on `choice`.
+    pub fn load(
+        whole: &MoeLayer,
+        layout: &Layout,
+        rank: usize,
+        runner: &Runner,
+        choice: &BackendChoice,
+    ) -> Result<Self> {
+        if layout.ep.num_experts() != whole.config().num_experts {
+            return Err(MoeError::invalid(
+                "expert map",
+                format!(
+                    "maps {} experts; the layer has E = {}",
+                    layout.ep.num_experts(),
+                    whole.config().num_experts
+                ),
+            ));
+        }
+        let (e, t) = layout.coords(rank);
+        let experts = layout.ep.experts_of(e);
+        let slice =
+            crate::shard::shard_experts(whole, experts, (e, layout.ep.ranks()), (t, layout.tp))?;
+        Self::new(slice, true, layout, rank, runner, choice)
+    }
+
+    /// Loads `slice`, rank `rank`'s part of the layer, on `choice`. Its experts must be the
+    /// map's for this rank: `renumbered` (local ids `0..n` in the map's order, as
+    /// [`crate::shard::shard_experts`] makes them), or else the same global range (a checkpoint
+    /// read with this rank's [`crate::config::Parallelism`]).
+    pub fn new(
+        slice: MoeLayer,
+        renumbered: bool,
+        layout: &Layout,
+        rank: usize,
+        runner: &Runner,
+        choice: &BackendChoice,
+    ) -> Result<Self> {
+        let cfg = slice.config().clone();
+        let (e, _) = layout.coords(rank);
+        let experts = layout.ep.experts_of(e);
+        let held = cfg.local_experts.clone();
+        let same_range = experts.first() == Some(&held.start)
+            && experts.last().map(|x| x + 1) == Some(held.end)
+            && experts.len() == held.len();
+        let fits = if renumbered {
+            held == (0..experts.len())
+        } else {
+            same_range
+        };
+        if layout.ep.num_experts() != cfg.num_experts || !fits {
+            return Err(MoeError::invalid(
+                "rank slice",
+                format!(
+                    "rank {rank} holds experts {held:?} of {}; the expert map gives it {experts:?} of {}",
+                    cfg.num_experts,
+                    layout.ep.num_experts()
+                ),
+            ));
+        }
+        Ok(RankLayer {
+            rank,
+            layout: layout.clone(),
+            router_bias: slice.weights().router_bias.clone(),
+            loaded: runner.load(slice, choice)?,
+            id_base: held.start,
+            global: cfg,
+        })
+    }
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+    pub fn loaded(&self) -> &dyn LoadedLayer {
+        &*self.loaded
+    }
+}
+
+/// Runs `f` for rank `comm.rank()`; when it fails with its own error, stops every other rank
+/// (their calls then fail naming this one) and names the rank in the error.
+pub fn guarded<T>(comm: &dyn Communicator, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    let me = comm.rank();
+    f().map_err(|e| match e {
+        MoeError::Comm { .. } | MoeError::Rank { .. } => e,
+        other => {
+            comm.abort(&format!("rank {me} failed: {other}"));
+            MoeError::Rank {
+                rank: me,
+                error: Box::new(other),
+            }
+        }
+    })
+}
+
+/// This rank's tokens, routed, and where they sit among all ranks' tokens.
+struct Owned<'a> {
+    hidden: &'a HostTensor,
+    routes: Routes,
+    /// Every rank's token count.
+    counts: Vec<usize>,
+    /// The global index of this rank's first token.
+    first: usize,
+}
+
+/// One forward call of rank `layer.rank()` over its own tokens `input` (hidden `[T_r, H]` and
+/// their routing source); returns their output `[T_r, H]`. Every rank of the group calls it at
+/// once; a failure on any rank makes every rank return an error naming it.
+pub fn forward_rank(
+    comm: &dyn Communicator,
+    layer: &RankLayer,
+    input: &ForwardInput<'_>,
+) -> Result<ForwardOutput> {
+    guarded(comm, || {
+        if comm.size() != layer.layout.ranks() || comm.rank() != layer.rank {
+            return Err(MoeError::invalid(
+                "communicator",
+                format!(
+                    "rank {} of {} runs the layer slice of rank {} of {}",
+                    comm.rank(),
+                    comm.size(),
+                    layer.rank,
+                    layer.layout.ranks()
+                ),
+            ));
+        }
+        let own = front(comm, layer, input)?;
+        let h = layer.global.hidden;
+        let out = if layer.layout.all_to_all() {
+            a2a::forward(comm, layer, &own)?
+        } else {
+            gather::forward(comm, layer, &own)?
+        };
+        let tokens = own.routes.tokens;
+        Ok(ForwardOutput {
+            output: forward::output_like(input.hidden, &out, tokens, h),
+            routes: own.routes,
+        })
+    })
+}
+
+/// Checks and routes this rank's tokens, and learns every rank's token count (and that all
+/// hidden states share one dtype).
+fn front<'a>(
+    comm: &dyn Communicator,
+    layer: &RankLayer,
+    input: &ForwardInput<'a>,
+) -> Result<Owned<'a>> {
+    let tokens = forward::check_hidden(layer.loaded.layer(), input.hidden)?;
+    let g = &layer.global;
+    let routes = routing::resolve(
+        &g.routing,
+        g.num_experts,
+        tokens,
+        &input.routing,
+        layer.router_bias.as_deref(),
+    )?;
+    let mut mine = (tokens as u64).to_le_bytes().to_vec();
+    mine.push(dtype_tag(input.hidden.dtype));
+    let all = comm.all_gather(&mine)?;
+    let mut counts = Vec::with_capacity(all.len());
+    for (r, b) in all.iter().enumerate() {
+        let (Ok(n), Some(&tag)) = (<[u8; 8]>::try_from(&b[..b.len().min(8)]), b.get(8)) else {
+            return Err(MoeError::invalid(
+                "token counts",
+                format!("rank {r} sent {} bytes", b.len()),
+            ));
+        };
+        if tag != dtype_tag(input.hidden.dtype) {
+            return Err(MoeError::invalid(
+                "hidden_states",
+                format!(
+                    "rank {} holds {} hidden states, rank {r} another dtype; every rank must use one",
+                    comm.rank(),
+                    input.hidden.dtype
+                ),
+            ));
+        }
+        counts.push(u64::from_le_bytes(n) as usize);
+    }
+    let first = counts[..comm.rank()].iter().sum();
+    Ok(Owned {
+        hidden: input.hidden,
+        routes,
+        counts,
+        first,
+    })
+}
+
+fn dtype_tag(d: DType) -> u8 {
+    match d {
+        DType::F32 => 0,
+        DType::F16 => 1,
+        DType::BF16 => 2,
+        DType::F8E4M3 => 3,
+        DType::U8 => 4,
+        DType::I32 => 5,
+    }
+}
+
+/// Rows `r` of `t` (`[T, …]`) as an owned tensor.
+fn rows(t: &HostTensor, r: Range<usize>) -> Result<HostTensor> {
+    let row = t.shape.iter().skip(1).product::<usize>() * t.dtype.size();
+    let bytes = match t.shape.first() {
+        Some(&n) if n >= r.end && t.bytes.len() >= r.end * row => {
+            &t.bytes[r.start * row..r.end * row]
+        }
+        _ => {
+            return Err(MoeError::shape(
+                "input",
+                format!("at least {} rows", r.end),
+                &t.shape,
+            ))
+        }
+    };
+    let mut shape = t.shape.clone();
+    shape[0] = r.len();
+    Ok(HostTensor::from_u8(t.dtype, shape, bytes.to_vec()))
+}
+
+/// Rank `r`'s tokens among `tokens` over `ranks`: contiguous, `T/R` each, the first `T mod R`
+/// ranks one more.
+pub fn token_slice(tokens: usize, ranks: usize, r: usize) -> Range<usize> {
+    let (base, extra) = (tokens / ranks.max(1), tokens % ranks.max(1));
+    let start = r * base + r.min(extra);
+    start..start + base + usize::from(r < extra)
+}
+
+/// A routing source's rows `r`.
+enum OwnedRouting {
+    Logits(HostTensor),
+    TopK(HostTensor, HostTensor),
+    Packed(HostTensor),
+}
+
+impl OwnedRouting {
+    fn slice(input: &RoutingInput<'_>, r: Range<usize>) -> Result<Self> {
+        Ok(match input {
+            RoutingInput::Logits(t) => OwnedRouting::Logits(rows(t, r)?),
+            RoutingInput::TopK { ids, weights } => {
+                OwnedRouting::TopK(rows(ids, r.clone())?, rows(weights, r)?)
+            }
+            RoutingInput::Packed(t) => OwnedRouting::Packed(rows(t, r)?),
+        })
+    }
+    fn input(&self) -> RoutingInput<'_> {
+        match self {
+            OwnedRouting::Logits(t) => RoutingInput::Logits(t),
+            OwnedRouting::TopK(ids, weights) => RoutingInput::TopK { ids, weights },
+            OwnedRouting::Packed(t) => RoutingInput::Packed(t),
+        }
+    }
+}
+
+/// Runs `whole` split by `layout` on `layout.ranks()` CPU threads of this process (one per
+/// rank, [`ThreadComm`]), each loading its slice on `choice` and owning a contiguous slice of
+/// the tokens; returns the whole output, which equals a single-device run's (docs/parallel.md).
+/// A collective that waits longer than `timeout` for a peer stops the run.
+pub fn forward_threads(
+    whole: &MoeLayer,
+    layout: &Layout,
+    choice: &BackendChoice,
+    input: &ForwardInput<'_>,
+    timeout: Duration,
+) -> Result<ForwardOutput> {
+    // The whole input is checked once here, so errors name tokens by their global index.
+    forward::validate_input(whole, input)?;
+    let runner = Runner::new();
+    forward_threads_with(layout, input, timeout, |rank| {
+        RankLayer::load(whole, layout, rank, &runner, choice)
+    })
+}
+
+/// [`forward_threads`] with each rank's layer made by `load(rank)` on that rank's thread (a
+/// checkpoint slice read by the rank itself, [`RankLayer::new`]). Each rank checks its own
+/// tokens; a failure names the rank.
+pub fn forward_threads_with(
+    layout: &Layout,
+    input: &ForwardInput<'_>,
+    timeout: Duration,
+    load: impl Fn(usize) -> Result<RankLayer> + Sync,
+) -> Result<ForwardOutput> {
+    let ranks = layout.ranks();
+    let tokens = input.hidden.shape.first().copied().unwrap_or(0);
+    let comms = ThreadComm::group(ranks, timeout)?;
+    let slices = (0..ranks)
+        .map(|r| {
+            let s = token_slice(tokens, ranks, r);
+            Ok((
+                rows(input.hidden, s.clone())?,
+                OwnedRouting::slice(&input.routing, s)?,
+            ))
+        })
+        .collect::<Result<Vec<(HostTensor, OwnedRouting)>>>()?;
+    let results: Vec<Result<ForwardOutput>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = comms
+            .into_iter()
+            .zip(&slices)
+            .enumerate()
+            .map(|(rank, (comm, (hidden, routing)))| {
+                let load = &load;
+                scope.spawn(move || {
+                    let layer = guarded(&comm, || load(rank))?;
+                    let input = ForwardInput {
+                        hidden,
+                        routing: routing.input(),
+                    };
+                    forward_rank(&comm, &layer, &input)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .enumerate()
+            .map(|(rank, h)| {
+                h.join().unwrap_or_else(|_| {
+                    Err(MoeError::Comm {
+                        rank,
+                        why: "the rank's thread panicked".into(),
+                    })
+                })
+            })
+            .collect()
+    });
+    join_outputs(results)
+}
+
+/// The ranks' outputs joined in rank order, or the failing rank's own error (else the first).
+fn join_outputs(results: Vec<Result<ForwardOutput>>) -> Result<ForwardOutput> {
+    let mut outs = Vec::with_capacity(results.len());
+    let mut first_err = None;
+    for r in results {
+        match r {
+            Ok(o) => outs.push(o),
+            Err(e @ MoeError::Rank { .. }) => return Err(e),
+            Err(e) => {
+                first_err.get_or_insert(e);
+            }
+        }
+    }
+    if let Some(e) = first_err {
+        return Err(e);
+    }
+    let Some(head) = outs.first() else {
+        return Err(MoeError::invalid("ranks", "a run needs at least one rank"));
+    };
+    let (dtype, h, top_k, on_input) = (
+        head.output.dtype,
+        head.output.shape.get(1).copied().unwrap_or(0),
+        head.routes.top_k,
+        head.routes.weight_on_input,
+    );
+    let tokens: usize = outs.iter().map(|o| o.routes.tokens).sum();
+    let mut bytes = Vec::new();
+    let mut routes = Routes {
+        tokens,
+        top_k,
+        ids: Vec::with_capacity(tokens * top_k),
+        weights: Vec::with_capacity(tokens * top_k),
+        weight_on_input: on_input,
+    };
+    for o in &outs {
+        bytes.extend_from_slice(&o.output.bytes);
+        routes.ids.extend_from_slice(&o.routes.ids);
+        routes.weights.extend_from_slice(&o.routes.weights);
+    }
+    Ok(ForwardOutput {
+        output: HostTensor::from_u8(dtype, vec![tokens, h], bytes),
+        routes,
+    })
+}
+
+/// Runs the rank's slice on `n` rows `x` (f32 `[n, H]`) with routes `ids`/`weights` (`[n, k]`,
+/// local expert ids, −1 for a slot another rank computes); the f32 output `[n, H]`. F32 in and
+/// out, so no rounding to the caller's dtype happens before the partial results are combined.
+fn compute(
+    layer: &RankLayer,
+    x: &[f32],
+    n: usize,
+    ids: &[i32],
+    weights: &[f32],
+) -> Result<Vec<f32>> {
+    let h = layer.global.hidden;
+    if n == 0 {
+        return Ok(Vec::new());
+    }
+    let k = ids.len() / n;
+    let hidden = HostTensor::from_f32(vec![n, h], x);
+    let base = layer.id_base as i32;
+    let ids: Vec<i32> = ids
+        .iter()
+        .map(|&id| if id >= 0 { id + base } else { id })
+        .collect();
+    let ids = HostTensor::from_i32(vec![n, k], &ids);
+    let weights = HostTensor::from_f32(vec![n, k], weights);
+    let out = layer.loaded.forward(&ForwardInput {
+        hidden: &hidden,
+        routing: RoutingInput::TopK {
+            ids: &ids,
+            weights: &weights,
+        },
+    })?;
+    out.output.to_f32_vec("output")
+}
