@@ -8,6 +8,7 @@
 use std::sync::Arc;
 
 use crate::config::{LayerConfig, WeightFormat};
+use crate::error::{MoeError, Result};
 use crate::tensor::Bytes;
 
 /// Per-block scales of a quantized tensor, in the linear layout of `spec/formats.md`.
@@ -42,6 +43,58 @@ pub struct QuantizedTensor {
 }
 
 impl QuantizedTensor {
+    /// Concatenates single-expert (or any) quantized tensors of one format and shape along experts.
+    pub fn concat_experts(parts: Vec<QuantizedTensor>) -> Result<QuantizedTensor> {
+        let first = parts
+            .first()
+            .ok_or_else(|| MoeError::invalid("concat_experts", "no parts"))?;
+        let (format, rows, cols) = (first.format, first.rows, first.cols);
+        // Reserved whole: growing by doubling would briefly hold two copies of the result.
+        let mut data = Vec::with_capacity(parts.iter().map(|p| p.data.len()).sum());
+        let mut globals = Vec::new();
+        let mut experts = 0;
+        let mut scales = match &first.scales {
+            BlockScales::None => BlockScales::None,
+            BlockScales::PerExpert(_) => BlockScales::PerExpert(Vec::new()),
+            BlockScales::Block128(_) => BlockScales::Block128(Vec::new()),
+            BlockScales::Ue8m0(_) => BlockScales::Ue8m0(Vec::new()),
+            BlockScales::E4m3(_) => BlockScales::E4m3(Vec::new()),
+        };
+        for part in parts {
+            if part.format != format || part.rows != rows || part.cols != cols {
+                return Err(MoeError::invalid(
+                    "concat_experts",
+                    "parts differ in format or shape",
+                ));
+            }
+            experts += part.experts;
+            data.extend_from_slice(&part.data);
+            globals.extend_from_slice(&part.global_scales);
+            match (&mut scales, &part.scales) {
+                (BlockScales::None, BlockScales::None) => {}
+                (BlockScales::PerExpert(a), BlockScales::PerExpert(b))
+                | (BlockScales::Block128(a), BlockScales::Block128(b)) => a.extend_from_slice(b),
+                (BlockScales::Ue8m0(a), BlockScales::Ue8m0(b))
+                | (BlockScales::E4m3(a), BlockScales::E4m3(b)) => a.extend_from_slice(b),
+                _ => {
+                    return Err(MoeError::invalid(
+                        "concat_experts",
+                        "parts differ in scale kind",
+                    ))
+                }
+            }
+        }
+        Ok(QuantizedTensor {
+            format,
+            experts,
+            rows,
+            cols,
+            data: data.into(),
+            scales,
+            global_scales: globals,
+        })
+    }
+
     /// Bytes of one expert's element data.
     pub fn expert_data_bytes(&self) -> usize {
         match self.format {

@@ -491,7 +491,7 @@ fn requantize(l: LoadedExperts, f: WeightFormat) -> Result<LoadedExperts> {
             t.decode_rows_f32(x, 0..t.rows, &mut values);
             parts.push(quantize_weights(f, 1, t.rows, t.cols, &values, None)?);
         }
-        crate::synth::concat_experts(parts)
+        crate::weights::QuantizedTensor::concat_experts(parts)
     };
     Ok(LoadedExperts {
         w13: convert(&l.w13)?,

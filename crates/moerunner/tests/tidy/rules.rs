@@ -45,9 +45,6 @@ pub const SAME_LAYER: &[(&str, &str)] = &[
     ("layer_file", "synth"),
     // Checkpoint shards are safetensors files, mapped by the layer file's reader.
     ("checkpoint", "layer_file"),
-    // `--quantize` at load joins per-expert tensors with `synth::concat_experts`, which belongs
-    // with `QuantizedTensor` (weights.rs); listed until it moves there.
-    ("checkpoint", "synth"),
 ];
 
 /// Imports that no layer order allows or forbids on its own: (importer prefix, imported prefix,
