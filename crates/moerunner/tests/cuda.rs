@@ -648,6 +648,7 @@ fn gpu_huge_batch_runs_in_slices() {
 /// of the host path, on the device's stream and captured into a CUDA graph on a stream of the
 /// test's own, for every routing input form (and a call larger than one launch sequence's slice is
 /// not needed here: `gpu_huge_batch_runs_in_slices` covers the slicing the two paths share).
+#[cfg(feature = "cuda")]
 #[test]
 fn gpu_device_memory_entry_matches_the_host_path() {
     use moerunner::backend::cuda::device_call::{DeviceCall, DeviceRoutes};
@@ -753,6 +754,7 @@ fn gpu_device_memory_entry_matches_the_host_path() {
 }
 
 /// A device call that cannot run is refused with the argument named, before any launch.
+#[cfg(feature = "cuda")]
 #[test]
 fn gpu_device_memory_entry_refuses_null_pointers_and_bad_dtypes() {
     use moerunner::backend::cuda::device_call::{DeviceCall, DeviceRoutes};
@@ -825,6 +827,7 @@ fn gpu_device_memory_entry_refuses_null_pointers_and_bad_dtypes() {
 /// Per-tensor fp8 applies w_scale[e] · input scale as one f32 factor: a layer whose scales are each
 /// finite but whose product overflows is refused at load, naming both tensors (the CPU, which applies
 /// them apart, runs it).
+#[cfg(feature = "cuda")]
 #[test]
 fn gpu_fp8_scale_products_that_overflow_are_refused_at_load() {
     use moerunner::backend::cuda::layer::CudaLayer;

@@ -59,13 +59,7 @@ pub(super) fn load(sh: &Shards, plan: &Plan, s: &Slice) -> Result<LoadedExperts>
 
     let mut w13 = Vec::new();
     let mut w2 = Vec::new();
-    let mut s13: Vec<u8> = Vec::new();
-    let mut s2: Vec<u8> = Vec::new();
-    let mut g13 = Vec::new();
-    let mut g2 = Vec::new();
-    // Per-tensor FP8: each local expert's scalar scales, [gate, up] (or [up]) and down.
-    let mut pt13: Vec<Vec<f32>> = Vec::new();
-    let mut pt2: Vec<f32> = Vec::new();
+    let mut scales = ScaleParts::default();
     for e in s.experts.clone() {
         for p in &projs13 {
             let n = name(e, p, "weight");
@@ -83,162 +77,35 @@ pub(super) fn load(sh: &Shards, plan: &Plan, s: &Slice) -> Result<LoadedExperts>
         };
         w2.extend(sh.read_box(&n, [1, h, row_bytes], 0..1, 0..h, cols)?);
 
-        match format {
-            WeightFormat::Bf16 => {}
-            WeightFormat::Fp8 => {
-                let mut scales = Vec::new();
-                for p in &projs13 {
-                    let n = name(e, p, "weight_scale");
-                    scales.push(positive(&n, sh.read_scalar(&n)?)?);
-                }
-                pt13.push(scales);
-                let n = name(e, down, "weight_scale");
-                pt2.push(positive(&n, sh.read_scalar(&n)?)?);
-            }
-            WeightFormat::Fp8Block => {
-                let (ib, hb) = (inter.div_ceil(FP8_BLOCK), h.div_ceil(FP8_BLOCK));
-                let rows = f0 / FP8_BLOCK..f1.div_ceil(FP8_BLOCK);
-                // F32 in DeepSeek-style releases; BF16 is accepted too (exact in f32).
-                let scale_types = [DType::F32, DType::BF16];
-                for p in &projs13 {
-                    let n = name(e, p, "weight_scale_inv");
-                    let d = sh.check_tensor(&n, &scale_types, &[ib, hb])?;
-                    let b = sh.read_box(
-                        &n,
-                        [1, ib, hb * d.size()],
-                        0..1,
-                        rows.clone(),
-                        0..hb * d.size(),
-                    )?;
-                    s13.extend(positive_block_scales(&n, f32_le(&b, d))?);
-                }
-                let n = name(e, down, "weight_scale_inv");
-                let d = sh.check_tensor(&n, &scale_types, &[hb, ib])?;
-                let z = d.size();
-                let b = sh.read_box(
-                    &n,
-                    [1, hb, ib * z],
-                    0..1,
-                    0..hb,
-                    rows.start * z..rows.end * z,
-                )?;
-                s2.extend(positive_block_scales(&n, f32_le(&b, d))?);
-            }
-            WeightFormat::Nvfp4 => {
-                let (ib, hb) = (inter / NV_BLOCK, h / NV_BLOCK);
-                let mut globals = Vec::new();
-                for p in &projs13 {
-                    let n = name(e, p, "weight_scale");
-                    sh.check_tensor(&n, &[DType::F8E4M3], &[inter, hb])?;
-                    s13.extend(e4m3_scales(
-                        &n,
-                        sh.read_box(&n, [1, inter, hb], 0..1, f0..f1, 0..hb)?,
-                    )?);
-                    let g = name(e, p, "weight_scale_2");
-                    globals.push((g.clone(), positive(&g, sh.read_scalar(&g)?)?));
-                }
-                // W13 has one global scale per expert, so a gated expert's gate and up must share it.
-                if let [(gn, g), (un, u)] = globals.as_slice() {
-                    if g != u {
-                        return Err(MoeError::Unsupported(format!(
-                            "`{gn}` = {g} differs from `{un}` = {u}; the fused W13 holds one global scale per expert"
-                        )));
-                    }
-                }
-                g13.push(globals.last().map_or(1.0, |x| x.1));
-                let n = name(e, down, "weight_scale");
-                sh.check_tensor(&n, &[DType::F8E4M3], &[h, ib])?;
-                s2.extend(e4m3_scales(
-                    &n,
-                    sh.read_box(&n, [1, h, ib], 0..1, 0..h, f0 / NV_BLOCK..f1 / NV_BLOCK)?,
-                )?);
-                let g = name(e, down, "weight_scale_2");
-                g2.push(positive(&g, sh.read_scalar(&g)?)?);
-            }
-            other => return Err(MoeError::Unsupported(format!("shipped format {other}"))),
-        }
+        scales.read_expert(sh, format, e, &projs13, down, (f0..f1, inter, h), &name)?;
     }
 
-    // Static activation scales are per GEMM in our layer, per expert in ModelOpt's: take the max
-    // over *all* experts (not just local ones) so every EP rank quantizes activations alike.
-    let (mut in13, mut in2) = (None, None);
-    let static_inputs = matches!(format, WeightFormat::Nvfp4 | WeightFormat::Fp8);
-    if static_inputs && sh.has(&name(0, up, "input_scale")) {
-        let (mut a, mut b) = (0f32, 0f32);
-        for e in 0..plan.num_experts {
-            // Each is checked before the max: `f32::max` drops a NaN, so a NaN (or negative) scale
-            // of one expert would otherwise vanish.
-            for p in &projs13 {
-                let n = name(e, p, "input_scale");
-                a = a.max(positive(&n, sh.read_scalar(&n)?)?);
-            }
-            let n = name(e, down, "input_scale");
-            b = b.max(positive(&n, sh.read_scalar(&n)?)?);
-        }
-        (in13, in2) = (Some(a), Some(b));
-    }
-
+    let ScaleParts {
+        mut s13,
+        mut s2,
+        g13,
+        g2,
+        pt13,
+        pt2,
+    } = scales;
+    let (mut in13, mut in2) =
+        static_input_scales(sh, plan.num_experts, format, (&projs13, up, down), &name)?;
     let n_exp = s.experts.len();
     let m = projs13.len() * local;
     let mut format = format;
     if format == WeightFormat::Fp8 {
-        // Our fp8 holds one scale per expert for W13 and static input scales. When the gate's
-        // and up's scales differ or no input scales ship, the weights are kept exactly as
-        // fp8_block whose 128×128 blocks all carry the tensor's scale (activations then 1×128
-        // dynamic); that needs the gate/up seam and the slice on block boundaries.
-        let shared = pt13.iter().all(|v| v.windows(2).all(|w| w[0] == w[1]));
-        if shared && in13.is_some() {
-            s13 = pt13.iter().flat_map(|v| v[0].to_le_bytes()).collect();
-            s2 = pt2.iter().flat_map(|v| v.to_le_bytes()).collect();
-        } else {
-            check_alignment(
-                WeightFormat::Fp8Block,
-                local,
-                gate.is_some() || local != inter,
-                &name(0, up, "weight"),
-            )
-            .map_err(|e| {
-                MoeError::Unsupported(format!(
-                    "per-tensor FP8 experts whose gate and up scales differ (or without \
-                     `input_scale`) are loaded as fp8_block, and: {e}"
-                ))
-            })?;
-            let (rb, hb, ib) = (
-                local.div_ceil(FP8_BLOCK),
-                h.div_ceil(FP8_BLOCK),
-                local.div_ceil(FP8_BLOCK),
-            );
-            s13.clear();
-            for v in &pt13 {
-                for sc in v {
-                    s13.extend((0..rb * hb).flat_map(|_| sc.to_le_bytes()));
-                }
-            }
-            s2 = pt2
-                .iter()
-                .flat_map(|sc| (0..hb * ib).flat_map(move |_| sc.to_le_bytes()))
-                .collect();
+        let shape = Fp8Shape {
+            local,
+            h,
+            gated_or_sliced: gate.is_some() || local != inter,
+            probe: name(0, up, "weight"),
+        };
+        (format, s13, s2) = settle_per_tensor_fp8(&shape, &pt13, &pt2, in13.is_some())?;
+        if format == WeightFormat::Fp8Block {
             (in13, in2) = (None, None);
-            format = WeightFormat::Fp8Block;
         }
     }
-    let f32s = |b: Vec<u8>| {
-        b.chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect::<Vec<f32>>()
-    };
-    let (sc13, sc2) = match format {
-        WeightFormat::Fp8Block => (
-            BlockScales::Block128(f32s(s13)),
-            BlockScales::Block128(f32s(s2)),
-        ),
-        WeightFormat::Nvfp4 => (BlockScales::E4m3(s13), BlockScales::E4m3(s2)),
-        WeightFormat::Fp8 => (
-            BlockScales::PerExpert(f32s(s13)),
-            BlockScales::PerExpert(f32s(s2)),
-        ),
-        _ => (BlockScales::None, BlockScales::None),
-    };
+    let (sc13, sc2) = block_scales(format, s13, s2);
     let w13 = QuantizedTensor {
         format,
         experts: n_exp,
@@ -266,6 +133,219 @@ pub(super) fn load(sh: &Shards, plan: &Plan, s: &Slice) -> Result<LoadedExperts>
         w13_input_scale: in13,
         w2_input_scale: in2,
     })
+}
+
+/// What the per-expert loop gathers of each local expert's scales, in expert order.
+#[derive(Default)]
+struct ScaleParts {
+    /// W13's and W2's block scales as bytes (fp8_block f32, nvfp4 e4m3).
+    s13: Vec<u8>,
+    s2: Vec<u8>,
+    /// nvfp4: each expert's global scale of W13 and W2.
+    g13: Vec<f32>,
+    g2: Vec<f32>,
+    /// Per-tensor FP8: each expert's scalar scales, [gate, up] (or [up]) and down.
+    pt13: Vec<Vec<f32>>,
+    pt2: Vec<f32>,
+}
+
+impl ScaleParts {
+    /// Reads expert `e`'s scales of `format` for the feature slice `f` of `inter` (checked against
+    /// the checkpoint's shapes, named by the checkpoint's tensor names).
+    #[allow(clippy::too_many_arguments)]
+    fn read_expert(
+        &mut self,
+        sh: &Shards,
+        format: WeightFormat,
+        e: usize,
+        projs13: &[&str],
+        down: &str,
+        (f, inter, h): (std::ops::Range<usize>, usize, usize),
+        name: &dyn Fn(usize, &str, &str) -> String,
+    ) -> Result<()> {
+        let (f0, f1) = (f.start, f.end);
+        match format {
+            WeightFormat::Bf16 => {}
+            WeightFormat::Fp8 => {
+                let mut scales = Vec::new();
+                for p in projs13 {
+                    let n = name(e, p, "weight_scale");
+                    scales.push(positive(&n, sh.read_scalar(&n)?)?);
+                }
+                self.pt13.push(scales);
+                let n = name(e, down, "weight_scale");
+                self.pt2.push(positive(&n, sh.read_scalar(&n)?)?);
+            }
+            WeightFormat::Fp8Block => {
+                let (ib, hb) = (inter.div_ceil(FP8_BLOCK), h.div_ceil(FP8_BLOCK));
+                let rows = f0 / FP8_BLOCK..f1.div_ceil(FP8_BLOCK);
+                // F32 in DeepSeek-style releases; BF16 is accepted too (exact in f32).
+                let scale_types = [DType::F32, DType::BF16];
+                for p in projs13 {
+                    let n = name(e, p, "weight_scale_inv");
+                    let d = sh.check_tensor(&n, &scale_types, &[ib, hb])?;
+                    let b = sh.read_box(
+                        &n,
+                        [1, ib, hb * d.size()],
+                        0..1,
+                        rows.clone(),
+                        0..hb * d.size(),
+                    )?;
+                    self.s13.extend(positive_block_scales(&n, f32_le(&b, d))?);
+                }
+                let n = name(e, down, "weight_scale_inv");
+                let d = sh.check_tensor(&n, &scale_types, &[hb, ib])?;
+                let z = d.size();
+                let b = sh.read_box(
+                    &n,
+                    [1, hb, ib * z],
+                    0..1,
+                    0..hb,
+                    rows.start * z..rows.end * z,
+                )?;
+                self.s2.extend(positive_block_scales(&n, f32_le(&b, d))?);
+            }
+            WeightFormat::Nvfp4 => {
+                let (ib, hb) = (inter / NV_BLOCK, h / NV_BLOCK);
+                let mut globals = Vec::new();
+                for p in projs13 {
+                    let n = name(e, p, "weight_scale");
+                    sh.check_tensor(&n, &[DType::F8E4M3], &[inter, hb])?;
+                    self.s13.extend(e4m3_scales(
+                        &n,
+                        sh.read_box(&n, [1, inter, hb], 0..1, f0..f1, 0..hb)?,
+                    )?);
+                    let g = name(e, p, "weight_scale_2");
+                    globals.push((g.clone(), positive(&g, sh.read_scalar(&g)?)?));
+                }
+                // W13 has one global scale per expert, so a gated expert's gate and up must share it.
+                if let [(gn, g), (un, u)] = globals.as_slice() {
+                    if g != u {
+                        return Err(MoeError::Unsupported(format!(
+                            "`{gn}` = {g} differs from `{un}` = {u}; the fused W13 holds one global scale per expert"
+                        )));
+                    }
+                }
+                self.g13.push(globals.last().map_or(1.0, |x| x.1));
+                let n = name(e, down, "weight_scale");
+                sh.check_tensor(&n, &[DType::F8E4M3], &[h, ib])?;
+                self.s2.extend(e4m3_scales(
+                    &n,
+                    sh.read_box(&n, [1, h, ib], 0..1, 0..h, f0 / NV_BLOCK..f1 / NV_BLOCK)?,
+                )?);
+                let g = name(e, down, "weight_scale_2");
+                self.g2.push(positive(&g, sh.read_scalar(&g)?)?);
+            }
+            other => return Err(MoeError::Unsupported(format!("shipped format {other}"))),
+        }
+        Ok(())
+    }
+}
+
+/// The gathered scale bytes as the layer's scales of `format`.
+fn block_scales(format: WeightFormat, s13: Vec<u8>, s2: Vec<u8>) -> (BlockScales, BlockScales) {
+    let f32s = |b: Vec<u8>| {
+        b.chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect::<Vec<f32>>()
+    };
+    match format {
+        WeightFormat::Fp8Block => (
+            BlockScales::Block128(f32s(s13)),
+            BlockScales::Block128(f32s(s2)),
+        ),
+        WeightFormat::Nvfp4 => (BlockScales::E4m3(s13), BlockScales::E4m3(s2)),
+        WeightFormat::Fp8 => (
+            BlockScales::PerExpert(f32s(s13)),
+            BlockScales::PerExpert(f32s(s2)),
+        ),
+        _ => (BlockScales::None, BlockScales::None),
+    }
+}
+
+/// Static activation scales are per GEMM in our layer, per expert in ModelOpt's: the max over *all*
+/// experts (not just local ones), so every EP rank quantizes activations alike; None when the
+/// format has none or none ship. Each is checked before the max: `f32::max` drops a NaN, so a NaN
+/// (or negative) scale of one expert would otherwise vanish.
+fn static_input_scales(
+    sh: &Shards,
+    num_experts: usize,
+    format: WeightFormat,
+    (projs13, up, down): (&[&str], &str, &str),
+    name: &dyn Fn(usize, &str, &str) -> String,
+) -> Result<(Option<f32>, Option<f32>)> {
+    let static_inputs = matches!(format, WeightFormat::Nvfp4 | WeightFormat::Fp8);
+    if !(static_inputs && sh.has(&name(0, up, "input_scale"))) {
+        return Ok((None, None));
+    }
+    let (mut a, mut b) = (0f32, 0f32);
+    for e in 0..num_experts {
+        for p in projs13 {
+            let n = name(e, p, "input_scale");
+            a = a.max(positive(&n, sh.read_scalar(&n)?)?);
+        }
+        let n = name(e, down, "input_scale");
+        b = b.max(positive(&n, sh.read_scalar(&n)?)?);
+    }
+    Ok((Some(a), Some(b)))
+}
+
+/// The slice a per-tensor FP8 layer is loaded into: local features, H, whether W13 has a gate/up
+/// seam or is a TP slice, and a tensor to name in errors.
+struct Fp8Shape {
+    local: usize,
+    h: usize,
+    gated_or_sliced: bool,
+    probe: String,
+}
+
+/// Scalar-scale FP8 experts in our formats. Our fp8 holds one scale per expert for W13 and static
+/// input scales: used when the gate's and up's scales agree and input scales ship. Otherwise the
+/// weights are kept exactly as fp8_block whose 128×128 blocks all carry the tensor's scale
+/// (activations then 1×128 dynamic), which needs the gate/up seam and the slice on block
+/// boundaries. Returns the format and the W13 and W2 scale bytes (f32, little-endian).
+fn settle_per_tensor_fp8(
+    shape: &Fp8Shape,
+    pt13: &[Vec<f32>],
+    pt2: &[f32],
+    input_scales: bool,
+) -> Result<(WeightFormat, Vec<u8>, Vec<u8>)> {
+    let shared = pt13.iter().all(|v| v.windows(2).all(|w| w[0] == w[1]));
+    if shared && input_scales {
+        return Ok((
+            WeightFormat::Fp8,
+            pt13.iter().flat_map(|v| v[0].to_le_bytes()).collect(),
+            pt2.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        ));
+    }
+    check_alignment(
+        WeightFormat::Fp8Block,
+        shape.local,
+        shape.gated_or_sliced,
+        &shape.probe,
+    )
+    .map_err(|e| {
+        MoeError::Unsupported(format!(
+            "per-tensor FP8 experts whose gate and up scales differ (or without \
+             `input_scale`) are loaded as fp8_block, and: {e}"
+        ))
+    })?;
+    let (rb, hb, ib) = (
+        shape.local.div_ceil(FP8_BLOCK),
+        shape.h.div_ceil(FP8_BLOCK),
+        shape.local.div_ceil(FP8_BLOCK),
+    );
+    let mut s13 = Vec::new();
+    for v in pt13 {
+        for sc in v {
+            s13.extend((0..rb * hb).flat_map(|_| sc.to_le_bytes()));
+        }
+    }
+    let s2 = pt2
+        .iter()
+        .flat_map(|sc| (0..hb * ib).flat_map(move |_| sc.to_le_bytes()))
+        .collect();
+    Ok((WeightFormat::Fp8Block, s13, s2))
 }
 
 /// A scalar scale (ModelOpt's `weight_scale_2`, `input_scale`) must be finite and positive; the
