@@ -184,26 +184,7 @@ pub fn run(plan: &BenchPlan, progress: &mut dyn FnMut(Progress<'_>)) -> Result<B
     if plan.iters == 0 {
         return Err(MoeError::invalid("iters", "must be at least 1"));
     }
-    // Every case's memory is checked before the first one runs: a case over the budget fails
-    // now, not after the cases before it have spent their time.
-    for preset in &plan.presets {
-        for &wf in &plan.weight_formats {
-            let config = rank_config(preset, wf, plan.parallelism)?;
-            for &tokens in &plan.tokens {
-                let bytes = synth::layer_bytes(&config, preset.biases)
-                    .plus(synth::input_bytes(&config, tokens, DType::BF16))
-                    .plus(crate::forward::forward_bytes(&config, tokens));
-                crate::size::check(
-                    bytes,
-                    &format!("bench case {} {wf} T={tokens}", preset.name),
-                    &format!(
-                        "--preset {} --weight-format {wf} --tokens {tokens}",
-                        preset.name
-                    ),
-                )?;
-            }
-        }
-    }
+    check_every_case_fits(plan)?;
     let runner = Runner::new();
     let layers = plan.presets.len() * plan.weight_formats.len();
     progress(Progress::Start {
@@ -257,39 +238,16 @@ pub fn run(plan: &BenchPlan, progress: &mut dyn FnMut(Progress<'_>)) -> Result<B
                 };
                 let first = loaded.forward(&fwd)?; // warm-up (thread pool, scratch, page faults)
                 let samples_s = timed_calls_s(&*loaded, &fwd, plan.iters, &mut flush)?;
-                let time_s = median(&samples_s);
 
-                let routes = &first.routes;
-                let active = routes.distinct_experts(config.local_experts.clone());
-                let bytes = count_bytes(&config, active, tokens, input.hidden.dtype);
-                // The (token, slot) pairs this rank's experts hold: T·k on one rank.
-                let pairs = routes
-                    .expert_counts(config.local_experts.clone())
-                    .iter()
-                    .sum();
-                let flops = count_flops_pairs(&config, pairs);
-                let floor_s = (bytes as f64 / (ceil.read_gbps * 1e9))
-                    .max(flops as f64 / ceil.matrix_flops(config.activation_format));
-                let rel_err =
-                    sampled_rel_err(loaded.layer(), &input.hidden, routes, &first.output)?;
-                let row = BenchRow {
-                    preset: preset.name.to_string(),
-                    weight_format: wf.name().to_string(),
-                    activation_format: config.activation_format.name().to_string(),
-                    tokens,
-                    active_experts: active,
-                    tp_size: plan.parallelism.tp_size,
-                    ep_size: plan.parallelism.ep_size,
-                    time_us: time_s * 1e6,
-                    min_us: samples_s.iter().copied().fold(f64::INFINITY, f64::min) * 1e6,
-                    max_us: samples_s.iter().copied().fold(0.0, f64::max) * 1e6,
-                    samples_us: samples_s.iter().map(|s| s * 1e6).collect(),
-                    bytes,
-                    flops,
-                    floor_us: floor_s * 1e6,
-                    roofline: floor_s / time_s,
-                    rel_err,
-                };
+                let row = measured_row(
+                    (preset.name, wf, tokens),
+                    &config,
+                    plan.parallelism,
+                    &*loaded,
+                    (&input.hidden, &first),
+                    &samples_s,
+                    &ceil,
+                )?;
                 progress(Progress::Row(&row));
                 rows.push(row);
             }
@@ -314,6 +272,74 @@ pub fn run(plan: &BenchPlan, progress: &mut dyn FnMut(Progress<'_>)) -> Result<B
         ceilings,
         rows,
     })
+}
+
+/// Every case's memory is checked before the first one runs: a case over the budget fails now, not
+/// after the cases before it have spent their time.
+fn check_every_case_fits(plan: &BenchPlan) -> Result<()> {
+    for preset in &plan.presets {
+        for &wf in &plan.weight_formats {
+            let config = rank_config(preset, wf, plan.parallelism)?;
+            for &tokens in &plan.tokens {
+                let bytes = synth::layer_bytes(&config, preset.biases)
+                    .plus(synth::input_bytes(&config, tokens, DType::BF16))
+                    .plus(crate::forward::forward_bytes(&config, tokens));
+                crate::size::check(
+                    bytes,
+                    &format!("bench case {} {wf} T={tokens}", preset.name),
+                    &format!(
+                        "--preset {} --weight-format {wf} --tokens {tokens}",
+                        preset.name
+                    ),
+                )?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// One bench row from a case's first call (routes, output) and its timed samples.
+fn measured_row(
+    (preset, wf, tokens): (&str, WeightFormat, usize),
+    config: &LayerConfig,
+    par: crate::config::Parallelism,
+    loaded: &dyn crate::backend::LoadedLayer,
+    (hidden, first): (&crate::tensor::HostTensor, &crate::forward::ForwardOutput),
+    samples_s: &[f64],
+    ceil: &Ceilings,
+) -> Result<BenchRow> {
+    let time_s = median(samples_s);
+    let routes = &first.routes;
+    let active = routes.distinct_experts(config.local_experts.clone());
+    let bytes = count_bytes(config, active, tokens, hidden.dtype);
+    // The (token, slot) pairs this rank's experts hold: T·k on one rank.
+    let pairs = routes
+        .expert_counts(config.local_experts.clone())
+        .iter()
+        .sum();
+    let flops = count_flops_pairs(config, pairs);
+    let floor_s = (bytes as f64 / (ceil.read_gbps * 1e9))
+        .max(flops as f64 / ceil.matrix_flops(config.activation_format));
+    let rel_err = sampled_rel_err(loaded.layer(), hidden, routes, &first.output)?;
+    let row = BenchRow {
+        preset: preset.to_string(),
+        weight_format: wf.name().to_string(),
+        activation_format: config.activation_format.name().to_string(),
+        tokens,
+        active_experts: active,
+        tp_size: par.tp_size,
+        ep_size: par.ep_size,
+        time_us: time_s * 1e6,
+        min_us: samples_s.iter().copied().fold(f64::INFINITY, f64::min) * 1e6,
+        max_us: samples_s.iter().copied().fold(0.0, f64::max) * 1e6,
+        samples_us: samples_s.iter().map(|s| s * 1e6).collect(),
+        bytes,
+        flops,
+        floor_us: floor_s * 1e6,
+        roofline: floor_s / time_s,
+        rel_err,
+    };
+    Ok(row)
 }
 
 /// Wall times (s) of one call: the device's own graph timing where the backend has one (its

@@ -91,72 +91,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     // sliced), and an output that would replace an input being read.
     par.validate()
         .context("--ep-size/--ep-rank/--tp-size/--tp-rank")?;
-    let mut inputs: Vec<(PathBuf, &str)> = vec![(args.input.clone(), "--input")];
-    match &args.checkpoint {
-        Some(dir) => inputs.extend(
-            moerunner::checkpoint::input_files(dir)
-                .with_context(|| format!("reading checkpoint {}", dir.display()))?
-                .into_iter()
-                .map(|p| (p, "the checkpoint's")),
-        ),
-        None => inputs.push((
-            PathBuf::from(args.layer.as_deref().unwrap_or_default()),
-            "--layer",
-        )),
-    }
-    let inputs: Vec<(&std::path::Path, &str)> =
-        inputs.iter().map(|(p, f)| (p.as_path(), *f)).collect();
-    layer_file::check_output_path(&args.output, "--output", &inputs)?;
+    check_output_is_no_input(&args)?;
     let load_started = Instant::now();
     let split = args.ep.is_some() || args.tp.is_some();
     if split && args.checkpoint.is_some() && args.expert_map.is_some() {
         anyhow::bail!("--expert-map needs --layer: ranks read even slices from a checkpoint");
     }
-    let (layer, input) = match &args.checkpoint {
-        Some(dir) => {
-            let index = checkpoint_layer_index(&args)?;
-            // Split over ranks, every rank reads only its slice: here rank 0's (which also
-            // routes a hidden-only input), the others on their threads (`run_split`).
-            let par = if split {
-                rank_parallelism(&args, 0)
-            } else {
-                par
-            };
-            let opts = super::load_options(
-                par,
-                args.quantize.as_deref(),
-                args.activation_format.as_deref(),
-            )?;
-            let loaded = super::load_checkpoint(dir, index, &opts)?;
-            let input = loaded
-                .read_input(&args.input)
-                .with_context(|| format!("reading input {}", args.input.display()))?;
-            (loaded.layer, input)
-        }
-        None => {
-            if args.quantize.is_some() {
-                anyhow::bail!(
-                    "--quantize needs --checkpoint (a layer file is run in its own format)"
-                );
-            }
-            let path = PathBuf::from(args.layer.as_deref().unwrap_or_default());
-            let mut layer = layer_file::read_layer(&path)
-                .with_context(|| format!("reading layer {}", path.display()))?;
-            let input = layer_file::read_input(&args.input)
-                .with_context(|| format!("reading input {}", args.input.display()))?;
-            if let Some(a) = &args.activation_format {
-                let mut config = layer.config().clone();
-                config.activation_format = a.parse().context("--activation-format")?;
-                layer = moerunner::MoeLayer::new(config, layer.weights().clone())
-                    .with_context(|| format!("--activation-format {a} on {}", path.display()))?;
-            }
-            if !par.is_single() {
-                layer = moerunner::shard::shard(&layer, par)
-                    .context("slicing the layer for this rank")?;
-            }
-            (layer, input)
-        }
-    };
+    let (layer, input) = load_layer_and_input(&args, par, split)?;
     // Input errors (wrong H, E or k) surface before the backend spends time preparing weights.
     let layer_name = match (&args.layer, args.layer_index) {
         (Some(layer), _) => layer.clone(),
@@ -222,6 +163,82 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         args.output.display(),
     );
     Ok(())
+}
+
+/// Refused before any work: an output that would replace a file the command reads (the input, the
+/// layer file, or the checkpoint's config, index and shards).
+fn check_output_is_no_input(args: &Args) -> anyhow::Result<()> {
+    let mut inputs: Vec<(PathBuf, &str)> = vec![(args.input.clone(), "--input")];
+    match &args.checkpoint {
+        Some(dir) => inputs.extend(
+            moerunner::checkpoint::input_files(dir)
+                .with_context(|| format!("reading checkpoint {}", dir.display()))?
+                .into_iter()
+                .map(|p| (p, "the checkpoint's")),
+        ),
+        None => inputs.push((
+            PathBuf::from(args.layer.as_deref().unwrap_or_default()),
+            "--layer",
+        )),
+    }
+    let inputs: Vec<(&std::path::Path, &str)> =
+        inputs.iter().map(|(p, f)| (p.as_path(), *f)).collect();
+    layer_file::check_output_path(&args.output, "--output", &inputs)?;
+    Ok(())
+}
+
+/// The layer (this rank's slice of it; with `split`, rank 0's) and the input, from a layer file or
+/// a checkpoint, with `--quantize` / `--activation-format` applied.
+fn load_layer_and_input(
+    args: &Args,
+    par: Parallelism,
+    split: bool,
+) -> anyhow::Result<(moerunner::MoeLayer, layer_file::InputFile)> {
+    Ok(match &args.checkpoint {
+        Some(dir) => {
+            let index = checkpoint_layer_index(args)?;
+            // Split over ranks, every rank reads only its slice: here rank 0's (which also
+            // routes a hidden-only input), the others on their threads (`run_split`).
+            let par = if split {
+                rank_parallelism(args, 0)
+            } else {
+                par
+            };
+            let opts = super::load_options(
+                par,
+                args.quantize.as_deref(),
+                args.activation_format.as_deref(),
+            )?;
+            let loaded = super::load_checkpoint(dir, index, &opts)?;
+            let input = loaded
+                .read_input(&args.input)
+                .with_context(|| format!("reading input {}", args.input.display()))?;
+            (loaded.layer, input)
+        }
+        None => {
+            if args.quantize.is_some() {
+                anyhow::bail!(
+                    "--quantize needs --checkpoint (a layer file is run in its own format)"
+                );
+            }
+            let path = PathBuf::from(args.layer.as_deref().unwrap_or_default());
+            let mut layer = layer_file::read_layer(&path)
+                .with_context(|| format!("reading layer {}", path.display()))?;
+            let input = layer_file::read_input(&args.input)
+                .with_context(|| format!("reading input {}", args.input.display()))?;
+            if let Some(a) = &args.activation_format {
+                let mut config = layer.config().clone();
+                config.activation_format = a.parse().context("--activation-format")?;
+                layer = moerunner::MoeLayer::new(config, layer.weights().clone())
+                    .with_context(|| format!("--activation-format {a} on {}", path.display()))?;
+            }
+            if !par.is_single() {
+                layer = moerunner::shard::shard(&layer, par)
+                    .context("slicing the layer for this rank")?;
+            }
+            (layer, input)
+        }
+    })
 }
 
 /// `run --ep R` / `--tp R`: the whole layer split over CPU-thread ranks of this process.
