@@ -55,10 +55,6 @@ impl RowQuant {
     pub fn mode(self) -> i32 {
         self as i32
     }
-    /// Whether the quantizer writes one scale per 128 columns of each row.
-    pub fn has_row_scales(self) -> bool {
-        self == RowQuant::E4m3Block128
-    }
 }
 
 /// How GEMM1's epilogue stores the intermediate.

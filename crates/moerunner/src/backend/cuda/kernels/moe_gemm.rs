@@ -99,6 +99,8 @@ pub const WS_BN: [u32; 1] = [128];
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct GemmVariant {
     pub format: GemmFormat,
+    /// How GEMM1 stores the intermediate (the codec's `inter_store`; GEMM2's stages store their own).
+    pub gemm1_store: InterStore,
     pub stage: GemmStage,
     pub bn: u32,
     pub main_loop: MainLoop,
@@ -109,15 +111,6 @@ impl GemmVariant {
         gemm_bm(self.bn)
     }
 
-    /// What GEMM1 of this format stores.
-    fn gemm1_store(format: GemmFormat) -> InterStore {
-        match format {
-            GemmFormat::Bf16 => InterStore::Bf16,
-            GemmFormat::E4m3Tensor => InterStore::E4m3Static,
-            GemmFormat::E4m3Block => InterStore::F32,
-        }
-    }
-
     /// The defines this form is compiled with: named values of `common.cuh` / `gemm/config.cuh`.
     pub fn defines(&self) -> Vec<String> {
         let store_name = |s: InterStore| match s {
@@ -125,7 +118,7 @@ impl GemmVariant {
             InterStore::F32 => "STORE_F32",
             InterStore::E4m3Static => "STORE_E4M3",
         };
-        let gemm1_store = store_name(Self::gemm1_store(self.format));
+        let gemm1_store = store_name(self.gemm1_store);
         const ACT: [&str; 3] = ["ACT_SWIGLU", "ACT_GEGLU", "ACT_SWIGLU_OAI"];
         let (epi, act, store) = match self.stage {
             GemmStage::Gated { act } => ("EPI_GATED", ACT.get(act as usize), gemm1_store),
@@ -174,27 +167,18 @@ impl GemmVariant {
         wgmma_on: bool,
         ws_on: bool,
     ) -> GemmVariant {
-        Self::choose_for(codec.gemm, codec.main_loops, stage, bn, wgmma_on, ws_on)
-    }
-
-    fn choose_for(
-        format: GemmFormat,
-        loops: &[MainLoop],
-        stage: GemmStage,
-        bn: u32,
-        wgmma_on: bool,
-        ws_on: bool,
-    ) -> GemmVariant {
         let allowed = |l: &MainLoop| match l {
             MainLoop::MmaSync => true,
             MainLoop::Wgmma => wgmma_on && WGMMA_BN.contains(&bn),
             MainLoop::WgmmaWs => wgmma_on && ws_on && WS_BN.contains(&bn),
         };
         GemmVariant {
-            format,
+            format: codec.gemm,
+            gemm1_store: codec.inter_store,
             stage,
             bn,
-            main_loop: loops
+            main_loop: codec
+                .main_loops
                 .iter()
                 .copied()
                 .find(allowed)
