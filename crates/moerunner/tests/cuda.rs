@@ -822,6 +822,15 @@ fn gpu_device_memory_entry_refuses_null_pointers_and_bad_dtypes() {
         let err = unsafe { cuda.enqueue_on(&call, None) }.expect_err("refused");
         assert!(err.to_string().contains(name), "{err} should name {name}");
     }
+    // T = 0 launches nothing and needs no workspace, whatever the (null) addresses.
+    let empty = DeviceCall {
+        tokens: 0,
+        hidden: 0,
+        out: 0,
+        ..good
+    };
+    // SAFETY: nothing is launched for T = 0.
+    unsafe { cuda.enqueue_on(&empty, None) }.expect("T = 0 is an empty call");
 }
 
 /// Per-tensor fp8 applies w_scale[e] · input scale as one f32 factor: a layer whose scales are each

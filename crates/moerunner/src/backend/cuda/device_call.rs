@@ -46,23 +46,22 @@ impl CudaLayer {
     /// of this device's context.
     pub unsafe fn enqueue_on(&self, call: &DeviceCall, stream: Option<RawStream>) -> Result<()> {
         self.check_device_call(call)?;
+        if call.tokens == 0 {
+            return Ok(()); // nothing to launch (and no workspace needed)
+        }
         let stream = stream.unwrap_or_else(|| self.dev.stream.cu_stream());
         let mut guard = self.lock_workspace()?;
-        let chunk = self.max_tokens_per_launch();
+        let need = call.tokens.min(self.max_tokens_per_launch());
         let have = guard.as_ref().map_or(0, |w| w.scratch.capacity.tokens);
-        if have < call.tokens.min(chunk) {
-            if stream_is_capturing(stream)? {
-                return Err(MoeError::Cuda(format!(
-                    "the workspace holds {have} tokens and the stream is capturing a graph: \
-                     call reserve({}) before the capture",
-                    call.tokens
-                )));
-            }
-            self.reserve_locked(&mut guard, call.tokens.min(chunk), false)?;
+        if have < need && stream_is_capturing(stream)? {
+            return Err(MoeError::Cuda(format!(
+                "the workspace holds {have} tokens and the stream is capturing a graph: \
+                 call reserve({}) before the capture",
+                call.tokens
+            )));
         }
-        let ws = guard
-            .as_ref()
-            .ok_or_else(|| MoeError::Cuda("internal: no workspace".into()))?;
+        // Allocates only when the workspace is too small (never under a capture: refused above).
+        let ws = self.reserve_locked(&mut guard, need, false)?;
         self.enqueue_checked(&ws.scratch, call, stream)
     }
 

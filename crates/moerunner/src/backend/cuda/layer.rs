@@ -104,7 +104,7 @@ impl CudaLayer {
     /// into a graph.
     pub fn reserve(&self, tokens: usize, staging: bool) -> Result<()> {
         let mut guard = self.lock_workspace()?;
-        self.reserve_locked(&mut guard, tokens, staging)
+        self.reserve_locked(&mut guard, tokens, staging).map(|_| ())
     }
 
     pub(super) fn lock_workspace(&self) -> Result<std::sync::MutexGuard<'_, Option<Workspace>>> {
@@ -113,30 +113,30 @@ impl CudaLayer {
             .map_err(|_| MoeError::Cuda("workspace lock poisoned".into()))
     }
 
-    pub(super) fn reserve_locked(
+    /// Grows `ws` to hold `tokens` tokens (and host staging when `staging`, or when the workspace
+    /// being replaced had it: a host call that staged before will stage again); returns it.
+    pub(super) fn reserve_locked<'w>(
         &self,
-        ws: &mut Option<Workspace>,
+        ws: &'w mut Option<Workspace>,
         tokens: usize,
         staging: bool,
-    ) -> Result<()> {
+    ) -> Result<&'w mut Workspace> {
         let cfg = self.layer.config();
-        let cap = tokens.next_power_of_two().max(16);
+        let mut staging = staging;
         let mut grew = false;
         if ws
             .as_ref()
             .is_none_or(|w| w.scratch.capacity.tokens < tokens)
         {
-            let keep_staging = ws.as_ref().is_some_and(|w| w.staging.is_some());
+            staging |= ws.as_ref().is_some_and(|w| w.staging.is_some());
             *ws = None; // free the old one first: the new one may need the room
+            let cap = tokens.next_power_of_two().max(16);
             let (capacity, plan) = self.pipeline.scratch_plan(&self.resident, cap);
             *ws = Some(Workspace {
                 scratch: Scratch::alloc(&self.dev, capacity, &plan)?,
                 staging: None,
             });
             grew = true;
-            if keep_staging {
-                return self.reserve_locked(ws, tokens, true);
-            }
         }
         let w = ws
             .as_mut()
@@ -156,7 +156,7 @@ impl CudaLayer {
         if grew {
             self.dev.sync()?;
         }
-        Ok(())
+        Ok(w)
     }
 
     /// Tokens of one launch sequence: at most MAX_PAIRS_PER_LAUNCH (token, slot) pairs.
@@ -219,10 +219,7 @@ impl CudaLayer {
         let k = self.top_k();
         let out_len = t * self.layer.config().hidden * input.hidden.dtype.size();
         let mut guard = self.lock_workspace()?;
-        self.reserve_locked(&mut guard, t, true)?;
-        let ws = guard
-            .as_mut()
-            .ok_or_else(|| MoeError::Cuda("internal: no workspace".into()))?;
+        let ws = self.reserve_locked(&mut guard, t, true)?;
         let call = self.stage_inputs(ws, input, host_routes, start, end)?;
         let dev = &*self.dev;
         let staging = ws
@@ -343,10 +340,7 @@ impl CudaLayer {
         }
         let end = tokens.min(self.max_tokens_per_launch());
         let mut guard = self.lock_workspace()?;
-        self.reserve_locked(&mut guard, end, true)?;
-        let ws = guard
-            .as_mut()
-            .ok_or_else(|| MoeError::Cuda("internal: no workspace".into()))?;
+        let ws = self.reserve_locked(&mut guard, end, true)?;
         let call = self.stage_inputs(ws, input, host_routes.as_ref(), 0, end)?;
         let dev = &*self.dev;
         let scratch = &ws.scratch;
