@@ -59,15 +59,10 @@ class Kernel:
 
     def __init__(self, module, entry):
         self.entry = entry
-        self.params = signature(entry)
         self.fn = module.get_function(entry)
 
     def args(self, **kw):
-        missing = [n for n, _ in self.params if n not in kw]
-        extra = sorted(set(kw) - {n for n, _ in self.params})
-        if missing or extra:
-            raise TypeError(f"{self.entry}: missing {missing}, unknown {extra}")
-        return tuple(_cast(t, kw[n]) for n, t in self.params)
+        return pack(self.entry, **kw)
 
     def __call__(self, grid, block, shared_mem=0, **kw):
         self.fn(grid, block, self.args(**kw), shared_mem=shared_mem)
