@@ -250,6 +250,31 @@ fn every_kernel_compiles_for_sm90a() {
     );
 }
 
+/// The epilogue-factor check of weight preparation, on the CPU: a per-tensor fp8 layer whose
+/// w_scale × input scale overflows f32 is refused naming both tensors; a finite product passes.
+#[test]
+fn per_tensor_fp8_scale_products_that_overflow_are_refused() {
+    use moerunner::weights::BlockScales;
+    let cfg = config(
+        WeightFormat::Fp8,
+        4,
+        128,
+        128,
+        Activation::Swiglu,
+        RoutingConfig::new(RoutingMethod::Renormalize, 2),
+    );
+    let layer = random_layer(&cfg, 5, false).expect("layer");
+    prepare::check_epilogue_factors(layer.weights()).expect("a finite product passes");
+    let mut w = layer.weights().clone();
+    w.w2.scales = BlockScales::PerExpert(vec![1.0, 1.0, 1e30, 1.0]);
+    w.w2_input_scale = Some(1e10);
+    let err = prepare::check_epilogue_factors(&w).expect_err("refused");
+    assert!(
+        err.to_string().contains("w2_scale[2] × w2_input_scale"),
+        "{err}"
+    );
+}
+
 /// The GEMM's pieces compose without the MoE plumbing: a dense bf16 GEMM (the stage loads, the mma.sync main
 /// loop and the epilogue; no tile list, no gather) and every generated wgmma wrapper, shared- and
 /// register-sourced, compile for sm_90a (`tests/kernels/dense_gemm.cu`).

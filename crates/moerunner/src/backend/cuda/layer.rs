@@ -34,7 +34,7 @@ impl CudaLayer {
         let cfg = layer.config();
         let w = layer.weights();
         let codec = codec::codec_for(cfg).map_err(MoeError::Cuda)?;
-        check_epilogue_factors(w)?;
+        prepare::check_epilogue_factors(w)?;
         let prepared: PreparedWeights = prepare::prepare_weights(cfg, codec, w);
         let upload_proj =
             |t: &prepare::PreparedTensor, bias: &Option<Vec<f32>>| -> Result<ProjectionBufs> {
@@ -349,31 +349,6 @@ impl CudaLayer {
                 .enqueue(dev, dev.stream.cu_stream(), &self.resident, scratch, &call)
         })
     }
-}
-
-/// The per-tensor fp8 epilogue multiplies each accumulator by one factor, w_scale[e] · input scale:
-/// both are finite (validation), but their product may not be, and a zero sum times an infinite
-/// factor is NaN where the reference gives 0. Such a layer is refused here, naming both tensors.
-fn check_epilogue_factors(w: &crate::weights::LayerWeights) -> Result<()> {
-    use crate::weights::BlockScales;
-    for (name, t, input, input_name) in [
-        ("w13_scale", &w.w13, w.w13_input_scale, "w13_input_scale"),
-        ("w2_scale", &w.w2, w.w2_input_scale, "w2_input_scale"),
-    ] {
-        let (BlockScales::PerExpert(scales), Some(a)) = (&t.scales, input) else {
-            continue;
-        };
-        if let Some(e) = scales.iter().position(|s| !(s * a).is_finite()) {
-            return Err(MoeError::Invalid {
-                what: format!("{name}[{e}] × {input_name}"),
-                why: format!(
-                    "{} × {a} overflows f32: the GPU applies the two scales as one factor",
-                    scales[e]
-                ),
-            });
-        }
-    }
-    Ok(())
 }
 
 /// One slice of a host call, read back: output bytes, and the routes the GPU chose (or was given).

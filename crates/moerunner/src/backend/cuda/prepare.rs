@@ -16,6 +16,7 @@ use rayon::prelude::*;
 
 use super::codec::{Codec, PreparedScales};
 use crate::config::{LayerConfig, W13Order};
+use crate::error::{MoeError, Result};
 use crate::weights::{BlockScales, LayerWeights, QuantizedTensor};
 
 pub const PAD: usize = 128;
@@ -206,4 +207,28 @@ fn prepare_tensor(
         data,
         scales,
     }
+}
+
+/// The per-tensor fp8 epilogue multiplies each accumulator by one factor, w_scale[e] · input scale:
+/// both are finite (validation), but their product may not be, and a zero sum times an infinite
+/// factor is NaN where the reference gives 0. Such a layer is refused here, naming both tensors.
+pub fn check_epilogue_factors(w: &LayerWeights) -> Result<()> {
+    for (name, t, input, input_name) in [
+        ("w13_scale", &w.w13, w.w13_input_scale, "w13_input_scale"),
+        ("w2_scale", &w.w2, w.w2_input_scale, "w2_input_scale"),
+    ] {
+        let (BlockScales::PerExpert(scales), Some(a)) = (&t.scales, input) else {
+            continue;
+        };
+        if let Some(e) = scales.iter().position(|s| !(s * a).is_finite()) {
+            return Err(MoeError::Invalid {
+                what: format!("{name}[{e}] × {input_name}"),
+                why: format!(
+                    "{} × {a} overflows f32: the GPU applies the two scales as one factor",
+                    scales[e]
+                ),
+            });
+        }
+    }
+    Ok(())
 }
