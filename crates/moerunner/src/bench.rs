@@ -104,6 +104,9 @@ pub struct BenchReport {
 pub struct BenchPlan {
     pub presets: Vec<&'static Preset>,
     pub weight_formats: Vec<WeightFormat>,
+    /// Activation formats to pair with each weight format where legal (mxfp4 × bf16 and × mxfp8,
+    /// nvfp4 × nvfp4 and × nvfp4_per_token); empty, or none legal: the weight format's default.
+    pub activation_formats: Vec<ActivationFormat>,
     pub tokens: Vec<usize>,
     /// Timed runs per case (after one warm-up run); the median is reported.
     pub iters: usize,
@@ -113,13 +116,35 @@ pub struct BenchPlan {
     pub parallelism: crate::config::Parallelism,
 }
 
+impl BenchPlan {
+    /// The weight × activation formats of the plan, in order.
+    pub fn format_pairs(&self) -> Vec<(WeightFormat, ActivationFormat)> {
+        let mut pairs = Vec::new();
+        for &wf in &self.weight_formats {
+            let legal = wf.legal_activation_formats();
+            let chosen: Vec<ActivationFormat> = self
+                .activation_formats
+                .iter()
+                .copied()
+                .filter(|a| legal.contains(a))
+                .collect();
+            if chosen.is_empty() {
+                pairs.push((wf, wf.default_activation_format()));
+            } else {
+                pairs.extend(chosen.into_iter().map(|a| (wf, a)));
+            }
+        }
+        pairs
+    }
+}
+
 /// The layer rank 0 of `par` holds: I / tp_size features and E / ep_size experts.
 pub fn rank_config(
     preset: &Preset,
-    wf: WeightFormat,
+    (wf, af): (WeightFormat, ActivationFormat),
     par: crate::config::Parallelism,
 ) -> Result<LayerConfig> {
-    let mut config = preset.config(wf, None);
+    let mut config = preset.config(wf, Some(af));
     par.validate()?;
     par.check_splits(config.num_experts, config.intermediate)?;
     config.intermediate /= par.tp_size;
@@ -186,7 +211,8 @@ pub fn run(plan: &BenchPlan, progress: &mut dyn FnMut(Progress<'_>)) -> Result<B
     }
     check_every_case_fits(plan)?;
     let runner = Runner::new();
-    let layers = plan.presets.len() * plan.weight_formats.len();
+    let pairs = plan.format_pairs();
+    let layers = plan.presets.len() * pairs.len();
     progress(Progress::Start {
         steps: 4 + layers * (1 + plan.tokens.len()),
     });
@@ -200,10 +226,10 @@ pub fn run(plan: &BenchPlan, progress: &mut dyn FnMut(Progress<'_>)) -> Result<B
     let mut device = String::new();
     let mut flush = vec![0u64; CACHE_FLUSH_BYTES / 8];
     for preset in &plan.presets {
-        for &wf in &plan.weight_formats {
-            let config = rank_config(preset, wf, plan.parallelism)?;
+        for &(wf, af) in &pairs {
+            let config = rank_config(preset, (wf, af), plan.parallelism)?;
             progress(Progress::Step {
-                what: format!("generating {} {}", preset.name, wf),
+                what: format!("generating {} {}×{}", preset.name, wf, af),
             });
             let layer = synth::random_layer(&config, plan.seed, preset.biases)?;
             let loaded = runner.load(layer, &plan.backend)?;
@@ -223,7 +249,7 @@ pub fn run(plan: &BenchPlan, progress: &mut dyn FnMut(Progress<'_>)) -> Result<B
                 .ok_or_else(|| MoeError::invalid("bench", "no ceilings"))?;
             for &tokens in &plan.tokens {
                 progress(Progress::Step {
-                    what: format!("{} {} T={tokens}", preset.name, wf),
+                    what: format!("{} {}×{} T={tokens}", preset.name, wf, af),
                 });
                 let input = synth::random_input(
                     &config,
@@ -278,17 +304,17 @@ pub fn run(plan: &BenchPlan, progress: &mut dyn FnMut(Progress<'_>)) -> Result<B
 /// after the cases before it have spent their time.
 fn check_every_case_fits(plan: &BenchPlan) -> Result<()> {
     for preset in &plan.presets {
-        for &wf in &plan.weight_formats {
-            let config = rank_config(preset, wf, plan.parallelism)?;
+        for (wf, af) in plan.format_pairs() {
+            let config = rank_config(preset, (wf, af), plan.parallelism)?;
             for &tokens in &plan.tokens {
                 let bytes = synth::layer_bytes(&config, preset.biases)
                     .plus(synth::input_bytes(&config, tokens, DType::BF16))
                     .plus(crate::forward::forward_bytes(&config, tokens));
                 crate::size::check(
                     bytes,
-                    &format!("bench case {} {wf} T={tokens}", preset.name),
+                    &format!("bench case {} {wf}×{af} T={tokens}", preset.name),
                     &format!(
-                        "--preset {} --weight-format {wf} --tokens {tokens}",
+                        "--preset {} --weight-format {wf} --activation-format {af} --tokens {tokens}",
                         preset.name
                     ),
                 )?;
@@ -630,6 +656,7 @@ mod tests {
         let plan = BenchPlan {
             presets: vec![tiny],
             weight_formats: vec![WeightFormat::Bf16],
+            activation_formats: Vec::new(),
             tokens: vec![1, 2],
             iters: 1,
             backend: BackendChoice::Named("cpu".into()),
@@ -667,6 +694,7 @@ mod tests {
         let plan = BenchPlan {
             presets: vec![tiny],
             weight_formats: vec![WeightFormat::Bf16],
+            activation_formats: Vec::new(),
             tokens: vec![8],
             iters: 3,
             backend: BackendChoice::Named("cpu".into()),
@@ -683,7 +711,7 @@ mod tests {
         );
         assert!(row.samples_us.contains(&row.time_us), "{row:?}");
         // Rank 0's share: I/2 features of E/2 experts, FLOPs over the pairs those experts hold.
-        let cfg = rank_config(tiny, WeightFormat::Bf16, par).unwrap();
+        let cfg = rank_config(tiny, (WeightFormat::Bf16, ActivationFormat::Bf16), par).unwrap();
         assert_eq!((cfg.intermediate, cfg.local_experts.clone()), (128, 0..2));
         assert_eq!(row.flops % count_flops_pairs(&cfg, 1), 0);
         assert!(row.flops <= count_flops(&cfg, 8), "{row:?}");

@@ -27,9 +27,11 @@ fn config(
     routing: RoutingConfig,
 ) -> LayerConfig {
     let af = match wf {
-        WeightFormat::Bf16 => ActivationFormat::Bf16,
+        WeightFormat::Bf16 | WeightFormat::Mxfp4 => ActivationFormat::Bf16,
         WeightFormat::Fp8 => ActivationFormat::Fp8,
-        _ => ActivationFormat::Fp8Block,
+        WeightFormat::Fp8Block => ActivationFormat::Fp8Block,
+        WeightFormat::Mxfp8 => ActivationFormat::Mxfp8,
+        WeightFormat::Nvfp4 => ActivationFormat::Nvfp4,
     };
     LayerConfig {
         num_experts: experts,
@@ -45,6 +47,22 @@ fn config(
     }
 }
 
+/// `config` with another activation format.
+#[allow(clippy::too_many_arguments)]
+fn config_codec(
+    (wf, af): (WeightFormat, ActivationFormat),
+    experts: usize,
+    hidden: usize,
+    inter: usize,
+    activation: Activation,
+    routing: RoutingConfig,
+) -> LayerConfig {
+    LayerConfig {
+        activation_format: af,
+        ..config(wf, experts, hidden, inter, activation, routing)
+    }
+}
+
 fn rel_err(got: &[f64], want: &[f64]) -> f64 {
     moerunner::random_cases::relative_error(got, want)
 }
@@ -52,17 +70,65 @@ fn rel_err(got: &[f64], want: &[f64]) -> f64 {
 // ---------------------------------------------------------------------------------------------
 // Prepared layout, on the CPU.
 
+/// A decoded format's weight (e, r, c) read from its tiled layout the way the kernel's threads
+/// find it (`prepare::tile_position`), times its block scale (and nvfp4's global).
+fn tiled_weight(t: &prepare::PreparedTensor, wf: WeightFormat, e: usize, r: usize, c: usize) -> f64 {
+    use moerunner::formats::{e2m1, e4m3, ue8m0};
+    let (wb, sb) = match wf {
+        WeightFormat::Mxfp8 => (64, 2),
+        WeightFormat::Mxfp4 => (32, 2),
+        _ => (32, 4),
+    };
+    let steps = t.cols / prepare::TILE_K;
+    let block = prepare::TILE_ROWS * (wb + sb);
+    let (tile, i, ks, k) = (r / 128, r % 128, c / 64, c % 64);
+    let base = ((e * (t.rows / 128) + tile) * steps + ks) * block;
+    let (byte, high) = prepare::tile_position(wb == 32, k);
+    let b = t.data[base + i * wb + byte];
+    let v = match wf {
+        WeightFormat::Mxfp8 => e4m3::decode(b) as f64,
+        _ => e2m1::decode(if high { b >> 4 } else { b & 0xF }) as f64,
+    };
+    let sbyte = t.data[base + 128 * wb + i * sb + k / (64 / sb)];
+    let s = match wf {
+        WeightFormat::Nvfp4 => e4m3::decode(sbyte) as f64 * t.scales[e] as f64,
+        _ => ue8m0::decode(sbyte) as f64,
+    };
+    v * s
+}
+
+/// Rows of `v` quantized and dequantized as the layer's activation format does it for GEMM1
+/// (`second` false) or GEMM2.
+fn quantize_like_layer(cfg: &LayerConfig, layer: &moerunner::MoeLayer, v: &[f64], second: bool) -> Vec<f64> {
+    let w = layer.weights();
+    let stat = if second { w.w2_input_scale } else { w.w13_input_scale };
+    let xf: Vec<f32> = v.iter().map(|&x| x as f32).collect();
+    let q = moerunner::formats::act_quant::quantize_rows(cfg.activation_format, &xf, 1, v.len(), stat)
+        .expect("quantize");
+    let mut out = vec![0f64; v.len()];
+    q.dequantize_row_f64(0, &mut out);
+    out
+}
+
 /// Evaluates GEMM1 → activation → GEMM2 for one (token, expert) from the prepared buffers the way
-/// the kernels index them (interleaved rows, padded K, per-8-row block scales), in f64 with the
-/// reference's own activation quantization skipped (bf16 weights and unquantized x).
+/// the kernels index them (interleaved rows, padded K, per-8-row block scales, the decoded formats'
+/// tiles), in f64, with the layer's activation quantization of x (given quantized) and of the
+/// intermediate.
 fn prepared_expert_output(
     p: &prepare::PreparedWeights,
     cfg: &LayerConfig,
+    layer: &moerunner::MoeLayer,
     e: usize,
     x: &[f64],
 ) -> Vec<f64> {
     let d = p.dims;
     let dec = |t: &prepare::PreparedTensor, e: usize, r: usize, c: usize| -> f64 {
+        if matches!(
+            cfg.weight_format,
+            WeightFormat::Mxfp8 | WeightFormat::Mxfp4 | WeightFormat::Nvfp4
+        ) {
+            return tiled_weight(t, cfg.weight_format, e, r, c);
+        }
         let idx = (e * t.rows + r) * t.cols + c;
         let v = match cfg.weight_format {
             WeightFormat::Bf16 => {
@@ -99,6 +165,8 @@ fn prepared_expert_output(
             a[j] = moerunner::activation::plain_f64(&cfg.activation, y[r]);
         }
     }
+    let aq = quantize_like_layer(cfg, layer, &a[..d.inter], true);
+    a[..d.inter].copy_from_slice(&aq);
     (0..d.hidden)
         .map(|h| {
             (0..d.ip).map(|c| dec(&p.w2, e, h, c) * a[c]).sum::<f64>()
@@ -111,11 +179,8 @@ fn prepared_expert_output(
 fn prepared_layout_computes_the_reference_layer() {
     // Odd sizes (I not a multiple of 16, H not of 128) and every W13 order and activation.
     let mut case = 0u64;
-    for wf in [
-        WeightFormat::Bf16,
-        WeightFormat::Fp8,
-        WeightFormat::Fp8Block,
-    ] {
+    for codec in CUDA_CODECS {
+        let wf = codec.0;
         for order in W13Order::ALL {
             for act in [
                 Activation::Swiglu,
@@ -124,15 +189,16 @@ fn prepared_layout_computes_the_reference_layer() {
             ] {
                 case += 1;
                 let seed = 0xC0DA_0000 + case;
-                let inter = if wf == WeightFormat::Fp8Block {
-                    200
-                } else {
-                    52
+                // (K of either GEMM a multiple of 32 for the microscaling formats: I = 96, H = 160)
+                let (hidden, inter) = match wf {
+                    WeightFormat::Fp8Block => (136, 200),
+                    WeightFormat::Mxfp8 | WeightFormat::Mxfp4 | WeightFormat::Nvfp4 => (160, 96),
+                    _ => (136, 52),
                 };
-                let mut cfg = config(
-                    wf,
+                let mut cfg = config_codec(
+                    codec,
                     3,
-                    136,
+                    hidden,
                     inter,
                     act,
                     RoutingConfig::new(RoutingMethod::Renormalize, 1),
@@ -159,14 +225,15 @@ fn prepared_layout_computes_the_reference_layer() {
                         weights: vec![1.0],
                         weight_on_input: false,
                     };
-                    // The emulation skips the activation quantization (of x and of the intermediate)
-                    // that the reference applies, so fp8 differs by e4m3 rounding (~3%); a layout
-                    // error (wrong row, half, scale or padding) is O(1), far above either bound.
+                    // The emulation quantizes x and the intermediate as the reference does, so it
+                    // meets the format's tolerance; a layout error (wrong row, half, element
+                    // order, scale or padding) is O(1), far above it.
                     let want = reference::forward(&layer, &x, &routes).expect("reference");
                     let xd: Vec<f64> = x.iter().map(|&v| v as f64).collect();
-                    let got = prepared_expert_output(&p, &cfg, e, &xd);
+                    let xq = quantize_like_layer(&cfg, &layer, &xd, false);
+                    let got = prepared_expert_output(&p, &cfg, &layer, e, &xq);
                     let err = rel_err(&got, &want);
-                    let tol = if wf == WeightFormat::Bf16 { 1e-2 } else { 8e-2 };
+                    let tol = moerunner::config::tolerance(cfg.weight_format, cfg.activation_format);
                     println!("seed={seed} {wf} {order:?} {act} expert {e}: err {err:.2e}");
                     assert!(
                         err <= tol,
@@ -399,11 +466,16 @@ fn gpu_vs_reference(
     rel_err(&got, &want)
 }
 
-/// The weight formats the CUDA backend runs, and every activation.
-const CUDA_FORMATS: [WeightFormat; 3] = [
-    WeightFormat::Bf16,
-    WeightFormat::Fp8,
-    WeightFormat::Fp8Block,
+/// The weight × activation formats the CUDA backend runs (`codec::CODECS`), and every activation.
+const CUDA_CODECS: [(WeightFormat, ActivationFormat); 8] = [
+    (WeightFormat::Bf16, ActivationFormat::Bf16),
+    (WeightFormat::Fp8, ActivationFormat::Fp8),
+    (WeightFormat::Fp8Block, ActivationFormat::Fp8Block),
+    (WeightFormat::Mxfp8, ActivationFormat::Mxfp8),
+    (WeightFormat::Mxfp4, ActivationFormat::Bf16),
+    (WeightFormat::Mxfp4, ActivationFormat::Mxfp8),
+    (WeightFormat::Nvfp4, ActivationFormat::Nvfp4),
+    (WeightFormat::Nvfp4, ActivationFormat::Nvfp4PerToken),
 ];
 const ACTIVATIONS: [Activation; 4] = [
     Activation::Swiglu,
@@ -425,7 +497,8 @@ fn assert_within(err: f64, cfg: &LayerConfig, what: &str) {
 fn gpu_every_format_routing_method_and_activation() {
     let Some(runner) = gpu_runner() else { return };
     let mut n = 0u64;
-    for wf in CUDA_FORMATS {
+    for codec in CUDA_CODECS {
+        let wf = codec.0;
         for method in RoutingMethod::ALL {
             for act in ACTIVATIONS {
                 n += 1;
@@ -443,7 +516,7 @@ fn gpu_every_format_routing_method_and_activation() {
                     routing.topk_group = 2;
                     routing.routed_scaling_factor = 2.5;
                 }
-                let cfg = config(wf, 16, 256, 384, act, routing);
+                let cfg = config_codec(codec, 16, 256, 384, act, routing);
                 let err = gpu_vs_reference(
                     &runner,
                     &cfg,
@@ -453,7 +526,7 @@ fn gpu_every_format_routing_method_and_activation() {
                     seed,
                     64,
                 );
-                assert_within(err, &cfg, &format!("seed={seed} {wf} {method} {act}"));
+                assert_within(err, &cfg, &format!("seed={seed} {wf}×{} {method} {act}", codec.1));
             }
         }
     }
@@ -499,9 +572,15 @@ fn gpu_seeded_matrix_of_supported_cases() {
 #[test]
 fn gpu_token_counts_from_zero_to_16384() {
     let Some(runner) = gpu_runner() else { return };
-    for wf in [WeightFormat::Bf16, WeightFormat::Fp8Block] {
-        let cfg = config(
-            wf,
+    for codec in [
+        (WeightFormat::Bf16, ActivationFormat::Bf16),
+        (WeightFormat::Fp8Block, ActivationFormat::Fp8Block),
+        (WeightFormat::Mxfp4, ActivationFormat::Mxfp8),
+        (WeightFormat::Nvfp4, ActivationFormat::Nvfp4PerToken),
+    ] {
+        let wf = codec.0;
+        let cfg = config_codec(
+            codec,
             64,
             1024,
             512,
@@ -552,14 +631,13 @@ fn gpu_odd_sizes_many_experts_and_input_dtypes() {
         ),
         (256, 512, 256, ds, RoutingMode::Logits, DType::BF16),
     ];
-    for wf in [
-        WeightFormat::Bf16,
-        WeightFormat::Fp8,
-        WeightFormat::Fp8Block,
-    ] {
+    // (GPT-OSS's H = 2880 and Nemotron-H's I = 1856: padded to 128 by weight preparation)
+    for codec in CUDA_CODECS {
+        let wf = codec.0;
         for (i, (e, h, inter, routing, mode, dtype)) in shapes.iter().enumerate() {
             let seed = 0x0DD5 + i as u64;
-            let cfg = config(wf, *e, *h, *inter, Activation::OAI_DEFAULT, routing.clone());
+            let act = if wf == WeightFormat::Nvfp4 { Activation::Relu2 } else { Activation::OAI_DEFAULT };
+            let cfg = config_codec(codec, *e, *h, *inter, act, routing.clone());
             let err = gpu_vs_reference(&runner, &cfg, 77, *mode, *dtype, seed, 77);
             assert_within(
                 err,
@@ -620,12 +698,13 @@ fn gpu_wide_tiles_every_format_and_activation() {
     // ~150 pairs per expert: the 128-wide token tiles (wgmma on sm_90a) for every epilogue.
     let Some(runner) = gpu_runner() else { return };
     let mut n = 0u64;
-    for wf in CUDA_FORMATS {
+    for codec in CUDA_CODECS {
+        let wf = codec.0;
         for act in ACTIVATIONS {
             n += 1;
             let seed = 0x3_1DE0 + n;
-            let cfg = config(
-                wf,
+            let cfg = config_codec(
+                codec,
                 8,
                 384,
                 256,
@@ -686,14 +765,15 @@ fn gpu_device_memory_entry_matches_the_host_path() {
     let backend = moerunner::backend::cuda::create_concrete().expect("cuda backend");
     let dev = backend.device().clone();
     let routing = RoutingConfig::new(RoutingMethod::Renormalize, 4);
-    for (i, wf) in CUDA_FORMATS.into_iter().enumerate() {
+    for (i, codec) in CUDA_CODECS.into_iter().enumerate() {
+        let wf = codec.0;
         for (j, mode) in [RoutingMode::Logits, RoutingMode::TopK, RoutingMode::Packed]
             .into_iter()
             .enumerate()
         {
             let seed = 9100 + (3 * i + j) as u64;
             println!("device entry: {} {mode:?} seed {seed}", wf.name());
-            let cfg = config(wf, 32, 256, 384, Activation::Swiglu, routing.clone());
+            let cfg = config_codec(codec, 32, 256, 384, Activation::Swiglu, routing.clone());
             let layer = Arc::new(random_layer(&cfg, seed, true).expect("layer"));
             let input = random_input(&cfg, 37, mode, DType::BF16, seed).expect("input");
             let cuda = CudaLayer::load(dev.clone(), layer).expect("load");
@@ -891,4 +971,152 @@ fn gpu_fp8_scale_products_that_overflow_are_refused_at_load() {
         err.to_string().contains("w13_scale[0] × w13_input_scale"),
         "{err}"
     );
+}
+
+/// The GPU's row quantizers (quant.cu, every mode) against the CPU's (`act_quant`), bit for bit,
+/// over seeded rows with ties of E4M3 and E2M1 rounding, saturation, subnormals, a zero row and
+/// columns short of the padded width; a NaN row stays NaN and stays in its row.
+#[cfg(feature = "cuda")]
+#[test]
+fn gpu_row_quantizers_match_the_cpu_bit_for_bit() {
+    use moerunner::backend::cuda::codec::RowQuant;
+    use moerunner::backend::cuda::kernels::quant::{self, QuantizeRows};
+    use moerunner::backend::cuda::kernels::{ElemCode, In, KernelArgs, ModuleKey, Out, Source};
+    use moerunner::backend::cuda::launch::launch;
+    use moerunner::formats::{act_quant, bf16, e4m3, weight_quant};
+    if gpu_runner().is_none() {
+        return;
+    }
+    let backend = moerunner::backend::cuda::create_concrete().expect("cuda backend");
+    let dev = backend.device().clone();
+    let f = dev
+        .function(&ModuleKey::plain(Source::Quant), QuantizeRows::ENTRY)
+        .expect("quant kernel");
+    let (rows, cols, stride) = (12usize, 224usize, 256usize);
+    let seed = 0x0_0A17;
+    let mut rng = moerunner::rng::SeededRng::new(seed);
+    let mut x = vec![0f32; rows * cols];
+    for (r, row) in x.chunks_mut(cols).enumerate() {
+        let mag = [1.0f32, 1e-3, 3e4, 1e-39, 0.0, 7.0, 1.0, 448.0, 1e-20, 2.0, 1.0, 5e37][r];
+        for (c, v) in row.iter_mut().enumerate() {
+            *v = match (r, c % 7) {
+                // exact ties of E2M1 (0.25, 0.75, 1.25, 2.5, 5 times a power of two) and of E4M3
+                (6, 0) => 0.25 * (1 << (c % 5)) as f32,
+                (6, 1) => -2.5,
+                (6, 2) => 1.0 + 1.0 / 16.0,
+                (10, _) => [0.75, 1.25, 5.0, -0.75, 3.5, 1.75, 6.0][c % 7],
+                _ => rng.uniform(-1.0, 1.0) * mag,
+            };
+        }
+    }
+    let stat = 0.013f32;
+    let run = |mode: RowQuant, x: &[f32]| -> (Vec<u8>, Vec<f32>) {
+        let xb = dev.upload_f32(x).expect("upload");
+        let out = dev.alloc(rows * stride * 2).expect("alloc");
+        let scales = dev.alloc(rows * (stride / 128) * 4).expect("alloc");
+        let st = dev.upload_f32(&[stat]).expect("upload");
+        launch(
+            &dev,
+            dev.stream.cu_stream(),
+            &f,
+            quant::shape(rows, stride, dev.sm_count),
+            &QuantizeRows {
+                x: In::new(xb.ptr()),
+                x_dtype: ElemCode::F32.code(),
+                rows: rows as i32,
+                cols: cols as i32,
+                in_stride: cols as i64,
+                out: Out::new(out.ptr()),
+                out_stride: stride as i32,
+                mode: mode.mode(),
+                static_scale: In::new(st.ptr()),
+                out_scales: Out::new(scales.ptr()),
+            },
+        )
+        .expect("launch");
+        dev.sync().expect("sync");
+        let o = dev.read(&out, rows * stride * mode.element_bytes()).expect("read");
+        let s = dev.read(&scales, rows * (stride / 128) * 4).expect("read");
+        (o, s.chunks(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect())
+    };
+    let bf16_at = |o: &[u8], i: usize| u16::from_le_bytes([o[2 * i], o[2 * i + 1]]);
+    for (mode, format) in [
+        (RowQuant::Bf16, ActivationFormat::Bf16),
+        (RowQuant::E4m3Static, ActivationFormat::Fp8),
+        (RowQuant::E4m3Block128, ActivationFormat::Fp8Block),
+        (RowQuant::Mxfp8AsBf16, ActivationFormat::Mxfp8),
+        (RowQuant::Nvfp4StaticAsBf16, ActivationFormat::Nvfp4),
+        (RowQuant::Nvfp4TokenAsBf16, ActivationFormat::Nvfp4PerToken),
+    ] {
+        let q = act_quant::quantize_rows(format, &x, rows, cols, Some(stat)).expect("cpu");
+        let (o, s) = run(mode, &x);
+        let nb = q.blocks_per_row();
+        let mut checked = 0;
+        for r in 0..rows {
+            let row_amax = x[r * cols..(r + 1) * cols].iter().fold(0f32, |m, v| m.max(v.abs()));
+            let global = match format {
+                ActivationFormat::Nvfp4PerToken => row_amax / weight_quant::NVFP4_GLOBAL_DIVISOR,
+                _ => stat,
+            };
+            for c in 0..stride {
+                let i = r * stride + c;
+                if c >= cols {
+                    let zero = if mode.element_bytes() == 2 { bf16_at(&o, i) == 0 } else { o[i] == 0 };
+                    assert!(zero, "seed {seed} {format}: padding column {c} of row {r} not zero");
+                    continue;
+                }
+                let v = q.values[r * cols + c];
+                let sc = q.scales[r * nb + c / q.block];
+                let want_bits: u32 = match mode {
+                    RowQuant::Bf16 => bf16::encode(v) as u32,
+                    RowQuant::E4m3Static | RowQuant::E4m3Block128 => e4m3::encode(v) as u32,
+                    RowQuant::Mxfp8AsBf16 => bf16::encode(v * sc) as u32,
+                    _ => {
+                        // element × the decoded block scale (the global stays for the epilogue)
+                        let blk = &x[r * cols + (c / 16) * 16..r * cols + (c / 16) * 16 + 16];
+                        let amax = blk.iter().fold(0f32, |m, v| m.max(v.abs()));
+                        let dec = if global == 0.0 {
+                            0.0
+                        } else {
+                            e4m3::decode(weight_quant::nvfp4_scale(amax, global).0)
+                        };
+                        bf16::encode(v * dec) as u32
+                    }
+                };
+                let got_bits = if mode.element_bytes() == 2 { bf16_at(&o, i) as u32 } else { o[i] as u32 };
+                assert_eq!(
+                    got_bits, want_bits,
+                    "seed {seed} {format}: row {r} column {c} x = {:e}: GPU {got_bits:#x}, CPU {want_bits:#x}",
+                    x[r * cols + c]
+                );
+                checked += 1;
+            }
+            match mode {
+                RowQuant::E4m3Block128 => {
+                    for b in 0..nb {
+                        assert_eq!(s[r * 2 + b].to_bits(), q.scales[r * nb + b].to_bits(), "{format} row {r} scale {b}");
+                    }
+                }
+                RowQuant::Nvfp4StaticAsBf16 | RowQuant::Nvfp4TokenAsBf16 => {
+                    assert_eq!(s[r].to_bits(), global.to_bits(), "{format} row {r} global");
+                }
+                _ => {}
+            }
+        }
+        println!("{format}: {checked} elements bit-identical (seed {seed})");
+        // A NaN in row 3 makes its own output NaN (blocks or the whole row) and no other row's.
+        let mut xn = x.clone();
+        xn[3 * cols + 5] = f32::NAN;
+        let (on, _) = run(mode, &xn);
+        if mode.element_bytes() == 2 && mode != RowQuant::Bf16 {
+            let is_nan = |i: usize| half::bf16::from_bits(bf16_at(&on, i)).is_nan();
+            assert!((0..cols).any(|c| is_nan(3 * stride + c)), "{format}: the NaN vanished");
+            for r in (0..rows).filter(|&r| r != 3) {
+                assert!(
+                    (0..stride).all(|c| bf16_at(&on, r * stride + c) == bf16_at(&o, r * stride + c)),
+                    "{format}: a NaN in row 3 changed row {r}"
+                );
+            }
+        }
+    }
 }

@@ -18,6 +18,10 @@ pub struct Args {
     /// Weight format(s) (repeatable or comma list). Default: bf16, fp8_block, mxfp4.
     #[arg(long = "weight-format", value_delimiter = ',')]
     weight_format: Vec<String>,
+    /// Activation format(s) to pair with each weight format where legal (e.g. mxfp4 with bf16 and
+    /// mxfp8; nvfp4 with nvfp4 and nvfp4_per_token). Default: each weight format's first legal one.
+    #[arg(long = "activation-format", value_delimiter = ',')]
+    activation_format: Vec<String>,
     /// Token counts, comma list. Default: 1,16,256.
     #[arg(long, value_delimiter = ',')]
     tokens: Vec<usize>,
@@ -153,6 +157,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let plan = BenchPlan {
         presets,
         weight_formats,
+        activation_formats: args
+            .activation_format
+            .iter()
+            .map(|s| s.parse())
+            .collect::<Result<Vec<moerunner::ActivationFormat>, _>>()?,
         tokens,
         iters: args.iters,
         backend: args.backend.parse::<BackendChoice>()?,
@@ -179,9 +188,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         Progress::Row(row) => {
             // The roofline is provisional here: ceilings are measured again after the cases.
             bar.println(format!(
-                "  {} {} T={}: {:.0} µs, {:.2} GB/s, {:.3} TFLOP/s",
+                "  {} {}×{} T={}: {:.0} µs, {:.2} GB/s, {:.3} TFLOP/s",
                 row.preset,
                 row.weight_format,
+                row.activation_format,
                 row.tokens,
                 row.time_us,
                 row.achieved_gbps(),

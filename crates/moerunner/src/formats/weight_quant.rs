@@ -36,7 +36,7 @@ pub(crate) fn amax(values: &[f32]) -> f32 {
 
 /// The UE8M0 byte and its f32 scale for a block of amax `amax` whose element format's largest
 /// value is `elem_max` (ceil-pow2 rule; amax = 0 → byte 0).
-pub(crate) fn mx_scale(amax: f32, elem_max: f32) -> (u8, f32) {
+pub fn mx_scale(amax: f32, elem_max: f32) -> (u8, f32) {
     let byte = if amax == 0.0 {
         0
     } else {
@@ -46,7 +46,7 @@ pub(crate) fn mx_scale(amax: f32, elem_max: f32) -> (u8, f32) {
 }
 
 /// The E4M3 scale byte and effective f32 scale s = dec(byte)·g of an NVFP4 block.
-pub(crate) fn nvfp4_scale(amax: f32, global: f32) -> (u8, f32) {
+pub fn nvfp4_scale(amax: f32, global: f32) -> (u8, f32) {
     let byte = e4m3::encode(amax / e2m1::MAX / global);
     (byte, e4m3::decode(byte) * global)
 }

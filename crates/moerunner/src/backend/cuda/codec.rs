@@ -20,6 +20,15 @@ pub enum GemmFormat {
     /// e4m3 × e4m3, weights one f32 per 8 prepared rows × 128 columns, activations one per row × 128:
     /// every 128-wide K step is promoted into f32 with both scales.
     E4m3Block,
+    /// MXFP8 weights (E4M3, UE8M0 per 32) decoded to bf16 in registers × bf16 activations that hold
+    /// exact quantized values: Hopper has no block-scaled MMA, and every E4M3 × 2^s is a bf16 value,
+    /// so a bf16 MMA computes the format's products exactly (`gemm/scale_decoded.cuh`).
+    Mxfp8Decoded,
+    /// MXFP4 weights (E2M1, UE8M0 per 32) decoded to bf16 the same way.
+    Mxfp4Decoded,
+    /// NVFP4 weights (E2M1, E4M3 per 16) decoded to bf16; the weight and activation globals are
+    /// applied in the epilogue.
+    Nvfp4Decoded,
 }
 
 impl GemmFormat {
@@ -28,13 +37,33 @@ impl GemmFormat {
             GemmFormat::Bf16 => "bf16",
             GemmFormat::E4m3Tensor => "e4m3_tensor",
             GemmFormat::E4m3Block => "e4m3_block",
+            GemmFormat::Mxfp8Decoded => "mxfp8_decoded",
+            GemmFormat::Mxfp4Decoded => "mxfp4_decoded",
+            GemmFormat::Nvfp4Decoded => "nvfp4_decoded",
         }
     }
-    /// Bytes of one operand element.
-    pub fn element_bytes(self) -> usize {
+    /// Bytes of one activation (B operand) element, as the GEMM reads it.
+    pub fn act_element_bytes(self) -> usize {
+        match self {
+            GemmFormat::E4m3Tensor | GemmFormat::E4m3Block => 1,
+            _ => 2,
+        }
+    }
+    /// The decoded formats' tiled weight layout (`prepare::tile_decoded`): element and scale bytes
+    /// of one row per 64-element K step; None for the formats whose weights the MMA reads as stored.
+    pub fn decoded_row_bytes(self) -> Option<(usize, usize)> {
+        match self {
+            GemmFormat::Mxfp8Decoded => Some((64, 2)),
+            GemmFormat::Mxfp4Decoded => Some((32, 2)),
+            GemmFormat::Nvfp4Decoded => Some((32, 4)),
+            _ => None,
+        }
+    }
+    /// Bytes of one weight element of the prepared layout where the MMA reads the stored elements.
+    pub fn weight_element_bytes(self) -> usize {
         match self {
             GemmFormat::Bf16 => 2,
-            GemmFormat::E4m3Tensor | GemmFormat::E4m3Block => 1,
+            _ => 1,
         }
     }
 }
@@ -49,11 +78,37 @@ pub enum RowQuant {
     E4m3Static = 1,
     /// e4m3 with one dynamic scale per row × 128 columns (amax / 448).
     E4m3Block128 = 2,
+    /// mxfp8 per row × 32 (ceil-pow2(amax / 448)), stored as the bf16 of each value (exact).
+    Mxfp8AsBf16 = 3,
+    /// nvfp4 per row × 16 with the layer's static global, stored as bf16 of element × block scale
+    /// (exact); the global goes to the per-row scales for the GEMM's epilogue.
+    Nvfp4StaticAsBf16 = 4,
+    /// nvfp4 with a per-row global amax / (448·6), stored as mode 4.
+    Nvfp4TokenAsBf16 = 5,
 }
 
 impl RowQuant {
     pub fn mode(self) -> i32 {
         self as i32
+    }
+    /// Bytes of one element of the quantized rows.
+    pub fn element_bytes(self) -> usize {
+        match self {
+            RowQuant::E4m3Static | RowQuant::E4m3Block128 => 1,
+            _ => 2,
+        }
+    }
+    /// Whether the quantizer reads the layer's static input scale.
+    pub fn reads_static_scale(self) -> bool {
+        matches!(self, RowQuant::E4m3Static | RowQuant::Nvfp4StaticAsBf16)
+    }
+    /// Floats of per-row scales it writes for a row of `cols` (the GEMM's `act_scale`), if any.
+    pub fn scales_per_row(self, cols: usize) -> Option<usize> {
+        match self {
+            RowQuant::E4m3Block128 => Some(cols / 128),
+            RowQuant::Nvfp4StaticAsBf16 | RowQuant::Nvfp4TokenAsBf16 => Some(1),
+            _ => None,
+        }
     }
 }
 
@@ -76,6 +131,10 @@ pub enum PreparedScales {
     PerExpert,
     /// One f32 per 8 prepared (interleaved) rows × 128 columns: needs I % 8 = 0 for gated layers.
     Rows8x128,
+    /// The block scales travel inside the tiled weight layout (`prepare::tile_decoded`), no f32.
+    InTiles,
+    /// As `InTiles`, plus one f32 global per expert (NVFP4's `weight_scale_2`).
+    InTilesPerExpertGlobal,
 }
 
 /// A GEMM main loop (moe_gemm.cu's forms of its inner loop).
@@ -87,6 +146,8 @@ pub enum MainLoop {
     Wgmma,
     /// Warp-specialised wgmma: one loading warpgroup, two MMA warpgroups (sm_90a, 128-wide tiles).
     WgmmaWs,
+    /// wgmma with the weights decoded to bf16 in registers (sm_90a): the decoded formats' only loop.
+    WgmmaRs,
 }
 
 impl MainLoop {
@@ -95,6 +156,7 @@ impl MainLoop {
             MainLoop::MmaSync => "mma_sync",
             MainLoop::Wgmma => "wgmma",
             MainLoop::WgmmaWs => "wgmma_ws",
+            MainLoop::WgmmaRs => "wgmma_rs",
         }
     }
 }
@@ -158,6 +220,66 @@ pub const CODECS: &[Codec] = &[
         static_input_scales: false,
         main_loops: &[MainLoop::WgmmaWs, MainLoop::Wgmma, MainLoop::MmaSync],
         summary: "fp8_block × fp8_block (128×128 weights, 1×128 dynamic activations; I % 8 = 0)",
+    },
+    Codec {
+        weight: WeightFormat::Mxfp8,
+        activation: ActivationFormat::Mxfp8,
+        gemm: GemmFormat::Mxfp8Decoded,
+        weight_scales: PreparedScales::InTiles,
+        input_quant: RowQuant::Mxfp8AsBf16,
+        inter_store: InterStore::F32,
+        inter_requant: Some(RowQuant::Mxfp8AsBf16),
+        static_input_scales: false,
+        main_loops: &[MainLoop::WgmmaRs],
+        summary: "mxfp8 × mxfp8 (weights decoded to bf16 in registers, exact; sm_90a)",
+    },
+    Codec {
+        weight: WeightFormat::Mxfp4,
+        activation: ActivationFormat::Bf16,
+        gemm: GemmFormat::Mxfp4Decoded,
+        weight_scales: PreparedScales::InTiles,
+        input_quant: RowQuant::Bf16,
+        inter_store: InterStore::Bf16,
+        inter_requant: None,
+        static_input_scales: false,
+        main_loops: &[MainLoop::WgmmaRs],
+        summary: "mxfp4 × bf16 (W4A16; weights decoded to bf16 in registers; sm_90a)",
+    },
+    Codec {
+        weight: WeightFormat::Mxfp4,
+        activation: ActivationFormat::Mxfp8,
+        gemm: GemmFormat::Mxfp4Decoded,
+        weight_scales: PreparedScales::InTiles,
+        input_quant: RowQuant::Mxfp8AsBf16,
+        inter_store: InterStore::F32,
+        inter_requant: Some(RowQuant::Mxfp8AsBf16),
+        static_input_scales: false,
+        main_loops: &[MainLoop::WgmmaRs],
+        summary: "mxfp4 × mxfp8 (W4A8, computed exactly on the bf16 MMA; sm_90a)",
+    },
+    Codec {
+        weight: WeightFormat::Nvfp4,
+        activation: ActivationFormat::Nvfp4,
+        gemm: GemmFormat::Nvfp4Decoded,
+        weight_scales: PreparedScales::InTilesPerExpertGlobal,
+        input_quant: RowQuant::Nvfp4StaticAsBf16,
+        inter_store: InterStore::F32,
+        inter_requant: Some(RowQuant::Nvfp4StaticAsBf16),
+        static_input_scales: true,
+        main_loops: &[MainLoop::WgmmaRs],
+        summary: "nvfp4 × nvfp4 (static activation globals; exact on the bf16 MMA; sm_90a)",
+    },
+    Codec {
+        weight: WeightFormat::Nvfp4,
+        activation: ActivationFormat::Nvfp4PerToken,
+        gemm: GemmFormat::Nvfp4Decoded,
+        weight_scales: PreparedScales::InTilesPerExpertGlobal,
+        input_quant: RowQuant::Nvfp4TokenAsBf16,
+        inter_store: InterStore::F32,
+        inter_requant: Some(RowQuant::Nvfp4TokenAsBf16),
+        static_input_scales: false,
+        main_loops: &[MainLoop::WgmmaRs],
+        summary: "nvfp4 × nvfp4_per_token (per-token activation globals; exact on the bf16 MMA; sm_90a)",
     },
 ];
 

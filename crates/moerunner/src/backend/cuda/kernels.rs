@@ -35,18 +35,21 @@ macro_rules! piece {
 /// translation unit (the cache key and the source kept beside a cached binary cover every piece)
 /// while its diagnostics and line info name the real files. The pasting ignores `#if`: a piece
 /// included under a condition must be included nowhere else.
-pub const HEADERS: [(&str, &str); 11] = [
+pub const HEADERS: [(&str, &str); 14] = [
     piece!("gemm/config.cuh"),
     piece!("gemm/ptx.cuh"),
     piece!("gemm/wgmma.cuh"),
     piece!("gemm/scale_bf16.cuh"),
     piece!("gemm/scale_fp8_tensor.cuh"),
     piece!("gemm/scale_fp8_block.cuh"),
+    piece!("gemm/scale_decoded.cuh"),
     piece!("gemm/epilogue.cuh"),
     piece!("gemm/loads.cuh"),
+    piece!("gemm/loads_decoded.cuh"),
     piece!("gemm/mainloop_mma.cuh"),
     piece!("gemm/mainloop_wgmma.cuh"),
     piece!("gemm/mainloop_wgmma_ws.cuh"),
+    piece!("gemm/mainloop_wgmma_rs.cuh"),
 ];
 
 /// `COMMON`, then `text` (compiled as `file`) with its `#include "..."` of `HEADERS` resolved.

@@ -5,7 +5,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use super::codec::{self, PreparedScales};
+use super::codec::{self, MainLoop, PreparedScales};
 use super::device::{f32_bytes, i32_bytes, Device};
 use super::pipeline::{DeviceCall, DeviceRoutes, GemmTable, Pipeline, ProjectionBufs, Resident};
 use super::prepare::{self, PreparedWeights};
@@ -35,13 +35,14 @@ impl CudaLayer {
         let w = layer.weights();
         let codec = codec::codec_for(cfg).map_err(MoeError::Cuda)?;
         prepare::check_epilogue_factors(w)?;
+        prepare::check_decodable_elements(w)?;
         let prepared: PreparedWeights = prepare::prepare_weights(cfg, codec, w);
         let upload_proj =
             |t: &prepare::PreparedTensor, bias: &Option<Vec<f32>>| -> Result<ProjectionBufs> {
                 Ok(ProjectionBufs {
                     data: dev.upload(&t.data)?,
                     scales: match codec.weight_scales {
-                        PreparedScales::None => None,
+                        PreparedScales::None | PreparedScales::InTiles => None,
                         _ => Some(dev.upload_f32(&t.scales)?),
                     },
                     bias: bias.as_deref().map(|b| dev.upload_f32(b)).transpose()?,
@@ -74,6 +75,13 @@ impl CudaLayer {
         let wgmma_on =
             dev.arch == "sm_90a" && std::env::var("MOERUNNER_WGMMA").map_or(true, |v| v != "0");
         let ws_on = std::env::var("MOERUNNER_WG_WS").map_or(true, |v| v != "0");
+        if !wgmma_on && !codec.main_loops.contains(&MainLoop::MmaSync) {
+            return Err(MoeError::Cuda(format!(
+                "{}: {}",
+                codec.summary,
+                needs_wgmma_reason(&dev.arch)
+            )));
+        }
         let gemm = GemmTable::load(&dev, codec, cfg, wgmma_on, ws_on)?;
         let pipeline = Pipeline::standard(&dev, &resident, gemm)?;
         dev.sync()?;
@@ -380,5 +388,14 @@ impl LoadedLayer for CudaLayer {
     }
     fn time_device_forward(&self, input: &ForwardInput<'_>, iters: usize) -> Option<Result<f64>> {
         Some(self.time_graph(input, iters))
+    }
+}
+
+/// Why a codec that runs only on wgmma cannot run here (`arch`, or the MOERUNNER_WGMMA switch).
+pub fn needs_wgmma_reason(arch: &str) -> String {
+    if arch == "sm_90a" {
+        "runs only on Hopper's wgmma, which MOERUNNER_WGMMA=0 switched off".into()
+    } else {
+        format!("runs only on Hopper's wgmma (sm_90a), not on {arch}")
     }
 }

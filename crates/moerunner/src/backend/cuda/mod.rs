@@ -79,7 +79,16 @@ mod backend_impl {
             }
         }
         fn supports(&self, config: &LayerConfig) -> std::result::Result<(), String> {
-            super::supports_config(config)
+            let codec = super::codec::codec_for(config)?;
+            let wgmma_only = !codec.main_loops.contains(&super::codec::MainLoop::MmaSync);
+            if wgmma_only && self.dev.arch != "sm_90a" {
+                return Err(format!(
+                    "{}: {}",
+                    codec.summary,
+                    super::layer::needs_wgmma_reason(&self.dev.arch)
+                ));
+            }
+            Ok(())
         }
         fn load(&self, layer: Arc<MoeLayer>) -> Result<Box<dyn LoadedLayer>> {
             Ok(Box::new(CudaLayer::load(self.dev.clone(), layer)?))

@@ -398,8 +398,10 @@ impl Stage for QuantizeInputStage {
     }
     fn scratch(&self, layer: &Resident, cap: Capacity, plan: &mut ScratchPlan) {
         let hp = layer.dims.hp;
-        plan.need(Slot::Xq, cap.tokens * hp * layer.codec.gemm.element_bytes());
-        plan.need(Slot::XqScales, cap.tokens * (hp / 128) * 4);
+        let q = layer.codec.input_quant;
+        plan.need(Slot::Xq, cap.tokens * hp * q.element_bytes());
+        // (declared even when unused: the quantizer's `out_scales` argument names it)
+        plan.need(Slot::XqScales, cap.tokens * q.scales_per_row(hp).unwrap_or(1) * 4);
     }
     fn enqueue(&self, run: &Run<'_>) -> Result<()> {
         let d = run.layer.dims;
@@ -464,7 +466,7 @@ impl GemmTable {
         let mut out = Vec::new();
         for bn in moe_gemm::GEMM_BN {
             for stage in [stage1, GemmStage::Down, GemmStage::DownBf16] {
-                out.push(GemmVariant::choose(layer_codec, stage, bn, wgmma_on, ws_on));
+                out.extend(GemmVariant::choose(layer_codec, stage, bn, wgmma_on, ws_on));
             }
         }
         out
@@ -491,7 +493,8 @@ impl GemmTable {
             run.plan.bn,
             self.wgmma_on,
             self.ws_on,
-        );
+        )
+        .ok_or_else(|| MoeError::Cuda("internal: no GEMM main loop for this layer".into()))?;
         let (f, threads, smem) = self.variants.get(&v).ok_or_else(|| {
             MoeError::Cuda(format!("internal: GEMM variant {v:?} was not loaded"))
         })?;
@@ -567,8 +570,8 @@ impl Stage for Gemm1Stage {
         let l = run.layer;
         let act_scale = match l.codec.input_quant {
             RowQuant::E4m3Static => addr(&l.a1_scale),
-            RowQuant::E4m3Block128 => run.slot(Slot::XqScales)?,
-            RowQuant::Bf16 => 0,
+            q if q.scales_per_row(l.dims.hp).is_some() => run.slot(Slot::XqScales)?,
+            _ => 0,
         };
         self.gemm.launch(
             run,
@@ -598,8 +601,11 @@ impl Stage for RequantizeStage {
     }
     fn scratch(&self, layer: &Resident, cap: Capacity, plan: &mut ScratchPlan) {
         let ip = layer.dims.ip;
-        plan.need(Slot::InterQ, cap.pairs * ip);
-        plan.need(Slot::InterScales, cap.pairs * (ip / 128) * 4);
+        plan.need(Slot::InterQ, cap.pairs * ip * self.mode.element_bytes());
+        plan.need(
+            Slot::InterScales,
+            cap.pairs * self.mode.scales_per_row(ip).unwrap_or(1) * 4,
+        );
     }
     fn enqueue(&self, run: &Run<'_>) -> Result<()> {
         let ip = run.layer.dims.ip;
@@ -616,7 +622,11 @@ impl Stage for RequantizeStage {
                 out: Out::new(run.slot(Slot::InterQ)?),
                 out_stride: ip as i32,
                 mode: self.mode.mode(),
-                static_scale: In::NULL,
+                static_scale: In::new(if self.mode.reads_static_scale() {
+                    addr(&run.layer.a2_scale)
+                } else {
+                    0
+                }),
                 out_scales: Out::new(run.slot(Slot::InterScales)?),
             },
         )
@@ -638,6 +648,7 @@ impl Stage for Gemm2Stage {
     fn enqueue(&self, run: &Run<'_>) -> Result<()> {
         let l = run.layer;
         let (act, act_scale) = match (l.codec.inter_requant, l.codec.static_input_scales) {
+            (Some(q), _) if q.scales_per_row(l.dims.ip).is_none() => (run.slot(Slot::InterQ)?, 0),
             (Some(_), _) => (run.slot(Slot::InterQ)?, run.slot(Slot::InterScales)?),
             (None, true) => (run.slot(Slot::Inter)?, addr(&l.a2_scale)),
             (None, false) => (run.slot(Slot::Inter)?, 0),

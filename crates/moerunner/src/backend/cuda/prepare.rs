@@ -11,6 +11,9 @@
 //! - fp8 block scales become one f32 per 8 prepared rows and 128 columns (`[E, Mp/8, Kp/128]`), which
 //!   the kernel reads without knowing the original row order. That needs every group of 8 prepared rows
 //!   to sit inside one 128-row scale block of the original: true when I % 8 == 0 (checked by `supports`).
+//! - The decoded formats (mxfp8, mxfp4, nvfp4) are tiled ([`tile_decoded`]): per expert, per 128
+//!   prepared rows, per 64-element K step, the rows' element bytes in the order the decoding threads
+//!   read them, then their block-scale bytes; nvfp4's per-expert globals stay f32 `[E]`.
 
 use rayon::prelude::*;
 
@@ -64,9 +67,9 @@ impl Dims {
 pub struct PreparedTensor {
     pub rows: usize,
     pub cols: usize,
-    /// bf16 little-endian pairs or E4M3 bytes.
+    /// bf16 little-endian pairs, E4M3 bytes, or the decoded formats' tiles.
     pub data: Vec<u8>,
-    /// fp8: `[E]`; fp8_block: `[E, rows/8, cols/128]`; bf16: empty.
+    /// fp8 and nvfp4 (its globals): `[E]`; fp8_block: `[E, rows/8, cols/128]`; others: empty.
     pub scales: Vec<f32>,
 }
 
@@ -164,7 +167,18 @@ fn prepare_tensor(
     cols_p: usize,
     map: &(dyn Fn(usize) -> Option<usize> + Sync),
 ) -> PreparedTensor {
-    let elem = codec.gemm.element_bytes();
+    if let Some(row_bytes) = codec.gemm.decoded_row_bytes() {
+        return PreparedTensor {
+            rows: rows_p,
+            cols: cols_p,
+            data: tile_decoded(t, rows_p, cols_p, map, row_bytes),
+            scales: match codec.weight_scales {
+                PreparedScales::InTilesPerExpertGlobal => t.global_scales.clone(),
+                _ => Vec::new(),
+            },
+        };
+    }
+    let elem = codec.gemm.weight_element_bytes();
     let row_bytes = t.cols * elem;
     let row_bytes_p = cols_p * elem;
     let mut data = vec![0u8; t.experts * rows_p * row_bytes_p];
@@ -207,6 +221,120 @@ fn prepare_tensor(
         data,
         scales,
     }
+}
+
+/// Rows of a decoded format's tile, and its K step in elements (`gemm/scale_decoded.cuh`).
+pub const TILE_ROWS: usize = 128;
+pub const TILE_K: usize = 64;
+
+/// Where element k (0..64) of a row's K step sits in the row's element bytes of the step: byte
+/// index and, for four-bit elements, whether it is the high nibble. Thread t = lane % 4 reads bytes
+/// [t·W/4, (t+1)·W/4) and decodes the elements 16q + 2t + {0, 1, 8, 9} (q = 0..3) of its m16n8k16 A
+/// fragments: e4m3 word q holds them in that order; e2m1 word h holds sub-steps 2h, 2h+1, pair k
+/// (k = 0..3, first element 16q + 2t + 8(k % 2) with q = 2h + k/2) in nibbles k and k + 4.
+pub fn tile_position(four_bit: bool, k: usize) -> (usize, bool) {
+    let (q, within) = (k / 16, k % 16);
+    let (t, upper) = ((within % 8) / 2, within >= 8);
+    let second = within % 2 == 1;
+    if !four_bit {
+        (t * 16 + q * 4 + 2 * usize::from(upper) + usize::from(second), false)
+    } else {
+        let (h, pair) = (q / 2, 2 * (q % 2) + usize::from(upper));
+        let nibble = pair + 4 * usize::from(second);
+        (t * 8 + h * 4 + nibble / 2, nibble % 2 == 1)
+    }
+}
+
+/// The tiled layout of a decoded format (module docs): `[E, rows_p/128, cols_p/64]` blocks of
+/// 128 rows × element bytes, then 128 rows × scale bytes (`row_bytes` = (element, scale) bytes of a
+/// row per step: mxfp8 (64, 2), mxfp4 (32, 2), nvfp4 (32, 4)). Padding rows and columns are zero
+/// codes with zero scale bytes.
+pub fn tile_decoded(
+    t: &QuantizedTensor,
+    rows_p: usize,
+    cols_p: usize,
+    map: &(dyn Fn(usize) -> Option<usize> + Sync),
+    (wb, sb): (usize, usize),
+) -> Vec<u8> {
+    let four_bit = wb == 32;
+    let steps = cols_p / TILE_K;
+    let block_bytes = TILE_ROWS * (wb + sb);
+    let expert_bytes = (rows_p / TILE_ROWS) * steps * block_bytes;
+    let (scale_bytes, block_cols): (&[u8], usize) = match &t.scales {
+        BlockScales::Ue8m0(b) => (b, 32),
+        BlockScales::E4m3(b) => (b, 16),
+        _ => (&[], 32),
+    };
+    let nb = t.cols / block_cols;
+    let src_row_bytes = if four_bit { t.cols / 2 } else { t.cols };
+    let positions: Vec<(usize, bool)> = (0..TILE_K).map(|k| tile_position(four_bit, k)).collect();
+    let mut data = vec![0u8; t.experts * expert_bytes];
+    data.par_chunks_mut(expert_bytes.max(1))
+        .enumerate()
+        .for_each(|(e, dst)| {
+            let src = t.expert_data(e);
+            let scales = &scale_bytes[(e * t.rows * nb).min(scale_bytes.len())..];
+            for r in 0..rows_p {
+                let Some(s) = map(r) else { continue };
+                let row = &src[s * src_row_bytes..(s + 1) * src_row_bytes];
+                let (tile, i) = (r / TILE_ROWS, r % TILE_ROWS);
+                for ks in 0..steps {
+                    let base = (tile * steps + ks) * block_bytes;
+                    let elems = &mut dst[base + i * wb..base + (i + 1) * wb];
+                    for (k, &(byte, high)) in positions.iter().enumerate() {
+                        let c = ks * TILE_K + k;
+                        if c >= t.cols {
+                            break;
+                        }
+                        if four_bit {
+                            let code = (row[c / 2] >> (4 * (c % 2))) & 0xF;
+                            elems[byte] |= code << (4 * usize::from(high));
+                        } else {
+                            elems[byte] = row[c];
+                        }
+                    }
+                    let sdst = base + TILE_ROWS * wb + i * sb;
+                    for j in 0..sb {
+                        let blk = (ks * TILE_K) / block_cols + j;
+                        if blk < nb {
+                            dst[sdst + j] = scales[s * nb + blk];
+                        }
+                    }
+                }
+            }
+        });
+    data
+}
+
+/// MXFP8 weights are decoded by moving bits (`gemm/scale_decoded.cuh`), which would turn an E4M3
+/// NaN code (0x7F, 0xFF) into a finite 480 · 2^s; the tensor cores of the stored-fp8 formats and the
+/// CPU turn it into NaN outputs for every token routed there. Neither is a useful layer: a NaN
+/// weight is refused at load, naming the tensor and where it sits.
+pub fn check_decodable_elements(w: &LayerWeights) -> Result<()> {
+    for (name, t) in [("w13", &w.w13), ("w2", &w.w2)] {
+        if t.format != crate::config::WeightFormat::Mxfp8 {
+            continue;
+        }
+        let data: &[u8] = &t.data;
+        let found = data
+            .par_chunks(1 << 20)
+            .enumerate()
+            .find_map_first(|(i, c)| c.iter().position(|&b| b & 0x7F == 0x7F).map(|p| i * (1 << 20) + p));
+        if let Some(idx) = found {
+            let (per_expert, cols) = (t.rows * t.cols, t.cols.max(1));
+            return Err(MoeError::invalid(
+                format!("tensor `{name}`"),
+                format!(
+                    "E4M3 NaN code {:#04x} at [expert {}, row {}, column {}]: weights must be numbers",
+                    data[idx],
+                    idx / per_expert.max(1),
+                    (idx % per_expert.max(1)) / cols,
+                    idx % cols
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// The per-tensor fp8 epilogue multiplies each accumulator by one factor, w_scale[e] · input scale:

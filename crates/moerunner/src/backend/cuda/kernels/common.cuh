@@ -19,6 +19,11 @@ typedef unsigned long long u64;
 #define WFMT_BF16 0         // bf16 weights and activations
 #define WFMT_E4M3_TENSOR 1  // e4m3, one f32 scale per expert's weights and one for the activations
 #define WFMT_E4M3_BLOCK 2   // e4m3, f32 block scales (weights per 8 prepared rows x 128 K, activations 1 x 128)
+// Microscaling weights decoded to bf16 in registers (gemm/scale_decoded.cuh) x bf16 activations that hold
+// the exact values of the layer's activation format (quant.cu modes 3..5):
+#define WFMT_MXFP8 3  // e4m3 elements, UE8M0 scale per 32 along K
+#define WFMT_MXFP4 4  // e2m1 elements, UE8M0 scale per 32 along K
+#define WFMT_NVFP4 5  // e2m1 elements, e4m3 scale per 16 along K, f32 global per expert (and per activation row)
 
 __device__ __forceinline__ float bf16_to_f32(u16 b) { return __uint_as_float(((u32)b) << 16); }
 

@@ -11,7 +11,8 @@
 //   gemm/scale_*.cuh       one piece per weight format: element type, stage scales, fold, dequantisation
 //   gemm/epilogue.cuh      dequantisation, row weight, bias, activation, stores
 //   gemm/loads.cuh         one stage's loads: weight rows, gathered / zero-filled activation rows, scales
-//   gemm/mainloop_*.cuh    mma.sync, pipelined wgmma, warp-specialised wgmma
+//                          (gemm/loads_decoded.cuh: the same for the tiled layout of the decoded formats)
+//   gemm/mainloop_*.cuh    mma.sync, pipelined wgmma, warp-specialised wgmma, register-sourced wgmma
 // The last two are fragments of the kernel body (each header names what it reads and declares): written as
 // functions, the same code compiled to different PTX (register order, placement of loop-invariant code), and
 // this split was to change no code (scripts/gpu/kernel_identity.py). The others are functions and structs.
@@ -33,6 +34,7 @@
 #include "gemm/scale_bf16.cuh"
 #include "gemm/scale_fp8_tensor.cuh"
 #include "gemm/scale_fp8_block.cuh"
+#include "gemm/scale_decoded.cuh"
 #include "gemm/epilogue.cuh"
 
 using Fmt = WeightFormat<WEIGHT_FORMAT>::type;
@@ -48,8 +50,10 @@ __constant__ int moe_gemm_meta[8] = {MG_NTHREADS, MG_SMEM_BYTES, BM, BN, STAGES,
 }
 
 // w          [E, Mp, Kp] prepared weights (Fmt::Elem; gated: rows interleaved 8 gate / 8 up)
-// w_scale    the weight format's scales (per tensor: [E]; block: [E, Mp/8, Kp/128])
-// act        [rows, Kp] activations (Fmt::Elem), act_scale their scales (per tensor: [1]; block: [rows, Kp/128])
+// w          (decoded formats: the tiled layout of gemm/scale_decoded.cuh, scales inside)
+// w_scale    the weight format's scales (per tensor: [E]; block: [E, Mp/8, Kp/128]; NVFP4: the globals [E])
+// act        [rows, Kp] activations (Fmt::Elem), act_scale their scales (per tensor: [1]; block: [rows, Kp/128];
+//            NVFP4: each row's global [rows])
 // sorted_pair, gather_div   the pair of each sorted position; activation row = pair / gather_div (0: the position)
 // tile_*, num_tiles         the work list (sort.cu): expert and sorted-position range of each tile
 // bias       [E, Mp] f32 or null; row_weight [pairs] f32 or null (Llama-4: multiplies GEMM1's rows)
@@ -77,12 +81,22 @@ extern "C" __global__ void __launch_bounds__(MG_NTHREADS, 1) moe_gemm(
     // Only when every tile's weights fit in L2 together (decode: a few experts); beyond that the
     // prefetch would evict what other blocks are about to read (docs/cuda.md, "Measurements behind the
     // kernel choices").
+#if MG_DECODED
+    (void)ESZ;
+    // (the tiled layout: the CTA's rows are part of their 128-row tile's steps; prefetch the whole tile)
+    const long long tile_bytes = (long long)(Kp >> 6) * 128 * (Fmt::W_ROW_BYTES + Fmt::S_ROW_BYTES);
+    if (threadIdx.x == 0 && nrows > 0 && (long long)num_tiles[0] * (Mp / BM) * tile_bytes <= MG_PREFETCH_L2_BYTES) {
+        const u8* first = w + ((long long)e * (Mp >> 7) + (m_base >> 7)) * tile_bytes;
+        asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(first), "r"((u32)tile_bytes) : "memory");
+    }
+#else
     if (threadIdx.x == 0 && nrows > 0 &&
         (long long)num_tiles[0] * Mp * Kp * ESZ <= MG_PREFETCH_L2_BYTES) {
         const long long row_bytes = (long long)Kp * ESZ;
         const u8* first = w + ((long long)e * Mp + m_base) * row_bytes;
         asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(first), "r"((u32)(BM * row_bytes)) : "memory");
     }
+#endif
     pdl_wait();  // activations, row weights and the output buffers belong to earlier kernels
     pdl_launch_dependents();
     if (nrows <= 0) return;
@@ -127,14 +141,18 @@ extern "C" __global__ void __launch_bounds__(MG_NTHREADS, 1) moe_gemm(
             } else {
                 r = p;
             }
+            if constexpr (Fmt::COL_SCALE) rw *= act_scale[r];  // the activation row's global (NVFP4)
         }
         s_row[tid] = r;
         s_rw[tid] = rw;
     }
     __syncthreads();
 
-    // ---- the loads of a pipeline stage (declares nk, sW, sA, smem_al, load_stage: see the piece)
+    // ---- the loads of a pipeline stage (declares nk, sW, sA, smem_al, load_stage: see the piece; the decoded
+    // formats' main loop includes its own)
+#if !MG_RS
 #include "gemm/loads.cuh"
+#endif
 
     // ---- warp placement
     const int warp_m = warp % WARPS_M;
@@ -148,7 +166,9 @@ extern "C" __global__ void __launch_bounds__(MG_NTHREADS, 1) moe_gemm(
     // lane, warp, wm0, wn0, warp_k, warp_active (and the ring's barriers), declares `acc` (float[MG_MT][MG_NTL][4],
     // the m16n8 fragment layout) for the epilogue. (A choice by preprocessor: each instantiates wgmma shapes
     // that exist only for its tile widths.)
-#if MAINLOOP == MAINLOOP_WGMMA_WS
+#if MAINLOOP == MAINLOOP_WGMMA_RS
+#include "gemm/mainloop_wgmma_rs.cuh"
+#elif MAINLOOP == MAINLOOP_WGMMA_WS
 #include "gemm/mainloop_wgmma_ws.cuh"
 #elif MAINLOOP == MAINLOOP_WGMMA
 #include "gemm/mainloop_wgmma.cuh"
@@ -163,5 +183,5 @@ extern "C" __global__ void __launch_bounds__(MG_NTHREADS, 1) moe_gemm(
                           act_alpha, act_beta, act_limit};
     // a wgmma main loop writes acc only when nk > 0 (its first wgmma overwrites), unless the format folds
     const bool acc_valid = MG_WGMMA && !Fmt::FOLD_EACH_STEP ? nk > 0 : true;
-    mg_epilogue<Fmt>(acc, acc_valid, ea, s_rw, row_weight != nullptr, nrows, lane, wm0, wn0);
+    mg_epilogue<Fmt>(acc, acc_valid, ea, s_rw, row_weight != nullptr || Fmt::COL_SCALE, nrows, lane, wm0, wn0);
 }

@@ -130,11 +130,15 @@ impl GemmVariant {
             GemmFormat::Bf16 => "WFMT_BF16",
             GemmFormat::E4m3Tensor => "WFMT_E4M3_TENSOR",
             GemmFormat::E4m3Block => "WFMT_E4M3_BLOCK",
+            GemmFormat::Mxfp8Decoded => "WFMT_MXFP8",
+            GemmFormat::Mxfp4Decoded => "WFMT_MXFP4",
+            GemmFormat::Nvfp4Decoded => "WFMT_NVFP4",
         };
         let mainloop = match self.main_loop {
             MainLoop::MmaSync => "MAINLOOP_MMA_SYNC",
             MainLoop::Wgmma => "MAINLOOP_WGMMA",
             MainLoop::WgmmaWs => "MAINLOOP_WGMMA_WS",
+            MainLoop::WgmmaRs => "MAINLOOP_WGMMA_RS",
         };
         let mut d = vec![
             format!("-DWEIGHT_FORMAT={format}"),
@@ -158,32 +162,32 @@ impl GemmVariant {
     }
 
     /// The variant a layer of `codec` runs for a tile of `bn` tokens: the codec's most preferred
-    /// main loop the device allows — wgmma where `wgmma_on` (sm_90a, not switched off) and BN is in
-    /// `WGMMA_BN`, warp-specialised where `ws_on` and BN is in `WS_BN` — else mma.sync.
+    /// main loop the device allows — wgmma (plain or register-sourced) where `wgmma_on` (sm_90a, not
+    /// switched off) and BN is in `WGMMA_BN`, warp-specialised where `ws_on` and BN is in `WS_BN`,
+    /// mma.sync everywhere — or None when the codec has no such loop (the decoded formats without
+    /// wgmma).
     pub fn choose(
         codec: &Codec,
         stage: GemmStage,
         bn: u32,
         wgmma_on: bool,
         ws_on: bool,
-    ) -> GemmVariant {
+    ) -> Option<GemmVariant> {
         let allowed = |l: &MainLoop| match l {
             MainLoop::MmaSync => true,
-            MainLoop::Wgmma => wgmma_on && WGMMA_BN.contains(&bn),
+            MainLoop::Wgmma | MainLoop::WgmmaRs => wgmma_on && WGMMA_BN.contains(&bn),
             MainLoop::WgmmaWs => wgmma_on && ws_on && WS_BN.contains(&bn),
         };
-        GemmVariant {
+        let main_loop = codec.main_loops.iter().copied().find(allowed)?;
+        let gemm1 = !matches!(stage, GemmStage::Down | GemmStage::DownBf16);
+        Some(GemmVariant {
             format: codec.gemm,
-            gemm1_store: codec.inter_store,
+            // (GEMM2's stages store their own: one variant serves codecs that differ only here)
+            gemm1_store: if gemm1 { codec.inter_store } else { InterStore::F32 },
             stage,
             bn,
-            main_loop: codec
-                .main_loops
-                .iter()
-                .copied()
-                .find(allowed)
-                .unwrap_or(MainLoop::MmaSync),
-        }
+            main_loop,
+        })
     }
 
     /// Every GEMM variant the backend may launch, under any setting of the wgmma switches.
@@ -193,7 +197,9 @@ impl GemmVariant {
             for stage in GemmStage::ALL {
                 for bn in GEMM_BN {
                     for (wgmma_on, ws_on) in [(false, false), (true, false), (true, true)] {
-                        let v = GemmVariant::choose(codec, stage, bn, wgmma_on, ws_on);
+                        let Some(v) = GemmVariant::choose(codec, stage, bn, wgmma_on, ws_on) else {
+                            continue;
+                        };
                         if !all.contains(&v) {
                             all.push(v);
                         }
@@ -229,13 +235,19 @@ pub fn activation_params(act: &Activation) -> (f32, f32, f32) {
 mod tests {
     use super::*;
 
-    /// The variant list is the one the numeric-code version produced (same order, same defines):
-    /// 3 formats × 6 stages × 4 widths, mma.sync everywhere, wgmma for bf16 and fp8_block, and
-    /// warp specialisation at BN = 128.
+    /// 3 stored formats × 6 stages × 4 widths on mma.sync, wgmma for bf16 and fp8_block, warp
+    /// specialisation at BN = 128; the 3 decoded formats × 6 stages × 4 widths on register-sourced
+    /// wgmma only, mxfp4's GEMM1 stages twice (bf16 and f32 stores of its two activation formats).
     #[test]
     fn variants_cover_every_codec_stage_and_width() {
         let all = GemmVariant::all();
-        assert_eq!(all.len(), 3 * 6 * 4 + 2 * 6 * 4 + 2 * 6);
+        assert_eq!(
+            all.len(),
+            3 * 6 * 4 + 2 * 6 * 4 + 2 * 6 + 3 * 6 * 4 + 4 * 4
+        );
+        assert!(all
+            .iter()
+            .all(|v| (v.main_loop == MainLoop::WgmmaRs) == v.format.decoded_row_bytes().is_some()));
         assert!(all
             .iter()
             .all(|v| v.format != GemmFormat::E4m3Tensor || v.main_loop == MainLoop::MmaSync));

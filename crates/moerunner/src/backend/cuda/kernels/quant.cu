@@ -1,17 +1,27 @@
 // Activation rows into a GEMM's input format; mirrors crates/moerunner/src/formats/act_quant.rs bit for
-// bit (bf16, fp8 per-tensor static, fp8_block 1x128 dynamic).
+// bit (bf16, fp8 per-tensor static, fp8_block 1x128 dynamic, mxfp8 1x32, nvfp4 1x16 static or per token).
 //
 // ---------------------------------------------------------------------------------------------------
 // quantize_rows(x, x_dtype, rows, cols, in_stride, out, out_stride, mode, static_scale, out_scales)
 //   x        [rows, in_stride] elements of x_dtype (ARG_DTYPE_*), columns [0, cols) read
-//   out      [rows, out_stride]: u16 (mode 0) or u8 (modes 1, 2); must be 16-byte aligned;
+//   out      [rows, out_stride]: u16 (modes 0, 3, 4, 5) or u8 (modes 1, 2); must be 16-byte aligned;
 //            out_stride >= cols and a multiple of 128; columns [cols, out_stride) are written as 0
 //   mode 0   bf16, round to nearest even                       (static_scale, out_scales unused)
 //   mode 1   fp8 e4m3 per-tensor static: q = e4m3(x / s), s = *static_scale (device pointer)
 //   mode 2   fp8 e4m3 1x128 dynamic: per row and 128-column block b,
 //            s = max(amax, 1e-10) / 448, q = e4m3(x / s), out_scales[row*(out_stride/128) + b] = s
 //            (padding columns count as zeros; a block wholly in the padding gets s = 1e-10/448)
-//   e4m3 = round to nearest even, saturating to ±448 (common.cuh f32_to_e4m3).
+//   mode 3   mxfp8 1x32 dynamic, stored as the bf16 of each element's value: per 32-column block,
+//            s = ceil-pow2(amax / 448) (UE8M0; amax = 0 or NaN -> 2^-127), out = bf16(e4m3(x / s) * s)
+//            (exact short of bf16's subnormals: an E4M3 value times 2^s is a bf16 value)
+//   mode 4   nvfp4 1x16 with the static global g = *static_scale: per 16-column block
+//            b = e4m3(amax / 6 / g), s = dec(b) * g, code = e2m1(x / s) (0 when s = 0),
+//            out = bf16(e2m1(code) * dec(b)) (exact), out_scales[row] = g: the global is left to the GEMM's
+//            epilogue, which multiplies each row's sum by it
+//   mode 5   nvfp4 per token: as mode 4 with g = amax_row / (448 * 6) for each row (a zero row: g = 0,
+//            zeros); one warp per row, out_scales[row] = g
+//   e4m3 = round to nearest even, saturating to ±448 (common.cuh f32_to_e4m3); e2m1 = round to nearest
+//   even, saturating to ±6 (qt_e2m1_code).
 //   One thread per 16 consecutive output columns (16-byte stores; 32 bytes in mode 0), 8 threads
 //   per 128-column block in mode 2 (amax reduced with shuffles among those 8 lanes), grid-stride over
 //   rows * out_stride / 16 items.
@@ -22,6 +32,8 @@
 //   |x| bit patterns, NaN-propagating like weight_quant::amax, and the floor is f32::max (a NaN amax
 //   becomes 1e-10, as on the CPU).
 // ---------------------------------------------------------------------------------------------------
+
+#define QT_NVFP4_GLOBAL_DIVISOR 2688.0f  // 448 * 6
 
 __device__ __forceinline__ float qt_div(float a, float b) {
     float r;
@@ -81,6 +93,64 @@ __device__ __forceinline__ uint4 qt_pack_e4m3(const float* v, float s) {
     return make_uint4(w[0], w[1], w[2], w[3]);
 }
 
+// E2M1 code of v (formats/e2m1.rs `encode`: the same comparisons, so NaN -> 7 with its sign)
+__device__ __forceinline__ u32 qt_e2m1_code(float v) {
+    const float a = fabsf(v);
+    const u32 code = a <= 0.25f ? 0u : a < 0.75f ? 1u : a <= 1.25f ? 2u : a < 1.75f ? 3u : a <= 2.5f ? 4u : a < 3.5f ? 5u : a <= 5.0f ? 6u : 7u;
+    return code | ((__float_as_uint(v) >> 28) & 8u);
+}
+// its value: the code's exponent and mantissa bits placed into an f32 (value x 2^-126, subnormal for codes 0, 1)
+__device__ __forceinline__ float qt_e2m1_value(u32 code) {
+    return __uint_as_float(((code & 7u) << 22) | ((code & 8u) << 28)) * __uint_as_float(0x7E800000u);
+}
+
+// |x| bit patterns' max: monotonic for non-negative floats, NaN wins (weight_quant::amax)
+__device__ __forceinline__ u32 qt_amax_bits(const float* v) {
+    u32 a = 0;
+#pragma unroll
+    for (int k = 0; k < 16; ++k) {
+        const u32 b = __float_as_uint(v[k]) & 0x7fffffffu;
+        a = b > a ? b : a;
+    }
+    return a;
+}
+
+// ue8m0::encode_ceil(s) as its scale 2^c (c the smallest with 2^c >= s, clamped to -127..127; s <= 0 or NaN:
+// 2^-127, the scale of byte 0)
+__device__ __forceinline__ float qt_ceil_pow2(float s) {
+    if (!(s > 0.0f)) return __uint_as_float(1u << 22);
+    const u32 bits = __float_as_uint(s);
+    const int exp_field = (int)(bits >> 23);
+    int c;
+    if (exp_field == 0) c = s > __uint_as_float(1u << 22) ? -126 : -127;
+    else if (exp_field == 255) c = 127;
+    else c = exp_field - 127 + ((bits & 0x7fffffu) ? 1 : 0);
+    c = c < -127 ? -127 : (c > 127 ? 127 : c);
+    return c == -127 ? __uint_as_float(1u << 22) : __uint_as_float((u32)(c + 127) << 23);
+}
+
+// 16 values of one nvfp4 block with global g -> 16 bf16 (the element times the decoded block scale)
+__device__ __forceinline__ void qt_nvfp4_block(const float* v, float g, u16* o) {
+    const float amax = __uint_as_float(qt_amax_bits(v));
+    const u8 b = f32_to_e4m3(qt_div(qt_div(amax, 6.0f), g));
+    const float sdec = e4m3_to_f32(b);
+    const float s = sdec * g;
+#pragma unroll
+    for (int k = 0; k < 16; ++k) {
+        const u32 code = s == 0.0f ? 0u : qt_e2m1_code(qt_div(v[k], s));
+        o[k] = f32_to_bf16(qt_e2m1_value(code) * sdec);
+    }
+}
+
+__device__ __forceinline__ void qt_store16_bf16(void* out, long long idx, const u16* o) {
+    u32 w[8];
+#pragma unroll
+    for (int k = 0; k < 8; ++k) w[k] = (u32)o[2 * k] | ((u32)o[2 * k + 1] << 16);
+    uint4* p = (uint4*)((u16*)out + idx);
+    p[0] = make_uint4(w[0], w[1], w[2], w[3]);
+    p[1] = make_uint4(w[4], w[5], w[6], w[7]);
+}
+
 extern "C" __global__ void quantize_rows(const void* x, int x_dtype, int rows, int cols, long long in_stride,
                                          void* out, int out_stride, int mode, const float* static_scale,
                                          float* out_scales) {
@@ -88,8 +158,41 @@ extern "C" __global__ void quantize_rows(const void* x, int x_dtype, int rows, i
     pdl_launch_dependents();
     const long long chunks = out_stride / 16;  // 16-column items per row (a multiple of 8)
     const long long total = (long long)rows * chunks;
-    const float stat = mode == 1 ? *static_scale : 1.0f;
+    const float stat = (mode == 1 || mode == 4) ? *static_scale : 1.0f;
     const int lane = threadIdx.x & 31;
+    if (mode == 5) {
+        // one warp per row: the row's amax, then its 16-column blocks with g = amax / 2688
+        const long long warps = (long long)gridDim.x * blockDim.x / 32;
+        for (long long row = ((long long)blockIdx.x * blockDim.x + threadIdx.x) / 32; row < rows; row += warps) {
+            u32 a = 0;
+            for (int ch = lane; ch < chunks; ch += 32) {
+                float v[16];
+                qt_load16(x, x_dtype, row * in_stride, ch * 16, cols, v);
+                const u32 b = qt_amax_bits(v);
+                a = b > a ? b : a;
+            }
+#pragma unroll
+            for (int o = 16; o > 0; o >>= 1) {
+                const u32 b = __shfl_xor_sync(0xffffffffu, a, o);
+                a = b > a ? b : a;
+            }
+            const float g = qt_div(__uint_as_float(a), QT_NVFP4_GLOBAL_DIVISOR);
+            for (int ch = lane; ch < chunks; ch += 32) {
+                float v[16];
+                qt_load16(x, x_dtype, row * in_stride, ch * 16, cols, v);
+                u16 o[16];
+                if (g == 0.0f) {
+#pragma unroll
+                    for (int k = 0; k < 16; ++k) o[k] = 0;
+                } else {
+                    qt_nvfp4_block(v, g, o);
+                }
+                qt_store16_bf16(out, row * out_stride + ch * 16, o);
+            }
+            if (lane == 0) out_scales[row] = g;
+        }
+        return;
+    }
     const u32 group_mask = 0xffu << (lane & 24);
     for (long long it = (long long)blockIdx.x * blockDim.x + threadIdx.x; it < total;
          it += (long long)gridDim.x * blockDim.x) {
@@ -107,6 +210,23 @@ extern "C" __global__ void quantize_rows(const void* x, int x_dtype, int rows, i
             o[1] = make_uint4(w[4], w[5], w[6], w[7]);
         } else if (mode == 1) {
             *(uint4*)((u8*)out + row * out_stride + c0) = qt_pack_e4m3(v, stat);
+        } else if (mode == 3) {
+            // the 32-column block's amax from this lane and its neighbour (lanes 2i, 2i+1: columns 32i..32i+31)
+            u32 a = qt_amax_bits(v);
+            const u32 b = __shfl_xor_sync(0x3u << (lane & 30), a, 1);
+            a = b > a ? b : a;
+            const float amax = __uint_as_float(a);
+            // amax = 0 -> byte 0; NaN -> encode_ceil(NaN) = byte 0 as well
+            const float s = a == 0u ? __uint_as_float(1u << 22) : qt_ceil_pow2(qt_div(amax, 448.0f));
+            u16 o[16];
+#pragma unroll
+            for (int k = 0; k < 16; ++k) o[k] = f32_to_bf16(e4m3_to_f32(f32_to_e4m3(qt_div(v[k], s))) * s);
+            qt_store16_bf16(out, row * out_stride + c0, o);
+        } else if (mode == 4) {
+            u16 o[16];
+            qt_nvfp4_block(v, stat, o);
+            qt_store16_bf16(out, row * out_stride + c0, o);
+            if (ch == 0) out_scales[row] = stat;
         } else {
             // amax as the max of |x| bit patterns: monotonic for non-negative floats, NaN wins.
             u32 a = 0;

@@ -1,5 +1,6 @@
-//! Launcher of `quant.cu`: rows to GEMM operands (bf16, e4m3 with a static scale, or e4m3 with
-//! dynamic 1×128 scales), padded with zeros to the GEMM's K.
+//! Launcher of `quant.cu`: rows to GEMM operands (bf16; e4m3 with a static scale or dynamic 1×128
+//! scales; mxfp8 and nvfp4 as the bf16 of their exact values, nvfp4's globals per row), padded with
+//! zeros to the GEMM's K.
 
 use super::{grid_cap, kernel_args, In, Out, Shape, Void};
 
@@ -12,14 +13,15 @@ kernel_args! {
         rows: i32,
         cols: i32,
         in_stride: i64,
-        /// [rows, out_stride] bf16 or e4m3 (`mode`).
+        /// [rows, out_stride] bf16 or e4m3 (`RowQuant::element_bytes`).
         out: Out<Void>,
         out_stride: i32,
         /// `codec::RowQuant::mode`.
         mode: i32,
-        /// [1] the static scale (mode E4m3Static), else null.
+        /// [1] the static scale (`RowQuant::reads_static_scale`), else null.
         static_scale: In<f32>,
-        /// [rows, out_stride / 128] dynamic scales (mode E4m3Block128).
+        /// Per-row scales (`RowQuant::scales_per_row`): [rows, out_stride / 128] (E4m3Block128) or
+        /// each row's nvfp4 global [rows].
         out_scales: Out<f32>,
     }
 }

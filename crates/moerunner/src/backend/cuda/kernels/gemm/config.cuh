@@ -2,9 +2,11 @@
 // default), the tile shape derived from them, and the checks on both. Every gemm/ piece reads its tile shape
 // from the macros here (BM, BN, STAGES, WARPS_*, MG_*), so a translation unit includes this first.
 //
-//   WEIGHT_FORMAT  WFMT_BF16 | WFMT_E4M3_TENSOR | WFMT_E4M3_BLOCK (common.cuh)   [default WFMT_BF16]
+//   WEIGHT_FORMAT  WFMT_BF16 | WFMT_E4M3_TENSOR | WFMT_E4M3_BLOCK | WFMT_MXFP8 | WFMT_MXFP4 | WFMT_NVFP4
+//                  (common.cuh)   [default WFMT_BF16]
 //                  each has one piece, gemm/scale_*.cuh: its element type, what a K step loads beside the
-//                  operands, how a K step's partial is folded, what the epilogue multiplies by
+//                  operands, how a K step's partial is folded, what the epilogue multiplies by; the three
+//                  microscaling formats (gemm/scale_decoded.cuh) run only on MAINLOOP_WGMMA_RS
 //   EPILOGUE       EPI_DOWN  plain rows (GEMM2): out[p*out_stride + r] = acc (+bias)          [default EPI_GATED]
 //                  EPI_GATED gated GEMM1 (rows interleaved 8 gate / 8 up per 16), activation ACT, Mp/2 features
 //                  EPI_RELU2 non-gated GEMM1, relu2
@@ -15,6 +17,8 @@
 //                  MAINLOOP_WGMMA       Hopper warpgroup MMA, every thread loads (gemm/mainloop_wgmma.cuh)
 //                  MAINLOOP_WGMMA_WS    warp-specialised wgmma: a loading warpgroup feeds two MMA warpgroups
 //                                       through mbarriers (gemm/mainloop_wgmma_ws.cuh; BM = 128, BN = 64|128)
+//                  MAINLOOP_WGMMA_RS    register-sourced wgmma: weights decoded to bf16 in registers from the
+//                                       tiled layout of weight preparation (gemm/mainloop_wgmma_rs.cuh)
 //                  [default MAINLOOP_MMA_SYNC]
 //   BM             64 | 128   weight rows per CTA (grid.x = Mp / BM)                  [default 128]
 //   BN             8 | 16 | 32 | 64 | 128   token rows per work tile (wgmma: 16..128)  [default 64]
@@ -41,6 +45,7 @@
 #define MAINLOOP_MMA_SYNC 0
 #define MAINLOOP_WGMMA 1
 #define MAINLOOP_WGMMA_WS 2
+#define MAINLOOP_WGMMA_RS 3
 
 #ifndef WEIGHT_FORMAT
 #define WEIGHT_FORMAT WFMT_BF16
@@ -73,6 +78,8 @@
 // wgmma main loops (both): the operand tiles are read through descriptors, the warp grid is BM/16 x 1 x 1
 #define MG_WGMMA (MAINLOOP != MAINLOOP_MMA_SYNC)
 #define MG_WS (MAINLOOP == MAINLOOP_WGMMA_WS)
+#define MG_RS (MAINLOOP == MAINLOOP_WGMMA_RS)
+#define MG_DECODED (WEIGHT_FORMAT >= WFMT_MXFP8)
 
 // consumer registers (setmaxnreg.inc): the CTA's register pool is what it was launched with, 384 threads x 168
 // (__launch_bounds__(384, 1): 65536 / 384 rounded down to 8; ptxas reports 168 for every WS variant); the
@@ -145,7 +152,21 @@
 #define MG_MT (MG_WTM / 16)            // m16 tiles per warp
 #define MG_NTL (MG_WTN / 8)            // n8 tiles per warp
 #define MG_KPW (4 / WARPS_K)           // k-sub-steps per warp per stage
-#define MG_SW_BYTES (BM * 128)         // one stage's weight tile
+// one stage's weight tile: 128 bytes a row, or (decoded formats) one 64-element K step's element and scale
+// bytes a row (gemm/scale_decoded.cuh)
+#if MG_RS
+// (a number, not Fmt's members: format pieces that are not templates expand this too; scale_decoded.cuh checks it)
+#if WEIGHT_FORMAT == WFMT_MXFP8
+#define MG_DEC_ROW_BYTES 66
+#elif WEIGHT_FORMAT == WFMT_MXFP4
+#define MG_DEC_ROW_BYTES 34
+#else
+#define MG_DEC_ROW_BYTES 36
+#endif
+#define MG_SW_BYTES (BM * MG_DEC_ROW_BYTES)
+#else
+#define MG_SW_BYTES (BM * 128)
+#endif
 #define MG_SA_BYTES (BN * 128)         // one stage's activation tile
 #define MG_MAX(a, b) ((a) > (b) ? (a) : (b))
 #define MG_MIN(a, b) ((a) < (b) ? (a) : (b))
@@ -161,12 +182,13 @@
 #define MG_SMEM_BYTES MG_MAX(MG_PIPE_BYTES, MG_RED_BYTES)
 #endif
 
-static_assert(WEIGHT_FORMAT >= WFMT_BF16 && WEIGHT_FORMAT <= WFMT_E4M3_BLOCK, "WEIGHT_FORMAT: one of WFMT_*");
+static_assert(WEIGHT_FORMAT >= WFMT_BF16 && WEIGHT_FORMAT <= WFMT_NVFP4, "WEIGHT_FORMAT: one of WFMT_*");
+static_assert(MG_DECODED == MG_RS, "the microscaling formats run on MAINLOOP_WGMMA_RS, and only they do");
 static_assert(EPILOGUE >= EPI_DOWN && EPILOGUE <= EPI_RELU2, "EPILOGUE: one of EPI_*");
 static_assert(ACT >= ACT_SWIGLU && ACT <= ACT_SWIGLU_OAI, "ACT: one of ACT_*");
 static_assert(STORE >= STORE_BF16 && STORE <= STORE_E4M3, "STORE: one of STORE_*");
 static_assert(EPILOGUE != EPI_DOWN || STORE != STORE_E4M3, "EPI_DOWN stores bf16 or f32");
-static_assert(MAINLOOP >= MAINLOOP_MMA_SYNC && MAINLOOP <= MAINLOOP_WGMMA_WS, "MAINLOOP: one of MAINLOOP_*");
+static_assert(MAINLOOP >= MAINLOOP_MMA_SYNC && MAINLOOP <= MAINLOOP_WGMMA_RS, "MAINLOOP: one of MAINLOOP_*");
 static_assert(BM == 64 || BM == 128, "BM must be 64 or 128");
 static_assert(BN == 8 || BN == 16 || BN == 32 || BN == 64 || BN == 128, "BN must be 8, 16, 32, 64 or 128");
 static_assert(STAGES >= 2 && STAGES <= (MG_WGMMA ? 16 : 8), "STAGES must be 2..8 (wgmma: 3..16)");
@@ -179,7 +201,8 @@ static_assert(BN <= MG_NTHREADS, "BN must not exceed the thread count");
 static_assert(MG_NTL == 1 || MG_NTL % 2 == 0, "n8 tiles per warp must be 1 or even");
 #if MG_WGMMA
 static_assert(BN == 16 || BN == 32 || BN == 64 || BN == 128, "wgmma needs BN = 16, 32, 64 or 128");
-static_assert(MG_SW_BYTES % 1024 == 0 && MG_SA_BYTES % 1024 == 0, "wgmma: operand tiles must keep 1024-byte alignment");
+static_assert((MG_RS || MG_SW_BYTES % 1024 == 0) && MG_SA_BYTES % 1024 == 0,
+              "wgmma: operand tiles read through descriptors must keep 1024-byte alignment");
 static_assert(STAGES >= 3, "wgmma needs STAGES >= 3 (prefetch distance STAGES - 2)");
 #endif
 static_assert(WG_WS_PREGS >= 24 && WG_WS_PREGS <= 168 && WG_WS_PREGS % 8 == 0, "WG_WS_PREGS: 24..168, a multiple of 8");

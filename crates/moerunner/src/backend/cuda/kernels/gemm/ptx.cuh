@@ -113,3 +113,5 @@ __device__ __forceinline__ void mg_setmaxnreg_dec() {
 
 // keeps the compiler from moving accumulator accesses across the wgmma fence / wait points
 __device__ __forceinline__ void mg_reg_fence(float& x) { asm volatile("" : "+f"(x)::"memory"); }
+// the same for a register-sourced wgmma's A fragment: it must stay live (unmodified) until the wgmma retired
+__device__ __forceinline__ void mg_reg_fence_u(u32& x) { asm volatile("" : "+r"(x)::"memory"); }

@@ -6,6 +6,7 @@
 //   FOLD_EACH_STEP       each 128-wide K step's partial is folded into the f32 sum (fold_mma / fold_wgmma)
 //   FRAG_DB              mma.sync: double-buffer the fragments in registers (fewest spills where true)
 //   DEQUANT / dequant()  a factor the epilogue multiplies every accumulator by
+//   COL_SCALE            the epilogue also multiplies column n by act_scale[activation row of n]
 #pragma once
 
 template <int WFMT>
@@ -35,6 +36,7 @@ struct FmtBf16 {
     enum : bool { FOLD_EACH_STEP = false };
     enum : bool { FRAG_DB = true };
     enum : bool { DEQUANT = false };
+    enum : bool { COL_SCALE = false };
     static __device__ __forceinline__ float dequant(int, const float*, const float*) { return 1.0f; }
 };
 template <>

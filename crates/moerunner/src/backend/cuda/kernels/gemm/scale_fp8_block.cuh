@@ -12,6 +12,7 @@ struct FmtE4m3Block {
     enum : bool { FOLD_EACH_STEP = true };
     enum : bool { FRAG_DB = BM == 128 && BN == 128 };
     enum : bool { DEQUANT = false };
+    enum : bool { COL_SCALE = false };
     static __device__ __forceinline__ float dequant(int, const float*, const float*) { return 1.0f; }
 
     // Loader thread ltid copies scale floats ltid (+ MG_LDT with the warp-specialised loader, whose 128 threads

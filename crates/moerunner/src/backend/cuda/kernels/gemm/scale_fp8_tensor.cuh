@@ -14,6 +14,7 @@ struct FmtE4m3Tensor {
     // buffer make the 128x128 tile spill
     enum : bool { FRAG_DB = false };
     enum : bool { DEQUANT = true };
+    enum : bool { COL_SCALE = false };
     // w_scale [E] per expert, act_scale [1]
     static __device__ __forceinline__ float dequant(int e, const float* w_scale, const float* act_scale) {
         return w_scale[e] * act_scale[0];
