@@ -96,6 +96,15 @@ impl QuantizedTensor {
     }
 
     /// Bytes of one expert's element data.
+    /// Bytes of the tensor: element data, block scales and globals.
+    pub fn byte_size(&self) -> usize {
+        let scales = match &self.scales {
+            BlockScales::None => 0,
+            BlockScales::PerExpert(s) | BlockScales::Block128(s) => 4 * s.len(),
+            BlockScales::Ue8m0(b) | BlockScales::E4m3(b) => b.len(),
+        };
+        self.data.len() + scales + 4 * self.global_scales.len()
+    }
     pub fn expert_data_bytes(&self) -> usize {
         match self.format {
             WeightFormat::Bf16 => self.rows * self.cols * 2,

@@ -1120,3 +1120,26 @@ fn gpu_row_quantizers_match_the_cpu_bit_for_bit() {
         }
     }
 }
+
+/// Weight preparation states the padding it applied and its cost (the load log's line): GPT-OSS's
+/// H = 2880 and Nemotron-H's I = 1856 go to multiples of 128.
+#[test]
+fn preparation_states_its_padding_and_cost() {
+    for (wf, h, inter, act, want) in [
+        (WeightFormat::Mxfp4, 2880, 256, Activation::OAI_DEFAULT, "H 2880 → 2944, I = 256"),
+        (WeightFormat::Nvfp4, 256, 1856, Activation::Relu2, "H = 256, I 1856 → 1920"),
+    ] {
+        let cfg = config(wf, 2, h, inter, act, RoutingConfig::new(RoutingMethod::Renormalize, 1));
+        let layer = random_layer(&cfg, 3, true).expect("layer");
+        let codec = moerunner::backend::cuda::codec::codec_of(cfg.weight_format, cfg.activation_format)
+            .expect("codec");
+        let p = prepare::prepare_weights(&cfg, codec, layer.weights());
+        let w = layer.weights();
+        let own = w.w13.byte_size() + w.w2.byte_size();
+        let note = p.padding_note(own);
+        println!("{wf}: {note}");
+        assert!(note.contains(want), "{note}");
+        assert!(p.device_bytes() > own, "padding costs memory");
+        assert!(note.contains('%'), "{note}");
+    }
+}

@@ -124,6 +124,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         return run_split(&args, layer, &input, choice);
     }
     let loaded = Runner::new().load(layer, &choice).context(backend_flag)?;
+    if let Some(note) = loaded.preparation() {
+        bar.println(format!("note: {note}"));
+    }
     // Reading (and slicing, quantizing) the layer and the input, and the backend's preparation.
     let load_time = load_started.elapsed();
     bar.set_message(format!(

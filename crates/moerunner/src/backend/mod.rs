@@ -60,4 +60,9 @@ pub trait LoadedLayer: Send + Sync {
     fn time_device_forward(&self, _input: &ForwardInput<'_>, _iters: usize) -> Option<Result<f64>> {
         None
     }
+    /// What the backend's weight preparation did to the layer, when it changed its size (the GPU's
+    /// alignment padding and the memory it costs), for the load log.
+    fn preparation(&self) -> Option<String> {
+        None
+    }
 }

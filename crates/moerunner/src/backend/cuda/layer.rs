@@ -23,6 +23,8 @@ pub struct CudaLayer {
     pub(super) layer: Arc<MoeLayer>,
     pub(super) resident: Resident,
     pub(super) pipeline: Pipeline,
+    /// The load log's line on the padding weight preparation applied.
+    preparation: String,
     workspace: Mutex<Option<Workspace>>,
 }
 
@@ -37,6 +39,11 @@ impl CudaLayer {
         prepare::check_epilogue_factors(w)?;
         prepare::check_decodable_elements(w)?;
         let prepared: PreparedWeights = prepare::prepare_weights(cfg, codec, w);
+        let preparation = prepared.padding_note(
+            w.w13.byte_size()
+                + w.w2.byte_size()
+                + 4 * (w.w13_bias.as_ref().map_or(0, Vec::len) + w.w2_bias.as_ref().map_or(0, Vec::len)),
+        );
         let upload_proj =
             |t: &prepare::PreparedTensor, bias: &Option<Vec<f32>>| -> Result<ProjectionBufs> {
                 Ok(ProjectionBufs {
@@ -90,6 +97,7 @@ impl CudaLayer {
             layer,
             resident,
             pipeline,
+            preparation,
             workspace: Mutex::new(None),
         })
     }
@@ -388,6 +396,9 @@ impl LoadedLayer for CudaLayer {
     }
     fn time_device_forward(&self, input: &ForwardInput<'_>, iters: usize) -> Option<Result<f64>> {
         Some(self.time_graph(input, iters))
+    }
+    fn preparation(&self) -> Option<String> {
+        Some(self.preparation.clone())
     }
 }
 

@@ -85,6 +85,47 @@ pub struct PreparedWeights {
     pub w2_bias: Option<Vec<f32>>,
 }
 
+impl PreparedWeights {
+    /// Bytes the prepared weights take on the device (elements, tiles, f32 scales, biases).
+    pub fn device_bytes(&self) -> usize {
+        let t = |p: &PreparedTensor| p.data.len() + 4 * p.scales.len();
+        let b = |v: &Option<Vec<f32>>| v.as_ref().map_or(0, |v| 4 * v.len());
+        t(&self.w13) + t(&self.w2) + b(&self.w13_bias) + b(&self.w2_bias)
+    }
+
+    /// One line for the load log: the padding weight preparation applied (H and I to multiples of
+    /// 128, each W13 half on its own) and what it costs against `original_bytes`, the layer's own
+    /// weights.
+    pub fn padding_note(&self, original_bytes: usize) -> String {
+        let d = &self.dims;
+        let dim = |name: &str, n: usize, p: usize| {
+            if n == p {
+                format!("{name} = {n}")
+            } else {
+                format!("{name} {n} → {p}")
+            }
+        };
+        let on_device = self.device_bytes();
+        let extra = on_device.saturating_sub(original_bytes);
+        format!(
+            "weights prepared for the GPU: {}, {} (multiples of {PAD}); {} on the device, {} ({:.1} %) more than the layer's own",
+            dim("H", d.hidden, d.hp),
+            dim("I", d.inter, d.ip),
+            human_bytes(on_device),
+            human_bytes(extra),
+            100.0 * extra as f64 / original_bytes.max(1) as f64
+        )
+    }
+}
+
+fn human_bytes(n: usize) -> String {
+    match n {
+        n if n >= 1 << 30 => format!("{:.2} GiB", n as f64 / (1u64 << 30) as f64),
+        n if n >= 1 << 20 => format!("{:.1} MiB", n as f64 / (1u64 << 20) as f64),
+        n => format!("{:.1} KiB", n as f64 / 1024.0),
+    }
+}
+
 /// Where prepared W13 row `r` comes from in the original `[M, H]` rows (None: a padding row).
 pub fn w13_source_row(dims: &Dims, order: W13Order, r: usize) -> Option<usize> {
     let i = dims.inter;
