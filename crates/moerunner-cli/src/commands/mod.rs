@@ -31,6 +31,7 @@ fn load_options(
         parallelism: par,
         quantize,
         activation_format,
+        quantizer: None,
     })
 }
 
