@@ -8,6 +8,7 @@ pub mod convert;
 pub mod info;
 pub mod make_input;
 pub mod make_layer;
+pub mod quantize_bench;
 pub mod run;
 
 use std::path::Path;
