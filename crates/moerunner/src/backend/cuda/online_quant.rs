@@ -507,11 +507,24 @@ impl WeightQuantizer {
         } else {
             (DType::F32, 4)
         };
+        if dtype == DType::BF16 && t.data.len() != t.experts * t.rows * t.cols * 2 {
+            return Err(MoeError::invalid(
+                format!("weights `{name}`"),
+                format!(
+                    "{} bytes of bf16 data for [{}, {}, {}]",
+                    t.data.len(),
+                    t.experts,
+                    t.rows,
+                    t.cols
+                ),
+            ));
+        }
         let expert_bytes = (t.rows * t.cols * elem).max(1);
         let per_chunk = (chunk_bytes / expert_bytes).clamp(1, t.experts.max(1));
         let mut staging = dev.alloc(per_chunk * expert_bytes)?;
         let mut values = Vec::new();
-        let mut start = 0;
+        // Experts without elements have nothing to quantize (and no bytes to slice).
+        let mut start = if t.rows * t.cols == 0 { t.experts } else { 0 };
         while start < t.experts {
             let count = per_chunk.min(t.experts - start);
             if dtype == DType::BF16 {
