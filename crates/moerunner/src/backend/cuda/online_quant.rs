@@ -81,7 +81,9 @@ impl<'a> WeightSource<'a> {
     ///
     /// # Safety
     /// `ptr` must be device memory of the quantizer's device holding `experts · rows · cols`
-    /// elements of `dtype`, live and unchanged until the quantization has returned.
+    /// elements of `dtype`, already written (work on other streams that produces it finished: the
+    /// quantizer runs on the device's own stream) and live and unchanged until the quantization
+    /// has returned (`enqueue`: until the device's stream has run it).
     pub unsafe fn from_raw(
         ptr: u64,
         dtype: DType,
