@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs on the GPU machine (see gpu-build.sh): the CUDA tests, the standalone kernel checks, the
 # Python package's tests (its wheel installed into a virtualenv that sees the system's torch)
-# and/or the benchmark, logs under $OUT (or ./gpu-out). NVRTC and cuBLASLt come from /usr/local/cuda.
+# and/or the benchmark (or `qbench`: moerunner quantize-bench), logs under $OUT (or ./gpu-out). NVRTC and cuBLASLt come from /usr/local/cuda.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-gpu-out}
@@ -35,6 +35,11 @@ if [[ $what == python || $what == all ]]; then
     MOERUNNER_BIN=gpu-bin/moerunner timeout 500 "$venv/bin/python" -m pytest -q -rs -p no:cacheprovider \
         crates/moerunner-py/tests > "$out/python-tests.log" 2>&1 || status=1
     tail -n 30 "$out/python-tests.log"
+fi
+# The online weight quantizer against the copy ceiling (not part of `all`: DeepSeek-V3's W13 takes 23 GB).
+if [[ $what == qbench ]]; then
+    timeout 500 gpu-bin/moerunner quantize-bench --json "$out/quantize-bench.json" "$@" > "$out/quantize-bench.log" 2>&1 || status=1
+    tail -n 30 "$out/quantize-bench.log"
 fi
 if [[ $what == bench || $what == all ]]; then
     timeout 500 gpu-bin/moerunner bench --backend cuda --json "$out/bench.json" "$@" > "$out/bench.log" 2>&1 || status=1

@@ -35,6 +35,19 @@ enum Command {
     Bench(commands::bench::Args),
     /// Check random cases across formats, routing and activations against the float64 reference.
     Check(commands::check::Args),
+    /// Time the GPU's online weight quantizer (bf16 → a weight format) against copy bandwidth.
+    ///
+    /// Quantizes a preset's expert tensors, W13 [E, 2·I, H] then W2 [E, H, I], from bf16 already on
+    /// the GPU into each --format (bit-identical to the CPU's quantize_weights). Each tensor's bf16
+    /// source stays on the GPU with one format's output at a time (DeepSeek-V3's W13: 15 GB + 7.5 GB
+    /// for fp8); the whole tensor's launch sequence is timed with CUDA events, median of --iters.
+    /// GB/s counts source bytes read + quantized bytes written (elements and scales) once; "passes 2"
+    /// marks formats that read the source twice (an expert-wide amax first: fp8 per-tensor, nvfp4
+    /// with computed globals). "% copy" is that rate over the device-to-device copy rate (also read +
+    /// write); the "layer" rows sum a format's tensors. Needs a CUDA GPU (sm_90+) and libnvrtc.
+    ///
+    /// Example: moerunner quantize-bench --preset deepseek-v3 --format mxfp8,nvfp4 --json q.json
+    QuantizeBench(commands::quantize_bench::Args),
     /// Compare two output files: relative error, max abs error, NaN count, top-k agreement.
     Compare(commands::compare::Args),
     /// Version, backends, devices and what each backend supports.
@@ -60,6 +73,7 @@ fn main() -> std::process::ExitCode {
         Command::MakeInput(a) => commands::make_input::run(a),
         Command::Bench(a) => commands::bench::run(a),
         Command::Check(a) => commands::check::run(a),
+        Command::QuantizeBench(a) => commands::quantize_bench::run(a),
         Command::Compare(a) => commands::compare::run(a),
         Command::Info(a) => commands::info::run(a),
     };

@@ -415,6 +415,7 @@ impl NativeLayer {
             parallelism: parallelism(tp_size, tp_rank, ep_size, ep_rank),
             quantize,
             activation_format: None,
+            quantizer: None,
         };
         let loaded = py
             .detach(|| checkpoint::load_layer(&dir, layer, &opts))

@@ -1109,6 +1109,60 @@ fn online_quantization_of_a_bf16_checkpoint() {
     assert!(err.contains("input scales"), "{err}");
 }
 
+/// A stand-in for the GPU quantizer (`LoadOptions::quantizer`): the CPU pass under another name,
+/// recording what it was asked to quantize; it declines mxfp4.
+#[derive(Debug, Default)]
+struct RecordingQuantizer {
+    calls: std::sync::Mutex<Vec<String>>,
+}
+
+impl moerunner::checkpoint::ExpertQuantizer for RecordingQuantizer {
+    fn supports(&self, format: WeightFormat) -> bool {
+        format != WeightFormat::Mxfp4
+    }
+    fn quantize(
+        &self,
+        t: &QuantizedTensor,
+        format: WeightFormat,
+        name: &str,
+    ) -> moerunner::Result<QuantizedTensor> {
+        self.calls.lock().unwrap().push(format!("{name} {format}"));
+        let mut v = vec![0f32; t.experts * t.rows * t.cols];
+        for (x, c) in v.chunks_exact_mut((t.rows * t.cols).max(1)).enumerate() {
+            t.decode_rows_f32(x, 0..t.rows, c);
+        }
+        moerunner::formats::quantize_weights(format, t.experts, t.rows, t.cols, &v, None)
+    }
+}
+
+/// `--quantize` goes to `LoadOptions::quantizer` for the formats it supports (naming layer and
+/// tensor), to the CPU pass for the others, with the same layer either way.
+#[test]
+fn online_quantization_goes_to_the_given_quantizer() {
+    let (dir, _) = qwen3("qwen3-quantizer", WeightFormat::Bf16, 4, 64, 32);
+    let rec = std::sync::Arc::new(RecordingQuantizer::default());
+    for f in [WeightFormat::Mxfp8, WeightFormat::Mxfp4] {
+        let opts = |quantizer: Option<std::sync::Arc<dyn moerunner::checkpoint::ExpertQuantizer>>| {
+            LoadOptions {
+                quantize: Some(f),
+                quantizer,
+                ..Default::default()
+            }
+        };
+        let cpu = load_layer(&dir, LAYER, &opts(None)).unwrap();
+        let given = load_layer(&dir, LAYER, &opts(Some(rec.clone()))).unwrap();
+        check_equal(&given, &cpu.layer);
+        let (g, c) = (given.layer.weights(), cpu.layer.weights());
+        for (a, b) in [(&g.w13, &c.w13), (&g.w2, &c.w2)] {
+            assert_eq!((&a.data[..], &a.scales), (&b.data[..], &b.scales), "{f}");
+        }
+    }
+    assert_eq!(
+        *rec.calls.lock().unwrap(),
+        [format!("layer {LAYER} w13 mxfp8"), format!("layer {LAYER} w2 mxfp8")]
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // Errors name the key or the tensor
 

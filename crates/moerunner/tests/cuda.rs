@@ -1143,3 +1143,248 @@ fn preparation_states_its_padding_and_cost() {
         assert!(note.contains('%'), "{note}");
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Online weight quantization (online_quant.rs, weight_quant.cu): GPU against quantize_weights.
+
+/// Seeded weights `[experts, rows, cols]` that reach every rule of the quantizers: per row one kind —
+/// random normal values; exact ties of E4M3 rounding (a 32-block whose max is 448·2^k, so mxfp8's
+/// scale is 2^k, and elements at E4M3 midpoints × 2^k, subnormal ones included); exact ties of E2M1
+/// (max 6·2^k, elements 0.25, 0.75, ..., 5 × 2^k); magnitudes up to 1e30; f32 subnormals (1e-39,
+/// 1e-45); a zero row. Expert 1 is all zero. Every value is a bf16 value, so bf16 and f32 sources
+/// hold the same weights.
+fn weight_quant_values(seed: u64, experts: usize, rows: usize, cols: usize) -> Vec<f32> {
+    let mut rng = moerunner::rng::SeededRng::new(seed);
+    let e4m3_ties: Vec<f32> = (-6..8)
+        .flat_map(|e| (0..8).map(move |m| (1.0 + (2 * m + 1) as f32 / 16.0) * (2f32).powi(e)))
+        .chain((0..8).map(|m| (2 * m + 1) as f32 * (2f32).powi(-10)))
+        .filter(|t| *t < 448.0)
+        .collect();
+    let e2m1_ties = [0.25f32, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 6.0, 0.0, 1.0];
+    let mut v = vec![0f32; experts * rows * cols];
+    for e in 0..experts {
+        for r in 0..rows {
+            let row = &mut v[(e * rows + r) * cols..(e * rows + r + 1) * cols];
+            if e == 1 {
+                continue; // an all-zero expert
+            }
+            let kind = (r + e) % 7;
+            for (c, x) in row.iter_mut().enumerate() {
+                let sign = if rng.below(2) == 0 { 1.0 } else { -1.0 };
+                let p = (2f32).powi(((c / 32) % 9) as i32 - 4); // one power of two per 32-block
+                *x = match kind {
+                    0 | 6 => rng.normal() * 0.02,
+                    1 if c % 32 == 0 => 448.0 * p,
+                    1 => sign * e4m3_ties[rng.below(e4m3_ties.len() as u64) as usize] * p,
+                    2 if c % 32 == 5 => -6.0 * p,
+                    2 => sign * e2m1_ties[rng.below(e2m1_ties.len() as u64) as usize] * p,
+                    3 => rng.uniform(-1.0, 1.0) * [3e4f32, 1e30, 500.0][c % 3],
+                    4 => sign * [1e-39f32, 1e-45, 3e-40, 2e-38][c % 4] * rng.unit_f32(),
+                    _ => 0.0, // a zero row
+                };
+            }
+        }
+    }
+    // bf16 values, so that the bf16 source is the same weights
+    v.iter()
+        .map(|x| half::bf16::from_f32(*x).to_f32())
+        .collect()
+}
+
+/// `got` against `want` bit for bit: data bytes, scales, globals; the first difference is named.
+fn assert_same_quantized(
+    got: &moerunner::weights::QuantizedTensor,
+    want: &moerunner::weights::QuantizedTensor,
+    values: &[f32],
+    what: &str,
+) {
+    use moerunner::weights::BlockScales;
+    assert_eq!(
+        (got.format, got.experts, got.rows, got.cols),
+        (want.format, want.experts, want.rows, want.cols),
+        "{what}: shape"
+    );
+    if let Some(i) = (0..want.data.len()).find(|&i| got.data[i] != want.data[i]) {
+        let per_byte = if want.format.is_fp4() { 2 } else { 1 };
+        let k = i * per_byte;
+        let (per, cols) = (want.rows * want.cols, want.cols);
+        panic!(
+            "{what}: data byte {i} (element [{}, {}, {}] = {:e}): GPU {:#04x}, CPU {:#04x}",
+            k / per,
+            (k % per) / cols,
+            k % cols,
+            values[k],
+            got.data[i],
+            want.data[i]
+        );
+    }
+    assert_eq!(got.data.len(), want.data.len(), "{what}: data length");
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    let first_diff = |a: &[u32], b: &[u32]| (0..a.len().max(b.len())).find(|&i| a.get(i) != b.get(i));
+    let (g, w) = match (&got.scales, &want.scales) {
+        (BlockScales::PerExpert(g), BlockScales::PerExpert(w))
+        | (BlockScales::Block128(g), BlockScales::Block128(w)) => (bits(g), bits(w)),
+        (BlockScales::Ue8m0(g), BlockScales::Ue8m0(w)) | (BlockScales::E4m3(g), BlockScales::E4m3(w)) => (
+            g.iter().map(|b| *b as u32).collect(),
+            w.iter().map(|b| *b as u32).collect(),
+        ),
+        (g, w) => panic!("{what}: scales of different kinds: GPU {g:?}, CPU {w:?}"),
+    };
+    if let Some(i) = first_diff(&g, &w) {
+        panic!("{what}: scale {i}: GPU {:?}, CPU {:?}", g.get(i), w.get(i));
+    }
+    let (g, w) = (bits(&got.global_scales), bits(&want.global_scales));
+    if let Some(i) = first_diff(&g, &w) {
+        panic!("{what}: global scale {i}: GPU {:?}, CPU {:?} (bits)", g.get(i), w.get(i));
+    }
+}
+
+#[cfg(feature = "cuda")]
+#[test]
+fn gpu_weight_quantizer_matches_the_cpu_bit_for_bit() {
+    use moerunner::backend::cuda::online_quant::{WeightQuantizer, WeightSource};
+    use moerunner::formats::weight_quant::quantize_weights;
+    use moerunner::weights::{BlockScales, QuantizedTensor};
+    if gpu_runner().is_none() {
+        return;
+    }
+    let backend = moerunner::backend::cuda::create_concrete().expect("cuda backend");
+    let q = WeightQuantizer::new(backend.device().clone()).expect("weight quantizer");
+    let dev = q.device().clone();
+    let seed = case_seed(0x0_5EED_0A17, 0);
+    println!("seed {seed:#x}");
+    // kernels: weight_amax, quantize_weight_rows, quantize_weight_block128
+    // (rows, cols) not multiples of 128: fp8_block's blocks are cut short on both edges
+    let shapes = [(5usize, 200usize, 352usize), (3, 130, 133), (4, 64, 4096)];
+    let formats = [
+        WeightFormat::Fp8,
+        WeightFormat::Fp8Block,
+        WeightFormat::Mxfp8,
+        WeightFormat::Mxfp4,
+        WeightFormat::Nvfp4,
+    ];
+    for (si, &(experts, rows, cols)) in shapes.iter().enumerate() {
+        let values = weight_quant_values(seed + si as u64, experts, rows, cols);
+        let f32_buf = dev.upload_f32(&values).expect("upload");
+        let bf16_bytes: Vec<u8> = values
+            .iter()
+            .flat_map(|x| half::bf16::from_f32(*x).to_le_bytes())
+            .collect();
+        let bf16_buf = dev.upload(&bf16_bytes).expect("upload");
+        let bf16_host = QuantizedTensor {
+            format: WeightFormat::Bf16,
+            experts,
+            rows,
+            cols,
+            data: bf16_bytes.clone().into(),
+            scales: BlockScales::None,
+            global_scales: Vec::new(),
+        };
+        // given nvfp4 globals: small ones saturate the E4M3 block scale (and E2M1 at 6)
+        let given: Vec<f32> = (0..experts).map(|e| [1e-3f32, 1.0, 3e-5, 0.02, 7.5][e % 5]).collect();
+        for format in formats {
+            for globals in [None, Some(given.as_slice())] {
+                if globals.is_some() && format != WeightFormat::Nvfp4 {
+                    continue;
+                }
+                let what = format!(
+                    "seed {seed:#x} [{experts}, {rows}, {cols}] {format}{}",
+                    if globals.is_some() { " (given globals)" } else { "" }
+                );
+                let want = quantize_weights(format, experts, rows, cols, &values, globals);
+                let sources = [
+                    (DType::F32, &f32_buf),
+                    (DType::BF16, &bf16_buf),
+                ];
+                for (dtype, buf) in sources {
+                    let src = WeightSource::from_buf(buf, dtype, experts, rows, cols).expect("source");
+                    let got = q.quantize(&src, format, globals, "w_test");
+                    match (&want, got) {
+                        (Ok(w), Ok(g)) => assert_same_quantized(&g, w, &values, &format!("{what} from {}", dtype.name())),
+                        (Err(_), Err(e)) => println!("{what}: refused by both ({e})"),
+                        (w, g) => panic!("{what} from {}: CPU {:?}, GPU {:?}", dtype.name(), w.as_ref().err(), g.err()),
+                    }
+                }
+                // the host entry in chunks of one and two experts (several launch sequences)
+                for chunk in [1, 2] {
+                    let got = q.quantize_host_in_chunks(&bf16_host, format, globals, "w_test", chunk * rows * cols * 2);
+                    match (&want, got) {
+                        (Ok(w), Ok(g)) => assert_same_quantized(&g, w, &values, &format!("{what} host, {chunk} experts a chunk")),
+                        (Err(_), Err(_)) => {}
+                        (w, g) => panic!("{what} host: CPU {:?}, GPU {:?}", w.as_ref().err(), g.err()),
+                    }
+                }
+                if want.is_ok() {
+                    println!("{what}: bit-identical from f32, bf16 and the host entry");
+                }
+            }
+        }
+        // A non-bf16 host tensor (fp8_block) is decoded to f32 on the CPU, then quantized on the GPU.
+        if cols % 32 == 0 {
+            let block = quantize_weights(WeightFormat::Fp8Block, experts, rows, cols, &values, None).expect("cpu");
+            let mut decoded = vec![0f32; experts * rows * cols];
+            for (e, chunk) in decoded.chunks_mut(rows * cols).enumerate() {
+                block.decode_rows_f32(e, 0..rows, chunk);
+            }
+            let want = quantize_weights(WeightFormat::Mxfp8, experts, rows, cols, &decoded, None).expect("cpu");
+            let got = q.quantize_host(&block, WeightFormat::Mxfp8, None, "w_test").expect("gpu");
+            assert_same_quantized(&got, &want, &decoded, &format!("seed {seed:#x} fp8_block -> mxfp8 host"));
+        }
+    }
+}
+
+/// A non-finite weight (NaN, ±inf) is refused by the GPU quantizer for every format, as the CPU
+/// refuses it, with an error naming the tensor and the first such element.
+#[cfg(feature = "cuda")]
+#[test]
+fn gpu_weight_quantizer_refuses_non_finite_weights() {
+    use moerunner::backend::cuda::online_quant::{WeightQuantizer, WeightSource};
+    use moerunner::formats::weight_quant::quantize_weights;
+    if gpu_runner().is_none() {
+        return;
+    }
+    let backend = moerunner::backend::cuda::create_concrete().expect("cuda backend");
+    let q = WeightQuantizer::new(backend.device().clone()).expect("weight quantizer");
+    let dev = q.device().clone();
+    let (experts, rows, cols) = (4usize, 160usize, 256usize);
+    let seed = case_seed(0x0_5EED_0A17, 1);
+    println!("seed {seed:#x}");
+    for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+        let mut values = weight_quant_values(seed, experts, rows, cols);
+        values[(2 * rows + 5) * cols + 7] = bad; // [2, 5, 7], the first
+        values[(3 * rows + 150) * cols + 200] = bad;
+        let f32_buf = dev.upload_f32(&values).expect("upload");
+        let bf16: Vec<u8> = values
+            .iter()
+            .flat_map(|x| half::bf16::from_f32(*x).to_le_bytes())
+            .collect();
+        let bf16_buf = dev.upload(&bf16).expect("upload");
+        for format in [
+            WeightFormat::Fp8,
+            WeightFormat::Fp8Block,
+            WeightFormat::Mxfp8,
+            WeightFormat::Mxfp4,
+            WeightFormat::Nvfp4,
+        ] {
+            assert!(quantize_weights(format, experts, rows, cols, &values, None).is_err());
+            for (dtype, buf) in [(DType::F32, &f32_buf), (DType::BF16, &bf16_buf)] {
+                let src = WeightSource::from_buf(buf, dtype, experts, rows, cols).expect("source");
+                let err = q
+                    .quantize(&src, format, None, "layer 3 w13")
+                    .expect_err("a non-finite weight must be refused")
+                    .to_string();
+                assert!(
+                    err.contains("layer 3 w13") && err.contains("[2, 5, 7]"),
+                    "{format} from {} ({bad}): {err}",
+                    dtype.name()
+                );
+            }
+        }
+        println!("{bad}: refused for every format and source");
+    }
+    // The device stays usable: a finite tensor quantizes after the refusals.
+    let values = weight_quant_values(seed, 1, rows, cols);
+    let buf = dev.upload_f32(&values).expect("upload");
+    let src = WeightSource::from_buf(&buf, DType::F32, 1, rows, cols).expect("source");
+    q.quantize(&src, WeightFormat::Mxfp8, None, "after").expect("finite weights quantize");
+}

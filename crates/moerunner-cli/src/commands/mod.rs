@@ -8,6 +8,7 @@ pub mod convert;
 pub mod info;
 pub mod make_input;
 pub mod make_layer;
+pub mod quantize_bench;
 pub mod run;
 
 use std::path::Path;
@@ -31,6 +32,7 @@ fn load_options(
         parallelism: par,
         quantize,
         activation_format,
+        quantizer: None,
     })
 }
 

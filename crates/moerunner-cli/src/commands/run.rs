@@ -21,7 +21,9 @@ pub struct Args {
     /// the input may then carry only `hidden_states` (logits come from the checkpoint's router).
     #[arg(long)]
     pub checkpoint: Option<PathBuf>,
-    /// With `--checkpoint`: quantize the experts into this format at load (e.g. mxfp8, nvfp4).
+    /// With `--checkpoint`: quantize the experts into this format at load (e.g. mxfp8, nvfp4). On
+    /// the GPU when the backend is cuda or auto and a GPU is usable (bit-identical to the CPU pass,
+    /// which runs otherwise); a line on stderr says which.
     #[arg(long)]
     pub quantize: Option<String>,
     /// The activation format to run with (as `convert` has it): with `--checkpoint` instead of
@@ -207,11 +209,14 @@ fn load_layer_and_input(
             } else {
                 par
             };
-            let opts = super::load_options(
+            let mut opts = super::load_options(
                 par,
                 args.quantize.as_deref(),
                 args.activation_format.as_deref(),
             )?;
+            if let Some(format) = opts.quantize {
+                opts.quantizer = quantizer_for(args, split, format);
+            }
             let loaded = super::load_checkpoint(dir, index, &opts)?;
             let input = loaded
                 .read_input(&args.input)
@@ -242,6 +247,61 @@ fn load_layer_and_input(
             (layer, input)
         }
     })
+}
+
+/// Who quantizes for `--quantize`: the GPU (`backend::cuda::online_quant`, bit-identical to the
+/// CPU pass) when the run's backend is cuda or auto, the GPU is usable and the format is a quantized
+/// one; else None, the CPU pass. Says which on stderr, and why not the GPU.
+fn quantizer_for(
+    args: &Args,
+    split: bool,
+    format: moerunner::WeightFormat,
+) -> Option<std::sync::Arc<dyn moerunner::checkpoint::ExpertQuantizer>> {
+    let backend = if args.reference {
+        "reference"
+    } else {
+        match &args.backend {
+            BackendChoice::Auto => "auto",
+            BackendChoice::Named(n) => n.as_str(),
+        }
+    };
+    let why_not = if split {
+        "--ep/--tp run CPU ranks".to_string()
+    } else if backend != "cuda" && backend != "auto" {
+        format!("--backend {backend}")
+    } else {
+        match gpu_quantizer(format) {
+            Ok(q) => {
+                eprintln!("--quantize {format}: quantizing on the GPU ({q:?})");
+                return Some(q);
+            }
+            Err(reason) => reason,
+        }
+    };
+    eprintln!("--quantize {format}: quantizing on the CPU ({why_not})");
+    None
+}
+
+#[cfg(feature = "cuda")]
+fn gpu_quantizer(
+    format: moerunner::WeightFormat,
+) -> Result<std::sync::Arc<dyn moerunner::checkpoint::ExpertQuantizer>, String> {
+    use moerunner::backend::cuda::online_quant::WeightQuantizer;
+    if !WeightQuantizer::supports_format(format) {
+        return Err(format!("the GPU quantizer does not produce {format}"));
+    }
+    let backend =
+        moerunner::backend::cuda::create_concrete().map_err(|e| format!("no usable GPU: {e}"))?;
+    let q = WeightQuantizer::new(backend.device().clone())
+        .map_err(|e| format!("the GPU quantizer did not start: {e}"))?;
+    Ok(std::sync::Arc::new(q))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn gpu_quantizer(
+    _: moerunner::WeightFormat,
+) -> Result<std::sync::Arc<dyn moerunner::checkpoint::ExpertQuantizer>, String> {
+    Err("this build has no CUDA backend".into())
 }
 
 /// `run --ep R` / `--tp R`: the whole layer split over CPU-thread ranks of this process.

@@ -22,6 +22,7 @@ pub mod shards;
 
 use std::ops::Range;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use crate::config::{
     Activation, ActivationFormat, LayerConfig, Parallelism, RoutingConfig, W13Order, WeightFormat,
@@ -41,6 +42,25 @@ pub struct LoadOptions {
     pub quantize: Option<WeightFormat>,
     /// None: the natural activation format of the resulting weight format.
     pub activation_format: Option<ActivationFormat>,
+    /// With `quantize`: who quantizes (None, or a format it does not support: the CPU pass,
+    /// `quantize_weights` expert by expert).
+    pub quantizer: Option<Arc<dyn ExpertQuantizer>>,
+}
+
+/// A quantizer that replaces the CPU pass of `LoadOptions::quantize`: it must return exactly what
+/// `quantize_weights` returns for the tensor's experts decoded to f32 (`decode_rows_f32`), with no
+/// given globals. The CLI passes the GPU's (`backend::cuda::online_quant`); a loader never names
+/// a backend.
+pub trait ExpertQuantizer: Send + Sync + std::fmt::Debug {
+    /// Whether it quantizes into `format` (else the CPU pass runs).
+    fn supports(&self, format: WeightFormat) -> bool;
+    /// `t`'s experts quantized into `format`; `name` names the tensor in errors.
+    fn quantize(
+        &self,
+        t: &QuantizedTensor,
+        format: WeightFormat,
+        name: &str,
+    ) -> Result<QuantizedTensor>;
 }
 
 /// One layer loaded from a checkpoint, with the router that turns hidden states into logits.
@@ -296,7 +316,10 @@ pub fn load_layer(dir: &Path, layer_index: usize, opts: &LoadOptions) -> Result<
     let correction = read_vector(&shards, plan.correction_bias.as_deref(), e)?;
 
     let loaded = match opts.quantize {
-        Some(f) if f != loaded.w13.format || f != loaded.w2.format => requantize(loaded, f)?,
+        Some(f) if f != loaded.w13.format || f != loaded.w2.format => {
+            let quantizer = opts.quantizer.as_deref().filter(|q| q.supports(f));
+            requantize(loaded, f, quantizer, layer_index)?
+        }
         _ => loaded,
     };
     let weight_format = loaded.w13.format;
@@ -470,10 +493,16 @@ fn read_vector(shards: &Shards, name: Option<&str>, len: usize) -> Result<Option
     Ok(Some(v))
 }
 
-/// Online quantization: decode the loaded (already sliced) experts and quantize them into `f`.
-/// Scales come from the slice, so a TP rank's fp8 / nvfp4 global scales are its own. Static
-/// input scales are dropped: they are calibrated for the shipped format, not for `f`.
-fn requantize(l: LoadedExperts, f: WeightFormat) -> Result<LoadedExperts> {
+/// Online quantization: decode the loaded (already sliced) experts and quantize them into `f`
+/// (by `quantizer` when given). Scales come from the slice, so a TP rank's fp8 / nvfp4 global
+/// scales are its own. Static input scales are dropped: they are calibrated for the shipped
+/// format, not for `f`.
+fn requantize(
+    l: LoadedExperts,
+    f: WeightFormat,
+    quantizer: Option<&dyn ExpertQuantizer>,
+    layer_index: usize,
+) -> Result<LoadedExperts> {
     if f == WeightFormat::Fp8 {
         return Err(MoeError::Unsupported(
             "--quantize fp8 (per-tensor) needs calibrated static input scales, which a checkpoint does not carry for it; \
@@ -484,7 +513,10 @@ fn requantize(l: LoadedExperts, f: WeightFormat) -> Result<LoadedExperts> {
     // One expert at a time: the f32 copy is one expert's, not the layer's (a DeepSeek layer's
     // experts in f32 would be ~11 GB). Every quantizer's scales are per expert or finer, so this
     // equals quantizing all experts at once.
-    let convert = |t: &QuantizedTensor| -> Result<QuantizedTensor> {
+    let convert = |t: &QuantizedTensor, name: &str| -> Result<QuantizedTensor> {
+        if let Some(q) = quantizer {
+            return q.quantize(t, f, &format!("layer {layer_index} {name}"));
+        }
         let mut values = vec![0f32; t.rows * t.cols];
         let mut parts = Vec::with_capacity(t.experts);
         for x in 0..t.experts {
@@ -494,8 +526,8 @@ fn requantize(l: LoadedExperts, f: WeightFormat) -> Result<LoadedExperts> {
         crate::weights::QuantizedTensor::concat_experts(parts)
     };
     Ok(LoadedExperts {
-        w13: convert(&l.w13)?,
-        w2: convert(&l.w2)?,
+        w13: convert(&l.w13, "w13")?,
+        w2: convert(&l.w2, "w2")?,
         w13_input_scale: None,
         w2_input_scale: None,
         ..l

@@ -28,7 +28,8 @@ pub fn measure(dev: &Device) -> Result<GpuCeilings> {
     })
 }
 
-fn copy_bandwidth(dev: &Device) -> Result<f64> {
+/// Device-to-device copy bandwidth in GB/s, bytes read + written (2 GiB copied, median of 10).
+pub fn copy_bandwidth(dev: &Device) -> Result<f64> {
     const BYTES: usize = 2 << 30;
     let src = dev.alloc(BYTES)?;
     let mut dst = dev.alloc(BYTES)?;

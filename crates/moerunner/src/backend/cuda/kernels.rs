@@ -16,6 +16,7 @@ pub mod moe_gemm;
 pub mod quant;
 pub mod routing;
 pub mod sort;
+pub mod weight_quant;
 
 use std::marker::PhantomData;
 
@@ -87,15 +88,17 @@ pub enum Source {
     Quant,
     Combine,
     Gemm,
+    WeightQuant,
 }
 
 impl Source {
-    pub const ALL: [Source; 5] = [
+    pub const ALL: [Source; 6] = [
         Source::Routing,
         Source::Sort,
         Source::Quant,
         Source::Combine,
         Source::Gemm,
+        Source::WeightQuant,
     ];
 
     pub fn name(self) -> &'static str {
@@ -105,6 +108,7 @@ impl Source {
             Source::Quant => "quant",
             Source::Combine => "combine",
             Source::Gemm => "moe_gemm",
+            Source::WeightQuant => "weight_quant",
         }
     }
 
@@ -115,6 +119,7 @@ impl Source {
             Source::Quant => include_str!("kernels/quant.cu"),
             Source::Combine => include_str!("kernels/combine.cu"),
             Source::Gemm => include_str!("kernels/moe_gemm.cu"),
+            Source::WeightQuant => include_str!("kernels/weight_quant.cu"),
         }
     }
 
@@ -157,6 +162,12 @@ impl CType for u8 {
 }
 impl CType for u16 {
     const NAME: &'static str = "u16";
+}
+impl CType for u32 {
+    const NAME: &'static str = "u32";
+}
+impl CType for u64 {
+    const NAME: &'static str = "u64";
 }
 
 /// A device address the kernel only reads: `const T*`.
@@ -300,6 +311,9 @@ pub fn signatures() -> Vec<Signature> {
         quant::QuantizeRows::signature(),
         combine::CombineRows::signature(),
         moe_gemm::MoeGemm::signature(),
+        weight_quant::WeightAmax::signature(),
+        weight_quant::QuantizeWeightRows::signature(),
+        weight_quant::QuantizeWeightBlock128::signature(),
     ]
 }
 

@@ -25,7 +25,11 @@ pub mod layer;
 #[cfg(feature = "cuda")]
 pub mod nvrtc;
 #[cfg(feature = "cuda")]
+pub mod online_quant;
+#[cfg(feature = "cuda")]
 pub mod pipeline;
+#[cfg(feature = "cuda")]
+pub mod quant_bench;
 #[cfg(feature = "cuda")]
 pub mod timing;
 #[cfg(feature = "cuda")]
