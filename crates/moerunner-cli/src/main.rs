@@ -35,6 +35,9 @@ enum Command {
     Bench(commands::bench::Args),
     /// Check random cases across formats, routing and activations against the float64 reference.
     Check(commands::check::Args),
+    /// A dense linear layer y = x·Wᵀ (mxfp8 or fp8_block) on random data: checked against the
+    /// float64 reference and timed (on the GPU beside cuBLASLt's fp8 GEMM).
+    Gemm(commands::gemm::Args),
     /// Compare two output files: relative error, max abs error, NaN count, top-k agreement.
     Compare(commands::compare::Args),
     /// Version, backends, devices and what each backend supports.
@@ -60,6 +63,7 @@ fn main() -> std::process::ExitCode {
         Command::MakeInput(a) => commands::make_input::run(a),
         Command::Bench(a) => commands::bench::run(a),
         Command::Check(a) => commands::check::run(a),
+        Command::Gemm(a) => commands::gemm::run(a),
         Command::Compare(a) => commands::compare::run(a),
         Command::Info(a) => commands::info::run(a),
     };
