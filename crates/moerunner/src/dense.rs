@@ -164,7 +164,10 @@ impl DenseLinear {
                 if let Some(i) = s.iter().position(|v| !(v.is_finite() && *v > 0.0)) {
                     return Err(MoeError::invalid(
                         "tensor `weight_scale`",
-                        format!("block scale {} at index {i} is not finite and positive", s[i]),
+                        format!(
+                            "block scale {} at index {i} is not finite and positive",
+                            s[i]
+                        ),
                     ));
                 }
             }
@@ -254,7 +257,12 @@ impl DenseLinear {
         if let Some(i) = v.iter().position(|f| !f.is_finite()) {
             return Err(MoeError::invalid(
                 "tensor `x`",
-                format!("x[{}, {}] = {} is not finite", i / self.k(), i % self.k(), v[i]),
+                format!(
+                    "x[{}, {}] = {} is not finite",
+                    i / self.k(),
+                    i % self.k(),
+                    v[i]
+                ),
             ));
         }
         quantize_rows(self.format.activation_format(), &v, m, self.k(), None)

@@ -90,7 +90,10 @@ fn forward_cpu_is_the_same_for_any_thread_count() {
         .build()
         .expect("pool");
     let one = pool.install(|| lin.forward_cpu(&x)).expect("forward");
-    assert!(many.iter().zip(&one).all(|(a, b)| a.to_bits() == b.to_bits()));
+    assert!(many
+        .iter()
+        .zip(&one)
+        .all(|(a, b)| a.to_bits() == b.to_bits()));
 }
 
 #[test]
@@ -126,19 +129,35 @@ fn bad_inputs_are_refused_naming_the_tensor() {
 #[test]
 fn bad_weights_are_refused_naming_the_tensor() {
     // mxfp8 needs K % 32 == 0
-    let e = err_text(DenseLinear::quantize(DenseFormat::Mxfp8, 4, 40, &[0.5; 160]));
+    let e = err_text(DenseLinear::quantize(
+        DenseFormat::Mxfp8,
+        4,
+        40,
+        &[0.5; 160],
+    ));
     assert!(e.contains("tensor `weight`") && e.contains("K % 32"), "{e}");
     // values that do not match [N, K]
-    let e = err_text(DenseLinear::quantize(DenseFormat::Fp8Block, 4, 40, &[0.5; 100]));
+    let e = err_text(DenseLinear::quantize(
+        DenseFormat::Fp8Block,
+        4,
+        40,
+        &[0.5; 100],
+    ));
     assert!(e.contains("tensor `weight`"), "{e}");
     let good = DenseLinear::random(DenseFormat::Mxfp8, 8, 64, 2).expect("weights");
     // two experts
     let mut t = good.weights().clone();
     t.experts = 2;
     let e = err_text(DenseLinear::new(DenseFormat::Mxfp8, t));
-    assert!(e.contains("tensor `weight`") && e.contains("one expert"), "{e}");
+    assert!(
+        e.contains("tensor `weight`") && e.contains("one expert"),
+        "{e}"
+    );
     // the other format's weights
-    let e = err_text(DenseLinear::new(DenseFormat::Fp8Block, good.weights().clone()));
+    let e = err_text(DenseLinear::new(
+        DenseFormat::Fp8Block,
+        good.weights().clone(),
+    ));
     assert!(e.contains("tensor `weight`") && e.contains("mxfp8"), "{e}");
     // a NaN scale
     let mut t = good.weights().clone();
@@ -146,7 +165,10 @@ fn bad_weights_are_refused_naming_the_tensor() {
         b[3] = 0xFF;
     }
     let e = err_text(DenseLinear::new(DenseFormat::Mxfp8, t));
-    assert!(e.contains("tensor `weight_scale`") && e.contains("[1, 1]"), "{e}");
+    assert!(
+        e.contains("tensor `weight_scale`") && e.contains("[1, 1]"),
+        "{e}"
+    );
     // a NaN element code
     let mut t = good.weights().clone();
     let mut data = t.data.to_vec();
@@ -159,7 +181,10 @@ fn bad_weights_are_refused_naming_the_tensor() {
     let mut t = fb.weights().clone();
     t.scales = BlockScales::Block128(vec![1.0, 0.0]);
     let e = err_text(DenseLinear::new(DenseFormat::Fp8Block, t));
-    assert!(e.contains("tensor `weight_scale`") && e.contains("index 1"), "{e}");
+    assert!(
+        e.contains("tensor `weight_scale`") && e.contains("index 1"),
+        "{e}"
+    );
     let mut t = fb.weights().clone();
     t.scales = BlockScales::Block128(vec![1.0]);
     let e = err_text(DenseLinear::new(DenseFormat::Fp8Block, t));

@@ -64,7 +64,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         other => bail!("--dtype {other}: bf16 or f32"),
     };
     if args.m == 0 || args.n == 0 || args.k == 0 {
-        bail!("--m, --n and --k must be positive (got {} {} {})", args.m, args.n, args.k);
+        bail!(
+            "--m, --n and --k must be positive (got {} {} {})",
+            args.m,
+            args.n,
+            args.k
+        );
     }
     if args.k % format.k_multiple() != 0 {
         bail!("--k {}: {format} needs K % 32 == 0", args.k);
@@ -165,7 +170,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
     }
     if !passed {
-        bail!("rel_err {err:.3e} over the tolerance {tol:.0e} of {format} (seed {})", args.seed);
+        bail!(
+            "rel_err {err:.3e} over the tolerance {tol:.0e} of {format} (seed {})",
+            args.seed
+        );
     }
     Ok(())
 }

@@ -88,9 +88,8 @@ impl CudaDense {
     /// every GEMM variant a call may launch.
     pub fn load(dev: Arc<Device>, linear: &DenseLinear) -> Result<CudaDense> {
         let f = linear.format();
-        let codec = codec_of(f.weight_format(), f.activation_format()).ok_or_else(|| {
-            MoeError::Cuda(format!("internal: no GPU codec for dense {f}"))
-        })?;
+        let codec = codec_of(f.weight_format(), f.activation_format())
+            .ok_or_else(|| MoeError::Cuda(format!("internal: no GPU codec for dense {f}")))?;
         let wgmma_on =
             dev.arch == "sm_90a" && std::env::var("MOERUNNER_WGMMA").map_or(true, |v| v != "0");
         let ws_on = std::env::var("MOERUNNER_WG_WS").map_or(true, |v| v != "0");
@@ -111,7 +110,9 @@ impl CudaDense {
         for bn in moe_gemm::GEMM_BN {
             let v = GemmVariant::choose(codec, GemmStage::DownBf16, bn, wgmma_on, ws_on)
                 .ok_or_else(|| {
-                    MoeError::Cuda(format!("internal: no GEMM main loop for dense {f}, BN {bn}"))
+                    MoeError::Cuda(format!(
+                        "internal: no GEMM main loop for dense {f}, BN {bn}"
+                    ))
                 })?;
             let (func, threads, smem) = load_gemm(&dev, v)?;
             gemm.insert(bn, (v, func, threads, smem));
@@ -272,8 +273,7 @@ pub fn bench(linear: &DenseLinear, x: &HostTensor, iters: usize) -> Result<super
     let output = gpu.forward(x)?;
     let median_us = gpu.time_us(x, iters)?;
     let m = x.shape.first().copied().unwrap_or(0);
-    let cublas =
-        super::ceilings::cublaslt_gemm_us(&dev, (m, linear.n(), linear.k()), true, true);
+    let cublas = super::ceilings::cublaslt_gemm_us(&dev, (m, linear.n(), linear.k()), true, true);
     Ok(super::DenseGpuReport {
         device: format!("GPU {}: {} ({})", dev.ordinal, dev.name, dev.arch),
         output,
