@@ -126,7 +126,7 @@ impl DenseLinear {
         if n == 0 || k == 0 {
             return Err(MoeError::shape("weight", "[N, K] with N, K > 0", &[n, k]));
         }
-        if k % format.k_multiple() != 0 {
+        if !k.is_multiple_of(format.k_multiple()) {
             return Err(MoeError::invalid(
                 what,
                 format!("{format} needs K % 32 == 0, K = {k}"),
@@ -195,7 +195,7 @@ impl DenseLinear {
     /// Quantizes f32 weights `w` (`[n, k]`, row = output feature) into `format` with the library's
     /// weight quantizer (one expert).
     pub fn quantize(format: DenseFormat, n: usize, k: usize, w: &[f32]) -> Result<DenseLinear> {
-        if k % format.k_multiple() != 0 {
+        if !k.is_multiple_of(format.k_multiple()) {
             return Err(MoeError::invalid(
                 "tensor `weight`",
                 format!("{format} needs K % 32 == 0, K = {k}"),

@@ -71,7 +71,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             args.k
         );
     }
-    if args.k % format.k_multiple() != 0 {
+    if !args.k.is_multiple_of(format.k_multiple()) {
         bail!("--k {}: {format} needs K % 32 == 0", args.k);
     }
     let (m, n, k) = (args.m, args.n, args.k);
