@@ -48,6 +48,9 @@ enum Command {
     ///
     /// Example: moerunner quantize-bench --preset deepseek-v3 --format mxfp8,nvfp4 --json q.json
     QuantizeBench(commands::quantize_bench::Args),
+    /// A dense linear layer y = x·Wᵀ (mxfp8 or fp8_block) on random data: checked against the
+    /// float64 reference and timed (on the GPU beside cuBLASLt's fp8 GEMM).
+    Gemm(commands::gemm::Args),
     /// Compare two output files: relative error, max abs error, NaN count, top-k agreement.
     Compare(commands::compare::Args),
     /// Version, backends, devices and what each backend supports.
@@ -74,6 +77,7 @@ fn main() -> std::process::ExitCode {
         Command::Bench(a) => commands::bench::run(a),
         Command::Check(a) => commands::check::run(a),
         Command::QuantizeBench(a) => commands::quantize_bench::run(a),
+        Command::Gemm(a) => commands::gemm::run(a),
         Command::Compare(a) => commands::compare::run(a),
         Command::Info(a) => commands::info::run(a),
     };

@@ -849,3 +849,36 @@ fn run_split_over_cpu_ranks_equals_the_unsplit_run() {
     let err = fails(&[&base[..], &["--ep", "2", "--ep-size", "2"]].concat());
     assert!(err.contains("cannot be used with"), "{err}");
 }
+
+/// `moerunner gemm` with no arguments but the backend: a small dense product on the CPU, checked
+/// against the float64 reference and timed; both formats; JSON; bad flags refused.
+#[test]
+fn gemm_runs_its_default_on_the_cpu_within_tolerance() {
+    let out = ok(&["gemm", "--backend", "cpu"]);
+    println!("{out}");
+    let err: f64 = out
+        .split("rel_err ")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no rel_err in:\n{out}"));
+    assert!(err <= 2e-2, "{out}");
+    assert!(out.contains("TFLOP/s") && out.contains("mxfp8"), "{out}");
+    let out = ok(&[
+        "gemm", "--backend", "cpu", "--format", "fp8_block", "--m", "7", "--n", "130", "--k", "200",
+        "--iters", "2", "--json", "--dtype", "f32",
+    ]);
+    let j: serde_json::Value = serde_json::from_str(out.trim()).expect("json");
+    assert_eq!(j["format"], "fp8_block");
+    assert_eq!(j["backend"], "cpu");
+    assert_eq!(j["passed"], true);
+    assert_eq!(j["checked_rows"], 7);
+    assert!(j["rel_err"].as_f64().expect("rel_err") <= 2e-2, "{j}");
+    assert!(j["tflops"].as_f64().expect("tflops") > 0.0, "{j}");
+    let e = fails(&["gemm", "--backend", "cpu", "--k", "40"]);
+    assert!(e.contains("K % 32"), "{e}");
+    let e = fails(&["gemm", "--format", "nvfp4"]);
+    assert!(e.contains("mxfp8, fp8_block"), "{e}");
+    let e = fails(&["gemm", "--backend", "tpu"]);
+    assert!(e.contains("cpu, cuda or auto"), "{e}");
+}

@@ -2,7 +2,7 @@
 //!
 //! Dependencies run one way: core types (`error`, `config`, `tensor`, `rng`, `weights`) ← number
 //! formats, routing, activations ← layer validation and the forward-call checks ← the float64
-//! `reference`, the loaders, `shard`, `synth` ← `backend`s ← `runner` ← `random_cases`, `bench`,
+//! `reference`, the loaders, `shard`, `synth`, the `dense` linear layer ← `backend`s ← `runner` ← `random_cases`, `bench`,
 //! `parallel`.
 //! See ARCHITECTURE.md; `tests/tidy/` checks it.
 
@@ -11,6 +11,7 @@ pub mod backend;
 pub mod bench;
 pub mod checkpoint;
 pub mod config;
+pub mod dense;
 pub mod error;
 pub mod formats;
 pub mod forward;

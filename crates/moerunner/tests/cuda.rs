@@ -1340,6 +1340,84 @@ fn gpu_weight_quantizer_matches_the_cpu_bit_for_bit() {
 fn gpu_weight_quantizer_refuses_non_finite_weights() {
     use moerunner::backend::cuda::online_quant::{WeightQuantizer, WeightSource};
     use moerunner::formats::weight_quant::quantize_weights;
+// The dense linear layer (`moerunner::dense`) through the grouped GEMM as one expert.
+
+/// The dense weight prepared for the GEMM (`prepare::prepare_dense`: identity rows padded to 128, K
+/// to 128), read the way the kernel indexes it (mxfp8: the tiled layout; fp8_block: e4m3 rows and one
+/// f32 per 8 rows × 128 columns), times x quantized as the format says, is the float64 reference;
+/// padding rows give 0.
+#[test]
+fn dense_prepared_layout_computes_the_reference() {
+    use moerunner::dense::{random_input, DenseFormat, DenseLinear};
+    use moerunner::formats::e4m3;
+    for format in DenseFormat::ALL {
+        let (m, n) = (3, 130);
+        let k = if format == DenseFormat::Mxfp8 { 96 } else { 200 };
+        let lin = DenseLinear::random(format, n, k, 5).expect("weights");
+        let codec = moerunner::backend::cuda::codec::codec_of(
+            format.weight_format(),
+            format.activation_format(),
+        )
+        .expect("codec");
+        let p = prepare::prepare_dense(codec, lin.weights());
+        assert_eq!((p.rows, p.cols), (256, prepare::round_up(k, 128)));
+        let w = |j: usize, c: usize| match format {
+            DenseFormat::Mxfp8 => tiled_weight(&p, WeightFormat::Mxfp8, 0, j, c),
+            DenseFormat::Fp8Block => {
+                e4m3::decode(p.data[j * p.cols + c]) as f64
+                    * p.scales[(j / 8) * (p.cols / 128) + c / 128] as f64
+            }
+        };
+        let x = random_input(m, k, DType::F32, 6).expect("x");
+        let q = lin.quantize_input(&x).expect("quantize");
+        let want = lin.reference(&x).expect("reference");
+        let mut xr = vec![0f64; p.cols];
+        for r in 0..m {
+            q.dequantize_row_f64(r, &mut xr[..k]);
+            for j in 0..p.rows {
+                let y: f64 = (0..p.cols).map(|c| xr[c] * w(j, c)).sum();
+                if j < n {
+                    let r_ = want[r * n + j];
+                    assert!((y - r_).abs() <= 1e-12 * r_.abs().max(1.0), "{format} ({r}, {j}): {y} vs {r_}");
+                } else {
+                    assert_eq!(y, 0.0, "{format}: padding row {j}");
+                }
+            }
+        }
+    }
+}
+
+/// The host-made work list of a dense call covers rows 0..M once, in tiles of the width pick_bn
+/// chooses (`pipeline.rs`'s rule for M pairs on one expert).
+#[cfg(feature = "cuda")]
+#[test]
+fn dense_tile_list_covers_every_row_once() {
+    use moerunner::backend::cuda::dense::{pick_bn, tile_list};
+    assert_eq!([pick_bn(1), pick_bn(16), pick_bn(17), pick_bn(64), pick_bn(65), pick_bn(8192)], [16, 16, 32, 64, 128, 128]);
+    for m in [0, 1, 7, 128, 300, 8192] {
+        let bn = pick_bn(m) as usize;
+        let (e, s, t) = tile_list(m, bn);
+        assert!(e.iter().all(|&x| x == 0));
+        assert_eq!(s.len(), m.div_ceil(bn));
+        let mut next = 0;
+        for (a, b) in s.iter().zip(&t) {
+            assert_eq!(*a as usize, next);
+            assert!(b > a && (*b - *a) as usize <= bn);
+            next = *b as usize;
+        }
+        assert_eq!(next, m);
+    }
+}
+
+/// A dense layer on the GPU against the float64 reference for both formats, M ∈ {1, 7, 300} (tile
+/// widths 16 and 128, a partial last tile), N not a multiple of 128, K not a multiple of 128. The
+/// output buffer is filled with NaN before the kernels run (`CudaDense::forward`), so a missed
+/// element fails.
+#[cfg(feature = "cuda")]
+#[test]
+fn gpu_dense_linear_matches_the_reference() {
+    use moerunner::backend::cuda::dense::CudaDense;
+    use moerunner::dense::{random_input, relative_error, DenseFormat, DenseLinear};
     if gpu_runner().is_none() {
         return;
     }
@@ -1387,4 +1465,29 @@ fn gpu_weight_quantizer_refuses_non_finite_weights() {
     let buf = dev.upload_f32(&values).expect("upload");
     let src = WeightSource::from_buf(&buf, DType::F32, 1, rows, cols).expect("source");
     q.quantize(&src, WeightFormat::Mxfp8, None, "after").expect("finite weights quantize");
+    for format in DenseFormat::ALL {
+        let (n, k) = match format {
+            DenseFormat::Mxfp8 => (300, 416),
+            DenseFormat::Fp8Block => (300, 300),
+        };
+        let lin = DenseLinear::random(format, n, k, 21).expect("weights");
+        let gpu = CudaDense::load(backend.device().clone(), &lin).expect("load");
+        for m in [1, 7, 300] {
+            for dtype in [DType::BF16, DType::F32] {
+                let x = random_input(m, k, dtype, 22 + m as u64).expect("x");
+                let got = gpu.forward(&x).expect("forward");
+                assert_eq!(got.len(), m * n);
+                let nan = got.iter().filter(|v| v.is_nan()).count();
+                assert_eq!(nan, 0, "{format} M={m} {dtype}: {nan} outputs never written (NaN)");
+                let want = lin.reference(&x).expect("reference");
+                let got: Vec<f64> = got.iter().map(|&v| v as f64).collect();
+                let err = relative_error(&got, &want);
+                println!("dense {format} M={m} N={n} K={k} {dtype}: rel_err {err:.3e}");
+                assert!(err <= format.tolerance(), "dense {format} M={m} {dtype}: rel_err {err:.3e}");
+            }
+        }
+        let x = random_input(64, k, DType::BF16, 5).expect("x");
+        let us = gpu.time_us(&x, 5).expect("timing");
+        assert!(us > 0.0 && us.is_finite(), "{us}");
+    }
 }

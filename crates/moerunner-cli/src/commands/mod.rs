@@ -5,6 +5,7 @@ pub mod bench;
 pub mod check;
 pub mod compare;
 pub mod convert;
+pub mod gemm;
 pub mod info;
 pub mod make_input;
 pub mod make_layer;

@@ -28,8 +28,15 @@ pub const LAYERS: &[(&str, &[&str])] = &[
         &["validate", "forward"],
     ),
     (
-        "reference, loaders, slicing, synthesis",
-        &["reference", "shard", "synth", "layer_file", "checkpoint"],
+        "reference, loaders, slicing, synthesis, the dense linear layer",
+        &[
+            "reference",
+            "shard",
+            "synth",
+            "layer_file",
+            "checkpoint",
+            "dense",
+        ],
     ),
     ("backends", &["backend"]),
     ("runner", &["runner"]),

@@ -1,6 +1,7 @@
 //! The GPU's ceilings, measured in the same run as a benchmark (spec/performance.md): device-to-device
 //! copy bandwidth (bytes read + written) and dense 8192³ GEMM rates through cuBLASLt in bf16 and fp8
-//! (per-tensor scaled e4m3, bf16 output), on random data (never zeros: they run faster).
+//! (per-tensor scaled e4m3, bf16 output), on random data (never zeros: they run faster); and any
+//! M × N × K through [`cublaslt_gemm_us`], the ceiling `moerunner gemm` compares its dense GEMM with.
 
 use std::ffi::c_void;
 
@@ -59,16 +60,37 @@ fn lt_err(what: &str, e: impl std::fmt::Debug) -> MoeError {
     MoeError::Cuda(format!("cuBLASLt {what}: {e:?}"))
 }
 
-/// Dense N³ GEMM through cuBLASLt: D(bf16) = Aᵀ·B with A, B in bf16 or e4m3 ("TN", as fp8 requires).
+/// Dense 8192³ GEMM rate through cuBLASLt (TFLOP/s), caches warm as in its own benchmarks.
 fn gemm_tflops(dev: &Device, fp8: bool) -> Result<f64> {
     const N: usize = 8192;
+    let us = cublaslt_gemm_us(dev, (N, N, N), fp8, false)?;
+    Ok(2.0 * (N as f64).powi(3) / us / 1e6)
+}
+
+/// Median time (µs) of one dense GEMM through cuBLASLt, y[M, N] (bf16) = x[M, K] · W[N, K]ᵀ with x
+/// and W in bf16 or per-tensor e4m3 (unit scales), on random data: cuBLAS's column-major
+/// D[N, M] = Aᵀ·B with A = W (K × N, transposed: "TN", as fp8 requires) and B = x (K × M). With
+/// `flush_l2` the L2 is flushed before each timed run (as `timing::time_graph_replay_us` does, so
+/// the two compare like with like). An error where cuBLASLt has no algorithm for the shape (fp8
+/// needs sm_89+ and 16-byte-aligned leading dimensions).
+pub fn cublaslt_gemm_us(
+    dev: &Device,
+    (m, n, k): (usize, usize, usize),
+    fp8: bool,
+    flush_l2: bool,
+) -> Result<f64> {
     // SAFETY: dlopen only.
     if !unsafe { ltsys::is_culib_present() } {
         return Err(MoeError::Cuda("libcublasLt (CUDA 13) was not found".into()));
     }
-    let a = dev.upload(&random_matrix(N * N, fp8, 11))?;
-    let b = dev.upload(&random_matrix(N * N, fp8, 12))?;
-    let d = dev.alloc(N * N * 2)?;
+    let a = dev.upload(&random_matrix(n * k, fp8, 11))?;
+    let b = dev.upload(&random_matrix(m * k, fp8, 12))?;
+    let d = dev.alloc(m * n * 2)?;
+    let flush_buf = if flush_l2 {
+        Some(dev.alloc(super::timing::L2_FLUSH_BYTES)?)
+    } else {
+        None
+    };
     let ws_bytes = 64usize << 20;
     let ws = dev.alloc(ws_bytes)?;
     let in_type = if fp8 {
@@ -95,10 +117,10 @@ fn gemm_tflops(dev: &Device, fp8: bool) -> Result<f64> {
         )
     }
     .map_err(|e| lt_err("transA", e))?;
-    let n = N as u64;
-    let la = lt::create_matrix_layout(in_type, n, n, N as i64).map_err(|e| lt_err("layout", e))?;
-    let lb = lt::create_matrix_layout(in_type, n, n, N as i64).map_err(|e| lt_err("layout", e))?;
-    let ld = lt::create_matrix_layout(out_type, n, n, N as i64).map_err(|e| lt_err("layout", e))?;
+    let (mu, nu, ku) = (m as u64, n as u64, k as u64);
+    let la = lt::create_matrix_layout(in_type, ku, nu, k as i64).map_err(|e| lt_err("layout", e))?;
+    let lb = lt::create_matrix_layout(in_type, ku, mu, k as i64).map_err(|e| lt_err("layout", e))?;
+    let ld = lt::create_matrix_layout(out_type, nu, mu, n as i64).map_err(|e| lt_err("layout", e))?;
     let pref = lt::create_matmul_pref().map_err(|e| lt_err("preference", e))?;
     // SAFETY: as above.
     unsafe {
@@ -124,8 +146,12 @@ fn gemm_tflops(dev: &Device, fp8: bool) -> Result<f64> {
         })?;
     let (alpha, beta) = (1.0f32, 0.0f32);
     let stream = dev.stream.cu_stream() as ltsys::cudaStream_t;
-    let result = time_median_us(dev, 3, 10, &mut || Ok(()), &mut || {
-        // SAFETY: every buffer is live and sized for N×N elements of its type.
+    let mut between = || match &flush_buf {
+        Some(f) => super::timing::flush(dev, f),
+        None => Ok(()),
+    };
+    let result = time_median_us(dev, 3, 10, &mut between, &mut || {
+        // SAFETY: every buffer is live and sized for its layout's elements of its type.
         unsafe {
             lt::matmul(
                 handle,
@@ -157,6 +183,5 @@ fn gemm_tflops(dev: &Device, fp8: bool) -> Result<f64> {
         let _ = lt::destroy_matmul_desc(desc);
         let _ = lt::destroy_handle(handle);
     }
-    let us = result?;
-    Ok(2.0 * (N as f64).powi(3) / us / 1e6)
+    result
 }

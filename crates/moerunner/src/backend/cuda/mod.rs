@@ -15,6 +15,8 @@ pub mod prepare;
 #[cfg(feature = "cuda")]
 pub mod ceilings;
 #[cfg(feature = "cuda")]
+pub mod dense;
+#[cfg(feature = "cuda")]
 pub mod device;
 #[cfg(feature = "cuda")]
 pub mod device_call;
@@ -36,6 +38,40 @@ pub mod timing;
 pub mod workspace;
 
 use crate::config::LayerConfig;
+use crate::dense::DenseLinear;
+use crate::error::Result;
+use crate::tensor::HostTensor;
+
+/// What `moerunner gemm --backend cuda` measured (`dense_bench`): the GPU's output, its median
+/// time, and cuBLASLt's per-tensor fp8 GEMM at the same M, N, K in the same run.
+#[derive(Clone, Debug)]
+pub struct DenseGpuReport {
+    pub device: String,
+    /// `[M, N]`, the bf16 outputs widened to f32.
+    pub output: Vec<f32>,
+    /// Median of graph replays, L2 flushed before each (µs).
+    pub median_us: f64,
+    /// cuBLASLt fp8 (per-tensor, unit scales, bf16 out), timed the same way (µs).
+    pub cublas_fp8_us: Option<f64>,
+    /// Why there is no cuBLASLt time, if there is none.
+    pub cublas_error: Option<String>,
+}
+
+/// A dense linear layer on the GPU with its timing and cuBLASLt's ceiling (`dense::bench`); the
+/// same entry without the `cuda` feature, always unavailable.
+pub fn dense_bench(linear: &DenseLinear, x: &HostTensor, iters: usize) -> Result<DenseGpuReport> {
+    #[cfg(feature = "cuda")]
+    {
+        dense::bench(linear, x, iters)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (linear, x, iters);
+        Err(crate::error::MoeError::Cuda(
+            "this build has no CUDA backend (the `cuda` feature is off)".into(),
+        ))
+    }
+}
 
 /// Whether the CUDA backend runs `config` (its codec, `codec::codec_for`); the same answer with or
 /// without a GPU, so `info` and the runner's "no backend" message can say it on any machine.

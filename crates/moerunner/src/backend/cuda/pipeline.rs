@@ -530,7 +530,7 @@ impl GemmTable {
 /// A GEMM variant's function, with the threads and dynamic shared memory its module exports
 /// (`moe_gemm_meta` = {NTHREADS, SMEM, BM, BN, STAGES, WARPS_M, WARPS_N, WARPS_K}), read at load: no
 /// host round trip may happen inside a call.
-fn load_gemm(dev: &Device, v: GemmVariant) -> Result<(cudarc::driver::CudaFunction, u32, u32)> {
+pub(super) fn load_gemm(dev: &Device, v: GemmVariant) -> Result<(cudarc::driver::CudaFunction, u32, u32)> {
     let key: ModuleKey = v.module();
     let f = dev.function(&key, "moe_gemm")?;
     let meta = dev.module_ints(&key, "moe_gemm", "moe_gemm_meta", 8)?;

@@ -182,6 +182,15 @@ pub fn prepare_weights(cfg: &LayerConfig, codec: &Codec, w: &LayerWeights) -> Pr
     }
 }
 
+/// One dense weight `[1, N, K]` (a `DenseLinear`'s) in the layout `codec` names, with the identity
+/// row map: rows padded to `round_up(N, 128)`, K to `round_up(K, 128)` (zero rows and columns), the
+/// layout GEMM2 reads, so the grouped GEMM runs it as a one-expert projection.
+pub fn prepare_dense(codec: &Codec, t: &QuantizedTensor) -> PreparedTensor {
+    let (rows, cols) = (t.rows, t.cols);
+    let map = |r: usize| (r < rows).then_some(r);
+    prepare_tensor(codec, t, round_up(rows, PAD), round_up(cols, PAD), &map)
+}
+
 fn permute_bias(
     b: &[f32],
     experts: usize,
