@@ -1340,6 +1340,57 @@ fn gpu_weight_quantizer_matches_the_cpu_bit_for_bit() {
 fn gpu_weight_quantizer_refuses_non_finite_weights() {
     use moerunner::backend::cuda::online_quant::{WeightQuantizer, WeightSource};
     use moerunner::formats::weight_quant::quantize_weights;
+    if gpu_runner().is_none() {
+        return;
+    }
+    let backend = moerunner::backend::cuda::create_concrete().expect("cuda backend");
+    let q = WeightQuantizer::new(backend.device().clone()).expect("weight quantizer");
+    let dev = q.device().clone();
+    let (experts, rows, cols) = (4usize, 160usize, 256usize);
+    let seed = case_seed(0x0_5EED_0A17, 1);
+    println!("seed {seed:#x}");
+    for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+        let mut values = weight_quant_values(seed, experts, rows, cols);
+        values[(2 * rows + 5) * cols + 7] = bad; // [2, 5, 7], the first
+        values[(3 * rows + 150) * cols + 200] = bad;
+        let f32_buf = dev.upload_f32(&values).expect("upload");
+        let bf16: Vec<u8> = values
+            .iter()
+            .flat_map(|x| half::bf16::from_f32(*x).to_le_bytes())
+            .collect();
+        let bf16_buf = dev.upload(&bf16).expect("upload");
+        for format in [
+            WeightFormat::Fp8,
+            WeightFormat::Fp8Block,
+            WeightFormat::Mxfp8,
+            WeightFormat::Mxfp4,
+            WeightFormat::Nvfp4,
+        ] {
+            assert!(quantize_weights(format, experts, rows, cols, &values, None).is_err());
+            for (dtype, buf) in [(DType::F32, &f32_buf), (DType::BF16, &bf16_buf)] {
+                let src = WeightSource::from_buf(buf, dtype, experts, rows, cols).expect("source");
+                let err = q
+                    .quantize(&src, format, None, "layer 3 w13")
+                    .expect_err("a non-finite weight must be refused")
+                    .to_string();
+                assert!(
+                    err.contains("layer 3 w13") && err.contains("[2, 5, 7]"),
+                    "{format} from {} ({bad}): {err}",
+                    dtype.name()
+                );
+            }
+        }
+        println!("{bad}: refused for every format and source");
+    }
+    // The device stays usable: a finite tensor quantizes after the refusals.
+    let values = weight_quant_values(seed, 1, rows, cols);
+    let buf = dev.upload_f32(&values).expect("upload");
+    let src = WeightSource::from_buf(&buf, DType::F32, 1, rows, cols).expect("source");
+    q.quantize(&src, WeightFormat::Mxfp8, None, "after").expect("finite weights quantize");
+}
+
+
+// ---------------------------------------------------------------------------------------------
 // The dense linear layer (`moerunner::dense`) through the grouped GEMM as one expert.
 
 /// The dense weight prepared for the GEMM (`prepare::prepare_dense`: identity rows padded to 128, K
@@ -1422,49 +1473,6 @@ fn gpu_dense_linear_matches_the_reference() {
         return;
     }
     let backend = moerunner::backend::cuda::create_concrete().expect("cuda backend");
-    let q = WeightQuantizer::new(backend.device().clone()).expect("weight quantizer");
-    let dev = q.device().clone();
-    let (experts, rows, cols) = (4usize, 160usize, 256usize);
-    let seed = case_seed(0x0_5EED_0A17, 1);
-    println!("seed {seed:#x}");
-    for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
-        let mut values = weight_quant_values(seed, experts, rows, cols);
-        values[(2 * rows + 5) * cols + 7] = bad; // [2, 5, 7], the first
-        values[(3 * rows + 150) * cols + 200] = bad;
-        let f32_buf = dev.upload_f32(&values).expect("upload");
-        let bf16: Vec<u8> = values
-            .iter()
-            .flat_map(|x| half::bf16::from_f32(*x).to_le_bytes())
-            .collect();
-        let bf16_buf = dev.upload(&bf16).expect("upload");
-        for format in [
-            WeightFormat::Fp8,
-            WeightFormat::Fp8Block,
-            WeightFormat::Mxfp8,
-            WeightFormat::Mxfp4,
-            WeightFormat::Nvfp4,
-        ] {
-            assert!(quantize_weights(format, experts, rows, cols, &values, None).is_err());
-            for (dtype, buf) in [(DType::F32, &f32_buf), (DType::BF16, &bf16_buf)] {
-                let src = WeightSource::from_buf(buf, dtype, experts, rows, cols).expect("source");
-                let err = q
-                    .quantize(&src, format, None, "layer 3 w13")
-                    .expect_err("a non-finite weight must be refused")
-                    .to_string();
-                assert!(
-                    err.contains("layer 3 w13") && err.contains("[2, 5, 7]"),
-                    "{format} from {} ({bad}): {err}",
-                    dtype.name()
-                );
-            }
-        }
-        println!("{bad}: refused for every format and source");
-    }
-    // The device stays usable: a finite tensor quantizes after the refusals.
-    let values = weight_quant_values(seed, 1, rows, cols);
-    let buf = dev.upload_f32(&values).expect("upload");
-    let src = WeightSource::from_buf(&buf, DType::F32, 1, rows, cols).expect("source");
-    q.quantize(&src, WeightFormat::Mxfp8, None, "after").expect("finite weights quantize");
     for format in DenseFormat::ALL {
         let (n, k) = match format {
             DenseFormat::Mxfp8 => (300, 416),
