@@ -50,7 +50,9 @@ class MoeRunnerBlock(torch.nn.Module):
     def forward(self, hidden_states: torch.Tensor):
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, shape[-1]).contiguous()
-        logits = self.gate(x).float()
+        # The router's own weight (an nn.Linear in transformers 4, a router module returning a
+        # tuple in transformers 5): the raw logits either way.
+        logits = torch.nn.functional.linear(x, self.gate.weight).float()
         y = self.layer(x, logits).view(shape)
         return (y, logits) if self.returns_logits else y
 
