@@ -73,7 +73,7 @@ fn rel_err(got: &[f64], want: &[f64]) -> f64 {
 /// A decoded format's weight (e, r, c) read from its tiled layout the way the kernel's threads
 /// find it (`prepare::tile_position`), times its block scale (and nvfp4's global).
 fn tiled_weight(t: &prepare::PreparedTensor, wf: WeightFormat, e: usize, r: usize, c: usize) -> f64 {
-    use moerunner::formats::{e2m1, e4m3, ue8m0};
+    use moerunner::formats::{e2m1, e4m3};
     let (wb, sb) = match wf {
         WeightFormat::Mxfp8 => (64, 2),
         WeightFormat::Mxfp4 => (32, 2),
@@ -89,12 +89,18 @@ fn tiled_weight(t: &prepare::PreparedTensor, wf: WeightFormat, e: usize, r: usiz
         WeightFormat::Mxfp8 => e4m3::decode(b) as f64,
         _ => e2m1::decode(if high { b >> 4 } else { b & 0xF }) as f64,
     };
-    let sbyte = t.data[base + 128 * wb + i * sb + k / (64 / sb)];
-    let s = match wf {
-        WeightFormat::Nvfp4 => e4m3::decode(sbyte) as f64 * t.scales[e] as f64,
-        _ => ue8m0::decode(sbyte) as f64,
+    // The tile's scale byte is the block's bf16 decode factor in short (`prepare::tile_decoded`); the
+    // raw element bits are the value × 2^-120 (E4M3) or 2^-126 (E2M1); the expert's epilogue factor
+    // (t.scales[e]) completes the weight.
+    let sbyte = t.data[base + 128 * wb + i * sb + k / (64 / sb)] as u32;
+    let factor = match wf {
+        WeightFormat::Nvfp4 => {
+            half::bf16::from_bits(((sbyte << 4) + (prepare::NVFP4_CODE_BASE << 7)) as u16).to_f64()
+        }
+        _ => 2f64.powi(sbyte as i32 - 127),
     };
-    v * s
+    let raw_shift = if wf == WeightFormat::Mxfp8 { 120 } else { 126 };
+    v * factor * 2f64.powi(-raw_shift) * t.scales[e] as f64
 }
 
 /// Rows of `v` quantized and dequantized as the layer's activation format does it for GEMM1
@@ -1497,5 +1503,55 @@ fn gpu_dense_linear_matches_the_reference() {
         let x = random_input(64, k, DType::BF16, 5).expect("x");
         let us = gpu.time_us(&x, 5).expect("timing");
         assert!(us > 0.0 && us.is_finite(), "{us}");
+    }
+}
+
+/// The decoded formats' tiles give back every weight exactly (f64), also where a block scale is too
+/// large for a one-multiply bf16 factor (E2M1 × 2^s for s > 1, E4M3 for s > 7: the expert's shift
+/// moves into its epilogue factor), for NVFP4 blocks of zero scale, and for rows and columns short
+/// of the tile.
+#[test]
+fn decoded_tiles_give_back_every_weight_exactly() {
+    use moerunner::formats::weight_quant::quantize_weights;
+    let (experts, rows, cols) = (3usize, 130usize, 96usize);
+    let mut rng = moerunner::rng::SeededRng::new(0x711E);
+    let values: Vec<f32> = (0..experts * rows * cols)
+        .map(|i| {
+            let (e, c) = (i / (rows * cols), i % cols);
+            let mag = match e {
+                0 => 1.0,
+                1 => 3e5, // large scales: shifted into the epilogue
+                _ => if c < 16 { 0.0 } else { 1e-3 }, // zero blocks (NVFP4 scale 0)
+            };
+            rng.uniform(-1.0, 1.0) * mag
+        })
+        .collect();
+    for (wf, wb_sb) in [
+        (WeightFormat::Mxfp8, (64, 2)),
+        (WeightFormat::Mxfp4, (32, 2)),
+        (WeightFormat::Nvfp4, (32, 4)),
+    ] {
+        let t = quantize_weights(wf, experts, rows, cols, &values, None).expect("quantize");
+        let (rows_p, cols_p) = (256, 128);
+        let (data, scales) =
+            prepare::tile_decoded(&t, rows_p, cols_p, &|r| (r < rows).then_some(r), wb_sb);
+        let p = prepare::PreparedTensor { rows: rows_p, cols: cols_p, data, scales };
+        let mut want = vec![0f64; cols];
+        for e in 0..experts {
+            for r in 0..rows_p {
+                if r < rows {
+                    t.decode_rows_f64(e, r..r + 1, &mut want);
+                }
+                for c in 0..cols_p {
+                    let w = if r < rows && c < cols { want[c] } else { 0.0 };
+                    let got = tiled_weight(&p, wf, e, r, c);
+                    assert_eq!(got, w, "{wf} expert {e} ({r}, {c}): tile gives {got}, the tensor {w}");
+                }
+            }
+        }
+        println!("{wf}: epilogue factors {:?}", p.scales);
+        if wf != WeightFormat::Nvfp4 {
+            assert!(p.scales[1] > 1.0, "{wf}: expert 1's large scales must shift into its factor");
+        }
     }
 }

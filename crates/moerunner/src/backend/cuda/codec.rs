@@ -131,10 +131,10 @@ pub enum PreparedScales {
     PerExpert,
     /// One f32 per 8 prepared (interleaved) rows × 128 columns: needs I % 8 = 0 for gated layers.
     Rows8x128,
-    /// The block scales travel inside the tiled weight layout (`prepare::tile_decoded`), no f32.
+    /// The block scales travel inside the tiled weight layout (`prepare::tile_decoded`), as the
+    /// exponent (or a short code) of each block's bf16 decode factor, and one f32 per expert
+    /// multiplies the sum in the epilogue (a power of two, times NVFP4's `weight_scale_2`).
     InTiles,
-    /// As `InTiles`, plus one f32 global per expert (NVFP4's `weight_scale_2`).
-    InTilesPerExpertGlobal,
 }
 
 /// A GEMM main loop (moe_gemm.cu's forms of its inner loop).
@@ -261,7 +261,7 @@ pub const CODECS: &[Codec] = &[
         weight: WeightFormat::Nvfp4,
         activation: ActivationFormat::Nvfp4,
         gemm: GemmFormat::Nvfp4Decoded,
-        weight_scales: PreparedScales::InTilesPerExpertGlobal,
+        weight_scales: PreparedScales::InTiles,
         input_quant: RowQuant::Nvfp4StaticAsBf16,
         inter_store: InterStore::F32,
         inter_requant: Some(RowQuant::Nvfp4StaticAsBf16),
@@ -273,7 +273,7 @@ pub const CODECS: &[Codec] = &[
         weight: WeightFormat::Nvfp4,
         activation: ActivationFormat::Nvfp4PerToken,
         gemm: GemmFormat::Nvfp4Decoded,
-        weight_scales: PreparedScales::InTilesPerExpertGlobal,
+        weight_scales: PreparedScales::InTiles,
         input_quant: RowQuant::Nvfp4TokenAsBf16,
         inter_store: InterStore::F32,
         inter_requant: Some(RowQuant::Nvfp4TokenAsBf16),

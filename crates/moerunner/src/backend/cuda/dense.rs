@@ -102,7 +102,7 @@ impl CudaDense {
         let prepared = prepare::prepare_dense(codec, linear.weights());
         let w = dev.upload(&prepared.data)?;
         let w_scale = match codec.weight_scales {
-            PreparedScales::None | PreparedScales::InTiles => None,
+            PreparedScales::None => None,
             _ => Some(dev.upload_f32(&prepared.scales)?),
         };
         let quant = dev.function(&ModuleKey::plain(Source::Quant), QuantizeRows::ENTRY)?;

@@ -49,7 +49,7 @@ impl CudaLayer {
                 Ok(ProjectionBufs {
                     data: dev.upload(&t.data)?,
                     scales: match codec.weight_scales {
-                        PreparedScales::None | PreparedScales::InTiles => None,
+                        PreparedScales::None => None,
                         _ => Some(dev.upload_f32(&t.scales)?),
                     },
                     bias: bias.as_deref().map(|b| dev.upload_f32(b)).transpose()?,

@@ -218,14 +218,12 @@ fn prepare_tensor(
     map: &(dyn Fn(usize) -> Option<usize> + Sync),
 ) -> PreparedTensor {
     if let Some(row_bytes) = codec.gemm.decoded_row_bytes() {
+        let (data, scales) = tile_decoded(t, rows_p, cols_p, map, row_bytes);
         return PreparedTensor {
             rows: rows_p,
             cols: cols_p,
-            data: tile_decoded(t, rows_p, cols_p, map, row_bytes),
-            scales: match codec.weight_scales {
-                PreparedScales::InTilesPerExpertGlobal => t.global_scales.clone(),
-                _ => Vec::new(),
-            },
+            data,
+            scales,
         };
     }
     let elem = codec.gemm.weight_element_bytes();
@@ -295,46 +293,129 @@ pub fn tile_position(four_bit: bool, k: usize) -> (usize, bool) {
     }
 }
 
+/// The bf16 exponent field of 2^NVFP4_FACTOR_SHIFT, the smallest NVFP4 decode factor's: the tile's
+/// code c of a block means the bf16 factor with bits (c << 4) + (NVFP4_CODE_BASE << 7).
+pub const NVFP4_CODE_BASE: u32 = 228;
+/// NVFP4 block scales are decoded as scale · 2^110 (`gemm/scale_decoded.cuh`), so the epilogue
+/// multiplies by 2^16 (with the raw E2M1 bits' 2^-126): exact powers of two.
+pub const NVFP4_EPILOGUE_SHIFT: i32 = 16;
+
+/// The raw bits the kernel makes of an element are its value times 2^-RAW_SHIFT (E4M3: 120, E2M1:
+/// 126), so a block of scale 2^s needs the factor 2^(RAW_SHIFT + s).
+fn raw_shift(four_bit: bool) -> i32 {
+    if four_bit {
+        126
+    } else {
+        120
+    }
+}
+
+/// The tile's scale byte of an NVFP4 block scale (E4M3 byte `b`): the 8-bit code of the bf16 value
+/// dec(b) · 2^110 (exponent − NVFP4_CODE_BASE, 3 mantissa bits), 0 for a zero scale (whose block's
+/// elements are zeroed: element × 0 = 0, and code 0 decodes to a nonzero factor).
+pub fn nvfp4_scale_code(b: u8) -> u8 {
+    let sc = crate::formats::e4m3::decode(b);
+    if sc == 0.0 {
+        return 0;
+    }
+    let bits = crate::formats::bf16::encode(sc * 2f32.powi(110)) as u32;
+    debug_assert_eq!(bits & 0xF, 0, "an E4M3 scale has 3 mantissa bits");
+    let exp = (bits >> 7) & 0xFF;
+    (((exp - NVFP4_CODE_BASE) << 3) | ((bits >> 4) & 7)) as u8
+}
+
 /// The tiled layout of a decoded format (module docs): `[E, rows_p/128, cols_p/64]` blocks of
 /// 128 rows × element bytes, then 128 rows × scale bytes (`row_bytes` = (element, scale) bytes of a
-/// row per step: mxfp8 (64, 2), mxfp4 (32, 2), nvfp4 (32, 4)). Padding rows and columns are zero
-/// codes with zero scale bytes.
+/// row per step: mxfp8 (64, 2), mxfp4 (32, 2), nvfp4 (32, 4)), and one f32 per expert for the
+/// epilogue. Padding rows and columns are zero codes.
+///
+/// So that the kernel decodes with one multiply, a scale byte in the tile is not the checkpoint's
+/// but the block's bf16 decode factor in short: for UE8M0 scales the factor's exponent field
+/// `byte + RAW_SHIFT − c_e` (the factor 2^(RAW_SHIFT + s − c_e)), with c_e ≥ 0 the smallest shift that
+/// keeps every factor of expert e ≤ 2^127 (0 unless a block scale exceeds 2 (E2M1) or 2^7 (E4M3))
+/// and 2^c_e the expert's epilogue factor; for NVFP4 `nvfp4_scale_code`, the epilogue factor being
+/// the expert's global × 2^16. Decoded weights that overflow f32 are refused before (validation), so
+/// every factor is a normal bf16 number.
 pub fn tile_decoded(
     t: &QuantizedTensor,
     rows_p: usize,
     cols_p: usize,
     map: &(dyn Fn(usize) -> Option<usize> + Sync),
     (wb, sb): (usize, usize),
-) -> Vec<u8> {
+) -> (Vec<u8>, Vec<f32>) {
     let four_bit = wb == 32;
     let steps = cols_p / TILE_K;
     let block_bytes = TILE_ROWS * (wb + sb);
     let expert_bytes = (rows_p / TILE_ROWS) * steps * block_bytes;
-    let (scale_bytes, block_cols): (&[u8], usize) = match &t.scales {
-        BlockScales::Ue8m0(b) => (b, 32),
-        BlockScales::E4m3(b) => (b, 16),
-        _ => (&[], 32),
+    let (scale_bytes, block_cols, nvfp4): (&[u8], usize, bool) = match &t.scales {
+        BlockScales::Ue8m0(b) => (b, 32, false),
+        BlockScales::E4m3(b) => (b, 16, true),
+        _ => (&[], 32, false),
     };
     let nb = t.cols / block_cols;
     let src_row_bytes = if four_bit { t.cols / 2 } else { t.cols };
     let positions: Vec<(usize, bool)> = (0..TILE_K).map(|k| tile_position(four_bit, k)).collect();
+    let shift = raw_shift(four_bit);
+    // Each expert's shift c_e (UE8M0) and epilogue factor.
+    let per_expert = t.rows * nb;
+    let expert_scales = |e: usize| scale_bytes.get(e * per_expert..(e + 1) * per_expert).unwrap_or(&[]);
+    let shifts: Vec<i32> = (0..t.experts)
+        .map(|e| {
+            let max = expert_scales(e).iter().copied().max().unwrap_or(0) as i32;
+            if nvfp4 {
+                0
+            } else {
+                (max - 127 + shift - 127).max(0)
+            }
+        })
+        .collect();
+    let factors: Vec<f32> = (0..t.experts)
+        .map(|e| {
+            if nvfp4 {
+                t.global_scales[e] * 2f32.powi(NVFP4_EPILOGUE_SHIFT)
+            } else {
+                2f32.powi(shifts[e])
+            }
+        })
+        .collect();
     let mut data = vec![0u8; t.experts * expert_bytes];
     data.par_chunks_mut(expert_bytes.max(1))
         .enumerate()
         .for_each(|(e, dst)| {
             let src = t.expert_data(e);
-            let scales = &scale_bytes[(e * t.rows * nb).min(scale_bytes.len())..];
+            let scales = expert_scales(e);
+            let tile_byte = |b: u8| -> u8 {
+                if nvfp4 {
+                    nvfp4_scale_code(b)
+                } else {
+                    // 1..=254 by the choice of the shift and the overflow rule (module docs)
+                    (b as i32 + shift - shifts[e]).clamp(1, 254) as u8
+                }
+            };
             for r in 0..rows_p {
                 let Some(s) = map(r) else { continue };
                 let row = &src[s * src_row_bytes..(s + 1) * src_row_bytes];
                 let (tile, i) = (r / TILE_ROWS, r % TILE_ROWS);
                 for ks in 0..steps {
                     let base = (tile * steps + ks) * block_bytes;
+                    let sdst = base + TILE_ROWS * wb + i * sb;
+                    let mut zero_block = [false; 4];
+                    for j in 0..sb {
+                        let blk = (ks * TILE_K) / block_cols + j;
+                        if blk < nb {
+                            let b = scales[s * nb + blk];
+                            dst[sdst + j] = tile_byte(b);
+                            zero_block[j] = nvfp4 && crate::formats::e4m3::decode(b) == 0.0;
+                        }
+                    }
                     let elems = &mut dst[base + i * wb..base + (i + 1) * wb];
                     for (k, &(byte, high)) in positions.iter().enumerate() {
                         let c = ks * TILE_K + k;
                         if c >= t.cols {
                             break;
+                        }
+                        if zero_block[k / (TILE_K / sb)] {
+                            continue; // a zero NVFP4 scale: the elements are 0
                         }
                         if four_bit {
                             let code = (row[c / 2] >> (4 * (c % 2))) & 0xF;
@@ -343,17 +424,10 @@ pub fn tile_decoded(
                             elems[byte] = row[c];
                         }
                     }
-                    let sdst = base + TILE_ROWS * wb + i * sb;
-                    for j in 0..sb {
-                        let blk = (ks * TILE_K) / block_cols + j;
-                        if blk < nb {
-                            dst[sdst + j] = scales[s * nb + blk];
-                        }
-                    }
                 }
             }
         });
-    data
+    (data, factors)
 }
 
 /// MXFP8 weights are decoded by moving bits (`gemm/scale_decoded.cuh`), which would turn an E4M3

@@ -19,7 +19,7 @@
 //            out = bf16(e2m1(code) * dec(b)) (exact), out_scales[row] = g: the global is left to the GEMM's
 //            epilogue, which multiplies each row's sum by it
 //   mode 5   nvfp4 per token: as mode 4 with g = amax_row / (448 * 6) for each row (a zero row: g = 0,
-//            zeros); one warp per row, out_scales[row] = g
+//            zeros); one block per row (any block size up to 1024), out_scales[row] = g
 //   e4m3 = round to nearest even, saturating to ±448 (common.cuh f32_to_e4m3); e2m1 = round to nearest
 //   even, saturating to ±6 (qt_e2m1_code).
 //   One thread per 16 consecutive output columns (16-byte stores; 32 bytes in mode 0), 8 threads
@@ -161,11 +161,12 @@ extern "C" __global__ void quantize_rows(const void* x, int x_dtype, int rows, i
     const float stat = (mode == 1 || mode == 4) ? *static_scale : 1.0f;
     const int lane = threadIdx.x & 31;
     if (mode == 5) {
-        // one warp per row: the row's amax, then its 16-column blocks with g = amax / 2688
-        const long long warps = (long long)gridDim.x * blockDim.x / 32;
-        for (long long row = ((long long)blockIdx.x * blockDim.x + threadIdx.x) / 32; row < rows; row += warps) {
+        // one block per row (the row's amax is a block reduction; a warp per row was latency-bound at
+        // decode sizes): the amax, then the row's 16-column blocks with g = amax / 2688
+        __shared__ u32 s_amax[32];
+        for (long long row = blockIdx.x; row < rows; row += gridDim.x) {
             u32 a = 0;
-            for (int ch = lane; ch < chunks; ch += 32) {
+            for (int ch = threadIdx.x; ch < chunks; ch += blockDim.x) {
                 float v[16];
                 qt_load16(x, x_dtype, row * in_stride, ch * 16, cols, v);
                 const u32 b = qt_amax_bits(v);
@@ -176,8 +177,13 @@ extern "C" __global__ void quantize_rows(const void* x, int x_dtype, int rows, i
                 const u32 b = __shfl_xor_sync(0xffffffffu, a, o);
                 a = b > a ? b : a;
             }
+            if (lane == 0) s_amax[threadIdx.x >> 5] = a;
+            __syncthreads();
+            a = 0;
+            for (int w = 0; w < (int)(blockDim.x >> 5); ++w) a = s_amax[w] > a ? s_amax[w] : a;
+            __syncthreads();  // (s_amax is rewritten for the next row)
             const float g = qt_div(__uint_as_float(a), QT_NVFP4_GLOBAL_DIVISOR);
-            for (int ch = lane; ch < chunks; ch += 32) {
+            for (int ch = threadIdx.x; ch < chunks; ch += blockDim.x) {
                 float v[16];
                 qt_load16(x, x_dtype, row * in_stride, ch * 16, cols, v);
                 u16 o[16];
@@ -189,7 +195,7 @@ extern "C" __global__ void quantize_rows(const void* x, int x_dtype, int rows, i
                 }
                 qt_store16_bf16(out, row * out_stride + ch * 16, o);
             }
-            if (lane == 0) out_scales[row] = g;
+            if (threadIdx.x == 0) out_scales[row] = g;
         }
         return;
     }

@@ -3,9 +3,15 @@
 // register-sourced wgmma (gemm/mainloop_wgmma_rs.cuh) against bf16 activations. Exact: E4M3 x 2^s, E2M1 x 2^s and
 // E2M1 x E4M3 are all bf16 values (at most 4, 2 and 6 significant bits; a decoded weight that overflows f32, and so
 // bf16, is refused at load), and the activations hold the exact values of the layer's activation format (quant.cu
-// modes 3..5), so every product of the MMA is exact and only the f32 accumulation rounds. NVFP4's f32 globals
-// factor out of the sum: the epilogue multiplies by the expert's (DEQUANT) and each column's (COL_SCALE: the
-// activation row's global, per-token or the static one repeated).
+// modes 3..5), so every product of the MMA is exact and only the f32 accumulation rounds. Powers of two and NVFP4's
+// f32 globals factor out of the sum: the epilogue multiplies by the expert's factor (DEQUANT: a power of two, times
+// NVFP4's weight global) and, for NVFP4, each column's (COL_SCALE: the activation row's global, per-token or the
+// static one repeated).
+//
+// One multiply per bf16 pair: the element's bits moved into place are its value x 2^-120 (E4M3) or x 2^-126 (E2M1),
+// and the tile's scale byte is already the block's bf16 decode factor in short (prepare.rs, `tile_decoded`): for
+// UE8M0 the factor's exponent field (the factor 2^(120|126 + s - c), c the expert's shift, 2^c in the epilogue),
+// for NVFP4 a code of scale x 2^110 (exponent - 228, 3 mantissa bits; 2^16 in the epilogue).
 //
 // Prepared layout (prepare.rs, `tile_decoded`): per expert, per 128 prepared rows, per 64-element K step, one
 // contiguous block: 128 rows x W_ROW_BYTES element bytes, then 128 rows x S_ROW_BYTES scale bytes. A row's 64
@@ -16,7 +22,7 @@
 //   e2m1 (8 bytes):  word h (h = 0, 1) holds sub-steps 2h and 2h+1; its pair k (k = 0..3: sub-step 2h + k/2,
 //                    first element 16q + 2t + 8(k%2)) has the first element in nibble k, the second in nibble k+4,
 //                    so one shift and two masks make the bf16 pair
-// Scale bytes of a row: MX 2 (UE8M0 of the step's elements 0..31 and 32..63), NVFP4 4 (E4M3 of each 16).
+// Scale bytes of a row: MX 2 (the factors of the step's elements 0..31 and 32..63), NVFP4 4 (of each 16).
 // (Members of every format piece: gemm/scale_bf16.cuh; these add W_ROW_BYTES, S_ROW_BYTES and decode_row.)
 #pragma once
 #include "gemm/scale_bf16.cuh"
@@ -37,15 +43,10 @@ __device__ __forceinline__ u32 dec_spread(u32 x, u32 sel) {
 __device__ __forceinline__ u32 dec_e4m3x2_raw(u32 x) { return ((x & 0x007F007Fu) << 4) | ((x & 0x00800080u) << 8); }
 // E2M1 nibbles in bits 0-3 and 16-19 -> bf16 pair of their values x 2^-126 (the same, for E2M1)
 __device__ __forceinline__ u32 dec_e2m1x2_raw(u32 x) { return ((x & 0x00070007u) << 6) | ((x & 0x00080008u) << 12); }
-#define DEC_BF16X2_2P120 0x7B807B80u  // 2^120 in both halves
-#define DEC_BF16X2_2P126 0x7E807E80u  // 2^126
-// UE8M0 byte -> 2^(b-127) as a bf16 pair (b = 0: the bf16 subnormal 2^-127; 255 is refused at load)
-__device__ __forceinline__ u32 dec_ue8m0_pair(u32 b) {
-    const u32 h = b ? (b << 7) : 0x40u;
-    return h | (h << 16);
-}
-// E4M3 scale byte -> its value as a bf16 pair (exact)
-__device__ __forceinline__ u32 dec_e4m3_pair(u32 b) { return dec_mul_bf16x2(dec_e4m3x2_raw(b | (b << 16)), DEC_BF16X2_2P120); }
+// an MX tile's scale byte (the factor's bf16 exponent field, 1..254) -> the factor as a bf16 pair
+__device__ __forceinline__ u32 dec_exp_pair(u32 b) { return b * 0x00800080u; }
+// an NVFP4 tile's scale code -> the factor (scale x 2^110) as a bf16 pair
+__device__ __forceinline__ u32 dec_code_pair(u32 c) { return ((c << 4) + (228u << 7)) * 0x00010001u; }
 
 struct FmtDecoded {
     using Elem = Bf16;  // the activation operand, and what the weights are decoded to
@@ -53,9 +54,10 @@ struct FmtDecoded {
     using StageScales = NoStageScales;
     enum : bool { FOLD_EACH_STEP = false };
     enum : bool { FRAG_DB = false };
-    enum : bool { DEQUANT = false };
+    enum : bool { DEQUANT = true };
     enum : bool { COL_SCALE = false };
-    static __device__ __forceinline__ float dequant(int, const float*, const float*) { return 1.0f; }
+    // w_scale: the experts' epilogue factors [E] (prepare.rs)
+    static __device__ __forceinline__ float dequant(int e, const float* w_scale, const float*) { return w_scale[e]; }
 };
 
 // a[q][h]: sub-step q's bf16 pair of row r, h = 0: elements 16q+2t, +1; h = 1: 16q+2t+8, +9. `elems` and `scales`:
@@ -65,12 +67,12 @@ struct FmtMxfp8 : FmtDecoded {
     static __device__ __forceinline__ void decode_row(const u8* elems, const u8* scales, int r, int t, u32 (&a)[4][2]) {
         const uint4 w = *(const uint4*)(elems + r * W_ROW_BYTES + t * 16);
         const u32 sb = *(const u16*)(scales + r * S_ROW_BYTES);
-        const u32 f[2] = {dec_ue8m0_pair(sb & 0xFFu), dec_ue8m0_pair(sb >> 8)};
+        const u32 f[2] = {dec_exp_pair(sb & 0xFFu), dec_exp_pair(sb >> 8)};
         const u32 words[4] = {w.x, w.y, w.z, w.w};
 #pragma unroll
         for (int q = 0; q < 4; ++q) {
-            a[q][0] = dec_mul_bf16x2(dec_mul_bf16x2(dec_e4m3x2_raw(dec_spread(words[q], 0x4140u)), DEC_BF16X2_2P120), f[q >> 1]);
-            a[q][1] = dec_mul_bf16x2(dec_mul_bf16x2(dec_e4m3x2_raw(dec_spread(words[q], 0x4342u)), DEC_BF16X2_2P120), f[q >> 1]);
+            a[q][0] = dec_mul_bf16x2(dec_e4m3x2_raw(dec_spread(words[q], 0x4140u)), f[q >> 1]);
+            a[q][1] = dec_mul_bf16x2(dec_e4m3x2_raw(dec_spread(words[q], 0x4342u)), f[q >> 1]);
         }
     }
 };
@@ -83,7 +85,7 @@ __device__ __forceinline__ void dec_e2m1_row(uint2 w, const u32 (&f)[4], u32 (&a
 #pragma unroll
         for (int k = 0; k < 4; ++k) {
             const int q = 2 * h + (k >> 1);
-            a[q][k & 1] = dec_mul_bf16x2(dec_mul_bf16x2(dec_e2m1x2_raw(words[h] >> (4 * k)), DEC_BF16X2_2P126), f[q]);
+            a[q][k & 1] = dec_mul_bf16x2(dec_e2m1x2_raw(words[h] >> (4 * k)), f[q]);
         }
     }
 }
@@ -93,7 +95,7 @@ struct FmtMxfp4 : FmtDecoded {
     static __device__ __forceinline__ void decode_row(const u8* elems, const u8* scales, int r, int t, u32 (&a)[4][2]) {
         const uint2 w = *(const uint2*)(elems + r * W_ROW_BYTES + t * 8);
         const u32 sb = *(const u16*)(scales + r * S_ROW_BYTES);
-        const u32 f0 = dec_ue8m0_pair(sb & 0xFFu), f1 = dec_ue8m0_pair(sb >> 8);
+        const u32 f0 = dec_exp_pair(sb & 0xFFu), f1 = dec_exp_pair(sb >> 8);
         const u32 f[4] = {f0, f0, f1, f1};
         dec_e2m1_row(w, f, a);
     }
@@ -101,16 +103,13 @@ struct FmtMxfp4 : FmtDecoded {
 
 struct FmtNvfp4 : FmtDecoded {
     enum : int { W_ROW_BYTES = 32, S_ROW_BYTES = 4 };
-    enum : bool { DEQUANT = true };
-    enum : bool { COL_SCALE = true };
-    // w_scale: the weight globals [E]; the activation globals come per column (COL_SCALE)
-    static __device__ __forceinline__ float dequant(int e, const float* w_scale, const float*) { return w_scale[e]; }
+    enum : bool { COL_SCALE = true };  // the activation globals, per column
     static __device__ __forceinline__ void decode_row(const u8* elems, const u8* scales, int r, int t, u32 (&a)[4][2]) {
         const uint2 w = *(const uint2*)(elems + r * W_ROW_BYTES + t * 8);
         const u32 sb = *(const u32*)(scales + r * S_ROW_BYTES);
         u32 f[4];
 #pragma unroll
-        for (int q = 0; q < 4; ++q) f[q] = dec_e4m3_pair((sb >> (8 * q)) & 0xFFu);
+        for (int q = 0; q < 4; ++q) f[q] = dec_code_pair((sb >> (8 * q)) & 0xFFu);
         dec_e2m1_row(w, f, a);
     }
 };
