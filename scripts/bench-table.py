@@ -3,7 +3,10 @@
 issue 3's target for the row, and SGLang's Triton fused MoE time from spec/performance.md (measured on
 an H100 80GB; our runs may be on another GPU — the roofline fraction is the comparable number).
 
-usage: bench-table.py bench/results/FILE.json [more.json ...]"""
+usage: bench-table.py bench/results/FILE.json [more.json ...]
+       bench-table.py --mx FILE.json ...   the microscaling formats: weight × activation columns and
+                                           issue 12's targets (T = 1: 60 %; T <= 128: 80 %; T >= 1024:
+                                           50 % for W4A16, 40 % for mxfp8, W4A8 and nvfp4)"""
 import json, sys
 
 # spec/performance.md, "The peer to beat": (µs, floor µs) on H100 for bf16 and fp8_block.
@@ -29,8 +32,33 @@ def target(tokens, roofline):
     return f"≥ {need:.0%}: {verdict}"
 
 
+def target_mx(tokens, roofline, weight, acts):
+    if tokens == 1:
+        need = 0.6
+    elif tokens <= 128:
+        need = 0.8
+    elif tokens >= 1024:
+        need = 0.5 if acts == "bf16" else 0.4
+    else:
+        return "—"
+    verdict = "met" if roofline >= need else f"**missed** ({roofline / need:.0%} of it)"
+    return f"≥ {need:.0%}: {verdict}"
+
+
+args = sys.argv[1:]
+if args and args[0] == "--mx":
+    print("| preset | weights × acts | T | experts | time µs | floor µs | roofline | target (issue 12) | rel_err |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for path in args[1:]:
+        for r in json.load(open(path))["rows"]:
+            w, a = r["weight_format"], r["activation_format"]
+            print(f"| {r['preset']} | {w} × {a} | {r['tokens']} | {r['active_experts']} | {r['time_us']:.1f} | "
+                  f"{r['floor_us']:.1f} | {r['roofline']:.1%} | {target_mx(r['tokens'], r['roofline'], w, a)} | "
+                  f"{r['rel_err']:.1e} |")
+    sys.exit(0)
+
 rows = []
-for path in sys.argv[1:]:
+for path in args:
     rep = json.load(open(path))
     for r in rep["rows"]:
         rows.append((rep, r))

@@ -1555,3 +1555,18 @@ fn decoded_tiles_give_back_every_weight_exactly() {
         }
     }
 }
+
+/// `moerunner check --backend cuda` runs every case it draws: the CUDA codec table supports every
+/// random case of the check's generator (formats, activations, sizes, parallel ranks).
+#[test]
+fn the_gpu_supports_every_case_check_draws() {
+    let mut unsupported = Vec::new();
+    for i in 0..3000u64 {
+        let seed = case_seed(1, i);
+        let case = Case::generate(seed);
+        if let Err(why) = moerunner::backend::cuda::supports_config(&case.config) {
+            unsupported.push(format!("seed {seed}: {why}"));
+        }
+    }
+    assert!(unsupported.is_empty(), "{} of 3000 cases unsupported: {:?}", unsupported.len(), &unsupported[..unsupported.len().min(5)]);
+}
