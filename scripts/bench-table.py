@@ -47,14 +47,21 @@ def target_mx(tokens, roofline, weight, acts):
 
 args = sys.argv[1:]
 if args and args[0] == "--mx":
-    print("| preset | weights × acts | T | experts | time µs | floor µs | roofline | target (issue 12) | rel_err |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    # a later file's row replaces an earlier one of the same preset, formats and T; `build` is the
+    # commit the row was measured with
+    merged = {}
     for path in args[1:]:
-        for r in json.load(open(path))["rows"]:
-            w, a = r["weight_format"], r["activation_format"]
-            print(f"| {r['preset']} | {w} × {a} | {r['tokens']} | {r['active_experts']} | {r['time_us']:.1f} | "
-                  f"{r['floor_us']:.1f} | {r['roofline']:.1%} | {target_mx(r['tokens'], r['roofline'], w, a)} | "
-                  f"{r['rel_err']:.1e} |")
+        rep = json.load(open(path))
+        for r in rep["rows"]:
+            key = (r["preset"], r["weight_format"], r["activation_format"], r["tokens"])
+            merged.setdefault(key, None)
+            merged[key] = (r, (rep.get("commit") or "?")[:7])
+    print("| preset | weights × acts | T | experts | time µs | floor µs | roofline | target (issue 12) | rel_err | build |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for (preset, w, a, t), (r, build) in merged.items():
+        print(f"| {preset} | {w} × {a} | {t} | {r['active_experts']} | {r['time_us']:.1f} | "
+              f"{r['floor_us']:.1f} | {r['roofline']:.1%} | {target_mx(t, r['roofline'], w, a)} | "
+              f"{r['rel_err']:.1e} | {build} |")
     sys.exit(0)
 
 rows = []
