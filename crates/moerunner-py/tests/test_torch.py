@@ -1,12 +1,12 @@
 """The package on torch CPU tensors: bf16 and every routing form against the CLI bit for bit,
 T = 0, out=, refusals naming the argument, and the torch.library op under torch.compile.
-Skipped (with the reason) where torch is not installed; CI runs the numpy tests only."""
+Skipped (with the reason) where torch is not installed; CI installs torch from PyPI and runs them on the CPU."""
 
 from __future__ import annotations
 
 import pytest
 
-torch = pytest.importorskip("torch", reason="torch is not installed (CI runs the numpy tests only)")
+torch = pytest.importorskip("torch", reason="torch is not installed")
 
 import moerunner  # noqa: E402
 from conftest import call, layer_file_as_kwargs, to_torch  # noqa: E402
