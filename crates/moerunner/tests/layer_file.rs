@@ -967,3 +967,42 @@ fn unrepresentable_dtypes_fail_strict_opens_and_only_their_own_reads_when_lenien
     let err = lenient.require("steps").err().unwrap().to_string();
     assert!(err.contains("steps") && err.contains("I64"), "{err}");
 }
+
+/// The router a layer file may carry (`router_weight`, `router_linear_bias`): written and read back
+/// as it was; a wrong shape, a non-finite value or a bias without a weight is refused naming the
+/// tensor; a file without one reads as None.
+#[test]
+fn a_layer_file_carries_its_router() {
+    let l = layer(WeightFormat::Bf16);
+    let w: Vec<f32> = (0..4 * 64).map(|i| (i as f32 * 0.37).sin()).collect();
+    let router = layer_file::Router {
+        weight: HostTensor::encode_f32(DType::BF16, vec![4, 64], &w),
+        linear_bias: Some(vec![0.5, -0.25, 0.0, 1.0]),
+    };
+    let p = tmp("router");
+    layer_file::write_layer_with_router(&p, &l, Some(&router)).unwrap();
+    let back = layer_file::read_layer_router(&p).unwrap().expect("a router");
+    assert_eq!(back.weight.to_f32_vec("w").unwrap(), router.weight.to_f32_vec("w").unwrap());
+    assert_eq!(back.linear_bias, router.linear_bias);
+    layer_file::read_layer(&p).expect("the layer reads as before");
+    let plain = tmp("no-router");
+    layer_file::write_layer(&plain, &l).unwrap();
+    assert!(layer_file::read_layer_router(&plain).unwrap().is_none());
+
+    let (tensors, meta) = parts(&l);
+    let router_err = |extra: Vec<(String, HostTensor)>| {
+        let p = tmp("bad-router");
+        let mut all = tensors.clone();
+        all.extend(extra);
+        write_tensors(&p, &all, meta.clone()).unwrap();
+        layer_file::read_layer_router(&p).unwrap_err().to_string()
+    };
+    let e = router_err(vec![("router_weight".into(), HostTensor::from_f32(vec![4, 63], &vec![0.0; 252]))]);
+    assert!(e.contains("router_weight"), "{e}");
+    let mut nan = vec![0.0; 256];
+    nan[70] = f32::NAN;
+    let e = router_err(vec![("router_weight".into(), HostTensor::from_f32(vec![4, 64], &nan))]);
+    assert!(e.contains("router_weight") && e.contains("[1, 6]"), "{e}");
+    let e = router_err(vec![("router_linear_bias".into(), HostTensor::from_f32(vec![4], &[0.0; 4]))]);
+    assert!(e.contains("router_linear_bias"), "{e}");
+}

@@ -45,7 +45,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .collect();
     layer_file::check_output_path(&args.out, "--out", &inputs)?;
     let loaded = load_checkpoint(&args.checkpoint, args.layer, &opts)?;
-    layer_file::write_layer(&args.out, &loaded.layer)
+    // The router goes along, so an input of hidden states alone runs on the file as on the checkpoint.
+    layer_file::write_layer_with_router(&args.out, &loaded.layer, loaded.router().as_ref())
         .with_context(|| format!("writing layer file {}", args.out.display()))?;
     eprintln!(
         "converted {} layer {} ({}; read {} bytes) → {}",

@@ -232,7 +232,11 @@ fn load_layer_and_input(
             let path = PathBuf::from(args.layer.as_deref().unwrap_or_default());
             let mut layer = layer_file::read_layer(&path)
                 .with_context(|| format!("reading layer {}", path.display()))?;
-            let input = layer_file::read_input(&args.input)
+            // An input of hidden states alone is routed by the router the file carries (`convert`
+            // writes a checkpoint's beside its layer).
+            let router = layer_file::read_layer_router(&path)
+                .with_context(|| format!("reading layer {}", path.display()))?;
+            let input = moerunner::checkpoint::read_input_routed_by(&args.input, &layer, router.as_ref())
                 .with_context(|| format!("reading input {}", args.input.display()))?;
             if let Some(a) = &args.activation_format {
                 let mut config = layer.config().clone();

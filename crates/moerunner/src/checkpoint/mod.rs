@@ -14,6 +14,7 @@ mod fused;
 mod gpt_oss;
 pub mod hf_config;
 mod input;
+pub use input::read_input_routed_by;
 mod minimax;
 mod mixtral;
 mod nemotron_h;

@@ -55,7 +55,21 @@ const LAYER_TENSORS: &[&str] = &[
     "w13_bias",
     "w2_bias",
     "router_bias",
+    "router_weight",
+    "router_linear_bias",
 ];
+
+/// The router a layer file may carry (`router_weight` F32 or BF16 `[E, H]`, `router_linear_bias`
+/// F32 `[E]`), so that an input of hidden states alone can be routed as the checkpoint's model
+/// routes it. Not in `spec/layer-file.md` (which has routing come from the input): an optional
+/// extension `convert` writes and `run` reads; a file without it is what the spec describes.
+#[derive(Clone, Debug)]
+pub struct Router {
+    pub weight: HostTensor,
+    /// GPT-OSS's linear bias of the router, added to the logits (not a selection bias: those are
+    /// the layer's `router_bias`).
+    pub linear_bias: Option<Vec<f32>>,
+}
 
 const DEFAULT_OAI: (f32, f32, f32) = (1.702, 1.0, 7.0);
 
@@ -361,6 +375,40 @@ fn read_optional_scalar(file: &MappedFile, name: &str) -> Result<Option<f32>> {
     Ok(t.to_f32_vec(name)?.first().copied())
 }
 
+/// The router a layer file carries, if any, checked against its E and H: a weight of finite
+/// values, and a linear bias only beside a weight.
+pub fn read_layer_router(path: &Path) -> Result<Option<Router>> {
+    let file = MappedFile::open(path)?;
+    let config = read_layer_config(&file)?;
+    let (e, h) = (config.num_experts, config.hidden);
+    let linear_bias = read_optional_vec(&file, "router_linear_bias", &[e], &[DType::F32])?;
+    let Some(weight) = file.get("router_weight") else {
+        if linear_bias.is_some() {
+            return Err(MoeError::invalid(
+                "tensor `router_linear_bias`",
+                "a router bias without `router_weight`",
+            ));
+        }
+        return Ok(None);
+    };
+    weight.expect_dtype("router_weight", &[DType::F32, DType::BF16])?;
+    weight.expect_shape("router_weight", &[e, h])?;
+    let values = weight.to_f32_vec("router_weight")?;
+    if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+        return Err(MoeError::invalid(
+            "tensor `router_weight`",
+            format!("element [{}, {}] is {}, not a finite number", i / h.max(1), i % h.max(1), values[i]),
+        ));
+    }
+    if let Some(i) = linear_bias.as_ref().and_then(|b| b.iter().position(|v| !v.is_finite())) {
+        return Err(MoeError::invalid(
+            "tensor `router_linear_bias`",
+            format!("element [{i}] is not a finite number"),
+        ));
+    }
+    Ok(Some(Router { weight, linear_bias }))
+}
+
 /// Reads and validates a layer file. The expert weights stay borrowed from the memory map.
 pub fn read_layer(path: &Path) -> Result<MoeLayer> {
     let file = MappedFile::open(path)?;
@@ -465,6 +513,12 @@ pub fn projection_tensors(name: &str, t: &QuantizedTensor, out: &mut Vec<(String
 /// Writes a layer file atomically. The layer must hold all experts and the whole I: an EP/TP shard
 /// is not a layer file (its E and I would not describe the layer it came from).
 pub fn write_layer(path: &Path, layer: &MoeLayer) -> Result<()> {
+    write_layer_with_router(path, layer, None)
+}
+
+/// [`write_layer`] with the layer's router beside it ([`Router`]), as `convert` writes a
+/// checkpoint's layer.
+pub fn write_layer_with_router(path: &Path, layer: &MoeLayer, router: Option<&Router>) -> Result<()> {
     let (c, w) = (layer.config(), layer.weights());
     if c.local_experts != (0..c.num_experts) || !c.parallelism.is_single() {
         return Err(MoeError::invalid(
@@ -494,6 +548,13 @@ pub fn write_layer(path: &Path, layer: &MoeLayer) -> Result<()> {
     ] {
         if let Some(s) = s {
             tensors.push((name.to_string(), HostTensor::from_f32(vec![], &[s])));
+        }
+    }
+    if let Some(r) = router {
+        r.weight.expect_shape("router_weight", &[e, h])?;
+        tensors.push(("router_weight".into(), r.weight.clone()));
+        if let Some(b) = &r.linear_bias {
+            tensors.push(("router_linear_bias".into(), HostTensor::from_f32(vec![e], b)));
         }
     }
     write_tensors(path, &tensors, layer_metadata(c))
