@@ -72,7 +72,13 @@ fn rel_err(got: &[f64], want: &[f64]) -> f64 {
 
 /// A decoded format's weight (e, r, c) read from its tiled layout the way the kernel's threads
 /// find it (`prepare::tile_position`), times its block scale (and nvfp4's global).
-fn tiled_weight(t: &prepare::PreparedTensor, wf: WeightFormat, e: usize, r: usize, c: usize) -> f64 {
+fn tiled_weight(
+    t: &prepare::PreparedTensor,
+    wf: WeightFormat,
+    e: usize,
+    r: usize,
+    c: usize,
+) -> f64 {
     use moerunner::formats::{e2m1, e4m3};
     let (wb, sb) = match wf {
         WeightFormat::Mxfp8 => (64, 2),
@@ -105,12 +111,22 @@ fn tiled_weight(t: &prepare::PreparedTensor, wf: WeightFormat, e: usize, r: usiz
 
 /// Rows of `v` quantized and dequantized as the layer's activation format does it for GEMM1
 /// (`second` false) or GEMM2.
-fn quantize_like_layer(cfg: &LayerConfig, layer: &moerunner::MoeLayer, v: &[f64], second: bool) -> Vec<f64> {
+fn quantize_like_layer(
+    cfg: &LayerConfig,
+    layer: &moerunner::MoeLayer,
+    v: &[f64],
+    second: bool,
+) -> Vec<f64> {
     let w = layer.weights();
-    let stat = if second { w.w2_input_scale } else { w.w13_input_scale };
+    let stat = if second {
+        w.w2_input_scale
+    } else {
+        w.w13_input_scale
+    };
     let xf: Vec<f32> = v.iter().map(|&x| x as f32).collect();
-    let q = moerunner::formats::act_quant::quantize_rows(cfg.activation_format, &xf, 1, v.len(), stat)
-        .expect("quantize");
+    let q =
+        moerunner::formats::act_quant::quantize_rows(cfg.activation_format, &xf, 1, v.len(), stat)
+            .expect("quantize");
     let mut out = vec![0f64; v.len()];
     q.dequantize_row_f64(0, &mut out);
     out
@@ -239,7 +255,8 @@ fn prepared_layout_computes_the_reference_layer() {
                     let xq = quantize_like_layer(&cfg, &layer, &xd, false);
                     let got = prepared_expert_output(&p, &cfg, &layer, e, &xq);
                     let err = rel_err(&got, &want);
-                    let tol = moerunner::config::tolerance(cfg.weight_format, cfg.activation_format);
+                    let tol =
+                        moerunner::config::tolerance(cfg.weight_format, cfg.activation_format);
                     println!("seed={seed} {wf} {order:?} {act} expert {e}: err {err:.2e}");
                     assert!(
                         err <= tol,
@@ -532,7 +549,11 @@ fn gpu_every_format_routing_method_and_activation() {
                     seed,
                     64,
                 );
-                assert_within(err, &cfg, &format!("seed={seed} {wf}×{} {method} {act}", codec.1));
+                assert_within(
+                    err,
+                    &cfg,
+                    &format!("seed={seed} {wf}×{} {method} {act}", codec.1),
+                );
             }
         }
     }
@@ -642,7 +663,11 @@ fn gpu_odd_sizes_many_experts_and_input_dtypes() {
         let wf = codec.0;
         for (i, (e, h, inter, routing, mode, dtype)) in shapes.iter().enumerate() {
             let seed = 0x0DD5 + i as u64;
-            let act = if wf == WeightFormat::Nvfp4 { Activation::Relu2 } else { Activation::OAI_DEFAULT };
+            let act = if wf == WeightFormat::Nvfp4 {
+                Activation::Relu2
+            } else {
+                Activation::OAI_DEFAULT
+            };
             let cfg = config_codec(codec, *e, *h, *inter, act, routing.clone());
             let err = gpu_vs_reference(&runner, &cfg, 77, *mode, *dtype, seed, 77);
             assert_within(
@@ -657,46 +682,51 @@ fn gpu_odd_sizes_many_experts_and_input_dtypes() {
 #[test]
 fn gpu_ep_rank_with_every_token_elsewhere_returns_zeros() {
     let Some(runner) = gpu_runner() else { return };
-    let full = config(
-        WeightFormat::Bf16,
-        8,
-        256,
-        128,
-        Activation::Swiglu,
-        RoutingConfig::new(RoutingMethod::Renormalize, 2),
-    );
-    let layer = random_layer(&full, 5, false).expect("layer");
-    let rank1 = moerunner::shard::shard(
-        &layer,
-        Parallelism {
-            ep_size: 2,
-            ep_rank: 1,
-            tp_size: 1,
-            tp_rank: 0,
-        },
-    )
-    .expect("shard");
-    // Every token routes to experts 0..4, all on rank 0.
-    let t = 9;
-    let ids: Vec<i32> = (0..t * 2).map(|i| (i % 4) as i32).collect();
-    let ids_t = moerunner::HostTensor::from_i32(vec![t, 2], &ids);
-    let w = moerunner::HostTensor::from_f32(vec![t, 2], &vec![0.5; t * 2]);
-    let x = moerunner::HostTensor::from_f32(vec![t, 256], &vec![0.25; t * 256]);
-    let loaded = runner.load(rank1, &cuda()).expect("load");
-    let out = loaded
-        .forward(&ForwardInput {
-            hidden: &x,
-            routing: moerunner::RoutingInput::TopK {
-                ids: &ids_t,
-                weights: &w,
+    for codec in CUDA_CODECS {
+        println!("every token elsewhere: {}×{}", codec.0, codec.1);
+        let full = config_codec(
+            codec,
+            8,
+            256,
+            128,
+            Activation::Swiglu,
+            RoutingConfig::new(RoutingMethod::Renormalize, 2),
+        );
+        let layer = random_layer(&full, 5, false).expect("layer");
+        let rank1 = moerunner::shard::shard(
+            &layer,
+            Parallelism {
+                ep_size: 2,
+                ep_rank: 1,
+                tp_size: 1,
+                tp_rank: 0,
             },
-        })
-        .expect("forward");
-    let v = out.output.to_f32_vec("out").expect("f32");
-    assert!(
-        v.iter().all(|&x| x == 0.0),
-        "non-local tokens must give zero rows (poisoned output not overwritten?)"
-    );
+        )
+        .expect("shard");
+        // Every token routes to experts 0..4, all on rank 0.
+        let t = 9;
+        let ids: Vec<i32> = (0..t * 2).map(|i| (i % 4) as i32).collect();
+        let ids_t = moerunner::HostTensor::from_i32(vec![t, 2], &ids);
+        let w = moerunner::HostTensor::from_f32(vec![t, 2], &vec![0.5; t * 2]);
+        let x = moerunner::HostTensor::from_f32(vec![t, 256], &vec![0.25; t * 256]);
+        let loaded = runner.load(rank1, &cuda()).expect("load");
+        let out = loaded
+            .forward(&ForwardInput {
+                hidden: &x,
+                routing: moerunner::RoutingInput::TopK {
+                    ids: &ids_t,
+                    weights: &w,
+                },
+            })
+            .expect("forward");
+        let v = out.output.to_f32_vec("out").expect("f32");
+        assert!(
+            v.iter().all(|&x| x == 0.0),
+            "{}×{}: non-local tokens must give zero rows (poisoned output not overwritten?)",
+            codec.0,
+            codec.1
+        );
+    }
 }
 
 #[test]
@@ -1003,7 +1033,9 @@ fn gpu_row_quantizers_match_the_cpu_bit_for_bit() {
     let mut rng = moerunner::rng::SeededRng::new(seed);
     let mut x = vec![0f32; rows * cols];
     for (r, row) in x.chunks_mut(cols).enumerate() {
-        let mag = [1.0f32, 1e-3, 3e4, 1e-39, 0.0, 7.0, 1.0, 448.0, 1e-20, 2.0, 1.0, 5e37][r];
+        let mag = [
+            1.0f32, 1e-3, 3e4, 1e-39, 0.0, 7.0, 1.0, 448.0, 1e-20, 2.0, 1.0, 5e37,
+        ][r];
         for (c, v) in row.iter_mut().enumerate() {
             *v = match (r, c % 7) {
                 // exact ties of E2M1 (0.25, 0.75, 1.25, 2.5, 5 times a power of two) and of E4M3
@@ -1041,9 +1073,16 @@ fn gpu_row_quantizers_match_the_cpu_bit_for_bit() {
         )
         .expect("launch");
         dev.sync().expect("sync");
-        let o = dev.read(&out, rows * stride * mode.element_bytes()).expect("read");
+        let o = dev
+            .read(&out, rows * stride * mode.element_bytes())
+            .expect("read");
         let s = dev.read(&scales, rows * (stride / 128) * 4).expect("read");
-        (o, s.chunks(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect())
+        (
+            o,
+            s.chunks(4)
+                .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+                .collect(),
+        )
     };
     let bf16_at = |o: &[u8], i: usize| u16::from_le_bytes([o[2 * i], o[2 * i + 1]]);
     for (mode, format) in [
@@ -1059,7 +1098,9 @@ fn gpu_row_quantizers_match_the_cpu_bit_for_bit() {
         let nb = q.blocks_per_row();
         let mut checked = 0;
         for r in 0..rows {
-            let row_amax = x[r * cols..(r + 1) * cols].iter().fold(0f32, |m, v| m.max(v.abs()));
+            let row_amax = x[r * cols..(r + 1) * cols]
+                .iter()
+                .fold(0f32, |m, v| m.max(v.abs()));
             let global = match format {
                 ActivationFormat::Nvfp4PerToken => row_amax / weight_quant::NVFP4_GLOBAL_DIVISOR,
                 _ => stat,
@@ -1067,8 +1108,15 @@ fn gpu_row_quantizers_match_the_cpu_bit_for_bit() {
             for c in 0..stride {
                 let i = r * stride + c;
                 if c >= cols {
-                    let zero = if mode.element_bytes() == 2 { bf16_at(&o, i) == 0 } else { o[i] == 0 };
-                    assert!(zero, "seed {seed} {format}: padding column {c} of row {r} not zero");
+                    let zero = if mode.element_bytes() == 2 {
+                        bf16_at(&o, i) == 0
+                    } else {
+                        o[i] == 0
+                    };
+                    assert!(
+                        zero,
+                        "seed {seed} {format}: padding column {c} of row {r} not zero"
+                    );
                     continue;
                 }
                 let v = q.values[r * cols + c];
@@ -1089,7 +1137,11 @@ fn gpu_row_quantizers_match_the_cpu_bit_for_bit() {
                         bf16::encode(v * dec) as u32
                     }
                 };
-                let got_bits = if mode.element_bytes() == 2 { bf16_at(&o, i) as u32 } else { o[i] as u32 };
+                let got_bits = if mode.element_bytes() == 2 {
+                    bf16_at(&o, i) as u32
+                } else {
+                    o[i] as u32
+                };
                 assert_eq!(
                     got_bits, want_bits,
                     "seed {seed} {format}: row {r} column {c} x = {:e}: GPU {got_bits:#x}, CPU {want_bits:#x}",
@@ -1100,7 +1152,11 @@ fn gpu_row_quantizers_match_the_cpu_bit_for_bit() {
             match mode {
                 RowQuant::E4m3Block128 => {
                     for b in 0..nb {
-                        assert_eq!(s[r * 2 + b].to_bits(), q.scales[r * nb + b].to_bits(), "{format} row {r} scale {b}");
+                        assert_eq!(
+                            s[r * 2 + b].to_bits(),
+                            q.scales[r * nb + b].to_bits(),
+                            "{format} row {r} scale {b}"
+                        );
                     }
                 }
                 RowQuant::Nvfp4StaticAsBf16 | RowQuant::Nvfp4TokenAsBf16 => {
@@ -1116,10 +1172,14 @@ fn gpu_row_quantizers_match_the_cpu_bit_for_bit() {
         let (on, _) = run(mode, &xn);
         if mode.element_bytes() == 2 && mode != RowQuant::Bf16 {
             let is_nan = |i: usize| half::bf16::from_bits(bf16_at(&on, i)).is_nan();
-            assert!((0..cols).any(|c| is_nan(3 * stride + c)), "{format}: the NaN vanished");
+            assert!(
+                (0..cols).any(|c| is_nan(3 * stride + c)),
+                "{format}: the NaN vanished"
+            );
             for r in (0..rows).filter(|&r| r != 3) {
                 assert!(
-                    (0..stride).all(|c| bf16_at(&on, r * stride + c) == bf16_at(&o, r * stride + c)),
+                    (0..stride)
+                        .all(|c| bf16_at(&on, r * stride + c) == bf16_at(&o, r * stride + c)),
                     "{format}: a NaN in row 3 changed row {r}"
                 );
             }
@@ -1132,13 +1192,33 @@ fn gpu_row_quantizers_match_the_cpu_bit_for_bit() {
 #[test]
 fn preparation_states_its_padding_and_cost() {
     for (wf, h, inter, act, want) in [
-        (WeightFormat::Mxfp4, 2880, 256, Activation::OAI_DEFAULT, "H 2880 → 2944, I = 256"),
-        (WeightFormat::Nvfp4, 256, 1856, Activation::Relu2, "H = 256, I 1856 → 1920"),
+        (
+            WeightFormat::Mxfp4,
+            2880,
+            256,
+            Activation::OAI_DEFAULT,
+            "H 2880 → 2944, I = 256",
+        ),
+        (
+            WeightFormat::Nvfp4,
+            256,
+            1856,
+            Activation::Relu2,
+            "H = 256, I 1856 → 1920",
+        ),
     ] {
-        let cfg = config(wf, 2, h, inter, act, RoutingConfig::new(RoutingMethod::Renormalize, 1));
+        let cfg = config(
+            wf,
+            2,
+            h,
+            inter,
+            act,
+            RoutingConfig::new(RoutingMethod::Renormalize, 1),
+        );
         let layer = random_layer(&cfg, 3, true).expect("layer");
-        let codec = moerunner::backend::cuda::codec::codec_of(cfg.weight_format, cfg.activation_format)
-            .expect("codec");
+        let codec =
+            moerunner::backend::cuda::codec::codec_of(cfg.weight_format, cfg.activation_format)
+                .expect("codec");
         let p = prepare::prepare_weights(&cfg, codec, layer.weights());
         let w = layer.weights();
         let own = w.w13.byte_size() + w.w2.byte_size();
@@ -1226,11 +1306,13 @@ fn assert_same_quantized(
     }
     assert_eq!(got.data.len(), want.data.len(), "{what}: data length");
     let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-    let first_diff = |a: &[u32], b: &[u32]| (0..a.len().max(b.len())).find(|&i| a.get(i) != b.get(i));
+    let first_diff =
+        |a: &[u32], b: &[u32]| (0..a.len().max(b.len())).find(|&i| a.get(i) != b.get(i));
     let (g, w) = match (&got.scales, &want.scales) {
         (BlockScales::PerExpert(g), BlockScales::PerExpert(w))
         | (BlockScales::Block128(g), BlockScales::Block128(w)) => (bits(g), bits(w)),
-        (BlockScales::Ue8m0(g), BlockScales::Ue8m0(w)) | (BlockScales::E4m3(g), BlockScales::E4m3(w)) => (
+        (BlockScales::Ue8m0(g), BlockScales::Ue8m0(w))
+        | (BlockScales::E4m3(g), BlockScales::E4m3(w)) => (
             g.iter().map(|b| *b as u32).collect(),
             w.iter().map(|b| *b as u32).collect(),
         ),
@@ -1241,7 +1323,11 @@ fn assert_same_quantized(
     }
     let (g, w) = (bits(&got.global_scales), bits(&want.global_scales));
     if let Some(i) = first_diff(&g, &w) {
-        panic!("{what}: global scale {i}: GPU {:?}, CPU {:?} (bits)", g.get(i), w.get(i));
+        panic!(
+            "{what}: global scale {i}: GPU {:?}, CPU {:?} (bits)",
+            g.get(i),
+            w.get(i)
+        );
     }
 }
 
@@ -1287,7 +1373,9 @@ fn gpu_weight_quantizer_matches_the_cpu_bit_for_bit() {
             global_scales: Vec::new(),
         };
         // given nvfp4 globals: small ones saturate the E4M3 block scale (and E2M1 at 6)
-        let given: Vec<f32> = (0..experts).map(|e| [1e-3f32, 1.0, 3e-5, 0.02, 7.5][e % 5]).collect();
+        let given: Vec<f32> = (0..experts)
+            .map(|e| [1e-3f32, 1.0, 3e-5, 0.02, 7.5][e % 5])
+            .collect();
         for format in formats {
             for globals in [None, Some(given.as_slice())] {
                 if globals.is_some() && format != WeightFormat::Nvfp4 {
@@ -1295,29 +1383,54 @@ fn gpu_weight_quantizer_matches_the_cpu_bit_for_bit() {
                 }
                 let what = format!(
                     "seed {seed:#x} [{experts}, {rows}, {cols}] {format}{}",
-                    if globals.is_some() { " (given globals)" } else { "" }
+                    if globals.is_some() {
+                        " (given globals)"
+                    } else {
+                        ""
+                    }
                 );
                 let want = quantize_weights(format, experts, rows, cols, &values, globals);
-                let sources = [
-                    (DType::F32, &f32_buf),
-                    (DType::BF16, &bf16_buf),
-                ];
+                let sources = [(DType::F32, &f32_buf), (DType::BF16, &bf16_buf)];
                 for (dtype, buf) in sources {
-                    let src = WeightSource::from_buf(buf, dtype, experts, rows, cols).expect("source");
+                    let src =
+                        WeightSource::from_buf(buf, dtype, experts, rows, cols).expect("source");
                     let got = q.quantize(&src, format, globals, "w_test");
                     match (&want, got) {
-                        (Ok(w), Ok(g)) => assert_same_quantized(&g, w, &values, &format!("{what} from {}", dtype.name())),
+                        (Ok(w), Ok(g)) => assert_same_quantized(
+                            &g,
+                            w,
+                            &values,
+                            &format!("{what} from {}", dtype.name()),
+                        ),
                         (Err(_), Err(e)) => println!("{what}: refused by both ({e})"),
-                        (w, g) => panic!("{what} from {}: CPU {:?}, GPU {:?}", dtype.name(), w.as_ref().err(), g.err()),
+                        (w, g) => panic!(
+                            "{what} from {}: CPU {:?}, GPU {:?}",
+                            dtype.name(),
+                            w.as_ref().err(),
+                            g.err()
+                        ),
                     }
                 }
                 // the host entry in chunks of one and two experts (several launch sequences)
                 for chunk in [1, 2] {
-                    let got = q.quantize_host_in_chunks(&bf16_host, format, globals, "w_test", chunk * rows * cols * 2);
+                    let got = q.quantize_host_in_chunks(
+                        &bf16_host,
+                        format,
+                        globals,
+                        "w_test",
+                        chunk * rows * cols * 2,
+                    );
                     match (&want, got) {
-                        (Ok(w), Ok(g)) => assert_same_quantized(&g, w, &values, &format!("{what} host, {chunk} experts a chunk")),
+                        (Ok(w), Ok(g)) => assert_same_quantized(
+                            &g,
+                            w,
+                            &values,
+                            &format!("{what} host, {chunk} experts a chunk"),
+                        ),
                         (Err(_), Err(_)) => {}
-                        (w, g) => panic!("{what} host: CPU {:?}, GPU {:?}", w.as_ref().err(), g.err()),
+                        (w, g) => {
+                            panic!("{what} host: CPU {:?}, GPU {:?}", w.as_ref().err(), g.err())
+                        }
                     }
                 }
                 if want.is_ok() {
@@ -1327,14 +1440,24 @@ fn gpu_weight_quantizer_matches_the_cpu_bit_for_bit() {
         }
         // A non-bf16 host tensor (fp8_block) is decoded to f32 on the CPU, then quantized on the GPU.
         if cols % 32 == 0 {
-            let block = quantize_weights(WeightFormat::Fp8Block, experts, rows, cols, &values, None).expect("cpu");
+            let block =
+                quantize_weights(WeightFormat::Fp8Block, experts, rows, cols, &values, None)
+                    .expect("cpu");
             let mut decoded = vec![0f32; experts * rows * cols];
             for (e, chunk) in decoded.chunks_mut(rows * cols).enumerate() {
                 block.decode_rows_f32(e, 0..rows, chunk);
             }
-            let want = quantize_weights(WeightFormat::Mxfp8, experts, rows, cols, &decoded, None).expect("cpu");
-            let got = q.quantize_host(&block, WeightFormat::Mxfp8, None, "w_test").expect("gpu");
-            assert_same_quantized(&got, &want, &decoded, &format!("seed {seed:#x} fp8_block -> mxfp8 host"));
+            let want = quantize_weights(WeightFormat::Mxfp8, experts, rows, cols, &decoded, None)
+                .expect("cpu");
+            let got = q
+                .quantize_host(&block, WeightFormat::Mxfp8, None, "w_test")
+                .expect("gpu");
+            assert_same_quantized(
+                &got,
+                &want,
+                &decoded,
+                &format!("seed {seed:#x} fp8_block -> mxfp8 host"),
+            );
         }
     }
 }
@@ -1392,9 +1515,9 @@ fn gpu_weight_quantizer_refuses_non_finite_weights() {
     let values = weight_quant_values(seed, 1, rows, cols);
     let buf = dev.upload_f32(&values).expect("upload");
     let src = WeightSource::from_buf(&buf, DType::F32, 1, rows, cols).expect("source");
-    q.quantize(&src, WeightFormat::Mxfp8, None, "after").expect("finite weights quantize");
+    q.quantize(&src, WeightFormat::Mxfp8, None, "after")
+        .expect("finite weights quantize");
 }
-
 
 // ---------------------------------------------------------------------------------------------
 // The dense linear layer (`moerunner::dense`) through the grouped GEMM as one expert.
@@ -1409,7 +1532,11 @@ fn dense_prepared_layout_computes_the_reference() {
     use moerunner::formats::e4m3;
     for format in DenseFormat::ALL {
         let (m, n) = (3, 130);
-        let k = if format == DenseFormat::Mxfp8 { 96 } else { 200 };
+        let k = if format == DenseFormat::Mxfp8 {
+            96
+        } else {
+            200
+        };
         let lin = DenseLinear::random(format, n, k, 5).expect("weights");
         let codec = moerunner::backend::cuda::codec::codec_of(
             format.weight_format(),
@@ -1435,7 +1562,10 @@ fn dense_prepared_layout_computes_the_reference() {
                 let y: f64 = (0..p.cols).map(|c| xr[c] * w(j, c)).sum();
                 if j < n {
                     let r_ = want[r * n + j];
-                    assert!((y - r_).abs() <= 1e-12 * r_.abs().max(1.0), "{format} ({r}, {j}): {y} vs {r_}");
+                    assert!(
+                        (y - r_).abs() <= 1e-12 * r_.abs().max(1.0),
+                        "{format} ({r}, {j}): {y} vs {r_}"
+                    );
                 } else {
                     assert_eq!(y, 0.0, "{format}: padding row {j}");
                 }
@@ -1450,7 +1580,17 @@ fn dense_prepared_layout_computes_the_reference() {
 #[test]
 fn dense_tile_list_covers_every_row_once() {
     use moerunner::backend::cuda::dense::{pick_bn, tile_list};
-    assert_eq!([pick_bn(1), pick_bn(16), pick_bn(17), pick_bn(64), pick_bn(65), pick_bn(8192)], [16, 16, 32, 64, 128, 128]);
+    assert_eq!(
+        [
+            pick_bn(1),
+            pick_bn(16),
+            pick_bn(17),
+            pick_bn(64),
+            pick_bn(65),
+            pick_bn(8192)
+        ],
+        [16, 16, 32, 64, 128, 128]
+    );
     for m in [0, 1, 7, 128, 300, 8192] {
         let bn = pick_bn(m) as usize;
         let (e, s, t) = tile_list(m, bn);
@@ -1492,12 +1632,18 @@ fn gpu_dense_linear_matches_the_reference() {
                 let got = gpu.forward(&x).expect("forward");
                 assert_eq!(got.len(), m * n);
                 let nan = got.iter().filter(|v| v.is_nan()).count();
-                assert_eq!(nan, 0, "{format} M={m} {dtype}: {nan} outputs never written (NaN)");
+                assert_eq!(
+                    nan, 0,
+                    "{format} M={m} {dtype}: {nan} outputs never written (NaN)"
+                );
                 let want = lin.reference(&x).expect("reference");
                 let got: Vec<f64> = got.iter().map(|&v| v as f64).collect();
                 let err = relative_error(&got, &want);
                 println!("dense {format} M={m} N={n} K={k} {dtype}: rel_err {err:.3e}");
-                assert!(err <= format.tolerance(), "dense {format} M={m} {dtype}: rel_err {err:.3e}");
+                assert!(
+                    err <= format.tolerance(),
+                    "dense {format} M={m} {dtype}: rel_err {err:.3e}"
+                );
             }
         }
         let x = random_input(64, k, DType::BF16, 5).expect("x");
@@ -1521,7 +1667,13 @@ fn decoded_tiles_give_back_every_weight_exactly() {
             let mag = match e {
                 0 => 1.0,
                 1 => 3e5, // large scales: shifted into the epilogue
-                _ => if c < 16 { 0.0 } else { 1e-3 }, // zero blocks (NVFP4 scale 0)
+                _ => {
+                    if c < 16 {
+                        0.0
+                    } else {
+                        1e-3
+                    }
+                } // zero blocks (NVFP4 scale 0)
             };
             rng.uniform(-1.0, 1.0) * mag
         })
@@ -1535,7 +1687,12 @@ fn decoded_tiles_give_back_every_weight_exactly() {
         let (rows_p, cols_p) = (256, 128);
         let (data, scales) =
             prepare::tile_decoded(&t, rows_p, cols_p, &|r| (r < rows).then_some(r), wb_sb);
-        let p = prepare::PreparedTensor { rows: rows_p, cols: cols_p, data, scales };
+        let p = prepare::PreparedTensor {
+            rows: rows_p,
+            cols: cols_p,
+            data,
+            scales,
+        };
         let mut want = vec![0f64; cols];
         for e in 0..experts {
             for r in 0..rows_p {
@@ -1545,13 +1702,19 @@ fn decoded_tiles_give_back_every_weight_exactly() {
                 for c in 0..cols_p {
                     let w = if r < rows && c < cols { want[c] } else { 0.0 };
                     let got = tiled_weight(&p, wf, e, r, c);
-                    assert_eq!(got, w, "{wf} expert {e} ({r}, {c}): tile gives {got}, the tensor {w}");
+                    assert_eq!(
+                        got, w,
+                        "{wf} expert {e} ({r}, {c}): tile gives {got}, the tensor {w}"
+                    );
                 }
             }
         }
         println!("{wf}: epilogue factors {:?}", p.scales);
         if wf != WeightFormat::Nvfp4 {
-            assert!(p.scales[1] > 1.0, "{wf}: expert 1's large scales must shift into its factor");
+            assert!(
+                p.scales[1] > 1.0,
+                "{wf}: expert 1's large scales must shift into its factor"
+            );
         }
     }
 }
@@ -1568,5 +1731,10 @@ fn the_gpu_supports_every_case_check_draws() {
             unsupported.push(format!("seed {seed}: {why}"));
         }
     }
-    assert!(unsupported.is_empty(), "{} of 3000 cases unsupported: {:?}", unsupported.len(), &unsupported[..unsupported.len().min(5)]);
+    assert!(
+        unsupported.is_empty(),
+        "{} of 3000 cases unsupported: {:?}",
+        unsupported.len(),
+        &unsupported[..unsupported.len().min(5)]
+    );
 }
