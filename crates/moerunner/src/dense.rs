@@ -375,23 +375,8 @@ pub fn random_input(m: usize, k: usize, dtype: DType, seed: u64) -> Result<HostT
     Ok(HostTensor::encode_f32(dtype, vec![m, k], &v))
 }
 
-/// ‖out − ref‖₂ / ‖ref‖₂ in f64. NaN anywhere in `out` (or lengths that differ) gives NaN, which
-/// passes no tolerance; an all-zero reference gives 0 for an all-zero output and ∞ otherwise.
-pub fn relative_error(out: &[f64], reference: &[f64]) -> f64 {
-    if out.len() != reference.len() || out.iter().any(|v| v.is_nan()) {
-        return f64::NAN;
-    }
-    let num: f64 = out
-        .iter()
-        .zip(reference)
-        .map(|(o, r)| (o - r) * (o - r))
-        .sum();
-    let den: f64 = reference.iter().map(|r| r * r).sum();
-    if den == 0.0 {
-        return if num == 0.0 { 0.0 } else { f64::INFINITY };
-    }
-    (num / den).sqrt()
-}
+/// The relative-norm error every check of this project uses (`config::relative_error`).
+pub use crate::config::relative_error;
 
 /// Whether `err` passes `tol` (NaN never does).
 pub fn within(err: f64, tol: f64) -> bool {

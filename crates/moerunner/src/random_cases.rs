@@ -299,23 +299,8 @@ impl fmt::Display for Case {
     }
 }
 
-/// ‖out − ref‖₂ / ‖ref‖₂ in f64. NaN anywhere in `out` gives NaN; an all-zero reference gives 0
-/// for an all-zero output and ∞ otherwise.
-pub fn relative_error(out: &[f64], reference: &[f64]) -> f64 {
-    if out.len() != reference.len() || out.iter().any(|v| v.is_nan()) {
-        return f64::NAN;
-    }
-    let num: f64 = out
-        .iter()
-        .zip(reference)
-        .map(|(o, r)| (o - r) * (o - r))
-        .sum();
-    let den: f64 = reference.iter().map(|r| r * r).sum();
-    if den == 0.0 {
-        return if num == 0.0 { 0.0 } else { f64::INFINITY };
-    }
-    (num / den).sqrt()
-}
+/// The relative-norm error every check of this project uses (`config::relative_error`).
+pub use crate::config::relative_error;
 
 /// Runs case `seed` on `backend` through a fresh [`Runner`].
 pub fn run_case(seed: u64, backend: &BackendChoice) -> CaseResult {

@@ -209,6 +209,23 @@ fn check_weight_values(
     Ok(n)
 }
 
+/// nvfp4's given per-expert global scales, checked: one per expert, each finite and positive.
+pub fn checked_global_scales(g: &[f32], experts: usize) -> Result<Vec<f32>> {
+    if g.len() != experts {
+        return Err(MoeError::invalid(
+            "quantize_weights: `global_scales`",
+            format!("{} values for {experts} experts (one per expert)", g.len()),
+        ));
+    }
+    if let Some(i) = g.iter().position(|v| !(v.is_finite() && *v > 0.0)) {
+        return Err(MoeError::invalid(
+            "quantize_weights: `global_scales`",
+            format!("value at index {i} is {}, not a finite positive number", g[i]),
+        ));
+    }
+    Ok(g.to_vec())
+}
+
 /// nvfp4's per-expert global scales: the caller's (checked), else amax / NVFP4_GLOBAL_DIVISOR of each expert;
 /// empty for other formats.
 fn weight_globals(
@@ -219,24 +236,7 @@ fn weight_globals(
     global_scales: Option<&[f32]>,
 ) -> Result<Vec<f32>> {
     Ok(match (format, global_scales) {
-        (WeightFormat::Nvfp4, Some(g)) => {
-            if g.len() != experts {
-                return Err(MoeError::invalid(
-                    "quantize_weights: `global_scales`",
-                    format!("{} values for {experts} experts (one per expert)", g.len()),
-                ));
-            }
-            if let Some(i) = g.iter().position(|v| !(v.is_finite() && *v > 0.0)) {
-                return Err(MoeError::invalid(
-                    "quantize_weights: `global_scales`",
-                    format!(
-                        "value at index {i} is {}, not a finite positive number",
-                        g[i]
-                    ),
-                ));
-            }
-            g.to_vec()
-        }
+        (WeightFormat::Nvfp4, Some(g)) => checked_global_scales(g, experts)?,
         (WeightFormat::Nvfp4, None) => (0..experts)
             .map(|e| {
                 let a = amax(&values[e * per_expert..(e + 1) * per_expert]);

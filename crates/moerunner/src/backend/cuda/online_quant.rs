@@ -600,24 +600,9 @@ fn check_shape(format: WeightFormat, experts: usize, rows: usize, cols: usize) -
     Ok(())
 }
 
-/// nvfp4's given globals: one per expert, finite and positive (as `quantize_weights` checks them).
+/// nvfp4's given globals, checked as `quantize_weights` checks them.
 fn checked_globals(g: &[f32], experts: usize) -> Result<Vec<f32>> {
-    if g.len() != experts {
-        return Err(MoeError::invalid(
-            "quantize_weights: `global_scales`",
-            format!("{} values for {experts} experts (one per expert)", g.len()),
-        ));
-    }
-    if let Some(i) = g.iter().position(|v| !(v.is_finite() && *v > 0.0)) {
-        return Err(MoeError::invalid(
-            "quantize_weights: `global_scales`",
-            format!(
-                "value at index {i} is {}, not a finite positive number",
-                g[i]
-            ),
-        ));
-    }
-    Ok(g.to_vec())
+    crate::formats::weight_quant::checked_global_scales(g, experts)
 }
 
 /// [`WeightQuantizer::quantize`] as one call (the kernels are compiled once per device and process).
