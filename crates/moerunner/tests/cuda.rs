@@ -1738,3 +1738,81 @@ fn the_gpu_supports_every_case_check_draws() {
         &unsupported[..unsupported.len().min(5)]
     );
 }
+
+/// A NaN in one token's hidden state reaches the kernels only through the device entry (the host
+/// path refuses non-finite inputs): it stays in that token's output row, for every codec — every
+/// other row is the bytes of the same call without the NaN.
+#[cfg(feature = "cuda")]
+#[test]
+fn gpu_a_nan_token_stays_in_its_own_row() {
+    use moerunner::backend::cuda::device_call::{DeviceCall, DeviceRoutes};
+    use moerunner::backend::cuda::layer::CudaLayer;
+    use std::sync::Arc;
+    if gpu_runner().is_none() {
+        return;
+    }
+    let backend = moerunner::backend::cuda::create_concrete().expect("cuda backend");
+    let dev = backend.device().clone();
+    let (t, h, bad) = (21usize, 256usize, 7usize);
+    for (i, codec) in CUDA_CODECS.into_iter().enumerate() {
+        let seed = 0x4A4E_0000 + i as u64;
+        println!("NaN token: {}×{} seed {seed}", codec.0, codec.1);
+        let cfg = config_codec(
+            codec,
+            16,
+            h,
+            128,
+            Activation::Swiglu,
+            RoutingConfig::new(RoutingMethod::Renormalize, 4),
+        );
+        let layer = Arc::new(random_layer(&cfg, seed, true).expect("layer"));
+        let input = random_input(&cfg, t, RoutingMode::Logits, DType::F32, seed).expect("input");
+        let cuda = CudaLayer::load(dev.clone(), layer).expect("load");
+        let logits = input.router_logits.as_ref().expect("logits");
+        let lg = dev.upload(&logits.bytes).expect("upload");
+        let run = |x: &[f32]| -> Vec<f32> {
+            let xb = dev.upload_f32(x).expect("upload");
+            let out = dev.upload(&vec![0xFF; t * h * 4]).expect("output"); // NaN-poisoned
+            let call = DeviceCall {
+                tokens: t,
+                hidden: xb.ptr(),
+                hidden_dtype: DType::F32,
+                routes: DeviceRoutes::Logits {
+                    ptr: lg.ptr(),
+                    dtype: logits.dtype,
+                },
+                out: out.ptr(),
+            };
+            // SAFETY: every buffer is a live allocation of the size the call implies.
+            unsafe { cuda.enqueue_on(&call, None) }.expect("enqueue");
+            dev.read(&out, t * h * 4)
+                .expect("read")
+                .chunks(4)
+                .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+                .collect()
+        };
+        let x = input.hidden.to_f32_vec("hidden").expect("x");
+        let clean = run(&x);
+        let mut xn = x.clone();
+        xn[bad * h + 3] = f32::NAN;
+        let dirty = run(&xn);
+        assert!(clean.iter().all(|v| v.is_finite()), "{}×{}: the clean run", codec.0, codec.1);
+        for r in (0..t).filter(|&r| r != bad) {
+            assert!(
+                clean[r * h..(r + 1) * h]
+                    .iter()
+                    .zip(&dirty[r * h..(r + 1) * h])
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{}×{} seed {seed}: token {bad}'s NaN changed token {r}",
+                codec.0,
+                codec.1
+            );
+        }
+        assert!(
+            dirty[bad * h..(bad + 1) * h].iter().any(|v| v.is_nan()),
+            "{}×{} seed {seed}: the NaN vanished from its token",
+            codec.0,
+            codec.1
+        );
+    }
+}
