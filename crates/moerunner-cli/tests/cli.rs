@@ -882,3 +882,38 @@ fn gemm_runs_its_default_on_the_cpu_within_tolerance() {
     let e = fails(&["gemm", "--backend", "tpu"]);
     assert!(e.contains("cpu, cuda or auto"), "{e}");
 }
+
+/// `run --ep 2 --comm nccl` on a machine without GPUs (or NCCL) stops with the reason, naming what
+/// is missing, and writes no output; `--comm nccl` with a CPU backend is refused by name.
+#[test]
+fn run_with_nccl_ranks_says_why_it_cannot() {
+    let d = std::env::temp_dir().join(format!("moerunner-nccl-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    let s = |p: &std::path::Path| p.to_str().unwrap().to_string();
+    let (layer, input, out) = (d.join("l.safetensors"), d.join("x.safetensors"), d.join("o.safetensors"));
+    let bin = env!("CARGO_BIN_EXE_moerunner");
+    let ok = |args: &[&str]| {
+        let o = std::process::Command::new(bin).args(args).output().unwrap();
+        assert!(o.status.success(), "{args:?}: {}", String::from_utf8_lossy(&o.stderr));
+    };
+    ok(&["make-layer", "--experts", "4", "--hidden", "64", "--intermediate", "32", "--top-k", "2", "--out", &s(&layer)]);
+    ok(&["make-input", "--layer", &s(&layer), "--tokens", "3", "--out", &s(&input)]);
+    let (ls, is, os) = (s(&layer), s(&input), s(&out));
+    for (extra, needle) in [(&["--backend", "cpu"][..], "--backend cuda"), (&[][..], "")] {
+        let mut args = vec!["run", "--layer", &ls, "--input", &is, "--output", &os, "--ep", "2", "--comm", "nccl"];
+        args.extend(extra);
+        let o = std::process::Command::new(bin).args(&args).output().unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        if o.status.success() {
+            // a machine with two GPUs and NCCL runs it
+            continue;
+        }
+        assert!(err.contains(needle), "{args:?}: {err}");
+        assert!(
+            needle != "" || err.contains("libcuda") || err.contains("libnccl") || err.contains("GPU"),
+            "{err}"
+        );
+        assert!(!out.exists(), "no output after a refusal");
+    }
+    let _ = std::fs::remove_dir_all(&d);
+}

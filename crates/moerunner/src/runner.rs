@@ -71,7 +71,16 @@ pub struct Runner {
 impl Runner {
     /// Every backend this build knows, in order of preference.
     pub fn new() -> Self {
-        let cuda = match backend::cuda::create() {
+        Self::with_cuda(backend::cuda::create())
+    }
+
+    /// [`Runner::new`] with the CUDA backend on GPU `ordinal` (one rank per GPU).
+    pub fn on_gpu(ordinal: usize) -> Self {
+        Self::with_cuda(backend::cuda::create_on(ordinal))
+    }
+
+    fn with_cuda(cuda: Result<Box<dyn backend::Backend>>) -> Self {
+        let cuda = match cuda {
             Ok(b) => Registered::Ready(b),
             Err(e) => Registered::Unavailable {
                 name: "cuda",

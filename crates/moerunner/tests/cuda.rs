@@ -1816,3 +1816,57 @@ fn gpu_a_nan_token_stays_in_its_own_row() {
         );
     }
 }
+
+/// NCCL ranks (`parallel::forward_nccl`): without a GPU or libnccl the group is refused with the
+/// reason; with one GPU, one NCCL rank gives the single-device output bit for bit, and the
+/// communicator's collectives (all-gather of uneven lengths, all-to-all with empty buffers) return
+/// what was sent.
+#[cfg(feature = "cuda")]
+#[test]
+fn gpu_nccl_one_rank_equals_one_device() {
+    use moerunner::parallel::nccl::NcclComm;
+    use moerunner::parallel::{Communicator, EpMode, ExpertMap, Layout};
+    use std::time::Duration;
+    let timeout = Duration::from_secs(60);
+    let Some(runner) = gpu_runner() else {
+        // no GPU: the group says why instead of panicking
+        let err = NcclComm::group(&[0], timeout).err().expect("no NCCL group without a GPU");
+        println!("without a GPU: {err}");
+        return;
+    };
+    if !moerunner::parallel::nccl::available() {
+        skip(Need::Gpu, "libnccl is not on the library path (NCCL tests need it)");
+        return;
+    }
+    let comms = NcclComm::group(&[0], timeout).expect("one NCCL rank");
+    let c = &comms[0];
+    assert_eq!(c.all_gather(b"abc").expect("all_gather"), vec![b"abc".to_vec()]);
+    assert_eq!(c.all_gather(&[]).expect("all_gather empty"), vec![Vec::<u8>::new()]);
+    assert_eq!(c.all_to_all_v(vec![vec![1, 2, 3]]).expect("a2a"), vec![vec![1, 2, 3]]);
+    assert_eq!(c.all_to_all_v(vec![vec![]]).expect("a2a empty"), vec![Vec::<u8>::new()]);
+    assert_eq!(c.all_reduce_sum(&[1.5, -2.0]).expect("sum"), vec![1.5, -2.0]);
+    drop(comms);
+
+    let cfg = config(
+        WeightFormat::Fp8Block,
+        8,
+        256,
+        128,
+        Activation::Swiglu,
+        RoutingConfig::new(RoutingMethod::Renormalize, 2),
+    );
+    let layer = random_layer(&cfg, 0x4CC1, false).expect("layer");
+    let input = random_input(&cfg, 33, RoutingMode::Logits, DType::BF16, 0x4CC2).expect("input");
+    let fwd = ForwardInput {
+        hidden: &input.hidden,
+        routing: input.routing_input(),
+    };
+    let single = runner.load(layer.clone(), &cuda()).expect("load").forward(&fwd).expect("forward");
+    let layout = Layout::new(ExpertMap::even(8, 1).expect("map"), 1, EpMode::AllToAll).expect("layout");
+    let ranked = moerunner::parallel::forward_nccl(&layer, &layout, &cuda(), &fwd, timeout)
+        .expect("one NCCL rank");
+    assert!(
+        ranked.output.bytes[..] == single.output.bytes[..],
+        "one NCCL rank differs from the single-device run"
+    );
+}

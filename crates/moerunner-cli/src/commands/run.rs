@@ -75,6 +75,10 @@ pub struct Args {
     /// rank stops with an error.
     #[arg(long, default_value_t = 600.0)]
     pub comm_timeout_s: f64,
+    /// With `--ep`/`--tp`: how ranks talk — `thread` (CPU ranks as threads of this process) or
+    /// `nccl` (rank r on GPU r through NCCL; as many GPUs as ranks, the CUDA backend).
+    #[arg(long, default_value = "thread", value_parser = ["thread", "nccl"])]
+    pub comm: String,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -317,14 +321,23 @@ fn run_split(
 ) -> anyhow::Result<()> {
     use moerunner::parallel::{self, EpMode, ExpertMap, Layout};
     let (ep, tp) = (args.ep.unwrap_or(1), args.tp.unwrap_or(1));
-    // Ranks are threads on this host's CPU (GPU ranks through NCCL come later).
+    // Ranks are threads of this process: on the CPU (`--comm thread`), or one per GPU talking
+    // through NCCL (`--comm nccl`, the CUDA backend).
+    let nccl = args.comm == "nccl";
     let choice = match choice {
+        BackendChoice::Auto if nccl => BackendChoice::Named("cuda".into()),
         BackendChoice::Auto => BackendChoice::Named("cpu".into()),
-        BackendChoice::Named(n) if n == "cuda" => {
-            anyhow::bail!("--ep/--tp run CPU ranks for now; use --backend cpu or reference")
+        BackendChoice::Named(n) if n == "cuda" && !nccl => {
+            anyhow::bail!("--ep/--tp with --backend cuda need --comm nccl (one GPU per rank); --comm thread runs CPU ranks")
+        }
+        BackendChoice::Named(n) if n != "cuda" && nccl => {
+            anyhow::bail!("--comm nccl runs GPU ranks: use --backend cuda (or auto)")
         }
         named => named,
     };
+    if nccl && args.checkpoint.is_some() {
+        anyhow::bail!("--comm nccl runs a layer file for now; convert the checkpoint's layer first (moerunner convert)");
+    }
     let config = layer.config().clone();
     let e = config.num_experts;
     let map = match &args.expert_map {
@@ -352,6 +365,7 @@ fn run_split(
         routing: input.routing_input(),
     };
     let out = match &args.checkpoint {
+        None if nccl => forward_nccl(&layer, &layout, &choice, &forward_input, timeout),
         None => parallel::forward_threads(&layer, &layout, &choice, &forward_input, timeout),
         Some(dir) => {
             // `layer` is rank 0's slice; every other rank reads its own.
@@ -439,4 +453,15 @@ fn spinner(msg: String) -> anyhow::Result<ProgressBar> {
     bar.set_message(msg);
     bar.enable_steady_tick(std::time::Duration::from_millis(120));
     Ok(bar)
+}
+
+/// `--comm nccl`: GPU ranks through NCCL (a build with the CUDA backend).
+fn forward_nccl(
+    layer: &moerunner::MoeLayer,
+    layout: &moerunner::parallel::Layout,
+    choice: &BackendChoice,
+    input: &ForwardInput<'_>,
+    timeout: std::time::Duration,
+) -> moerunner::Result<moerunner::ForwardOutput> {
+    moerunner::parallel::forward_nccl(layer, layout, choice, input, timeout)
 }

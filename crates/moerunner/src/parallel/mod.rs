@@ -19,6 +19,9 @@ pub mod thread_comm;
 
 mod a2a;
 mod gather;
+/// NCCL behind the same trait (one rank per GPU), with the `cuda` feature.
+#[cfg(feature = "cuda")]
+pub mod nccl;
 
 use std::ops::Range;
 use std::time::Duration;
@@ -392,9 +395,45 @@ pub fn forward_threads_with(
     timeout: Duration,
     load: impl Fn(usize) -> Result<RankLayer> + Sync,
 ) -> Result<ForwardOutput> {
+    let comms = ThreadComm::group(layout.ranks(), timeout)?;
+    forward_with_comms(comms, layout, input, load)
+}
+
+/// [`forward_threads`] with NCCL between the ranks: rank r runs on GPU r of this process (as many
+/// GPUs as ranks), loading its slice there, and the collectives go through
+/// [`nccl::NcclComm`]. One rank on one GPU is the single-GPU check of the NCCL path.
+#[cfg(feature = "cuda")]
+pub fn forward_nccl(
+    whole: &MoeLayer,
+    layout: &Layout,
+    choice: &BackendChoice,
+    input: &ForwardInput<'_>,
+    timeout: Duration,
+) -> Result<ForwardOutput> {
+    forward::validate_input(whole, input)?;
+    let ordinals: Vec<usize> = (0..layout.ranks()).collect();
+    let comms = nccl::NcclComm::group(&ordinals, timeout)?;
+    forward_with_comms(comms, layout, input, |rank| {
+        RankLayer::load(whole, layout, rank, &Runner::on_gpu(rank), choice)
+    })
+}
+
+/// The ranks of `layout` on one thread each, talking through `comms` (one per rank, in rank
+/// order), each loading its layer with `load(rank)` and owning a contiguous slice of the tokens.
+pub fn forward_with_comms<C: Communicator>(
+    comms: Vec<C>,
+    layout: &Layout,
+    input: &ForwardInput<'_>,
+    load: impl Fn(usize) -> Result<RankLayer> + Sync,
+) -> Result<ForwardOutput> {
     let ranks = layout.ranks();
+    if comms.len() != ranks {
+        return Err(MoeError::Comm {
+            rank: 0,
+            why: format!("{} communicators for {ranks} ranks", comms.len()),
+        });
+    }
     let tokens = input.hidden.shape.first().copied().unwrap_or(0);
-    let comms = ThreadComm::group(ranks, timeout)?;
     let slices = (0..ranks)
         .map(|r| {
             let s = token_slice(tokens, ranks, r);

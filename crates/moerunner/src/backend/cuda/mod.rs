@@ -156,10 +156,17 @@ mod backend_impl {
             dev: Device::open(ordinal)?,
         })
     }
+
+    /// The backend on GPU `ordinal` (one rank per GPU: `parallel::forward_nccl`).
+    pub fn create_on(ordinal: usize) -> Result<Box<dyn Backend>> {
+        Ok(Box::new(CudaBackend {
+            dev: Device::open(ordinal)?,
+        }))
+    }
 }
 
 #[cfg(feature = "cuda")]
-pub use backend_impl::{create, create_concrete, CudaBackend};
+pub use backend_impl::{create, create_concrete, create_on, CudaBackend};
 
 /// Without the `cuda` feature: the same entry point, always unavailable.
 #[cfg(not(feature = "cuda"))]
@@ -167,4 +174,10 @@ pub fn create() -> crate::error::Result<Box<dyn super::Backend>> {
     Err(crate::error::MoeError::Cuda(
         "this build has no CUDA backend (the `cuda` feature is off)".into(),
     ))
+}
+
+/// Without the `cuda` feature: always unavailable.
+#[cfg(not(feature = "cuda"))]
+pub fn create_on(_ordinal: usize) -> crate::error::Result<Box<dyn super::Backend>> {
+    create()
 }

@@ -1,0 +1,271 @@
+//! NCCL behind the [`Communicator`] trait: one rank per GPU of this process (ranks as threads, as
+//! `parallel::forward_threads_with` runs them), the group made at once with `ncclCommInitAll`
+//! through cudarc's NCCL bindings, loaded at run time like the rest of CUDA (a missing libnccl is
+//! an error naming the library, never a panic).
+//!
+//! The trait's calls move host byte buffers (its design note: device-buffer variants come later),
+//! so each call stages its bytes through device memory: the lengths first (an all-gather of
+//! u64s), then the bytes (an all-gather of padded buffers, or grouped `ncclSend`/`ncclRecv` for
+//! all-to-all). Every wait is bounded: the stream is polled until the call's work completes or the
+//! group's timeout passes, which poisons this rank's end (later calls fail at once, naming the
+//! reason) — NCCL's own kernels of a peer that never came are then left to the process's exit.
+//! NVLink multicast is kept off (`NCCL_NVLS_ENABLE=0`, unless the environment says otherwise).
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use cudarc::driver::{CudaContext, CudaSlice, CudaStream};
+use cudarc::nccl::safe::{group_end, group_start, Comm};
+
+use crate::error::{MoeError, Result};
+use super::Communicator;
+
+/// One rank's end of an NCCL group.
+pub struct NcclComm {
+    comm: Comm,
+    stream: Arc<CudaStream>,
+    rank: usize,
+    size: usize,
+    timeout: Duration,
+    /// Set by `abort` or a failed call: later calls fail with it.
+    poisoned: Mutex<Option<String>>,
+    /// One call at a time on this rank's communicator (NCCL's rule for a communicator).
+    busy: Mutex<()>,
+}
+
+// SAFETY: an NCCL communicator and its stream may be used from any thread as long as calls on it
+// are not concurrent; every call here holds `busy`.
+unsafe impl Send for NcclComm {}
+// SAFETY: as above: `busy` serialises every use of `comm`.
+unsafe impl Sync for NcclComm {}
+
+/// Whether libnccl can be loaded (checked before any NCCL call, which would panic without it).
+pub fn available() -> bool {
+    // SAFETY: only tries to dlopen the library.
+    unsafe { cudarc::nccl::sys::is_culib_present() }
+}
+
+impl NcclComm {
+    /// A group of one rank per GPU in `ordinals` (distinct: NCCL does not put two ranks of one
+    /// communicator on one device), in that order; each call waits for its peers at most
+    /// `timeout`.
+    pub fn group(ordinals: &[usize], timeout: Duration) -> Result<Vec<NcclComm>> {
+        let fail = |why: String| MoeError::Comm { rank: 0, why };
+        if ordinals.is_empty() {
+            return Err(fail("an NCCL group needs at least one GPU".into()));
+        }
+        let mut seen = ordinals.to_vec();
+        seen.sort_unstable();
+        seen.dedup();
+        if seen.len() != ordinals.len() {
+            return Err(fail(format!(
+                "GPUs {ordinals:?}: NCCL puts one rank of a group on each device, so they must differ"
+            )));
+        }
+        // SAFETY: only tries to dlopen libcuda (calling into a missing library would panic).
+        if !unsafe { cudarc::driver::sys::is_culib_present() } {
+            return Err(fail("no NVIDIA driver library (libcuda.so): NCCL ranks need GPUs".into()));
+        }
+        if !available() {
+            return Err(fail(
+                "libnccl (NCCL 2, e.g. the nvidia-nccl-cu13 wheel's lib folder) was not found on the library path"
+                    .into(),
+            ));
+        }
+        if std::env::var_os("NCCL_NVLS_ENABLE").is_none() {
+            // Before the first NCCL call of the process reads it (single-threaded here).
+            std::env::set_var("NCCL_NVLS_ENABLE", "0");
+        }
+        let streams = ordinals
+            .iter()
+            .map(|&o| {
+                let ctx = CudaContext::new(o)
+                    .map_err(|e| fail(format!("opening GPU {o} for NCCL: {e:?}")))?;
+                ctx.new_stream()
+                    .map_err(|e| fail(format!("a stream on GPU {o}: {e:?}")))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let comms = Comm::from_devices(streams.clone())
+            .map_err(|e| fail(format!("ncclCommInitAll over GPUs {ordinals:?}: {e:?}")))?;
+        let size = ordinals.len();
+        Ok(comms
+            .into_iter()
+            .zip(streams)
+            .enumerate()
+            .map(|(rank, (comm, stream))| NcclComm {
+                comm,
+                stream,
+                rank,
+                size,
+                timeout,
+                poisoned: Mutex::new(None),
+                busy: Mutex::new(()),
+            })
+            .collect())
+    }
+
+    fn err(&self, why: impl Into<String>) -> MoeError {
+        MoeError::Comm {
+            rank: self.rank,
+            why: why.into(),
+        }
+    }
+
+    /// Fails at once when this end was poisoned; else runs `f` holding the call lock, and poisons
+    /// this end when `f` fails (a half-done collective leaves the group unusable).
+    fn call<T>(&self, what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+        let _busy = self
+            .busy
+            .lock()
+            .map_err(|_| self.err("the NCCL communicator's lock is poisoned"))?;
+        if let Some(why) = self.poisoned.lock().ok().and_then(|p| p.clone()) {
+            return Err(self.err(why));
+        }
+        let r = f();
+        if let Err(e) = &r {
+            if let Ok(mut p) = self.poisoned.lock() {
+                p.get_or_insert_with(|| format!("rank {} failed in {what}: {e}", self.rank));
+            }
+        }
+        r
+    }
+
+    /// Waits for this rank's stream, at most the group's timeout.
+    fn wait(&self, what: &str) -> Result<()> {
+        let start = Instant::now();
+        loop {
+            // SAFETY: a query of a live stream.
+            let status = unsafe { cudarc::driver::sys::cuStreamQuery(self.stream.cu_stream()) };
+            match status {
+                cudarc::driver::sys::CUresult::CUDA_SUCCESS => return Ok(()),
+                cudarc::driver::sys::CUresult::CUDA_ERROR_NOT_READY => {}
+                other => return Err(self.err(format!("{what}: the GPU stream failed ({other:?})"))),
+            }
+            if start.elapsed() > self.timeout {
+                return Err(self.err(format!(
+                    "{what}: a peer did not arrive within {:.0} s",
+                    self.timeout.as_secs_f64()
+                )));
+            }
+            std::thread::sleep(Duration::from_micros(50));
+        }
+    }
+
+    fn upload(&self, bytes: &[u8]) -> Result<CudaSlice<u8>> {
+        // (NCCL buffers may not be empty: one byte stands in for none)
+        let data: &[u8] = if bytes.is_empty() { &[0] } else { bytes };
+        self.stream
+            .clone_htod(data)
+            .map_err(|e| self.err(format!("copying to the GPU: {e:?}")))
+    }
+
+    fn zeros(&self, n: usize) -> Result<CudaSlice<u8>> {
+        self.stream
+            .alloc_zeros::<u8>(n.max(1))
+            .map_err(|e| self.err(format!("allocating {n} bytes on the GPU: {e:?}")))
+    }
+
+    fn download(&self, buf: &CudaSlice<u8>) -> Result<Vec<u8>> {
+        self.stream
+            .clone_dtoh(buf)
+            .map_err(|e| self.err(format!("copying from the GPU: {e:?}")))
+    }
+
+    /// Every rank's `n` bytes (the same `n` on every rank), concatenated in rank order.
+    fn gather_fixed(&self, mine: &[u8], what: &str) -> Result<Vec<u8>> {
+        let n = mine.len().max(1);
+        let send = self.upload(mine)?;
+        let mut recv = self.zeros(n * self.size)?;
+        self.comm
+            .all_gather(&send, &mut recv)
+            .map_err(|e| self.err(format!("{what}: ncclAllGather: {e:?}")))?;
+        self.wait(what)?;
+        self.download(&recv)
+    }
+
+    /// Every rank's vector of u64 (the same length on every rank), indexed by rank.
+    fn gather_u64(&self, mine: &[u64], what: &str) -> Result<Vec<Vec<u64>>> {
+        let bytes: Vec<u8> = mine.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let all = self.gather_fixed(&bytes, what)?;
+        Ok(all
+            .chunks(bytes.len().max(1))
+            .map(|c| {
+                c.chunks_exact(8)
+                    .map(|b| u64::from_le_bytes(b.try_into().unwrap_or([0; 8])))
+                    .collect()
+            })
+            .collect())
+    }
+}
+
+impl Communicator for NcclComm {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+    fn size(&self) -> usize {
+        self.size
+    }
+    fn all_gather(&self, mine: &[u8]) -> Result<Vec<Vec<u8>>> {
+        self.call("all_gather", || {
+            let lens = self.gather_u64(&[mine.len() as u64], "all_gather (lengths)")?;
+            let max = lens.iter().map(|l| l[0] as usize).max().unwrap_or(0).max(1);
+            let mut padded = mine.to_vec();
+            padded.resize(max, 0);
+            let all = self.gather_fixed(&padded, "all_gather")?;
+            Ok(all
+                .chunks(max)
+                .zip(&lens)
+                .map(|(c, l)| c[..l[0] as usize].to_vec())
+                .collect())
+        })
+    }
+    fn all_to_all_v(&self, send: Vec<Vec<u8>>) -> Result<Vec<Vec<u8>>> {
+        self.call("all_to_all_v", || {
+            if send.len() != self.size {
+                return Err(self.err(format!(
+                    "all_to_all_v: {} buffers for {} ranks",
+                    send.len(),
+                    self.size
+                )));
+            }
+            let counts: Vec<u64> = send.iter().map(|b| b.len() as u64).collect();
+            // counts[src][dst] for every pair, so each rank sizes what it receives
+            let all = self.gather_u64(&counts, "all_to_all_v (counts)")?;
+            let sends = send
+                .iter()
+                .map(|b| self.upload(b))
+                .collect::<Result<Vec<_>>>()?;
+            let mut recvs = (0..self.size)
+                .map(|s| self.zeros(all[s][self.rank] as usize))
+                .collect::<Result<Vec<_>>>()?;
+            group_start().map_err(|e| self.err(format!("ncclGroupStart: {e:?}")))?;
+            let mut issued = Ok(());
+            for (peer, (s, r)) in sends.iter().zip(recvs.iter_mut()).enumerate() {
+                // empty buffers travel as one byte (NCCL's counts must match on both sides)
+                if let Err(e) = self.comm.send(s, peer as i32) {
+                    issued = Err(self.err(format!("ncclSend to rank {peer}: {e:?}")));
+                    break;
+                }
+                if let Err(e) = self.comm.recv(r, peer as i32) {
+                    issued = Err(self.err(format!("ncclRecv from rank {peer}: {e:?}")));
+                    break;
+                }
+            }
+            group_end().map_err(|e| self.err(format!("ncclGroupEnd: {e:?}")))?;
+            issued?;
+            self.wait("all_to_all_v")?;
+            (0..self.size)
+                .map(|s| {
+                    let mut v = self.download(&recvs[s])?;
+                    v.truncate(all[s][self.rank] as usize);
+                    Ok(v)
+                })
+                .collect()
+        })
+    }
+    fn abort(&self, why: &str) {
+        if let Ok(mut p) = self.poisoned.lock() {
+            p.get_or_insert_with(|| why.to_string());
+        }
+    }
+}
