@@ -76,7 +76,8 @@ pub struct Args {
     #[arg(long, default_value_t = 600.0)]
     pub comm_timeout_s: f64,
     /// With `--ep`/`--tp`: how ranks talk — `thread` (CPU ranks as threads of this process) or
-    /// `nccl` (rank r on GPU r through NCCL; as many GPUs as ranks, the CUDA backend).
+    /// `nccl` (rank r on GPU r through NCCL; as many GPUs as ranks, the CUDA backend; with
+    /// `--checkpoint` each rank loads its own slice on its GPU).
     #[arg(long, default_value = "thread", value_parser = ["thread", "nccl"])]
     pub comm: String,
 }
@@ -335,9 +336,6 @@ fn run_split(
         }
         named => named,
     };
-    if nccl && args.checkpoint.is_some() {
-        anyhow::bail!("--comm nccl runs a layer file for now; convert the checkpoint's layer first (moerunner convert)");
-    }
     let config = layer.config().clone();
     let e = config.num_experts;
     let map = match &args.expert_map {
@@ -368,11 +366,11 @@ fn run_split(
         None if nccl => forward_nccl(&layer, &layout, &choice, &forward_input, timeout),
         None => parallel::forward_threads(&layer, &layout, &choice, &forward_input, timeout),
         Some(dir) => {
-            // `layer` is rank 0's slice; every other rank reads its own.
+            // `layer` is rank 0's slice; every other rank reads its own (with NCCL on its own GPU).
             let runner = moerunner::Runner::new();
             let first = std::sync::Mutex::new(Some(layer));
             let index = checkpoint_layer_index(args)?;
-            parallel::forward_threads_with(&layout, &forward_input, timeout, |rank| {
+            let load = |rank: usize| {
                 let taken = if rank == 0 {
                     first.lock().ok().and_then(|mut f| f.take())
                 } else {
@@ -390,8 +388,20 @@ fn run_split(
                         moerunner::checkpoint::load_layer(dir, index, &opts)?.layer
                     }
                 };
-                parallel::RankLayer::new(slice, false, &layout, rank, &runner, &choice)
-            })
+                if nccl {
+                    let on_gpu = moerunner::Runner::on_gpu(rank);
+                    parallel::RankLayer::new(slice, false, &layout, rank, &on_gpu, &choice)
+                } else {
+                    parallel::RankLayer::new(slice, false, &layout, rank, &runner, &choice)
+                }
+            };
+            if nccl {
+                nccl_group(layout.ranks(), timeout).and_then(|comms| {
+                    parallel::forward_with_comms(comms, &layout, &forward_input, load)
+                })
+            } else {
+                parallel::forward_threads_with(&layout, &forward_input, timeout, load)
+            }
         }
     };
     let elapsed = started.elapsed();
@@ -464,4 +474,13 @@ fn forward_nccl(
     timeout: std::time::Duration,
 ) -> moerunner::Result<moerunner::ForwardOutput> {
     moerunner::parallel::forward_nccl(layer, layout, choice, input, timeout)
+}
+
+/// `--comm nccl`'s group: rank r on GPU r.
+fn nccl_group(
+    ranks: usize,
+    timeout: std::time::Duration,
+) -> moerunner::Result<Vec<moerunner::parallel::nccl::NcclComm>> {
+    let ordinals: Vec<usize> = (0..ranks).collect();
+    moerunner::parallel::nccl::NcclComm::group(&ordinals, timeout)
 }
