@@ -1870,3 +1870,44 @@ fn gpu_nccl_one_rank_equals_one_device() {
         "one NCCL rank differs from the single-device run"
     );
 }
+
+/// Several ranks sharing one GPU (`parallel::forward_threads` with the CUDA backend: ranks as
+/// threads, each with its own slice loaded on the same device, talking through host memory): EP
+/// all-to-all, EP gather-scatter and TP, for a stored and a microscaling format, each within the
+/// format's tolerance of the float64 reference of the whole layer.
+#[test]
+fn gpu_several_ranks_share_one_gpu() {
+    use moerunner::parallel::{EpMode, ExpertMap, Layout};
+    use std::time::Duration;
+    let Some(_) = gpu_runner() else { return };
+    for codec in [
+        (WeightFormat::Fp8Block, ActivationFormat::Fp8Block),
+        (WeightFormat::Mxfp4, ActivationFormat::Mxfp8),
+    ] {
+        let cfg = config_codec(
+            codec,
+            8,
+            256,
+            256,
+            Activation::Swiglu,
+            RoutingConfig::new(RoutingMethod::Renormalize, 2),
+        );
+        let layer = random_layer(&cfg, 0x5A4E, false).expect("layer");
+        let input = random_input(&cfg, 41, RoutingMode::Logits, DType::BF16, 0x5A4F).expect("input");
+        let fwd = ForwardInput {
+            hidden: &input.hidden,
+            routing: input.routing_input(),
+        };
+        let x = input.hidden.to_f32_vec("hidden").expect("x");
+        let routes = routing::resolve(&cfg.routing, 8, 41, &input.routing_input(), None).expect("routes");
+        let want = reference::forward(&layer, &x, &routes).expect("reference");
+        for (ep, tp, mode) in [(2, 1, EpMode::AllToAll), (2, 1, EpMode::GatherScatter), (1, 2, EpMode::GatherScatter)] {
+            let layout = Layout::new(ExpertMap::even(8, ep).expect("map"), tp, mode).expect("layout");
+            let out = moerunner::parallel::forward_threads(&layer, &layout, &cuda(), &fwd, Duration::from_secs(120))
+                .expect("ranks on one GPU");
+            let got: Vec<f64> = out.output.to_f32_vec("out").expect("f32").iter().map(|&v| v as f64).collect();
+            let err = rel_err(&got, &want);
+            assert_within(err, &cfg, &format!("{}×{} ep {ep} tp {tp} {mode:?} on one GPU", codec.0, codec.1));
+        }
+    }
+}

@@ -75,7 +75,8 @@ pub struct Args {
     /// rank stops with an error.
     #[arg(long, default_value_t = 600.0)]
     pub comm_timeout_s: f64,
-    /// With `--ep`/`--tp`: how ranks talk — `thread` (CPU ranks as threads of this process) or
+    /// With `--ep`/`--tp`: how ranks talk — `thread` (ranks as threads of this process, through
+    /// host memory: CPU ranks, or with `--backend cuda` several ranks sharing one GPU) or
     /// `nccl` (rank r on GPU r through NCCL; as many GPUs as ranks, the CUDA backend; with
     /// `--checkpoint` each rank loads its own slice on its GPU).
     #[arg(long, default_value = "thread", value_parser = ["thread", "nccl"])]
@@ -322,15 +323,12 @@ fn run_split(
 ) -> anyhow::Result<()> {
     use moerunner::parallel::{self, EpMode, ExpertMap, Layout};
     let (ep, tp) = (args.ep.unwrap_or(1), args.tp.unwrap_or(1));
-    // Ranks are threads of this process: on the CPU (`--comm thread`), or one per GPU talking
-    // through NCCL (`--comm nccl`, the CUDA backend).
+    // Ranks are threads of this process talking through host memory (`--comm thread`: on the CPU,
+    // or with `--backend cuda` all on one GPU), or one per GPU talking through NCCL (`--comm nccl`).
     let nccl = args.comm == "nccl";
     let choice = match choice {
         BackendChoice::Auto if nccl => BackendChoice::Named("cuda".into()),
         BackendChoice::Auto => BackendChoice::Named("cpu".into()),
-        BackendChoice::Named(n) if n == "cuda" && !nccl => {
-            anyhow::bail!("--ep/--tp with --backend cuda need --comm nccl (one GPU per rank); --comm thread runs CPU ranks")
-        }
         BackendChoice::Named(n) if n != "cuda" && nccl => {
             anyhow::bail!("--comm nccl runs GPU ranks: use --backend cuda (or auto)")
         }
