@@ -276,7 +276,7 @@ fn quantizer_for(
         }
     };
     let why_not = if split {
-        "--ep/--tp run CPU ranks".to_string()
+        "--ep/--tp ranks quantize their own slices on the CPU".to_string()
     } else if backend != "cuda" && backend != "auto" {
         format!("--backend {backend}")
     } else {
