@@ -38,7 +38,8 @@ impl Exec {
     }
 }
 
-/// The router a checkpoint layer ships (hidden states → logits on the host).
+/// The router a checkpoint layer ships, or a layer file carries (`convert` writes it): hidden
+/// states → logits on the host.
 struct Router {
     weight: HostTensor,
     bias: Option<Vec<f32>>,
@@ -234,7 +235,8 @@ impl NativeLayer {
                 let router = self.router.as_ref().ok_or_else(|| {
                     PyTypeError::new_err(
                         "router_logits: required (give router_logits, topk_ids + topk_weights or \
-                         topk_packed; only a layer from a checkpoint routes hidden states itself)",
+                         topk_packed; only a layer from a checkpoint, or a layer file that carries \
+                         its router, routes hidden states itself)",
                     )
                 })?;
                 computed = checkpoint::router_logits(
@@ -375,20 +377,25 @@ impl NativeLayer {
         ep_rank: usize,
     ) -> PyResult<Self> {
         let par = parallelism(tp_size, tp_rank, ep_size, ep_rank);
-        let layer = py
+        let (layer, router) = py
             .detach(|| {
                 par.validate()?;
                 let layer = moerunner::layer_file::read_layer(&path)?;
-                if par.is_single() {
-                    Ok(layer)
+                let router = moerunner::layer_file::read_layer_router(&path)?;
+                let layer = if par.is_single() {
+                    layer
                 } else {
-                    moerunner::shard::shard(&layer, par)
-                }
+                    moerunner::shard::shard(&layer, par)?
+                };
+                Ok::<_, moerunner::MoeError>((layer, router))
             })
             .map_err(to_py)?;
         Ok(NativeLayer {
             exec: load(layer, device)?,
-            router: None,
+            router: router.map(|r| Router {
+                weight: r.weight,
+                bias: r.linear_bias,
+            }),
         })
     }
 

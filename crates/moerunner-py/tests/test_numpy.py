@@ -492,3 +492,15 @@ def test_quantize_weights_refusals():
         moerunner.quantize_weights(np.zeros((128, 128), np.float32), "mxfp8")
     with raises(moerunner.MoeError, "weights"):
         moerunner.quantize_weights(np.zeros((1, 128, 128), np.int32), "mxfp8")
+
+
+def test_from_file_routes_with_the_router_convert_wrote(qwen3_checkpoint, tmp_path):
+    """`moerunner convert` writes the checkpoint's router beside the layer; a layer loaded from that
+    file routes hidden states alone as the checkpoint does, bit for bit."""
+    d, _ = qwen3_checkpoint
+    out = tmp_path / "layer.safetensors"
+    cli("convert", "--checkpoint", str(d), "--layer", "0", "--out", str(out))
+    x = np.random.default_rng(7).normal(0, 1, (5, 256)).astype(np.float32)
+    from_ckpt = moerunner.MoeLayer.from_checkpoint(d, 0, device="cpu")(x)
+    from_file = moerunner.MoeLayer.from_file(out, device="cpu")(x)
+    np.testing.assert_array_equal(from_file, from_ckpt)

@@ -303,7 +303,8 @@ class MoeLayer:
           also on CPU): routes chosen elsewhere (ids of other expert-parallel ranks, and -1, are
           skipped);
         - ``topk_packed`` ``[T, top_k]`` int32: FlashInfer's packed form (id << 16 | bf16 weight);
-        - none: a layer from a checkpoint routes with its own router (CPU tensors only).
+        - none: a layer from a checkpoint (or a layer file `convert` wrote, which carries the router)
+          routes with its own router (CPU tensors only).
 
         Returns the output ``[T, H]`` in the dtype of ``hidden_states``, on its device; when
         ``out`` is given (same dtype and shape, contiguous, not an input) it is written and
