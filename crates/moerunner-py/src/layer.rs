@@ -380,8 +380,7 @@ impl NativeLayer {
         let (layer, router) = py
             .detach(|| {
                 par.validate()?;
-                let layer = moerunner::layer_file::read_layer(&path)?;
-                let router = moerunner::layer_file::read_layer_router(&path)?;
+                let (layer, router) = moerunner::layer_file::read_layer_with_router(&path)?;
                 let layer = if par.is_single() {
                     layer
                 } else {

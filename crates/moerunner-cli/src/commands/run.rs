@@ -236,11 +236,9 @@ fn load_layer_and_input(
                 );
             }
             let path = PathBuf::from(args.layer.as_deref().unwrap_or_default());
-            let mut layer = layer_file::read_layer(&path)
-                .with_context(|| format!("reading layer {}", path.display()))?;
             // An input of hidden states alone is routed by the router the file carries (`convert`
             // writes a checkpoint's beside its layer).
-            let router = layer_file::read_layer_router(&path)
+            let (mut layer, router) = layer_file::read_layer_with_router(&path)
                 .with_context(|| format!("reading layer {}", path.display()))?;
             let input = moerunner::checkpoint::read_input_routed_by(&args.input, &layer, router.as_ref())
                 .with_context(|| format!("reading input {}", args.input.display()))?;
@@ -361,7 +359,7 @@ fn run_split(
         routing: input.routing_input(),
     };
     let out = match &args.checkpoint {
-        None if nccl => forward_nccl(&layer, &layout, &choice, &forward_input, timeout),
+        None if nccl => parallel::forward_nccl(&layer, &layout, &choice, &forward_input, timeout),
         None => parallel::forward_threads(&layer, &layout, &choice, &forward_input, timeout),
         Some(dir) => {
             // `layer` is rank 0's slice; every other rank reads its own (with NCCL on its own GPU).
@@ -394,7 +392,7 @@ fn run_split(
                 }
             };
             if nccl {
-                nccl_group(layout.ranks(), timeout).and_then(|comms| {
+                parallel::nccl::NcclComm::one_per_gpu(layout.ranks(), timeout).and_then(|comms| {
                     parallel::forward_with_comms(comms, &layout, &forward_input, load)
                 })
             } else {
@@ -461,24 +459,4 @@ fn spinner(msg: String) -> anyhow::Result<ProgressBar> {
     bar.set_message(msg);
     bar.enable_steady_tick(std::time::Duration::from_millis(120));
     Ok(bar)
-}
-
-/// `--comm nccl`: GPU ranks through NCCL (a build with the CUDA backend).
-fn forward_nccl(
-    layer: &moerunner::MoeLayer,
-    layout: &moerunner::parallel::Layout,
-    choice: &BackendChoice,
-    input: &ForwardInput<'_>,
-    timeout: std::time::Duration,
-) -> moerunner::Result<moerunner::ForwardOutput> {
-    moerunner::parallel::forward_nccl(layer, layout, choice, input, timeout)
-}
-
-/// `--comm nccl`'s group: rank r on GPU r.
-fn nccl_group(
-    ranks: usize,
-    timeout: std::time::Duration,
-) -> moerunner::Result<Vec<moerunner::parallel::nccl::NcclComm>> {
-    let ordinals: Vec<usize> = (0..ranks).collect();
-    moerunner::parallel::nccl::NcclComm::group(&ordinals, timeout)
 }

@@ -380,8 +380,20 @@ fn read_optional_scalar(file: &MappedFile, name: &str) -> Result<Option<f32>> {
 pub fn read_layer_router(path: &Path) -> Result<Option<Router>> {
     let file = MappedFile::open(path)?;
     let config = read_layer_config(&file)?;
+    router_of(&file, &config)
+}
+
+/// [`read_layer`] and [`read_layer_router`] from one opening of the file.
+pub fn read_layer_with_router(path: &Path) -> Result<(MoeLayer, Option<Router>)> {
+    let file = MappedFile::open(path)?;
+    let layer = layer_of(&file)?;
+    let router = router_of(&file, layer.config())?;
+    Ok((layer, router))
+}
+
+fn router_of(file: &MappedFile, config: &LayerConfig) -> Result<Option<Router>> {
     let (e, h) = (config.num_experts, config.hidden);
-    let linear_bias = read_optional_vec(&file, "router_linear_bias", &[e], &[DType::F32])?;
+    let linear_bias = read_optional_vec(file, "router_linear_bias", &[e], &[DType::F32])?;
     let Some(weight) = file.get("router_weight") else {
         if linear_bias.is_some() {
             return Err(MoeError::invalid(
@@ -411,9 +423,12 @@ pub fn read_layer_router(path: &Path) -> Result<Option<Router>> {
 
 /// Reads and validates a layer file. The expert weights stay borrowed from the memory map.
 pub fn read_layer(path: &Path) -> Result<MoeLayer> {
-    let file = MappedFile::open(path)?;
+    layer_of(&MappedFile::open(path)?)
+}
+
+fn layer_of(file: &MappedFile) -> Result<MoeLayer> {
     file.expect_only(LAYER_TENSORS, "a layer file")?;
-    let config = read_layer_config(&file)?;
+    let config = read_layer_config(file)?;
     let (e, m, h, i, f) = (
         config.num_experts,
         config.w13_rows(),
@@ -423,13 +438,13 @@ pub fn read_layer(path: &Path) -> Result<MoeLayer> {
     );
     let bias_dtypes = [DType::F32, DType::BF16];
     let weights = LayerWeights {
-        w13: read_projection(&file, "w13", f, e, m, h)?,
-        w2: read_projection(&file, "w2", f, e, h, i)?,
-        w13_bias: read_optional_vec(&file, "w13_bias", &[e, m], &bias_dtypes)?,
-        w2_bias: read_optional_vec(&file, "w2_bias", &[e, h], &bias_dtypes)?,
-        w13_input_scale: read_optional_scalar(&file, "w13_input_scale")?,
-        w2_input_scale: read_optional_scalar(&file, "w2_input_scale")?,
-        router_bias: read_optional_vec(&file, "router_bias", &[e], &[DType::F32])?,
+        w13: read_projection(file, "w13", f, e, m, h)?,
+        w2: read_projection(file, "w2", f, e, h, i)?,
+        w13_bias: read_optional_vec(file, "w13_bias", &[e, m], &bias_dtypes)?,
+        w2_bias: read_optional_vec(file, "w2_bias", &[e, h], &bias_dtypes)?,
+        w13_input_scale: read_optional_scalar(file, "w13_input_scale")?,
+        w2_input_scale: read_optional_scalar(file, "w2_input_scale")?,
+        router_bias: read_optional_vec(file, "router_bias", &[e], &[DType::F32])?,
     };
     MoeLayer::new(config, weights)
 }

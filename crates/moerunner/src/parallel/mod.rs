@@ -411,8 +411,7 @@ pub fn forward_nccl(
     timeout: Duration,
 ) -> Result<ForwardOutput> {
     forward::validate_input(whole, input)?;
-    let ordinals: Vec<usize> = (0..layout.ranks()).collect();
-    let comms = nccl::NcclComm::group(&ordinals, timeout)?;
+    let comms = nccl::NcclComm::one_per_gpu(layout.ranks(), timeout)?;
     forward_with_comms(comms, layout, input, |rank| {
         RankLayer::load(whole, layout, rank, &Runner::on_gpu(rank), choice)
     })

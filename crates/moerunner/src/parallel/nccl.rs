@@ -104,6 +104,11 @@ impl NcclComm {
             .collect())
     }
 
+    /// A group of `ranks` ranks, rank r on GPU r.
+    pub fn one_per_gpu(ranks: usize, timeout: Duration) -> Result<Vec<NcclComm>> {
+        Self::group(&(0..ranks).collect::<Vec<_>>(), timeout)
+    }
+
     fn err(&self, why: impl Into<String>) -> MoeError {
         MoeError::Comm {
             rank: self.rank,

@@ -20,7 +20,7 @@ use std::sync::Arc;
 
 use cudarc::driver::CudaFunction;
 
-use super::codec::{codec_of, Codec, MainLoop, PreparedScales};
+use super::codec::{codec_of, Codec, PreparedScales};
 use super::device::{i32_bytes, Buf, Device};
 use super::kernels::moe_gemm::{self, GemmStage, GemmVariant, MoeGemm};
 use super::kernels::quant::{self, QuantizeRows};
@@ -64,14 +64,9 @@ struct DenseCall {
     out: Buf,
 }
 
-/// The tile width for M rows of one expert: `pipeline.rs`'s `pick_bn` with M pairs on one expert.
+/// The tile width for M rows of one expert: the MoE's rule with M pairs on one expert.
 pub fn pick_bn(m: usize) -> u32 {
-    let widest = moe_gemm::GEMM_BN[moe_gemm::GEMM_BN.len() - 1];
-    moe_gemm::GEMM_BN
-        .iter()
-        .copied()
-        .find(|&bn| bn as usize >= m)
-        .unwrap_or(widest)
+    moe_gemm::tile_width(m)
 }
 
 /// The work list of M rows of one expert in tiles of `bn`: (tile_expert, tile_row_start,
@@ -90,15 +85,8 @@ impl CudaDense {
         let f = linear.format();
         let codec = codec_of(f.weight_format(), f.activation_format())
             .ok_or_else(|| MoeError::Cuda(format!("internal: no GPU codec for dense {f}")))?;
-        let wgmma_on =
-            dev.arch == "sm_90a" && std::env::var("MOERUNNER_WGMMA").map_or(true, |v| v != "0");
-        let ws_on = std::env::var("MOERUNNER_WG_WS").map_or(true, |v| v != "0");
-        if !wgmma_on && !codec.main_loops.contains(&MainLoop::MmaSync) {
-            return Err(MoeError::Cuda(format!(
-                "dense {f}: {}",
-                super::layer::needs_wgmma_reason(&dev.arch)
-            )));
-        }
+        let (wgmma_on, ws_on) =
+            super::pipeline::main_loop_switches(&dev.arch, codec, &format!("dense {f}"))?;
         let prepared = prepare::prepare_dense(codec, linear.weights());
         let w = dev.upload(&prepared.data)?;
         let w_scale = match codec.weight_scales {

@@ -5,9 +5,11 @@
 
 use std::sync::{Arc, Mutex};
 
-use super::codec::{self, MainLoop, PreparedScales};
+use super::codec::{self, PreparedScales};
 use super::device::{f32_bytes, i32_bytes, Device};
-use super::pipeline::{DeviceCall, DeviceRoutes, GemmTable, Pipeline, ProjectionBufs, Resident};
+use super::pipeline::{
+    main_loop_switches, DeviceCall, DeviceRoutes, GemmTable, Pipeline, ProjectionBufs, Resident,
+};
 use super::prepare::{self, PreparedWeights};
 use super::workspace::{Scratch, Slot, Staging, Workspace};
 use crate::backend::LoadedLayer;
@@ -79,16 +81,7 @@ impl CudaLayer {
             w13,
             w2,
         };
-        let wgmma_on =
-            dev.arch == "sm_90a" && std::env::var("MOERUNNER_WGMMA").map_or(true, |v| v != "0");
-        let ws_on = std::env::var("MOERUNNER_WG_WS").map_or(true, |v| v != "0");
-        if !wgmma_on && !codec.main_loops.contains(&MainLoop::MmaSync) {
-            return Err(MoeError::Cuda(format!(
-                "{}: {}",
-                codec.summary,
-                needs_wgmma_reason(&dev.arch)
-            )));
-        }
+        let (wgmma_on, ws_on) = main_loop_switches(&dev.arch, codec, codec.summary)?;
         let gemm = GemmTable::load(&dev, codec, cfg, wgmma_on, ws_on)?;
         let pipeline = Pipeline::standard(&dev, &resident, gemm)?;
         dev.sync()?;
@@ -399,14 +392,5 @@ impl LoadedLayer for CudaLayer {
     }
     fn preparation(&self) -> Option<String> {
         Some(self.preparation.clone())
-    }
-}
-
-/// Why a codec that runs only on wgmma cannot run here (`arch`, or the MOERUNNER_WGMMA switch).
-pub fn needs_wgmma_reason(arch: &str) -> String {
-    if arch == "sm_90a" {
-        "runs only on Hopper's wgmma, which MOERUNNER_WGMMA=0 switched off".into()
-    } else {
-        format!("runs only on Hopper's wgmma (sm_90a), not on {arch}")
     }
 }

@@ -125,7 +125,7 @@ mod backend_impl {
                 return Err(format!(
                     "{}: {}",
                     codec.summary,
-                    super::layer::needs_wgmma_reason(&self.dev.arch)
+                    super::pipeline::needs_wgmma_reason(&self.dev.arch)
                 ));
             }
             Ok(())

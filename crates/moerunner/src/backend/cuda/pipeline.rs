@@ -9,7 +9,7 @@ use std::collections::HashMap;
 
 use cudarc::driver::CudaFunction;
 
-use super::codec::{Codec, RowQuant};
+use super::codec::{Codec, MainLoop, RowQuant};
 use super::device::{Buf, Device};
 use super::kernels::combine::{self, CombineRows};
 use super::kernels::moe_gemm::{self, GemmStage, GemmVariant, MoeGemm};
@@ -57,13 +57,7 @@ impl Resident {
     /// Token-tile width for `tokens`: the mean number of pairs per local expert, rounded up to a
     /// supported width (no host sync: the real per-expert counts stay on the device).
     fn pick_bn(&self, tokens: usize) -> u32 {
-        let mean = (tokens * self.top_k()).div_ceil(self.dims.experts.max(1));
-        let widest = moe_gemm::GEMM_BN[moe_gemm::GEMM_BN.len() - 1];
-        moe_gemm::GEMM_BN
-            .iter()
-            .copied()
-            .find(|&bn| bn as usize >= mean)
-            .unwrap_or(widest)
+        moe_gemm::tile_width((tokens * self.top_k()).div_ceil(self.dims.experts.max(1)))
     }
 }
 
@@ -422,6 +416,27 @@ impl Stage for QuantizeInputStage {
                 out_scales: Out::new(run.slot(Slot::XqScales)?),
             },
         )
+    }
+}
+
+/// The GEMM main loops this device and environment allow — wgmma on sm_90a unless
+/// `MOERUNNER_WGMMA=0`, warp specialisation unless `MOERUNNER_WG_WS=0` — as (wgmma_on, ws_on), or
+/// why `codec`, whose loops need wgmma, cannot run here (`what` names the layer in the error).
+pub fn main_loop_switches(arch: &str, codec: &Codec, what: &str) -> Result<(bool, bool)> {
+    let wgmma_on = arch == "sm_90a" && std::env::var("MOERUNNER_WGMMA").map_or(true, |v| v != "0");
+    let ws_on = std::env::var("MOERUNNER_WG_WS").map_or(true, |v| v != "0");
+    if !wgmma_on && !codec.main_loops.contains(&MainLoop::MmaSync) {
+        return Err(MoeError::Cuda(format!("{what}: {}", needs_wgmma_reason(arch))));
+    }
+    Ok((wgmma_on, ws_on))
+}
+
+/// Why a codec that runs only on wgmma cannot run here (`arch`, or the MOERUNNER_WGMMA switch).
+pub fn needs_wgmma_reason(arch: &str) -> String {
+    if arch == "sm_90a" {
+        "runs only on Hopper's wgmma, which MOERUNNER_WGMMA=0 switched off".into()
+    } else {
+        format!("runs only on Hopper's wgmma (sm_90a), not on {arch}")
     }
 }
 

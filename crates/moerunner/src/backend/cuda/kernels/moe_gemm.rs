@@ -78,6 +78,17 @@ impl GemmStage {
 /// Token-tile widths the GEMM is built for (the host picks one from the mean tokens per expert).
 pub const GEMM_BN: [u32; 4] = [16, 32, 64, 128];
 
+/// The token-tile width for `mean` pairs per expert: the narrowest width that holds them, else the
+/// widest (the layer passes the mean over its experts, a dense GEMM its M rows).
+pub fn tile_width(mean: usize) -> u32 {
+    let widest = GEMM_BN[GEMM_BN.len() - 1];
+    GEMM_BN
+        .iter()
+        .copied()
+        .find(|&bn| bn as usize >= mean)
+        .unwrap_or(widest)
+}
+
 /// Weight-row tile height for a token-tile width: small tiles give decode enough blocks to fill the
 /// chip.
 pub fn gemm_bm(bn: u32) -> u32 {
