@@ -1911,3 +1911,52 @@ fn gpu_several_ranks_share_one_gpu() {
         }
     }
 }
+
+/// An E4M3 NaN code in mxfp8 weights (which the bit-moving decode would turn into a number) is
+/// refused at CUDA load, naming the tensor and where it sits; other formats' codes are not read.
+#[test]
+fn a_nan_mxfp8_weight_code_is_refused_before_decoding() {
+    let cfg = config(
+        WeightFormat::Mxfp8,
+        2,
+        64,
+        32,
+        Activation::Swiglu,
+        RoutingConfig::new(RoutingMethod::Renormalize, 1),
+    );
+    let layer = random_layer(&cfg, 9, false).expect("layer");
+    let mut w = layer.weights().clone();
+    prepare::check_decodable_elements(&w).expect("a clean layer passes");
+    let mut bytes = w.w2.data.to_vec();
+    bytes[64 * 32 + 3 * 32 + 5] = 0xFF; // expert 1, row 3, column 5
+    w.w2.data = bytes.into();
+    let err = prepare::check_decodable_elements(&w).unwrap_err().to_string();
+    assert!(err.contains("`w2`") && err.contains("expert 1, row 3, column 5"), "{err}");
+}
+
+/// The main-loop switches: a codec whose loops all need wgmma is refused off Hopper, naming the
+/// architecture; one with an mma.sync loop runs there without wgmma.
+#[cfg(feature = "cuda")]
+#[test]
+fn wgmma_only_codecs_are_refused_off_hopper() {
+    use moerunner::backend::cuda::codec::codec_of;
+    use moerunner::backend::cuda::pipeline::main_loop_switches;
+    let mx = codec_of(WeightFormat::Mxfp8, ActivationFormat::Mxfp8).expect("codec");
+    let err = main_loop_switches("sm_100a", mx, "mxfp8 layer").unwrap_err().to_string();
+    assert!(err.contains("mxfp8 layer") && err.contains("sm_100a"), "{err}");
+    let bf16 = codec_of(WeightFormat::Bf16, ActivationFormat::Bf16).expect("codec");
+    let (wgmma_on, _) = main_loop_switches("sm_100a", bf16, "bf16 layer").expect("mma.sync runs");
+    assert!(!wgmma_on);
+}
+
+/// NCCL puts one rank of a group on each device: a group naming a GPU twice is refused before any
+/// library is touched.
+#[cfg(feature = "cuda")]
+#[test]
+fn an_nccl_group_naming_a_gpu_twice_is_refused() {
+    let err = moerunner::parallel::nccl::NcclComm::group(&[0, 0], std::time::Duration::from_secs(1))
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(err.contains("must differ"), "{err}");
+}
