@@ -147,7 +147,9 @@ fn run_checkpoint_and_convert_agree() {
     assert_eq!(a, b);
 
     // The router travels with the converted file: the hidden-only input runs on it as well.
-    let router = layer_file::read_layer_router(&layer).unwrap().expect("convert writes the router");
+    let router = layer_file::read_layer_router(&layer)
+        .unwrap()
+        .expect("convert writes the router");
     assert_eq!(router.weight.shape, vec![4, 64]);
     let out3 = d.join("out3.safetensors");
     ok(bin().args([
@@ -160,16 +162,31 @@ fn run_checkpoint_and_convert_agree() {
         &s(&out3),
         "--reference",
     ]));
-    assert_eq!(a, output(&out3), "hidden-only input on the converted layer file");
+    assert_eq!(
+        a,
+        output(&out3),
+        "hidden-only input on the converted layer file"
+    );
     // A layer file without a router still refuses a hidden-only input, naming what is missing.
     let bare = d.join("bare.safetensors");
     layer_file::write_layer(&bare, &layer_file::read_layer(&layer).unwrap()).unwrap();
     let out = bin()
-        .args(["run", "--layer", &s(&bare), "--input", &s(&hidden_only), "--output", &s(&d.join("o4.safetensors"))])
+        .args([
+            "run",
+            "--layer",
+            &s(&bare),
+            "--input",
+            &s(&hidden_only),
+            "--output",
+            &s(&d.join("o4.safetensors")),
+        ])
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.contains("router_logits"), "{err}");
+    assert!(
+        !out.status.success() && err.contains("router_logits"),
+        "{err}"
+    );
 
     // Two TP ranks read their halves from the checkpoint; their partial outputs add up.
     let mut sum = vec![0f32; a.len()];

@@ -865,8 +865,22 @@ fn gemm_runs_its_default_on_the_cpu_within_tolerance() {
     assert!(err <= 2e-2, "{out}");
     assert!(out.contains("TFLOP/s") && out.contains("mxfp8"), "{out}");
     let out = ok(&[
-        "gemm", "--backend", "cpu", "--format", "fp8_block", "--m", "7", "--n", "130", "--k", "200",
-        "--iters", "2", "--json", "--dtype", "f32",
+        "gemm",
+        "--backend",
+        "cpu",
+        "--format",
+        "fp8_block",
+        "--m",
+        "7",
+        "--n",
+        "130",
+        "--k",
+        "200",
+        "--iters",
+        "2",
+        "--json",
+        "--dtype",
+        "f32",
     ]);
     let j: serde_json::Value = serde_json::from_str(out.trim()).expect("json");
     assert_eq!(j["format"], "fp8_block");
@@ -890,19 +904,52 @@ fn run_with_nccl_ranks_says_why_it_cannot() {
     let d = std::env::temp_dir().join(format!("moerunner-nccl-{}", std::process::id()));
     std::fs::create_dir_all(&d).unwrap();
     let s = |p: &std::path::Path| p.to_str().unwrap().to_string();
-    let (layer, input, out) = (d.join("l.safetensors"), d.join("x.safetensors"), d.join("o.safetensors"));
+    let (layer, input, out) = (
+        d.join("l.safetensors"),
+        d.join("x.safetensors"),
+        d.join("o.safetensors"),
+    );
     let bin = env!("CARGO_BIN_EXE_moerunner");
     let ok = |args: &[&str]| {
         let o = std::process::Command::new(bin).args(args).output().unwrap();
-        assert!(o.status.success(), "{args:?}: {}", String::from_utf8_lossy(&o.stderr));
+        assert!(
+            o.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
     };
-    ok(&["make-layer", "--experts", "4", "--hidden", "64", "--intermediate", "32", "--top-k", "2", "--out", &s(&layer)]);
-    ok(&["make-input", "--layer", &s(&layer), "--tokens", "3", "--out", &s(&input)]);
+    ok(&[
+        "make-layer",
+        "--experts",
+        "4",
+        "--hidden",
+        "64",
+        "--intermediate",
+        "32",
+        "--top-k",
+        "2",
+        "--out",
+        &s(&layer),
+    ]);
+    ok(&[
+        "make-input",
+        "--layer",
+        &s(&layer),
+        "--tokens",
+        "3",
+        "--out",
+        &s(&input),
+    ]);
     let (ls, is, os) = (s(&layer), s(&input), s(&out));
     for (extra, needle) in [(&["--backend", "cpu"][..], "--backend cuda"), (&[][..], "")] {
-        let mut args = vec!["run", "--layer", &ls, "--input", &is, "--output", &os, "--ep", "2", "--comm", "nccl"];
+        let mut args = vec![
+            "run", "--layer", &ls, "--input", &is, "--output", &os, "--ep", "2", "--comm", "nccl",
+        ];
         args.extend(extra);
-        let o = std::process::Command::new(bin).args(&args).output().unwrap();
+        let o = std::process::Command::new(bin)
+            .args(&args)
+            .output()
+            .unwrap();
         let err = String::from_utf8_lossy(&o.stderr);
         if o.status.success() {
             // a machine with two GPUs and NCCL runs it
@@ -910,7 +957,10 @@ fn run_with_nccl_ranks_says_why_it_cannot() {
         }
         assert!(err.contains(needle), "{args:?}: {err}");
         assert!(
-            needle != "" || err.contains("libcuda") || err.contains("libnccl") || err.contains("GPU"),
+            needle != ""
+                || err.contains("libcuda")
+                || err.contains("libnccl")
+                || err.contains("GPU"),
             "{err}"
         );
         assert!(!out.exists(), "no output after a refusal");

@@ -1142,13 +1142,14 @@ fn online_quantization_goes_to_the_given_quantizer() {
     let (dir, _) = qwen3("qwen3-quantizer", WeightFormat::Bf16, 4, 64, 32);
     let rec = std::sync::Arc::new(RecordingQuantizer::default());
     for f in [WeightFormat::Mxfp8, WeightFormat::Mxfp4] {
-        let opts = |quantizer: Option<std::sync::Arc<dyn moerunner::checkpoint::ExpertQuantizer>>| {
-            LoadOptions {
-                quantize: Some(f),
-                quantizer,
-                ..Default::default()
-            }
-        };
+        let opts =
+            |quantizer: Option<std::sync::Arc<dyn moerunner::checkpoint::ExpertQuantizer>>| {
+                LoadOptions {
+                    quantize: Some(f),
+                    quantizer,
+                    ..Default::default()
+                }
+            };
         let cpu = load_layer(&dir, LAYER, &opts(None)).unwrap();
         let given = load_layer(&dir, LAYER, &opts(Some(rec.clone()))).unwrap();
         check_equal(&given, &cpu.layer);
@@ -1159,7 +1160,10 @@ fn online_quantization_goes_to_the_given_quantizer() {
     }
     assert_eq!(
         *rec.calls.lock().unwrap(),
-        [format!("layer {LAYER} w13 mxfp8"), format!("layer {LAYER} w2 mxfp8")]
+        [
+            format!("layer {LAYER} w13 mxfp8"),
+            format!("layer {LAYER} w2 mxfp8")
+        ]
     );
 }
 

@@ -981,8 +981,13 @@ fn a_layer_file_carries_its_router() {
     };
     let p = tmp("router");
     layer_file::write_layer_with_router(&p, &l, Some(&router)).unwrap();
-    let back = layer_file::read_layer_router(&p).unwrap().expect("a router");
-    assert_eq!(back.weight.to_f32_vec("w").unwrap(), router.weight.to_f32_vec("w").unwrap());
+    let back = layer_file::read_layer_router(&p)
+        .unwrap()
+        .expect("a router");
+    assert_eq!(
+        back.weight.to_f32_vec("w").unwrap(),
+        router.weight.to_f32_vec("w").unwrap()
+    );
     assert_eq!(back.linear_bias, router.linear_bias);
     layer_file::read_layer(&p).expect("the layer reads as before");
     let plain = tmp("no-router");
@@ -997,12 +1002,21 @@ fn a_layer_file_carries_its_router() {
         write_tensors(&p, &all, meta.clone()).unwrap();
         layer_file::read_layer_router(&p).unwrap_err().to_string()
     };
-    let e = router_err(vec![("router_weight".into(), HostTensor::from_f32(vec![4, 63], &vec![0.0; 252]))]);
+    let e = router_err(vec![(
+        "router_weight".into(),
+        HostTensor::from_f32(vec![4, 63], &vec![0.0; 252]),
+    )]);
     assert!(e.contains("router_weight"), "{e}");
     let mut nan = vec![0.0; 256];
     nan[70] = f32::NAN;
-    let e = router_err(vec![("router_weight".into(), HostTensor::from_f32(vec![4, 64], &nan))]);
+    let e = router_err(vec![(
+        "router_weight".into(),
+        HostTensor::from_f32(vec![4, 64], &nan),
+    )]);
     assert!(e.contains("router_weight") && e.contains("[1, 6]"), "{e}");
-    let e = router_err(vec![("router_linear_bias".into(), HostTensor::from_f32(vec![4], &[0.0; 4]))]);
+    let e = router_err(vec![(
+        "router_linear_bias".into(),
+        HostTensor::from_f32(vec![4], &[0.0; 4]),
+    )]);
     assert!(e.contains("router_linear_bias"), "{e}");
 }

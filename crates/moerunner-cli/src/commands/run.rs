@@ -240,8 +240,9 @@ fn load_layer_and_input(
             // writes a checkpoint's beside its layer).
             let (mut layer, router) = layer_file::read_layer_with_router(&path)
                 .with_context(|| format!("reading layer {}", path.display()))?;
-            let input = moerunner::checkpoint::read_input_routed_by(&args.input, &layer, router.as_ref())
-                .with_context(|| format!("reading input {}", args.input.display()))?;
+            let input =
+                moerunner::checkpoint::read_input_routed_by(&args.input, &layer, router.as_ref())
+                    .with_context(|| format!("reading input {}", args.input.display()))?;
             if let Some(a) = &args.activation_format {
                 let mut config = layer.config().clone();
                 config.activation_format = a.parse().context("--activation-format")?;

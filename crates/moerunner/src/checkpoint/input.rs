@@ -30,7 +30,11 @@ impl CheckpointLayer {
 /// (a checkpoint's, or one a layer file carries: `layer_file::read_layer_router`), refused naming
 /// the missing routing input when there is none; any other is read and checked as
 /// [`layer_file::read_input`] does.
-pub fn read_input_routed_by(path: &Path, layer: &MoeLayer, router: Option<&Router>) -> Result<InputFile> {
+pub fn read_input_routed_by(
+    path: &Path,
+    layer: &MoeLayer,
+    router: Option<&Router>,
+) -> Result<InputFile> {
     let file = MappedFile::open(path)?;
     if router.is_none() || !file.names().all(|n| n == "hidden_states") {
         return layer_file::read_input(path);

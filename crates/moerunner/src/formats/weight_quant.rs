@@ -220,7 +220,10 @@ pub fn checked_global_scales(g: &[f32], experts: usize) -> Result<Vec<f32>> {
     if let Some(i) = g.iter().position(|v| !(v.is_finite() && *v > 0.0)) {
         return Err(MoeError::invalid(
             "quantize_weights: `global_scales`",
-            format!("value at index {i} is {}, not a finite positive number", g[i]),
+            format!(
+                "value at index {i} is {}, not a finite positive number",
+                g[i]
+            ),
         ));
     }
     Ok(g.to_vec())

@@ -409,16 +409,27 @@ fn router_of(file: &MappedFile, config: &LayerConfig) -> Result<Option<Router>> 
     if let Some(i) = values.iter().position(|v| !v.is_finite()) {
         return Err(MoeError::invalid(
             "tensor `router_weight`",
-            format!("element [{}, {}] is {}, not a finite number", i / h.max(1), i % h.max(1), values[i]),
+            format!(
+                "element [{}, {}] is {}, not a finite number",
+                i / h.max(1),
+                i % h.max(1),
+                values[i]
+            ),
         ));
     }
-    if let Some(i) = linear_bias.as_ref().and_then(|b| b.iter().position(|v| !v.is_finite())) {
+    if let Some(i) = linear_bias
+        .as_ref()
+        .and_then(|b| b.iter().position(|v| !v.is_finite()))
+    {
         return Err(MoeError::invalid(
             "tensor `router_linear_bias`",
             format!("element [{i}] is not a finite number"),
         ));
     }
-    Ok(Some(Router { weight, linear_bias }))
+    Ok(Some(Router {
+        weight,
+        linear_bias,
+    }))
 }
 
 /// Reads and validates a layer file. The expert weights stay borrowed from the memory map.
@@ -533,7 +544,11 @@ pub fn write_layer(path: &Path, layer: &MoeLayer) -> Result<()> {
 
 /// [`write_layer`] with the layer's router beside it ([`Router`]), as `convert` writes a
 /// checkpoint's layer.
-pub fn write_layer_with_router(path: &Path, layer: &MoeLayer, router: Option<&Router>) -> Result<()> {
+pub fn write_layer_with_router(
+    path: &Path,
+    layer: &MoeLayer,
+    router: Option<&Router>,
+) -> Result<()> {
     let (c, w) = (layer.config(), layer.weights());
     if c.local_experts != (0..c.num_experts) || !c.parallelism.is_single() {
         return Err(MoeError::invalid(
@@ -569,7 +584,10 @@ pub fn write_layer_with_router(path: &Path, layer: &MoeLayer, router: Option<&Ro
         r.weight.expect_shape("router_weight", &[e, h])?;
         tensors.push(("router_weight".into(), r.weight.clone()));
         if let Some(b) = &r.linear_bias {
-            tensors.push(("router_linear_bias".into(), HostTensor::from_f32(vec![e], b)));
+            tensors.push((
+                "router_linear_bias".into(),
+                HostTensor::from_f32(vec![e], b),
+            ));
         }
     }
     write_tensors(path, &tensors, layer_metadata(c))

@@ -30,7 +30,8 @@ pub use compare::{compare_outputs, Comparison, TopkAgreement};
 pub use io::{read_input, read_output, write_input, write_output, InputFile, RoutingTensors};
 pub use layer::{
     layer_metadata, projection_tensors, read_layer, read_layer_config, read_layer_header,
-    read_layer_router, read_layer_with_router, write_layer, write_layer_with_router, Router, METADATA_KEYS,
+    read_layer_router, read_layer_with_router, write_layer, write_layer_with_router, Router,
+    METADATA_KEYS,
 };
 
 /// A safetensors file mapped into memory, its tensors addressable by name.

@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream};
 use cudarc::nccl::safe::{group_end, group_start, Comm};
 
-use crate::error::{MoeError, Result};
 use super::Communicator;
+use crate::error::{MoeError, Result};
 
 /// One rank's end of an NCCL group.
 pub struct NcclComm {
@@ -64,7 +64,9 @@ impl NcclComm {
         }
         // SAFETY: only tries to dlopen libcuda (calling into a missing library would panic).
         if !unsafe { cudarc::driver::sys::is_culib_present() } {
-            return Err(fail("no NVIDIA driver library (libcuda.so): NCCL ranks need GPUs".into()));
+            return Err(fail(
+                "no NVIDIA driver library (libcuda.so): NCCL ranks need GPUs".into(),
+            ));
         }
         if !available() {
             return Err(fail(

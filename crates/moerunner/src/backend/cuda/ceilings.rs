@@ -118,9 +118,12 @@ pub fn cublaslt_gemm_us(
     }
     .map_err(|e| lt_err("transA", e))?;
     let (mu, nu, ku) = (m as u64, n as u64, k as u64);
-    let la = lt::create_matrix_layout(in_type, ku, nu, k as i64).map_err(|e| lt_err("layout", e))?;
-    let lb = lt::create_matrix_layout(in_type, ku, mu, k as i64).map_err(|e| lt_err("layout", e))?;
-    let ld = lt::create_matrix_layout(out_type, nu, mu, n as i64).map_err(|e| lt_err("layout", e))?;
+    let la =
+        lt::create_matrix_layout(in_type, ku, nu, k as i64).map_err(|e| lt_err("layout", e))?;
+    let lb =
+        lt::create_matrix_layout(in_type, ku, mu, k as i64).map_err(|e| lt_err("layout", e))?;
+    let ld =
+        lt::create_matrix_layout(out_type, nu, mu, n as i64).map_err(|e| lt_err("layout", e))?;
     let pref = lt::create_matmul_pref().map_err(|e| lt_err("preference", e))?;
     // SAFETY: as above.
     unsafe {

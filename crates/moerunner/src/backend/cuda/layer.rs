@@ -44,7 +44,8 @@ impl CudaLayer {
         let preparation = prepared.padding_note(
             w.w13.byte_size()
                 + w.w2.byte_size()
-                + 4 * (w.w13_bias.as_ref().map_or(0, Vec::len) + w.w2_bias.as_ref().map_or(0, Vec::len)),
+                + 4 * (w.w13_bias.as_ref().map_or(0, Vec::len)
+                    + w.w2_bias.as_ref().map_or(0, Vec::len)),
         );
         let upload_proj =
             |t: &prepare::PreparedTensor, bias: &Option<Vec<f32>>| -> Result<ProjectionBufs> {

@@ -395,7 +395,10 @@ impl Stage for QuantizeInputStage {
         let q = layer.codec.input_quant;
         plan.need(Slot::Xq, cap.tokens * hp * q.element_bytes());
         // (declared even when unused: the quantizer's `out_scales` argument names it)
-        plan.need(Slot::XqScales, cap.tokens * q.scales_per_row(hp).unwrap_or(1) * 4);
+        plan.need(
+            Slot::XqScales,
+            cap.tokens * q.scales_per_row(hp).unwrap_or(1) * 4,
+        );
     }
     fn enqueue(&self, run: &Run<'_>) -> Result<()> {
         let d = run.layer.dims;
@@ -426,7 +429,10 @@ pub fn main_loop_switches(arch: &str, codec: &Codec, what: &str) -> Result<(bool
     let wgmma_on = arch == "sm_90a" && std::env::var("MOERUNNER_WGMMA").map_or(true, |v| v != "0");
     let ws_on = std::env::var("MOERUNNER_WG_WS").map_or(true, |v| v != "0");
     if !wgmma_on && !codec.main_loops.contains(&MainLoop::MmaSync) {
-        return Err(MoeError::Cuda(format!("{what}: {}", needs_wgmma_reason(arch))));
+        return Err(MoeError::Cuda(format!(
+            "{what}: {}",
+            needs_wgmma_reason(arch)
+        )));
     }
     Ok((wgmma_on, ws_on))
 }
@@ -545,7 +551,10 @@ impl GemmTable {
 /// A GEMM variant's function, with the threads and dynamic shared memory its module exports
 /// (`moe_gemm_meta` = {NTHREADS, SMEM, BM, BN, STAGES, WARPS_M, WARPS_N, WARPS_K}), read at load: no
 /// host round trip may happen inside a call.
-pub(super) fn load_gemm(dev: &Device, v: GemmVariant) -> Result<(cudarc::driver::CudaFunction, u32, u32)> {
+pub(super) fn load_gemm(
+    dev: &Device,
+    v: GemmVariant,
+) -> Result<(cudarc::driver::CudaFunction, u32, u32)> {
     let key: ModuleKey = v.module();
     let f = dev.function(&key, "moe_gemm")?;
     let meta = dev.module_ints(&key, "moe_gemm", "moe_gemm_meta", 8)?;

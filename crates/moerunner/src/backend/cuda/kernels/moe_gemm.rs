@@ -194,7 +194,11 @@ impl GemmVariant {
         Some(GemmVariant {
             format: codec.gemm,
             // (GEMM2's stages store their own: one variant serves codecs that differ only here)
-            gemm1_store: if gemm1 { codec.inter_store } else { InterStore::F32 },
+            gemm1_store: if gemm1 {
+                codec.inter_store
+            } else {
+                InterStore::F32
+            },
             stage,
             bn,
             main_loop,
@@ -252,10 +256,7 @@ mod tests {
     #[test]
     fn variants_cover_every_codec_stage_and_width() {
         let all = GemmVariant::all();
-        assert_eq!(
-            all.len(),
-            3 * 6 * 4 + 2 * 6 * 4 + 2 * 6 + 3 * 6 * 4 + 4 * 4
-        );
+        assert_eq!(all.len(), 3 * 6 * 4 + 2 * 6 * 4 + 2 * 6 + 3 * 6 * 4 + 4 * 4);
         assert!(all
             .iter()
             .all(|v| (v.main_loop == MainLoop::WgmmaRs) == v.format.decoded_row_bytes().is_some()));
