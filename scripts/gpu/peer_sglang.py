@@ -115,6 +115,8 @@ PRESETS = {
     "tiny": (8, 2, 256, 128, "swiglu", "renormalize", (1, 1), 1.0, False),
     "tiny-ds": (8, 3, 256, 128, "swiglu", "deepseek_v3", (4, 2), 2.5, False),
     "tiny-oss": (8, 2, 256, 128, "swiglu_oai", "renormalize", (1, 1), 1.0, True),
+    "tiny-nemo": (8, 2, 256, 128, "relu2", "deepseek_v3", (1, 1), 2.5, False),
+    "tiny-mm": (8, 4, 256, 128, "swiglu", "minimax2", (1, 1), 1.0, False),
 }
 FORMATS = ("bf16", "fp8", "fp8_block")
 X_AMP = 2.0  # synth.rs: hidden ~ U(-X_AMP, X_AMP); static fp8 scales X_AMP/448 and 8/448
@@ -277,7 +279,7 @@ def _load(name, path):
     return mod
 
 
-def load_sglang(root):
+def load_sglang(root, pdl=True):
     """SGLang's Triton MoE kernels and their config rule, loaded by path with the stubs the module
     docstring lists. Returns (kernels module, fp8 quant module, config module)."""
     import logging
@@ -301,7 +303,7 @@ def load_sglang(root):
                 "sglang.srt.layers", "sglang.srt.layers.moe", "sglang.srt.layers.moe.moe_runner"):
         _module(pkg)
     _module("sglang.kernels.jit.utils",
-            is_arch_support_pdl=lambda: cuda and cap()[0] >= 9,
+            is_arch_support_pdl=lambda: pdl and cuda and cap()[0] >= 9,
             get_jit_cuda_arch=lambda: _Arch(*cap()),
             is_hip_runtime=lambda: False, is_musa_runtime=lambda: False)
 
@@ -384,6 +386,39 @@ def route(logits, k, method, groups, bias):
     ids = torch.topk(keys, k, dim=-1).indices
     w = scores.gather(1, ids)
     return ids.to(torch.int32), w / (w.sum(-1, keepdim=True) + 1e-20)
+
+
+def route_reference(logits_row, k, method, groups, bias):
+    """spec/routing.md for one token, in float64 Python: {expert: weight} (scaling not applied)."""
+    r = [float(v) for v in logits_row]
+    e = len(r)
+    if method == "renormalize":
+        ids = sorted(range(e), key=lambda j: (-r[j], j))[:k]
+        m = max(r[j] for j in ids)
+        z = sum(math.exp(r[j] - m) for j in ids)
+        return {j: math.exp(r[j] - m) / z for j in ids}
+    sig = [1 / (1 + math.exp(-v)) for v in r]
+    key = [sig[j] + (float(bias[j]) if bias is not None else 0.0) for j in range(e)]
+    n_group, topk_group = groups
+    if method == "deepseek_v3" and n_group > 1:
+        size = e // n_group
+        score = [sum(sorted(key[g * size:(g + 1) * size], reverse=True)[:2]) for g in range(n_group)]
+        kept = sorted(range(n_group), key=lambda g: (-score[g], g))[:topk_group]
+        key = [key[j] if j // size in kept else -math.inf for j in range(e)]
+    ids = sorted(range(e), key=lambda j: (-key[j], j))[:k]
+    z = sum(sig[j] for j in ids) + 1e-20
+    return {j: sig[j] / z for j in ids}
+
+
+def check_routing(logits, ids, weights, layer, tokens):
+    """The peer's routes on `tokens` against route_reference: same experts, weights within 1e-5."""
+    for t in tokens:
+        want = route_reference(logits[t].cpu(), layer["k"], layer["method"], layer["groups"],
+                               None if layer["router_bias"] is None else layer["router_bias"].cpu())
+        got = {int(i): float(w) for i, w in zip(ids[t].cpu(), weights[t].cpu())}
+        assert set(got) == set(want), f"token {t}: experts {sorted(got)} != {sorted(want)}"
+        for j, w in want.items():
+            assert abs(got[j] - w) <= 1e-5, f"token {t}: expert {j} weight {got[j]} != {w}"
 
 
 def align_block_size(topk_ids, block_m, num_experts):
@@ -716,6 +751,7 @@ def run_case(kern, cfgmod, layer, tokens, args, dev, flush):
     peer = PeerLayer(kern, L)
     ids, w = peer.route(logits)
     toks = sampled(tokens)
+    check_routing(logits, ids, w, L, toks)
     ref = reference(L, x, ids, w, toks)
     tol = 2e-2 if L["fmt"] == "bf16" else 6e-2
     results = []
@@ -785,6 +821,9 @@ def main():
                     help="run and check every case once; no CUDA graph, no timing "
                          "(implied by TRITON_INTERPRET=1)")
     ap.add_argument("--no-flush", action="store_true", help="no L2 flush between replays")
+    ap.add_argument("--no-pdl", action="store_true",
+                    help="launch without programmatic dependent launch (SGLang uses it from sm_90 "
+                         "on; a Triton too old for launch_pdl needs this)")
     ap.add_argument("--verbose", action="store_true", help="print every swept config")
     args = ap.parse_args()
     args.dry_run = args.dry_run or INTERPRET
@@ -809,7 +848,7 @@ def main():
         sys.exit("no CUDA device: run on the GPU machine, or with TRITON_INTERPRET=1 on the CPU")
     wheel = args.sglang_wheel or newest_wheel()
     root, version = extract(wheel, args.unpack_dir)
-    kern, _, cfgmod = load_sglang(root)
+    kern, _, cfgmod = load_sglang(root, pdl=not args.no_pdl)
     device = torch.cuda.get_device_name() if dev == "cuda" else "cpu (TRITON_INTERPRET=1)"
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
     print(f"sglang {version} ({os.path.basename(wheel)}), torch {torch.__version__}, "
@@ -822,6 +861,11 @@ def main():
     rows = []
     for p in presets:
         for f in formats:
+            h, i = PRESETS[p][2], PRESETS[p][3]
+            if f == "fp8_block" and (h % 128 or i % 128):
+                print(f"  {p} {f}: skipped (H = {h}, I = {i}: SGLang's per-token-group quant "
+                      f"needs multiples of 128)")
+                continue
             layer = make_layer(p, f, args.seed, dev)
             for t in tokens:
                 print(f"  {p} {f} T={t} ...", flush=True)
