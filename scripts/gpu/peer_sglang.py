@@ -39,8 +39,13 @@ What runs (one MoE layer as SGLang's Triton runner `_fused_moe_kernel_sequence` 
   SGLang's Triton `static_quant_fp8`. fp8_block: weights 128x128 blocks, activations per token per
   128 columns through SGLang's Triton per-token-group quant (`_per_token_group_quant_8bit_raw`;
   on CUDA SGLang calls a JIT CUDA kernel of the same math, not available here).
-  Not exercised: SGLang's TMA down path (only where a shipped `_down` config says USE_TMA) and
-  the fused-swiglu GEMM1 epilogue (opt-in).
+  TMA: where SGLang's shipped config for the case says "USE_TMA" (its up and/or `_down` file;
+  in this wheel only E=128, N=768 on H100, i.e. qwen3-30b-a3b bf16 at large T), the harness does
+  what SGLang's runner then does: GEMM1 reads w13 through a TMA descriptor, and with the down
+  flag GEMM1 writes its rows in sorted (padded) order, the activation runs over those rows
+  filtered by expert_ids, and GEMM2 reads both operands through TMA descriptors (`--tma off`
+  turns this off, `--tma on` forces it onto every config). Not exercised: the fused-swiglu GEMM1
+  epilogue (opt-in in SGLang).
 
 Stubs (modules put into sys.modules before SGLang's files are loaded by path; SGLang's package
 `__init__`s, which import the server, distributed and sgl_kernel, never run):
@@ -199,6 +204,7 @@ def patch_interpreter_bf16():
     builder = getattr(it, "InterpreterBuilder", None)
     if builder is None or getattr(builder, "_peer_bf16", False):
         return
+    np.seterr(all="ignore")  # padding rows hold whatever torch.empty left there, as on the GPU
 
     def bf16(h):
         return h.dtype.scalar == tl.bfloat16 and h.data.dtype == np.uint16
@@ -608,23 +614,31 @@ class PeerLayer:
         L = self.L
         return route(logits, L["k"], L["method"], L["groups"], L["router_bias"])
 
-    def experts(self, x, ids, weights, config, down_config=None):
-        """align + GEMM1 + activation + GEMM2 + combine, as _fused_moe_kernel_sequence runs them."""
+    def experts(self, x, ids, weights, config, down_config=None, tma=(False, False)):
+        """align + GEMM1 + activation + GEMM2 + combine, as _fused_moe_kernel_sequence runs them
+        (tma: SGLang's up_moe_use_tma, down_moe_use_tma)."""
         L, kern = self.L, self.kern
         T, k = ids.shape
         w13, w2 = L["w13"], L["w2"]
         N = w13.shape[1]
-        sorted_ids, expert_ids, ntpp = align_block_size(ids, config["BLOCK_SIZE_M"], L["E"])
-        cache1 = torch.empty((T * k, N), device=x.device, dtype=x.dtype)
+        up_tma, down_tma = tma
+        bm = config["BLOCK_SIZE_M"]
+        sorted_ids, expert_ids, ntpp = align_block_size(ids, bm, L["E"])
+        # with the down TMA path GEMM1 writes sorted rows, padded per expert (SGLang's sizing)
+        total = T * k + (min(T * k, L["E"] + 1) * (bm - 1) if down_tma else 0)
+        cache1 = torch.empty((total, N), device=x.device, dtype=x.dtype)
         common = dict(compute_type=self.tl_bf16, use_fp8_w8a8=self.fp8, use_int8_w8a8=False,
                       use_int8_w8a16=False, use_int4_w4a16=False, per_channel_quant=False,
                       block_shape=self.block_shape)
         kern.invoke_fused_moe_kernel(x, w13, L["b13"], cache1, L["a13"], L["s13"], None,
                                      weights, ids, sorted_ids, expert_ids, ntpp, False, k,
-                                     dict(config), **common)
+                                     dict(config), c_sorted=down_tma, b_use_tma=up_tma, **common)
         if L["act"] == "swiglu":
-            cache2 = torch.empty((T * k, N // 2), device=x.device, dtype=x.dtype)
-            kern.act_and_mul_triton(cache1, cache2, config, ids, expert_ids, False, "silu")
+            cache2 = torch.empty((total, N // 2), device=x.device, dtype=x.dtype)
+            if down_tma:  # rows in sorted order: filter by the block's expert
+                kern.act_and_mul_triton(cache1, cache2, config, None, expert_ids, True, "silu")
+            else:
+                kern.act_and_mul_triton(cache1, cache2, config, ids, expert_ids, False, "silu")
         elif L["act"] == "swiglu_oai":
             alpha, beta, limit = OAI
             g, u = cache1[:, 0::2].clamp(max=limit), cache1[:, 1::2].clamp(-limit, limit)
@@ -636,7 +650,7 @@ class PeerLayer:
         dc["BLOCK_SIZE_M"] = config["BLOCK_SIZE_M"]  # one alignment serves both GEMMs
         kern.invoke_fused_moe_kernel(cache2, w2, L["b2"], cache3, L["a2"], L["s2"], None,
                                      weights, ids, sorted_ids, expert_ids, ntpp, True, 1, dc,
-                                     **common)
+                                     a_use_tma=down_tma, b_use_tma=down_tma, **common)
         out = torch.empty((T, w2.shape[1]), device=x.device, dtype=x.dtype)
         if k == 2 and L["rsf"] == 1.0:
             torch.add(cache3[:, 0], cache3[:, 1], out=out)
@@ -644,9 +658,9 @@ class PeerLayer:
             kern.moe_sum_reduce_triton(cache3, out, L["rsf"])
         return out
 
-    def forward(self, x, logits, config, down_config=None):
+    def forward(self, x, logits, config, down_config=None, tma=(False, False)):
         ids, w = self.route(logits)
-        return self.experts(x, ids, w, config, down_config)
+        return self.experts(x, ids, w, config, down_config, tma)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -657,9 +671,10 @@ def config_dtype(fmt):
     return "fp8_w8a8" if fmt in ("fp8", "fp8_block") else None
 
 
-def sglang_choice(cfgmod, layer, tokens):
+def sglang_choice(cfgmod, kern, layer, tokens):
     """SGLang's own config for the case (its tuned JSON for this E, I, GPU and dtype if the wheel
-    ships one, else its get_default_config), the down config if shipped, and where it came from."""
+    ships one, else its get_default_config), the down config if shipped, the TMA flags its runner
+    derives from them (_prepare_fused_moe_run), and where the config came from."""
     fmt = layer["fmt"]
     block = [128, 128] if fmt == "fp8_block" else None
     name = cfgmod.get_config_file_name(layer["E"], layer["I"], config_dtype(fmt), block)
@@ -668,10 +683,14 @@ def sglang_choice(cfgmod, layer, tokens):
     config, (down, _) = cfgmod.try_get_optimal_moe_config(
         layer["w13"].shape, layer["w2"].shape, layer["k"], config_dtype(fmt), tokens,
         block_shape=block, return_down_config=True)
-    config = {k: v for k, v in config.items() if k != "USE_TMA"}
+    config = dict(config)
+    up_tma = bool(config.pop("USE_TMA", False)) and kern.support_tensor_descriptor()
+    down_tma = False
     if down is not None:
-        down = {k: v for k, v in down.items() if k != "USE_TMA"}
-    return config, down, ("sglang-tuned " + name) if tuned else "sglang-default"
+        down = dict(down)
+        down_tma = bool(down.pop("USE_TMA", False)) and kern.support_tensor_descriptor()
+    return (config, down, (up_tma, down_tma),
+            ("sglang-tuned " + name) if tuned else "sglang-default")
 
 
 def alternatives(fmt):
@@ -690,9 +709,12 @@ def alternatives(fmt):
             c(128, 128, 64, 8, 8, 3), c(128, 256, 64, 16, 8, 3)]
 
 
-def candidates(cfgmod, layer, tokens, sweep):
-    config, down, source = sglang_choice(cfgmod, layer, tokens)
-    out = [(source, config, down)]
+def candidates(cfgmod, kern, layer, tokens, sweep, tma_mode="auto"):
+    """(source, config, down config, (up TMA, down TMA)) to try: SGLang's choice, then the
+    alternatives (TMA off unless --tma on)."""
+    config, down, tma, source = sglang_choice(cfgmod, kern, layer, tokens)
+    force = {"auto": None, "off": (False, False), "on": (True, True)}[tma_mode]
+    out = [(source, config, down, force or tma)]
     if sweep == "sglang":
         return out
     seen = {json.dumps(config, sort_keys=True)}
@@ -703,7 +725,7 @@ def candidates(cfgmod, layer, tokens, sweep):
         key = json.dumps(a, sort_keys=True)
         if key not in seen:
             seen.add(key)
-            out.append(("alt", a, None))
+            out.append(("alt", a, None, force or (False, False)))
     return out
 
 
@@ -755,24 +777,26 @@ def run_case(kern, cfgmod, layer, tokens, args, dev, flush):
     ref = reference(L, x, ids, w, toks)
     tol = 2e-2 if L["fmt"] == "bf16" else 6e-2
     results = []
-    for source, config, down in candidates(cfgmod, L, tokens, args.sweep):
+    for source, config, down, tma in candidates(cfgmod, kern, L, tokens, args.sweep, args.tma):
         check_alignment(ids, config["BLOCK_SIZE_M"], L["E"],
                         align_block_size(ids, config["BLOCK_SIZE_M"], L["E"]))
         try:
-            out = peer.forward(x, logits, config, down)
+            out = peer.forward(x, logits, config, down, tma)
             if dev == "cuda":
                 torch.cuda.synchronize()
         except Exception as exc:  # a config the GPU cannot run (shared memory), or a bug
-            print(f"    {source} {config}: failed: {type(exc).__name__}: {str(exc)[:200]}")
+            print(f"    {source} {config} tma {tma}: failed: {type(exc).__name__}: "
+                  f"{str(exc)[:200]}")
             continue
         err = rel_err(out[toks].float(), ref)
         ok = math.isfinite(err) and err <= tol
-        entry = dict(source=source, config=config, down_config=down, rel_err=err, ok=ok)
+        entry = dict(source=source, config=config, down_config=down, tma=list(tma), rel_err=err,
+                     ok=ok)
         if not ok:
             print(f"    {source} {config}: rel_err {err:.2e} over {tol:.0e}: not timed")
         elif not args.dry_run:
             entry["experts_us"] = graph_median_us(
-                lambda: peer.experts(x, ids, w, config, down), args.sweep_iters, flush)
+                lambda: peer.experts(x, ids, w, config, down, tma), args.sweep_iters, flush)
         results.append(entry)
         if args.verbose:
             print(f"    {source} {config} rel_err {err:.2e} "
@@ -788,18 +812,20 @@ def run_case(kern, cfgmod, layer, tokens, args, dev, flush):
         row.update(time_us=None, experts_us=None, routing_us=None, align_us=None)
     else:
         best = min(good, key=lambda r: r["experts_us"])
-        cfg, down = best["config"], best["down_config"]
+        cfg, down, tma = best["config"], best["down_config"], tuple(best["tma"])
         it = args.iters
-        row["time_us"] = graph_median_us(lambda: peer.forward(x, logits, cfg, down), it, flush)
-        row["experts_us"] = graph_median_us(lambda: peer.experts(x, ids, w, cfg, down), it, flush)
+        row["time_us"] = graph_median_us(lambda: peer.forward(x, logits, cfg, down, tma), it, flush)
+        row["experts_us"] = graph_median_us(lambda: peer.experts(x, ids, w, cfg, down, tma), it,
+                                            flush)
         row["routing_us"] = graph_median_us(lambda: peer.route(logits), it, flush)
         row["align_us"] = graph_median_us(
             lambda: align_block_size(ids, cfg["BLOCK_SIZE_M"], L["E"]), it, flush)
-        row["sweep"] = [dict(source=r["source"], config=r["config"], experts_us=r["experts_us"])
-                        for r in good]
+        row["sweep"] = [dict(source=r["source"], config=r["config"], tma=r["tma"],
+                             experts_us=r["experts_us"]) for r in good]
     row["config"] = best["config"]
     row["down_config"] = best["down_config"]
     row["config_source"] = best["source"]
+    row["tma"] = best["tma"]
     row["rel_err_best"] = best["rel_err"]
     return row
 
@@ -821,6 +847,9 @@ def main():
                     help="run and check every case once; no CUDA graph, no timing "
                          "(implied by TRITON_INTERPRET=1)")
     ap.add_argument("--no-flush", action="store_true", help="no L2 flush between replays")
+    ap.add_argument("--tma", choices=("auto", "off", "on"), default="auto",
+                    help="TMA descriptors: as SGLang's shipped config says (auto), never, or on "
+                         "every config (a test of the path)")
     ap.add_argument("--no-pdl", action="store_true",
                     help="launch without programmatic dependent launch (SGLang uses it from sm_90 "
                          "on; a Triton too old for launch_pdl needs this)")
