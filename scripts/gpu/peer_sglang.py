@@ -82,9 +82,16 @@ each replay; the fastest median wins and is reported with its config. Then the w
 experts given the routes (`experts_us`: align + GEMM1 + activation + GEMM2 + combine), routing
 alone (`routing_us`), alignment alone (`align_us`). Medians are the upper median of the replays.
 
-Correctness: the peer's output on up to 4 evenly spaced tokens against a float32 torch
-computation of the same layer (the dequantized weights, activations quantized as the format
-does, the peer's own routes), ‖out − ref‖ / ‖ref‖ printed as rel_err.
+Correctness: the peer's routes on up to 4 evenly spaced tokens against spec/routing.md in
+float64 (same experts, weights within 1e-5), the alignment's contract on the host, and the
+peer's output on those tokens against float32 torch computations of the same layer (the
+dequantized weights, activations quantized as the format does, the peer's routes):
+  rel_err         against the plain one (no rounding but the format's): comparable to our bench's
+                  rel_err; SGLang's bf16 intermediates put ~5e-3 (bf16) and 1-3e-2 (fp8) here;
+  rel_err_stages  against the same computation rounded to bf16 where the peer stores bf16 (GEMM1
+                  out, activation, weighted GEMM2 out, sum): only summation order separates them
+                  (0 under the interpreter); a config over 1e-2 (bf16) / 2e-2 (fp8) is reported
+                  and not timed.
 
 Inputs: weights U(−a, a), a = √(3/cols), hidden U(−2, 2), logits N(0, 1), router bias U(−0.1,
 0.1), GPT-OSS biases U(−0.5, 0.5) — the distributions of our synthetic layers, not the same
@@ -128,6 +135,9 @@ X_AMP = 2.0  # synth.rs: hidden ~ U(-X_AMP, X_AMP); static fp8 scales X_AMP/448 
 OAI = (1.702, 1.0, 7.0)  # GPT-OSS swiglu: alpha, beta, limit
 L2_FLUSH_BYTES = 512 << 20  # timing.rs
 SAMPLED_TOKENS = 4  # bench.rs
+# the peer against the staged reference (bf16 roundings where the peer stores bf16): a config
+# over this is reported and not timed
+TOLERANCE = {"bf16": 1e-2, "fp8": 2e-2, "fp8_block": 2e-2}
 FP8_MAX = 448.0
 
 # ------------------------------------------------------------------------------------------------
@@ -553,7 +563,15 @@ def quant_act(v, fmt, static_scale):
     return v
 
 
-def activation_f32(h, act):
+def activation_f32(h, act, stages=False):
+    """The activation on GEMM1's row h. stages: h is bf16 and the activation runs as the peer's
+    does — act_and_mul_triton's silu in f32 rounded to bf16, times up rounded to bf16; the torch
+    formulas (GPT-OSS, relu²) on bf16 tensors."""
+    if stages and act == "swiglu":
+        g, u = h.chunk(2)
+        return (torch.nn.functional.silu(g.float()).to(torch.bfloat16) * u).float()
+    if stages:
+        return activation_f32(h, act).float()
     if act == "relu2":
         return torch.relu(h) ** 2
     if act == "swiglu_oai":
@@ -564,9 +582,14 @@ def activation_f32(h, act):
     return torch.nn.functional.silu(g) * u
 
 
-def reference(layer, hidden, ids, weights, tokens):
-    """f32 torch computation of the layer on `tokens`, with the peer's routes: [len, H]."""
+def reference(layer, hidden, ids, weights, tokens, stages=False):
+    """f32 torch computation of the layer on `tokens`, with the peer's routes: [len, H].
+    stages: rounded to bf16 where the peer's layer stores bf16 (GEMM1's output, the activation,
+    each weighted GEMM2 output, the sum), so that only summation order and the roundings those
+    change separate it from the peer: the tight check. Without: no rounding but the format's own
+    quantization of weights and activations (as our bench's reference)."""
     fmt = layer["fmt"]
+    bf = (lambda v: v.to(torch.bfloat16)) if stages else (lambda v: v)
     out = []
     for t in tokens:
         x = hidden[t].float()
@@ -576,12 +599,12 @@ def reference(layer, hidden, ids, weights, tokens):
             h = dequant(layer["w13"], layer["s13"], e, fmt) @ quant_act(x, fmt, layer["a13"])
             if layer["b13"] is not None:
                 h = h + layer["b13"][e].float()
-            a = quant_act(activation_f32(h, layer["act"]), fmt, layer["a2"])
+            a = quant_act(activation_f32(bf(h), layer["act"], stages), fmt, layer["a2"])
             y = dequant(layer["w2"], layer["s2"], e, fmt) @ a
             if layer["b2"] is not None:
                 y = y + layer["b2"][e].float()
-            acc += float(weights[t, j]) * y
-        out.append(acc * layer["rsf"])
+            acc += bf(float(weights[t, j]) * y).float()
+        out.append(bf(acc * layer["rsf"]).float())
     return torch.stack(out)
 
 
@@ -775,7 +798,8 @@ def run_case(kern, cfgmod, layer, tokens, args, dev, flush):
     toks = sampled(tokens)
     check_routing(logits, ids, w, L, toks)
     ref = reference(L, x, ids, w, toks)
-    tol = 2e-2 if L["fmt"] == "bf16" else 6e-2
+    ref_stages = reference(L, x, ids, w, toks, stages=True)
+    tol = TOLERANCE[L["fmt"]]
     results = []
     for source, config, down, tma in candidates(cfgmod, kern, L, tokens, args.sweep, args.tma):
         check_alignment(ids, config["BLOCK_SIZE_M"], L["E"],
@@ -789,24 +813,27 @@ def run_case(kern, cfgmod, layer, tokens, args, dev, flush):
                   f"{str(exc)[:200]}")
             continue
         err = rel_err(out[toks].float(), ref)
-        ok = math.isfinite(err) and err <= tol
+        err_stages = rel_err(out[toks].float(), ref_stages)
+        ok = math.isfinite(err_stages) and err_stages <= tol
         entry = dict(source=source, config=config, down_config=down, tma=list(tma), rel_err=err,
-                     ok=ok)
+                     rel_err_stages=err_stages, ok=ok)
         if not ok:
-            print(f"    {source} {config}: rel_err {err:.2e} over {tol:.0e}: not timed")
+            print(f"    {source} {config}: rel_err against the staged reference {err_stages:.2e} "
+                  f"over {tol:.0e}: not timed")
         elif not args.dry_run:
             entry["experts_us"] = graph_median_us(
                 lambda: peer.experts(x, ids, w, config, down, tma), args.sweep_iters, flush)
         results.append(entry)
         if args.verbose:
-            print(f"    {source} {config} rel_err {err:.2e} "
+            print(f"    {source} {config} rel_err {err:.2e} (staged {err_stages:.2e}) "
                   f"{entry.get('experts_us', float('nan')):.1f} us")
     good = [r for r in results if r["ok"]]
     if not good:
         raise SystemExit(f"{L['preset']} {L['fmt']} T={tokens}: no config ran correctly "
                          f"({[(r['source'], r['rel_err']) for r in results]})")
     row = dict(preset=L["preset"], weight_format=L["fmt"], activation_format=L["fmt"],
-               tokens=tokens, rel_err=max(r["rel_err"] for r in good))
+               tokens=tokens, rel_err=max(r["rel_err"] for r in good),
+               rel_err_stages=max(r["rel_err_stages"] for r in good))
     if args.dry_run:
         best = good[0]
         row.update(time_us=None, experts_us=None, routing_us=None, align_us=None)
