@@ -6,7 +6,11 @@ an H100 80GB; our runs may be on another GPU — the roofline fraction is the co
 usage: bench-table.py bench/results/FILE.json [more.json ...]
        bench-table.py --mx FILE.json ...   the microscaling formats: weight × activation columns and
                                            issue 12's targets (T = 1: 60 %; T <= 128: 80 %; T >= 1024:
-                                           50 % for W4A16, 40 % for mxfp8, W4A8 and nvfp4)"""
+                                           50 % for W4A16, 40 % for mxfp8, W4A8 and nvfp4)
+       --peer PEER.json (repeatable, before or after the files): the JSON of
+       scripts/gpu/peer_sglang.py; every row whose (preset, weight format, activation format, T) the
+       peer has gains two columns: the peer's time (its whole layer, routing included) and peer time /
+       our time (above 1: we are faster). Without --peer the output is unchanged."""
 import json, sys
 
 # spec/performance.md, "The peer to beat": (µs, floor µs) on H100 for bf16 and fp8_block.
@@ -46,6 +50,36 @@ def target_mx(tokens, roofline, weight, acts):
 
 
 args = sys.argv[1:]
+# --peer FILE: measured peer rows, keyed by (preset, weight format, activation format, T)
+PEER = None
+while "--peer" in args:
+    i = args.index("--peer")
+    if i + 1 >= len(args):
+        sys.exit("--peer needs a file")
+    PEER = PEER or {}
+    for r in json.load(open(args[i + 1]))["rows"]:
+        if r.get("time_us") is not None:
+            PEER[(r["preset"], r["weight_format"], r["activation_format"], r["tokens"])] = r
+    del args[i:i + 2]
+
+
+def peer_head():
+    return "" if PEER is None else " peer µs | peer / ours |"
+
+
+def peer_rule():
+    return "" if PEER is None else " --- | --- |"
+
+
+def peer_cells(r):
+    if PEER is None:
+        return ""
+    p = PEER.get((r["preset"], r["weight_format"], r["activation_format"], r["tokens"]))
+    if p is None:
+        return " — | — |"
+    return f" {p['time_us']:.1f} | {p['time_us'] / r['time_us']:.2f}× |"
+
+
 if args and args[0] == "--mx":
     # a later file's row replaces an earlier one of the same preset, formats and T; `build` is the
     # commit the row was measured with
@@ -56,12 +90,13 @@ if args and args[0] == "--mx":
             key = (r["preset"], r["weight_format"], r["activation_format"], r["tokens"])
             merged.setdefault(key, None)
             merged[key] = (r, (rep.get("commit") or "?")[:7])
-    print("| preset | weights × acts | T | experts | time µs | floor µs | roofline | target (issue 12) | rel_err | build |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| preset | weights × acts | T | experts | time µs | floor µs | roofline | target (issue 12) | rel_err | build |"
+          + peer_head())
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |" + peer_rule())
     for (preset, w, a, t), (r, build) in merged.items():
         print(f"| {preset} | {w} × {a} | {t} | {r['active_experts']} | {r['time_us']:.1f} | "
               f"{r['floor_us']:.1f} | {r['roofline']:.1%} | {target_mx(t, r['roofline'], w, a)} | "
-              f"{r['rel_err']:.1e} | {build} |")
+              f"{r['rel_err']:.1e} | {build} |" + peer_cells(r))
     sys.exit(0)
 
 rows = []
@@ -69,8 +104,9 @@ for path in args:
     rep = json.load(open(path))
     for r in rep["rows"]:
         rows.append((rep, r))
-print("| preset | format | T | experts | time µs | floor µs | roofline | target (issue 3) | SGLang (H100): µs, roofline | rel_err |")
-print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+print("| preset | format | T | experts | time µs | floor µs | roofline | target (issue 3) | SGLang (H100): µs, roofline | rel_err |"
+      + peer_head())
+print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |" + peer_rule())
 for rep, r in rows:
     sg = SGLANG.get((r["preset"], r["tokens"]))
     if sg is None:
@@ -80,4 +116,4 @@ for rep, r in rows:
         sg = f"{t}, {f / t:.0%}"
     print(f"| {r['preset']} | {r['weight_format']} | {r['tokens']} | {r['active_experts']} | "
           f"{r['time_us']:.1f} | {r['floor_us']:.1f} | {r['roofline']:.1%} | {target(r['tokens'], r['roofline'])} | "
-          f"{sg} | {r['rel_err']:.1e} |")
+          f"{sg} | {r['rel_err']:.1e} |" + peer_cells(r))
