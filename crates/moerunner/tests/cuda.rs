@@ -7,6 +7,7 @@
 //!
 //! Random cases print their seeds; outputs are poisoned with NaN before every GPU run.
 
+use moerunner::backend::cuda::codec;
 use moerunner::backend::cuda::prepare::{self, w13_feature};
 use moerunner::random_cases::{case_seed, run_case_on, Case};
 use moerunner::reference;
@@ -138,6 +139,7 @@ fn quantize_like_layer(
 /// intermediate.
 fn prepared_expert_output(
     p: &prepare::PreparedWeights,
+    codec: &moerunner::backend::cuda::codec::Codec,
     cfg: &LayerConfig,
     layer: &moerunner::MoeLayer,
     e: usize,
@@ -145,10 +147,8 @@ fn prepared_expert_output(
 ) -> Vec<f64> {
     let d = p.dims;
     let dec = |t: &prepare::PreparedTensor, e: usize, r: usize, c: usize| -> f64 {
-        if matches!(
-            cfg.weight_format,
-            WeightFormat::Mxfp8 | WeightFormat::Mxfp4 | WeightFormat::Nvfp4
-        ) {
+        use moerunner::backend::cuda::codec::PreparedScales;
+        if codec.gemm.decoded_row_bytes().is_some() {
             return tiled_weight(t, cfg.weight_format, e, r, c);
         }
         let idx = (e * t.rows + r) * t.cols + c;
@@ -158,9 +158,9 @@ fn prepared_expert_output(
             }
             _ => moerunner::formats::e4m3::decode(t.data[idx]) as f64,
         };
-        let s = match cfg.weight_format {
-            WeightFormat::Fp8 => t.scales[e] as f64,
-            WeightFormat::Fp8Block => {
+        let s = match codec.weight_scales {
+            PreparedScales::PerExpert => t.scales[e] as f64,
+            PreparedScales::Rows8x128 | PreparedScales::Rows8x128FromUe8m0 => {
                 t.scales[(e * (t.rows / 8) + r / 8) * (t.cols / 128) + c / 128] as f64
             }
             _ => 1.0,
@@ -231,41 +231,124 @@ fn prepared_layout_computes_the_reference_layer() {
                     W13Order::GateUp
                 };
                 let layer = random_layer(&cfg, seed, true).expect("layer");
-                let codec = moerunner::backend::cuda::codec::codec_of(
-                    cfg.weight_format,
-                    cfg.activation_format,
-                )
-                .expect("a CUDA codec");
-                let p = prepare::prepare_weights(&cfg, codec, layer.weights());
-                let mut rng = moerunner::rng::SeededRng::new(seed);
-                let x: Vec<f32> = (0..cfg.hidden).map(|_| rng.uniform(-1.0, 1.0)).collect();
-                for e in 0..3 {
-                    let routes = Routes {
-                        tokens: 1,
-                        top_k: 1,
-                        ids: vec![e as i32],
-                        weights: vec![1.0],
-                        weight_on_input: false,
-                    };
-                    // The emulation quantizes x and the intermediate as the reference does, so it
-                    // meets the format's tolerance; a layout error (wrong row, half, element
-                    // order, scale or padding) is O(1), far above it.
-                    let want = reference::forward(&layer, &x, &routes).expect("reference");
-                    let xd: Vec<f64> = x.iter().map(|&v| v as f64).collect();
-                    let xq = quantize_like_layer(&cfg, &layer, &xd, false);
-                    let got = prepared_expert_output(&p, &cfg, &layer, e, &xq);
-                    let err = rel_err(&got, &want);
-                    let tol =
-                        moerunner::config::tolerance(cfg.weight_format, cfg.activation_format);
-                    println!("seed={seed} {wf} {order:?} {act} expert {e}: err {err:.2e}");
-                    assert!(
-                        err <= tol,
-                        "seed {seed}: prepared layout differs from the reference by {err}"
-                    );
+                // every codec of the pairing (mxfp8: the fp8 block-scale path and the decoded one)
+                for gemm in codec::gemm_formats_of(cfg.weight_format, cfg.activation_format) {
+                    let codec = codec::codec_preferring(
+                        cfg.weight_format,
+                        cfg.activation_format,
+                        Some(gemm.name()),
+                    )
+                    .expect("a CUDA codec");
+                    let p = prepare::prepare_weights(&cfg, codec, layer.weights());
+                    let mut rng = moerunner::rng::SeededRng::new(seed);
+                    let x: Vec<f32> = (0..cfg.hidden).map(|_| rng.uniform(-1.0, 1.0)).collect();
+                    for e in 0..3 {
+                        let routes = Routes {
+                            tokens: 1,
+                            top_k: 1,
+                            ids: vec![e as i32],
+                            weights: vec![1.0],
+                            weight_on_input: false,
+                        };
+                        // The emulation quantizes x and the intermediate as the reference does, so it
+                        // meets the format's tolerance; a layout error (wrong row, half, element
+                        // order, scale or padding) is O(1), far above it.
+                        let want = reference::forward(&layer, &x, &routes).expect("reference");
+                        let xd: Vec<f64> = x.iter().map(|&v| v as f64).collect();
+                        let xq = quantize_like_layer(&cfg, &layer, &xd, false);
+                        let got = prepared_expert_output(&p, codec, &cfg, &layer, e, &xq);
+                        let err = rel_err(&got, &want);
+                        let tol =
+                            moerunner::config::tolerance(cfg.weight_format, cfg.activation_format);
+                        println!(
+                            "seed={seed} {wf} ({}) {order:?} {act} expert {e}: err {err:.2e}",
+                            gemm.name()
+                        );
+                        assert!(
+                            err <= tol,
+                            "seed {seed} {}: prepared layout differs from the reference by {err}",
+                            gemm.name()
+                        );
+                    }
                 }
             }
         }
     }
+}
+
+/// MXFP8 weights re-expressed for the fp8 block-scale GEMM (`prepare::regroup_mx_scales`): each
+/// group of 8 prepared rows × 128 columns carries the largest UE8M0 scale of its blocks, and every
+/// element whose re-expressed value is in E4M3's normal range keeps its exact value; the others
+/// round to the group's E4M3 subnormals. Rows and 32-blocks of seeded weights are spread over
+/// 2^±12, so groups mix scales up to ~2^20 apart.
+#[test]
+fn mxfp8_regrouped_for_fp8_keeps_every_normal_element_exact() {
+    use moerunner::formats::{e4m3, ue8m0, weight_quant};
+    let (experts, rows, cols) = (2usize, 24usize, 320usize);
+    let seed = 0x5EED_0F08u64;
+    let mut rng = moerunner::rng::SeededRng::new(seed);
+    let values: Vec<f32> = (0..experts * rows * cols)
+        .map(|i| {
+            let (r, b) = ((i / cols) % rows, (i % cols) / 32);
+            let spread = 2f32.powi(((r * 7 + b * 5) % 25) as i32 - 12);
+            rng.uniform(-1.0, 1.0) * spread
+        })
+        .collect();
+    let t = weight_quant::quantize_weights(WeightFormat::Mxfp8, experts, rows, cols, &values, None)
+        .expect("quantize");
+    let moerunner::weights::BlockScales::Ue8m0(sb) = &t.scales else {
+        panic!("mxfp8 scales")
+    };
+    let (rows_p, cols_p) = (prepare::round_up(rows, 128), prepare::round_up(cols, 128));
+    let map = |r: usize| (r < rows).then_some(r);
+    let (data, scales) = prepare::regroup_mx_scales(&t, rows_p, cols_p, &map);
+    let (nb, kb_p) = (cols / 32, cols_p / 128);
+    let (mut exact, mut rerounded) = (0usize, 0usize);
+    for e in 0..experts {
+        for r in 0..rows_p {
+            for c in 0..cols_p {
+                let got_code = data[(e * rows_p + r) * cols_p + c];
+                let group = scales[(e * (rows_p / 8) + r / 8) * kb_p + c / 128];
+                if r >= rows || c >= cols {
+                    assert_eq!(got_code, 0, "padding ({e}, {r}, {c})");
+                    continue;
+                }
+                let top = (r / 8 * 8..(r / 8 * 8 + 8).min(rows))
+                    .flat_map(|rr| (c / 128 * 4..(c / 128 * 4 + 4).min(nb)).map(move |b| (rr, b)))
+                    .map(|(rr, b)| sb[(e * rows + rr) * nb + b])
+                    .max()
+                    .unwrap();
+                assert_eq!(
+                    group.to_bits(),
+                    ue8m0::decode(top).to_bits(),
+                    "group scale ({e}, {r}, {c})"
+                );
+                let code = t.data[(e * rows + r) * cols + c];
+                let s = ue8m0::decode(sb[(e * rows + r) * nb + c / 32]);
+                let want = e4m3::decode(code) as f64 * s as f64;
+                let got = e4m3::decode(got_code) as f64 * group as f64;
+                if (e4m3::decode(code) * (s / group)).abs() >= 2f32.powi(-6) {
+                    assert_eq!(
+                        got, want,
+                        "seed {seed}: normal element ({e}, {r}, {c}) changed"
+                    );
+                    exact += 1;
+                } else {
+                    // a subnormal (or zero) of the group: within half its spacing, 2^-10 · S
+                    assert!(
+                        (got - want).abs() <= group as f64 * 2f64.powi(-10),
+                        "seed {seed}: ({e}, {r}, {c}) {got} vs {want}"
+                    );
+                    rerounded += usize::from(got != want);
+                }
+            }
+        }
+    }
+    println!("seed {seed}: {exact} normal elements exact, {rerounded} re-rounded as subnormals");
+    assert!(
+        rerounded > 0 && exact > rerounded,
+        "the seed must exercise both cases"
+    );
 }
 
 /// What a test needs that a machine may lack.
@@ -1090,6 +1173,7 @@ fn gpu_row_quantizers_match_the_cpu_bit_for_bit() {
         (RowQuant::E4m3Static, ActivationFormat::Fp8),
         (RowQuant::E4m3Block128, ActivationFormat::Fp8Block),
         (RowQuant::Mxfp8AsBf16, ActivationFormat::Mxfp8),
+        (RowQuant::Mxfp8AsE4m3Block128, ActivationFormat::Mxfp8),
         (RowQuant::Nvfp4StaticAsBf16, ActivationFormat::Nvfp4),
         (RowQuant::Nvfp4TokenAsBf16, ActivationFormat::Nvfp4PerToken),
     ] {
@@ -1125,6 +1209,14 @@ fn gpu_row_quantizers_match_the_cpu_bit_for_bit() {
                     RowQuant::Bf16 => bf16::encode(v) as u32,
                     RowQuant::E4m3Static | RowQuant::E4m3Block128 => e4m3::encode(v) as u32,
                     RowQuant::Mxfp8AsBf16 => bf16::encode(v * sc) as u32,
+                    RowQuant::Mxfp8AsE4m3Block128 => {
+                        // re-expressed against the largest scale of its 128 columns (padding: 2^-127)
+                        let b128 = (c / 128) * 4..((c / 128) * 4 + 4).min(nb);
+                        let top = q.scales[r * nb..(r + 1) * nb][b128]
+                            .iter()
+                            .fold(f32::from_bits(1 << 22), |m, &s| m.max(s));
+                        prepare::reexpress_e4m3(e4m3::encode(v), sc / top) as u32
+                    }
                     _ => {
                         // element × the decoded block scale (the global stays for the epilogue)
                         let blk = &x[r * cols + (c / 16) * 16..r * cols + (c / 16) * 16 + 16];
@@ -1161,6 +1253,18 @@ fn gpu_row_quantizers_match_the_cpu_bit_for_bit() {
                 }
                 RowQuant::Nvfp4StaticAsBf16 | RowQuant::Nvfp4TokenAsBf16 => {
                     assert_eq!(s[r].to_bits(), global.to_bits(), "{format} row {r} global");
+                }
+                RowQuant::Mxfp8AsE4m3Block128 => {
+                    for b in 0..stride / 128 {
+                        let top = q.scales[r * nb..(r + 1) * nb][b * 4..(b * 4 + 4).min(nb)]
+                            .iter()
+                            .fold(f32::from_bits(1 << 22), |m, &s| m.max(s));
+                        assert_eq!(
+                            s[r * (stride / 128) + b].to_bits(),
+                            top.to_bits(),
+                            "{format} (e4m3 per 128) row {r} scale {b}"
+                        );
+                    }
                 }
                 _ => {}
             }
@@ -1538,36 +1642,47 @@ fn dense_prepared_layout_computes_the_reference() {
             200
         };
         let lin = DenseLinear::random(format, n, k, 5).expect("weights");
-        let codec = moerunner::backend::cuda::codec::codec_of(
-            format.weight_format(),
-            format.activation_format(),
-        )
-        .expect("codec");
-        let p = prepare::prepare_dense(codec, lin.weights());
-        assert_eq!((p.rows, p.cols), (256, prepare::round_up(k, 128)));
-        let w = |j: usize, c: usize| match format {
-            DenseFormat::Mxfp8 => tiled_weight(&p, WeightFormat::Mxfp8, 0, j, c),
-            DenseFormat::Fp8Block => {
-                e4m3::decode(p.data[j * p.cols + c]) as f64
-                    * p.scales[(j / 8) * (p.cols / 128) + c / 128] as f64
-            }
-        };
-        let x = random_input(m, k, DType::F32, 6).expect("x");
-        let q = lin.quantize_input(&x).expect("quantize");
-        let want = lin.reference(&x).expect("reference");
-        let mut xr = vec![0f64; p.cols];
-        for r in 0..m {
-            q.dequantize_row_f64(r, &mut xr[..k]);
-            for j in 0..p.rows {
-                let y: f64 = (0..p.cols).map(|c| xr[c] * w(j, c)).sum();
-                if j < n {
-                    let r_ = want[r * n + j];
-                    assert!(
-                        (y - r_).abs() <= 1e-12 * r_.abs().max(1.0),
-                        "{format} ({r}, {j}): {y} vs {r_}"
-                    );
+        let (wf, af) = (format.weight_format(), format.activation_format());
+        for gemm in codec::gemm_formats_of(wf, af) {
+            let codec = codec::codec_preferring(wf, af, Some(gemm.name())).expect("codec");
+            let p = prepare::prepare_dense(codec, lin.weights());
+            assert_eq!((p.rows, p.cols), (256, prepare::round_up(k, 128)));
+            let tiled = codec.gemm.decoded_row_bytes().is_some();
+            let w = |j: usize, c: usize| {
+                if tiled {
+                    tiled_weight(&p, wf, 0, j, c)
                 } else {
-                    assert_eq!(y, 0.0, "{format}: padding row {j}");
+                    e4m3::decode(p.data[j * p.cols + c]) as f64
+                        * p.scales[(j / 8) * (p.cols / 128) + c / 128] as f64
+                }
+            };
+            // The decoded layout holds the weights exactly; mxfp8 re-expressed per 8 rows × 128
+            // (`prepare::regroup_mx_scales`) re-rounds elements that fall to E4M3 subnormals: bounded
+            // by a small fraction of the row's sum of |products|.
+            let exact = tiled || codec.weight_scales != codec::PreparedScales::Rows8x128FromUe8m0;
+            let x = random_input(m, k, DType::F32, 6).expect("x");
+            let q = lin.quantize_input(&x).expect("quantize");
+            let want = lin.reference(&x).expect("reference");
+            let mut xr = vec![0f64; p.cols];
+            for r in 0..m {
+                q.dequantize_row_f64(r, &mut xr[..k]);
+                for j in 0..p.rows {
+                    let y: f64 = (0..p.cols).map(|c| xr[c] * w(j, c)).sum();
+                    if j < n {
+                        let r_ = want[r * n + j];
+                        let bound = if exact {
+                            1e-12 * r_.abs().max(1.0)
+                        } else {
+                            1e-3 * (0..p.cols).map(|c| (xr[c] * w(j, c)).abs()).sum::<f64>()
+                        };
+                        assert!(
+                            (y - r_).abs() <= bound,
+                            "{format} ({}) ({r}, {j}): {y} vs {r_}",
+                            gemm.name()
+                        );
+                    } else {
+                        assert_eq!(y, 0.0, "{format}: padding row {j}");
+                    }
                 }
             }
         }
@@ -1796,7 +1911,12 @@ fn gpu_a_nan_token_stays_in_its_own_row() {
         let mut xn = x.clone();
         xn[bad * h + 3] = f32::NAN;
         let dirty = run(&xn);
-        assert!(clean.iter().all(|v| v.is_finite()), "{}×{}: the clean run", codec.0, codec.1);
+        assert!(
+            clean.iter().all(|v| v.is_finite()),
+            "{}×{}: the clean run",
+            codec.0,
+            codec.1
+        );
         for r in (0..t).filter(|&r| r != bad) {
             assert!(
                 clean[r * h..(r + 1) * h]
@@ -1830,21 +1950,41 @@ fn gpu_nccl_one_rank_equals_one_device() {
     let timeout = Duration::from_secs(60);
     let Some(runner) = gpu_runner() else {
         // no GPU: the group says why instead of panicking
-        let err = NcclComm::group(&[0], timeout).err().expect("no NCCL group without a GPU");
+        let err = NcclComm::group(&[0], timeout)
+            .err()
+            .expect("no NCCL group without a GPU");
         println!("without a GPU: {err}");
         return;
     };
     if !moerunner::parallel::nccl::available() {
-        skip(Need::Gpu, "libnccl is not on the library path (NCCL tests need it)");
+        skip(
+            Need::Gpu,
+            "libnccl is not on the library path (NCCL tests need it)",
+        );
         return;
     }
     let comms = NcclComm::group(&[0], timeout).expect("one NCCL rank");
     let c = &comms[0];
-    assert_eq!(c.all_gather(b"abc").expect("all_gather"), vec![b"abc".to_vec()]);
-    assert_eq!(c.all_gather(&[]).expect("all_gather empty"), vec![Vec::<u8>::new()]);
-    assert_eq!(c.all_to_all_v(vec![vec![1, 2, 3]]).expect("a2a"), vec![vec![1, 2, 3]]);
-    assert_eq!(c.all_to_all_v(vec![vec![]]).expect("a2a empty"), vec![Vec::<u8>::new()]);
-    assert_eq!(c.all_reduce_sum(&[1.5, -2.0]).expect("sum"), vec![1.5, -2.0]);
+    assert_eq!(
+        c.all_gather(b"abc").expect("all_gather"),
+        vec![b"abc".to_vec()]
+    );
+    assert_eq!(
+        c.all_gather(&[]).expect("all_gather empty"),
+        vec![Vec::<u8>::new()]
+    );
+    assert_eq!(
+        c.all_to_all_v(vec![vec![1, 2, 3]]).expect("a2a"),
+        vec![vec![1, 2, 3]]
+    );
+    assert_eq!(
+        c.all_to_all_v(vec![vec![]]).expect("a2a empty"),
+        vec![Vec::<u8>::new()]
+    );
+    assert_eq!(
+        c.all_reduce_sum(&[1.5, -2.0]).expect("sum"),
+        vec![1.5, -2.0]
+    );
     drop(comms);
 
     let cfg = config(
@@ -1861,8 +2001,13 @@ fn gpu_nccl_one_rank_equals_one_device() {
         hidden: &input.hidden,
         routing: input.routing_input(),
     };
-    let single = runner.load(layer.clone(), &cuda()).expect("load").forward(&fwd).expect("forward");
-    let layout = Layout::new(ExpertMap::even(8, 1).expect("map"), 1, EpMode::AllToAll).expect("layout");
+    let single = runner
+        .load(layer.clone(), &cuda())
+        .expect("load")
+        .forward(&fwd)
+        .expect("forward");
+    let layout =
+        Layout::new(ExpertMap::even(8, 1).expect("map"), 1, EpMode::AllToAll).expect("layout");
     let ranked = moerunner::parallel::forward_nccl(&layer, &layout, &cuda(), &fwd, timeout)
         .expect("one NCCL rank");
     assert!(
@@ -1893,21 +2038,47 @@ fn gpu_several_ranks_share_one_gpu() {
             RoutingConfig::new(RoutingMethod::Renormalize, 2),
         );
         let layer = random_layer(&cfg, 0x5A4E, false).expect("layer");
-        let input = random_input(&cfg, 41, RoutingMode::Logits, DType::BF16, 0x5A4F).expect("input");
+        let input =
+            random_input(&cfg, 41, RoutingMode::Logits, DType::BF16, 0x5A4F).expect("input");
         let fwd = ForwardInput {
             hidden: &input.hidden,
             routing: input.routing_input(),
         };
         let x = input.hidden.to_f32_vec("hidden").expect("x");
-        let routes = routing::resolve(&cfg.routing, 8, 41, &input.routing_input(), None).expect("routes");
+        let routes =
+            routing::resolve(&cfg.routing, 8, 41, &input.routing_input(), None).expect("routes");
         let want = reference::forward(&layer, &x, &routes).expect("reference");
-        for (ep, tp, mode) in [(2, 1, EpMode::AllToAll), (2, 1, EpMode::GatherScatter), (1, 2, EpMode::GatherScatter)] {
-            let layout = Layout::new(ExpertMap::even(8, ep).expect("map"), tp, mode).expect("layout");
-            let out = moerunner::parallel::forward_threads(&layer, &layout, &cuda(), &fwd, Duration::from_secs(120))
-                .expect("ranks on one GPU");
-            let got: Vec<f64> = out.output.to_f32_vec("out").expect("f32").iter().map(|&v| v as f64).collect();
+        for (ep, tp, mode) in [
+            (2, 1, EpMode::AllToAll),
+            (2, 1, EpMode::GatherScatter),
+            (1, 2, EpMode::GatherScatter),
+        ] {
+            let layout =
+                Layout::new(ExpertMap::even(8, ep).expect("map"), tp, mode).expect("layout");
+            let out = moerunner::parallel::forward_threads(
+                &layer,
+                &layout,
+                &cuda(),
+                &fwd,
+                Duration::from_secs(120),
+            )
+            .expect("ranks on one GPU");
+            let got: Vec<f64> = out
+                .output
+                .to_f32_vec("out")
+                .expect("f32")
+                .iter()
+                .map(|&v| v as f64)
+                .collect();
             let err = rel_err(&got, &want);
-            assert_within(err, &cfg, &format!("{}×{} ep {ep} tp {tp} {mode:?} on one GPU", codec.0, codec.1));
+            assert_within(
+                err,
+                &cfg,
+                &format!(
+                    "{}×{} ep {ep} tp {tp} {mode:?} on one GPU",
+                    codec.0, codec.1
+                ),
+            );
         }
     }
 }
@@ -1930,8 +2101,62 @@ fn a_nan_mxfp8_weight_code_is_refused_before_decoding() {
     let mut bytes = w.w2.data.to_vec();
     bytes[64 * 32 + 3 * 32 + 5] = 0xFF; // expert 1, row 3, column 5
     w.w2.data = bytes.into();
-    let err = prepare::check_decodable_elements(&w).unwrap_err().to_string();
-    assert!(err.contains("`w2`") && err.contains("expert 1, row 3, column 5"), "{err}");
+    let err = prepare::check_decodable_elements(&w)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("`w2`") && err.contains("expert 1, row 3, column 5"),
+        "{err}"
+    );
+}
+
+/// mxfp8 × mxfp8 has two GEMM paths (`codec::gemm_formats_of`): the fp8 block-scale kernel (the
+/// default) and the exact decoded bf16 one. Both meet the reference on the seeded matrix's mxfp8
+/// cases (every routing, activation, size and rank layout the generator draws), loaded side by
+/// side in one process.
+#[cfg(feature = "cuda")]
+#[test]
+fn gpu_mxfp8_both_gemm_paths_meet_the_reference() {
+    use moerunner::backend::cuda::layer::CudaLayer;
+    use moerunner::backend::LoadedLayer;
+    use moerunner::random_cases::run_case_with;
+    use std::sync::Arc;
+    if gpu_runner().is_none() {
+        return;
+    }
+    let backend = moerunner::backend::cuda::create_concrete().expect("cuda backend");
+    let dev = backend.device().clone();
+    let (mut ran, mut index) = (0, 0u64);
+    while ran < 16 {
+        index += 1;
+        let seed = case_seed(0x3F8_0000, index);
+        let case = Case::generate(seed);
+        if (case.config.weight_format, case.config.activation_format)
+            != (WeightFormat::Mxfp8, ActivationFormat::Mxfp8)
+        {
+            continue;
+        }
+        ran += 1;
+        for gemm in codec::gemm_formats_of(WeightFormat::Mxfp8, ActivationFormat::Mxfp8) {
+            let codec = codec::codec_preferring(
+                WeightFormat::Mxfp8,
+                ActivationFormat::Mxfp8,
+                Some(gemm.name()),
+            )
+            .expect("codec");
+            let r = run_case_with(seed, |layer, input| {
+                CudaLayer::load_with_codec(dev.clone(), Arc::new(layer), codec)?.forward(input)
+            });
+            println!(
+                "{} [{}]: err {:.2e} (tol {:.0e})",
+                r.description,
+                gemm.name(),
+                r.rel_err,
+                r.tolerance
+            );
+            assert!(r.passed, "seed {seed} [{}]: {r:?}", gemm.name());
+        }
+    }
 }
 
 /// The main-loop switches: a codec whose loops all need wgmma is refused off Hopper, naming the
@@ -1941,9 +2166,25 @@ fn a_nan_mxfp8_weight_code_is_refused_before_decoding() {
 fn wgmma_only_codecs_are_refused_off_hopper() {
     use moerunner::backend::cuda::codec::codec_of;
     use moerunner::backend::cuda::pipeline::main_loop_switches;
-    let mx = codec_of(WeightFormat::Mxfp8, ActivationFormat::Mxfp8).expect("codec");
-    let err = main_loop_switches("sm_100a", mx, "mxfp8 layer").unwrap_err().to_string();
-    assert!(err.contains("mxfp8 layer") && err.contains("sm_100a"), "{err}");
+    let mx = codec_of(WeightFormat::Mxfp4, ActivationFormat::Bf16).expect("codec");
+    let err = main_loop_switches("sm_100a", mx, "mxfp4 layer")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("mxfp4 layer") && err.contains("sm_100a"),
+        "{err}"
+    );
+    // mxfp8's fp8 block-scale path has an mma.sync loop; its decoded path does not
+    let mx8 = |name: &str| {
+        moerunner::backend::cuda::codec::codec_preferring(
+            WeightFormat::Mxfp8,
+            ActivationFormat::Mxfp8,
+            Some(name),
+        )
+        .expect("codec")
+    };
+    assert!(main_loop_switches("sm_100a", mx8("e4m3_block"), "mxfp8 layer").is_ok());
+    assert!(main_loop_switches("sm_100a", mx8("mxfp8_decoded"), "mxfp8 layer").is_err());
     let bf16 = codec_of(WeightFormat::Bf16, ActivationFormat::Bf16).expect("codec");
     let (wgmma_on, _) = main_loop_switches("sm_100a", bf16, "bf16 layer").expect("mma.sync runs");
     assert!(!wgmma_on);
@@ -1954,9 +2195,10 @@ fn wgmma_only_codecs_are_refused_off_hopper() {
 #[cfg(feature = "cuda")]
 #[test]
 fn an_nccl_group_naming_a_gpu_twice_is_refused() {
-    let err = moerunner::parallel::nccl::NcclComm::group(&[0, 0], std::time::Duration::from_secs(1))
-        .err()
-        .expect("refused")
-        .to_string();
+    let err =
+        moerunner::parallel::nccl::NcclComm::group(&[0, 0], std::time::Duration::from_secs(1))
+            .err()
+            .expect("refused")
+            .to_string();
     assert!(err.contains("must differ"), "{err}");
 }

@@ -85,6 +85,10 @@ pub enum RowQuant {
     Nvfp4StaticAsBf16 = 4,
     /// nvfp4 with a per-row global amax / (448·6), stored as mode 4.
     Nvfp4TokenAsBf16 = 5,
+    /// mxfp8 per row × 32 as mode 3, then each 128-column block re-expressed against its largest
+    /// 32-block scale S: e4m3(element · s/S), one f32 S per row × 128 (`prepare::reexpress_e4m3`;
+    /// exact but for elements that fall below E4M3's normal range, > 2^14 under the block's amax).
+    Mxfp8AsE4m3Block128 = 6,
 }
 
 impl RowQuant {
@@ -94,7 +98,7 @@ impl RowQuant {
     /// Bytes of one element of the quantized rows.
     pub fn element_bytes(self) -> usize {
         match self {
-            RowQuant::E4m3Static | RowQuant::E4m3Block128 => 1,
+            RowQuant::E4m3Static | RowQuant::E4m3Block128 | RowQuant::Mxfp8AsE4m3Block128 => 1,
             _ => 2,
         }
     }
@@ -105,7 +109,7 @@ impl RowQuant {
     /// Floats of per-row scales it writes for a row of `cols` (the GEMM's `act_scale`), if any.
     pub fn scales_per_row(self, cols: usize) -> Option<usize> {
         match self {
-            RowQuant::E4m3Block128 => Some(cols / 128),
+            RowQuant::E4m3Block128 | RowQuant::Mxfp8AsE4m3Block128 => Some(cols / 128),
             RowQuant::Nvfp4StaticAsBf16 | RowQuant::Nvfp4TokenAsBf16 => Some(1),
             _ => None,
         }
@@ -135,6 +139,11 @@ pub enum PreparedScales {
     /// exponent (or a short code) of each block's bf16 decode factor, and one f32 per expert
     /// multiplies the sum in the epilogue (a power of two, times NVFP4's `weight_scale_2`).
     InTiles,
+    /// MXFP8 weights for the fp8 block-scale kernel: as `Rows8x128` (one f32 per 8 prepared rows ×
+    /// 128 columns), that f32 the largest UE8M0 scale S of the group's 8 × 4 blocks, each element
+    /// re-expressed against it (`prepare::reexpress_e4m3`). No I % 8 condition: the groups are made
+    /// here, not found in the checkpoint.
+    Rows8x128FromUe8m0,
 }
 
 /// A GEMM main loop (moe_gemm.cu's forms of its inner loop).
@@ -231,7 +240,21 @@ pub const CODECS: &[Codec] = &[
         inter_requant: Some(RowQuant::Mxfp8AsBf16),
         static_input_scales: false,
         main_loops: &[MainLoop::WgmmaRs],
-        summary: "mxfp8 × mxfp8 (weights decoded to bf16 in registers, exact; sm_90a)",
+        summary:
+            "mxfp8 × mxfp8 [mxfp8_decoded] (weights decoded to bf16 in registers, exact; sm_90a)",
+    },
+    Codec {
+        weight: WeightFormat::Mxfp8,
+        activation: ActivationFormat::Mxfp8,
+        gemm: GemmFormat::E4m3Block,
+        weight_scales: PreparedScales::Rows8x128FromUe8m0,
+        input_quant: RowQuant::Mxfp8AsE4m3Block128,
+        inter_store: InterStore::F32,
+        inter_requant: Some(RowQuant::Mxfp8AsE4m3Block128),
+        static_input_scales: false,
+        main_loops: &[MainLoop::WgmmaWs, MainLoop::Wgmma, MainLoop::MmaSync],
+        summary: "mxfp8 × mxfp8 [e4m3_block] on the fp8 tensor cores (per-32 scales re-expressed \
+                  per 8 rows × 128 (weights) and 1 × 128 (activations), folded every 128 of K)",
     },
     Codec {
         weight: WeightFormat::Mxfp4,
@@ -279,18 +302,49 @@ pub const CODECS: &[Codec] = &[
         inter_requant: Some(RowQuant::Nvfp4TokenAsBf16),
         static_input_scales: false,
         main_loops: &[MainLoop::WgmmaRs],
-        summary: "nvfp4 × nvfp4_per_token (per-token activation globals; exact on the bf16 MMA; sm_90a)",
+        summary:
+            "nvfp4 × nvfp4_per_token (per-token activation globals; exact on the bf16 MMA; sm_90a)",
     },
 ];
 
 /// Largest E the routing kernel handles (keys of one token live in shared memory).
 pub const MAX_ROUTING_EXPERTS: usize = 2048;
 
-/// The codec of a pairing, if the GPU runs it.
+/// The environment variable that picks among a pairing's codecs by its GEMM format's name
+/// (`GemmFormat::name`), e.g. `mxfp8_decoded` for the exact bf16 path of mxfp8 × mxfp8.
+pub const GEMM_FORMAT_VAR: &str = "MOERUNNER_GEMM_FORMAT";
+
+/// The codec of a pairing, if the GPU runs it: the first of [`CODECS`] for the pairing, unless
+/// `MOERUNNER_GEMM_FORMAT` names the GEMM format of another one (a name no codec of the pairing
+/// has leaves the first: the variable is a preference across layers of different formats).
 pub fn codec_of(weight: WeightFormat, activation: ActivationFormat) -> Option<&'static Codec> {
+    let preferred = std::env::var(GEMM_FORMAT_VAR).ok();
+    codec_preferring(weight, activation, preferred.as_deref())
+}
+
+/// [`codec_of`] with the preference given.
+pub fn codec_preferring(
+    weight: WeightFormat,
+    activation: ActivationFormat,
+    preferred: Option<&str>,
+) -> Option<&'static Codec> {
+    let mut matching = CODECS
+        .iter()
+        .filter(move |c| c.weight == weight && c.activation == activation);
+    let first = matching.clone().next();
+    preferred
+        .and_then(|name| matching.find(|c| c.gemm.name() == name))
+        .or(first)
+}
+
+/// The GEMM formats a pairing can run on, in order of preference (more than one: the choice
+/// `MOERUNNER_GEMM_FORMAT` makes).
+pub fn gemm_formats_of(weight: WeightFormat, activation: ActivationFormat) -> Vec<GemmFormat> {
     CODECS
         .iter()
-        .find(|c| c.weight == weight && c.activation == activation)
+        .filter(|c| c.weight == weight && c.activation == activation)
+        .map(|c| c.gemm)
+        .collect()
 }
 
 /// The codec a layer runs with, or why the GPU cannot run it.
@@ -298,11 +352,16 @@ pub fn codec_for(config: &LayerConfig) -> std::result::Result<&'static Codec, St
     let codec = codec_of(config.weight_format, config.activation_format).ok_or_else(|| {
         format!(
             "the CUDA backend runs {}, not {}×{}",
-            CODECS
-                .iter()
-                .map(|c| format!("{}×{}", c.weight.name(), c.activation.name()))
-                .collect::<Vec<_>>()
-                .join(", "),
+            {
+                let mut pairs: Vec<String> = Vec::new();
+                for c in CODECS {
+                    let pair = format!("{}×{}", c.weight.name(), c.activation.name());
+                    if !pairs.contains(&pair) {
+                        pairs.push(pair);
+                    }
+                }
+                pairs.join(", ")
+            },
             config.weight_format.name(),
             config.activation_format.name()
         )
@@ -336,6 +395,7 @@ pub fn supports_lines() -> Vec<String> {
             "all ten routing methods on the GPU, routed ids+weights and packed",
             "swiglu, geglu, swiglu_oai, relu2; biases; every W13 order",
             "EP and TP ranks (partial sums)",
+            "a pairing listed twice runs the first [path] unless MOERUNNER_GEMM_FORMAT names the other",
         ]
         .map(String::from),
     );

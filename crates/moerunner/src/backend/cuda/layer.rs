@@ -35,9 +35,28 @@ impl CudaLayer {
     /// the layer can use, so no forward call pays for NVRTC and a kernel that does not compile fails
     /// the load, not a later call.
     pub fn load(dev: Arc<Device>, layer: Arc<MoeLayer>) -> Result<CudaLayer> {
+        let codec = codec::codec_for(layer.config()).map_err(MoeError::Cuda)?;
+        Self::load_with_codec(dev, layer, codec)
+    }
+
+    /// [`CudaLayer::load`] with one of the layer's codecs named (a pairing with two GEMM paths,
+    /// `codec::gemm_formats_of`: tests and comparisons run both in one process).
+    pub fn load_with_codec(
+        dev: Arc<Device>,
+        layer: Arc<MoeLayer>,
+        codec: &'static codec::Codec,
+    ) -> Result<CudaLayer> {
         let cfg = layer.config();
         let w = layer.weights();
-        let codec = codec::codec_for(cfg).map_err(MoeError::Cuda)?;
+        codec::codec_for(cfg).map_err(MoeError::Cuda)?;
+        if (codec.weight, codec.activation) != (cfg.weight_format, cfg.activation_format) {
+            return Err(MoeError::Cuda(format!(
+                "codec {} given for a {}×{} layer",
+                codec.summary,
+                cfg.weight_format.name(),
+                cfg.activation_format.name()
+            )));
+        }
         prepare::check_epilogue_factors(w)?;
         prepare::check_decodable_elements(w)?;
         let prepared: PreparedWeights = prepare::prepare_weights(cfg, codec, w);

@@ -242,6 +242,15 @@ fn prepare_tensor(
                 }
             }
         });
+    if codec.weight_scales == PreparedScales::Rows8x128FromUe8m0 {
+        let (data, scales) = regroup_mx_scales(t, rows_p, cols_p, map);
+        return PreparedTensor {
+            rows: rows_p,
+            cols: cols_p,
+            data,
+            scales,
+        };
+    }
     let scales = match (codec.weight_scales, &t.scales) {
         (PreparedScales::PerExpert, BlockScales::PerExpert(s)) => s.clone(),
         (PreparedScales::Rows8x128, BlockScales::Block128(s)) => {
@@ -271,6 +280,77 @@ fn prepare_tensor(
     }
 }
 
+/// An E4M3 element of a block with scale s, re-expressed against a larger scale S of its group:
+/// the E4M3 nearest its value · s/S (`ratio`, a power of two ≤ 1 computed in f32 as s / S). Exact
+/// while the result stays in E4M3's normal range (≥ 2^-6), i.e. for elements within 2^14 of the
+/// group's largest; smaller ones round as E4M3 subnormals (or to zero). A NaN code stays NaN. The
+/// GPU's activation quantizer (`quant.cu` mode 6) computes the same in the same f32 steps.
+pub fn reexpress_e4m3(code: u8, ratio: f32) -> u8 {
+    if ratio == 1.0 {
+        return code;
+    }
+    crate::formats::e4m3::encode(crate::formats::e4m3::decode(code) * ratio)
+}
+
+/// MXFP8 weights for the fp8 block-scale GEMM (`PreparedScales::Rows8x128FromUe8m0`): E4M3 bytes
+/// `[E, rows_p, cols_p]` as `prepare_tensor` lays out stored fp8, and one f32 per 8 prepared rows ×
+/// 128 columns, `[E, rows_p/8, cols_p/128]`: the largest UE8M0 scale S of the group's (up to 8 × 4)
+/// blocks, every element of the group re-expressed against it (`reexpress_e4m3`). On seeded
+/// weights with a per-row scale spread this adds ~1e-6 relative error to W·x
+/// (`scripts/mx_operand_offset_study.py`); what it gains is the fp8 MMA rate.
+pub fn regroup_mx_scales(
+    t: &QuantizedTensor,
+    rows_p: usize,
+    cols_p: usize,
+    map: &(dyn Fn(usize) -> Option<usize> + Sync),
+) -> (Vec<u8>, Vec<f32>) {
+    let BlockScales::Ue8m0(scale_bytes) = &t.scales else {
+        return (vec![0u8; t.experts * rows_p * cols_p], Vec::new());
+    };
+    let nb = t.cols / 32;
+    let (groups, kb_p) = (rows_p / 8, cols_p / 128);
+    let expert_bytes = rows_p * cols_p;
+    let per_expert = t.rows * nb;
+    let mut data = vec![0u8; t.experts * expert_bytes];
+    let mut scales = vec![0f32; t.experts * groups * kb_p];
+    data.par_chunks_mut(expert_bytes.max(1))
+        .zip(scales.par_chunks_mut((groups * kb_p).max(1)))
+        .enumerate()
+        .for_each(|(e, (dst, sdst))| {
+            let src = t.expert_data(e);
+            let bytes = &scale_bytes[e * per_expert..(e + 1) * per_expert];
+            for g in 0..groups {
+                let rows: Vec<(usize, usize)> = (g * 8..g * 8 + 8)
+                    .filter_map(|r| map(r).map(|s| (r, s)))
+                    .collect();
+                for kb in 0..kb_p {
+                    let blocks = (kb * 4..(kb * 4 + 4).min(nb)).collect::<Vec<_>>();
+                    // the group's largest scale byte (0, 2^-127, for a group of padding only)
+                    let top = rows
+                        .iter()
+                        .flat_map(|&(_, s)| blocks.iter().map(move |&b| bytes[s * nb + b]))
+                        .max()
+                        .unwrap_or(0);
+                    let group_scale = crate::formats::ue8m0::decode(top);
+                    sdst[g * kb_p + kb] = group_scale;
+                    for &(r, s) in &rows {
+                        for &b in &blocks {
+                            let ratio =
+                                crate::formats::ue8m0::decode(bytes[s * nb + b]) / group_scale;
+                            let (c0, c1) = (b * 32, (b * 32 + 32).min(t.cols));
+                            let from = &src[s * t.cols + c0..s * t.cols + c1];
+                            let to = &mut dst[r * cols_p + c0..r * cols_p + c1];
+                            for (o, &code) in to.iter_mut().zip(from) {
+                                *o = reexpress_e4m3(code, ratio);
+                            }
+                        }
+                    }
+                }
+            }
+        });
+    (data, scales)
+}
+
 /// Rows of a decoded format's tile, and its K step in elements (`gemm/scale_decoded.cuh`).
 pub const TILE_ROWS: usize = 128;
 pub const TILE_K: usize = 64;
@@ -285,7 +365,10 @@ pub fn tile_position(four_bit: bool, k: usize) -> (usize, bool) {
     let (t, upper) = ((within % 8) / 2, within >= 8);
     let second = within % 2 == 1;
     if !four_bit {
-        (t * 16 + q * 4 + 2 * usize::from(upper) + usize::from(second), false)
+        (
+            t * 16 + q * 4 + 2 * usize::from(upper) + usize::from(second),
+            false,
+        )
     } else {
         let (h, pair) = (q / 2, 2 * (q % 2) + usize::from(upper));
         let nibble = pair + 4 * usize::from(second);
@@ -358,7 +441,11 @@ pub fn tile_decoded(
     let shift = raw_shift(four_bit);
     // Each expert's shift c_e (UE8M0) and epilogue factor.
     let per_expert = t.rows * nb;
-    let expert_scales = |e: usize| scale_bytes.get(e * per_expert..(e + 1) * per_expert).unwrap_or(&[]);
+    let expert_scales = |e: usize| {
+        scale_bytes
+            .get(e * per_expert..(e + 1) * per_expert)
+            .unwrap_or(&[])
+    };
     let shifts: Vec<i32> = (0..t.experts)
         .map(|e| {
             let max = expert_scales(e).iter().copied().max().unwrap_or(0) as i32;
@@ -443,7 +530,11 @@ pub fn check_decodable_elements(w: &LayerWeights) -> Result<()> {
         let found = data
             .par_chunks(1 << 20)
             .enumerate()
-            .find_map_first(|(i, c)| c.iter().position(|&b| b & 0x7F == 0x7F).map(|p| i * (1 << 20) + p));
+            .find_map_first(|(i, c)| {
+                c.iter()
+                    .position(|&b| b & 0x7F == 0x7F)
+                    .map(|p| i * (1 << 20) + p)
+            });
         if let Some(idx) = found {
             let (per_expert, cols) = (t.rows * t.cols, t.cols.max(1));
             return Err(MoeError::invalid(

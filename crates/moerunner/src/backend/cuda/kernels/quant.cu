@@ -4,7 +4,7 @@
 // ---------------------------------------------------------------------------------------------------
 // quantize_rows(x, x_dtype, rows, cols, in_stride, out, out_stride, mode, static_scale, out_scales)
 //   x        [rows, in_stride] elements of x_dtype (ARG_DTYPE_*), columns [0, cols) read
-//   out      [rows, out_stride]: u16 (modes 0, 3, 4, 5) or u8 (modes 1, 2); must be 16-byte aligned;
+//   out      [rows, out_stride]: u16 (modes 0, 3, 4, 5) or u8 (modes 1, 2, 6); must be 16-byte aligned;
 //            out_stride >= cols and a multiple of 128; columns [cols, out_stride) are written as 0
 //   mode 0   bf16, round to nearest even                       (static_scale, out_scales unused)
 //   mode 1   fp8 e4m3 per-tensor static: q = e4m3(x / s), s = *static_scale (device pointer)
@@ -20,10 +20,14 @@
 //            epilogue, which multiplies each row's sum by it
 //   mode 5   nvfp4 per token: as mode 4 with g = amax_row / (448 * 6) for each row (a zero row: g = 0,
 //            zeros); one block per row (any block size up to 1024), out_scales[row] = g
+//   mode 6   mxfp8 for the fp8 block-scale GEMM: mode 3's per-32 scale s and e4m3 element, re-expressed against
+//            the largest s of its 128-column block, S: out = e4m3(e4m3(x / s) * (s / S)) (u8),
+//            out_scales[row*(out_stride/128) + b] = S (prepare.rs `reexpress_e4m3`: exact above E4M3's
+//            subnormals)
 //   e4m3 = round to nearest even, saturating to ±448 (common.cuh f32_to_e4m3); e2m1 = round to nearest
 //   even, saturating to ±6 (qt_e2m1_code).
 //   One thread per 16 consecutive output columns (16-byte stores; 32 bytes in mode 0), 8 threads
-//   per 128-column block in mode 2 (amax reduced with shuffles among those 8 lanes), grid-stride over
+//   per 128-column block in modes 2 and 6 (amax reduced with shuffles among those 8 lanes), grid-stride over
 //   rows * out_stride / 16 items.
 //   Launch: block 256 (any multiple of 32 up to 1024), grid = min(ceil(rows*out_stride/16 / 256),
 //   32 * num_SMs); no shared memory.
@@ -228,6 +232,35 @@ extern "C" __global__ void quantize_rows(const void* x, int x_dtype, int rows, i
 #pragma unroll
             for (int k = 0; k < 16; ++k) o[k] = f32_to_bf16(e4m3_to_f32(f32_to_e4m3(qt_div(v[k], s))) * s);
             qt_store16_bf16(out, row * out_stride + c0, o);
+        } else if (mode == 6) {
+            // mode 3's 32-column block scale s (lanes 2i, 2i+1), then the 128-column block's largest S
+            // (the 8 lanes of the block): elements e4m3(e4m3(x / s) * (s / S)), the block's scale S
+            u32 a = qt_amax_bits(v);
+            const u32 b = __shfl_xor_sync(0x3u << (lane & 30), a, 1);
+            a = b > a ? b : a;
+            const float s = a == 0u ? __uint_as_float(1u << 22) : qt_ceil_pow2(qt_div(__uint_as_float(a), 448.0f));
+            u32 top = __float_as_uint(s);  // powers of two: bit patterns order as values
+#pragma unroll
+            for (int o = 2; o < 8; o <<= 1) {
+                const u32 t = __shfl_xor_sync(group_mask, top, o);
+                top = t > top ? t : top;
+            }
+            const float S = __uint_as_float(top);
+            const float ratio = qt_div(s, S);
+            u32 w[4];
+#pragma unroll
+            for (int k = 0; k < 4; ++k) {
+                u32 word = 0;
+#pragma unroll
+                for (int j = 0; j < 4; ++j) {
+                    const u8 q = f32_to_e4m3(qt_div(v[4 * k + j], s));
+                    const u8 r = ratio == 1.0f ? q : f32_to_e4m3(e4m3_to_f32(q) * ratio);
+                    word |= (u32)r << (8 * j);
+                }
+                w[k] = word;
+            }
+            *(uint4*)((u8*)out + row * out_stride + c0) = make_uint4(w[0], w[1], w[2], w[3]);
+            if ((ch & 7) == 0) out_scales[row * (out_stride / 128) + (ch >> 3)] = S;
         } else if (mode == 4) {
             u16 o[16];
             qt_nvfp4_block(v, stat, o);
