@@ -7,6 +7,9 @@ usage: bench-table.py bench/results/FILE.json [more.json ...]
        bench-table.py --mx FILE.json ...   the microscaling formats: weight × activation columns and
                                            issue 12's targets (T = 1: 60 %; T <= 128: 80 %; T >= 1024:
                                            50 % for W4A16, 40 % for mxfp8, W4A8 and nvfp4)
+       FILE.json@PATH: the file's rows ran on the GPU kernel path PATH (e.g. e4m3_block or
+                       mxfp8_decoded), for files written before bench recorded `kernel_path`; a row's
+                       path shows beside its formats, and rows of different paths are kept apart
        --peer PEER.json (repeatable, before or after the files): the JSON of
        scripts/gpu/peer_sglang.py; every row whose (preset, weight format, activation format, T) the
        peer has gains two columns: the peer's time (its whole layer, routing included) and peer time /
@@ -85,16 +88,19 @@ if args and args[0] == "--mx":
     # commit the row was measured with
     merged = {}
     for path in args[1:]:
+        path, _, kernel = path.partition("@")
         rep = json.load(open(path))
         for r in rep["rows"]:
-            key = (r["preset"], r["weight_format"], r["activation_format"], r["tokens"])
+            r.setdefault("kernel_path", kernel or None)
+            key = (r["preset"], r["weight_format"], r["activation_format"], r["tokens"], r["kernel_path"])
             merged.setdefault(key, None)
             merged[key] = (r, (rep.get("commit") or "?")[:7])
     print("| preset | weights × acts | T | experts | time µs | floor µs | roofline | target (issue 12) | rel_err | build |"
           + peer_head())
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |" + peer_rule())
-    for (preset, w, a, t), (r, build) in merged.items():
-        print(f"| {preset} | {w} × {a} | {t} | {r['active_experts']} | {r['time_us']:.1f} | "
+    for (preset, w, a, t, kernel), (r, build) in merged.items():
+        fmt = f"{w} × {a}" + (f" [{kernel}]" if kernel else "")
+        print(f"| {preset} | {fmt} | {t} | {r['active_experts']} | {r['time_us']:.1f} | "
               f"{r['floor_us']:.1f} | {r['roofline']:.1%} | {target_mx(t, r['roofline'], w, a)} | "
               f"{r['rel_err']:.1e} | {build} |" + peer_cells(r))
     sys.exit(0)

@@ -73,6 +73,10 @@ pub struct BenchRow {
     pub roofline: f64,
     /// ‖out − ref‖₂ / ‖ref‖₂ over the sampled tokens, against the float64 reference.
     pub rel_err: f64,
+    /// The backend's kernel path for the layer where it has several (`LoadedLayer::kernel_path`:
+    /// on the GPU the codec's GEMM format, e.g. `e4m3_block` or `mxfp8_decoded` for mxfp8).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kernel_path: Option<String>,
 }
 
 impl BenchRow {
@@ -364,6 +368,7 @@ fn measured_row(
         floor_us: floor_s * 1e6,
         roofline: floor_s / time_s,
         rel_err,
+        kernel_path: loaded.kernel_path().map(str::to_string),
     };
     Ok(row)
 }

@@ -65,4 +65,9 @@ pub trait LoadedLayer: Send + Sync {
     fn preparation(&self) -> Option<String> {
         None
     }
+    /// Which of its kernel paths the backend runs this layer on, where a format has more than one
+    /// (the GPU's mxfp8: `e4m3_block` or `mxfp8_decoded`, `codec::GemmFormat::name`); for bench rows.
+    fn kernel_path(&self) -> Option<&'static str> {
+        None
+    }
 }

@@ -233,19 +233,6 @@ pub const CODECS: &[Codec] = &[
     Codec {
         weight: WeightFormat::Mxfp8,
         activation: ActivationFormat::Mxfp8,
-        gemm: GemmFormat::Mxfp8Decoded,
-        weight_scales: PreparedScales::InTiles,
-        input_quant: RowQuant::Mxfp8AsBf16,
-        inter_store: InterStore::F32,
-        inter_requant: Some(RowQuant::Mxfp8AsBf16),
-        static_input_scales: false,
-        main_loops: &[MainLoop::WgmmaRs],
-        summary:
-            "mxfp8 × mxfp8 [mxfp8_decoded] (weights decoded to bf16 in registers, exact; sm_90a)",
-    },
-    Codec {
-        weight: WeightFormat::Mxfp8,
-        activation: ActivationFormat::Mxfp8,
         gemm: GemmFormat::E4m3Block,
         weight_scales: PreparedScales::Rows8x128FromUe8m0,
         input_quant: RowQuant::Mxfp8AsE4m3Block128,
@@ -255,6 +242,19 @@ pub const CODECS: &[Codec] = &[
         main_loops: &[MainLoop::WgmmaWs, MainLoop::Wgmma, MainLoop::MmaSync],
         summary: "mxfp8 × mxfp8 [e4m3_block] on the fp8 tensor cores (per-32 scales re-expressed \
                   per 8 rows × 128 (weights) and 1 × 128 (activations), folded every 128 of K)",
+    },
+    Codec {
+        weight: WeightFormat::Mxfp8,
+        activation: ActivationFormat::Mxfp8,
+        gemm: GemmFormat::Mxfp8Decoded,
+        weight_scales: PreparedScales::InTiles,
+        input_quant: RowQuant::Mxfp8AsBf16,
+        inter_store: InterStore::F32,
+        inter_requant: Some(RowQuant::Mxfp8AsBf16),
+        static_input_scales: false,
+        main_loops: &[MainLoop::WgmmaRs],
+        summary:
+            "mxfp8 × mxfp8 [mxfp8_decoded] (weights decoded to bf16 in registers, exact; sm_90a)",
     },
     Codec {
         weight: WeightFormat::Mxfp4,

@@ -413,4 +413,9 @@ impl LoadedLayer for CudaLayer {
     fn preparation(&self) -> Option<String> {
         Some(self.preparation.clone())
     }
+    fn kernel_path(&self) -> Option<&'static str> {
+        let cfg = self.layer.config();
+        let paths = codec::gemm_formats_of(cfg.weight_format, cfg.activation_format);
+        (paths.len() > 1).then(|| self.resident.codec.gemm.name())
+    }
 }
