@@ -703,6 +703,16 @@ fn check_names_why_a_backend_cannot_be_checked() {
         text.contains("weight × activation") && text.contains(" × "),
         "{text}"
     );
+    // Split cases through real collectives between thread ranks.
+    let text = ok(&[
+        "check", "--cases", "40", "--seed", "3", "--comm", "thread", "--backend", "cpu",
+    ]);
+    assert!(
+        text.contains("all 40 cases passed") && text.contains("threads with collectives"),
+        "{text}"
+    );
+    let err = fails(&["check", "--cases", "2", "--comm", "nccl"]);
+    assert!(err.contains("--comm"), "{err}");
 }
 
 #[test]

@@ -343,6 +343,90 @@ where
     result
 }
 
+/// Runs case `seed` with `run` given the whole layer once (a driver that splits it over the
+/// case's ranks itself and talks between them: `moerunner check --comm thread` through
+/// `parallel::forward_threads`), and compares the output against the same oracle as
+/// [`run_case_with`].
+pub fn run_case_whole<F>(seed: u64, run: F) -> CaseResult
+where
+    F: Fn(&Case, MoeLayer, &ForwardInput<'_>) -> Result<ForwardOutput>,
+{
+    let case = Case::generate(seed);
+    let tol = tolerance(case.config.weight_format, case.config.activation_format);
+    let mut result = CaseResult {
+        seed,
+        description: case.to_string(),
+        weight_format: case.config.weight_format,
+        activation_format: case.config.activation_format,
+        rel_err: f64::NAN,
+        tolerance: tol,
+        passed: false,
+        error: None,
+    };
+    let outcome = (|| -> Result<f64> {
+        let layer = case.layer()?;
+        let input = case.input()?;
+        let (want, fwd_hidden) = (oracle(&case, &layer, &input)?, &input.hidden);
+        let fwd = ForwardInput {
+            hidden: fwd_hidden,
+            routing: input.routing_input(),
+        };
+        let out = run(&case, layer, &fwd)?;
+        let (t, h) = (case.tokens, case.config.hidden);
+        if out.output.dtype != case.dtype || out.output.shape != [t, h] {
+            return Err(MoeError::invalid(
+                "output",
+                format!(
+                    "got {} {:?}, expected {} [{t}, {h}]",
+                    out.output.dtype, out.output.shape, case.dtype
+                ),
+            ));
+        }
+        let got: Vec<f64> = out
+            .output
+            .to_f32_vec("output")?
+            .into_iter()
+            .map(f64::from)
+            .collect();
+        Ok(relative_error(&got, &want))
+    })();
+    match outcome {
+        Ok(err) => {
+            result.rel_err = err;
+            result.passed = err <= tol;
+        }
+        Err(e) => result.error = Some(e.to_string()),
+    }
+    result
+}
+
+/// The float64 oracle of a case: the whole layer's reference, or, for per-token nvfp4 under TP,
+/// the sum of every rank's own reference (see [`compare`]).
+fn oracle(case: &Case, layer: &MoeLayer, input: &SynthInput) -> Result<Vec<f64>> {
+    let cfg = layer.config();
+    let x = input.hidden.to_f32_vec("hidden_states")?;
+    let routes = routing::resolve(
+        &cfg.routing,
+        cfg.num_experts,
+        case.tokens,
+        &input.routing_input(),
+        layer.weights().router_bias.as_deref(),
+    )?;
+    if case.tp_size > 1 && cfg.activation_format == ActivationFormat::Nvfp4PerToken {
+        let mut want = vec![0f64; case.tokens * cfg.hidden];
+        for par in case.ranks() {
+            for (w, v) in want
+                .iter_mut()
+                .zip(reference::forward(&shard(layer, par)?, &x, &routes)?)
+            {
+                *w += v;
+            }
+        }
+        return Ok(want);
+    }
+    reference::forward(layer, &x, &routes)
+}
+
 /// The relative error of the (summed over ranks) backend output against the reference.
 ///
 /// The oracle is the whole layer's reference, with one exception: per-token nvfp4 under TP. Each
@@ -356,24 +440,9 @@ where
 {
     let layer = case.layer()?;
     let input = case.input()?;
-    let cfg = layer.config();
-    let (t, h) = (case.tokens, cfg.hidden);
-    let x = input.hidden.to_f32_vec("hidden_states")?;
+    let (t, h) = (case.tokens, layer.config().hidden);
     // The reference routes independently of the backend, so a routing bug shows as an error.
-    let routes = routing::resolve(
-        &cfg.routing,
-        cfg.num_experts,
-        t,
-        &input.routing_input(),
-        layer.weights().router_bias.as_deref(),
-    )?;
-    let per_rank_oracle =
-        case.tp_size > 1 && cfg.activation_format == ActivationFormat::Nvfp4PerToken;
-    let mut want = if per_rank_oracle {
-        vec![0f64; t * h]
-    } else {
-        reference::forward(&layer, &x, &routes)?
-    };
+    let want = oracle(case, &layer, &input)?;
 
     let fwd = ForwardInput {
         hidden: &input.hidden,
@@ -386,11 +455,6 @@ where
         } else {
             shard(&layer, par)?
         };
-        if per_rank_oracle {
-            for (w, v) in want.iter_mut().zip(reference::forward(&part, &x, &routes)?) {
-                *w += v;
-            }
-        }
         let out = run(part, &fwd)?;
         if out.output.dtype != case.dtype || out.output.shape != [t, h] {
             return Err(MoeError::invalid(

@@ -235,3 +235,59 @@ fn an_all_zero_reference_needs_an_all_zero_output() {
             < 1e-15
     );
 }
+
+/// The matrix's split cases (EP and/or TP ranks) as `moerunner check --comm thread` runs them: the
+/// whole layer over its ranks as threads with real collectives (`parallel::forward_threads`: tokens
+/// split between ranks, EP all-to-all and all-gather + reduce-scatter by seed parity, TP
+/// all-reduce), against the same oracle as the partial sums (`random_cases::run_case_whole`).
+#[test]
+fn split_cases_through_thread_collectives() {
+    use moerunner::parallel::{self, EpMode, ExpertMap, Layout};
+    use moerunner::random_cases::run_case_whole;
+    let cpu = BackendChoice::Named("cpu".into());
+    let (mut split, mut modes) = (0, [0usize; 2]);
+    for i in 0..400 {
+        let seed = case_seed(MATRIX_SEED ^ 0xC0, i);
+        let case = Case::generate(seed);
+        if case.ep_size * case.tp_size == 1 {
+            continue;
+        }
+        split += 1;
+        let mode = if case.tp_size > 1 || seed % 2 == 0 {
+            EpMode::GatherScatter
+        } else {
+            EpMode::AllToAll
+        };
+        modes[usize::from(mode == EpMode::AllToAll)] += 1;
+        let r = run_case_whole(seed, |case, layer, input| {
+            let map = ExpertMap::even(case.config.num_experts, case.ep_size)?;
+            let layout = Layout::new(map, case.tp_size, mode)?;
+            parallel::forward_threads(
+                &layer,
+                &layout,
+                &cpu,
+                input,
+                std::time::Duration::from_secs(60),
+            )
+        });
+        println!(
+            "{} seed={seed} err={:.2e} {mode:?} {}{}",
+            if r.passed { "ok  " } else { "FAIL" },
+            r.rel_err,
+            r.description,
+            r.error
+                .as_deref()
+                .map(|e| format!(" error: {e}"))
+                .unwrap_or_default()
+        );
+        assert!(r.passed, "seed {seed}: {r:?}");
+    }
+    println!(
+        "{split} split cases: {} gather-scatter, {} all-to-all",
+        modes[0], modes[1]
+    );
+    assert!(
+        split >= 20 && modes[1] >= 5,
+        "the seeds must exercise both EP modes"
+    );
+}

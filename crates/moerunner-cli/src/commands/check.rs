@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use anyhow::{bail, Context};
 use indicatif::{ProgressBar, ProgressStyle};
-use moerunner::random_cases::{case_seed, run_case_on, Case, CaseResult};
+use moerunner::random_cases::{case_seed, run_case_on, run_case_whole, Case, CaseResult};
 use moerunner::{BackendChoice, Runner};
 use rayon::prelude::*;
 
@@ -23,6 +23,40 @@ pub struct Args {
     /// Run the single case with this seed (as printed by a failing run) and show its details.
     #[arg(long, value_name = "SEED")]
     case: Option<u64>,
+    /// How a case split over EP/TP ranks runs: `none` — each rank alone on its slice, outputs
+    /// summed on the host (what one rank of a deployment computes); `thread` — the whole layer
+    /// over its ranks as threads of this process with real collectives (tokens split between
+    /// ranks; EP all-to-all or all-gather + reduce-scatter, alternating by seed; TP all-reduce),
+    /// as `run --ep/--tp` does.
+    #[arg(long, default_value = "none", value_parser = ["none", "thread"])]
+    comm: String,
+}
+
+/// One case on `backend`: its ranks alone (partial sums), or through the thread communicator.
+fn check_case(runner: &Runner, seed: u64, backend: &BackendChoice, comm: &str) -> CaseResult {
+    use moerunner::parallel::{self, EpMode, ExpertMap, Layout};
+    if comm == "none" {
+        return run_case_on(runner, seed, backend);
+    }
+    run_case_whole(seed, |case, layer, input| {
+        if case.ep_size * case.tp_size == 1 {
+            return runner.load(layer, backend)?.forward(input);
+        }
+        let mode = if case.tp_size > 1 || seed % 2 == 0 {
+            EpMode::GatherScatter
+        } else {
+            EpMode::AllToAll
+        };
+        let map = ExpertMap::even(case.config.num_experts, case.ep_size)?;
+        let layout = Layout::new(map, case.tp_size, mode)?;
+        parallel::forward_threads(
+            &layer,
+            &layout,
+            backend,
+            input,
+            std::time::Duration::from_secs(120),
+        )
+    })
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -37,7 +71,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     // A backend that cannot run here says why, instead of every case counting as "skipped".
     runner.available(&backend)?;
     if let Some(seed) = args.case {
-        return run_single_case(&runner, seed, &backend);
+        return run_single_case(&runner, seed, &backend, &args.comm);
     }
 
     let bar = ProgressBar::new(args.cases);
@@ -49,26 +83,31 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     );
     // A backend that covers part of the matrix (cuda) is checked on that part; the rest is counted.
     let skipped = std::sync::atomic::AtomicU64::new(0);
-    let results: Vec<CaseResult> = (0..args.cases)
-        .into_par_iter()
-        .filter_map(|i| {
-            let seed = case_seed(args.seed, i);
-            if runner
-                .supports(&backend, &Case::generate(seed).config)
-                .is_err()
-            {
-                skipped.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                bar.inc(1);
-                return None;
-            }
-            let r = run_case_on(&runner, seed, &backend);
-            if !r.passed {
-                bar.set_message("(failures)");
-            }
+    let one = |i| {
+        let seed = case_seed(args.seed, i);
+        if runner
+            .supports(&backend, &Case::generate(seed).config)
+            .is_err()
+        {
+            skipped.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             bar.inc(1);
-            Some(r)
-        })
-        .collect();
+            return None;
+        }
+        let r = check_case(&runner, seed, &backend, &args.comm);
+        if !r.passed {
+            bar.set_message("(failures)");
+        }
+        bar.inc(1);
+        Some(r)
+    };
+    // Thread ranks block their rayon worker while they wait for each other and run the CPU
+    // backend's rayon work themselves: cases one after another (a rayon worker blocked on them
+    // would starve the pool they need).
+    let results: Vec<CaseResult> = if args.comm == "thread" {
+        (0..args.cases).filter_map(one).collect()
+    } else {
+        (0..args.cases).into_par_iter().filter_map(one).collect()
+    };
     bar.finish_and_clear();
     let skipped = skipped.into_inner();
     if skipped > 0 {
@@ -105,18 +144,28 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         );
     }
     println!(
-        "all {} cases passed (backend {}, seed {})",
+        "all {} cases passed (backend {}, seed {}, ranks: {})",
         results.len(),
         args.backend,
-        args.seed
+        args.seed,
+        if args.comm == "thread" {
+            "threads with collectives"
+        } else {
+            "partial sums"
+        }
     );
     Ok(())
 }
 
-fn run_single_case(runner: &Runner, seed: u64, backend: &BackendChoice) -> anyhow::Result<()> {
+fn run_single_case(
+    runner: &Runner,
+    seed: u64,
+    backend: &BackendChoice,
+    comm: &str,
+) -> anyhow::Result<()> {
     let case = Case::generate(seed);
     println!("case {seed}: {case}");
-    let r = run_case_on(runner, seed, backend);
+    let r = check_case(runner, seed, backend, comm);
     match &r.error {
         Some(e) => println!("error: {e}"),
         None => println!(
