@@ -139,6 +139,11 @@ impl NcclComm {
 
     /// Waits for this rank's stream, at most the group's timeout.
     fn wait(&self, what: &str) -> Result<()> {
+        // (ranks run on threads of their own: the raw query needs this rank's context current)
+        self.stream
+            .context()
+            .bind_to_thread()
+            .map_err(|e| self.err(format!("{what}: binding the GPU context: {e:?}")))?;
         let start = Instant::now();
         loop {
             // SAFETY: a query of a live stream.
