@@ -7,13 +7,16 @@ usage: bench-table.py bench/results/FILE.json [more.json ...]
        bench-table.py --mx FILE.json ...   the microscaling formats: weight × activation columns and
                                            issue 12's targets (T = 1: 60 %; T <= 128: 80 %; T >= 1024:
                                            50 % for W4A16, 40 % for mxfp8, W4A8 and nvfp4)
-       FILE.json@PATH: the file's rows ran on the GPU kernel path PATH (e.g. e4m3_block or
-                       mxfp8_decoded), for files written before bench recorded `kernel_path`; a row's
-                       path shows beside its formats, and rows of different paths are kept apart
+       FILE.json@PATH or FILE.json@WEIGHT=PATH: the file's rows (or those of weight format WEIGHT)
+                       ran on the GPU kernel path PATH (e4m3_block or mxfp8_decoded for mxfp8), for
+                       files written before bench recorded `kernel_path`; a row's path shows beside
+                       its formats, and rows of different paths are kept apart
        --peer PEER.json (repeatable, before or after the files): the JSON of
        scripts/gpu/peer_sglang.py; every row whose (preset, weight format, activation format, T) the
-       peer has gains two columns: the peer's time (its whole layer, routing included) and peer time /
-       our time (above 1: we are faster). Without --peer the output is unchanged."""
+       peer has gains four columns: the peer's time (its whole layer, routing and our torch alignment
+       included) and peer time / our time (above 1: we are faster), then its kernels alone
+       (experts_us − align_us) and that over our time: SGLang's real time lies between the two.
+       Without --peer the output is unchanged."""
 import json, sys
 
 # spec/performance.md, "The peer to beat": (µs, floor µs) on H100 for bf16 and fp8_block.
@@ -67,20 +70,25 @@ while "--peer" in args:
 
 
 def peer_head():
-    return "" if PEER is None else " peer µs | peer / ours |"
+    return "" if PEER is None else " peer µs | peer / ours | peer kernels µs | kernels / ours |"
 
 
 def peer_rule():
-    return "" if PEER is None else " --- | --- |"
+    return "" if PEER is None else " --- | --- | --- | --- |"
 
 
 def peer_cells(r):
+    """The peer's whole layer (its routing and our torch alignment included: more than SGLang's own
+    CUDA ops would take), and its kernels alone (experts_us − align_us: GEMMs, activation, combine,
+    as if routing and alignment were free) — the two bound SGLang's real time."""
     if PEER is None:
         return ""
     p = PEER.get((r["preset"], r["weight_format"], r["activation_format"], r["tokens"]))
     if p is None:
-        return " — | — |"
-    return f" {p['time_us']:.1f} | {p['time_us'] / r['time_us']:.2f}× |"
+        return " — | — | — | — |"
+    kern = p.get("experts_us", p["time_us"]) - p.get("align_us", 0.0)
+    return (f" {p['time_us']:.1f} | {p['time_us'] / r['time_us']:.2f}× | {kern:.1f} | "
+            f"{kern / r['time_us']:.2f}× |")
 
 
 if args and args[0] == "--mx":
@@ -89,9 +97,11 @@ if args and args[0] == "--mx":
     merged = {}
     for path in args[1:]:
         path, _, kernel = path.partition("@")
+        only, _, kernel = kernel.rpartition("=")
         rep = json.load(open(path))
         for r in rep["rows"]:
-            r.setdefault("kernel_path", kernel or None)
+            if r.get("kernel_path") is None:
+                r["kernel_path"] = kernel if kernel and only in ("", r["weight_format"]) else None
             key = (r["preset"], r["weight_format"], r["activation_format"], r["tokens"], r["kernel_path"])
             merged.setdefault(key, None)
             merged[key] = (r, (rep.get("commit") or "?")[:7])

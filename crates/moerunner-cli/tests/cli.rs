@@ -705,7 +705,15 @@ fn check_names_why_a_backend_cannot_be_checked() {
     );
     // Split cases through real collectives between thread ranks.
     let text = ok(&[
-        "check", "--cases", "40", "--seed", "3", "--comm", "thread", "--backend", "cpu",
+        "check",
+        "--cases",
+        "40",
+        "--seed",
+        "3",
+        "--comm",
+        "thread",
+        "--backend",
+        "cpu",
     ]);
     assert!(
         text.contains("all 40 cases passed") && text.contains("threads with collectives"),

@@ -218,6 +218,12 @@ impl LoadedLayer for Checked {
     fn time_device_forward(&self, input: &ForwardInput<'_>, iters: usize) -> Option<Result<f64>> {
         self.0.time_device_forward(input, iters)
     }
+    fn preparation(&self) -> Option<String> {
+        self.0.preparation()
+    }
+    fn kernel_path(&self) -> Option<&'static str> {
+        self.0.kernel_path()
+    }
 }
 
 impl Default for Runner {
@@ -233,4 +239,56 @@ pub fn run_once(
     input: &ForwardInput<'_>,
 ) -> Result<ForwardOutput> {
     Runner::new().load(layer, choice)?.forward(input)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A loaded layer whose optional answers are all present.
+    struct Answers(MoeLayer);
+    impl LoadedLayer for Answers {
+        fn backend(&self) -> &'static str {
+            "answers"
+        }
+        fn layer(&self) -> &MoeLayer {
+            &self.0
+        }
+        fn forward(&self, _: &ForwardInput<'_>) -> Result<ForwardOutput> {
+            Err(MoeError::invalid("forward", "not called here"))
+        }
+        fn time_device_forward(&self, _: &ForwardInput<'_>, _: usize) -> Option<Result<f64>> {
+            Some(Ok(1.5))
+        }
+        fn preparation(&self) -> Option<String> {
+            Some("padded".into())
+        }
+        fn kernel_path(&self) -> Option<&'static str> {
+            Some("path")
+        }
+    }
+
+    /// The runner's overflow-checking wrapper passes on every optional answer of the layer it
+    /// wraps (a method it did not forward would read as the trait's `None` default).
+    #[test]
+    fn the_checked_wrapper_forwards_every_optional_answer() {
+        use crate::config::*;
+        let cfg = LayerConfig {
+            num_experts: 2,
+            hidden: 32,
+            intermediate: 32,
+            weight_format: WeightFormat::Bf16,
+            activation_format: ActivationFormat::Bf16,
+            activation: Activation::Swiglu,
+            w13_order: W13Order::GateUp,
+            routing: RoutingConfig::new(RoutingMethod::Renormalize, 1),
+            local_experts: 0..2,
+            parallelism: Parallelism::default(),
+        };
+        let layer = crate::synth::random_layer(&cfg, 1, false).expect("layer");
+        let checked = Checked(Box::new(Answers(layer)));
+        assert_eq!(checked.preparation().as_deref(), Some("padded"));
+        assert_eq!(checked.kernel_path(), Some("path"));
+        assert_eq!(checked.backend(), "answers");
+    }
 }

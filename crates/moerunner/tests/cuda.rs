@@ -1938,12 +1938,12 @@ fn gpu_a_nan_token_stays_in_its_own_row() {
 }
 
 /// NCCL ranks (`parallel::forward_nccl`): without a GPU or libnccl the group is refused with the
-/// reason; with one GPU, one NCCL rank gives the single-device output bit for bit, and the
-/// communicator's collectives (all-gather of uneven lengths, all-to-all with empty buffers) return
-/// what was sent.
+/// reason; with one GPU, one NCCL rank gives one thread rank's output bit for bit (and both the
+/// single-device run and it meet the reference), and the communicator's collectives (all-gather of
+/// uneven lengths, all-to-all with empty buffers) return what was sent.
 #[cfg(feature = "cuda")]
 #[test]
-fn gpu_nccl_one_rank_equals_one_device() {
+fn gpu_nccl_one_rank_equals_one_thread_rank() {
     use moerunner::parallel::nccl::NcclComm;
     use moerunner::parallel::{Communicator, EpMode, ExpertMap, Layout};
     use std::time::Duration;
@@ -2010,10 +2010,31 @@ fn gpu_nccl_one_rank_equals_one_device() {
         Layout::new(ExpertMap::even(8, 1).expect("map"), 1, EpMode::AllToAll).expect("layout");
     let ranked = moerunner::parallel::forward_nccl(&layer, &layout, &cuda(), &fwd, timeout)
         .expect("one NCCL rank");
+    // The same rank through the thread communicator: the communicator moves bytes, so NCCL and
+    // host memory give the same bits. (Not the single-device run's bits: a rank returns f32
+    // per-slot rows that the owner combines on the host, where the one-device pipeline combines on
+    // the GPU; that is within the format's tolerance, checked here against the reference.)
+    let threaded = moerunner::parallel::forward_threads(&layer, &layout, &cuda(), &fwd, timeout)
+        .expect("one thread rank");
     assert!(
-        ranked.output.bytes[..] == single.output.bytes[..],
-        "one NCCL rank differs from the single-device run"
+        ranked.output.bytes[..] == threaded.output.bytes[..],
+        "one NCCL rank differs from one thread rank on the same GPU"
     );
+    let x = input.hidden.to_f32_vec("hidden").expect("x");
+    let want = reference::forward(&layer, &x, &single.routes).expect("reference");
+    let tol = moerunner::config::tolerance(cfg.weight_format, cfg.activation_format);
+    for (name, out) in [("one NCCL rank", &ranked), ("single device", &single)] {
+        let got: Vec<f64> = out
+            .output
+            .to_f32_vec("output")
+            .expect("output")
+            .into_iter()
+            .map(f64::from)
+            .collect();
+        let err = rel_err(&got, &want);
+        println!("{name}: err {err:.2e} (tol {tol:.0e})");
+        assert!(err <= tol, "{name}: {err}");
+    }
 }
 
 /// Several ranks sharing one GPU (`parallel::forward_threads` with the CUDA backend: ranks as
