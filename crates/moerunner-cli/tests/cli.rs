@@ -985,3 +985,64 @@ fn run_with_nccl_ranks_says_why_it_cannot() {
     }
     let _ = std::fs::remove_dir_all(&d);
 }
+
+/// `bench --ep-size/--tp-size --comm thread`: the whole layer over thread ranks with collectives;
+/// each row is the whole call, with the critical-path rank's time in collectives and its share,
+/// and a plan of one rank is refused.
+#[test]
+fn bench_splits_the_layer_over_thread_ranks() {
+    let dir = TempDir::new("bench-split");
+    let json = dir.path("b.json");
+    let shape = [
+        "bench",
+        "--experts",
+        "8",
+        "--hidden",
+        "128",
+        "--intermediate",
+        "128",
+        "--top-k",
+        "2",
+        "--tokens",
+        "1,5",
+        "--iters",
+        "3",
+        "--weight-format",
+        "bf16",
+        "--backend",
+        "cpu",
+    ];
+    for (ep, tp) in [("2", "1"), ("2", "2")] {
+        let text = ok(&[
+            &shape[..],
+            &[
+                "--ep-size",
+                ep,
+                "--tp-size",
+                tp,
+                "--comm",
+                "thread",
+                "--json",
+                &json,
+            ],
+        ]
+        .concat());
+        assert!(
+            text.contains(&format!("ep {ep} × tp {tp} thread ranks"))
+                && text.contains("% of the call"),
+            "{text}"
+        );
+        let report: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+        for row in report["rows"].as_array().unwrap() {
+            let share = row["comm_share"].as_f64().expect("comm_share");
+            let comm = row["comm_us"].as_f64().expect("comm_us");
+            let time = row["time_us"].as_f64().unwrap();
+            assert!(share > 0.0 && share <= 1.0 && comm <= time, "{row}");
+            assert!(row["rel_err"].as_f64().unwrap() < 1e-2, "{row}");
+            assert_eq!(row["ep_size"].as_u64(), ep.parse().ok());
+        }
+    }
+    let err = fails(&[&shape[..], &["--comm", "thread"]].concat());
+    assert!(err.contains("--comm thread"), "{err}");
+}

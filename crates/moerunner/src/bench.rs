@@ -18,6 +18,7 @@ use crate::presets::Preset;
 use crate::runner::{BackendChoice, Runner};
 use crate::synth::{self, RoutingMode};
 use crate::tensor::DType;
+use crate::weights::MoeLayer;
 
 /// Measured device limits (`performance.md`, "Floor").
 #[derive(Clone, Debug, Serialize)]
@@ -73,6 +74,13 @@ pub struct BenchRow {
     pub roofline: f64,
     /// ‖out − ref‖₂ / ‖ref‖₂ over the sampled tokens, against the float64 reference.
     pub rel_err: f64,
+    /// Split rows (`BenchPlan::split_threads`): the median over calls of the least time a rank spent
+    /// inside collectives (the critical-path rank's: moving data, not waiting for a slower peer),
+    /// and its share of `time_us`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub comm_us: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub comm_share: Option<f64>,
     /// The backend's kernel path for the layer where it has several (`LoadedLayer::kernel_path`:
     /// on the GPU the codec's GEMM format, e.g. `e4m3_block` or `mxfp8_decoded` for mxfp8).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -118,6 +126,10 @@ pub struct BenchPlan {
     pub seed: u64,
     /// TP/EP group sizes: every case is rank 0's share (ranks are equal in shape).
     pub parallelism: crate::config::Parallelism,
+    /// With `parallelism` of more than one rank: the whole layer over that many thread ranks with
+    /// real collectives (`parallel::timing::time_threads`), each row the whole call and the share
+    /// of it spent communicating, instead of rank 0's share alone.
+    pub split_threads: bool,
 }
 
 impl BenchPlan {
@@ -229,8 +241,30 @@ pub fn run(plan: &BenchPlan, progress: &mut dyn FnMut(Progress<'_>)) -> Result<B
     let mut backend_name = String::new();
     let mut device = String::new();
     let mut flush = vec![0u64; CACHE_FLUSH_BYTES / 8];
+    let split = plan.split_threads && plan.parallelism.ep_size * plan.parallelism.tp_size > 1;
     for preset in &plan.presets {
         for &(wf, af) in &pairs {
+            if split {
+                let ceil = match &ceilings {
+                    Some(c) => c.clone(),
+                    None => {
+                        let config = preset.config(wf, Some(af));
+                        backend_name = runner.chosen_name(&plan.backend, &config)?.to_string();
+                        device = device_name(&runner, &backend_name);
+                        device_backend = runner.backends().iter().find_map(|r| match r {
+                            crate::runner::Registered::Ready(b) if b.name() == backend_name => {
+                                Some(&**b)
+                            }
+                            _ => None,
+                        });
+                        let c = measure_ceilings_for(device_backend, progress, "before")?;
+                        ceilings = Some(c.clone());
+                        c
+                    }
+                };
+                rows.extend(split_rows(plan, preset, (wf, af), &ceil, progress)?);
+                continue;
+            }
             let config = rank_config(preset, (wf, af), plan.parallelism)?;
             progress(Progress::Step {
                 what: format!("generating {} {}×{}", preset.name, wf, af),
@@ -255,13 +289,7 @@ pub fn run(plan: &BenchPlan, progress: &mut dyn FnMut(Progress<'_>)) -> Result<B
                 progress(Progress::Step {
                     what: format!("{} {}×{} T={tokens}", preset.name, wf, af),
                 });
-                let input = synth::random_input(
-                    &config,
-                    tokens,
-                    RoutingMode::Logits,
-                    DType::BF16,
-                    plan.seed ^ tokens as u64,
-                )?;
+                let input = case_input(&config, tokens, plan.seed)?;
                 let fwd = ForwardInput {
                     hidden: &input.hidden,
                     routing: input.routing_input(),
@@ -273,7 +301,7 @@ pub fn run(plan: &BenchPlan, progress: &mut dyn FnMut(Progress<'_>)) -> Result<B
                     (preset.name, wf, tokens),
                     &config,
                     plan.parallelism,
-                    &*loaded,
+                    (loaded.layer(), loaded.kernel_path()),
                     (&input.hidden, &first),
                     &samples_s,
                     &ceil,
@@ -333,7 +361,7 @@ fn measured_row(
     (preset, wf, tokens): (&str, WeightFormat, usize),
     config: &LayerConfig,
     par: crate::config::Parallelism,
-    loaded: &dyn crate::backend::LoadedLayer,
+    (layer, kernel_path): (&MoeLayer, Option<&str>),
     (hidden, first): (&crate::tensor::HostTensor, &crate::forward::ForwardOutput),
     samples_s: &[f64],
     ceil: &Ceilings,
@@ -350,7 +378,7 @@ fn measured_row(
     let flops = count_flops_pairs(config, pairs);
     let floor_s = (bytes as f64 / (ceil.read_gbps * 1e9))
         .max(flops as f64 / ceil.matrix_flops(config.activation_format));
-    let rel_err = sampled_rel_err(loaded.layer(), hidden, routes, &first.output)?;
+    let rel_err = sampled_rel_err(layer, hidden, routes, &first.output)?;
     let row = BenchRow {
         preset: preset.to_string(),
         weight_format: wf.name().to_string(),
@@ -368,9 +396,107 @@ fn measured_row(
         floor_us: floor_s * 1e6,
         roofline: floor_s / time_s,
         rel_err,
-        kernel_path: loaded.kernel_path().map(str::to_string),
+        comm_us: None,
+        comm_share: None,
+        kernel_path: kernel_path.map(str::to_string),
     };
     Ok(row)
+}
+
+/// A case's input: bf16 hidden states and router logits, seeded by the plan's seed and T.
+fn case_input(config: &LayerConfig, tokens: usize, seed: u64) -> Result<synth::SynthInput> {
+    synth::random_input(
+        config,
+        tokens,
+        RoutingMode::Logits,
+        DType::BF16,
+        seed ^ tokens as u64,
+    )
+}
+
+/// The rows of one preset × format over the plan's token counts, the whole layer split over thread
+/// ranks (`BenchPlan::split_threads`): EP all-to-all when only EP splits, gather-scatter with TP.
+/// Bytes and FLOPs are the whole layer's, against the one machine's ceilings the ranks share.
+fn split_rows(
+    plan: &BenchPlan,
+    preset: &Preset,
+    (wf, af): (WeightFormat, ActivationFormat),
+    ceil: &Ceilings,
+    progress: &mut dyn FnMut(Progress<'_>),
+) -> Result<Vec<BenchRow>> {
+    use crate::parallel::{self, EpMode, ExpertMap, Layout};
+    let par = plan.parallelism;
+    let config = preset.config(wf, Some(af));
+    par.validate()?;
+    par.check_splits(config.num_experts, config.intermediate)?;
+    progress(Progress::Step {
+        what: format!("generating {} {}×{}", preset.name, wf, af),
+    });
+    let layer = synth::random_layer(&config, plan.seed, preset.biases)?;
+    let mode = if par.tp_size > 1 {
+        EpMode::GatherScatter
+    } else {
+        EpMode::AllToAll
+    };
+    let layout = Layout::new(
+        ExpertMap::even(config.num_experts, par.ep_size)?,
+        par.tp_size,
+        mode,
+    )?;
+    let timeout = std::time::Duration::from_secs(600);
+    let mut rows = Vec::new();
+    for &tokens in &plan.tokens {
+        progress(Progress::Step {
+            what: format!(
+                "{} {}×{} T={tokens} over {} ranks",
+                preset.name,
+                wf,
+                af,
+                layout.ranks()
+            ),
+        });
+        let input = case_input(&config, tokens, plan.seed)?;
+        let fwd = ForwardInput {
+            hidden: &input.hidden,
+            routing: input.routing_input(),
+        };
+        let first = parallel::forward_threads(&layer, &layout, &plan.backend, &fwd, timeout)?;
+        // (the host's caches flushed before each call, as for one rank; a GPU's L2 is not)
+        let flush = std::sync::Mutex::new(vec![0u64; CACHE_FLUSH_BYTES / 8]);
+        let before_each = || {
+            if let Ok(mut f) = flush.lock() {
+                stream_through(&mut f);
+            }
+        };
+        let samples = parallel::timing::time_threads(
+            &layer,
+            &layout,
+            &plan.backend,
+            &fwd,
+            (timeout, plan.iters),
+            &before_each,
+        )?;
+        let wall: Vec<f64> = samples.iter().map(|s| s.wall_s).collect();
+        let comm: Vec<f64> = samples.iter().map(|s| s.comm_s).collect();
+        let row = measured_row(
+            (preset.name, wf, tokens),
+            &config,
+            par,
+            (&layer, None),
+            (&input.hidden, &first),
+            &wall,
+            ceil,
+        )?;
+        let (time_s, comm_s) = (median(&wall), median(&comm));
+        let row = BenchRow {
+            comm_us: Some(comm_s * 1e6),
+            comm_share: Some(comm_s / time_s),
+            ..row
+        };
+        progress(Progress::Row(&row));
+        rows.push(row);
+    }
+    Ok(rows)
 }
 
 /// Wall times (s) of one call: the device's own graph timing where the backend has one (its
@@ -667,6 +793,7 @@ mod tests {
             backend: BackendChoice::Named("cpu".into()),
             seed: 1,
             parallelism: crate::config::Parallelism::default(),
+            split_threads: false,
         };
         let (mut total, mut steps) = (0, 0);
         let report = run(&plan, &mut |p| match p {
@@ -705,6 +832,7 @@ mod tests {
             backend: BackendChoice::Named("cpu".into()),
             seed: 1,
             parallelism: par,
+            split_threads: false,
         };
         let report = run(&plan, &mut |_| {}).unwrap();
         assert_eq!(report.moerunner_version, env!("CARGO_PKG_VERSION"));

@@ -163,6 +163,18 @@ impl Runner {
         }
     }
 
+    /// The name of the backend `choice` would load `config` on, or why none can.
+    pub fn chosen_name(
+        &self,
+        choice: &BackendChoice,
+        config: &crate::config::LayerConfig,
+    ) -> Result<&'static str> {
+        match self.choose(choice, config) {
+            Ok(b) => Ok(b.name()),
+            Err(reasons) => Err(MoeError::NoBackend { reasons }),
+        }
+    }
+
     /// Whether `choice` can run `config` here, or why not.
     pub fn supports(
         &self,

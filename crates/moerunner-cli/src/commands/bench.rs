@@ -66,6 +66,12 @@ pub struct Args {
     /// Expert-parallel group size: each row is one rank's share (E / ep-size experts).
     #[arg(long, default_value_t = 1)]
     ep_size: usize,
+    /// With --ep-size/--tp-size above 1: `none` benches rank 0's share alone; `thread` runs the
+    /// whole layer over that many thread ranks of this process with real collectives (EP
+    /// all-to-all, or gather-scatter with TP; on one GPU with the CUDA backend) and reports the
+    /// whole call and the share of it spent communicating (`comm` columns).
+    #[arg(long, default_value = "none", value_parser = ["none", "thread"])]
+    comm: String,
 }
 
 /// A shape given on the command line or read from a config, as a preset (names live as long as
@@ -172,7 +178,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             tp_size: args.tp_size,
             tp_rank: 0,
         },
+        split_threads: args.comm == "thread",
     };
+    if plan.split_threads && args.ep_size * args.tp_size == 1 {
+        anyhow::bail!(
+            "--comm thread splits the layer over --ep-size × --tp-size ranks: give one above 1"
+        );
+    }
 
     let bar = ProgressBar::new(0);
     bar.set_style(
@@ -293,6 +305,15 @@ fn print_table(r: &BenchReport) {
             100.0 * row.roofline,
             row.rel_err
         );
+        if let (Some(us), Some(share)) = (row.comm_us, row.comm_share) {
+            println!(
+                "{:<16} ep {} × tp {} thread ranks: {us:.1} µs communicating, {:.1}% of the call",
+                "",
+                row.ep_size,
+                row.tp_size,
+                100.0 * share
+            );
+        }
     }
 }
 

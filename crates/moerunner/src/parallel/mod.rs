@@ -16,6 +16,7 @@
 pub mod comm;
 pub mod expert_map;
 pub mod thread_comm;
+pub mod timing;
 
 mod a2a;
 mod gather;
@@ -432,6 +433,27 @@ pub fn forward_with_comms<C: Communicator>(
             why: format!("{} communicators for {ranks} ranks", comms.len()),
         });
     }
+    let results = on_rank_threads(comms, input, |rank, comm, input| {
+        let layer = guarded(&comm, || load(rank))?;
+        forward_rank(&comm, &layer, &input)
+    })?;
+    join_outputs(results)
+}
+
+/// Runs `body(rank, comm, that rank's slice of the input's tokens)` on one thread per communicator
+/// (rank r owns `token_slice(T, R, r)`), and returns each rank's result in rank order (a thread that
+/// panicked: an error naming its rank).
+fn on_rank_threads<C, T, F>(
+    comms: Vec<C>,
+    input: &ForwardInput<'_>,
+    body: F,
+) -> Result<Vec<Result<T>>>
+where
+    C: Communicator + Send,
+    T: Send,
+    F: Fn(usize, C, ForwardInput<'_>) -> Result<T> + Sync,
+{
+    let ranks = comms.len();
     let tokens = input.hidden.shape.first().copied().unwrap_or(0);
     let slices = (0..ranks)
         .map(|r| {
@@ -442,20 +464,19 @@ pub fn forward_with_comms<C: Communicator>(
             ))
         })
         .collect::<Result<Vec<(HostTensor, OwnedRouting)>>>()?;
-    let results: Vec<Result<ForwardOutput>> = std::thread::scope(|scope| {
+    Ok(std::thread::scope(|scope| {
         let handles: Vec<_> = comms
             .into_iter()
             .zip(&slices)
             .enumerate()
             .map(|(rank, (comm, (hidden, routing)))| {
-                let load = &load;
+                let body = &body;
                 scope.spawn(move || {
-                    let layer = guarded(&comm, || load(rank))?;
                     let input = ForwardInput {
                         hidden,
                         routing: routing.input(),
                     };
-                    forward_rank(&comm, &layer, &input)
+                    body(rank, comm, input)
                 })
             })
             .collect();
@@ -471,8 +492,7 @@ pub fn forward_with_comms<C: Communicator>(
                 })
             })
             .collect()
-    });
-    join_outputs(results)
+    }))
 }
 
 /// The ranks' outputs joined in rank order, or the failing rank's own error (else the first).

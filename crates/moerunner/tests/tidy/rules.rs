@@ -52,6 +52,8 @@ pub const SAME_LAYER: &[(&str, &str)] = &[
     ("layer_file", "synth"),
     // Checkpoint shards are safetensors files, mapped by the layer file's reader.
     ("checkpoint", "layer_file"),
+    // A split bench row runs the whole layer over thread ranks (`bench --comm thread`).
+    ("bench", "parallel"),
 ];
 
 /// Imports that no layer order allows or forbids on its own: (importer prefix, imported prefix,
