@@ -238,8 +238,8 @@ fn an_all_zero_reference_needs_an_all_zero_output() {
 
 /// The matrix's split cases (EP and/or TP ranks) as `moerunner check --comm thread` runs them: the
 /// whole layer over its ranks as threads with real collectives (`parallel::forward_threads`: tokens
-/// split between ranks, EP all-to-all and all-gather + reduce-scatter by seed parity, TP
-/// all-reduce), against the same oracle as the partial sums (`random_cases::run_case_whole`).
+/// split between ranks, all-to-all and all-gather + reduce-scatter by seed parity, for EP, TP and
+/// TEP), against the same oracle as the partial sums (`random_cases::run_case_whole`).
 #[test]
 fn split_cases_through_thread_collectives() {
     use moerunner::parallel::{self, EpMode, ExpertMap, Layout};
@@ -253,7 +253,7 @@ fn split_cases_through_thread_collectives() {
             continue;
         }
         split += 1;
-        let mode = if case.tp_size > 1 || seed % 2 == 0 {
+        let mode = if seed % 2 == 0 {
             EpMode::GatherScatter
         } else {
             EpMode::AllToAll

@@ -301,29 +301,52 @@ fn tensor_parallel_and_tep_match_within_tolerance() {
             let block = if w == WeightFormat::Fp8Block { 128 } else { 32 };
             let cfg = config(w, 8, block * tp, renorm(2));
             let l = layer(&cfg, 90);
-            let layout = Layout::even(8, ep, tp, EpMode::GatherScatter).expect("layout");
-            for tokens in [0, 1, 13] {
-                let x = input(&cfg, tokens, tokens as u64, RoutingMode::Logits, DType::F32);
-                // The intermediate is requantized per I slice and GEMM2's sum over I is split.
-                check(
-                    "tp",
-                    &l,
-                    &x,
-                    &layout,
-                    false,
-                    tolerance(w, cfg.activation_format),
-                );
+            // TP and TEP in both modes: gather-scatter, and all-to-all dispatch to every TP rank
+            // of the expert's group with partial rows summed in TP-rank order.
+            for mode in [EpMode::GatherScatter, EpMode::AllToAll] {
+                let layout = Layout::even(8, ep, tp, mode).expect("layout");
+                for tokens in [0, 1, 13] {
+                    let x = input(&cfg, tokens, tokens as u64, RoutingMode::Logits, DType::F32);
+                    // The intermediate is requantized per I slice and GEMM2's sum over I is split.
+                    check(
+                        &format!("tp {mode:?}"),
+                        &l,
+                        &x,
+                        &layout,
+                        false,
+                        tolerance(w, cfg.activation_format),
+                    );
+                }
             }
         }
     }
 }
 
+/// TEP all-to-all and TEP gather-scatter compute the same sums in different orders: within a few
+/// f32 roundings of each other (bf16 weights, f32 output).
 #[test]
-fn tep_all_to_all_is_refused() {
-    let err = Layout::even(8, 2, 2, EpMode::AllToAll)
-        .expect_err("TEP a2a")
-        .to_string();
-    assert!(err.contains("gather-scatter"), "{err}");
+fn tep_all_to_all_agrees_with_tep_gather_scatter() {
+    let cfg = config(WeightFormat::Bf16, 8, 64, renorm(2));
+    let l = layer(&cfg, 91);
+    let x = input(&cfg, 17, 5, RoutingMode::Logits, DType::F32);
+    let run = |mode| {
+        let layout = Layout::even(8, 2, 2, mode).expect("layout");
+        let fwd = ForwardInput {
+            hidden: &x.hidden,
+            routing: x.routing_input(),
+        };
+        forward_threads(&l, &layout, &cpu(), &fwd, TIMEOUT)
+            .expect("forward")
+            .output
+            .to_f32_vec("out")
+            .expect("f32")
+    };
+    let (a, g) = (run(EpMode::AllToAll), run(EpMode::GatherScatter));
+    let err = relative_error(
+        &a.iter().map(|&v| v as f64).collect::<Vec<_>>(),
+        &g.iter().map(|&v| v as f64).collect::<Vec<_>>(),
+    );
+    assert!(err < 1e-6, "TEP a2a vs gather-scatter: {err}");
 }
 
 /// Loads every rank of `layout` and runs `input(rank)` on each at once; each rank's result and

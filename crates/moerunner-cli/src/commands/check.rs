@@ -26,7 +26,7 @@ pub struct Args {
     /// How a case split over EP/TP ranks runs: `none` — each rank alone on its slice, outputs
     /// summed on the host (what one rank of a deployment computes); `thread` — the whole layer
     /// over its ranks as threads of this process with real collectives (tokens split between
-    /// ranks; EP all-to-all or all-gather + reduce-scatter, alternating by seed; TP all-reduce),
+    /// ranks; all-to-all or all-gather + reduce-scatter, alternating by seed, for EP, TP and TEP),
     /// as `run --ep/--tp` does.
     #[arg(long, default_value = "none", value_parser = ["none", "thread"])]
     comm: String,
@@ -42,7 +42,7 @@ fn check_case(runner: &Runner, seed: u64, backend: &BackendChoice, comm: &str) -
         if case.ep_size * case.tp_size == 1 {
             return runner.load(layer, backend)?.forward(input);
         }
-        let mode = if case.tp_size > 1 || seed % 2 == 0 {
+        let mode = if seed % 2 == 0 {
             EpMode::GatherScatter
         } else {
             EpMode::AllToAll

@@ -4,6 +4,9 @@
 //! sends each pair's output row back; the owner adds them in slot order from zero — the same
 //! operations as the single-device combine, so the result is bitwise the same where the
 //! backend computes each pair's row as it would on one device (docs/parallel.md).
+//! With TP (TEP), an expert's EP group is `tp` ranks, each holding a slice of I: the record goes
+//! to every rank of the group, each returns its partial row, and the owner sums a slot's partial
+//! rows in TP-rank order before adding the slot (GEMM2's bias is in TP rank 0's slice only).
 
 use super::comm::{f32_bytes, f32_from_bytes, Communicator};
 use super::{compute, Owned, RankLayer};
@@ -22,17 +25,20 @@ pub(super) fn forward(
 ) -> Result<Vec<f32>> {
     let (me, ranks) = (comm.rank(), comm.size());
     let (h, k) = (layer.global.hidden, own.routes.top_k);
+    let tp = layer.layout.tp;
     let dtype = own.hidden.dtype;
     let row_bytes = h * dtype.size();
     let map = &layer.layout.ep;
     let tokens = own.routes.tokens;
 
-    // Dispatch: per destination, records `[token u32][n u32][n × (slot u32, local u32, w f32)][row]`.
-    // `back[t·k + j]`: where slot j of token t comes back (rank, index among that rank's pairs).
+    // Dispatch: per destination, records `[token u32][n u32][n × (slot u32, local u32, w f32)][row]`,
+    // the same records to every TP rank of an EP group. `back[t·k + j]`: where slot j of token t
+    // comes back (EP group, index among that group's pairs).
+    let groups = ranks / tp;
     let mut send = vec![Vec::new(); ranks];
-    let mut pairs_to = vec![0usize; ranks];
+    let mut pairs_to = vec![0usize; groups];
     let mut back = vec![None; tokens * k];
-    let mut slots: Vec<Vec<(u32, u32, f32)>> = vec![Vec::new(); ranks];
+    let mut slots: Vec<Vec<(u32, u32, f32)>> = vec![Vec::new(); groups];
     for t in 0..tokens {
         for s in slots.iter_mut() {
             s.clear();
@@ -50,15 +56,16 @@ pub(super) fn forward(
             pairs_to[d] += 1;
         }
         for (d, s) in slots.iter().enumerate().filter(|(_, s)| !s.is_empty()) {
-            let buf = &mut send[d];
-            buf.extend((t as u32).to_le_bytes());
-            buf.extend((s.len() as u32).to_le_bytes());
-            for &(j, local, w) in s {
-                buf.extend(j.to_le_bytes());
-                buf.extend(local.to_le_bytes());
-                buf.extend(w.to_le_bytes());
+            for buf in &mut send[d * tp..(d + 1) * tp] {
+                buf.extend((t as u32).to_le_bytes());
+                buf.extend((s.len() as u32).to_le_bytes());
+                for &(j, local, w) in s {
+                    buf.extend(j.to_le_bytes());
+                    buf.extend(local.to_le_bytes());
+                    buf.extend(w.to_le_bytes());
+                }
+                buf.extend_from_slice(&own.hidden.bytes[t * row_bytes..(t + 1) * row_bytes]);
             }
-            buf.extend_from_slice(&own.hidden.bytes[t * row_bytes..(t + 1) * row_bytes]);
         }
     }
     let received = comm.all_to_all_v(send)?;
@@ -109,25 +116,40 @@ pub(super) fn forward(
         start += c;
     }
     let got = comm.all_to_all_v(replies)?;
-    for (d, g) in got.iter().enumerate() {
-        if g.len() != pairs_to[d] * h * 4 {
+    for (r, g) in got.iter().enumerate() {
+        if g.len() != pairs_to[r / tp] * h * 4 {
             return Err(MoeError::Comm {
                 rank: me,
                 why: format!(
-                    "all_to_all_v: rank {d} returned {} bytes for {} pairs of {h} f32",
+                    "all_to_all_v: rank {r} returned {} bytes for {} pairs of {h} f32",
                     g.len(),
-                    pairs_to[d]
+                    pairs_to[r / tp]
                 ),
             });
         }
     }
     let got: Vec<Vec<f32>> = got.iter().map(|g| f32_from_bytes(g)).collect();
 
-    // Combine in slot order from zero, as the single-device combine does.
+    // Combine in slot order from zero, as the single-device combine does; with TP a slot's row is
+    // its group's partial rows summed in TP-rank order first.
     let mut out = vec![0.0f32; tokens * h];
+    let mut slot_row = vec![0.0f32; h];
     for (t, row) in out.chunks_exact_mut(h).enumerate() {
         for &(d, i) in back[t * k..(t + 1) * k].iter().flatten() {
-            for (acc, &v) in row.iter_mut().zip(&got[d][i * h..(i + 1) * h]) {
+            let part = |q: usize| &got[d * tp + q][i * h..(i + 1) * h];
+            if tp == 1 {
+                for (acc, &v) in row.iter_mut().zip(part(0)) {
+                    *acc += v;
+                }
+                continue;
+            }
+            slot_row.copy_from_slice(part(0));
+            for q in 1..tp {
+                for (s, &v) in slot_row.iter_mut().zip(part(q)) {
+                    *s += v;
+                }
+            }
+            for (acc, &v) in row.iter_mut().zip(&slot_row) {
                 *acc += v;
             }
         }

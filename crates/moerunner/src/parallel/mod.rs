@@ -82,11 +82,6 @@ impl Layout {
         if tp == 0 {
             return Err(MoeError::invalid("tp", "needs at least one rank"));
         }
-        if tp > 1 && ep.ranks() > 1 && mode == EpMode::AllToAll {
-            return Err(MoeError::Unsupported(
-                "EP × TP (TEP) runs in gather-scatter mode only (all-to-all dispatch to TP groups is not built yet)".into(),
-            ));
-        }
         Ok(Layout { ep, tp, mode })
     }
     pub fn ranks(&self) -> usize {
@@ -96,9 +91,10 @@ impl Layout {
     pub fn coords(&self, rank: usize) -> (usize, usize) {
         (rank / self.tp, rank % self.tp)
     }
-    /// Whether rank `rank` runs all-to-all dispatch (EP only) or gather-scatter.
+    /// Whether the ranks run all-to-all dispatch (EP, and TEP: to every TP rank of the expert's
+    /// group) or gather-scatter.
     fn all_to_all(&self) -> bool {
-        self.mode == EpMode::AllToAll && self.tp == 1
+        self.mode == EpMode::AllToAll
     }
 }
 
