@@ -9,13 +9,16 @@
 //! rows in TP-rank order before adding the slot (GEMM2's bias is in TP rank 0's slice only).
 
 use super::comm::{f32_bytes, f32_from_bytes, Communicator};
+use super::wire::Wire;
 use super::{compute, Owned, RankLayer};
 use crate::error::{MoeError, Result};
-use crate::tensor::HostTensor;
 
 /// Bytes of a record's header (token, slot count) and of each slot's (slot, local id, weight).
 const HEADER: usize = 8;
 const SLOT: usize = 12;
+/// In a record's slot count: its row travels as the caller gave it (the layer's wire encoding
+/// could not hold it exactly).
+const RAW_ROW: u32 = 1 << 31;
 
 /// This rank's tokens' outputs, f32 `[T_r, H]`.
 pub(super) fn forward(
@@ -28,6 +31,16 @@ pub(super) fn forward(
     let tp = layer.layout.tp;
     let dtype = own.hidden.dtype;
     let row_bytes = h * dtype.size();
+    let wire = Wire::choose(
+        layer.global.activation_format,
+        layer.loaded.layer().weights().w13_input_scale,
+        dtype,
+    );
+    let xf = match wire {
+        Wire::AsGiven(_) => Vec::new(),
+        _ => own.hidden.to_f32_vec("hidden_states")?,
+    };
+    let mut encoded = Vec::new();
     let map = &layer.layout.ep;
     let tokens = own.routes.tokens;
 
@@ -55,16 +68,27 @@ pub(super) fn forward(
             back[t * k + j] = Some((d, pairs_to[d]));
             pairs_to[d] += 1;
         }
+        if slots.iter().all(|s| s.is_empty()) {
+            continue;
+        }
+        let raw = &own.hidden.bytes[t * row_bytes..(t + 1) * row_bytes];
+        encoded.clear();
+        let exact = wire.encode(raw, xf.get(t * h..(t + 1) * h).unwrap_or(&[]), &mut encoded)?;
+        let (flag, row) = if exact {
+            (0, &encoded[..])
+        } else {
+            (RAW_ROW, raw)
+        };
         for (d, s) in slots.iter().enumerate().filter(|(_, s)| !s.is_empty()) {
             for buf in &mut send[d * tp..(d + 1) * tp] {
                 buf.extend((t as u32).to_le_bytes());
-                buf.extend((s.len() as u32).to_le_bytes());
+                buf.extend((s.len() as u32 | flag).to_le_bytes());
                 for &(j, local, w) in s {
                     buf.extend(j.to_le_bytes());
                     buf.extend(local.to_le_bytes());
                     buf.extend(w.to_le_bytes());
                 }
-                buf.extend_from_slice(&own.hidden.bytes[t * row_bytes..(t + 1) * row_bytes]);
+                buf.extend_from_slice(row);
             }
         }
     }
@@ -85,12 +109,17 @@ pub(super) fn forward(
         };
         let mut at = 0;
         while at < buf.len() {
-            let n = read_u32(buf, at + 4).ok_or_else(|| bad(at))? as usize;
+            let count = read_u32(buf, at + 4).ok_or_else(|| bad(at))?;
+            let (n, raw) = ((count & !RAW_ROW) as usize, count & RAW_ROW != 0);
             let body = at + HEADER;
             let row_at = body + n * SLOT;
-            let row = buf.get(row_at..row_at + row_bytes).ok_or_else(|| bad(at))?;
-            let row =
-                HostTensor::from_u8(dtype, vec![1, h], row.to_vec()).to_f32_vec("hidden_states")?;
+            let (codec, len) = if raw {
+                (Wire::AsGiven(dtype), row_bytes)
+            } else {
+                (wire, wire.row_bytes(h))
+            };
+            let row = buf.get(row_at..row_at + len).ok_or_else(|| bad(at))?;
+            let row = codec.decode(row, h, dtype)?;
             for i in 0..n {
                 let p = body + i * SLOT;
                 let local = read_u32(buf, p + 4).ok_or_else(|| bad(p))?;
@@ -102,7 +131,7 @@ pub(super) fn forward(
                 weights.extend(std::iter::repeat_n(0.0, k - 1));
                 from[src] += 1;
             }
-            at = row_at + row_bytes;
+            at = row_at + len;
         }
     }
     let n: usize = from.iter().sum();

@@ -23,6 +23,7 @@ mod gather;
 /// NCCL behind the same trait (one rank per GPU), with the `cuda` feature.
 #[cfg(feature = "cuda")]
 pub mod nccl;
+mod wire;
 
 use std::ops::Range;
 use std::time::Duration;
