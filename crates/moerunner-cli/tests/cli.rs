@@ -1028,8 +1028,7 @@ fn bench_splits_the_layer_over_thread_ranks() {
         ]
         .concat());
         assert!(
-            text.contains(&format!("ep {ep} × tp {tp} thread ranks"))
-                && text.contains("% of the call"),
+            text.contains(&format!("ep {ep} × tp {tp} ranks")) && text.contains("% of the call"),
             "{text}"
         );
         let report: serde_json::Value =
@@ -1045,4 +1044,16 @@ fn bench_splits_the_layer_over_thread_ranks() {
     }
     let err = fails(&[&shape[..], &["--comm", "thread"]].concat());
     assert!(err.contains("--comm thread"), "{err}");
+    // One rank per GPU through NCCL: without GPUs (CI) a clear error naming why, never a panic.
+    if std::env::var_os("MOERUNNER_REQUIRE_GPU").is_none() {
+        let err = fails(&[&shape[..], &["--ep-size", "2", "--comm", "nccl"]].concat());
+        assert!(err.contains("--comm nccl runs GPU ranks"), "{err}");
+        let auto: Vec<&str> = shape
+            .iter()
+            .copied()
+            .filter(|a| *a != "--backend" && *a != "cpu")
+            .collect();
+        let err = fails(&[&auto[..], &["--ep-size", "2", "--comm", "nccl"]].concat());
+        assert!(err.contains("NCCL") || err.contains("GPU"), "{err}");
+    }
 }

@@ -74,7 +74,7 @@ pub struct BenchRow {
     pub roofline: f64,
     /// ‖out − ref‖₂ / ‖ref‖₂ over the sampled tokens, against the float64 reference.
     pub rel_err: f64,
-    /// Split rows (`BenchPlan::split_threads`): the median over calls of the least time a rank spent
+    /// Split rows (`BenchPlan::split`): the median over calls of the least time a rank spent
     /// inside collectives (the critical-path rank's: moving data, not waiting for a slower peer),
     /// and its share of `time_us`.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -126,10 +126,11 @@ pub struct BenchPlan {
     pub seed: u64,
     /// TP/EP group sizes: every case is rank 0's share (ranks are equal in shape).
     pub parallelism: crate::config::Parallelism,
-    /// With `parallelism` of more than one rank: the whole layer over that many thread ranks with
-    /// real collectives (`parallel::timing::time_threads`), each row the whole call and the share
-    /// of it spent communicating, instead of rank 0's share alone.
-    pub split_threads: bool,
+    /// With `parallelism` of more than one rank: the whole layer over that many ranks with real
+    /// collectives (`parallel::timing::time_split`: threads, or one rank per GPU through NCCL),
+    /// each row the whole call and the share of it spent communicating, instead of rank 0's share
+    /// alone.
+    pub split: Option<crate::parallel::timing::Transport>,
 }
 
 impl BenchPlan {
@@ -241,7 +242,7 @@ pub fn run(plan: &BenchPlan, progress: &mut dyn FnMut(Progress<'_>)) -> Result<B
     let mut backend_name = String::new();
     let mut device = String::new();
     let mut flush = vec![0u64; CACHE_FLUSH_BYTES / 8];
-    let split = plan.split_threads && plan.parallelism.ep_size * plan.parallelism.tp_size > 1;
+    let split = plan.split.is_some() && plan.parallelism.ep_size * plan.parallelism.tp_size > 1;
     for preset in &plan.presets {
         for &(wf, af) in &pairs {
             if split {
@@ -414,8 +415,8 @@ fn case_input(config: &LayerConfig, tokens: usize, seed: u64) -> Result<synth::S
     )
 }
 
-/// The rows of one preset × format over the plan's token counts, the whole layer split over thread
-/// ranks (`BenchPlan::split_threads`): EP all-to-all when only EP splits, gather-scatter with TP.
+/// The rows of one preset × format over the plan's token counts, the whole layer split over ranks
+/// (`BenchPlan::split`): EP all-to-all when only EP splits, gather-scatter with TP.
 /// Bytes and FLOPs are the whole layer's, against the one machine's ceilings the ranks share.
 fn split_rows(
     plan: &BenchPlan,
@@ -460,7 +461,13 @@ fn split_rows(
             hidden: &input.hidden,
             routing: input.routing_input(),
         };
-        let first = parallel::forward_threads(&layer, &layout, &plan.backend, &fwd, timeout)?;
+        let first = match plan.split {
+            #[cfg(feature = "cuda")]
+            Some(parallel::timing::Transport::Nccl) => {
+                parallel::forward_nccl(&layer, &layout, &plan.backend, &fwd, timeout)?
+            }
+            _ => parallel::forward_threads(&layer, &layout, &plan.backend, &fwd, timeout)?,
+        };
         // (the host's caches flushed before each call, as for one rank; a GPU's L2 is not)
         let flush = std::sync::Mutex::new(vec![0u64; CACHE_FLUSH_BYTES / 8]);
         let before_each = || {
@@ -468,10 +475,11 @@ fn split_rows(
                 stream_through(&mut f);
             }
         };
-        let samples = parallel::timing::time_threads(
+        let transport = plan.split.unwrap_or(parallel::timing::Transport::Threads);
+        let samples = parallel::timing::time_split(
             &layer,
             &layout,
-            &plan.backend,
+            (&plan.backend, transport),
             &fwd,
             (timeout, plan.iters),
             &before_each,
@@ -793,7 +801,7 @@ mod tests {
             backend: BackendChoice::Named("cpu".into()),
             seed: 1,
             parallelism: crate::config::Parallelism::default(),
-            split_threads: false,
+            split: None,
         };
         let (mut total, mut steps) = (0, 0);
         let report = run(&plan, &mut |p| match p {
@@ -832,7 +840,7 @@ mod tests {
             backend: BackendChoice::Named("cpu".into()),
             seed: 1,
             parallelism: par,
-            split_threads: false,
+            split: None,
         };
         let report = run(&plan, &mut |_| {}).unwrap();
         assert_eq!(report.moerunner_version, env!("CARGO_PKG_VERSION"));

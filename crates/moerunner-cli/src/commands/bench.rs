@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
 use moerunner::bench::{self, BenchPlan, BenchReport, Progress};
+use moerunner::parallel::timing::Transport;
 use moerunner::presets::Preset;
 use moerunner::{presets, BackendChoice, Parallelism, WeightFormat};
 
@@ -68,9 +69,10 @@ pub struct Args {
     ep_size: usize,
     /// With --ep-size/--tp-size above 1: `none` benches rank 0's share alone; `thread` runs the
     /// whole layer over that many thread ranks of this process with real collectives (EP
-    /// all-to-all, or gather-scatter with TP; on one GPU with the CUDA backend) and reports the
-    /// whole call and the share of it spent communicating (`comm` columns).
-    #[arg(long, default_value = "none", value_parser = ["none", "thread"])]
+    /// all-to-all, or gather-scatter with TP; on one GPU with the CUDA backend), `nccl` over one
+    /// rank per GPU through NCCL, and reports the whole call and the share of it spent
+    /// communicating (`comm` columns).
+    #[arg(long, default_value = "none", value_parser = ["none", "thread", "nccl"])]
     comm: String,
 }
 
@@ -178,11 +180,19 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             tp_size: args.tp_size,
             tp_rank: 0,
         },
-        split_threads: args.comm == "thread",
+        split: match args.comm.as_str() {
+            "thread" => Some(Transport::Threads),
+            "nccl" => Some(Transport::Nccl),
+            _ => None,
+        },
     };
-    if plan.split_threads && args.ep_size * args.tp_size == 1 {
+    if args.comm == "nccl" && !matches!(args.backend.as_str(), "auto" | "cuda") {
+        anyhow::bail!("--comm nccl runs GPU ranks: use --backend cuda (or auto)");
+    }
+    if plan.split.is_some() && args.ep_size * args.tp_size == 1 {
         anyhow::bail!(
-            "--comm thread splits the layer over --ep-size × --tp-size ranks: give one above 1"
+            "--comm {} splits the layer over --ep-size × --tp-size ranks: give one above 1",
+            args.comm
         );
     }
 
@@ -307,7 +317,7 @@ fn print_table(r: &BenchReport) {
         );
         if let (Some(us), Some(share)) = (row.comm_us, row.comm_share) {
             println!(
-                "{:<16} ep {} × tp {} thread ranks: {us:.1} µs communicating, {:.1}% of the call",
+                "{:<16} ep {} × tp {} ranks: {us:.1} µs communicating, {:.1}% of the call",
                 "",
                 row.ep_size,
                 row.tp_size,

@@ -1,6 +1,6 @@
 //! How long a split layer takes and how much of it is communication (`bench --ep/--tp --comm
-//! thread`): the ranks load their slices once, then run the same call again and again, each rank's
-//! collectives timed by a [`TimedComm`] around its communicator.
+//! thread|nccl`): the ranks load their slices once, then run the same call again and again, each
+//! rank's collectives timed by a [`TimedComm`] around its communicator.
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -71,27 +71,69 @@ pub struct SplitSample {
     pub comm_s: f64,
 }
 
-/// Runs `whole` over the thread ranks of `layout` (`choice` loads each slice), a warm-up call and
-/// then `iters` timed calls of `input`. Each call: rank 0 runs `before_each` (the bench's cache
-/// flush) while the others wait, the ranks line up (a barrier, not counted), run their share
-/// (`forward_rank`), and line up again; rank 0's clock between the two barriers is the wall time,
-/// the ranks' collective times (gathered after the call) give the communication.
-pub fn time_threads(
+/// Where a split layer's ranks run (`bench --comm`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Transport {
+    /// Threads of this process talking through host memory (`ThreadComm`), loading on `choice`.
+    Threads,
+    /// One rank per GPU of this process, rank r on GPU r, talking through NCCL.
+    Nccl,
+}
+
+/// Runs `whole` over the ranks of `layout` (`choice` loads each slice; with NCCL on its own GPU),
+/// a warm-up call and then `iters` timed calls of `input`. Each call: rank 0 runs `before_each`
+/// (the bench's cache flush) while the others wait, the ranks line up (a barrier, not counted), run
+/// their share (`forward_rank`), and line up again; rank 0's clock between the two barriers is the
+/// wall time, the ranks' collective times (gathered after the call) give the communication.
+pub fn time_split(
     whole: &MoeLayer,
     layout: &Layout,
-    choice: &BackendChoice,
+    (choice, transport): (&BackendChoice, Transport),
     input: &ForwardInput<'_>,
     (timeout, iters): (Duration, usize),
     before_each: &(dyn Fn() + Sync),
 ) -> Result<Vec<SplitSample>> {
     crate::forward::validate_input(whole, input)?;
-    let comms = ThreadComm::group(layout.ranks(), timeout)?;
-    let runner = Runner::new();
+    let ranks = layout.ranks();
+    match transport {
+        Transport::Threads => {
+            let runner = Runner::new();
+            timed_calls(
+                ThreadComm::group(ranks, timeout)?,
+                |rank| RankLayer::load(whole, layout, rank, &runner, choice),
+                input,
+                iters,
+                before_each,
+            )
+        }
+        #[cfg(feature = "cuda")]
+        Transport::Nccl => timed_calls(
+            super::nccl::NcclComm::one_per_gpu(ranks, timeout)?,
+            |rank| RankLayer::load(whole, layout, rank, &Runner::on_gpu(rank), choice),
+            input,
+            iters,
+            before_each,
+        ),
+        #[cfg(not(feature = "cuda"))]
+        Transport::Nccl => Err(MoeError::Cuda(
+            "NCCL ranks need the `cuda` feature, which this build lacks".into(),
+        )),
+    }
+}
+
+/// [`time_split`]'s calls over `comms`, rank r's slice loaded by `load(r)`.
+fn timed_calls<C: Communicator + Send>(
+    comms: Vec<C>,
+    load: impl Fn(usize) -> Result<RankLayer> + Sync,
+    input: &ForwardInput<'_>,
+    iters: usize,
+    before_each: &(dyn Fn() + Sync),
+) -> Result<Vec<SplitSample>> {
     let results = on_rank_threads(comms, input, |rank, comm, input| {
         let comm = TimedComm::new(comm);
         // (any failure stops the whole group at once instead of leaving peers waiting)
         guarded(&comm, || {
-            let layer = RankLayer::load(whole, layout, rank, &runner, choice)?;
+            let layer = load(rank)?;
             let mut samples = Vec::with_capacity(iters);
             for i in 0..=iters {
                 if rank == 0 {
