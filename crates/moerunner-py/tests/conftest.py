@@ -96,6 +96,7 @@ SMALL = ["--experts", "8", "--hidden", "256", "--intermediate", "128", "--top-k"
 FORMATS = {
     "bf16": SMALL + ["--weight-format", "bf16"],
     "fp8_block": SMALL + ["--weight-format", "fp8_block"],
+    "mxfp8": SMALL + ["--weight-format", "mxfp8"],
     "mxfp4": SMALL + ["--weight-format", "mxfp4"],
     "nvfp4": SMALL + ["--weight-format", "nvfp4"],
 }

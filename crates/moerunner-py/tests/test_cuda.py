@@ -20,7 +20,7 @@ except ImportError:  # pragma: no cover - depends on the machine
 import moerunner
 
 # The GPU formats of README's support matrix, with their tolerance against the CPU.
-GPU_FORMATS = {"bf16": 1e-2, "fp8_block": 2e-2}
+GPU_FORMATS = {"bf16": 1e-2, "fp8_block": 2e-2, "mxfp8": 2e-2, "mxfp4": 1e-2, "nvfp4": 5e-2}
 
 
 @pytest.fixture(scope="module")
