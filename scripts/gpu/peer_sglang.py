@@ -437,7 +437,88 @@ def check_routing(logits, ids, weights, layer, tokens):
             assert abs(got[j] - w) <= 1e-5, f"token {t}: expert {j} weight {got[j]} != {w}"
 
 
+ALIGN = {"impl": "triton"}  # --align: our Triton kernel (one launch) or the torch version
+_TRITON_ALIGN = {}
+
+
+def _triton_align_kernel():
+    """Our one-program Triton version of SGLang's alignment (its CUDA op is in sgl_kernel, which
+    the GPU machine does not have): a histogram of the ids, each expert's padded run start
+    (cumsum), the expert of every block, the pad fill, then each pair scattered to its expert's
+    next slot by an atomic cursor (order within an expert is not the pairs' order — SGLang's CUDA
+    op does not promise one either; check_alignment checks the contract on every case)."""
+    if "kernel" in _TRITON_ALIGN:
+        return _TRITON_ALIGN["kernel"]
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def align_kernel(ids_ptr, numel, sorted_ptr, expert_ptr, ntpp_ptr, cursor_ptr, max_padded,
+                     n_blocks, E: tl.constexpr, E_P2: tl.constexpr, BLOCK_M: tl.constexpr,
+                     CHUNK: tl.constexpr):
+        e = tl.arange(0, E_P2)
+        counts = tl.zeros([E_P2], dtype=tl.int32)
+        for c0 in range(0, numel, CHUNK):
+            offs = c0 + tl.arange(0, CHUNK)
+            ids = tl.load(ids_ptr + offs, mask=offs < numel, other=E_P2 - 1)
+            counts += tl.histogram(ids, E_P2).to(tl.int32)
+        counts = tl.where(e < E, counts, 0)  # (masked lanes went to the spare last bin)
+        padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+        ends = tl.cumsum(padded, 0)
+        total = tl.sum(padded, 0)
+        tl.store(ntpp_ptr, total)
+        tl.store(cursor_ptr + e, ends - padded, mask=e < E)
+        for b0 in range(0, n_blocks, CHUNK):
+            b = b0 + tl.arange(0, CHUNK)
+            first = b * BLOCK_M
+            ex = tl.sum(((ends[None, :] <= first[:, None]) & (e[None, :] < E)).to(tl.int32), axis=1)
+            tl.store(expert_ptr + b, tl.where(first < total, ex, -1), mask=b < n_blocks)
+        for p0 in range(0, max_padded, CHUNK):
+            p = p0 + tl.arange(0, CHUNK)
+            tl.store(sorted_ptr + p, numel, mask=p < max_padded)
+        tl.debug_barrier()  # the pad fill and the cursors before the scatter
+        for c0 in range(0, numel, CHUNK):
+            offs = c0 + tl.arange(0, CHUNK)
+            valid = offs < numel
+            ids = tl.load(ids_ptr + offs, mask=valid, other=0)
+            dest = tl.atomic_add(cursor_ptr + ids, 1, mask=valid)
+            tl.store(sorted_ptr + dest, offs, mask=valid)
+
+    _TRITON_ALIGN["kernel"] = (align_kernel, triton.next_power_of_2)
+    return _TRITON_ALIGN["kernel"]
+
+
+def align_sizes(numel, block_m, num_experts):
+    """SGLang's buffer sizes: numel*block_m when numel < E+1, else numel + (E+1)*(block_m-1),
+    rounded up to 4; and the number of blocks."""
+    if numel < num_experts + 1:
+        max_padded = numel * block_m
+    else:
+        max_padded = numel + (num_experts + 1) * (block_m - 1)
+    max_padded = (max_padded + 3) // 4 * 4
+    return max_padded, (max_padded + block_m - 1) // block_m
+
+
 def align_block_size(topk_ids, block_m, num_experts):
+    """SGLang's moe_align_block_size contract (see align_block_size_torch), by --align's choice."""
+    if ALIGN["impl"] == "torch":
+        return align_block_size_torch(topk_ids, block_m, num_experts)
+    kernel, next_pow2 = _triton_align_kernel()
+    flat = topk_ids.reshape(-1).to(torch.int32)
+    numel = flat.numel()
+    max_padded, n_blocks = align_sizes(numel, block_m, num_experts)
+    dev = topk_ids.device
+    sorted_ids = torch.empty((max_padded,), dtype=torch.int32, device=dev)
+    expert_ids = torch.empty((n_blocks,), dtype=torch.int32, device=dev)
+    ntpp = torch.empty((1,), dtype=torch.int32, device=dev)
+    cursor = torch.empty((num_experts,), dtype=torch.int32, device=dev)
+    kernel[(1,)](flat, numel, sorted_ids, expert_ids, ntpp, cursor, max_padded, n_blocks,
+                 E=num_experts, E_P2=next_pow2(num_experts + 1), BLOCK_M=block_m, CHUNK=1024,
+                 num_warps=8)
+    return sorted_ids, expert_ids, ntpp
+
+
+def align_block_size_torch(topk_ids, block_m, num_experts):
     """SGLang's moe_align_block_size contract in torch (no host sync: capturable in a CUDA graph).
 
     Returns sorted_token_ids int32 [max_padded] (pair ids grouped by expert, each expert's run
@@ -447,12 +528,7 @@ def align_block_size(topk_ids, block_m, num_experts):
     rounded up to 4."""
     flat = topk_ids.reshape(-1).long()
     numel = flat.numel()
-    if numel < num_experts + 1:
-        max_padded = numel * block_m
-    else:
-        max_padded = numel + (num_experts + 1) * (block_m - 1)
-    max_padded = (max_padded + 3) // 4 * 4
-    n_blocks = (max_padded + block_m - 1) // block_m
+    max_padded, n_blocks = align_sizes(numel, block_m, num_experts)
     dev = topk_ids.device
     counts = torch.zeros(num_experts, dtype=torch.long, device=dev)
     counts.scatter_add_(0, flat, torch.ones_like(flat))
@@ -874,6 +950,9 @@ def main():
                     help="run and check every case once; no CUDA graph, no timing "
                          "(implied by TRITON_INTERPRET=1)")
     ap.add_argument("--no-flush", action="store_true", help="no L2 flush between replays")
+    ap.add_argument("--align", choices=("triton", "torch"), default="triton",
+                    help="our alignment: one Triton launch (default) or the torch version (a dozen "
+                         "launches: it overstates SGLang's time at small T)")
     ap.add_argument("--tma", choices=("auto", "off", "on"), default="auto",
                     help="TMA descriptors: as SGLang's shipped config says (auto), never, or on "
                          "every config (a test of the path)")
@@ -904,6 +983,7 @@ def main():
         sys.exit("no CUDA device: run on the GPU machine, or with TRITON_INTERPRET=1 on the CPU")
     wheel = args.sglang_wheel or newest_wheel()
     root, version = extract(wheel, args.unpack_dir)
+    ALIGN["impl"] = args.align
     kern, _, cfgmod = load_sglang(root, pdl=not args.no_pdl)
     device = torch.cuda.get_device_name() if dev == "cuda" else "cpu (TRITON_INTERPRET=1)"
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
@@ -950,7 +1030,7 @@ def main():
         report = dict(peer="sglang-triton-fused-moe", sglang_version=version,
                       sglang_wheel=os.path.basename(wheel), torch_version=torch.__version__,
                       triton_version=triton.__version__, device=device, date=date,
-                      seed=args.seed, argv=sys.argv, dry_run=args.dry_run,
+                      seed=args.seed, argv=sys.argv, align=args.align, dry_run=args.dry_run,
                       l2_flush=flush is not None, rows=rows)
         with open(args.json, "w") as fh:
             json.dump(report, fh, indent=1)
