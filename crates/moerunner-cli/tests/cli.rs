@@ -1044,6 +1044,29 @@ fn bench_splits_the_layer_over_thread_ranks() {
     }
     let err = fails(&[&shape[..], &["--comm", "thread"]].concat());
     assert!(err.contains("--comm thread"), "{err}");
+    // The memory budget counts the whole layer a split row synthesizes, not one rank's share.
+    let needs = |extra: &[&str]| -> u64 {
+        let err = fails(
+            &[
+                &shape[..],
+                &["--ep-size", "2", "--memory-budget", "1K"],
+                extra,
+            ]
+            .concat(),
+        );
+        let at = err.find(" needs ").unwrap_or_else(|| panic!("{err}")) + 7;
+        err[at..]
+            .split(' ')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap_or_else(|_| panic!("{err}"))
+    };
+    let (share, whole) = (needs(&[]), needs(&["--comm", "thread"]));
+    assert!(
+        whole > share,
+        "split {whole} bytes, one rank's share {share}"
+    );
     // One rank per GPU through NCCL: without GPUs (CI) a clear error naming why, never a panic.
     if std::env::var_os("MOERUNNER_REQUIRE_GPU").is_none() {
         let err = fails(&[&shape[..], &["--ep-size", "2", "--comm", "nccl"]].concat());

@@ -130,10 +130,14 @@ pub struct BenchPlan {
     /// collectives (`parallel::timing::time_split`: threads, or one rank per GPU through NCCL),
     /// each row the whole call and the share of it spent communicating, instead of rank 0's share
     /// alone.
-    pub split: Option<crate::parallel::timing::Transport>,
+    pub split: Option<crate::parallel::Transport>,
 }
 
 impl BenchPlan {
+    /// Whether each row runs the whole layer split over ranks (`split` with more than one rank).
+    pub fn splits(&self) -> bool {
+        self.split.is_some() && self.parallelism.ep_size * self.parallelism.tp_size > 1
+    }
     /// The weight × activation formats of the plan, in order.
     pub fn format_pairs(&self) -> Vec<(WeightFormat, ActivationFormat)> {
         let mut pairs = Vec::new();
@@ -242,7 +246,7 @@ pub fn run(plan: &BenchPlan, progress: &mut dyn FnMut(Progress<'_>)) -> Result<B
     let mut backend_name = String::new();
     let mut device = String::new();
     let mut flush = vec![0u64; CACHE_FLUSH_BYTES / 8];
-    let split = plan.split.is_some() && plan.parallelism.ep_size * plan.parallelism.tp_size > 1;
+    let split = plan.splits();
     for preset in &plan.presets {
         for &(wf, af) in &pairs {
             if split {
@@ -338,7 +342,12 @@ pub fn run(plan: &BenchPlan, progress: &mut dyn FnMut(Progress<'_>)) -> Result<B
 fn check_every_case_fits(plan: &BenchPlan) -> Result<()> {
     for preset in &plan.presets {
         for (wf, af) in plan.format_pairs() {
-            let config = rank_config(preset, (wf, af), plan.parallelism)?;
+            // (a split row synthesizes the whole layer on the host, a rank's row its share)
+            let config = if plan.splits() {
+                preset.config(wf, Some(af))
+            } else {
+                rank_config(preset, (wf, af), plan.parallelism)?
+            };
             for &tokens in &plan.tokens {
                 let bytes = synth::layer_bytes(&config, preset.biases)
                     .plus(synth::input_bytes(&config, tokens, DType::BF16))
@@ -461,13 +470,6 @@ fn split_rows(
             hidden: &input.hidden,
             routing: input.routing_input(),
         };
-        let first = match plan.split {
-            #[cfg(feature = "cuda")]
-            Some(parallel::timing::Transport::Nccl) => {
-                parallel::forward_nccl(&layer, &layout, &plan.backend, &fwd, timeout)?
-            }
-            _ => parallel::forward_threads(&layer, &layout, &plan.backend, &fwd, timeout)?,
-        };
         // (the host's caches flushed before each call, as for one rank; a GPU's L2 is not)
         let flush = std::sync::Mutex::new(vec![0u64; CACHE_FLUSH_BYTES / 8]);
         let before_each = || {
@@ -475,8 +477,8 @@ fn split_rows(
                 stream_through(&mut f);
             }
         };
-        let transport = plan.split.unwrap_or(parallel::timing::Transport::Threads);
-        let samples = parallel::timing::time_split(
+        let transport = plan.split.unwrap_or(parallel::Transport::Threads);
+        let (first, samples) = parallel::timing::time_split(
             &layer,
             &layout,
             (&plan.backend, transport),

@@ -372,16 +372,7 @@ where
             routing: input.routing_input(),
         };
         let out = run(&case, layer, &fwd)?;
-        let (t, h) = (case.tokens, case.config.hidden);
-        if out.output.dtype != case.dtype || out.output.shape != [t, h] {
-            return Err(MoeError::invalid(
-                "output",
-                format!(
-                    "got {} {:?}, expected {} [{t}, {h}]",
-                    out.output.dtype, out.output.shape, case.dtype
-                ),
-            ));
-        }
+        check_output_form(&case, &out, "")?;
         let got: Vec<f64> = out
             .output
             .to_f32_vec("output")?
@@ -398,6 +389,22 @@ where
         Err(e) => result.error = Some(e.to_string()),
     }
     result
+}
+
+/// The output of a case's run has the case's dtype and shape [T, H] (`who`: a prefix naming the
+/// rank, or empty).
+fn check_output_form(case: &Case, out: &ForwardOutput, who: &str) -> Result<()> {
+    let (t, h) = (case.tokens, case.config.hidden);
+    if out.output.dtype != case.dtype || out.output.shape != [t, h] {
+        return Err(MoeError::invalid(
+            "output",
+            format!(
+                "{who}got {} {:?}, expected {} [{t}, {h}]",
+                out.output.dtype, out.output.shape, case.dtype
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// The float64 oracle of a case: the whole layer's reference, or, for per-token nvfp4 under TP,
@@ -456,15 +463,7 @@ where
             shard(&layer, par)?
         };
         let out = run(part, &fwd)?;
-        if out.output.dtype != case.dtype || out.output.shape != [t, h] {
-            return Err(MoeError::invalid(
-                "output",
-                format!(
-                    "rank {par:?}: got {} {:?}, expected {} [{t}, {h}]",
-                    out.output.dtype, out.output.shape, case.dtype
-                ),
-            ));
-        }
+        check_output_form(case, &out, &format!("rank {par:?}: "))?;
         for (g, v) in got.iter_mut().zip(out.output.to_f32_vec("output")?) {
             *g += v as f64;
         }

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
 use moerunner::bench::{self, BenchPlan, BenchReport, Progress};
-use moerunner::parallel::timing::Transport;
+use moerunner::parallel::Transport;
 use moerunner::presets::Preset;
 use moerunner::{presets, BackendChoice, Parallelism, WeightFormat};
 

@@ -62,6 +62,26 @@ pub trait Communicator: Send + Sync {
     }
 }
 
+/// A boxed communicator is one (a split's ranks whose transport is chosen at run time:
+/// `Transport::group`).
+impl<C: Communicator + ?Sized> Communicator for Box<C> {
+    fn rank(&self) -> usize {
+        (**self).rank()
+    }
+    fn size(&self) -> usize {
+        (**self).size()
+    }
+    fn all_gather(&self, mine: &[u8]) -> Result<Vec<Vec<u8>>> {
+        (**self).all_gather(mine)
+    }
+    fn all_to_all_v(&self, send: Vec<Vec<u8>>) -> Result<Vec<Vec<u8>>> {
+        (**self).all_to_all_v(send)
+    }
+    fn abort(&self, why: &str) {
+        (**self).abort(why)
+    }
+}
+
 /// f32 values as little-endian bytes.
 pub fn f32_bytes(v: &[f32]) -> Vec<u8> {
     v.iter().flat_map(|x| x.to_le_bytes()).collect()

@@ -365,10 +365,97 @@ impl OwnedRouting {
     }
 }
 
-/// Runs `whole` split by `layout` on `layout.ranks()` CPU threads of this process (one per
-/// rank, [`ThreadComm`]), each loading its slice on `choice` and owning a contiguous slice of
-/// the tokens; returns the whole output, which equals a single-device run's (docs/parallel.md).
-/// A collective that waits longer than `timeout` for a peer stops the run.
+/// Where a split layer's ranks run: threads of this process talking through host memory
+/// (`ThreadComm`; every rank loads its slice through one runner on the caller's backend choice), or
+/// one rank per GPU of this process talking through NCCL (rank r loads on GPU r).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Transport {
+    Threads,
+    Nccl,
+}
+
+impl Transport {
+    /// One communicator per rank, in rank order; a collective that waits longer than `timeout`
+    /// for a peer fails.
+    fn group(self, ranks: usize, timeout: Duration) -> Result<Vec<Box<dyn Communicator>>> {
+        match self {
+            Transport::Threads => Ok(boxed(ThreadComm::group(ranks, timeout)?)),
+            #[cfg(feature = "cuda")]
+            Transport::Nccl => Ok(boxed(nccl::NcclComm::one_per_gpu(ranks, timeout)?)),
+            #[cfg(not(feature = "cuda"))]
+            Transport::Nccl => Err(MoeError::Cuda(
+                "NCCL ranks need the `cuda` feature, which this build lacks".into(),
+            )),
+        }
+    }
+}
+
+/// Communicators of one kind as the boxed ones a split runs over.
+fn boxed<C: Communicator + 'static>(comms: Vec<C>) -> Vec<Box<dyn Communicator>> {
+    comms
+        .into_iter()
+        .map(|c| Box::new(c) as Box<dyn Communicator>)
+        .collect()
+}
+
+/// Loads rank r's slice of a split layer where its transport puts it.
+struct RankLoader<'a> {
+    whole: &'a MoeLayer,
+    layout: &'a Layout,
+    choice: &'a BackendChoice,
+    transport: Transport,
+    /// The thread ranks' one runner, made on first use (NCCL ranks open their own GPU's).
+    shared: std::sync::OnceLock<Runner>,
+}
+
+impl<'a> RankLoader<'a> {
+    fn new(
+        whole: &'a MoeLayer,
+        layout: &'a Layout,
+        (choice, transport): (&'a BackendChoice, Transport),
+    ) -> Self {
+        RankLoader {
+            whole,
+            layout,
+            choice,
+            transport,
+            shared: std::sync::OnceLock::new(),
+        }
+    }
+    fn load(&self, rank: usize) -> Result<RankLayer> {
+        let (whole, layout, choice) = (self.whole, self.layout, self.choice);
+        match self.transport {
+            Transport::Threads => RankLayer::load(
+                whole,
+                layout,
+                rank,
+                self.shared.get_or_init(Runner::new),
+                choice,
+            ),
+            Transport::Nccl => RankLayer::load(whole, layout, rank, &Runner::on_gpu(rank), choice),
+        }
+    }
+}
+
+/// Runs `whole` split by `layout` over `transport`'s ranks, each loading its slice on `choice` and
+/// owning a contiguous slice of the tokens; returns the whole output, which equals a single-device
+/// run's (docs/parallel.md). A collective that waits longer than `timeout` for a peer stops the run.
+pub fn forward_split(
+    whole: &MoeLayer,
+    layout: &Layout,
+    (choice, transport): (&BackendChoice, Transport),
+    input: &ForwardInput<'_>,
+    timeout: Duration,
+) -> Result<ForwardOutput> {
+    // The whole input is checked once here, so errors name tokens by their global index.
+    forward::validate_input(whole, input)?;
+    let comms = transport.group(layout.ranks(), timeout)?;
+    let loader = RankLoader::new(whole, layout, (choice, transport));
+    forward_with_comms(comms, layout, input, |rank| loader.load(rank))
+}
+
+/// [`forward_split`] on `layout.ranks()` CPU threads of this process (one per rank,
+/// [`ThreadComm`]).
 pub fn forward_threads(
     whole: &MoeLayer,
     layout: &Layout,
@@ -376,12 +463,7 @@ pub fn forward_threads(
     input: &ForwardInput<'_>,
     timeout: Duration,
 ) -> Result<ForwardOutput> {
-    // The whole input is checked once here, so errors name tokens by their global index.
-    forward::validate_input(whole, input)?;
-    let runner = Runner::new();
-    forward_threads_with(layout, input, timeout, |rank| {
-        RankLayer::load(whole, layout, rank, &runner, choice)
-    })
+    forward_split(whole, layout, (choice, Transport::Threads), input, timeout)
 }
 
 /// [`forward_threads`] with each rank's layer made by `load(rank)` on that rank's thread (a
@@ -397,7 +479,7 @@ pub fn forward_threads_with(
     forward_with_comms(comms, layout, input, load)
 }
 
-/// [`forward_threads`] with NCCL between the ranks: rank r runs on GPU r of this process (as many
+/// [`forward_split`] with NCCL between the ranks: rank r runs on GPU r of this process (as many
 /// GPUs as ranks), loading its slice there, and the collectives go through
 /// [`nccl::NcclComm`]. One rank on one GPU is the single-GPU check of the NCCL path.
 #[cfg(feature = "cuda")]
@@ -408,11 +490,7 @@ pub fn forward_nccl(
     input: &ForwardInput<'_>,
     timeout: Duration,
 ) -> Result<ForwardOutput> {
-    forward::validate_input(whole, input)?;
-    let comms = nccl::NcclComm::one_per_gpu(layout.ranks(), timeout)?;
-    forward_with_comms(comms, layout, input, |rank| {
-        RankLayer::load(whole, layout, rank, &Runner::on_gpu(rank), choice)
-    })
+    forward_split(whole, layout, (choice, Transport::Nccl), input, timeout)
 }
 
 /// The ranks of `layout` on one thread each, talking through `comms` (one per rank, in rank

@@ -5,10 +5,14 @@
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use super::{forward_rank, guarded, on_rank_threads, Communicator, Layout, RankLayer, ThreadComm};
+use super::{
+    forward_rank, guarded, join_outputs, on_rank_threads, Communicator, Layout, RankLoader,
+    Transport,
+};
 use crate::error::{MoeError, Result};
 use crate::forward::ForwardInput;
-use crate::runner::{BackendChoice, Runner};
+use crate::forward::ForwardOutput;
+use crate::runner::BackendChoice;
 use crate::weights::MoeLayer;
 
 /// A communicator that adds up the wall time its rank spends inside collectives (waiting for peers
@@ -71,20 +75,13 @@ pub struct SplitSample {
     pub comm_s: f64,
 }
 
-/// Where a split layer's ranks run (`bench --comm`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Transport {
-    /// Threads of this process talking through host memory (`ThreadComm`), loading on `choice`.
-    Threads,
-    /// One rank per GPU of this process, rank r on GPU r, talking through NCCL.
-    Nccl,
-}
-
-/// Runs `whole` over the ranks of `layout` (`choice` loads each slice; with NCCL on its own GPU),
-/// a warm-up call and then `iters` timed calls of `input`. Each call: rank 0 runs `before_each`
-/// (the bench's cache flush) while the others wait, the ranks line up (a barrier, not counted), run
-/// their share (`forward_rank`), and line up again; rank 0's clock between the two barriers is the
-/// wall time, the ranks' collective times (gathered after the call) give the communication.
+/// Runs `whole` over the ranks of `layout` (`choice` loads each slice where `transport` puts it),
+/// a warm-up call and then `iters` timed calls of `input`; returns the warm-up call's output (the
+/// ranks' outputs joined, as `forward_split` returns it) and the timed calls. Each call: rank 0 runs
+/// `before_each` (the bench's cache flush) while the others wait, the ranks line up (a barrier, not
+/// counted), run their share (`forward_rank`), and line up again; rank 0's clock between the two
+/// barriers is the wall time, the ranks' collective times (gathered after the call) give the
+/// communication.
 pub fn time_split(
     whole: &MoeLayer,
     layout: &Layout,
@@ -92,48 +89,16 @@ pub fn time_split(
     input: &ForwardInput<'_>,
     (timeout, iters): (Duration, usize),
     before_each: &(dyn Fn() + Sync),
-) -> Result<Vec<SplitSample>> {
+) -> Result<(ForwardOutput, Vec<SplitSample>)> {
     crate::forward::validate_input(whole, input)?;
-    let ranks = layout.ranks();
-    match transport {
-        Transport::Threads => {
-            let runner = Runner::new();
-            timed_calls(
-                ThreadComm::group(ranks, timeout)?,
-                |rank| RankLayer::load(whole, layout, rank, &runner, choice),
-                input,
-                iters,
-                before_each,
-            )
-        }
-        #[cfg(feature = "cuda")]
-        Transport::Nccl => timed_calls(
-            super::nccl::NcclComm::one_per_gpu(ranks, timeout)?,
-            |rank| RankLayer::load(whole, layout, rank, &Runner::on_gpu(rank), choice),
-            input,
-            iters,
-            before_each,
-        ),
-        #[cfg(not(feature = "cuda"))]
-        Transport::Nccl => Err(MoeError::Cuda(
-            "NCCL ranks need the `cuda` feature, which this build lacks".into(),
-        )),
-    }
-}
-
-/// [`time_split`]'s calls over `comms`, rank r's slice loaded by `load(r)`.
-fn timed_calls<C: Communicator + Send>(
-    comms: Vec<C>,
-    load: impl Fn(usize) -> Result<RankLayer> + Sync,
-    input: &ForwardInput<'_>,
-    iters: usize,
-    before_each: &(dyn Fn() + Sync),
-) -> Result<Vec<SplitSample>> {
+    let comms = transport.group(layout.ranks(), timeout)?;
+    let loader = RankLoader::new(whole, layout, (choice, transport));
     let results = on_rank_threads(comms, input, |rank, comm, input| {
         let comm = TimedComm::new(comm);
         // (any failure stops the whole group at once instead of leaving peers waiting)
         guarded(&comm, || {
-            let layer = load(rank)?;
+            let layer = loader.load(rank)?;
+            let mut warm_up = None;
             let mut samples = Vec::with_capacity(iters);
             for i in 0..=iters {
                 if rank == 0 {
@@ -142,7 +107,7 @@ fn timed_calls<C: Communicator + Send>(
                 comm.barrier()?;
                 comm.take();
                 let start = Instant::now();
-                forward_rank(&comm, &layer, &input)?;
+                let out = forward_rank(&comm, &layer, &input)?;
                 let mine = comm.take();
                 comm.barrier()?;
                 let wall_s = start.elapsed().as_secs_f64();
@@ -155,21 +120,26 @@ fn timed_calls<C: Communicator + Send>(
                         f64::from_le_bytes(bytes.unwrap_or([0; 8]))
                     })
                     .fold(f64::INFINITY, f64::min);
-                if i > 0 {
+                if i == 0 {
+                    warm_up = Some(out);
+                } else {
                     samples.push(SplitSample { wall_s, comm_s });
                 }
             }
-            Ok(samples)
+            let out = warm_up.ok_or_else(|| MoeError::invalid("ranks", "no call ran"))?;
+            Ok((out, samples))
         })
     })?;
-    let mut first = None;
-    for r in results {
-        match r {
-            Ok(s) => {
-                first.get_or_insert(s);
+    // rank 0's clock; every rank's warm-up output
+    let mut samples = Vec::new();
+    let mut outputs = Vec::with_capacity(results.len());
+    for (rank, r) in results.into_iter().enumerate() {
+        outputs.push(r.map(|(out, s)| {
+            if rank == 0 {
+                samples = s;
             }
-            Err(e) => return Err(e),
-        }
+            out
+        }));
     }
-    first.ok_or_else(|| MoeError::invalid("ranks", "no rank ran"))
+    Ok((join_outputs(outputs)?, samples))
 }
