@@ -51,6 +51,17 @@ enum Command {
     /// A dense linear layer y = x·Wᵀ (mxfp8 or fp8_block) on random data: checked against the
     /// float64 reference and timed (on the GPU beside cuBLASLt's fp8 GEMM).
     Gemm(commands::gemm::Args),
+    /// Tune the GPU's GEMM tactics for a preset × format, each verified bit for bit.
+    ///
+    /// At each --tokens count every candidate tactic (token-tile width, warp specialisation per
+    /// GEMM) runs the whole layer on two seeded inputs; a candidate whose output differs from the
+    /// default tactic's in any bit is refused and reported, the others are timed by CUDA-graph
+    /// replay (L2 flushed), and the fastest is kept for the count's shape class (the power of two
+    /// of the mean pairs per expert) in the tactic table beside the kernel cache, keyed by device,
+    /// driver, NVRTC, kernel sources and layer shape. Layers use it under MOERUNNER_TACTICS=use.
+    ///
+    /// Example: moerunner tune --preset qwen3-30b-a3b --format fp8_block --tokens 1,128,8192
+    Tune(commands::tune::Args),
     /// Compare two output files: relative error, max abs error, NaN count, top-k agreement.
     Compare(commands::compare::Args),
     /// Version, backends, devices and what each backend supports.
@@ -78,6 +89,7 @@ fn main() -> std::process::ExitCode {
         Command::Check(a) => commands::check::run(a),
         Command::QuantizeBench(a) => commands::quantize_bench::run(a),
         Command::Gemm(a) => commands::gemm::run(a),
+        Command::Tune(a) => commands::tune::run(a),
         Command::Compare(a) => commands::compare::run(a),
         Command::Info(a) => commands::info::run(a),
     };

@@ -85,6 +85,10 @@ pub struct BenchRow {
     /// on the GPU the codec's GEMM format, e.g. `e4m3_block` or `mxfp8_decoded` for mxfp8).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub kernel_path: Option<String>,
+    /// The GEMM tactic the call took where the backend has tactics (`LoadedLayer::tactic`: on the
+    /// GPU `bn 64` or `bn 128 ws 1/1`, tuned or the default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tactic: Option<String>,
 }
 
 impl BenchRow {
@@ -306,7 +310,7 @@ pub fn run(plan: &BenchPlan, progress: &mut dyn FnMut(Progress<'_>)) -> Result<B
                     (preset.name, wf, tokens),
                     &config,
                     plan.parallelism,
-                    (loaded.layer(), loaded.kernel_path()),
+                    (loaded.layer(), loaded.kernel_path(), loaded.tactic(tokens)),
                     (&input.hidden, &first),
                     &samples_s,
                     &ceil,
@@ -371,7 +375,7 @@ fn measured_row(
     (preset, wf, tokens): (&str, WeightFormat, usize),
     config: &LayerConfig,
     par: crate::config::Parallelism,
-    (layer, kernel_path): (&MoeLayer, Option<&str>),
+    (layer, kernel_path, tactic): (&MoeLayer, Option<&str>, Option<String>),
     (hidden, first): (&crate::tensor::HostTensor, &crate::forward::ForwardOutput),
     samples_s: &[f64],
     ceil: &Ceilings,
@@ -409,6 +413,7 @@ fn measured_row(
         comm_us: None,
         comm_share: None,
         kernel_path: kernel_path.map(str::to_string),
+        tactic,
     };
     Ok(row)
 }
@@ -492,7 +497,7 @@ fn split_rows(
             (preset.name, wf, tokens),
             &config,
             par,
-            (&layer, None),
+            (&layer, None, None),
             (&input.hidden, &first),
             &wall,
             ceil,

@@ -236,6 +236,9 @@ impl LoadedLayer for Checked {
     fn kernel_path(&self) -> Option<&'static str> {
         self.0.kernel_path()
     }
+    fn tactic(&self, tokens: usize) -> Option<String> {
+        self.0.tactic(tokens)
+    }
 }
 
 impl Default for Runner {
@@ -278,6 +281,9 @@ mod tests {
         fn kernel_path(&self) -> Option<&'static str> {
             Some("path")
         }
+        fn tactic(&self, tokens: usize) -> Option<String> {
+            Some(format!("tactic {tokens}"))
+        }
     }
 
     /// The runner's overflow-checking wrapper passes on every optional answer of the layer it
@@ -301,6 +307,7 @@ mod tests {
         let checked = Checked(Box::new(Answers(layer)));
         assert_eq!(checked.preparation().as_deref(), Some("padded"));
         assert_eq!(checked.kernel_path(), Some("path"));
+        assert_eq!(checked.tactic(7).as_deref(), Some("tactic 7"));
         assert_eq!(checked.backend(), "answers");
     }
 }

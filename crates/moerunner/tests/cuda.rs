@@ -2314,3 +2314,97 @@ fn an_nccl_group_naming_a_gpu_twice_is_refused() {
             .to_string();
     assert!(err.contains("must differ"), "{err}");
 }
+
+/// Verified autotuning: `tune` runs every candidate tactic, refuses any whose output differs from
+/// the default's in a bit, and the layer then calls with the winners — whose outputs equal a
+/// default-tactic layer's bit for bit on an input the tuner never saw, and the reference within
+/// tolerance. Over bf16 (warp-specialised candidates at BN = 128), fp8_block and mxfp4 (the
+/// decoded path), at token counts of three shape classes.
+#[cfg(feature = "cuda")]
+#[test]
+fn gpu_tuned_tactics_are_bit_identical_to_the_default() {
+    use moerunner::backend::cuda::layer::CudaLayer;
+    use moerunner::backend::cuda::tune::Verdict;
+    use moerunner::backend::LoadedLayer;
+    use std::sync::Arc;
+    if gpu_runner().is_none() {
+        return;
+    }
+    let backend = moerunner::backend::cuda::create_concrete().expect("cuda backend");
+    let dev = backend.device().clone();
+    for (i, wf) in [
+        WeightFormat::Bf16,
+        WeightFormat::Fp8Block,
+        WeightFormat::Mxfp4,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let cfg = config(
+            wf,
+            16,
+            512,
+            384,
+            Activation::Swiglu,
+            RoutingConfig::new(RoutingMethod::Renormalize, 4),
+        );
+        let seed = 0x7AC7_1C00 + i as u64;
+        let layer = Arc::new(random_layer(&cfg, seed, true).expect("layer"));
+        let tuned = CudaLayer::load_for_tuning(dev.clone(), layer.clone()).expect("load");
+        let plain = CudaLayer::load(dev.clone(), layer.clone()).expect("load");
+        let tokens = [3, 100, 700];
+        let rows = tuned.tune(&tokens, 3, seed).expect("tune");
+        assert_eq!(rows.len(), tokens.len());
+        for r in &rows {
+            let timed = r
+                .candidates
+                .iter()
+                .filter(|(_, v)| matches!(v, Verdict::Timed(_)))
+                .count();
+            println!(
+                "{wf} T = {} class {}: default {} {:.1} µs, chosen {} {:.1} µs; {} of {} candidates identical, refused: {:?}",
+                r.tokens,
+                r.class,
+                r.default.label(),
+                r.default_us,
+                r.winner.label(),
+                r.winner_us,
+                timed,
+                r.candidates.len(),
+                r.rejected()
+            );
+            assert!(r.winner_us <= r.default_us && r.winner_us > 0.0);
+            assert!(
+                !r.candidates.is_empty(),
+                "{wf}: no candidate besides the default"
+            );
+            // a fresh input, not one the tuner checked
+            let input = random_input(
+                &cfg,
+                r.tokens,
+                RoutingMode::Logits,
+                DType::BF16,
+                seed ^ 0xF00D,
+            )
+            .expect("input");
+            let fwd = ForwardInput {
+                hidden: &input.hidden,
+                routing: input.routing_input(),
+            };
+            let got = tuned.forward(&fwd).expect("tuned forward");
+            let want = plain.forward(&fwd).expect("default forward");
+            assert_eq!(
+                tuned.tactic(r.tokens).as_deref(),
+                Some(r.winner.label().as_str())
+            );
+            assert!(
+                got.output.bytes[..] == want.output.bytes[..],
+                "{wf} T = {}: the tuned layer ({}) differs from the default one ({})",
+                r.tokens,
+                r.winner.label(),
+                r.default.label()
+            );
+            assert_meets_reference(&format!("{wf} tuned"), &layer, &input.hidden, &got);
+        }
+    }
+}

@@ -11,6 +11,7 @@ pub mod make_input;
 pub mod make_layer;
 pub mod quantize_bench;
 pub mod run;
+pub mod tune;
 
 use std::path::Path;
 

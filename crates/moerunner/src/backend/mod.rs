@@ -70,4 +70,9 @@ pub trait LoadedLayer: Send + Sync {
     fn kernel_path(&self) -> Option<&'static str> {
         None
     }
+    /// The GEMM tactic a call of `tokens` tokens takes, where the backend has tactics (the GPU's
+    /// token-tile width and main loops, `backend/cuda/tactics.rs`); for bench rows.
+    fn tactic(&self, _tokens: usize) -> Option<String> {
+        None
+    }
 }

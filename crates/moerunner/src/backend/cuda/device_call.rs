@@ -77,8 +77,9 @@ impl CudaLayer {
         let chunk = self.max_tokens_per_launch();
         for start in (0..call.tokens).step_by(chunk) {
             let part = self.slice_call(call, start, (start + chunk).min(call.tokens))?;
+            let tactic = self.tactic_for(part.tokens)?;
             self.pipeline
-                .enqueue(&self.dev, stream, &self.resident, scratch, &part)?;
+                .enqueue(&self.dev, stream, (&self.resident, tactic), scratch, &part)?;
         }
         Ok(())
     }

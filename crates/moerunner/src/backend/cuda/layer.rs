@@ -11,6 +11,7 @@ use super::pipeline::{
     main_loop_switches, DeviceCall, DeviceRoutes, GemmTable, Pipeline, ProjectionBufs, Resident,
 };
 use super::prepare::{self, PreparedWeights};
+use super::tactics::{self, Tactic, TacticChoice, TacticTable};
 use super::workspace::{Scratch, Slot, Staging, Workspace};
 use crate::backend::LoadedLayer;
 use crate::config::RoutingMethod;
@@ -28,6 +29,19 @@ pub struct CudaLayer {
     /// The load log's line on the padding weight preparation applied.
     preparation: String,
     workspace: Mutex<Option<Workspace>>,
+    /// Warp-specialised wgmma allowed here (the default tactic's choice).
+    ws_on: bool,
+    /// The GEMM tactics calls take (`tactics.rs`): tuned per shape class where the table was read
+    /// or `tune` ran, a forced one while `tune` measures it, else the default.
+    tactics: Mutex<Tactics>,
+    /// This layer's key in the tactic table.
+    tactic_key: String,
+}
+
+#[derive(Default)]
+struct Tactics {
+    choice: TacticChoice,
+    forced: Option<Tactic>,
 }
 
 impl CudaLayer {
@@ -39,12 +53,28 @@ impl CudaLayer {
         Self::load_with_codec(dev, layer, codec)
     }
 
+    /// [`CudaLayer::load`] for `moerunner tune`: every GEMM form a candidate tactic may use is
+    /// loaded, and the tactic table is not read (the default tactic is the baseline).
+    pub fn load_for_tuning(dev: Arc<Device>, layer: Arc<MoeLayer>) -> Result<CudaLayer> {
+        let codec = codec::codec_for(layer.config()).map_err(MoeError::Cuda)?;
+        Self::load_inner(dev, layer, codec, true)
+    }
+
     /// [`CudaLayer::load`] with one of the layer's codecs named (a pairing with two GEMM paths,
     /// `codec::gemm_formats_of`: tests and comparisons run both in one process).
     pub fn load_with_codec(
         dev: Arc<Device>,
         layer: Arc<MoeLayer>,
         codec: &'static codec::Codec,
+    ) -> Result<CudaLayer> {
+        Self::load_inner(dev, layer, codec, false)
+    }
+
+    fn load_inner(
+        dev: Arc<Device>,
+        layer: Arc<MoeLayer>,
+        codec: &'static codec::Codec,
+        tuning: bool,
     ) -> Result<CudaLayer> {
         let cfg = layer.config();
         let w = layer.weights();
@@ -102,7 +132,29 @@ impl CudaLayer {
             w2,
         };
         let (wgmma_on, ws_on) = main_loop_switches(&dev.arch, codec, codec.summary)?;
-        let gemm = GemmTable::load(&dev, codec, cfg, wgmma_on, ws_on)?;
+        let tactic_key = tactics::layer_key(&tactics::KeyParts {
+            device: &dev.name,
+            arch: &dev.arch,
+            driver: driver_version()?,
+            nvrtc: &super::nvrtc::version()?,
+            codec,
+            experts: resident.dims.experts,
+            hidden: resident.dims.hidden,
+            inter: resident.dims.inter,
+            top_k: cfg.routing.top_k,
+            activation: &cfg.activation.to_string(),
+        });
+        let choice = match (tuning, tactics::use_table()?, tactics::table_path()) {
+            (false, true, Some(path)) => TacticTable::read(&path)?.choice(&tactic_key),
+            _ => TacticChoice::default(),
+        };
+        let plain_wide = tuning
+            || choice
+                .per_class
+                .iter()
+                .flatten()
+                .any(|t| t.needs_plain_wide_loops(ws_on));
+        let gemm = GemmTable::load(&dev, codec, cfg, (wgmma_on, ws_on), plain_wide)?;
         let pipeline = Pipeline::standard(&dev, &resident, gemm)?;
         dev.sync()?;
         Ok(CudaLayer {
@@ -112,7 +164,51 @@ impl CudaLayer {
             pipeline,
             preparation,
             workspace: Mutex::new(None),
+            ws_on,
+            tactics: Mutex::new(Tactics {
+                choice,
+                forced: None,
+            }),
+            tactic_key,
         })
+    }
+
+    /// The tactic a call (or launch slice) of `tokens` tokens takes.
+    pub(super) fn tactic_for(&self, tokens: usize) -> Result<Tactic> {
+        let t = self
+            .tactics
+            .lock()
+            .map_err(|_| MoeError::Cuda("tactics lock poisoned".into()))?;
+        Ok(t.forced
+            .unwrap_or_else(|| self.resident.tactic_for(&t.choice, tokens, self.ws_on)))
+    }
+
+    /// Runs every call with `tactic` until set back to None (what `tune` measures).
+    pub(super) fn force_tactic(&self, tactic: Option<Tactic>) -> Result<()> {
+        self.tactics
+            .lock()
+            .map_err(|_| MoeError::Cuda("tactics lock poisoned".into()))?
+            .forced = tactic;
+        Ok(())
+    }
+
+    /// Makes calls take `choice`'s tuned tactics (what `tune` found, or a table read later).
+    pub fn set_tactics(&self, choice: TacticChoice) -> Result<()> {
+        self.tactics
+            .lock()
+            .map_err(|_| MoeError::Cuda("tactics lock poisoned".into()))?
+            .choice = choice;
+        Ok(())
+    }
+
+    /// This layer's key in the tactic table.
+    pub fn tactic_key(&self) -> &str {
+        &self.tactic_key
+    }
+
+    /// Warp-specialised wgmma allowed on this device (the default tactic's choice).
+    pub fn ws_on(&self) -> bool {
+        self.ws_on
     }
 
     pub fn device(&self) -> &Arc<Device> {
@@ -373,9 +469,15 @@ impl CudaLayer {
         let call = self.stage_inputs(ws, input, host_routes.as_ref(), 0, end)?;
         let dev = &*self.dev;
         let scratch = &ws.scratch;
+        let tactic = self.tactic_for(call.tokens)?;
         super::timing::time_graph_replay_us(dev, iters, &mut || {
-            self.pipeline
-                .enqueue(dev, dev.stream.cu_stream(), &self.resident, scratch, &call)
+            self.pipeline.enqueue(
+                dev,
+                dev.stream.cu_stream(),
+                (&self.resident, tactic),
+                scratch,
+                &call,
+            )
         })
     }
 }
@@ -385,6 +487,16 @@ struct SliceOutput {
     out: Vec<u8>,
     ids: Vec<i32>,
     weights: Vec<f32>,
+}
+
+/// The driver's CUDA version (e.g. 13000), part of the tactic table's key.
+fn driver_version() -> Result<i32> {
+    let mut v = 0;
+    // SAFETY: a plain out-parameter; the driver is loaded (a device is open).
+    unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut v) }
+        .result()
+        .map_err(|e| super::device::cuda_err("reading the driver version", e))?;
+    Ok(v)
 }
 
 /// Pairs (tokens × k) one launch sequence handles; larger calls are sliced by tokens.
@@ -412,6 +524,13 @@ impl LoadedLayer for CudaLayer {
     }
     fn preparation(&self) -> Option<String> {
         Some(self.preparation.clone())
+    }
+    fn tactic(&self, tokens: usize) -> Option<String> {
+        let part = tokens.min(self.max_tokens_per_launch());
+        Some(match self.tactic_for(part) {
+            Ok(t) => t.label(),
+            Err(e) => e.to_string(),
+        })
     }
     fn kernel_path(&self) -> Option<&'static str> {
         let cfg = self.layer.config();

@@ -9,8 +9,10 @@
 //! `Device::arch`; the layer, workspace and launch sequence do not change.
 
 pub mod codec;
+pub mod disk_cache;
 pub mod kernels;
 pub mod prepare;
+pub mod tactics;
 
 #[cfg(feature = "cuda")]
 pub mod ceilings;
@@ -34,6 +36,8 @@ pub mod pipeline;
 pub mod quant_bench;
 #[cfg(feature = "cuda")]
 pub mod timing;
+#[cfg(feature = "cuda")]
+pub mod tune;
 #[cfg(feature = "cuda")]
 pub mod workspace;
 

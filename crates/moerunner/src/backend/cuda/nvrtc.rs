@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 
 use cudarc::nvrtc::{result, sys};
 
+use super::disk_cache::{cache_dir, fnv1a64, write_atomic};
 use crate::error::{MoeError, Result};
 
 /// One compiled kernel module: a CUBIN for a real architecture (sm_90a, ...), plus its PTX.
@@ -148,25 +149,6 @@ fn c_chars_to_string(chars: &[c_char]) -> String {
     String::from_utf8_lossy(&bytes).into_owned()
 }
 
-/// 64-bit FNV-1a: stable across builds and platforms (unlike std's hasher), which a disk key needs.
-/// Collisions are caught by comparing the stored key text.
-fn fnv1a64(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
-        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
-    })
-}
-
-fn cache_dir() -> Option<PathBuf> {
-    match std::env::var("MOERUNNER_KERNEL_CACHE") {
-        Ok(v) if v == "off" => None,
-        Ok(v) if !v.is_empty() => Some(PathBuf::from(v)),
-        _ => std::env::var_os("XDG_CACHE_HOME")
-            .map(PathBuf::from)
-            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
-            .map(|base| base.join("moerunner").join("kernels")),
-    }
-}
-
 fn read_cached(dir: &Path, stem: &str, key: &str) -> Option<Vec<u8>> {
     let stored_key = std::fs::read_to_string(dir.join(format!("{stem}.key"))).ok()?;
     if stored_key != key {
@@ -188,10 +170,4 @@ fn store_cached(
     // The binary lands before its key, so a key on disk always has its binary.
     write_atomic(&dir.join(format!("{stem}.cubin")), cubin)?;
     write_atomic(&dir.join(format!("{stem}.key")), key.as_bytes())
-}
-
-fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-    std::fs::write(&tmp, bytes)?;
-    std::fs::rename(&tmp, path)
 }

@@ -19,6 +19,7 @@ use super::kernels::sort::{self, SortCount, SortPairsByExpert, SortScan, SortSca
 use super::kernels::{ElemCode, In, KernelArgs, ModuleKey, Out, Source};
 use super::launch::{launch, RawStream};
 use super::prepare::Dims;
+use super::tactics::{Tactic, TacticChoice};
 use super::workspace::{Capacity, Scratch, ScratchPlan, Slot};
 use crate::config::{LayerConfig, RoutingMethod};
 use crate::error::{MoeError, Result};
@@ -54,10 +55,11 @@ impl Resident {
         self.cfg.routing.top_k
     }
 
-    /// Token-tile width for `tokens`: the mean number of pairs per local expert, rounded up to a
-    /// supported width (no host sync: the real per-expert counts stay on the device).
-    fn pick_bn(&self, tokens: usize) -> u32 {
-        moe_gemm::tile_width((tokens * self.top_k()).div_ceil(self.dims.experts.max(1)))
+    /// The tactic a call of `tokens` tokens takes under `choice` (tuned per shape class, else the
+    /// built-in width for the mean pairs per local expert: no host sync, the real per-expert counts
+    /// stay on the device).
+    pub fn tactic_for(&self, choice: &TacticChoice, tokens: usize, ws_on: bool) -> Tactic {
+        choice.pick(tokens, self.top_k(), self.dims.experts, ws_on)
     }
 }
 
@@ -66,6 +68,8 @@ impl Resident {
 pub struct CallPlan {
     pub tokens: usize,
     pub pairs: usize,
+    /// The GEMMs' token-tile width and main loops (`tactics.rs`).
+    pub tactic: Tactic,
     pub bn: u32,
     /// Grid bound of the work list: every expert's last tile may be partial.
     pub max_tiles: usize,
@@ -166,12 +170,12 @@ impl Pipeline {
         (cap, plan)
     }
 
-    /// Enqueues the whole layer for `call` on `stream`. Launches only.
+    /// Enqueues the whole layer for `call` on `stream` with `tactic`'s GEMMs. Launches only.
     pub fn enqueue(
         &self,
         dev: &Device,
         stream: RawStream,
-        layer: &Resident,
+        (layer, tactic): (&Resident, Tactic),
         scratch: &Scratch,
         call: &DeviceCall,
     ) -> Result<()> {
@@ -186,10 +190,11 @@ impl Pipeline {
             )));
         }
         let k = layer.top_k();
-        let bn = layer.pick_bn(t);
+        let bn = tactic.bn;
         let plan = CallPlan {
             tokens: t,
             pairs: t * k,
+            tactic,
             bn,
             max_tiles: (t * k).div_ceil(bn as usize) + layer.dims.experts,
         };
@@ -457,17 +462,25 @@ pub struct GemmTable {
 }
 
 impl GemmTable {
-    /// Loads (compiling or reading the disk cache) every variant a layer of `codec` can run.
+    /// Loads (compiling or reading the disk cache) every variant a layer of `codec` can run; with
+    /// `plain_wide` also the forms a tactic may ask for instead of warp specialisation (the
+    /// tactics' candidates, `tactics.rs`).
     pub fn load(
         dev: &Device,
         codec: &Codec,
         cfg: &LayerConfig,
-        wgmma_on: bool,
-        ws_on: bool,
+        (wgmma_on, ws_on): (bool, bool),
+        plain_wide: bool,
     ) -> Result<GemmTable> {
         let mut variants = HashMap::new();
-        for v in Self::variants_for(codec, cfg, wgmma_on, ws_on) {
-            variants.insert(v, load_gemm(dev, v)?);
+        let mut wanted = Self::variants_for(codec, cfg, wgmma_on, ws_on);
+        if plain_wide && ws_on {
+            wanted.extend(Self::variants_for(codec, cfg, wgmma_on, false));
+        }
+        for v in wanted {
+            if let std::collections::hash_map::Entry::Vacant(slot) = variants.entry(v) {
+                slot.insert(load_gemm(dev, v)?);
+            }
         }
         Ok(GemmTable {
             variants,
@@ -497,7 +510,7 @@ impl GemmTable {
     fn launch(
         &self,
         run: &Run<'_>,
-        stage: GemmStage,
+        (stage, ws): (GemmStage, bool),
         w: &ProjectionBufs,
         act: u64,
         act_scale: u64,
@@ -513,7 +526,7 @@ impl GemmTable {
             stage,
             run.plan.bn,
             self.wgmma_on,
-            self.ws_on,
+            self.ws_on && ws,
         )
         .ok_or_else(|| MoeError::Cuda("internal: no GEMM main loop for this layer".into()))?;
         let (f, threads, smem) = self.variants.get(&v).ok_or_else(|| {
@@ -599,7 +612,10 @@ impl Stage for Gemm1Stage {
         };
         self.gemm.launch(
             run,
-            GemmStage::for_activation(&l.cfg.activation),
+            (
+                GemmStage::for_activation(&l.cfg.activation),
+                run.plan.tactic.ws_gemm1,
+            ),
             &l.w13,
             run.slot(Slot::Xq)?,
             act_scale,
@@ -679,7 +695,7 @@ impl Stage for Gemm2Stage {
         };
         self.gemm.launch(
             run,
-            gemm2_stage(run.call.hidden_dtype),
+            (gemm2_stage(run.call.hidden_dtype), run.plan.tactic.ws_gemm2),
             &l.w2,
             act,
             act_scale,
