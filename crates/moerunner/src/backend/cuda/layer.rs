@@ -201,6 +201,15 @@ impl CudaLayer {
         Ok(())
     }
 
+    /// The tuned tactics calls take now.
+    pub fn tactic_choice(&self) -> Result<TacticChoice> {
+        Ok(self
+            .tactics
+            .lock()
+            .map_err(|_| MoeError::Cuda("tactics lock poisoned".into()))?
+            .choice)
+    }
+
     /// This layer's key in the tactic table.
     pub fn tactic_key(&self) -> &str {
         &self.tactic_key
