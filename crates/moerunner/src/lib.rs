@@ -10,6 +10,7 @@ pub mod activation;
 pub mod backend;
 pub mod bench;
 pub mod checkpoint;
+pub mod clock;
 pub mod config;
 pub mod dense;
 pub mod error;

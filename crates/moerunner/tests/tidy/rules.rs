@@ -17,7 +17,7 @@ pub const LINE_BUDGET: usize = 1200;
 pub const LAYERS: &[(&str, &[&str])] = &[
     ("the error type", &["error"]),
     ("checked sizes and the memory budget", &["size"]),
-    ("core types", &["config", "tensor", "rng"]),
+    ("core types", &["config", "tensor", "rng", "clock"]),
     ("a layer's tensors", &["weights"]),
     (
         "formats, routing, activation",

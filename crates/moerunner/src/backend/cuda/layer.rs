@@ -11,7 +11,7 @@ use super::pipeline::{
     main_loop_switches, DeviceCall, DeviceRoutes, GemmTable, Pipeline, ProjectionBufs, Resident,
 };
 use super::prepare::{self, PreparedWeights};
-use super::tactics::{self, Tactic, TacticChoice, TacticTable};
+use super::tactics::{self, Tactic, TacticChoice, TacticMode, TacticTable};
 use super::workspace::{Scratch, Slot, Staging, Workspace};
 use crate::backend::LoadedLayer;
 use crate::config::RoutingMethod;
@@ -144,10 +144,19 @@ impl CudaLayer {
             top_k: cfg.routing.top_k,
             activation: &cfg.activation.to_string(),
         });
-        let choice = match (tuning, tactics::use_table()?, tactics::table_path()) {
-            (false, true, Some(path)) => TacticTable::read(&path)?.choice(&tactic_key),
+        let mode = if tuning {
+            TacticMode::Off
+        } else {
+            tactics::mode()?
+        };
+        let choice = match (mode, tactics::table_path()) {
+            (TacticMode::Use | TacticMode::Tune, Some(path)) => {
+                TacticTable::read(&path)?.choice(&tactic_key)
+            }
             _ => TacticChoice::default(),
         };
+        // (tuning at load needs every candidate's GEMM forms, like `tune`)
+        let tuning = tuning || mode == TacticMode::Tune;
         let plain_wide = tuning
             || choice
                 .per_class
@@ -157,7 +166,7 @@ impl CudaLayer {
         let gemm = GemmTable::load(&dev, codec, cfg, (wgmma_on, ws_on), plain_wide)?;
         let pipeline = Pipeline::standard(&dev, &resident, gemm)?;
         dev.sync()?;
-        Ok(CudaLayer {
+        let loaded = CudaLayer {
             dev,
             layer,
             resident,
@@ -170,7 +179,11 @@ impl CudaLayer {
                 forced: None,
             }),
             tactic_key,
-        })
+        };
+        if mode == TacticMode::Tune {
+            loaded.tune_missing_classes()?;
+        }
+        Ok(loaded)
     }
 
     /// The tactic a call (or launch slice) of `tokens` tokens takes.

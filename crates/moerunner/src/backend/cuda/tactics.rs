@@ -13,7 +13,8 @@
 //! power of two of the mean pairs per expert), in `tactics.json` in the kernel cache folder; the
 //! key names the device, driver, NVRTC and a hash of every kernel source, so a new build or
 //! another GPU never reads a stale entry. A layer uses the table only when asked
-//! (`MOERUNNER_TACTICS=use`); classes the table lacks keep the default.
+//! (`MOERUNNER_TACTICS=use`; `tune` also tunes at load the bench's token counts whose classes the
+//! table lacks); classes the table lacks keep the default.
 //!
 //! Plain Rust (no GPU needed): the GPU side — forcing a tactic, timing, the bit check — is
 //! `layer.rs`'s `CudaLayer::tune`.
@@ -225,20 +226,39 @@ pub fn table_path() -> Option<PathBuf> {
     super::disk_cache::cache_dir().map(|d| d.join(TABLE_FILE))
 }
 
-/// Whether loaded layers read the table (`MOERUNNER_TACTICS=use`).
-pub fn use_table() -> Result<bool> {
+/// What a loaded layer does with the tactic table (`MOERUNNER_TACTICS`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TacticMode {
+    /// The built-in choice (unset, empty or `off`).
+    Off,
+    /// Read the table; classes it lacks keep the default (`use`).
+    Use,
+    /// Read the table, tune at load the classes of `TUNE_AT_LOAD_TOKENS` it lacks (verified like
+    /// `moerunner tune`), store them, and use them (`tune`).
+    Tune,
+}
+
+/// Token counts a layer tunes at load under `MOERUNNER_TACTICS=tune` (the bench's counts).
+pub const TUNE_AT_LOAD_TOKENS: [usize; 5] = [1, 16, 128, 1024, 8192];
+
+/// The mode `MOERUNNER_TACTICS` asks for.
+pub fn mode() -> Result<TacticMode> {
     parse_switch(std::env::var(TACTICS_VAR).ok().as_deref())
 }
 
-/// `MOERUNNER_TACTICS`'s value: `use`, or `off`/empty/unset; anything else is an error naming the
+/// `MOERUNNER_TACTICS`'s value; anything but `off`, `use`, `tune` or empty is an error naming the
 /// variable (a typo must not silently run untuned).
-fn parse_switch(value: Option<&str>) -> Result<bool> {
+fn parse_switch(value: Option<&str>) -> Result<TacticMode> {
     match value {
-        None | Some("") | Some("off") => Ok(false),
-        Some("use") => Ok(true),
+        None | Some("") | Some("off") => Ok(TacticMode::Off),
+        Some("use") => Ok(TacticMode::Use),
+        Some("tune") => Ok(TacticMode::Tune),
         Some(v) => Err(MoeError::invalid(
             TACTICS_VAR,
-            format!("`{v}`: use `use` (read the tactic table `moerunner tune` wrote) or `off`"),
+            format!(
+                "`{v}`: use `use` (read the tactic table `moerunner tune` wrote), `tune` (also tune \
+                 missing classes at load) or `off`"
+            ),
         )),
     }
 }
@@ -428,12 +448,13 @@ mod tests {
     }
 
     #[test]
-    fn the_switch_accepts_use_and_off_only() {
-        assert!(parse_switch(Some("use")).unwrap());
+    fn the_switch_accepts_off_use_and_tune_only() {
+        assert_eq!(parse_switch(Some("use")).unwrap(), TacticMode::Use);
+        assert_eq!(parse_switch(Some("tune")).unwrap(), TacticMode::Tune);
         for off in [None, Some(""), Some("off")] {
-            assert!(!parse_switch(off).unwrap());
+            assert_eq!(parse_switch(off).unwrap(), TacticMode::Off);
         }
-        let e = parse_switch(Some("tune")).unwrap_err().to_string();
+        let e = parse_switch(Some("on")).unwrap_err().to_string();
         assert!(e.contains(TACTICS_VAR), "{e}");
     }
 }

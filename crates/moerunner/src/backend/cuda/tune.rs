@@ -160,6 +160,36 @@ impl CudaLayer {
     }
 }
 
+impl CudaLayer {
+    /// `MOERUNNER_TACTICS=tune` at load: tunes the classes of `TUNE_AT_LOAD_TOKENS` the table
+    /// lacks for this layer (verified as `tune` does) and stores them; the layer then uses them.
+    /// Each tuned count is printed on stderr (tuning takes seconds to a minute).
+    pub(super) fn tune_missing_classes(&self) -> Result<()> {
+        let cfg = self.layer().config();
+        let (k, experts) = (cfg.routing.top_k, self.resident.dims.experts);
+        let have = self.tactic_choice()?;
+        let mut missing: Vec<usize> = Vec::new();
+        for t in tactics::TUNE_AT_LOAD_TOKENS {
+            let c = shape_class(t, k, experts);
+            let counted = missing.iter().any(|&m| shape_class(m, k, experts) == c);
+            if have.per_class[c].is_none() && !counted {
+                missing.push(t);
+            }
+        }
+        if missing.is_empty() {
+            return Ok(());
+        }
+        eprintln!(
+            "MOERUNNER_TACTICS=tune: tuning {} at T = {missing:?} (each candidate checked bit for bit)",
+            self.tactic_key()
+        );
+        let rows = self.tune(&missing, 10, 0)?;
+        let path = store(self, &rows, &crate::clock::today_utc())?;
+        eprintln!("MOERUNNER_TACTICS=tune: stored in {}", path.display());
+        Ok(())
+    }
+}
+
 /// Where two runs' output bytes first differ (input index and byte), or None when equal.
 fn first_difference(a: &[Vec<u8>], b: &[Vec<u8>]) -> Option<String> {
     for (i, (x, y)) in a.iter().zip(b).enumerate() {
