@@ -253,7 +253,7 @@ fn split_cases_through_thread_collectives() {
             continue;
         }
         split += 1;
-        let mode = if seed % 2 == 0 {
+        let mode = if seed.is_multiple_of(2) {
             EpMode::GatherScatter
         } else {
             EpMode::AllToAll
