@@ -975,7 +975,7 @@ fn run_with_nccl_ranks_says_why_it_cannot() {
         }
         assert!(err.contains(needle), "{args:?}: {err}");
         assert!(
-            needle != ""
+            !needle.is_empty()
                 || err.contains("libcuda")
                 || err.contains("libnccl")
                 || err.contains("GPU"),

@@ -101,7 +101,7 @@ impl<'a> WeightSource<'a> {
         };
         s.bytes()?;
         let align = s.elem_bytes() as u64;
-        if ptr == 0 || ptr % align != 0 {
+        if ptr == 0 || !ptr.is_multiple_of(align) {
             return Err(MoeError::invalid(
                 "online quantization: the source address",
                 format!("{ptr:#x} is null or not aligned to its {align}-byte elements"),
@@ -583,7 +583,7 @@ fn check_shape(format: WeightFormat, experts: usize, rows: usize, cols: usize) -
     }
     element_count(experts, rows, cols)?;
     if let Some(block) = format.k_block().filter(|&b| b <= 32) {
-        if cols % block != 0 {
+        if !cols.is_multiple_of(block) {
             return Err(MoeError::invalid(
                 "quantize_weights: K (`cols`)",
                 format!("{format} needs K = {cols} to be a multiple of {block}"),
