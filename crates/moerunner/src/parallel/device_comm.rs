@@ -39,24 +39,18 @@ struct Staging {
     recv: Option<CudaSlice<u8>>,
 }
 
-/// Why a bounded wait on a stream ended without the work done.
-pub(super) enum StreamWait {
-    /// The timeout passed (on NCCL ranks: a peer that never came).
-    TimedOut,
-    /// The driver reported an error.
-    Failed(String),
-}
-
 /// Waits until `stream`'s queued work is done, at most `timeout`, polling (never an unbounded
-/// wait). Ranks run on threads of their own: the query binds the stream's context to this thread.
+/// wait); past the timeout the error is `late` and the seconds waited. Ranks run on threads of
+/// their own: the query binds the stream's context to this thread.
 pub(super) fn wait_for_stream(
     stream: &CudaStream,
     timeout: Duration,
-) -> std::result::Result<(), StreamWait> {
+    late: &str,
+) -> std::result::Result<(), String> {
     stream
         .context()
         .bind_to_thread()
-        .map_err(|e| StreamWait::Failed(format!("binding the GPU context: {e:?}")))?;
+        .map_err(|e| format!("binding the GPU context: {e:?}"))?;
     let start = Instant::now();
     loop {
         // SAFETY: a query of a live stream.
@@ -64,14 +58,10 @@ pub(super) fn wait_for_stream(
         match status {
             cudarc::driver::sys::CUresult::CUDA_SUCCESS => return Ok(()),
             cudarc::driver::sys::CUresult::CUDA_ERROR_NOT_READY => {}
-            other => {
-                return Err(StreamWait::Failed(format!(
-                    "the GPU stream failed ({other:?})"
-                )))
-            }
+            other => return Err(format!("the GPU stream failed ({other:?})")),
         }
         if start.elapsed() > timeout {
-            return Err(StreamWait::TimedOut);
+            return Err(format!("{late} within {:.0} s", timeout.as_secs_f64()));
         }
         std::thread::sleep(Duration::from_micros(20));
     }
@@ -137,13 +127,12 @@ impl DeviceComm {
     }
 
     fn wait(&self, what: &str) -> Result<()> {
-        wait_for_stream(&self.stream, self.timeout).map_err(|w| match w {
-            StreamWait::TimedOut => self.err(format!(
-                "{what}: the GPU's copies did not finish within {:.0} s",
-                self.timeout.as_secs_f64()
-            )),
-            StreamWait::Failed(why) => self.err(format!("{what}: {why}")),
-        })
+        wait_for_stream(
+            &self.stream,
+            self.timeout,
+            "the GPU's copies did not finish",
+        )
+        .map_err(|why| self.err(format!("{what}: {why}")))
     }
 
     /// The collective both calls are: this rank's `bytes`, of which destination rank d gets

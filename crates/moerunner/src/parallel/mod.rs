@@ -405,14 +405,19 @@ impl Transport {
 
     #[cfg(not(feature = "cuda"))]
     fn without_cuda(self) -> MoeError {
-        let ranks = match self {
-            Transport::Nccl => "NCCL ranks",
-            _ => "device ranks (sharing one GPU)",
-        };
         MoeError::Cuda(format!(
-            "{ranks} need the `cuda` feature, which this build lacks (rebuild with `--features \
-             cuda`)"
+            "{} need the `cuda` feature, which this build lacks (rebuild with `--features cuda`)",
+            self.ranks()
         ))
+    }
+
+    /// What its ranks are, for errors.
+    fn ranks(self) -> &'static str {
+        match self {
+            Transport::Threads => "thread ranks",
+            Transport::Nccl => "NCCL ranks (one per GPU)",
+            Transport::Device => "device ranks (sharing one GPU)",
+        }
     }
 
     /// The most ranks this transport can hold here, or why it cannot run at all (a build without
@@ -423,7 +428,7 @@ impl Transport {
             Transport::Threads => Ok(usize::MAX),
             #[cfg(feature = "cuda")]
             Transport::Nccl | Transport::Device => {
-                let why = |w: String| MoeError::Cuda(format!("{self} ranks: {w}"));
+                let why = |w: String| MoeError::Cuda(format!("{}: {w}", self.ranks()));
                 // SAFETY: only tries to dlopen libcuda (calling into a missing library would panic).
                 if !unsafe { cudarc::driver::sys::is_culib_present() } {
                     return Err(why(

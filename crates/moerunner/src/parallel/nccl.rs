@@ -139,14 +139,8 @@ impl NcclComm {
 
     /// Waits for this rank's stream, at most the group's timeout.
     fn wait(&self, what: &str) -> Result<()> {
-        use super::device_comm::{wait_for_stream, StreamWait};
-        wait_for_stream(&self.stream, self.timeout).map_err(|w| match w {
-            StreamWait::TimedOut => self.err(format!(
-                "{what}: a peer did not arrive within {:.0} s",
-                self.timeout.as_secs_f64()
-            )),
-            StreamWait::Failed(why) => self.err(format!("{what}: {why}")),
-        })
+        super::device_comm::wait_for_stream(&self.stream, self.timeout, "a peer did not arrive")
+            .map_err(|why| self.err(format!("{what}: {why}")))
     }
 
     fn upload(&self, bytes: &[u8]) -> Result<CudaSlice<u8>> {
