@@ -542,3 +542,48 @@ fn collectives_sum_in_rank_order_and_exchange_exactly() {
         }
     }
 }
+
+/// The GPU transports say what they lack instead of panicking: without the `cuda` feature, a
+/// driver or a GPU, `max_ranks` and a split over them fail naming it; where they can run, NCCL
+/// holds one rank per GPU and device ranks any number.
+#[test]
+fn gpu_transports_name_what_they_lack() {
+    use moerunner::parallel::{forward_split, Transport};
+    let cfg = config(WeightFormat::Bf16, 4, 64, renorm(2));
+    let l = layer(&cfg, 3);
+    let x = input(&cfg, 5, 7, RoutingMode::Logits, DType::F32);
+    let layout = Layout::even(4, 2, 1, EpMode::AllToAll).expect("layout");
+    for t in [Transport::Nccl, Transport::Device] {
+        assert_eq!(t.to_string().parse::<Transport>().expect("name"), t);
+        match t.max_ranks() {
+            Ok(n) => {
+                println!("{t}: up to {n} ranks here");
+                assert!(n >= 1);
+            }
+            Err(e) => {
+                let why = e.to_string();
+                println!("{t}: {why}");
+                assert!(
+                    ["`cuda` feature", "libcuda", "no GPU", "libnccl"]
+                        .iter()
+                        .any(|w| why.contains(w)),
+                    "{t}: {why}"
+                );
+                let run = forward_split(
+                    &l,
+                    &layout,
+                    (&BackendChoice::Named("cuda".into()), t),
+                    &ForwardInput {
+                        hidden: &x.hidden,
+                        routing: x.routing_input(),
+                    },
+                    TIMEOUT,
+                );
+                let err = run.expect_err("no split without what it lacks").to_string();
+                assert!(err.contains("cuda") || err.contains("GPU"), "{t}: {err}");
+            }
+        }
+    }
+    assert_eq!(Transport::Threads.max_ranks().expect("threads"), usize::MAX);
+    assert!("carrier-pigeon".parse::<Transport>().is_err());
+}

@@ -70,9 +70,9 @@ pub struct Args {
     /// With --ep-size/--tp-size above 1: `none` benches rank 0's share alone; `thread` runs the
     /// whole layer over that many thread ranks of this process with real collectives (EP
     /// all-to-all, or gather-scatter with TP; on one GPU with the CUDA backend), `nccl` over one
-    /// rank per GPU through NCCL, and reports the whole call and the share of it spent
-    /// communicating (`comm` columns).
-    #[arg(long, default_value = "none", value_parser = ["none", "thread", "nccl"])]
+    /// rank per GPU through NCCL, `device` over ranks sharing GPU 0 through device-to-device
+    /// copies, and reports the whole call and the share of it spent communicating (`comm` columns).
+    #[arg(long, default_value = "none", value_parser = ["none", "thread", "nccl", "device"])]
     comm: String,
 }
 
@@ -181,13 +181,21 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             tp_rank: 0,
         },
         split: match args.comm.as_str() {
-            "thread" => Some(Transport::Threads),
-            "nccl" => Some(Transport::Nccl),
-            _ => None,
+            "none" => None,
+            comm => Some(comm.parse::<Transport>()?),
         },
     };
-    if args.comm == "nccl" && !matches!(args.backend.as_str(), "auto" | "cuda") {
-        anyhow::bail!("--comm nccl runs GPU ranks: use --backend cuda (or auto)");
+    if let Some(t) = plan.split.filter(|&t| t != Transport::Threads) {
+        if !matches!(args.backend.as_str(), "auto" | "cuda") {
+            anyhow::bail!("--comm {t} runs GPU ranks: use --backend cuda (or auto)");
+        }
+        let most = t.max_ranks().with_context(|| format!("--comm {t}"))?;
+        if args.ep_size * args.tp_size > most {
+            anyhow::bail!(
+                "--comm {t}: {} ranks need as many GPUs, this machine has {most}",
+                args.ep_size * args.tp_size
+            );
+        }
     }
     if plan.split.is_some() && args.ep_size * args.tp_size == 1 {
         anyhow::bail!(

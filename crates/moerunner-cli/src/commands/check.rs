@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 
 use anyhow::{bail, Context};
 use indicatif::{ProgressBar, ProgressStyle};
+use moerunner::parallel::Transport;
 use moerunner::random_cases::{case_seed, run_case_on, run_case_whole, Case, CaseResult};
 use moerunner::{BackendChoice, Runner};
 use rayon::prelude::*;
@@ -27,32 +28,43 @@ pub struct Args {
     /// summed on the host (what one rank of a deployment computes); `thread` — the whole layer
     /// over its ranks as threads of this process with real collectives (tokens split between
     /// ranks; all-to-all or all-gather + reduce-scatter, alternating by seed, for EP, TP and TEP),
-    /// as `run --ep/--tp` does.
-    #[arg(long, default_value = "none", value_parser = ["none", "thread"])]
+    /// as `run --ep/--tp` does; `nccl` — the same through NCCL, one rank per GPU (a case whose
+    /// layout has more ranks than this machine has GPUs is skipped and counted; an unsplit case
+    /// runs as one NCCL rank, so one GPU still checks the NCCL path); `device` — every rank on
+    /// GPU 0, exchanging through device-to-device copies. `nccl` and `device` run the CUDA
+    /// backend.
+    #[arg(long, default_value = "none", value_parser = ["none", "thread", "nccl", "device"])]
     comm: String,
 }
 
-/// One case on `backend`: its ranks alone (partial sums), or through the thread communicator.
-fn check_case(runner: &Runner, seed: u64, backend: &BackendChoice, comm: &str) -> CaseResult {
+/// One case on `backend`: its ranks alone (partial sums), or the whole layer over `transport`'s
+/// ranks (an unsplit case directly, except through NCCL: as one NCCL rank).
+fn check_case(
+    runner: &Runner,
+    seed: u64,
+    backend: &BackendChoice,
+    transport: Option<Transport>,
+) -> CaseResult {
     use moerunner::parallel::{self, EpMode, ExpertMap, Layout};
-    if comm == "none" {
+    let Some(transport) = transport else {
         return run_case_on(runner, seed, backend);
-    }
+    };
     run_case_whole(seed, |case, layer, input| {
-        if case.ep_size * case.tp_size == 1 {
+        let split = case.ep_size * case.tp_size > 1;
+        if !split && transport != Transport::Nccl {
             return runner.load(layer, backend)?.forward(input);
         }
-        let mode = if seed % 2 == 0 {
+        let mode = if seed.is_multiple_of(2) {
             EpMode::GatherScatter
         } else {
             EpMode::AllToAll
         };
         let map = ExpertMap::even(case.config.num_experts, case.ep_size)?;
         let layout = Layout::new(map, case.tp_size, mode)?;
-        parallel::forward_threads(
+        parallel::forward_split(
             &layer,
             &layout,
-            backend,
+            (backend, transport),
             input,
             std::time::Duration::from_secs(120),
         )
@@ -60,7 +72,23 @@ fn check_case(runner: &Runner, seed: u64, backend: &BackendChoice, comm: &str) -
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let backend: BackendChoice = args.backend.parse()?;
+    let mut backend: BackendChoice = args.backend.parse()?;
+    let transport = match args.comm.as_str() {
+        "none" => None,
+        comm => Some(comm.parse::<Transport>()?),
+    };
+    // NCCL and device ranks run on GPUs: say at once what is missing (the `cuda` feature, a
+    // driver, a GPU, libnccl), and how many ranks fit (NCCL: one per GPU).
+    let most_ranks = match transport {
+        Some(t) if t != Transport::Threads => {
+            if !matches!(args.backend.as_str(), "auto" | "cuda") {
+                bail!("--comm {t} runs GPU ranks: use --backend cuda (or auto)");
+            }
+            backend = BackendChoice::Named("cuda".into());
+            t.max_ranks().with_context(|| format!("--comm {t}"))?
+        }
+        _ => usize::MAX,
+    };
     if backend == BackendChoice::Named("reference".into()) {
         bail!(
             "--backend reference: check compares a backend with the float64 reference, so this \
@@ -71,7 +99,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     // A backend that cannot run here says why, instead of every case counting as "skipped".
     runner.available(&backend)?;
     if let Some(seed) = args.case {
-        return run_single_case(&runner, seed, &backend, &args.comm);
+        return run_single_case(&runner, seed, &backend, transport);
     }
 
     let bar = ProgressBar::new(args.cases);
@@ -83,17 +111,25 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     );
     // A backend that covers part of the matrix (cuda) is checked on that part; the rest is counted.
     let skipped = std::sync::atomic::AtomicU64::new(0);
+    // Cases whose layout has more ranks than the transport holds here (NCCL: GPUs), by rank count.
+    let too_many_ranks = std::sync::Mutex::new(BTreeMap::<usize, u64>::new());
     let one = |i| {
         let seed = case_seed(args.seed, i);
-        if runner
-            .supports(&backend, &Case::generate(seed).config)
-            .is_err()
-        {
+        let case = Case::generate(seed);
+        if runner.supports(&backend, &case.config).is_err() {
             skipped.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             bar.inc(1);
             return None;
         }
-        let r = check_case(&runner, seed, &backend, &args.comm);
+        let ranks = case.ep_size * case.tp_size;
+        if ranks > most_ranks {
+            if let Ok(mut m) = too_many_ranks.lock() {
+                *m.entry(ranks).or_default() += 1;
+            }
+            bar.inc(1);
+            return None;
+        }
+        let r = check_case(&runner, seed, &backend, transport);
         if !r.passed {
             bar.set_message("(failures)");
         }
@@ -103,7 +139,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     // Thread ranks block their rayon worker while they wait for each other and run the CPU
     // backend's rayon work themselves: cases one after another (a rayon worker blocked on them
     // would starve the pool they need).
-    let results: Vec<CaseResult> = if args.comm == "thread" {
+    let results: Vec<CaseResult> = if transport.is_some() {
         (0..args.cases).filter_map(one).collect()
     } else {
         (0..args.cases).into_par_iter().filter_map(one).collect()
@@ -114,6 +150,20 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         println!(
             "{skipped} cases skipped: outside what backend {} supports",
             args.backend
+        );
+    }
+    let too_many = too_many_ranks.into_inner().unwrap_or_default();
+    if !too_many.is_empty() {
+        let by_ranks: Vec<String> = too_many
+            .iter()
+            .map(|(r, n)| format!("{n} of {r} ranks"))
+            .collect();
+        println!(
+            "{} split cases skipped: --comm {} puts one rank on each GPU and this machine has \
+             {most_ranks} ({}); `--comm device` runs them all on one GPU",
+            too_many.values().sum::<u64>(),
+            args.comm,
+            by_ranks.join(", ")
         );
     }
     if results.is_empty() {
@@ -148,10 +198,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         results.len(),
         args.backend,
         args.seed,
-        if args.comm == "thread" {
-            "threads with collectives"
-        } else {
-            "partial sums"
+        match transport {
+            None => "partial sums",
+            Some(Transport::Threads) => "threads with collectives",
+            Some(Transport::Nccl) => "NCCL ranks, one per GPU",
+            Some(Transport::Device) => "ranks sharing GPU 0 through device copies",
         }
     );
     Ok(())
@@ -161,11 +212,11 @@ fn run_single_case(
     runner: &Runner,
     seed: u64,
     backend: &BackendChoice,
-    comm: &str,
+    transport: Option<Transport>,
 ) -> anyhow::Result<()> {
     let case = Case::generate(seed);
     println!("case {seed}: {case}");
-    let r = check_case(runner, seed, backend, comm);
+    let r = check_case(runner, seed, backend, transport);
     match &r.error {
         Some(e) => println!("error: {e}"),
         None => println!(

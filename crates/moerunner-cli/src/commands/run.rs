@@ -76,10 +76,11 @@ pub struct Args {
     #[arg(long, default_value_t = 600.0)]
     pub comm_timeout_s: f64,
     /// With `--ep`/`--tp`: how ranks talk — `thread` (ranks as threads of this process, through
-    /// host memory: CPU ranks, or with `--backend cuda` several ranks sharing one GPU) or
-    /// `nccl` (rank r on GPU r through NCCL; as many GPUs as ranks, the CUDA backend; with
-    /// `--checkpoint` each rank loads its own slice on its GPU).
-    #[arg(long, default_value = "thread", value_parser = ["thread", "nccl"])]
+    /// host memory: CPU ranks, or with `--backend cuda` several ranks sharing one GPU), `nccl`
+    /// (rank r on GPU r through NCCL; as many GPUs as ranks, the CUDA backend) or `device` (every
+    /// rank on GPU 0, through device-to-device copies; the CUDA backend). With `--checkpoint` each
+    /// rank loads its own slice where its transport puts it.
+    #[arg(long, default_value = "thread", value_parser = ["thread", "nccl", "device"])]
     pub comm: String,
 }
 
@@ -313,26 +314,38 @@ fn gpu_quantizer(
     Err("this build has no CUDA backend".into())
 }
 
-/// `run --ep R` / `--tp R`: the whole layer split over CPU-thread ranks of this process.
+/// `run --ep R` / `--tp R`: the whole layer split over ranks as threads of this process.
 fn run_split(
     args: &Args,
     layer: moerunner::MoeLayer,
     input: &layer_file::InputFile,
     choice: BackendChoice,
 ) -> anyhow::Result<()> {
-    use moerunner::parallel::{self, EpMode, ExpertMap, Layout};
+    use moerunner::parallel::{self, EpMode, ExpertMap, Layout, Transport};
     let (ep, tp) = (args.ep.unwrap_or(1), args.tp.unwrap_or(1));
     // Ranks are threads of this process talking through host memory (`--comm thread`: on the CPU,
-    // or with `--backend cuda` all on one GPU), or one per GPU talking through NCCL (`--comm nccl`).
-    let nccl = args.comm == "nccl";
+    // or with `--backend cuda` all on one GPU), one per GPU talking through NCCL (`--comm nccl`),
+    // or all on GPU 0 talking through device copies (`--comm device`).
+    let transport: Transport = args.comm.parse()?;
+    let on_gpus = transport != Transport::Threads;
     let choice = match choice {
-        BackendChoice::Auto if nccl => BackendChoice::Named("cuda".into()),
+        BackendChoice::Auto if on_gpus => BackendChoice::Named("cuda".into()),
         BackendChoice::Auto => BackendChoice::Named("cpu".into()),
-        BackendChoice::Named(n) if n != "cuda" && nccl => {
-            anyhow::bail!("--comm nccl runs GPU ranks: use --backend cuda (or auto)")
+        BackendChoice::Named(n) if n != "cuda" && on_gpus => {
+            anyhow::bail!("--comm {transport} runs GPU ranks: use --backend cuda (or auto)")
         }
         named => named,
     };
+    let most = transport
+        .max_ranks()
+        .with_context(|| format!("--comm {transport}"))?;
+    if ep * tp > most {
+        anyhow::bail!(
+            "--comm {transport} puts one rank on each GPU: ep {ep} × tp {tp} ranks need {} GPUs, \
+             this machine has {most} (--comm device puts every rank on one GPU)",
+            ep * tp
+        );
+    }
     let config = layer.config().clone();
     let e = config.num_experts;
     let map = match &args.expert_map {
@@ -360,14 +373,19 @@ fn run_split(
         routing: input.routing_input(),
     };
     let out = match &args.checkpoint {
-        None if nccl => parallel::forward_nccl(&layer, &layout, &choice, &forward_input, timeout),
-        None => parallel::forward_threads(&layer, &layout, &choice, &forward_input, timeout),
+        None => parallel::forward_split(
+            &layer,
+            &layout,
+            (&choice, transport),
+            &forward_input,
+            timeout,
+        ),
         Some(dir) => {
-            // `layer` is rank 0's slice; every other rank reads its own (with NCCL on its own GPU).
-            let runner = moerunner::Runner::new();
+            // `layer` is rank 0's slice; every other rank reads its own and loads it where its
+            // transport puts it (`runner`: with NCCL its own GPU's).
             let first = std::sync::Mutex::new(Some(layer));
             let index = checkpoint_layer_index(args)?;
-            let load = |rank: usize| {
+            let load = |rank: usize, runner: &moerunner::Runner| {
                 let taken = if rank == 0 {
                     first.lock().ok().and_then(|mut f| f.take())
                 } else {
@@ -385,20 +403,9 @@ fn run_split(
                         moerunner::checkpoint::load_layer(dir, index, &opts)?.layer
                     }
                 };
-                if nccl {
-                    let on_gpu = moerunner::Runner::on_gpu(rank);
-                    parallel::RankLayer::new(slice, false, &layout, rank, &on_gpu, &choice)
-                } else {
-                    parallel::RankLayer::new(slice, false, &layout, rank, &runner, &choice)
-                }
+                parallel::RankLayer::new(slice, false, &layout, rank, runner, &choice)
             };
-            if nccl {
-                parallel::nccl::NcclComm::one_per_gpu(layout.ranks(), timeout).and_then(|comms| {
-                    parallel::forward_with_comms(comms, &layout, &forward_input, load)
-                })
-            } else {
-                parallel::forward_threads_with(&layout, &forward_input, timeout, load)
-            }
+            parallel::forward_split_with(&layout, transport, &forward_input, timeout, load)
         }
     };
     let elapsed = started.elapsed();
@@ -415,7 +422,7 @@ fn run_split(
         BackendChoice::Auto => "auto",
     };
     println!(
-        "backend {backend} × {} CPU-thread ranks (ep {ep} × tp {tp}, {mode:?}) | T = {} | {:.3} ms | {} | {}",
+        "backend {backend} × {} ranks through {transport} (ep {ep} × tp {tp}, {mode:?}) | T = {} | {:.3} ms | {} | {}",
         layout.ranks(),
         out.routes.tokens,
         elapsed.as_secs_f64() * 1e3,

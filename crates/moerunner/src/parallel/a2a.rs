@@ -35,6 +35,7 @@ pub(super) fn forward(
         layer.global.activation_format,
         layer.loaded.layer().weights().w13_input_scale,
         dtype,
+        h,
     );
     let xf = match wire {
         Wire::AsGiven(_) => Vec::new(),

@@ -6,10 +6,14 @@
 //! error naming it, and a call waits for its peers at most a bounded time. Sums are over f32 in
 //! rank order (0, 1, …, R−1), whatever the implementation, so a parallel run is deterministic.
 //!
-//! Seam for device buffers: today's buffers are host slices (CPU ranks as threads,
-//! [`super::thread_comm::ThreadComm`]). An NCCL communicator and a "several ranks on one GPU"
-//! communicator implement the same trait; they will add device-buffer variants of these calls
-//! (same names, same ordering and failure rules) rather than change these.
+//! Seam for device buffers: the trait's buffers are host slices, whatever moves them — host memory
+//! between threads ([`super::thread_comm::ThreadComm`]), NCCL between GPUs (`nccl::NcclComm`), or
+//! device-to-device copies between ranks sharing one GPU (`device_comm::DeviceComm`); the two GPU
+//! ones stage the host bytes through device memory for each call. The layer's ranks compute from
+//! host tensors today (a backend's host entry), so host slices are what they hold. Device-buffer
+//! variants of these calls (same names, ordering and failure rules; the ranks' slices of a GPU
+//! pipeline's own buffers, no staging) come with ranks that compute through the device entry, and
+//! are added beside these rather than changing them.
 
 use crate::error::{MoeError, Result};
 

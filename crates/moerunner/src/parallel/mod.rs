@@ -19,6 +19,9 @@ pub mod thread_comm;
 pub mod timing;
 
 mod a2a;
+/// Several ranks sharing one GPU through device-to-device copies, with the `cuda` feature.
+#[cfg(feature = "cuda")]
+pub mod device_comm;
 mod gather;
 /// NCCL behind the same trait (one rank per GPU), with the `cuda` feature.
 #[cfg(feature = "cuda")]
@@ -365,14 +368,23 @@ impl OwnedRouting {
     }
 }
 
-/// Where a split layer's ranks run: threads of this process talking through host memory
-/// (`ThreadComm`; every rank loads its slice through one runner on the caller's backend choice), or
-/// one rank per GPU of this process talking through NCCL (rank r loads on GPU r).
+/// Where a split layer's ranks run — all three are threads of this process, one per rank:
+/// - `Threads`: talking through host memory ([`ThreadComm`]; every rank loads its slice through one
+///   runner on the caller's backend choice: CPU ranks in CI, or with the CUDA backend ranks sharing
+///   GPU 0 whose bytes still cross host memory);
+/// - `Nccl`: one rank per GPU talking through NCCL (rank r loads on GPU r);
+/// - `Device`: every rank on GPU [`DEVICE_GPU`], talking through device-to-device copies
+///   (`device_comm::DeviceComm`; every rank loads through one runner of that GPU) — the in-process
+///   device communicator that runs a split on a single GPU.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Transport {
     Threads,
     Nccl,
+    Device,
 }
+
+/// The GPU that `Transport::Device` ranks share (`CUDA_VISIBLE_DEVICES` picks which one it is).
+pub const DEVICE_GPU: usize = 0;
 
 impl Transport {
     /// One communicator per rank, in rank order; a collective that waits longer than `timeout`
@@ -382,9 +394,90 @@ impl Transport {
             Transport::Threads => Ok(boxed(ThreadComm::group(ranks, timeout)?)),
             #[cfg(feature = "cuda")]
             Transport::Nccl => Ok(boxed(nccl::NcclComm::one_per_gpu(ranks, timeout)?)),
+            #[cfg(feature = "cuda")]
+            Transport::Device => Ok(boxed(device_comm::DeviceComm::group(
+                ranks, DEVICE_GPU, timeout,
+            )?)),
             #[cfg(not(feature = "cuda"))]
-            Transport::Nccl => Err(MoeError::Cuda(
-                "NCCL ranks need the `cuda` feature, which this build lacks".into(),
+            Transport::Nccl | Transport::Device => Err(self.without_cuda()),
+        }
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    fn without_cuda(self) -> MoeError {
+        MoeError::Cuda(format!(
+            "{} need the `cuda` feature, which this build lacks (rebuild with `--features cuda`)",
+            self.ranks()
+        ))
+    }
+
+    /// What its ranks are, for errors.
+    fn ranks(self) -> &'static str {
+        match self {
+            Transport::Threads => "thread ranks",
+            Transport::Nccl => "NCCL ranks (one per GPU)",
+            Transport::Device => "device ranks (sharing one GPU)",
+        }
+    }
+
+    /// The most ranks this transport can hold here, or why it cannot run at all (a build without
+    /// the `cuda` feature, no NVIDIA driver, no GPU, no libnccl): threads any number, NCCL one per
+    /// GPU, device ranks any number on one GPU. Touches no GPU memory.
+    pub fn max_ranks(self) -> Result<usize> {
+        match self {
+            Transport::Threads => Ok(usize::MAX),
+            #[cfg(feature = "cuda")]
+            Transport::Nccl | Transport::Device => {
+                let why = |w: String| MoeError::Cuda(format!("{}: {w}", self.ranks()));
+                // SAFETY: only tries to dlopen libcuda (calling into a missing library would panic).
+                if !unsafe { cudarc::driver::sys::is_culib_present() } {
+                    return Err(why(
+                        "no NVIDIA driver library (libcuda.so) on this machine".into()
+                    ));
+                }
+                let gpus = cudarc::driver::CudaContext::device_count()
+                    .map_err(|e| why(format!("counting GPUs: {e:?}")))?
+                    .max(0) as usize;
+                if gpus == 0 {
+                    return Err(why("no GPU is visible".into()));
+                }
+                if self == Transport::Device {
+                    return Ok(usize::MAX);
+                }
+                if !nccl::available() {
+                    return Err(why(
+                        "libnccl (NCCL 2) was not found on the library path".into()
+                    ));
+                }
+                Ok(gpus)
+            }
+            #[cfg(not(feature = "cuda"))]
+            Transport::Nccl | Transport::Device => Err(self.without_cuda()),
+        }
+    }
+}
+
+impl std::fmt::Display for Transport {
+    /// The CLI's `--comm` names.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Transport::Threads => "thread",
+            Transport::Nccl => "nccl",
+            Transport::Device => "device",
+        })
+    }
+}
+
+impl std::str::FromStr for Transport {
+    type Err = MoeError;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "thread" => Ok(Transport::Threads),
+            "nccl" => Ok(Transport::Nccl),
+            "device" => Ok(Transport::Device),
+            _ => Err(MoeError::invalid(
+                "comm",
+                format!("`{s}`: use thread, nccl or device"),
             )),
         }
     }
@@ -398,14 +491,36 @@ fn boxed<C: Communicator + 'static>(comms: Vec<C>) -> Vec<Box<dyn Communicator>>
         .collect()
 }
 
+/// The runner each rank of a split loads through, as its transport puts it: one shared runner for
+/// thread ranks (the caller's backend choice) and device ranks (the CUDA backend on
+/// [`DEVICE_GPU`]), made on first use; each NCCL rank its own GPU's.
+struct RankRunners {
+    transport: Transport,
+    shared: std::sync::OnceLock<Runner>,
+}
+
+impl RankRunners {
+    fn new(transport: Transport) -> Self {
+        RankRunners {
+            transport,
+            shared: std::sync::OnceLock::new(),
+        }
+    }
+    fn with<T>(&self, rank: usize, f: impl FnOnce(&Runner) -> T) -> T {
+        match self.transport {
+            Transport::Threads => f(self.shared.get_or_init(Runner::new)),
+            Transport::Device => f(self.shared.get_or_init(|| Runner::on_gpu(DEVICE_GPU))),
+            Transport::Nccl => f(&Runner::on_gpu(rank)),
+        }
+    }
+}
+
 /// Loads rank r's slice of a split layer where its transport puts it.
 struct RankLoader<'a> {
     whole: &'a MoeLayer,
     layout: &'a Layout,
     choice: &'a BackendChoice,
-    transport: Transport,
-    /// The thread ranks' one runner, made on first use (NCCL ranks open their own GPU's).
-    shared: std::sync::OnceLock<Runner>,
+    runners: RankRunners,
 }
 
 impl<'a> RankLoader<'a> {
@@ -418,22 +533,13 @@ impl<'a> RankLoader<'a> {
             whole,
             layout,
             choice,
-            transport,
-            shared: std::sync::OnceLock::new(),
+            runners: RankRunners::new(transport),
         }
     }
     fn load(&self, rank: usize) -> Result<RankLayer> {
-        let (whole, layout, choice) = (self.whole, self.layout, self.choice);
-        match self.transport {
-            Transport::Threads => RankLayer::load(
-                whole,
-                layout,
-                rank,
-                self.shared.get_or_init(Runner::new),
-                choice,
-            ),
-            Transport::Nccl => RankLayer::load(whole, layout, rank, &Runner::on_gpu(rank), choice),
-        }
+        self.runners.with(rank, |runner| {
+            RankLayer::load(self.whole, self.layout, rank, runner, self.choice)
+        })
     }
 }
 
@@ -466,17 +572,22 @@ pub fn forward_threads(
     forward_split(whole, layout, (choice, Transport::Threads), input, timeout)
 }
 
-/// [`forward_threads`] with each rank's layer made by `load(rank)` on that rank's thread (a
-/// checkpoint slice read by the rank itself, [`RankLayer::new`]). Each rank checks its own
-/// tokens; a failure names the rank.
-pub fn forward_threads_with(
+/// [`forward_split`] with each rank's layer made by `load(rank, runner)` on that rank's thread,
+/// `runner` the one its transport loads through (a checkpoint slice read by the rank itself and
+/// loaded with [`RankLayer::new`]: on its own GPU for NCCL ranks, on the shared GPU for device
+/// ranks). Each rank checks its own tokens; a failure names the rank.
+pub fn forward_split_with(
     layout: &Layout,
+    transport: Transport,
     input: &ForwardInput<'_>,
     timeout: Duration,
-    load: impl Fn(usize) -> Result<RankLayer> + Sync,
+    load: impl Fn(usize, &Runner) -> Result<RankLayer> + Sync,
 ) -> Result<ForwardOutput> {
-    let comms = ThreadComm::group(layout.ranks(), timeout)?;
-    forward_with_comms(comms, layout, input, load)
+    let comms = transport.group(layout.ranks(), timeout)?;
+    let runners = RankRunners::new(transport);
+    forward_with_comms(comms, layout, input, |rank| {
+        runners.with(rank, |runner| load(rank, runner))
+    })
 }
 
 /// [`forward_split`] with NCCL between the ranks: rank r runs on GPU r of this process (as many

@@ -1,5 +1,5 @@
 //! NCCL behind the [`Communicator`] trait: one rank per GPU of this process (ranks as threads, as
-//! `parallel::forward_threads_with` runs them), the group made at once with `ncclCommInitAll`
+//! `parallel::forward_split` runs them), the group made at once with `ncclCommInitAll`
 //! through cudarc's NCCL bindings, loaded at run time like the rest of CUDA (a missing libnccl is
 //! an error naming the library, never a panic).
 //!
@@ -12,7 +12,7 @@
 //! NVLink multicast is kept off (`NCCL_NVLS_ENABLE=0`, unless the environment says otherwise).
 
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream};
 use cudarc::nccl::safe::{group_end, group_start, Comm};
@@ -139,28 +139,8 @@ impl NcclComm {
 
     /// Waits for this rank's stream, at most the group's timeout.
     fn wait(&self, what: &str) -> Result<()> {
-        // (ranks run on threads of their own: the raw query needs this rank's context current)
-        self.stream
-            .context()
-            .bind_to_thread()
-            .map_err(|e| self.err(format!("{what}: binding the GPU context: {e:?}")))?;
-        let start = Instant::now();
-        loop {
-            // SAFETY: a query of a live stream.
-            let status = unsafe { cudarc::driver::sys::cuStreamQuery(self.stream.cu_stream()) };
-            match status {
-                cudarc::driver::sys::CUresult::CUDA_SUCCESS => return Ok(()),
-                cudarc::driver::sys::CUresult::CUDA_ERROR_NOT_READY => {}
-                other => return Err(self.err(format!("{what}: the GPU stream failed ({other:?})"))),
-            }
-            if start.elapsed() > self.timeout {
-                return Err(self.err(format!(
-                    "{what}: a peer did not arrive within {:.0} s",
-                    self.timeout.as_secs_f64()
-                )));
-            }
-            std::thread::sleep(Duration::from_micros(50));
-        }
+        super::device_comm::wait_for_stream(&self.stream, self.timeout, "a peer did not arrive")
+            .map_err(|why| self.err(format!("{what}: {why}")))
     }
 
     fn upload(&self, bytes: &[u8]) -> Result<CudaSlice<u8>> {
