@@ -11,7 +11,7 @@ bin=${1:-gpu-bin}
 mkdir -p "$bin"
 cargo build --release -p moerunner-cli
 cp target/release/moerunner "$bin/moerunner"
-# Test binaries that run on the GPU machine: the CUDA tests, and the overflow-rule and fuzz tests
+# Test binaries that run on the GPU machine: the CUDA tests, the parallel tests (GPU transports), and the overflow-rule and fuzz tests
 # (run there with MOERUNNER_TEST_BACKENDS / MOERUNNER_FUZZ_BACKEND=cuda and MOERUNNER_BIN).
 test_exe() {  # package, test target
     cargo test --release -p "$1" --features moerunner/cuda --test "$2" --no-run --message-format=json 2>/dev/null \
@@ -23,6 +23,7 @@ for l in sys.stdin:
 }
 cp "$(test_exe moerunner cuda)" "$bin/cuda-tests"
 cp "$(test_exe moerunner overflow)" "$bin/overflow-tests"
+cp "$(test_exe moerunner parallel)" "$bin/parallel-tests"
 cp "$(test_exe moerunner-cli fuzz)" "$bin/fuzz-tests"
 strip --strip-debug "$bin/moerunner" "$bin"/*-tests
 # The Python package's wheel (abi3: any CPython >= 3.10 there), built as a user's pip would.

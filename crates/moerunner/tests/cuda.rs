@@ -2301,6 +2301,23 @@ fn wgmma_only_codecs_are_refused_off_hopper() {
     };
     assert!(main_loop_switches("sm_100a", mx8("e4m3_block"), "mxfp8 layer").is_ok());
     assert!(main_loop_switches("sm_100a", mx8("mxfp8_decoded"), "mxfp8 layer").is_err());
+    // the exact decoded path is preferred where wgmma runs (fp8 wgmma's accumulation put one
+    // seeded mxfp8 case over tolerance on the e4m3_block path); without wgmma, e4m3_block's
+    // mma.sync loop (f32 accumulation) runs mxfp8 instead of refusing it
+    if std::env::var(codec::GEMM_FORMAT_VAR).is_err() {
+        let cfg = config(
+            WeightFormat::Mxfp8,
+            8,
+            256,
+            256,
+            Activation::Swiglu,
+            RoutingConfig::new(RoutingMethod::Renormalize, 2),
+        );
+        let on = codec::codec_for_device(&cfg, true).expect("codec");
+        let off = codec::codec_for_device(&cfg, false).expect("codec");
+        assert_eq!(on.gemm.name(), "mxfp8_decoded");
+        assert_eq!(off.gemm.name(), "e4m3_block");
+    }
     let bf16 = codec_of(WeightFormat::Bf16, ActivationFormat::Bf16).expect("codec");
     let (wgmma_on, _) = main_loop_switches("sm_100a", bf16, "bf16 layer").expect("mma.sync runs");
     assert!(!wgmma_on);

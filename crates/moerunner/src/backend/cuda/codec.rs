@@ -233,19 +233,6 @@ pub const CODECS: &[Codec] = &[
     Codec {
         weight: WeightFormat::Mxfp8,
         activation: ActivationFormat::Mxfp8,
-        gemm: GemmFormat::E4m3Block,
-        weight_scales: PreparedScales::Rows8x128FromUe8m0,
-        input_quant: RowQuant::Mxfp8AsE4m3Block128,
-        inter_store: InterStore::F32,
-        inter_requant: Some(RowQuant::Mxfp8AsE4m3Block128),
-        static_input_scales: false,
-        main_loops: &[MainLoop::WgmmaWs, MainLoop::Wgmma, MainLoop::MmaSync],
-        summary: "mxfp8 × mxfp8 [e4m3_block] on the fp8 tensor cores (per-32 scales re-expressed \
-                  per 8 rows × 128 (weights) and 1 × 128 (activations), folded every 128 of K)",
-    },
-    Codec {
-        weight: WeightFormat::Mxfp8,
-        activation: ActivationFormat::Mxfp8,
         gemm: GemmFormat::Mxfp8Decoded,
         weight_scales: PreparedScales::InTiles,
         input_quant: RowQuant::Mxfp8AsBf16,
@@ -255,6 +242,19 @@ pub const CODECS: &[Codec] = &[
         main_loops: &[MainLoop::WgmmaRs],
         summary:
             "mxfp8 × mxfp8 [mxfp8_decoded] (weights decoded to bf16 in registers, exact; sm_90a)",
+    },
+    Codec {
+        weight: WeightFormat::Mxfp8,
+        activation: ActivationFormat::Mxfp8,
+        gemm: GemmFormat::E4m3Block,
+        weight_scales: PreparedScales::Rows8x128FromUe8m0,
+        input_quant: RowQuant::Mxfp8AsE4m3Block128,
+        inter_store: InterStore::F32,
+        inter_requant: Some(RowQuant::Mxfp8AsE4m3Block128),
+        static_input_scales: false,
+        main_loops: &[MainLoop::WgmmaWs, MainLoop::Wgmma, MainLoop::MmaSync],
+        summary: "mxfp8 × mxfp8 [e4m3_block] on the fp8 tensor cores (per-32 scales re-expressed \
+                  per 8 rows × 128 (weights) and 1 × 128 (activations), folded every 128 of K)",
     },
     Codec {
         weight: WeightFormat::Mxfp4,
@@ -347,6 +347,26 @@ pub fn gemm_formats_of(weight: WeightFormat, activation: ActivationFormat) -> Ve
         .collect()
 }
 
+/// The codec a layer runs with on a device with (`wgmma_on`) or without Hopper's wgmma: the
+/// preferred one ([`codec_for`]), unless it needs wgmma the device lacks and another codec of the
+/// pairing has an mma.sync loop (mxfp8 off Hopper: `e4m3_block`, whose mma.sync accumulates in f32).
+pub fn codec_for_device(
+    config: &LayerConfig,
+    wgmma_on: bool,
+) -> std::result::Result<&'static Codec, String> {
+    let preferred = codec_for(config)?;
+    let runs_here = |c: &Codec| wgmma_on || c.main_loops.contains(&MainLoop::MmaSync);
+    if runs_here(preferred) || std::env::var(GEMM_FORMAT_VAR).is_ok() {
+        return Ok(preferred);
+    }
+    Ok(CODECS
+        .iter()
+        .find(|c| {
+            (c.weight, c.activation) == (preferred.weight, preferred.activation) && runs_here(c)
+        })
+        .unwrap_or(preferred))
+}
+
 /// The codec a layer runs with, or why the GPU cannot run it.
 pub fn codec_for(config: &LayerConfig) -> std::result::Result<&'static Codec, String> {
     let codec = codec_of(config.weight_format, config.activation_format).ok_or_else(|| {
@@ -395,7 +415,7 @@ pub fn supports_lines() -> Vec<String> {
             "all ten routing methods on the GPU, routed ids+weights and packed",
             "swiglu, geglu, swiglu_oai, relu2; biases; every W13 order",
             "EP and TP ranks (partial sums)",
-            "a pairing listed twice runs the first [path] unless MOERUNNER_GEMM_FORMAT names the other",
+            "a pairing listed twice runs the first [path] (without wgmma: the first with an mma.sync loop) unless MOERUNNER_GEMM_FORMAT names the other",
         ]
         .map(String::from),
     );

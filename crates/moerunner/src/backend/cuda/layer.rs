@@ -8,7 +8,8 @@ use std::sync::{Arc, Mutex};
 use super::codec::{self, PreparedScales};
 use super::device::{f32_bytes, i32_bytes, Device};
 use super::pipeline::{
-    main_loop_switches, DeviceCall, DeviceRoutes, GemmTable, Pipeline, ProjectionBufs, Resident,
+    main_loop_switches, wgmma_allowed, DeviceCall, DeviceRoutes, GemmTable, Pipeline,
+    ProjectionBufs, Resident,
 };
 use super::prepare::{self, PreparedWeights};
 use super::tactics::{self, Tactic, TacticChoice, TacticMode, TacticTable};
@@ -49,14 +50,16 @@ impl CudaLayer {
     /// the layer can use, so no forward call pays for NVRTC and a kernel that does not compile fails
     /// the load, not a later call.
     pub fn load(dev: Arc<Device>, layer: Arc<MoeLayer>) -> Result<CudaLayer> {
-        let codec = codec::codec_for(layer.config()).map_err(MoeError::Cuda)?;
+        let codec = codec::codec_for_device(layer.config(), wgmma_allowed(&dev.arch))
+            .map_err(MoeError::Cuda)?;
         Self::load_with_codec(dev, layer, codec)
     }
 
     /// [`CudaLayer::load`] for `moerunner tune`: every GEMM form a candidate tactic may use is
     /// loaded, and the tactic table is not read (the default tactic is the baseline).
     pub fn load_for_tuning(dev: Arc<Device>, layer: Arc<MoeLayer>) -> Result<CudaLayer> {
-        let codec = codec::codec_for(layer.config()).map_err(MoeError::Cuda)?;
+        let codec = codec::codec_for_device(layer.config(), wgmma_allowed(&dev.arch))
+            .map_err(MoeError::Cuda)?;
         Self::load_inner(dev, layer, codec, true)
     }
 

@@ -123,9 +123,10 @@ mod backend_impl {
             }
         }
         fn supports(&self, config: &LayerConfig) -> std::result::Result<(), String> {
-            let codec = super::codec::codec_for(config)?;
+            let wgmma_on = super::pipeline::wgmma_allowed(&self.dev.arch);
+            let codec = super::codec::codec_for_device(config, wgmma_on)?;
             let wgmma_only = !codec.main_loops.contains(&super::codec::MainLoop::MmaSync);
-            if wgmma_only && self.dev.arch != "sm_90a" {
+            if wgmma_only && !wgmma_on {
                 return Err(format!(
                     "{}: {}",
                     codec.summary,

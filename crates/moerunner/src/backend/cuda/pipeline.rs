@@ -431,7 +431,7 @@ impl Stage for QuantizeInputStage {
 /// `MOERUNNER_WGMMA=0`, warp specialisation unless `MOERUNNER_WG_WS=0` — as (wgmma_on, ws_on), or
 /// why `codec`, whose loops need wgmma, cannot run here (`what` names the layer in the error).
 pub fn main_loop_switches(arch: &str, codec: &Codec, what: &str) -> Result<(bool, bool)> {
-    let wgmma_on = arch == "sm_90a" && std::env::var("MOERUNNER_WGMMA").map_or(true, |v| v != "0");
+    let wgmma_on = wgmma_allowed(arch);
     let ws_on = std::env::var("MOERUNNER_WG_WS").map_or(true, |v| v != "0");
     if !wgmma_on && !codec.main_loops.contains(&MainLoop::MmaSync) {
         return Err(MoeError::Cuda(format!(
@@ -440,6 +440,11 @@ pub fn main_loop_switches(arch: &str, codec: &Codec, what: &str) -> Result<(bool
         )));
     }
     Ok((wgmma_on, ws_on))
+}
+
+/// Whether wgmma may run here: sm_90a, unless `MOERUNNER_WGMMA=0`.
+pub fn wgmma_allowed(arch: &str) -> bool {
+    arch == "sm_90a" && std::env::var("MOERUNNER_WGMMA").map_or(true, |v| v != "0")
 }
 
 /// Why a codec that runs only on wgmma cannot run here (`arch`, or the MOERUNNER_WGMMA switch).
