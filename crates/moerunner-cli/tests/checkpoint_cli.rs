@@ -323,7 +323,10 @@ fn run_checkpoint_split_over_ranks() {
     assert!(one.iter().any(|v| *v != 0.0));
     for ep in ["2", "4"] {
         let (out, text) = run("ep.safetensors", &["--ep", ep]);
-        assert!(text.contains("CPU-thread ranks"), "{text}");
+        assert!(
+            text.contains(&format!("× {ep} ranks through thread")),
+            "{text}"
+        );
         assert_eq!(out, one, "--ep {ep}");
     }
     for split in [&["--tp", "2"][..], &["--ep", "2", "--tp", "2"]] {

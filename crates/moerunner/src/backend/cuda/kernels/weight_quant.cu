@@ -39,7 +39,8 @@
 //
 // e4m3 = round to nearest even saturating to +-448 (cvt.rn.satfinite); e2m1 = formats/e2m1.rs `encode`'s
 // comparisons (ties to even, saturating to +-6, the sign kept for -0). Every quotient is an IEEE division
-// (div.rn.f32), never a multiply by a reciprocal; f32::max(amax, 1e-10) is a max of bit patterns.
+// (div.rn.f32) — or, by a UE8M0 power of two (mxfp8, mxfp4), a multiply by its exact inverse, which rounds
+// the same real number the same way; f32::max(amax, 1e-10) is a max of bit patterns.
 //
 // Launch (kernels/weight_quant.rs): weight_amax and quantize_weight_rows: block 256, grid (x, experts)
 // with x blocks striding over the expert's 16-element items; quantize_weight_block128: block 256, grid
@@ -84,11 +85,6 @@ __device__ __forceinline__ u32 wq_ue8m0_ceil(float s) {
     else c = exp_field - 127 + ((bits & 0x7fffffu) ? 1 : 0);
     c = c < -127 ? -127 : (c > 127 ? 127 : c);
     return (u32)(c + 127);
-}
-
-// ue8m0::decode for the bytes encode_ceil makes (0..254): byte 0 is 2^-127
-__device__ __forceinline__ float wq_ue8m0_value(u32 byte) {
-    return byte == 0u ? __uint_as_float(1u << 22) : __uint_as_float(byte << 23);
 }
 
 // v[0..16) = element i .. i + 16 of p, zero from element i + n on (n <= 16 valid elements).
@@ -150,23 +146,44 @@ __device__ __forceinline__ void wq_report(const float* v, int n, long long index
     if (first < 16) atomicMin(bad, (u64)(index0 + first));
 }
 
+// x / s as the CPU computes it. Scale::divide: an IEEE division. Pow2Scale (UE8M0 scales, s = 2^k): a
+// multiply by 2^-k, which is the same correctly rounded value of the same real number x * 2^-k (2^-k is an
+// f32 for every UE8M0 byte, 2^-127 as a subnormal; no flush to zero) at a fraction of div.rn's cost.
+struct Scale {
+    float s;
+    __device__ __forceinline__ float divide(float x) const { return wq_div(x, s); }
+    __device__ __forceinline__ bool is_zero() const { return s == 0.0f; }
+};
+struct Pow2Scale {
+    float inverse;  // 2^-k
+    // the UE8M0 byte's scale 2^(byte - 127) (byte 0: 2^-127), as its exact inverse
+    __device__ __forceinline__ static Pow2Scale of_byte(u32 byte) {
+        const u32 field = 254u - byte;  // the biased exponent of 2^(127 - byte)
+        return Pow2Scale{field == 0u ? __uint_as_float(1u << 22) : __uint_as_float(field << 23)};
+    }
+    __device__ __forceinline__ float divide(float x) const { return x * inverse; }
+    __device__ __forceinline__ bool is_zero() const { return false; }
+};
+
 // 16 e4m3 bytes of v / s
-__device__ __forceinline__ uint4 wq_e4m3x16(const float* v, float s) {
+template <class S>
+__device__ __forceinline__ uint4 wq_e4m3x16(const float* v, S s) {
     u32 w[4];
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
-        w[k] = wq_e4m3x2(wq_div(v[4 * k], s), wq_div(v[4 * k + 1], s)) |
-               (wq_e4m3x2(wq_div(v[4 * k + 2], s), wq_div(v[4 * k + 3], s)) << 16);
+        w[k] = wq_e4m3x2(s.divide(v[4 * k]), s.divide(v[4 * k + 1])) |
+               (wq_e4m3x2(s.divide(v[4 * k + 2]), s.divide(v[4 * k + 3])) << 16);
     }
     return make_uint4(w[0], w[1], w[2], w[3]);
 }
 
 // 16 e2m1 codes of v / s in 8 bytes, element 2i in the low nibble; all 0 when s = 0 (mxfp4 never has s = 0)
-__device__ __forceinline__ uint2 wq_e2m1x16(const float* v, float s) {
+template <class S>
+__device__ __forceinline__ uint2 wq_e2m1x16(const float* v, S s) {
     u32 w[2] = {0u, 0u};
-    if (s != 0.0f) {
+    if (!s.is_zero()) {
 #pragma unroll
-        for (int k = 0; k < 16; ++k) w[k >> 3] |= wq_e2m1_code(wq_div(v[k], s)) << (4 * (k & 7));
+        for (int k = 0; k < 16; ++k) w[k >> 3] |= wq_e2m1_code(s.divide(v[k])) << (4 * (k & 7));
     }
     return make_uint2(w[0], w[1]);
 }
@@ -243,14 +260,14 @@ extern "C" __global__ void __launch_bounds__(256) quantize_weight_rows(
         u32 a = wq_amax_bits(v);
         if (a >= WQ_INF_BITS) wq_report(v, n, (first_expert + e) * per_expert + i0, bad);
         if (mode == 0) {
-            wq_store16(out + base + i0, wq_e4m3x16(v, expert_scale), n);
+            wq_store16(out + base + i0, wq_e4m3x16(v, Scale{expert_scale}), n);
         } else if (mode == 1 || mode == 2) {
             // the 32-element block's amax from this lane and its neighbour (items 2j, 2j + 1 are lanes
             // 2l, 2l + 1: the grid stride is even and every expert has an even number of items)
             const u32 b = __shfl_xor_sync(0x3u << (lane & 30), a, 1);
             a = b > a ? b : a;
             const u32 byte = a == 0u ? 0u : wq_ue8m0_ceil(wq_div(__uint_as_float(a), mode == 1 ? 448.0f : 6.0f));
-            const float s = wq_ue8m0_value(byte);
+            const Pow2Scale s = Pow2Scale::of_byte(byte);
             if (mode == 1) {
                 *(uint4*)(out + base + i0) = wq_e4m3x16(v, s);
             } else {
@@ -261,7 +278,7 @@ extern "C" __global__ void __launch_bounds__(256) quantize_weight_rows(
             const float g = expert_scale;
             const u32 byte = f32_to_e4m3(wq_div(wq_div(__uint_as_float(a), 6.0f), g));
             const float s = e4m3_to_f32((u8)byte) * g;
-            *(uint2*)(out + (base + i0) / 2) = wq_e2m1x16(v, s);
+            *(uint2*)(out + (base + i0) / 2) = wq_e2m1x16(v, Scale{s});
             block_scales[(base + i0) / 16] = (u8)byte;
         }
     }
@@ -300,7 +317,7 @@ extern "C" __global__ void __launch_bounds__(256) quantize_weight_block128(const
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
         const int r = blockIdx.y * 128 + r_in + 32 * j;
-        if (r < rows && n > 0) wq_store16(out + base + (long long)r * cols + c0, wq_e4m3x16(v[j], s), n);
+        if (r < rows && n > 0) wq_store16(out + base + (long long)r * cols + c0, wq_e4m3x16(v[j], Scale{s}), n);
     }
     if (threadIdx.x == 0) {
         const long long rb = (rows + 127) / 128, cb = (cols + 127) / 128;
