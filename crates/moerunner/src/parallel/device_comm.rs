@@ -39,6 +39,9 @@ struct Staging {
     recv: Option<CudaSlice<u8>>,
 }
 
+/// How long [`wait_for_stream`] spins before it sleeps between polls.
+const SPIN_FOR: Duration = Duration::from_micros(200);
+
 /// Waits until `stream`'s queued work is done, at most `timeout`, polling (never an unbounded
 /// wait); past the timeout the error is `late` and the seconds waited. Ranks run on threads of
 /// their own: the query binds the stream's context to this thread.
@@ -60,10 +63,18 @@ pub(super) fn wait_for_stream(
             cudarc::driver::sys::CUresult::CUDA_ERROR_NOT_READY => {}
             other => return Err(format!("the GPU stream failed ({other:?})")),
         }
-        if start.elapsed() > timeout {
+        let waited = start.elapsed();
+        if waited > timeout {
             return Err(format!("{late} within {:.0} s", timeout.as_secs_f64()));
         }
-        std::thread::sleep(Duration::from_micros(20));
+        // Spin (yielding) through the first 200 µs: a collective waits for copies of a few µs
+        // several times per call, and a 20 µs sleep per wait made that most of a small call's
+        // communication (H100: 473 µs of 735 at T = 1, EP 2). Past that, sleep between polls.
+        if waited < SPIN_FOR {
+            std::thread::yield_now();
+        } else {
+            std::thread::sleep(Duration::from_micros(20));
+        }
     }
 }
 
