@@ -2529,14 +2529,7 @@ fn gpu_tuned_tactics_are_bit_identical_to_the_default() {
                 .filter(|(_, v)| matches!(v, Verdict::Timed(_)))
                 .count();
             println!(
-                "{wf} T = {} class {}: default {} {:.1} µs, chosen {} {:.1} µs; {} of {} candidates identical, refused: {:?}",
-                r.tokens,
-                r.class,
-                r.default.label(),
-                r.default_us,
-                r.winner.label(),
-                r.winner_us,
-                timed,
+                "{wf} {r}; {timed} of {} candidates identical, refused: {:?}",
                 r.candidates.len(),
                 r.rejected()
             );

@@ -43,6 +43,22 @@ pub struct TuneRow {
     pub winner_us: f64,
 }
 
+impl std::fmt::Display for TuneRow {
+    /// `T = 1024 class 6: default bn 64 377.3 µs, chosen bn 128 ws 1/0 356.7 µs`
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "T = {} class {}: default {} {:.1} µs, chosen {} {:.1} µs",
+            self.tokens,
+            self.class,
+            self.default.label(),
+            self.default_us,
+            self.winner.label(),
+            self.winner_us
+        )
+    }
+}
+
 impl TuneRow {
     /// The refused candidates as table notes: `bn 16: differs at byte 40`.
     pub fn rejected(&self) -> Vec<String> {
