@@ -2228,13 +2228,14 @@ fn a_nan_mxfp8_weight_code_is_refused_before_decoding() {
     );
 }
 
-/// mxfp8 × mxfp8 has two GEMM paths (`codec::gemm_formats_of`): the fp8 block-scale kernel (the
-/// default) and the exact decoded bf16 one. Both meet the reference on the seeded matrix's mxfp8
-/// cases (every routing, activation, size and rank layout the generator draws), loaded side by
-/// side in one process.
+/// mxfp8 × mxfp8 has three GEMM paths (`codec::gemm_formats_of`): the exact decoded bf16 one (the
+/// default on Hopper), the fp8 block-scale kernel and that kernel folding every 32 of K. Each meets
+/// the reference on 16 of the seeded matrix's mxfp8 cases (every routing, activation, size and rank
+/// layout the generator draws), loaded side by side in one process. (The fp8 paths exceed the
+/// tolerance on about one case in 1600–3300: `check --backend cuda`, docs/cuda.md; not these.)
 #[cfg(feature = "cuda")]
 #[test]
-fn gpu_mxfp8_both_gemm_paths_meet_the_reference() {
+fn gpu_mxfp8_every_gemm_path_meets_the_reference() {
     use moerunner::backend::cuda::layer::CudaLayer;
     use moerunner::backend::LoadedLayer;
     use moerunner::random_cases::run_case_with;

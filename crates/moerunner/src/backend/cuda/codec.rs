@@ -20,6 +20,10 @@ pub enum GemmFormat {
     /// e4m3 × e4m3, weights one f32 per 8 prepared rows × 128 columns, activations one per row × 128:
     /// every 128-wide K step is promoted into f32 with both scales.
     E4m3Block,
+    /// `E4m3Block` with every 32-wide K sub-step promoted instead (each k32 wgmma into a fresh
+    /// partial, waited for and folded with the step's scales): the fp8 tensor core's
+    /// reduced-precision accumulation then spans 32 products, not 128.
+    E4m3BlockK32,
     /// MXFP8 weights (E4M3, UE8M0 per 32) decoded to bf16 in registers × bf16 activations that hold
     /// exact quantized values: Hopper has no block-scaled MMA, and every E4M3 × 2^s is a bf16 value,
     /// so a bf16 MMA computes the format's products exactly (`gemm/scale_decoded.cuh`).
@@ -37,6 +41,7 @@ impl GemmFormat {
             GemmFormat::Bf16 => "bf16",
             GemmFormat::E4m3Tensor => "e4m3_tensor",
             GemmFormat::E4m3Block => "e4m3_block",
+            GemmFormat::E4m3BlockK32 => "e4m3_block_k32",
             GemmFormat::Mxfp8Decoded => "mxfp8_decoded",
             GemmFormat::Mxfp4Decoded => "mxfp4_decoded",
             GemmFormat::Nvfp4Decoded => "nvfp4_decoded",
@@ -45,7 +50,7 @@ impl GemmFormat {
     /// Bytes of one activation (B operand) element, as the GEMM reads it.
     pub fn act_element_bytes(self) -> usize {
         match self {
-            GemmFormat::E4m3Tensor | GemmFormat::E4m3Block => 1,
+            GemmFormat::E4m3Tensor | GemmFormat::E4m3Block | GemmFormat::E4m3BlockK32 => 1,
             _ => 2,
         }
     }
@@ -255,6 +260,19 @@ pub const CODECS: &[Codec] = &[
         main_loops: &[MainLoop::WgmmaWs, MainLoop::Wgmma, MainLoop::MmaSync],
         summary: "mxfp8 × mxfp8 [e4m3_block] on the fp8 tensor cores (per-32 scales re-expressed \
                   per 8 rows × 128 (weights) and 1 × 128 (activations), folded every 128 of K)",
+    },
+    Codec {
+        weight: WeightFormat::Mxfp8,
+        activation: ActivationFormat::Mxfp8,
+        gemm: GemmFormat::E4m3BlockK32,
+        weight_scales: PreparedScales::Rows8x128FromUe8m0,
+        input_quant: RowQuant::Mxfp8AsE4m3Block128,
+        inter_store: InterStore::F32,
+        inter_requant: Some(RowQuant::Mxfp8AsE4m3Block128),
+        static_input_scales: false,
+        main_loops: &[MainLoop::WgmmaWs, MainLoop::Wgmma],
+        summary: "mxfp8 × mxfp8 [e4m3_block_k32] as e4m3_block, each 32 of K folded into f32 \
+                  (sm_90a)",
     },
     Codec {
         weight: WeightFormat::Mxfp4,

@@ -140,7 +140,7 @@ impl GemmVariant {
         let format = match self.format {
             GemmFormat::Bf16 => "WFMT_BF16",
             GemmFormat::E4m3Tensor => "WFMT_E4M3_TENSOR",
-            GemmFormat::E4m3Block => "WFMT_E4M3_BLOCK",
+            GemmFormat::E4m3Block | GemmFormat::E4m3BlockK32 => "WFMT_E4M3_BLOCK",
             GemmFormat::Mxfp8Decoded => "WFMT_MXFP8",
             GemmFormat::Mxfp4Decoded => "WFMT_MXFP4",
             GemmFormat::Nvfp4Decoded => "WFMT_NVFP4",
@@ -162,6 +162,9 @@ impl GemmVariant {
             format!("-DBM={}", self.bm()),
             format!("-DMAINLOOP={mainloop}"),
         ]);
+        if self.format == GemmFormat::E4m3BlockK32 {
+            d.push("-DFOLD_K32=1".into());
+        }
         d
     }
 
@@ -252,11 +255,16 @@ mod tests {
 
     /// 3 stored formats × 6 stages × 4 widths on mma.sync, wgmma for bf16 and fp8_block, warp
     /// specialisation at BN = 128; the 3 decoded formats × 6 stages × 4 widths on register-sourced
-    /// wgmma only, mxfp4's GEMM1 stages twice (bf16 and f32 stores of its two activation formats).
+    /// wgmma only, mxfp4's GEMM1 stages twice (bf16 and f32 stores of its two activation formats);
+    /// mxfp8's k32-folding block-scale path on wgmma only (6 stages × 4 widths, warp-specialised at
+    /// 128).
     #[test]
     fn variants_cover_every_codec_stage_and_width() {
         let all = GemmVariant::all();
-        assert_eq!(all.len(), 3 * 6 * 4 + 2 * 6 * 4 + 2 * 6 + 3 * 6 * 4 + 4 * 4);
+        assert_eq!(
+            all.len(),
+            3 * 6 * 4 + 2 * 6 * 4 + 2 * 6 + 3 * 6 * 4 + 4 * 4 + (6 * 4 + 6)
+        );
         assert!(all
             .iter()
             .all(|v| (v.main_loop == MainLoop::WgmmaRs) == v.format.decoded_row_bytes().is_some()));

@@ -72,6 +72,11 @@
 #define WG_WS_PREGS 48  // 40 made the block-scale loader spill
 #endif
 
+// FOLD_K32 (WFMT_E4M3_BLOCK on wgmma): fold every 32-wide K sub-step instead of every 128-wide step
+#ifndef FOLD_K32
+#define FOLD_K32 0
+#endif
+
 // the weight format folds each K step's partial into the sum: Fmt::FOLD_EACH_STEP for the one place that must
 // choose by preprocessor (gemm/mainloop_mma.cuh checks the two agree)
 #define MG_FOLD_EACH_STEP (WEIGHT_FORMAT == WFMT_E4M3_BLOCK)

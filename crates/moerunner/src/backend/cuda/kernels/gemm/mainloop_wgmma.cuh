@@ -55,6 +55,17 @@
         for (int q = 0; q < 4; ++q) mg_wgmma<BN, Fmt::Elem>(d, mg_desc(aW + 32 * q), mg_desc(aA + 32 * q), acc_in | (q > 0));
         mg_wg_commit();
     };
+    // FOLD_K32: the k32 wgmma q of stage `slot` alone into d (overwriting it)
+    auto issue_k32 = [&](float* d, int slot, int q) {
+        const u32 aW = sW + slot * MG_SW_BYTES + wgrp * (64 * 128);
+        const u32 aA = sA + slot * MG_SA_BYTES;
+#pragma unroll
+        for (int i = 0; i < NACC; ++i) mg_reg_fence(d[i]);
+        mg_wg_fence();
+        mg_wgmma<BN, Fmt::Elem>(d, mg_desc(aW + 32 * q), mg_desc(aA + 32 * q), 0);
+        mg_wg_commit();
+    };
+    (void)issue_k32;
     if constexpr (Fmt::FOLD_EACH_STEP) {
 #pragma unroll
         for (int i = 0; i < NACC; ++i) accf[i] = 0.0f;  // never written by wgmma
@@ -62,9 +73,19 @@
         // wait for each step's wgmma (wait_group 0) and fold before the next step is issued
         for (int ks = 0; ks < nk; ++ks) {
             step_head(ks);
+#if FOLD_K32
+            // each k32 wgmma alone, waited for and folded: the tensor core accumulates 32 products
+#pragma unroll
+            for (int q = 0; q < 4; ++q) {
+                issue_k32(part, slot_c, q);
+                mg_wg_wait<0>();
+                mg_fold_wgmma<Fmt>(acc, part, smem_al, slot_c, lane, wm0);
+            }
+#else
             issue(part, slot_c, false);
             mg_wg_wait<0>();
             mg_fold_wgmma<Fmt>(acc, part, smem_al, slot_c, lane, wm0);  // (the scales of the step's stage)
+#endif
             advance();
         }
     } else {
