@@ -196,6 +196,23 @@ pub struct Codec {
     pub summary: &'static str,
 }
 
+/// mxfp8 × mxfp8 on the fp8 block-scale kernel (`e4m3_block`); its k32-folding form differs only in
+/// its GEMM format and loops.
+const MXFP8_ON_FP8_KERNEL: Codec = Codec {
+    weight: WeightFormat::Mxfp8,
+    activation: ActivationFormat::Mxfp8,
+    gemm: GemmFormat::E4m3Block,
+    weight_scales: PreparedScales::Rows8x128FromUe8m0,
+    input_quant: RowQuant::Mxfp8AsE4m3Block128,
+    inter_store: InterStore::F32,
+    inter_requant: Some(RowQuant::Mxfp8AsE4m3Block128),
+    static_input_scales: false,
+    main_loops: &[MainLoop::WgmmaWs, MainLoop::Wgmma, MainLoop::MmaSync],
+    summary:
+        "mxfp8 × mxfp8 [e4m3_block] on the fp8 tensor cores (per-32 scales re-expressed per 8 \
+              rows × 128 (weights) and 1 × 128 (activations), folded every 128 of K)",
+};
+
 /// Per-tensor fp8 stays on mma.sync: Hopper's fp8 wgmma accumulates with ~14 bits and the static
 /// e4m3 intermediate turns that into rounding flips (docs/cuda.md, "Measurements").
 pub const CODECS: &[Codec] = &[
@@ -248,31 +265,13 @@ pub const CODECS: &[Codec] = &[
         summary:
             "mxfp8 × mxfp8 [mxfp8_decoded] (weights decoded to bf16 in registers, exact; sm_90a)",
     },
+    MXFP8_ON_FP8_KERNEL,
     Codec {
-        weight: WeightFormat::Mxfp8,
-        activation: ActivationFormat::Mxfp8,
-        gemm: GemmFormat::E4m3Block,
-        weight_scales: PreparedScales::Rows8x128FromUe8m0,
-        input_quant: RowQuant::Mxfp8AsE4m3Block128,
-        inter_store: InterStore::F32,
-        inter_requant: Some(RowQuant::Mxfp8AsE4m3Block128),
-        static_input_scales: false,
-        main_loops: &[MainLoop::WgmmaWs, MainLoop::Wgmma, MainLoop::MmaSync],
-        summary: "mxfp8 × mxfp8 [e4m3_block] on the fp8 tensor cores (per-32 scales re-expressed \
-                  per 8 rows × 128 (weights) and 1 × 128 (activations), folded every 128 of K)",
-    },
-    Codec {
-        weight: WeightFormat::Mxfp8,
-        activation: ActivationFormat::Mxfp8,
         gemm: GemmFormat::E4m3BlockK32,
-        weight_scales: PreparedScales::Rows8x128FromUe8m0,
-        input_quant: RowQuant::Mxfp8AsE4m3Block128,
-        inter_store: InterStore::F32,
-        inter_requant: Some(RowQuant::Mxfp8AsE4m3Block128),
-        static_input_scales: false,
         main_loops: &[MainLoop::WgmmaWs, MainLoop::Wgmma],
         summary: "mxfp8 × mxfp8 [e4m3_block_k32] as e4m3_block, each 32 of K folded into f32 \
                   (sm_90a)",
+        ..MXFP8_ON_FP8_KERNEL
     },
     Codec {
         weight: WeightFormat::Mxfp4,
