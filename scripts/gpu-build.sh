@@ -2,7 +2,7 @@
 # Builds, on this machine, everything the GPU machine runs (it has no Rust toolchain): the CUDA test
 # binary, the release CLI and the Python package's wheel, copied into gpu-bin/ (git-ignored). Then run on the GPU machine,
 # from the repository root, with gpu-bin carried:
-#     scripts/gpu-run.sh [tests|checks|bench|qbench|all] [bench or quantize-bench args...]
+#     scripts/gpu-run.sh [tests|tests-each|checks|python|bench|qbench|all] [bench or quantize-bench args...]
 # Binaries are stripped of debug information (what travels to the GPU machine is size-limited).
 # An optional argument names another output folder (e.g. to carry two builds side by side).
 set -euo pipefail

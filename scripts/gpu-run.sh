@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Runs on the GPU machine (see gpu-build.sh): the CUDA tests, the standalone kernel checks, the
+# Runs on the GPU machine (see gpu-build.sh): the CUDA tests (`tests`: one process; `tests-each`: a
+# process per test), the standalone kernel checks, the
 # Python package's tests (its wheel installed into a virtualenv that sees the system's torch)
 # and/or the benchmark (or `qbench`: moerunner quantize-bench), logs under $OUT (or ./gpu-out). NVRTC and cuBLASLt come from /usr/local/cuda.
 set -uo pipefail
@@ -24,6 +25,18 @@ if [[ $what == checks || $what == all ]]; then
         timeout 300 python3 "$s" > "$out/$(basename "$s" .py).log" 2>&1 || status=1
         echo "== $s: $(tail -n 25 "$out/$(basename "$s" .py).log")"
     done
+fi
+if [[ $what == tests-each ]]; then
+    # Every gpu_ test in a process of its own (a crash or hang names its test; ~3 minutes on an H100),
+    # one line per test in $out/summary.txt, the logs in $out/test-logs.tgz.
+    for t in $(gpu-bin/cuda-tests --list 2>/dev/null | grep -E '^gpu_.*: test$' | sed 's/: test$//'); do
+        t0=$(date +%s)
+        timeout 200 gpu-bin/cuda-tests --test-threads=1 --exact "$t" --nocapture > "$out/t-$t.log" 2>&1
+        rc=$?
+        echo "$t rc=$rc $(( $(date +%s) - t0 )) s" | tee -a "$out/summary.txt"
+        [ $rc -ne 0 ] && { status=1; grep -A3 panicked "$out/t-$t.log" | head -6; }
+    done
+    tar czf "$out/test-logs.tgz" -C "$out" $(cd "$out" && ls t-*.log) && rm -f "$out"/t-*.log
 fi
 if [[ $what == tests || $what == all ]]; then
     timeout 500 gpu-bin/cuda-tests --test-threads=1 --nocapture > "$out/cuda-tests.log" 2>&1 || status=1
