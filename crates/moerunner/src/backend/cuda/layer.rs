@@ -152,11 +152,9 @@ impl CudaLayer {
         } else {
             tactics::mode()?
         };
-        let choice = match (mode, tactics::table_path()) {
-            (TacticMode::Use | TacticMode::Tune, Some(path)) => {
-                TacticTable::read(&path)?.choice(&tactic_key)
-            }
-            _ => TacticChoice::default(),
+        let choice = match tactics::table_to_read(mode, tactics::table_path())? {
+            Some(path) => TacticTable::read(&path)?.choice(&tactic_key),
+            None => TacticChoice::default(),
         };
         // (tuning at load needs every candidate's GEMM forms, like `tune`)
         let tuning = tuning || mode == TacticMode::Tune;

@@ -241,6 +241,20 @@ pub enum TacticMode {
 /// Token counts a layer tunes at load under `MOERUNNER_TACTICS=tune` (the bench's counts).
 pub const TUNE_AT_LOAD_TOKENS: [usize; 5] = [1, 16, 128, 1024, 8192];
 
+/// The table a layer loaded under `mode` reads: none when off; else `path` (the kernel cache's
+/// `tactics.json`), and an error naming both variables when the cache is off (asked to use tuned
+/// tactics with nowhere to keep them is a mistake worth saying, not a silent default).
+pub fn table_to_read(mode: TacticMode, path: Option<PathBuf>) -> Result<Option<PathBuf>> {
+    match (mode, path) {
+        (TacticMode::Off, _) => Ok(None),
+        (_, Some(p)) => Ok(Some(p)),
+        (_, None) => Err(MoeError::invalid(
+            TACTICS_VAR,
+            "the tactic table lives in the kernel cache, which MOERUNNER_KERNEL_CACHE=off turns off",
+        )),
+    }
+}
+
 /// The mode `MOERUNNER_TACTICS` asks for.
 pub fn mode() -> Result<TacticMode> {
     parse_switch(std::env::var(TACTICS_VAR).ok().as_deref())
@@ -445,6 +459,23 @@ mod tests {
         assert!(a.contains(&format!("{:016x}", sources_hash())));
         assert_ne!(a, layer_key(&parts("NVIDIA H200", 128)));
         assert_ne!(a, layer_key(&parts("NVIDIA H100 80GB HBM3", 64)));
+    }
+
+    #[test]
+    fn using_tactics_without_the_kernel_cache_is_an_error() {
+        let p = PathBuf::from("/tmp/k/tactics.json");
+        assert_eq!(table_to_read(TacticMode::Off, None).unwrap(), None);
+        assert_eq!(
+            table_to_read(TacticMode::Use, Some(p.clone())).unwrap(),
+            Some(p)
+        );
+        for mode in [TacticMode::Use, TacticMode::Tune] {
+            let e = table_to_read(mode, None).unwrap_err().to_string();
+            assert!(
+                e.contains("MOERUNNER_KERNEL_CACHE") && e.contains(TACTICS_VAR),
+                "{e}"
+            );
+        }
     }
 
     #[test]
