@@ -2322,6 +2322,25 @@ fn wgmma_only_codecs_are_refused_off_hopper() {
         assert_eq!(on.gemm.name(), "mxfp8_decoded");
         assert_eq!(off.gemm.name(), "e4m3_block");
     }
+    // a path named by MOERUNNER_GEMM_FORMAT stays (and is then refused off Hopper, by name); a
+    // name the pairing lacks (a preference meant for another format's layers) changes nothing
+    let decoded = mx8("mxfp8_decoded");
+    assert_eq!(
+        codec::runnable(decoded, Some("mxfp8_decoded"), false)
+            .gemm
+            .name(),
+        "mxfp8_decoded"
+    );
+    for named in [None, Some("nvfp4_decoded")] {
+        assert_eq!(
+            codec::runnable(decoded, named, false).gemm.name(),
+            "e4m3_block"
+        );
+        assert_eq!(
+            codec::runnable(decoded, named, true).gemm.name(),
+            "mxfp8_decoded"
+        );
+    }
     let bf16 = codec_of(WeightFormat::Bf16, ActivationFormat::Bf16).expect("codec");
     let (wgmma_on, _) = main_loop_switches("sm_100a", bf16, "bf16 layer").expect("mma.sync runs");
     assert!(!wgmma_on);

@@ -365,23 +365,30 @@ pub fn gemm_formats_of(weight: WeightFormat, activation: ActivationFormat) -> Ve
 }
 
 /// The codec a layer runs with on a device with (`wgmma_on`) or without Hopper's wgmma: the
-/// preferred one ([`codec_for`]), unless it needs wgmma the device lacks and another codec of the
-/// pairing has an mma.sync loop (mxfp8 off Hopper: `e4m3_block`, whose mma.sync accumulates in f32).
+/// preferred one ([`codec_for`]), or where the device cannot run it another of the pairing that it
+/// can ([`runnable`]).
 pub fn codec_for_device(
     config: &LayerConfig,
     wgmma_on: bool,
 ) -> std::result::Result<&'static Codec, String> {
-    let preferred = codec_for(config)?;
+    let named = std::env::var(GEMM_FORMAT_VAR).ok();
+    Ok(runnable(codec_for(config)?, named.as_deref(), wgmma_on))
+}
+
+/// `preferred`, unless it needs wgmma the device lacks, `named` (`MOERUNNER_GEMM_FORMAT`) did not
+/// ask for it by name, and another codec of its pairing has an mma.sync loop (mxfp8 off Hopper:
+/// `e4m3_block`, whose mma.sync accumulates in f32). A name the pairing lacks asks for nothing here.
+pub fn runnable(preferred: &'static Codec, named: Option<&str>, wgmma_on: bool) -> &'static Codec {
     let runs_here = |c: &Codec| wgmma_on || c.main_loops.contains(&MainLoop::MmaSync);
-    if runs_here(preferred) || std::env::var(GEMM_FORMAT_VAR).is_ok() {
-        return Ok(preferred);
+    if runs_here(preferred) || named == Some(preferred.gemm.name()) {
+        return preferred;
     }
-    Ok(CODECS
+    CODECS
         .iter()
         .find(|c| {
             (c.weight, c.activation) == (preferred.weight, preferred.activation) && runs_here(c)
         })
-        .unwrap_or(preferred))
+        .unwrap_or(preferred)
 }
 
 /// The codec a layer runs with, or why the GPU cannot run it.
