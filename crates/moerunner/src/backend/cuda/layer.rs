@@ -189,39 +189,32 @@ impl CudaLayer {
 
     /// The tactic a call (or launch slice) of `tokens` tokens takes.
     pub(super) fn tactic_for(&self, tokens: usize) -> Result<Tactic> {
-        let t = self
-            .tactics
-            .lock()
-            .map_err(|_| MoeError::Cuda("tactics lock poisoned".into()))?;
+        let t = self.lock_tactics()?;
         Ok(t.forced
             .unwrap_or_else(|| self.resident.tactic_for(&t.choice, tokens, self.ws_on)))
     }
 
     /// Runs every call with `tactic` until set back to None (what `tune` measures).
     pub(super) fn force_tactic(&self, tactic: Option<Tactic>) -> Result<()> {
-        self.tactics
-            .lock()
-            .map_err(|_| MoeError::Cuda("tactics lock poisoned".into()))?
-            .forced = tactic;
+        self.lock_tactics()?.forced = tactic;
         Ok(())
     }
 
     /// Makes calls take `choice`'s tuned tactics (what `tune` found, or a table read later).
     pub fn set_tactics(&self, choice: TacticChoice) -> Result<()> {
-        self.tactics
-            .lock()
-            .map_err(|_| MoeError::Cuda("tactics lock poisoned".into()))?
-            .choice = choice;
+        self.lock_tactics()?.choice = choice;
         Ok(())
     }
 
     /// The tuned tactics calls take now.
     pub fn tactic_choice(&self) -> Result<TacticChoice> {
-        Ok(self
-            .tactics
+        Ok(self.lock_tactics()?.choice)
+    }
+
+    fn lock_tactics(&self) -> Result<std::sync::MutexGuard<'_, Tactics>> {
+        self.tactics
             .lock()
-            .map_err(|_| MoeError::Cuda("tactics lock poisoned".into()))?
-            .choice)
+            .map_err(|_| MoeError::Cuda("tactics lock poisoned".into()))
     }
 
     /// This layer's key in the tactic table.
