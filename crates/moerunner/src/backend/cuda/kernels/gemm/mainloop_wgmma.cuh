@@ -43,29 +43,19 @@
         slot_c = slot_c + 1 == STAGES ? 0 : slot_c + 1;
         slot_l = slot_l + 1 == STAGES ? 0 : slot_l + 1;
     };
-    // the four wgmma of one K step from stage `slot` into d; acc_in = 0: the first overwrites d
-    // (scale-d = 0: promoted, every step; unpromoted, the first), 1: all add to d
-    auto issue = [&](float* d, int slot, int acc_in) {
+    // the wgmma q0..q1-1 of one K step (all four by default; FOLD_K32: one) from stage `slot` into d;
+    // acc_in = 0: the first overwrites d (scale-d = 0: promoted, every step; unpromoted, the first),
+    // 1: all add to d
+    auto issue = [&](float* d, int slot, int acc_in, int q0 = 0, int q1 = 4) {
         const u32 aW = sW + slot * MG_SW_BYTES + wgrp * (64 * 128);
         const u32 aA = sA + slot * MG_SA_BYTES;
 #pragma unroll
         for (int i = 0; i < NACC; ++i) mg_reg_fence(d[i]);
         mg_wg_fence();
 #pragma unroll
-        for (int q = 0; q < 4; ++q) mg_wgmma<BN, Fmt::Elem>(d, mg_desc(aW + 32 * q), mg_desc(aA + 32 * q), acc_in | (q > 0));
+        for (int q = q0; q < q1; ++q) mg_wgmma<BN, Fmt::Elem>(d, mg_desc(aW + 32 * q), mg_desc(aA + 32 * q), acc_in | (q > q0));
         mg_wg_commit();
     };
-    // FOLD_K32: the k32 wgmma q of stage `slot` alone into d (overwriting it)
-    auto issue_k32 = [&](float* d, int slot, int q) {
-        const u32 aW = sW + slot * MG_SW_BYTES + wgrp * (64 * 128);
-        const u32 aA = sA + slot * MG_SA_BYTES;
-#pragma unroll
-        for (int i = 0; i < NACC; ++i) mg_reg_fence(d[i]);
-        mg_wg_fence();
-        mg_wgmma<BN, Fmt::Elem>(d, mg_desc(aW + 32 * q), mg_desc(aA + 32 * q), 0);
-        mg_wg_commit();
-    };
-    (void)issue_k32;
     if constexpr (Fmt::FOLD_EACH_STEP) {
 #pragma unroll
         for (int i = 0; i < NACC; ++i) accf[i] = 0.0f;  // never written by wgmma
@@ -77,7 +67,7 @@
             // each k32 wgmma alone, waited for and folded: the tensor core accumulates 32 products
 #pragma unroll
             for (int q = 0; q < 4; ++q) {
-                issue_k32(part, slot_c, q);
+                issue(part, slot_c, 0, q, q + 1);
                 mg_wg_wait<0>();
                 mg_fold_wgmma<Fmt>(acc, part, smem_al, slot_c, lane, wm0);
             }
