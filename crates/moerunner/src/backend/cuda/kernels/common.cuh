@@ -61,6 +61,21 @@ __device__ __forceinline__ float e4m3_to_f32(u8 b) {
     return f16_to_f32((u16)(halves & 0xFFFF));
 }
 
+// a / b, IEEE round to nearest even (the quantizers' x / s: the CPU's division, bit for bit).
+__device__ __forceinline__ float div_rn(float a, float b) {
+    float r;
+    asm("div.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+    return r;
+}
+
+// The scale of a 1x128 fp8 block (quant.cu mode 2, decode.cu) from the max of its |x| bit patterns:
+// f32::max(amax, 1e-10) / 448, a NaN amax giving 1e-10 / 448 as on the CPU (formats/act_quant.rs).
+__device__ __forceinline__ float e4m3_block128_scale(u32 amax_bits) {
+    const u32 floor_bits = 0x2edbe6ffu;  // 1e-10f
+    const u32 m = amax_bits > 0x7f800000u ? floor_bits : (amax_bits > floor_bits ? amax_bits : floor_bits);
+    return div_rn(__uint_as_float(m), 448.0f);
+}
+
 // Loads element i of a row whose element type is `dtype` (ARG_DTYPE_*), as f32.
 __device__ __forceinline__ float load_as_f32(const void* p, int dtype, long long i) {
     if (dtype == ARG_DTYPE_F32) return ((const float*)p)[i];

@@ -39,12 +39,6 @@
 
 #define QT_NVFP4_GLOBAL_DIVISOR 2688.0f  // 448 * 6
 
-__device__ __forceinline__ float qt_div(float a, float b) {
-    float r;
-    asm("div.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
-    return r;
-}
-
 // v[0..16) = x[base + c0 .. base + c0 + 16), zero at columns >= cols.
 __device__ __forceinline__ void qt_load16(const void* x, int dtype, long long base, int c0, int cols, float* v) {
     if (c0 + 16 <= cols) {
@@ -90,9 +84,8 @@ __device__ __forceinline__ uint4 qt_pack_e4m3(const float* v, float s) {
     u32 w[4];
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
-        w[k] = (u32)f32_to_e4m3(qt_div(v[4 * k], s)) | ((u32)f32_to_e4m3(qt_div(v[4 * k + 1], s)) << 8) |
-               ((u32)f32_to_e4m3(qt_div(v[4 * k + 2], s)) << 16) |
-               ((u32)f32_to_e4m3(qt_div(v[4 * k + 3], s)) << 24);
+        w[k] = (u32)f32_to_e4m3(div_rn(v[4 * k], s)) | ((u32)f32_to_e4m3(div_rn(v[4 * k + 1], s)) << 8) |
+               ((u32)f32_to_e4m3(div_rn(v[4 * k + 2], s)) << 16) | ((u32)f32_to_e4m3(div_rn(v[4 * k + 3], s)) << 24);
     }
     return make_uint4(w[0], w[1], w[2], w[3]);
 }
@@ -136,12 +129,12 @@ __device__ __forceinline__ float qt_ceil_pow2(float s) {
 // 16 values of one nvfp4 block with global g -> 16 bf16 (the element times the decoded block scale)
 __device__ __forceinline__ void qt_nvfp4_block(const float* v, float g, u16* o) {
     const float amax = __uint_as_float(qt_amax_bits(v));
-    const u8 b = f32_to_e4m3(qt_div(qt_div(amax, 6.0f), g));
+    const u8 b = f32_to_e4m3(div_rn(div_rn(amax, 6.0f), g));
     const float sdec = e4m3_to_f32(b);
     const float s = sdec * g;
 #pragma unroll
     for (int k = 0; k < 16; ++k) {
-        const u32 code = s == 0.0f ? 0u : qt_e2m1_code(qt_div(v[k], s));
+        const u32 code = s == 0.0f ? 0u : qt_e2m1_code(div_rn(v[k], s));
         o[k] = f32_to_bf16(qt_e2m1_value(code) * sdec);
     }
 }
@@ -186,7 +179,7 @@ extern "C" __global__ void quantize_rows(const void* x, int x_dtype, int rows, i
             a = 0;
             for (int w = 0; w < (int)(blockDim.x >> 5); ++w) a = s_amax[w] > a ? s_amax[w] : a;
             __syncthreads();  // (s_amax is rewritten for the next row)
-            const float g = qt_div(__uint_as_float(a), QT_NVFP4_GLOBAL_DIVISOR);
+            const float g = div_rn(__uint_as_float(a), QT_NVFP4_GLOBAL_DIVISOR);
             for (int ch = threadIdx.x; ch < chunks; ch += blockDim.x) {
                 float v[16];
                 qt_load16(x, x_dtype, row * in_stride, ch * 16, cols, v);
@@ -227,10 +220,10 @@ extern "C" __global__ void quantize_rows(const void* x, int x_dtype, int rows, i
             a = b > a ? b : a;
             const float amax = __uint_as_float(a);
             // amax = 0 -> byte 0; NaN -> encode_ceil(NaN) = byte 0 as well
-            const float s = a == 0u ? __uint_as_float(1u << 22) : qt_ceil_pow2(qt_div(amax, 448.0f));
+            const float s = a == 0u ? __uint_as_float(1u << 22) : qt_ceil_pow2(div_rn(amax, 448.0f));
             u16 o[16];
 #pragma unroll
-            for (int k = 0; k < 16; ++k) o[k] = f32_to_bf16(e4m3_to_f32(f32_to_e4m3(qt_div(v[k], s))) * s);
+            for (int k = 0; k < 16; ++k) o[k] = f32_to_bf16(e4m3_to_f32(f32_to_e4m3(div_rn(v[k], s))) * s);
             qt_store16_bf16(out, row * out_stride + c0, o);
         } else if (mode == 6) {
             // mode 3's 32-column block scale s (lanes 2i, 2i+1), then the 128-column block's largest S
@@ -238,7 +231,7 @@ extern "C" __global__ void quantize_rows(const void* x, int x_dtype, int rows, i
             u32 a = qt_amax_bits(v);
             const u32 b = __shfl_xor_sync(0x3u << (lane & 30), a, 1);
             a = b > a ? b : a;
-            const float s = a == 0u ? __uint_as_float(1u << 22) : qt_ceil_pow2(qt_div(__uint_as_float(a), 448.0f));
+            const float s = a == 0u ? __uint_as_float(1u << 22) : qt_ceil_pow2(div_rn(__uint_as_float(a), 448.0f));
             u32 top = __float_as_uint(s);  // powers of two: bit patterns order as values
 #pragma unroll
             for (int o = 2; o < 8; o <<= 1) {
@@ -246,14 +239,14 @@ extern "C" __global__ void quantize_rows(const void* x, int x_dtype, int rows, i
                 top = t > top ? t : top;
             }
             const float S = __uint_as_float(top);
-            const float ratio = qt_div(s, S);
+            const float ratio = div_rn(s, S);
             u32 w[4];
 #pragma unroll
             for (int k = 0; k < 4; ++k) {
                 u32 word = 0;
 #pragma unroll
                 for (int j = 0; j < 4; ++j) {
-                    const u8 q = f32_to_e4m3(qt_div(v[4 * k + j], s));
+                    const u8 q = f32_to_e4m3(div_rn(v[4 * k + j], s));
                     const u8 r = ratio == 1.0f ? q : f32_to_e4m3(e4m3_to_f32(q) * ratio);
                     word |= (u32)r << (8 * j);
                 }
@@ -279,10 +272,7 @@ extern "C" __global__ void quantize_rows(const void* x, int x_dtype, int rows, i
                 const u32 b = __shfl_xor_sync(group_mask, a, o);
                 a = b > a ? b : a;
             }
-            const u32 floor_bits = __float_as_uint(1e-10f);
-            // f32::max(amax, 1e-10): NaN -> 1e-10, else the larger
-            const u32 m = a > 0x7f800000u ? floor_bits : (a > floor_bits ? a : floor_bits);
-            const float s = qt_div(__uint_as_float(m), 448.0f);
+            const float s = e4m3_block128_scale(a);
             *(uint4*)((u8*)out + row * out_stride + c0) = qt_pack_e4m3(v, s);
             if ((ch & 7) == 0) out_scales[row * (out_stride / 128) + (ch >> 3)] = s;
         }

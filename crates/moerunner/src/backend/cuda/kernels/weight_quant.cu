@@ -54,12 +54,6 @@
 #define WQ_NVFP4_GLOBAL_DIVISOR 2688.0f      // 448 * 6
 #define WQ_INF_BITS 0x7f800000u
 
-__device__ __forceinline__ float wq_div(float a, float b) {
-    float r;
-    asm("div.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
-    return r;
-}
-
 // The e4m3 bytes of lo (low byte) and hi (high byte): cvt packs its first source into the upper half.
 __device__ __forceinline__ u32 wq_e4m3x2(float lo, float hi) {
     u16 pair;
@@ -151,7 +145,7 @@ __device__ __forceinline__ void wq_report(const float* v, int n, long long index
 // f32 for every UE8M0 byte, 2^-127 as a subnormal; no flush to zero) at a fraction of div.rn's cost.
 struct Scale {
     float s;
-    __device__ __forceinline__ float divide(float x) const { return wq_div(x, s); }
+    __device__ __forceinline__ float divide(float x) const { return div_rn(x, s); }
     __device__ __forceinline__ bool is_zero() const { return s == 0.0f; }
 };
 struct Pow2Scale {
@@ -241,13 +235,13 @@ extern "C" __global__ void __launch_bounds__(256) quantize_weight_rows(
     float expert_scale = 1.0f;
     if (mode == 0) {
         const u32 a = amax_bits[e];
-        expert_scale = wq_div(__uint_as_float(a > WQ_FP8_AMAX_FLOOR_BITS ? a : WQ_FP8_AMAX_FLOOR_BITS), 448.0f);
+        expert_scale = div_rn(__uint_as_float(a > WQ_FP8_AMAX_FLOOR_BITS ? a : WQ_FP8_AMAX_FLOOR_BITS), 448.0f);
     } else if (mode == 3) {
         if (given_globals) {
             expert_scale = given_globals[e];
         } else {
             const u32 a = amax_bits[e];
-            expert_scale = a == 0u ? 1.0f : wq_div(__uint_as_float(a), WQ_NVFP4_GLOBAL_DIVISOR);
+            expert_scale = a == 0u ? 1.0f : div_rn(__uint_as_float(a), WQ_NVFP4_GLOBAL_DIVISOR);
         }
     }
     if ((mode == 0 || mode == 3) && blockIdx.x == 0 && threadIdx.x == 0) expert_scales[e] = expert_scale;
@@ -266,7 +260,7 @@ extern "C" __global__ void __launch_bounds__(256) quantize_weight_rows(
             // 2l, 2l + 1: the grid stride is even and every expert has an even number of items)
             const u32 b = __shfl_xor_sync(0x3u << (lane & 30), a, 1);
             a = b > a ? b : a;
-            const u32 byte = a == 0u ? 0u : wq_ue8m0_ceil(wq_div(__uint_as_float(a), mode == 1 ? 448.0f : 6.0f));
+            const u32 byte = a == 0u ? 0u : wq_ue8m0_ceil(div_rn(__uint_as_float(a), mode == 1 ? 448.0f : 6.0f));
             const Pow2Scale s = Pow2Scale::of_byte(byte);
             if (mode == 1) {
                 *(uint4*)(out + base + i0) = wq_e4m3x16(v, s);
@@ -276,7 +270,7 @@ extern "C" __global__ void __launch_bounds__(256) quantize_weight_rows(
             if ((it & 1) == 0) block_scales[(base + i0) / 32] = (u8)byte;
         } else {
             const float g = expert_scale;
-            const u32 byte = f32_to_e4m3(wq_div(wq_div(__uint_as_float(a), 6.0f), g));
+            const u32 byte = f32_to_e4m3(div_rn(div_rn(__uint_as_float(a), 6.0f), g));
             const float s = e4m3_to_f32((u8)byte) * g;
             *(uint2*)(out + (base + i0) / 2) = wq_e2m1x16(v, Scale{s});
             block_scales[(base + i0) / 16] = (u8)byte;
@@ -313,7 +307,7 @@ extern "C" __global__ void __launch_bounds__(256) quantize_weight_block128(const
     a = 0;
 #pragma unroll
     for (int w = 0; w < 8; ++w) a = warp_amax[w] > a ? warp_amax[w] : a;
-    const float s = wq_div(__uint_as_float(a > WQ_FP8_AMAX_FLOOR_BITS ? a : WQ_FP8_AMAX_FLOOR_BITS), 448.0f);
+    const float s = div_rn(__uint_as_float(a > WQ_FP8_AMAX_FLOOR_BITS ? a : WQ_FP8_AMAX_FLOOR_BITS), 448.0f);
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
         const int r = blockIdx.y * 128 + r_in + 32 * j;
