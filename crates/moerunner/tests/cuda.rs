@@ -511,6 +511,14 @@ fn gpu_runner() -> Option<Runner> {
     Some(runner)
 }
 
+/// The CUDA backend's device, or None after printing why the GPU tests skip.
+#[cfg(feature = "cuda")]
+fn gpu_device() -> Option<std::sync::Arc<moerunner::backend::cuda::device::Device>> {
+    gpu_runner()?;
+    let backend = moerunner::backend::cuda::create_concrete().expect("cuda backend");
+    Some(backend.device().clone())
+}
+
 fn cuda() -> BackendChoice {
     BackendChoice::Named("cuda".into())
 }
@@ -878,11 +886,7 @@ fn gpu_device_memory_entry_matches_the_host_path() {
     use moerunner::backend::cuda::layer::CudaLayer;
     use moerunner::backend::LoadedLayer;
     use std::sync::Arc;
-    if gpu_runner().is_none() {
-        return;
-    }
-    let backend = moerunner::backend::cuda::create_concrete().expect("cuda backend");
-    let dev = backend.device().clone();
+    let Some(dev) = gpu_device() else { return };
     let routing = RoutingConfig::new(RoutingMethod::Renormalize, 4);
     for (i, codec) in CUDA_CODECS.into_iter().enumerate() {
         let wf = codec.0;
@@ -984,11 +988,7 @@ fn gpu_device_memory_entry_refuses_null_pointers_and_bad_dtypes() {
     use moerunner::backend::cuda::device_call::{DeviceCall, DeviceRoutes};
     use moerunner::backend::cuda::layer::CudaLayer;
     use std::sync::Arc;
-    if gpu_runner().is_none() {
-        return;
-    }
-    let backend = moerunner::backend::cuda::create_concrete().expect("cuda backend");
-    let dev = backend.device().clone();
+    let Some(dev) = gpu_device() else { return };
     let cfg = config(
         WeightFormat::Bf16,
         8,
@@ -1103,11 +1103,7 @@ fn gpu_row_quantizers_match_the_cpu_bit_for_bit() {
     use moerunner::backend::cuda::kernels::{ElemCode, In, KernelArgs, ModuleKey, Out, Source};
     use moerunner::backend::cuda::launch::launch;
     use moerunner::formats::{act_quant, bf16, e4m3, weight_quant};
-    if gpu_runner().is_none() {
-        return;
-    }
-    let backend = moerunner::backend::cuda::create_concrete().expect("cuda backend");
-    let dev = backend.device().clone();
+    let Some(dev) = gpu_device() else { return };
     let f = dev
         .function(&ModuleKey::plain(Source::Quant), QuantizeRows::ENTRY)
         .expect("quant kernel");
@@ -1870,15 +1866,17 @@ fn gpu_a_nan_token_stays_in_its_own_row() {
     use moerunner::backend::cuda::device_call::{DeviceCall, DeviceRoutes};
     use moerunner::backend::cuda::layer::CudaLayer;
     use std::sync::Arc;
-    if gpu_runner().is_none() {
-        return;
-    }
-    let backend = moerunner::backend::cuda::create_concrete().expect("cuda backend");
-    let dev = backend.device().clone();
-    let (t, h, bad) = (21usize, 256usize, 7usize);
-    for (i, codec) in CUDA_CODECS.into_iter().enumerate() {
+    let Some(dev) = gpu_device() else { return };
+    let h = 256usize;
+    // 21 tokens run the standard pipeline; 3 (12 pairs) the fused small-batch kernel where the
+    // format has it
+    for (i, (codec, (t, bad))) in CUDA_CODECS
+        .into_iter()
+        .flat_map(|c| [(c, (21usize, 7usize)), (c, (3, 1))])
+        .enumerate()
+    {
         let seed = 0x4A4E_0000 + i as u64;
-        println!("NaN token: {}×{} seed {seed}", codec.0, codec.1);
+        println!("NaN token: {}×{} T = {t} seed {seed}", codec.0, codec.1);
         let cfg = config_codec(
             codec,
             16,
@@ -2241,11 +2239,7 @@ fn gpu_mxfp8_every_gemm_path_meets_the_reference() {
     use moerunner::backend::LoadedLayer;
     use moerunner::random_cases::run_case_with;
     use std::sync::Arc;
-    if gpu_runner().is_none() {
-        return;
-    }
-    let backend = moerunner::backend::cuda::create_concrete().expect("cuda backend");
-    let dev = backend.device().clone();
+    let Some(dev) = gpu_device() else { return };
     let (mut ran, mut index) = (0, 0u64);
     while ran < 16 {
         index += 1;
@@ -2515,11 +2509,7 @@ fn gpu_tuned_tactics_are_bit_identical_to_the_default() {
     use moerunner::backend::cuda::tune::Verdict;
     use moerunner::backend::LoadedLayer;
     use std::sync::Arc;
-    if gpu_runner().is_none() {
-        return;
-    }
-    let backend = moerunner::backend::cuda::create_concrete().expect("cuda backend");
-    let dev = backend.device().clone();
+    let Some(dev) = gpu_device() else { return };
     for (i, wf) in [
         WeightFormat::Bf16,
         WeightFormat::Fp8Block,
@@ -2587,5 +2577,154 @@ fn gpu_tuned_tactics_are_bit_identical_to_the_default() {
             );
             assert_meets_reference(&format!("{wf} tuned"), &layer, &input.hidden, &got);
         }
+    }
+}
+
+/// The reference output of `layer` for `input` (all tokens), as f64.
+#[cfg(feature = "cuda")]
+fn reference_of(
+    layer: &moerunner::MoeLayer,
+    input: &moerunner::synth::SynthInput,
+    tokens: usize,
+) -> Vec<f64> {
+    let cfg = layer.config();
+    let x = input.hidden.to_f32_vec("hidden").expect("x");
+    let routes = routing::resolve(
+        &cfg.routing,
+        cfg.num_experts,
+        tokens,
+        &input.routing_input(),
+        layer.weights().router_bias.as_deref(),
+    )
+    .expect("routes");
+    let all: Vec<usize> = (0..tokens).collect();
+    reference::forward_tokens(layer, &x, &routes, &all).expect("reference")
+}
+
+/// The fused small-batch kernel (decode.cu, `moe_decode`): for every format it serves × activation × three
+/// routing methods (Llama-4's weight on GEMM1's input, DeepSeek's grouped top-8), T = 1..3, bf16 /
+/// f32 / f16 inputs, with and without biases, logits and routed ids, I padded (200 → 256), a call
+/// takes it and meets the float64 reference, and so does the standard pipeline on the same layer
+/// and input; on an expert-parallel rank (some slots elsewhere) likewise. (A NaN token on the fused
+/// path: `gpu_a_nan_token_stays_in_its_own_row`.)
+#[cfg(feature = "cuda")]
+#[test]
+fn gpu_fused_small_batch_meets_the_reference() {
+    use moerunner::backend::cuda::layer::CudaLayer;
+    use moerunner::backend::LoadedLayer;
+    use std::sync::Arc;
+    let Some(dev) = gpu_device() else { return };
+    let run = |layer: Arc<moerunner::MoeLayer>,
+               tokens: usize,
+               mode: RoutingMode,
+               dtype: DType,
+               seed: u64| {
+        let cfg = layer.config().clone();
+        let input = random_input(&cfg, tokens, mode, dtype, seed ^ 0xF00D).expect("input");
+        let fwd = ForwardInput {
+            hidden: &input.hidden,
+            routing: input.routing_input(),
+        };
+        let cuda = CudaLayer::load(dev.clone(), layer.clone()).expect("load");
+        assert!(
+            cuda.set_fused_max_pairs(256),
+            "{}: no fused kernel",
+            cfg.weight_format
+        );
+        assert!(
+            cuda.takes_fused_small_batch(tokens),
+            "seed {seed}: T = {tokens} not fused"
+        );
+        let fused = cuda.forward(&fwd).expect("fused forward").output;
+        assert_eq!(fused.dtype, dtype, "output dtype follows the input");
+        assert!(cuda.set_fused_max_pairs(0));
+        assert!(!cuda.takes_fused_small_batch(tokens));
+        let standard = cuda.forward(&fwd).expect("standard forward").output;
+        let want = reference_of(&layer, &input, tokens);
+        let f64s = |t: &moerunner::HostTensor| -> Vec<f64> {
+            t.to_f32_vec("out")
+                .expect("out")
+                .iter()
+                .map(|&v| v as f64)
+                .collect()
+        };
+        (
+            rel_err(&f64s(&fused), &want),
+            rel_err(&f64s(&standard), &want),
+        )
+    };
+    let mut n = 0u64;
+    for codec in [
+        (WeightFormat::Bf16, ActivationFormat::Bf16),
+        (WeightFormat::Fp8, ActivationFormat::Fp8),
+        (WeightFormat::Fp8Block, ActivationFormat::Fp8Block),
+    ] {
+        for act in ACTIVATIONS {
+            for (method, k) in [
+                (RoutingMethod::Renormalize, 4),
+                (RoutingMethod::Llama4, 1),
+                (RoutingMethod::DeepseekV3, 8),
+            ] {
+                n += 1;
+                let seed = 0xDEC0_0000 + n;
+                let mut routing = RoutingConfig::new(method, k);
+                if method == RoutingMethod::DeepseekV3 {
+                    routing.n_group = 4;
+                    routing.topk_group = 2;
+                    routing.routed_scaling_factor = 2.5;
+                }
+                let cfg = config_codec(codec, 16, 384, 200, act, routing);
+                let layer = Arc::new(random_layer(&cfg, seed, n % 2 == 0).expect("layer"));
+                let tokens = 1 + (n as usize % 3);
+                let dtype = [DType::BF16, DType::F32, DType::F16][n as usize % 3];
+                let mode = if n % 4 == 3 {
+                    RoutingMode::TopK
+                } else {
+                    RoutingMode::Logits
+                };
+                let (fused, standard) = run(layer, tokens, mode, dtype, seed);
+                let what = format!(
+                    "seed={seed} {}×{} {method} k={k} {act} T={tokens} {dtype:?}",
+                    codec.0, codec.1
+                );
+                assert_within(fused, &cfg, &format!("{what} fused"));
+                assert_within(standard, &cfg, &format!("{what} standard"));
+            }
+        }
+        // an expert-parallel rank: half the experts, so some of each token's slots are elsewhere
+        let cfg = config_codec(
+            codec,
+            16,
+            256,
+            256,
+            Activation::Swiglu,
+            RoutingConfig::new(RoutingMethod::Renormalize, 4),
+        );
+        let seed = 0xDEC1_0000 + n;
+        let full = random_layer(&cfg, seed, true).expect("layer");
+        let rank = moerunner::shard::shard(
+            &full,
+            Parallelism {
+                ep_size: 2,
+                ep_rank: 1,
+                tp_size: 1,
+                tp_rank: 0,
+            },
+        )
+        .expect("shard");
+        let (fused, standard) = run(Arc::new(rank), 2, RoutingMode::Logits, DType::BF16, seed);
+        assert_within(
+            fused,
+            &cfg,
+            &format!("seed={seed} {}×{} EP rank 1 of 2 fused", codec.0, codec.1),
+        );
+        assert_within(
+            standard,
+            &cfg,
+            &format!(
+                "seed={seed} {}×{} EP rank 1 of 2 standard",
+                codec.0, codec.1
+            ),
+        );
     }
 }

@@ -12,6 +12,7 @@
 //! This module is plain Rust (no CUDA needed), so the contracts are checked on any machine.
 
 pub mod combine;
+pub mod decode;
 pub mod moe_gemm;
 pub mod quant;
 pub mod routing;
@@ -89,16 +90,18 @@ pub enum Source {
     Combine,
     Gemm,
     WeightQuant,
+    Decode,
 }
 
 impl Source {
-    pub const ALL: [Source; 6] = [
+    pub const ALL: [Source; 7] = [
         Source::Routing,
         Source::Sort,
         Source::Quant,
         Source::Combine,
         Source::Gemm,
         Source::WeightQuant,
+        Source::Decode,
     ];
 
     pub fn name(self) -> &'static str {
@@ -109,6 +112,7 @@ impl Source {
             Source::Combine => "combine",
             Source::Gemm => "moe_gemm",
             Source::WeightQuant => "weight_quant",
+            Source::Decode => "decode",
         }
     }
 
@@ -120,6 +124,7 @@ impl Source {
             Source::Combine => include_str!("kernels/combine.cu"),
             Source::Gemm => include_str!("kernels/moe_gemm.cu"),
             Source::WeightQuant => include_str!("kernels/weight_quant.cu"),
+            Source::Decode => include_str!("kernels/decode.cu"),
         }
     }
 
@@ -255,6 +260,8 @@ pub trait KernelArgs {
     const ENTRY: &'static str;
     /// Whether it is launched with programmatic dependent launch.
     const PDL: bool;
+    /// Whether it is launched cooperatively (every CTA resident at once: it synchronizes its grid).
+    const COOPERATIVE: bool;
     fn signature() -> Signature;
     /// The values in declaration order.
     fn args(&self) -> Vec<Arg>;
@@ -265,7 +272,8 @@ pub trait KernelArgs {
 macro_rules! kernel_args {
     (
         $(#[$meta:meta])*
-        pub struct $name:ident for $source:ident :: $entry:literal, pdl = $pdl:literal {
+        pub struct $name:ident for $source:ident :: $entry:literal, pdl = $pdl:literal
+            $(, cooperative = $coop:literal)? {
             $( $(#[$fmeta:meta])* $field:ident : $ty:ty ),* $(,)?
         }
     ) => {
@@ -282,6 +290,7 @@ macro_rules! kernel_args {
                 $crate::backend::cuda::kernels::Source::$source;
             const ENTRY: &'static str = $entry;
             const PDL: bool = $pdl;
+            const COOPERATIVE: bool = false $(|| $coop)?;
             fn signature() -> $crate::backend::cuda::kernels::Signature {
                 $crate::backend::cuda::kernels::Signature {
                     source: Self::SOURCE,
@@ -311,6 +320,7 @@ pub fn signatures() -> Vec<Signature> {
         quant::QuantizeRows::signature(),
         combine::CombineRows::signature(),
         moe_gemm::MoeGemm::signature(),
+        decode::MoeDecode::signature(),
         weight_quant::WeightAmax::signature(),
         weight_quant::QuantizeWeightRows::signature(),
         weight_quant::QuantizeWeightBlock128::signature(),
@@ -382,13 +392,18 @@ impl ModuleKey {
     pub fn all() -> Vec<ModuleKey> {
         let mut all: Vec<ModuleKey> = Source::ALL
             .iter()
-            .filter(|s| **s != Source::Gemm)
+            .filter(|s| !matches!(**s, Source::Gemm | Source::Decode))
             .map(|s| ModuleKey::plain(*s))
             .collect();
         all.extend(
             moe_gemm::GemmVariant::all()
                 .into_iter()
                 .map(moe_gemm::GemmVariant::module),
+        );
+        all.extend(
+            decode::DecodeVariant::all()
+                .into_iter()
+                .map(decode::DecodeVariant::module),
         );
         all
     }

@@ -1,6 +1,6 @@
 //! Kernel launches: a kernel's typed argument struct (kernels/<stem>.rs) passed to
 //! `cuLaunchKernelEx` on a given stream, with programmatic dependent launch (PDL) for kernels
-//! written for it. The one place where argument values become driver parameters.
+//! written for it and cooperative launch for those that synchronize their grid. The one place where argument values become driver parameters.
 
 use std::ffi::c_void;
 
@@ -50,12 +50,21 @@ pub fn launch<A: KernelArgs>(
         .iter_mut()
         .map(|v| v.as_mut_ptr() as *mut c_void)
         .collect();
-    // SAFETY: a zeroed attribute is a valid "ignore" value; the id and the field set below are the
-    // documented pair for programmatic stream serialization.
-    let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
-    attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
-    attr.value.programmaticStreamSerializationAllowed = 1;
-    let use_pdl = shape.pdl && A::PDL && pdl_enabled();
+    // SAFETY: a zeroed attribute is a valid "ignore" value; each id is set with its documented field
+    // (programmatic stream serialization; cooperative launch).
+    let mut attrs: [sys::CUlaunchAttribute; 2] = unsafe { std::mem::zeroed() };
+    let mut n_attrs = 0usize;
+    if shape.pdl && A::PDL && pdl_enabled() {
+        attrs[n_attrs].id =
+            sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+        attrs[n_attrs].value.programmaticStreamSerializationAllowed = 1;
+        n_attrs += 1;
+    }
+    if A::COOPERATIVE {
+        attrs[n_attrs].id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_COOPERATIVE;
+        attrs[n_attrs].value.cooperative = 1;
+        n_attrs += 1;
+    }
     let config = sys::CUlaunchConfig {
         gridDimX: shape.grid.0,
         gridDimY: shape.grid.1,
@@ -65,12 +74,12 @@ pub fn launch<A: KernelArgs>(
         blockDimZ: 1,
         sharedMemBytes: shape.smem,
         hStream: stream,
-        attrs: if use_pdl {
-            &mut attr
+        attrs: if n_attrs > 0 {
+            attrs.as_mut_ptr()
         } else {
             std::ptr::null_mut()
         },
-        numAttrs: use_pdl as u32,
+        numAttrs: n_attrs as u32,
     };
     // The raw driver call needs the context current on this thread (cudarc's own calls bind it).
     dev.ctx

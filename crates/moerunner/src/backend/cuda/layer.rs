@@ -231,9 +231,25 @@ impl CudaLayer {
         &self.dev
     }
 
-    /// The stages of a forward call, in order.
+    /// The stages of a forward call, in order (the fused small-batch kernel last, when the layer
+    /// has it: it replaces every stage after routing for calls of few pairs).
     pub fn stage_names(&self) -> Vec<&'static str> {
         self.pipeline.stage_names()
+    }
+
+    /// Whether a call of `tokens` tokens runs the fused small-batch kernel.
+    pub fn takes_fused_small_batch(&self, tokens: usize) -> bool {
+        tokens > 0
+            && self
+                .pipeline
+                .takes_decode(&self.dev, &self.resident, tokens)
+    }
+
+    /// Lets calls of at most `pairs` (token, expert) pairs take the fused small-batch kernel (0:
+    /// none), whatever their weights' size; the default is `MOERUNNER_DECODE_PAIRS` or the format's
+    /// measured limits (`DecodeVariant::default_limits`). False when the layer has no fused kernel.
+    pub fn set_fused_max_pairs(&self, pairs: usize) -> bool {
+        self.pipeline.set_decode_max_pairs(pairs)
     }
 
     pub(super) fn top_k(&self) -> usize {

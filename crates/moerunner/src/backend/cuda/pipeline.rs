@@ -6,12 +6,14 @@
 //! fused small-batch pipeline are further `Stage`s in the list.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use cudarc::driver::CudaFunction;
 
 use super::codec::{Codec, MainLoop, RowQuant};
 use super::device::{Buf, Device};
 use super::kernels::combine::{self, CombineRows};
+use super::kernels::decode::{self, DecodeVariant, MoeDecode};
 use super::kernels::moe_gemm::{self, GemmStage, GemmVariant, MoeGemm};
 use super::kernels::quant::{self, QuantizeRows};
 use super::kernels::routing::{self, RouteLogits, UnpackRoutes};
@@ -112,11 +114,18 @@ pub trait Stage: Send + Sync {
     fn scratch(&self, layer: &Resident, cap: Capacity, plan: &mut ScratchPlan);
     /// Enqueues the stage's launches (launches only).
     fn enqueue(&self, run: &Run<'_>) -> Result<()>;
+    /// Whether the stage also runs before the fused small-batch kernel (routing), rather than being
+    /// replaced by it.
+    fn feeds_decode(&self) -> bool {
+        false
+    }
 }
 
-/// The stages of a loaded layer, in order.
+/// The stages of a loaded layer, in order, and the fused small-batch kernel that replaces those
+/// after routing for calls of few pairs.
 pub struct Pipeline {
     stages: Vec<Box<dyn Stage>>,
+    decode: Option<DecodeStage>,
 }
 
 impl Pipeline {
@@ -150,11 +159,48 @@ impl Pipeline {
         stages.push(Box::new(CombineStage {
             combine: f(Source::Combine, CombineRows::ENTRY)?,
         }));
-        Ok(Pipeline { stages })
+        let decode = match DecodeVariant::for_layer(layer.codec, &layer.cfg) {
+            Some(v) => match decode_limits(v)? {
+                Some((max_pairs, max_bytes)) => Some(DecodeStage {
+                    kernel: load_decode(dev, v, layer)?,
+                    variant: v,
+                    max_pairs: AtomicUsize::new(max_pairs),
+                    max_bytes: AtomicUsize::new(max_bytes),
+                }),
+                None => None,
+            },
+            None => None,
+        };
+        Ok(Pipeline { stages, decode })
     }
 
+    /// Whether a call of `tokens` tokens runs the fused small-batch kernel.
+    pub fn takes_decode(&self, dev: &Device, layer: &Resident, tokens: usize) -> bool {
+        self.decode
+            .as_ref()
+            .is_some_and(|d| d.takes(dev, layer, tokens * layer.top_k()))
+    }
+
+    /// Lets calls of at most `pairs` pairs take the fused small-batch kernel (0: none), whatever
+    /// their weights' size; false when the layer has no such kernel (its format, or
+    /// `MOERUNNER_DECODE_PAIRS=0` at load).
+    pub fn set_decode_max_pairs(&self, pairs: usize) -> bool {
+        self.decode
+            .as_ref()
+            .map(|d| {
+                d.max_pairs.store(pairs, Ordering::Relaxed);
+                d.max_bytes.store(usize::MAX, Ordering::Relaxed);
+            })
+            .is_some()
+    }
+
+    /// The standard pipeline's stages (and the fused kernel's, when the layer has it).
     pub fn stage_names(&self) -> Vec<&'static str> {
-        self.stages.iter().map(|s| s.name()).collect()
+        let mut names: Vec<&'static str> = self.stages.iter().map(|s| s.name()).collect();
+        if let Some(d) = &self.decode {
+            names.push(d.name());
+        }
+        names
     }
 
     /// The scratch of every stage for `tokens` tokens.
@@ -166,6 +212,9 @@ impl Pipeline {
         let mut plan = ScratchPlan::default();
         for s in &self.stages {
             s.scratch(layer, cap, &mut plan);
+        }
+        if let Some(d) = &self.decode {
+            d.scratch(layer, cap, &mut plan);
         }
         (cap, plan)
     }
@@ -212,10 +261,36 @@ impl Pipeline {
             ids,
             weights,
         };
+        let fused = self
+            .decode
+            .as_ref()
+            .filter(|d| d.takes(dev, layer, plan.pairs));
         for s in &self.stages {
-            s.enqueue(&run)?;
+            if fused.is_none() || s.feeds_decode() {
+                s.enqueue(&run)?;
+            }
+        }
+        if let Some(d) = fused {
+            d.enqueue(&run)?;
         }
         Ok(())
+    }
+}
+
+/// When calls of `v`'s layer take the fused small-batch kernel, as (most pairs, most bytes of expert
+/// weights those pairs stream), or None for never: `MOERUNNER_DECODE_PAIRS` (a number of pairs,
+/// whatever the bytes; 0: never) when set, else the format's measured default
+/// (`DecodeVariant::default_limits`).
+fn decode_limits(v: DecodeVariant) -> Result<Option<(usize, usize)>> {
+    match std::env::var("MOERUNNER_DECODE_PAIRS") {
+        Err(_) => Ok(Some(v.default_limits())),
+        Ok(s) => match s.trim().parse::<usize>() {
+            Ok(0) => Ok(None),
+            Ok(n) => Ok(Some((n, usize::MAX))),
+            Err(_) => Err(MoeError::Cuda(format!(
+                "MOERUNNER_DECODE_PAIRS={s:?}: expected a number of pairs (0 turns the fused small-batch kernel off)"
+            ))),
+        },
     }
 }
 
@@ -231,6 +306,9 @@ struct RouteStage {
 impl Stage for RouteStage {
     fn name(&self) -> &'static str {
         "route"
+    }
+    fn feeds_decode(&self) -> bool {
+        true
     }
     fn scratch(&self, _: &Resident, cap: Capacity, plan: &mut ScratchPlan) {
         plan.need(Slot::Ids, cap.pairs * 4);
@@ -755,6 +833,96 @@ impl Stage for CombineStage {
                 H: l.dims.hidden as i32,
                 out: Out::new(run.call.out),
                 out_dtype: ElemCode::of(run.call.hidden_dtype)?.code(),
+            },
+        )
+    }
+}
+
+/// The fused small-batch kernel (`decode.cu`): the input's quantization, GEMM1 with the
+/// activation, the intermediate's quantization, GEMM2 and the combine in one cooperative launch,
+/// for calls of few pairs.
+struct DecodeStage {
+    kernel: (CudaFunction, usize),
+    variant: DecodeVariant,
+    /// Calls of more pairs, or whose pairs' expert weights come to more bytes, take the standard
+    /// pipeline (changed only by tests and measurements).
+    max_pairs: AtomicUsize,
+    max_bytes: AtomicUsize,
+}
+
+/// The fused kernel's function and its dynamic shared memory for `layer`, the limit raised to it.
+fn load_decode(dev: &Device, v: DecodeVariant, layer: &Resident) -> Result<(CudaFunction, usize)> {
+    let f = dev.function(&v.module(), MoeDecode::ENTRY)?;
+    let smem = v.smem_bytes(layer.dims.hp, layer.dims.ip, layer.top_k());
+    if smem > 48 * 1024 {
+        f.set_attribute(
+            cudarc::driver::sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            smem as i32,
+        )
+        .map_err(|e| super::device::cuda_err("raising a kernel's shared-memory limit", e))?;
+    }
+    Ok((f, smem))
+}
+
+impl DecodeStage {
+    fn takes(&self, dev: &Device, layer: &Resident, pairs: usize) -> bool {
+        let d = layer.dims;
+        let expert_bytes = (d.m1p() * d.hp + d.hp * d.ip) * layer.codec.gemm.weight_element_bytes();
+        pairs <= self.max_pairs.load(Ordering::Relaxed)
+            && pairs.saturating_mul(expert_bytes) <= self.max_bytes.load(Ordering::Relaxed)
+            && self.variant.fits(
+                pairs,
+                dev.sm_count,
+                layer.dims.hp,
+                layer.dims.ip,
+                layer.top_k(),
+            )
+    }
+}
+
+impl Stage for DecodeStage {
+    fn name(&self) -> &'static str {
+        "fused_small_batch"
+    }
+    fn scratch(&self, layer: &Resident, cap: Capacity, plan: &mut ScratchPlan) {
+        plan.need(Slot::Inter, cap.pairs * layer.dims.ip * 4);
+        plan.need(Slot::GridBarrier, 8);
+    }
+    fn enqueue(&self, run: &Run<'_>) -> Result<()> {
+        let l = run.layer;
+        let d = l.dims;
+        let (alpha, beta, limit) = moe_gemm::activation_params(&l.cfg.activation);
+        run.launch(
+            &self.kernel.0,
+            decode::shape(run.dev.sm_count, self.kernel.1),
+            &MoeDecode {
+                w13: In::new(l.w13.data.ptr()),
+                w13_scale: In::new(addr(&l.w13.scales)),
+                b13: In::new(addr(&l.w13.bias)),
+                w2: In::new(l.w2.data.ptr()),
+                w2_scale: In::new(addr(&l.w2.scales)),
+                b2: In::new(addr(&l.w2.bias)),
+                x: In::new(run.call.hidden),
+                x_dtype: ElemCode::of(run.call.hidden_dtype)?.code(),
+                a1_scale: In::new(addr(&l.a1_scale)),
+                a2_scale: In::new(addr(&l.a2_scale)),
+                topk_ids: In::new(run.ids),
+                topk_w: In::new(run.weights),
+                llama4: run.llama4() as i32,
+                T: run.plan.tokens as i32,
+                K: l.top_k() as i32,
+                expert_start: l.cfg.local_experts.start as i32,
+                E_local: d.experts as i32,
+                H: d.hidden as i32,
+                Hp: d.hp as i32,
+                Ip: d.ip as i32,
+                inter: Out::new(run.slot(Slot::Inter)?),
+                barrier: Out::new(run.slot(Slot::GridBarrier)?),
+                out: Out::new(run.call.out),
+                out_dtype: ElemCode::of(run.call.hidden_dtype)?.code(),
+                act_alpha: alpha,
+                act_beta: beta,
+                act_limit: limit,
             },
         )
     }

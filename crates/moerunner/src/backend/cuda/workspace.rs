@@ -33,6 +33,9 @@ pub enum Slot {
     InterScales,
     /// [P, Hp] GEMM2's rows.
     Z,
+    /// [2] u32: the fused small-batch kernel's grid barrier (zero at allocation; the kernel leaves
+    /// it ready for the next launch).
+    GridBarrier,
 }
 
 /// The token capacity a workspace is sized for.
