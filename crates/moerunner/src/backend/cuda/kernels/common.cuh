@@ -76,6 +76,26 @@ __device__ __forceinline__ float e4m3_block128_scale(u32 amax_bits) {
     return div_rn(__uint_as_float(m), 448.0f);
 }
 
+// The E2M1 code of v: formats/e2m1.rs `encode`'s comparisons (ties to even, saturating to 6, NaN -> 7), the
+// sign bit of v (so -0 -> 8). Both quantizers' (quant.cu, weight_quant.cu).
+__device__ __forceinline__ u32 e2m1_code(float v) {
+    const float a = fabsf(v);
+    const u32 code = a <= 0.25f ? 0u : a < 0.75f ? 1u : a <= 1.25f ? 2u : a < 1.75f ? 3u : a <= 2.5f ? 4u : a < 3.5f ? 5u : a <= 5.0f ? 6u : 7u;
+    return code | ((__float_as_uint(v) >> 28) & 8u);
+}
+
+// max of the |x| bit patterns of v[0..16): monotonic for non-negative floats, NaN wins (weight_quant::amax);
+// zeros beyond a short row's valid elements do not change it
+__device__ __forceinline__ u32 amax_bits16(const float* v) {
+    u32 a = 0;
+#pragma unroll
+    for (int k = 0; k < 16; ++k) {
+        const u32 b = __float_as_uint(v[k]) & 0x7fffffffu;
+        a = b > a ? b : a;
+    }
+    return a;
+}
+
 // Loads element i of a row whose element type is `dtype` (ARG_DTYPE_*), as f32.
 __device__ __forceinline__ float load_as_f32(const void* p, int dtype, long long i) {
     if (dtype == ARG_DTYPE_F32) return ((const float*)p)[i];

@@ -25,7 +25,7 @@
 //            out_scales[row*(out_stride/128) + b] = S (prepare.rs `reexpress_e4m3`: exact above E4M3's
 //            subnormals)
 //   e4m3 = round to nearest even, saturating to ±448 (common.cuh f32_to_e4m3); e2m1 = round to nearest
-//   even, saturating to ±6 (qt_e2m1_code).
+//   even, saturating to ±6 (e2m1_code).
 //   One thread per 16 consecutive output columns (16-byte stores; 32 bytes in mode 0), 8 threads
 //   per 128-column block in modes 2 and 6 (amax reduced with shuffles among those 8 lanes), grid-stride over
 //   rows * out_stride / 16 items.
@@ -90,26 +90,9 @@ __device__ __forceinline__ uint4 qt_pack_e4m3(const float* v, float s) {
     return make_uint4(w[0], w[1], w[2], w[3]);
 }
 
-// E2M1 code of v (formats/e2m1.rs `encode`: the same comparisons, so NaN -> 7 with its sign)
-__device__ __forceinline__ u32 qt_e2m1_code(float v) {
-    const float a = fabsf(v);
-    const u32 code = a <= 0.25f ? 0u : a < 0.75f ? 1u : a <= 1.25f ? 2u : a < 1.75f ? 3u : a <= 2.5f ? 4u : a < 3.5f ? 5u : a <= 5.0f ? 6u : 7u;
-    return code | ((__float_as_uint(v) >> 28) & 8u);
-}
-// its value: the code's exponent and mantissa bits placed into an f32 (value x 2^-126, subnormal for codes 0, 1)
+// an E2M1 code's value: the code's exponent and mantissa bits placed into an f32 (value x 2^-126, subnormal for codes 0, 1)
 __device__ __forceinline__ float qt_e2m1_value(u32 code) {
     return __uint_as_float(((code & 7u) << 22) | ((code & 8u) << 28)) * __uint_as_float(0x7E800000u);
-}
-
-// |x| bit patterns' max: monotonic for non-negative floats, NaN wins (weight_quant::amax)
-__device__ __forceinline__ u32 qt_amax_bits(const float* v) {
-    u32 a = 0;
-#pragma unroll
-    for (int k = 0; k < 16; ++k) {
-        const u32 b = __float_as_uint(v[k]) & 0x7fffffffu;
-        a = b > a ? b : a;
-    }
-    return a;
 }
 
 // ue8m0::encode_ceil(s) as its scale 2^c (c the smallest with 2^c >= s, clamped to -127..127; s <= 0 or NaN:
@@ -128,13 +111,13 @@ __device__ __forceinline__ float qt_ceil_pow2(float s) {
 
 // 16 values of one nvfp4 block with global g -> 16 bf16 (the element times the decoded block scale)
 __device__ __forceinline__ void qt_nvfp4_block(const float* v, float g, u16* o) {
-    const float amax = __uint_as_float(qt_amax_bits(v));
+    const float amax = __uint_as_float(amax_bits16(v));
     const u8 b = f32_to_e4m3(div_rn(div_rn(amax, 6.0f), g));
     const float sdec = e4m3_to_f32(b);
     const float s = sdec * g;
 #pragma unroll
     for (int k = 0; k < 16; ++k) {
-        const u32 code = s == 0.0f ? 0u : qt_e2m1_code(div_rn(v[k], s));
+        const u32 code = s == 0.0f ? 0u : e2m1_code(div_rn(v[k], s));
         o[k] = f32_to_bf16(qt_e2m1_value(code) * sdec);
     }
 }
@@ -166,7 +149,7 @@ extern "C" __global__ void quantize_rows(const void* x, int x_dtype, int rows, i
             for (int ch = threadIdx.x; ch < chunks; ch += blockDim.x) {
                 float v[16];
                 qt_load16(x, x_dtype, row * in_stride, ch * 16, cols, v);
-                const u32 b = qt_amax_bits(v);
+                const u32 b = amax_bits16(v);
                 a = b > a ? b : a;
             }
 #pragma unroll
@@ -215,7 +198,7 @@ extern "C" __global__ void quantize_rows(const void* x, int x_dtype, int rows, i
             *(uint4*)((u8*)out + row * out_stride + c0) = qt_pack_e4m3(v, stat);
         } else if (mode == 3) {
             // the 32-column block's amax from this lane and its neighbour (lanes 2i, 2i+1: columns 32i..32i+31)
-            u32 a = qt_amax_bits(v);
+            u32 a = amax_bits16(v);
             const u32 b = __shfl_xor_sync(0x3u << (lane & 30), a, 1);
             a = b > a ? b : a;
             const float amax = __uint_as_float(a);
@@ -228,7 +211,7 @@ extern "C" __global__ void quantize_rows(const void* x, int x_dtype, int rows, i
         } else if (mode == 6) {
             // mode 3's 32-column block scale s (lanes 2i, 2i+1), then the 128-column block's largest S
             // (the 8 lanes of the block): elements e4m3(e4m3(x / s) * (s / S)), the block's scale S
-            u32 a = qt_amax_bits(v);
+            u32 a = amax_bits16(v);
             const u32 b = __shfl_xor_sync(0x3u << (lane & 30), a, 1);
             a = b > a ? b : a;
             const float s = a == 0u ? __uint_as_float(1u << 22) : qt_ceil_pow2(div_rn(__uint_as_float(a), 448.0f));

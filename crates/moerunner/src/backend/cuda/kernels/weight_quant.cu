@@ -61,13 +61,6 @@ __device__ __forceinline__ u32 wq_e4m3x2(float lo, float hi) {
     return (u32)pair;
 }
 
-// formats/e2m1.rs `encode`: the same comparisons; the sign bit of v (so -0 -> 8)
-__device__ __forceinline__ u32 wq_e2m1_code(float v) {
-    const float a = fabsf(v);
-    const u32 code = a <= 0.25f ? 0u : a < 0.75f ? 1u : a <= 1.25f ? 2u : a < 1.75f ? 3u : a <= 2.5f ? 4u : a < 3.5f ? 5u : a <= 5.0f ? 6u : 7u;
-    return code | ((__float_as_uint(v) >> 28) & 8u);
-}
-
 // ue8m0::encode_ceil(s): the byte c + 127 of the smallest 2^c >= s, c clamped to -127..127 (s <= 0: 0)
 __device__ __forceinline__ u32 wq_ue8m0_ceil(float s) {
     if (!(s > 0.0f)) return 0u;
@@ -118,18 +111,7 @@ __device__ __forceinline__ void wq_load16(const void* p, int dtype, long long i,
     for (int k = 0; k < 16; ++k) v[k] = k < n ? load_as_f32(p, dtype, i + k) : 0.0f;
 }
 
-// max of the |x| bit patterns of v[0..16) (zeros beyond the valid elements do not change it)
-__device__ __forceinline__ u32 wq_amax_bits(const float* v) {
-    u32 a = 0;
-#pragma unroll
-    for (int k = 0; k < 16; ++k) {
-        const u32 b = __float_as_uint(v[k]) & 0x7fffffffu;
-        a = b > a ? b : a;
-    }
-    return a;
-}
-
-// Called when wq_amax_bits(v) says a non-finite value is among v[0..n): records the first one's index.
+// Called when amax_bits16(v) says a non-finite value is among v[0..n): records the first one's index.
 // (Inlined and unrolled so that v stays in registers.)
 __device__ __forceinline__ void wq_report(const float* v, int n, long long index0, u64* bad) {
     int first = 16;
@@ -177,7 +159,7 @@ __device__ __forceinline__ uint2 wq_e2m1x16(const float* v, S s) {
     u32 w[2] = {0u, 0u};
     if (!s.is_zero()) {
 #pragma unroll
-        for (int k = 0; k < 16; ++k) w[k >> 3] |= wq_e2m1_code(s.divide(v[k])) << (4 * (k & 7));
+        for (int k = 0; k < 16; ++k) w[k >> 3] |= e2m1_code(s.divide(v[k])) << (4 * (k & 7));
     }
     return make_uint2(w[0], w[1]);
 }
@@ -216,7 +198,7 @@ extern "C" __global__ void __launch_bounds__(256) weight_amax(const void* src, i
         const int n = per_expert - i0 < 16 ? (int)(per_expert - i0) : 16;
         float v[16];
         wq_load16(src, src_dtype, base + i0, n, v);
-        const u32 b = wq_amax_bits(v);
+        const u32 b = amax_bits16(v);
         if (b >= WQ_INF_BITS) wq_report(v, n, (first_expert + e) * per_expert + i0, bad);
         a = b > a ? b : a;
     }
@@ -251,7 +233,7 @@ extern "C" __global__ void __launch_bounds__(256) quantize_weight_rows(
         const int n = per_expert - i0 < 16 ? (int)(per_expert - i0) : 16;
         float v[16];
         wq_load16(src, src_dtype, base + i0, n, v);
-        u32 a = wq_amax_bits(v);
+        u32 a = amax_bits16(v);
         if (a >= WQ_INF_BITS) wq_report(v, n, (first_expert + e) * per_expert + i0, bad);
         if (mode == 0) {
             wq_store16(out + base + i0, wq_e4m3x16(v, Scale{expert_scale}), n);
@@ -297,7 +279,7 @@ extern "C" __global__ void __launch_bounds__(256) quantize_weight_block128(const
         const int nr = r < rows ? n : 0;
         const long long i0 = (long long)r * cols + c0;
         wq_load16(src, src_dtype, base + i0, nr, v[j]);
-        const u32 b = wq_amax_bits(v[j]);
+        const u32 b = amax_bits16(v[j]);
         if (b >= WQ_INF_BITS) wq_report(v[j], nr, (first_expert + e) * rows * (long long)cols + i0, bad);
         a = b > a ? b : a;
     }
