@@ -86,7 +86,7 @@ pub struct BenchRow {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub kernel_path: Option<String>,
     /// The GEMM tactic the call took where the backend has tactics (`LoadedLayer::tactic`: on the
-    /// GPU `bn 64` or `bn 128 ws 1/1`, tuned or the default).
+    /// GPU `bn 64` or `bn 128 ws 1/1`, tuned or the default, or `fused_small_batch`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tactic: Option<String>,
 }

@@ -71,7 +71,8 @@ pub trait LoadedLayer: Send + Sync {
         None
     }
     /// The GEMM tactic a call of `tokens` tokens takes, where the backend has tactics (the GPU's
-    /// token-tile width and main loops, `backend/cuda/tactics.rs`); for bench rows.
+    /// token-tile width and main loops, `backend/cuda/tactics.rs`, or `fused_small_batch` where the
+    /// call runs the GPU's fused small-batch kernel instead of the GEMMs); for bench rows.
     fn tactic(&self, _tokens: usize) -> Option<String> {
         None
     }

@@ -559,6 +559,9 @@ impl LoadedLayer for CudaLayer {
     }
     fn tactic(&self, tokens: usize) -> Option<String> {
         let part = tokens.min(self.max_tokens_per_launch());
+        if self.takes_fused_small_batch(part) {
+            return Some("fused_small_batch".into());
+        }
         Some(match self.tactic_for(part) {
             Ok(t) => t.label(),
             Err(e) => e.to_string(),
