@@ -282,9 +282,14 @@ impl Pipeline {
 /// whatever the bytes; 0: never) when set, else the format's measured default
 /// (`DecodeVariant::default_limits`).
 fn decode_limits(v: DecodeVariant) -> Result<Option<(usize, usize)>> {
-    match std::env::var("MOERUNNER_DECODE_PAIRS") {
-        Err(_) => Ok(Some(v.default_limits())),
-        Ok(s) => match s.trim().parse::<usize>() {
+    decode_limits_from(std::env::var("MOERUNNER_DECODE_PAIRS").ok().as_deref(), v)
+}
+
+/// [`decode_limits`] for the variable's value (None: unset).
+fn decode_limits_from(value: Option<&str>, v: DecodeVariant) -> Result<Option<(usize, usize)>> {
+    match value {
+        None => Ok(Some(v.default_limits())),
+        Some(s) => match s.trim().parse::<usize>() {
             Ok(0) => Ok(None),
             Ok(n) => Ok(Some((n, usize::MAX))),
             Err(_) => Err(MoeError::Cuda(format!(
@@ -925,5 +930,35 @@ impl Stage for DecodeStage {
                 act_limit: limit,
             },
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::cuda::codec::codec_of;
+    use crate::config::{ActivationFormat, WeightFormat};
+
+    /// `MOERUNNER_DECODE_PAIRS`: unset, the format's measured limits; a number, that many pairs
+    /// whatever the bytes; 0, no fused kernel; anything else, an error naming the variable.
+    #[test]
+    fn decode_pairs_variable_sets_the_fused_kernels_limits() {
+        let codec = codec_of(WeightFormat::Fp8Block, ActivationFormat::Fp8Block).expect("codec");
+        let v = DecodeVariant::for_codec(codec, moe_gemm::GemmStage::Gated { act: 0 })
+            .expect("fp8_block is served");
+        assert_eq!(
+            decode_limits_from(None, v).unwrap(),
+            Some(v.default_limits())
+        );
+        assert_eq!(
+            decode_limits_from(Some(" 24 "), v).unwrap(),
+            Some((24, usize::MAX))
+        );
+        assert_eq!(decode_limits_from(Some("0"), v).unwrap(), None);
+        let err = decode_limits_from(Some("lots"), v).unwrap_err().to_string();
+        assert!(
+            err.contains("MOERUNNER_DECODE_PAIRS") && err.contains("lots"),
+            "{err}"
+        );
     }
 }

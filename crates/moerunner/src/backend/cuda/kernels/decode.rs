@@ -80,7 +80,8 @@ impl DecodeVariant {
         Self::for_codec(codec, GemmStage::for_activation(&cfg.activation))
     }
 
-    fn for_codec(codec: &Codec, stage: GemmStage) -> Option<DecodeVariant> {
+    /// The form for `codec` with GEMM1's epilogue `stage`, or None where the kernel does not serve it.
+    pub fn for_codec(codec: &Codec, stage: GemmStage) -> Option<DecodeVariant> {
         let served = matches!(
             (
                 codec.gemm,
