@@ -36,7 +36,7 @@
 // quant.cu mode 2 do.
 //
 // Work: phase 1 items (pair p, feature f) -> one warp computes the feature's gate and up rows (relu2: features
-// f and f + 1) against the pair's token row; phase 2 items (token t, row h) -> one warp computes y_j for the
+// 2f and 2f + 1) against the pair's token row; phase 2 items (token t, row h) -> one warp computes y_j for the
 // token's K slots, DC_SLOTS rows at a time, and combines them. Each CTA takes a contiguous range of each phase's
 // items, so it stages (shared memory) the input rows, and then the quantized intermediate rows, of the few
 // tokens its range touches.
