@@ -243,13 +243,8 @@ extern "C" __global__ void quantize_rows(const void* x, int x_dtype, int rows, i
             qt_store16_bf16(out, row * out_stride + c0, o);
             if (ch == 0) out_scales[row] = stat;
         } else {
-            // amax as the max of |x| bit patterns: monotonic for non-negative floats, NaN wins.
-            u32 a = 0;
-#pragma unroll
-            for (int k = 0; k < 16; ++k) {
-                const u32 b = __float_as_uint(v[k]) & 0x7fffffffu;
-                a = b > a ? b : a;
-            }
+            // the 128-column block's amax over its 8 lanes
+            u32 a = amax_bits16(v);
 #pragma unroll
             for (int o = 4; o > 0; o >>= 1) {
                 const u32 b = __shfl_xor_sync(group_mask, a, o);
