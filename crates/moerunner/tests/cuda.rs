@@ -523,6 +523,24 @@ fn cuda() -> BackendChoice {
     BackendChoice::Named("cuda".into())
 }
 
+/// The routes the CPU resolves for `input` on `layer` (the reference's, and what GPU routing must
+/// reproduce).
+fn reference_routes(
+    layer: &moerunner::MoeLayer,
+    input: &moerunner::synth::SynthInput,
+    tokens: usize,
+) -> Routes {
+    let cfg = layer.config();
+    routing::resolve(
+        &cfg.routing,
+        cfg.num_experts,
+        tokens,
+        &input.routing_input(),
+        layer.weights().router_bias.as_deref(),
+    )
+    .expect("routes")
+}
+
 /// Runs `cfg` on the GPU for `tokens` tokens and compares (a sample of at most `sample` tokens)
 /// with the float64 reference. Returns the relative error.
 fn gpu_vs_reference(
@@ -548,14 +566,7 @@ fn gpu_vs_reference(
         return 0.0;
     }
     let x = input.hidden.to_f32_vec("hidden").expect("x");
-    let routes = routing::resolve(
-        &cfg.routing,
-        cfg.num_experts,
-        tokens,
-        &input.routing_input(),
-        layer.weights().router_bias.as_deref(),
-    )
-    .expect("routes");
+    let routes = reference_routes(&layer, &input, tokens);
     if mode == RoutingMode::Logits {
         assert_eq!(
             out.routes.ids, routes.ids,
@@ -2580,23 +2591,15 @@ fn gpu_tuned_tactics_are_bit_identical_to_the_default() {
     }
 }
 
-/// The reference output of `layer` for `input` (all tokens), as f64.
+/// The reference output of `layer` for `input` (all tokens, routed on the CPU), as f64.
 #[cfg(feature = "cuda")]
 fn reference_of(
     layer: &moerunner::MoeLayer,
     input: &moerunner::synth::SynthInput,
     tokens: usize,
 ) -> Vec<f64> {
-    let cfg = layer.config();
     let x = input.hidden.to_f32_vec("hidden").expect("x");
-    let routes = routing::resolve(
-        &cfg.routing,
-        cfg.num_experts,
-        tokens,
-        &input.routing_input(),
-        layer.weights().router_bias.as_deref(),
-    )
-    .expect("routes");
+    let routes = reference_routes(layer, input, tokens);
     let all: Vec<usize> = (0..tokens).collect();
     reference::forward_tokens(layer, &x, &routes, &all).expect("reference")
 }
