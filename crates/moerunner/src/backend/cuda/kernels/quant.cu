@@ -37,7 +37,7 @@
 //   becomes 1e-10, as on the CPU).
 // ---------------------------------------------------------------------------------------------------
 
-#define QT_NVFP4_GLOBAL_DIVISOR 2688.0f  // 448 * 6
+#include "quant_rows.cuh"
 
 // v[0..16) = x[base + c0 .. base + c0 + 16), zero at columns >= cols.
 __device__ __forceinline__ void qt_load16(const void* x, int dtype, long long base, int c0, int cols, float* v) {
@@ -88,38 +88,6 @@ __device__ __forceinline__ uint4 qt_pack_e4m3(const float* v, float s) {
                ((u32)f32_to_e4m3(div_rn(v[4 * k + 2], s)) << 16) | ((u32)f32_to_e4m3(div_rn(v[4 * k + 3], s)) << 24);
     }
     return make_uint4(w[0], w[1], w[2], w[3]);
-}
-
-// an E2M1 code's value: the code's exponent and mantissa bits placed into an f32 (value x 2^-126, subnormal for codes 0, 1)
-__device__ __forceinline__ float qt_e2m1_value(u32 code) {
-    return __uint_as_float(((code & 7u) << 22) | ((code & 8u) << 28)) * __uint_as_float(0x7E800000u);
-}
-
-// ue8m0::encode_ceil(s) as its scale 2^c (c the smallest with 2^c >= s, clamped to -127..127; s <= 0 or NaN:
-// 2^-127, the scale of byte 0)
-__device__ __forceinline__ float qt_ceil_pow2(float s) {
-    if (!(s > 0.0f)) return __uint_as_float(1u << 22);
-    const u32 bits = __float_as_uint(s);
-    const int exp_field = (int)(bits >> 23);
-    int c;
-    if (exp_field == 0) c = s > __uint_as_float(1u << 22) ? -126 : -127;
-    else if (exp_field == 255) c = 127;
-    else c = exp_field - 127 + ((bits & 0x7fffffu) ? 1 : 0);
-    c = c < -127 ? -127 : (c > 127 ? 127 : c);
-    return c == -127 ? __uint_as_float(1u << 22) : __uint_as_float((u32)(c + 127) << 23);
-}
-
-// 16 values of one nvfp4 block with global g -> 16 bf16 (the element times the decoded block scale)
-__device__ __forceinline__ void qt_nvfp4_block(const float* v, float g, u16* o) {
-    const float amax = __uint_as_float(amax_bits16(v));
-    const u8 b = f32_to_e4m3(div_rn(div_rn(amax, 6.0f), g));
-    const float sdec = e4m3_to_f32(b);
-    const float s = sdec * g;
-#pragma unroll
-    for (int k = 0; k < 16; ++k) {
-        const u32 code = s == 0.0f ? 0u : e2m1_code(div_rn(v[k], s));
-        o[k] = f32_to_bf16(qt_e2m1_value(code) * sdec);
-    }
 }
 
 __device__ __forceinline__ void qt_store16_bf16(void* out, long long idx, const u16* o) {
@@ -201,12 +169,10 @@ extern "C" __global__ void quantize_rows(const void* x, int x_dtype, int rows, i
             u32 a = amax_bits16(v);
             const u32 b = __shfl_xor_sync(0x3u << (lane & 30), a, 1);
             a = b > a ? b : a;
-            const float amax = __uint_as_float(a);
-            // amax = 0 -> byte 0; NaN -> encode_ceil(NaN) = byte 0 as well
-            const float s = a == 0u ? __uint_as_float(1u << 22) : qt_ceil_pow2(div_rn(amax, 448.0f));
+            const float s = qt_mxfp8_scale(a);
             u16 o[16];
 #pragma unroll
-            for (int k = 0; k < 16; ++k) o[k] = f32_to_bf16(e4m3_to_f32(f32_to_e4m3(div_rn(v[k], s))) * s);
+            for (int k = 0; k < 16; ++k) o[k] = qt_mxfp8_as_bf16(v[k], s);
             qt_store16_bf16(out, row * out_stride + c0, o);
         } else if (mode == 6) {
             // mode 3's 32-column block scale s (lanes 2i, 2i+1), then the 128-column block's largest S
@@ -214,7 +180,7 @@ extern "C" __global__ void quantize_rows(const void* x, int x_dtype, int rows, i
             u32 a = amax_bits16(v);
             const u32 b = __shfl_xor_sync(0x3u << (lane & 30), a, 1);
             a = b > a ? b : a;
-            const float s = a == 0u ? __uint_as_float(1u << 22) : qt_ceil_pow2(div_rn(__uint_as_float(a), 448.0f));
+            const float s = qt_mxfp8_scale(a);
             u32 top = __float_as_uint(s);  // powers of two: bit patterns order as values
 #pragma unroll
             for (int o = 2; o < 8; o <<= 1) {

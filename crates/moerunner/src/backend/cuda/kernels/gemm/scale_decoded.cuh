@@ -23,7 +23,9 @@
 //                    first element 16q + 2t + 8(k%2)) has the first element in nibble k, the second in nibble k+4,
 //                    so one shift and two masks make the bf16 pair
 // Scale bytes of a row: MX 2 (the factors of the step's elements 0..31 and 32..63), NVFP4 4 (of each 16).
-// (Members of every format piece: gemm/scale_bf16.cuh; these add W_ROW_BYTES, S_ROW_BYTES and decode_row.)
+// (Members of every format piece: gemm/scale_bf16.cuh; these add W_ROW_BYTES, S_ROW_BYTES, decode_row from shared
+// memory and decode from registers (Chunk: a thread's element bytes of a row's step; the fused small-batch kernel
+// loads them from global memory itself, decode.cu).)
 #pragma once
 #include "gemm/scale_bf16.cuh"
 
@@ -64,9 +66,12 @@ struct FmtDecoded {
 // the stage's BM rows of element bytes and of scale bytes.
 struct FmtMxfp8 : FmtDecoded {
     enum : int { W_ROW_BYTES = 64, S_ROW_BYTES = 2 };
+    using Chunk = uint4;  // a thread's element bytes of a row's K step
     static __device__ __forceinline__ void decode_row(const u8* elems, const u8* scales, int r, int t, u32 (&a)[4][2]) {
-        const uint4 w = *(const uint4*)(elems + r * W_ROW_BYTES + t * 16);
-        const u32 sb = *(const u16*)(scales + r * S_ROW_BYTES);
+        decode(*(const uint4*)(elems + r * W_ROW_BYTES + t * 16), *(const u16*)(scales + r * S_ROW_BYTES), a);
+    }
+    // w: thread t's element bytes of the row's step, sb: the row's scale bytes of the step
+    static __device__ __forceinline__ void decode(uint4 w, u32 sb, u32 (&a)[4][2]) {
         const u32 f[2] = {dec_exp_pair(sb & 0xFFu), dec_exp_pair(sb >> 8)};
         const u32 words[4] = {w.x, w.y, w.z, w.w};
 #pragma unroll
@@ -92,9 +97,11 @@ __device__ __forceinline__ void dec_e2m1_row(uint2 w, const u32 (&f)[4], u32 (&a
 
 struct FmtMxfp4 : FmtDecoded {
     enum : int { W_ROW_BYTES = 32, S_ROW_BYTES = 2 };
+    using Chunk = uint2;
     static __device__ __forceinline__ void decode_row(const u8* elems, const u8* scales, int r, int t, u32 (&a)[4][2]) {
-        const uint2 w = *(const uint2*)(elems + r * W_ROW_BYTES + t * 8);
-        const u32 sb = *(const u16*)(scales + r * S_ROW_BYTES);
+        decode(*(const uint2*)(elems + r * W_ROW_BYTES + t * 8), *(const u16*)(scales + r * S_ROW_BYTES), a);
+    }
+    static __device__ __forceinline__ void decode(uint2 w, u32 sb, u32 (&a)[4][2]) {
         const u32 f0 = dec_exp_pair(sb & 0xFFu), f1 = dec_exp_pair(sb >> 8);
         const u32 f[4] = {f0, f0, f1, f1};
         dec_e2m1_row(w, f, a);
@@ -104,9 +111,11 @@ struct FmtMxfp4 : FmtDecoded {
 struct FmtNvfp4 : FmtDecoded {
     enum : int { W_ROW_BYTES = 32, S_ROW_BYTES = 4 };
     enum : bool { COL_SCALE = true };  // the activation globals, per column
+    using Chunk = uint2;
     static __device__ __forceinline__ void decode_row(const u8* elems, const u8* scales, int r, int t, u32 (&a)[4][2]) {
-        const uint2 w = *(const uint2*)(elems + r * W_ROW_BYTES + t * 8);
-        const u32 sb = *(const u32*)(scales + r * S_ROW_BYTES);
+        decode(*(const uint2*)(elems + r * W_ROW_BYTES + t * 8), *(const u32*)(scales + r * S_ROW_BYTES), a);
+    }
+    static __device__ __forceinline__ void decode(uint2 w, u32 sb, u32 (&a)[4][2]) {
         u32 f[4];
 #pragma unroll
         for (int q = 0; q < 4; ++q) f[q] = dec_code_pair((sb >> (8 * q)) & 0xFFu);
