@@ -2604,9 +2604,11 @@ fn reference_of(
     reference::forward_tokens(layer, &x, &routes, &all).expect("reference")
 }
 
-/// The fused small-batch kernel (decode.cu, `moe_decode`): for every format it serves × activation × three
-/// routing methods (Llama-4's weight on GEMM1's input, DeepSeek's grouped top-8), T = 1..3, bf16 /
-/// f32 / f16 inputs, with and without biases, logits and routed ids, I padded (200 → 256), a call
+/// The fused small-batch kernel (decode.cu, `moe_decode`): for every format it serves (both bodies:
+/// the stored formats and the tiled microscaling ones) × activation × three routing methods
+/// (Llama-4's weight on GEMM1's input, DeepSeek's grouped top-8), T = 1..3, bf16 / f32 / f16
+/// inputs, with and without biases, logits and routed ids, I padded (200 → 256; the microscaling
+/// formats H = 352 → 384 and I = 224 → 256), a call
 /// takes it and meets the float64 reference, and so does the standard pipeline on the same layer
 /// and input; on an expert-parallel rank (some slots elsewhere) likewise. (A NaN token on the fused
 /// path: `gpu_a_nan_token_stays_in_its_own_row`.)
@@ -2661,7 +2663,19 @@ fn gpu_fused_small_batch_meets_the_reference() {
         (WeightFormat::Bf16, ActivationFormat::Bf16),
         (WeightFormat::Fp8, ActivationFormat::Fp8),
         (WeightFormat::Fp8Block, ActivationFormat::Fp8Block),
+        (WeightFormat::Mxfp8, ActivationFormat::Mxfp8),
+        (WeightFormat::Mxfp4, ActivationFormat::Bf16),
+        (WeightFormat::Mxfp4, ActivationFormat::Mxfp8),
+        (WeightFormat::Nvfp4, ActivationFormat::Nvfp4),
+        (WeightFormat::Nvfp4, ActivationFormat::Nvfp4PerToken),
     ] {
+        // the microscaling formats need whole 32-blocks along K; H = 352 leaves output rows of a
+        // 16-row group past H (padded to 384) and I = 224 a padded intermediate (256)
+        let (hidden, inter) = if codec.0.k_block().is_some_and(|b| b <= 32) {
+            (352, 224)
+        } else {
+            (384, 200)
+        };
         for act in ACTIVATIONS {
             for (method, k) in [
                 (RoutingMethod::Renormalize, 4),
@@ -2676,7 +2690,7 @@ fn gpu_fused_small_batch_meets_the_reference() {
                     routing.topk_group = 2;
                     routing.routed_scaling_factor = 2.5;
                 }
-                let cfg = config_codec(codec, 16, 384, 200, act, routing);
+                let cfg = config_codec(codec, 16, hidden, inter, act, routing);
                 let layer = Arc::new(random_layer(&cfg, seed, n % 2 == 0).expect("layer"));
                 let tokens = 1 + (n as usize % 3);
                 let dtype = [DType::BF16, DType::F32, DType::F16][n as usize % 3];
@@ -2699,7 +2713,7 @@ fn gpu_fused_small_batch_meets_the_reference() {
             codec,
             16,
             256,
-            256,
+            224,
             Activation::Swiglu,
             RoutingConfig::new(RoutingMethod::Renormalize, 4),
         );

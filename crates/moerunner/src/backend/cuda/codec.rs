@@ -71,6 +71,14 @@ impl GemmFormat {
             _ => 1,
         }
     }
+    /// Bytes of one expert's prepared `rows` × `cols` (padded) weights as the kernels stream them:
+    /// the elements, and for the decoded formats the scale bytes tiled among them.
+    pub fn prepared_bytes(self, rows: usize, cols: usize) -> usize {
+        match self.decoded_row_bytes() {
+            Some((wb, sb)) => rows * (cols / 64) * (wb + sb),
+            None => rows * cols * self.weight_element_bytes(),
+        }
+    }
 }
 
 /// How rows are quantized on the GPU before a GEMM reads them (quant.cu's `mode`).
@@ -439,6 +447,7 @@ pub fn supports_lines() -> Vec<String> {
             "all ten routing methods on the GPU, routed ids+weights and packed",
             "swiglu, geglu, swiglu_oai, relu2; biases; every W13 order",
             "EP and TP ranks (partial sums)",
+            "calls of few pairs: one fused kernel after routing (every pairing but mxfp8 [e4m3_block]; MOERUNNER_DECODE_PAIRS)",
             "a pairing listed twice runs the first [path] (without wgmma: the first with an mma.sync loop) unless MOERUNNER_GEMM_FORMAT names the other",
         ]
         .map(String::from),

@@ -37,8 +37,10 @@ macro_rules! piece {
 /// translation unit (the cache key and the source kept beside a cached binary cover every piece)
 /// while its diagnostics and line info name the real files. The pasting ignores `#if`: a piece
 /// included under a condition must be included nowhere else.
-pub const HEADERS: [(&str, &str); 15] = [
+pub const HEADERS: [(&str, &str); 17] = [
     piece!("quant_rows.cuh"),
+    piece!("decode_tiled.cuh"),
+    piece!("decode_tiled_body.cuh"),
     piece!("gemm/config.cuh"),
     piece!("gemm/ptx.cuh"),
     piece!("gemm/wgmma.cuh"),

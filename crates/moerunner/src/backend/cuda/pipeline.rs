@@ -872,7 +872,8 @@ fn load_decode(dev: &Device, v: DecodeVariant, layer: &Resident) -> Result<(Cuda
 impl DecodeStage {
     fn takes(&self, dev: &Device, layer: &Resident, pairs: usize) -> bool {
         let d = layer.dims;
-        let expert_bytes = (d.m1p() * d.hp + d.hp * d.ip) * layer.codec.gemm.weight_element_bytes();
+        let gemm = layer.codec.gemm;
+        let expert_bytes = gemm.prepared_bytes(d.m1p(), d.hp) + gemm.prepared_bytes(d.hp, d.ip);
         pairs <= self.max_pairs.load(Ordering::Relaxed)
             && pairs.saturating_mul(expert_bytes) <= self.max_bytes.load(Ordering::Relaxed)
             && self.variant.fits(

@@ -33,7 +33,11 @@
 // WFMT_E4M3_BLOCK, -DEPILOGUE=EPI_GATED|EPI_RELU2, -DACT=..., -DSTORE=STORE_BF16|STORE_F32|STORE_E4M3 as the
 // GEMM's GEMM1 (gemm/config.cuh); the intermediate is rounded to bf16, quantized e4m3 with a2_scale, or
 // requantized 1x128 (STORE_F32: the fp8 block format) exactly as the standard pipeline's GEMM1 store and
-// quant.cu mode 2 do.
+// quant.cu mode 2 do. The tiled formats (WFMT_MXFP8|WFMT_MXFP4|WFMT_NVFP4, the weights as weight preparation
+// tiles them for the GEMM) have a body of their own (decode_tiled.cuh, decode_tiled_body.cuh: 16-row groups
+// instead of single rows), compiled with -DIN_QUANT and -DINTER_QUANT (quant.cu's modes 0, 3, 4, 5) in place of
+// -DSTORE; a2_scale / a1_scale are then nvfp4's static activation globals, w13_scale / w2_scale the experts'
+// epilogue factors. The rest of this comment describes the stored formats' body.
 //
 // Work: phase 1 items (pair p, feature f) -> one warp computes the feature's gate and up rows (relu2: features
 // 2f and 2f + 1) against the pair's token row; phase 2 items (token t, row h) -> one warp computes y_j for the
@@ -45,6 +49,12 @@
 // Limits (the host checks): T*K <= grid size, so a CTA's range spans at most two tokens per phase.
 // ---------------------------------------------------------------------------------------------------
 
+// the tiled (microscaling) formats: their own body (decode_tiled.cuh); gemm/config.cuh ties their format pieces to
+// the GEMM's register-sourced main loop, whose names this kernel borrows without running it
+#define DC_TILED (WEIGHT_FORMAT >= WFMT_MXFP8)
+#if DC_TILED && !defined(MAINLOOP)
+#define MAINLOOP MAINLOOP_WGMMA_RS
+#endif
 #include "gemm/config.cuh"
 #include "gemm/epilogue.cuh"
 
@@ -54,15 +64,6 @@
 #define DC_UNROLL2 4  // phase 2 (DC_SLOTS rows)
 #define DC_SLOTS 4   // GEMM2 rows (slots) a warp computes together
 #define DC_PREFETCH_L2_BYTES (24ll << 20)
-
-#if WEIGHT_FORMAT == WFMT_BF16
-#define DC_ESZ 2
-#elif WEIGHT_FORMAT == WFMT_E4M3_TENSOR || WEIGHT_FORMAT == WFMT_E4M3_BLOCK
-#define DC_ESZ 1
-#else
-#error "moe_decode: bf16, e4m3 per tensor and e4m3 block formats only"
-#endif
-#define DC_BLOCK (WEIGHT_FORMAT == WFMT_E4M3_BLOCK)
 
 __device__ __forceinline__ uint4 dc_ldg_stream(const u8* p) {
     uint4 v;
@@ -78,6 +79,53 @@ __device__ __forceinline__ float dc_ldcg(const float* p) {
     asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(v) : "l"(p));
     return v;
 }
+
+// Grid-wide barrier (cooperative launch: every CTA is resident). bar[0] counts arrivals, bar[1] the generation:
+// the last arriver resets the count and bumps the generation the others wait on. A wait past ~2^26 sleeps (a
+// second or more: only a broken launch could cause it) traps, so the call fails instead of hanging.
+__device__ __forceinline__ void dc_grid_sync(u32* bar) {
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        volatile u32* gen = bar + 1;
+        const u32 g = *gen;
+        __threadfence();
+        if (atomicAdd(bar, 1u) == gridDim.x - 1) {
+            atomicExch(bar, 0u);
+            __threadfence();
+            atomicAdd(bar + 1, 1u);
+        } else {
+            u32 spins = 0;
+            while (*gen == g) {
+                asm volatile("nanosleep.u32 32;");
+                if (++spins == (1u << 26)) asm volatile("trap;");
+            }
+        }
+        __threadfence();
+    }
+    __syncthreads();
+}
+
+// [lo, hi) of `items` split evenly over the grid
+__device__ __forceinline__ void dc_range(long long items, long long& lo, long long& hi) {
+    const long long per = items / gridDim.x, extra = items % gridDim.x, b = blockIdx.x;
+    lo = b * per + (b < extra ? b : extra);
+    hi = lo + per + (b < extra ? 1 : 0);
+}
+
+__device__ __forceinline__ bool dc_local(const int* ids, int p, int expert_start, int E_local, int& e) {
+    e = ids[p] - expert_start;
+    return e >= 0 && e < E_local;
+}
+
+#if DC_TILED
+#include "decode_tiled.cuh"
+#else  // the stored-element formats' helpers
+#if WEIGHT_FORMAT == WFMT_BF16
+#define DC_ESZ 2
+#elif WEIGHT_FORMAT == WFMT_E4M3_TENSOR || WEIGHT_FORMAT == WFMT_E4M3_BLOCK
+#define DC_ESZ 1
+#endif
+#define DC_BLOCK (WEIGHT_FORMAT == WFMT_E4M3_BLOCK)
 
 // Two e4m3 bytes (low, high of the low 16 bits of w) as f32
 __device__ __forceinline__ void dc_e4m3x2(u32 w, float& lo, float& hi) {
@@ -154,43 +202,6 @@ __device__ __forceinline__ void dc_dots(const u8* const (&w)[NR], const u8* cons
     }
 }
 
-// Grid-wide barrier (cooperative launch: every CTA is resident). bar[0] counts arrivals, bar[1] the generation:
-// the last arriver resets the count and bumps the generation the others wait on. A wait past ~2^26 sleeps (a
-// second or more: only a broken launch could cause it) traps, so the call fails instead of hanging.
-__device__ __forceinline__ void dc_grid_sync(u32* bar) {
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        volatile u32* gen = bar + 1;
-        const u32 g = *gen;
-        __threadfence();
-        if (atomicAdd(bar, 1u) == gridDim.x - 1) {
-            atomicExch(bar, 0u);
-            __threadfence();
-            atomicAdd(bar + 1, 1u);
-        } else {
-            u32 spins = 0;
-            while (*gen == g) {
-                asm volatile("nanosleep.u32 32;");
-                if (++spins == (1u << 26)) asm volatile("trap;");
-            }
-        }
-        __threadfence();
-    }
-    __syncthreads();
-}
-
-// [lo, hi) of `items` split evenly over the grid
-__device__ __forceinline__ void dc_range(long long items, long long& lo, long long& hi) {
-    const long long per = items / gridDim.x, extra = items % gridDim.x, b = blockIdx.x;
-    lo = b * per + (b < extra ? b : extra);
-    hi = lo + per + (b < extra ? 1 : 0);
-}
-
-__device__ __forceinline__ bool dc_local(const int* ids, int p, int expert_start, int E_local, int& e) {
-    e = ids[p] - expert_start;
-    return e >= 0 && e < E_local;
-}
-
 // One 1x128 block of a row into e4m3 with its dynamic scale, as quant.cu mode 2: the warp's lanes hold v[k] =
 // element lane + 32 k; s = e4m3_block128_scale(max |x| bits), q = e4m3(x / s) into dst. Returns s.
 __device__ __forceinline__ float dc_quantize_block128(const float (&v)[4], u8* dst, int lane) {
@@ -236,6 +247,8 @@ __device__ __forceinline__ void dc_stage(u8* dst, int n, float scale, bool ieee_
     }
 }
 
+#endif  // DC_TILED
+
 extern "C" __global__ void __launch_bounds__(DC_THREADS, 1) moe_decode(
     const u8* __restrict__ w13, const float* __restrict__ w13_scale, const float* __restrict__ b13,
     const u8* __restrict__ w2, const float* __restrict__ w2_scale, const float* __restrict__ b2,
@@ -243,6 +256,9 @@ extern "C" __global__ void __launch_bounds__(DC_THREADS, 1) moe_decode(
     const int* __restrict__ topk_ids, const float* __restrict__ topk_w, int llama4, int T, int K, int expert_start,
     int E_local, int H, int Hp, int Ip, float* inter, u32* barrier, void* __restrict__ out, int out_dtype,
     float act_alpha, float act_beta, float act_limit) {
+#if DC_TILED
+#include "decode_tiled_body.cuh"
+#else
     extern __shared__ __align__(16) u8 smem[];  // operand elements, then block scales (f32)
     const int lane = threadIdx.x & 31;
     const int warp = threadIdx.x >> 5;
@@ -425,4 +441,5 @@ extern "C" __global__ void __launch_bounds__(DC_THREADS, 1) moe_decode(
         }
         if (lane == 0) store_from_f32(out, out_dtype, (long long)t * H + h, sum);
     }
+#endif  // DC_TILED
 }

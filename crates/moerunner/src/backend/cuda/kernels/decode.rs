@@ -1,6 +1,8 @@
 //! Launcher of `decode.cu`: the fused small-batch layer — GEMM1 with the activation, the
 //! intermediate's quantization, GEMM2 and the combine in one persistent, cooperative kernel after
-//! routing, the input's quantization included — and its compiled forms (`DecodeVariant`).
+//! routing, the input's quantization included — and its compiled forms (`DecodeVariant`): one
+//! body for the formats whose weights the kernel reads as stored (bf16, fp8, fp8_block), one for
+//! the tiled microscaling formats (`decode_tiled.cuh`: mxfp8, mxfp4, nvfp4).
 
 use super::super::codec::{Codec, GemmFormat, InterStore, RowQuant};
 use super::moe_gemm::GemmStage;
@@ -69,19 +71,50 @@ pub struct DecodeVariant {
     pub stage: GemmStage,
     /// How the intermediate becomes GEMM2's operand (the codec's `inter_store`).
     pub store: InterStore,
+    /// The tiled formats: how GEMM1's input and the intermediate are quantized (quant.cu's modes,
+    /// the codec's `input_quant` and `inter_requant`, bf16 where the intermediate is stored so);
+    /// None for the stored-element formats, whose format implies both.
+    pub tiled_quant: Option<(RowQuant, RowQuant)>,
+}
+
+/// The quantizers the tiled body stages rows with (`dt_stage`): bf16 and the microscaling
+/// activations held as bf16 values.
+fn stages_as_bf16(q: RowQuant) -> bool {
+    matches!(
+        q,
+        RowQuant::Bf16
+            | RowQuant::Mxfp8AsBf16
+            | RowQuant::Nvfp4StaticAsBf16
+            | RowQuant::Nvfp4TokenAsBf16
+    )
 }
 
 impl DecodeVariant {
     /// The form that runs a layer of `codec`, or None where the kernel does not serve its format:
     /// the stored-element formats whose intermediate is rounded to bf16, quantized with a static
-    /// scale or requantized 1×128 (bf16, fp8, fp8_block). The microscaling formats keep the standard
-    /// pipeline.
+    /// scale or requantized 1×128 (bf16, fp8, fp8_block), and the tiled microscaling formats with
+    /// bf16-valued activations (every codec but mxfp8 on the fp8 block-scale kernel).
     pub fn for_layer(codec: &Codec, cfg: &LayerConfig) -> Option<DecodeVariant> {
         Self::for_codec(codec, GemmStage::for_activation(&cfg.activation))
     }
 
     /// The form for `codec` with GEMM1's epilogue `stage`, or None where the kernel does not serve it.
     pub fn for_codec(codec: &Codec, stage: GemmStage) -> Option<DecodeVariant> {
+        if codec.gemm.decoded_row_bytes().is_some() {
+            let inter = match (codec.inter_store, codec.inter_requant) {
+                (InterStore::Bf16, None) => RowQuant::Bf16,
+                (InterStore::F32, Some(q)) => q,
+                _ => return None,
+            };
+            return (stages_as_bf16(codec.input_quant) && stages_as_bf16(inter)).then_some(
+                DecodeVariant {
+                    format: codec.gemm,
+                    stage,
+                    store: codec.inter_store,
+                    tiled_quant: Some((codec.input_quant, inter)),
+                },
+            );
+        }
         let served = matches!(
             (
                 codec.gemm,
@@ -107,6 +140,7 @@ impl DecodeVariant {
             format: codec.gemm,
             stage,
             store: codec.inter_store,
+            tiled_quant: None,
         })
     }
 
@@ -114,6 +148,9 @@ impl DecodeVariant {
         let format = match self.format {
             GemmFormat::Bf16 => "WFMT_BF16",
             GemmFormat::E4m3Tensor => "WFMT_E4M3_TENSOR",
+            GemmFormat::Mxfp8Decoded => "WFMT_MXFP8",
+            GemmFormat::Mxfp4Decoded => "WFMT_MXFP4",
+            GemmFormat::Nvfp4Decoded => "WFMT_NVFP4",
             _ => "WFMT_E4M3_BLOCK",
         };
         let store = match self.store {
@@ -130,7 +167,13 @@ impl DecodeVariant {
             }
             _ => d.push("-DEPILOGUE=EPI_RELU2".into()),
         }
-        d.push(format!("-DSTORE={store}"));
+        match self.tiled_quant {
+            Some((input, inter)) => {
+                d.push(format!("-DIN_QUANT={}", input.mode()));
+                d.push(format!("-DINTER_QUANT={}", inter.mode()));
+            }
+            None => d.push(format!("-DSTORE={store}")),
+        }
         d
     }
 
@@ -167,10 +210,15 @@ impl DecodeVariant {
     /// and 2 (bf16: 61.9 → 52.5 µs at T = 1; fp8_block 46.9 → 45.2) — and loses where the call
     /// streams hundreds of MB (deepseek-v3 at T = 1: 291 → 295 µs bf16, 188 → 201 fp8_block) or
     /// more pairs (qwen3 T = 4: 122 → 132 µs bf16). Per-tensor fp8's standard path was as fast or
-    /// faster at every size measured (qwen3 T = 1: 45.9 against 49.5 µs), so it stays there.
+    /// faster at every size measured (qwen3 T = 1: 45.9 against 49.5 µs), so it stays there. The
+    /// tiled body (the microscaling formats) lost to their standard pipeline on every row measured
+    /// (H100, 2026-12-07: qwen3-30b-a3b, gpt-oss-120b and nemotron-3-nano at T = 1, 2, 4, e.g.
+    /// qwen3 mxfp4 × bf16 T = 1 49.3 → 62.8 µs, nvfp4 53.9 → 86.7), so it runs only when asked for
+    /// (`MOERUNNER_DECODE_PAIRS`).
     pub fn default_limits(&self) -> (usize, usize) {
         match self.format {
             GemmFormat::E4m3Tensor => (0, 0),
+            _ if self.tiled_quant.is_some() => (0, 0),
             _ => (DEFAULT_MAX_PAIRS, DEFAULT_MAX_STREAM_BYTES),
         }
     }
@@ -181,8 +229,16 @@ impl DecodeVariant {
 
     /// Dynamic shared memory for a layer of `hp` × `ip` (padded) with `k` slots a token: the larger
     /// of phase 1's (two tokens' quantized input rows and block scales) and phase 2's (two tokens'
-    /// k quantized intermediate rows and block scales).
+    /// k quantized intermediate rows and block scales). The tiled body stages bf16 rows and one
+    /// global each, and keeps 16 partial sums for each unit of a batch (`decode_tiled.cuh`: at most
+    /// the warps, or k when k exceeds them).
     pub fn smem_bytes(&self, hp: usize, ip: usize, k: usize) -> usize {
+        if self.tiled_quant.is_some() {
+            let warps = THREADS as usize / 32;
+            let phase1 = 2 * hp * 2 + 16 + warps * 16 * 4;
+            let phase2 = 2 * k * ip * 2 + 2 * k * 4 + warps.max(k) * 16 * 4;
+            return phase1.max(phase2);
+        }
         let esz = self.format.weight_element_bytes();
         let scales = |cols: usize, rows: usize| {
             if self.block_scales() {
@@ -219,22 +275,41 @@ mod tests {
     use crate::backend::cuda::codec::{codec_of, CODECS};
     use crate::config::{ActivationFormat, WeightFormat};
 
-    /// bf16, fp8 and fp8_block have a fused form per GEMM1 epilogue; the microscaling formats (and
-    /// mxfp8 on the fp8 kernel, whose intermediate is requantized another way) do not.
+    /// Every codec has a fused form per GEMM1 epilogue but mxfp8 on the fp8 block-scale kernel
+    /// (its activations re-expressed per 128, which neither body stages): the stored-element
+    /// formats without quantizer defines, the tiled ones with their input's and intermediate's.
     #[test]
-    fn the_fused_kernel_serves_the_stored_element_formats() {
+    fn the_fused_kernel_serves_every_codec_but_mxfp8_on_the_fp8_kernel() {
         let all = DecodeVariant::all();
-        assert_eq!(all.len(), 3 * 4, "{all:?}");
+        assert_eq!(all.len(), (3 + 5) * 4, "{all:?}");
         for codec in CODECS {
-            let served = DecodeVariant::for_codec(codec, GemmStage::Relu2).is_some();
-            let want = matches!(
-                (codec.weight, codec.activation),
-                (WeightFormat::Bf16, ActivationFormat::Bf16)
-                    | (WeightFormat::Fp8, ActivationFormat::Fp8)
-                    | (WeightFormat::Fp8Block, ActivationFormat::Fp8Block)
-            );
-            assert_eq!(served, want, "{}", codec.summary);
+            let v = DecodeVariant::for_codec(codec, GemmStage::Relu2);
+            let on_fp8_kernel =
+                codec.weight == WeightFormat::Mxfp8 && codec.gemm != GemmFormat::Mxfp8Decoded;
+            assert_eq!(v.is_some(), !on_fp8_kernel, "{}", codec.summary);
+            if let Some(v) = v {
+                let tiled = codec.gemm.decoded_row_bytes().is_some();
+                assert_eq!(v.tiled_quant.is_some(), tiled, "{}", codec.summary);
+                let d = v.defines();
+                assert_eq!(
+                    d.iter().any(|d| d.starts_with("-DIN_QUANT=")),
+                    tiled,
+                    "{d:?}"
+                );
+                assert_eq!(d.iter().any(|d| d.starts_with("-DSTORE=")), !tiled, "{d:?}");
+            }
         }
+        let w4a16 = codec_of(WeightFormat::Mxfp4, ActivationFormat::Bf16).expect("codec");
+        let v = DecodeVariant::for_codec(w4a16, GemmStage::Gated { act: 2 }).expect("served");
+        assert_eq!(v.tiled_quant, Some((RowQuant::Bf16, RowQuant::Bf16)));
+        assert_eq!(
+            v.default_limits(),
+            (0, 0),
+            "the tiled body runs when asked for"
+        );
+        let nv = codec_of(WeightFormat::Nvfp4, ActivationFormat::Nvfp4PerToken).expect("codec");
+        let v = DecodeVariant::for_codec(nv, GemmStage::Relu2).expect("served");
+        assert!(v.defines().contains(&"-DINTER_QUANT=5".to_string()));
         let fp8 = codec_of(WeightFormat::Fp8, ActivationFormat::Fp8).expect("codec");
         let v = DecodeVariant::for_codec(fp8, GemmStage::Gated { act: 0 }).expect("served");
         assert_eq!(
