@@ -2575,10 +2575,14 @@ fn gpu_tuned_tactics_are_bit_identical_to_the_default() {
             };
             let got = tuned.forward(&fwd).expect("tuned forward");
             let want = plain.forward(&fwd).expect("default forward");
-            assert_eq!(
-                tuned.tactic(r.tokens).as_deref(),
-                Some(r.winner.label().as_str())
-            );
+            // a call of few pairs runs the fused small-batch kernel, which has no tactic (the
+            // tuned one applies where that kernel is off)
+            let runs = if tuned.takes_fused_small_batch(r.tokens) {
+                "fused_small_batch".to_string()
+            } else {
+                r.winner.label()
+            };
+            assert_eq!(tuned.tactic(r.tokens), Some(runs));
             assert!(
                 got.output.bytes[..] == want.output.bytes[..],
                 "{wf} T = {}: the tuned layer ({}) differs from the default one ({})",

@@ -194,6 +194,25 @@ impl Pipeline {
             .is_some()
     }
 
+    /// The fused small-batch kernel's limits now, as (most pairs, most bytes), or None when the
+    /// layer has no such kernel.
+    pub fn decode_limits(&self) -> Option<(usize, usize)> {
+        self.decode.as_ref().map(|d| {
+            (
+                d.max_pairs.load(Ordering::Relaxed),
+                d.max_bytes.load(Ordering::Relaxed),
+            )
+        })
+    }
+
+    /// Sets the limits `decode_limits` reads (no effect without the kernel).
+    pub fn set_decode_limits(&self, (pairs, bytes): (usize, usize)) {
+        if let Some(d) = &self.decode {
+            d.max_pairs.store(pairs, Ordering::Relaxed);
+            d.max_bytes.store(bytes, Ordering::Relaxed);
+        }
+    }
+
     /// The standard pipeline's stages (and the fused kernel's, when the layer has it).
     pub fn stage_names(&self) -> Vec<&'static str> {
         let mut names: Vec<&'static str> = self.stages.iter().map(|s| s.name()).collect();

@@ -90,6 +90,18 @@ impl CudaLayer {
     /// calls take the winners (classes tuned before keep theirs) and returns the rows. `iters`
     /// timed replays per candidate.
     pub fn tune(&self, tokens: &[usize], iters: usize, seed: u64) -> Result<Vec<TuneRow>> {
+        // The tactics are the standard pipeline's GEMM tiles: a call the fused small-batch kernel
+        // would take (it has no tactic) is tuned with that kernel off, which is back afterwards.
+        let fused = self.pipeline.decode_limits();
+        self.pipeline.set_decode_limits((0, 0));
+        let rows = self.tune_standard(tokens, iters, seed);
+        if let Some(limits) = fused {
+            self.pipeline.set_decode_limits(limits);
+        }
+        rows
+    }
+
+    fn tune_standard(&self, tokens: &[usize], iters: usize, seed: u64) -> Result<Vec<TuneRow>> {
         let cfg = self.layer().config().clone();
         let codec = self.resident.codec;
         let (wgmma_on, ws_on) = main_loop_switches(&self.dev.arch, codec, codec.summary)?;
