@@ -1,5 +1,6 @@
 // The activation quantizers' per-block arithmetic (spec/formats.md; formats/act_quant.rs bit for bit), shared by
-// quant.cu (rows in global memory) and the fused small-batch kernel (decode.cu: rows staged in shared memory).
+// quant.cu (rows in global memory) and the fused small-batch kernel (decode.cu: rows staged in shared memory), and
+// the UE8M0 encoding weight_quant.cu shares.
 #pragma once
 
 #define QT_NVFP4_GLOBAL_DIVISOR 2688.0f  // 448 * 6
@@ -22,6 +23,10 @@ __device__ __forceinline__ float qt_ceil_pow2(float s) {
     c = c < -127 ? -127 : (c > 127 ? 127 : c);
     return c == -127 ? __uint_as_float(1u << 22) : __uint_as_float((u32)(c + 127) << 23);
 }
+
+// ue8m0::encode_ceil(s) as its byte c + 127 (0 for s <= 0 or NaN): the scale's f32 exponent field, which is 0 for
+// byte 0's scale 2^-127 (a subnormal). The weight quantizer's (weight_quant.cu).
+__device__ __forceinline__ u32 ue8m0_ceil_byte(float s) { return __float_as_uint(qt_ceil_pow2(s)) >> 23; }
 
 // A 32-column mxfp8 block's scale from the max of its |x| bit patterns: ceil-pow2(amax / 448) (UE8M0); amax = 0
 // -> 2^-127 (byte 0), and NaN -> encode_ceil(NaN) = byte 0 as well

@@ -50,8 +50,9 @@
 // same for stores.
 // ---------------------------------------------------------------------------------------------------
 
+#include "quant_rows.cuh"
+
 #define WQ_FP8_AMAX_FLOOR_BITS 0x2edbe6ffu  // 1e-10f
-#define WQ_NVFP4_GLOBAL_DIVISOR 2688.0f      // 448 * 6
 #define WQ_INF_BITS 0x7f800000u
 
 // The e4m3 bytes of lo (low byte) and hi (high byte): cvt packs its first source into the upper half.
@@ -59,19 +60,6 @@ __device__ __forceinline__ u32 wq_e4m3x2(float lo, float hi) {
     u16 pair;
     asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(pair) : "f"(hi), "f"(lo));
     return (u32)pair;
-}
-
-// ue8m0::encode_ceil(s): the byte c + 127 of the smallest 2^c >= s, c clamped to -127..127 (s <= 0: 0)
-__device__ __forceinline__ u32 wq_ue8m0_ceil(float s) {
-    if (!(s > 0.0f)) return 0u;
-    const u32 bits = __float_as_uint(s);
-    const int exp_field = (int)(bits >> 23);
-    int c;
-    if (exp_field == 0) c = s > __uint_as_float(1u << 22) ? -126 : -127;
-    else if (exp_field == 255) c = 127;
-    else c = exp_field - 127 + ((bits & 0x7fffffu) ? 1 : 0);
-    c = c < -127 ? -127 : (c > 127 ? 127 : c);
-    return (u32)(c + 127);
 }
 
 // v[0..16) = element i .. i + 16 of p, zero from element i + n on (n <= 16 valid elements).
@@ -223,7 +211,7 @@ extern "C" __global__ void __launch_bounds__(256) quantize_weight_rows(
             expert_scale = given_globals[e];
         } else {
             const u32 a = amax_bits[e];
-            expert_scale = a == 0u ? 1.0f : div_rn(__uint_as_float(a), WQ_NVFP4_GLOBAL_DIVISOR);
+            expert_scale = a == 0u ? 1.0f : div_rn(__uint_as_float(a), QT_NVFP4_GLOBAL_DIVISOR);
         }
     }
     if ((mode == 0 || mode == 3) && blockIdx.x == 0 && threadIdx.x == 0) expert_scales[e] = expert_scale;
@@ -242,7 +230,7 @@ extern "C" __global__ void __launch_bounds__(256) quantize_weight_rows(
             // 2l, 2l + 1: the grid stride is even and every expert has an even number of items)
             const u32 b = __shfl_xor_sync(0x3u << (lane & 30), a, 1);
             a = b > a ? b : a;
-            const u32 byte = a == 0u ? 0u : wq_ue8m0_ceil(div_rn(__uint_as_float(a), mode == 1 ? 448.0f : 6.0f));
+            const u32 byte = a == 0u ? 0u : ue8m0_ceil_byte(div_rn(__uint_as_float(a), mode == 1 ? 448.0f : 6.0f));
             const Pow2Scale s = Pow2Scale::of_byte(byte);
             if (mode == 1) {
                 *(uint4*)(out + base + i0) = wq_e4m3x16(v, s);
