@@ -341,5 +341,31 @@ mod tests {
             !v.fits(8, 132, 7168, 2048, 32),
             "k = 32 of 2048-wide bf16 rows: 512 KB"
         );
+        // The tiled body stages bf16 rows too, plus a global per row and 16 partials per unit
+        // (16 units a batch, or k when k is larger): deepseek-v3 mxfp8 (k = 8) 66 KB, gpt-oss
+        // W4A16 (Ip = 2944, k = 4) 48 KB; 40 slots of deepseek's rows do not fit.
+        let mx = codec_of(WeightFormat::Mxfp8, ActivationFormat::Mxfp8).expect("codec");
+        let v = DecodeVariant::for_codec(mx, GemmStage::Gated { act: 0 }).expect("served");
+        assert_eq!(
+            v.smem_bytes(7168, 2048, 8),
+            2 * 8 * 2048 * 2 + 2 * 8 * 4 + 16 * 16 * 4
+        );
+        assert!(v.fits(8, 132, 7168, 2048, 8));
+        assert_eq!(
+            v.smem_bytes(7168, 2048, 40),
+            2 * 40 * 2048 * 2 + 2 * 40 * 4 + 40 * 16 * 4
+        );
+        assert!(!v.fits(8, 132, 7168, 2048, 40));
+        let w4 = codec_of(WeightFormat::Mxfp4, ActivationFormat::Bf16).expect("codec");
+        let v = DecodeVariant::for_codec(w4, GemmStage::Gated { act: 2 }).expect("served");
+        assert_eq!(
+            v.smem_bytes(2944, 2944, 4),
+            2 * 4 * 2944 * 2 + 2 * 4 * 4 + 16 * 16 * 4
+        );
+        assert_eq!(
+            v.smem_bytes(2944, 256, 1),
+            2 * 2944 * 2 + 16 + 16 * 16 * 4,
+            "phase 1 (two input rows) is the larger"
+        );
     }
 }
