@@ -523,22 +523,31 @@ fn cuda() -> BackendChoice {
     BackendChoice::Named("cuda".into())
 }
 
-/// The routes the CPU resolves for `input` on `layer` (the reference's, and what GPU routing must
-/// reproduce).
-fn reference_routes(
+/// Rank 1 of a two-rank expert-parallel split of `layer` (the upper half of its experts).
+fn ep_rank_1_of_2(layer: &moerunner::MoeLayer) -> moerunner::MoeLayer {
+    moerunner::shard::shard(
+        layer,
+        Parallelism {
+            ep_size: 2,
+            ep_rank: 1,
+            tp_size: 1,
+            tp_rank: 0,
+        },
+    )
+    .expect("shard")
+}
+
+/// The hidden states as f32 and the routes the CPU resolves for `input` on `layer` (the
+/// reference's, and what GPU routing must reproduce): the host backends' own front.
+fn reference_front(
     layer: &moerunner::MoeLayer,
     input: &moerunner::synth::SynthInput,
-    tokens: usize,
-) -> Routes {
-    let cfg = layer.config();
-    routing::resolve(
-        &cfg.routing,
-        cfg.num_experts,
-        tokens,
-        &input.routing_input(),
-        layer.weights().router_bias.as_deref(),
-    )
-    .expect("routes")
+) -> (Vec<f32>, Routes) {
+    let fwd = ForwardInput {
+        hidden: &input.hidden,
+        routing: input.routing_input(),
+    };
+    moerunner::forward::resolve_input(layer, &fwd).expect("hidden states and routes")
 }
 
 /// Runs `cfg` on the GPU for `tokens` tokens and compares (a sample of at most `sample` tokens)
@@ -565,8 +574,7 @@ fn gpu_vs_reference(
     if tokens == 0 {
         return 0.0;
     }
-    let x = input.hidden.to_f32_vec("hidden").expect("x");
-    let routes = reference_routes(&layer, &input, tokens);
+    let (x, routes) = reference_front(&layer, &input);
     if mode == RoutingMode::Logits {
         assert_eq!(
             out.routes.ids, routes.ids,
@@ -795,16 +803,7 @@ fn gpu_ep_rank_with_every_token_elsewhere_returns_zeros() {
             RoutingConfig::new(RoutingMethod::Renormalize, 2),
         );
         let layer = random_layer(&full, 5, false).expect("layer");
-        let rank1 = moerunner::shard::shard(
-            &layer,
-            Parallelism {
-                ep_size: 2,
-                ep_rank: 1,
-                tp_size: 1,
-                tp_rank: 0,
-            },
-        )
-        .expect("shard");
+        let rank1 = ep_rank_1_of_2(&layer);
         // Every token routes to experts 0..4, all on rank 0.
         let t = 9;
         let ids: Vec<i32> = (0..t * 2).map(|i| (i % 4) as i32).collect();
@@ -2602,8 +2601,7 @@ fn reference_of(
     input: &moerunner::synth::SynthInput,
     tokens: usize,
 ) -> Vec<f64> {
-    let x = input.hidden.to_f32_vec("hidden").expect("x");
-    let routes = reference_routes(layer, input, tokens);
+    let (x, routes) = reference_front(layer, input);
     let all: Vec<usize> = (0..tokens).collect();
     reference::forward_tokens(layer, &x, &routes, &all).expect("reference")
 }
@@ -2723,16 +2721,7 @@ fn gpu_fused_small_batch_meets_the_reference() {
         );
         let seed = 0xDEC1_0000 + n;
         let full = random_layer(&cfg, seed, true).expect("layer");
-        let rank = moerunner::shard::shard(
-            &full,
-            Parallelism {
-                ep_size: 2,
-                ep_rank: 1,
-                tp_size: 1,
-                tp_rank: 0,
-            },
-        )
-        .expect("shard");
+        let rank = ep_rank_1_of_2(&full);
         let (fused, standard) = run(Arc::new(rank), 2, RoutingMode::Logits, DType::BF16, seed);
         assert_within(
             fused,

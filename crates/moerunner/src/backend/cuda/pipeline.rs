@@ -185,13 +185,8 @@ impl Pipeline {
     /// their weights' size; false when the layer has no such kernel (its format, or
     /// `MOERUNNER_DECODE_PAIRS=0` at load).
     pub fn set_decode_max_pairs(&self, pairs: usize) -> bool {
-        self.decode
-            .as_ref()
-            .map(|d| {
-                d.max_pairs.store(pairs, Ordering::Relaxed);
-                d.max_bytes.store(usize::MAX, Ordering::Relaxed);
-            })
-            .is_some()
+        self.set_decode_limits((pairs, usize::MAX));
+        self.decode.is_some()
     }
 
     /// The fused small-batch kernel's limits now, as (most pairs, most bytes), or None when the
