@@ -168,8 +168,11 @@ pub enum MainLoop {
     Wgmma,
     /// Warp-specialised wgmma: one loading warpgroup, two MMA warpgroups (sm_90a, 128-wide tiles).
     WgmmaWs,
-    /// wgmma with the weights decoded to bf16 in registers (sm_90a): the decoded formats' only loop.
+    /// wgmma with the weights decoded to bf16 in registers (sm_90a): the decoded formats' loop.
     WgmmaRs,
+    /// The same, warp-specialised: one loading warpgroup, two decoding MMA warpgroups (sm_90a,
+    /// 128-wide tiles).
+    WgmmaRsWs,
 }
 
 impl MainLoop {
@@ -179,7 +182,18 @@ impl MainLoop {
             MainLoop::Wgmma => "wgmma",
             MainLoop::WgmmaWs => "wgmma_ws",
             MainLoop::WgmmaRs => "wgmma_rs",
+            MainLoop::WgmmaRsWs => "wgmma_rs_ws",
         }
+    }
+
+    /// A loop with a loading warpgroup (where `MOERUNNER_WG_WS` and a tactic's ws flags apply).
+    pub fn is_warp_specialised(self) -> bool {
+        matches!(self, MainLoop::WgmmaWs | MainLoop::WgmmaRsWs)
+    }
+
+    /// A loop that decodes the weights in registers (the decoded formats' loops, and only theirs).
+    pub fn decodes_in_registers(self) -> bool {
+        matches!(self, MainLoop::WgmmaRs | MainLoop::WgmmaRsWs)
     }
 }
 
@@ -269,7 +283,7 @@ pub const CODECS: &[Codec] = &[
         inter_store: InterStore::F32,
         inter_requant: Some(RowQuant::Mxfp8AsBf16),
         static_input_scales: false,
-        main_loops: &[MainLoop::WgmmaRs],
+        main_loops: &[MainLoop::WgmmaRsWs, MainLoop::WgmmaRs],
         summary:
             "mxfp8 × mxfp8 [mxfp8_decoded] (weights decoded to bf16 in registers, exact; sm_90a)",
     },
@@ -290,7 +304,7 @@ pub const CODECS: &[Codec] = &[
         inter_store: InterStore::Bf16,
         inter_requant: None,
         static_input_scales: false,
-        main_loops: &[MainLoop::WgmmaRs],
+        main_loops: &[MainLoop::WgmmaRsWs, MainLoop::WgmmaRs],
         summary: "mxfp4 × bf16 (W4A16; weights decoded to bf16 in registers; sm_90a)",
     },
     Codec {
@@ -302,7 +316,7 @@ pub const CODECS: &[Codec] = &[
         inter_store: InterStore::F32,
         inter_requant: Some(RowQuant::Mxfp8AsBf16),
         static_input_scales: false,
-        main_loops: &[MainLoop::WgmmaRs],
+        main_loops: &[MainLoop::WgmmaRsWs, MainLoop::WgmmaRs],
         summary: "mxfp4 × mxfp8 (W4A8, computed exactly on the bf16 MMA; sm_90a)",
     },
     Codec {
@@ -314,7 +328,7 @@ pub const CODECS: &[Codec] = &[
         inter_store: InterStore::F32,
         inter_requant: Some(RowQuant::Nvfp4StaticAsBf16),
         static_input_scales: true,
-        main_loops: &[MainLoop::WgmmaRs],
+        main_loops: &[MainLoop::WgmmaRsWs, MainLoop::WgmmaRs],
         summary: "nvfp4 × nvfp4 (static activation globals; exact on the bf16 MMA; sm_90a)",
     },
     Codec {
@@ -326,7 +340,7 @@ pub const CODECS: &[Codec] = &[
         inter_store: InterStore::F32,
         inter_requant: Some(RowQuant::Nvfp4TokenAsBf16),
         static_input_scales: false,
-        main_loops: &[MainLoop::WgmmaRs],
+        main_loops: &[MainLoop::WgmmaRsWs, MainLoop::WgmmaRs],
         summary:
             "nvfp4 × nvfp4_per_token (per-token activation globals; exact on the bf16 MMA; sm_90a)",
     },

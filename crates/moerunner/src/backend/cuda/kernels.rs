@@ -37,7 +37,7 @@ macro_rules! piece {
 /// translation unit (the cache key and the source kept beside a cached binary cover every piece)
 /// while its diagnostics and line info name the real files. The pasting ignores `#if`: a piece
 /// included under a condition must be included nowhere else.
-pub const HEADERS: [(&str, &str); 17] = [
+pub const HEADERS: [(&str, &str); 18] = [
     piece!("quant_rows.cuh"),
     piece!("decode_tiled.cuh"),
     piece!("decode_tiled_body.cuh"),
@@ -53,6 +53,7 @@ pub const HEADERS: [(&str, &str); 17] = [
     piece!("gemm/loads_decoded.cuh"),
     piece!("gemm/mainloop_mma.cuh"),
     piece!("gemm/mainloop_wgmma.cuh"),
+    piece!("gemm/ws_producer.cuh"),
     piece!("gemm/mainloop_wgmma_ws.cuh"),
     piece!("gemm/mainloop_wgmma_rs.cuh"),
 ];

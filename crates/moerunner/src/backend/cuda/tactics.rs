@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::codec::{Codec, MainLoop};
+use super::codec::Codec;
 use super::kernels::moe_gemm::{self, GEMM_BN, WGMMA_BN, WS_BN};
 use super::kernels::{Source, COMMON, HEADERS};
 use crate::error::{MoeError, Result};
@@ -60,7 +60,7 @@ impl Tactic {
     /// Every tactic a layer of `codec` can run on a device with these switches, each once: every
     /// width, and at the widths with a warp-specialised loop each GEMM with and without it.
     pub fn candidates(codec: &Codec, wgmma_on: bool, ws_on: bool) -> Vec<Tactic> {
-        let has_ws = wgmma_on && ws_on && codec.main_loops.contains(&MainLoop::WgmmaWs);
+        let has_ws = wgmma_on && ws_on && codec.main_loops.iter().any(|l| l.is_warp_specialised());
         let mut out = Vec::new();
         for bn in GEMM_BN {
             let ws_here = has_ws && WS_BN.contains(&bn);

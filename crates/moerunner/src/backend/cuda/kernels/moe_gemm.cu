@@ -12,7 +12,8 @@
 //   gemm/epilogue.cuh      dequantisation, row weight, bias, activation, stores
 //   gemm/loads.cuh         one stage's loads: weight rows, gathered / zero-filled activation rows, scales
 //                          (gemm/loads_decoded.cuh: the same for the tiled layout of the decoded formats)
-//   gemm/mainloop_*.cuh    mma.sync, pipelined wgmma, warp-specialised wgmma, register-sourced wgmma
+//   gemm/mainloop_*.cuh    mma.sync, pipelined wgmma, warp-specialised wgmma, register-sourced wgmma (plain or
+//                          warp-specialised); gemm/ws_producer.cuh the loading warpgroup of both warp-specialised ones
 // The last two are fragments of the kernel body (each header names what it reads and declares): written as
 // functions, the same code compiled to different PTX (register order, placement of loop-invariant code), and
 // this split was to change no code (scripts/gpu/kernel_identity.py). The others are functions and structs.
@@ -166,7 +167,7 @@ extern "C" __global__ void __launch_bounds__(MG_NTHREADS, 1) moe_gemm(
     // lane, warp, wm0, wn0, warp_k, warp_active (and the ring's barriers), declares `acc` (float[MG_MT][MG_NTL][4],
     // the m16n8 fragment layout) for the epilogue. (A choice by preprocessor: each instantiates wgmma shapes
     // that exist only for its tile widths.)
-#if MAINLOOP == MAINLOOP_WGMMA_RS
+#if MG_RS
 #include "gemm/mainloop_wgmma_rs.cuh"
 #elif MAINLOOP == MAINLOOP_WGMMA_WS
 #include "gemm/mainloop_wgmma_ws.cuh"

@@ -150,6 +150,7 @@ impl GemmVariant {
             MainLoop::Wgmma => "MAINLOOP_WGMMA",
             MainLoop::WgmmaWs => "MAINLOOP_WGMMA_WS",
             MainLoop::WgmmaRs => "MAINLOOP_WGMMA_RS",
+            MainLoop::WgmmaRsWs => "MAINLOOP_WGMMA_RS_WS",
         };
         let mut d = vec![
             format!("-DWEIGHT_FORMAT={format}"),
@@ -190,7 +191,7 @@ impl GemmVariant {
         let allowed = |l: &MainLoop| match l {
             MainLoop::MmaSync => true,
             MainLoop::Wgmma | MainLoop::WgmmaRs => wgmma_on && WGMMA_BN.contains(&bn),
-            MainLoop::WgmmaWs => wgmma_on && ws_on && WS_BN.contains(&bn),
+            MainLoop::WgmmaWs | MainLoop::WgmmaRsWs => wgmma_on && ws_on && WS_BN.contains(&bn),
         };
         let main_loop = codec.main_loops.iter().copied().find(allowed)?;
         let gemm1 = !matches!(stage, GemmStage::Down | GemmStage::DownBf16);
@@ -255,25 +256,25 @@ mod tests {
 
     /// 3 stored formats × 6 stages × 4 widths on mma.sync, wgmma for bf16 and fp8_block, warp
     /// specialisation at BN = 128; the 3 decoded formats × 6 stages × 4 widths on register-sourced
-    /// wgmma only, mxfp4's GEMM1 stages twice (bf16 and f32 stores of its two activation formats);
-    /// mxfp8's k32-folding block-scale path on wgmma only (6 stages × 4 widths, warp-specialised at
-    /// 128).
+    /// wgmma only, mxfp4's GEMM1 stages twice (bf16 and f32 stores of its two activation formats),
+    /// and again warp-specialised at BN = 128; mxfp8's k32-folding block-scale path on wgmma only
+    /// (6 stages × 4 widths, warp-specialised at 128).
     #[test]
     fn variants_cover_every_codec_stage_and_width() {
         let all = GemmVariant::all();
         assert_eq!(
             all.len(),
-            3 * 6 * 4 + 2 * 6 * 4 + 2 * 6 + 3 * 6 * 4 + 4 * 4 + (6 * 4 + 6)
+            3 * 6 * 4 + 2 * 6 * 4 + 2 * 6 + 3 * 6 * 4 + 4 * 4 + (6 * 4 + 6) + (3 * 6 + 4)
         );
         assert!(all
             .iter()
-            .all(|v| (v.main_loop == MainLoop::WgmmaRs) == v.format.decoded_row_bytes().is_some()));
+            .all(|v| v.main_loop.decodes_in_registers() == v.format.decoded_row_bytes().is_some()));
         assert!(all
             .iter()
             .all(|v| v.format != GemmFormat::E4m3Tensor || v.main_loop == MainLoop::MmaSync));
         assert!(all
             .iter()
-            .filter(|v| v.main_loop == MainLoop::WgmmaWs)
+            .filter(|v| v.main_loop.is_warp_specialised())
             .all(|v| v.bn == 128));
     }
 }

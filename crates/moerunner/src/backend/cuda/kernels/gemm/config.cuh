@@ -19,6 +19,8 @@
 //                                       through mbarriers (gemm/mainloop_wgmma_ws.cuh; BM = 128, BN = 64|128)
 //                  MAINLOOP_WGMMA_RS    register-sourced wgmma: weights decoded to bf16 in registers from the
 //                                       tiled layout of weight preparation (gemm/mainloop_wgmma_rs.cuh)
+//                  MAINLOOP_WGMMA_RS_WS the same, warp-specialised: a loading warpgroup feeds two decoding MMA
+//                                       warpgroups through the mbarrier ring (BM = 128, BN = 64|128)
 //                  [default MAINLOOP_MMA_SYNC]
 //   BM             64 | 128   weight rows per CTA (grid.x = Mp / BM)                  [default 128]
 //   BN             8 | 16 | 32 | 64 | 128   token rows per work tile (wgmma: 16..128)  [default 64]
@@ -46,6 +48,7 @@
 #define MAINLOOP_WGMMA 1
 #define MAINLOOP_WGMMA_WS 2
 #define MAINLOOP_WGMMA_RS 3
+#define MAINLOOP_WGMMA_RS_WS 4
 
 #ifndef WEIGHT_FORMAT
 #define WEIGHT_FORMAT WFMT_BF16
@@ -82,8 +85,8 @@
 #define MG_FOLD_EACH_STEP (WEIGHT_FORMAT == WFMT_E4M3_BLOCK)
 // wgmma main loops (both): the operand tiles are read through descriptors, the warp grid is BM/16 x 1 x 1
 #define MG_WGMMA (MAINLOOP != MAINLOOP_MMA_SYNC)
-#define MG_WS (MAINLOOP == MAINLOOP_WGMMA_WS)
-#define MG_RS (MAINLOOP == MAINLOOP_WGMMA_RS)
+#define MG_WS (MAINLOOP == MAINLOOP_WGMMA_WS || MAINLOOP == MAINLOOP_WGMMA_RS_WS)
+#define MG_RS (MAINLOOP == MAINLOOP_WGMMA_RS || MAINLOOP == MAINLOOP_WGMMA_RS_WS)
 #define MG_DECODED (WEIGHT_FORMAT >= WFMT_MXFP8)
 
 // consumer registers (setmaxnreg.inc): the CTA's register pool is what it was launched with, 384 threads x 168
@@ -193,7 +196,7 @@ static_assert(EPILOGUE >= EPI_DOWN && EPILOGUE <= EPI_RELU2, "EPILOGUE: one of E
 static_assert(ACT >= ACT_SWIGLU && ACT <= ACT_SWIGLU_OAI, "ACT: one of ACT_*");
 static_assert(STORE >= STORE_BF16 && STORE <= STORE_E4M3, "STORE: one of STORE_*");
 static_assert(EPILOGUE != EPI_DOWN || STORE != STORE_E4M3, "EPI_DOWN stores bf16 or f32");
-static_assert(MAINLOOP >= MAINLOOP_MMA_SYNC && MAINLOOP <= MAINLOOP_WGMMA_RS, "MAINLOOP: one of MAINLOOP_*");
+static_assert(MAINLOOP >= MAINLOOP_MMA_SYNC && MAINLOOP <= MAINLOOP_WGMMA_RS_WS, "MAINLOOP: one of MAINLOOP_*");
 static_assert(BM == 64 || BM == 128, "BM must be 64 or 128");
 static_assert(BN == 8 || BN == 16 || BN == 32 || BN == 64 || BN == 128, "BN must be 8, 16, 32, 64 or 128");
 static_assert(STAGES >= 2 && STAGES <= (MG_WGMMA ? 16 : 8), "STAGES must be 2..8 (wgmma: 3..16)");
@@ -211,4 +214,4 @@ static_assert((MG_RS || MG_SW_BYTES % 1024 == 0) && MG_SA_BYTES % 1024 == 0,
 static_assert(STAGES >= 3, "wgmma needs STAGES >= 3 (prefetch distance STAGES - 2)");
 #endif
 static_assert(WG_WS_PREGS >= 24 && WG_WS_PREGS <= 168 && WG_WS_PREGS % 8 == 0, "WG_WS_PREGS: 24..168, a multiple of 8");
-static_assert(!MG_WS || (BM == 128 && (BN == 64 || BN == 128)), "MAINLOOP_WGMMA_WS needs BM=128, BN=64|128");
+static_assert(!MG_WS || (BM == 128 && (BN == 64 || BN == 128)), "the warp-specialised loops need BM=128, BN=64|128");
