@@ -70,7 +70,7 @@ pub fn compile(name: &str, source: &str, options: &[String], arch: &str) -> Resu
             });
         }
     }
-    let (cubin, ptx) = compile_uncached(name, source, options)?;
+    let Fresh { cubin, ptx, .. } = compile_uncached(name, source, options)?;
     if let Ok(dir) = std::env::var("MOERUNNER_DUMP_PTX") {
         let dir = PathBuf::from(dir);
         // Best effort: a debugging aid must not fail the run.
@@ -87,13 +87,30 @@ pub fn compile(name: &str, source: &str, options: &[String], arch: &str) -> Resu
     })
 }
 
-/// Compiles without the disk cache; returns the CUBIN (what CI's compile-every-kernel test uses).
-pub fn compile_fresh(name: &str, source: &str, options: &[String]) -> Result<Vec<u8>> {
-    version()?;
-    compile_uncached(name, source, options).map(|(cubin, _)| cubin)
+/// One compilation's products.
+#[derive(Debug)]
+pub struct Fresh {
+    pub cubin: Vec<u8>,
+    pub ptx: String,
+    /// NVRTC's log of a successful compile: ptxas's notes (e.g. C7513, wgmma serialized).
+    pub log: String,
 }
 
-fn compile_uncached(name: &str, source: &str, options: &[String]) -> Result<(Vec<u8>, String)> {
+/// ptxas's note that it serialized a kernel's wgmma (C7510..C7519 "Potential Performance Loss"):
+/// the MMAs no longer overlap anything, a silent slowdown that CI's compile of every kernel refuses.
+pub fn serialization_notes(log: &str) -> Vec<&str> {
+    log.lines()
+        .filter(|l| l.contains("Potential Performance Loss") || l.contains("is injected"))
+        .collect()
+}
+
+/// Compiles without the disk cache (what CI's compile-every-kernel test uses).
+pub fn compile_fresh(name: &str, source: &str, options: &[String]) -> Result<Fresh> {
+    version()?;
+    compile_uncached(name, source, options)
+}
+
+fn compile_uncached(name: &str, source: &str, options: &[String]) -> Result<Fresh> {
     let fail = |what: &str, e: result::NvrtcError| {
         MoeError::Cuda(format!("NVRTC {what} for kernel `{name}`: {e:?}"))
     };
@@ -126,7 +143,7 @@ fn compile_uncached(name: &str, source: &str, options: &[String]) -> Result<(Vec
                             .map(|_| buf.into_iter().map(|c| c as u8).collect::<Vec<u8>>())
                     });
                 match (cubin, ptx) {
-                    (Ok(cubin), Ok(ptx)) if !cubin.is_empty() => Ok((cubin, ptx)),
+                    (Ok(cubin), Ok(ptx)) if !cubin.is_empty() => Ok(Fresh { cubin, ptx, log }),
                     (Err(e), _) | (_, Err(e)) => Err(fail("output", e)),
                     _ => Err(MoeError::Cuda(format!(
                         "NVRTC gave no CUBIN for kernel `{name}`: the architecture must be a real one (sm_XX)"
@@ -170,4 +187,23 @@ fn store_cached(
     // The binary lands before its key, so a key on disk always has its binary.
     write_atomic(&dir.join(format!("{stem}.cubin")), cubin)?;
     write_atomic(&dir.join(format!("{stem}.key")), key.as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The notes as NVRTC 13.0's ptxas wrote them for the decoded formats' GEMM before its loop was
+    /// restructured (2026-12-07), and for a fold that read an accumulator in flight.
+    #[test]
+    fn serialization_notes_are_found_in_a_log() {
+        let log = "ptxas info    : (C7513) Potential Performance Loss: wgmma.mma_async instructions are \
+                   serialized due to non wgmma instructions defining input registers of a wgmma between \
+                   start and end of the pipeline stage in the function 'moe_gemm' in line 0\n\
+                   ptxas info    : (C7517) wgmma.wait_group is injected in around line 1176 by compiler \
+                   to allow use of registers defined by GMMA in function 'moe_gemm'\n\
+                   ptxas info    : 0 bytes gmem\n";
+        assert_eq!(serialization_notes(log).len(), 2);
+        assert!(serialization_notes("ptxas info    : Used 168 registers, used 1 barriers\n").is_empty());
+    }
 }
