@@ -60,10 +60,11 @@ def _read_kernel_file(rel):
 
 def translation_unit(file, text=None, read=_read_kernel_file):
     """The source the backend compiles for kernel `file` ("moe_gemm.cu"), as `kernels::translation_unit`
-    builds it: common.cuh, then the file with each `#include "gemm/x.cuh"` pasted in place, once,
-    between `#line` directives. `text` defaults to the file's own; `read(rel)` gives the text of a file
-    of the kernels directory or None (default: this checkout's)."""
-    def paste(out, name, body, seen):
+    builds it: common.cuh, then the file with each `#include "gemm/x.cuh"` pasted in place between
+    `#line` directives — once for a `#pragma once` header, at every include for a fragment. `text`
+    defaults to the file's own; `read(rel)` gives the text of a file of the kernels directory or None
+    (default: this checkout's)."""
+    def paste(out, name, body, seen, open_):
         out.append(f'#line 1 "{name}"\n')
         for i, line in enumerate(body.splitlines(keepends=True)):
             t = line.strip()
@@ -71,14 +72,15 @@ def translation_unit(file, text=None, read=_read_kernel_file):
             hdr = read(inc) if inc and inc.endswith(".cuh") and inc != "common.cuh" else None
             if hdr is None:
                 out.append(line)
-            elif inc in seen:
+            elif inc in seen or inc in open_:
                 out.append("\n")
             else:
-                seen.add(inc)
-                paste(out, inc, hdr, seen)
+                if any(l.strip() == "#pragma once" for l in hdr.splitlines()):
+                    seen.add(inc)
+                paste(out, inc, hdr, seen, open_ | {inc})
                 out.append(f'\n#line {i + 2} "{name}"\n')
     out = [read("common.cuh") + "\n"]
-    paste(out, file, read(file) if text is None else text, set())
+    paste(out, file, read(file) if text is None else text, set(), frozenset())
     return "".join(out)
 
 

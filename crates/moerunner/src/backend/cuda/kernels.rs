@@ -33,10 +33,13 @@ macro_rules! piece {
 }
 
 /// The pieces kernels include (`#include "gemm/wgmma.cuh"`), by the name they are included as.
-/// `translation_unit` pastes each in place, once, between `#line` directives, so NVRTC still sees one
+/// `translation_unit` pastes each in place between `#line` directives, so NVRTC still sees one
 /// translation unit (the cache key and the source kept beside a cached binary cover every piece)
-/// while its diagnostics and line info name the real files. The pasting ignores `#if`: a piece
-/// included under a condition must be included nowhere else.
+/// while its diagnostics and line info name the real files: a `#pragma once` header at its first
+/// include only, a fragment of a kernel body (no `#pragma once`) at every include. The pasting
+/// ignores `#if`, so a once-header's first include must not sit under a condition that can be false
+/// (until 2026-12-07 every piece was pasted once, and the WS producer fragment, included by two main
+/// loops under `#if`, vanished from the one pasted second: a hang, caught by no CPU test).
 pub const HEADERS: [(&str, &str); 18] = [
     piece!("quant_rows.cuh"),
     piece!("decode_tiled.cuh"),
@@ -61,7 +64,15 @@ pub const HEADERS: [(&str, &str); 18] = [
 /// `COMMON`, then `text` (compiled as `file`) with its `#include "..."` of `HEADERS` resolved.
 /// An include that names no header is left for NVRTC to report.
 pub fn translation_unit(file: &str, text: &str) -> String {
-    fn paste(out: &mut String, file: &str, text: &str, seen: &mut Vec<&'static str>) {
+    // `seen`: the `#pragma once` headers already pasted; `open`: the pieces being pasted (a piece that
+    // includes itself would never end: such an include is dropped)
+    fn paste(
+        out: &mut String,
+        file: &str,
+        text: &str,
+        seen: &mut Vec<&'static str>,
+        open: &mut Vec<&'static str>,
+    ) {
         out.push_str(&format!("#line 1 \"{file}\"\n"));
         for (i, line) in text.split_inclusive('\n').enumerate() {
             let header = line
@@ -70,10 +81,14 @@ pub fn translation_unit(file: &str, text: &str) -> String {
                 .and_then(|rest| rest.strip_suffix('"'))
                 .and_then(|name| HEADERS.iter().find(|(n, _)| *n == name));
             match header {
-                Some((name, _)) if seen.contains(name) => out.push('\n'),
+                Some((name, _)) if seen.contains(name) || open.contains(name) => out.push('\n'),
                 Some((name, body)) => {
-                    seen.push(name);
-                    paste(out, name, body, seen);
+                    if is_once(body) {
+                        seen.push(name);
+                    }
+                    open.push(name);
+                    paste(out, name, body, seen, open);
+                    open.pop();
                     out.push_str(&format!("\n#line {} \"{file}\"\n", i + 2));
                 }
                 None => out.push_str(line),
@@ -81,8 +96,14 @@ pub fn translation_unit(file: &str, text: &str) -> String {
         }
     }
     let mut out = format!("{COMMON}\n");
-    paste(&mut out, file, text, &mut Vec::new());
+    paste(&mut out, file, text, &mut Vec::new(), &mut Vec::new());
     out
+}
+
+/// A header pasted once per translation unit (`#pragma once`); the others are fragments of a kernel
+/// body (a main loop, a stage's loads, the WS producer), pasted at every `#include` of them.
+fn is_once(body: &str) -> bool {
+    body.lines().any(|l| l.trim() == "#pragma once")
 }
 
 /// One `.cu` file.
@@ -465,4 +486,41 @@ pub fn contracts_json() -> serde_json::Value {
         })
         .collect();
     json!({"common": "common.cuh", "sources": sources, "modules": modules, "gemm_variants": gemm})
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A fragment is pasted at every include, a `#pragma once` header at its first.
+    #[test]
+    fn fragments_are_pasted_at_every_include_and_headers_once() {
+        let tu = translation_unit(
+            "x.cu",
+            "#include \"gemm/ws_producer.cuh\"\n#include \"gemm/ptx.cuh\"\n\
+             #include \"gemm/ws_producer.cuh\"\n#include \"gemm/ptx.cuh\"\n",
+        );
+        let count = |needle: &str| tu.matches(needle).count();
+        assert_eq!(count("#line 1 \"gemm/ws_producer.cuh\""), 2);
+        assert_eq!(count("#line 1 \"gemm/ptx.cuh\""), 1);
+        assert_eq!(count("mg_setmaxnreg_dec<WG_WS_PREGS>();"), 2);
+    }
+
+    /// Each warp-specialised main loop of moe_gemm.cu gets the producer pasted in, whatever the order
+    /// in which the main loops are included.
+    #[test]
+    fn every_warp_specialised_loop_gets_its_producer() {
+        let tu = Source::Gemm.full_text();
+        for lp in ["gemm/mainloop_wgmma_ws.cuh", "gemm/mainloop_wgmma_rs.cuh"] {
+            let at = tu
+                .find(&format!("#line 1 \"{lp}\""))
+                .unwrap_or_else(|| panic!("{lp} is not pasted"));
+            let rest = &tu[at..];
+            let end = rest[1..].find("#line 1 \"gemm/mainloop").map_or(rest.len(), |e| e + 1);
+            assert!(
+                rest[..end].contains("mg_setmaxnreg_dec<WG_WS_PREGS>();"),
+                "{lp}: the producer fragment is missing from its pasted text"
+            );
+        }
+    }
 }
