@@ -406,14 +406,18 @@ fn every_kernel_compiles_for_sm90a() {
                     );
                     // (a kernel whose wgmma ptxas serialized compiles, runs and is correct: only
                     // slow, which no correctness test would see)
-                    let notes = nvrtc::serialization_notes(&fresh.log);
                     // a warp-specialised form without its loading warpgroup compiles too, and hangs
                     let ws = k.defines.iter().any(|d| d.ends_with("_WS"));
                     if ws && !fresh.ptx.contains("setmaxnreg.dec") {
                         return Some(format!("{}: no producer warpgroup in its PTX", k.label()));
                     }
+                    let notes = nvrtc::serialization_notes(&fresh.log);
                     (!notes.is_empty()).then(|| {
-                        format!("{}: ptxas serialized its wgmma:\n{}", k.label(), notes.join("\n"))
+                        format!(
+                            "{}: ptxas serialized its wgmma:\n{}",
+                            k.label(),
+                            notes.join("\n")
+                        )
                     })
                 }
                 Err(e) => Some(e.to_string()),

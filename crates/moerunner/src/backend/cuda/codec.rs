@@ -218,6 +218,13 @@ pub struct Codec {
     pub summary: &'static str,
 }
 
+/// The main loops of the stored-element formats that have wgmma forms (bf16, fp8_block, mxfp8 on
+/// the fp8 kernel), in order of preference.
+const STORED_LOOPS: &[MainLoop] = &[MainLoop::WgmmaWs, MainLoop::Wgmma, MainLoop::MmaSync];
+
+/// The decoded formats' main loops: warp-specialised at the widths that have it, else plain.
+const DECODED_LOOPS: &[MainLoop] = &[MainLoop::WgmmaRsWs, MainLoop::WgmmaRs];
+
 /// mxfp8 × mxfp8 on the fp8 block-scale kernel (`e4m3_block`); its k32-folding form differs only in
 /// its GEMM format and loops.
 const MXFP8_ON_FP8_KERNEL: Codec = Codec {
@@ -229,7 +236,7 @@ const MXFP8_ON_FP8_KERNEL: Codec = Codec {
     inter_store: InterStore::F32,
     inter_requant: Some(RowQuant::Mxfp8AsE4m3Block128),
     static_input_scales: false,
-    main_loops: &[MainLoop::WgmmaWs, MainLoop::Wgmma, MainLoop::MmaSync],
+    main_loops: STORED_LOOPS,
     summary:
         "mxfp8 × mxfp8 [e4m3_block] on the fp8 tensor cores (per-32 scales re-expressed per 8 \
               rows × 128 (weights) and 1 × 128 (activations), folded every 128 of K)",
@@ -247,7 +254,7 @@ pub const CODECS: &[Codec] = &[
         inter_store: InterStore::Bf16,
         inter_requant: None,
         static_input_scales: false,
-        main_loops: &[MainLoop::WgmmaWs, MainLoop::Wgmma, MainLoop::MmaSync],
+        main_loops: STORED_LOOPS,
         summary: "bf16 × bf16",
     },
     Codec {
@@ -271,7 +278,7 @@ pub const CODECS: &[Codec] = &[
         inter_store: InterStore::F32,
         inter_requant: Some(RowQuant::E4m3Block128),
         static_input_scales: false,
-        main_loops: &[MainLoop::WgmmaWs, MainLoop::Wgmma, MainLoop::MmaSync],
+        main_loops: STORED_LOOPS,
         summary: "fp8_block × fp8_block (128×128 weights, 1×128 dynamic activations; I % 8 = 0)",
     },
     Codec {
@@ -283,7 +290,7 @@ pub const CODECS: &[Codec] = &[
         inter_store: InterStore::F32,
         inter_requant: Some(RowQuant::Mxfp8AsBf16),
         static_input_scales: false,
-        main_loops: &[MainLoop::WgmmaRsWs, MainLoop::WgmmaRs],
+        main_loops: DECODED_LOOPS,
         summary:
             "mxfp8 × mxfp8 [mxfp8_decoded] (weights decoded to bf16 in registers, exact; sm_90a)",
     },
@@ -304,7 +311,7 @@ pub const CODECS: &[Codec] = &[
         inter_store: InterStore::Bf16,
         inter_requant: None,
         static_input_scales: false,
-        main_loops: &[MainLoop::WgmmaRsWs, MainLoop::WgmmaRs],
+        main_loops: DECODED_LOOPS,
         summary: "mxfp4 × bf16 (W4A16; weights decoded to bf16 in registers; sm_90a)",
     },
     Codec {
@@ -316,7 +323,7 @@ pub const CODECS: &[Codec] = &[
         inter_store: InterStore::F32,
         inter_requant: Some(RowQuant::Mxfp8AsBf16),
         static_input_scales: false,
-        main_loops: &[MainLoop::WgmmaRsWs, MainLoop::WgmmaRs],
+        main_loops: DECODED_LOOPS,
         summary: "mxfp4 × mxfp8 (W4A8, computed exactly on the bf16 MMA; sm_90a)",
     },
     Codec {
@@ -328,7 +335,7 @@ pub const CODECS: &[Codec] = &[
         inter_store: InterStore::F32,
         inter_requant: Some(RowQuant::Nvfp4StaticAsBf16),
         static_input_scales: true,
-        main_loops: &[MainLoop::WgmmaRsWs, MainLoop::WgmmaRs],
+        main_loops: DECODED_LOOPS,
         summary: "nvfp4 × nvfp4 (static activation globals; exact on the bf16 MMA; sm_90a)",
     },
     Codec {
@@ -340,7 +347,7 @@ pub const CODECS: &[Codec] = &[
         inter_store: InterStore::F32,
         inter_requant: Some(RowQuant::Nvfp4TokenAsBf16),
         static_input_scales: false,
-        main_loops: &[MainLoop::WgmmaRsWs, MainLoop::WgmmaRs],
+        main_loops: DECODED_LOOPS,
         summary:
             "nvfp4 × nvfp4_per_token (per-token activation globals; exact on the bf16 MMA; sm_90a)",
     },

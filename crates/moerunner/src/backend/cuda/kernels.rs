@@ -516,7 +516,9 @@ mod tests {
                 .find(&format!("#line 1 \"{lp}\""))
                 .unwrap_or_else(|| panic!("{lp} is not pasted"));
             let rest = &tu[at..];
-            let end = rest[1..].find("#line 1 \"gemm/mainloop").map_or(rest.len(), |e| e + 1);
+            let end = rest[1..]
+                .find("#line 1 \"gemm/mainloop")
+                .map_or(rest.len(), |e| e + 1);
             assert!(
                 rest[..end].contains("mg_setmaxnreg_dec<WG_WS_PREGS>();"),
                 "{lp}: the producer fragment is missing from its pasted text"

@@ -204,6 +204,8 @@ mod tests {
                    to allow use of registers defined by GMMA in function 'moe_gemm'\n\
                    ptxas info    : 0 bytes gmem\n";
         assert_eq!(serialization_notes(log).len(), 2);
-        assert!(serialization_notes("ptxas info    : Used 168 registers, used 1 barriers\n").is_empty());
+        assert!(
+            serialization_notes("ptxas info    : Used 168 registers, used 1 barriers\n").is_empty()
+        );
     }
 }
