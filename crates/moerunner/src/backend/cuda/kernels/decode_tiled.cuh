@@ -3,11 +3,11 @@
 // weight preparation tiles them for the GEMM's register-sourced main loop (gemm/scale_decoded.cuh: per expert, per
 // 128 prepared rows, per 64-element K step, the rows' element bytes then their scale bytes), so a single row's K
 // step is only 32 or 64 bytes, scattered: the work is split by 16-row groups instead, whose step is one contiguous
-// run (512 or 1024 element bytes, then 32 or 64 scale bytes) that a warp loads in 16-byte chunks:
-//   mxfp8   lane l holds rows l/4 and 8 + l/4, thread slot t = l % 4 of both (16 bytes each)
-//   e2m1    lane l holds row l/2, thread slots 2(l % 2) and 2(l % 2) + 1 (8 bytes each)
-// and decodes them with the GEMM's own Fmt::decode to bf16 pairs, exact (E4M3 x 2^s, E2M1 x 2^s and E2M1 x E4M3
-// are bf16 values), whose products with the bf16 activations are exact in f32; the sums are f32 FMAs. The
+// run (512 or 1024 element bytes, then 32 or 64 scale bytes). Lane l of a warp loads thread slot t = l % 4 (16
+// bytes for mxfp8, 8 for the 4-bit formats) of rows l/4 and 8 + l/4 and decodes them with the GEMM's own
+// Fmt::decode to bf16 pairs, exact (E4M3 x 2^s, E2M1 x 2^s and E2M1 x E4M3 are bf16 values): they are the lane's A
+// fragments of m16n8k16 bf16 MMAs against the staged activations (dt_group_dot), so products are exact and the
+// accumulation f32, as in the GEMM. The
 // activation rows (the input, then the intermediate) are quantized into shared memory exactly as quant.cu's modes
 // IN_QUANT and INTER_QUANT do (0 bf16, 3 mxfp8, 4 nvfp4 static, 5 nvfp4 per token: bf16 holding each quantized
 // value), laid out in the decode's thread order (dt_pos), so a lane reads its 16 elements of a step as 32
@@ -59,18 +59,57 @@ __device__ __forceinline__ u32 dc_ldg_u32(const u8* p) {
     return v;
 }
 
-// Rows [0, nrows) of cols_p columns, value (r, c) = load(r, c) for c < cols and 0 beyond, quantized as quant.cu
-// mode MODE into dst (row r at r * cols_p * 2 bytes, dt_pos order), each row's global into g[r] (modes 4, 5;
-// otherwise 1). One thread per 32-column block; mode 5 first takes each row's amax, a warp a row.
-template <int MODE, class Load>
+// Where dt_stage reads its rows: row r at base + r * stride elements of dtype (ARG_DTYPE_*). CG: f32 rows written
+// earlier in this kernel by other CTAs, read through L2 (dc_ldcg).
+struct DtRows {
+    const void* base;
+    long long stride;
+    int dtype;
+};
+
+// n (<= 32: unrolled, every load in flight before any is used) elements of row r from column c0 on, `gap` apart,
+// zero at columns >= cols
+template <bool CG, int N>
+__device__ __forceinline__ void dt_load(const DtRows& src, int r, int c0, int gap, int cols, float (&v)[N]) {
+    const long long i0 = (long long)r * src.stride;
+    if (CG || src.dtype == ARG_DTYPE_F32) {
+        const float* p = (const float*)src.base + i0;
+#pragma unroll
+        for (int k = 0; k < N; ++k) {
+            const int c = c0 + k * gap;
+            v[k] = c < cols ? (CG ? dc_ldcg(p + c) : p[c]) : 0.0f;
+        }
+    } else {
+        const u16* p = (const u16*)src.base + i0;
+        u16 b[N];
+#pragma unroll
+        for (int k = 0; k < N; ++k) {
+            const int c = c0 + k * gap;
+            b[k] = c < cols ? p[c] : (u16)0;
+        }
+        const bool bf = src.dtype == ARG_DTYPE_BF16;
+#pragma unroll
+        for (int k = 0; k < N; ++k) v[k] = bf ? bf16_to_f32(b[k]) : f16_to_f32(b[k]);
+    }
+}
+
+// Rows [0, nrows) of src (cols columns, zero up to cols_p) quantized as quant.cu mode MODE into dst (row r at
+// r * cols_p * 2 bytes, dt_pos order), each row's global into g[r] (modes 4, 5; otherwise 1). One thread per
+// 32-column block; mode 5 first takes each row's amax, a warp a row.
+template <int MODE, bool CG>
 __device__ __forceinline__ void dt_stage(u8* dst, float* g, int nrows, int cols, int cols_p, float static_g, int warp,
-                                         int lane, Load load) {
+                                         int lane, const DtRows& src) {
     if (MODE == 5) {
         for (int r = warp; r < nrows; r += DC_WARPS) {
             u32 a = 0;
-            for (int c = lane; c < cols; c += 32) {
-                const u32 b = __float_as_uint(load(r, c)) & 0x7fffffffu;
-                a = b > a ? b : a;
+            for (int c0 = lane; c0 < cols; c0 += 32 * 8) {
+                float v[8];
+                dt_load<CG>(src, r, c0, 32, cols, v);
+#pragma unroll
+                for (int k = 0; k < 8; ++k) {
+                    const u32 b = __float_as_uint(v[k]) & 0x7fffffffu;
+                    a = b > a ? b : a;
+                }
             }
 #pragma unroll
             for (int o = 16; o > 0; o >>= 1) {
@@ -87,8 +126,7 @@ __device__ __forceinline__ void dt_stage(u8* dst, float* g, int nrows, int cols,
     for (int b = threadIdx.x; b < nrows * blocks; b += DC_THREADS) {
         const int r = b / blocks, c0 = (b - r * blocks) * 32;
         float v[32];
-#pragma unroll
-        for (int k = 0; k < 32; ++k) v[k] = c0 + k < cols ? load(r, c0 + k) : 0.0f;
+        dt_load<CG>(src, r, c0, 1, cols, v);
         u16 o[32];
         if (MODE == 0) {
 #pragma unroll
@@ -114,84 +152,71 @@ __device__ __forceinline__ void dt_stage(u8* dst, float* g, int nrows, int cols,
     }
 }
 
-// sum over the 16 elements of a thread slot: decoded weight pairs a against the staged activation words x (the
-// same decode order), f32 FMAs of exact products
-__device__ __forceinline__ float dt_dot16(const u32 (&a)[4][2], const uint4 (&x)[2], float acc) {
-    const u32 xv[8] = {x[0].x, x[0].y, x[0].z, x[0].w, x[1].x, x[1].y, x[1].z, x[1].w};
-#pragma unroll
-    for (int q = 0; q < 4; ++q) {
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-            const u32 w = a[q][h], xx = xv[2 * q + h];
-            acc = fmaf(__uint_as_float(w << 16), __uint_as_float(xx << 16), acc);
-            acc = fmaf(__uint_as_float(w & 0xFFFF0000u), __uint_as_float(xx & 0xFFFF0000u), acc);
-        }
-    }
-    return acc;
+// A thread slot's element bytes of a row's step (Fmt::Chunk: 16 bytes for mxfp8, 8 for the 4-bit formats),
+// streamed past L1
+template <class C>
+__device__ __forceinline__ C dt_ldg(const u8* p);
+template <>
+__device__ __forceinline__ uint4 dt_ldg<uint4>(const u8* p) {
+    return dc_ldg_stream(p);
+}
+template <>
+__device__ __forceinline__ uint2 dt_ldg<uint2>(const u8* p) {
+    uint2 v;
+    asm volatile("ld.global.nc.L1::no_allocate.v2.u32 {%0, %1}, [%2];" : "=r"(v.x), "=r"(v.y) : "l"(p));
+    return v;
 }
 
 // One unit: the 16-row group at row0 (within its 128-row tile, whose K steps start at `tile`) over K steps
-// [s_lo, s_hi) against the staged row xrow; the warp's 16 partial sums to part[0..16). (A template, so that the
-// branch of the other element width is discarded.)
+// [s_lo, s_hi) against the staged row xrow; the group's 16 sums to part[0..16). On the tensor cores: lane (g, t)
+// = (lane / 4, lane % 4) loads and decodes thread slot t of rows g and g + 8, which is exactly its A fragment of
+// an m16n8k16 bf16 MMA per 16-element sub-step q ({row g, row g + 8} x {elements 16q + 2t, + 1; + 8, + 9}); the
+// B fragment is the activation's words of slot t from shared memory (dt_pos order), the same for every column,
+// so each of the 8 columns of D holds the group's sums (f32 accumulation of exact products, as the GEMM's).
 template <class Fmt>
 __device__ __forceinline__ void dt_group_dot(const u8* tile, int row0, int s_lo, int s_hi, const u8* xrow, int lane,
                                              float* part) {
-    constexpr bool WIDE = Fmt::W_ROW_BYTES == 64;                    // mxfp8: two rows a lane
-    constexpr int STEPS = WIDE ? 4 : 8;                              // K steps a lane has in flight
-    constexpr long long TSTEP = 128ll * (Fmt::W_ROW_BYTES + Fmt::S_ROW_BYTES);
-    float acc0 = 0.0f, acc1 = 0.0f;
-    // this lane's chunk(s) and scale rows within a step
-    const int ch = row0 * Fmt::W_ROW_BYTES + lane * 16;
-    const int r0 = WIDE ? lane >> 2 : lane >> 1;
-    const int sc0 = 128 * Fmt::W_ROW_BYTES + (row0 + r0) * Fmt::S_ROW_BYTES;
-    const int xoff = WIDE ? (lane & 3) * 32 : (lane & 1) * 64;
+    constexpr int WB = Fmt::W_ROW_BYTES, SB = Fmt::S_ROW_BYTES;
+    constexpr int STEPS = WB == 64 ? 4 : 8;  // K steps a lane has in flight
+    constexpr long long TSTEP = 128ll * (WB + SB);
+    using Chunk = typename Fmt::Chunk;
+    const int g = lane >> 2, t = lane & 3;
+    const int eoff = (row0 + g) * WB + t * (WB / 4);  // row g's slot t; row g + 8's 8 rows on
+    const int soff = 128 * WB + (row0 + g) * SB;      // row g's scale bytes; row g + 8's likewise
+    float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     for (int s0 = s_lo; s0 < s_hi; s0 += STEPS) {
-        uint4 w[STEPS][WIDE ? 2 : 1];
-        u32 sb[STEPS][WIDE ? 2 : 1];
+        Chunk w[STEPS][2];
+        u32 sb[STEPS][2];
 #pragma unroll
         for (int u = 0; u < STEPS; ++u) {
             const u8* blk = tile + (long long)(s0 + u) * TSTEP;
             const bool in = s0 + u < s_hi;
 #pragma unroll
-            for (int i = 0; i < (WIDE ? 2 : 1); ++i) {
-                w[u][i] = in ? dc_ldg_stream(blk + ch + i * 512) : make_uint4(0, 0, 0, 0);
-                const u8* sp = blk + sc0 + i * 8 * Fmt::S_ROW_BYTES;
-                sb[u][i] = !in ? 0u : (Fmt::S_ROW_BYTES == 2 ? dc_ldg_u16(sp) : dc_ldg_u32(sp));
+            for (int i = 0; i < 2; ++i) {
+                w[u][i] = in ? dt_ldg<Chunk>(blk + eoff + i * 8 * WB) : Chunk{};
+                const u8* sp = blk + soff + i * 8 * SB;
+                sb[u][i] = !in ? 0u : (SB == 2 ? dc_ldg_u16(sp) : dc_ldg_u32(sp));
             }
         }
 #pragma unroll
         for (int u = 0; u < STEPS; ++u) {
             if (s0 + u >= s_hi) break;
-            const uint4* xs = (const uint4*)(xrow + (s0 + u) * 128 + xoff);
-            u32 a[4][2];
-            if constexpr (WIDE) {
-                const uint4 x[2] = {xs[0], xs[1]};
-                Fmt::decode(w[u][0], sb[u][0], a);
-                acc0 = dt_dot16(a, x, acc0);
-                Fmt::decode(w[u][1], sb[u][1], a);
-                acc1 = dt_dot16(a, x, acc1);
-            } else {
-                const uint4 x0[2] = {xs[0], xs[1]}, x1[2] = {xs[2], xs[3]};
-                Fmt::decode(make_uint2(w[u][0].x, w[u][0].y), sb[u][0], a);
-                acc0 = dt_dot16(a, x0, acc0);
-                Fmt::decode(make_uint2(w[u][0].z, w[u][0].w), sb[u][0], a);
-                acc0 = dt_dot16(a, x1, acc0);
+            const uint4* xs = (const uint4*)(xrow + (s0 + u) * 128 + t * 32);
+            const uint4 x0 = xs[0], x1 = xs[1];
+            const u32 xw[8] = {x0.x, x0.y, x0.z, x0.w, x1.x, x1.y, x1.z, x1.w};
+            u32 ra[4][2], rb[4][2];
+            Fmt::decode(w[u][0], sb[u][0], ra);
+            Fmt::decode(w[u][1], sb[u][1], rb);
+#pragma unroll
+            for (int q = 0; q < 4; ++q) {
+                const u32 a[4] = {ra[q][0], rb[q][0], ra[q][1], rb[q][1]};
+                mg_mma<Bf16>(c, a, xw[2 * q], xw[2 * q + 1]);
             }
         }
     }
-    if constexpr (WIDE) {
-#pragma unroll
-        for (int o = 1; o < 4; o <<= 1) {
-            acc0 += __shfl_xor_sync(0xffffffffu, acc0, o);
-            acc1 += __shfl_xor_sync(0xffffffffu, acc1, o);
-        }
-        if ((lane & 3) == 0) {
-            part[r0] = acc0;
-            part[8 + r0] = acc1;
-        }
-    } else {
-        acc0 += __shfl_xor_sync(0xffffffffu, acc0, 1);
-        if ((lane & 1) == 0) part[r0] = acc0;
+    if (t == 0) {
+        part[g] = c[0];
+        part[8 + g] = c[2];
     }
 }
 

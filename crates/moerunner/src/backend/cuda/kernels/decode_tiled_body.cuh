@@ -45,9 +45,8 @@
     const int ntok1 = t_last - t_first + 1;
     float* g1 = (float*)(smem + 2 * Hp * 2);  // the tokens' globals
     float* part = (float*)(smem + 2 * Hp * 2 + 16);
-    dt_stage<IN_QUANT>(smem, g1, ntok1, H, Hp, IN_QUANT == 4 ? a1_scale[0] : 1.0f, warp, lane, [&](int r, int c) {
-        return load_as_f32(x, x_dtype, (long long)(t_first + r) * H + c);
-    });
+    const DtRows xrows{(const u8*)x + (long long)t_first * H * (x_dtype == ARG_DTYPE_F32 ? 4 : 2), H, x_dtype};
+    dt_stage<IN_QUANT, false>(smem, g1, ntok1, H, Hp, IN_QUANT == 4 ? a1_scale[0] : 1.0f, warp, lane, xrows);
     __syncthreads();
     const int F1 = gated ? 8 : 16;  // features of a group
     for (long long b0 = lo1; b0 < hi1; b0 += DC_WARPS) {
@@ -106,18 +105,14 @@
     pdl_launch_dependents();
 
     // ---- phase 2: the intermediate rows of this CTA's tokens' pairs quantized into shared memory (a pair of
-    // another rank: zeros, never read), then its (token, group) items
+    // another rank left its row unwritten: staged all the same, never read), then its (token, group) items
     const int u_first = lo2 < hi2 ? (int)(lo2 / G2) : 0;
     const int u_last = lo2 < hi2 ? (int)((hi2 - 1) / G2) : -1;
     const int nrow2 = (u_last - u_first + 1) * K;
     float* g2 = (float*)(smem + 2 * K * Ip * 2);
     float* part2 = (float*)(smem + 2 * K * Ip * 2 + 2 * K * 4);
-    dt_stage<INTER_QUANT>(smem, g2, nrow2, Ip, Ip, INTER_QUANT == 4 ? a2_scale[0] : 1.0f, warp, lane, [&](int r, int c) {
-        int e;
-        return dc_local(topk_ids, u_first * K + r, expert_start, E_local, e)
-                   ? dc_ldcg(inter + ((long long)u_first * K + r) * Ip + c)
-                   : 0.0f;
-    });
+    const DtRows irows{inter + (long long)u_first * K * Ip, Ip, ARG_DTYPE_F32};
+    dt_stage<INTER_QUANT, true>(smem, g2, nrow2, Ip, Ip, INTER_QUANT == 4 ? a2_scale[0] : 1.0f, warp, lane, irows);
     __syncthreads();
     const int per_batch = K < DC_WARPS ? DC_WARPS / K : 1;  // items a batch
     for (long long b0 = lo2; b0 < hi2; b0 += per_batch) {
