@@ -90,6 +90,33 @@ __device__ __forceinline__ u32 e2m1_code(float v) {
     return code | ((bits >> 28) & 8u);
 }
 
+// The E2M1 code of x / s for s > 0, e2m1_code(div_rn(x, s)) bit for bit, without the division (div.rn.f32 is a
+// dozen instructions and bound the nvfp4 quantizers): with r = rcp.rn(s) (the correctly rounded 1/s, once per
+// scale) and a = |x|, q0 = a r is within about 2.5 ulp of a / s, and q = q0 + r (a - s q0) (two fmas) within
+// half an ulp plus O(2^-24) of it, so q's code differs from the correctly rounded quotient's only where a / s lies
+// within about an ulp of a code boundary (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5). tests/kernel_arithmetic.rs
+// checks every s mantissa at every boundary, x within 8 steps either side, against formats/e2m1.rs `encode`; the
+// steps scale exactly with s's exponent while no intermediate leaves the normal range, which holds for s in
+// [2^-90, 2^120] (e2m1_divisor_by_reciprocal). Outside it, and for s = 0, the callers divide. The sign is x's
+// (as div.rn gives it for every finite x; non-finite x are refused by the quantizers).
+struct E2m1Divisor {
+    float s, r;  // r = rcp.rn(s), or 0 where the callers must divide
+    __device__ __forceinline__ static E2m1Divisor of(float s) {
+        const u32 b = __float_as_uint(s);
+        float r = 0.0f;
+        if (b >= 0x12800000u && b <= 0x7b800000u) asm("rcp.rn.f32 %0, %1;" : "=f"(r) : "f"(s));  // 2^-90 .. 2^120
+        return E2m1Divisor{s, r};
+    }
+    __device__ __forceinline__ bool by_reciprocal() const { return r != 0.0f; }
+    // e2m1_code(div_rn(x, s)); only where by_reciprocal()
+    __device__ __forceinline__ u32 code(float x) const {
+        const float a = fabsf(x);
+        const float q0 = __fmul_rn(a, r);
+        const float q = __fmaf_rn(__fmaf_rn(-s, q0, a), r, q0);
+        return e2m1_code(q) | ((__float_as_uint(x) >> 28) & 8u);
+    }
+};
+
 // max of the |x| bit patterns of v[0..16): monotonic for non-negative floats, NaN wins (weight_quant::amax);
 // zeros beyond a short row's valid elements do not change it
 __device__ __forceinline__ u32 amax_bits16(const float* v) {

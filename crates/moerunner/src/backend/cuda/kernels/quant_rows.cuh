@@ -46,9 +46,15 @@ __device__ __forceinline__ void qt_nvfp4_block(const float* v, float g, u16* o) 
     const u8 b = f32_to_e4m3(div_rn(div_rn(amax, 6.0f), g));
     const float sdec = e4m3_to_f32(b);
     const float s = sdec * g;
+    const E2m1Divisor d = E2m1Divisor::of(s);
+    if (d.by_reciprocal()) {
 #pragma unroll
-    for (int k = 0; k < 16; ++k) {
-        const u32 code = s == 0.0f ? 0u : e2m1_code(div_rn(v[k], s));
-        o[k] = f32_to_bf16(qt_e2m1_value(code) * sdec);
+        for (int k = 0; k < 16; ++k) o[k] = f32_to_bf16(qt_e2m1_value(d.code(v[k])) * sdec);
+    } else {
+#pragma unroll
+        for (int k = 0; k < 16; ++k) {
+            const u32 code = s == 0.0f ? 0u : e2m1_code(div_rn(v[k], s));
+            o[k] = f32_to_bf16(qt_e2m1_value(code) * sdec);
+        }
     }
 }

@@ -40,7 +40,8 @@
 // e4m3 = round to nearest even saturating to +-448 (cvt.rn.satfinite); e2m1 = formats/e2m1.rs `encode`'s
 // comparisons (ties to even, saturating to +-6, the sign kept for -0). Every quotient is an IEEE division
 // (div.rn.f32) — or, by a UE8M0 power of two (mxfp8, mxfp4), a multiply by its exact inverse, which rounds
-// the same real number the same way; f32::max(amax, 1e-10) is a max of bit patterns.
+// the same real number the same way; nvfp4's codes come from the reciprocal and two fmas where that gives the
+// divided code for every x (common.cuh E2m1Divisor); f32::max(amax, 1e-10) is a max of bit patterns.
 //
 // Launch (kernels/weight_quant.rs): weight_amax and quantize_weight_rows: block 256, grid (x, experts)
 // with x blocks striding over the expert's 16-element items; quantize_weight_block128: block 256, grid
@@ -151,6 +152,13 @@ __device__ __forceinline__ uint2 wq_e2m1x16(const float* v, S s) {
     }
     return make_uint2(w[0], w[1]);
 }
+// nvfp4's: the codes of v / s by the reciprocal (common.cuh E2m1Divisor; only where d.by_reciprocal(), so s > 0)
+__device__ __forceinline__ uint2 wq_e2m1x16(const float* v, E2m1Divisor d) {
+    u32 w[2] = {0u, 0u};
+#pragma unroll
+    for (int k = 0; k < 16; ++k) w[k >> 3] |= d.code(v[k]) << (4 * (k & 7));
+    return make_uint2(w[0], w[1]);
+}
 
 // 16 bytes at out (16-byte stores where aligned), the first n only
 __device__ __forceinline__ void wq_store16(u8* out, uint4 q, int n) {
@@ -242,7 +250,8 @@ extern "C" __global__ void __launch_bounds__(256) quantize_weight_rows(
             const float g = expert_scale;
             const u32 byte = f32_to_e4m3(div_rn(div_rn(__uint_as_float(a), 6.0f), g));
             const float s = e4m3_to_f32((u8)byte) * g;
-            *(uint2*)(out + (base + i0) / 2) = wq_e2m1x16(v, Scale{s});
+            const E2m1Divisor d = E2m1Divisor::of(s);
+            *(uint2*)(out + (base + i0) / 2) = d.by_reciprocal() ? wq_e2m1x16(v, d) : wq_e2m1x16(v, Scale{s});
             block_scales[(base + i0) / 16] = (u8)byte;
         }
     }
