@@ -2707,7 +2707,7 @@ fn gpu_fused_small_batch_meets_the_reference() {
                     routing.routed_scaling_factor = 2.5;
                 }
                 let cfg = config_codec(codec, 16, hidden, inter, act, routing);
-                let layer = Arc::new(random_layer(&cfg, seed, n % 2 == 0).expect("layer"));
+                let layer = Arc::new(random_layer(&cfg, seed, n.is_multiple_of(2)).expect("layer"));
                 let tokens = 1 + (n as usize % 3);
                 let dtype = [DType::BF16, DType::F32, DType::F16][n as usize % 3];
                 let mode = if n % 4 == 3 {
