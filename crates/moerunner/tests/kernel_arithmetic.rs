@@ -10,18 +10,23 @@ use rayon::prelude::*;
 /// The E2M1 codes' rounding boundaries: midpoints of neighbouring values (0, 0.5, 1, 1.5, 2, 3, 4, 6).
 const BOUNDARIES: [f32; 7] = [0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0];
 
-/// common.cuh `e2m1_code`: the code from v's bits (|v| < 1: rint(2|v|); else the bits rounded to one
+/// common.cuh `e2m1_code`: the code from v's bits (|v| < 1: rint(2|v|) by a 2^23 fma; else the bits rounded to one
 /// mantissa bit, ties to even, minus 252 in bits 22 and up, saturated at 7), with v's sign bit.
 fn e2m1_code_from_bits(v: f32) -> u8 {
     let bits = v.to_bits();
-    let abits = bits & 0x7fff_ffff;
+    e2m1_magnitude_code(bits & 0x7fff_ffff) | ((bits >> 28) & 8) as u8
+}
+
+/// common.cuh `e2m1_magnitude_code`: `e2m1_code_from_bits` of |v|, from |v|'s bits.
+fn e2m1_magnitude_code(abits: u32) -> u8 {
     let code = if abits < 0x3f80_0000 {
-        (f32::from_bits(abits) * 2.0).round_ties_even() as u32
+        // rint(2|v|) as 2^23 + 2|v| rounded once (an fma), less 2^23's bits
+        f32::from_bits(abits).mul_add(2.0, 8_388_608.0).to_bits() - 0x4b00_0000
     } else {
         let r = ((abits + 0x1f_ffff + ((abits >> 22) & 1)) >> 22).wrapping_sub(252);
         r.min(7)
     };
-    (code | ((bits >> 28) & 8)) as u8
+    code as u8
 }
 
 /// common.cuh `E2m1Divisor::of`'s range for the reciprocal path: s's bits in [2^-90, 2^120].
@@ -34,7 +39,7 @@ fn e2m1_code_by_reciprocal(x: f32, s: f32, r: f32) -> u8 {
     let a = x.abs();
     let q0 = a * r;
     let q = (-s).mul_add(q0, a).mul_add(r, q0);
-    e2m1_code_from_bits(q) | if x.is_sign_negative() { 8 } else { 0 }
+    e2m1_magnitude_code(q.to_bits()) | if x.is_sign_negative() { 8 } else { 0 }
 }
 
 #[test]

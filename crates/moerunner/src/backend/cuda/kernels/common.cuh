@@ -76,18 +76,22 @@ __device__ __forceinline__ float e4m3_block128_scale(u32 amax_bits) {
     return div_rn(__uint_as_float(m), 448.0f);
 }
 
-// The E2M1 code of v: formats/e2m1.rs `encode` (ties to even, saturating to 6, NaN -> 7, the sign bit of v, so
-// -0 -> 8), from v's bits instead of its comparison chain: |v| < 1 gives rint(2|v|) (codes 0, 1, 2: 2|v| is exact);
-// |v| >= 1 its bits rounded to one mantissa bit, to nearest even, are (2 + 2e + m) + 252 in bits 22 and up, saturated
-// at 7 (inf and NaN, whose bits are largest, too). Equal to the chain for all 2^32 f32 (an exhaustive CPU check of
-// the two formulas). Both quantizers' (quant_rows.cuh, weight_quant.cu).
-__device__ __forceinline__ u32 e2m1_code(float v) {
-    const u32 bits = __float_as_uint(v), abits = bits & 0x7fffffffu;
-    int small;
-    asm("cvt.rni.s32.f32 %0, %1;" : "=r"(small) : "f"(__uint_as_float(abits) * 2.0f));
+// The E2M1 code of |v| from |v|'s bits (sign bit clear): formats/e2m1.rs `encode` (ties to even, saturating to 6,
+// NaN -> 7) from the bits instead of its comparison chain. |v| < 1 gives rint(2|v|) (codes 0, 1, 2; 2|v| is exact),
+// as 2^23 + 2|v| rounded once by an fma (its ulp is 1, ties to even as cvt.rni, which runs on the quarter-rate
+// conversion pipe and bound the nvfp4 weight quantizer); |v| >= 1 its bits rounded to one mantissa bit, to nearest
+// even, are (2 + 2e + m) + 252 in bits 22 and up, saturated at 7 (inf and NaN, whose bits are largest, too). Equal
+// to `encode` for every f32 (tests/kernel_arithmetic.rs mirrors it and checks all 2^32).
+__device__ __forceinline__ u32 e2m1_magnitude_code(u32 abits) {
+    const u32 small = __float_as_uint(__fmaf_rn(__uint_as_float(abits), 2.0f, 8388608.0f)) - 0x4b000000u;
     const u32 r = ((abits + 0x1fffffu + ((abits >> 22) & 1u)) >> 22) - 252u;
-    const u32 code = abits < 0x3f800000u ? (u32)small : (r < 7u ? r : 7u);
-    return code | ((bits >> 28) & 8u);
+    return abits < 0x3f800000u ? small : (r < 7u ? r : 7u);
+}
+
+// The E2M1 code of v with v's sign bit (so -0 -> 8). Both quantizers' (quant_rows.cuh, weight_quant.cu).
+__device__ __forceinline__ u32 e2m1_code(float v) {
+    const u32 bits = __float_as_uint(v);
+    return e2m1_magnitude_code(bits & 0x7fffffffu) | ((bits >> 28) & 8u);
 }
 
 // The E2M1 code of x / s for s > 0, e2m1_code(div_rn(x, s)) bit for bit, without the division (div.rn.f32 is a
@@ -113,7 +117,7 @@ struct E2m1Divisor {
         const float a = fabsf(x);
         const float q0 = __fmul_rn(a, r);
         const float q = __fmaf_rn(__fmaf_rn(-s, q0, a), r, q0);
-        return e2m1_code(q) | ((__float_as_uint(x) >> 28) & 8u);
+        return e2m1_magnitude_code(__float_as_uint(q)) | ((__float_as_uint(x) >> 28) & 8u);  // q >= 0 (or NaN)
     }
 };
 
