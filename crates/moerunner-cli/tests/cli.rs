@@ -925,6 +925,17 @@ fn gemm_runs_its_default_on_the_cpu_within_tolerance() {
     assert_eq!(j["checked_rows"], 7);
     assert!(j["rel_err"].as_f64().expect("rel_err") <= 2e-2, "{j}");
     assert!(j["tflops"].as_f64().expect("tflops") > 0.0, "{j}");
+    // where the result came from, as bench's report says it
+    assert_eq!(j["moerunner_version"], env!("CARGO_PKG_VERSION"));
+    assert_eq!(j["date"].as_str().map(str::len), Some(10), "{j}");
+    assert!(
+        j["argv"]
+            .as_array()
+            .expect("argv")
+            .iter()
+            .any(|a| a == "fp8_block"),
+        "{j}"
+    );
     let e = fails(&["gemm", "--backend", "cpu", "--k", "40"]);
     assert!(e.contains("K % 32"), "{e}");
     let e = fails(&["gemm", "--format", "nvfp4"]);

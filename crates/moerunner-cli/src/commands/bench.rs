@@ -230,9 +230,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
     })?;
     bar.finish_and_clear();
-    report.commit = Some(env!("MOERUNNER_COMMIT"))
-        .filter(|c| !c.is_empty())
-        .map(str::to_string);
+    report.commit = crate::commands::build_commit();
     report.argv = std::env::args().collect();
     print_table(&report);
     if let Some(path) = &args.json {

@@ -141,7 +141,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             "fraction_of_cublas_fp8": fraction,
             "cublas_error": outcome.cublas_error,
         });
-        println!("{j}");
+        let mut with_provenance = crate::commands::provenance();
+        with_provenance.extend(j.as_object().cloned().unwrap_or_default());
+        println!("{}", serde_json::Value::Object(with_provenance));
     } else {
         println!(
             "gemm {format}: y[{m}, {n}] = x[{m}, {k}] ({}) · W[{n}, {k}]ᵀ, seed {}, on {} ({})",

@@ -47,3 +47,21 @@ fn load_checkpoint(
     load_layer(dir, layer, opts)
         .with_context(|| format!("loading layer {layer} of checkpoint {}", dir.display()))
 }
+
+/// The commit this binary was built from (build.rs; None outside a git checkout).
+pub(crate) fn build_commit() -> Option<String> {
+    Some(env!("MOERUNNER_COMMIT"))
+        .filter(|c| !c.is_empty())
+        .map(str::to_string)
+}
+
+/// Where a `--json` result came from, the same four keys `bench`'s report carries: version, commit,
+/// date (UTC) and the command line. Merged into `gemm`'s and `quantize-bench`'s JSON objects.
+pub(crate) fn provenance() -> serde_json::Map<String, serde_json::Value> {
+    let mut m = serde_json::Map::new();
+    m.insert("moerunner_version".into(), env!("CARGO_PKG_VERSION").into());
+    m.insert("commit".into(), build_commit().into());
+    m.insert("date".into(), moerunner::clock::today_utc().into());
+    m.insert("argv".into(), std::env::args().collect::<Vec<_>>().into());
+    m
+}
