@@ -37,8 +37,8 @@
 //   s = max(amax_block, 1e-10) / 448, out[e, r, c] = e4m3(x / s), scales[(e * rb + bi) * cb + bj] = s with
 //   rb = ceil(rows / 128), cb = ceil(cols / 128).
 //
-// e4m3 = round to nearest even saturating to +-448 (cvt.rn.satfinite); e2m1 = formats/e2m1.rs `encode`'s
-// comparisons (ties to even, saturating to +-6, the sign kept for -0). Every quotient is an IEEE division
+// e4m3 = round to nearest even saturating to +-448 (cvt.rn.satfinite); e2m1 = formats/e2m1.rs `encode`
+// (ties to even, saturating to +-6, the sign kept for -0; common.cuh e2m1_code computes it from the bits). Every quotient is an IEEE division
 // (div.rn.f32) — or, by a UE8M0 power of two (mxfp8, mxfp4), a multiply by its exact inverse, which rounds
 // the same real number the same way; nvfp4's codes come from the reciprocal and two fmas where that gives the
 // divided code for every x (common.cuh E2m1Divisor); f32::max(amax, 1e-10) is a max of bit patterns.
