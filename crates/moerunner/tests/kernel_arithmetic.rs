@@ -42,18 +42,18 @@ fn e2m1_code_by_reciprocal(x: f32, s: f32, r: f32) -> u8 {
     e2m1_magnitude_code(q.to_bits()) | if x.is_sign_negative() { 8 } else { 0 }
 }
 
+/// The f32 bit patterns in `range` whose `code` differs from `encode` (NaN has no E2M1 code: `encode`
+/// maps it to ±6, code 7, and so does the kernel).
+fn bits_mismatches(code: fn(f32) -> u8, range: std::ops::RangeInclusive<u32>) -> Vec<u32> {
+    range
+        .into_par_iter()
+        .filter(|&bits| code(f32::from_bits(bits)) != e2m1::encode(f32::from_bits(bits)))
+        .collect()
+}
+
 #[test]
 fn e2m1_code_from_bits_equals_encode_for_every_f32() {
-    let mismatches: Vec<u32> = (0..=u16::MAX as u32)
-        .into_par_iter()
-        .flat_map_iter(|hi| {
-            (0..=u16::MAX as u32).filter_map(move |lo| {
-                let v = f32::from_bits(hi << 16 | lo);
-                // NaN has no E2M1 code: encode maps it to ±6 (code 7), so does the kernel
-                (e2m1_code_from_bits(v) != e2m1::encode(v)).then_some(hi << 16 | lo)
-            })
-        })
-        .collect();
+    let mismatches = bits_mismatches(e2m1_code_from_bits, 0..=u32::MAX);
     assert!(
         mismatches.is_empty(),
         "{} f32 differ, the first {:#010x}",
@@ -62,13 +62,13 @@ fn e2m1_code_from_bits_equals_encode_for_every_f32() {
     );
 }
 
-/// Every s in [1, 2) (all 2^23 mantissas) at every code boundary b, x the 17 f32 nearest b·s. Outside this
-/// window the reciprocal's quotient (within about an ulp of x / s) cannot cross a boundary that the correctly
-/// rounded one does not, and in [2^-90, 2^120] every step scales exactly with s's exponent, so this is
-/// every (x, s) the kernels take by the reciprocal.
-#[test]
-fn e2m1_code_by_reciprocal_equals_the_divided_code_at_every_boundary() {
-    let mismatches: Vec<(f32, f32)> = (0x3f80_0000u32..0x4000_0000)
+/// The (x, s) with s's bits in `s_range` and x among the 17 f32 nearest b·s for a code boundary b where
+/// `code(x, s, 1/s)` differs from `encode(x / s)`.
+fn boundary_mismatches(
+    code: fn(f32, f32, f32) -> u8,
+    s_range: std::ops::Range<u32>,
+) -> Vec<(f32, f32)> {
+    s_range
         .into_par_iter()
         .flat_map_iter(|s_bits| {
             let s = f32::from_bits(s_bits);
@@ -77,17 +77,48 @@ fn e2m1_code_by_reciprocal_equals_the_divided_code_at_every_boundary() {
                 let centre = ((b as f64) * (s as f64)) as f32;
                 (-8i32..=8).filter_map(move |d| {
                     let x = f32::from_bits(centre.to_bits().wrapping_add_signed(d));
-                    (e2m1_code_by_reciprocal(x, s, r) != e2m1::encode(x / s)).then_some((x, s))
+                    (code(x, s, r) != e2m1::encode(x / s)).then_some((x, s))
                 })
             })
         })
-        .collect();
+        .collect()
+}
+
+/// Every s in [1, 2) (all 2^23 mantissas) at every code boundary b, x the 17 f32 nearest b·s. Outside this
+/// window the reciprocal's quotient (within about an ulp of x / s) cannot cross a boundary that the correctly
+/// rounded one does not, and in [2^-90, 2^120] every step scales exactly with s's exponent, so this is
+/// every (x, s) the kernels take by the reciprocal.
+#[test]
+fn e2m1_code_by_reciprocal_equals_the_divided_code_at_every_boundary() {
+    let mismatches = boundary_mismatches(e2m1_code_by_reciprocal, 0x3f80_0000..0x4000_0000);
     assert!(
         mismatches.is_empty(),
         "{} (x, s) differ, the first {:?}",
         mismatches.len(),
         mismatches.first()
     );
+}
+
+/// Both checks find a formula one step short of the kernel's: rounding without the tie-to-even bit, and
+/// the reciprocal's quotient without its fma correction.
+#[test]
+fn the_checks_catch_a_broken_mirror() {
+    fn ties_away(v: f32) -> u8 {
+        let abits = v.to_bits() & 0x7fff_ffff;
+        if abits < 0x3f80_0000 {
+            return e2m1_code_from_bits(v);
+        }
+        let code = ((abits + 0x20_0000) >> 22).wrapping_sub(252).min(7) as u8;
+        code | ((v.to_bits() >> 28) & 8) as u8
+    }
+    assert!(
+        !bits_mismatches(ties_away, 0x3fa0_0000..=0x3fa0_0000).is_empty(),
+        "1.25 rounds to even"
+    );
+    fn uncorrected(x: f32, _s: f32, r: f32) -> u8 {
+        e2m1_magnitude_code((x.abs() * r).to_bits()) | if x.is_sign_negative() { 8 } else { 0 }
+    }
+    assert!(!boundary_mismatches(uncorrected, 0x3f80_0000..0x3f81_0000).is_empty());
 }
 
 /// Seeded (x, s) over the whole range the kernels take by the reciprocal, both signs, quotients from far
