@@ -101,7 +101,7 @@ __device__ __forceinline__ u32 e2m1_code(float v) {
 // within about an ulp of a code boundary (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5). tests/kernel_arithmetic.rs
 // checks every s mantissa at every boundary, x within 8 steps either side, against formats/e2m1.rs `encode`; the
 // steps scale exactly with s's exponent while no intermediate leaves the normal range, which holds for s in
-// [2^-90, 2^120] (e2m1_divisor_by_reciprocal). Outside it, and for s = 0, the callers divide. The sign is x's
+// [2^-90, 2^120] (E2m1Divisor::of). Outside it, and for s = 0, the callers divide. The sign is x's
 // (as div.rn gives it for every finite x; non-finite x are refused by the quantizers).
 struct E2m1Divisor {
     float s, r;  // r = rcp.rn(s), or 0 where the callers must divide

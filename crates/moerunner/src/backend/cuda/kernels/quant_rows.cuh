@@ -47,14 +47,15 @@ __device__ __forceinline__ void qt_nvfp4_block(const float* v, float g, u16* o) 
     const float sdec = e4m3_to_f32(b);
     const float s = sdec * g;
     const E2m1Divisor d = E2m1Divisor::of(s);
+    // each element's value from its code: by the reciprocal where that gives the divided code, else divided
+    // (s = 0: code 0)
+    auto store = [&](auto code_of) {
+#pragma unroll
+        for (int k = 0; k < 16; ++k) o[k] = f32_to_bf16(qt_e2m1_value(code_of(v[k])) * sdec);
+    };
     if (d.by_reciprocal()) {
-#pragma unroll
-        for (int k = 0; k < 16; ++k) o[k] = f32_to_bf16(qt_e2m1_value(d.code(v[k])) * sdec);
+        store([&](float x) { return d.code(x); });
     } else {
-#pragma unroll
-        for (int k = 0; k < 16; ++k) {
-            const u32 code = s == 0.0f ? 0u : e2m1_code(div_rn(v[k], s));
-            o[k] = f32_to_bf16(qt_e2m1_value(code) * sdec);
-        }
+        store([&](float x) { return s == 0.0f ? 0u : e2m1_code(div_rn(x, s)); });
     }
 }

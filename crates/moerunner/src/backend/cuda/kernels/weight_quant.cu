@@ -117,7 +117,6 @@ __device__ __forceinline__ void wq_report(const float* v, int n, long long index
 struct Scale {
     float s;
     __device__ __forceinline__ float divide(float x) const { return div_rn(x, s); }
-    __device__ __forceinline__ bool is_zero() const { return s == 0.0f; }
 };
 struct Pow2Scale {
     float inverse;  // 2^-k
@@ -127,7 +126,6 @@ struct Pow2Scale {
         return Pow2Scale{field == 0u ? __uint_as_float(1u << 22) : __uint_as_float(field << 23)};
     }
     __device__ __forceinline__ float divide(float x) const { return x * inverse; }
-    __device__ __forceinline__ bool is_zero() const { return false; }
 };
 
 // 16 e4m3 bytes of v / s
@@ -142,21 +140,14 @@ __device__ __forceinline__ uint4 wq_e4m3x16(const float* v, S s) {
     return make_uint4(w[0], w[1], w[2], w[3]);
 }
 
-// 16 e2m1 codes of v / s in 8 bytes, element 2i in the low nibble; all 0 when s = 0 (mxfp4 never has s = 0)
-template <class S>
-__device__ __forceinline__ uint2 wq_e2m1x16(const float* v, S s) {
+// the 16 e2m1 codes code_of(v[k]) in 8 bytes, element 2i in the low nibble; all 0 when `zero` (nvfp4's s = 0)
+template <class CodeOf>
+__device__ __forceinline__ uint2 wq_e2m1x16(const float* v, CodeOf code_of, bool zero = false) {
     u32 w[2] = {0u, 0u};
-    if (!s.is_zero()) {
+    if (!zero) {
 #pragma unroll
-        for (int k = 0; k < 16; ++k) w[k >> 3] |= e2m1_code(s.divide(v[k])) << (4 * (k & 7));
+        for (int k = 0; k < 16; ++k) w[k >> 3] |= code_of(v[k]) << (4 * (k & 7));
     }
-    return make_uint2(w[0], w[1]);
-}
-// nvfp4's: the codes of v / s by the reciprocal (common.cuh E2m1Divisor; only where d.by_reciprocal(), so s > 0)
-__device__ __forceinline__ uint2 wq_e2m1x16(const float* v, E2m1Divisor d) {
-    u32 w[2] = {0u, 0u};
-#pragma unroll
-    for (int k = 0; k < 16; ++k) w[k >> 3] |= d.code(v[k]) << (4 * (k & 7));
     return make_uint2(w[0], w[1]);
 }
 
@@ -243,7 +234,7 @@ extern "C" __global__ void __launch_bounds__(256) quantize_weight_rows(
             if (mode == 1) {
                 *(uint4*)(out + base + i0) = wq_e4m3x16(v, s);
             } else {
-                *(uint2*)(out + (base + i0) / 2) = wq_e2m1x16(v, s);
+                *(uint2*)(out + (base + i0) / 2) = wq_e2m1x16(v, [&](float x) { return e2m1_code(s.divide(x)); });
             }
             if ((it & 1) == 0) block_scales[(base + i0) / 32] = (u8)byte;
         } else {
@@ -251,7 +242,9 @@ extern "C" __global__ void __launch_bounds__(256) quantize_weight_rows(
             const u32 byte = f32_to_e4m3(div_rn(div_rn(__uint_as_float(a), 6.0f), g));
             const float s = e4m3_to_f32((u8)byte) * g;
             const E2m1Divisor d = E2m1Divisor::of(s);
-            *(uint2*)(out + (base + i0) / 2) = d.by_reciprocal() ? wq_e2m1x16(v, d) : wq_e2m1x16(v, Scale{s});
+            *(uint2*)(out + (base + i0) / 2) =
+                d.by_reciprocal() ? wq_e2m1x16(v, [&](float x) { return d.code(x); })
+                                  : wq_e2m1x16(v, [&](float x) { return e2m1_code(div_rn(x, s)); }, s == 0.0f);
             block_scales[(base + i0) / 16] = (u8)byte;
         }
     }
