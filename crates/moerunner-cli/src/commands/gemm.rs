@@ -122,7 +122,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let fraction = cublas_tflops.map(|c| tflops / c);
 
     if args.json {
-        let j = serde_json::json!({
+        let j = crate::commands::with_provenance(serde_json::json!({
             "m": m, "n": n, "k": k,
             "format": format.name(),
             "dtype": dtype.name(),
@@ -140,10 +140,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             "cublas_fp8_tflops": cublas_tflops,
             "fraction_of_cublas_fp8": fraction,
             "cublas_error": outcome.cublas_error,
-        });
-        let mut with_provenance = crate::commands::provenance();
-        with_provenance.extend(j.as_object().cloned().unwrap_or_default());
-        println!("{}", serde_json::Value::Object(with_provenance));
+        }));
+        println!("{j}");
     } else {
         println!(
             "gemm {format}: y[{m}, {n}] = x[{m}, {k}] ({}) · W[{n}, {k}]ᵀ, seed {}, on {} ({})",

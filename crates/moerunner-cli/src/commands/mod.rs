@@ -55,13 +55,16 @@ pub(crate) fn build_commit() -> Option<String> {
         .map(str::to_string)
 }
 
-/// Where a `--json` result came from, the same four keys `bench`'s report carries: version, commit,
-/// date (UTC) and the command line. Merged into `gemm`'s and `quantize-bench`'s JSON objects.
-pub(crate) fn provenance() -> serde_json::Map<String, serde_json::Value> {
+/// `gemm`'s and `quantize-bench`'s JSON object `fields` with where the result came from: the same
+/// four keys `bench`'s report carries (version, commit, date (UTC), the command line).
+pub(crate) fn with_provenance(fields: serde_json::Value) -> serde_json::Value {
     let mut m = serde_json::Map::new();
     m.insert("moerunner_version".into(), env!("CARGO_PKG_VERSION").into());
     m.insert("commit".into(), build_commit().into());
     m.insert("date".into(), moerunner::clock::today_utc().into());
     m.insert("argv".into(), std::env::args().collect::<Vec<_>>().into());
-    m
+    if let serde_json::Value::Object(fields) = fields {
+        m.extend(fields);
+    }
+    serde_json::Value::Object(m)
 }

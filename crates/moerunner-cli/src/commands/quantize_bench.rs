@@ -157,17 +157,11 @@ mod gpu {
                     })
                 })
                 .collect();
-            let mut json = crate::commands::provenance();
-            json.extend(
-                serde_json::json!({
-                    "device": report.device, "preset": preset, "experts": experts,
-                    "iters": args.iters, "copy_gbps": report.copy_gbps,
-                    "rows": rows, "layer": layer,
-                })
-                .as_object()
-                .cloned()
-                .unwrap_or_default(),
-            );
+            let json = crate::commands::with_provenance(serde_json::json!({
+                "device": report.device, "preset": preset, "experts": experts,
+                "iters": args.iters, "copy_gbps": report.copy_gbps,
+                "rows": rows, "layer": layer,
+            }));
             std::fs::write(path, serde_json::to_string_pretty(&json)? + "\n")
                 .with_context(|| format!("writing {}", path.display()))?;
             println!("wrote {}", path.display());
