@@ -100,17 +100,37 @@ impl BenchRow {
     }
 }
 
+/// Where a measurement came from, recorded beside it by every benchmark's JSON (`bench`, `gemm`,
+/// `quantize-bench`): the moerunner version, the commit it was built from (when known), the date
+/// (UTC) and the command line — what reproduces the run.
+#[derive(Clone, Debug, Serialize)]
+pub struct Provenance {
+    pub moerunner_version: String,
+    pub commit: Option<String>,
+    pub date: String,
+    pub argv: Vec<String>,
+}
+
+impl Provenance {
+    /// This library's version and today's date; the commit and the command line are the caller's
+    /// to fill (the CLI knows them).
+    pub fn today() -> Provenance {
+        Provenance {
+            moerunner_version: env!("CARGO_PKG_VERSION").to_string(),
+            commit: None,
+            date: today_utc(),
+            argv: Vec::new(),
+        }
+    }
+}
+
 /// A whole run: what `bench --json` writes.
 #[derive(Clone, Debug, Serialize)]
 pub struct BenchReport {
-    /// The moerunner version, the commit it was built from (when known) and the command line:
-    /// what reproduces the run.
-    pub moerunner_version: String,
-    pub commit: Option<String>,
-    pub argv: Vec<String>,
+    #[serde(flatten)]
+    pub provenance: Provenance,
     pub device: String,
     pub backend: String,
-    pub date: String,
     pub ceilings: Ceilings,
     pub rows: Vec<BenchRow>,
 }
@@ -330,12 +350,9 @@ pub fn run(plan: &BenchPlan, progress: &mut dyn FnMut(Progress<'_>)) -> Result<B
         device = device_name(&runner, &backend_name);
     }
     Ok(BenchReport {
-        moerunner_version: env!("CARGO_PKG_VERSION").to_string(),
-        commit: None,
-        argv: Vec::new(),
+        provenance: Provenance::today(),
         device,
         backend: backend_name,
-        date: today_utc(),
         ceilings,
         rows,
     })
@@ -833,7 +850,10 @@ mod tests {
             split: None,
         };
         let report = run(&plan, &mut |_| {}).unwrap();
-        assert_eq!(report.moerunner_version, env!("CARGO_PKG_VERSION"));
+        assert_eq!(
+            report.provenance.moerunner_version,
+            env!("CARGO_PKG_VERSION")
+        );
         let row = &report.rows[0];
         assert_eq!((row.tp_size, row.ep_size, row.samples_us.len()), (2, 2, 3));
         assert!(

@@ -230,8 +230,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
     })?;
     bar.finish_and_clear();
-    report.commit = crate::commands::build_commit();
-    report.argv = std::env::args().collect();
+    report.provenance = crate::commands::provenance();
     print_table(&report);
     if let Some(path) = &args.json {
         let text = serde_json::to_string_pretty(&report)?;
@@ -281,13 +280,14 @@ fn print_table(r: &BenchReport) {
     let c = &r.ceilings;
     println!(
         "moerunner {}{}   device: {}   backend: {}   date: {}",
-        r.moerunner_version,
-        r.commit
+        r.provenance.moerunner_version,
+        r.provenance
+            .commit
             .as_deref()
             .map_or(String::new(), |c| format!(" ({})", &c[..c.len().min(12)])),
         r.device,
         r.backend,
-        r.date
+        r.provenance.date
     );
     println!("{}", ceilings_line(c));
     println!(

@@ -55,14 +55,23 @@ pub(crate) fn build_commit() -> Option<String> {
         .map(str::to_string)
 }
 
-/// `gemm`'s and `quantize-bench`'s JSON object `fields` with where the result came from: the same
-/// four keys `bench`'s report carries (version, commit, date (UTC), the command line).
+/// Where this run's numbers come from (`moerunner::bench::Provenance`): the library's version and
+/// date, this binary's commit and the command line.
+pub(crate) fn provenance() -> moerunner::bench::Provenance {
+    moerunner::bench::Provenance {
+        commit: build_commit(),
+        argv: std::env::args().collect(),
+        ..moerunner::bench::Provenance::today()
+    }
+}
+
+/// `gemm`'s and `quantize-bench`'s JSON object `fields` with `provenance()`'s keys first, as
+/// `bench`'s report carries them.
 pub(crate) fn with_provenance(fields: serde_json::Value) -> serde_json::Value {
-    let mut m = serde_json::Map::new();
-    m.insert("moerunner_version".into(), env!("CARGO_PKG_VERSION").into());
-    m.insert("commit".into(), build_commit().into());
-    m.insert("date".into(), moerunner::clock::today_utc().into());
-    m.insert("argv".into(), std::env::args().collect::<Vec<_>>().into());
+    let mut m = match serde_json::to_value(provenance()) {
+        Ok(serde_json::Value::Object(m)) => m,
+        _ => serde_json::Map::new(),
+    };
     if let serde_json::Value::Object(fields) = fields {
         m.extend(fields);
     }
