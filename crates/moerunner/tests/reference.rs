@@ -9,7 +9,7 @@ use moerunner::rng::SeededRng;
 use moerunner::synth::{random_input, random_layer, RoutingMode, SynthInput};
 use moerunner::tensor::DType;
 use moerunner::{
-    reference, routing, shard, Activation, ActivationFormat, BlockScales, LayerWeights, MoeLayer,
+    reference, shard, Activation, ActivationFormat, BlockScales, LayerWeights, MoeLayer,
     Parallelism, QuantizedTensor, Routes, RoutingConfig, RoutingMethod, W13Order, WeightFormat,
 };
 
@@ -226,16 +226,13 @@ fn hidden_f32(input: &SynthInput) -> Vec<f32> {
 }
 
 fn resolve(layer: &MoeLayer, input: &SynthInput) -> Routes {
-    let cfg = layer.config();
-    let tokens = input.hidden.shape[0];
-    routing::resolve(
-        &cfg.routing,
-        cfg.num_experts,
-        tokens,
-        &input.routing_input(),
-        layer.weights().router_bias.as_deref(),
-    )
-    .expect("routes")
+    let fwd = moerunner::ForwardInput {
+        hidden: &input.hidden,
+        routing: input.routing_input(),
+    };
+    moerunner::forward::resolve_input(layer, &fwd)
+        .expect("routes")
+        .1
 }
 
 /// Sum of every rank's reference output for a (ep_size × tp_size) grid of shards.
