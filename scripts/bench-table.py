@@ -16,8 +16,11 @@ usage: bench-table.py bench/results/FILE.json [more.json ...]
        peer has gains four columns: the peer's time (its whole layer, routing and our torch alignment
        included) and peer time / our time (above 1: we are faster), then its kernels alone
        (experts_us − align_us) and that over our time: SGLang's real time lies between the two.
-       Without --peer the output is unchanged."""
-import json, sys
+       Without --peer the output is unchanged.
+       --into DOC.md: instead of printing the table, replace the rows of DOC.md's table that has the
+       same header line, each where the first three cells (preset, formats, T) match, and append the
+       others at that table's end; prints what it replaced and appended."""
+import contextlib, io, json, sys
 
 # spec/performance.md, "The peer to beat": (µs, floor µs) on H100 for bf16 and fp8_block.
 SGLANG = {
@@ -56,6 +59,53 @@ def target_mx(tokens, roofline, weight, acts):
 
 
 args = sys.argv[1:]
+INTO = None
+if "--into" in args:
+    i = args.index("--into")
+    if i + 1 >= len(args):
+        sys.exit("--into needs a file")
+    INTO = args[i + 1]
+    del args[i:i + 2]
+
+
+def merge_into(doc_path, table):
+    """Replaces (or appends) the rows of `table` in the table of `doc_path` with the same header line."""
+    lines = table.splitlines()
+    head, body = lines[0], [l for l in lines[2:] if l.startswith("| ")]
+    key = lambda l: tuple(c.strip() for c in l.strip().strip("|").split("|")[:3])
+    new = {key(l): l for l in body}
+    doc = open(doc_path).read().split("\n")
+    try:
+        at = doc.index(head)
+    except ValueError:
+        sys.exit(f"{doc_path}: no table with the header {head!r}")
+    end = at + 2
+    while end < len(doc) and doc[end].startswith("|"):
+        end += 1
+    replaced = 0
+    for i in range(at + 2, end):
+        k = key(doc[i])
+        if k in new:
+            doc[i] = new.pop(k)
+            replaced += 1
+    appended = [new[k] for k in new]
+    doc[end:end] = appended
+    open(doc_path, "w").write("\n".join(doc))
+    print(f"{doc_path}: {replaced} rows replaced, {len(appended)} appended"
+          + "".join(f"\n  + {l}" for l in appended))
+
+
+_captured = io.StringIO()
+_redirect = contextlib.redirect_stdout(_captured) if INTO else contextlib.nullcontext()
+_redirect.__enter__()
+
+
+def finish():
+    if INTO:
+        _redirect.__exit__(None, None, None)
+        merge_into(INTO, _captured.getvalue())
+    sys.exit(0)
+
 # --peer FILE: measured peer rows, keyed by (preset, weight format, activation format, T)
 PEER = None
 while "--peer" in args:
@@ -113,7 +163,7 @@ if args and args[0] == "--mx":
         print(f"| {preset} | {fmt} | {t} | {r['active_experts']} | {r['time_us']:.1f} | "
               f"{r['floor_us']:.1f} | {r['roofline']:.1%} | {target_mx(t, r['roofline'], w, a)} | "
               f"{r['rel_err']:.1e} | {build} |" + peer_cells(r))
-    sys.exit(0)
+    finish()
 
 rows = []
 for path in args:
@@ -133,3 +183,4 @@ for rep, r in rows:
     print(f"| {r['preset']} | {r['weight_format']} | {r['tokens']} | {r['active_experts']} | "
           f"{r['time_us']:.1f} | {r['floor_us']:.1f} | {r['roofline']:.1%} | {target(r['tokens'], r['roofline'])} | "
           f"{sg} | {r['rel_err']:.1e} |" + peer_cells(r))
+finish()
