@@ -4,7 +4,8 @@
 //! budget; imports, parsed from real `use` items and paths in code, point down the layers of
 //! `rules::LAYERS` for every module, never form a circle, never join the CPU and CUDA backends,
 //! never take a loader to a backend, never join two CLI subcommands; GPU tests skip only through
-//! a helper that `MOERUNNER_REQUIRE_GPU=1` turns into a failure, which `scripts/gpu-run.sh` sets.
+//! a helper that `MOERUNNER_REQUIRE_GPU=1` turns into a failure, which `scripts/gpu-run.sh` sets;
+//! every kernel header is pasted by `kernels.rs` and every GEMM piece named in docs/cuda.md.
 //!
 //! Each rule is a function over (path, text) in `rules.rs`, with a planted violation beside it.
 
@@ -149,4 +150,31 @@ fn every_kernel_source_defines_kernels_and_common_cuh_none() {
             s.rel
         );
     }
+}
+
+#[test]
+fn every_kernel_header_is_pasted_and_every_gemm_piece_documented() {
+    let dir = "src/backend/cuda/kernels";
+    let headers: Vec<String> = files(Path::new(env!("CARGO_MANIFEST_DIR")), dir, &["cuh"])
+        .into_iter()
+        .map(|s| {
+            s.rel
+                .trim_start_matches(dir)
+                .trim_start_matches('/')
+                .to_string()
+        })
+        .collect();
+    assert!(
+        headers.iter().any(|h| h.starts_with("gemm/")),
+        "{headers:?}"
+    );
+    let kernels_rs = fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("src/backend/cuda/kernels.rs"),
+    )
+    .expect("kernels.rs");
+    let cuda_md = fs::read_to_string(repo().join("docs/cuda.md")).expect("docs/cuda.md");
+    check(
+        "kernel headers no translation unit pastes or docs/cuda.md does not name",
+        rules::unlisted_kernel_headers(&headers, &kernels_rs, &cuda_md),
+    );
 }

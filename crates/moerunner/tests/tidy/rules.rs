@@ -376,6 +376,27 @@ pub fn gpu_run_requires_the_gpu(script: &str) -> Option<String> {
     (!demands).then(|| "scripts/gpu-run.sh does not export MOERUNNER_REQUIRE_GPU=1".to_string())
 }
 
+/// Every kernel header (a `.cuh` under `kernels/`, `headers` its paths relative to that folder) is
+/// one of `kernels.rs`'s `HEADERS` or its prelude `COMMON` (else no translation unit pastes it: dead,
+/// or an include NVRTC cannot find), and every GEMM piece (`gemm/*.cuh`) is named in docs/cuda.md's
+/// table of pieces.
+pub fn unlisted_kernel_headers(headers: &[String], kernels_rs: &str, cuda_md: &str) -> Vec<String> {
+    let mut bad = Vec::new();
+    for h in headers {
+        let pasted = kernels_rs.contains(&format!("piece!(\"{h}\")"))
+            || kernels_rs.contains(&format!("COMMON: &str = include_str!(\"kernels/{h}\")"));
+        if !pasted {
+            bad.push(format!("kernels/{h} is not in kernels.rs's HEADERS"));
+        }
+        if let Some(piece) = h.strip_prefix("gemm/") {
+            if !cuda_md.contains(&format!("`{piece}`")) {
+                bad.push(format!("kernels/{h} is not named in docs/cuda.md"));
+            }
+        }
+    }
+    bad
+}
+
 #[cfg(test)]
 mod planted {
     //! One synthetic violation per rule, each reported; and the same text without it, clean.
@@ -561,6 +582,21 @@ mod planted {
             [
                 "src/a.rs:4: y.expect(\"y\");",
                 "src/a.rs:8: fn g() { w.unwrap() }"
+            ]
+        );
+    }
+
+    #[test]
+    fn an_unlisted_or_undocumented_kernel_header_is_reported() {
+        let headers = ["quant_rows.cuh".to_string(), "gemm/loads.cuh".to_string()];
+        let rs = "piece!(\"quant_rows.cuh\"), piece!(\"gemm/loads.cuh\")";
+        let md = "| `loads.cuh` | one stage's loads |";
+        assert!(unlisted_kernel_headers(&headers, rs, md).is_empty());
+        assert_eq!(
+            unlisted_kernel_headers(&headers, "piece!(\"quant_rows.cuh\")", "loads.cuh"),
+            [
+                "kernels/gemm/loads.cuh is not in kernels.rs's HEADERS",
+                "kernels/gemm/loads.cuh is not named in docs/cuda.md"
             ]
         );
     }
