@@ -218,21 +218,14 @@ fn assert_close(got: &[f64], want: &[f64], rel: f64, what: &str) {
     }
 }
 
-fn hidden_f32(input: &SynthInput) -> Vec<f32> {
-    input
-        .hidden
-        .to_f32_vec("hidden_states")
-        .expect("float hidden states")
-}
-
-fn resolve(layer: &MoeLayer, input: &SynthInput) -> Routes {
+/// The input's hidden states as f32 and its routes, as every backend gets them
+/// (`forward::resolve_input`).
+fn resolve(layer: &MoeLayer, input: &SynthInput) -> (Vec<f32>, Routes) {
     let fwd = moerunner::ForwardInput {
         hidden: &input.hidden,
         routing: input.routing_input(),
     };
-    moerunner::forward::resolve_input(layer, &fwd)
-        .expect("routes")
-        .1
+    moerunner::forward::resolve_input(layer, &fwd).expect("hidden states and routes")
 }
 
 /// Sum of every rank's reference output for a (ep_size × tp_size) grid of shards.
@@ -440,7 +433,7 @@ fn forward_tokens_computes_the_listed_rows_of_forward() {
     );
     let layer = random_layer(&cfg, 5, true).expect("layer");
     let input = random_input(&cfg, 9, RoutingMode::Logits, DType::F32, 6).expect("input");
-    let (x, r) = (hidden_f32(&input), resolve(&layer, &input));
+    let (x, r) = resolve(&layer, &input);
     let all = reference::forward(&layer, &x, &r).expect("forward");
     let picked = [7usize, 0, 3, 3];
     let some = reference::forward_tokens(&layer, &x, &r, &picked).expect("forward_tokens");
@@ -525,8 +518,8 @@ fn random_case(cfg: &LayerConfig, tokens: usize, seed: u64) -> (MoeLayer, Vec<f3
     let layer = random_layer(cfg, seed, true).expect("layer");
     let input =
         random_input(cfg, tokens, RoutingMode::Logits, DType::F32, seed + 1).expect("input");
-    let r = resolve(&layer, &input);
-    (layer, hidden_f32(&input), r)
+    let (x, r) = resolve(&layer, &input);
+    (layer, x, r)
 }
 
 #[test]
