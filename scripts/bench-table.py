@@ -20,7 +20,7 @@ usage: bench-table.py bench/results/FILE.json [more.json ...]
        --into DOC.md: instead of printing the table, replace the rows of DOC.md's table that has the
        same header line, each where the first three cells (preset, formats, T) match, and append the
        others at that table's end; prints what it replaced and appended."""
-import contextlib, io, json, sys
+import contextlib, io, json, os, sys
 
 # spec/performance.md, "The peer to beat": (µs, floor µs) on H100 for bf16 and fp8_block.
 SGLANG = {
@@ -90,7 +90,11 @@ def merge_into(doc_path, table):
             replaced += 1
     appended = [new[k] for k in new]
     doc[end:end] = appended
-    open(doc_path, "w").write("\n".join(doc))
+    # (written beside it and renamed over it: an interrupted run leaves the document whole)
+    tmp = doc_path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write("\n".join(doc))
+    os.replace(tmp, doc_path)
     print(f"{doc_path}: {replaced} rows replaced, {len(appended)} appended"
           + "".join(f"\n  + {l}" for l in appended))
 
