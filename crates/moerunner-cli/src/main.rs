@@ -2,6 +2,7 @@
 //! clap `Args` and a `run` function; this file only dispatches and prints errors with their chain.
 
 mod commands;
+mod process_ranks;
 
 use clap::{Parser, Subcommand};
 

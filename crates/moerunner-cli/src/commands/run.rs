@@ -78,9 +78,11 @@ pub struct Args {
     /// With `--ep`/`--tp`: how ranks talk — `thread` (ranks as threads of this process, through
     /// host memory: CPU ranks, or with `--backend cuda` several ranks sharing one GPU), `nccl`
     /// (rank r on GPU r through NCCL; as many GPUs as ranks, the CUDA backend) or `device` (every
-    /// rank on GPU 0, through device-to-device copies; the CUDA backend). With `--checkpoint` each
-    /// rank loads its own slice where its transport puts it.
-    #[arg(long, default_value = "thread", value_parser = ["thread", "nccl", "device"])]
+    /// rank on GPU 0, through device-to-device copies; the CUDA backend) or `process` (one process
+    /// per rank, this one rank 0 starting the others, talking over loopback TCP; a launcher may
+    /// start every rank itself with MOERUNNER_RANK, MOERUNNER_WORLD_SIZE and MOERUNNER_RENDEZVOUS
+    /// set). With `--checkpoint` each rank loads its own slice where its transport puts it.
+    #[arg(long, default_value = "thread", value_parser = ["thread", "nccl", "device", "process"])]
     pub comm: String,
 }
 
@@ -212,7 +214,7 @@ fn load_layer_and_input(
             // Split over ranks, every rank reads only its slice: here rank 0's (which also
             // routes a hidden-only input), the others on their threads (`run_split`).
             let par = if split {
-                rank_parallelism(args, 0)
+                rank_parallelism(args, first_rank(args))
             } else {
                 par
             };
@@ -327,7 +329,7 @@ fn run_split(
     // or with `--backend cuda` all on one GPU), one per GPU talking through NCCL (`--comm nccl`),
     // or all on GPU 0 talking through device copies (`--comm device`).
     let transport: Transport = args.comm.parse()?;
-    let on_gpus = transport != Transport::Threads;
+    let on_gpus = matches!(transport, Transport::Nccl | Transport::Device);
     let choice = match choice {
         BackendChoice::Auto if on_gpus => BackendChoice::Named("cuda".into()),
         BackendChoice::Auto => BackendChoice::Named("cpu".into()),
@@ -362,74 +364,133 @@ fn run_split(
         anyhow::bail!("--comm-timeout-s must be a positive number of seconds");
     }
     let timeout = std::time::Duration::from_secs_f64(args.comm_timeout_s);
-    let bar = spinner(format!(
-        "running {} tokens on {} ranks (ep {ep} × tp {tp}, {mode:?})",
-        input.tokens(),
-        layout.ranks()
-    ))?;
-    let started = Instant::now();
     let forward_input = ForwardInput {
         hidden: &input.hidden,
         routing: input.routing_input(),
     };
-    let out = match &args.checkpoint {
-        None => parallel::forward_split(
-            &layer,
-            &layout,
-            (&choice, transport),
-            &forward_input,
-            timeout,
-        ),
+    // `layer`: with a checkpoint, this rank's first slice (rank 0's, or with process ranks this
+    // process's); every other rank reads its own and loads it where its transport puts it
+    // (`runner`: with NCCL its own GPU's).
+    let first = std::sync::Mutex::new(Some(layer));
+    let index = match &args.checkpoint {
+        Some(_) => Some(checkpoint_layer_index(args)?),
+        None => None,
+    };
+    let load = |rank: usize, runner: &moerunner::Runner| match &args.checkpoint {
+        None => {
+            let guard = first
+                .lock()
+                .map_err(|_| moerunner::MoeError::invalid("layer", "poisoned"))?;
+            let whole = guard
+                .as_ref()
+                .ok_or_else(|| moerunner::MoeError::invalid("layer", "taken"))?;
+            parallel::RankLayer::load(whole, &layout, rank, runner, &choice)
+        }
         Some(dir) => {
-            // `layer` is rank 0's slice; every other rank reads its own and loads it where its
-            // transport puts it (`runner`: with NCCL its own GPU's).
-            let first = std::sync::Mutex::new(Some(layer));
-            let index = checkpoint_layer_index(args)?;
-            let load = |rank: usize, runner: &moerunner::Runner| {
-                let taken = if rank == 0 {
-                    first.lock().ok().and_then(|mut f| f.take())
-                } else {
-                    None
-                };
-                let slice = match taken {
-                    Some(slice) => slice,
-                    None => {
-                        let opts = super::load_options(
-                            rank_parallelism(args, rank),
-                            args.quantize.as_deref(),
-                            None,
-                        )
-                        .map_err(|e| moerunner::MoeError::invalid("--quantize", e.to_string()))?;
-                        moerunner::checkpoint::load_layer(dir, index, &opts)?.layer
-                    }
-                };
-                parallel::RankLayer::new(slice, false, &layout, rank, runner, &choice)
+            let taken = if rank == first_rank(args) {
+                first.lock().ok().and_then(|mut f| f.take())
+            } else {
+                None
             };
-            parallel::forward_split_with(&layout, transport, &forward_input, timeout, load)
+            let slice = match taken {
+                Some(slice) => slice,
+                None => {
+                    let opts = super::load_options(
+                        rank_parallelism(args, rank),
+                        args.quantize.as_deref(),
+                        None,
+                    )
+                    .map_err(|e| moerunner::MoeError::invalid("--quantize", e.to_string()))?;
+                    moerunner::checkpoint::load_layer(dir, index.unwrap_or_default(), &opts)?.layer
+                }
+            };
+            parallel::RankLayer::new(slice, false, &layout, rank, runner, &choice)
         }
     };
-    let elapsed = started.elapsed();
-    bar.finish_and_clear();
-    let out = out.with_context(|| format!("ep {ep} × tp {tp} ranks"))?;
+    let started = Instant::now();
+    let out = if transport == Transport::Processes {
+        let (out, role) = crate::process_ranks::run(layout.ranks(), &forward_input, timeout, &load)
+            .with_context(|| format!("ep {ep} × tp {tp} process ranks"))?;
+        if let crate::process_ranks::Role::Other = role {
+            return Ok(());
+        }
+        out
+    } else {
+        let bar = spinner(format!(
+            "running {} tokens on {} ranks (ep {ep} × tp {tp}, {mode:?})",
+            input.tokens(),
+            layout.ranks()
+        ))?;
+        let out = match &args.checkpoint {
+            None => {
+                let whole = first.lock().ok().and_then(|mut f| f.take());
+                let whole = whole.context("the layer")?;
+                parallel::forward_split(
+                    &whole,
+                    &layout,
+                    (&choice, transport),
+                    &forward_input,
+                    timeout,
+                )
+            }
+            Some(_) => {
+                parallel::forward_split_with(&layout, transport, &forward_input, timeout, load)
+            }
+        };
+        bar.finish_and_clear();
+        out.with_context(|| format!("ep {ep} × tp {tp} ranks"))?
+    };
+    finish_split(
+        args,
+        &out,
+        (&choice, transport),
+        (ep, tp, mode),
+        started.elapsed(),
+        &config,
+    )
+}
+
+/// Writes a split run's output and prints its summary line.
+fn finish_split(
+    args: &Args,
+    out: &moerunner::ForwardOutput,
+    (choice, transport): (&BackendChoice, moerunner::parallel::Transport),
+    (ep, tp, mode): (usize, usize, moerunner::parallel::EpMode),
+    elapsed: std::time::Duration,
+    config: &moerunner::LayerConfig,
+) -> anyhow::Result<()> {
     layer_file::write_output(
         &args.output,
         &out.output,
         args.save_routing.then_some(&out.routes),
     )
     .with_context(|| format!("writing output {}", args.output.display()))?;
-    let backend = match &choice {
+    let backend = match choice {
         BackendChoice::Named(n) => n.as_str(),
         BackendChoice::Auto => "auto",
     };
     println!(
         "backend {backend} × {} ranks through {transport} (ep {ep} × tp {tp}, {mode:?}) | T = {} | {:.3} ms | {} | {}",
-        layout.ranks(),
+        ep * tp,
         out.routes.tokens,
         elapsed.as_secs_f64() * 1e3,
         config,
         args.output.display(),
     );
     Ok(())
+}
+
+/// The rank whose checkpoint slice this process reads first: with `--comm process` its own
+/// (`MOERUNNER_RANK`, 0 for the process that starts the others), else rank 0's (which also
+/// routes a hidden-only input).
+fn first_rank(args: &Args) -> usize {
+    if args.comm != "process" {
+        return 0;
+    }
+    moerunner::parallel::RankEnv::from_env()
+        .ok()
+        .flatten()
+        .map_or(0, |env| env.rank)
 }
 
 /// The EP × TP coordinates of rank `rank` of `--ep`/`--tp` (rank i: EP rank i / tp, TP rank

@@ -26,6 +26,8 @@ mod gather;
 /// NCCL behind the same trait (one rank per GPU), with the `cuda` feature.
 #[cfg(feature = "cuda")]
 pub mod nccl;
+pub mod socket_comm;
+mod whole;
 mod wire;
 
 use std::ops::Range;
@@ -33,7 +35,9 @@ use std::time::Duration;
 
 pub use comm::Communicator;
 pub use expert_map::ExpertMap;
+pub use socket_comm::{RankEnv, SocketComm};
 pub use thread_comm::ThreadComm;
+pub use whole::forward_rank_whole;
 
 use crate::backend::LoadedLayer;
 use crate::config::LayerConfig;
@@ -314,6 +318,19 @@ fn dtype_tag(d: DType) -> u8 {
     }
 }
 
+fn dtype_from_tag(tag: u8) -> Option<DType> {
+    [
+        DType::F32,
+        DType::F16,
+        DType::BF16,
+        DType::F8E4M3,
+        DType::U8,
+        DType::I32,
+    ]
+    .into_iter()
+    .find(|&d| dtype_tag(d) == tag)
+}
+
 /// Rows `r` of `t` (`[T, …]`) as an owned tensor.
 fn rows(t: &HostTensor, r: Range<usize>) -> Result<HostTensor> {
     let row = t.shape.iter().skip(1).product::<usize>() * t.dtype.size();
@@ -368,19 +385,23 @@ impl OwnedRouting {
     }
 }
 
-/// Where a split layer's ranks run — all three are threads of this process, one per rank:
+/// Where a split layer's ranks run — the first three are threads of this process, one per rank:
 /// - `Threads`: talking through host memory ([`ThreadComm`]; every rank loads its slice through one
 ///   runner on the caller's backend choice: CPU ranks in CI, or with the CUDA backend ranks sharing
 ///   GPU 0 whose bytes still cross host memory);
 /// - `Nccl`: one rank per GPU talking through NCCL (rank r loads on GPU r);
 /// - `Device`: every rank on GPU [`DEVICE_GPU`], talking through device-to-device copies
 ///   (`device_comm::DeviceComm`; every rank loads through one runner of that GPU) — the in-process
-///   device communicator that runs a split on a single GPU.
+///   device communicator that runs a split on a single GPU;
+/// - `Processes`: one process per rank, talking over TCP through rank 0 ([`SocketComm`]); the
+///   processes are started by `moerunner run --comm process` or an external launcher
+///   ([`RankEnv`]), so this process holds only its own rank and [`forward_split`] refuses it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Transport {
     Threads,
     Nccl,
     Device,
+    Processes,
 }
 
 /// The GPU that `Transport::Device` ranks share (`CUDA_VISIBLE_DEVICES` picks which one it is).
@@ -392,6 +413,11 @@ impl Transport {
     fn group(self, ranks: usize, timeout: Duration) -> Result<Vec<Box<dyn Communicator>>> {
         match self {
             Transport::Threads => Ok(boxed(ThreadComm::group(ranks, timeout)?)),
+            Transport::Processes => Err(MoeError::invalid(
+                "comm",
+                "process ranks run one per process (`moerunner run --comm process`, or \
+                 MOERUNNER_RANK and its peers set by a launcher), not as threads of this one",
+            )),
             #[cfg(feature = "cuda")]
             Transport::Nccl => Ok(boxed(nccl::NcclComm::one_per_gpu(ranks, timeout)?)),
             #[cfg(feature = "cuda")]
@@ -417,6 +443,7 @@ impl Transport {
             Transport::Threads => "thread ranks",
             Transport::Nccl => "NCCL ranks (one per GPU)",
             Transport::Device => "device ranks (sharing one GPU)",
+            Transport::Processes => "process ranks",
         }
     }
 
@@ -425,7 +452,7 @@ impl Transport {
     /// GPU, device ranks any number on one GPU. Touches no GPU memory.
     pub fn max_ranks(self) -> Result<usize> {
         match self {
-            Transport::Threads => Ok(usize::MAX),
+            Transport::Threads | Transport::Processes => Ok(usize::MAX),
             #[cfg(feature = "cuda")]
             Transport::Nccl | Transport::Device => {
                 let why = |w: String| MoeError::Cuda(format!("{}: {w}", self.ranks()));
@@ -464,6 +491,7 @@ impl std::fmt::Display for Transport {
             Transport::Threads => "thread",
             Transport::Nccl => "nccl",
             Transport::Device => "device",
+            Transport::Processes => "process",
         })
     }
 }
@@ -475,9 +503,10 @@ impl std::str::FromStr for Transport {
             "thread" => Ok(Transport::Threads),
             "nccl" => Ok(Transport::Nccl),
             "device" => Ok(Transport::Device),
+            "process" => Ok(Transport::Processes),
             _ => Err(MoeError::invalid(
                 "comm",
-                format!("`{s}`: use thread, nccl or device"),
+                format!("`{s}`: use thread, nccl, device or process"),
             )),
         }
     }
@@ -508,7 +537,7 @@ impl RankRunners {
     }
     fn with<T>(&self, rank: usize, f: impl FnOnce(&Runner) -> T) -> T {
         match self.transport {
-            Transport::Threads => f(self.shared.get_or_init(Runner::new)),
+            Transport::Threads | Transport::Processes => f(self.shared.get_or_init(Runner::new)),
             Transport::Device => f(self.shared.get_or_init(|| Runner::on_gpu(DEVICE_GPU))),
             Transport::Nccl => f(&Runner::on_gpu(rank)),
         }
