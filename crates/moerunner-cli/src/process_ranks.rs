@@ -14,6 +14,7 @@ use std::collections::hash_map::RandomState;
 use std::hash::{BuildHasher, Hasher};
 use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -38,8 +39,11 @@ pub enum Role {
 
 /// Runs this process's rank of a `ranks`-rank split of `input` and returns the whole output and
 /// this process's role. Starts the other ranks first unless a launcher did (`MOERUNNER_RANK`).
+/// With `nccl`, rank r computes on GPU r (modulo the GPUs it sees) and the ranks talk through
+/// NCCL, the sockets kept as the watchdog.
 pub fn run(
     ranks: usize,
+    nccl: bool,
     input: &ForwardInput<'_>,
     timeout: Duration,
     load: &LoadRank<'_>,
@@ -73,15 +77,41 @@ pub fn run(
         }
     };
     let rank = comm.rank();
-    let runner = Runner::new();
+    let socket = Arc::new(comm);
+    let (comm, runner): (Box<dyn Communicator>, Runner) = if nccl {
+        let (comm, gpu) = nccl_rank(socket.clone(), timeout)?;
+        (comm, Runner::on_gpu(gpu))
+    } else {
+        (Box::new(socket.clone()), Runner::new())
+    };
     let out = parallel::guarded(&comm, || load(rank, &runner))
         .and_then(|layer| parallel::forward_rank_whole(&comm, &layer, input));
     // Closing this rank's sockets is what tells a peer still waiting that it is gone.
     drop(comm);
+    drop(socket);
     let children = reap(&mut started, out.is_ok());
     let out = out?;
     children?;
     Ok((out, if rank == 0 { Role::First } else { Role::Other }))
+}
+
+/// This rank's NCCL communicator on GPU `rank mod GPUs`, and that GPU.
+#[cfg(feature = "cuda")]
+fn nccl_rank(
+    socket: Arc<SocketComm>,
+    timeout: Duration,
+) -> anyhow::Result<(Box<dyn Communicator>, usize)> {
+    let gpus = parallel::Transport::NcclProcesses
+        .max_ranks()
+        .context("--comm nccl-process")?;
+    let gpu = socket.rank() % gpus.max(1);
+    let comm = parallel::nccl::NcclComm::over_processes(socket, gpu, timeout)?;
+    Ok((Box::new(comm), gpu))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn nccl_rank(_: Arc<SocketComm>, _: Duration) -> anyhow::Result<(Box<dyn Communicator>, usize)> {
+    anyhow::bail!("--comm nccl-process needs the `cuda` feature, which this build lacks")
 }
 
 /// Starts rank `rank` as a copy of this process.

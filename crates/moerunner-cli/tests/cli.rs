@@ -944,8 +944,9 @@ fn gemm_runs_its_default_on_the_cpu_within_tolerance() {
     assert!(e.contains("cpu, cuda or auto"), "{e}");
 }
 
-/// `run --ep 2 --comm nccl` on a machine without GPUs (or NCCL) stops with the reason, naming what
-/// is missing, and writes no output; `--comm nccl` with a CPU backend is refused by name.
+/// `run --ep 2 --comm nccl` (and `device`, `nccl-process`) on a machine without GPUs (or NCCL) stops
+/// with the reason, naming what is missing, and writes no output; with a CPU backend it is refused
+/// by name.
 #[test]
 fn run_with_nccl_ranks_says_why_it_cannot() {
     let d = std::env::temp_dir().join(format!("moerunner-nccl-{}", std::process::id()));
@@ -989,7 +990,10 @@ fn run_with_nccl_ranks_says_why_it_cannot() {
     ]);
     let (ls, is, os) = (s(&layer), s(&input), s(&out));
     let cases = [(&["--backend", "cpu"][..], "--backend cuda"), (&[][..], "")];
-    for ((extra, needle), comm) in cases.iter().flat_map(|c| [(*c, "nccl"), (*c, "device")]) {
+    for ((extra, needle), comm) in cases
+        .iter()
+        .flat_map(|c| [(*c, "nccl"), (*c, "device"), (*c, "nccl-process")])
+    {
         let mut args = vec![
             "run", "--layer", &ls, "--input", &is, "--output", &os, "--ep", "2", "--comm", comm,
         ];

@@ -2016,16 +2016,7 @@ fn gpu_nccl_one_rank_equals_one_thread_rank() {
     );
     drop(comms);
 
-    let cfg = config(
-        WeightFormat::Fp8Block,
-        8,
-        256,
-        128,
-        Activation::Swiglu,
-        RoutingConfig::new(RoutingMethod::Renormalize, 2),
-    );
-    let layer = random_layer(&cfg, 0x4CC1, false).expect("layer");
-    let input = random_input(&cfg, 33, RoutingMode::Logits, DType::BF16, 0x4CC2).expect("input");
+    let (layer, input) = small_fp8_block_case(0x4CC1);
     let fwd = ForwardInput {
         hidden: &input.hidden,
         routing: input.routing_input(),
@@ -2049,9 +2040,124 @@ fn gpu_nccl_one_rank_equals_one_thread_rank() {
         ranked.output.bytes[..] == threaded.output.bytes[..],
         "one NCCL rank differs from one thread rank on the same GPU"
     );
+    // The same rank as a process rank (`run --comm nccl-process`): the NCCL id handed out over the
+    // rendezvous's sockets, which stay open as the watchdog.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("listen");
+    let socket = std::sync::Arc::new(
+        moerunner::parallel::SocketComm::host(listener, 1, 0, timeout).expect("rendezvous"),
+    );
+    let comm = NcclComm::over_processes(socket, 0, timeout).expect("one NCCL process rank");
+    let rank = moerunner::parallel::RankLayer::load(&layer, &layout, 0, &runner, &cuda())
+        .expect("rank layer");
+    let process = moerunner::parallel::forward_rank_whole(&comm, &rank, &fwd)
+        .expect("one NCCL process rank's forward");
+    assert!(
+        process.output.bytes[..] == threaded.output.bytes[..],
+        "one NCCL process rank differs from one thread rank on the same GPU"
+    );
     for (name, out) in [("one NCCL rank", &ranked), ("single device", &single)] {
         assert_meets_reference(name, &layer, &input.hidden, out);
     }
+}
+
+/// The NCCL tests' layer (fp8_block, E = 8, H = 256, I = 128, k = 2, seed `seed`) and 33 bf16
+/// tokens routed by logits (seed `seed + 1`).
+#[cfg(feature = "cuda")]
+fn small_fp8_block_case(seed: u64) -> (moerunner::MoeLayer, moerunner::synth::SynthInput) {
+    let cfg = config(
+        WeightFormat::Fp8Block,
+        8,
+        256,
+        128,
+        Activation::Swiglu,
+        RoutingConfig::new(RoutingMethod::Renormalize, 2),
+    );
+    let layer = random_layer(&cfg, seed, false).expect("layer");
+    let input = random_input(&cfg, 33, RoutingMode::Logits, DType::BF16, seed + 1).expect("input");
+    (layer, input)
+}
+
+/// Issue "Two GPUs, measured", item 3: rank 1 of a 2-rank EP split is `moerunner run --comm
+/// nccl-process` in a process of its own on GPU 1 (`MOERUNNER_BIN`, as the two-GPU script sets
+/// it), this test rank 0 on GPU 0; once their NCCL group is up the process is killed, and this
+/// rank's forward must stop within 10 s with an error naming rank 1 (the sockets' watchdog ends
+/// the NCCL wait). Needs two GPUs, libnccl and the binary: without them it says so and returns,
+/// unless `MOERUNNER_REQUIRE_TWO_GPUS=1` makes that a failure.
+#[cfg(feature = "cuda")]
+#[test]
+fn gpu_a_killed_nccl_process_rank_stops_its_peer() {
+    use moerunner::parallel::{nccl::NcclComm, EpMode, ExpertMap, Layout, RankEnv, SocketComm};
+    use std::time::{Duration, Instant};
+    let Some(runner) = gpu_runner() else { return };
+    let gpus = cudarc::driver::CudaContext::device_count().unwrap_or(0);
+    let bin = std::env::var_os("MOERUNNER_BIN");
+    if gpus < 2 || !moerunner::parallel::nccl::available() || bin.is_none() {
+        let why = format!(
+            "{gpus} GPU(s), libnccl found: {}, MOERUNNER_BIN set: {}",
+            moerunner::parallel::nccl::available(),
+            bin.is_some()
+        );
+        assert!(
+            std::env::var_os("MOERUNNER_REQUIRE_TWO_GPUS").is_none(),
+            "a killed NCCL process rank needs two GPUs, libnccl and MOERUNNER_BIN: {why}"
+        );
+        println!(
+            "skipped: a killed NCCL process rank needs two GPUs, libnccl and MOERUNNER_BIN ({why})"
+        );
+        return;
+    }
+    let timeout = Duration::from_secs(120);
+    let (layer, input) = small_fp8_block_case(0x4CD1);
+    let dir = std::env::temp_dir().join(format!("moerunner-killed-nccl-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let (lp, ip) = (dir.join("l.safetensors"), dir.join("in.safetensors"));
+    moerunner::layer_file::write_layer(&lp, &layer).expect("layer file");
+    let file = moerunner::layer_file::InputFile::try_from(input.clone()).expect("input");
+    moerunner::layer_file::write_input(&ip, &file).expect("input file");
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("listen");
+    let addr = listener.local_addr().expect("addr").to_string();
+    let mut child = std::process::Command::new(bin.expect("bin"))
+        .args(["run", "--layer"])
+        .arg(&lp)
+        .arg("--input")
+        .arg(&ip)
+        .arg("--output")
+        .arg(dir.join("o.safetensors"))
+        .args(["--backend", "cuda", "--ep", "2", "--comm", "nccl-process"])
+        .env(RankEnv::RANK, "1")
+        .env(RankEnv::WORLD_SIZE, "2")
+        .env(RankEnv::RENDEZVOUS, &addr)
+        .env(RankEnv::SECRET, "41")
+        .spawn()
+        .expect("rank 1's process");
+    let socket =
+        std::sync::Arc::new(SocketComm::host(listener, 2, 41, timeout).expect("rendezvous"));
+    let comm =
+        NcclComm::over_processes(socket, 0, timeout).expect("the NCCL group of two processes");
+    assert!(
+        child.try_wait().expect("child").is_none(),
+        "rank 1 exited before it was killed"
+    );
+    child.kill().expect("kill");
+    child.wait().expect("reap");
+    let layout =
+        Layout::new(ExpertMap::even(8, 2).expect("map"), 1, EpMode::AllToAll).expect("layout");
+    let rank = moerunner::parallel::RankLayer::load(&layer, &layout, 0, &runner, &cuda())
+        .expect("rank layer");
+    let fwd = ForwardInput {
+        hidden: &input.hidden,
+        routing: input.routing_input(),
+    };
+    let started = Instant::now();
+    let err = moerunner::parallel::forward_rank_whole(&comm, &rank, &fwd)
+        .err()
+        .expect("the forward must fail once rank 1 is dead")
+        .to_string();
+    let took = started.elapsed();
+    println!("rank 0 stopped after {took:?}: {err}");
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(took < Duration::from_secs(10), "{took:?}");
+    assert!(err.contains("rank 1's connection closed"), "{err}");
 }
 
 /// `out` (a whole layer's output for `hidden`) within the format's tolerance of the float64

@@ -204,7 +204,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             Some(Transport::Nccl) => "NCCL ranks, one per GPU",
             Some(Transport::Device) => "ranks sharing GPU 0 through device copies",
             // Not among `--comm`'s values here: processes are `run`'s (`--comm process`).
-            Some(Transport::Processes) => "process ranks",
+            Some(Transport::Processes | Transport::NcclProcesses) => "process ranks",
         }
     );
     Ok(())

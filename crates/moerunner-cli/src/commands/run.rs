@@ -81,8 +81,9 @@ pub struct Args {
     /// rank on GPU 0, through device-to-device copies; the CUDA backend) or `process` (one process
     /// per rank, this one rank 0 starting the others, talking over loopback TCP; a launcher may
     /// start every rank itself with MOERUNNER_RANK, MOERUNNER_WORLD_SIZE and MOERUNNER_RENDEZVOUS
-    /// set). With `--checkpoint` each rank loads its own slice where its transport puts it.
-    #[arg(long, default_value = "thread", value_parser = ["thread", "nccl", "device", "process"])]
+    /// set), or `nccl-process` (the same processes, rank r on GPU r, talking through NCCL). With
+    /// `--checkpoint` each rank loads its own slice where its transport puts it.
+    #[arg(long, default_value = "thread", value_parser = ["thread", "nccl", "device", "process", "nccl-process"])]
     pub comm: String,
 }
 
@@ -329,7 +330,10 @@ fn run_split(
     // or with `--backend cuda` all on one GPU), one per GPU talking through NCCL (`--comm nccl`),
     // or all on GPU 0 talking through device copies (`--comm device`).
     let transport: Transport = args.comm.parse()?;
-    let on_gpus = matches!(transport, Transport::Nccl | Transport::Device);
+    let on_gpus = matches!(
+        transport,
+        Transport::Nccl | Transport::Device | Transport::NcclProcesses
+    );
     let choice = match choice {
         BackendChoice::Auto if on_gpus => BackendChoice::Named("cuda".into()),
         BackendChoice::Auto => BackendChoice::Named("cpu".into()),
@@ -408,9 +412,11 @@ fn run_split(
         }
     };
     let started = Instant::now();
-    let out = if transport == Transport::Processes {
-        let (out, role) = crate::process_ranks::run(layout.ranks(), &forward_input, timeout, &load)
-            .with_context(|| format!("ep {ep} × tp {tp} process ranks"))?;
+    let out = if matches!(transport, Transport::Processes | Transport::NcclProcesses) {
+        let nccl = transport == Transport::NcclProcesses;
+        let (out, role) =
+            crate::process_ranks::run(layout.ranks(), nccl, &forward_input, timeout, &load)
+                .with_context(|| format!("ep {ep} × tp {tp} {transport} ranks"))?;
         if let crate::process_ranks::Role::Other = role {
             return Ok(());
         }
@@ -484,7 +490,7 @@ fn finish_split(
 /// (`MOERUNNER_RANK`, 0 for the process that starts the others), else rank 0's (which also
 /// routes a hidden-only input).
 fn first_rank(args: &Args) -> usize {
-    if args.comm != "process" {
+    if args.comm != "process" && args.comm != "nccl-process" {
         return 0;
     }
     moerunner::parallel::RankEnv::from_env()

@@ -15,6 +15,8 @@
 //! pipeline's own buffers, no staging) come with ranks that compute through the device entry, and
 //! are added beside these rather than changing them.
 
+use std::sync::Arc;
+
 use crate::error::{MoeError, Result};
 
 /// One rank's end of a group of `size()` ranks.
@@ -67,24 +69,30 @@ pub trait Communicator: Send + Sync {
 }
 
 /// A boxed communicator is one (a split's ranks whose transport is chosen at run time:
-/// `Transport::group`).
-impl<C: Communicator + ?Sized> Communicator for Box<C> {
-    fn rank(&self) -> usize {
-        (**self).rank()
-    }
-    fn size(&self) -> usize {
-        (**self).size()
-    }
-    fn all_gather(&self, mine: &[u8]) -> Result<Vec<Vec<u8>>> {
-        (**self).all_gather(mine)
-    }
-    fn all_to_all_v(&self, send: Vec<Vec<u8>>) -> Result<Vec<Vec<u8>>> {
-        (**self).all_to_all_v(send)
-    }
-    fn abort(&self, why: &str) {
-        (**self).abort(why)
-    }
+/// `Transport::group`), and so is a shared one (a process rank's sockets, which an NCCL rank
+/// also holds as its watchdog).
+macro_rules! delegate_communicator {
+    ($($ptr:ident),*) => {$(
+        impl<C: Communicator + ?Sized> Communicator for $ptr<C> {
+            fn rank(&self) -> usize {
+                (**self).rank()
+            }
+            fn size(&self) -> usize {
+                (**self).size()
+            }
+            fn all_gather(&self, mine: &[u8]) -> Result<Vec<Vec<u8>>> {
+                (**self).all_gather(mine)
+            }
+            fn all_to_all_v(&self, send: Vec<Vec<u8>>) -> Result<Vec<Vec<u8>>> {
+                (**self).all_to_all_v(send)
+            }
+            fn abort(&self, why: &str) {
+                (**self).abort(why)
+            }
+        }
+    )*};
 }
+delegate_communicator!(Box, Arc);
 
 /// f32 values as little-endian bytes.
 pub fn f32_bytes(v: &[f32]) -> Vec<u8> {

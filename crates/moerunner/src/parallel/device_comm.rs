@@ -42,19 +42,26 @@ struct Staging {
 /// How long [`wait_for_stream`] spins before it sleeps between polls.
 const SPIN_FOR: Duration = Duration::from_micros(200);
 
+/// How often [`wait_for_stream`] asks its watchdog whether a peer is gone.
+const WATCH_EVERY: Duration = Duration::from_millis(1);
+
 /// Waits until `stream`'s queued work is done, at most `timeout`, polling (never an unbounded
-/// wait); past the timeout the error is `late` and the seconds waited. Ranks run on threads of
-/// their own: the query binds the stream's context to this thread.
+/// wait); past the timeout the error is `late` and the seconds waited. `watch` is asked about
+/// every millisecond whether the wait is hopeless (a peer process that died: NCCL ranks of
+/// several processes, `nccl::NcclComm::over_processes`), and a reason it gives ends the wait.
+/// Ranks run on threads of their own: the query binds the stream's context to this thread.
 pub(super) fn wait_for_stream(
     stream: &CudaStream,
     timeout: Duration,
     late: &str,
+    watch: &dyn Fn() -> Option<String>,
 ) -> std::result::Result<(), String> {
     stream
         .context()
         .bind_to_thread()
         .map_err(|e| format!("binding the GPU context: {e:?}"))?;
     let start = Instant::now();
+    let mut watched = Duration::ZERO;
     loop {
         // SAFETY: a query of a live stream.
         let status = unsafe { cudarc::driver::sys::cuStreamQuery(stream.cu_stream()) };
@@ -66,6 +73,12 @@ pub(super) fn wait_for_stream(
         let waited = start.elapsed();
         if waited > timeout {
             return Err(format!("{late} within {:.0} s", timeout.as_secs_f64()));
+        }
+        if waited >= watched + WATCH_EVERY {
+            watched = waited;
+            if let Some(why) = watch() {
+                return Err(why);
+            }
         }
         // Spin (yielding) through the first 200 µs: a collective waits for copies of a few µs
         // several times per call, and a 20 µs sleep per wait made that most of a small call's
@@ -142,6 +155,7 @@ impl DeviceComm {
             &self.stream,
             self.timeout,
             "the GPU's copies did not finish",
+            &|| None,
         )
         .map_err(|why| self.err(format!("{what}: {why}")))
     }

@@ -395,13 +395,16 @@ impl OwnedRouting {
 ///   device communicator that runs a split on a single GPU;
 /// - `Processes`: one process per rank, talking over TCP through rank 0 ([`SocketComm`]); the
 ///   processes are started by `moerunner run --comm process` or an external launcher
-///   ([`RankEnv`]), so this process holds only its own rank and [`forward_split`] refuses it.
+///   ([`RankEnv`]), so this process holds only its own rank and [`forward_split`] refuses it;
+/// - `NcclProcesses`: one process per GPU, talking through NCCL, the rendezvous's sockets kept as
+///   the watchdog (`nccl::NcclComm::over_processes`); started like `Processes`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Transport {
     Threads,
     Nccl,
     Device,
     Processes,
+    NcclProcesses,
 }
 
 /// The GPU that `Transport::Device` ranks share (`CUDA_VISIBLE_DEVICES` picks which one it is).
@@ -413,7 +416,7 @@ impl Transport {
     fn group(self, ranks: usize, timeout: Duration) -> Result<Vec<Box<dyn Communicator>>> {
         match self {
             Transport::Threads => Ok(boxed(ThreadComm::group(ranks, timeout)?)),
-            Transport::Processes => Err(MoeError::invalid(
+            Transport::Processes | Transport::NcclProcesses => Err(MoeError::invalid(
                 "comm",
                 "process ranks run one per process (`moerunner run --comm process`, or \
                  MOERUNNER_RANK and its peers set by a launcher), not as threads of this one",
@@ -444,6 +447,7 @@ impl Transport {
             Transport::Nccl => "NCCL ranks (one per GPU)",
             Transport::Device => "device ranks (sharing one GPU)",
             Transport::Processes => "process ranks",
+            Transport::NcclProcesses => "NCCL process ranks (one process per GPU)",
         }
     }
 
@@ -454,7 +458,7 @@ impl Transport {
         match self {
             Transport::Threads | Transport::Processes => Ok(usize::MAX),
             #[cfg(feature = "cuda")]
-            Transport::Nccl | Transport::Device => {
+            Transport::Nccl | Transport::Device | Transport::NcclProcesses => {
                 let why = |w: String| MoeError::Cuda(format!("{}: {w}", self.ranks()));
                 // SAFETY: only tries to dlopen libcuda (calling into a missing library would panic).
                 if !unsafe { cudarc::driver::sys::is_culib_present() } {
@@ -479,7 +483,9 @@ impl Transport {
                 Ok(gpus)
             }
             #[cfg(not(feature = "cuda"))]
-            Transport::Nccl | Transport::Device => Err(self.without_cuda()),
+            Transport::Nccl | Transport::Device | Transport::NcclProcesses => {
+                Err(self.without_cuda())
+            }
         }
     }
 }
@@ -492,6 +498,7 @@ impl std::fmt::Display for Transport {
             Transport::Nccl => "nccl",
             Transport::Device => "device",
             Transport::Processes => "process",
+            Transport::NcclProcesses => "nccl-process",
         })
     }
 }
@@ -504,9 +511,10 @@ impl std::str::FromStr for Transport {
             "nccl" => Ok(Transport::Nccl),
             "device" => Ok(Transport::Device),
             "process" => Ok(Transport::Processes),
+            "nccl-process" => Ok(Transport::NcclProcesses),
             _ => Err(MoeError::invalid(
                 "comm",
-                format!("`{s}`: use thread, nccl, device or process"),
+                format!("`{s}`: use thread, nccl, device, process or nccl-process"),
             )),
         }
     }
@@ -539,7 +547,7 @@ impl RankRunners {
         match self.transport {
             Transport::Threads | Transport::Processes => f(self.shared.get_or_init(Runner::new)),
             Transport::Device => f(self.shared.get_or_init(|| Runner::on_gpu(DEVICE_GPU))),
-            Transport::Nccl => f(&Runner::on_gpu(rank)),
+            Transport::Nccl | Transport::NcclProcesses => f(&Runner::on_gpu(rank)),
         }
     }
 }

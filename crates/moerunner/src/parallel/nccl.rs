@@ -11,13 +11,13 @@
 //! reason) — NCCL's own kernels of a peer that never came are then left to the process's exit.
 //! NVLink multicast is kept off (`NCCL_NVLS_ENABLE=0`, unless the environment says otherwise).
 
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream};
-use cudarc::nccl::safe::{group_end, group_start, Comm};
+use cudarc::nccl::safe::{group_end, group_start, Comm, Id};
 
-use super::Communicator;
+use super::{Communicator, SocketComm};
 use crate::error::{MoeError, Result};
 
 /// One rank's end of an NCCL group.
@@ -31,7 +31,16 @@ pub struct NcclComm {
     poisoned: Mutex<Option<String>>,
     /// One call at a time on this rank's communicator (NCCL's rule for a communicator).
     busy: Mutex<()>,
+    /// Ranks in processes of their own: the rendezvous's sockets, kept open as the watchdog that
+    /// ends a wait when a peer's process dies (and carries this rank's abort to its peers).
+    watchdog: Option<Arc<SocketComm>>,
 }
+
+/// A communicator made on the NCCL init thread, handed back to the waiting one.
+struct Made(std::result::Result<Comm, cudarc::nccl::result::NcclError>);
+// SAFETY: the communicator is used by one thread at a time: made on the init thread, then only by
+// the thread it is handed to.
+unsafe impl Send for Made {}
 
 // SAFETY: an NCCL communicator and its stream may be used from any thread as long as calls on it
 // are not concurrent; every call here holds `busy`.
@@ -62,22 +71,7 @@ impl NcclComm {
                 "GPUs {ordinals:?}: NCCL puts one rank of a group on each device, so they must differ"
             )));
         }
-        // SAFETY: only tries to dlopen libcuda (calling into a missing library would panic).
-        if !unsafe { cudarc::driver::sys::is_culib_present() } {
-            return Err(fail(
-                "no NVIDIA driver library (libcuda.so): NCCL ranks need GPUs".into(),
-            ));
-        }
-        if !available() {
-            return Err(fail(
-                "libnccl (NCCL 2, e.g. the nvidia-nccl-cu13 wheel's lib folder) was not found on the library path"
-                    .into(),
-            ));
-        }
-        if std::env::var_os("NCCL_NVLS_ENABLE").is_none() {
-            // Before the first NCCL call of the process reads it (single-threaded here).
-            std::env::set_var("NCCL_NVLS_ENABLE", "0");
-        }
+        preflight().map_err(fail)?;
         let streams = ordinals
             .iter()
             .map(|&o| {
@@ -94,16 +88,124 @@ impl NcclComm {
             .into_iter()
             .zip(streams)
             .enumerate()
-            .map(|(rank, (comm, stream))| NcclComm {
-                comm,
-                stream,
-                rank,
-                size,
-                timeout,
-                poisoned: Mutex::new(None),
-                busy: Mutex::new(()),
-            })
+            .map(|(rank, (comm, stream))| NcclComm::new(comm, stream, (rank, size), timeout, None))
             .collect())
+    }
+
+    /// This process's rank of a group whose ranks are processes (one per GPU), on GPU `ordinal`:
+    /// `socket` is the group's rendezvous (its rank and size are this communicator's). Rank 0
+    /// makes NCCL's unique id and hands it out over the sockets; the sockets then stay open as
+    /// the watchdog: a wait — `ncclCommInitRank`, blocking, on a thread of its own, or any
+    /// collective's — ends at once when a peer's connection closes or it aborts, naming it.
+    pub fn over_processes(
+        socket: Arc<SocketComm>,
+        ordinal: usize,
+        timeout: Duration,
+    ) -> Result<NcclComm> {
+        let (rank, size) = (socket.rank(), socket.size());
+        let fail = |why: String| MoeError::Comm { rank, why };
+        if let Err(why) = preflight() {
+            socket.abort(&format!("rank {rank} failed: {why}"));
+            return Err(fail(why));
+        }
+        let mine: Vec<u8> = if rank == 0 {
+            let id = Id::new().map_err(|e| fail(format!("ncclGetUniqueId: {e:?}")))?;
+            id.internal().iter().map(|&c| c as u8).collect()
+        } else {
+            Vec::new()
+        };
+        let all = socket.all_gather(&mine)?;
+        let mut internal = [0 as std::ffi::c_char; 128];
+        match all.first() {
+            Some(id) if id.len() == internal.len() => {
+                for (d, &b) in internal.iter_mut().zip(id) {
+                    *d = b as std::ffi::c_char;
+                }
+            }
+            other => {
+                let why = format!(
+                    "rank 0 sent an NCCL unique id of {} bytes, not 128",
+                    other.map_or(0, Vec::len)
+                );
+                socket.abort(&format!("rank {rank} failed: {why}"));
+                return Err(fail(why));
+            }
+        }
+        let ctx = CudaContext::new(ordinal)
+            .map_err(|e| fail(format!("opening GPU {ordinal} for NCCL: {e:?}")))?;
+        let stream = ctx
+            .new_stream()
+            .map_err(|e| fail(format!("a stream on GPU {ordinal}: {e:?}")))?;
+        // ncclCommInitRank blocks until every rank has called it: on a thread of its own, so
+        // this one can watch the peers meanwhile (a peer that died leaves that thread blocked
+        // until the process exits, which is what a rank does after this error).
+        let (tx, rx) = mpsc::channel();
+        let init_stream = stream.clone();
+        std::thread::spawn(move || {
+            let made = ctx
+                .bind_to_thread()
+                .map_err(|_| {
+                    cudarc::nccl::result::NcclError(
+                        cudarc::nccl::sys::ncclResult_t::ncclUnhandledCudaError,
+                    )
+                })
+                .and_then(|_| Comm::from_rank(init_stream, rank, size, Id::uninit(internal)));
+            let _ = tx.send(Made(made));
+        });
+        let deadline = Instant::now() + timeout;
+        let comm = loop {
+            match rx.recv_timeout(Duration::from_millis(5)) {
+                Ok(Made(made)) => {
+                    break made.map_err(|e| {
+                        let why = format!(
+                            "ncclCommInitRank (rank {rank} of {size}, GPU {ordinal}): {e:?}"
+                        );
+                        socket.abort(&format!("rank {rank} failed: {why}"));
+                        fail(why)
+                    })?
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    if let Some(why) = socket.peer_gone() {
+                        return Err(fail(format!("ncclCommInitRank stopped: {why}")));
+                    }
+                    if Instant::now() > deadline {
+                        let why =
+                            format!("rank {rank} timed out after {timeout:?} in ncclCommInitRank");
+                        socket.abort(&why);
+                        return Err(fail(why));
+                    }
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    return Err(fail("the NCCL init thread ended without an answer".into()))
+                }
+            }
+        };
+        Ok(NcclComm::new(
+            comm,
+            stream,
+            (rank, size),
+            timeout,
+            Some(socket),
+        ))
+    }
+
+    fn new(
+        comm: Comm,
+        stream: Arc<CudaStream>,
+        (rank, size): (usize, usize),
+        timeout: Duration,
+        watchdog: Option<Arc<SocketComm>>,
+    ) -> Self {
+        NcclComm {
+            comm,
+            stream,
+            rank,
+            size,
+            timeout,
+            poisoned: Mutex::new(None),
+            busy: Mutex::new(()),
+            watchdog,
+        }
     }
 
     /// A group of `ranks` ranks, rank r on GPU r.
@@ -139,8 +241,14 @@ impl NcclComm {
 
     /// Waits for this rank's stream, at most the group's timeout.
     fn wait(&self, what: &str) -> Result<()> {
-        super::device_comm::wait_for_stream(&self.stream, self.timeout, "a peer did not arrive")
-            .map_err(|why| self.err(format!("{what}: {why}")))
+        let watch = || self.watchdog.as_ref().and_then(|w| w.peer_gone());
+        super::device_comm::wait_for_stream(
+            &self.stream,
+            self.timeout,
+            "a peer did not arrive",
+            &watch,
+        )
+        .map_err(|why| self.err(format!("{what}: {why}")))
     }
 
     fn upload(&self, bytes: &[u8]) -> Result<CudaSlice<u8>> {
@@ -259,5 +367,29 @@ impl Communicator for NcclComm {
         if let Ok(mut p) = self.poisoned.lock() {
             p.get_or_insert_with(|| why.to_string());
         }
+        // Peers in other processes learn it through the sockets (their waits watch them).
+        if let Some(w) = &self.watchdog {
+            w.abort(why);
+        }
     }
+}
+
+/// What every NCCL group needs before its first call: libcuda, libnccl, and NVLink multicast off
+/// unless the environment says otherwise.
+fn preflight() -> std::result::Result<(), String> {
+    // SAFETY: only tries to dlopen libcuda (calling into a missing library would panic).
+    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        return Err("no NVIDIA driver library (libcuda.so): NCCL ranks need GPUs".into());
+    }
+    if !available() {
+        return Err(
+            "libnccl (NCCL 2, e.g. the nvidia-nccl-cu13 wheel's lib folder) was not found on the library path"
+                .into(),
+        );
+    }
+    if std::env::var_os("NCCL_NVLS_ENABLE").is_none() {
+        // Before the first NCCL call of the process reads it.
+        std::env::set_var("NCCL_NVLS_ENABLE", "0");
+    }
+    Ok(())
 }

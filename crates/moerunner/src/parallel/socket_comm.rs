@@ -301,6 +301,32 @@ impl SocketComm {
         })
     }
 
+    /// Whether the group has stopped, asked without waiting — for a group whose sockets only
+    /// watch while the data moves elsewhere (NCCL ranks of several processes): a peer whose
+    /// connection closed, or an abort frame (the only frame that travels while they watch).
+    /// Rank 0 relays what it finds to every other rank. None while a collective of this rank is
+    /// in flight (that collective will see it).
+    pub fn peer_gone(&self) -> Option<String> {
+        if let Some(why) = self.poisoned() {
+            return Some(why);
+        }
+        let found = {
+            let Ok(mut links) = self.links.try_lock() else {
+                return None;
+            };
+            let rank = self.rank;
+            links.streams.iter_mut().enumerate().find_map(|(i, s)| {
+                let peer = if rank == 0 { i + 1 } else { 0 };
+                watch_link(s, peer)
+            })
+        }?;
+        let why = self.poison(&found);
+        if self.rank == 0 {
+            self.relay_abort(&why);
+        }
+        Some(why)
+    }
+
     /// Rank 0's side of collective `n`: every peer's frame in rank order, then each peer's answer.
     fn hub_round(
         &self,
@@ -479,6 +505,32 @@ fn send_abort(stream: &TcpStream, why: &str) {
     frame.extend_from_slice(&reason_bytes(why));
     let _ = s.write_all(&frame);
     let _ = stream.shutdown(Shutdown::Write);
+}
+
+/// Why the link to `peer` says the group stopped, if it does, without waiting: the end of the
+/// stream, an error, or a frame (read as an abort).
+fn watch_link(stream: &mut TcpStream, peer: usize) -> Option<String> {
+    let mut byte = [0u8];
+    stream.set_nonblocking(true).ok()?;
+    let peeked = stream.peek(&mut byte);
+    let _ = stream.set_nonblocking(false);
+    let closed = |e: &dyn std::fmt::Display| {
+        format!("rank {peer}'s connection closed (its process exited or was killed): {e}")
+    };
+    match peeked {
+        Err(e) if e.kind() == ErrorKind::WouldBlock => None,
+        Err(e) => Some(closed(&e)),
+        Ok(0) => Some(closed(&"end of stream")),
+        Ok(_) => {
+            let deadline = Instant::now() + ABORT_WRITE;
+            Some(
+                match read_data(stream, deadline, Op::AllGather, u64::MAX, 0) {
+                    Err(LinkError::Aborted(why)) => why,
+                    _ => format!("rank {peer} sent a frame while the group's sockets only watch"),
+                },
+            )
+        }
+    }
 }
 
 /// Reads and discards whatever a peer has sent so far (nonblocking).
