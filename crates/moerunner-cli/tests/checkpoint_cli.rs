@@ -337,7 +337,17 @@ fn run_checkpoint_split_over_ranks() {
                 "{split:?}: {x} vs {y}"
             );
         }
+        // Ranks as processes, each reading its own slice of the shards and the hidden-only input
+        // (routed by its own copy of the router): the thread ranks' output, bit for bit.
+        let (procs, text) = run(
+            "proc.safetensors",
+            &[split, &["--comm", "process"][..]].concat(),
+        );
+        assert!(text.contains("ranks through process"), "{text}");
+        assert_eq!(procs, out, "{split:?} --comm process");
     }
+    let (procs, _) = run("proc.safetensors", &["--ep", "2", "--comm", "process"]);
+    assert_eq!(procs, one, "--ep 2 --comm process");
     let o = d.join("bad.safetensors");
     let err = bin()
         .args([
