@@ -298,3 +298,100 @@ fn a_wrong_rank_environment_is_refused() {
         "{err}"
     );
 }
+
+/// The ranks `run --comm process` starts do not outlive it: with rank 0's process killed (SIGKILL,
+/// no chance to clean up) while its ranks wait for it, they are gone within seconds — they die with
+/// it (`PR_SET_PDEATHSIG` on Linux) or see its sockets close.
+#[cfg(target_os = "linux")]
+#[test]
+fn started_ranks_die_with_the_process_that_started_them() {
+    let dir = TempDir::new("process-orphans");
+    let (layer, input) = make_files(&dir, 37);
+    let out = dir.s("o.safetensors");
+    let mut parent = bin()
+        .args([
+            "run",
+            "--layer",
+            &layer,
+            "--input",
+            &input,
+            "--output",
+            &out,
+            "--backend",
+            "cpu",
+            "--ep",
+            "3",
+            "--comm",
+            "process",
+            "--comm-timeout-s",
+            "120",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Stopped at once, so that its ranks are left waiting for it (they join its listener and wait
+    // for the answer it will never give).
+    let pid = parent.id();
+    let signal = |sig: &str, pid: u32| {
+        std::process::Command::new("kill")
+            .args([sig, &pid.to_string()])
+            .status()
+            .unwrap()
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let children = loop {
+        let found = children_of(pid);
+        if found.len() == 2 {
+            break found;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "rank 0 did not start 2 ranks: {found:?}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    assert!(signal("-STOP", pid).success());
+    assert!(children.iter().all(|&c| alive(c)), "{children:?}");
+    parent.kill().unwrap();
+    parent.wait().unwrap();
+    let killed = Instant::now();
+    while children.iter().any(|&c| alive(c)) {
+        assert!(
+            killed.elapsed() < Duration::from_secs(10),
+            "ranks {children:?} outlived rank 0 by 10 s"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(!dir.path("o.safetensors").exists());
+}
+
+/// The processes whose parent is `pid` (from /proc).
+#[cfg(target_os = "linux")]
+fn children_of(pid: u32) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&p| stat(p).is_some_and(|(_, ppid)| ppid == pid))
+        .collect()
+}
+
+/// A process's state letter and parent, from /proc/PID/stat.
+#[cfg(target_os = "linux")]
+fn stat(pid: u32) -> Option<(char, u32)> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // "pid (comm) state ppid …": comm may hold spaces and parentheses; the state follows the last ')'
+    let rest = &s[s.rfind(')')? + 2..];
+    let mut fields = rest.split(' ');
+    let state = fields.next()?.chars().next()?;
+    Some((state, fields.next()?.parse().ok()?))
+}
+
+/// Whether `pid` still runs (a zombie, dead but not yet reaped, does not).
+#[cfg(target_os = "linux")]
+fn alive(pid: u32) -> bool {
+    stat(pid).is_some_and(|(state, _)| state != 'Z' && state != 'X')
+}

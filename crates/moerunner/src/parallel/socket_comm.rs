@@ -9,7 +9,9 @@
 //! closed socket, seen at once by whoever waits on it (`recv` returns end of file), so a killed
 //! process stops its peers in bounded time without any heartbeat. The hub relays the first
 //! failure it learns of (an abort, a closed connection, a timeout) to every other rank as an
-//! `abort` frame naming the rank, and every wait is bounded by the group's timeout.
+//! `abort` frame naming the rank, and every wait is bounded by the group's timeout. (Rank 0 reads
+//! its peers in rank order, so a rank that died while a lower one still computes is seen once that
+//! one's frame has come: later, never unboundedly.)
 //!
 //! Frames (little-endian): `1` data — u64 collective number, u8 operation, u32 buffer count, then
 //! per buffer u64 length and the bytes; `2` abort — u32 length and the UTF-8 reason. A frame's
