@@ -1031,6 +1031,97 @@ mod tests {
         });
     }
 
+    /// A joined peer that sends seeded garbage (whole frames' worth, cut anywhere, then silence or
+    /// a close) makes rank 0's collective fail with a reason, never panic or wait past the timeout.
+    #[test]
+    fn garbage_from_a_peer_is_an_error_in_bounded_time() {
+        let mut state = 0x9E37_79B9_7F4A_7C15u64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let mut kinds = std::collections::BTreeSet::new();
+        for case in 0..40 {
+            let len = (next() % 200) as usize;
+            let mut junk: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+            // Half the cases start like a data frame, so the length and count checks are reached.
+            if case % 2 == 0 && junk.len() > 14 {
+                junk[0] = DATA;
+                junk[1..9].copy_from_slice(&0u64.to_le_bytes());
+                junk[9] = Op::AllGather as u8;
+            }
+            // Every fourth case a well-formed head whose one buffer is cut short: the wait for the
+            // rest ends at the close or the timeout.
+            if case % 4 == 1 {
+                junk = vec![DATA];
+                junk.extend_from_slice(&0u64.to_le_bytes());
+                junk.push(Op::AllGather as u8);
+                junk.extend_from_slice(&1u32.to_le_bytes());
+                junk.extend_from_slice(&100u64.to_le_bytes());
+                junk.extend((0..(next() % 100)).map(|_| next() as u8));
+            }
+            let close = case % 3 == 0;
+            let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+            let addr = listener.local_addr().unwrap();
+            let started = Instant::now();
+            let err = std::thread::scope(|s| {
+                let host = s.spawn(move || {
+                    let c = SocketComm::host(listener, 2, 7, Duration::from_millis(500)).unwrap();
+                    c.barrier().map(|_| ()).unwrap_err().to_string()
+                });
+                let mut raw = TcpStream::connect(addr).unwrap();
+                let mut hello = MAGIC.to_vec();
+                hello.extend_from_slice(&7u64.to_le_bytes());
+                hello.extend_from_slice(&1u32.to_le_bytes());
+                hello.extend_from_slice(&2u32.to_le_bytes());
+                raw.write_all(&hello).unwrap();
+                let mut answer = [0u8];
+                raw.read_exact(&mut answer).unwrap();
+                let _ = raw.write_all(&junk);
+                if close {
+                    drop(raw);
+                    host.join().unwrap()
+                } else {
+                    let e = host.join().unwrap();
+                    drop(raw);
+                    e
+                }
+            });
+            assert!(
+                started.elapsed() < Duration::from_secs(5),
+                "case {case}: {:?}",
+                started.elapsed()
+            );
+            kinds.insert(
+                [
+                    "timed out",
+                    "connection closed",
+                    "frame kind",
+                    "buffers where",
+                    "the most is",
+                ]
+                .into_iter()
+                .find(|k| err.contains(k))
+                .unwrap_or("other"),
+            );
+            assert!(
+                err.starts_with("rank 0: barrier") || err.starts_with("rank 0: all_gather stopped"),
+                "case {case}: {err}"
+            );
+        }
+        // The draws reach every way a frame can be wrong.
+        for k in [
+            "timed out",
+            "connection closed",
+            "frame kind",
+            "buffers where",
+        ] {
+            assert!(kinds.contains(k), "no case ended with `{k}`: {kinds:?}");
+        }
+    }
+
     #[test]
     fn the_rank_environment_is_read_and_checked() {
         let vars = |pairs: &'static [(&'static str, &'static str)]| {
