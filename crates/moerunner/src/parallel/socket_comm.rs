@@ -999,6 +999,20 @@ mod tests {
         });
     }
 
+    /// A raw connection that joins a 2-rank group (secret 7) at `addr` as rank 1, accepted.
+    fn raw_rank_1(addr: SocketAddr) -> TcpStream {
+        let mut raw = TcpStream::connect(addr).unwrap();
+        let mut hello = MAGIC.to_vec();
+        hello.extend_from_slice(&7u64.to_le_bytes());
+        hello.extend_from_slice(&1u32.to_le_bytes());
+        hello.extend_from_slice(&2u32.to_le_bytes());
+        raw.write_all(&hello).unwrap();
+        let mut answer = [0u8];
+        raw.read_exact(&mut answer).unwrap();
+        assert_eq!(answer[0], ACCEPTED);
+        raw
+    }
+
     #[test]
     fn a_hostile_buffer_length_is_refused_without_allocating_it() {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -1008,15 +1022,7 @@ mod tests {
                 let c = SocketComm::host(listener, 2, 7, T).unwrap();
                 c.barrier().unwrap_err().to_string()
             });
-            let mut raw = TcpStream::connect(addr).unwrap();
-            let mut hello = MAGIC.to_vec();
-            hello.extend_from_slice(&7u64.to_le_bytes());
-            hello.extend_from_slice(&1u32.to_le_bytes());
-            hello.extend_from_slice(&2u32.to_le_bytes());
-            raw.write_all(&hello).unwrap();
-            let mut answer = [0u8];
-            raw.read_exact(&mut answer).unwrap();
-            assert_eq!(answer[0], ACCEPTED);
+            let mut raw = raw_rank_1(addr);
             let mut frame = vec![DATA];
             frame.extend_from_slice(&0u64.to_le_bytes());
             frame.push(Op::AllGather as u8);
@@ -1071,14 +1077,7 @@ mod tests {
                     let c = SocketComm::host(listener, 2, 7, Duration::from_millis(500)).unwrap();
                     c.barrier().map(|_| ()).unwrap_err().to_string()
                 });
-                let mut raw = TcpStream::connect(addr).unwrap();
-                let mut hello = MAGIC.to_vec();
-                hello.extend_from_slice(&7u64.to_le_bytes());
-                hello.extend_from_slice(&1u32.to_le_bytes());
-                hello.extend_from_slice(&2u32.to_le_bytes());
-                raw.write_all(&hello).unwrap();
-                let mut answer = [0u8];
-                raw.read_exact(&mut answer).unwrap();
+                let mut raw = raw_rank_1(addr);
                 let _ = raw.write_all(&junk);
                 if close {
                     drop(raw);
