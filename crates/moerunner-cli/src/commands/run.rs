@@ -382,12 +382,16 @@ fn run_split(
     };
     let load = |rank: usize, runner: &moerunner::Runner| match &args.checkpoint {
         None => {
-            let guard = first
-                .lock()
-                .map_err(|_| moerunner::MoeError::invalid("layer", "poisoned"))?;
-            let whole = guard
-                .as_ref()
-                .ok_or_else(|| moerunner::MoeError::invalid("layer", "taken"))?;
+            // (a process rank slices the whole layer file it read; thread ranks get it whole below)
+            let guard = first.lock().map_err(|_| {
+                moerunner::MoeError::invalid(
+                    "--layer",
+                    "internal: a rank panicked holding the layer",
+                )
+            })?;
+            let whole = guard.as_ref().ok_or_else(|| {
+                moerunner::MoeError::invalid("--layer", "internal: the layer was already handed on")
+            })?;
             parallel::RankLayer::load(whole, &layout, rank, runner, &choice)
         }
         Some(dir) => {
