@@ -96,20 +96,32 @@ impl NcclComm {
     /// `socket` is the group's rendezvous (its rank and size are this communicator's). Rank 0
     /// makes NCCL's unique id and hands it out over the sockets; the sockets then stay open as
     /// the watchdog: a wait — `ncclCommInitRank`, blocking, on a thread of its own, or any
-    /// collective's — ends at once when a peer's connection closes or it aborts, naming it.
+    /// collective's — ends at once when a peer's connection closes or it aborts, naming it. A
+    /// failure of this rank's own (no libnccl or GPU, a bad id, NCCL's init) stops its peers
+    /// through the sockets, as any rank's failure does (`guarded`).
     pub fn over_processes(
         socket: Arc<SocketComm>,
         ordinal: usize,
         timeout: Duration,
     ) -> Result<NcclComm> {
+        let (comm, stream) =
+            super::guarded(&*socket, || Self::init_rank(&socket, ordinal, timeout))?;
+        let ranks = (socket.rank(), socket.size());
+        Ok(NcclComm::new(comm, stream, ranks, timeout, Some(socket)))
+    }
+
+    /// [`Self::over_processes`]'s communicator and stream. Errors of this rank's own are
+    /// `MoeError::Cuda`; a peer's failure, or the group's timeout, is a `MoeError::Comm` the
+    /// group already knows.
+    fn init_rank(
+        socket: &SocketComm,
+        ordinal: usize,
+        timeout: Duration,
+    ) -> Result<(Comm, Arc<CudaStream>)> {
         let (rank, size) = (socket.rank(), socket.size());
-        let fail = |why: String| MoeError::Comm { rank, why };
-        if let Err(why) = preflight() {
-            socket.abort(&format!("rank {rank} failed: {why}"));
-            return Err(fail(why));
-        }
+        preflight().map_err(MoeError::Cuda)?;
         let mine: Vec<u8> = if rank == 0 {
-            let id = Id::new().map_err(|e| fail(format!("ncclGetUniqueId: {e:?}")))?;
+            let id = Id::new().map_err(|e| MoeError::Cuda(format!("ncclGetUniqueId: {e:?}")))?;
             id.internal().iter().map(|&c| c as u8).collect()
         } else {
             Vec::new()
@@ -123,19 +135,17 @@ impl NcclComm {
                 }
             }
             other => {
-                let why = format!(
+                return Err(MoeError::Cuda(format!(
                     "rank 0 sent an NCCL unique id of {} bytes, not 128",
                     other.map_or(0, Vec::len)
-                );
-                socket.abort(&format!("rank {rank} failed: {why}"));
-                return Err(fail(why));
+                )))
             }
         }
         let ctx = CudaContext::new(ordinal)
-            .map_err(|e| fail(format!("opening GPU {ordinal} for NCCL: {e:?}")))?;
+            .map_err(|e| MoeError::Cuda(format!("opening GPU {ordinal} for NCCL: {e:?}")))?;
         let stream = ctx
             .new_stream()
-            .map_err(|e| fail(format!("a stream on GPU {ordinal}: {e:?}")))?;
+            .map_err(|e| MoeError::Cuda(format!("a stream on GPU {ordinal}: {e:?}")))?;
         // ncclCommInitRank blocks until every rank has called it: on a thread of its own, so
         // this one can watch the peers meanwhile (a peer that died leaves that thread blocked
         // until the process exits, which is what a rank does after this error).
@@ -153,40 +163,35 @@ impl NcclComm {
             let _ = tx.send(Made(made));
         });
         let deadline = Instant::now() + timeout;
-        let comm = loop {
+        let stopped = |why: String| MoeError::Comm { rank, why };
+        loop {
             match rx.recv_timeout(Duration::from_millis(5)) {
                 Ok(Made(made)) => {
-                    break made.map_err(|e| {
-                        let why = format!(
+                    let comm = made.map_err(|e| {
+                        MoeError::Cuda(format!(
                             "ncclCommInitRank (rank {rank} of {size}, GPU {ordinal}): {e:?}"
-                        );
-                        socket.abort(&format!("rank {rank} failed: {why}"));
-                        fail(why)
-                    })?
+                        ))
+                    })?;
+                    return Ok((comm, stream));
                 }
                 Err(mpsc::RecvTimeoutError::Timeout) => {
                     if let Some(why) = socket.peer_gone() {
-                        return Err(fail(format!("ncclCommInitRank stopped: {why}")));
+                        return Err(stopped(format!("ncclCommInitRank stopped: {why}")));
                     }
                     if Instant::now() > deadline {
                         let why =
                             format!("rank {rank} timed out after {timeout:?} in ncclCommInitRank");
                         socket.abort(&why);
-                        return Err(fail(why));
+                        return Err(stopped(why));
                     }
                 }
                 Err(mpsc::RecvTimeoutError::Disconnected) => {
-                    return Err(fail("the NCCL init thread ended without an answer".into()))
+                    return Err(MoeError::Cuda(
+                        "the NCCL init thread ended without an answer".into(),
+                    ))
                 }
             }
-        };
-        Ok(NcclComm::new(
-            comm,
-            stream,
-            (rank, size),
-            timeout,
-            Some(socket),
-        ))
+        }
     }
 
     fn new(
