@@ -146,8 +146,8 @@ impl SocketComm {
             // keeps waiting for its real ranks.
             match read_hello(&mut stream, (deadline - now).min(HELLO_WAIT), secret, size) {
                 Ok(r) if joined[r - 1].is_none() => joined[r - 1] = Some(stream),
-                Ok(r) => refuse(&mut stream, &format!("rank {r} has already joined")),
-                Err(why) => refuse(&mut stream, &why),
+                Ok(r) => send_reason(&stream, REFUSED, &format!("rank {r} has already joined")),
+                Err(why) => send_reason(&stream, REFUSED, &why),
             }
         }
         let mut streams: Vec<TcpStream> = joined.into_iter().flatten().collect();
@@ -472,11 +472,14 @@ fn read_hello(
     Ok(rank)
 }
 
-fn refuse(stream: &mut TcpStream, why: &str) {
+/// A `kind` byte and the reason `why` (cut to [`MAX_REASON`] bytes), best effort: the write gives
+/// up after [`ABORT_WRITE`].
+fn send_reason(stream: &TcpStream, kind: u8, why: &str) {
+    let mut s = stream;
     let _ = stream.set_write_timeout(Some(ABORT_WRITE));
-    let mut frame = vec![REFUSED];
+    let mut frame = vec![kind];
     frame.extend_from_slice(&reason_bytes(why));
-    let _ = stream.write_all(&frame);
+    let _ = s.write_all(&frame);
 }
 
 fn reason_bytes(why: &str) -> Vec<u8> {
@@ -501,11 +504,7 @@ fn read_reason(stream: &mut impl Read) -> std::io::Result<String> {
 /// Writes an abort frame (bounded by [`ABORT_WRITE`]) and closes this side for writing, so the
 /// peer reads the reason and then the end of the stream.
 fn send_abort(stream: &TcpStream, why: &str) {
-    let mut s = stream;
-    let _ = stream.set_write_timeout(Some(ABORT_WRITE));
-    let mut frame = vec![ABORT];
-    frame.extend_from_slice(&reason_bytes(why));
-    let _ = s.write_all(&frame);
+    send_reason(stream, ABORT, why);
     let _ = stream.shutdown(Shutdown::Write);
 }
 
