@@ -105,6 +105,15 @@ fn launched_rank(dir: &TempDir, rank: usize, addr: &str, secret: u64) -> Child {
 
 /// `moerunner run --ep 2 --comm process` on the test's files, as rank `rank` of `world`.
 fn rank_command(dir: &TempDir, rank: usize, world: &str, addr: &str) -> std::process::Command {
+    let mut cmd = process_run(dir, "2");
+    cmd.env(RankEnv::RANK, rank.to_string())
+        .env(RankEnv::WORLD_SIZE, world)
+        .env(RankEnv::RENDEZVOUS, addr);
+    cmd
+}
+
+/// `moerunner run --ep EP --comm process` on the test's files (CPU backend, a 120 s timeout).
+fn process_run(dir: &TempDir, ep: &str) -> std::process::Command {
     let (layer, input, out) = (
         dir.s("l.safetensors"),
         dir.s("in.safetensors"),
@@ -122,15 +131,12 @@ fn rank_command(dir: &TempDir, rank: usize, world: &str, addr: &str) -> std::pro
         "--backend",
         "cpu",
         "--ep",
-        "2",
+        ep,
         "--comm",
         "process",
         "--comm-timeout-s",
         "120",
-    ])
-    .env(RankEnv::RANK, rank.to_string())
-    .env(RankEnv::WORLD_SIZE, world)
-    .env(RankEnv::RENDEZVOUS, addr);
+    ]);
     cmd
 }
 
@@ -306,26 +312,8 @@ fn a_wrong_rank_environment_is_refused() {
 #[test]
 fn started_ranks_die_with_the_process_that_started_them() {
     let dir = TempDir::new("process-orphans");
-    let (layer, input) = make_files(&dir, 37);
-    let out = dir.s("o.safetensors");
-    let mut parent = bin()
-        .args([
-            "run",
-            "--layer",
-            &layer,
-            "--input",
-            &input,
-            "--output",
-            &out,
-            "--backend",
-            "cpu",
-            "--ep",
-            "3",
-            "--comm",
-            "process",
-            "--comm-timeout-s",
-            "120",
-        ])
+    make_files(&dir, 37);
+    let mut parent = process_run(&dir, "3")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()

@@ -376,6 +376,7 @@ fn run_split(
     // process's); every other rank reads its own and loads it where its transport puts it
     // (`runner`: with NCCL its own GPU's).
     let first = std::sync::Mutex::new(Some(layer));
+    let first_rank = first_rank(args);
     let index = match &args.checkpoint {
         Some(_) => Some(checkpoint_layer_index(args)?),
         None => None,
@@ -395,7 +396,7 @@ fn run_split(
             parallel::RankLayer::load(whole, &layout, rank, runner, &choice)
         }
         Some(dir) => {
-            let taken = if rank == first_rank(args) {
+            let taken = if rank == first_rank {
                 first.lock().ok().and_then(|mut f| f.take())
             } else {
                 None
