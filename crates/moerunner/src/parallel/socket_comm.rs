@@ -998,6 +998,31 @@ mod tests {
         });
     }
 
+    /// A started rank's process that exits before joining stops rank 0's wait at once with the
+    /// watcher's reason (not after the group's timeout).
+    #[test]
+    fn a_rank_that_exits_before_joining_stops_the_wait_at_once() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let started = Instant::now();
+        let mut polls = 0;
+        let err = SocketComm::host_watching(listener, 3, 7, Duration::from_secs(60), || {
+            polls += 1;
+            (polls > 3).then(|| "rank 2's process exited (exit status: 1) before joining".into())
+        })
+        .err()
+        .unwrap()
+        .to_string();
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            started.elapsed()
+        );
+        assert!(
+            err.starts_with("rank 0: waiting for ranks to join: rank 2's process exited"),
+            "{err}"
+        );
+    }
+
     /// A raw connection that joins a 2-rank group (secret 7) at `addr` as rank 1, accepted.
     fn raw_rank_1(addr: SocketAddr) -> TcpStream {
         let mut raw = TcpStream::connect(addr).unwrap();
