@@ -3,212 +3,153 @@
 //! router, the converted layer file (which carries the router) gives the same output on that input
 //! and on one with the logits, and TP ranks add up to the whole.
 
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
-use std::process::Command;
+mod common;
 
+use std::path::Path;
+
+use common::{fails, fails_usage, ok, qwen, values, TempDir};
 use moerunner::checkpoint::{load_layer, LoadOptions};
 use moerunner::layer_file::{self, InputFile, RoutingTensors};
-use moerunner::{DType, HostTensor};
+use moerunner::HostTensor;
 
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_moerunner"))
-}
-
-fn ok(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "{cmd:?} failed:\n{text}");
-    text
-}
-
-fn values(n: usize, seed: u32) -> Vec<f32> {
-    (0..n)
-        .map(|i| {
-            (((i as u32).wrapping_mul(2654435761).wrapping_add(seed) >> 16) % 2001) as f32 / 4000.0
-                - 0.25
-        })
-        .collect()
-}
-
-/// Qwen3-MoE, layer 1 of 2: E = 4, H = 64, I = 32, BF16.
-fn checkpoint(dir: &Path) {
-    let (e, h, i) = (4, 64, 32);
-    let p = "model.layers.1.mlp.";
-    let mut tensors = Vec::new();
-    for x in 0..e {
-        for (proj, shape) in [
-            ("gate_proj", [i, h]),
-            ("up_proj", [i, h]),
-            ("down_proj", [h, i]),
-        ] {
-            let v = values(i * h, (x * 7 + proj.len()) as u32);
-            tensors.push((
-                format!("{p}experts.{x}.{proj}.weight"),
-                HostTensor::encode_f32(DType::BF16, shape.to_vec(), &v),
-            ));
-        }
-    }
-    tensors.push((
-        format!("{p}gate.weight"),
-        HostTensor::encode_f32(DType::BF16, vec![e, h], &values(e * h, 99)),
-    ));
-    layer_file::write_tensors(&dir.join("model.safetensors"), &tensors, HashMap::new()).unwrap();
-    let config = serde_json::json!({ "model_type": "qwen3_moe", "num_hidden_layers": 2, "num_experts": e, "num_experts_per_tok": 2,
-        "moe_intermediate_size": i, "hidden_size": h, "norm_topk_prob": true, "hidden_act": "silu" });
-    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
-}
-
-fn output(path: &Path) -> Vec<f32> {
-    layer_file::read_output(path)
+fn output(path: &str) -> Vec<f32> {
+    layer_file::read_output(Path::new(path))
         .unwrap()
         .0
         .to_f32_vec("output")
         .unwrap()
 }
 
-/// A temp folder `tag` holding the checkpoint and `hidden.safetensors`: `tokens` rows of hidden
-/// states alone (the checkpoint's router routes them). The folder, the input and its tensor.
-fn fixture(tag: &str, tokens: usize, seed: u32) -> (PathBuf, PathBuf, HostTensor) {
-    let d = std::env::temp_dir().join(format!("moerunner-cli-{tag}-{}", std::process::id()));
-    std::fs::create_dir_all(&d).unwrap();
-    checkpoint(&d);
-    let hidden = HostTensor::from_f32(vec![tokens, 64], &values(tokens * 64, seed));
-    let input = d.join("hidden.safetensors");
-    layer_file::write_tensors(
-        &input,
-        &[("hidden_states".into(), hidden.clone())],
-        HashMap::new(),
-    )
-    .unwrap();
-    (d, input, hidden)
+/// A temp folder holding a Qwen3-MoE checkpoint (layer 1 of 2: E = 4, H = 64, I = 32, BF16, one
+/// `model.safetensors` without an index) and `hidden.safetensors`: `tokens` rows of hidden states
+/// alone (the checkpoint's router routes them). The folder, its path and the input's tensor.
+fn fixture(test: &str, tokens: usize, seed: u32) -> (TempDir, String, HostTensor) {
+    let d = TempDir::new(test);
+    qwen(4, 64, 32, 2).write_single(&d.0);
+    let v = values(tokens * 64, seed);
+    common::hidden_only(&d.path("hidden.safetensors"), tokens, 64, &v);
+    let checkpoint = d.0.display().to_string();
+    (d, checkpoint, HostTensor::from_f32(vec![tokens, 64], &v))
 }
 
 #[test]
 fn run_checkpoint_and_convert_agree() {
-    let (d, hidden_only, hidden) = fixture("ckpt", 3, 5);
-    let s = |p: &Path| p.to_str().unwrap().to_string();
+    let (d, ckpt, hidden) = fixture("ckpt", 3, 5);
+    let hidden_only = d.s("hidden.safetensors");
 
-    let out1 = d.join("out1.safetensors");
-    let text = ok(bin().args([
+    let out1 = d.s("out1.safetensors");
+    let text = ok(&[
         "run",
         "--checkpoint",
-        &s(&d),
+        &ckpt,
         "--layer-index",
         "1",
         "--input",
-        &s(&hidden_only),
+        &hidden_only,
         "--output",
-        &s(&out1),
+        &out1,
         "--reference",
-    ]));
+    ]);
     assert!(!text.contains("deprecated"), "{text}");
 
     // The converted layer file, run on an input carrying the router's logits, gives the same output.
-    let layer = d.join("layer.safetensors");
-    let text = ok(bin().args([
+    let layer = d.s("layer.safetensors");
+    let text = ok(&[
         "convert",
         "--checkpoint",
-        &s(&d),
+        &ckpt,
         "--layer",
         "1",
         "--out",
-        &s(&layer),
-    ]));
+        &layer,
+    ]);
     assert!(text.contains("qwen3_moe"), "{text}");
-    let loaded = load_layer(&d, 1, &LoadOptions::default()).unwrap();
+    let loaded = load_layer(&d.0, 1, &LoadOptions::default()).unwrap();
     let logits = loaded.router_logits(&hidden).unwrap();
-    let with_logits = d.join("logits.safetensors");
+    let with_logits = d.s("logits.safetensors");
     layer_file::write_input(
-        &with_logits,
+        Path::new(&with_logits),
         &InputFile {
             hidden,
             routing: RoutingTensors::Logits(logits),
         },
     )
     .unwrap();
-    let out2 = d.join("out2.safetensors");
-    ok(bin().args([
+    let out2 = d.s("out2.safetensors");
+    ok(&[
         "run",
         "--layer",
-        &s(&layer),
+        &layer,
         "--input",
-        &s(&with_logits),
+        &with_logits,
         "--output",
-        &s(&out2),
+        &out2,
         "--reference",
-    ]));
+    ]);
     let (a, b) = (output(&out1), output(&out2));
     assert!(a.iter().any(|v| *v != 0.0));
     assert_eq!(a, b);
 
     // The router travels with the converted file: the hidden-only input runs on it as well.
-    let router = layer_file::read_layer_router(&layer)
+    let router = layer_file::read_layer_router(Path::new(&layer))
         .unwrap()
         .expect("convert writes the router");
     assert_eq!(router.weight.shape, vec![4, 64]);
-    let out3 = d.join("out3.safetensors");
-    ok(bin().args([
+    let out3 = d.s("out3.safetensors");
+    ok(&[
         "run",
         "--layer",
-        &s(&layer),
+        &layer,
         "--input",
-        &s(&hidden_only),
+        &hidden_only,
         "--output",
-        &s(&out3),
+        &out3,
         "--reference",
-    ]));
+    ]);
     assert_eq!(
         a,
         output(&out3),
         "hidden-only input on the converted layer file"
     );
     // A layer file without a router still refuses a hidden-only input, naming what is missing.
-    let bare = d.join("bare.safetensors");
-    layer_file::write_layer(&bare, &layer_file::read_layer(&layer).unwrap()).unwrap();
-    let out = bin()
-        .args([
-            "run",
-            "--layer",
-            &s(&bare),
-            "--input",
-            &s(&hidden_only),
-            "--output",
-            &s(&d.join("o4.safetensors")),
-        ])
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success() && err.contains("router_logits"),
-        "{err}"
-    );
+    let bare = d.s("bare.safetensors");
+    layer_file::write_layer(
+        Path::new(&bare),
+        &layer_file::read_layer(Path::new(&layer)).unwrap(),
+    )
+    .unwrap();
+    let err = fails(&[
+        "run",
+        "--layer",
+        &bare,
+        "--input",
+        &hidden_only,
+        "--output",
+        &d.s("o4.safetensors"),
+    ]);
+    assert!(err.contains("router_logits"), "{err}");
 
     // Two TP ranks read their halves from the checkpoint; their partial outputs add up.
     let mut sum = vec![0f32; a.len()];
     for r in 0..2 {
-        let o = d.join(format!("tp{r}.safetensors"));
+        let o = d.s(&format!("tp{r}.safetensors"));
         // The old spelling, `--layer N` with `--checkpoint`, still works and says what replaces it.
-        let text = ok(bin().args([
+        let text = ok(&[
             "run",
             "--checkpoint",
-            &s(&d),
+            &ckpt,
             "--layer",
             "1",
             "--input",
-            &s(&hidden_only),
+            &hidden_only,
             "--output",
-            &s(&o),
+            &o,
             "--reference",
             "--tp-size",
             "2",
             "--tp-rank",
             &r.to_string(),
-        ]));
+        ]);
         assert!(
             text.contains("deprecated") && text.contains("--layer-index 1"),
             "{text}"
@@ -222,69 +163,54 @@ fn run_checkpoint_and_convert_agree() {
     }
 
     // --quantize at load, and errors that name the problem.
-    let q = d.join("q.safetensors");
-    ok(bin().args([
+    let q = d.s("q.safetensors");
+    ok(&[
         "run",
         "--checkpoint",
-        &s(&d),
+        &ckpt,
         "--layer",
         "1",
         "--input",
-        &s(&hidden_only),
+        &hidden_only,
         "--output",
-        &s(&q),
+        &q,
         "--quantize",
         "mxfp8",
-    ]));
-    let bad = bin()
-        .args([
-            "run",
-            "--checkpoint",
-            &s(&d),
-            "--layer",
-            "x",
-            "--input",
-            &s(&hidden_only),
-            "--output",
-            &s(&q),
-        ])
-        .output()
-        .unwrap();
-    assert!(!bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("layer index"));
-    // `--layer-index` names a layer of a checkpoint only.
-    let bad = bin()
-        .args([
-            "run",
-            "--layer-index",
-            "1",
-            "--input",
-            &s(&hidden_only),
-            "--output",
-            &s(&q),
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        !bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("--checkpoint"),
-        "{}",
-        String::from_utf8_lossy(&bad.stderr)
-    );
-    let bad = bin()
-        .args([
-            "convert",
-            "--checkpoint",
-            &s(&d),
-            "--layer-index",
-            "5",
-            "--out",
-            &s(&q),
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        !bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("num_hidden_layers")
-    );
-    let _ = std::fs::remove_dir_all(&d);
+    ]);
+    let err = fails(&[
+        "run",
+        "--checkpoint",
+        &ckpt,
+        "--layer",
+        "x",
+        "--input",
+        &hidden_only,
+        "--output",
+        &q,
+    ]);
+    assert!(err.contains("layer index"), "{err}");
+    // `--layer-index` names a layer of a checkpoint only: clap's `requires` refuses it without
+    // `--checkpoint`, a usage error (exit 2).
+    let err = fails_usage(&[
+        "run",
+        "--layer-index",
+        "1",
+        "--input",
+        &hidden_only,
+        "--output",
+        &q,
+    ]);
+    assert!(err.contains("--checkpoint"), "{err}");
+    let err = fails(&[
+        "convert",
+        "--checkpoint",
+        &ckpt,
+        "--layer-index",
+        "5",
+        "--out",
+        &q,
+    ]);
+    assert!(err.contains("num_hidden_layers"), "{err}");
 }
 
 /// `run --checkpoint --ep R / --tp R`: every rank reads only its slice (rank 0 in the main
@@ -292,31 +218,24 @@ fn run_checkpoint_and_convert_agree() {
 /// bit in all-to-all EP, within roundings for TP and TEP.
 #[test]
 fn run_checkpoint_split_over_ranks() {
-    let d: PathBuf =
-        std::env::temp_dir().join(format!("moerunner-cli-ckpt-split-{}", std::process::id()));
-    std::fs::create_dir_all(&d).unwrap();
-    checkpoint(&d);
-    let s = |p: &Path| p.to_str().unwrap().to_string();
-    let hidden = HostTensor::from_f32(vec![5, 64], &values(5 * 64, 6));
-    let input = d.join("hidden.safetensors");
-    layer_file::write_tensors(&input, &[("hidden_states".into(), hidden)], HashMap::new()).unwrap();
+    let (d, ckpt, _) = fixture("ckpt-split", 5, 6);
+    let input = d.s("hidden.safetensors");
     let run = |name: &str, extra: &[&str]| {
-        let o = d.join(name);
-        let mut args = vec![
-            "run".to_string(),
-            "--checkpoint".into(),
-            s(&d),
-            "--layer-index".into(),
-            "1".into(),
-            "--input".into(),
-            s(&input),
-            "--output".into(),
-            s(&o),
-            "--backend".into(),
-            "cpu".into(),
+        let o = d.s(name);
+        let base = [
+            "run",
+            "--checkpoint",
+            &ckpt,
+            "--layer-index",
+            "1",
+            "--input",
+            &input,
+            "--output",
+            &o,
+            "--backend",
+            "cpu",
         ];
-        args.extend(extra.iter().map(|a| a.to_string()));
-        let text = ok(bin().args(&args));
+        let text = ok(&[&base[..], extra].concat());
         (output(&o), text)
     };
     let (one, _) = run("one.safetensors", &[]);
@@ -348,21 +267,20 @@ fn run_checkpoint_split_over_ranks() {
     }
     let (procs, _) = run("proc.safetensors", &["--ep", "2", "--comm", "process"]);
     assert_eq!(procs, one, "--ep 2 --comm process");
-    let o = d.join("bad.safetensors");
-    let err = bin()
-        .args([
-            "run",
-            "--checkpoint",
-            &s(&d),
-            "--layer-index",
-            "1",
-            "--input",
-            &s(&input),
-        ])
-        .args(["--output", &s(&o), "--ep", "2", "--expert-map", "0,0,1,1"])
-        .output()
-        .unwrap();
-    assert!(!err.status.success());
-    assert!(String::from_utf8_lossy(&err.stderr).contains("--expert-map needs --layer"));
-    let _ = std::fs::remove_dir_all(&d);
+    let err = fails(&[
+        "run",
+        "--checkpoint",
+        &ckpt,
+        "--layer-index",
+        "1",
+        "--input",
+        &input,
+        "--output",
+        &d.s("bad.safetensors"),
+        "--ep",
+        "2",
+        "--expert-map",
+        "0,0,1,1",
+    ]);
+    assert!(err.contains("--expert-map needs --layer"), "{err}");
 }

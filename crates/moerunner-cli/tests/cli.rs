@@ -1,73 +1,21 @@
 //! The `moerunner` binary end to end on temp files: make-layer → make-input → run, for T = 0, 1 and
 //! 4096, every weight format, EP/TP ranks, `--save-routing`, bad files, and `info`.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
 
+use std::path::Path;
+
+use common::{fails, fails_usage, moerunner, ok, ok_stdout, TempDir};
 use moerunner::layer_file;
 use moerunner::{DType, HostTensor};
 
-/// A temp folder removed when the test ends (kept on failure for inspection is not worth the litter).
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(test: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("moerunner-cli-{}-{test}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        TempDir(dir)
-    }
-    fn path(&self, name: &str) -> String {
-        self.0.join(name).display().to_string()
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn moerunner(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_moerunner"))
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-/// Runs the binary, asserts success, returns stdout.
-fn ok(args: &[&str]) -> String {
-    let out = moerunner(args);
-    let (stdout, stderr) = (
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-    );
-    assert!(
-        out.status.success(),
-        "moerunner {} failed:\n{stderr}",
-        args.join(" ")
-    );
-    stdout.into_owned()
-}
-
-/// Runs the binary, asserts it fails, returns stderr.
-fn fails(args: &[&str]) -> String {
-    let out = moerunner(args);
-    assert!(
-        !out.status.success(),
-        "moerunner {} should have failed",
-        args.join(" ")
-    );
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-/// The small shape of these tests: E = 8, H = 256, I = 128, k = 2.
-fn make_layer(dir: &TempDir, name: &str, extra: &[&str]) -> String {
-    let path = dir.path(name);
+/// `make-layer --out PATH` in the small shape of these tests (E = 8, H = 256, I = 128, k = 2),
+/// then `extra`.
+fn small_layer_args<'a>(path: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
     let mut args = vec![
         "make-layer",
         "--out",
-        &path,
+        path,
         "--experts",
         "8",
         "--hidden",
@@ -78,12 +26,18 @@ fn make_layer(dir: &TempDir, name: &str, extra: &[&str]) -> String {
         "2",
     ];
     args.extend_from_slice(extra);
-    ok(&args);
+    args
+}
+
+/// Writes the small-shape layer `name` (`extra` flags added) and returns its path.
+fn make_layer(dir: &TempDir, name: &str, extra: &[&str]) -> String {
+    let path = dir.s(name);
+    ok(&small_layer_args(&path, extra));
     path
 }
 
 fn make_input(dir: &TempDir, layer: &str, name: &str, tokens: usize, extra: &[&str]) -> String {
-    let path = dir.path(name);
+    let path = dir.s(name);
     let t = tokens.to_string();
     let mut args = vec![
         "make-input",
@@ -105,7 +59,7 @@ fn run(layer: &str, input: &str, output: &str, extra: &[&str]) -> (HostTensor, S
         "run", "--layer", layer, "--input", input, "--output", output,
     ];
     args.extend_from_slice(extra);
-    let summary = ok(&args);
+    let summary = ok_stdout(&args);
     (
         layer_file::read_output(Path::new(output)).unwrap().0,
         summary,
@@ -154,7 +108,7 @@ fn make_layer_input_run_for_t_0_1_and_4096() {
         let (out, summary) = run(
             layer,
             &input,
-            &dir.path(&format!("out-{tokens}.safetensors")),
+            &dir.s(&format!("out-{tokens}.safetensors")),
             &[],
         );
         assert_eq!(
@@ -176,15 +130,10 @@ fn make_layer_input_run_for_t_0_1_and_4096() {
     let (fast, _) = run(
         &layer,
         &input,
-        &dir.path("fast.safetensors"),
+        &dir.s("fast.safetensors"),
         &["--backend", "cpu"],
     );
-    let (slow, summary) = run(
-        &layer,
-        &input,
-        &dir.path("ref.safetensors"),
-        &["--reference"],
-    );
+    let (slow, summary) = run(&layer, &input, &dir.s("ref.safetensors"), &["--reference"]);
     assert!(summary.contains("backend reference"), "{summary}");
     let err = rel_err(&values(&fast), &values(&slow));
     assert!(err <= 1e-2, "cpu vs reference: rel err {err}");
@@ -249,13 +198,13 @@ fn every_weight_format_runs_end_to_end() {
         let (fast, _) = run(
             &layer,
             &input,
-            &dir.path(&format!("fast-{i}.safetensors")),
+            &dir.s(&format!("fast-{i}.safetensors")),
             &["--backend", "cpu"],
         );
         let (slow, _) = run(
             &layer,
             &input,
-            &dir.path(&format!("ref-{i}.safetensors")),
+            &dir.s(&format!("ref-{i}.safetensors")),
             &["--backend", "reference"],
         );
         let tol = moerunner::config::tolerance(config.weight_format, config.activation_format);
@@ -269,7 +218,7 @@ fn save_routing_writes_the_routes_the_layer_used() {
     let dir = TempDir::new("save-routing");
     let layer = make_layer(&dir, "layer.safetensors", &[]);
     let input = make_input(&dir, &layer, "in.safetensors", 5, &[]);
-    let out = dir.path("out.safetensors");
+    let out = dir.s("out.safetensors");
     ok(&[
         "run",
         "--layer",
@@ -368,7 +317,7 @@ fn check_ranks(dir: &TempDir, layer: &str, routing: &str) {
     let (whole, _) = run(
         layer,
         &input,
-        &dir.path("whole.safetensors"),
+        &dir.s("whole.safetensors"),
         &["--backend", "cpu"],
     );
     let whole = values(&whole);
@@ -380,7 +329,7 @@ fn check_ranks(dir: &TempDir, layer: &str, routing: &str) {
             let (part, summary) = run(
                 layer,
                 &input,
-                &dir.path(&format!("{axis}{rank}.safetensors")),
+                &dir.s(&format!("{axis}{rank}.safetensors")),
                 &["--backend", "cpu", &size, "2", &rank_s, &r],
             );
             assert!(summary.contains("partial sum"), "{summary}");
@@ -401,8 +350,8 @@ fn bad_files_and_arguments_exit_non_zero_with_the_reason() {
     let dir = TempDir::new("bad");
     let layer = make_layer(&dir, "layer.safetensors", &[]);
     let input = make_input(&dir, &layer, "in.safetensors", 3, &[]);
-    let out = dir.path("out.safetensors");
-    let garbage = dir.path("garbage.safetensors");
+    let out = dir.s("out.safetensors");
+    let garbage = dir.s("garbage.safetensors");
     std::fs::write(&garbage, b"this is not a safetensors file").unwrap();
     let err = fails(&[
         "run", "--layer", &garbage, "--input", &input, "--output", &out,
@@ -421,7 +370,7 @@ fn bad_files_and_arguments_exit_non_zero_with_the_reason() {
     let err = fails(&[
         "run",
         "--layer",
-        &dir.path("absent.safetensors"),
+        &dir.s("absent.safetensors"),
         "--input",
         &input,
         "--output",
@@ -429,7 +378,7 @@ fn bad_files_and_arguments_exit_non_zero_with_the_reason() {
     ]);
     assert!(err.contains("absent.safetensors"), "{err}");
     // An input made for another H.
-    let wide = dir.path("wide.safetensors");
+    let wide = dir.s("wide.safetensors");
     ok(&[
         "make-layer",
         "--out",
@@ -458,7 +407,7 @@ fn bad_files_and_arguments_exit_non_zero_with_the_reason() {
         "{err}"
     );
     // A layer that breaks a rule: the error names the key.
-    let broken = dir.path("broken.safetensors");
+    let broken = dir.s("broken.safetensors");
     let file = layer_file::MappedFile::open(Path::new(&layer)).unwrap();
     let tensors: Vec<(String, HostTensor)> = file
         .names()
@@ -474,7 +423,8 @@ fn bad_files_and_arguments_exit_non_zero_with_the_reason() {
         err.contains("moerunner.routing") && err.contains("roundrobin"),
         "{err}"
     );
-    let err = fails(&[
+    // `--backend` is parsed by clap: an unknown name is a usage error (exit 2).
+    let err = fails_usage(&[
         "run",
         "--layer",
         &layer,
@@ -520,10 +470,11 @@ fn make_layer_is_deterministic_and_checks_its_arguments() {
     );
     assert!(a == b, "same seed, same file");
     assert!(a != c, "another seed, another layer");
-    let err = fails(&[
+    // clap's `conflicts_with`: a usage error (exit 2).
+    let err = fails_usage(&[
         "make-layer",
         "--out",
-        &dir.path("x.safetensors"),
+        &dir.s("x.safetensors"),
         "--preset",
         "mixtral-8x7b",
         "--experts",
@@ -536,7 +487,7 @@ fn make_layer_is_deterministic_and_checks_its_arguments() {
     let err = fails(&[
         "make-layer",
         "--out",
-        &dir.path("x.safetensors"),
+        &dir.s("x.safetensors"),
         "--experts",
         "4",
     ]);
@@ -554,7 +505,7 @@ fn make_layer_is_deterministic_and_checks_its_arguments() {
     let err = fails(&[
         "make-layer",
         "--out",
-        &dir.path("x.safetensors"),
+        &dir.s("x.safetensors"),
         "--preset",
         "gpt-5",
     ]);
@@ -562,10 +513,11 @@ fn make_layer_is_deterministic_and_checks_its_arguments() {
         err.contains("unknown preset") && err.contains("qwen3-30b-a3b"),
         "{err}"
     );
-    let err = fails(&[
+    // clap's required `--layer`/`--preset` group: a usage error (exit 2).
+    let err = fails_usage(&[
         "make-input",
         "--out",
-        &dir.path("in.safetensors"),
+        &dir.s("in.safetensors"),
         "--tokens",
         "1",
     ]);
@@ -573,28 +525,13 @@ fn make_layer_is_deterministic_and_checks_its_arguments() {
 }
 
 fn make_layer_fails(dir: &TempDir, extra: &[&str]) -> String {
-    let out = dir.path("x.safetensors");
-    let mut args = vec![
-        "make-layer",
-        "--out",
-        &out,
-        "--experts",
-        "8",
-        "--hidden",
-        "256",
-        "--intermediate",
-        "128",
-        "--top-k",
-        "2",
-    ];
-    args.extend_from_slice(extra);
-    fails(&args)
+    fails(&small_layer_args(&dir.s("x.safetensors"), extra))
 }
 
 #[test]
 fn make_input_for_a_preset_needs_no_layer_file() {
     let dir = TempDir::new("preset-input");
-    let path = dir.path("in.safetensors");
+    let path = dir.s("in.safetensors");
     ok(&[
         "make-input",
         "--preset",
@@ -620,7 +557,7 @@ fn make_input_for_a_preset_needs_no_layer_file() {
 
 #[test]
 fn info_lists_backends_formats_routing_and_presets() {
-    let out = ok(&["info"]);
+    let out = ok_stdout(&["info"]);
     for needle in [
         "moerunner 0.",
         "cpu: ready",
@@ -642,7 +579,7 @@ fn compare_closes_the_run_reference_loop() {
     let layer = make_layer(&dir, "layer.safetensors", &["--weight-format", "fp8_block"]);
     // f32 hidden states: the output is f32 too, so the backends' rounding differences show.
     let input = make_input(&dir, &layer, "in.safetensors", 6, &["--dtype", "f32"]);
-    let (out, refr) = (dir.path("out.safetensors"), dir.path("ref.safetensors"));
+    let (out, refr) = (dir.s("out.safetensors"), dir.s("ref.safetensors"));
     let base = [
         "run",
         "--layer",
@@ -653,7 +590,7 @@ fn compare_closes_the_run_reference_loop() {
     ];
     ok(&[&base[..], &["--output", &out]].concat());
     ok(&[&base[..], &["--output", &refr, "--reference"]].concat());
-    let text = ok(&["compare", &out, &refr, "--tolerance", "2e-2"]);
+    let text = ok_stdout(&["compare", &out, &refr, "--tolerance", "2e-2"]);
     assert!(
         text.contains("relative error")
             && text.contains("max abs error")
@@ -663,13 +600,13 @@ fn compare_closes_the_run_reference_loop() {
         "{text}"
     );
     // A file against itself: exactly zero; an impossible tolerance fails with status 1.
-    let same = ok(&["compare", &refr, &refr]);
+    let same = ok_stdout(&["compare", &refr, &refr]);
     assert!(same.contains("relative error  0.000e0"), "{same}");
     let err = fails(&["compare", &out, &refr, "--tolerance", "0"]);
     assert!(err.contains("over --tolerance"), "{err}");
     // Different shapes are refused by name.
     let other = make_input(&dir, &layer, "in3.safetensors", 3, &[]);
-    let out3 = dir.path("out3.safetensors");
+    let out3 = dir.s("out3.safetensors");
     ok(&[
         "run", "--layer", &layer, "--input", &other, "--output", &out3,
     ]);
@@ -698,13 +635,13 @@ fn check_names_why_a_backend_cannot_be_checked() {
         );
     }
     // Format pairs read with a times sign.
-    let text = ok(&["check", "--cases", "4", "--seed", "3"]);
+    let text = ok_stdout(&["check", "--cases", "4", "--seed", "3"]);
     assert!(
         text.contains("weight × activation") && text.contains(" × "),
         "{text}"
     );
     // Split cases through real collectives between thread ranks.
-    let text = ok(&[
+    let text = ok_stdout(&[
         "check",
         "--cases",
         "40",
@@ -746,16 +683,16 @@ fn run_takes_an_activation_format_and_prints_its_load_time() {
     let dir = TempDir::new("run-act");
     let layer = make_layer(&dir, "layer.safetensors", &["--weight-format", "mxfp4"]);
     let input = make_input(&dir, &layer, "in.safetensors", 3, &[]);
-    let out = dir.path("out.safetensors");
+    let out = dir.s("out.safetensors");
     let base = [
         "run", "--layer", &layer, "--input", &input, "--output", &out,
     ];
-    let text = ok(&base);
+    let text = ok_stdout(&base);
     assert!(
         text.contains("mxfp4×bf16") && text.contains("| load "),
         "{text}"
     );
-    let text = ok(&[&base[..], &["--activation-format", "mxfp8"]].concat());
+    let text = ok_stdout(&[&base[..], &["--activation-format", "mxfp8"]].concat());
     assert!(
         text.contains("mxfp4×mxfp8") && text.contains(" ms | run "),
         "{text}"
@@ -768,7 +705,7 @@ fn run_takes_an_activation_format_and_prints_its_load_time() {
 #[test]
 fn bench_in_the_fields_shape() {
     let dir = TempDir::new("bench-shape");
-    let (json, csv) = (dir.path("b.json"), dir.path("b.csv"));
+    let (json, csv) = (dir.s("b.json"), dir.s("b.csv"));
     let base = [
         "bench",
         "--tokens",
@@ -798,7 +735,7 @@ fn bench_in_the_fields_shape() {
         "--csv",
         &csv,
     ];
-    let text = ok(&[&base[..], &shape[..], &ranks[..]].concat());
+    let text = ok_stdout(&[&base[..], &shape[..], &ranks[..]].concat());
     assert!(
         text.contains("E4-H128-I256-k2") && text.contains("min–max µs"),
         "{text}"
@@ -827,7 +764,7 @@ fn bench_in_the_fields_shape() {
     // The shape of a model's config.json (its first MoE layer: DeepSeek-V3's layer 0 is dense).
     let config = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../moerunner/tests/fixtures/transformers/deepseek_v3/config.json");
-    let text = ok(&[&base[..], &["--config", config.to_str().unwrap()]].concat());
+    let text = ok_stdout(&[&base[..], &["--config", config.to_str().unwrap()]].concat());
     assert!(text.contains("deepseek_v3-layer1"), "{text}");
 }
 
@@ -843,7 +780,7 @@ fn run_split_over_cpu_ranks_equals_the_unsplit_run() {
         let (one, _) = run(
             &layer,
             &input,
-            &dir.path("one.safetensors"),
+            &dir.s("one.safetensors"),
             &["--backend", "cpu"],
         );
         for split in [
@@ -853,7 +790,7 @@ fn run_split_over_cpu_ranks_equals_the_unsplit_run() {
             &["--ep", "3", "--expert-map", "0,0,0,0,0,1,1,2"],
             &["--ep", "2", "--expert-map", "0+1,0,0,0,1,1,1,1+0"],
         ] {
-            let (out, summary) = run(&layer, &input, &dir.path("ep.safetensors"), split);
+            let (out, summary) = run(&layer, &input, &dir.s("ep.safetensors"), split);
             assert!(summary.contains("ranks through thread"), "{summary}");
             assert_eq!(&out.bytes[..], &one.bytes[..], "{split:?} T={tokens}");
         }
@@ -863,7 +800,7 @@ fn run_split_over_cpu_ranks_equals_the_unsplit_run() {
             &["--ep", "2", "--tp", "2"],
             &["--ep", "4", "--ep-mode", "gather-scatter"],
         ] {
-            let (out, _) = run(&layer, &input, &dir.path("tp.safetensors"), split);
+            let (out, _) = run(&layer, &input, &dir.s("tp.safetensors"), split);
             if tokens > 0 {
                 let err = rel_err(&values(&out), &values(&one));
                 assert!(err < 1e-2, "{split:?} T={tokens}: {err}");
@@ -871,7 +808,7 @@ fn run_split_over_cpu_ranks_equals_the_unsplit_run() {
         }
     }
     let input = make_input(&dir, &layer, "in.safetensors", 3, &[]);
-    let out = dir.path("bad.safetensors");
+    let out = dir.s("bad.safetensors");
     let base = [
         "run", "--layer", &layer, "--input", &input, "--output", &out,
     ];
@@ -882,7 +819,8 @@ fn run_split_over_cpu_ranks_equals_the_unsplit_run() {
     );
     let err = fails(&[&base[..], &["--ep", "9"]].concat());
     assert!(err.contains("holds no expert"), "{err}");
-    let err = fails(&[&base[..], &["--ep", "2", "--ep-size", "2"]].concat());
+    // clap's `conflicts_with`: a usage error (exit 2).
+    let err = fails_usage(&[&base[..], &["--ep", "2", "--ep-size", "2"]].concat());
     assert!(err.contains("cannot be used with"), "{err}");
 }
 
@@ -890,7 +828,7 @@ fn run_split_over_cpu_ranks_equals_the_unsplit_run() {
 /// against the float64 reference and timed; both formats; JSON; bad flags refused.
 #[test]
 fn gemm_runs_its_default_on_the_cpu_within_tolerance() {
-    let out = ok(&["gemm", "--backend", "cpu"]);
+    let out = ok_stdout(&["gemm", "--backend", "cpu"]);
     println!("{out}");
     let err: f64 = out
         .split("rel_err ")
@@ -900,7 +838,7 @@ fn gemm_runs_its_default_on_the_cpu_within_tolerance() {
         .unwrap_or_else(|| panic!("no rel_err in:\n{out}"));
     assert!(err <= 2e-2, "{out}");
     assert!(out.contains("TFLOP/s") && out.contains("mxfp8"), "{out}");
-    let out = ok(&[
+    let out = ok_stdout(&[
         "gemm",
         "--backend",
         "cpu",
@@ -949,23 +887,12 @@ fn gemm_runs_its_default_on_the_cpu_within_tolerance() {
 /// by name.
 #[test]
 fn run_with_nccl_ranks_says_why_it_cannot() {
-    let d = std::env::temp_dir().join(format!("moerunner-nccl-{}", std::process::id()));
-    std::fs::create_dir_all(&d).unwrap();
-    let s = |p: &std::path::Path| p.to_str().unwrap().to_string();
+    let dir = TempDir::new("nccl");
     let (layer, input, out) = (
-        d.join("l.safetensors"),
-        d.join("x.safetensors"),
-        d.join("o.safetensors"),
+        dir.s("l.safetensors"),
+        dir.s("x.safetensors"),
+        dir.s("o.safetensors"),
     );
-    let bin = env!("CARGO_BIN_EXE_moerunner");
-    let ok = |args: &[&str]| {
-        let o = std::process::Command::new(bin).args(args).output().unwrap();
-        assert!(
-            o.status.success(),
-            "{args:?}: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-    };
     ok(&[
         "make-layer",
         "--experts",
@@ -977,31 +904,28 @@ fn run_with_nccl_ranks_says_why_it_cannot() {
         "--top-k",
         "2",
         "--out",
-        &s(&layer),
+        &layer,
     ]);
     ok(&[
         "make-input",
         "--layer",
-        &s(&layer),
+        &layer,
         "--tokens",
         "3",
         "--out",
-        &s(&input),
+        &input,
     ]);
-    let (ls, is, os) = (s(&layer), s(&input), s(&out));
     let cases = [(&["--backend", "cpu"][..], "--backend cuda"), (&[][..], "")];
     for ((extra, needle), comm) in cases
         .iter()
         .flat_map(|c| [(*c, "nccl"), (*c, "device"), (*c, "nccl-process")])
     {
         let mut args = vec![
-            "run", "--layer", &ls, "--input", &is, "--output", &os, "--ep", "2", "--comm", comm,
+            "run", "--layer", &layer, "--input", &input, "--output", &out, "--ep", "2", "--comm",
+            comm,
         ];
         args.extend(extra);
-        let o = std::process::Command::new(bin)
-            .args(&args)
-            .output()
-            .unwrap();
+        let o = moerunner(&args);
         let err = String::from_utf8_lossy(&o.stderr);
         if o.status.success() {
             // a machine with two GPUs and NCCL runs it
@@ -1015,9 +939,8 @@ fn run_with_nccl_ranks_says_why_it_cannot() {
                 || err.contains("GPU"),
             "{err}"
         );
-        assert!(!out.exists(), "no output after a refusal");
+        assert!(!Path::new(&out).exists(), "no output after a refusal");
     }
-    let _ = std::fs::remove_dir_all(&d);
 }
 
 /// `bench --ep-size/--tp-size --comm thread`: the whole layer over thread ranks with collectives;
@@ -1026,7 +949,7 @@ fn run_with_nccl_ranks_says_why_it_cannot() {
 #[test]
 fn bench_splits_the_layer_over_thread_ranks() {
     let dir = TempDir::new("bench-split");
-    let json = dir.path("b.json");
+    let json = dir.s("b.json");
     let shape = [
         "bench",
         "--experts",
@@ -1047,20 +970,22 @@ fn bench_splits_the_layer_over_thread_ranks() {
         "cpu",
     ];
     for (ep, tp) in [("2", "1"), ("2", "2")] {
-        let text = ok(&[
-            &shape[..],
+        let text = ok_stdout(
             &[
-                "--ep-size",
-                ep,
-                "--tp-size",
-                tp,
-                "--comm",
-                "thread",
-                "--json",
-                &json,
-            ],
-        ]
-        .concat());
+                &shape[..],
+                &[
+                    "--ep-size",
+                    ep,
+                    "--tp-size",
+                    tp,
+                    "--comm",
+                    "thread",
+                    "--json",
+                    &json,
+                ],
+            ]
+            .concat(),
+        );
         assert!(
             text.contains(&format!("ep {ep} × tp {tp} ranks")) && text.contains("% of the call"),
             "{text}"

@@ -1,6 +1,6 @@
-//! What the hostile-input tests and the fuzz test share: temp folders, running the binary, and
-//! miniature Hugging Face checkpoints (Qwen3 BF16, Nemotron-H NVFP4, GPT-OSS MXFP4) written with
-//! the library's own safetensors writer.
+//! What the CLI's integration tests share: temp folders, running the binary (and asserting how it
+//! ended), and miniature Hugging Face checkpoints (Qwen3 BF16, Nemotron-H NVFP4, GPT-OSS MXFP4)
+//! written with the library's own safetensors writer.
 #![allow(dead_code)]
 
 use std::collections::HashMap;
@@ -19,10 +19,8 @@ impl TempDir {
     pub fn new(test: &str) -> Self {
         static NEXT: AtomicUsize = AtomicUsize::new(0);
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let dir = std::env::temp_dir().join(format!(
-            "moerunner-hostile-{}-{n}-{test}",
-            std::process::id()
-        ));
+        let dir =
+            std::env::temp_dir().join(format!("moerunner-test-{}-{n}-{test}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         TempDir(dir)
@@ -62,26 +60,43 @@ pub fn text(out: &Output) -> String {
     )
 }
 
+/// Asserts that `out`, of the command `what`, succeeded; the failure message has its whole output.
+fn succeeded(out: &Output, what: &str) {
+    assert!(out.status.success(), "{what} failed:\n{}", text(out));
+}
+
 /// Runs the binary and asserts success; returns stdout + stderr.
 pub fn ok(args: &[&str]) -> String {
     let out = moerunner(args);
-    assert!(
-        out.status.success(),
-        "moerunner {} failed:\n{}",
-        args.join(" "),
-        text(&out)
-    );
+    succeeded(&out, &format!("moerunner {}", args.join(" ")));
     text(&out)
 }
 
-/// Runs the binary and asserts a clean failure (exit 1, an `error:` line, no panic); returns stderr.
-pub fn fails(args: &[&str]) -> String {
+/// Runs the binary and asserts success; returns stdout alone, for a test that parses it (JSON) or
+/// checks that a summary is printed there, where stderr's notes must not count.
+pub fn ok_stdout(args: &[&str]) -> String {
+    let out = moerunner(args);
+    succeeded(&out, &format!("moerunner {}", args.join(" ")));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Runs a command prepared from `bin()` (arguments that are not `&str`, an environment) and asserts
+/// success; returns stdout + stderr, as `ok` does.
+pub fn ok_cmd(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap();
+    succeeded(&out, &format!("{cmd:?}"));
+    text(&out)
+}
+
+/// Runs the binary and asserts a failure with exit status `code`, an `error: ` line and no panic;
+/// returns stderr.
+fn fails_with(args: &[&str], code: i32) -> String {
     let out = moerunner(args);
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert_eq!(
         out.status.code(),
-        Some(1),
-        "moerunner {} should fail cleanly:\n{}",
+        Some(code),
+        "moerunner {} should fail cleanly with status {code}:\n{}",
         args.join(" "),
         text(&out)
     );
@@ -90,6 +105,18 @@ pub fn fails(args: &[&str]) -> String {
         "{stderr}"
     );
     stderr
+}
+
+/// Runs the binary and asserts a clean failure (exit 1, an `error:` line, no panic); returns stderr.
+pub fn fails(args: &[&str]) -> String {
+    fails_with(args, 1)
+}
+
+/// Runs the binary and asserts that clap refused the command line itself (conflicting flags, a
+/// missing required one, a value its parser rejects): exit 2, clap's `error:` line, no panic;
+/// returns stderr. Such a refusal never reaches the command, so it cannot exit 1 as `fails` asks.
+pub fn fails_usage(args: &[&str]) -> String {
+    fails_with(args, 2)
 }
 
 /// Deterministic values in [-0.25, 0.25).
@@ -124,6 +151,19 @@ impl Checkpoint {
         std::fs::write(
             dir.join("model.safetensors.index.json"),
             json!({ "metadata": {}, "weight_map": weight_map }).to_string(),
+        )
+        .unwrap();
+    }
+
+    /// Writes the checkpoint as a single `model.safetensors` without an index (how a small model
+    /// comes), `config.json` beside it.
+    pub fn write_single(&self, dir: &Path) {
+        std::fs::create_dir_all(dir).unwrap();
+        std::fs::write(dir.join("config.json"), self.config.to_string()).unwrap();
+        layer_file::write_tensors(
+            &dir.join("model.safetensors"),
+            &self.tensors,
+            HashMap::new(),
         )
         .unwrap();
     }
