@@ -267,7 +267,41 @@ fn run_checkpoint_split_over_ranks() {
     }
     let (procs, _) = run("proc.safetensors", &["--ep", "2", "--comm", "process"]);
     assert_eq!(procs, one, "--ep 2 --comm process");
-    let err = fails(&[
+
+    // An expert map: each rank reads its experts from the checkpoint, as thread and as process
+    // ranks (the same output bit for bit). Uneven all-to-all EP is the unsplit run bit for bit; with
+    // a replica an expert's pairs split over two ranks, and the CPU computes a lone pair by another
+    // kernel, so within roundings (docs/parallel.md, "Equal to one device").
+    let close = |out: &[f32], what: &str| {
+        for (x, y) in out.iter().zip(&one) {
+            assert!(
+                (x - y).abs() <= 1e-5 * (1.0 + y.abs()),
+                "{what}: {x} vs {y}"
+            );
+        }
+    };
+    for (map, bitwise) in [
+        (&["--ep", "3", "--expert-map", "0,1,1,2"][..], true),
+        (&["--ep", "2", "--expert-map", "0+1,0,1,1"], false),
+    ] {
+        let (out, _) = run("map.safetensors", map);
+        if bitwise {
+            assert_eq!(out, one, "{map:?}");
+        } else {
+            close(&out, &format!("{map:?}"));
+        }
+        let (procs, _) = run(
+            "map-proc.safetensors",
+            &[map, &["--comm", "process"][..]].concat(),
+        );
+        assert_eq!(procs, out, "{map:?} --comm process");
+    }
+    let (tep, _) = run(
+        "map-tep.safetensors",
+        &["--ep", "2", "--tp", "2", "--expert-map", "0,1,1,0+1"],
+    );
+    close(&tep, "TEP with a map");
+    let base = [
         "run",
         "--checkpoint",
         &ckpt,
@@ -275,12 +309,28 @@ fn run_checkpoint_split_over_ranks() {
         "1",
         "--input",
         &input,
-        "--output",
-        &d.s("bad.safetensors"),
-        "--ep",
-        "2",
-        "--expert-map",
-        "0,0,1,1",
-    ]);
-    assert!(err.contains("--expert-map needs --layer"), "{err}");
+    ];
+    let bad = d.s("bad.safetensors");
+    let err = fails(
+        &[
+            &base[..],
+            &["--output", &bad, "--ep", "2", "--expert-map", "0,0,1"],
+        ]
+        .concat(),
+    );
+    assert!(
+        err.contains("--expert-map") && err.contains("3 entries"),
+        "{err}"
+    );
+    assert!(!Path::new(&bad).exists(), "a refused run wrote {bad}");
+
+    // Every rank quantizes at load into the same formats as rank 0 (`--activation-format`
+    // included): EP ranks equal the unsplit run bit for bit.
+    let q = ["--quantize", "mxfp4", "--activation-format", "mxfp8"];
+    let (whole_q, _) = run("q.safetensors", &q);
+    assert_ne!(whole_q, one);
+    for extra in [&["--ep", "2"][..], &["--ep", "2", "--comm", "process"]] {
+        let (split_q, _) = run("q-split.safetensors", &[&q[..], extra].concat());
+        assert_eq!(split_q, whole_q, "{extra:?} with {q:?}");
+    }
 }

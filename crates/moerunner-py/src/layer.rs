@@ -422,6 +422,7 @@ impl NativeLayer {
             quantize,
             activation_format: None,
             quantizer: None,
+            experts: None,
         };
         let loaded = py
             .detach(|| checkpoint::load_layer(&dir, layer, &opts))

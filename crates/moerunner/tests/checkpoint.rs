@@ -406,6 +406,41 @@ fn check_slices(
     bytes
 }
 
+/// An expert map's ranks (`LoadOptions::experts`: any ascending list, gaps where replicas or
+/// other ranks' experts sit) at every TP rank of `tp`: each equals `shard::shard_experts` of the
+/// whole loaded layer. Returns each load's bytes read, by (list, TP rank).
+fn check_expert_lists(
+    dir: &Path,
+    layer: usize,
+    whole: &CheckpointLayer,
+    lists: &[&[usize]],
+    tp: usize,
+) -> HashMap<(Vec<usize>, usize), u64> {
+    let mut bytes = HashMap::new();
+    for (er, list) in lists.iter().enumerate() {
+        for tr in 0..tp {
+            let par = Parallelism {
+                ep_size: lists.len(),
+                ep_rank: er,
+                tp_size: tp,
+                tp_rank: tr,
+            };
+            let opts = LoadOptions {
+                parallelism: par,
+                experts: Some(list.to_vec()),
+                ..Default::default()
+            };
+            let rank = load_layer(dir, layer, &opts).unwrap();
+            let want =
+                moerunner::shard::shard_experts(&whole.layer, list, (er, lists.len()), (tr, tp))
+                    .unwrap();
+            check_equal(&rank, &want);
+            bytes.insert((list.to_vec(), tr), rank.bytes_read);
+        }
+    }
+    bytes
+}
+
 fn base_config(model_type: &str, layers: usize) -> serde_json::Value {
     json!({ "model_type": model_type, "num_hidden_layers": layers, "hidden_act": "silu", "torch_dtype": "bfloat16" })
 }
@@ -505,6 +540,12 @@ fn qwen3_moe_tp_ep_reads_only_the_rank_slice() {
     for ((ep, _, tp, _), got) in bytes {
         let want = (e / ep) * 3 * (i / tp) * h * 2 + router;
         assert_eq!(got, want as u64, "ep {ep} tp {tp}");
+    }
+    // An expert map's ranks (uneven, a replica of expert 2 on both) read their experts only.
+    let lists: &[&[usize]] = &[&[0, 2], &[1, 2, 3]];
+    for ((list, _), got) in check_expert_lists(&dir, LAYER, &whole, lists, 2) {
+        let want = list.len() * 3 * (i / 2) * h * 2 + router;
+        assert_eq!(got, want as u64, "experts {list:?}");
     }
     // 12 800 bytes for ep 2 × tp 2, against 25 088 for the whole layer.
     assert_eq!(
@@ -737,6 +778,12 @@ fn deepseek_v3_tp_reads_only_its_rows_columns_and_scale_blocks() {
         );
     }
     assert_eq!(whole.bytes_read, (e * per_expert(1) + router) as u64);
+    // An expert map's ranks (expert 5 replicated) read their experts' blocks and scales only.
+    let lists: &[&[usize]] = &[&[0, 1, 5, 7], &[2, 3, 4, 5, 6]];
+    for ((list, _), got) in check_expert_lists(&dir, LAYER, &whole, lists, 2) {
+        let want = list.len() * per_expert(2) + router;
+        assert_eq!(got, want as u64, "experts {list:?}");
+    }
 }
 
 #[test]
@@ -1042,6 +1089,18 @@ fn gpt_oss_mxfp4_interleaved_with_biases() {
             "ep {ep} tp {tp}"
         );
     }
+    // An expert map's ranks: the stacked tensors are read in runs of consecutive experts.
+    let lists: &[&[usize]] = &[&[0, 1, 3], &[2, 3]];
+    for ((list, tr), got) in check_expert_lists(&dir, LAYER, &l, lists, 2) {
+        let l = i / 2;
+        let b2 = if tr == 0 { h * 2 } else { 0 };
+        let per = 2 * l * (h / 2 + h / 32 + 2) + h * (l / 2 + l / 32) + b2;
+        assert_eq!(
+            got,
+            (list.len() * per + e * h * 2 + e * 2) as u64,
+            "experts {list:?} tp rank {tr}"
+        );
+    }
     // TP rank 1 does not read the GEMM2 bias (e/ep × H BF16 values).
     for ep in [1, 2] {
         let (r0, r1) = (bytes[&(ep, 0, 2, 0)], bytes[&(ep, 0, 2, 1)]);
@@ -1294,6 +1353,27 @@ fn uneven_parallelism_names_the_size() {
         .unwrap_err()
         .to_string()
         .contains("ep_size"));
+}
+
+#[test]
+fn a_bad_expert_list_is_named() {
+    let dir = small_qwen("err-experts", |_, _| {});
+    for (list, says) in [
+        (vec![], "empty"),
+        (vec![0, 9], "expert 9 is out of range (E = 2)"),
+        (vec![1, 0], "not ascending"),
+        (vec![1, 1], "not ascending"),
+    ] {
+        let opts = LoadOptions {
+            experts: Some(list.clone()),
+            ..Default::default()
+        };
+        let err = load_layer(&dir, LAYER, &opts).unwrap_err().to_string();
+        assert!(
+            err.contains("experts to load") && err.contains(says),
+            "{list:?}: {err}"
+        );
+    }
 }
 
 #[test]

@@ -145,6 +145,25 @@ fn same_layer(a: &Path, b: &Path, layer: usize) {
             }
         }
     }
+    // An expert map's rank: experts 0, 2 and 3 (two runs of the stacked tensors).
+    let par = Parallelism {
+        ep_size: 2,
+        ep_rank: 1,
+        tp_size: 2,
+        tp_rank: 1,
+    };
+    let opts = LoadOptions {
+        parallelism: par,
+        experts: Some(vec![0, 2, 3]),
+        ..Default::default()
+    };
+    let (la, lb) = (
+        load_layer(a, layer, &opts).unwrap(),
+        load_layer(b, layer, &opts).unwrap(),
+    );
+    assert_eq!(la.layer.config().local_experts, 0..3);
+    same_outputs(&la, &lb.layer);
+    assert_eq!(la.bytes_read, lb.bytes_read, "experts 0, 2, 3");
 }
 
 /// One family's MoE block: random BF16 experts `gate`/`up` `[E, I, H]`, `down` `[E, H, I]`.

@@ -35,6 +35,7 @@ fn load_options(
         quantize,
         activation_format,
         quantizer: None,
+        experts: None,
     })
 }
 

@@ -106,9 +106,6 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     check_output_is_no_input(&args)?;
     let load_started = Instant::now();
     let split = args.ep.is_some() || args.tp.is_some();
-    if split && args.checkpoint.is_some() && args.expert_map.is_some() {
-        anyhow::bail!("--expert-map needs --layer: ranks read even slices from a checkpoint");
-    }
     let (layer, input) = load_layer_and_input(&args, par, split)?;
     // Input errors (wrong H, E or k) surface before the backend spends time preparing weights.
     let layer_name = match (&args.layer, args.layer_index) {
@@ -224,6 +221,9 @@ fn load_layer_and_input(
                 args.quantize.as_deref(),
                 args.activation_format.as_deref(),
             )?;
+            if split {
+                opts.experts = checkpoint_experts(args, dir, index, first_rank(args))?;
+            }
             if let Some(format) = opts.quantize {
                 opts.quantizer = quantizer_for(args, split, format);
             }
@@ -404,16 +404,28 @@ fn run_split(
             let slice = match taken {
                 Some(slice) => slice,
                 None => {
-                    let opts = super::load_options(
+                    let mut opts = super::load_options(
                         rank_parallelism(args, rank),
                         args.quantize.as_deref(),
-                        None,
+                        args.activation_format.as_deref(),
                     )
-                    .map_err(|e| moerunner::MoeError::invalid("--quantize", e.to_string()))?;
+                    .map_err(|e| {
+                        moerunner::MoeError::invalid(
+                            "--quantize/--activation-format",
+                            e.to_string(),
+                        )
+                    })?;
+                    // (an expert map's rank reads its list; the even split its range)
+                    opts.experts = args
+                        .expert_map
+                        .as_ref()
+                        .map(|_| layout.ep.experts_of(layout.coords(rank).0).to_vec());
                     moerunner::checkpoint::load_layer(dir, index.unwrap_or_default(), &opts)?.layer
                 }
             };
-            parallel::RankLayer::new(slice, false, &layout, rank, runner, &choice)
+            // An expert map's slices are renumbered 0..n; an even split keeps global ids.
+            let renumbered = args.expert_map.is_some();
+            parallel::RankLayer::new(slice, renumbered, &layout, rank, runner, &choice)
         }
     };
     let started = Instant::now();
@@ -502,6 +514,28 @@ fn first_rank(args: &Args) -> usize {
         .ok()
         .flatten()
         .map_or(0, |env| env.rank)
+}
+
+/// With `--expert-map`, the experts rank `rank` of a split checkpoint run reads (the map parsed
+/// against the checkpoint's E); None: its even slice.
+fn checkpoint_experts(
+    args: &Args,
+    dir: &std::path::Path,
+    index: usize,
+    rank: usize,
+) -> anyhow::Result<Option<Vec<usize>>> {
+    let Some(spec) = &args.expert_map else {
+        return Ok(None);
+    };
+    let shape = moerunner::checkpoint::describe(&dir.join("config.json"), Some(index))
+        .with_context(|| format!("reading {}", dir.join("config.json").display()))?;
+    let ep = args.ep.unwrap_or(1);
+    let map = moerunner::parallel::ExpertMap::parse(spec, shape.num_experts, ep)
+        .context("--expert-map")?;
+    Ok(Some(
+        map.experts_of(rank_parallelism(args, rank).ep_rank)
+            .to_vec(),
+    ))
 }
 
 /// The EP × TP coordinates of rank `rank` of `--ep`/`--tp` (rank i: EP rank i / tp, TP rank

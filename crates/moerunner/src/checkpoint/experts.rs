@@ -60,7 +60,7 @@ pub(super) fn load(sh: &Shards, plan: &Plan, s: &Slice) -> Result<LoadedExperts>
     let mut w13 = Vec::new();
     let mut w2 = Vec::new();
     let mut scales = ScaleParts::default();
-    for e in s.experts.clone() {
+    for e in s.experts.iter() {
         for p in &projs13 {
             let n = name(e, p, "weight");
             let (row_bytes, dims) = elem_dims(format, inter, h);

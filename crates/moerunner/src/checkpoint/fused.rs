@@ -131,7 +131,7 @@ pub(super) fn load(
     }
     let (f0, f1) = (s.features.start, s.features.end);
     let mut w13 = Vec::new();
-    for x in s.experts.clone() {
+    for x in s.experts.iter() {
         // Per expert: its gate rows of the slice, then its up rows (our `gate_up` order).
         w13.extend(sh.read_box(&w13_name, [e, m, 2 * h], x..x + 1, f0..f1, 0..2 * h)?);
         if gated {
@@ -139,10 +139,10 @@ pub(super) fn load(
             w13.extend(sh.read_box(&w13_name, [e, m, 2 * h], x..x + 1, up, 0..2 * h)?);
         }
     }
-    let w2 = sh.read_box(
+    let w2 = sh.read_outer(
         &down_name,
         [e, h, 2 * inter],
-        s.experts.clone(),
+        &s.experts.runs(),
         0..h,
         2 * f0..2 * f1,
     )?;

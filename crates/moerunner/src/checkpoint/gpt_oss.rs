@@ -78,39 +78,27 @@ pub(super) fn load(sh: &Shards, plan: &Plan, prefix: &str, s: &Slice) -> Result<
 
     // Interleaving keeps a feature's gate and up rows adjacent, so features f0..f1 are the one
     // contiguous row range 2·f0..2·f1 (and stay interleaved).
-    let ex = s.experts.clone();
+    let ex = &s.experts.runs()[..];
     let rows = 2 * f0..2 * f1;
-    let w13 = sh.read_box(
+    let w13 = sh.read_outer(
         &gu_blocks,
         [e, 2 * inter, hb * 16],
-        ex.clone(),
+        ex,
         rows.clone(),
         0..hb * 16,
     )?;
-    let s13 = sh.read_box(
-        &gu_scales,
-        [e, 2 * inter, hb],
-        ex.clone(),
-        rows.clone(),
-        0..hb,
-    )?;
-    let w2 = sh.read_box(
-        &down_blocks,
-        [e, h, ib * 16],
-        ex.clone(),
-        0..h,
-        f0 / 2..f1 / 2,
-    )?;
-    let s2 = sh.read_box(
+    let s13 = sh.read_outer(&gu_scales, [e, 2 * inter, hb], ex, rows.clone(), 0..hb)?;
+    let w2 = sh.read_outer(&down_blocks, [e, h, ib * 16], ex, 0..h, f0 / 2..f1 / 2)?;
+    let s2 = sh.read_outer(
         &down_scales,
         [e, h, ib],
-        ex.clone(),
+        ex,
         0..h,
         f0 / MX_BLOCK..f1 / MX_BLOCK,
     )?;
     let (b13, b2) = biases(sh, plan, prefix, s)?;
 
-    let n = ex.len();
+    let n = s.experts.len();
     let w13 = QuantizedTensor {
         format: WeightFormat::Mxfp4,
         experts: n,
@@ -154,16 +142,16 @@ fn biases(
     let down_bias = format!("{prefix}down_proj_bias");
     let bias_dtype = sh.check_tensor(&down_bias, &[DType::BF16, DType::F32], &[e, h])?;
     let bsz = bias_dtype.size();
-    let ex = s.experts.clone();
+    let ex = &s.experts.runs()[..];
     let rows = 2 * s.features.start..2 * s.features.end;
     let b13 = decode(
-        sh.read_box(&gu_bias, [e, 2 * inter, bsz], ex.clone(), rows, 0..bsz)?,
+        sh.read_outer(&gu_bias, [e, 2 * inter, bsz], ex, rows, 0..bsz)?,
         bias_dtype,
     );
     // The GEMM2 bias is added once over the TP group: by rank 0, and only rank 0 reads it.
     let b2 = if s.tp_rank == 0 {
         Some(decode(
-            sh.read_box(&down_bias, [e, h, bsz], ex, 0..h, 0..bsz)?,
+            sh.read_outer(&down_bias, [e, h, bsz], ex, 0..h, 0..bsz)?,
             bias_dtype,
         ))
     } else {
@@ -200,7 +188,7 @@ fn load_bf16(sh: &Shards, plan: &Plan, prefix: &str, s: &Slice) -> Result<Loaded
     let local = s.features.len();
     let mut w13 = Vec::with_capacity(s.experts.len() * 2 * local * h * 2);
     let mut w2 = Vec::with_capacity(s.experts.len() * h * local * 2);
-    for x in s.experts.clone() {
+    for x in s.experts.iter() {
         let a = sh.read_box(&gu, [e, h, 4 * inter], x..x + 1, 0..h, 4 * f0..4 * f1)?;
         w13.extend(transpose_bf16(&a, h, 2 * local));
         let b = sh.read_box(&down, [e, inter, 2 * h], x..x + 1, f0..f1, 0..2 * h)?;

@@ -46,6 +46,11 @@ pub struct LoadOptions {
     /// With `quantize`: who quantizes (None, or a format it does not support: the CPU pass,
     /// `quantize_weights` expert by expert).
     pub quantizer: Option<Arc<dyn ExpertQuantizer>>,
+    /// The global experts to read, ascending (an expert map's rank:
+    /// [`crate::parallel::ExpertMap::experts_of`], uneven or with replicas), renumbered `0..n` in
+    /// the loaded layer as [`crate::shard::shard_experts`] numbers them; None: `parallelism`'s
+    /// even EP slice, which keeps its global ids.
+    pub experts: Option<Vec<usize>>,
 }
 
 /// A quantizer that replaces the CPU pass of `LoadOptions::quantize`: it must return exactly what
@@ -177,9 +182,48 @@ pub(crate) enum ExpertLayout {
 
 /// The rank's slice: global experts, and features of I.
 pub(crate) struct Slice {
-    pub experts: Range<usize>,
+    pub experts: Experts,
     pub features: Range<usize>,
     pub tp_rank: usize,
+}
+
+/// A rank's global experts, ascending: an even EP split's range (kept as a range: a hostile
+/// `config.json` may claim 10^12 experts, refused once a tensor's shape is checked, so nothing is
+/// sized by E before that), or an expert map's list.
+pub(crate) enum Experts {
+    Range(Range<usize>),
+    List(Vec<usize>),
+}
+
+impl Experts {
+    pub fn len(&self) -> usize {
+        match self {
+            Experts::Range(r) => r.len(),
+            Experts::List(l) => l.len(),
+        }
+    }
+    pub fn iter(&self) -> Box<dyn Iterator<Item = usize> + '_> {
+        match self {
+            Experts::Range(r) => Box::new(r.clone()),
+            Experts::List(l) => Box::new(l.iter().copied()),
+        }
+    }
+    /// Maximal runs of consecutive experts, in order: one box of a stacked tensor each.
+    pub fn runs(&self) -> Vec<Range<usize>> {
+        match self {
+            Experts::Range(r) => vec![r.clone()],
+            Experts::List(l) => {
+                let mut runs: Vec<Range<usize>> = Vec::new();
+                for &x in l {
+                    match runs.last_mut() {
+                        Some(run) if run.end == x => run.end += 1,
+                        _ => runs.push(x..x + 1),
+                    }
+                }
+                runs
+            }
+        }
+    }
 }
 
 /// What the expert loaders return, before optional requantization.
@@ -292,10 +336,28 @@ pub fn load_layer(dir: &Path, layer_index: usize, opts: &LoadOptions) -> Result<
     let par = opts.parallelism;
     par.validate()?;
     let (e, inter) = (plan.num_experts, plan.intermediate);
-    par.check_splits(e, inter)?;
-    let (per_rank, local_i) = (e / par.ep_size, inter / par.tp_size);
+    let (experts, local_experts) = match &opts.experts {
+        None => {
+            par.check_splits(e, inter)?;
+            let per_rank = e / par.ep_size;
+            let range = par.ep_rank * per_rank..(par.ep_rank + 1) * per_rank;
+            (Experts::Range(range.clone()), range)
+        }
+        Some(list) => {
+            // Any number of experts per rank: only I's split is checked.
+            Parallelism {
+                ep_size: 1,
+                ep_rank: 0,
+                ..par
+            }
+            .check_splits(e, inter)?;
+            check_expert_list(list, e)?;
+            (Experts::List(list.clone()), 0..list.len())
+        }
+    };
+    let local_i = inter / par.tp_size;
     let slice = Slice {
-        experts: par.ep_rank * per_rank..(par.ep_rank + 1) * per_rank,
+        experts,
         features: par.tp_rank * local_i..(par.tp_rank + 1) * local_i,
         tp_rank: par.tp_rank,
     };
@@ -341,7 +403,7 @@ pub fn load_layer(dir: &Path, layer_index: usize, opts: &LoadOptions) -> Result<
         activation: plan.activation,
         w13_order: loaded.w13_order,
         routing: plan.routing.clone(),
-        local_experts: slice.experts.clone(),
+        local_experts,
         parallelism: par,
     };
     let weights = LayerWeights {
@@ -361,6 +423,33 @@ pub fn load_layer(dir: &Path, layer_index: usize, opts: &LoadOptions) -> Result<
         family: plan.family,
         bytes_read: shards.bytes_read(),
     })
+}
+
+/// `LoadOptions::experts`: at least one, ascending without repeats, each below E.
+fn check_expert_list(list: &[usize], num_experts: usize) -> Result<()> {
+    let what = "experts to load";
+    if list.is_empty() {
+        return Err(MoeError::invalid(
+            what,
+            "the list is empty; a rank needs an expert",
+        ));
+    }
+    if let Some(&x) = list.iter().find(|&&x| x >= num_experts) {
+        return Err(MoeError::invalid(
+            what,
+            format!("expert {x} is out of range (E = {num_experts})"),
+        ));
+    }
+    if let Some(w) = list.windows(2).find(|w| w[0] >= w[1]) {
+        return Err(MoeError::invalid(
+            what,
+            format!(
+                "{list:?} is not ascending without repeats ({} then {})",
+                w[0], w[1]
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Every file [`load_layer`] reads in `dir`: `config.json`, the index and the shards (what an

@@ -207,6 +207,23 @@ impl Shards {
         Ok(out)
     }
 
+    /// [`Self::read_box`] over each range of outer indices in `runs` (a rank's experts in runs of
+    /// consecutive ids), concatenated.
+    pub fn read_outer(
+        &self,
+        name: &str,
+        dims: [usize; 3],
+        runs: &[Range<usize>],
+        rows: Range<usize>,
+        cols: Range<usize>,
+    ) -> Result<Vec<u8>> {
+        let mut out = Vec::new();
+        for run in runs {
+            out.extend(self.read_box(name, dims, run.clone(), rows.clone(), cols.clone())?);
+        }
+        Ok(out)
+    }
+
     /// The whole tensor `name` (dtype checked), copied and counted.
     pub fn read_all(&self, name: &str, allowed: &[DType]) -> Result<HostTensor> {
         let (dtype, shape) = self.meta(name, allowed)?;
