@@ -437,6 +437,53 @@ fn every_kernel_compiles_for_sm90a() {
     );
 }
 
+/// What a GPU without Hopper's wgmma loads (Blackwell: `sm_100a`) compiles for it: every module but
+/// the wgmma main loops — the stored formats' mma.sync GEMMs, the decoded formats' register-sourced
+/// mma.sync GEMMs (`MAINLOOP_MMA_RS`), routing, sort, quantization, combine, the fused small-batch
+/// and quantizer kernels.
+#[cfg(feature = "cuda")]
+#[test]
+fn every_kernel_without_wgmma_compiles_for_sm100a() {
+    use moerunner::backend::cuda::{kernels::ModuleKey, nvrtc};
+    use rayon::prelude::*;
+    if !nvrtc::available() {
+        return skip(
+            Need::Nvrtc,
+            "libnvrtc.so.13 not found (set LD_LIBRARY_PATH; .ci/run installs it)",
+        );
+    }
+    let keys: Vec<ModuleKey> = ModuleKey::all()
+        .into_iter()
+        .filter(|k| {
+            !k.defines
+                .iter()
+                .any(|d| d.starts_with("-DMAINLOOP=MAINLOOP_WGMMA"))
+        })
+        .collect();
+    assert!(
+        keys.iter()
+            .any(|k| k.defines.iter().any(|d| d == "-DMAINLOOP=MAINLOOP_MMA_RS")),
+        "the decoded formats' mma.sync GEMMs are among them"
+    );
+    let failures: Vec<String> = keys
+        .par_iter()
+        .filter_map(|k| {
+            let mut opts = nvrtc::base_options("sm_100a");
+            opts.extend(k.defines.iter().cloned());
+            nvrtc::compile_fresh(&k.label(), &k.source.full_text(), &opts)
+                .err()
+                .map(|e| e.to_string())
+        })
+        .collect();
+    println!("{} modules compiled for sm_100a", keys.len());
+    assert!(
+        failures.is_empty(),
+        "{} kernels failed to compile for sm_100a:\n{}",
+        failures.len(),
+        failures.join("\n\n")
+    );
+}
+
 /// The epilogue-factor check of weight preparation, on the CPU: a per-tensor fp8 layer whose
 /// w_scale × input scale overflows f32 is refused naming both tensors; a finite product passes.
 #[test]
@@ -2403,22 +2450,24 @@ fn gpu_mxfp8_every_gemm_path_meets_the_reference() {
     }
 }
 
-/// The main-loop switches: a codec whose loops all need wgmma is refused off Hopper, naming the
-/// architecture; one with an mma.sync loop runs there without wgmma.
+/// The main-loop switches off Hopper (Blackwell, or `MOERUNNER_WGMMA=0`): every pairing runs — the
+/// stored formats on mma.sync, the decoded ones on the register-sourced mma.sync loop — and only a
+/// path that exists on wgmma alone (mxfp8's k32-folding `e4m3_block_k32`) is refused, naming the
+/// architecture, or replaced by a runnable path of its pairing unless it was asked for by name.
 #[cfg(feature = "cuda")]
 #[test]
-fn wgmma_only_codecs_are_refused_off_hopper() {
-    use moerunner::backend::cuda::codec::codec_of;
+fn every_pairing_runs_off_hopper() {
+    use moerunner::backend::cuda::codec::{codec_of, MainLoop, CODECS};
     use moerunner::backend::cuda::pipeline::main_loop_switches;
-    let mx = codec_of(WeightFormat::Mxfp4, ActivationFormat::Bf16).expect("codec");
-    let err = main_loop_switches("sm_100a", mx, "mxfp4 layer")
-        .unwrap_err()
-        .to_string();
-    assert!(
-        err.contains("mxfp4 layer") && err.contains("sm_100a"),
-        "{err}"
-    );
-    // mxfp8's fp8 block-scale path has an mma.sync loop; its decoded path does not
+    for &(w, a) in CUDA_CODECS.iter() {
+        let preferred = codec_of(w, a).expect("codec");
+        let (wgmma_on, _) = main_loop_switches("sm_100a", preferred, "layer")
+            .unwrap_or_else(|e| panic!("{w}×{a} refused off Hopper: {e}"));
+        assert!(!wgmma_on);
+        assert!(preferred.runs_without_wgmma(), "{w}×{a}");
+    }
+    let mx4 = codec_of(WeightFormat::Mxfp4, ActivationFormat::Bf16).expect("codec");
+    assert!(mx4.main_loops.contains(&MainLoop::MmaRs));
     let mx8 = |name: &str| {
         moerunner::backend::cuda::codec::codec_preferring(
             WeightFormat::Mxfp8,
@@ -2427,11 +2476,23 @@ fn wgmma_only_codecs_are_refused_off_hopper() {
         )
         .expect("codec")
     };
-    assert!(main_loop_switches("sm_100a", mx8("e4m3_block"), "mxfp8 layer").is_ok());
-    assert!(main_loop_switches("sm_100a", mx8("mxfp8_decoded"), "mxfp8 layer").is_err());
-    // the exact decoded path is preferred where wgmma runs (fp8 wgmma's accumulation put one
-    // seeded mxfp8 case over tolerance on the e4m3_block path); without wgmma, e4m3_block's
-    // mma.sync loop (f32 accumulation) runs mxfp8 instead of refusing it
+    let k32 = mx8("e4m3_block_k32");
+    let err = main_loop_switches("sm_100a", k32, "mxfp8 layer")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("mxfp8 layer") && err.contains("sm_100a"),
+        "{err}"
+    );
+    assert_eq!(
+        codec::runnable(k32, Some("e4m3_block_k32"), false)
+            .gemm
+            .name(),
+        "e4m3_block_k32"
+    );
+    let instead = codec::runnable(k32, None, false);
+    assert!(instead.runs_without_wgmma() && instead.gemm.name() != "e4m3_block_k32");
+    // the exact decoded path stays mxfp8's choice without wgmma (it has an mma.sync loop now)
     if std::env::var(codec::GEMM_FORMAT_VAR).is_err() {
         let cfg = config(
             WeightFormat::Mxfp8,
@@ -2441,33 +2502,87 @@ fn wgmma_only_codecs_are_refused_off_hopper() {
             Activation::Swiglu,
             RoutingConfig::new(RoutingMethod::Renormalize, 2),
         );
-        let on = codec::codec_for_device(&cfg, true).expect("codec");
-        let off = codec::codec_for_device(&cfg, false).expect("codec");
-        assert_eq!(on.gemm.name(), "mxfp8_decoded");
-        assert_eq!(off.gemm.name(), "e4m3_block");
+        for on in [true, false] {
+            let c = codec::codec_for_device(&cfg, on).expect("codec");
+            assert_eq!(c.gemm.name(), "mxfp8_decoded", "wgmma {on}");
+        }
     }
-    // a path named by MOERUNNER_GEMM_FORMAT stays (and is then refused off Hopper, by name); a
-    // name the pairing lacks (a preference meant for another format's layers) changes nothing
-    let decoded = mx8("mxfp8_decoded");
-    assert_eq!(
-        codec::runnable(decoded, Some("mxfp8_decoded"), false)
-            .gemm
-            .name(),
-        "mxfp8_decoded"
-    );
-    for named in [None, Some("nvfp4_decoded")] {
+    // every codec but the k32 path has a loop without wgmma
+    for c in CODECS {
         assert_eq!(
-            codec::runnable(decoded, named, false).gemm.name(),
-            "e4m3_block"
-        );
-        assert_eq!(
-            codec::runnable(decoded, named, true).gemm.name(),
-            "mxfp8_decoded"
+            c.runs_without_wgmma(),
+            c.gemm.name() != "e4m3_block_k32",
+            "{}",
+            c.summary
         );
     }
-    let bf16 = codec_of(WeightFormat::Bf16, ActivationFormat::Bf16).expect("codec");
-    let (wgmma_on, _) = main_loop_switches("sm_100a", bf16, "bf16 layer").expect("mma.sync runs");
-    assert!(!wgmma_on);
+}
+
+/// The decoded formats on the register-sourced mma.sync loop (`MAINLOOP_MMA_RS`, what a GPU without
+/// wgmma runs), here on Hopper through `CudaLayer::load_without_wgmma`: every decoded pairing and
+/// activation at T = 1, 37 and 700 (tile widths 16 … 128), against the float64 reference, the output
+/// poisoned with NaN first (the host entry does).
+#[cfg(feature = "cuda")]
+#[test]
+fn gpu_decoded_formats_without_wgmma_meet_the_reference() {
+    use moerunner::backend::cuda::layer::CudaLayer;
+    use moerunner::backend::LoadedLayer;
+    use std::sync::Arc;
+    let Some(dev) = gpu_device() else { return };
+    let mut n = 0u64;
+    for &(w, a) in CUDA_CODECS.iter().filter(|(w, _)| {
+        matches!(
+            w,
+            WeightFormat::Mxfp8 | WeightFormat::Mxfp4 | WeightFormat::Nvfp4
+        )
+    }) {
+        for act in ACTIVATIONS {
+            for tokens in [1usize, 37, 700] {
+                n += 1;
+                let seed = 0x4D52_0000 + n;
+                let cfg = config_codec(
+                    (w, a),
+                    16,
+                    256,
+                    384,
+                    act,
+                    RoutingConfig::new(RoutingMethod::Renormalize, 4),
+                );
+                let layer = random_layer(&cfg, seed, true).expect("layer");
+                let input = random_input(
+                    &cfg,
+                    tokens,
+                    RoutingMode::Logits,
+                    DType::BF16,
+                    seed ^ 0xF00D,
+                )
+                .expect("input");
+                let loaded = CudaLayer::load_without_wgmma(dev.clone(), Arc::new(layer.clone()))
+                    .expect("load without wgmma");
+                let out = loaded
+                    .forward(&ForwardInput {
+                        hidden: &input.hidden,
+                        routing: input.routing_input(),
+                    })
+                    .expect("forward");
+                let (x, routes) = reference_front(&layer, &input);
+                assert_eq!(out.routes.ids, routes.ids, "seed {seed}");
+                let want = reference::forward(&layer, &x, &out.routes).expect("reference");
+                let got: Vec<f64> = out
+                    .output
+                    .to_f32_vec("output")
+                    .expect("output")
+                    .into_iter()
+                    .map(f64::from)
+                    .collect();
+                assert_within(
+                    rel_err(&got, &want),
+                    &cfg,
+                    &format!("seed={seed} {w}×{a} {act} T={tokens} on mma_rs"),
+                );
+            }
+        }
+    }
 }
 
 /// NCCL puts one rank of a group on each device: a group naming a GPU twice is refused before any

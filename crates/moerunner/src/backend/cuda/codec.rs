@@ -173,6 +173,9 @@ pub enum MainLoop {
     /// The same, warp-specialised: one loading warpgroup, two decoding MMA warpgroups (sm_90a,
     /// 128-wide tiles).
     WgmmaRsWs,
+    /// The weights decoded to bf16 in registers as `WgmmaRs` does, fed to mma.sync: the decoded
+    /// formats where wgmma does not run (Blackwell, or `MOERUNNER_WGMMA=0`).
+    MmaRs,
 }
 
 impl MainLoop {
@@ -183,7 +186,13 @@ impl MainLoop {
             MainLoop::WgmmaWs => "wgmma_ws",
             MainLoop::WgmmaRs => "wgmma_rs",
             MainLoop::WgmmaRsWs => "wgmma_rs_ws",
+            MainLoop::MmaRs => "mma_rs",
         }
+    }
+
+    /// A loop that needs Hopper's wgmma (sm_90a); the others run on every architecture.
+    pub fn needs_wgmma(self) -> bool {
+        !matches!(self, MainLoop::MmaSync | MainLoop::MmaRs)
     }
 
     /// A loop with a loading warpgroup (where `MOERUNNER_WG_WS` and a tactic's ws flags apply).
@@ -193,7 +202,10 @@ impl MainLoop {
 
     /// A loop that decodes the weights in registers (the decoded formats' loops, and only theirs).
     pub fn decodes_in_registers(self) -> bool {
-        matches!(self, MainLoop::WgmmaRs | MainLoop::WgmmaRsWs)
+        matches!(
+            self,
+            MainLoop::WgmmaRs | MainLoop::WgmmaRsWs | MainLoop::MmaRs
+        )
     }
 }
 
@@ -222,8 +234,9 @@ pub struct Codec {
 /// the fp8 kernel), in order of preference.
 const STORED_LOOPS: &[MainLoop] = &[MainLoop::WgmmaWs, MainLoop::Wgmma, MainLoop::MmaSync];
 
-/// The decoded formats' main loops: warp-specialised at the widths that have it, else plain.
-const DECODED_LOOPS: &[MainLoop] = &[MainLoop::WgmmaRsWs, MainLoop::WgmmaRs];
+/// The decoded formats' main loops: warp-specialised at the widths that have it, else plain, and
+/// mma.sync where wgmma does not run.
+const DECODED_LOOPS: &[MainLoop] = &[MainLoop::WgmmaRsWs, MainLoop::WgmmaRs, MainLoop::MmaRs];
 
 /// mxfp8 × mxfp8 on the fp8 block-scale kernel (`e4m3_block`); its k32-folding form differs only in
 /// its GEMM format and loops.
@@ -393,6 +406,14 @@ pub fn gemm_formats_of(weight: WeightFormat, activation: ActivationFormat) -> Ve
         .collect()
 }
 
+impl Codec {
+    /// Whether one of its main loops runs without Hopper's wgmma (off sm_90a, or with
+    /// `MOERUNNER_WGMMA=0`).
+    pub fn runs_without_wgmma(&self) -> bool {
+        self.main_loops.iter().any(|l| !l.needs_wgmma())
+    }
+}
+
 /// The codec a layer runs with on a device with (`wgmma_on`) or without Hopper's wgmma: the
 /// preferred one ([`codec_for`]), or where the device cannot run it another of the pairing that it
 /// can ([`runnable`]).
@@ -408,7 +429,7 @@ pub fn codec_for_device(
 /// ask for it by name, and another codec of its pairing has an mma.sync loop (mxfp8 off Hopper:
 /// `e4m3_block`, whose mma.sync accumulates in f32). A name the pairing lacks asks for nothing here.
 pub fn runnable(preferred: &'static Codec, named: Option<&str>, wgmma_on: bool) -> &'static Codec {
-    let runs_here = |c: &Codec| wgmma_on || c.main_loops.contains(&MainLoop::MmaSync);
+    let runs_here = |c: &Codec| wgmma_on || c.runs_without_wgmma();
     if runs_here(preferred) || named == Some(preferred.gemm.name()) {
         return preferred;
     }

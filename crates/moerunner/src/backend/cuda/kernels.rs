@@ -40,7 +40,7 @@ macro_rules! piece {
 /// ignores `#if`, so a once-header's first include must not sit under a condition that can be false
 /// (until 2026-12-07 every piece was pasted once, and the WS producer fragment, included by two main
 /// loops under `#if`, vanished from the one pasted second: a hang, caught by no CPU test).
-pub const HEADERS: [(&str, &str); 18] = [
+pub const HEADERS: [(&str, &str); 19] = [
     piece!("quant_rows.cuh"),
     piece!("decode_tiled.cuh"),
     piece!("decode_tiled_body.cuh"),
@@ -59,6 +59,7 @@ pub const HEADERS: [(&str, &str); 18] = [
     piece!("gemm/ws_producer.cuh"),
     piece!("gemm/mainloop_wgmma_ws.cuh"),
     piece!("gemm/mainloop_wgmma_rs.cuh"),
+    piece!("gemm/mainloop_mma_rs.cuh"),
 ];
 
 /// `COMMON`, then `text` (compiled as `file`) with its `#include "..."` of `HEADERS` resolved.

@@ -60,7 +60,15 @@ impl CudaLayer {
     pub fn load_for_tuning(dev: Arc<Device>, layer: Arc<MoeLayer>) -> Result<CudaLayer> {
         let codec = codec::codec_for_device(layer.config(), wgmma_allowed(&dev.arch))
             .map_err(MoeError::Cuda)?;
-        Self::load_inner(dev, layer, codec, true)
+        Self::load_inner(dev, layer, codec, true, false)
+    }
+
+    /// [`CudaLayer::load`] as on a GPU without Hopper's wgmma (Blackwell; `MOERUNNER_WGMMA=0`): the
+    /// codec and main loops such a device runs — mma.sync, and for the decoded formats the
+    /// register-sourced mma.sync loop — so a Hopper GPU tests them.
+    pub fn load_without_wgmma(dev: Arc<Device>, layer: Arc<MoeLayer>) -> Result<CudaLayer> {
+        let codec = codec::codec_for_device(layer.config(), false).map_err(MoeError::Cuda)?;
+        Self::load_inner(dev, layer, codec, false, true)
     }
 
     /// [`CudaLayer::load`] with one of the layer's codecs named (a pairing with two GEMM paths,
@@ -70,7 +78,7 @@ impl CudaLayer {
         layer: Arc<MoeLayer>,
         codec: &'static codec::Codec,
     ) -> Result<CudaLayer> {
-        Self::load_inner(dev, layer, codec, false)
+        Self::load_inner(dev, layer, codec, false, false)
     }
 
     fn load_inner(
@@ -78,6 +86,7 @@ impl CudaLayer {
         layer: Arc<MoeLayer>,
         codec: &'static codec::Codec,
         tuning: bool,
+        without_wgmma: bool,
     ) -> Result<CudaLayer> {
         let cfg = layer.config();
         let w = layer.weights();
@@ -134,7 +143,12 @@ impl CudaLayer {
             w13,
             w2,
         };
-        let (wgmma_on, ws_on) = main_loop_switches(&dev.arch, codec, codec.summary)?;
+        let (wgmma_on, ws_on) = if without_wgmma {
+            main_loop_switches("(without wgmma)", codec, codec.summary)?;
+            (false, false)
+        } else {
+            main_loop_switches(&dev.arch, codec, codec.summary)?
+        };
         let tactic_key = tactics::layer_key(&tactics::KeyParts {
             device: &dev.name,
             arch: &dev.arch,

@@ -125,7 +125,7 @@ mod backend_impl {
         fn supports(&self, config: &LayerConfig) -> std::result::Result<(), String> {
             let wgmma_on = super::pipeline::wgmma_allowed(&self.dev.arch);
             let codec = super::codec::codec_for_device(config, wgmma_on)?;
-            let wgmma_only = !codec.main_loops.contains(&super::codec::MainLoop::MmaSync);
+            let wgmma_only = !codec.runs_without_wgmma();
             if wgmma_only && !wgmma_on {
                 return Err(format!(
                     "{}: {}",

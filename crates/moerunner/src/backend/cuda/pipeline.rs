@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use cudarc::driver::CudaFunction;
 
-use super::codec::{Codec, MainLoop, RowQuant};
+use super::codec::{Codec, RowQuant};
 use super::device::{Buf, Device};
 use super::kernels::combine::{self, CombineRows};
 use super::kernels::decode::{self, DecodeVariant, MoeDecode};
@@ -530,7 +530,7 @@ impl Stage for QuantizeInputStage {
 pub fn main_loop_switches(arch: &str, codec: &Codec, what: &str) -> Result<(bool, bool)> {
     let wgmma_on = wgmma_allowed(arch);
     let ws_on = std::env::var("MOERUNNER_WG_WS").map_or(true, |v| v != "0");
-    if !wgmma_on && !codec.main_loops.contains(&MainLoop::MmaSync) {
+    if !wgmma_on && !codec.runs_without_wgmma() {
         return Err(MoeError::Cuda(format!(
             "{what}: {}",
             needs_wgmma_reason(arch)

@@ -44,7 +44,7 @@ using Fmt = WeightFormat<WEIGHT_FORMAT>::type;
 
 static_assert(MG_LDT * (MG_WS ? 2 : 1) >= Fmt::STAGE_SCALE_FLOATS,
               "not enough loader threads for the stage scales");
-static_assert(!MG_WGMMA || MG_SMEM_BYTES <= 232448, "wgmma: too many stages for 227 KB of shared memory");
+static_assert(!(MG_WGMMA || MG_RS) || MG_SMEM_BYTES <= 232448, "too many stages for 227 KB of shared memory");
 
 extern "C" {
 __constant__ int moe_gemm_meta[8] = {MG_NTHREADS, MG_SMEM_BYTES, BM, BN, STAGES, WARPS_M, WARPS_N, WARPS_K};
@@ -167,7 +167,9 @@ extern "C" __global__ void __launch_bounds__(MG_NTHREADS, 1) moe_gemm(
     // lane, warp, wm0, wn0, warp_k, warp_active (and the ring's barriers), declares `acc` (float[MG_MT][MG_NTL][4],
     // the m16n8 fragment layout) for the epilogue. (A choice by preprocessor: each instantiates wgmma shapes
     // that exist only for its tile widths.)
-#if MG_RS
+#if MAINLOOP == MAINLOOP_MMA_RS
+#include "gemm/mainloop_mma_rs.cuh"
+#elif MG_RS
 #include "gemm/mainloop_wgmma_rs.cuh"
 #elif MAINLOOP == MAINLOOP_WGMMA_WS
 #include "gemm/mainloop_wgmma_ws.cuh"

@@ -151,6 +151,7 @@ impl GemmVariant {
             MainLoop::WgmmaWs => "MAINLOOP_WGMMA_WS",
             MainLoop::WgmmaRs => "MAINLOOP_WGMMA_RS",
             MainLoop::WgmmaRsWs => "MAINLOOP_WGMMA_RS_WS",
+            MainLoop::MmaRs => "MAINLOOP_MMA_RS",
         };
         let mut d = vec![
             format!("-DWEIGHT_FORMAT={format}"),
@@ -189,7 +190,7 @@ impl GemmVariant {
         ws_on: bool,
     ) -> Option<GemmVariant> {
         let allowed = |l: &MainLoop| match l {
-            MainLoop::MmaSync => true,
+            MainLoop::MmaSync | MainLoop::MmaRs => true,
             MainLoop::Wgmma | MainLoop::WgmmaRs => wgmma_on && WGMMA_BN.contains(&bn),
             MainLoop::WgmmaWs | MainLoop::WgmmaRsWs => wgmma_on && ws_on && WS_BN.contains(&bn),
         };
@@ -256,16 +257,24 @@ mod tests {
 
     /// 3 stored formats × 6 stages × 4 widths on mma.sync, wgmma for bf16 and fp8_block, warp
     /// specialisation at BN = 128; the 3 decoded formats × 6 stages × 4 widths on register-sourced
-    /// wgmma only, mxfp4's GEMM1 stages twice (bf16 and f32 stores of its two activation formats),
-    /// and again warp-specialised at BN = 128; mxfp8's k32-folding block-scale path on wgmma only
-    /// (6 stages × 4 widths, warp-specialised at 128).
+    /// wgmma, mxfp4's GEMM1 stages twice (bf16 and f32 stores of its two activation formats),
+    /// again warp-specialised at BN = 128, and again (every width, both mxfp4 stores) on
+    /// register-sourced mma.sync; mxfp8's k32-folding block-scale path on wgmma only (6 stages × 4
+    /// widths, warp-specialised at 128).
     #[test]
     fn variants_cover_every_codec_stage_and_width() {
         let all = GemmVariant::all();
         assert_eq!(
             all.len(),
-            3 * 6 * 4 + 2 * 6 * 4 + 2 * 6 + 3 * 6 * 4 + 4 * 4 + (6 * 4 + 6) + (3 * 6 + 4)
+            3 * 6 * 4 + 2 * 6 * 4 + 2 * 6 + 2 * (3 * 6 * 4 + 4 * 4) + (6 * 4 + 6) + (3 * 6 + 4)
         );
+        // every decoded variant has a form without wgmma (the same stages and widths)
+        for v in all.iter().filter(|v| v.main_loop == MainLoop::WgmmaRs) {
+            assert!(all.contains(&GemmVariant {
+                main_loop: MainLoop::MmaRs,
+                ..*v
+            }));
+        }
         assert!(all
             .iter()
             .all(|v| v.main_loop.decodes_in_registers() == v.format.decoded_row_bytes().is_some()));

@@ -6,7 +6,8 @@
 //                  (common.cuh)   [default WFMT_BF16]
 //                  each has one piece, gemm/scale_*.cuh: its element type, what a K step loads beside the
 //                  operands, how a K step's partial is folded, what the epilogue multiplies by; the three
-//                  microscaling formats (gemm/scale_decoded.cuh) run only on MAINLOOP_WGMMA_RS
+//                  microscaling formats (gemm/scale_decoded.cuh) run only on the register-sourced loops
+//                  (MAINLOOP_WGMMA_RS, MAINLOOP_WGMMA_RS_WS, MAINLOOP_MMA_RS)
 //   EPILOGUE       EPI_DOWN  plain rows (GEMM2): out[p*out_stride + r] = acc (+bias)          [default EPI_GATED]
 //                  EPI_GATED gated GEMM1 (rows interleaved 8 gate / 8 up per 16), activation ACT, Mp/2 features
 //                  EPI_RELU2 non-gated GEMM1, relu2
@@ -21,6 +22,9 @@
 //                                       tiled layout of weight preparation (gemm/mainloop_wgmma_rs.cuh)
 //                  MAINLOOP_WGMMA_RS_WS the same, warp-specialised: a loading warpgroup feeds two decoding MMA
 //                                       warpgroups through the mbarrier ring (BM = 128, BN = 64|128)
+//                  MAINLOOP_MMA_RS      the decoded formats without wgmma: weights decoded to bf16 A fragments
+//                                       as MAINLOOP_WGMMA_RS does, activations by ldmatrix, mma.sync; any sm_80+
+//                                       target (Blackwell) (gemm/mainloop_mma_rs.cuh)
 //                  [default MAINLOOP_MMA_SYNC]
 //   BM             64 | 128   weight rows per CTA (grid.x = Mp / BM)                  [default 128]
 //   BN             8 | 16 | 32 | 64 | 128   token rows per work tile (wgmma: 16..128)  [default 64]
@@ -49,6 +53,7 @@
 #define MAINLOOP_WGMMA_WS 2
 #define MAINLOOP_WGMMA_RS 3
 #define MAINLOOP_WGMMA_RS_WS 4
+#define MAINLOOP_MMA_RS 5
 
 #ifndef WEIGHT_FORMAT
 #define WEIGHT_FORMAT WFMT_BF16
@@ -83,10 +88,12 @@
 // the weight format folds each K step's partial into the sum: Fmt::FOLD_EACH_STEP for the one place that must
 // choose by preprocessor (gemm/mainloop_mma.cuh checks the two agree)
 #define MG_FOLD_EACH_STEP (WEIGHT_FORMAT == WFMT_E4M3_BLOCK)
-// wgmma main loops (both): the operand tiles are read through descriptors, the warp grid is BM/16 x 1 x 1
-#define MG_WGMMA (MAINLOOP != MAINLOOP_MMA_SYNC)
+// wgmma main loops (all four): the operand tiles are read through descriptors, the warp grid is BM/16 x 1 x 1
+#define MG_WGMMA (MAINLOOP != MAINLOOP_MMA_SYNC && MAINLOOP != MAINLOOP_MMA_RS)
 #define MG_WS (MAINLOOP == MAINLOOP_WGMMA_WS || MAINLOOP == MAINLOOP_WGMMA_RS_WS)
-#define MG_RS (MAINLOOP == MAINLOOP_WGMMA_RS || MAINLOOP == MAINLOOP_WGMMA_RS_WS)
+// register-sourced loops (the decoded formats'): the tiled weight layout, A fragments decoded in registers, the
+// warp grid BM/16 x 1 x 1 (a warp decodes its 16 rows once for every column), 1024-aligned activation tiles
+#define MG_RS (MAINLOOP == MAINLOOP_WGMMA_RS || MAINLOOP == MAINLOOP_WGMMA_RS_WS || MAINLOOP == MAINLOOP_MMA_RS)
 #define MG_DECODED (WEIGHT_FORMAT >= WFMT_MXFP8)
 
 // consumer registers (setmaxnreg.inc): the CTA's register pool is what it was launched with, 384 threads x 168
@@ -97,6 +104,8 @@
 #ifndef STAGES
 #if MG_WGMMA
 #define STAGES (BN == 128 ? 6 : 8)
+#elif MAINLOOP == MAINLOOP_MMA_RS
+#define STAGES (BN == 128 ? 4 : 6)
 #elif BN >= 64
 #define STAGES 4
 #elif BM == 64
@@ -113,7 +122,7 @@
 //   BN=64 : BM=128 4x2x1 (32x32);  BM=64 2x2x2 (32x32)
 //   BN=32 : BM=128 4x1x2 (32x32);  BM=64 4x1x2 (16x32)
 //   BN=8/16: BM=128 8x1x1 (16xBN); BM=64 4x1x2 (16xBN)
-#if MG_WGMMA
+#if MG_WGMMA || MG_RS
 #define WARPS_M (BM / 16)
 #define WARPS_N 1
 #define WARPS_K 1
@@ -184,22 +193,23 @@
 #define MG_SS_FLOATS (Fmt::STAGE_SCALE_FLOATS)
 #define MG_PIPE_BYTES (STAGES * (MG_SW_BYTES + MG_SA_BYTES + MG_SS_FLOATS * 4))
 #define MG_RED_BYTES ((WARPS_K - 1) * BM * BN * 4)
-#if MG_WGMMA
+#if MG_WGMMA || MG_RS
 #define MG_SMEM_BYTES (MG_PIPE_BYTES + 1024)
 #else
 #define MG_SMEM_BYTES MG_MAX(MG_PIPE_BYTES, MG_RED_BYTES)
 #endif
 
 static_assert(WEIGHT_FORMAT >= WFMT_BF16 && WEIGHT_FORMAT <= WFMT_NVFP4, "WEIGHT_FORMAT: one of WFMT_*");
-static_assert(MG_DECODED == MG_RS, "the microscaling formats run on MAINLOOP_WGMMA_RS, and only they do");
+static_assert(MG_DECODED == MG_RS, "the microscaling formats run on the register-sourced loops, and only they do");
 static_assert(EPILOGUE >= EPI_DOWN && EPILOGUE <= EPI_RELU2, "EPILOGUE: one of EPI_*");
 static_assert(ACT >= ACT_SWIGLU && ACT <= ACT_SWIGLU_OAI, "ACT: one of ACT_*");
 static_assert(STORE >= STORE_BF16 && STORE <= STORE_E4M3, "STORE: one of STORE_*");
 static_assert(EPILOGUE != EPI_DOWN || STORE != STORE_E4M3, "EPI_DOWN stores bf16 or f32");
-static_assert(MAINLOOP >= MAINLOOP_MMA_SYNC && MAINLOOP <= MAINLOOP_WGMMA_RS_WS, "MAINLOOP: one of MAINLOOP_*");
+static_assert(MAINLOOP >= MAINLOOP_MMA_SYNC && MAINLOOP <= MAINLOOP_MMA_RS, "MAINLOOP: one of MAINLOOP_*");
 static_assert(BM == 64 || BM == 128, "BM must be 64 or 128");
 static_assert(BN == 8 || BN == 16 || BN == 32 || BN == 64 || BN == 128, "BN must be 8, 16, 32, 64 or 128");
 static_assert(STAGES >= 2 && STAGES <= (MG_WGMMA ? 16 : 8), "STAGES must be 2..8 (wgmma: 3..16)");
+static_assert(MAINLOOP != MAINLOOP_MMA_RS || STAGES >= 3, "MAINLOOP_MMA_RS needs STAGES >= 3");
 static_assert(WARPS_K == 1 || WARPS_K == 2 || WARPS_K == 4, "WARPS_K must be 1, 2 or 4");
 static_assert(BM % (16 * WARPS_M) == 0, "BM must be a multiple of 16*WARPS_M");
 static_assert(BN % (8 * WARPS_N) == 0, "BN must be a multiple of 8*WARPS_N");
