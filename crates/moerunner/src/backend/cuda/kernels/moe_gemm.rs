@@ -106,6 +106,20 @@ pub const WGMMA_BN: [u32; 4] = [16, 32, 64, 128];
 /// Token-tile widths with a warp-specialised wgmma form (only 128: docs/cuda.md, "Measurements").
 pub const WS_BN: [u32; 1] = [128];
 
+/// Token-tile widths at which the 4-bit decoded formats (mxfp4, nvfp4) run the register-sourced
+/// `mma.sync` loop even where wgmma exists: at these widths the E2M1 decode, not the MMA, bounds
+/// the loop, and mma.sync's loop issues fewer instructions a K step (162 against 184 at BN 16,
+/// 173 against 192 at 32); measured 2–5 % faster on an H100 at T = 16 and 128 on every 4-bit row
+/// of gpt-oss-120b, nemotron-3-nano and qwen3-30b-a3b, and 15–19 % slower at the 64- and 128-wide
+/// tiles of T = 1024 (docs/cuda.md, "The register-sourced mma.sync loop on Hopper").
+/// `MOERUNNER_MMA_RS=0` keeps wgmma at every width.
+pub const MMA_RS_BN: [u32; 2] = [16, 32];
+
+/// Whether the 4-bit formats take `mma.sync` at the `MMA_RS_BN` widths (unless `MOERUNNER_MMA_RS=0`).
+pub fn narrow_mma_rs_allowed() -> bool {
+    std::env::var("MOERUNNER_MMA_RS").map_or(true, |v| v != "0")
+}
+
 /// One compiled form of the GEMM.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct GemmVariant {
@@ -180,8 +194,8 @@ impl GemmVariant {
     /// The variant a layer of `codec` runs for a tile of `bn` tokens: the codec's most preferred
     /// main loop the device allows — wgmma (plain or register-sourced) where `wgmma_on` (sm_90a, not
     /// switched off) and BN is in `WGMMA_BN`, warp-specialised where `ws_on` and BN is in `WS_BN`,
-    /// mma.sync everywhere — or None when the codec has no such loop (the decoded formats without
-    /// wgmma).
+    /// mma.sync everywhere, and the 4-bit formats' register-sourced mma.sync at the `MMA_RS_BN`
+    /// widths (unless `MOERUNNER_MMA_RS=0`) — or None when the codec has no such loop.
     pub fn choose(
         codec: &Codec,
         stage: GemmStage,
@@ -189,9 +203,25 @@ impl GemmVariant {
         wgmma_on: bool,
         ws_on: bool,
     ) -> Option<GemmVariant> {
+        Self::choose_with(codec, stage, bn, (wgmma_on, ws_on, narrow_mma_rs_allowed()))
+    }
+
+    /// [`Self::choose`] with the `MMA_RS_BN` preference given (`narrow_mma_rs`).
+    pub fn choose_with(
+        codec: &Codec,
+        stage: GemmStage,
+        bn: u32,
+        (wgmma_on, ws_on, narrow_mma_rs): (bool, bool, bool),
+    ) -> Option<GemmVariant> {
+        let four_bit = matches!(
+            codec.gemm,
+            GemmFormat::Mxfp4Decoded | GemmFormat::Nvfp4Decoded
+        );
+        let wgmma_rs_here = !(narrow_mma_rs && four_bit && MMA_RS_BN.contains(&bn));
         let allowed = |l: &MainLoop| match l {
             MainLoop::MmaSync | MainLoop::MmaRs => true,
-            MainLoop::Wgmma | MainLoop::WgmmaRs => wgmma_on && WGMMA_BN.contains(&bn),
+            MainLoop::Wgmma => wgmma_on && WGMMA_BN.contains(&bn),
+            MainLoop::WgmmaRs => wgmma_on && WGMMA_BN.contains(&bn) && wgmma_rs_here,
             MainLoop::WgmmaWs | MainLoop::WgmmaRsWs => wgmma_on && ws_on && WS_BN.contains(&bn),
         };
         let main_loop = codec.main_loops.iter().copied().find(allowed)?;
@@ -217,11 +247,15 @@ impl GemmVariant {
             for stage in GemmStage::ALL {
                 for bn in GEMM_BN {
                     for (wgmma_on, ws_on) in [(false, false), (true, false), (true, true)] {
-                        let Some(v) = GemmVariant::choose(codec, stage, bn, wgmma_on, ws_on) else {
-                            continue;
-                        };
-                        if !all.contains(&v) {
-                            all.push(v);
+                        for narrow in [true, false] {
+                            let switches = (wgmma_on, ws_on, narrow);
+                            let Some(v) = GemmVariant::choose_with(codec, stage, bn, switches)
+                            else {
+                                continue;
+                            };
+                            if !all.contains(&v) {
+                                all.push(v);
+                            }
                         }
                     }
                 }
@@ -285,5 +319,44 @@ mod tests {
             .iter()
             .filter(|v| v.main_loop.is_warp_specialised())
             .all(|v| v.bn == 128));
+    }
+
+    /// With wgmma on, the 4-bit decoded formats take the register-sourced mma.sync loop at the
+    /// `MMA_RS_BN` widths and wgmma above them; mxfp8 keeps wgmma; the switch off keeps wgmma.
+    #[test]
+    fn four_bit_formats_take_mma_rs_at_the_narrow_widths() {
+        use super::super::super::codec::CODECS;
+        for codec in CODECS {
+            if !codec.main_loops.contains(&MainLoop::WgmmaRs) {
+                continue;
+            }
+            let four_bit = matches!(
+                codec.gemm,
+                GemmFormat::Mxfp4Decoded | GemmFormat::Nvfp4Decoded
+            );
+            for bn in GEMM_BN {
+                for narrow in [true, false] {
+                    let v = GemmVariant::choose_with(
+                        codec,
+                        GemmStage::ALL[0],
+                        bn,
+                        (true, true, narrow),
+                    )
+                    .expect("a decoded codec with wgmma");
+                    let want = if narrow && four_bit && MMA_RS_BN.contains(&bn) {
+                        MainLoop::MmaRs
+                    } else if WS_BN.contains(&bn) {
+                        MainLoop::WgmmaRsWs
+                    } else {
+                        MainLoop::WgmmaRs
+                    };
+                    assert_eq!(
+                        v.main_loop, want,
+                        "{} bn {bn} narrow {narrow}",
+                        codec.summary
+                    );
+                }
+            }
+        }
     }
 }
