@@ -561,6 +561,9 @@ pub struct GemmTable {
     pub wgmma_on: bool,
     /// Warp-specialised wgmma allowed (`MOERUNNER_WG_WS=0` turns it off).
     pub ws_on: bool,
+    /// The 4-bit formats on mma.sync at `moe_gemm::MMA_RS_BN` (`MOERUNNER_MMA_RS=0` turns it off),
+    /// read once at load so every launch picks a variant that was loaded.
+    pub narrow_mma_rs: bool,
 }
 
 impl GemmTable {
@@ -575,9 +578,14 @@ impl GemmTable {
         plain_wide: bool,
     ) -> Result<GemmTable> {
         let mut variants = HashMap::new();
-        let mut wanted = Self::variants_for(codec, cfg, wgmma_on, ws_on);
+        let narrow_mma_rs = moe_gemm::narrow_mma_rs_allowed();
+        let mut wanted = Self::variants_for(codec, cfg, (wgmma_on, ws_on, narrow_mma_rs));
         if plain_wide && ws_on {
-            wanted.extend(Self::variants_for(codec, cfg, wgmma_on, false));
+            wanted.extend(Self::variants_for(
+                codec,
+                cfg,
+                (wgmma_on, false, narrow_mma_rs),
+            ));
         }
         for v in wanted {
             if let std::collections::hash_map::Entry::Vacant(slot) = variants.entry(v) {
@@ -588,21 +596,22 @@ impl GemmTable {
             variants,
             wgmma_on,
             ws_on,
+            narrow_mma_rs,
         })
     }
 
-    /// The variants `layer` can run: its GEMM1 stage and both GEMM2 stores at every tile width.
+    /// The variants `layer` can run: its GEMM1 stage and both GEMM2 stores at every tile width,
+    /// under the switches (wgmma, warp specialisation, narrow mma.sync) of `GemmVariant::choose_with`.
     pub fn variants_for(
         layer_codec: &Codec,
         cfg: &LayerConfig,
-        wgmma_on: bool,
-        ws_on: bool,
+        switches: (bool, bool, bool),
     ) -> Vec<GemmVariant> {
         let stage1 = GemmStage::for_activation(&cfg.activation);
         let mut out = Vec::new();
         for bn in moe_gemm::GEMM_BN {
             for stage in [stage1, GemmStage::Down, GemmStage::DownBf16] {
-                out.extend(GemmVariant::choose(layer_codec, stage, bn, wgmma_on, ws_on));
+                out.extend(GemmVariant::choose_with(layer_codec, stage, bn, switches));
             }
         }
         out
@@ -623,12 +632,11 @@ impl GemmTable {
         (mp, kp, out_stride): (usize, usize, usize),
         (alpha, beta, limit): (f32, f32, f32),
     ) -> Result<()> {
-        let v = GemmVariant::choose(
+        let v = GemmVariant::choose_with(
             run.layer.codec,
             stage,
             run.plan.bn,
-            self.wgmma_on,
-            self.ws_on && ws,
+            (self.wgmma_on, self.ws_on && ws, self.narrow_mma_rs),
         )
         .ok_or_else(|| MoeError::Cuda("internal: no GEMM main loop for this layer".into()))?;
         let (f, threads, smem) = self.variants.get(&v).ok_or_else(|| {
