@@ -304,8 +304,7 @@ pub const CODECS: &[Codec] = &[
         inter_requant: Some(RowQuant::Mxfp8AsBf16),
         static_input_scales: false,
         main_loops: DECODED_LOOPS,
-        summary:
-            "mxfp8 × mxfp8 [mxfp8_decoded] (weights decoded to bf16 in registers, exact; sm_90a)",
+        summary: "mxfp8 × mxfp8 [mxfp8_decoded] (weights decoded to bf16 in registers, exact)",
     },
     MXFP8_ON_FP8_KERNEL,
     Codec {
@@ -325,7 +324,7 @@ pub const CODECS: &[Codec] = &[
         inter_requant: None,
         static_input_scales: false,
         main_loops: DECODED_LOOPS,
-        summary: "mxfp4 × bf16 (W4A16; weights decoded to bf16 in registers; sm_90a)",
+        summary: "mxfp4 × bf16 (W4A16; weights decoded to bf16 in registers)",
     },
     Codec {
         weight: WeightFormat::Mxfp4,
@@ -337,7 +336,7 @@ pub const CODECS: &[Codec] = &[
         inter_requant: Some(RowQuant::Mxfp8AsBf16),
         static_input_scales: false,
         main_loops: DECODED_LOOPS,
-        summary: "mxfp4 × mxfp8 (W4A8, computed exactly on the bf16 MMA; sm_90a)",
+        summary: "mxfp4 × mxfp8 (W4A8, computed exactly on the bf16 MMA)",
     },
     Codec {
         weight: WeightFormat::Nvfp4,
@@ -349,7 +348,7 @@ pub const CODECS: &[Codec] = &[
         inter_requant: Some(RowQuant::Nvfp4StaticAsBf16),
         static_input_scales: true,
         main_loops: DECODED_LOOPS,
-        summary: "nvfp4 × nvfp4 (static activation globals; exact on the bf16 MMA; sm_90a)",
+        summary: "nvfp4 × nvfp4 (static activation globals; exact on the bf16 MMA)",
     },
     Codec {
         weight: WeightFormat::Nvfp4,
@@ -361,8 +360,7 @@ pub const CODECS: &[Codec] = &[
         inter_requant: Some(RowQuant::Nvfp4TokenAsBf16),
         static_input_scales: false,
         main_loops: DECODED_LOOPS,
-        summary:
-            "nvfp4 × nvfp4_per_token (per-token activation globals; exact on the bf16 MMA; sm_90a)",
+        summary: "nvfp4 × nvfp4_per_token (per-token activation globals; exact on the bf16 MMA)",
     },
 ];
 
