@@ -769,7 +769,8 @@ fn bench_in_the_fields_shape() {
 }
 
 /// `run --ep R` / `--tp R` run the whole layer split over CPU-thread ranks: all-to-all EP is bit
-/// for bit the unsplit CPU output (also with an uneven map and replicas), TP and TEP within the
+/// for bit the unsplit CPU output (also with an uneven map, and on this layer with replicas: not
+/// guaranteed in general, docs/parallel.md), TP and TEP within the
 /// format's tolerance; T = 0 and T = 1 (ranks owning no tokens) included; bad maps are refused.
 #[test]
 fn run_split_over_cpu_ranks_equals_the_unsplit_run() {
