@@ -63,6 +63,17 @@ enum Command {
     ///
     /// Example: moerunner tune --preset qwen3-30b-a3b --format fp8_block --tokens 1,128,8192
     Tune(commands::tune::Args),
+    /// Compile every GPU kernel into the kernel cache ahead of time, in parallel (no GPU needed).
+    ///
+    /// A layer's first call on a GPU compiles the kernel modules it uses with NVRTC, one by one
+    /// (hundreds of modules across formats and tile widths: minutes on one core). This compiles
+    /// every module a GPU of --arch may load (or those named by --only) on all cores into the
+    /// cache folder (MOERUNNER_KERNEL_CACHE, default ~/.cache/moerunner/kernels), keyed by source,
+    /// options, architecture and NVRTC version — so it can run at deploy time on a machine
+    /// without a GPU. Modules already cached are counted, not recompiled.
+    ///
+    /// Example: moerunner warm-kernels --arch sm_90a
+    WarmKernels(commands::warm_kernels::Args),
     /// Compare two output files: relative error, max abs error, NaN count, top-k agreement.
     Compare(commands::compare::Args),
     /// Version, backends, devices and what each backend supports.
@@ -91,6 +102,7 @@ fn main() -> std::process::ExitCode {
         Command::QuantizeBench(a) => commands::quantize_bench::run(a),
         Command::Gemm(a) => commands::gemm::run(a),
         Command::Tune(a) => commands::tune::run(a),
+        Command::WarmKernels(a) => commands::warm_kernels::run(a),
         Command::Compare(a) => commands::compare::run(a),
         Command::Info(a) => commands::info::run(a),
     };

@@ -1040,3 +1040,64 @@ fn bench_splits_the_layer_over_thread_ranks() {
         assert!(err.contains("NCCL") || err.contains("GPU"), "{err}");
     }
 }
+
+/// `warm-kernels` compiles the modules it is asked for into the cache folder it is given, once (a
+/// second run finds them cached), without a GPU; a cache switched off or a malformed --arch is
+/// refused.
+#[test]
+fn warm_kernels_fills_the_kernel_cache_once() {
+    if !moerunner::backend::cuda::nvrtc::available() {
+        assert_ne!(
+            std::env::var("MOERUNNER_REQUIRE_NVRTC").as_deref(),
+            Ok("1"),
+            "libnvrtc.so.13 is required here (MOERUNNER_REQUIRE_NVRTC=1)"
+        );
+        println!("skipped: libnvrtc.so.13 not found (set LD_LIBRARY_PATH; .ci/run installs it)");
+        return;
+    }
+    let dir = TempDir::new("warm-kernels");
+    let cache = dir.s("kernels");
+    let warm = |cache: &str, extra: &[&str]| {
+        common::bin()
+            .env("MOERUNNER_KERNEL_CACHE", cache)
+            .args(["warm-kernels", "--only", "combine"])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let first = warm(&cache, &["--arch", "sm_90a"]);
+    let said = common::text(&first);
+    assert!(first.status.success(), "{said}");
+    assert!(
+        said.contains("1 modules for sm_90a")
+            && said.contains("1 compiled, 0 already cached, 0 failed"),
+        "{said}"
+    );
+    let cubins = std::fs::read_dir(&cache)
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .path()
+                .extension()
+                .is_some_and(|x| x == "cubin")
+        })
+        .count();
+    assert_eq!(cubins, 1, "one module's binary in {cache}");
+    let again = common::text(&warm(&cache, &["--arch", "sm_90a"]));
+    assert!(
+        again.contains("0 compiled, 1 already cached, 0 failed"),
+        "{again}"
+    );
+
+    let off = warm("off", &["--arch", "sm_90a"]);
+    assert_eq!(off.status.code(), Some(1));
+    assert!(
+        common::text(&off).contains("MOERUNNER_KERNEL_CACHE"),
+        "{}",
+        common::text(&off)
+    );
+    let bad = warm(&cache, &["--arch", "90"]);
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(common::text(&bad).contains("expected an architecture"));
+}

@@ -12,6 +12,7 @@ pub mod make_layer;
 pub mod quantize_bench;
 pub mod run;
 pub mod tune;
+pub mod warm_kernels;
 
 use std::path::Path;
 

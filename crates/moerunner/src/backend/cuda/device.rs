@@ -105,10 +105,7 @@ impl Device {
         let module = match modules.get(key) {
             Some(m) => m.clone(),
             None => {
-                let mut options = nvrtc::base_options(&self.arch);
-                options.extend(key.defines.iter().cloned());
-                let compiled =
-                    nvrtc::compile(&key.label(), &key.source.full_text(), &options, &self.arch)?;
+                let compiled = nvrtc::compile_module(key, &self.arch)?;
                 let m = self
                     .ctx
                     .load_module(Ptx::from_binary(compiled.cubin))

@@ -399,6 +399,9 @@ impl ElemCode {
 
 // ------------------------------------------------------------------------------ modules
 
+/// The architecture with Hopper's warpgroup MMA (wgmma): the only one the wgmma main loops compile for.
+pub const WGMMA_ARCH: &str = "sm_90a";
+
 /// A source with its defines: the unit of compilation and of the module cache.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct ModuleKey {
@@ -432,6 +435,23 @@ impl ModuleKey {
                 .map(decode::DecodeVariant::module),
         );
         all
+    }
+
+    /// Every module a device of architecture `arch` may load: all of them on Hopper (`sm_90a`),
+    /// elsewhere all but the wgmma main loops (what `kernels warm` compiles ahead of time).
+    pub fn all_for(arch: &str) -> Vec<ModuleKey> {
+        Self::all()
+            .into_iter()
+            .filter(|k| arch == WGMMA_ARCH || !k.needs_wgmma())
+            .collect()
+    }
+
+    /// Whether it is a GEMM with a wgmma main loop (plain, warp-specialised or register-sourced),
+    /// which only `WGMMA_ARCH` runs.
+    pub fn needs_wgmma(&self) -> bool {
+        self.defines
+            .iter()
+            .any(|d| d.starts_with("-DMAINLOOP=MAINLOOP_WGMMA"))
     }
 
     /// A readable name for logs and cache files.

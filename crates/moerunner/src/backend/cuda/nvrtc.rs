@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use cudarc::nvrtc::{result, sys};
 
 use super::disk_cache::{cache_dir, fnv1a64, write_atomic};
+use super::kernels::ModuleKey;
 use crate::error::{MoeError, Result};
 
 /// One compiled kernel module: a CUBIN for a real architecture (sm_90a, ...), plus its PTX.
@@ -51,6 +52,68 @@ pub fn base_options(arch: &str) -> Vec<String> {
         "-default-device".into(),
         "-lineinfo".into(),
     ]
+}
+
+/// Compiles module `key` for `arch` as a device loads it, or takes it from the cache: the one place
+/// that turns a module key into NVRTC's name, options and source, so a cache warmed ahead of time
+/// ([`warm_cache`]) is the cache a device reads.
+pub fn compile_module(key: &ModuleKey, arch: &str) -> Result<Compiled> {
+    let mut options = base_options(arch);
+    options.extend(key.defines.iter().cloned());
+    compile(&key.label(), &key.source.full_text(), &options, arch)
+}
+
+/// What [`warm_cache`] did.
+#[derive(Debug)]
+pub struct Warmed {
+    /// The cache folder.
+    pub dir: PathBuf,
+    pub modules: usize,
+    /// Compiled now, and found already cached.
+    pub compiled: usize,
+    pub cached: usize,
+    /// Modules that failed, each with NVRTC's error.
+    pub failed: Vec<String>,
+}
+
+/// Compiles every module of `keys` for `arch` into the disk cache, in parallel on rayon's threads
+/// (`RAYON_NUM_THREADS`): the first call of a layer then reads its kernels instead of compiling
+/// them (hundreds of modules, minutes on one core). Needs no GPU: the cache key is the source,
+/// options, architecture and NVRTC version. Refused when the cache is off or its folder cannot be
+/// made; a module that fails is listed, the others are still compiled.
+pub fn warm_cache(keys: &[ModuleKey], arch: &str) -> Result<Warmed> {
+    use rayon::prelude::*;
+    let dir = cache_dir().ok_or_else(|| {
+        MoeError::invalid(
+            "MOERUNNER_KERNEL_CACHE",
+            "is `off`: there is no kernel cache to warm",
+        )
+    })?;
+    std::fs::create_dir_all(&dir).map_err(|e| {
+        MoeError::invalid(
+            "MOERUNNER_KERNEL_CACHE",
+            format!("cannot make the cache folder {}: {e}", dir.display()),
+        )
+    })?;
+    version()?;
+    let results: Vec<std::result::Result<bool, String>> = keys
+        .par_iter()
+        .map(|k| {
+            compile_module(k, arch)
+                .map(|c| c.cached)
+                .map_err(|e| format!("{}: {e}", k.label()))
+        })
+        .collect();
+    let cached = results.iter().filter(|r| matches!(r, Ok(true))).count();
+    let compiled = results.iter().filter(|r| matches!(r, Ok(false))).count();
+    let failed = results.into_iter().filter_map(|r| r.err()).collect();
+    Ok(Warmed {
+        dir,
+        modules: keys.len(),
+        compiled,
+        cached,
+        failed,
+    })
 }
 
 /// Compiles `source` (already including the common header) for `arch`, or takes it from the cache.

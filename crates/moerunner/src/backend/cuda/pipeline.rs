@@ -541,12 +541,13 @@ pub fn main_loop_switches(arch: &str, codec: &Codec, what: &str) -> Result<(bool
 
 /// Whether wgmma may run here: sm_90a, unless `MOERUNNER_WGMMA=0`.
 pub fn wgmma_allowed(arch: &str) -> bool {
-    arch == "sm_90a" && std::env::var("MOERUNNER_WGMMA").map_or(true, |v| v != "0")
+    arch == super::kernels::WGMMA_ARCH
+        && std::env::var("MOERUNNER_WGMMA").map_or(true, |v| v != "0")
 }
 
 /// Why a codec that runs only on wgmma cannot run here (`arch`, or the MOERUNNER_WGMMA switch).
 pub fn needs_wgmma_reason(arch: &str) -> String {
-    if arch == "sm_90a" {
+    if arch == super::kernels::WGMMA_ARCH {
         "runs only on Hopper's wgmma, which MOERUNNER_WGMMA=0 switched off".into()
     } else {
         format!("runs only on Hopper's wgmma (sm_90a), not on {arch}")
