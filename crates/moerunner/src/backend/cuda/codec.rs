@@ -140,6 +140,17 @@ pub enum InterStore {
     F32,
 }
 
+impl InterStore {
+    /// Bytes of one stored element (GEMM1's output row is `ip` of them).
+    pub fn element_bytes(self) -> usize {
+        match self {
+            InterStore::Bf16 => 2,
+            InterStore::F32 => 4,
+            InterStore::E4m3Static => 1,
+        }
+    }
+}
+
 /// How weight preparation lays out a projection's scales for the kernels.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum PreparedScales {

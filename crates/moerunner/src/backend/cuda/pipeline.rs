@@ -712,7 +712,11 @@ impl Stage for Gemm1Stage {
         "gemm1"
     }
     fn scratch(&self, layer: &Resident, cap: Capacity, plan: &mut ScratchPlan) {
-        plan.need(Slot::Inter, cap.pairs * layer.dims.ip * 4);
+        // (as stored: a bf16 or e4m3 intermediate needs a half or a quarter of an f32 one's bytes;
+        // where the layer has the fused small-batch kernel its f32 rows keep the slot f32-sized,
+        // as `set_decode_max_pairs` may let any call take that kernel)
+        let bytes = layer.codec.inter_store.element_bytes();
+        plan.need(Slot::Inter, cap.pairs * layer.dims.ip * bytes);
     }
     fn enqueue(&self, run: &Run<'_>) -> Result<()> {
         let l = run.layer;
