@@ -5,53 +5,11 @@ mod common;
 
 use std::path::Path;
 
-use common::{fails, fails_usage, moerunner, ok, ok_stdout, TempDir};
+use common::{
+    fails, fails_usage, make_input, make_layer, moerunner, ok, ok_stdout, small_layer_args, TempDir,
+};
 use moerunner::layer_file;
 use moerunner::{DType, HostTensor};
-
-/// `make-layer --out PATH` in the small shape of these tests (E = 8, H = 256, I = 128, k = 2),
-/// then `extra`.
-fn small_layer_args<'a>(path: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
-    let mut args = vec![
-        "make-layer",
-        "--out",
-        path,
-        "--experts",
-        "8",
-        "--hidden",
-        "256",
-        "--intermediate",
-        "128",
-        "--top-k",
-        "2",
-    ];
-    args.extend_from_slice(extra);
-    args
-}
-
-/// Writes the small-shape layer `name` (`extra` flags added) and returns its path.
-fn make_layer(dir: &TempDir, name: &str, extra: &[&str]) -> String {
-    let path = dir.s(name);
-    ok(&small_layer_args(&path, extra));
-    path
-}
-
-fn make_input(dir: &TempDir, layer: &str, name: &str, tokens: usize, extra: &[&str]) -> String {
-    let path = dir.s(name);
-    let t = tokens.to_string();
-    let mut args = vec![
-        "make-input",
-        "--layer",
-        layer,
-        "--out",
-        &path,
-        "--tokens",
-        &t,
-    ];
-    args.extend_from_slice(extra);
-    ok(&args);
-    path
-}
 
 /// Runs a layer on an input and returns the output tensor (and the summary line).
 fn run(layer: &str, input: &str, output: &str, extra: &[&str]) -> (HostTensor, String) {

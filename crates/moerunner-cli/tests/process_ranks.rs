@@ -10,45 +10,20 @@ use std::path::Path;
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{bin, ok, TempDir};
+use common::{bin, make_input, make_layer, ok, TempDir};
 use moerunner::layer_file;
 use moerunner::parallel::{self, Communicator, EpMode, Layout, RankEnv, SocketComm};
 use moerunner::{BackendChoice, ForwardInput, Runner};
 
+/// The small mxfp4 layer of the CLI tests and `tokens` rows of f32 input for it.
 fn make_files(dir: &TempDir, tokens: usize) -> (String, String) {
-    let layer = dir.s("l.safetensors");
-    ok(&[
-        "make-layer",
-        "--out",
-        &layer,
-        "--experts",
-        "8",
-        "--hidden",
-        "256",
-        "--intermediate",
-        "128",
-        "--top-k",
-        "2",
-        "--weight-format",
-        "mxfp4",
-        "--seed",
-        "3",
-    ]);
-    let input = dir.s("in.safetensors");
-    let t = tokens.to_string();
-    ok(&[
-        "make-input",
-        "--layer",
-        &layer,
-        "--out",
-        &input,
-        "--tokens",
-        &t,
-        "--dtype",
-        "f32",
-        "--seed",
-        "5",
-    ]);
+    let layer = make_layer(
+        dir,
+        "l.safetensors",
+        &["--weight-format", "mxfp4", "--seed", "3"],
+    );
+    let extra = ["--dtype", "f32", "--seed", "5"];
+    let input = make_input(dir, &layer, "in.safetensors", tokens, &extra);
     (layer, input)
 }
 

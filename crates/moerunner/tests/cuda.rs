@@ -379,11 +379,32 @@ fn skip(need: Need, reason: &str) {
 // ---------------------------------------------------------------------------------------------
 // NVRTC, no GPU needed.
 
+/// Compiles every module of `keys` for `arch` with NVRTC (fresh, on all cores) and returns the
+/// failures: compile errors, and what `check` finds in a module that compiled.
+#[cfg(feature = "cuda")]
+fn compile_every(
+    keys: &[moerunner::backend::cuda::kernels::ModuleKey],
+    arch: &str,
+    check: impl Fn(
+            &moerunner::backend::cuda::kernels::ModuleKey,
+            &moerunner::backend::cuda::nvrtc::Fresh,
+        ) -> Option<String>
+        + Sync,
+) -> Vec<String> {
+    use moerunner::backend::cuda::nvrtc;
+    use rayon::prelude::*;
+    keys.par_iter()
+        .filter_map(|k| match nvrtc::compile_module_fresh(k, arch) {
+            Ok(fresh) => check(k, &fresh),
+            Err(e) => Some(e.to_string()),
+        })
+        .collect()
+}
+
 #[cfg(feature = "cuda")]
 #[test]
 fn every_kernel_compiles_for_sm90a() {
     use moerunner::backend::cuda::{kernels::ModuleKey, nvrtc};
-    use rayon::prelude::*;
     if !nvrtc::available() {
         return skip(
             Need::Nvrtc,
@@ -391,39 +412,28 @@ fn every_kernel_compiles_for_sm90a() {
         );
     }
     let keys = ModuleKey::all();
-    let arch = "sm_90a";
-    let failures: Vec<String> = keys
-        .par_iter()
-        .filter_map(|k| {
-            let mut opts = nvrtc::base_options(arch);
-            opts.extend(k.defines.iter().cloned());
-            match nvrtc::compile_fresh(&k.label(), &k.source.full_text(), &opts) {
-                Ok(fresh) => {
-                    println!(
-                        "compiled {} ({} bytes of sm_90a code)",
-                        k.label(),
-                        fresh.cubin.len()
-                    );
-                    // (a kernel whose wgmma ptxas serialized compiles, runs and is correct: only
-                    // slow, which no correctness test would see)
-                    // a warp-specialised form without its loading warpgroup compiles too, and hangs
-                    let ws = k.defines.iter().any(|d| d.ends_with("_WS"));
-                    if ws && !fresh.ptx.contains("setmaxnreg.dec") {
-                        return Some(format!("{}: no producer warpgroup in its PTX", k.label()));
-                    }
-                    let notes = nvrtc::serialization_notes(&fresh.log);
-                    (!notes.is_empty()).then(|| {
-                        format!(
-                            "{}: ptxas serialized its wgmma:\n{}",
-                            k.label(),
-                            notes.join("\n")
-                        )
-                    })
-                }
-                Err(e) => Some(e.to_string()),
-            }
+    let failures = compile_every(&keys, "sm_90a", |k, fresh| {
+        println!(
+            "compiled {} ({} bytes of sm_90a code)",
+            k.label(),
+            fresh.cubin.len()
+        );
+        // (a kernel whose wgmma ptxas serialized compiles, runs and is correct: only slow, which
+        // no correctness test would see)
+        // a warp-specialised form without its loading warpgroup compiles too, and hangs
+        let ws = k.defines.iter().any(|d| d.ends_with("_WS"));
+        if ws && !fresh.ptx.contains("setmaxnreg.dec") {
+            return Some(format!("{}: no producer warpgroup in its PTX", k.label()));
+        }
+        let notes = nvrtc::serialization_notes(&fresh.log);
+        (!notes.is_empty()).then(|| {
+            format!(
+                "{}: ptxas serialized its wgmma:\n{}",
+                k.label(),
+                notes.join("\n")
+            )
         })
-        .collect();
+    });
     println!(
         "NVRTC {}: {} modules",
         nvrtc::version().unwrap_or_default(),
@@ -445,7 +455,6 @@ fn every_kernel_compiles_for_sm90a() {
 #[test]
 fn every_kernel_without_wgmma_compiles_for_sm100a() {
     use moerunner::backend::cuda::{kernels::ModuleKey, nvrtc};
-    use rayon::prelude::*;
     if !nvrtc::available() {
         return skip(
             Need::Nvrtc,
@@ -460,16 +469,7 @@ fn every_kernel_without_wgmma_compiles_for_sm100a() {
             .any(|k| k.defines.iter().any(|d| d == "-DMAINLOOP=MAINLOOP_MMA_RS")),
         "the decoded formats' mma.sync GEMMs are among them"
     );
-    let failures: Vec<String> = keys
-        .par_iter()
-        .filter_map(|k| {
-            let mut opts = nvrtc::base_options("sm_100a");
-            opts.extend(k.defines.iter().cloned());
-            nvrtc::compile_fresh(&k.label(), &k.source.full_text(), &opts)
-                .err()
-                .map(|e| e.to_string())
-        })
-        .collect();
+    let failures = compile_every(&keys, "sm_100a", |_, _| None);
     println!("{} modules compiled for sm_100a", keys.len());
     assert!(
         failures.is_empty(),

@@ -324,3 +324,48 @@ pub fn hidden_only(path: &Path, t: usize, h: usize, v: &[f32]) {
     )
     .unwrap();
 }
+
+/// `make-layer --out PATH` in the small shape of the CLI tests (E = 8, H = 256, I = 128, k = 2),
+/// then `extra`.
+pub fn small_layer_args<'a>(path: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec![
+        "make-layer",
+        "--out",
+        path,
+        "--experts",
+        "8",
+        "--hidden",
+        "256",
+        "--intermediate",
+        "128",
+        "--top-k",
+        "2",
+    ];
+    args.extend_from_slice(extra);
+    args
+}
+
+/// Writes the small-shape layer `name` (`extra` flags added) and returns its path.
+pub fn make_layer(dir: &TempDir, name: &str, extra: &[&str]) -> String {
+    let path = dir.s(name);
+    ok(&small_layer_args(&path, extra));
+    path
+}
+
+/// Writes `tokens` rows of input `name` for `layer` (`extra` flags added) and returns its path.
+pub fn make_input(dir: &TempDir, layer: &str, name: &str, tokens: usize, extra: &[&str]) -> String {
+    let path = dir.s(name);
+    let t = tokens.to_string();
+    let mut args = vec![
+        "make-input",
+        "--layer",
+        layer,
+        "--out",
+        &path,
+        "--tokens",
+        &t,
+    ];
+    args.extend_from_slice(extra);
+    ok(&args);
+    path
+}

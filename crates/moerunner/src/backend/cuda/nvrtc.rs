@@ -58,9 +58,29 @@ pub fn base_options(arch: &str) -> Vec<String> {
 /// that turns a module key into NVRTC's name, options and source, so a cache warmed ahead of time
 /// ([`warm_cache`]) is the cache a device reads.
 pub fn compile_module(key: &ModuleKey, arch: &str) -> Result<Compiled> {
+    compile(
+        &key.label(),
+        &key.source.full_text(),
+        &module_options(key, arch),
+        arch,
+    )
+}
+
+/// [`compile_module`] without the cache, with the PTX and NVRTC's log (what the compile tests
+/// inspect).
+pub fn compile_module_fresh(key: &ModuleKey, arch: &str) -> Result<Fresh> {
+    compile_fresh(
+        &key.label(),
+        &key.source.full_text(),
+        &module_options(key, arch),
+    )
+}
+
+/// The options module `key` is compiled with for `arch`: the base ones, then its defines.
+fn module_options(key: &ModuleKey, arch: &str) -> Vec<String> {
     let mut options = base_options(arch);
     options.extend(key.defines.iter().cloned());
-    compile(&key.label(), &key.source.full_text(), &options, arch)
+    options
 }
 
 /// What [`warm_cache`] did.
