@@ -1059,3 +1059,44 @@ fn warm_kernels_fills_the_kernel_cache_once() {
     assert_eq!(bad.status.code(), Some(1));
     assert!(common::text(&bad).contains("expected an architecture"));
 }
+
+/// `bench --stage-times`: a backend without device stages (the CPU) gives rows without them (no
+/// `stages` key in the JSON, no stage line), and the flag is refused beside `--comm`, whose rows
+/// are whole split calls. (The GPU's stage times: `gpu_stage_times_cover_the_standard_pipeline`.)
+#[test]
+fn bench_stage_times_only_where_a_device_has_stages() {
+    let dir = TempDir::new("bench-stages");
+    let json = dir.s("b.json");
+    let args = [
+        "bench",
+        "--backend",
+        "cpu",
+        "--tokens",
+        "2",
+        "--iters",
+        "2",
+        "--weight-format",
+        "bf16",
+        "--experts",
+        "4",
+        "--hidden",
+        "128",
+        "--intermediate",
+        "128",
+        "--top-k",
+        "2",
+        "--stage-times",
+        "--json",
+        &json,
+    ];
+    let text = ok_stdout(&args);
+    assert!(!text.contains("stages (µs"), "{text}");
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let row = &report["rows"][0];
+    assert!(
+        row.get("time_us").is_some() && row.get("stages").is_none(),
+        "{row}"
+    );
+    fails_usage(&[&args[..], &["--comm", "thread", "--ep-size", "2"]].concat());
+}

@@ -89,6 +89,10 @@ pub struct BenchRow {
     /// GPU `bn 64` or `bn 128 ws 1/1`, tuned or the default, or `fused_small_batch`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tactic: Option<String>,
+    /// With `BenchPlan::stage_times`, where the device time goes: each stage of the backend's
+    /// standard launch sequence timed as its prefix (`LoadedLayer::time_device_stages`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stages: Option<Vec<crate::backend::StageTime>>,
 }
 
 impl BenchRow {
@@ -155,6 +159,9 @@ pub struct BenchPlan {
     /// each row the whole call and the share of it spent communicating, instead of rank 0's share
     /// alone.
     pub split: Option<crate::parallel::Transport>,
+    /// Also time each stage of the backend's standard launch sequence, as its prefix (device
+    /// backends only; a row of another backend has none).
+    pub stage_times: bool,
 }
 
 impl BenchPlan {
@@ -326,7 +333,7 @@ pub fn run(plan: &BenchPlan, progress: &mut dyn FnMut(Progress<'_>)) -> Result<B
                 let first = loaded.forward(&fwd)?; // warm-up (thread pool, scratch, page faults)
                 let samples_s = timed_calls_s(&*loaded, &fwd, plan.iters, &mut flush)?;
 
-                let row = measured_row(
+                let mut row = measured_row(
                     (preset.name, wf, tokens),
                     &config,
                     plan.parallelism,
@@ -335,6 +342,9 @@ pub fn run(plan: &BenchPlan, progress: &mut dyn FnMut(Progress<'_>)) -> Result<B
                     &samples_s,
                     &ceil,
                 )?;
+                if plan.stage_times {
+                    row.stages = loaded.time_device_stages(&fwd, plan.iters).transpose()?;
+                }
                 progress(Progress::Row(&row));
                 rows.push(row);
             }
@@ -431,6 +441,7 @@ fn measured_row(
         comm_share: None,
         kernel_path: kernel_path.map(str::to_string),
         tactic,
+        stages: None,
     };
     Ok(row)
 }
@@ -809,6 +820,7 @@ mod tests {
             seed: 1,
             parallelism: crate::config::Parallelism::default(),
             split: None,
+            stage_times: false,
         };
         let (mut total, mut steps) = (0, 0);
         let report = run(&plan, &mut |p| match p {
@@ -848,6 +860,7 @@ mod tests {
             seed: 1,
             parallelism: par,
             split: None,
+            stage_times: false,
         };
         let report = run(&plan, &mut |_| {}).unwrap();
         assert_eq!(

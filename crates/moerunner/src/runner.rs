@@ -230,6 +230,13 @@ impl LoadedLayer for Checked {
     fn time_device_forward(&self, input: &ForwardInput<'_>, iters: usize) -> Option<Result<f64>> {
         self.0.time_device_forward(input, iters)
     }
+    fn time_device_stages(
+        &self,
+        input: &ForwardInput<'_>,
+        iters: usize,
+    ) -> Option<Result<Vec<crate::backend::StageTime>>> {
+        self.0.time_device_stages(input, iters)
+    }
     fn preparation(&self) -> Option<String> {
         self.0.preparation()
     }

@@ -2968,3 +2968,79 @@ fn gpu_fused_small_batch_meets_the_reference() {
         );
     }
 }
+
+/// Stage timing (`bench --stage-times`, `LoadedLayer::time_device_stages`): one entry per stage of
+/// the standard pipeline, in its order, each cumulative time a finite positive number of µs and
+/// each marginal time the difference from the prefix before it — at a token count the fused
+/// small-batch kernel would take (it is never part of the prefixes) and at one it would not, for a
+/// format with a requantization stage and one without.
+#[cfg(feature = "cuda")]
+#[test]
+fn gpu_stage_times_cover_the_standard_pipeline() {
+    use moerunner::backend::cuda::layer::CudaLayer;
+    use moerunner::backend::LoadedLayer;
+    use std::sync::Arc;
+    let Some(dev) = gpu_device() else { return };
+    for (weight, activation, stages) in [
+        (
+            WeightFormat::Fp8Block,
+            ActivationFormat::Fp8Block,
+            &[
+                "route",
+                "sort",
+                "quantize",
+                "gemm1",
+                "requantize",
+                "gemm2",
+                "combine",
+            ][..],
+        ),
+        (
+            WeightFormat::Bf16,
+            ActivationFormat::Bf16,
+            &["route", "sort", "quantize", "gemm1", "gemm2", "combine"][..],
+        ),
+    ] {
+        let cfg = config_codec(
+            (weight, activation),
+            16,
+            256,
+            256,
+            Activation::Swiglu,
+            RoutingConfig::new(RoutingMethod::Renormalize, 4),
+        );
+        let seed = 0x57A6_0000 + stages.len() as u64;
+        let layer = Arc::new(random_layer(&cfg, seed, true).expect("layer"));
+        let cuda = CudaLayer::load(dev.clone(), layer).expect("load");
+        for tokens in [1, 100] {
+            let input = random_input(
+                &cfg,
+                tokens,
+                RoutingMode::Logits,
+                DType::BF16,
+                seed ^ tokens as u64,
+            )
+            .expect("input");
+            let fwd = ForwardInput {
+                hidden: &input.hidden,
+                routing: input.routing_input(),
+            };
+            let times = cuda
+                .time_device_stages(&fwd, 3)
+                .expect("the GPU times its stages")
+                .expect("stage times");
+            let names: Vec<&str> = times.iter().map(|s| s.stage.as_str()).collect();
+            assert_eq!(names, stages, "{weight}×{activation} T={tokens}");
+            let mut before = 0.0;
+            for s in &times {
+                assert!(
+                    s.cumulative_us.is_finite() && s.cumulative_us > 0.0,
+                    "{weight}×{activation} T={tokens}: {s:?}"
+                );
+                assert_eq!(s.marginal_us, s.cumulative_us - before, "{s:?}");
+                before = s.cumulative_us;
+            }
+            println!("{weight}×{activation} T={tokens}: {times:?}");
+        }
+    }
+}

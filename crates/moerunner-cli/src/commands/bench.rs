@@ -74,6 +74,12 @@ pub struct Args {
     /// copies, and reports the whole call and the share of it spent communicating (`comm` columns).
     #[arg(long, default_value = "none", value_parser = ["none", "thread", "nccl", "device"])]
     comm: String,
+    /// Also time each stage of the GPU's launch sequence (route, sort, quantize, GEMM1, …,
+    /// combine): every prefix of the stages replayed as the whole layer is, a stage's time being
+    /// what it adds to the prefix before it (the standard pipeline, never the fused small-batch
+    /// kernel). Rows of a backend without device stages (the CPU) have none.
+    #[arg(long, conflicts_with = "comm")]
+    stage_times: bool,
 }
 
 /// A shape given on the command line or read from a config, as a preset (names live as long as
@@ -184,6 +190,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             "none" => None,
             comm => Some(comm.parse::<Transport>()?),
         },
+        stage_times: args.stage_times,
     };
     if let Some(t) = plan.split.filter(|&t| t != Transport::Threads) {
         if !matches!(args.backend.as_str(), "auto" | "cuda") {
@@ -330,7 +337,23 @@ fn print_table(r: &BenchReport) {
                 100.0 * share
             );
         }
+        if let Some(stages) = &row.stages {
+            println!("{:<16} {}", "", stages_line(stages));
+        }
     }
+}
+
+/// A row's stage times in words: each stage's added µs, then the whole standard sequence's.
+fn stages_line(stages: &[moerunner::backend::StageTime]) -> String {
+    let parts: Vec<String> = stages
+        .iter()
+        .map(|s| format!("{} {:+.1}", s.stage, s.marginal_us))
+        .collect();
+    let total = stages.last().map_or(0.0, |s| s.cumulative_us);
+    format!(
+        "stages (µs each adds): {} = {total:.1} µs standard",
+        parts.join(" · ")
+    )
 }
 
 /// The ceilings in words: on the CPU one matrix rate (every format computes in f32 there), on a

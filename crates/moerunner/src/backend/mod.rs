@@ -40,6 +40,16 @@ pub trait Backend: Send + Sync {
     }
 }
 
+/// One stage of a backend's launch sequence, timed as its prefix: the device time of the stages up
+/// to and including it (`cumulative_us`), and what it adds to the ones before (`marginal_us`, which
+/// under overlapping launches is the stage's cost on the critical path, not its time alone).
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize, PartialEq)]
+pub struct StageTime {
+    pub stage: String,
+    pub cumulative_us: f64,
+    pub marginal_us: f64,
+}
+
 /// A device's measured limits (`spec/performance.md`, "Floor").
 #[derive(Clone, Copy, Debug)]
 pub struct DeviceCeilings {
@@ -58,6 +68,16 @@ pub trait LoadedLayer: Send + Sync {
     /// the host transfers (the GPU: CUDA-graph replay, L2 flushed between runs). `None`: time
     /// `forward` from the host.
     fn time_device_forward(&self, _input: &ForwardInput<'_>, _iters: usize) -> Option<Result<f64>> {
+        None
+    }
+    /// Where the device time of the backend's standard launch sequence goes, stage by stage: each
+    /// prefix of its stages timed as `time_device_forward` times the whole (the GPU: route, sort,
+    /// quantize, GEMM1, …, combine; never the fused small-batch kernel). `None`: no stages to time.
+    fn time_device_stages(
+        &self,
+        _input: &ForwardInput<'_>,
+        _iters: usize,
+    ) -> Option<Result<Vec<StageTime>>> {
         None
     }
     /// What the backend's weight preparation did to the layer, when it changed its size (the GPU's

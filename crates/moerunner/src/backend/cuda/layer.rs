@@ -502,9 +502,42 @@ impl CudaLayer {
         })
     }
 
+    /// Each stage of the standard pipeline timed as its prefix: stages 1..=n replayed from a CUDA
+    /// graph as `time_graph` replays the whole, for every n; a stage's marginal time is what it
+    /// adds to the prefix before it. The fused small-batch kernel is never part of it.
+    fn time_stages(
+        &self,
+        input: &ForwardInput<'_>,
+        iters: usize,
+    ) -> Result<Vec<crate::backend::StageTime>> {
+        let names = self.pipeline.standard_stage_names();
+        let mut out = Vec::with_capacity(names.len());
+        let mut before = 0.0;
+        for (n, name) in names.iter().enumerate() {
+            let cumulative = self.time_graph_of(input, iters, Some(n + 1))?;
+            out.push(crate::backend::StageTime {
+                stage: name.to_string(),
+                cumulative_us: cumulative,
+                marginal_us: cumulative - before,
+            });
+            before = cumulative;
+        }
+        Ok(out)
+    }
+
     /// Median GPU time (µs) of the whole layer (one launch sequence) replayed from a CUDA graph with
     /// the L2 flushed before each replay (`timing.rs`).
     fn time_graph(&self, input: &ForwardInput<'_>, iters: usize) -> Result<f64> {
+        self.time_graph_of(input, iters, None)
+    }
+
+    /// [`Self::time_graph`] of the whole layer, or of the standard pipeline's first `first` stages.
+    fn time_graph_of(
+        &self,
+        input: &ForwardInput<'_>,
+        iters: usize,
+        first: Option<usize>,
+    ) -> Result<f64> {
         let (tokens, host_routes) = forward::validate_input(&self.layer, input)?;
         if tokens == 0 {
             return Ok(0.0);
@@ -517,12 +550,13 @@ impl CudaLayer {
         let scratch = &ws.scratch;
         let tactic = self.tactic_for(call.tokens)?;
         super::timing::time_graph_replay_us(dev, iters, &mut || {
-            self.pipeline.enqueue(
+            self.pipeline.enqueue_stages(
                 dev,
                 dev.stream.cu_stream(),
                 (&self.resident, tactic),
                 scratch,
                 &call,
+                first,
             )
         })
     }
@@ -567,6 +601,13 @@ impl LoadedLayer for CudaLayer {
     }
     fn time_device_forward(&self, input: &ForwardInput<'_>, iters: usize) -> Option<Result<f64>> {
         Some(self.time_graph(input, iters))
+    }
+    fn time_device_stages(
+        &self,
+        input: &ForwardInput<'_>,
+        iters: usize,
+    ) -> Option<Result<Vec<crate::backend::StageTime>>> {
+        Some(self.time_stages(input, iters))
     }
     fn preparation(&self) -> Option<String> {
         Some(self.preparation.clone())

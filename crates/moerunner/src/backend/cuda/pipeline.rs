@@ -233,14 +233,33 @@ impl Pipeline {
         (cap, plan)
     }
 
+    /// The standard pipeline's stages, in order (the fused small-batch kernel not among them).
+    pub fn standard_stage_names(&self) -> Vec<&'static str> {
+        self.stages.iter().map(|s| s.name()).collect()
+    }
+
     /// Enqueues the whole layer for `call` on `stream` with `tactic`'s GEMMs. Launches only.
     pub fn enqueue(
+        &self,
+        dev: &Device,
+        stream: RawStream,
+        layer_tactic: (&Resident, Tactic),
+        scratch: &Scratch,
+        call: &DeviceCall,
+    ) -> Result<()> {
+        self.enqueue_stages(dev, stream, layer_tactic, scratch, call, None)
+    }
+
+    /// [`Self::enqueue`], or with `first: Some(n)` only the first `n` stages of the standard
+    /// pipeline (never the fused small-batch kernel): what `CudaLayer`'s stage timing replays.
+    pub fn enqueue_stages(
         &self,
         dev: &Device,
         stream: RawStream,
         (layer, tactic): (&Resident, Tactic),
         scratch: &Scratch,
         call: &DeviceCall,
+        first: Option<usize>,
     ) -> Result<()> {
         let t = call.tokens;
         if t == 0 {
@@ -278,8 +297,8 @@ impl Pipeline {
         let fused = self
             .decode
             .as_ref()
-            .filter(|d| d.takes(dev, layer, plan.pairs));
-        for s in &self.stages {
+            .filter(|d| first.is_none() && d.takes(dev, layer, plan.pairs));
+        for s in self.stages.iter().take(first.unwrap_or(usize::MAX)) {
             if fused.is_none() || s.feeds_decode() {
                 s.enqueue(&run)?;
             }
