@@ -405,11 +405,8 @@ fn compile_every(
 #[test]
 fn every_kernel_compiles_for_sm90a() {
     use moerunner::backend::cuda::{kernels::ModuleKey, nvrtc};
-    if !nvrtc::available() {
-        return skip(
-            Need::Nvrtc,
-            "libnvrtc.so.13 not found (set LD_LIBRARY_PATH; .ci/run installs it)",
-        );
+    if !nvrtc_or_skip() {
+        return;
     }
     let keys = ModuleKey::all();
     let failures = compile_every(&keys, "sm_90a", |k, fresh| {
@@ -454,12 +451,9 @@ fn every_kernel_compiles_for_sm90a() {
 #[cfg(feature = "cuda")]
 #[test]
 fn every_kernel_without_wgmma_compiles_for_sm100a() {
-    use moerunner::backend::cuda::{kernels::ModuleKey, nvrtc};
-    if !nvrtc::available() {
-        return skip(
-            Need::Nvrtc,
-            "libnvrtc.so.13 not found (set LD_LIBRARY_PATH; .ci/run installs it)",
-        );
+    use moerunner::backend::cuda::kernels::ModuleKey;
+    if !nvrtc_or_skip() {
+        return;
     }
     let keys = ModuleKey::all_for("sm_100a");
     assert!(keys.iter().all(|k| !k.needs_wgmma()));
@@ -511,11 +505,8 @@ fn per_tensor_fp8_scale_products_that_overflow_are_refused() {
 #[test]
 fn a_dense_gemm_compiles_from_the_gemm_pieces() {
     use moerunner::backend::cuda::{kernels, nvrtc};
-    if !nvrtc::available() {
-        return skip(
-            Need::Nvrtc,
-            "libnvrtc.so.13 not found (set LD_LIBRARY_PATH; .ci/run installs it)",
-        );
+    if !nvrtc_or_skip() {
+        return;
     }
     let tu = kernels::translation_unit("dense_gemm.cu", include_str!("kernels/dense_gemm.cu"));
     // the default tile (8 warps 4 x 2) and one with k-split warps (BM = 64, BN = 32: 4 x 1 x 2, reduction)
@@ -532,8 +523,8 @@ fn a_dense_gemm_compiles_from_the_gemm_pieces() {
 #[test]
 fn a_compile_error_shows_the_nvrtc_log() {
     use moerunner::backend::cuda::nvrtc;
-    if !nvrtc::available() {
-        return skip(Need::Nvrtc, "libnvrtc.so.13 not found");
+    if !nvrtc_or_skip() {
+        return;
     }
     let err = nvrtc::compile_fresh(
         "broken",
@@ -565,6 +556,20 @@ fn gpu_runner() -> Option<Runner> {
         }
     }
     Some(runner)
+}
+
+/// Whether libnvrtc loads, for the tests that compile kernels without a GPU; false after printing
+/// why they skip (`skip`: a failure where `MOERUNNER_REQUIRE_NVRTC` demands it).
+#[cfg(feature = "cuda")]
+fn nvrtc_or_skip() -> bool {
+    if moerunner::backend::cuda::nvrtc::available() {
+        return true;
+    }
+    skip(
+        Need::Nvrtc,
+        "libnvrtc.so.13 not found (set LD_LIBRARY_PATH; .ci/run installs it)",
+    );
+    false
 }
 
 /// The CUDA backend's device, or None after printing why the GPU tests skip.
