@@ -503,44 +503,49 @@ impl CudaLayer {
     }
 
     /// Each stage of the standard pipeline timed as its prefix: stages 1..=n replayed from a CUDA
-    /// graph as `time_graph` replays the whole, for every n; a stage's marginal time is what it
-    /// adds to the prefix before it. The fused small-batch kernel is never part of it.
+    /// graph as `time_graph` replays the whole, for every n, on the one staged call; a stage's
+    /// marginal time is what it adds to the prefix before it. The fused small-batch kernel is never
+    /// part of it.
     fn time_stages(
         &self,
         input: &ForwardInput<'_>,
         iters: usize,
     ) -> Result<Vec<crate::backend::StageTime>> {
         let names = self.pipeline.standard_stage_names();
-        let mut out = Vec::with_capacity(names.len());
+        let firsts: Vec<Option<usize>> = (1..=names.len()).map(Some).collect();
         let mut before = 0.0;
-        for (n, name) in names.iter().enumerate() {
-            let cumulative = self.time_graph_of(input, iters, Some(n + 1))?;
-            out.push(crate::backend::StageTime {
-                stage: name.to_string(),
-                cumulative_us: cumulative,
-                marginal_us: cumulative - before,
-            });
-            before = cumulative;
-        }
-        Ok(out)
+        Ok(names
+            .iter()
+            .zip(self.time_graphs(input, iters, &firsts)?)
+            .map(|(name, cumulative)| {
+                let marginal = cumulative - before;
+                before = cumulative;
+                crate::backend::StageTime {
+                    stage: name.to_string(),
+                    cumulative_us: cumulative,
+                    marginal_us: marginal,
+                }
+            })
+            .collect())
     }
 
     /// Median GPU time (µs) of the whole layer (one launch sequence) replayed from a CUDA graph with
     /// the L2 flushed before each replay (`timing.rs`).
     fn time_graph(&self, input: &ForwardInput<'_>, iters: usize) -> Result<f64> {
-        self.time_graph_of(input, iters, None)
+        Ok(self.time_graphs(input, iters, &[None])?[0])
     }
 
-    /// [`Self::time_graph`] of the whole layer, or of the standard pipeline's first `first` stages.
-    fn time_graph_of(
+    /// [`Self::time_graph`] for each of `firsts`: the whole layer (None) or the standard pipeline's
+    /// first n stages, all on one staged call (the input validated and uploaded once).
+    fn time_graphs(
         &self,
         input: &ForwardInput<'_>,
         iters: usize,
-        first: Option<usize>,
-    ) -> Result<f64> {
+        firsts: &[Option<usize>],
+    ) -> Result<Vec<f64>> {
         let (tokens, host_routes) = forward::validate_input(&self.layer, input)?;
         if tokens == 0 {
-            return Ok(0.0);
+            return Ok(vec![0.0; firsts.len()]);
         }
         let end = tokens.min(self.max_tokens_per_launch());
         let mut guard = self.lock_workspace()?;
@@ -549,16 +554,21 @@ impl CudaLayer {
         let dev = &*self.dev;
         let scratch = &ws.scratch;
         let tactic = self.tactic_for(call.tokens)?;
-        super::timing::time_graph_replay_us(dev, iters, &mut || {
-            self.pipeline.enqueue_stages(
-                dev,
-                dev.stream.cu_stream(),
-                (&self.resident, tactic),
-                scratch,
-                &call,
-                first,
-            )
-        })
+        firsts
+            .iter()
+            .map(|&first| {
+                super::timing::time_graph_replay_us(dev, iters, &mut || {
+                    self.pipeline.enqueue_stages(
+                        dev,
+                        dev.stream.cu_stream(),
+                        (&self.resident, tactic),
+                        scratch,
+                        &call,
+                        first,
+                    )
+                })
+            })
+            .collect()
     }
 }
 
