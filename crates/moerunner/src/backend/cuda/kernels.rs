@@ -438,7 +438,7 @@ impl ModuleKey {
     }
 
     /// Every module a device of architecture `arch` may load: all of them on Hopper (`sm_90a`),
-    /// elsewhere all but the wgmma main loops (what `kernels warm` compiles ahead of time).
+    /// elsewhere all but the wgmma main loops (what `moerunner warm-kernels` compiles ahead of time).
     pub fn all_for(arch: &str) -> Vec<ModuleKey> {
         Self::all()
             .into_iter()

@@ -732,8 +732,8 @@ impl Stage for Gemm1Stage {
     }
     fn scratch(&self, layer: &Resident, cap: Capacity, plan: &mut ScratchPlan) {
         // (as stored: a bf16 or e4m3 intermediate needs a half or a quarter of an f32 one's bytes;
-        // where the layer has the fused small-batch kernel its f32 rows keep the slot f32-sized,
-        // as `set_decode_max_pairs` may let any call take that kernel)
+        // the fused small-batch kernel, where the layer has it, asks this slot for its f32 rows
+        // itself, for every call `set_decode_max_pairs` may let it take: `DecodeStage::scratch`)
         let bytes = layer.codec.inter_store.element_bytes();
         plan.need(Slot::Inter, cap.pairs * layer.dims.ip * bytes);
     }
