@@ -60,7 +60,7 @@ def _read_kernel_file(rel):
 
 def translation_unit(file, text=None, read=_read_kernel_file):
     """The source the backend compiles for kernel `file` ("moe_gemm.cu"), as `kernels::translation_unit`
-    builds it: common.cuh, then the file with each `#include "gemm/x.cuh"` pasted in place between
+    builds it: common.cuh, then the file with each `#include "gemm/x.cuh"` (or "x.cu") pasted in place between
     `#line` directives — once for a `#pragma once` header, at every include for a fragment. `text`
     defaults to the file's own; `read(rel)` gives the text of a file of the kernels directory or None
     (default: this checkout's)."""
@@ -69,7 +69,8 @@ def translation_unit(file, text=None, read=_read_kernel_file):
         for i, line in enumerate(body.splitlines(keepends=True)):
             t = line.strip()
             inc = t[len('#include "'):-1] if t.startswith('#include "') and t.endswith('"') else None
-            hdr = read(inc) if inc and inc.endswith(".cuh") and inc != "common.cuh" else None
+            # (a whole kernel file is a piece too: front.cu includes routing.cu, sort.cu and quant.cu)
+            hdr = read(inc) if inc and inc.endswith((".cuh", ".cu")) and inc != "common.cuh" else None
             if hdr is None:
                 out.append(line)
             elif inc in seen or inc in open_:

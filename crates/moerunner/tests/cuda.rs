@@ -671,6 +671,17 @@ const CUDA_CODECS: [(WeightFormat, ActivationFormat); 8] = [
     (WeightFormat::Nvfp4, ActivationFormat::Nvfp4),
     (WeightFormat::Nvfp4, ActivationFormat::Nvfp4PerToken),
 ];
+/// (H, I) of a small layer whose GEMMs both pad: the microscaling formats need whole 32-blocks along
+/// K, so H = 352 leaves output rows of a 16-row group past H (padded to 384) and I = 224 a padded
+/// intermediate (256); the others take H = 384, I = 200.
+fn padded_small_dims(weights: WeightFormat) -> (usize, usize) {
+    if weights.k_block().is_some_and(|b| b <= 32) {
+        (352, 224)
+    } else {
+        (384, 200)
+    }
+}
+
 const ACTIVATIONS: [Activation; 4] = [
     Activation::Swiglu,
     Activation::Geglu,
@@ -2896,23 +2907,8 @@ fn gpu_fused_small_batch_meets_the_reference() {
         )
     };
     let mut n = 0u64;
-    for codec in [
-        (WeightFormat::Bf16, ActivationFormat::Bf16),
-        (WeightFormat::Fp8, ActivationFormat::Fp8),
-        (WeightFormat::Fp8Block, ActivationFormat::Fp8Block),
-        (WeightFormat::Mxfp8, ActivationFormat::Mxfp8),
-        (WeightFormat::Mxfp4, ActivationFormat::Bf16),
-        (WeightFormat::Mxfp4, ActivationFormat::Mxfp8),
-        (WeightFormat::Nvfp4, ActivationFormat::Nvfp4),
-        (WeightFormat::Nvfp4, ActivationFormat::Nvfp4PerToken),
-    ] {
-        // the microscaling formats need whole 32-blocks along K; H = 352 leaves output rows of a
-        // 16-row group past H (padded to 384) and I = 224 a padded intermediate (256)
-        let (hidden, inter) = if codec.0.k_block().is_some_and(|b| b <= 32) {
-            (352, 224)
-        } else {
-            (384, 200)
-        };
+    for codec in CUDA_CODECS {
+        let (hidden, inter) = padded_small_dims(codec.0);
         for act in ACTIVATIONS {
             for (method, k) in [
                 (RoutingMethod::Renormalize, 4),
@@ -2971,6 +2967,106 @@ fn gpu_fused_small_batch_meets_the_reference() {
                 codec.0, codec.1
             ),
         );
+    }
+}
+
+/// The fused front (`front.cu`'s `route_sort_quantize`: routing or unpacking, the one-block sort and
+/// the input's quantization in one launch) against the three launches it replaces, bit for bit: every
+/// input quantizer of the default codecs (quant.cu's modes 0 to 5), routes from logits under four methods, given and
+/// packed, bf16 / f32 / f16 hidden states, an expert-parallel rank, T = 1 … 64. Each front call
+/// follows a standard call on other inputs, so a part of the front that wrote nothing would leave
+/// that call's routes, sort or operand in the workspace and show.
+#[cfg(feature = "cuda")]
+#[test]
+fn gpu_fused_front_equals_the_three_launches() {
+    use moerunner::backend::cuda::device_call::DeviceRoutes;
+    use moerunner::backend::cuda::layer::CudaLayer;
+    use moerunner::backend::LoadedLayer;
+    use std::sync::Arc;
+    let Some(dev) = gpu_device() else { return };
+    let kind = |mode: RoutingMode| match mode {
+        RoutingMode::Logits => DeviceRoutes::Logits {
+            ptr: 0,
+            dtype: DType::F32,
+        },
+        RoutingMode::Packed => DeviceRoutes::Packed { ptr: 0 },
+        _ => DeviceRoutes::TopK { ids: 0, weights: 0 },
+    };
+    let mut n = 0u64;
+    for codec in CUDA_CODECS {
+        let (hidden, inter) = padded_small_dims(codec.0);
+        for (method, k, mode) in [
+            (RoutingMethod::Renormalize, 4, RoutingMode::Logits),
+            (RoutingMethod::Default, 2, RoutingMode::Logits),
+            (RoutingMethod::DeepseekV3, 8, RoutingMode::Logits),
+            (RoutingMethod::Llama4, 1, RoutingMode::Logits),
+            (RoutingMethod::Renormalize, 4, RoutingMode::TopK),
+            (RoutingMethod::Renormalize, 4, RoutingMode::Packed),
+        ] {
+            for ep_rank in [false, true] {
+                n += 1;
+                let seed = 0xF207_0000 + n;
+                let mut routing = RoutingConfig::new(method, k);
+                if method == RoutingMethod::DeepseekV3 {
+                    routing.n_group = 4;
+                    routing.topk_group = 2;
+                    routing.routed_scaling_factor = 2.5;
+                }
+                let cfg = config_codec(codec, 16, hidden, inter, Activation::Swiglu, routing);
+                let full = random_layer(&cfg, seed, n.is_multiple_of(2)).expect("layer");
+                let layer = if ep_rank { ep_rank_1_of_2(&full) } else { full };
+                let cuda = CudaLayer::load(dev.clone(), Arc::new(layer)).expect("load");
+                cuda.set_fused_max_pairs(0); // (false where the layer has no fused kernel)
+                for (i, tokens) in [1usize, 3, 16, 37, 64].into_iter().enumerate() {
+                    let dtype = [DType::BF16, DType::F32, DType::F16][(n as usize + i) % 3];
+                    let what = format!(
+                        "seed={seed} {}×{} {method} k={k} {mode:?} ep_rank={ep_rank} T={tokens} {dtype:?}",
+                        codec.0, codec.1
+                    );
+                    println!("fused front: {what}");
+                    let input =
+                        random_input(&cfg, tokens, mode, dtype, seed + i as u64).expect("input");
+                    let other =
+                        random_input(&cfg, tokens, mode, dtype, !(seed + i as u64)).expect("input");
+                    let fwd = |x: &moerunner::synth::SynthInput| {
+                        cuda.forward(&ForwardInput {
+                            hidden: &x.hidden,
+                            routing: x.routing_input(),
+                        })
+                        .expect("forward")
+                        .output
+                    };
+                    cuda.set_fused_front_max_tokens(0);
+                    assert!(!cuda.takes_fused_front(tokens, &kind(mode)));
+                    fwd(&other);
+                    cuda.set_fused_front_max_tokens(64);
+                    assert!(
+                        cuda.takes_fused_front(tokens, &kind(mode)),
+                        "{what}: not taken"
+                    );
+                    let fused = fwd(&input);
+                    cuda.set_fused_front_max_tokens(0);
+                    let standard = fwd(&input);
+                    let other_out = fwd(&other);
+                    assert!(
+                        fused.bytes[..] == standard.bytes[..],
+                        "{what}: the fused front's output differs from the three launches'"
+                    );
+                    let values = fused.to_f32_vec("out").expect("out");
+                    assert!(
+                        values.iter().all(|v| v.is_finite()),
+                        "{what}: non-finite output"
+                    );
+                    // (a rank may hold none of a token's experts: then both outputs are zeros)
+                    if values.iter().any(|&v| v != 0.0) {
+                        assert!(
+                            fused.bytes[..] != other_out.bytes[..],
+                            "{what}: two seeded inputs gave one output"
+                        );
+                    }
+                }
+            }
+        }
     }
 }
 

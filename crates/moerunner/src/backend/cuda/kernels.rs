@@ -13,6 +13,7 @@
 
 pub mod combine;
 pub mod decode;
+pub mod front;
 pub mod moe_gemm;
 pub mod quant;
 pub mod routing;
@@ -40,7 +41,12 @@ macro_rules! piece {
 /// ignores `#if`, so a once-header's first include must not sit under a condition that can be false
 /// (until 2026-12-07 every piece was pasted once, and the WS producer fragment, included by two main
 /// loops under `#if`, vanished from the one pasted second: a hang, caught by no CPU test).
-pub const HEADERS: [(&str, &str); 19] = [
+/// Three whole kernel files are pieces too: `front.cu` includes them for their device functions (each
+/// file's kernels come along, unlaunched, in the front's module).
+pub const HEADERS: [(&str, &str); 22] = [
+    piece!("routing.cu"),
+    piece!("sort.cu"),
+    piece!("quant.cu"),
     piece!("quant_rows.cuh"),
     piece!("decode_tiled.cuh"),
     piece!("decode_tiled_body.cuh"),
@@ -117,10 +123,11 @@ pub enum Source {
     Gemm,
     WeightQuant,
     Decode,
+    Front,
 }
 
 impl Source {
-    pub const ALL: [Source; 7] = [
+    pub const ALL: [Source; 8] = [
         Source::Routing,
         Source::Sort,
         Source::Quant,
@@ -128,6 +135,7 @@ impl Source {
         Source::Gemm,
         Source::WeightQuant,
         Source::Decode,
+        Source::Front,
     ];
 
     pub fn name(self) -> &'static str {
@@ -139,6 +147,7 @@ impl Source {
             Source::Gemm => "moe_gemm",
             Source::WeightQuant => "weight_quant",
             Source::Decode => "decode",
+            Source::Front => "front",
         }
     }
 
@@ -151,6 +160,7 @@ impl Source {
             Source::Gemm => include_str!("kernels/moe_gemm.cu"),
             Source::WeightQuant => include_str!("kernels/weight_quant.cu"),
             Source::Decode => include_str!("kernels/decode.cu"),
+            Source::Front => include_str!("kernels/front.cu"),
         }
     }
 
@@ -347,6 +357,7 @@ pub fn signatures() -> Vec<Signature> {
         combine::CombineRows::signature(),
         moe_gemm::MoeGemm::signature(),
         decode::MoeDecode::signature(),
+        front::RouteSortQuantize::signature(),
         weight_quant::WeightAmax::signature(),
         weight_quant::QuantizeWeightRows::signature(),
         weight_quant::QuantizeWeightBlock128::signature(),

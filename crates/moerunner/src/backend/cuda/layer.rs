@@ -266,6 +266,21 @@ impl CudaLayer {
         self.pipeline.set_decode_max_pairs(pairs)
     }
 
+    /// Lets calls of at most `tokens` tokens take the fused front (route, sort and quantize in one
+    /// launch, `front.cu`; 0: none); the default is `MOERUNNER_FUSED_FRONT` or
+    /// `front::DEFAULT_MAX_TOKENS`.
+    pub fn set_fused_front_max_tokens(&self, tokens: usize) {
+        self.pipeline.set_front_max_tokens(tokens)
+    }
+
+    /// Whether a call of `tokens` tokens with `routes` runs the fused front.
+    pub fn takes_fused_front(&self, tokens: usize, routes: &DeviceRoutes) -> bool {
+        tokens > 0
+            && self
+                .pipeline
+                .takes_front(&self.dev, &self.resident, tokens, routes)
+    }
+
     pub(super) fn top_k(&self) -> usize {
         self.layer.config().routing.top_k
     }

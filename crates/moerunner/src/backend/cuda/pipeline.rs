@@ -14,6 +14,7 @@ use super::codec::{Codec, RowQuant};
 use super::device::{Buf, Device};
 use super::kernels::combine::{self, CombineRows};
 use super::kernels::decode::{self, DecodeVariant, MoeDecode};
+use super::kernels::front::{self, FrontDims, RouteSortQuantize, RouteSource};
 use super::kernels::moe_gemm::{self, GemmStage, GemmVariant, MoeGemm};
 use super::kernels::quant::{self, QuantizeRows};
 use super::kernels::routing::{self, RouteLogits, UnpackRoutes};
@@ -119,6 +120,11 @@ pub trait Stage: Send + Sync {
     fn feeds_decode(&self) -> bool {
         false
     }
+    /// Whether the fused front (`FrontStage`: route, sort and quantize in one launch) stands in for
+    /// this stage on the calls it takes; such stages are the pipeline's first ones.
+    fn in_front(&self) -> bool {
+        false
+    }
 }
 
 /// The stages of a loaded layer, in order, and the fused small-batch kernel that replaces those
@@ -126,6 +132,7 @@ pub trait Stage: Send + Sync {
 pub struct Pipeline {
     stages: Vec<Box<dyn Stage>>,
     decode: Option<DecodeStage>,
+    front: FrontStage,
 }
 
 impl Pipeline {
@@ -171,7 +178,40 @@ impl Pipeline {
             },
             None => None,
         };
-        Ok(Pipeline { stages, decode })
+        let front = FrontStage {
+            kernel: f(Source::Front, RouteSortQuantize::ENTRY)?,
+            max_tokens: AtomicUsize::new(front_max_tokens()?),
+        };
+        debug_assert!(
+            stages
+                .iter()
+                .skip_while(|s| s.in_front())
+                .all(|s| !s.in_front()),
+            "the stages the fused front stands for come first"
+        );
+        Ok(Pipeline {
+            stages,
+            decode,
+            front,
+        })
+    }
+
+    /// Lets calls of at most `tokens` tokens take the fused front (0: none).
+    pub fn set_front_max_tokens(&self, tokens: usize) {
+        self.front.max_tokens.store(tokens, Ordering::Relaxed);
+    }
+
+    /// Whether a call of `tokens` tokens with `routes` runs the fused front (route, sort and quantize
+    /// in one launch) rather than those three stages.
+    pub fn takes_front(
+        &self,
+        dev: &Device,
+        layer: &Resident,
+        tokens: usize,
+        routes: &DeviceRoutes,
+    ) -> bool {
+        !self.takes_decode(dev, layer, tokens)
+            && self.front.shape(dev, layer, tokens, routes).is_some()
     }
 
     /// Whether a call of `tokens` tokens runs the fused small-batch kernel.
@@ -298,9 +338,24 @@ impl Pipeline {
             .decode
             .as_ref()
             .filter(|d| first.is_none() && d.takes(dev, layer, plan.pairs));
+        // (a prefix of the stages, `first`, is what stage timing replays: the front never stands in)
+        let front = match (fused, first) {
+            (None, None) => self.front.shape(dev, layer, t, &call.routes),
+            _ => None,
+        };
+        let mut front_enqueued = false;
         for s in self.stages.iter().take(first.unwrap_or(usize::MAX)) {
-            if fused.is_none() || s.feeds_decode() {
-                s.enqueue(&run)?;
+            if fused.is_some() && !s.feeds_decode() {
+                continue;
+            }
+            match front {
+                Some(shape) if s.in_front() => {
+                    if !front_enqueued {
+                        self.front.enqueue(&run, shape)?;
+                        front_enqueued = true;
+                    }
+                }
+                _ => s.enqueue(&run)?,
             }
         }
         if let Some(d) = fused {
@@ -332,6 +387,24 @@ fn decode_limits_from(value: Option<&str>, v: DecodeVariant) -> Result<Option<(u
     }
 }
 
+/// The most tokens a call may have to take the fused front: `MOERUNNER_FUSED_FRONT` (a number of
+/// tokens; 0: never) when set, else [`front::DEFAULT_MAX_TOKENS`].
+fn front_max_tokens() -> Result<usize> {
+    front_max_tokens_from(std::env::var("MOERUNNER_FUSED_FRONT").ok().as_deref())
+}
+
+/// [`front_max_tokens`] for the variable's value (None: unset).
+fn front_max_tokens_from(value: Option<&str>) -> Result<usize> {
+    match value {
+        None => Ok(front::DEFAULT_MAX_TOKENS),
+        Some(s) => s.trim().parse::<usize>().map_err(|_| {
+            MoeError::Cuda(format!(
+                "MOERUNNER_FUSED_FRONT={s:?}: expected a number of tokens (0 turns the fused front off)"
+            ))
+        }),
+    }
+}
+
 // ---------------------------------------------------------------------------------------- stages
 
 /// Routes from logits (one warp per token) or unpacked from the packed form; routed ids+weights
@@ -345,6 +418,9 @@ impl Stage for RouteStage {
     fn name(&self) -> &'static str {
         "route"
     }
+    fn in_front(&self) -> bool {
+        true
+    }
     fn feeds_decode(&self) -> bool {
         true
     }
@@ -356,28 +432,11 @@ impl Stage for RouteStage {
         let cfg = &run.layer.cfg;
         let (t, p, k) = (run.plan.tokens, run.plan.pairs, cfg.routing.top_k);
         match run.call.routes {
-            DeviceRoutes::Logits { ptr, dtype } => {
-                let r = &cfg.routing;
-                run.launch(
-                    &self.logits,
-                    routing::route_shape(t, cfg.num_experts, k, run.dev.sm_count),
-                    &RouteLogits {
-                        logits: In::new(ptr),
-                        logits_dtype: ElemCode::of(dtype)?.code(),
-                        bias: In::new(addr(&run.layer.router_bias)),
-                        T: t as i32,
-                        E: cfg.num_experts as i32,
-                        K: k as i32,
-                        method: routing::method_code(r.method),
-                        n_group: r.n_group as i32,
-                        topk_group: r.topk_group as i32,
-                        routed_scaling_factor: r.routed_scaling_factor,
-                        norm_topk_prob: r.norm_topk_prob as i32,
-                        topk_ids: Out::new(run.ids),
-                        topk_w: Out::new(run.weights),
-                    },
-                )
-            }
+            DeviceRoutes::Logits { ptr, dtype } => run.launch(
+                &self.logits,
+                routing::route_shape(t, cfg.num_experts, k, run.dev.sm_count),
+                &Self::logits_args(run, ptr, ElemCode::of(dtype)?)?,
+            ),
             DeviceRoutes::Packed { ptr } => run.launch(
                 &self.unpack,
                 routing::unpack_shape(p),
@@ -393,6 +452,29 @@ impl Stage for RouteStage {
     }
 }
 
+impl RouteStage {
+    /// route_logits' arguments for `run`'s tokens, from `logits` of `dtype` into the call's routes.
+    fn logits_args(run: &Run<'_>, logits: u64, dtype: ElemCode) -> Result<RouteLogits> {
+        let cfg = &run.layer.cfg;
+        let r = &cfg.routing;
+        Ok(RouteLogits {
+            logits: In::new(logits),
+            logits_dtype: dtype.code(),
+            bias: In::new(addr(&run.layer.router_bias)),
+            T: run.plan.tokens as i32,
+            E: cfg.num_experts as i32,
+            K: r.top_k as i32,
+            method: routing::method_code(r.method),
+            n_group: r.n_group as i32,
+            topk_group: r.topk_group as i32,
+            routed_scaling_factor: r.routed_scaling_factor,
+            norm_topk_prob: r.norm_topk_prob as i32,
+            topk_ids: Out::new(run.ids),
+            topk_w: Out::new(run.weights),
+        })
+    }
+}
+
 /// Pairs grouped by local expert, their positions, and the GEMMs' work list.
 struct SortStage {
     one_block: CudaFunction,
@@ -404,6 +486,9 @@ struct SortStage {
 impl Stage for SortStage {
     fn name(&self) -> &'static str {
         "sort"
+    }
+    fn in_front(&self) -> bool {
+        true
     }
     fn scratch(&self, layer: &Resident, cap: Capacity, plan: &mut ScratchPlan) {
         let e = layer.dims.experts;
@@ -437,21 +522,7 @@ impl Stage for SortStage {
             return run.launch(
                 &self.one_block,
                 sort::one_block_shape(e),
-                &SortPairsByExpert {
-                    topk_ids: ids,
-                    P: p as i32,
-                    expert_start: first,
-                    E_local: e as i32,
-                    BN: bn as i32,
-                    max_tiles: max_tiles as i32,
-                    expert_offsets: Out::new(run.slot(Slot::Offsets)?),
-                    sorted_pair: Out::new(run.slot(Slot::SortedPair)?),
-                    pair_pos: Out::new(run.slot(Slot::PairPos)?),
-                    tile_expert: tiles.0,
-                    tile_row_start: tiles.1,
-                    tile_row_end: tiles.2,
-                    num_tiles: tiles.3,
-                },
+                &Self::one_block_args(run)?,
             );
         }
         // Large P: count per chunk, scan (offsets, tiles, chunk starts), scatter.
@@ -502,6 +573,27 @@ impl Stage for SortStage {
     }
 }
 
+impl SortStage {
+    /// sort_pairs_by_expert's arguments for `run`'s pairs.
+    fn one_block_args(run: &Run<'_>) -> Result<SortPairsByExpert> {
+        Ok(SortPairsByExpert {
+            topk_ids: In::new(run.ids),
+            P: run.plan.pairs as i32,
+            expert_start: run.layer.cfg.local_experts.start as i32,
+            E_local: run.layer.dims.experts as i32,
+            BN: run.plan.bn as i32,
+            max_tiles: run.plan.max_tiles as i32,
+            expert_offsets: Out::new(run.slot(Slot::Offsets)?),
+            sorted_pair: Out::new(run.slot(Slot::SortedPair)?),
+            pair_pos: Out::new(run.slot(Slot::PairPos)?),
+            tile_expert: Out::new(run.slot(Slot::TileExpert)?),
+            tile_row_start: Out::new(run.slot(Slot::TileStart)?),
+            tile_row_end: Out::new(run.slot(Slot::TileEnd)?),
+            num_tiles: Out::new(run.slot(Slot::NumTiles)?),
+        })
+    }
+}
+
 /// The hidden states as GEMM1's operand (codec's input quantizer), padded to Hp.
 struct QuantizeInputStage {
     quant: CudaFunction,
@@ -510,6 +602,9 @@ struct QuantizeInputStage {
 impl Stage for QuantizeInputStage {
     fn name(&self) -> &'static str {
         "quantize"
+    }
+    fn in_front(&self) -> bool {
+        true
     }
     fn scratch(&self, layer: &Resident, cap: Capacity, plan: &mut ScratchPlan) {
         let hp = layer.dims.hp;
@@ -522,24 +617,30 @@ impl Stage for QuantizeInputStage {
         );
     }
     fn enqueue(&self, run: &Run<'_>) -> Result<()> {
-        let d = run.layer.dims;
-        let t = run.plan.tokens;
         run.launch(
             &self.quant,
-            quant::shape(t, d.hp, run.dev.sm_count),
-            &QuantizeRows {
-                x: In::new(run.call.hidden),
-                x_dtype: ElemCode::of(run.call.hidden_dtype)?.code(),
-                rows: t as i32,
-                cols: d.hidden as i32,
-                in_stride: d.hidden as i64,
-                out: Out::new(run.slot(Slot::Xq)?),
-                out_stride: d.hp as i32,
-                mode: run.layer.codec.input_quant.mode(),
-                static_scale: In::new(addr(&run.layer.a1_scale)),
-                out_scales: Out::new(run.slot(Slot::XqScales)?),
-            },
+            quant::shape(run.plan.tokens, run.layer.dims.hp, run.dev.sm_count),
+            &Self::args(run)?,
         )
+    }
+}
+
+impl QuantizeInputStage {
+    /// quantize_rows' arguments for `run`'s hidden states.
+    fn args(run: &Run<'_>) -> Result<QuantizeRows> {
+        let d = run.layer.dims;
+        Ok(QuantizeRows {
+            x: In::new(run.call.hidden),
+            x_dtype: ElemCode::of(run.call.hidden_dtype)?.code(),
+            rows: run.plan.tokens as i32,
+            cols: d.hidden as i32,
+            in_stride: d.hidden as i64,
+            out: Out::new(run.slot(Slot::Xq)?),
+            out_stride: d.hp as i32,
+            mode: run.layer.codec.input_quant.mode(),
+            static_scale: In::new(addr(&run.layer.a1_scale)),
+            out_scales: Out::new(run.slot(Slot::XqScales)?),
+        })
     }
 }
 
@@ -889,6 +990,67 @@ impl Stage for CombineStage {
     }
 }
 
+/// Routing (or unpacking the packed routes), the one-block sort and the input's quantization in one
+/// launch (`front.cu`), for calls of at most `max_tokens` tokens the fused small-batch kernel does not
+/// take: two launches fewer than the route, sort and quantize stages it stands for, which build its
+/// arguments (`RouteSortQuantize::from_parts`), so its outputs are theirs bit for bit.
+struct FrontStage {
+    kernel: CudaFunction,
+    /// Calls of more tokens take the three stages (changed only by tests and measurements).
+    max_tokens: AtomicUsize,
+}
+
+impl FrontStage {
+    /// The launch for a call of `tokens` tokens with `routes`, or None where the front does not take
+    /// it (too many tokens, or a sort or routing the one block cannot hold).
+    fn shape(
+        &self,
+        dev: &Device,
+        layer: &Resident,
+        tokens: usize,
+        routes: &DeviceRoutes,
+    ) -> Option<super::kernels::Shape> {
+        if tokens > self.max_tokens.load(Ordering::Relaxed) {
+            return None;
+        }
+        let dims = FrontDims {
+            tokens,
+            experts: layer.cfg.num_experts,
+            top_k: layer.top_k(),
+            local_experts: layer.dims.experts,
+            hp: layer.dims.hp,
+            quant_mode: layer.codec.input_quant.mode(),
+        };
+        front::shape(dims, route_source(routes), dev.sm_count)
+    }
+
+    fn enqueue(&self, run: &Run<'_>, shape: super::kernels::Shape) -> Result<()> {
+        let (source, logits, dtype, packed) = match run.call.routes {
+            DeviceRoutes::Logits { ptr, dtype } => {
+                (RouteSource::Logits, ptr, ElemCode::of(dtype)?, 0)
+            }
+            DeviceRoutes::Packed { ptr } => (RouteSource::Packed, 0, ElemCode::F32, ptr),
+            DeviceRoutes::TopK { .. } => (RouteSource::Given, 0, ElemCode::F32, 0),
+        };
+        let args = RouteSortQuantize::from_parts(
+            source,
+            packed,
+            &RouteStage::logits_args(run, logits, dtype)?,
+            &SortStage::one_block_args(run)?,
+            &QuantizeInputStage::args(run)?,
+        );
+        run.launch(&self.kernel, shape, &args)
+    }
+}
+
+fn route_source(routes: &DeviceRoutes) -> RouteSource {
+    match routes {
+        DeviceRoutes::Logits { .. } => RouteSource::Logits,
+        DeviceRoutes::Packed { .. } => RouteSource::Packed,
+        DeviceRoutes::TopK { .. } => RouteSource::Given,
+    }
+}
+
 /// The fused small-batch kernel (`decode.cu`): the input's quantization, GEMM1 with the
 /// activation, the intermediate's quantization, GEMM2 and the combine in one cooperative launch,
 /// for calls of few pairs.
@@ -985,6 +1147,23 @@ mod tests {
     use super::*;
     use crate::backend::cuda::codec::codec_of;
     use crate::config::{ActivationFormat, WeightFormat};
+
+    /// `MOERUNNER_FUSED_FRONT`: unset, the default (off until measured); a number of tokens; anything
+    /// else, an error naming the variable.
+    #[test]
+    fn fused_front_variable_sets_the_most_tokens() {
+        assert_eq!(
+            front_max_tokens_from(None).unwrap(),
+            front::DEFAULT_MAX_TOKENS
+        );
+        assert_eq!(front_max_tokens_from(Some(" 64 ")).unwrap(), 64);
+        assert_eq!(front_max_tokens_from(Some("0")).unwrap(), 0);
+        let err = front_max_tokens_from(Some("-1")).unwrap_err().to_string();
+        assert!(
+            err.contains("MOERUNNER_FUSED_FRONT") && err.contains("-1"),
+            "{err}"
+        );
+    }
 
     /// `MOERUNNER_DECODE_PAIRS`: unset, the format's measured limits; a number, that many pairs
     /// whatever the bytes; 0, no fused kernel; anything else, an error naming the variable.

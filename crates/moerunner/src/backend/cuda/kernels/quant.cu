@@ -99,11 +99,12 @@ __device__ __forceinline__ void qt_store16_bf16(void* out, long long idx, const 
     p[1] = make_uint4(w[4], w[5], w[6], w[7]);
 }
 
-extern "C" __global__ void quantize_rows(const void* x, int x_dtype, int rows, int cols, long long in_stride,
-                                         void* out, int out_stride, int mode, const float* static_scale,
-                                         float* out_scales) {
-    pdl_wait();  // inputs come from the previous kernel (common.cuh)
-    pdl_launch_dependents();
+// quantize_rows' body for the calling block as block `block` of `blocks` (the grid-stride loops run over
+// those): quantize_rows (every block of its grid) and front.cu (blocks 1.. of its grid). Every thread of
+// such a block must call it (mode 5 meets at block barriers).
+__device__ __forceinline__ void qt_quantize_rows(const void* x, int x_dtype, int rows, int cols, long long in_stride,
+                                                 void* out, int out_stride, int mode, const float* static_scale,
+                                                 float* out_scales, long long block, long long blocks) {
     const long long chunks = out_stride / 16;  // 16-column items per row (a multiple of 8)
     const long long total = (long long)rows * chunks;
     const float stat = (mode == 1 || mode == 4) ? *static_scale : 1.0f;
@@ -112,7 +113,7 @@ extern "C" __global__ void quantize_rows(const void* x, int x_dtype, int rows, i
         // one block per row (the row's amax is a block reduction; a warp per row was latency-bound at
         // decode sizes): the amax, then the row's 16-column blocks with g = amax / 2688
         __shared__ u32 s_amax[32];
-        for (long long row = blockIdx.x; row < rows; row += gridDim.x) {
+        for (long long row = block; row < rows; row += blocks) {
             u32 a = 0;
             for (int ch = threadIdx.x; ch < chunks; ch += blockDim.x) {
                 float v[16];
@@ -148,8 +149,7 @@ extern "C" __global__ void quantize_rows(const void* x, int x_dtype, int rows, i
         return;
     }
     const u32 group_mask = 0xffu << (lane & 24);
-    for (long long it = (long long)blockIdx.x * blockDim.x + threadIdx.x; it < total;
-         it += (long long)gridDim.x * blockDim.x) {
+    for (long long it = block * blockDim.x + threadIdx.x; it < total; it += blocks * blockDim.x) {
         const long long row = it / chunks;
         const int ch = (int)(it - row * chunks);
         const int c0 = ch * 16;
@@ -221,4 +221,13 @@ extern "C" __global__ void quantize_rows(const void* x, int x_dtype, int rows, i
             if ((ch & 7) == 0) out_scales[row * (out_stride / 128) + (ch >> 3)] = s;
         }
     }
+}
+
+extern "C" __global__ void quantize_rows(const void* x, int x_dtype, int rows, int cols, long long in_stride,
+                                         void* out, int out_stride, int mode, const float* static_scale,
+                                         float* out_scales) {
+    pdl_wait();  // inputs come from the previous kernel (common.cuh)
+    pdl_launch_dependents();
+    qt_quantize_rows(x, x_dtype, rows, cols, in_stride, out, out_stride, mode, static_scale, out_scales,
+                     blockIdx.x, gridDim.x);
 }

@@ -375,18 +375,20 @@ __device__ __forceinline__ void rt_route_reg(const void* logits, int dtype, cons
     }
 }
 
-extern "C" __global__ void route_logits(const void* logits, int logits_dtype, const float* bias, int T, int E,
-                                        int K, int method, int n_group, int topk_group,
-                                        float routed_scaling_factor, int norm_topk_prob, int* topk_ids,
-                                        float* topk_w) {
-    pdl_wait();  // inputs come from the previous kernel (common.cuh)
-    pdl_launch_dependents();
-    extern __shared__ __align__(16) unsigned char rt_smem[];
+// Bytes of shared memory one routing warp uses (the header's warp_bytes).
+__device__ __forceinline__ size_t rt_warp_bytes(int E, int K) {
+    return ((size_t)12 * E + (size_t)8 * K + 15) & ~(size_t)15;
+}
+
+// route_logits' body for the calling warp: tokens t0, t0 + tstep, ... < T, in its rt_warp_bytes(E, K) bytes
+// of shared memory at `base` (16-byte aligned). Warp-synchronous only (no block barrier), so any subset
+// of a block's warps may call it: route_logits (every warp of the grid) and front.cu (block 0's warps).
+__device__ __forceinline__ void rt_route_tokens(const void* logits, int logits_dtype, const float* bias, int T,
+                                                int E, int K, int method, int n_group, int topk_group,
+                                                float routed_scaling_factor, int norm_topk_prob, int* topk_ids,
+                                                float* topk_w, unsigned char* base, long long t0,
+                                                long long tstep) {
     const int lane = threadIdx.x & 31;
-    const int warp = threadIdx.x >> 5;
-    const int warps = blockDim.x >> 5;
-    const size_t warp_bytes = ((size_t)12 * E + (size_t)8 * K + 15) & ~(size_t)15;
-    unsigned char* base = rt_smem + (size_t)warp * warp_bytes;
     u64* comp = (u64*)base;                                    // [E] selection composites
     float* scratch = (float*)(base + (size_t)8 * E);           // [E] exps / group scores / weights
     int* sel_id = (int*)(base + (size_t)12 * E);               // [K]
@@ -395,7 +397,6 @@ extern "C" __global__ void route_logits(const void* logits, int logits_dtype, co
     const bool sigmoid_key = method == 3 || method == 6 || method == 7 || method == 8;
     const float* b = (method == 3 || method == 7) ? bias : nullptr;
 
-    const long long t0 = (long long)blockIdx.x * warps + warp, tstep = (long long)gridDim.x * warps;
     if (K <= 32 && E <= 512) {
 #define RT_REG(N) rt_route_reg<N>(logits, logits_dtype, b, T, E, K, method, n_group, topk_group, \
                                   routed_scaling_factor, norm_topk_prob, topk_ids, topk_w, base, t0, tstep)
@@ -526,13 +527,32 @@ extern "C" __global__ void route_logits(const void* logits, int logits_dtype, co
     }
 }
 
-extern "C" __global__ void unpack_routes(const int* packed, int n, int* ids, float* w) {
+extern "C" __global__ void route_logits(const void* logits, int logits_dtype, const float* bias, int T, int E,
+                                        int K, int method, int n_group, int topk_group,
+                                        float routed_scaling_factor, int norm_topk_prob, int* topk_ids,
+                                        float* topk_w) {
     pdl_wait();  // inputs come from the previous kernel (common.cuh)
     pdl_launch_dependents();
-    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
-         i += (long long)gridDim.x * blockDim.x) {
+    extern __shared__ __align__(16) unsigned char rt_smem[];
+    const int warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    rt_route_tokens(logits, logits_dtype, bias, T, E, K, method, n_group, topk_group, routed_scaling_factor,
+                    norm_topk_prob, topk_ids, topk_w, rt_smem + (size_t)warp * rt_warp_bytes(E, K),
+                    (long long)blockIdx.x * warps + warp, (long long)gridDim.x * warps);
+}
+
+// unpack_routes' body over items first, first + step, ... < n.
+__device__ __forceinline__ void rt_unpack(const int* packed, int n, int* ids, float* w, long long first,
+                                          long long step) {
+    for (long long i = first; i < n; i += step) {
         const int p = packed[i];
         ids[i] = p >> 16;
         w[i] = bf16_to_f32((u16)(p & 0xffff));
     }
+}
+
+extern "C" __global__ void unpack_routes(const int* packed, int n, int* ids, float* w) {
+    pdl_wait();  // inputs come from the previous kernel (common.cuh)
+    pdl_launch_dependents();
+    rt_unpack(packed, n, ids, w, (long long)blockIdx.x * blockDim.x + threadIdx.x,
+              (long long)gridDim.x * blockDim.x);
 }

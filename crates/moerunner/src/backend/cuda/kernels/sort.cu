@@ -174,13 +174,13 @@ __device__ __forceinline__ void st_segment_keys(int key[8], const int* topk_ids,
     }
 }
 
-extern "C" __global__ void sort_pairs_by_expert(const int* topk_ids, int P, int expert_start, int E_local, int BN,
-                                                int max_tiles, int* expert_offsets, int* sorted_pair,
-                                                int* pair_pos, int* tile_expert, int* tile_row_start,
-                                                int* tile_row_end, int* num_tiles) {
-    pdl_wait();  // inputs come from the previous kernel (common.cuh)
-    pdl_launch_dependents();
-    extern __shared__ __align__(16) int st_smem[];
+// sort_pairs_by_expert's body for the calling block, in the block's dynamic shared memory `st_smem` (all of
+// it: the number of counting segments follows its size, the result does not). Every thread of the block
+// must call it; it ends without a barrier (the caller syncs before reusing st_smem).
+__device__ __forceinline__ void st_sort_one_block(const int* topk_ids, int P, int expert_start, int E_local,
+                                                  int BN, int max_tiles, int* expert_offsets, int* sorted_pair,
+                                                  int* pair_pos, int* tile_expert, int* tile_row_start,
+                                                  int* tile_row_end, int* num_tiles, int* st_smem) {
     __shared__ int warp_sums[64];
     const int tid = threadIdx.x, nt = blockDim.x, lane = tid & 31, warp = tid >> 5, nw = nt >> 5;
     const int E = E_local;
@@ -276,6 +276,17 @@ extern "C" __global__ void sort_pairs_by_expert(const int* topk_ids, int P, int 
             }
         }
     }
+}
+
+extern "C" __global__ void sort_pairs_by_expert(const int* topk_ids, int P, int expert_start, int E_local, int BN,
+                                                int max_tiles, int* expert_offsets, int* sorted_pair,
+                                                int* pair_pos, int* tile_expert, int* tile_row_start,
+                                                int* tile_row_end, int* num_tiles) {
+    pdl_wait();  // inputs come from the previous kernel (common.cuh)
+    pdl_launch_dependents();
+    extern __shared__ __align__(16) int st_smem[];
+    st_sort_one_block(topk_ids, P, expert_start, E_local, BN, max_tiles, expert_offsets, sorted_pair, pair_pos,
+                      tile_expert, tile_row_start, tile_row_end, num_tiles, st_smem);
 }
 
 // ---------------------------------------------------------------------------------------------------
