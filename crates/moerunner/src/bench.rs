@@ -159,6 +159,8 @@ pub struct BenchPlan {
     /// each row the whole call and the share of it spent communicating, instead of rank 0's share
     /// alone.
     pub split: Option<crate::parallel::Transport>,
+    /// How a split's EP ranks exchange tokens; None: all-to-all, or gather-scatter with TP.
+    pub ep_mode: Option<crate::parallel::EpMode>,
     /// Also time each stage of the backend's standard launch sequence, as its prefix (device
     /// backends only; a row of another backend has none).
     pub stage_times: bool,
@@ -476,11 +478,11 @@ fn split_rows(
         what: format!("generating {} {}×{}", preset.name, wf, af),
     });
     let layer = synth::random_layer(&config, plan.seed, preset.biases)?;
-    let mode = if par.tp_size > 1 {
+    let mode = plan.ep_mode.unwrap_or(if par.tp_size > 1 {
         EpMode::GatherScatter
     } else {
         EpMode::AllToAll
-    };
+    });
     let layout = Layout::new(
         ExpertMap::even(config.num_experts, par.ep_size)?,
         par.tp_size,
@@ -820,6 +822,7 @@ mod tests {
             seed: 1,
             parallelism: crate::config::Parallelism::default(),
             split: None,
+            ep_mode: None,
             stage_times: false,
         };
         let (mut total, mut steps) = (0, 0);
@@ -860,6 +863,7 @@ mod tests {
             seed: 1,
             parallelism: par,
             split: None,
+            ep_mode: None,
             stage_times: false,
         };
         let report = run(&plan, &mut |_| {}).unwrap();

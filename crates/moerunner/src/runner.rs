@@ -246,6 +246,10 @@ impl LoadedLayer for Checked {
     fn tactic(&self, tokens: usize) -> Option<String> {
         self.0.tactic(tokens)
     }
+    #[cfg(feature = "cuda")]
+    fn as_cuda(&self) -> Option<&crate::backend::cuda::layer::CudaLayer> {
+        self.0.as_cuda()
+    }
 }
 
 impl Default for Runner {

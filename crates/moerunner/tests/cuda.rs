@@ -2697,15 +2697,7 @@ fn gpu_device_comm_ranks_equal_thread_ranks() {
     .into_iter()
     .enumerate()
     {
-        // E = 12 and I = 768 split evenly over 2 and 3 ranks, in whole scale blocks.
-        let cfg = config_codec(
-            codec,
-            12,
-            256,
-            768,
-            Activation::Swiglu,
-            RoutingConfig::new(RoutingMethod::Renormalize, 3),
-        );
+        let cfg = split_config(codec);
         let (layer_seed, input_seed) = (0xDC00 + i as u64, 0xDD00 + i as u64);
         println!(
             "{}×{}: layer seed {layer_seed:#x}, input seed {input_seed:#x}",
@@ -2749,6 +2741,116 @@ fn gpu_device_comm_ranks_equal_thread_ranks() {
                 &input.hidden,
                 &device,
             );
+        }
+    }
+}
+
+/// The split GPU tests' layer: E = 12 and I = 768 split evenly over 2 and 3 ranks, in whole scale
+/// blocks; top-3 renormalized routing.
+fn split_config(codec: (WeightFormat, ActivationFormat)) -> LayerConfig {
+    config_codec(
+        codec,
+        12,
+        256,
+        768,
+        Activation::Swiglu,
+        RoutingConfig::new(RoutingMethod::Renormalize, 3),
+    )
+}
+
+/// Device all-to-all (`EpMode::DeviceAllToAll`, `parallel/device_ep.rs`, `ep.cu`'s `ep_plan` and
+/// `ep_pack`): ranks on GPU 0 through device-to-device copies — and through NCCL where the machine has
+/// as many GPUs as ranks — dispatch, compute through the device entry and combine on the GPU. Over
+/// even, uneven and replicated expert maps of 1 to 3 ranks, five formats, T = 0 … 300 (ranks with
+/// no tokens among them), bf16 and f32 hidden states, each output keeps the single GPU's routes and
+/// comes within a rounding of the hidden states' dtype per rank of the single GPU's output, and
+/// meets the float64 reference.
+#[cfg(feature = "cuda")]
+#[test]
+fn gpu_device_all_to_all_meets_the_reference() {
+    use moerunner::parallel::{forward_split, EpMode, ExpertMap, Layout, Transport};
+    use std::time::Duration;
+    let Some(runner) = gpu_runner() else { return };
+    let timeout = Duration::from_secs(120);
+    let gpus = Transport::Nccl.max_ranks().unwrap_or(0);
+    let maps = [
+        "0,0,0,0,0,0,0,0,0,0,0,0",
+        "0,0,0,0,0,0,1,1,1,1,1,1",
+        "0,0,0,0,0,0,0,1,1,2,2,2",
+        "0+1,0,0,0,1,1,1,1,2,2+0,2,2",
+    ];
+    for (i, codec) in [
+        (WeightFormat::Bf16, ActivationFormat::Bf16),
+        (WeightFormat::Fp8Block, ActivationFormat::Fp8Block),
+        (WeightFormat::Mxfp8, ActivationFormat::Mxfp8),
+        (WeightFormat::Mxfp4, ActivationFormat::Bf16),
+        (WeightFormat::Nvfp4, ActivationFormat::Nvfp4),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let cfg = split_config(codec);
+        let layer_seed = 0xDE00 + i as u64;
+        println!("{}×{}: layer seed {layer_seed:#x}", codec.0, codec.1);
+        let layer = random_layer(&cfg, layer_seed, true).expect("layer");
+        let single = runner.load(layer.clone(), &cuda()).expect("load");
+        for (j, tokens) in [0usize, 1, 7, 45, 300].into_iter().enumerate() {
+            let dtype = [DType::BF16, DType::F32][(i + j) % 2];
+            let input_seed = 0xDF00 + (16 * i + j) as u64;
+            let input =
+                random_input(&cfg, tokens, RoutingMode::Logits, dtype, input_seed).expect("input");
+            let fwd = ForwardInput {
+                hidden: &input.hidden,
+                routing: input.routing_input(),
+            };
+            let one = single.forward(&fwd).expect("one GPU");
+            for spec in maps {
+                let ranks = 1 + spec
+                    .bytes()
+                    .filter(|b| b.is_ascii_digit())
+                    .map(|b| (b - b'0') as usize)
+                    .max()
+                    .unwrap_or(0);
+                let map = ExpertMap::parse(spec, 12, ranks).expect("map");
+                let layout = Layout::new(map, 1, EpMode::DeviceAllToAll).expect("layout");
+                let mut transports = vec![Transport::Device];
+                if ranks <= gpus {
+                    transports.push(Transport::Nccl);
+                }
+                for transport in transports {
+                    let name = format!(
+                        "{}×{} map {spec} T={tokens} {dtype:?} {transport} input seed {input_seed:#x}",
+                        codec.0, codec.1
+                    );
+                    let split = forward_split(&layer, &layout, (&cuda(), transport), &fwd, timeout)
+                        .unwrap_or_else(|e| panic!("{name}: {e}"));
+                    assert_eq!(split.routes, one.routes, "{name}");
+                    assert_eq!(
+                        split.output.dtype, dtype,
+                        "{name}: output dtype follows the input"
+                    );
+                    let f64s = |t: &moerunner::HostTensor| -> Vec<f64> {
+                        t.to_f32_vec("out")
+                            .expect("out")
+                            .into_iter()
+                            .map(f64::from)
+                            .collect()
+                    };
+                    let (got, want) = (f64s(&split.output), f64s(&one.output));
+                    assert!(
+                        got.iter().all(|v| v.is_finite()),
+                        "{name}: non-finite output"
+                    );
+                    // a partial row rounded to bf16 per rank: within a few bf16 ulps of one GPU
+                    let close = if dtype == DType::BF16 { 1e-2 } else { 1e-5 };
+                    if tokens > 0 {
+                        let err = rel_err(&got, &want);
+                        println!("{name}: {err:.2e} from one GPU");
+                        assert!(err <= close, "{name}: {err} from one GPU's output");
+                    }
+                    assert_meets_reference(&name, &layer, &input.hidden, &split);
+                }
+            }
         }
     }
 }

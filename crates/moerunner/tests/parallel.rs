@@ -591,3 +591,56 @@ fn gpu_transports_name_what_they_lack() {
     assert_eq!(Transport::Threads.max_ranks().expect("threads"), usize::MAX);
     assert!("carrier-pigeon".parse::<Transport>().is_err());
 }
+
+/// Device all-to-all (`EpMode::DeviceAllToAll`) runs only where its pieces are: a layout with TP or
+/// more ranks than its 32-bit destination masks is refused when made, and ranks that compute on the
+/// CPU, or talk through host memory, are refused when called — each naming why, never a panic.
+#[test]
+fn device_all_to_all_says_where_it_cannot_run() {
+    use moerunner::parallel::{forward_split, ExpertMap, Transport};
+    for name in ["device-all-to-all", "device-a2a"] {
+        assert_eq!(
+            name.parse::<EpMode>().expect("mode"),
+            EpMode::DeviceAllToAll
+        );
+    }
+    let err = Layout::even(8, 2, 2, EpMode::DeviceAllToAll)
+        .expect_err("TP")
+        .to_string();
+    assert!(
+        err.contains("device-all-to-all") && err.contains("TP 2"),
+        "{err}"
+    );
+    let err = Layout::new(
+        ExpertMap::even(64, 33).expect("map"),
+        1,
+        EpMode::DeviceAllToAll,
+    )
+    .expect_err("33 ranks")
+    .to_string();
+    assert!(err.contains("at most 32"), "{err}");
+
+    let cfg = config(WeightFormat::Bf16, 8, 64, renorm(2));
+    let l = layer(&cfg, 41);
+    let x = input(&cfg, 6, 1, RoutingMode::Logits, DType::BF16);
+    let layout = Layout::even(8, 2, 1, EpMode::DeviceAllToAll).expect("layout");
+    let err = forward_split(
+        &l,
+        &layout,
+        (&BackendChoice::Named("cpu".into()), Transport::Threads),
+        &ForwardInput {
+            hidden: &x.hidden,
+            routing: x.routing_input(),
+        },
+        TIMEOUT,
+    )
+    .expect_err("CPU ranks")
+    .to_string();
+    // (a build without the `cuda` feature has no device path at all, and says so)
+    let why = if cfg!(feature = "cuda") {
+        err.contains("device entry") && err.contains("`cpu`")
+    } else {
+        err.contains("`cuda` feature")
+    };
+    assert!(why, "{err}");
+}

@@ -74,6 +74,11 @@ pub struct Args {
     /// copies, and reports the whole call and the share of it spent communicating (`comm` columns).
     #[arg(long, default_value = "none", value_parser = ["none", "thread", "nccl", "device"])]
     comm: String,
+    /// With --comm: how EP ranks exchange tokens — all-to-all (the default without TP),
+    /// gather-scatter (the default with TP) or device-all-to-all (dispatch and combine on the GPU;
+    /// --comm nccl or device, EP only).
+    #[arg(long, requires = "comm")]
+    ep_mode: Option<moerunner::parallel::EpMode>,
     /// Also time each stage of the GPU's launch sequence (route, sort, quantize, GEMM1, …,
     /// combine): every prefix of the stages replayed as the whole layer is, a stage's time being
     /// what it adds to the prefix before it (the standard pipeline, never the fused small-batch
@@ -190,6 +195,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             "none" => None,
             comm => Some(comm.parse::<Transport>()?),
         },
+        ep_mode: args.ep_mode,
         stage_times: args.stage_times,
     };
     if let Some(t) = plan.split.filter(|&t| t != Transport::Threads) {

@@ -64,7 +64,8 @@ pub struct Args {
     #[arg(long, conflicts_with_all = ["ep_size", "ep_rank", "tp_size", "tp_rank"])]
     pub tp: Option<usize>,
     /// With `--ep`: all-to-all (dispatch each token to its experts' ranks; bitwise the unsplit
-    /// CPU result) or gather-scatter (the only mode with `--tp`).
+    /// CPU result), gather-scatter (the only mode with `--tp`) or device-all-to-all (dispatch and
+    /// combine on the GPU: `--backend cuda` over `--comm device` or `nccl`).
     #[arg(long)]
     pub ep_mode: Option<moerunner::parallel::EpMode>,
     /// With `--ep`: which ranks hold each expert, one entry per expert, comma-separated; `+`

@@ -96,4 +96,10 @@ pub trait LoadedLayer: Send + Sync {
     fn tactic(&self, _tokens: usize) -> Option<String> {
         None
     }
+    /// The CUDA layer behind this one, for code that drives the GPU's device entry itself (expert
+    /// parallelism on device buffers, `parallel::device_ep`); None on the other backends.
+    #[cfg(feature = "cuda")]
+    fn as_cuda(&self) -> Option<&cuda::layer::CudaLayer> {
+        None
+    }
 }

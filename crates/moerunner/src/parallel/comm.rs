@@ -38,6 +38,22 @@ pub trait Communicator: Send + Sync {
     /// a rank that cannot go on. Never blocks.
     fn abort(&self, why: &str);
 
+    /// [`Self::all_to_all_v`] on device memory, for ranks that compute on the GPU
+    /// (`parallel::device_ep`): every part of `parts` moves at once, and the call returns when this
+    /// rank's `recv` regions hold what its peers sent. The caller's writes to its `send` buffers
+    /// must be complete (its stream synchronized) before the call, and every rank's region for a
+    /// peer must have the length that peer expects (the lengths travel first, through
+    /// [`Self::all_to_all_v`]). The transports that move host bytes refuse it.
+    fn all_to_all_v_device(&self, parts: &[DeviceExchange]) -> Result<()> {
+        let _ = parts;
+        Err(MoeError::Comm {
+            rank: self.rank(),
+            why: "this transport moves host buffers only: device all-to-all needs the device or \
+                  nccl transport (--comm device|nccl)"
+                .into(),
+        })
+    }
+
     /// The element-wise sum over ranks of `data` (same length on every rank), added in rank
     /// order: `((d_0 + d_1) + d_2) + …`, starting from `d_0` (so one rank gives its data back
     /// bit for bit).
@@ -89,10 +105,52 @@ macro_rules! delegate_communicator {
             fn abort(&self, why: &str) {
                 (**self).abort(why)
             }
+            fn all_to_all_v_device(&self, parts: &[DeviceExchange]) -> Result<()> {
+                (**self).all_to_all_v_device(parts)
+            }
         }
     )*};
 }
 delegate_communicator!(Box, Arc);
+
+/// One buffer of a device all-to-all ([`Communicator::all_to_all_v_device`]): this rank's device
+/// memory at `send`, of which rank d gets bytes `send_regions[d]` (offset, length), and at `recv`,
+/// into which rank s's bytes for this one go at `recv_regions[s]`. Addresses are on the rank's own
+/// GPU.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeviceExchange {
+    pub send: u64,
+    pub send_regions: Vec<(usize, usize)>,
+    pub recv: u64,
+    pub recv_regions: Vec<(usize, usize)>,
+}
+
+impl DeviceExchange {
+    /// The part's regions, checked against a group of `ranks`: one per rank, each inside
+    /// `u64` addresses.
+    pub fn check(&self, ranks: usize) -> std::result::Result<(), String> {
+        for (name, regions, base) in [
+            ("send", &self.send_regions, self.send),
+            ("recv", &self.recv_regions, self.recv),
+        ] {
+            if regions.len() != ranks {
+                return Err(format!(
+                    "{} {name} regions for {ranks} ranks",
+                    regions.len()
+                ));
+            }
+            for &(off, len) in regions {
+                let end = (off as u64).checked_add(len as u64);
+                if end.and_then(|e| base.checked_add(e)).is_none() {
+                    return Err(format!(
+                        "a {name} region of {len} bytes at {off} overflows the address space"
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
 
 /// f32 values as little-endian bytes.
 pub fn f32_bytes(v: &[f32]) -> Vec<u8> {

@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr};
 
+use super::comm::DeviceExchange;
 use super::{Communicator, ThreadComm};
 use crate::error::{MoeError, Result};
 
@@ -254,6 +255,79 @@ impl DeviceComm {
         Ok(out)
     }
 
+    /// [`Communicator::all_to_all_v_device`]: each rank publishes its parts' send addresses and
+    /// regions, copies what its peers address to it device to device, waits, and meets them once
+    /// more so no send buffer is reused while a peer still copies from it.
+    fn exchange_device(&self, parts: &[DeviceExchange]) -> Result<()> {
+        let (me, ranks) = (self.meet.rank(), self.meet.size());
+        let _one_call = self
+            .staging
+            .lock()
+            .map_err(|_| self.err("the staging buffers' lock is poisoned"))?;
+        let mut header = Vec::new();
+        for p in parts {
+            if let Err(why) = p.check(ranks) {
+                return Err(self.fail(self.err(format!("all_to_all_v_device: {why}"))));
+            }
+            header.extend(p.send.to_le_bytes());
+            for &(off, len) in &p.send_regions {
+                header.extend((off as u64).to_le_bytes());
+                header.extend((len as u64).to_le_bytes());
+            }
+        }
+        let headers = self.meet.all_gather(&header)?;
+        let copied = (|| {
+            // (per part: the send address, then (offset, length) per destination)
+            let per_part = 8 * (1 + 2 * ranks);
+            for (src, h) in headers.iter().enumerate() {
+                if h.len() != per_part * parts.len() {
+                    return Err(self.err(format!(
+                        "all_to_all_v_device: rank {src} sent {} parts' addresses, this rank {}",
+                        h.len() / per_part,
+                        parts.len()
+                    )));
+                }
+                let field =
+                    |i: usize| u64::from_le_bytes(h[i * 8..i * 8 + 8].try_into().unwrap_or([0; 8]));
+                for (k, p) in parts.iter().enumerate() {
+                    let at = k * (1 + 2 * ranks);
+                    let (addr, off, len) = (
+                        field(at),
+                        field(at + 1 + 2 * me),
+                        field(at + 2 + 2 * me) as usize,
+                    );
+                    let (dst_off, want) = p.recv_regions[src];
+                    if len != want {
+                        return Err(self.err(format!(
+                            "all_to_all_v_device: rank {src} sends {len} bytes of part {k}, this rank expects {want}"
+                        )));
+                    }
+                    if len > 0 {
+                        // SAFETY: both addresses are live device memory of this GPU's one context:
+                        // the peer's send region (kept until every rank passed the barrier below)
+                        // and this rank's receive region of `len` bytes (the caller's contract).
+                        unsafe {
+                            cudarc::driver::result::memcpy_dtod_async(
+                                p.recv + dst_off as u64,
+                                addr + off,
+                                len,
+                                self.stream.cu_stream(),
+                            )
+                        }
+                        .map_err(|e| {
+                            self.err(format!("all_to_all_v_device: a device copy: {e:?}"))
+                        })?;
+                    }
+                }
+            }
+            self.wait("all_to_all_v_device")
+        })();
+        if let Err(e) = copied {
+            return Err(self.fail(e));
+        }
+        self.meet.barrier()
+    }
+
     /// Stops the group with this rank's own error (its peers' calls then fail naming it).
     fn fail(&self, e: MoeError) -> MoeError {
         self.meet
@@ -296,6 +370,9 @@ impl Communicator for DeviceComm {
     fn barrier(&self) -> Result<()> {
         // nothing to move: the meeting alone
         self.meet.barrier()
+    }
+    fn all_to_all_v_device(&self, parts: &[DeviceExchange]) -> Result<()> {
+        self.exchange_device(parts)
     }
     fn abort(&self, why: &str) {
         self.meet.abort(why)

@@ -134,6 +134,11 @@ impl ExpertMap {
         let hs = self.holders.get(usize::try_from(expert).ok()?)?;
         Some(hs[token % hs.len()])
     }
+    /// The ranks that hold expert `expert`, ascending (global token g goes to the one at
+    /// g mod their count: [`Self::rank_for`]); empty for an id outside the map.
+    pub fn holders(&self, expert: usize) -> &[usize] {
+        self.holders.get(expert).map_or(&[], |v| v)
+    }
     /// Expert `expert`'s local id on `rank`, if the rank holds it.
     pub fn local_id(&self, expert: usize, rank: usize) -> Option<usize> {
         self.experts_of(rank).binary_search(&expert).ok()

@@ -11,7 +11,9 @@
 //! Two EP modes: [`EpMode::AllToAll`] sends each token's row only to the ranks that hold its
 //! experts and combines the returned rows in slot order (bitwise the single-device result on
 //! the CPU backend, see docs/parallel.md); [`EpMode::GatherScatter`] all-gathers every token to
-//! every rank and reduce-scatters the partial sums (the only mode for TP and TEP).
+//! every rank and reduce-scatters the partial sums (the only mode for TP and TEP);
+//! [`EpMode::DeviceAllToAll`] dispatches and combines on the GPU, ranks computing through the CUDA
+//! backend's device entry (`device_ep`).
 
 pub mod comm;
 pub mod expert_map;
@@ -22,6 +24,9 @@ mod a2a;
 /// Several ranks sharing one GPU through device-to-device copies, with the `cuda` feature.
 #[cfg(feature = "cuda")]
 pub mod device_comm;
+/// All-to-all dispatch and combine on the GPU (EpMode::DeviceAllToAll), with the `cuda` feature.
+#[cfg(feature = "cuda")]
+mod device_ep;
 mod gather;
 /// NCCL behind the same trait (one rank per GPU), with the `cuda` feature.
 #[cfg(feature = "cuda")]
@@ -56,6 +61,11 @@ pub enum EpMode {
     AllToAll,
     /// All-gather every token, compute the local experts' partial sums, reduce-scatter them.
     GatherScatter,
+    /// All-to-all with the tokens on the GPU (`device_ep`, the CUDA backend over the device or
+    /// NCCL transport, EP only): each token's row goes once to each rank serving one of its slots
+    /// with that rank's routes, the rank computes its slots' sum through the device entry, and
+    /// the owner adds the returned partial rows in rank order.
+    DeviceAllToAll,
 }
 
 impl std::str::FromStr for EpMode {
@@ -64,9 +74,10 @@ impl std::str::FromStr for EpMode {
         match s {
             "all-to-all" | "a2a" => Ok(EpMode::AllToAll),
             "gather-scatter" | "gather" => Ok(EpMode::GatherScatter),
+            "device-all-to-all" | "device-a2a" => Ok(EpMode::DeviceAllToAll),
             _ => Err(MoeError::invalid(
                 "ep mode",
-                format!("`{s}`: use all-to-all or gather-scatter"),
+                format!("`{s}`: use all-to-all, gather-scatter or device-all-to-all"),
             )),
         }
     }
@@ -90,6 +101,17 @@ impl Layout {
         if tp == 0 {
             return Err(MoeError::invalid("tp", "needs at least one rank"));
         }
+        if mode == EpMode::DeviceAllToAll && (tp > 1 || ep.ranks() > device_ep_max_ranks()) {
+            return Err(MoeError::invalid(
+                "ep mode",
+                format!(
+                    "device-all-to-all splits experts only (TP 1) over at most {} ranks; this \
+                     layout has EP {} × TP {tp}",
+                    device_ep_max_ranks(),
+                    ep.ranks()
+                ),
+            ));
+        }
         Ok(Layout { ep, tp, mode })
     }
     pub fn ranks(&self) -> usize {
@@ -99,11 +121,11 @@ impl Layout {
     pub fn coords(&self, rank: usize) -> (usize, usize) {
         (rank / self.tp, rank % self.tp)
     }
-    /// Whether the ranks run all-to-all dispatch (EP, and TEP: to every TP rank of the expert's
-    /// group) or gather-scatter.
-    fn all_to_all(&self) -> bool {
-        self.mode == EpMode::AllToAll
-    }
+}
+
+/// The most EP ranks device all-to-all tells apart (a 32-bit destination mask per token).
+fn device_ep_max_ranks() -> usize {
+    32
 }
 
 /// One rank's share of a layer, loaded on a backend.
@@ -118,6 +140,9 @@ pub struct RankLayer {
     /// The slice's id of its first expert: 0 for [`crate::shard::shard_experts`] (experts
     /// renumbered), the global id for a contiguous slice read from a checkpoint.
     id_base: usize,
+    /// Device all-to-all's tables and buffers, made at this rank's first such call.
+    #[cfg(feature = "cuda")]
+    device_ep: std::sync::Mutex<Option<device_ep::State>>,
 }
 
 impl RankLayer {
@@ -187,6 +212,8 @@ impl RankLayer {
             loaded: runner.load(slice, choice)?,
             id_base: held.start,
             global: cfg,
+            #[cfg(feature = "cuda")]
+            device_ep: std::sync::Mutex::new(None),
         })
     }
     pub fn rank(&self) -> usize {
@@ -246,16 +273,29 @@ pub fn forward_rank(
         }
         let own = front(comm, layer, input)?;
         let h = layer.global.hidden;
-        let out = if layer.layout.all_to_all() {
-            a2a::forward(comm, layer, &own)?
-        } else {
-            gather::forward(comm, layer, &own)?
+        let out = match layer.layout.mode {
+            EpMode::AllToAll => a2a::forward(comm, layer, &own)?,
+            EpMode::GatherScatter => gather::forward(comm, layer, &own)?,
+            #[cfg(feature = "cuda")]
+            EpMode::DeviceAllToAll => device_ep::forward(comm, layer, &own)?,
+            #[cfg(not(feature = "cuda"))]
+            EpMode::DeviceAllToAll => {
+                return Err(MoeError::Cuda(
+                    "device-all-to-all needs the `cuda` feature, which this build lacks".into(),
+                ))
+            }
         };
         let tokens = own.routes.tokens;
-        Ok(ForwardOutput {
+        let done = ForwardOutput {
             output: forward::output_like(input.hidden, &out, tokens, h),
             routes: own.routes,
-        })
+        };
+        if layer.layout.mode == EpMode::DeviceAllToAll {
+            // (the host modes' partial rows come through the runner's checked layers; the device
+            // entry's do not, so the overflow rule is applied to the sum here)
+            forward::check_output(&done)?;
+        }
+        Ok(done)
     })
 }
 

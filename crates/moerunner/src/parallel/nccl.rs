@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream};
 use cudarc::nccl::safe::{group_end, group_start, Comm, Id};
 
+use super::comm::DeviceExchange;
 use super::{Communicator, SocketComm};
 use crate::error::{MoeError, Result};
 
@@ -368,6 +369,44 @@ impl Communicator for NcclComm {
                 .collect()
         })
     }
+    fn all_to_all_v_device(&self, parts: &[DeviceExchange]) -> Result<()> {
+        self.call("all_to_all_v_device", || {
+            for p in parts {
+                p.check(self.size)
+                    .map_err(|why| self.err(format!("all_to_all_v_device: {why}")))?;
+            }
+            let region = |ptr: u64, (off, len): (usize, usize)| Region {
+                ptr: ptr + off as u64,
+                len,
+                stream: self.stream.clone(),
+            };
+            group_start().map_err(|e| self.err(format!("ncclGroupStart: {e:?}")))?;
+            let mut issued = Ok(());
+            'parts: for p in parts {
+                for peer in 0..self.size {
+                    // (a zero-length region on one side is zero-length on the other: the lengths
+                    // travelled first, so both skip it)
+                    let send = region(p.send, p.send_regions[peer]);
+                    if send.len > 0 {
+                        if let Err(e) = self.comm.send(&send, peer as i32) {
+                            issued = Err(self.err(format!("ncclSend to rank {peer}: {e:?}")));
+                            break 'parts;
+                        }
+                    }
+                    let mut recv = region(p.recv, p.recv_regions[peer]);
+                    if recv.len > 0 {
+                        if let Err(e) = self.comm.recv(&mut recv, peer as i32) {
+                            issued = Err(self.err(format!("ncclRecv from rank {peer}: {e:?}")));
+                            break 'parts;
+                        }
+                    }
+                }
+            }
+            group_end().map_err(|e| self.err(format!("ncclGroupEnd: {e:?}")))?;
+            issued?;
+            self.wait("all_to_all_v_device")
+        })
+    }
     fn abort(&self, why: &str) {
         if let Ok(mut p) = self.poisoned.lock() {
             p.get_or_insert_with(|| why.to_string());
@@ -376,6 +415,48 @@ impl Communicator for NcclComm {
         if let Some(w) = &self.watchdog {
             w.abort(why);
         }
+    }
+}
+
+/// Bytes of device memory the caller owns (a region of a device all-to-all's buffer), as NCCL's
+/// point-to-point calls take them: the caller keeps the memory alive and orders its writes before
+/// the call, so handing out the address asks the stream for nothing.
+struct Region {
+    ptr: u64,
+    len: usize,
+    stream: Arc<CudaStream>,
+}
+
+impl cudarc::driver::DeviceSlice<u8> for Region {
+    fn len(&self) -> usize {
+        self.len
+    }
+    fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+}
+
+impl cudarc::driver::DevicePtr<u8> for Region {
+    fn device_ptr<'a>(
+        &'a self,
+        _stream: &'a CudaStream,
+    ) -> (
+        cudarc::driver::sys::CUdeviceptr,
+        cudarc::driver::SyncOnDrop<'a>,
+    ) {
+        (self.ptr, cudarc::driver::SyncOnDrop::Sync(None))
+    }
+}
+
+impl cudarc::driver::DevicePtrMut<u8> for Region {
+    fn device_ptr_mut<'a>(
+        &'a mut self,
+        _stream: &'a CudaStream,
+    ) -> (
+        cudarc::driver::sys::CUdeviceptr,
+        cudarc::driver::SyncOnDrop<'a>,
+    ) {
+        (self.ptr, cudarc::driver::SyncOnDrop::Sync(None))
     }
 }
 

@@ -62,6 +62,9 @@ impl<C: Communicator> Communicator for TimedComm<C> {
     fn abort(&self, why: &str) {
         self.inner.abort(why)
     }
+    fn all_to_all_v_device(&self, parts: &[super::comm::DeviceExchange]) -> Result<()> {
+        self.timed(|| self.inner.all_to_all_v_device(parts))
+    }
 }
 
 /// One timed call of a split layer.

@@ -13,6 +13,7 @@
 
 pub mod combine;
 pub mod decode;
+pub mod ep;
 pub mod front;
 pub mod moe_gemm;
 pub mod quant;
@@ -124,10 +125,11 @@ pub enum Source {
     WeightQuant,
     Decode,
     Front,
+    Ep,
 }
 
 impl Source {
-    pub const ALL: [Source; 8] = [
+    pub const ALL: [Source; 9] = [
         Source::Routing,
         Source::Sort,
         Source::Quant,
@@ -136,6 +138,7 @@ impl Source {
         Source::WeightQuant,
         Source::Decode,
         Source::Front,
+        Source::Ep,
     ];
 
     pub fn name(self) -> &'static str {
@@ -148,6 +151,7 @@ impl Source {
             Source::WeightQuant => "weight_quant",
             Source::Decode => "decode",
             Source::Front => "front",
+            Source::Ep => "ep",
         }
     }
 
@@ -161,6 +165,7 @@ impl Source {
             Source::WeightQuant => include_str!("kernels/weight_quant.cu"),
             Source::Decode => include_str!("kernels/decode.cu"),
             Source::Front => include_str!("kernels/front.cu"),
+            Source::Ep => include_str!("kernels/ep.cu"),
         }
     }
 
@@ -358,6 +363,8 @@ pub fn signatures() -> Vec<Signature> {
         moe_gemm::MoeGemm::signature(),
         decode::MoeDecode::signature(),
         front::RouteSortQuantize::signature(),
+        ep::EpPlan::signature(),
+        ep::EpPack::signature(),
         weight_quant::WeightAmax::signature(),
         weight_quant::QuantizeWeightRows::signature(),
         weight_quant::QuantizeWeightBlock128::signature(),

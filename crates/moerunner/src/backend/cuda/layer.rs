@@ -618,6 +618,9 @@ impl LoadedLayer for CudaLayer {
     fn backend(&self) -> &'static str {
         "cuda"
     }
+    fn as_cuda(&self) -> Option<&CudaLayer> {
+        Some(self)
+    }
     fn layer(&self) -> &MoeLayer {
         &self.layer
     }

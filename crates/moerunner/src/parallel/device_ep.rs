@@ -1,0 +1,433 @@
+//! Expert parallelism with the tokens on the GPU ([`super::EpMode::DeviceAllToAll`]): the dispatch,
+//! the experts and the combine run on each rank's device, and only the per-destination counts
+//! cross host memory.
+//!
+//! Design decision: the same exchange as the host all-to-all (`a2a.rs`) — each token's row goes
+//! once to each rank that serves one of its slots — but what comes back is one row per (token,
+//! rank): the serving rank runs the rows it received through the CUDA backend's device entry
+//! ([`crate::backend::cuda::layer::CudaLayer::enqueue_on`]) with routed ids that keep only its own
+//! slots (−1 elsewhere), so the pipeline's own combine adds that rank's slots in slot order, and
+//! the owner adds the ranks' rows in rank order (combine.cu's `combine_rows`, weight 1). That moves
+//! a row per (token, rank) back instead of a row per (token, slot) — at deepseek-v3's k = 8 over two
+//! ranks a quarter of the bytes — as DeepEP's combine does; the price is that a rank's partial row
+//! is rounded to the hidden states' dtype before the owner adds them, so the result is the single
+//! device's within a rounding of that dtype per rank, not bit for bit (the host all-to-all stays
+//! bitwise). One call per rank: route on the host (`front`), upload the tokens and routes, plan and
+//! pack (`ep.cu`), exchange the counts through host memory, the rows and routes device to device
+//! ([`Communicator::all_to_all_v_device`]: NCCL, or copies between ranks sharing a GPU), compute,
+//! return the partial rows the same way, combine, download. Host waits separate the steps (the
+//! counts size the exchanges); a graph-captured form with fixed-capacity buffers is the next step
+//! (docs/parallel.md, "What remains").
+
+use std::sync::Arc;
+
+use cudarc::driver::CudaFunction;
+
+use super::comm::{Communicator, DeviceExchange};
+use super::{Owned, RankLayer};
+use crate::backend::cuda::device::{f32_bytes, i32_bytes, Buf, Device};
+use crate::backend::cuda::device_call::{DeviceCall, DeviceRoutes};
+use crate::backend::cuda::kernels::combine::{self, CombineRows};
+use crate::backend::cuda::kernels::ep::{self, EpPack, EpPlan};
+use crate::backend::cuda::kernels::{ElemCode, In, KernelArgs, ModuleKey, Out, Source};
+use crate::backend::cuda::launch::launch;
+use crate::backend::cuda::layer::CudaLayer;
+use crate::error::{MoeError, Result};
+use crate::tensor::{DType, HostTensor};
+
+/// One rank's kernels, expert-map tables and buffers (grown as calls need, kept between calls).
+pub(crate) struct State {
+    dev: Arc<Device>,
+    plan: CudaFunction,
+    pack: CudaFunction,
+    combine: CudaFunction,
+    /// The expert map (`ep.cu`'s header): each expert's first replica, each replica's rank and the
+    /// id that rank's layer knows the expert by.
+    rep_start: Buf,
+    rep_rank: Buf,
+    rep_id: Buf,
+    bufs: Bufs,
+}
+
+#[derive(Default)]
+struct Bufs {
+    hidden: Option<Buf>,
+    ids: Option<Buf>,
+    weights: Option<Buf>,
+    dest_row: Option<Buf>,
+    counts: Option<Buf>,
+    send_rows: Option<Buf>,
+    send_ids: Option<Buf>,
+    send_w: Option<Buf>,
+    recv_rows: Option<Buf>,
+    recv_ids: Option<Buf>,
+    recv_w: Option<Buf>,
+    partial: Option<Buf>,
+    returned: Option<Buf>,
+    out: Option<Buf>,
+}
+
+/// This rank's tokens' outputs, f32 `[T_r, H]`, by device all-to-all. Every rank of the group calls
+/// it at once (the first call of each also makes its tables: a collective).
+pub(super) fn forward(
+    comm: &dyn Communicator,
+    layer: &RankLayer,
+    own: &Owned<'_>,
+) -> Result<Vec<f32>> {
+    let cuda = layer.loaded.as_cuda().ok_or_else(|| {
+        MoeError::invalid(
+            "ep mode",
+            format!(
+                "device-all-to-all computes through the CUDA backend's device entry; rank {} \
+                 loaded its slice on `{}`",
+                comm.rank(),
+                layer.loaded.backend()
+            ),
+        )
+    })?;
+    let mut state = layer
+        .device_ep
+        .lock()
+        .map_err(|_| MoeError::Cuda("device all-to-all: a rank's state lock is poisoned".into()))?;
+    if state.is_none() {
+        *state = Some(State::new(comm, layer, cuda)?);
+    }
+    match state.as_mut() {
+        Some(s) => s.forward(comm, layer, cuda, own),
+        None => Err(MoeError::Cuda(
+            "internal: device all-to-all state missing".into(),
+        )),
+    }
+}
+
+impl State {
+    fn new(comm: &dyn Communicator, layer: &RankLayer, cuda: &CudaLayer) -> Result<State> {
+        let dev = cuda.device().clone();
+        // Every rank's id base (0 for renumbered slices, the first global id for a checkpoint's
+        // contiguous slice): the ids a serving rank's layer knows its experts by.
+        let bases = comm.all_gather(&(layer.id_base as u64).to_le_bytes())?;
+        let base_of = |r: usize| -> Result<i32> {
+            bases
+                .get(r)
+                .and_then(|b| <[u8; 8]>::try_from(&b[..]).ok())
+                .map(|b| u64::from_le_bytes(b) as i32)
+                .ok_or_else(|| MoeError::Comm {
+                    rank: comm.rank(),
+                    why: format!("device all-to-all: rank {r} sent no id base"),
+                })
+        };
+        let map = &layer.layout.ep;
+        let (mut start, mut rank, mut id) = (vec![0i32], Vec::new(), Vec::new());
+        for e in 0..map.num_experts() {
+            for &r in map.holders(e) {
+                let local = map.local_id(e, r).ok_or_else(|| {
+                    MoeError::invalid(
+                        "expert map",
+                        format!("expert {e} held by rank {r} is not among its experts"),
+                    )
+                })?;
+                rank.push(r as i32);
+                id.push(local as i32 + base_of(r)?);
+            }
+            start.push(rank.len() as i32);
+        }
+        let f = |entry: &str| dev.function(&ModuleKey::plain(Source::Ep), entry);
+        Ok(State {
+            plan: f(EpPlan::ENTRY)?,
+            pack: f(EpPack::ENTRY)?,
+            combine: dev.function(&ModuleKey::plain(Source::Combine), CombineRows::ENTRY)?,
+            rep_start: dev.upload(&i32_bytes(&start))?,
+            rep_rank: dev.upload(&i32_bytes(&rank))?,
+            rep_id: dev.upload(&i32_bytes(&id))?,
+            bufs: Bufs::default(),
+            dev,
+        })
+    }
+
+    fn forward(
+        &mut self,
+        comm: &dyn Communicator,
+        layer: &RankLayer,
+        cuda: &CudaLayer,
+        own: &Owned<'_>,
+    ) -> Result<Vec<f32>> {
+        let (me, ranks) = (comm.rank(), comm.size());
+        let dtype = own.hidden.dtype;
+        if !matches!(dtype, DType::BF16 | DType::F32) {
+            return Err(MoeError::invalid(
+                "hidden_states",
+                format!("device-all-to-all moves bf16 or f32 rows; these are {dtype}"),
+            ));
+        }
+        let (t, k) = (own.routes.tokens, own.routes.top_k);
+        let (h, e) = (layer.global.hidden, layer.global.num_experts);
+        let row_bytes = h * dtype.size();
+        let dev = self.dev.clone();
+        let stream = dev.stream.cu_stream();
+        let b = &mut self.bufs;
+
+        // This rank's tokens and routes on the device; each record's row per destination.
+        let hidden = put(&dev, &mut b.hidden, &own.hidden.bytes[..t * row_bytes])?;
+        let ids = put(&dev, &mut b.ids, &i32_bytes(&own.routes.ids))?;
+        let weights = put(&dev, &mut b.weights, &f32_bytes(&own.routes.weights))?;
+        let dest_row = room(&dev, &mut b.dest_row, t * ranks * 4)?;
+        let counts_at = room(&dev, &mut b.counts, 2 * ranks * 4)?;
+        let first_token = own.first as i64;
+        launch(
+            &dev,
+            stream,
+            &self.plan,
+            ep::plan_shape(),
+            &EpPlan {
+                topk_ids: In::new(ids),
+                T: t as i32,
+                K: k as i32,
+                E: e as i32,
+                first_token,
+                rep_start: In::new(self.rep_start.ptr()),
+                rep_rank: In::new(self.rep_rank.ptr()),
+                G: ranks as i32,
+                dest_row: Out::new(dest_row),
+                send_counts: Out::new(counts_at),
+            },
+        )?;
+        let counts = read_i32(&dev, &b.counts, 2 * ranks)?;
+        let (send_count, send_first) = checked_counts(&counts, ranks, t)?;
+        let rows: usize = send_count.iter().sum();
+        let send_rows = room(&dev, &mut b.send_rows, rows * row_bytes)?;
+        let send_ids = room(&dev, &mut b.send_ids, rows * k * 4)?;
+        let send_w = room(&dev, &mut b.send_w, rows * k * 4)?;
+        if t > 0 {
+            launch(
+                &dev,
+                stream,
+                &self.pack,
+                ep::pack_shape(t, dev.sm_count),
+                &EpPack {
+                    hidden: In::new(hidden),
+                    row_bytes: row_bytes as i32,
+                    topk_ids: In::new(ids),
+                    topk_w: In::new(weights),
+                    T: t as i32,
+                    K: k as i32,
+                    E: e as i32,
+                    first_token,
+                    rep_start: In::new(self.rep_start.ptr()),
+                    rep_rank: In::new(self.rep_rank.ptr()),
+                    rep_id: In::new(self.rep_id.ptr()),
+                    G: ranks as i32,
+                    dest_row: In::new(dest_row),
+                    send_rows: Out::new(send_rows),
+                    send_ids: Out::new(send_ids),
+                    send_w: Out::new(send_w),
+                },
+            )?;
+        }
+
+        // The counts through host memory (they size the exchanges), then the records.
+        let sent: Vec<Vec<u8>> = send_count
+            .iter()
+            .map(|&c| (c as u64).to_le_bytes().to_vec())
+            .collect();
+        let recv_count = comm
+            .all_to_all_v(sent)?
+            .iter()
+            .enumerate()
+            .map(|(src, bytes)| {
+                <[u8; 8]>::try_from(&bytes[..])
+                    .map(|b| u64::from_le_bytes(b) as usize)
+                    .map_err(|_| MoeError::Comm {
+                        rank: me,
+                        why: format!(
+                            "device all-to-all: rank {src} sent a count of {} bytes",
+                            bytes.len()
+                        ),
+                    })
+            })
+            .collect::<Result<Vec<usize>>>()?;
+        let recv_first = exclusive_scan(&recv_count);
+        let n_recv: usize = recv_count.iter().sum();
+        let recv_rows = room(&dev, &mut b.recv_rows, n_recv * row_bytes)?;
+        let recv_ids = room(&dev, &mut b.recv_ids, n_recv * k * 4)?;
+        let recv_w = room(&dev, &mut b.recv_w, n_recv * k * 4)?;
+        dev.sync()?; // the records are packed before a peer reads them
+        let part = |send: u64, recv: u64, unit: usize, outgoing: bool| {
+            let (sf, sc, rf, rc) = if outgoing {
+                (&send_first, &send_count, &recv_first, &recv_count)
+            } else {
+                (&recv_first, &recv_count, &send_first, &send_count)
+            };
+            DeviceExchange {
+                send,
+                send_regions: regions(sf, sc, unit),
+                recv,
+                recv_regions: regions(rf, rc, unit),
+            }
+        };
+        comm.all_to_all_v_device(&[
+            part(send_rows, recv_rows, row_bytes, true),
+            part(send_ids, recv_ids, k * 4, true),
+            part(send_w, recv_w, k * 4, true),
+        ])?;
+
+        // This rank's slots of every record it received, summed per record by its own pipeline.
+        let partial = room(&dev, &mut b.partial, n_recv * row_bytes)?;
+        if n_recv > 0 {
+            let call = DeviceCall {
+                tokens: n_recv,
+                hidden: recv_rows,
+                hidden_dtype: dtype,
+                routes: DeviceRoutes::TopK {
+                    ids: recv_ids,
+                    weights: recv_w,
+                },
+                out: partial,
+            };
+            // SAFETY: every address is a live buffer of this rank's device sized for `n_recv`
+            // records (rows of `row_bytes`, K ids and weights each); the call runs on the device's
+            // own stream, which `sync` waits for below, before any of them is reused.
+            unsafe { cuda.enqueue_on(&call, None) }?;
+        }
+        dev.sync()?;
+
+        // Each record's partial row back to its owner, which adds them in rank order.
+        let returned = room(&dev, &mut b.returned, rows * row_bytes)?;
+        comm.all_to_all_v_device(&[part(partial, returned, row_bytes, false)])?;
+        let out = room(&dev, &mut b.out, t * row_bytes)?;
+        if t > 0 {
+            let code = ElemCode::of(dtype)?.code();
+            launch(
+                &dev,
+                stream,
+                &self.combine,
+                combine::shape(t, h, dev.sm_count),
+                &CombineRows {
+                    z: In::new(returned),
+                    z_dtype: code,
+                    z_stride: h as i32,
+                    pair_pos: In::new(dest_row),
+                    topk_w: In::NULL,
+                    T: t as i32,
+                    K: ranks as i32,
+                    H: h as i32,
+                    out: Out::new(out),
+                    out_dtype: code,
+                },
+            )?;
+        }
+        let bytes = match &b.out {
+            Some(buf) => dev.read(buf, t * row_bytes)?,
+            None => Vec::new(),
+        };
+        HostTensor::from_u8(dtype, vec![t, h], bytes).to_f32_vec("output")
+    }
+}
+
+/// `slot` with room for `bytes` (grown to the next power of two when short); its address.
+fn room(dev: &Device, slot: &mut Option<Buf>, bytes: usize) -> Result<u64> {
+    if slot.as_ref().is_none_or(|b| b.len < bytes) {
+        *slot = None; // free the old one first
+        *slot = Some(dev.alloc(bytes.max(1).next_power_of_two())?);
+    }
+    Ok(slot.as_ref().map_or(0, Buf::ptr))
+}
+
+/// `bytes` copied into `slot` (grown as `room` does); its address.
+fn put(dev: &Device, slot: &mut Option<Buf>, bytes: &[u8]) -> Result<u64> {
+    let at = room(dev, slot, bytes.len())?;
+    if let Some(buf) = slot.as_mut() {
+        dev.write(buf, 0, bytes)?;
+    }
+    Ok(at)
+}
+
+fn read_i32(dev: &Device, slot: &Option<Buf>, n: usize) -> Result<Vec<i32>> {
+    let buf = slot.as_ref().ok_or_else(|| {
+        MoeError::Cuda("internal: device all-to-all read an unmade buffer".into())
+    })?;
+    Ok(dev
+        .read(buf, n * 4)?
+        .chunks_exact(4)
+        .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect())
+}
+
+/// `ep_plan`'s counts (records per destination, then their first rows) as sizes, checked: a count
+/// outside [0, T] or rows that do not follow one another is a kernel fault, not something to send.
+fn checked_counts(counts: &[i32], ranks: usize, tokens: usize) -> Result<(Vec<usize>, Vec<usize>)> {
+    let bad = || {
+        MoeError::Cuda(format!(
+            "internal: ep_plan wrote counts {counts:?} for {tokens} tokens over {ranks} ranks"
+        ))
+    };
+    if counts.len() != 2 * ranks {
+        return Err(bad());
+    }
+    let mut count = Vec::with_capacity(ranks);
+    for &c in &counts[..ranks] {
+        let c = usize::try_from(c).map_err(|_| bad())?;
+        if c > tokens {
+            return Err(bad());
+        }
+        count.push(c);
+    }
+    let first = exclusive_scan(&count);
+    let written: Vec<usize> = counts[ranks..]
+        .iter()
+        .map(|&f| usize::try_from(f).unwrap_or(usize::MAX))
+        .collect();
+    if written != first {
+        return Err(bad());
+    }
+    Ok((count, first))
+}
+
+fn exclusive_scan(counts: &[usize]) -> Vec<usize> {
+    let mut run = 0;
+    counts
+        .iter()
+        .map(|&c| {
+            let at = run;
+            run += c;
+            at
+        })
+        .collect()
+}
+
+/// Byte regions (offset, length) of `count[i]` units from unit `first[i]`.
+fn regions(first: &[usize], count: &[usize], unit: usize) -> Vec<(usize, usize)> {
+    first
+        .iter()
+        .zip(count)
+        .map(|(&f, &c)| (f * unit, c * unit))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_from_the_plan_are_checked_before_they_size_anything() {
+        let (count, first) = checked_counts(&[2, 0, 3, 0, 2, 2], 3, 4).unwrap();
+        assert_eq!((count, first), (vec![2, 0, 3], vec![0, 2, 2]));
+        for bad in [
+            &[2, 0, 3, 0, 2, 3][..], // rows that do not follow one another
+            &[-1, 0, 3, 0, 0, 0],    // a negative count
+            &[5, 0, 0, 0, 5, 5],     // more records than tokens
+            &[1, 1, 0, 1],           // the wrong length
+        ] {
+            let err = checked_counts(bad, 3, 4).unwrap_err().to_string();
+            assert!(err.contains("ep_plan"), "{err}");
+        }
+    }
+
+    #[test]
+    fn regions_are_the_units_of_each_destination() {
+        assert_eq!(
+            regions(&[0, 2, 2], &[2, 0, 3], 10),
+            vec![(0, 20), (20, 0), (20, 30)]
+        );
+        assert_eq!(exclusive_scan(&[2, 0, 3]), vec![0, 2, 2]);
+    }
+}
