@@ -2853,6 +2853,38 @@ fn gpu_device_all_to_all_meets_the_reference() {
             }
         }
     }
+    // Timed as `bench --ep-mode device-all-to-all` times it: the warm-up call stages the tokens on
+    // the device, the timed calls run again from there (`forward_staged`).
+    let cfg = split_config((WeightFormat::Bf16, ActivationFormat::Bf16));
+    let layer = random_layer(&cfg, 0xDEF0, true).expect("layer");
+    let input = random_input(&cfg, 64, RoutingMode::Logits, DType::BF16, 0xDEF1).expect("input");
+    let fwd = ForwardInput {
+        hidden: &input.hidden,
+        routing: input.routing_input(),
+    };
+    let layout = Layout::new(
+        ExpertMap::even(12, 2).expect("map"),
+        1,
+        EpMode::DeviceAllToAll,
+    )
+    .expect("layout");
+    let (out, samples) = moerunner::parallel::timing::time_split(
+        &layer,
+        &layout,
+        (&cuda(), Transport::Device),
+        &fwd,
+        (timeout, 3),
+        &|| {},
+    )
+    .expect("timed device all-to-all");
+    assert_meets_reference("timed device all-to-all", &layer, &input.hidden, &out);
+    assert_eq!(samples.len(), 3);
+    for s in &samples {
+        assert!(
+            s.wall_s > 0.0 && s.comm_s >= 0.0 && s.comm_s <= s.wall_s,
+            "{s:?}"
+        );
+    }
 }
 
 /// Verified autotuning: `tune` runs every candidate tactic, refuses any whose output differs from

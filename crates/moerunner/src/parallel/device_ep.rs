@@ -47,6 +47,19 @@ pub(crate) struct State {
     rep_rank: Buf,
     rep_id: Buf,
     bufs: Bufs,
+    /// What the tokens in `bufs.hidden` / `ids` / `weights` are: the last call's, which
+    /// [`forward_staged`] runs again.
+    staged: Option<Staged>,
+}
+
+/// The shape of the tokens a call staged on the device.
+#[derive(Clone, Copy, Debug)]
+struct Staged {
+    tokens: usize,
+    top_k: usize,
+    dtype: DType,
+    /// The global index of the rank's first token.
+    first: usize,
 }
 
 #[derive(Default)]
@@ -100,6 +113,29 @@ pub(super) fn forward(
     }
 }
 
+/// The rank's last device all-to-all call again, on the tokens and routes it left on the device,
+/// its output left there too: what a split's timing repeats (`timing::time_split`), so that a timed
+/// call is what it would be for an engine whose tokens live on the GPU — no upload, no host
+/// routing, no download; it returns once the rank's output is complete on its device.
+pub(super) fn forward_staged(comm: &dyn Communicator, layer: &RankLayer) -> Result<()> {
+    let cuda = layer
+        .loaded
+        .as_cuda()
+        .ok_or_else(|| MoeError::Cuda("internal: a staged device call off the GPU".into()))?;
+    let mut state = layer
+        .device_ep
+        .lock()
+        .map_err(|_| MoeError::Cuda("device all-to-all: a rank's state lock is poisoned".into()))?;
+    let s = state.as_mut().ok_or_else(|| {
+        MoeError::Cuda("internal: a staged device call before any call staged tokens".into())
+    })?;
+    let staged = s.staged.ok_or_else(|| {
+        MoeError::Cuda("internal: a staged device call before any call staged tokens".into())
+    })?;
+    s.exchange_and_compute(comm, layer, cuda, staged)?;
+    s.dev.sync()
+}
+
 impl State {
     fn new(comm: &dyn Communicator, layer: &RankLayer, cuda: &CudaLayer) -> Result<State> {
         let dev = cuda.device().clone();
@@ -140,6 +176,7 @@ impl State {
             rep_rank: dev.upload(&i32_bytes(&rank))?,
             rep_id: dev.upload(&i32_bytes(&id))?,
             bufs: Bufs::default(),
+            staged: None,
             dev,
         })
     }
@@ -151,7 +188,6 @@ impl State {
         cuda: &CudaLayer,
         own: &Owned<'_>,
     ) -> Result<Vec<f32>> {
-        let (me, ranks) = (comm.rank(), comm.size());
         let dtype = own.hidden.dtype;
         if !matches!(dtype, DType::BF16 | DType::F32) {
             return Err(MoeError::invalid(
@@ -159,20 +195,65 @@ impl State {
                 format!("device-all-to-all moves bf16 or f32 rows; these are {dtype}"),
             ));
         }
-        let (t, k) = (own.routes.tokens, own.routes.top_k);
+        let staged = Staged {
+            tokens: own.routes.tokens,
+            top_k: own.routes.top_k,
+            dtype,
+            first: own.first,
+        };
+        let row_bytes = layer.global.hidden * dtype.size();
+        // This rank's tokens and routes on the device (kept: `forward_staged` runs them again).
+        self.staged = None;
+        let b = &mut self.bufs;
+        put(
+            &self.dev,
+            &mut b.hidden,
+            &own.hidden.bytes[..staged.tokens * row_bytes],
+        )?;
+        put(&self.dev, &mut b.ids, &i32_bytes(&own.routes.ids))?;
+        put(&self.dev, &mut b.weights, &f32_bytes(&own.routes.weights))?;
+        self.staged = Some(staged);
+        self.exchange_and_compute(comm, layer, cuda, staged)?;
+        let bytes = match &self.bufs.out {
+            Some(buf) => self.dev.read(buf, staged.tokens * row_bytes)?,
+            None => Vec::new(),
+        };
+        HostTensor::from_u8(dtype, vec![staged.tokens, layer.global.hidden], bytes)
+            .to_f32_vec("output")
+    }
+
+    /// Plan, pack, exchange, compute, return and combine the staged tokens; the rank's output is
+    /// in `bufs.out` once the device's stream has run what this enqueued last (the combine).
+    fn exchange_and_compute(
+        &mut self,
+        comm: &dyn Communicator,
+        layer: &RankLayer,
+        cuda: &CudaLayer,
+        staged: Staged,
+    ) -> Result<()> {
+        let (me, ranks) = (comm.rank(), comm.size());
+        let Staged {
+            tokens: t,
+            top_k: k,
+            dtype,
+            first,
+        } = staged;
         let (h, e) = (layer.global.hidden, layer.global.num_experts);
         let row_bytes = h * dtype.size();
         let dev = self.dev.clone();
         let stream = dev.stream.cu_stream();
         let b = &mut self.bufs;
+        let staged_at = |slot: &Option<Buf>| slot.as_ref().map_or(0, Buf::ptr);
+        let (hidden, ids, weights) = (
+            staged_at(&b.hidden),
+            staged_at(&b.ids),
+            staged_at(&b.weights),
+        );
 
-        // This rank's tokens and routes on the device; each record's row per destination.
-        let hidden = put(&dev, &mut b.hidden, &own.hidden.bytes[..t * row_bytes])?;
-        let ids = put(&dev, &mut b.ids, &i32_bytes(&own.routes.ids))?;
-        let weights = put(&dev, &mut b.weights, &f32_bytes(&own.routes.weights))?;
+        // Each record's row per destination.
         let dest_row = room(&dev, &mut b.dest_row, t * ranks * 4)?;
         let counts_at = room(&dev, &mut b.counts, 2 * ranks * 4)?;
-        let first_token = own.first as i64;
+        let first_token = first as i64;
         launch(
             &dev,
             stream,
@@ -315,11 +396,7 @@ impl State {
                 },
             )?;
         }
-        let bytes = match &b.out {
-            Some(buf) => dev.read(buf, t * row_bytes)?,
-            None => Vec::new(),
-        };
-        HostTensor::from_u8(dtype, vec![t, h], bytes).to_f32_vec("output")
+        Ok(())
     }
 }
 

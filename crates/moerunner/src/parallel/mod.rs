@@ -299,6 +299,22 @@ pub fn forward_rank(
     })
 }
 
+/// Rank `layer.rank()`'s last [`forward_rank`] call again on what it left on the device, its output
+/// left there (device all-to-all only: [`EpMode::DeviceAllToAll`]); what a split's timing repeats.
+fn forward_rank_again(comm: &dyn Communicator, layer: &RankLayer) -> Result<()> {
+    #[cfg(feature = "cuda")]
+    {
+        guarded(comm, || device_ep::forward_staged(comm, layer))
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (comm, layer);
+        Err(MoeError::Cuda(
+            "device-all-to-all needs the `cuda` feature, which this build lacks".into(),
+        ))
+    }
+}
+
 /// Checks and routes this rank's tokens, and learns every rank's token count (and that all
 /// hidden states share one dtype).
 fn front<'a>(

@@ -6,7 +6,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use super::{
-    forward_rank, guarded, join_outputs, on_rank_threads, Communicator, Layout, RankLoader,
+    forward_rank, guarded, join_outputs, on_rank_threads, Communicator, EpMode, Layout, RankLoader,
     Transport,
 };
 use crate::error::{MoeError, Result};
@@ -110,7 +110,15 @@ pub fn time_split(
                 comm.barrier()?;
                 comm.take();
                 let start = Instant::now();
-                let out = forward_rank(&comm, &layer, &input)?;
+                // Device all-to-all times its calls as an engine whose tokens live on the GPU
+                // would make them: the warm-up call stages the tokens and routes on the device,
+                // the timed ones run again from there (docs/parallel.md, "Timing a split layer").
+                let out = if i > 0 && layout.mode == EpMode::DeviceAllToAll {
+                    super::forward_rank_again(&comm, &layer)?;
+                    None
+                } else {
+                    Some(forward_rank(&comm, &layer, &input)?)
+                };
                 let mine = comm.take();
                 comm.barrier()?;
                 let wall_s = start.elapsed().as_secs_f64();
@@ -124,7 +132,7 @@ pub fn time_split(
                     })
                     .fold(f64::INFINITY, f64::min);
                 if i == 0 {
-                    warm_up = Some(out);
+                    warm_up = out;
                 } else {
                     samples.push(SplitSample { wall_s, comm_s });
                 }
