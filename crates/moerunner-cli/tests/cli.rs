@@ -1100,3 +1100,41 @@ fn bench_stage_times_only_where_a_device_has_stages() {
     );
     fails_usage(&[&args[..], &["--comm", "thread", "--ep-size", "2"]].concat());
 }
+
+/// `--ep-mode device-all-to-all` runs GPU ranks: with host-memory ranks `check` and `bench` refuse it
+/// before any case, naming the transports that take it; without `--comm` it is a usage error; and
+/// `run` says why CPU ranks cannot.
+#[test]
+fn device_all_to_all_needs_gpu_ranks() {
+    for args in [
+        &[
+            "check",
+            "--comm",
+            "thread",
+            "--ep-mode",
+            "device-all-to-all",
+            "--cases",
+            "2",
+        ][..],
+        &[
+            "bench",
+            "--backend",
+            "cpu",
+            "--comm",
+            "thread",
+            "--ep-size",
+            "2",
+            "--ep-mode",
+            "device-a2a",
+            "--tokens",
+            "1",
+        ],
+    ] {
+        let err = fails(args);
+        assert!(err.contains("--comm nccl or device"), "{args:?}: {err}");
+    }
+    let err = fails_usage(&["check", "--ep-mode", "device-all-to-all", "--cases", "2"]);
+    assert!(err.contains("--comm"), "{err}");
+    let err = fails_usage(&["check", "--comm", "thread", "--ep-mode", "sideways"]);
+    assert!(err.contains("device-all-to-all"), "{err}");
+}

@@ -343,6 +343,7 @@ impl NativeLayer {
             hidden_dtype: hidden.dtype,
             routes,
             out: out.addr,
+            out_dtype: out.dtype,
         };
         py.detach(|| {
             let stream = stream as moerunner::backend::cuda::launch::RawStream;

@@ -35,6 +35,18 @@ pub struct Args {
     /// backend.
     #[arg(long, default_value = "none", value_parser = ["none", "thread", "nccl", "device"])]
     comm: String,
+    /// With --comm: the EP mode of every case without TP (the rest keep their seed's mode):
+    /// all-to-all, gather-scatter or device-all-to-all (--comm nccl or device; unsplit cases then
+    /// run it too, as one rank). Default: alternating by seed.
+    #[arg(long, requires = "comm")]
+    ep_mode: Option<moerunner::parallel::EpMode>,
+}
+
+/// How a case runs over ranks: the transport, and the EP mode of cases without TP (None: by seed).
+#[derive(Clone, Copy)]
+struct Split {
+    transport: Transport,
+    ep_mode: Option<moerunner::parallel::EpMode>,
 }
 
 /// One case on `backend`: its ranks alone (partial sums), or the whole layer over `transport`'s
@@ -43,22 +55,23 @@ fn check_case(
     runner: &Runner,
     seed: u64,
     backend: &BackendChoice,
-    transport: Option<Transport>,
+    split: Option<Split>,
 ) -> CaseResult {
     use moerunner::parallel::{self, EpMode, ExpertMap, Layout};
-    let Some(transport) = transport else {
+    let Some(Split { transport, ep_mode }) = split else {
         return run_case_on(runner, seed, backend);
     };
     run_case_whole(seed, |case, layer, input| {
-        let split = case.ep_size * case.tp_size > 1;
-        if !split && transport != Transport::Nccl {
+        let ranks = case.ep_size * case.tp_size;
+        let chosen = ep_mode.filter(|_| case.tp_size == 1);
+        if ranks == 1 && transport != Transport::Nccl && chosen != Some(EpMode::DeviceAllToAll) {
             return runner.load(layer, backend)?.forward(input);
         }
-        let mode = if seed.is_multiple_of(2) {
+        let mode = chosen.unwrap_or(if seed.is_multiple_of(2) {
             EpMode::GatherScatter
         } else {
             EpMode::AllToAll
-        };
+        });
         let map = ExpertMap::even(case.config.num_experts, case.ep_size)?;
         let layout = Layout::new(map, case.tp_size, mode)?;
         parallel::forward_split(
@@ -77,6 +90,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         "none" => None,
         comm => Some(comm.parse::<Transport>()?),
     };
+    if args.ep_mode == Some(moerunner::parallel::EpMode::DeviceAllToAll)
+        && !matches!(transport, Some(Transport::Nccl | Transport::Device))
+    {
+        bail!("--ep-mode device-all-to-all runs GPU ranks: use --comm nccl or device");
+    }
+    let split = transport.map(|transport| Split {
+        transport,
+        ep_mode: args.ep_mode,
+    });
     // NCCL and device ranks run on GPUs: say at once what is missing (the `cuda` feature, a
     // driver, a GPU, libnccl), and how many ranks fit (NCCL: one per GPU).
     let most_ranks = match transport {
@@ -99,7 +121,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     // A backend that cannot run here says why, instead of every case counting as "skipped".
     runner.available(&backend)?;
     if let Some(seed) = args.case {
-        return run_single_case(&runner, seed, &backend, transport);
+        return run_single_case(&runner, seed, &backend, split);
     }
 
     let bar = ProgressBar::new(args.cases);
@@ -129,7 +151,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             bar.inc(1);
             return None;
         }
-        let r = check_case(&runner, seed, &backend, transport);
+        let r = check_case(&runner, seed, &backend, split);
         if !r.passed {
             bar.set_message("(failures)");
         }
@@ -214,11 +236,11 @@ fn run_single_case(
     runner: &Runner,
     seed: u64,
     backend: &BackendChoice,
-    transport: Option<Transport>,
+    split: Option<Split>,
 ) -> anyhow::Result<()> {
     let case = Case::generate(seed);
     println!("case {seed}: {case}");
-    let r = check_case(runner, seed, backend, transport);
+    let r = check_case(runner, seed, backend, split);
     match &r.error {
         Some(e) => println!("error: {e}"),
         None => println!(

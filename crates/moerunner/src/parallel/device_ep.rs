@@ -6,14 +6,15 @@
 //! once to each rank that serves one of its slots — but what comes back is one row per (token,
 //! rank): the serving rank runs the rows it received through the CUDA backend's device entry
 //! ([`crate::backend::cuda::layer::CudaLayer::enqueue_on`]) with routed ids that keep only its own
-//! slots (−1 elsewhere), so the pipeline's own combine adds that rank's slots in slot order, and
-//! the owner adds the ranks' rows in rank order (combine.cu's `combine_rows`, weight 1). That moves
-//! a row per (token, rank) back instead of a row per (token, slot) — at deepseek-v3's k = 8 over two
-//! ranks a quarter of the bytes — as DeepEP's combine does; the price is that a rank's partial row
-//! is rounded to the hidden states' dtype before the owner adds them, so the result is the single
-//! device's within a rounding of that dtype per rank, not bit for bit (the host all-to-all stays
-//! bitwise). One call per rank: route on the host (`front`), upload the tokens and routes, plan and
-//! pack (`ep.cu`), exchange the counts through host memory, the rows and routes device to device
+//! slots (−1 elsewhere), so the pipeline's own combine adds that rank's slots in slot order, in f32,
+//! and the owner adds the ranks' f32 rows in rank order (combine.cu's `combine_rows`, weight 1)
+//! before the one rounding to the hidden states' dtype. That moves a row per (token, rank) back
+//! instead of a row per (token, slot) — at deepseek-v3's k = 8 over two ranks about half the bytes
+//! of the host all-to-all's f32 per-slot rows — and the result differs from the single device's
+//! only in how the f32 additions of a token's slots are grouped (the per-slot rows are the same),
+//! not bit for bit (the host all-to-all stays the bitwise mode). One call per rank: route on the
+//! host (`front`), upload the tokens and routes, plan and pack (`ep.cu`), exchange the counts
+//! through host memory, the rows and routes device to device
 //! ([`Communicator::all_to_all_v_device`]: NCCL, or copies between ranks sharing a GPU), compute,
 //! return the partial rows the same way, combine, download. Host waits separate the steps (the
 //! counts size the exchanges); a graph-captured form with fixed-capacity buffers is the next step
@@ -189,10 +190,10 @@ impl State {
         own: &Owned<'_>,
     ) -> Result<Vec<f32>> {
         let dtype = own.hidden.dtype;
-        if !matches!(dtype, DType::BF16 | DType::F32) {
+        if !matches!(dtype, DType::BF16 | DType::F16 | DType::F32) {
             return Err(MoeError::invalid(
                 "hidden_states",
-                format!("device-all-to-all moves bf16 or f32 rows; these are {dtype}"),
+                format!("device-all-to-all moves bf16, f16 or f32 rows; these are {dtype}"),
             ));
         }
         let staged = Staged {
@@ -352,7 +353,9 @@ impl State {
         ])?;
 
         // This rank's slots of every record it received, summed per record by its own pipeline.
-        let partial = room(&dev, &mut b.partial, n_recv * row_bytes)?;
+        // (f32 sums: the owner adds the ranks' rows before the one rounding to its dtype)
+        let sum_bytes = h * 4;
+        let partial = room(&dev, &mut b.partial, n_recv * sum_bytes)?;
         if n_recv > 0 {
             let call = DeviceCall {
                 tokens: n_recv,
@@ -363,20 +366,21 @@ impl State {
                     weights: recv_w,
                 },
                 out: partial,
+                out_dtype: DType::F32,
             };
             // SAFETY: every address is a live buffer of this rank's device sized for `n_recv`
-            // records (rows of `row_bytes`, K ids and weights each); the call runs on the device's
+            // records (input rows of `row_bytes`, f32 sums of `sum_bytes`, K ids and weights
+            // each); the call runs on the device's
             // own stream, which `sync` waits for below, before any of them is reused.
             unsafe { cuda.enqueue_on(&call, None) }?;
         }
         dev.sync()?;
 
         // Each record's partial row back to its owner, which adds them in rank order.
-        let returned = room(&dev, &mut b.returned, rows * row_bytes)?;
-        comm.all_to_all_v_device(&[part(partial, returned, row_bytes, false)])?;
+        let returned = room(&dev, &mut b.returned, rows * sum_bytes)?;
+        comm.all_to_all_v_device(&[part(partial, returned, sum_bytes, false)])?;
         let out = room(&dev, &mut b.out, t * row_bytes)?;
         if t > 0 {
-            let code = ElemCode::of(dtype)?.code();
             launch(
                 &dev,
                 stream,
@@ -384,7 +388,7 @@ impl State {
                 combine::shape(t, h, dev.sm_count),
                 &CombineRows {
                     z: In::new(returned),
-                    z_dtype: code,
+                    z_dtype: ElemCode::F32.code(),
                     z_stride: h as i32,
                     pair_pos: In::new(dest_row),
                     topk_w: In::NULL,
@@ -392,7 +396,7 @@ impl State {
                     K: ranks as i32,
                     H: h as i32,
                     out: Out::new(out),
-                    out_dtype: code,
+                    out_dtype: ElemCode::of(dtype)?.code(),
                 },
             )?;
         }

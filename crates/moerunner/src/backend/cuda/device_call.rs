@@ -22,7 +22,8 @@ pub enum DeviceRoutes {
 }
 
 /// One forward call on device memory: `[T, H]` hidden states of `hidden_dtype` (bf16, f16 or f32),
-/// the routes, and a `[T, H]` output of the same dtype.
+/// the routes, and a `[T, H]` output of `out_dtype` (bf16, f16 or f32; the hidden states' dtype
+/// unless a caller wants the f32 sums themselves, as device all-to-all's partial rows do).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DeviceCall {
     pub tokens: usize,
@@ -30,6 +31,7 @@ pub struct DeviceCall {
     pub hidden_dtype: DType,
     pub routes: DeviceRoutes,
     pub out: u64,
+    pub out_dtype: DType,
 }
 
 impl CudaLayer {
@@ -41,7 +43,7 @@ impl CudaLayer {
     ///
     /// # Safety
     /// Every address in `call` must be device memory of this layer's device, of the size the call
-    /// implies (`[T, H]` hidden states and output in `hidden_dtype`, `[T, E]` logits, `[T, K]` ids,
+    /// implies (`[T, H]` hidden states in `hidden_dtype` and output in `out_dtype`, `[T, E]` logits, `[T, K]` ids,
     /// weights or packed routes), valid until `stream` has run the call, and `stream` a live stream
     /// of this device's context.
     pub unsafe fn enqueue_on(&self, call: &DeviceCall, stream: Option<RawStream>) -> Result<()> {
@@ -92,14 +94,16 @@ impl CudaLayer {
                 why,
             })
         };
-        if !matches!(call.hidden_dtype, DType::BF16 | DType::F16 | DType::F32) {
-            return bad(
-                "hidden_states",
-                format!(
-                    "dtype {} (bf16, f16 or f32 expected)",
-                    call.hidden_dtype.name()
-                ),
-            );
+        for (name, dtype) in [
+            ("hidden_states", call.hidden_dtype),
+            ("output", call.out_dtype),
+        ] {
+            if !matches!(dtype, DType::BF16 | DType::F16 | DType::F32) {
+                return bad(
+                    name,
+                    format!("dtype {} (bf16, f16 or f32 expected)", dtype.name()),
+                );
+            }
         }
         if let DeviceRoutes::Logits { dtype, .. } = call.routes {
             if !matches!(dtype, DType::BF16 | DType::F32) {
@@ -141,7 +145,8 @@ impl CudaLayer {
             tokens: end - start,
             hidden: row(call.hidden, h_bytes),
             hidden_dtype: call.hidden_dtype,
-            out: row(call.out, h_bytes),
+            out: row(call.out, cfg.hidden * call.out_dtype.size()),
+            out_dtype: call.out_dtype,
             routes: match call.routes {
                 DeviceRoutes::Logits { ptr, dtype } => DeviceRoutes::Logits {
                     ptr: row(ptr, cfg.num_experts * dtype.size()),

@@ -514,6 +514,7 @@ impl CudaLayer {
             hidden_dtype: input.hidden.dtype,
             routes,
             out: staging.out.ptr(),
+            out_dtype: input.hidden.dtype,
         })
     }
 

@@ -944,8 +944,10 @@ impl Stage for Gemm2Stage {
     }
 }
 
-/// GEMM2's rows in bf16 when the output is 16-bit anyway (halves their traffic into combine); f32
-/// for f32 hidden states.
+/// GEMM2's rows in bf16 when the hidden states are 16-bit (halves their traffic into combine); f32
+/// for f32 hidden states. Keyed on the input, not the output: a call that asks for f32 sums of
+/// 16-bit hidden states (device all-to-all's partial rows) adds the same per-slot rows as the
+/// single device does.
 fn gemm2_stage(hidden: DType) -> GemmStage {
     if hidden != DType::F32 {
         GemmStage::DownBf16
@@ -984,7 +986,7 @@ impl Stage for CombineStage {
                 K: l.top_k() as i32,
                 H: l.dims.hidden as i32,
                 out: Out::new(run.call.out),
-                out_dtype: ElemCode::of(run.call.hidden_dtype)?.code(),
+                out_dtype: ElemCode::of(run.call.out_dtype)?.code(),
             },
         )
     }
@@ -1133,7 +1135,7 @@ impl Stage for DecodeStage {
                 inter: Out::new(run.slot(Slot::Inter)?),
                 barrier: Out::new(run.slot(Slot::GridBarrier)?),
                 out: Out::new(run.call.out),
-                out_dtype: ElemCode::of(run.call.hidden_dtype)?.code(),
+                out_dtype: ElemCode::of(run.call.out_dtype)?.code(),
                 act_alpha: alpha,
                 act_beta: beta,
                 act_limit: limit,
