@@ -6,6 +6,7 @@
 #   tests  gpu_fused_front_equals_the_three_launches   (front.cu; off by default until it passes)
 #          gpu_device_all_to_all_meets_the_reference   (ep.cu, parallel/device_ep.rs)
 #          gpu_stage_times_cover_the_standard_pipeline (bench --stage-times)
+#          check --comm device --ep-mode device-all-to-all, 200 seeded cases
 #   bench  device all-to-all on one GPU (two ranks sharing it: a check that it runs and what its
 #          steps cost, not a speed-up) beside the host all-to-all and the unsplit layer, qwen3-30b-a3b
 #          bf16 and fp8_block, T = 1, 128, 1024
@@ -30,6 +31,10 @@ if [[ $what == tests || $what == all ]]; then
         [[ $rc == 0 ]] || status=1
         echo "$t rc=$rc $(( $(date +%s) - start )) s: $(grep -E '^test result|panicked' "$work/t-$t.log" | head -n 2 | tr '\n' ' ')"
     done
+    # the seeded matrix through device all-to-all (every case without TP; unsplit ones as one rank)
+    timeout 240 gpu-bin/moerunner check --backend cuda --comm device --ep-mode device-all-to-all --cases 200 \
+        > "$work/check-device-a2a.log" 2>&1 || status=1
+    echo "check device-all-to-all: $(tail -n 1 "$work/check-device-a2a.log")"
 fi
 if [[ $what == bench || $what == all ]]; then
     b() {
