@@ -493,6 +493,19 @@ impl NativeLayer {
         }
     }
 
+    /// Bytes of device memory the CUDA workspace of calls of up to `tokens` tokens holds besides
+    /// the weights (what `reserve(tokens)` allocates), without allocating; 0 on the host backends.
+    fn workspace_bytes(&self, tokens: usize) -> usize {
+        match &self.exec {
+            Exec::Host(_) => {
+                let _ = tokens;
+                0
+            }
+            #[cfg(feature = "cuda")]
+            Exec::Cuda { layer, .. } => layer.workspace_bytes(tokens, false),
+        }
+    }
+
     /// One forward call into `out` (same dtype and shape as `hidden_states`). `stream`: the CUDA
     /// stream handle the call runs on (torch's current stream), for CUDA tensors.
     #[pyo3(signature = (hidden_states, out, router_logits=None, topk_ids=None, topk_weights=None, topk_packed=None, stream=None))]

@@ -101,6 +101,17 @@ def test_cuda_graph_capture_and_replay(gpu, files):
     assert torch.equal(out, layer(x.clone(), logits.clone()))
 
 
+def test_workspace_bytes_are_known_before_they_are_allocated(gpu, files):
+    layer = moerunner.MoeLayer.from_file(files(tokens=16, dtype="bf16").layer, device="cuda:0")
+    small, large = layer.workspace_bytes(16), layer.workspace_bytes(4096)
+    assert 0 < small < large
+    # bounded: a call of any size runs in slices of one launch sequence's tokens
+    assert layer.workspace_bytes(10**9) == layer.workspace_bytes(10**8)
+    # (that `reserve` allocates exactly these bytes is checked in Rust: tests/cuda.rs,
+    # gpu_workspace_bytes_are_what_reserve_allocates)
+    layer.reserve(4096)
+
+
 def test_a_capture_without_reserve_is_refused_with_advice(gpu, files):
     case = files(tokens=300, dtype="bf16")
     layer = moerunner.MoeLayer.from_file(case.layer, device="cuda:0")

@@ -97,6 +97,7 @@ def test_layer_description(files):
     assert layer.backend == "cpu" and layer.device == "cpu"
     assert "bf16" in repr(layer)
     layer.reserve(64)  # nothing on the CPU
+    assert layer.workspace_bytes(64) == 0  # no device workspace on the CPU
 
 
 def test_auto_device_runs_somewhere(files):

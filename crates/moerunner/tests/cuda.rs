@@ -1064,6 +1064,59 @@ fn gpu_device_memory_entry_matches_the_host_path() {
     }
 }
 
+/// `CudaLayer::workspace_bytes` says, without allocating, what `reserve` then allocates — scratch
+/// alone and with the host entry's staging — for a format with a requantization stage and one
+/// without, at token counts below, at and above one launch sequence's (where it stops growing).
+#[cfg(feature = "cuda")]
+#[test]
+fn gpu_workspace_bytes_are_what_reserve_allocates() {
+    use moerunner::backend::cuda::layer::CudaLayer;
+    use std::sync::Arc;
+    let Some(dev) = gpu_device() else { return };
+    for codec in [
+        (WeightFormat::Fp8Block, ActivationFormat::Fp8Block),
+        (WeightFormat::Mxfp4, ActivationFormat::Bf16),
+    ] {
+        let cfg = config_codec(
+            codec,
+            16,
+            256,
+            256,
+            Activation::Swiglu,
+            RoutingConfig::new(RoutingMethod::Renormalize, 4),
+        );
+        let layer = Arc::new(random_layer(&cfg, 0x5EED, true).expect("layer"));
+        for tokens in [1usize, 100, 5000, 1 << 20] {
+            let cuda = CudaLayer::load(dev.clone(), layer.clone()).expect("load");
+            assert_eq!(
+                cuda.reserved_bytes().expect("bytes"),
+                0,
+                "nothing before a call"
+            );
+            for staging in [false, true] {
+                let said = cuda.workspace_bytes(tokens, staging);
+                cuda.reserve(tokens, staging).expect("reserve");
+                let held = cuda.reserved_bytes().expect("bytes");
+                println!(
+                    "{}×{} T={tokens} staging={staging}: {said} bytes",
+                    codec.0, codec.1
+                );
+                assert_eq!(
+                    said, held,
+                    "{}×{} T={tokens} staging={staging}",
+                    codec.0, codec.1
+                );
+            }
+        }
+        let cuda = CudaLayer::load(dev.clone(), layer.clone()).expect("load");
+        assert_eq!(
+            cuda.workspace_bytes(1 << 30, true),
+            cuda.workspace_bytes(1 << 20, true),
+            "bounded: huge calls run in slices"
+        );
+    }
+}
+
 /// A device call that cannot run is refused with the argument named, before any launch.
 #[cfg(feature = "cuda")]
 #[test]

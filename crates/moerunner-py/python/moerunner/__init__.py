@@ -283,6 +283,13 @@ class MoeLayer:
         a CUDA graph (a capture that would need a larger workspace is refused). Nothing on CPU."""
         self._native.reserve(tokens)
 
+    def workspace_bytes(self, tokens: int) -> int:
+        """Bytes of GPU memory the workspace of calls of up to ``tokens`` tokens takes besides the
+        weights (what :meth:`reserve` allocates), computed without allocating — so an engine can
+        size its KV cache after it. Bounded for any ``tokens``: larger calls run in slices. 0 on
+        CPU."""
+        return self._native.workspace_bytes(tokens)
+
     def __call__(
         self,
         hidden_states: Any,

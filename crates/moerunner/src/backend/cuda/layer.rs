@@ -308,6 +308,8 @@ impl CudaLayer {
         staging: bool,
     ) -> Result<&'w mut Workspace> {
         let cfg = self.layer.config();
+        // (a call of more tokens runs in slices of one launch sequence's at most)
+        let tokens = tokens.min(self.max_tokens_per_launch());
         let mut staging = staging;
         let mut grew = false;
         if ws
@@ -316,7 +318,7 @@ impl CudaLayer {
         {
             staging |= ws.as_ref().is_some_and(|w| w.staging.is_some());
             *ws = None; // free the old one first: the new one may need the room
-            let cap = tokens.next_power_of_two().max(16);
+            let cap = self.workspace_capacity(tokens);
             let (capacity, plan) = self.pipeline.scratch_plan(&self.resident, cap);
             *ws = Some(Workspace {
                 scratch: Scratch::alloc(&self.dev, capacity, &plan)?,
@@ -343,6 +345,40 @@ impl CudaLayer {
             self.dev.sync()?;
         }
         Ok(w)
+    }
+
+    /// The token capacity of the workspace calls of `tokens` tokens get: one launch sequence's at
+    /// most (larger calls run in slices), rounded up to a power of two, at least 16.
+    fn workspace_capacity(&self, tokens: usize) -> usize {
+        tokens
+            .min(self.max_tokens_per_launch())
+            .next_power_of_two()
+            .max(16)
+    }
+
+    /// Bytes of device memory the workspace of calls of up to `tokens` tokens holds besides the
+    /// weights — what `reserve(tokens, staging)` allocates (scratch between the stages, plus the
+    /// host entry's staging buffers with `staging`) — without allocating anything: an engine sizes
+    /// its KV cache after it. Bounded for any `tokens`: huge calls run in slices.
+    pub fn workspace_bytes(&self, tokens: usize, staging: bool) -> usize {
+        let cfg = self.layer.config();
+        let cap = self.workspace_capacity(tokens);
+        let (_, plan) = self.pipeline.scratch_plan(&self.resident, cap);
+        let staged: usize = if staging {
+            Staging::sizes(cap, cfg.hidden, cfg.num_experts, self.top_k())
+                .iter()
+                .sum()
+        } else {
+            0
+        };
+        plan.total_bytes() + staged
+    }
+
+    /// Bytes of device memory the workspace holds now (0 before the first call or `reserve`).
+    pub fn reserved_bytes(&self) -> Result<usize> {
+        Ok(self.lock_workspace()?.as_ref().map_or(0, |w| {
+            w.scratch.bytes() + w.staging.as_ref().map_or(0, Staging::bytes)
+        }))
     }
 
     /// Tokens of one launch sequence: at most MAX_PAIRS_PER_LAUNCH (token, slot) pairs.

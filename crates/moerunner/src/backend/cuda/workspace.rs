@@ -89,6 +89,11 @@ impl Scratch {
         })
     }
 
+    /// Bytes of device memory its buffers hold.
+    pub fn bytes(&self) -> usize {
+        self.bufs.values().map(|b| b.len).sum()
+    }
+
     pub fn buf_mut(&mut self, slot: Slot) -> Result<&mut Buf> {
         self.bufs.get_mut(&slot).ok_or_else(|| {
             MoeError::Cuda(format!(
@@ -119,13 +124,33 @@ impl Staging {
         experts: usize,
         k: usize,
     ) -> Result<Staging> {
+        let [x, logits, packed, out] = Self::sizes(tokens, hidden, experts, k);
         Ok(Staging {
             tokens,
-            x: dev.alloc(tokens * hidden * 4)?,
-            logits: dev.alloc(tokens * experts * 4)?,
-            packed: dev.alloc(tokens * k * 4)?,
-            out: dev.alloc(tokens * hidden * 4)?,
+            x: dev.alloc(x)?,
+            logits: dev.alloc(logits)?,
+            packed: dev.alloc(packed)?,
+            out: dev.alloc(out)?,
         })
+    }
+
+    /// Bytes of `x`, `logits`, `packed` and `out` for `tokens` tokens (4 bytes an element: any
+    /// input dtype fits).
+    pub fn sizes(tokens: usize, hidden: usize, experts: usize, k: usize) -> [usize; 4] {
+        [
+            tokens * hidden * 4,
+            tokens * experts * 4,
+            tokens * k * 4,
+            tokens * hidden * 4,
+        ]
+    }
+
+    /// Bytes of device memory its buffers hold.
+    pub fn bytes(&self) -> usize {
+        [&self.x, &self.logits, &self.packed, &self.out]
+            .iter()
+            .map(|b| b.len)
+            .sum()
     }
 }
 
