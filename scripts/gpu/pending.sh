@@ -6,7 +6,9 @@
 #   tests  gpu_fused_front_equals_the_three_launches   (front.cu; off by default until it passes)
 #          gpu_device_all_to_all_meets_the_reference   (ep.cu, parallel/device_ep.rs)
 #          gpu_stage_times_cover_the_standard_pipeline (bench --stage-times)
+#          gpu_workspace_bytes_are_what_reserve_allocates (CudaLayer::workspace_bytes)
 #          check --comm device --ep-mode device-all-to-all, 200 seeded cases
+#          (and `scripts/gpu-run.sh python`: test_workspace_bytes_are_known_before_they_are_allocated)
 #   bench  device all-to-all on one GPU (two ranks sharing it: a check that it runs and what its
 #          steps cost, not a speed-up) beside the host all-to-all and the unsplit layer, qwen3-30b-a3b
 #          bf16 and fp8_block, T = 1, 128, 1024
@@ -24,7 +26,7 @@ status=0
 nvidia-smi --query-gpu=index,name,driver_version --format=csv,noheader | tee "$work/gpus.txt"
 if [[ $what == tests || $what == all ]]; then
     for t in gpu_fused_front_equals_the_three_launches gpu_device_all_to_all_meets_the_reference \
-             gpu_stage_times_cover_the_standard_pipeline; do
+             gpu_stage_times_cover_the_standard_pipeline gpu_workspace_bytes_are_what_reserve_allocates; do
         start=$(date +%s)
         timeout 240 gpu-bin/cuda-tests --test-threads=1 --exact "$t" --nocapture > "$work/t-$t.log" 2>&1
         rc=$?
