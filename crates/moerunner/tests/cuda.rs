@@ -444,6 +444,100 @@ fn every_kernel_compiles_for_sm90a() {
     );
 }
 
+/// Every kernel outside the GEMM and fused modules (which carry `__launch_bounds__` of their own
+/// block) fits the largest block its launcher gives in the SM's 65536 registers, by the register
+/// count NVRTC's code declares (`cubin::register_counts`): a kernel over it compiles, and its launch
+/// fails only on a GPU ("too many resources requested") — as the fused front did at 1024 threads and
+/// ~104 registers when it was written.
+#[cfg(feature = "cuda")]
+#[test]
+fn every_kernel_fits_its_launch_block_in_registers() {
+    use moerunner::backend::cuda::cubin::{register_counts, REGISTERS_PER_SM};
+    use moerunner::backend::cuda::kernels::{
+        self, combine, ep, front, quant, routing, sort, weight_quant, ModuleKey, Source,
+    };
+    use moerunner::backend::cuda::nvrtc;
+    if !nvrtc_or_skip() {
+        return;
+    }
+    // the most threads each launcher puts in a block (the shapes' extremes)
+    let front_dims = front::FrontDims {
+        tokens: 64,
+        experts: 8,
+        top_k: 8,
+        local_experts: 8,
+        hp: 128,
+        quant_mode: 0,
+    };
+    let blocks = [
+        ("route_logits", routing::route_shape(1, 1, 1, 132).block),
+        ("unpack_routes", routing::unpack_shape(1).block),
+        ("sort_pairs_by_expert", sort::one_block_shape(1).block),
+        ("sort_count", sort::count_shape(1, 1).block),
+        ("sort_scan", sort::scan_shape(1).block),
+        ("sort_scatter", sort::scatter_shape(1, 1).block),
+        ("quantize_rows", quant::shape(1, 128, 132).block),
+        ("combine_rows", combine::shape(1 << 20, 4096, 132).block),
+        ("weight_amax", weight_quant::rows_shape(1, 1, 132).block),
+        (
+            "quantize_weight_rows",
+            weight_quant::rows_shape(1, 1, 132).block,
+        ),
+        (
+            "quantize_weight_block128",
+            weight_quant::block128_shape(1, 1, 1).block,
+        ),
+        (
+            "route_sort_quantize",
+            front::shape(front_dims, front::RouteSource::Logits, 132)
+                .expect("a front launch")
+                .block,
+        ),
+        ("ep_plan", ep::plan_shape().block),
+        ("ep_pack", ep::pack_shape(1, 132).block),
+    ];
+    for sig in kernels::signatures() {
+        if !matches!(sig.source, Source::Gemm | Source::Decode) {
+            assert!(
+                blocks.iter().any(|(name, _)| *name == sig.entry),
+                "`{}` has no launch block in this test",
+                sig.entry
+            );
+        }
+    }
+    let mut bad = Vec::new();
+    for source in Source::ALL {
+        if matches!(source, Source::Gemm | Source::Decode) {
+            continue;
+        }
+        let fresh = nvrtc::compile_module_fresh(&ModuleKey::plain(source), "sm_90a")
+            .unwrap_or_else(|e| panic!("{}: {e}", source.name()));
+        let counts = register_counts(&fresh.cubin)
+            .unwrap_or_else(|e| panic!("{}: reading its registers: {e}", source.name()));
+        assert!(!counts.is_empty(), "{}: no register counts", source.name());
+        for (kernel, registers) in counts {
+            let Some(&(_, block)) = blocks.iter().find(|(name, _)| *name == kernel) else {
+                bad.push(format!(
+                    "{}: `{kernel}` has no launch block in this test",
+                    source.name()
+                ));
+                continue;
+            };
+            println!(
+                "{}.cu {kernel}: {registers} registers × {block} threads",
+                source.name()
+            );
+            if registers * block > REGISTERS_PER_SM {
+                bad.push(format!(
+                    "{}.cu `{kernel}`: {registers} registers × {block} threads > {REGISTERS_PER_SM}",
+                    source.name()
+                ));
+            }
+        }
+    }
+    assert!(bad.is_empty(), "{}", bad.join("\n"));
+}
+
 /// What a GPU without Hopper's wgmma loads (Blackwell: `sm_100a`) compiles for it: every module but
 /// the wgmma main loops — the stored formats' mma.sync GEMMs, the decoded formats' register-sourced
 /// mma.sync GEMMs (`MAINLOOP_MMA_RS`), routing, sort, quantization, combine, the fused small-batch

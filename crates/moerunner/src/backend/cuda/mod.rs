@@ -9,6 +9,7 @@
 //! `Device::arch`; the layer, workspace and launch sequence do not change.
 
 pub mod codec;
+pub mod cubin;
 pub mod disk_cache;
 pub mod kernels;
 pub mod prepare;

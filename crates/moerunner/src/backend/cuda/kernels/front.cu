@@ -17,8 +17,10 @@
 //   Block 0: routes with its first min(blockDim/32, dynamic smem / rt_warp_bytes(E, K)) warps (one warp per
 //   token, each in its own rt_warp_bytes region), meets at a block barrier, then sorts in the whole dynamic
 //   shared memory. Blocks 1 .. gridDim.x-1 quantize, as blocks 0 .. gridDim.x-2 of quantize_rows' grid.
-//   Launch (kernels/front.rs `shape`): block 1024 (the one-block sort's); grid >= 2; dynamic smem at least
-//   sort_pairs_by_expert's and one routing warp's.
+//   Launch (kernels/front.rs `shape`): block FR_THREADS = 512 — the one-block sort and the quantizer take any
+//   multiple of 32, and routing's register path needs ~104 registers a thread, which 1024 threads could not
+//   have (65536 an SM; tests/cuda.rs checks every kernel's block against its compiled count); grid >= 2;
+//   dynamic smem at least sort_pairs_by_expert's and one routing warp's.
 //   Limits: P within the one-block sort's (sort.rs `multi_block` false); route_source 0 needs
 //   rt_warp_bytes(E, K) <= dynamic smem.
 //   Bit for bit the three kernels' results: each part is the device function its own kernel runs, and none of
@@ -33,7 +35,9 @@
 #include "sort.cu"
 #include "quant.cu"
 
-extern "C" __global__ void route_sort_quantize(
+#define FR_THREADS 512
+
+extern "C" __global__ void __launch_bounds__(FR_THREADS, 1) route_sort_quantize(
     int route_source, const void* logits, int logits_dtype, const float* bias, const int* packed, int T, int E, int K,
     int method, int n_group, int topk_group, float routed_scaling_factor, int norm_topk_prob, int* topk_ids,
     float* topk_w, int expert_start, int E_local, int BN, int max_tiles, int* expert_offsets, int* sorted_pair,
