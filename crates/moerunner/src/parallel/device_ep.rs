@@ -332,7 +332,9 @@ impl State {
         let recv_rows = room(&dev, &mut b.recv_rows, n_recv * row_bytes)?;
         let recv_ids = room(&dev, &mut b.recv_ids, n_recv * k * 4)?;
         let recv_w = room(&dev, &mut b.recv_w, n_recv * k * 4)?;
-        dev.sync()?; // the records are packed before a peer reads them
+        // The records are packed before a peer reads them, and the receive buffers (allocations
+        // ordered on the device's stream) exist before the communicator's stream writes them.
+        dev.sync()?;
         let part = |send: u64, recv: u64, unit: usize, outgoing: bool| {
             let (sf, sc, rf, rc) = if outgoing {
                 (&send_first, &send_count, &recv_first, &recv_count)
@@ -356,6 +358,9 @@ impl State {
         // (f32 sums: the owner adds the ranks' rows before the one rounding to its dtype)
         let sum_bytes = h * 4;
         let partial = room(&dev, &mut b.partial, n_recv * sum_bytes)?;
+        // (allocated before the wait below: a buffer the communicator's own stream writes must
+        // be ready — its allocation is ordered on the device's stream — before the exchange)
+        let returned = room(&dev, &mut b.returned, rows * sum_bytes)?;
         if n_recv > 0 {
             let call = DeviceCall {
                 tokens: n_recv,
@@ -370,14 +375,13 @@ impl State {
             };
             // SAFETY: every address is a live buffer of this rank's device sized for `n_recv`
             // records (input rows of `row_bytes`, f32 sums of `sum_bytes`, K ids and weights
-            // each); the call runs on the device's
-            // own stream, which `sync` waits for below, before any of them is reused.
+            // each); the call runs on the device's own stream, which `sync` waits for below,
+            // before any of them is reused.
             unsafe { cuda.enqueue_on(&call, None) }?;
         }
         dev.sync()?;
 
         // Each record's partial row back to its owner, which adds them in rank order.
-        let returned = room(&dev, &mut b.returned, rows * sum_bytes)?;
         comm.all_to_all_v_device(&[part(partial, returned, sum_bytes, false)])?;
         let out = room(&dev, &mut b.out, t * row_bytes)?;
         if t > 0 {
