@@ -277,6 +277,11 @@ impl DeviceComm {
         }
         let headers = self.meet.all_gather(&header)?;
         let copied = (|| {
+            // (the raw copies below need the GPU's context current on this rank's thread)
+            self.stream
+                .context()
+                .bind_to_thread()
+                .map_err(|e| self.err(format!("binding the GPU context: {e:?}")))?;
             // (per part: the send address, then (offset, length) per destination)
             let per_part = 8 * (1 + 2 * ranks);
             for (src, h) in headers.iter().enumerate() {
