@@ -25,7 +25,7 @@ use std::sync::Arc;
 use cudarc::driver::CudaFunction;
 
 use super::comm::{Communicator, DeviceExchange};
-use super::{Owned, RankLayer};
+use super::{ExpertMap, Owned, RankLayer};
 use crate::backend::cuda::device::{f32_bytes, i32_bytes, Buf, Device};
 use crate::backend::cuda::device_call::{DeviceCall, DeviceRoutes};
 use crate::backend::cuda::kernels::combine::{self, CombineRows};
@@ -153,21 +153,10 @@ impl State {
                     why: format!("device all-to-all: rank {r} sent no id base"),
                 })
         };
-        let map = &layer.layout.ep;
-        let (mut start, mut rank, mut id) = (vec![0i32], Vec::new(), Vec::new());
-        for e in 0..map.num_experts() {
-            for &r in map.holders(e) {
-                let local = map.local_id(e, r).ok_or_else(|| {
-                    MoeError::invalid(
-                        "expert map",
-                        format!("expert {e} held by rank {r} is not among its experts"),
-                    )
-                })?;
-                rank.push(r as i32);
-                id.push(local as i32 + base_of(r)?);
-            }
-            start.push(rank.len() as i32);
-        }
+        let bases = (0..comm.size())
+            .map(base_of)
+            .collect::<Result<Vec<i32>>>()?;
+        let ExpertTables { start, rank, id } = ExpertTables::new(&layer.layout.ep, &bases)?;
         let f = |entry: &str| dev.function(&ModuleKey::plain(Source::Ep), entry);
         Ok(State {
             plan: f(EpPlan::ENTRY)?,
@@ -408,6 +397,36 @@ impl State {
     }
 }
 
+/// The expert map as `ep.cu` reads it: expert e's replicas are `rank[start[e] .. start[e + 1])`,
+/// with the id each replica's rank knows the expert by (its local index plus that rank's id base)
+/// at the same index; global token g takes replica `start[e] + g mod count`, which is
+/// [`ExpertMap::rank_for`]'s rule.
+struct ExpertTables {
+    start: Vec<i32>,
+    rank: Vec<i32>,
+    id: Vec<i32>,
+}
+
+impl ExpertTables {
+    fn new(map: &ExpertMap, bases: &[i32]) -> Result<ExpertTables> {
+        let (mut start, mut rank, mut id) = (vec![0i32], Vec::new(), Vec::new());
+        for e in 0..map.num_experts() {
+            for &r in map.holders(e) {
+                let (Some(local), Some(&base)) = (map.local_id(e, r), bases.get(r)) else {
+                    return Err(MoeError::invalid(
+                        "expert map",
+                        format!("expert {e} held by rank {r}, which does not hold it"),
+                    ));
+                };
+                rank.push(r as i32);
+                id.push(local as i32 + base);
+            }
+            start.push(rank.len() as i32);
+        }
+        Ok(ExpertTables { start, rank, id })
+    }
+}
+
 /// `slot` with room for `bytes` (grown to the next power of two when short); its address.
 fn room(dev: &Device, slot: &mut Option<Buf>, bytes: usize) -> Result<u64> {
     if slot.as_ref().is_none_or(|b| b.len < bytes) {
@@ -505,6 +524,41 @@ mod tests {
             let err = checked_counts(bad, 3, 4).unwrap_err().to_string();
             assert!(err.contains("ep_plan"), "{err}");
         }
+    }
+
+    /// What `ep.cu`'s `ep_replica` computes from the tables — replica `start[e] + g mod count` —
+    /// is the host's rule: `ExpertMap::rank_for`, and the serving rank's id for the expert.
+    #[test]
+    fn the_device_tables_pick_the_replica_the_host_does() {
+        for (spec, ranks) in [
+            ("0,0,1,1", 2),
+            ("0,0,0,0,0,1,1,2", 3),
+            ("0+1,0,0,1,1,1+0,2,2+1+0", 3),
+        ] {
+            let e = spec.split(',').count();
+            let map = ExpertMap::parse(spec, e, ranks).unwrap();
+            let bases: Vec<i32> = (0..ranks as i32).map(|r| 100 * r).collect();
+            let t = ExpertTables::new(&map, &bases).unwrap();
+            assert_eq!(t.start.len(), e + 1);
+            for expert in 0..e {
+                for token in 0..12usize {
+                    let (s, c) = (t.start[expert], t.start[expert + 1] - t.start[expert]);
+                    let i = (s + (token as i32 % c)) as usize;
+                    let want = map.rank_for(expert as i32, token).unwrap();
+                    assert_eq!(
+                        t.rank[i] as usize, want,
+                        "{spec}: expert {expert} token {token}"
+                    );
+                    let local = map.local_id(expert, want).unwrap() as i32;
+                    assert_eq!(t.id[i], local + bases[want], "{spec}: expert {expert}");
+                }
+            }
+        }
+        let map = ExpertMap::parse("0,1", 2, 2).unwrap();
+        let err = ExpertTables::new(&map, &[0])
+            .err()
+            .expect("a rank without a base");
+        assert!(err.to_string().contains("rank 1"), "{err}");
     }
 
     #[test]
