@@ -5,6 +5,7 @@
 # and its result is committed.
 #   tests  gpu_fused_front_equals_the_three_launches   (front.cu; off by default until it passes)
 #          gpu_device_all_to_all_meets_the_reference   (ep.cu, parallel/device_ep.rs)
+#          gpu_device_resident_ranks_equal_host_tensor_ranks (forward_rank_device, routing on the device)
 #          gpu_stage_times_cover_the_standard_pipeline (bench --stage-times)
 #          gpu_workspace_bytes_are_what_reserve_allocates (CudaLayer::workspace_bytes)
 #          check --comm device --ep-mode device-all-to-all, 200 seeded cases
@@ -26,7 +27,8 @@ status=0
 nvidia-smi --query-gpu=index,name,driver_version --format=csv,noheader | tee "$work/gpus.txt"
 if [[ $what == tests || $what == all ]]; then
     for t in gpu_fused_front_equals_the_three_launches gpu_device_all_to_all_meets_the_reference \
-             gpu_stage_times_cover_the_standard_pipeline gpu_workspace_bytes_are_what_reserve_allocates; do
+             gpu_stage_times_cover_the_standard_pipeline gpu_workspace_bytes_are_what_reserve_allocates \
+             gpu_device_resident_ranks_equal_host_tensor_ranks; do
         start=$(date +%s)
         timeout 240 gpu-bin/cuda-tests --test-threads=1 --exact "$t" --nocapture > "$work/t-$t.log" 2>&1
         rc=$?

@@ -3045,6 +3045,154 @@ fn gpu_device_all_to_all_meets_the_reference() {
     }
 }
 
+/// Device all-to-all on GPU-resident tokens (`parallel::forward_rank_device`, what an engine calls):
+/// two ranks on GPU 0, each with its slice of the tokens and their logits (routed on the device), the
+/// packed routes, or given ids and weights uploaded to its GPU and an output poisoned with NaN, give
+/// bit for bit the output of the same ranks called with host tensors (`forward_split`, routed on the
+/// host: the GPU's routing is the CPU's bit for bit), for a stored and a microscaling format, bf16 and
+/// f32, T = 1 (a rank with no tokens) and 45.
+#[cfg(feature = "cuda")]
+#[test]
+fn gpu_device_resident_ranks_equal_host_tensor_ranks() {
+    use moerunner::backend::cuda::device_call::DeviceRoutes;
+    use moerunner::parallel::{
+        device_comm::DeviceComm, forward_rank_device, forward_split, token_slice, DeviceTokens,
+        EpMode, ExpertMap, Layout, RankLayer, Transport,
+    };
+    use std::time::Duration;
+    let Some(runner) = gpu_runner() else { return };
+    let timeout = Duration::from_secs(120);
+    for (i, codec) in [
+        (WeightFormat::Fp8Block, ActivationFormat::Fp8Block),
+        (WeightFormat::Mxfp8, ActivationFormat::Mxfp8),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let cfg = split_config(codec);
+        let layer = random_layer(&cfg, 0xD1E0 + i as u64, true).expect("layer");
+        let layout = Layout::new(
+            ExpertMap::even(12, 2).expect("map"),
+            1,
+            EpMode::DeviceAllToAll,
+        )
+        .expect("layout");
+        for (j, (tokens, mode)) in [
+            (1usize, RoutingMode::Logits),
+            (45, RoutingMode::Logits),
+            (45, RoutingMode::Packed),
+            (45, RoutingMode::TopK),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let dtype = [DType::BF16, DType::F32][(i + j) % 2];
+            let seed = 0xD1F0 + (8 * i + j) as u64;
+            let name = format!(
+                "{}×{} T={tokens} {mode:?} {dtype:?} seed {seed:#x}",
+                codec.0, codec.1
+            );
+            let input = random_input(&cfg, tokens, mode, dtype, seed).expect("input");
+            let fwd = ForwardInput {
+                hidden: &input.hidden,
+                routing: input.routing_input(),
+            };
+            let want = forward_split(&layer, &layout, (&cuda(), Transport::Device), &fwd, timeout)
+                .unwrap_or_else(|e| panic!("{name}: host tensors: {e}"));
+            let comms = DeviceComm::group(2, 0, timeout).expect("device group");
+            let row = |t: &moerunner::HostTensor, r: std::ops::Range<usize>| {
+                let per = t.bytes.len() / tokens.max(1);
+                t.bytes[r.start * per..r.end * per].to_vec()
+            };
+            let outs: Vec<Vec<u8>> = std::thread::scope(|scope| {
+                let handles: Vec<_> = comms
+                    .iter()
+                    .enumerate()
+                    .map(|(rank, comm)| {
+                        let (layer, layout, runner, input, name) =
+                            (&layer, &layout, &runner, &input, &name);
+                        scope.spawn(move || {
+                            let slice = token_slice(tokens, 2, rank);
+                            let rank_layer = RankLayer::load(layer, layout, rank, runner, &cuda())
+                                .unwrap_or_else(|e| panic!("{name}: rank {rank}: {e}"));
+                            let dev = rank_layer
+                                .loaded()
+                                .as_cuda()
+                                .expect("a CUDA layer")
+                                .device()
+                                .clone();
+                            let up = |bytes: Vec<u8>| dev.upload(&bytes).expect("upload");
+                            let hidden = up(row(&input.hidden, slice.clone()));
+                            let keep: Vec<_>;
+                            let routes = match mode {
+                                RoutingMode::Logits => {
+                                    let l = input.router_logits.as_ref().expect("logits");
+                                    keep = vec![up(row(l, slice.clone()))];
+                                    DeviceRoutes::Logits {
+                                        ptr: keep[0].ptr(),
+                                        dtype: l.dtype,
+                                    }
+                                }
+                                RoutingMode::Packed => {
+                                    let p = input.topk_packed.as_ref().expect("packed");
+                                    keep = vec![up(row(p, slice.clone()))];
+                                    DeviceRoutes::Packed { ptr: keep[0].ptr() }
+                                }
+                                _ => {
+                                    let ids = input.topk_ids.as_ref().expect("ids");
+                                    let w = input.topk_weights.as_ref().expect("weights");
+                                    let w32: Vec<u8> = w
+                                        .to_f32_vec("topk_weights")
+                                        .expect("weights")
+                                        .iter()
+                                        .flat_map(|v| v.to_le_bytes())
+                                        .collect();
+                                    let per = w32.len() / tokens.max(1);
+                                    keep = vec![
+                                        up(row(ids, slice.clone())),
+                                        up(w32[slice.start * per..slice.end * per].to_vec()),
+                                    ];
+                                    DeviceRoutes::TopK {
+                                        ids: keep[0].ptr(),
+                                        weights: keep[1].ptr(),
+                                    }
+                                }
+                            };
+                            let out_bytes = slice.len() * cfg.hidden * dtype.size();
+                            let out = up(vec![0xFF; out_bytes]); // NaN in bf16 and f32
+                            dev.sync().expect("uploads done");
+                            let tokens_here = DeviceTokens {
+                                tokens: slice.len(),
+                                hidden: hidden.ptr(),
+                                dtype,
+                                routes,
+                                first_token: slice.start,
+                            };
+                            // SAFETY: every buffer above is a live allocation of this rank's GPU
+                            // of the size the call implies, kept until after the read below.
+                            unsafe {
+                                forward_rank_device(comm, &rank_layer, &tokens_here, out.ptr())
+                            }
+                            .unwrap_or_else(|e| panic!("{name}: rank {rank}: {e}"));
+                            dev.read(&out, out_bytes).expect("read")
+                        })
+                    })
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| h.join().expect("rank thread"))
+                    .collect()
+            });
+            let got = outs.concat();
+            assert!(
+                got == want.output.bytes[..],
+                "{name}: GPU-resident ranks differ from host-tensor ranks"
+            );
+            println!("{name}: equal, {} bytes", got.len());
+        }
+    }
+}
+
 /// Verified autotuning: `tune` runs every candidate tactic, refuses any whose output differs from
 /// the default's in a bit, and the layer then calls with the winners — whose outputs equal a
 /// default-tactic layer's bit for bit on an input the tuner never saw, and the reference within

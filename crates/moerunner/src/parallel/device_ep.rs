@@ -53,7 +53,7 @@ pub(crate) struct State {
     staged: Option<Staged>,
 }
 
-/// The shape of the tokens a call staged on the device.
+/// The shape of a call's tokens on the device.
 #[derive(Clone, Copy, Debug)]
 struct Staged {
     tokens: usize,
@@ -61,6 +61,30 @@ struct Staged {
     dtype: DType,
     /// The global index of the rank's first token.
     first: usize,
+}
+
+/// Where a call's tokens, routes and output are: `[T, H]` hidden states, `[T, K]` global expert ids
+/// and f32 weights, `[T, H]` output in the hidden states' dtype.
+#[derive(Clone, Copy, Debug)]
+struct At {
+    hidden: u64,
+    ids: u64,
+    weights: u64,
+    out: u64,
+}
+
+/// One rank's tokens on its GPU, for [`super::forward_rank_device`].
+#[derive(Clone, Copy, Debug)]
+pub struct DeviceTokens {
+    pub tokens: usize,
+    /// `[T, H]` hidden states of `dtype` (bf16, f16 or f32) in the rank's GPU memory.
+    pub hidden: u64,
+    pub dtype: DType,
+    /// Router logits or packed routes (routed on the device with the layer's router), or given
+    /// top-k ids (global) and f32 weights.
+    pub routes: DeviceRoutes,
+    /// The global index of the rank's first token: replicated experts pick their replica by it.
+    pub first_token: usize,
 }
 
 #[derive(Default)]
@@ -88,17 +112,7 @@ pub(super) fn forward(
     layer: &RankLayer,
     own: &Owned<'_>,
 ) -> Result<Vec<f32>> {
-    let cuda = layer.loaded.as_cuda().ok_or_else(|| {
-        MoeError::invalid(
-            "ep mode",
-            format!(
-                "device-all-to-all computes through the CUDA backend's device entry; rank {} \
-                 loaded its slice on `{}`",
-                comm.rank(),
-                layer.loaded.backend()
-            ),
-        )
-    })?;
+    let cuda = cuda_layer(comm, layer)?;
     let mut state = layer
         .device_ep
         .lock()
@@ -133,8 +147,91 @@ pub(super) fn forward_staged(comm: &dyn Communicator, layer: &RankLayer) -> Resu
     let staged = s.staged.ok_or_else(|| {
         MoeError::Cuda("internal: a staged device call before any call staged tokens".into())
     })?;
-    s.exchange_and_compute(comm, layer, cuda, staged)?;
+    let at = s.staged_at(&layer.global, staged)?;
+    s.exchange_and_compute(comm, layer, cuda, staged, at)?;
     s.dev.sync()
+}
+
+/// [`super::forward_rank_device`]: the rank's tokens and routes already on its GPU, the output
+/// left in `out`; routes from logits or the packed form are routed on the device first.
+pub(super) fn forward_device(
+    comm: &dyn Communicator,
+    layer: &RankLayer,
+    tokens: &DeviceTokens,
+    out: u64,
+) -> Result<()> {
+    let cuda = cuda_layer(comm, layer)?;
+    let t = tokens.tokens;
+    let null = [("hidden_states", tokens.hidden), ("output", out)]
+        .into_iter()
+        .find(|&(_, p)| t > 0 && p == 0);
+    if let Some((name, _)) = null {
+        return Err(MoeError::invalid(name, "null device pointer".to_string()));
+    }
+    check_dtype(tokens.dtype)?;
+    let mut state = layer
+        .device_ep
+        .lock()
+        .map_err(|_| MoeError::Cuda("device all-to-all: a rank's state lock is poisoned".into()))?;
+    if state.is_none() {
+        *state = Some(State::new(comm, layer, cuda)?);
+    }
+    let s = state
+        .as_mut()
+        .ok_or_else(|| MoeError::Cuda("internal: device all-to-all state missing".into()))?;
+    let k = layer.global.routing.top_k;
+    let (ids, weights) = match tokens.routes {
+        DeviceRoutes::TopK { ids, weights } => (ids, weights),
+        routes => {
+            let ids = room(&s.dev, &mut s.bufs.ids, t * k * 4)?;
+            let weights = room(&s.dev, &mut s.bufs.weights, t * k * 4)?;
+            // SAFETY: the routes are the caller's device memory of `t` tokens (its contract);
+            // `ids` / `weights` were just sized for `t × k` elements on this device.
+            unsafe { cuda.enqueue_routes(t, routes, ids, weights) }?;
+            (ids, weights)
+        }
+    };
+    let staged = Staged {
+        tokens: t,
+        top_k: k,
+        dtype: tokens.dtype,
+        first: tokens.first_token,
+    };
+    let at = At {
+        hidden: tokens.hidden,
+        ids,
+        weights,
+        out,
+    };
+    s.staged = None; // (the caller's buffers are not this state's to run again)
+    s.exchange_and_compute(comm, layer, cuda, staged, at)?;
+    s.dev.sync()
+}
+
+/// The rank's CUDA layer, or why device all-to-all cannot run on its backend.
+fn cuda_layer<'l>(comm: &dyn Communicator, layer: &'l RankLayer) -> Result<&'l CudaLayer> {
+    layer.loaded.as_cuda().ok_or_else(|| {
+        MoeError::invalid(
+            "ep mode",
+            format!(
+                "device-all-to-all computes through the CUDA backend's device entry; rank {} \
+                 loaded its slice on `{}`",
+                comm.rank(),
+                layer.loaded.backend()
+            ),
+        )
+    })
+}
+
+/// The dtypes device all-to-all moves.
+fn check_dtype(dtype: DType) -> Result<()> {
+    if matches!(dtype, DType::BF16 | DType::F16 | DType::F32) {
+        return Ok(());
+    }
+    Err(MoeError::invalid(
+        "hidden_states",
+        format!("device-all-to-all moves bf16, f16 or f32 rows; these are {dtype}"),
+    ))
 }
 
 impl State {
@@ -179,12 +276,7 @@ impl State {
         own: &Owned<'_>,
     ) -> Result<Vec<f32>> {
         let dtype = own.hidden.dtype;
-        if !matches!(dtype, DType::BF16 | DType::F16 | DType::F32) {
-            return Err(MoeError::invalid(
-                "hidden_states",
-                format!("device-all-to-all moves bf16, f16 or f32 rows; these are {dtype}"),
-            ));
-        }
+        check_dtype(dtype)?;
         let staged = Staged {
             tokens: own.routes.tokens,
             top_k: own.routes.top_k,
@@ -203,7 +295,8 @@ impl State {
         put(&self.dev, &mut b.ids, &i32_bytes(&own.routes.ids))?;
         put(&self.dev, &mut b.weights, &f32_bytes(&own.routes.weights))?;
         self.staged = Some(staged);
-        self.exchange_and_compute(comm, layer, cuda, staged)?;
+        let at = self.staged_at(&layer.global, staged)?;
+        self.exchange_and_compute(comm, layer, cuda, staged, at)?;
         let bytes = match &self.bufs.out {
             Some(buf) => self.dev.read(buf, staged.tokens * row_bytes)?,
             None => Vec::new(),
@@ -212,14 +305,32 @@ impl State {
             .to_f32_vec("output")
     }
 
-    /// Plan, pack, exchange, compute, return and combine the staged tokens; the rank's output is
-    /// in `bufs.out` once the device's stream has run what this enqueued last (the combine).
+    /// Where the staged tokens, routes and output are: this state's own buffers.
+    fn staged_at(&mut self, global: &crate::config::LayerConfig, staged: Staged) -> Result<At> {
+        let at = |slot: &Option<Buf>| slot.as_ref().map_or(0, Buf::ptr);
+        let b = &mut self.bufs;
+        let out = room(
+            &self.dev,
+            &mut b.out,
+            staged.tokens * global.hidden * staged.dtype.size(),
+        )?;
+        Ok(At {
+            hidden: at(&b.hidden),
+            ids: at(&b.ids),
+            weights: at(&b.weights),
+            out,
+        })
+    }
+
+    /// Plan, pack, exchange, compute, return and combine the tokens at `at`; the rank's output is
+    /// in `at.out` once the device's stream has run what this enqueued last (the combine).
     fn exchange_and_compute(
         &mut self,
         comm: &dyn Communicator,
         layer: &RankLayer,
         cuda: &CudaLayer,
         staged: Staged,
+        at: At,
     ) -> Result<()> {
         let (me, ranks) = (comm.rank(), comm.size());
         let Staged {
@@ -233,12 +344,12 @@ impl State {
         let dev = self.dev.clone();
         let stream = dev.stream.cu_stream();
         let b = &mut self.bufs;
-        let staged_at = |slot: &Option<Buf>| slot.as_ref().map_or(0, Buf::ptr);
-        let (hidden, ids, weights) = (
-            staged_at(&b.hidden),
-            staged_at(&b.ids),
-            staged_at(&b.weights),
-        );
+        let At {
+            hidden,
+            ids,
+            weights,
+            out,
+        } = at;
 
         // Each record's row per destination.
         let dest_row = room(&dev, &mut b.dest_row, t * ranks * 4)?;
@@ -372,7 +483,6 @@ impl State {
 
         // Each record's partial row back to its owner, which adds them in rank order.
         comm.all_to_all_v_device(&[part(partial, returned, sum_bytes, false)])?;
-        let out = room(&dev, &mut b.out, t * row_bytes)?;
         if t > 0 {
             launch(
                 &dev,

@@ -39,6 +39,8 @@ use std::ops::Range;
 use std::time::Duration;
 
 pub use comm::Communicator;
+#[cfg(feature = "cuda")]
+pub use device_ep::DeviceTokens;
 pub use expert_map::ExpertMap;
 pub use socket_comm::{RankEnv, SocketComm};
 pub use thread_comm::ThreadComm;
@@ -259,18 +261,7 @@ pub fn forward_rank(
     input: &ForwardInput<'_>,
 ) -> Result<ForwardOutput> {
     guarded(comm, || {
-        if comm.size() != layer.layout.ranks() || comm.rank() != layer.rank {
-            return Err(MoeError::invalid(
-                "communicator",
-                format!(
-                    "rank {} of {} runs the layer slice of rank {} of {}",
-                    comm.rank(),
-                    comm.size(),
-                    layer.rank,
-                    layer.layout.ranks()
-                ),
-            ));
-        }
+        check_rank(comm, layer)?;
         let own = front(comm, layer, input)?;
         let h = layer.global.hidden;
         let out = match layer.layout.mode {
@@ -299,6 +290,40 @@ pub fn forward_rank(
     })
 }
 
+/// One device all-to-all call of rank `layer.rank()` ([`EpMode::DeviceAllToAll`]) whose tokens
+/// already live on its GPU — what an engine with GPU-resident activations calls: `tokens` (hidden
+/// states, and router logits, packed or given routes, all device memory of the rank's GPU, their
+/// writes complete) in, this rank's `[T, H]` output (the hidden states' dtype) left in `out`.
+/// Logits are routed on the device by the layer's router, bit for bit as the host routes them.
+/// Returns once `out` holds the output. Every rank of the group calls it at once; a failure on any
+/// rank makes every rank return an error naming it.
+///
+/// # Safety
+/// `tokens`' addresses and `out` must be live device memory of the rank's GPU of the sizes the
+/// call implies (`[T, H]` hidden states and output, `[T, E]` logits or `[T, K]` routes), untouched
+/// by anything else until the call returns.
+#[cfg(feature = "cuda")]
+pub unsafe fn forward_rank_device(
+    comm: &dyn Communicator,
+    layer: &RankLayer,
+    tokens: &DeviceTokens,
+    out: u64,
+) -> Result<()> {
+    guarded(comm, || {
+        check_rank(comm, layer)?;
+        if layer.layout.mode != EpMode::DeviceAllToAll {
+            return Err(MoeError::invalid(
+                "ep mode",
+                format!(
+                    "a call on device memory runs device-all-to-all; this layout is {:?}",
+                    layer.layout.mode
+                ),
+            ));
+        }
+        device_ep::forward_device(comm, layer, tokens, out)
+    })
+}
+
 /// Rank `layer.rank()`'s last [`forward_rank`] call again on what it left on the device, its output
 /// left there (device all-to-all only: [`EpMode::DeviceAllToAll`]); what a split's timing repeats.
 fn forward_rank_again(comm: &dyn Communicator, layer: &RankLayer) -> Result<()> {
@@ -313,6 +338,23 @@ fn forward_rank_again(comm: &dyn Communicator, layer: &RankLayer) -> Result<()> 
             "device-all-to-all needs the `cuda` feature, which this build lacks".into(),
         ))
     }
+}
+
+/// That `comm` is the end of the group `layer` was sliced for, at its rank.
+fn check_rank(comm: &dyn Communicator, layer: &RankLayer) -> Result<()> {
+    if comm.size() != layer.layout.ranks() || comm.rank() != layer.rank {
+        return Err(MoeError::invalid(
+            "communicator",
+            format!(
+                "rank {} of {} runs the layer slice of rank {} of {}",
+                comm.rank(),
+                comm.size(),
+                layer.rank,
+                layer.layout.ranks()
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Checks and routes this rank's tokens, and learns every rank's token count (and that all

@@ -86,6 +86,84 @@ impl CudaLayer {
         Ok(())
     }
 
+    /// The route stage alone: `tokens` tokens' router logits (or packed routes) routed on the
+    /// device with this layer's router, their `[T, K]` expert ids (i32, global) and f32 weights
+    /// left in `ids` / `weights` — for code that moves tokens by their routes before the layer
+    /// runs (device all-to-all, `parallel::device_ep`). On the device's own stream; launches and
+    /// device copies only. Given routes (`TopK`) need no routing and are refused.
+    ///
+    /// # Safety
+    /// As [`Self::enqueue_on`] for `routes`; `ids` and `weights` must be device memory of this
+    /// layer's device of `[T, K]` 4-byte elements each.
+    pub(crate) unsafe fn enqueue_routes(
+        &self,
+        tokens: usize,
+        routes: DeviceRoutes,
+        ids: u64,
+        weights: u64,
+    ) -> Result<()> {
+        if matches!(routes, DeviceRoutes::TopK { .. }) {
+            return Err(MoeError::Cuda(
+                "internal: given routes need no routing".into(),
+            ));
+        }
+        // (the call's hidden states and output are never read by the route stage)
+        let call = DeviceCall {
+            tokens,
+            hidden: ids,
+            hidden_dtype: DType::F32,
+            routes,
+            out: weights,
+            out_dtype: DType::F32,
+        };
+        self.check_device_call(&call)?;
+        if tokens == 0 {
+            return Ok(());
+        }
+        if ids == 0 || weights == 0 {
+            return Err(MoeError::invalid(
+                "topk_ids",
+                "null device pointer".to_string(),
+            ));
+        }
+        if self.pipeline.standard_stage_names().first() != Some(&"route") {
+            return Err(MoeError::Cuda(
+                "internal: the pipeline's first stage is not routing".into(),
+            ));
+        }
+        let stream = self.dev.stream.cu_stream();
+        let k = self.top_k();
+        let mut guard = self.lock_workspace()?;
+        let need = tokens.min(self.max_tokens_per_launch());
+        let ws = self.reserve_locked(&mut guard, need, false)?;
+        let (from_ids, from_weights) = (
+            ws.scratch.ptr(super::workspace::Slot::Ids)?,
+            ws.scratch.ptr(super::workspace::Slot::Weights)?,
+        );
+        let chunk = self.max_tokens_per_launch();
+        for start in (0..tokens).step_by(chunk) {
+            let part = self.slice_call(&call, start, (start + chunk).min(tokens))?;
+            let tactic = self.tactic_for(part.tokens)?;
+            self.pipeline.enqueue_stages(
+                &self.dev,
+                stream,
+                (&self.resident, tactic),
+                &ws.scratch,
+                &part,
+                Some(1),
+            )?;
+            let (at, bytes) = ((start * k * 4) as u64, part.tokens * k * 4);
+            for (to, from) in [(ids, from_ids), (weights, from_weights)] {
+                // SAFETY: `from` is the workspace's route slot, holding this slice's `bytes`; `to`
+                // has room for all `tokens` (the caller's contract); both on this device, ordered
+                // on its stream after the route kernel.
+                unsafe { cudarc::driver::result::memcpy_dtod_async(to + at, from, bytes, stream) }
+                    .map_err(|e| super::device::cuda_err("copying routes on the GPU", e))?;
+            }
+        }
+        Ok(())
+    }
+
     /// What can be checked of a device call without reading device memory.
     pub(super) fn check_device_call(&self, call: &DeviceCall) -> Result<()> {
         let bad = |what: &str, why: String| {
