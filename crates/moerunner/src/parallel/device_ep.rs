@@ -16,7 +16,9 @@
 //! host (`front`), upload the tokens and routes, plan and pack (`ep.cu`), exchange the counts
 //! through host memory, the rows and routes device to device
 //! ([`Communicator::all_to_all_v_device`]: NCCL, or copies between ranks sharing a GPU), compute,
-//! return the partial rows the same way, combine, download. Host waits separate the steps (the
+//! return the partial rows the same way, combine, download — or, called through
+//! [`super::forward_rank_device`], with the tokens and routes already on the GPU (logits routed
+//! there by the layer's own route stage) and the output left there. Host waits separate the steps (the
 //! counts size the exchanges); a graph-captured form with fixed-capacity buffers is the next step
 //! (docs/parallel.md, "What remains").
 
