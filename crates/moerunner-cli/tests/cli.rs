@@ -1094,6 +1094,8 @@ fn bench_stage_times_only_where_a_device_has_stages() {
     let report: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     let row = &report["rows"][0];
+    // (nor a device workspace: the CPU keeps none)
+    assert!(row.get("workspace_bytes").is_none(), "{row}");
     assert!(
         row.get("time_us").is_some() && row.get("stages").is_none(),
         "{row}"

@@ -93,6 +93,10 @@ pub struct BenchRow {
     /// standard launch sequence timed as its prefix (`LoadedLayer::time_device_stages`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stages: Option<Vec<crate::backend::StageTime>>,
+    /// Device memory the layer's workspace takes at this T besides its weights, where the backend
+    /// has one (`LoadedLayer::workspace_bytes`: the GPU's scratch for its device entry).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workspace_bytes: Option<u64>,
 }
 
 impl BenchRow {
@@ -347,6 +351,7 @@ pub fn run(plan: &BenchPlan, progress: &mut dyn FnMut(Progress<'_>)) -> Result<B
                 if plan.stage_times {
                     row.stages = loaded.time_device_stages(&fwd, plan.iters).transpose()?;
                 }
+                row.workspace_bytes = loaded.workspace_bytes(tokens).map(|b| b as u64);
                 progress(Progress::Row(&row));
                 rows.push(row);
             }
@@ -444,6 +449,7 @@ fn measured_row(
         kernel_path: kernel_path.map(str::to_string),
         tactic,
         stages: None,
+        workspace_bytes: None,
     };
     Ok(row)
 }

@@ -246,6 +246,9 @@ impl LoadedLayer for Checked {
     fn tactic(&self, tokens: usize) -> Option<String> {
         self.0.tactic(tokens)
     }
+    fn workspace_bytes(&self, tokens: usize) -> Option<usize> {
+        self.0.workspace_bytes(tokens)
+    }
     #[cfg(feature = "cuda")]
     fn as_cuda(&self) -> Option<&crate::backend::cuda::layer::CudaLayer> {
         self.0.as_cuda()

@@ -1203,6 +1203,11 @@ fn gpu_workspace_bytes_are_what_reserve_allocates() {
             }
         }
         let cuda = CudaLayer::load(dev.clone(), layer.clone()).expect("load");
+        // what bench rows record (the device entry's, without staging)
+        assert_eq!(
+            moerunner::backend::LoadedLayer::workspace_bytes(&cuda, 100),
+            Some(cuda.workspace_bytes(100, false))
+        );
         assert_eq!(
             cuda.workspace_bytes(1 << 30, true),
             cuda.workspace_bytes(1 << 20, true),

@@ -96,6 +96,12 @@ pub trait LoadedLayer: Send + Sync {
     fn tactic(&self, _tokens: usize) -> Option<String> {
         None
     }
+    /// Device memory the layer's workspace takes for calls of `tokens` tokens besides its weights,
+    /// where the backend keeps one (the GPU: `CudaLayer::workspace_bytes` of its device entry);
+    /// None on the host backends.
+    fn workspace_bytes(&self, _tokens: usize) -> Option<usize> {
+        None
+    }
     /// The CUDA layer behind this one, for code that drives the GPU's device entry itself (expert
     /// parallelism on device buffers, `parallel::device_ep`); None on the other backends.
     #[cfg(feature = "cuda")]

@@ -658,6 +658,9 @@ impl LoadedLayer for CudaLayer {
     fn as_cuda(&self) -> Option<&CudaLayer> {
         Some(self)
     }
+    fn workspace_bytes(&self, tokens: usize) -> Option<usize> {
+        Some(CudaLayer::workspace_bytes(self, tokens, false))
+    }
     fn layer(&self) -> &MoeLayer {
         &self.layer
     }
