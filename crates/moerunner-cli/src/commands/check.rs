@@ -216,7 +216,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         );
     }
     println!(
-        "all {} cases passed (backend {}, seed {}, ranks: {})",
+        "all {} cases passed (backend {}, seed {}, ranks: {}{})",
         results.len(),
         args.backend,
         args.seed,
@@ -227,6 +227,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             Some(Transport::Device) => "ranks sharing GPU 0 through device copies",
             // Not among `--comm`'s values here: processes are `run`'s (`--comm process`).
             Some(Transport::Processes | Transport::NcclProcesses) => "process ranks",
+        },
+        match args.ep_mode {
+            Some(mode) => format!(", EP mode {mode:?} where there is no TP"),
+            None => String::new(),
         }
     );
     Ok(())
