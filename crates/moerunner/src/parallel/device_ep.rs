@@ -342,6 +342,13 @@ impl State {
             first,
         } = staged;
         let (h, e) = (layer.global.hidden, layer.global.num_experts);
+        // (the kernels index tokens, records and their routes with 32-bit counts)
+        if t > i32::MAX as usize / k.max(ranks).max(1) {
+            return Err(MoeError::invalid(
+                "hidden_states",
+                format!("{t} tokens on rank {me}: more than a device all-to-all call can address"),
+            ));
+        }
         let row_bytes = h * dtype.size();
         let dev = self.dev.clone();
         let stream = dev.stream.cu_stream();
