@@ -182,6 +182,7 @@ pub(super) fn forward_device(
         .as_mut()
         .ok_or_else(|| MoeError::Cuda("internal: device all-to-all state missing".into()))?;
     let k = layer.global.routing.top_k;
+    check_tokens(t, k, (comm.rank(), comm.size()))?;
     let (ids, weights) = match tokens.routes {
         DeviceRoutes::TopK { ids, weights } => (ids, weights),
         routes => {
@@ -223,6 +224,20 @@ fn cuda_layer<'l>(comm: &dyn Communicator, layer: &'l RankLayer) -> Result<&'l C
             ),
         )
     })
+}
+
+/// That `tokens` tokens of `k` routes over `ranks` ranks fit the kernels' 32-bit counts (tokens,
+/// records and their routes), checked before anything is sized by them.
+fn check_tokens(tokens: usize, k: usize, (rank, ranks): (usize, usize)) -> Result<()> {
+    if tokens > i32::MAX as usize / k.max(ranks).max(1) {
+        return Err(MoeError::invalid(
+            "hidden_states",
+            format!(
+                "{tokens} tokens on rank {rank}: more than a device all-to-all call can address"
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// The dtypes device all-to-all moves.
@@ -342,13 +357,7 @@ impl State {
             first,
         } = staged;
         let (h, e) = (layer.global.hidden, layer.global.num_experts);
-        // (the kernels index tokens, records and their routes with 32-bit counts)
-        if t > i32::MAX as usize / k.max(ranks).max(1) {
-            return Err(MoeError::invalid(
-                "hidden_states",
-                format!("{t} tokens on rank {me}: more than a device all-to-all call can address"),
-            ));
-        }
+        check_tokens(t, k, (me, ranks))?;
         let row_bytes = h * dtype.size();
         let dev = self.dev.clone();
         let stream = dev.stream.cu_stream();
@@ -678,6 +687,19 @@ mod tests {
             .err()
             .expect("a rank without a base");
         assert!(err.to_string().contains("rank 1"), "{err}");
+    }
+
+    #[test]
+    fn absurd_token_counts_are_refused_before_they_size_anything() {
+        assert!(check_tokens(1 << 20, 8, (0, 2)).is_ok());
+        let err = check_tokens(usize::MAX / 2, 8, (1, 2))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("hidden_states") && err.contains("rank 1"),
+            "{err}"
+        );
+        assert!(check_tokens(i32::MAX as usize / 8 + 1, 8, (0, 2)).is_err());
     }
 
     #[test]
