@@ -30,5 +30,7 @@ for round in 1 2; do
         echo "front=$front round $round: $(tail -n 1 "$work/bench-front$front-$round.log")"
     done
 done
+python3 scripts/bench-ab.py --a "$work"/bench-front0-*.json --b "$work"/bench-front64-*.json \
+    --labels "three launches" "fused front" | tee "$work/ab.md"
 tar -czf "$out/front.tgz" -C "$work" .
 exit $status

@@ -50,6 +50,8 @@ if [[ $what == bench || $what == all ]]; then
     b one-gpu
     b ep2-host-a2a --ep-size 2 --comm device
     b ep2-device-a2a --ep-size 2 --comm device --ep-mode device-all-to-all
+    python3 scripts/bench-ab.py --a "$work/bench-ep2-host-a2a.json" --b "$work/bench-ep2-device-a2a.json" \
+        --labels "host all-to-all" "device all-to-all" | tee "$work/ab-ep2.md"
 fi
 tar -czf "$out/pending.tgz" -C "$work" .
 exit $status
