@@ -9,11 +9,11 @@
 //! Seam for device buffers: the trait's buffers are host slices, whatever moves them — host memory
 //! between threads ([`super::thread_comm::ThreadComm`]), NCCL between GPUs (`nccl::NcclComm`), or
 //! device-to-device copies between ranks sharing one GPU (`device_comm::DeviceComm`); the two GPU
-//! ones stage the host bytes through device memory for each call. The layer's ranks compute from
-//! host tensors today (a backend's host entry), so host slices are what they hold. Device-buffer
-//! variants of these calls (same names, ordering and failure rules; the ranks' slices of a GPU
-//! pipeline's own buffers, no staging) come with ranks that compute through the device entry, and
-//! are added beside these rather than changing them.
+//! ones stage the host bytes through device memory for each call: ranks that compute through a
+//! backend's host entry hold host tensors. Ranks that compute through the GPU's device entry
+//! (device all-to-all, `device_ep`) move device memory with [`Communicator::all_to_all_v_device`],
+//! added beside these with the same ordering and failure rules (NCCL and `DeviceComm` implement it;
+//! the host transports refuse it).
 
 use std::sync::Arc;
 

@@ -3,8 +3,8 @@
 //! through cudarc's NCCL bindings, loaded at run time like the rest of CUDA (a missing libnccl is
 //! an error naming the library, never a panic).
 //!
-//! The trait's calls move host byte buffers (its design note: device-buffer variants come later),
-//! so each call stages its bytes through device memory: the lengths first (an all-gather of
+//! The trait's host-buffer calls stage their bytes through device memory (the device-buffer call,
+//! `all_to_all_v_device`, sends and receives the caller's device regions directly): the lengths first (an all-gather of
 //! u64s), then the bytes (an all-gather of padded buffers, or grouped `ncclSend`/`ncclRecv` for
 //! all-to-all). Every wait is bounded: the stream is polled until the call's work completes or the
 //! group's timeout passes, which poisons this rank's end (later calls fail at once, naming the
