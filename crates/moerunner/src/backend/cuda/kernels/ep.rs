@@ -15,12 +15,12 @@ kernel_args! {
         first_token: i64,
         /// [E + 1] each expert's first replica.
         rep_start: In<i32>,
-        /// [replicas] the rank of each replica.
+        /// `[replicas]`: the rank of each replica.
         rep_rank: In<i32>,
         G: i32,
         /// [T, G] record rows, -1 for none.
         dest_row: Out<i32>,
-        /// [2G] records per destination, then each destination's first row.
+        /// `[2G]`: records per destination, then each destination's first row.
         send_counts: Out<i32>,
     }
 }
@@ -39,7 +39,7 @@ kernel_args! {
         first_token: i64,
         rep_start: In<i32>,
         rep_rank: In<i32>,
-        /// [replicas] the id each replica's rank knows the expert by.
+        /// `[replicas]`: the id each replica's rank knows the expert by.
         rep_id: In<i32>,
         G: i32,
         dest_row: In<i32>,
