@@ -2,7 +2,7 @@
 //! small call in one launch — block 0 routes then sorts, the other blocks quantize.
 
 use super::quant::QuantizeRows;
-use super::routing::RouteLogits;
+use super::routing::{self, RouteLogits};
 use super::sort::SortPairsByExpert;
 use super::{grid_cap, kernel_args, sort, In, Out, Shape, Void};
 
@@ -140,14 +140,10 @@ pub struct FrontDims {
     pub quant_mode: i32,
 }
 
-/// Bytes of shared memory one routing warp uses (routing.cu's `rt_warp_bytes`).
-pub fn route_warp_bytes(experts: usize, top_k: usize) -> usize {
-    (12 * experts + 8 * top_k + 15) & !15
-}
-
-/// Dynamic shared memory the front may ask for without the opt-in attribute: the 48 KiB default less
-/// its static memory (the sort's 256 B and the per-token quantizer's 128 B), as the sort's own cap.
-const SMEM_CAP: usize = 47 * 1024;
+/// Dynamic shared memory the front may ask for without the opt-in attribute: the sort's own cap
+/// (the 48 KiB default less static memory; the front's is the sort's 256 B and the per-token
+/// quantizer's 128 B).
+const SMEM_CAP: usize = sort::SMEM_CAP;
 
 /// The launch for `d`, or None where the front cannot take the call: more pairs than the one-block
 /// sort takes, or (routing from logits) a routing warp's shared memory over the cap.
@@ -159,7 +155,7 @@ pub fn shape(d: FrontDims, source: RouteSource, sms: u32) -> Option<Shape> {
     let sort_smem = sort::one_block_shape(d.local_experts).smem as usize;
     let mut smem = sort_smem;
     if source == RouteSource::Logits {
-        let warp_bytes = route_warp_bytes(d.experts, d.top_k);
+        let warp_bytes = routing::warp_bytes(d.experts, d.top_k);
         if warp_bytes > SMEM_CAP {
             return None;
         }
@@ -202,7 +198,7 @@ mod tests {
     #[test]
     fn block_zero_gets_a_warp_per_token_up_to_the_cap() {
         let s = shape(dims(4, 128, 0), RouteSource::Logits, 132).unwrap();
-        let wb = route_warp_bytes(128, 8);
+        let wb = routing::warp_bytes(128, 8);
         assert_eq!(s.block, 512);
         // the sort's 4 * (34 * 128 + 2) bytes hold 10 routing warps, more than 4 tokens need
         assert_eq!(s.smem as usize, sort::one_block_shape(128).smem as usize);

@@ -55,10 +55,15 @@ pub fn method_code(m: RoutingMethod) -> i32 {
     }
 }
 
-/// route_logits: one warp per token, W warps a block, a per-warp shared-memory region (keys and
-/// scratch of the shared-memory path; the register path uses it only for softmax / group scores).
+/// Bytes of shared memory one routing warp uses (routing.cu's `rt_warp_bytes`): keys and scratch
+/// of the shared-memory path; the register path uses it only for softmax / group scores.
+pub fn warp_bytes(experts: usize, k: usize) -> usize {
+    (12 * experts + 8 * k + 15) & !15
+}
+
+/// route_logits: one warp per token, W warps a block, each with its `warp_bytes` region.
 pub fn route_shape(tokens: usize, experts: usize, k: usize, sms: u32) -> Shape {
-    let warp_bytes = (12 * experts + 8 * k + 15) & !15;
+    let warp_bytes = warp_bytes(experts, k);
     let warps = (49152 / warp_bytes).clamp(1, 8);
     Shape {
         grid: (grid_cap(tokens, warps, sms), 1, 1),

@@ -76,7 +76,7 @@ kernel_args! {
 
 /// Dynamic shared memory the sort kernels may ask for without the opt-in attribute: the 48 KiB
 /// default counts static memory too (256 B in sort_pairs_by_expert / sort_scan), so 47 KiB.
-const SMEM_CAP: usize = 47 * 1024;
+pub const SMEM_CAP: usize = 47 * 1024;
 /// Pairs above which the sort runs as three multi-block kernels (sort_count, sort_scan,
 /// sort_scatter); at or below, the one-block kernel (its small-P path is what decode needs).
 pub const MULTI_MIN_PAIRS: usize = 4096;
