@@ -28,7 +28,7 @@ use cudarc::driver::CudaFunction;
 
 use super::comm::{Communicator, DeviceExchange};
 use super::{ExpertMap, Owned, RankLayer};
-use crate::backend::cuda::device::{f32_bytes, i32_bytes, Buf, Device};
+use crate::backend::cuda::device::{f32_bytes, i32_bytes, le_words, Buf, Device};
 use crate::backend::cuda::device_call::{DeviceCall, DeviceRoutes};
 use crate::backend::cuda::kernels::combine::{self, CombineRows};
 use crate::backend::cuda::kernels::ep::{self, EpPack, EpPlan};
@@ -115,15 +115,31 @@ pub(super) fn forward(
     own: &Owned<'_>,
 ) -> Result<Vec<f32>> {
     let cuda = cuda_layer(comm, layer)?;
-    let mut state = layer
+    with_state(comm, layer, cuda, |s| s.forward(comm, layer, cuda, own))
+}
+
+/// The rank's state locked (one call at a time uses its buffers).
+fn lock_state(layer: &RankLayer) -> Result<std::sync::MutexGuard<'_, Option<State>>> {
+    layer
         .device_ep
         .lock()
-        .map_err(|_| MoeError::Cuda("device all-to-all: a rank's state lock is poisoned".into()))?;
+        .map_err(|_| MoeError::Cuda("device all-to-all: a rank's state lock is poisoned".into()))
+}
+
+/// `f` on the rank's state, made at its first call (a collective: every rank makes its own in the
+/// same call).
+fn with_state<T>(
+    comm: &dyn Communicator,
+    layer: &RankLayer,
+    cuda: &CudaLayer,
+    f: impl FnOnce(&mut State) -> Result<T>,
+) -> Result<T> {
+    let mut state = lock_state(layer)?;
     if state.is_none() {
         *state = Some(State::new(comm, layer, cuda)?);
     }
     match state.as_mut() {
-        Some(s) => s.forward(comm, layer, cuda, own),
+        Some(s) => f(s),
         None => Err(MoeError::Cuda(
             "internal: device all-to-all state missing".into(),
         )),
@@ -135,14 +151,8 @@ pub(super) fn forward(
 /// call is what it would be for an engine whose tokens live on the GPU — no upload, no host
 /// routing, no download; it returns once the rank's output is complete on its device.
 pub(super) fn forward_staged(comm: &dyn Communicator, layer: &RankLayer) -> Result<()> {
-    let cuda = layer
-        .loaded
-        .as_cuda()
-        .ok_or_else(|| MoeError::Cuda("internal: a staged device call off the GPU".into()))?;
-    let mut state = layer
-        .device_ep
-        .lock()
-        .map_err(|_| MoeError::Cuda("device all-to-all: a rank's state lock is poisoned".into()))?;
+    let cuda = cuda_layer(comm, layer)?;
+    let mut state = lock_state(layer)?;
     let s = state.as_mut().ok_or_else(|| {
         MoeError::Cuda("internal: a staged device call before any call staged tokens".into())
     })?;
@@ -171,44 +181,52 @@ pub(super) fn forward_device(
         return Err(MoeError::invalid(name, "null device pointer".to_string()));
     }
     check_dtype(tokens.dtype)?;
-    let mut state = layer
-        .device_ep
-        .lock()
-        .map_err(|_| MoeError::Cuda("device all-to-all: a rank's state lock is poisoned".into()))?;
-    if state.is_none() {
-        *state = Some(State::new(comm, layer, cuda)?);
-    }
-    let s = state
-        .as_mut()
-        .ok_or_else(|| MoeError::Cuda("internal: device all-to-all state missing".into()))?;
     let k = layer.global.routing.top_k;
     check_tokens(t, k, (comm.rank(), comm.size()))?;
-    let (ids, weights) = match tokens.routes {
-        DeviceRoutes::TopK { ids, weights } => (ids, weights),
-        routes => {
-            let ids = room(&s.dev, &mut s.bufs.ids, t * k * 4)?;
-            let weights = room(&s.dev, &mut s.bufs.weights, t * k * 4)?;
-            // SAFETY: the routes are the caller's device memory of `t` tokens (its contract);
-            // `ids` / `weights` were just sized for `t × k` elements on this device.
-            unsafe { cuda.enqueue_routes(t, routes, ids, weights) }?;
-            (ids, weights)
-        }
-    };
-    let staged = Staged {
-        tokens: t,
-        top_k: k,
-        dtype: tokens.dtype,
-        first: tokens.first_token,
-    };
-    let at = At {
-        hidden: tokens.hidden,
-        ids,
-        weights,
-        out,
-    };
-    s.staged = None; // (the caller's buffers are not this state's to run again)
-    s.exchange_and_compute(comm, layer, cuda, staged, at)?;
-    s.dev.sync()
+    with_state(comm, layer, cuda, |s| {
+        s.forward_device(comm, layer, cuda, tokens, out)
+    })
+}
+
+impl State {
+    /// [`forward_device`] on this state: the routes routed into its buffers where they are logits
+    /// or packed, then the exchange straight from the caller's buffers into `out`.
+    fn forward_device(
+        &mut self,
+        comm: &dyn Communicator,
+        layer: &RankLayer,
+        cuda: &CudaLayer,
+        tokens: &DeviceTokens,
+        out: u64,
+    ) -> Result<()> {
+        let (t, k) = (tokens.tokens, layer.global.routing.top_k);
+        let (ids, weights) = match tokens.routes {
+            DeviceRoutes::TopK { ids, weights } => (ids, weights),
+            routes => {
+                let ids = room(&self.dev, &mut self.bufs.ids, t * k * 4)?;
+                let weights = room(&self.dev, &mut self.bufs.weights, t * k * 4)?;
+                // SAFETY: the routes are the caller's device memory of `t` tokens (its contract);
+                // `ids` / `weights` were just sized for `t × k` elements on this device.
+                unsafe { cuda.enqueue_routes(t, routes, ids, weights) }?;
+                (ids, weights)
+            }
+        };
+        let staged = Staged {
+            tokens: t,
+            top_k: k,
+            dtype: tokens.dtype,
+            first: tokens.first_token,
+        };
+        let at = At {
+            hidden: tokens.hidden,
+            ids,
+            weights,
+            out,
+        };
+        self.staged = None; // (the caller's buffers are not this state's to run again)
+        self.exchange_and_compute(comm, layer, cuda, staged, at)?;
+        self.dev.sync()
+    }
 }
 
 /// The rank's CUDA layer, or why device all-to-all cannot run on its backend.
@@ -577,11 +595,7 @@ fn read_i32(dev: &Device, slot: &Option<Buf>, n: usize) -> Result<Vec<i32>> {
     let buf = slot.as_ref().ok_or_else(|| {
         MoeError::Cuda("internal: device all-to-all read an unmade buffer".into())
     })?;
-    Ok(dev
-        .read(buf, n * 4)?
-        .chunks_exact(4)
-        .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect())
+    Ok(le_words(&dev.read(buf, n * 4)?, i32::from_le_bytes))
 }
 
 /// `ep_plan`'s counts (records per destination, then their first rows) as sizes, checked: a count

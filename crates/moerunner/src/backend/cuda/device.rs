@@ -156,10 +156,7 @@ impl Device {
             .memcpy_dtoh(&view.slice(0..n * 4), &mut bytes)
             .map_err(|e| cuda_err("reading a module constant", e))?;
         self.sync()?;
-        Ok(bytes
-            .chunks_exact(4)
-            .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect())
+        Ok(le_words(&bytes, i32::from_le_bytes))
     }
 
     pub fn alloc(&self, bytes: usize) -> Result<Buf> {
@@ -241,6 +238,15 @@ impl Buf {
 
 pub fn f32_bytes(v: &[f32]) -> Vec<u8> {
     v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+/// Little-endian 4-byte words as values (`i32::from_le_bytes`, `f32::from_le_bytes`); a short tail
+/// is dropped.
+pub fn le_words<T>(bytes: &[u8], from: fn([u8; 4]) -> T) -> Vec<T> {
+    bytes
+        .chunks_exact(4)
+        .map(|c| from([c[0], c[1], c[2], c[3]]))
+        .collect()
 }
 
 pub fn i32_bytes(v: &[i32]) -> Vec<u8> {

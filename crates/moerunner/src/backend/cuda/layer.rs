@@ -6,7 +6,7 @@
 use std::sync::{Arc, Mutex};
 
 use super::codec::{self, PreparedScales};
-use super::device::{f32_bytes, i32_bytes, Device};
+use super::device::{f32_bytes, i32_bytes, le_words, Device};
 use super::pipeline::{
     main_loop_switches, wgmma_allowed, DeviceCall, DeviceRoutes, GemmTable, Pipeline,
     ProjectionBufs, Resident,
@@ -643,13 +643,6 @@ fn driver_version() -> Result<i32> {
 
 /// Pairs (tokens × k) one launch sequence handles; larger calls are sliced by tokens.
 pub const MAX_PAIRS_PER_LAUNCH: usize = 1 << 19;
-
-fn le_words<T>(bytes: &[u8], from: fn([u8; 4]) -> T) -> Vec<T> {
-    bytes
-        .chunks_exact(4)
-        .map(|c| from([c[0], c[1], c[2], c[3]]))
-        .collect()
-}
 
 impl LoadedLayer for CudaLayer {
     fn backend(&self) -> &'static str {
