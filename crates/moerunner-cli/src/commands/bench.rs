@@ -210,11 +210,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             );
         }
     }
-    if args.ep_mode == Some(moerunner::parallel::EpMode::DeviceAllToAll)
-        && !matches!(plan.split, Some(Transport::Nccl | Transport::Device))
-    {
-        anyhow::bail!("--ep-mode device-all-to-all runs GPU ranks: use --comm nccl or device");
-    }
+    super::check_ep_mode(args.ep_mode, plan.split)?;
     if plan.split.is_some() && args.ep_size * args.tp_size == 1 {
         anyhow::bail!(
             "--comm {} splits the layer over --ep-size × --tp-size ranks: give one above 1",

@@ -90,11 +90,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         "none" => None,
         comm => Some(comm.parse::<Transport>()?),
     };
-    if args.ep_mode == Some(moerunner::parallel::EpMode::DeviceAllToAll)
-        && !matches!(transport, Some(Transport::Nccl | Transport::Device))
-    {
-        bail!("--ep-mode device-all-to-all runs GPU ranks: use --comm nccl or device");
-    }
+    super::check_ep_mode(args.ep_mode, transport)?;
     let split = transport.map(|transport| Split {
         transport,
         ep_mode: args.ep_mode,

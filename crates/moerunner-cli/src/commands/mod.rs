@@ -51,6 +51,21 @@ fn load_checkpoint(
 }
 
 /// The commit this binary was built from (build.rs; None outside a git checkout).
+/// `--ep-mode` against `--comm` (`check` and `bench`): device all-to-all needs ranks that move device
+/// memory, refused before any case runs otherwise.
+fn check_ep_mode(
+    mode: Option<moerunner::parallel::EpMode>,
+    transport: Option<moerunner::parallel::Transport>,
+) -> anyhow::Result<()> {
+    use moerunner::parallel::{EpMode, Transport};
+    if mode == Some(EpMode::DeviceAllToAll)
+        && !matches!(transport, Some(Transport::Nccl | Transport::Device))
+    {
+        anyhow::bail!("--ep-mode device-all-to-all runs GPU ranks: use --comm nccl or device");
+    }
+    Ok(())
+}
+
 pub(crate) fn build_commit() -> Option<String> {
     Some(env!("MOERUNNER_COMMIT"))
         .filter(|c| !c.is_empty())
