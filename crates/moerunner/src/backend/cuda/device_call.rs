@@ -76,12 +76,32 @@ impl CudaLayer {
         call: &DeviceCall,
         stream: RawStream,
     ) -> Result<()> {
+        self.enqueue_slices(scratch, call, stream, None, |_, _| Ok(()))
+    }
+
+    /// `enqueue_checked`'s slicing with the pipeline's first `first` stages only (all: None), and
+    /// `after(start, slice)` enqueued behind each slice's launches.
+    fn enqueue_slices(
+        &self,
+        scratch: &Scratch,
+        call: &DeviceCall,
+        stream: RawStream,
+        first: Option<usize>,
+        mut after: impl FnMut(usize, &DeviceCall) -> Result<()>,
+    ) -> Result<()> {
         let chunk = self.max_tokens_per_launch();
         for start in (0..call.tokens).step_by(chunk) {
             let part = self.slice_call(call, start, (start + chunk).min(call.tokens))?;
             let tactic = self.tactic_for(part.tokens)?;
-            self.pipeline
-                .enqueue(&self.dev, stream, (&self.resident, tactic), scratch, &part)?;
+            self.pipeline.enqueue_stages(
+                &self.dev,
+                stream,
+                (&self.resident, tactic),
+                scratch,
+                &part,
+                first,
+            )?;
+            after(start, &part)?;
         }
         Ok(())
     }
@@ -140,18 +160,7 @@ impl CudaLayer {
             ws.scratch.ptr(super::workspace::Slot::Ids)?,
             ws.scratch.ptr(super::workspace::Slot::Weights)?,
         );
-        let chunk = self.max_tokens_per_launch();
-        for start in (0..tokens).step_by(chunk) {
-            let part = self.slice_call(&call, start, (start + chunk).min(tokens))?;
-            let tactic = self.tactic_for(part.tokens)?;
-            self.pipeline.enqueue_stages(
-                &self.dev,
-                stream,
-                (&self.resident, tactic),
-                &ws.scratch,
-                &part,
-                Some(1),
-            )?;
+        self.enqueue_slices(&ws.scratch, &call, stream, Some(1), |start, part| {
             let (at, bytes) = ((start * k * 4) as u64, part.tokens * k * 4);
             for (to, from) in [(ids, from_ids), (weights, from_weights)] {
                 // SAFETY: `from` is the workspace's route slot, holding this slice's `bytes`; `to`
@@ -160,8 +169,8 @@ impl CudaLayer {
                 unsafe { cudarc::driver::result::memcpy_dtod_async(to + at, from, bytes, stream) }
                     .map_err(|e| super::device::cuda_err("copying routes on the GPU", e))?;
             }
-        }
-        Ok(())
+            Ok(())
+        })
     }
 
     /// What can be checked of a device call without reading device memory.

@@ -278,20 +278,10 @@ impl Pipeline {
         self.stages.iter().map(|s| s.name()).collect()
     }
 
-    /// Enqueues the whole layer for `call` on `stream` with `tactic`'s GEMMs. Launches only.
-    pub fn enqueue(
-        &self,
-        dev: &Device,
-        stream: RawStream,
-        layer_tactic: (&Resident, Tactic),
-        scratch: &Scratch,
-        call: &DeviceCall,
-    ) -> Result<()> {
-        self.enqueue_stages(dev, stream, layer_tactic, scratch, call, None)
-    }
-
-    /// [`Self::enqueue`], or with `first: Some(n)` only the first `n` stages of the standard
-    /// pipeline (never the fused small-batch kernel): what `CudaLayer`'s stage timing replays.
+    /// Enqueues the whole layer for `call` on `stream` with `tactic`'s GEMMs (launches only), or
+    /// with `first: Some(n)` only the first `n` stages of the standard pipeline (never the fused
+    /// small-batch kernel or the fused front): what `CudaLayer`'s stage timing replays, and its
+    /// routing alone (`enqueue_routes`).
     pub fn enqueue_stages(
         &self,
         dev: &Device,
